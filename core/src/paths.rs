@@ -1,0 +1,113 @@
+//! Where things live: the one place that names datastore keys and filestore paths.
+//!
+//! Keys are relative, `/`-separated, and made only of characters in `[0-9A-Za-z._-]` per component,
+//! so the shells can map them to files under `Datastore.location` / `filestore_directory` without
+//! any component escaping the root. Client-supplied names (upload paths) are never used raw: they are
+//! encoded by [`safe_component`].
+
+use crate::ids::{ClientId, FlowId, HuntId};
+
+/// Longest component [`safe_component`] produces (bytes), well under common NAME_MAX (255).
+pub const COMPONENT_BYTES_MAX: usize = 200;
+
+/// The datastore key of a client's record.
+pub fn client_record(client: &ClientId) -> String {
+    format!("clients/{client}/record.json")
+}
+
+/// The datastore key of a hunt's record (spec, state).
+pub fn hunt_record(hunt: &HuntId) -> String {
+    format!("hunts/{hunt}/record.json")
+}
+
+/// The datastore key of one client's participation in a hunt.
+pub fn hunt_participant(hunt: &HuntId, client: &ClientId) -> String {
+    format!("hunts/{hunt}/clients/{client}.json")
+}
+
+/// The datastore key of a flow's record (request, state, stats).
+pub fn flow_record(client: &ClientId, flow: &FlowId) -> String {
+    format!("clients/{client}/flows/{flow}/record.json")
+}
+
+/// The filestore directory holding a flow's durable messages, one object per sequence number.
+pub fn flow_messages_dir(client: &ClientId, flow: &FlowId) -> String {
+    format!("clients/{client}/flows/{flow}/messages")
+}
+
+/// The filestore object for one flow message: zero-padded so a listing sorts by sequence number.
+pub fn flow_message(client: &ClientId, flow: &FlowId, seq: u64) -> String {
+    format!("{}/{seq:020}", flow_messages_dir(client, flow))
+}
+
+/// The filestore path of an uploaded file, its client-side name made safe.
+pub fn upload(client: &ClientId, flow: &FlowId, upload_id: u32, client_name: &str) -> String {
+    format!(
+        "clients/{client}/flows/{flow}/uploads/{upload_id:05}-{}",
+        safe_component(client_name)
+    )
+}
+
+/// Encodes any string as one safe path component: `[0-9A-Za-z._-]` kept, every other byte as
+/// `%XX`, no leading `.`, at most [`COMPONENT_BYTES_MAX`] bytes (long names keep their tail, which
+/// carries the file name and extension, after a `~` marker).
+pub fn safe_component(name: &str) -> String {
+    let mut out = String::with_capacity(name.len().min(COMPONENT_BYTES_MAX));
+    for (i, b) in name.bytes().enumerate() {
+        let keep = b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && i > 0);
+        if keep {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00empty");
+    }
+    if out.len() > COMPONENT_BYTES_MAX {
+        // Cut on a char boundary that is not inside a %XX escape.
+        let mut start = out.len() - (COMPONENT_BYTES_MAX - 1);
+        while !out.is_char_boundary(start) || out[..start].ends_with('%') || {
+            let pre = &out[..start];
+            pre.len() >= 2 && pre.as_bytes()[pre.len() - 2] == b'%'
+        } {
+            start += 1;
+        }
+        out = format!("~{}", &out[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_names_stay_one_component() {
+        for name in ["../../etc/passwd", "/etc/shadow", "a\0b", "..", ".", "", "C:\\x", "%2e%2e"] {
+            let c = safe_component(name);
+            assert!(!c.contains('/') && !c.contains('\\') && !c.contains('\0'), "{name:?} -> {c}");
+            assert!(!c.starts_with('.'), "{name:?} -> {c}");
+            assert!(!c.is_empty());
+        }
+        assert_eq!(safe_component("report.txt"), "report.txt");
+        assert_eq!(safe_component("/a b"), "%2Fa%20b");
+    }
+
+    #[test]
+    fn long_names_are_cut_to_the_bound_and_keep_their_tail() {
+        let long = format!("{}/end.log", "x/".repeat(500));
+        let c = safe_component(&long);
+        assert!(c.len() <= COMPONENT_BYTES_MAX, "{}", c.len());
+        assert!(c.ends_with("end.log"));
+        let unicode = "é".repeat(300);
+        assert!(safe_component(&unicode).len() <= COMPONENT_BYTES_MAX);
+    }
+
+    #[test]
+    fn message_objects_sort_by_seq() {
+        let c = ClientId::from_public_key(b"k");
+        let f = FlowId::from_u64(1);
+        assert!(flow_message(&c, &f, 9) < flow_message(&c, &f, 10));
+    }
+}

@@ -1,0 +1,18 @@
+//! Compiles the .proto files with protox (pure Rust, no system protoc) and generates Rust types.
+//! The tonic service stubs are generated only with the `grpc` feature, so `talon-core` (which uses the
+//! messages) stays free of tonic and tokio.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/comms.proto", "proto/cluster.proto", "proto/api.proto"];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(grpc)
+        .build_client(grpc)
+        .build_transport(false)
+        .compile_fds(fds)?;
+    Ok(())
+}
