@@ -3,7 +3,11 @@
 //! messages) stays free of tonic and tokio.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/comms.proto", "proto/cluster.proto", "proto/api.proto"];
+    let files = [
+        "proto/comms.proto",
+        "proto/cluster.proto",
+        "proto/api.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

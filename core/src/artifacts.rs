@@ -90,7 +90,10 @@ pub const CATALOGUE: &[ArtifactSpec] = &[
             },
             ParamSpec {
                 name: "max_files",
-                kind: ParamKind::Int { min: 1, max: 100_000 },
+                kind: ParamKind::Int {
+                    min: 1,
+                    max: 100_000,
+                },
                 default: "1000",
                 description: "Stop after this many matches.",
             },
@@ -102,13 +105,19 @@ pub const CATALOGUE: &[ArtifactSpec] = &[
         params: &[
             ParamSpec {
                 name: "count",
-                kind: ParamKind::Int { min: 0, max: 10_000_000 },
+                kind: ParamKind::Int {
+                    min: 0,
+                    max: 10_000_000,
+                },
                 default: "10",
                 description: "Number of rows.",
             },
             ParamSpec {
                 name: "size",
-                kind: ParamKind::Int { min: 0, max: 1_048_576 },
+                kind: ParamKind::Int {
+                    min: 0,
+                    max: 1_048_576,
+                },
                 default: "32",
                 description: "Bytes of padding per row.",
             },
@@ -170,9 +179,16 @@ impl fmt::Display for ArtifactError {
             ArtifactError::UnknownParam { artifact, param } => {
                 write!(f, "artifact {artifact} has no parameter {param:?}")
             }
-            ArtifactError::BadValue { param, value, expected } => {
+            ArtifactError::BadValue {
+                param,
+                value,
+                expected,
+            } => {
                 let shown: String = value.chars().take(64).collect();
-                write!(f, "parameter {param}={shown:?} is invalid: expected {expected}")
+                write!(
+                    f,
+                    "parameter {param}={shown:?} is invalid: expected {expected}"
+                )
             }
             ArtifactError::TooManyParams(n) => {
                 write!(f, "{n} parameters given; at most {PARAMS_MAX} are accepted")
@@ -228,8 +244,14 @@ pub fn validate(
     if params.len() > PARAMS_MAX {
         return Err(ArtifactError::TooManyParams(params.len()));
     }
-    if let Some(unknown) = params.keys().find(|k| !spec.params.iter().any(|p| p.name == *k)) {
-        return Err(ArtifactError::UnknownParam { artifact: spec.name, param: unknown.clone() });
+    if let Some(unknown) = params
+        .keys()
+        .find(|k| !spec.params.iter().any(|p| p.name == *k))
+    {
+        return Err(ArtifactError::UnknownParam {
+            artifact: spec.name,
+            param: unknown.clone(),
+        });
     }
     let mut full = BTreeMap::new();
     for p in spec.params {
@@ -245,13 +267,19 @@ mod tests {
     use super::*;
 
     fn params(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn catalogue_names_are_unique_and_defaults_are_valid() {
         for (i, a) in CATALOGUE.iter().enumerate() {
-            assert!(CATALOGUE[i + 1..].iter().all(|b| b.name != a.name), "{}", a.name);
+            assert!(
+                CATALOGUE[i + 1..].iter().all(|b| b.name != a.name),
+                "{}",
+                a.name
+            );
             for p in a.params {
                 check_value(p, p.default).unwrap();
             }
@@ -282,9 +310,7 @@ mod tests {
             ));
         }
         for glob in ["etc/*", "/etc/../root/*"] {
-            assert!(
-                validate("Generic.Forensic.FileFinder", &params(&[("glob", glob)])).is_err()
-            );
+            assert!(validate("Generic.Forensic.FileFinder", &params(&[("glob", glob)])).is_err());
         }
         assert!(validate("Generic.Forensic.FileFinder", &params(&[("upload", "yes")])).is_err());
     }

@@ -1,1 +1,701 @@
-//! wip
+//! The master's datastore cache policy (`MemcacheFileDataStore`): a memory cache in front of the
+//! slow shared volume, with a journal on fast local disk so that an acknowledged write survives a
+//! master crash (BRIEF invariant 5).
+//!
+//! # Writes
+//!
+//! `set`/`delete` → [`CacheAction::JournalAppend`]. The shell appends records and syncs them (it may
+//! group several into one fsync), then calls `handle_journal_synced(upto)`: only then is the write
+//! applied to the cache and acknowledged. Dirty entries are flushed to the shared volume in coalesced
+//! batches ([`CacheAction::Flush`]) when `flush_batch_max` are waiting or the oldest has waited
+//! `flush_age_max_ms`. A key is never in two flushes at once, and an entry turns clean only if no newer
+//! write arrived while it was being flushed. The journal is truncated below the oldest dirty version.
+//!
+//! # Reads
+//!
+//! Served from memory when cached (including negative entries: "this key does not exist"), otherwise
+//! one [`CacheAction::ReadShared`] per key however many readers wait. Only acknowledged writes are
+//! visible. The master is the only writer of the datastore, so a cached entry is never stale.
+//!
+//! # Bounds
+//!
+//! Dirty bytes (acknowledged or pending, not yet flushed) are bounded: at the bound `set` fails with
+//! [`CacheError::Busy`], which is determinate (nothing was written). Clean entries are evicted
+//! least-recently-used first beyond `clean_bytes_max`; dirty entries are never evicted. Readers
+//! waiting on the volume are bounded too.
+//!
+//! # Recovery
+//!
+//! [`Cache::recover`] replays the journal records after the last truncation as dirty entries; they are
+//! flushed again (writes are idempotent overwrites).
+
+use crate::paths::{KeyError, validate_key};
+use crate::time::Timestamp;
+use bytes::Bytes;
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+/// Bookkeeping bytes charged per entry on top of its key and value.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 96;
+
+/// Bounds and timings of the cache.
+#[derive(Clone, Debug)]
+pub struct CacheLimits {
+    /// Memory for clean (evictable) entries.
+    pub clean_bytes_max: u64,
+    /// Memory for written-but-not-flushed entries; `set` fails with `Busy` beyond it.
+    pub dirty_bytes_max: u64,
+    /// Largest value accepted.
+    pub value_bytes_max: u64,
+    /// Writes per flush batch; this many waiting starts a flush.
+    pub flush_batch_max: usize,
+    /// The oldest waiting write starts a flush after this long.
+    pub flush_age_max_ms: u64,
+    /// Flush batches in flight at once.
+    pub flushes_in_flight_max: usize,
+    /// After a failed flush, wait this long before the next.
+    pub flush_retry_ms: u64,
+    /// Gets and lists waiting on the shared volume.
+    pub readers_max: usize,
+    /// Keys one list returns at most.
+    pub list_keys_max: usize,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        CacheLimits {
+            clean_bytes_max: 512 << 20,
+            dirty_bytes_max: 128 << 20,
+            value_bytes_max: 64 << 20,
+            flush_batch_max: 256,
+            flush_age_max_ms: 200,
+            flushes_in_flight_max: 8,
+            flush_retry_ms: 1000,
+            readers_max: 10_000,
+            list_keys_max: 1_000_000,
+        }
+    }
+}
+
+/// A caller's request, numbered by the shell, echoed in the reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// A successful reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheReply {
+    /// The value of a key (`None`: no such key).
+    Value(Option<Bytes>),
+    /// The write is durable (journalled); `version` orders writes.
+    Written {
+        /// The journal sequence number of the write.
+        version: u64,
+    },
+    /// Keys under a prefix, sorted.
+    Keys {
+        /// The keys.
+        keys: Vec<String>,
+        /// True if `list_keys_max` cut the list.
+        truncated: bool,
+    },
+}
+
+/// A failed request. All are determinate: the operation did not happen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheError {
+    /// The key is not a valid datastore key.
+    BadKey(KeyError),
+    /// The value is larger than `value_bytes_max`.
+    TooLarge {
+        /// Its length.
+        len: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// Unflushed writes are at `dirty_bytes_max`: retry later (the volume is slow or failing).
+    Busy {
+        /// Dirty bytes now.
+        dirty_bytes: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// `readers_max` readers wait on the volume already.
+    ReadersBusy {
+        /// The bound.
+        max: usize,
+    },
+    /// The shared volume failed the read or list.
+    Storage(String),
+}
+
+impl fmt::Display for CacheError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheError::BadKey(e) => write!(f, "bad datastore key: {e}"),
+            CacheError::TooLarge { len, max } => write!(f, "value of {len} bytes exceeds {max}"),
+            CacheError::Busy { dirty_bytes, max } => write!(
+                f,
+                "datastore has {dirty_bytes} unflushed bytes (limit {max}); shared volume slow? retry"
+            ),
+            CacheError::ReadersBusy { max } => {
+                write!(f, "{max} reads wait on the shared volume; retry")
+            }
+            CacheError::Storage(e) => write!(f, "shared volume: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CacheError {}
+
+/// One write in a flush batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlushWrite {
+    /// The key.
+    pub key: String,
+    /// The value to write; `None` deletes the key.
+    pub value: Option<Bytes>,
+    /// The journal version this write carries.
+    pub version: u64,
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheAction {
+    /// Append this record to the journal on local disk; report syncs with `handle_journal_synced`.
+    JournalAppend {
+        /// Its sequence number (consecutive).
+        seq: u64,
+        /// The key.
+        key: String,
+        /// The value; `None` is a delete.
+        value: Option<Bytes>,
+    },
+    /// Read the key from the shared volume; report with `handle_read_done`.
+    ReadShared {
+        /// The key.
+        key: String,
+    },
+    /// List keys under a prefix on the shared volume; report with `handle_list_done`.
+    ListShared {
+        /// The request.
+        req: RequestId,
+        /// The prefix.
+        prefix: String,
+    },
+    /// Write these to the shared volume (each atomically: temp file, fsync, rename); report with
+    /// `handle_flush_done`.
+    Flush {
+        /// The batch's number.
+        batch: u64,
+        /// The writes, at most one per key.
+        writes: Vec<FlushWrite>,
+    },
+    /// Journal records up to and including `upto` are no longer needed.
+    JournalTruncate {
+        /// The last record that may be dropped.
+        upto: u64,
+    },
+    /// Answer a request.
+    Reply {
+        /// The request.
+        req: RequestId,
+        /// The answer.
+        result: Result<CacheReply, CacheError>,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    value: Option<Bytes>,
+    /// Journal seq of the last applied write; 0 for entries loaded from the volume.
+    version: u64,
+    dirty: bool,
+    /// The version being flushed, if any.
+    flushing: Option<u64>,
+    /// When it turned dirty (for the flush age bound); or its LRU tick when clean.
+    dirty_since: Timestamp,
+    lru_tick: u64,
+}
+
+fn entry_bytes(key: &str, value: &Option<Bytes>) -> u64 {
+    key.len() as u64 + value.as_ref().map_or(0, |v| v.len() as u64) + ENTRY_OVERHEAD_BYTES
+}
+
+#[derive(Debug)]
+struct PendingWrite {
+    req: RequestId,
+    key: String,
+    value: Option<Bytes>,
+}
+
+/// The cache.
+#[derive(Debug)]
+pub struct Cache {
+    limits: CacheLimits,
+    entries: BTreeMap<String, Entry>,
+    /// Clean entries by LRU tick.
+    lru: BTreeMap<u64, String>,
+    next_tick: u64,
+    /// Dirty entries by the version of their last write (oldest first).
+    dirty: BTreeMap<u64, String>,
+    flushing_keys: usize,
+    pending: BTreeMap<u64, PendingWrite>,
+    next_seq: u64,
+    synced_upto: u64,
+    truncated_upto: u64,
+    readers: BTreeMap<String, Vec<RequestId>>,
+    lists: BTreeMap<RequestId, String>,
+    waiting: usize,
+    flushes: BTreeMap<u64, Vec<(String, u64)>>,
+    next_batch: u64,
+    flush_not_before: Timestamp,
+    clean_bytes: u64,
+    dirty_bytes: u64,
+    actions: VecDeque<CacheAction>,
+}
+
+impl Cache {
+    /// An empty cache over a journal truncated up to `truncated_upto` (0 on first start).
+    pub fn new(limits: CacheLimits, truncated_upto: u64) -> Cache {
+        assert!(limits.value_bytes_max + ENTRY_OVERHEAD_BYTES + 1024 <= limits.dirty_bytes_max);
+        assert!(limits.flush_batch_max > 0 && limits.flushes_in_flight_max > 0);
+        Cache {
+            limits,
+            entries: BTreeMap::new(),
+            lru: BTreeMap::new(),
+            next_tick: 0,
+            dirty: BTreeMap::new(),
+            flushing_keys: 0,
+            pending: BTreeMap::new(),
+            next_seq: truncated_upto + 1,
+            synced_upto: truncated_upto,
+            truncated_upto,
+            readers: BTreeMap::new(),
+            lists: BTreeMap::new(),
+            waiting: 0,
+            flushes: BTreeMap::new(),
+            next_batch: 1,
+            flush_not_before: Timestamp(0),
+            clean_bytes: 0,
+            dirty_bytes: 0,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Rebuilds the cache after a crash from the journal: the truncation mark and the intact records
+    /// after it, as `(seq, key, value)`. Replayed writes are dirty and will be flushed again.
+    pub fn recover(
+        limits: CacheLimits,
+        now: Timestamp,
+        truncated_upto: u64,
+        records: impl IntoIterator<Item = (u64, String, Option<Bytes>)>,
+    ) -> Cache {
+        let mut c = Cache::new(limits, truncated_upto);
+        let mut records: Vec<_> = records
+            .into_iter()
+            .filter(|r| r.0 > truncated_upto)
+            .collect();
+        records.sort_by_key(|r| r.0);
+        for (seq, key, value) in records {
+            c.apply(now, seq, key, value);
+            c.next_seq = seq + 1;
+            c.synced_upto = seq;
+        }
+        c.maybe_flush(now);
+        c
+    }
+
+    /// Bytes of unflushed writes (acknowledged or pending).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes
+    }
+
+    /// Bytes of clean entries.
+    pub fn clean_bytes(&self) -> u64 {
+        self.clean_bytes
+    }
+
+    /// Entries in memory.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// True if every acknowledged write is on the shared volume and nothing is pending.
+    pub fn is_flushed(&self) -> bool {
+        self.dirty.is_empty() && self.pending.is_empty()
+    }
+
+    fn reply(&mut self, req: RequestId, result: Result<CacheReply, CacheError>) {
+        self.actions.push_back(CacheAction::Reply { req, result });
+    }
+
+    /// Reads a key.
+    pub fn handle_get(&mut self, now: Timestamp, req: RequestId, key: &str) {
+        if let Err(e) = validate_key(key) {
+            return self.reply(req, Err(CacheError::BadKey(e)));
+        }
+        if let Some(value) = self.touch(key) {
+            return self.reply(req, Ok(CacheReply::Value(value)));
+        }
+        if self.waiting >= self.limits.readers_max {
+            return self.reply(
+                req,
+                Err(CacheError::ReadersBusy {
+                    max: self.limits.readers_max,
+                }),
+            );
+        }
+        self.waiting += 1;
+        let first = !self.readers.contains_key(key);
+        self.readers.entry(key.to_owned()).or_default().push(req);
+        if first {
+            self.actions.push_back(CacheAction::ReadShared {
+                key: key.to_owned(),
+            });
+        }
+        self.maybe_flush(now);
+    }
+
+    /// The cached value of `key`, bumping its LRU position; `None` if not cached.
+    fn touch(&mut self, key: &str) -> Option<Option<Bytes>> {
+        let e = self.entries.get_mut(key)?;
+        if !e.dirty {
+            self.lru.remove(&e.lru_tick);
+            e.lru_tick = self.next_tick;
+            self.next_tick += 1;
+            self.lru.insert(e.lru_tick, key.to_owned());
+        }
+        Some(e.value.clone())
+    }
+
+    /// The shared volume answered a read.
+    pub fn handle_read_done(
+        &mut self,
+        now: Timestamp,
+        key: &str,
+        result: Result<Option<Bytes>, String>,
+    ) {
+        let Some(reqs) = self.readers.remove(key) else {
+            return;
+        };
+        self.waiting -= reqs.len();
+        let result = match result {
+            Err(e) => Err(CacheError::Storage(e)),
+            Ok(value) => {
+                // A write applied while the read was in flight wins: it is newer than the volume.
+                if !self.entries.contains_key(key) {
+                    self.insert_clean(key.to_owned(), value);
+                }
+                Ok(CacheReply::Value(self.touch(key).unwrap_or(None)))
+            }
+        };
+        for req in reqs {
+            self.reply(req, result.clone());
+        }
+        self.evict();
+        self.maybe_flush(now);
+    }
+
+    /// Lists keys under `prefix` (shared volume merged with unflushed writes).
+    pub fn handle_list(&mut self, now: Timestamp, req: RequestId, prefix: &str) {
+        if self.waiting >= self.limits.readers_max {
+            return self.reply(
+                req,
+                Err(CacheError::ReadersBusy {
+                    max: self.limits.readers_max,
+                }),
+            );
+        }
+        self.waiting += 1;
+        self.lists.insert(req, prefix.to_owned());
+        self.actions.push_back(CacheAction::ListShared {
+            req,
+            prefix: prefix.to_owned(),
+        });
+        self.maybe_flush(now);
+    }
+
+    /// The shared volume answered a list.
+    pub fn handle_list_done(
+        &mut self,
+        now: Timestamp,
+        req: RequestId,
+        result: Result<Vec<String>, String>,
+    ) {
+        let Some(prefix) = self.lists.remove(&req) else {
+            return;
+        };
+        self.waiting -= 1;
+        let result = result.map_err(CacheError::Storage).map(|found| {
+            let mut keys: std::collections::BTreeSet<String> = found
+                .into_iter()
+                .filter(|k| k.starts_with(&prefix))
+                .collect();
+            // The cache is authoritative where it has an entry (the master is the only writer).
+            for (k, e) in self.entries.range(prefix.clone()..) {
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                if e.value.is_some() {
+                    keys.insert(k.clone());
+                } else {
+                    keys.remove(k);
+                }
+            }
+            let truncated = keys.len() > self.limits.list_keys_max;
+            CacheReply::Keys {
+                keys: keys.into_iter().take(self.limits.list_keys_max).collect(),
+                truncated,
+            }
+        });
+        self.reply(req, result);
+        self.maybe_flush(now);
+    }
+
+    /// Writes a value.
+    pub fn handle_set(&mut self, now: Timestamp, req: RequestId, key: &str, value: Bytes) {
+        self.write(now, req, key, Some(value));
+    }
+
+    /// Deletes a key.
+    pub fn handle_delete(&mut self, now: Timestamp, req: RequestId, key: &str) {
+        self.write(now, req, key, None);
+    }
+
+    fn write(&mut self, now: Timestamp, req: RequestId, key: &str, value: Option<Bytes>) {
+        if let Err(e) = validate_key(key) {
+            return self.reply(req, Err(CacheError::BadKey(e)));
+        }
+        let len = value.as_ref().map_or(0, |v| v.len() as u64);
+        if len > self.limits.value_bytes_max {
+            return self.reply(
+                req,
+                Err(CacheError::TooLarge {
+                    len,
+                    max: self.limits.value_bytes_max,
+                }),
+            );
+        }
+        let size = entry_bytes(key, &value);
+        if self.dirty_bytes + size > self.limits.dirty_bytes_max {
+            let e = CacheError::Busy {
+                dirty_bytes: self.dirty_bytes,
+                max: self.limits.dirty_bytes_max,
+            };
+            return self.reply(req, Err(e));
+        }
+        self.dirty_bytes += size;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert(
+            seq,
+            PendingWrite {
+                req,
+                key: key.to_owned(),
+                value: value.clone(),
+            },
+        );
+        self.actions.push_back(CacheAction::JournalAppend {
+            seq,
+            key: key.to_owned(),
+            value,
+        });
+        self.maybe_flush(now);
+    }
+
+    /// Journal records up to `upto` are synced: apply and acknowledge those writes, in order.
+    pub fn handle_journal_synced(&mut self, now: Timestamp, upto: u64) {
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() > upto {
+                break;
+            }
+            let (seq, w) = entry.remove_entry();
+            self.dirty_bytes -= entry_bytes(&w.key, &w.value);
+            self.apply(now, seq, w.key, w.value);
+            self.synced_upto = seq;
+            self.reply(w.req, Ok(CacheReply::Written { version: seq }));
+        }
+        self.evict();
+        self.maybe_flush(now);
+    }
+
+    /// Makes a durable write visible as a dirty entry.
+    fn apply(&mut self, now: Timestamp, seq: u64, key: String, value: Option<Bytes>) {
+        let size = entry_bytes(&key, &value);
+        self.dirty_bytes += size;
+        match self.entries.get_mut(&key) {
+            Some(e) => {
+                let old = entry_bytes(&key, &e.value);
+                if e.dirty {
+                    self.dirty_bytes -= old;
+                    self.dirty.remove(&e.version);
+                } else {
+                    self.clean_bytes -= old;
+                    self.lru.remove(&e.lru_tick);
+                    e.dirty = true;
+                    e.dirty_since = now;
+                }
+                e.value = value;
+                e.version = seq;
+            }
+            None => {
+                let e = Entry {
+                    value,
+                    version: seq,
+                    dirty: true,
+                    flushing: None,
+                    dirty_since: now,
+                    lru_tick: 0,
+                };
+                self.entries.insert(key.clone(), e);
+            }
+        }
+        self.dirty.insert(seq, key);
+    }
+
+    fn insert_clean(&mut self, key: String, value: Option<Bytes>) {
+        self.clean_bytes += entry_bytes(&key, &value);
+        let tick = self.next_tick;
+        self.next_tick += 1;
+        self.lru.insert(tick, key.clone());
+        let e = Entry {
+            value,
+            version: 0,
+            dirty: false,
+            flushing: None,
+            dirty_since: Timestamp(0),
+            lru_tick: tick,
+        };
+        self.entries.insert(key, e);
+    }
+
+    fn evict(&mut self) {
+        while self.clean_bytes > self.limits.clean_bytes_max {
+            let Some((_, key)) = self.lru.pop_first() else {
+                break;
+            };
+            if let Some(e) = self.entries.remove(&key) {
+                debug_assert!(!e.dirty);
+                self.clean_bytes -= entry_bytes(&key, &e.value);
+            }
+        }
+    }
+
+    /// The shared volume finished (or failed) a flush batch.
+    pub fn handle_flush_done(&mut self, now: Timestamp, batch: u64, result: Result<(), String>) {
+        let Some(writes) = self.flushes.remove(&batch) else {
+            return;
+        };
+        let ok = result.is_ok();
+        for (key, version) in writes {
+            let Some(e) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            debug_assert_eq!(e.flushing, Some(version));
+            e.flushing = None;
+            self.flushing_keys -= 1;
+            if ok && e.version == version {
+                e.dirty = false;
+                self.dirty.remove(&version);
+                let size = entry_bytes(&key, &e.value);
+                self.dirty_bytes -= size;
+                self.clean_bytes += size;
+                e.lru_tick = self.next_tick;
+                self.next_tick += 1;
+                self.lru.insert(e.lru_tick, key);
+            }
+        }
+        if !ok {
+            self.flush_not_before = now.plus_ms(self.limits.flush_retry_ms);
+        }
+        let needed_from = self.dirty.keys().next().copied();
+        let upto = needed_from.map_or(self.synced_upto, |v| (v - 1).min(self.synced_upto));
+        if upto > self.truncated_upto {
+            self.truncated_upto = upto;
+            self.actions
+                .push_back(CacheAction::JournalTruncate { upto });
+        }
+        self.evict();
+        self.maybe_flush(now);
+    }
+
+    /// Starts flushes whose time has come.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.maybe_flush(now);
+    }
+
+    /// The oldest dirty entry that is not being flushed: its `dirty_since`.
+    fn oldest_flushable(&self) -> Option<Timestamp> {
+        // Skips at most `flushing_keys` entries.
+        self.dirty
+            .values()
+            .filter_map(|k| self.entries.get(k))
+            .find(|e| e.flushing.is_none())
+            .map(|e| e.dirty_since)
+    }
+
+    fn maybe_flush(&mut self, now: Timestamp) {
+        while self.flushes.len() < self.limits.flushes_in_flight_max && now >= self.flush_not_before
+        {
+            let flushable = self.dirty.len() - self.flushing_keys;
+            if flushable == 0 {
+                return;
+            }
+            let old_enough = self
+                .oldest_flushable()
+                .is_some_and(|t| now.since_ms(t) >= self.limits.flush_age_max_ms);
+            if flushable < self.limits.flush_batch_max && !old_enough {
+                return;
+            }
+            let batch = self.next_batch;
+            self.next_batch += 1;
+            let mut writes = Vec::new();
+            let mut keys = Vec::new();
+            for key in self.dirty.values() {
+                if writes.len() >= self.limits.flush_batch_max {
+                    break;
+                }
+                let Some(e) = self.entries.get_mut(key) else {
+                    continue;
+                };
+                if e.flushing.is_some() {
+                    continue;
+                }
+                e.flushing = Some(e.version);
+                writes.push(FlushWrite {
+                    key: key.clone(),
+                    value: e.value.clone(),
+                    version: e.version,
+                });
+                keys.push((key.clone(), e.version));
+            }
+            self.flushing_keys += keys.len();
+            self.flushes.insert(batch, keys);
+            self.actions.push_back(CacheAction::Flush { batch, writes });
+        }
+    }
+
+    /// The next action for the shell.
+    pub fn poll_action(&mut self) -> Option<CacheAction> {
+        self.actions.pop_front()
+    }
+
+    /// When to call `handle_timeout` next.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        if self.flushes.len() >= self.limits.flushes_in_flight_max {
+            return None; // A flush completion will wake us.
+        }
+        let age_due = self
+            .oldest_flushable()?
+            .plus_ms(self.limits.flush_age_max_ms);
+        Some(age_due.max(self.flush_not_before))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -160,14 +160,21 @@ pub enum FlowError {
 impl fmt::Display for FlowError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            FlowError::TooManyFlows { max } => write!(f, "node is tracking {max} flows; retry later"),
-            FlowError::Busy { max } => write!(f, "{max} messages of this flow in flight; wait for acks"),
+            FlowError::TooManyFlows { max } => {
+                write!(f, "node is tracking {max} flows; retry later")
+            }
+            FlowError::Busy { max } => {
+                write!(f, "{max} messages of this flow in flight; wait for acks")
+            }
             FlowError::OutOfWindow(SeqSetError::OutOfWindow { seq, next, window }) => write!(
                 f,
                 "message {seq} is more than {window} ahead of the first missing message {next}"
             ),
             FlowError::AfterFinal { seq, final_seq } => {
-                write!(f, "message {seq} comes after the final status at {final_seq}")
+                write!(
+                    f,
+                    "message {seq} comes after the final status at {final_seq}"
+                )
             }
         }
     }
@@ -238,11 +245,16 @@ impl FlowTracker {
                 self.actions.push_back(FlowAction::Ack { key, seq });
                 Ok(())
             } else {
-                Err(FlowError::AfterFinal { seq, final_seq: *final_seq })
+                Err(FlowError::AfterFinal {
+                    seq,
+                    final_seq: *final_seq,
+                })
             };
         }
         if !self.flows.contains_key(&key) && self.flows.len() >= self.limits.flows_max {
-            return Err(FlowError::TooManyFlows { max: self.limits.flows_max });
+            return Err(FlowError::TooManyFlows {
+                max: self.limits.flows_max,
+            });
         }
         if self.next_sweep.is_none() {
             self.next_sweep = Some(now.plus_ms(self.limits.idle_timeout_ms));
@@ -258,13 +270,24 @@ impl FlowTracker {
         flow.last_activity = now;
         if let Some((final_seq, _, _)) = &flow.final_status {
             if seq > *final_seq {
-                return Err(FlowError::AfterFinal { seq, final_seq: *final_seq });
+                return Err(FlowError::AfterFinal {
+                    seq,
+                    final_seq: *final_seq,
+                });
             }
         }
         if let Payload::Final { .. } = payload {
-            let beyond = flow.pending.keys().next_back().copied().filter(|s| *s > seq);
+            let beyond = flow
+                .pending
+                .keys()
+                .next_back()
+                .copied()
+                .filter(|s| *s > seq);
             if let Some(s) = beyond {
-                return Err(FlowError::AfterFinal { seq: s, final_seq: seq });
+                return Err(FlowError::AfterFinal {
+                    seq: s,
+                    final_seq: seq,
+                });
             }
         }
         if flow.pending.contains_key(&seq) {
@@ -293,7 +316,9 @@ impl FlowTracker {
             }
         }
         if flow.pending.len() >= self.limits.stores_in_flight_max {
-            return Err(FlowError::Busy { max: self.limits.stores_in_flight_max });
+            return Err(FlowError::Busy {
+                max: self.limits.stores_in_flight_max,
+            });
         }
         flow.pending.insert(seq, payload);
         self.actions.push_back(FlowAction::Store { key, seq });
@@ -302,8 +327,12 @@ impl FlowTracker {
 
     /// The shell finished (or failed) storing message `seq`.
     pub fn handle_stored(&mut self, now: Timestamp, key: &FlowKey, seq: u64, ok: bool) {
-        let Some(flow) = self.flows.get_mut(key) else { return };
-        let Some(payload) = flow.pending.remove(&seq) else { return };
+        let Some(flow) = self.flows.get_mut(key) else {
+            return;
+        };
+        let Some(payload) = flow.pending.remove(&seq) else {
+            return;
+        };
         flow.last_activity = now;
         if !ok {
             return; // Not acknowledged: the client resends it.
@@ -311,15 +340,25 @@ impl FlowTracker {
         Self::record(flow, seq, &payload);
         let is_final = matches!(payload, Payload::Final { .. });
         if !is_final {
-            self.actions.push_back(FlowAction::Ack { key: key.clone(), seq });
+            self.actions.push_back(FlowAction::Ack {
+                key: key.clone(),
+                seq,
+            });
         }
         // Audit once when the final lands incomplete; later stores just fill the gaps.
         self.check_complete(key, is_final);
     }
 
     /// The shell listed what storage holds for the flow (`None`: the listing failed).
-    pub fn handle_audit(&mut self, now: Timestamp, key: &FlowKey, found: Option<Vec<StoredMessage>>) {
-        let Some(flow) = self.flows.get_mut(key) else { return };
+    pub fn handle_audit(
+        &mut self,
+        now: Timestamp,
+        key: &FlowKey,
+        found: Option<Vec<StoredMessage>>,
+    ) {
+        let Some(flow) = self.flows.get_mut(key) else {
+            return;
+        };
         flow.audit_in_flight = false;
         flow.last_activity = now;
         let Some(mut found) = found else { return };
@@ -349,8 +388,12 @@ impl FlowTracker {
     }
 
     fn check_complete(&mut self, key: &FlowKey, may_audit: bool) {
-        let Some(flow) = self.flows.get_mut(key) else { return };
-        let Some((final_seq, state, error)) = flow.final_status.clone() else { return };
+        let Some(flow) = self.flows.get_mut(key) else {
+            return;
+        };
+        let Some((final_seq, state, error)) = flow.final_status.clone() else {
+            return;
+        };
         if flow.stored.contiguous_upto() <= final_seq {
             // Gaps that our own in-flight stores will fill need no audit. (Bounded: the final
             // passed the window check, so this scans at most `seq_window` numbers.)
@@ -358,7 +401,8 @@ impl FlowTracker {
                 .any(|q| !flow.stored.contains(q) && !flow.pending.contains_key(&q));
             if may_audit && gap_elsewhere && !flow.audit_in_flight {
                 flow.audit_in_flight = true;
-                self.actions.push_back(FlowAction::Audit { key: key.clone() });
+                self.actions
+                    .push_back(FlowAction::Audit { key: key.clone() });
             }
             return;
         }
@@ -375,7 +419,10 @@ impl FlowTracker {
             rows: total.rows,
             uploaded_bytes: total.bytes,
         }));
-        self.actions.push_back(FlowAction::Ack { key: key.clone(), seq: final_seq });
+        self.actions.push_back(FlowAction::Ack {
+            key: key.clone(),
+            seq: final_seq,
+        });
     }
 
     fn remember_completed(&mut self, key: FlowKey, final_seq: u64) {

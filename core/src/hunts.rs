@@ -32,7 +32,10 @@ pub struct HuntLimits {
 
 impl Default for HuntLimits {
     fn default() -> Self {
-        HuntLimits { hunts_max: 10_000, participants_max: 1_000_000 }
+        HuntLimits {
+            hunts_max: 10_000,
+            participants_max: 1_000_000,
+        }
     }
 }
 
@@ -123,12 +126,18 @@ impl Participation {
         s.scheduled += 1;
         match self {
             Participation::Scheduled => {}
-            Participation::Completed { rows, uploaded_bytes } => {
+            Participation::Completed {
+                rows,
+                uploaded_bytes,
+            } => {
                 s.completed += 1;
                 s.rows += rows;
                 s.uploaded_bytes += uploaded_bytes;
             }
-            Participation::Error { rows, uploaded_bytes } => {
+            Participation::Error {
+                rows,
+                uploaded_bytes,
+            } => {
                 s.errors += 1;
                 s.rows += rows;
                 s.uploaded_bytes += uploaded_bytes;
@@ -258,7 +267,9 @@ pub enum HuntError {
 impl fmt::Display for HuntError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HuntError::TooManyHunts { max } => write!(f, "{max} hunts exist; delete old ones first"),
+            HuntError::TooManyHunts { max } => {
+                write!(f, "{max} hunts exist; delete old ones first")
+            }
             HuntError::ExpiryInPast => write!(f, "the hunt's expiry must be in the future"),
             HuntError::DuplicateId(id) => write!(f, "hunt {id} already exists"),
             HuntError::NotFound(id) => write!(f, "no hunt {id}"),
@@ -305,7 +316,11 @@ pub struct HuntManager {
 impl HuntManager {
     /// No hunts.
     pub fn new(limits: HuntLimits) -> HuntManager {
-        HuntManager { limits, hunts: BTreeMap::new(), actions: VecDeque::new() }
+        HuntManager {
+            limits,
+            hunts: BTreeMap::new(),
+            actions: VecDeque::new(),
+        }
     }
 
     /// Rebuilds the manager from persisted records after a restart; expires what expired meanwhile.
@@ -317,7 +332,11 @@ impl HuntManager {
     ) -> HuntManager {
         let mut m = HuntManager::new(limits);
         for r in records {
-            let h = Hunt { record: r, participants: BTreeMap::new(), stats: HuntStats::default() };
+            let h = Hunt {
+                record: r,
+                participants: BTreeMap::new(),
+                stats: HuntStats::default(),
+            };
             m.hunts.insert(h.record.id.clone(), h);
         }
         for (hunt, client, p) in participants {
@@ -333,9 +352,16 @@ impl HuntManager {
     }
 
     /// Creates a running hunt.
-    pub fn create(&mut self, now: Timestamp, id: HuntId, spec: HuntSpec) -> Result<&Hunt, HuntError> {
+    pub fn create(
+        &mut self,
+        now: Timestamp,
+        id: HuntId,
+        spec: HuntSpec,
+    ) -> Result<&Hunt, HuntError> {
         if self.hunts.len() >= self.limits.hunts_max {
-            return Err(HuntError::TooManyHunts { max: self.limits.hunts_max });
+            return Err(HuntError::TooManyHunts {
+                max: self.limits.hunts_max,
+            });
         }
         if spec.expires <= now {
             return Err(HuntError::ExpiryInPast);
@@ -343,16 +369,28 @@ impl HuntManager {
         if self.hunts.contains_key(&id) {
             return Err(HuntError::DuplicateId(id));
         }
-        let record = HuntRecord { id: id.clone(), spec, created: now, state: HuntState::Running };
+        let record = HuntRecord {
+            id: id.clone(),
+            spec,
+            created: now,
+            state: HuntState::Running,
+        };
         self.actions.push_back(HuntAction::Record(record.clone()));
-        let h = Hunt { record, participants: BTreeMap::new(), stats: HuntStats::default() };
+        let h = Hunt {
+            record,
+            participants: BTreeMap::new(),
+            stats: HuntStats::default(),
+        };
         Ok(self.hunts.entry(id).or_insert(h))
     }
 
     /// Stops a running hunt. Scheduled flows still report and are counted.
     pub fn stop(&mut self, now: Timestamp, id: &HuntId) -> Result<&Hunt, HuntError> {
         self.handle_timeout(now);
-        let h = self.hunts.get_mut(id).ok_or_else(|| HuntError::NotFound(id.clone()))?;
+        let h = self
+            .hunts
+            .get_mut(id)
+            .ok_or_else(|| HuntError::NotFound(id.clone()))?;
         if h.record.state != HuntState::Running {
             return Err(HuntError::NotRunning(id.clone(), h.record.state));
         }
@@ -381,7 +419,9 @@ impl HuntManager {
     pub fn offer_to(&mut self, now: Timestamp, id: &HuntId, facts: ClientFacts<'_>) -> Decision {
         self.expire_one(now, id);
         let participants_max = self.limits.participants_max;
-        let Some(h) = self.hunts.get_mut(id) else { return Decision::UnknownHunt };
+        let Some(h) = self.hunts.get_mut(id) else {
+            return Decision::UnknownHunt;
+        };
         if h.participants.contains_key(facts.id) {
             return Decision::AlreadyIn;
         }
@@ -389,13 +429,25 @@ impl HuntManager {
             return Decision::NotRunning(h.record.state);
         }
         let spec = &h.record.spec;
-        if spec.os.as_deref().is_some_and(|os| !os.eq_ignore_ascii_case(facts.os)) {
+        if spec
+            .os
+            .as_deref()
+            .is_some_and(|os| !os.eq_ignore_ascii_case(facts.os))
+        {
             return Decision::WrongOs;
         }
-        if let Some(l) = spec.include_labels.iter().find(|l| !facts.labels.contains(*l)) {
+        if let Some(l) = spec
+            .include_labels
+            .iter()
+            .find(|l| !facts.labels.contains(*l))
+        {
             return Decision::MissingLabel(l.clone());
         }
-        if let Some(l) = spec.exclude_labels.iter().find(|l| facts.labels.contains(*l)) {
+        if let Some(l) = spec
+            .exclude_labels
+            .iter()
+            .find(|l| facts.labels.contains(*l))
+        {
             return Decision::ExcludedLabel(l.clone());
         }
         if spec.client_limit.is_some_and(|n| h.stats.scheduled >= n) {
@@ -404,7 +456,8 @@ impl HuntManager {
         if h.stats.scheduled >= participants_max {
             return Decision::Full;
         }
-        h.participants.insert(facts.id.clone(), Participation::Scheduled);
+        h.participants
+            .insert(facts.id.clone(), Participation::Scheduled);
         Participation::Scheduled.add_to(&mut h.stats);
         let flow = FlowId::for_hunt(id, facts.id);
         self.actions.push_back(HuntAction::Schedule {
@@ -426,14 +479,24 @@ impl HuntManager {
         uploaded_bytes: u64,
     ) -> OutcomeEffect {
         self.expire_one(now, id);
-        let Some(h) = self.hunts.get_mut(id) else { return OutcomeEffect::NotParticipant };
-        let Some(p) = h.participants.get_mut(client) else { return OutcomeEffect::NotParticipant };
+        let Some(h) = self.hunts.get_mut(id) else {
+            return OutcomeEffect::NotParticipant;
+        };
+        let Some(p) = h.participants.get_mut(client) else {
+            return OutcomeEffect::NotParticipant;
+        };
         if *p != Participation::Scheduled {
             return OutcomeEffect::Duplicate;
         }
         *p = match state {
-            FinalState::Completed => Participation::Completed { rows, uploaded_bytes },
-            FinalState::Error => Participation::Error { rows, uploaded_bytes },
+            FinalState::Completed => Participation::Completed {
+                rows,
+                uploaded_bytes,
+            },
+            FinalState::Error => Participation::Error {
+                rows,
+                uploaded_bytes,
+            },
         };
         let new = *p;
         // Replace the Scheduled contribution with the outcome's.
@@ -444,7 +507,11 @@ impl HuntManager {
             client: client.clone(),
             participation: new,
         });
-        let limit_done = h.record.spec.client_limit.is_some_and(|n| h.stats.scheduled >= n);
+        let limit_done = h
+            .record
+            .spec
+            .client_limit
+            .is_some_and(|n| h.stats.scheduled >= n);
         if h.record.state == HuntState::Running && limit_done && h.all_finished() {
             h.record.state = HuntState::Complete;
             self.actions.push_back(HuntAction::Record(h.record.clone()));

@@ -16,11 +16,26 @@ pub const ID_BYTES_MAX: usize = 48;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdError {
     /// The id does not start with the prefix its kind requires.
-    WrongPrefix { kind: &'static str, expected: &'static str },
+    WrongPrefix {
+        /// Which kind of id.
+        kind: &'static str,
+        /// The prefix it needs.
+        expected: &'static str,
+    },
     /// The id has no characters after its prefix, or more than allowed.
-    BadLength { kind: &'static str, len: usize },
+    BadLength {
+        /// Which kind of id.
+        kind: &'static str,
+        /// The length given.
+        len: usize,
+    },
     /// The id contains a character its kind does not allow.
-    BadChar { kind: &'static str, ch: char },
+    BadChar {
+        /// Which kind of id.
+        kind: &'static str,
+        /// The first offending character.
+        ch: char,
+    },
 }
 
 impl fmt::Display for IdError {
@@ -45,7 +60,10 @@ fn check(
     ok: impl Fn(char) -> bool,
 ) -> Result<(), IdError> {
     let Some(body) = s.strip_prefix(prefix) else {
-        return Err(IdError::WrongPrefix { kind, expected: prefix });
+        return Err(IdError::WrongPrefix {
+            kind,
+            expected: prefix,
+        });
     };
     if !body_len.contains(&body.len()) {
         return Err(IdError::BadLength { kind, len: s.len() });
@@ -79,7 +97,13 @@ impl ClientId {
 
     /// Parses and validates a client id.
     pub fn parse(s: &str) -> Result<ClientId, IdError> {
-        check("client", "C.", s, 16..=16, |c| matches!(c, '0'..='9' | 'a'..='f'))?;
+        check(
+            "client",
+            "C.",
+            s,
+            16..=16,
+            |c| matches!(c, '0'..='9' | 'a'..='f'),
+        )?;
         Ok(ClientId(s.to_owned()))
     }
 
@@ -101,7 +125,13 @@ pub struct HuntId(String);
 impl HuntId {
     /// Parses and validates a hunt id.
     pub fn parse(s: &str) -> Result<HuntId, IdError> {
-        check("hunt", "H.", s, 1..=32, |c| matches!(c, '0'..='9' | 'A'..='F'))?;
+        check(
+            "hunt",
+            "H.",
+            s,
+            1..=32,
+            |c| matches!(c, '0'..='9' | 'A'..='F'),
+        )?;
         Ok(HuntId(s.to_owned()))
     }
 
@@ -123,7 +153,9 @@ pub struct FlowId(String);
 impl FlowId {
     /// Parses and validates a flow id.
     pub fn parse(s: &str) -> Result<FlowId, IdError> {
-        check("flow", "F.", s, 1..=40, |c| c.is_ascii_alphanumeric() || c == '.')?;
+        check("flow", "F.", s, 1..=40, |c| {
+            c.is_ascii_alphanumeric() || c == '.'
+        })?;
         Ok(FlowId(s.to_owned()))
     }
 
@@ -175,12 +207,24 @@ mod tests {
     fn bad_ids_name_what_is_wrong() {
         assert_eq!(
             ClientId::parse("X.0123456789abcdef"),
-            Err(IdError::WrongPrefix { kind: "client", expected: "C." })
+            Err(IdError::WrongPrefix {
+                kind: "client",
+                expected: "C."
+            })
         );
-        assert_eq!(ClientId::parse("C.0123"), Err(IdError::BadLength { kind: "client", len: 6 }));
+        assert_eq!(
+            ClientId::parse("C.0123"),
+            Err(IdError::BadLength {
+                kind: "client",
+                len: 6
+            })
+        );
         assert_eq!(
             ClientId::parse("C.0123456789abcdeZ"),
-            Err(IdError::BadChar { kind: "client", ch: 'Z' })
+            Err(IdError::BadChar {
+                kind: "client",
+                ch: 'Z'
+            })
         );
         assert!(FlowId::parse("F.../..").is_err());
         assert!(HuntId::parse("H.").is_err());

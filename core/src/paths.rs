@@ -78,15 +78,69 @@ pub fn safe_component(name: &str) -> String {
     out
 }
 
+/// Longest datastore key (bytes).
+pub const KEY_BYTES_MAX: usize = 1024;
+
+/// Why a datastore key is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyError {
+    /// Empty, or longer than [`KEY_BYTES_MAX`].
+    BadLength(usize),
+    /// A component is empty, `.` or `..`, or has a character outside `[0-9A-Za-z._%~-]`.
+    BadComponent(String),
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyError::BadLength(n) => write!(f, "key length {n} is not in 1..={KEY_BYTES_MAX}"),
+            KeyError::BadComponent(c) => {
+                let shown: String = c.chars().take(64).collect();
+                write!(f, "key component {shown:?} is not allowed")
+            }
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// Checks that a key is relative, has no `.`/`..`/empty components and only safe characters, so
+/// mapping it under a storage root can never escape the root.
+pub fn validate_key(key: &str) -> Result<(), KeyError> {
+    if key.is_empty() || key.len() > KEY_BYTES_MAX {
+        return Err(KeyError::BadLength(key.len()));
+    }
+    for c in key.split('/') {
+        let safe =
+            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'%' | b'~');
+        if c.is_empty() || c == "." || c == ".." || !c.bytes().all(safe) {
+            return Err(KeyError::BadComponent(c.to_owned()));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn hostile_names_stay_one_component() {
-        for name in ["../../etc/passwd", "/etc/shadow", "a\0b", "..", ".", "", "C:\\x", "%2e%2e"] {
+        for name in [
+            "../../etc/passwd",
+            "/etc/shadow",
+            "a\0b",
+            "..",
+            ".",
+            "",
+            "C:\\x",
+            "%2e%2e",
+        ] {
             let c = safe_component(name);
-            assert!(!c.contains('/') && !c.contains('\\') && !c.contains('\0'), "{name:?} -> {c}");
+            assert!(
+                !c.contains('/') && !c.contains('\\') && !c.contains('\0'),
+                "{name:?} -> {c}"
+            );
             assert!(!c.starts_with('.'), "{name:?} -> {c}");
             assert!(!c.is_empty());
         }
@@ -102,6 +156,25 @@ mod tests {
         assert!(c.ends_with("end.log"));
         let unicode = "é".repeat(300);
         assert!(safe_component(&unicode).len() <= COMPONENT_BYTES_MAX);
+    }
+
+    #[test]
+    fn keys_cannot_escape_the_root() {
+        for bad in [
+            "", "/abs", "a//b", "a/../b", "..", "./a", "a/b/", "a\0b", "a b", "a\\b",
+        ] {
+            assert!(validate_key(bad).is_err(), "{bad:?}");
+        }
+        let c = ClientId::from_public_key(b"k");
+        let f = FlowId::from_u64(3);
+        for good in [
+            client_record(&c),
+            flow_message(&c, &f, 1),
+            upload(&c, &f, 0, "/etc/../x y"),
+        ] {
+            assert_eq!(validate_key(&good), Ok(()), "{good}");
+        }
+        assert!(validate_key(&"a".repeat(KEY_BYTES_MAX + 1)).is_err());
     }
 
     #[test]

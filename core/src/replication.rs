@@ -34,7 +34,12 @@ pub struct OutboxLimits {
 
 impl Default for OutboxLimits {
     fn default() -> Self {
-        OutboxLimits { events_max: 1_000_000, in_flight_max: 4096, batch_max: 256, resend_after_ms: 5000 }
+        OutboxLimits {
+            events_max: 1_000_000,
+            in_flight_max: 4096,
+            batch_max: 256,
+            resend_after_ms: 5000,
+        }
     }
 }
 
@@ -52,7 +57,10 @@ impl fmt::Display for OutboxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             OutboxError::Full { max } => {
-                write!(f, "replication outbox holds {max} unacknowledged events; master unreachable?")
+                write!(
+                    f,
+                    "replication outbox holds {max} unacknowledged events; master unreachable?"
+                )
             }
         }
     }
@@ -106,11 +114,20 @@ impl<E: Clone> Outbox<E> {
     }
 
     /// Rebuilds the outbox from what was persisted: the acknowledged mark and the events after it.
-    pub fn recover(limits: OutboxLimits, epoch: u64, acked: u64, events: Vec<(u64, E)>) -> Outbox<E> {
+    pub fn recover(
+        limits: OutboxLimits,
+        epoch: u64,
+        acked: u64,
+        events: Vec<(u64, E)>,
+    ) -> Outbox<E> {
         assert!(limits.events_max > 0 && limits.in_flight_max > 0 && limits.batch_max > 0);
         let events: VecDeque<(u64, E)> = events.into_iter().filter(|(s, _)| *s > acked).collect();
         for (i, (seq, _)) in events.iter().enumerate() {
-            assert_eq!(*seq, acked + 1 + i as u64, "persisted outbox is not consecutive");
+            assert_eq!(
+                *seq,
+                acked + 1 + i as u64,
+                "persisted outbox is not consecutive"
+            );
         }
         let last = acked + events.len() as u64;
         Outbox {
@@ -150,7 +167,9 @@ impl<E: Clone> Outbox<E> {
     /// Accepts an event; it counts as accepted once `handle_persisted` covers its number.
     pub fn push(&mut self, now: Timestamp, event: E) -> Result<u64, OutboxError> {
         if self.events.len() >= self.limits.events_max {
-            return Err(OutboxError::Full { max: self.limits.events_max });
+            return Err(OutboxError::Full {
+                max: self.limits.events_max,
+            });
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -223,7 +242,10 @@ impl<E: Clone> Outbox<E> {
             let events: Vec<(u64, E)> = self.events.range(first..first + n).cloned().collect();
             debug_assert_eq!(events.first().map(|e| e.0), Some(self.sent_upto + 1));
             self.sent_upto += n as u64;
-            self.actions.push_back(OutboxAction::Send { epoch: self.epoch, events });
+            self.actions.push_back(OutboxAction::Send {
+                epoch: self.epoch,
+                events,
+            });
         }
         if self.sent_upto > self.acked && self.ack_deadline.is_none() {
             self.ack_deadline = Some(now.plus_ms(self.limits.resend_after_ms));
@@ -284,9 +306,14 @@ impl fmt::Display for InboxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InboxError::StaleEpoch { got, current } => {
-                write!(f, "events from epoch {got}, but the minion is at epoch {current}")
+                write!(
+                    f,
+                    "events from epoch {got}, but the minion is at epoch {current}"
+                )
             }
-            InboxError::TooManyMinions { max } => write!(f, "{max} minions known; refusing another"),
+            InboxError::TooManyMinions { max } => {
+                write!(f, "{max} minions known; refusing another")
+            }
         }
     }
 }
@@ -326,8 +353,15 @@ pub struct Inbox<E> {
 
 impl<E> Inbox<E> {
     /// Rebuilds the inbox from persisted cursors (empty on first start).
-    pub fn recover(limits: InboxLimits, cursors: impl IntoIterator<Item = (String, Cursor)>) -> Inbox<E> {
-        Inbox { limits, cursors: cursors.into_iter().collect(), actions: VecDeque::new() }
+    pub fn recover(
+        limits: InboxLimits,
+        cursors: impl IntoIterator<Item = (String, Cursor)>,
+    ) -> Inbox<E> {
+        Inbox {
+            limits,
+            cursors: cursors.into_iter().collect(),
+            actions: VecDeque::new(),
+        }
     }
 
     /// A minion's cursor.
@@ -344,11 +378,16 @@ impl<E> Inbox<E> {
         events: Vec<(u64, E)>,
     ) -> Result<(), InboxError> {
         if !self.cursors.contains_key(node) && self.cursors.len() >= self.limits.minions_max {
-            return Err(InboxError::TooManyMinions { max: self.limits.minions_max });
+            return Err(InboxError::TooManyMinions {
+                max: self.limits.minions_max,
+            });
         }
         let cursor = self.cursors.entry(node.to_owned()).or_default();
         if epoch < cursor.epoch {
-            return Err(InboxError::StaleEpoch { got: epoch, current: cursor.epoch });
+            return Err(InboxError::StaleEpoch {
+                got: epoch,
+                current: cursor.epoch,
+            });
         }
         if epoch > cursor.epoch {
             *cursor = Cursor { epoch, hwm: 0 };
@@ -361,9 +400,17 @@ impl<E> Inbox<E> {
                 break; // A gap: the minion resends from our ack.
             }
             cursor.hwm = seq;
-            self.actions.push_back(InboxAction::Apply { node: node.to_owned(), cursor: *cursor, event });
+            self.actions.push_back(InboxAction::Apply {
+                node: node.to_owned(),
+                cursor: *cursor,
+                event,
+            });
         }
-        self.actions.push_back(InboxAction::Ack { node: node.to_owned(), epoch, upto: cursor.hwm });
+        self.actions.push_back(InboxAction::Ack {
+            node: node.to_owned(),
+            epoch,
+            upto: cursor.hwm,
+        });
         Ok(())
     }
 

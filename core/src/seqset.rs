@@ -47,7 +47,12 @@ impl SeqSet {
     /// An empty set accepting numbers up to `next + window - 1`.
     pub fn new(window: u64) -> SeqSet {
         assert!(window > 0);
-        SeqSet { next: 0, prefix: Weight::default(), above: BTreeMap::new(), window }
+        SeqSet {
+            next: 0,
+            prefix: Weight::default(),
+            above: BTreeMap::new(),
+            window,
+        }
     }
 
     /// True if `seq` is in the set.
@@ -61,7 +66,11 @@ impl SeqSet {
             return Ok(false);
         }
         if seq >= self.next + self.window {
-            return Err(SeqSetError::OutOfWindow { seq, next: self.next, window: self.window });
+            return Err(SeqSetError::OutOfWindow {
+                seq,
+                next: self.next,
+                window: self.window,
+            });
         }
         Ok(true)
     }

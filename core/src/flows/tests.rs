@@ -5,7 +5,10 @@ use proptest::prelude::*;
 use std::collections::BTreeSet;
 
 fn key() -> FlowKey {
-    FlowKey { client: ClientId::from_public_key(b"c"), flow: FlowId::from_u64(1) }
+    FlowKey {
+        client: ClientId::from_public_key(b"c"),
+        flow: FlowId::from_u64(1),
+    }
 }
 
 fn data(rows: u64) -> Payload {
@@ -13,7 +16,10 @@ fn data(rows: u64) -> Payload {
 }
 
 fn done() -> Payload {
-    Payload::Final { state: FinalState::Completed, error: String::new() }
+    Payload::Final {
+        state: FinalState::Completed,
+        error: String::new(),
+    }
 }
 
 fn drain(t: &mut FlowTracker) -> Vec<FlowAction> {
@@ -35,7 +41,10 @@ fn acks_only_after_store_and_dedupes_resends() {
     let mut t = FlowTracker::new(limits());
     let now = Timestamp(0);
     t.handle_message(now, key(), 0, data(3)).unwrap();
-    assert_eq!(drain(&mut t), vec![FlowAction::Store { key: key(), seq: 0 }]);
+    assert_eq!(
+        drain(&mut t),
+        vec![FlowAction::Store { key: key(), seq: 0 }]
+    );
     // Resend while the store is in flight: nothing new.
     t.handle_message(now, key(), 0, data(3)).unwrap();
     assert_eq!(drain(&mut t), vec![]);
@@ -55,7 +64,10 @@ fn failed_store_is_not_acked_and_can_be_resent() {
     t.handle_stored(now, &key(), 0, false);
     assert_eq!(drain(&mut t), vec![]);
     t.handle_message(now, key(), 0, data(1)).unwrap();
-    assert_eq!(drain(&mut t), vec![FlowAction::Store { key: key(), seq: 0 }]);
+    assert_eq!(
+        drain(&mut t),
+        vec![FlowAction::Store { key: key(), seq: 0 }]
+    );
 }
 
 #[test]
@@ -91,7 +103,10 @@ fn completes_with_exact_totals_and_acks_final_last() {
     assert_eq!(drain(&mut t), vec![FlowAction::Ack { key: key(), seq: 1 }]);
     assert!(matches!(
         t.handle_message(now, key(), 3, data(1)),
-        Err(FlowError::AfterFinal { seq: 3, final_seq: 2 })
+        Err(FlowError::AfterFinal {
+            seq: 3,
+            final_seq: 2
+        })
     ));
 }
 
@@ -104,9 +119,18 @@ fn final_with_gaps_audits_storage() {
     t.handle_stored(now, &key(), 2, true);
     assert_eq!(drain(&mut t), vec![FlowAction::Audit { key: key() }]);
     let found = vec![
-        StoredMessage { seq: 0, payload: data(4) },
-        StoredMessage { seq: 1, payload: data(6) },
-        StoredMessage { seq: 2, payload: done() },
+        StoredMessage {
+            seq: 0,
+            payload: data(4),
+        },
+        StoredMessage {
+            seq: 1,
+            payload: data(6),
+        },
+        StoredMessage {
+            seq: 2,
+            payload: done(),
+        },
     ];
     t.handle_audit(now, &key(), Some(found));
     let acts = drain(&mut t);
@@ -120,17 +144,29 @@ fn bounds_are_enforced_with_errors() {
     for seq in 0..4 {
         t.handle_message(now, key(), seq, data(1)).unwrap();
     }
-    assert_eq!(t.handle_message(now, key(), 4, data(1)), Err(FlowError::Busy { max: 4 }));
+    assert_eq!(
+        t.handle_message(now, key(), 4, data(1)),
+        Err(FlowError::Busy { max: 4 })
+    );
     assert!(matches!(
         t.handle_message(now, key(), 100, data(1)),
         Err(FlowError::OutOfWindow(_))
     ));
     for n in 2..=4 {
-        let k = FlowKey { client: key().client, flow: FlowId::from_u64(n) };
+        let k = FlowKey {
+            client: key().client,
+            flow: FlowId::from_u64(n),
+        };
         t.handle_message(now, k, 0, data(1)).unwrap();
     }
-    let k = FlowKey { client: key().client, flow: FlowId::from_u64(9) };
-    assert_eq!(t.handle_message(now, k, 0, data(1)), Err(FlowError::TooManyFlows { max: 4 }));
+    let k = FlowKey {
+        client: key().client,
+        flow: FlowId::from_u64(9),
+    };
+    assert_eq!(
+        t.handle_message(now, k, 0, data(1)),
+        Err(FlowError::TooManyFlows { max: 4 })
+    );
     assert_eq!(t.len(), 4);
 }
 
@@ -186,7 +222,11 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
-        let lim = FlowLimits { seq_window: 64, stores_in_flight_max: 64, ..FlowLimits::default() };
+        let lim = FlowLimits {
+            seq_window: 64,
+            stores_in_flight_max: 64,
+            ..FlowLimits::default()
+        };
         Node {
             tracker: FlowTracker::new(lim),
             pending: vec![],
@@ -232,7 +272,9 @@ impl World {
         let n = self.current;
         match s.clone() {
             Step::Send(i) => {
-                let unacked: Vec<u64> = (0..self.total()).filter(|q| !self.acked.contains(q)).collect();
+                let unacked: Vec<u64> = (0..self.total())
+                    .filter(|q| !self.acked.contains(q))
+                    .collect();
                 if unacked.is_empty() {
                     return;
                 }
@@ -256,7 +298,10 @@ impl World {
             Step::Acks(deliver) => {
                 for seq in std::mem::take(&mut self.nodes[n].acks) {
                     // Invariant 1: an ack is only ever sent for a stored message.
-                    assert!(self.storage.contains_key(&seq), "acked {seq} but not stored");
+                    assert!(
+                        self.storage.contains_key(&seq),
+                        "acked {seq} but not stored"
+                    );
                     if deliver {
                         self.acked.insert(seq);
                     }
@@ -278,7 +323,10 @@ impl World {
                         let found = self
                             .storage
                             .iter()
-                            .map(|(s, p)| StoredMessage { seq: *s, payload: p.clone() })
+                            .map(|(s, p)| StoredMessage {
+                                seq: *s,
+                                payload: p.clone(),
+                            })
                             .collect();
                         self.nodes[c].tracker.handle_audit(now, &k, Some(found));
                         self.nodes[c].drain();

@@ -36,16 +36,32 @@ fn schedules_each_matching_client_once() {
     let c = client(1);
     let web = labels(&["web"]);
     let none = BTreeSet::new();
-    let f = |os, l| ClientFacts { id: &c, os, labels: l };
-    assert_eq!(m.offer_to(Timestamp(1), &h, f("windows", &web)), Decision::WrongOs);
+    let f = |os, l| ClientFacts {
+        id: &c,
+        os,
+        labels: l,
+    };
+    assert_eq!(
+        m.offer_to(Timestamp(1), &h, f("windows", &web)),
+        Decision::WrongOs
+    );
     assert_eq!(
         m.offer_to(Timestamp(1), &h, f("linux", &none)),
         Decision::MissingLabel("web".into())
     );
     let both = labels(&["web", "prod"]);
-    assert_eq!(m.offer_to(Timestamp(1), &h, f("linux", &both)), Decision::ExcludedLabel("prod".into()));
-    assert!(matches!(m.offer_to(Timestamp(1), &h, f("Linux", &web)), Decision::Scheduled(_)));
-    assert_eq!(m.offer_to(Timestamp(2), &h, f("linux", &web)), Decision::AlreadyIn);
+    assert_eq!(
+        m.offer_to(Timestamp(1), &h, f("linux", &both)),
+        Decision::ExcludedLabel("prod".into())
+    );
+    assert!(matches!(
+        m.offer_to(Timestamp(1), &h, f("Linux", &web)),
+        Decision::Scheduled(_)
+    ));
+    assert_eq!(
+        m.offer_to(Timestamp(2), &h, f("linux", &web)),
+        Decision::AlreadyIn
+    );
     assert_eq!(m.get(&h).unwrap().stats().scheduled, 1);
 }
 
@@ -57,15 +73,29 @@ fn expiry_stop_and_limit_end_scheduling() {
     let h1 = HuntId::from_u64(1);
     m.create(Timestamp(0), h1.clone(), spec(100)).unwrap();
     assert_eq!(m.poll_timeout(), Some(Timestamp(100)));
-    let fa = ClientFacts { id: &a, os: "linux", labels: &none };
-    assert_eq!(m.offer_to(Timestamp(100), &h1, fa), Decision::NotRunning(HuntState::Expired));
+    let fa = ClientFacts {
+        id: &a,
+        os: "linux",
+        labels: &none,
+    };
+    assert_eq!(
+        m.offer_to(Timestamp(100), &h1, fa),
+        Decision::NotRunning(HuntState::Expired)
+    );
 
     let h2 = HuntId::from_u64(2);
     let mut s = spec(1000);
     s.client_limit = Some(1);
     m.create(Timestamp(0), h2.clone(), s).unwrap();
-    assert!(matches!(m.offer_to(Timestamp(1), &h2, fa), Decision::Scheduled(_)));
-    let fb = ClientFacts { id: &b, os: "linux", labels: &none };
+    assert!(matches!(
+        m.offer_to(Timestamp(1), &h2, fa),
+        Decision::Scheduled(_)
+    ));
+    let fb = ClientFacts {
+        id: &b,
+        os: "linux",
+        labels: &none,
+    };
     assert_eq!(m.offer_to(Timestamp(1), &h2, fb), Decision::LimitReached);
     m.handle_outcome(Timestamp(2), &h2, &a, FinalState::Completed, 5, 0);
     assert_eq!(m.get(&h2).unwrap().record().state, HuntState::Complete);
@@ -73,31 +103,59 @@ fn expiry_stop_and_limit_end_scheduling() {
     let h3 = HuntId::from_u64(3);
     m.create(Timestamp(0), h3.clone(), spec(1000)).unwrap();
     m.stop(Timestamp(1), &h3).unwrap();
-    assert_eq!(m.offer_to(Timestamp(1), &h3, fa), Decision::NotRunning(HuntState::Stopped));
-    assert!(matches!(m.stop(Timestamp(1), &h3), Err(HuntError::NotRunning(..))));
+    assert_eq!(
+        m.offer_to(Timestamp(1), &h3, fa),
+        Decision::NotRunning(HuntState::Stopped)
+    );
+    assert!(matches!(
+        m.stop(Timestamp(1), &h3),
+        Err(HuntError::NotRunning(..))
+    ));
 }
 
 #[test]
 fn refuses_bad_creates() {
-    let mut m = HuntManager::new(HuntLimits { hunts_max: 1, participants_max: 10 });
-    assert_eq!(m.create(Timestamp(5), HuntId::from_u64(1), spec(5)).unwrap_err(), HuntError::ExpiryInPast);
-    m.create(Timestamp(0), HuntId::from_u64(1), spec(5)).unwrap();
+    let mut m = HuntManager::new(HuntLimits {
+        hunts_max: 1,
+        participants_max: 10,
+    });
     assert_eq!(
-        m.create(Timestamp(0), HuntId::from_u64(2), spec(5)).unwrap_err(),
+        m.create(Timestamp(5), HuntId::from_u64(1), spec(5))
+            .unwrap_err(),
+        HuntError::ExpiryInPast
+    );
+    m.create(Timestamp(0), HuntId::from_u64(1), spec(5))
+        .unwrap();
+    assert_eq!(
+        m.create(Timestamp(0), HuntId::from_u64(2), spec(5))
+            .unwrap_err(),
         HuntError::TooManyHunts { max: 1 }
     );
 }
 
 #[test]
 fn participants_bound_is_enforced() {
-    let mut m = HuntManager::new(HuntLimits { hunts_max: 4, participants_max: 2 });
+    let mut m = HuntManager::new(HuntLimits {
+        hunts_max: 4,
+        participants_max: 2,
+    });
     let h = HuntId::from_u64(1);
     m.create(Timestamp(0), h.clone(), spec(100)).unwrap();
     let none = BTreeSet::new();
     let ids: Vec<ClientId> = (0..3).map(client).collect();
     let d: Vec<Decision> = ids
         .iter()
-        .map(|id| m.offer_to(Timestamp(1), &h, ClientFacts { id, os: "linux", labels: &none }))
+        .map(|id| {
+            m.offer_to(
+                Timestamp(1),
+                &h,
+                ClientFacts {
+                    id,
+                    os: "linux",
+                    labels: &none,
+                },
+            )
+        })
         .collect();
     assert!(matches!(d[1], Decision::Scheduled(_)));
     assert_eq!(d[2], Decision::Full);
@@ -107,10 +165,24 @@ fn participants_bound_is_enforced() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Create { limit: Option<u64>, os_linux: bool, need_label: bool, ttl: u64 },
-    Offer { client: u8 },
-    Outcome { hunt: usize, client: u8, ok: bool, rows: u64 },
-    Stop { hunt: usize },
+    Create {
+        limit: Option<u64>,
+        os_linux: bool,
+        need_label: bool,
+        ttl: u64,
+    },
+    Offer {
+        client: u8,
+    },
+    Outcome {
+        hunt: usize,
+        client: u8,
+        ok: bool,
+        rows: u64,
+    },
+    Stop {
+        hunt: usize,
+    },
     Advance(u64),
     Crash,
 }
@@ -130,7 +202,11 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn facts_for(n: u8) -> (ClientId, &'static str, BTreeSet<String>) {
     let os = if n % 3 == 0 { "windows" } else { "linux" };
-    let l = if n % 2 == 0 { labels(&["even"]) } else { BTreeSet::new() };
+    let l = if n % 2 == 0 {
+        labels(&["even"])
+    } else {
+        BTreeSet::new()
+    };
     (client(n), os, l)
 }
 
@@ -148,10 +224,17 @@ impl Store {
             match a {
                 HuntAction::Schedule { hunt, client, flow } => {
                     assert_eq!(flow, FlowId::for_hunt(&hunt, &client));
-                    *self.scheduled_ever.entry((hunt.clone(), client.clone())).or_default() += 1;
+                    *self
+                        .scheduled_ever
+                        .entry((hunt.clone(), client.clone()))
+                        .or_default() += 1;
                     self.parts.insert((hunt, client), Participation::Scheduled);
                 }
-                HuntAction::Participant { hunt, client, participation } => {
+                HuntAction::Participant {
+                    hunt,
+                    client,
+                    participation,
+                } => {
                     self.parts.insert((hunt, client), participation);
                 }
                 HuntAction::Record(r) => {

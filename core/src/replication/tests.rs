@@ -5,7 +5,12 @@ use super::*;
 use proptest::prelude::*;
 
 fn lim() -> OutboxLimits {
-    OutboxLimits { events_max: 8, in_flight_max: 3, batch_max: 2, resend_after_ms: 100 }
+    OutboxLimits {
+        events_max: 8,
+        in_flight_max: 3,
+        batch_max: 2,
+        resend_after_ms: 100,
+    }
 }
 
 fn drain<E: Clone>(o: &mut Outbox<E>) -> Vec<OutboxAction<E>> {
@@ -21,14 +26,24 @@ fn sends_only_persisted_events_within_the_window() {
         o.push(t, e).unwrap();
     }
     let acts = drain(&mut o);
-    assert_eq!(acts.len(), 5, "only Persist actions before anything is durable");
+    assert_eq!(
+        acts.len(),
+        5,
+        "only Persist actions before anything is durable"
+    );
     o.handle_persisted(t, 5);
     let acts = drain(&mut o);
     assert_eq!(
         acts,
         vec![
-            OutboxAction::Send { epoch: 1, events: vec![(1, 0), (2, 1)] },
-            OutboxAction::Send { epoch: 1, events: vec![(3, 2)] },
+            OutboxAction::Send {
+                epoch: 1,
+                events: vec![(1, 0), (2, 1)]
+            },
+            OutboxAction::Send {
+                epoch: 1,
+                events: vec![(3, 2)]
+            },
         ]
     );
     o.handle_ack(t, 1, 2);
@@ -37,7 +52,10 @@ fn sends_only_persisted_events_within_the_window() {
         acts,
         vec![
             OutboxAction::Truncate { upto: 2 },
-            OutboxAction::Send { epoch: 1, events: vec![(4, 3), (5, 4)] },
+            OutboxAction::Send {
+                epoch: 1,
+                events: vec![(4, 3), (5, 4)]
+            },
         ]
     );
 }
@@ -58,7 +76,13 @@ fn full_outbox_refuses_and_reconnect_resends_from_ack() {
     drain(&mut o);
     o.handle_connected(t);
     let acts = drain(&mut o);
-    assert_eq!(acts[0], OutboxAction::Send { epoch: 1, events: vec![(2, 1), (3, 2)] });
+    assert_eq!(
+        acts[0],
+        OutboxAction::Send {
+            epoch: 1,
+            events: vec![(2, 1), (3, 2)]
+        }
+    );
 }
 
 #[test]
@@ -70,7 +94,13 @@ fn stalled_acks_trigger_a_resend() {
     drain(&mut o);
     assert_eq!(o.poll_timeout(), Some(Timestamp(100)));
     o.handle_timeout(Timestamp(100));
-    assert_eq!(drain(&mut o), vec![OutboxAction::Send { epoch: 1, events: vec![(1, 7)] }]);
+    assert_eq!(
+        drain(&mut o),
+        vec![OutboxAction::Send {
+            epoch: 1,
+            events: vec![(1, 7)]
+        }]
+    );
 }
 
 #[test]
@@ -79,8 +109,16 @@ fn inbox_applies_in_order_once_and_refuses_stale_epochs() {
     let mut i: Inbox<u32> = Inbox::recover(InboxLimits { minions_max: 1 }, []);
     i.handle_batch(t, "m1", 2, vec![(2, 20), (1, 10)]).unwrap();
     let acts: Vec<_> = std::iter::from_fn(|| i.poll_action()).collect();
-    assert_eq!(acts, vec![InboxAction::Ack { node: "m1".into(), epoch: 2, upto: 0 }]);
-    i.handle_batch(t, "m1", 2, vec![(1, 10), (2, 20), (1, 10)]).unwrap();
+    assert_eq!(
+        acts,
+        vec![InboxAction::Ack {
+            node: "m1".into(),
+            epoch: 2,
+            upto: 0
+        }]
+    );
+    i.handle_batch(t, "m1", 2, vec![(1, 10), (2, 20), (1, 10)])
+        .unwrap();
     let applied: Vec<u32> = std::iter::from_fn(|| i.poll_action())
         .filter_map(|a| match a {
             InboxAction::Apply { event, .. } => Some(event),
@@ -92,7 +130,10 @@ fn inbox_applies_in_order_once_and_refuses_stale_epochs() {
         i.handle_batch(t, "m1", 1, vec![(3, 30)]),
         Err(InboxError::StaleEpoch { got: 1, current: 2 })
     );
-    assert_eq!(i.handle_batch(t, "m2", 1, vec![]), Err(InboxError::TooManyMinions { max: 1 }));
+    assert_eq!(
+        i.handle_batch(t, "m2", 1, vec![]),
+        Err(InboxError::TooManyMinions { max: 1 })
+    );
 }
 
 // ---- Property: invariant 4. ----
@@ -197,7 +238,11 @@ impl World {
                     return;
                 }
                 let i = n % self.wire.len();
-                let (epoch, events) = if keep { self.wire[i].clone() } else { self.wire.remove(i) };
+                let (epoch, events) = if keep {
+                    self.wire[i].clone()
+                } else {
+                    self.wire.remove(i)
+                };
                 let _ = self.inbox.handle_batch(now, "m", epoch, events);
                 self.drain_inbox();
             }

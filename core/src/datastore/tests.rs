@@ -1,0 +1,499 @@
+//! Datastore cache tests: unit cases, and the property for BRIEF invariants 5 and 7 across crashes.
+
+use super::*;
+use proptest::prelude::*;
+
+fn small() -> CacheLimits {
+    CacheLimits {
+        clean_bytes_max: 400,
+        dirty_bytes_max: 1400,
+        value_bytes_max: 200,
+        flush_batch_max: 3,
+        flush_age_max_ms: 100,
+        flushes_in_flight_max: 2,
+        flush_retry_ms: 50,
+        readers_max: 3,
+        list_keys_max: 100,
+    }
+}
+
+fn drain(c: &mut Cache) -> Vec<CacheAction> {
+    std::iter::from_fn(|| c.poll_action()).collect()
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn replies(acts: &[CacheAction]) -> Vec<(RequestId, Result<CacheReply, CacheError>)> {
+    acts.iter()
+        .filter_map(|a| match a {
+            CacheAction::Reply { req, result } => Some((*req, result.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn write_is_acked_only_after_journal_sync_then_readable() {
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    c.handle_set(t, RequestId(1), "a", b("1"));
+    let acts = drain(&mut c);
+    assert_eq!(
+        acts,
+        vec![CacheAction::JournalAppend {
+            seq: 1,
+            key: "a".into(),
+            value: Some(b("1"))
+        }]
+    );
+    // Not visible before the ack: the read goes to the volume.
+    c.handle_get(t, RequestId(2), "a");
+    assert_eq!(
+        drain(&mut c),
+        vec![CacheAction::ReadShared { key: "a".into() }]
+    );
+    c.handle_journal_synced(t, 1);
+    assert_eq!(
+        replies(&drain(&mut c)),
+        vec![(RequestId(1), Ok(CacheReply::Written { version: 1 }))]
+    );
+    // The volume's stale answer loses to the acknowledged write.
+    c.handle_read_done(t, "a", Ok(None));
+    assert_eq!(
+        replies(&drain(&mut c)),
+        vec![(RequestId(2), Ok(CacheReply::Value(Some(b("1")))))]
+    );
+}
+
+#[test]
+fn concurrent_misses_share_one_read_and_absent_keys_are_cached() {
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    c.handle_get(t, RequestId(1), "x");
+    c.handle_get(t, RequestId(2), "x");
+    assert_eq!(
+        drain(&mut c),
+        vec![CacheAction::ReadShared { key: "x".into() }]
+    );
+    c.handle_read_done(t, "x", Ok(None));
+    assert_eq!(replies(&drain(&mut c)).len(), 2);
+    c.handle_get(t, RequestId(3), "x");
+    assert_eq!(
+        replies(&drain(&mut c)),
+        vec![(RequestId(3), Ok(CacheReply::Value(None)))]
+    );
+}
+
+#[test]
+fn flushes_coalesce_by_count_and_age_and_truncate_the_journal() {
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    for (i, k) in ["a", "b", "a"].iter().enumerate() {
+        c.handle_set(t, RequestId(i as u64), k, b("v"));
+    }
+    c.handle_journal_synced(t, 3);
+    drain(&mut c);
+    // Two dirty keys (a rewritten): below the count trigger, so wait for age.
+    assert_eq!(c.poll_timeout(), Some(Timestamp(100)));
+    c.handle_timeout(Timestamp(100));
+    let acts = drain(&mut c);
+    let CacheAction::Flush { batch, writes } = &acts[0] else {
+        panic!("{acts:?}")
+    };
+    let keys: Vec<(&str, u64)> = writes.iter().map(|w| (w.key.as_str(), w.version)).collect();
+    assert_eq!(keys, vec![("b", 2), ("a", 3)]);
+    c.handle_flush_done(Timestamp(150), *batch, Ok(()));
+    assert_eq!(
+        drain(&mut c),
+        vec![CacheAction::JournalTruncate { upto: 3 }]
+    );
+    assert!(c.is_flushed());
+}
+
+#[test]
+fn rewrite_during_flush_keeps_entry_dirty_and_never_double_flushes_a_key() {
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    c.handle_set(t, RequestId(1), "a", b("1"));
+    c.handle_journal_synced(t, 1);
+    c.handle_timeout(Timestamp(100));
+    let acts = drain(&mut c);
+    let batch = acts
+        .iter()
+        .find_map(|a| match a {
+            CacheAction::Flush { batch, .. } => Some(*batch),
+            _ => None,
+        })
+        .unwrap();
+    c.handle_set(Timestamp(100), RequestId(2), "a", b("2"));
+    c.handle_journal_synced(Timestamp(100), 2);
+    c.handle_timeout(Timestamp(300));
+    assert!(
+        !drain(&mut c)
+            .iter()
+            .any(|a| matches!(a, CacheAction::Flush { .. })),
+        "a is in flight"
+    );
+    c.handle_flush_done(Timestamp(300), batch, Ok(()));
+    let acts = drain(&mut c);
+    assert!(acts.contains(&CacheAction::JournalTruncate { upto: 1 }));
+    assert!(
+        matches!(&acts.last(), Some(CacheAction::Flush { writes, .. }) if writes[0].version == 2)
+    );
+}
+
+#[test]
+fn failed_flush_is_retried_after_a_pause() {
+    let mut c = Cache::new(small(), 0);
+    c.handle_set(Timestamp(0), RequestId(1), "a", b("1"));
+    c.handle_journal_synced(Timestamp(0), 1);
+    c.handle_timeout(Timestamp(100));
+    drain(&mut c);
+    c.handle_flush_done(Timestamp(110), 1, Err("EIO".into()));
+    assert!(drain(&mut c).is_empty());
+    assert_eq!(c.poll_timeout(), Some(Timestamp(160)));
+    c.handle_timeout(Timestamp(160));
+    assert!(matches!(
+        drain(&mut c)[..],
+        [CacheAction::Flush { batch: 2, .. }]
+    ));
+}
+
+#[test]
+fn bounds_refuse_with_determinate_errors() {
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    c.handle_set(t, RequestId(1), "big", Bytes::from(vec![0u8; 201]));
+    assert!(matches!(
+        replies(&drain(&mut c))[0].1,
+        Err(CacheError::TooLarge { len: 201, max: 200 })
+    ));
+    c.handle_set(t, RequestId(2), "../etc", b("x"));
+    assert!(matches!(
+        replies(&drain(&mut c))[0].1,
+        Err(CacheError::BadKey(_))
+    ));
+    // Dirty bound: each entry charges value + key + overhead; the journal never syncs here.
+    let mut refused = 0;
+    for i in 0..20 {
+        c.handle_set(
+            t,
+            RequestId(10 + i),
+            &format!("k{i}"),
+            Bytes::from(vec![1u8; 150]),
+        );
+        refused += replies(&drain(&mut c))
+            .iter()
+            .filter(|r| matches!(r.1, Err(CacheError::Busy { .. })))
+            .count();
+        assert!(c.dirty_bytes() <= small().dirty_bytes_max);
+    }
+    assert!(refused > 0);
+    for i in 0..4 {
+        c.handle_get(t, RequestId(100 + i), &format!("r{i}"));
+    }
+    assert!(matches!(
+        replies(&drain(&mut c))[0].1,
+        Err(CacheError::ReadersBusy { max: 3 })
+    ));
+}
+
+#[test]
+fn clean_entries_are_evicted_lru_and_dirty_ones_kept() {
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    for i in 0..6 {
+        let k = format!("k{i}");
+        c.handle_get(t, RequestId(i), &k);
+        c.handle_read_done(t, &k, Ok(Some(b("0123456789"))));
+    }
+    assert!(c.clean_bytes() <= small().clean_bytes_max);
+    c.handle_get(t, RequestId(50), "k0");
+    assert!(
+        matches!(drain(&mut c).last(), Some(CacheAction::ReadShared { .. })),
+        "k0 was evicted"
+    );
+}
+
+#[test]
+fn list_merges_unflushed_writes_and_deletes() {
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    c.handle_set(t, RequestId(1), "h/new", b("1"));
+    c.handle_delete(t, RequestId(2), "h/old");
+    c.handle_journal_synced(t, 2);
+    c.handle_list(t, RequestId(3), "h/");
+    drain(&mut c);
+    c.handle_list_done(
+        t,
+        RequestId(3),
+        Ok(vec!["h/old".into(), "h/kept".into(), "x/other".into()]),
+    );
+    let keys = vec!["h/kept".to_string(), "h/new".to_string()];
+    assert_eq!(
+        replies(&drain(&mut c)),
+        vec![(
+            RequestId(3),
+            Ok(CacheReply::Keys {
+                keys,
+                truncated: false
+            })
+        )]
+    );
+}
+
+#[test]
+fn recovery_replays_journal_after_truncation() {
+    let recs = vec![
+        (5, "a".to_string(), Some(b("old"))),
+        (7, "a".to_string(), Some(b("new"))),
+        (3, "z".to_string(), None),
+    ];
+    let mut c = Cache::recover(small(), Timestamp(0), 4, recs);
+    c.handle_get(Timestamp(0), RequestId(1), "a");
+    assert_eq!(
+        replies(&drain(&mut c)),
+        vec![(RequestId(1), Ok(CacheReply::Value(Some(b("new")))))]
+    );
+    c.handle_set(Timestamp(0), RequestId(2), "b", b("x"));
+    assert!(matches!(
+        drain(&mut c)[0],
+        CacheAction::JournalAppend { seq: 8, .. }
+    ));
+}
+
+// ---- Property: invariant 5 (acknowledged writes survive crashes) and 7 (bounds hold). ----
+
+#[derive(Clone, Debug)]
+enum Op {
+    Set(u8, u8),
+    Delete(u8),
+    Get(u8),
+    Sync,
+    ReadDone(usize),
+    FlushDone(usize, bool),
+    Tick(u64),
+    /// Crash; in-flight flush writes land per the bit mask.
+    Crash(u32),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u8..6, any::<u8>()).prop_map(|(k, v)| Op::Set(k, v)),
+        1 => (0u8..6).prop_map(Op::Delete),
+        4 => (0u8..6).prop_map(Op::Get),
+        3 => Just(Op::Sync),
+        3 => any::<usize>().prop_map(Op::ReadDone),
+        3 => (any::<usize>(), prop::bool::weighted(0.8)).prop_map(|(i, ok)| Op::FlushDone(i, ok)),
+        2 => (1u64..150).prop_map(Op::Tick),
+        1 => any::<u32>().prop_map(Op::Crash),
+    ]
+}
+
+fn key(k: u8) -> String {
+    format!("k/{k}")
+}
+
+struct Shell {
+    cache: Cache,
+    /// Journal on local disk: truncation mark, synced records, unsynced tail.
+    truncated: u64,
+    journal: Vec<(u64, String, Option<Bytes>)>,
+    unsynced: Vec<(u64, String, Option<Bytes>)>,
+    volume: BTreeMap<String, Bytes>,
+    reads: Vec<String>,
+    flushes: Vec<(u64, Vec<FlushWrite>)>,
+    /// Requests in flight: what each write would set.
+    writes: BTreeMap<RequestId, (String, Option<Bytes>)>,
+    gets: BTreeMap<RequestId, String>,
+    /// The model: every acknowledged write, latest per key.
+    acked: BTreeMap<String, Option<Bytes>>,
+    next_req: u64,
+    now: Timestamp,
+}
+
+impl Shell {
+    fn expect(&self, k: &str) -> Option<Bytes> {
+        self.acked.get(k).cloned().flatten()
+    }
+
+    fn drain(&mut self) -> Result<(), TestCaseError> {
+        while let Some(a) = self.cache.poll_action() {
+            match a {
+                CacheAction::JournalAppend { seq, key, value } => {
+                    self.unsynced.push((seq, key, value))
+                }
+                CacheAction::ReadShared { key } => self.reads.push(key),
+                CacheAction::ListShared { .. } => unreachable!(),
+                CacheAction::Flush { batch, writes } => {
+                    for (_, other) in &self.flushes {
+                        for w in &writes {
+                            prop_assert!(
+                                !other.iter().any(|o| o.key == w.key),
+                                "{} in two flushes",
+                                w.key
+                            );
+                        }
+                    }
+                    self.flushes.push((batch, writes));
+                }
+                CacheAction::JournalTruncate { upto } => {
+                    prop_assert!(upto > self.truncated);
+                    self.truncated = upto;
+                    self.journal.retain(|r| r.0 > upto);
+                }
+                CacheAction::Reply { req, result } => {
+                    if let Some((k, v)) = self.writes.remove(&req) {
+                        match result {
+                            Ok(CacheReply::Written { .. }) => {
+                                self.acked.insert(k, v);
+                            }
+                            Err(CacheError::Busy { .. }) => {}
+                            other => prop_assert!(false, "write reply {other:?}"),
+                        }
+                    } else if let Some(k) = self.gets.remove(&req) {
+                        match result {
+                            Ok(CacheReply::Value(v)) => {
+                                prop_assert_eq!(v, self.expect(&k), "get {}", k)
+                            }
+                            Err(CacheError::ReadersBusy { .. }) => {}
+                            other => prop_assert!(false, "get reply {other:?}"),
+                        }
+                    }
+                }
+            }
+        }
+        prop_assert!(self.cache.dirty_bytes() <= self.cache.limits.dirty_bytes_max);
+        prop_assert!(self.cache.clean_bytes() <= self.cache.limits.clean_bytes_max);
+        Ok(())
+    }
+
+    fn req(&mut self) -> RequestId {
+        self.next_req += 1;
+        RequestId(self.next_req)
+    }
+
+    fn step(&mut self, op: Op) -> Result<(), TestCaseError> {
+        let now = self.now;
+        match op {
+            Op::Set(k, v) => {
+                let r = self.req();
+                let val = Bytes::from(vec![v; (v % 40) as usize]);
+                self.writes.insert(r, (key(k), Some(val.clone())));
+                self.cache.handle_set(now, r, &key(k), val);
+            }
+            Op::Delete(k) => {
+                let r = self.req();
+                self.writes.insert(r, (key(k), None));
+                self.cache.handle_delete(now, r, &key(k));
+            }
+            Op::Get(k) => {
+                let r = self.req();
+                self.gets.insert(r, key(k));
+                self.cache.handle_get(now, r, &key(k));
+            }
+            Op::Sync => {
+                if let Some(last) = self.unsynced.last().map(|r| r.0) {
+                    self.journal.append(&mut self.unsynced);
+                    self.cache.handle_journal_synced(now, last);
+                }
+            }
+            Op::ReadDone(i) => {
+                if !self.reads.is_empty() {
+                    let k = self.reads.remove(i % self.reads.len());
+                    let v = self.volume.get(&k).cloned();
+                    self.cache.handle_read_done(now, &k, Ok(v));
+                }
+            }
+            Op::FlushDone(i, ok) => {
+                if !self.flushes.is_empty() {
+                    let (batch, writes) = self.flushes.remove(i % self.flushes.len());
+                    if ok {
+                        for w in writes {
+                            match w.value {
+                                Some(v) => self.volume.insert(w.key, v),
+                                None => self.volume.remove(&w.key),
+                            };
+                        }
+                    }
+                    let res = if ok { Ok(()) } else { Err("EIO".to_string()) };
+                    self.cache.handle_flush_done(now, batch, res);
+                }
+            }
+            Op::Tick(ms) => {
+                self.now = now.plus_ms(ms);
+                self.cache.handle_timeout(self.now);
+            }
+            Op::Crash(mask) => {
+                let mut bit = 0;
+                for (_, writes) in self.flushes.drain(..) {
+                    for w in writes {
+                        if mask & (1 << (bit % 32)) != 0 {
+                            match w.value {
+                                Some(v) => self.volume.insert(w.key, v),
+                                None => self.volume.remove(&w.key),
+                            };
+                        }
+                        bit += 1;
+                    }
+                }
+                self.unsynced.clear();
+                self.reads.clear();
+                self.writes.clear();
+                self.gets.clear();
+                let recs = self.journal.clone();
+                self.cache = Cache::recover(small(), now, self.truncated, recs);
+            }
+        }
+        self.drain()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Invariant 5: a write acknowledged by the cache is what every later read returns, across any
+    /// number of crashes at any point; after healing, the volume holds exactly the acknowledged state
+    /// and the journal is empty. Invariant 7: dirty and clean bytes stay within their bounds.
+    #[test]
+    fn acknowledged_writes_survive_crashes(ops in prop::collection::vec(op(), 0..200)) {
+        let mut s = Shell {
+            cache: Cache::new(small(), 0),
+            truncated: 0,
+            journal: vec![],
+            unsynced: vec![],
+            volume: BTreeMap::new(),
+            reads: vec![],
+            flushes: vec![],
+            writes: BTreeMap::new(),
+            gets: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            next_req: 0,
+            now: Timestamp(0),
+        };
+        for op in ops {
+            s.step(op)?;
+        }
+        // Liveness: heal (sync, reads and flushes succeed, time passes) until flushed.
+        for _ in 0..100 {
+            s.step(Op::Sync)?;
+            while !s.reads.is_empty() { s.step(Op::ReadDone(0))?; }
+            while !s.flushes.is_empty() { s.step(Op::FlushDone(0, true))?; }
+            if s.cache.is_flushed() { break; }
+            s.step(Op::Tick(1000))?;
+        }
+        prop_assert!(s.cache.is_flushed());
+        prop_assert!(s.journal.is_empty(), "journal not truncated: {:?}", s.journal.len());
+        for k in 0..6u8 {
+            prop_assert_eq!(s.volume.get(&key(k)).cloned(), s.expect(&key(k)), "volume {}", key(k));
+        }
+        // And reads after one more crash agree.
+        s.step(Op::Crash(0))?;
+        for k in 0..6u8 {
+            s.step(Op::Get(k))?;
+            while !s.reads.is_empty() { s.step(Op::ReadDone(0))?; }
+        }
+    }
+}
