@@ -113,6 +113,13 @@ impl ClientId {
     }
 }
 
+// Lets maps keyed by client id be range-scanned by a `&str` prefix; the orders agree (derived Ord).
+impl std::borrow::Borrow<str> for ClientId {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
 /// SHA-256 of a public key: what the registry keeps to check that later contacts present the same key.
 pub fn key_fingerprint(public_key: &[u8]) -> [u8; 32] {
     Sha256::digest(public_key).into()

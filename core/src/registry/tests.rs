@@ -1,0 +1,167 @@
+//! Registry tests: identity, search against a naive model, and the bounds.
+
+use super::*;
+use proptest::prelude::*;
+
+fn key(n: u32) -> Vec<u8> {
+    format!("public-key-{n}").into_bytes()
+}
+
+fn sighting(n: u32, host: &str) -> Sighting {
+    Sighting {
+        id: ClientId::from_public_key(&key(n)),
+        public_key: key(n),
+        hostname: host.to_owned(),
+        fqdn: format!("{host}.corp.example"),
+        os: "linux".into(),
+        ips: vec![format!("10.0.0.{n}")],
+        last_ip: format!("127.0.0.{n}"),
+        node: "master-8000".into(),
+    }
+}
+
+#[test]
+fn enrols_once_and_refuses_another_key_under_the_same_id() {
+    let mut r = Registry::restore(RegistryLimits::default(), []);
+    assert_eq!(r.handle_seen(Timestamp(1), sighting(1, "web01")), Ok(Enrolment::New));
+    assert!(matches!(r.poll_action(), Some(RegistryAction::Persist(_))));
+    assert_eq!(r.handle_seen(Timestamp(2), sighting(1, "web01")), Ok(Enrolment::Known));
+    assert_eq!(r.poll_action(), None, "nothing changed, last_seen persistence is throttled");
+
+    // A client presenting key 2 but claiming key 1's id: refused, nothing changed.
+    let mut forged = sighting(2, "evil");
+    forged.id = ClientId::from_public_key(&key(1));
+    assert_eq!(r.handle_seen(Timestamp(3), forged), Err(RegistryError::IdNotFromKey(ClientId::from_public_key(&key(1)))));
+    assert_eq!(r.get(&ClientId::from_public_key(&key(1))).unwrap().hostname, "web01");
+}
+
+#[test]
+fn key_mismatch_for_a_known_id_is_refused() {
+    let rec = ClientRecord {
+        id: ClientId::from_public_key(&key(1)),
+        key_fingerprint: [7; 32],
+        hostname: "h".into(),
+        fqdn: String::new(),
+        os: "linux".into(),
+        labels: BTreeSet::new(),
+        ips: vec![],
+        first_seen: Timestamp(0),
+        last_seen: Timestamp(0),
+        last_ip: String::new(),
+        node: String::new(),
+        connected: false,
+        persisted_seen: Timestamp(0),
+    };
+    let mut r = Registry::restore(RegistryLimits::default(), [rec]);
+    assert_eq!(
+        r.handle_seen(Timestamp(1), sighting(1, "h")),
+        Err(RegistryError::KeyMismatch(ClientId::from_public_key(&key(1))))
+    );
+}
+
+#[test]
+fn search_by_every_field_with_prefixes() {
+    let mut r = Registry::restore(RegistryLimits::default(), []);
+    for (n, h) in [(1, "web01"), (2, "WEB02"), (3, "db01")] {
+        r.handle_seen(Timestamp(1), sighting(n, h)).unwrap();
+    }
+    let id3 = ClientId::from_public_key(&key(3));
+    r.set_label(&id3, "Prod", false).unwrap();
+    let hosts = |q: &str| -> Vec<String> {
+        let q = Query::parse(q).unwrap();
+        let mut v: Vec<String> = r.search(&q, 100).clients.iter().map(|c| c.hostname.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(hosts("host:web"), vec!["WEB02", "web01"]);
+    assert_eq!(hosts("host:db01.corp"), vec!["db01"]);
+    assert_eq!(hosts("label:prod"), vec!["db01"]);
+    assert_eq!(hosts("ip:127.0.0.2"), vec!["WEB02"]);
+    assert_eq!(hosts("all").len(), 3);
+    assert!(hosts(&id3.as_str()[..6]).contains(&"db01".to_string()), "id prefix finds db01");
+    assert_eq!(hosts(id3.as_str()), vec!["db01"]);
+    assert!(Query::parse("hostname:x").is_err());
+    assert!(Query::parse("web01").is_err());
+    assert!(Query::parse("host:").is_err());
+    let limited = r.search(&Query::All, 2);
+    assert_eq!((limited.clients.len(), limited.truncated), (2, true));
+}
+
+#[test]
+fn label_and_client_bounds() {
+    let lim = RegistryLimits { clients_max: 2, labels_per_client_max: 1, ..RegistryLimits::default() };
+    let mut r = Registry::restore(lim, []);
+    r.handle_seen(Timestamp(1), sighting(1, "a")).unwrap();
+    r.handle_seen(Timestamp(1), sighting(2, "b")).unwrap();
+    assert_eq!(r.handle_seen(Timestamp(1), sighting(3, "c")), Err(RegistryError::Full { max: 2 }));
+    let id = ClientId::from_public_key(&key(1));
+    r.set_label(&id, "one", false).unwrap();
+    assert_eq!(r.set_label(&id, "two", false).unwrap_err(), RegistryError::TooManyLabels { max: 1 });
+    assert!(matches!(r.set_label(&id, "bad label", false), Err(RegistryError::BadLabel(_))));
+    r.set_label(&id, "one", true).unwrap();
+    assert!(r.search(&Query::Label("one".into()), 10).clients.is_empty());
+}
+
+#[test]
+fn key_cache_answers_without_storage_and_detects_mismatch() {
+    let mut c = KeyCache::new(2);
+    let id = ClientId::from_public_key(&key(1));
+    assert_eq!(c.check(&id, &key(1)), KeyCheck::Unknown);
+    c.insert(id.clone(), key_fingerprint(&key(1)));
+    assert_eq!(c.check(&id, &key(1)), KeyCheck::Match);
+    assert_eq!(c.check(&id, &key(2)), KeyCheck::Mismatch);
+    assert_eq!((c.hits, c.misses), (2, 1));
+}
+
+proptest! {
+    /// Search agrees with a naive filter over all records, and the index stays consistent through
+    /// re-sightings that change hostnames and addresses.
+    #[test]
+    fn search_matches_a_naive_filter(
+        sightings in prop::collection::vec((0u32..20, "[a-cA-C]{1,3}", 0u8..4), 1..60),
+        labels in prop::collection::vec((0u32..20, "[a-c]{1,2}", any::<bool>()), 0..30),
+        q in "[a-cA-C]{1,2}",
+    ) {
+        let mut r = Registry::restore(RegistryLimits::default(), []);
+        for (n, host, ip) in &sightings {
+            let mut s = sighting(*n, host);
+            s.ips = vec![format!("10.{ip}.0.1")];
+            r.handle_seen(Timestamp(1), s).unwrap();
+        }
+        for (n, l, remove) in &labels {
+            let _ = r.set_label(&ClientId::from_public_key(&key(*n)), l, *remove);
+        }
+        let all: Vec<&ClientRecord> = r.search(&Query::All, usize::MAX).clients;
+        let ql = q.to_ascii_lowercase();
+        let naive_host: Vec<&ClientId> = all.iter()
+            .filter(|c| c.hostname.to_ascii_lowercase().starts_with(&ql) || c.fqdn.to_ascii_lowercase().starts_with(&ql))
+            .map(|c| &c.id).collect();
+        let got: Vec<&ClientId> = r.search(&Query::Host(ql.clone()), usize::MAX).clients.iter().map(|c| &c.id).collect();
+        prop_assert_eq!(got, naive_host);
+        let naive_label: Vec<&ClientId> = all.iter()
+            .filter(|c| c.labels.iter().any(|l| l.starts_with(&ql))).map(|c| &c.id).collect();
+        let got: Vec<&ClientId> = r.search(&Query::Label(ql.clone()), usize::MAX).clients.iter().map(|c| &c.id).collect();
+        prop_assert_eq!(got, naive_label);
+        let naive_ip: Vec<&ClientId> = all.iter()
+            .filter(|c| c.ips.iter().chain([&c.last_ip]).any(|i| i.starts_with("10.1"))).map(|c| &c.id).collect();
+        let got: Vec<&ClientId> = r.search(&Query::Ip("10.1".into()), usize::MAX).clients.iter().map(|c| &c.id).collect();
+        prop_assert_eq!(got, naive_ip);
+    }
+
+    /// Invariant 7 for the key cache: never above capacity; the most recent insert is always held.
+    #[test]
+    fn key_cache_is_bounded(cap in 1usize..8, ops in prop::collection::vec((0u32..30, any::<bool>()), 0..200)) {
+        let mut c = KeyCache::new(cap);
+        for (n, insert) in ops {
+            let id = ClientId::from_public_key(&key(n));
+            if insert {
+                c.insert(id.clone(), key_fingerprint(&key(n)));
+                prop_assert_eq!(c.check(&id, &key(n)), KeyCheck::Match);
+            } else {
+                let _ = c.check(&id, &key(n));
+            }
+            prop_assert!(c.len() <= cap);
+            prop_assert_eq!(c.lru.len(), c.map.len());
+        }
+    }
+}
