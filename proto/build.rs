@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(grpc)
         .build_client(grpc)
         .build_transport(false)
+        .bytes(".")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -140,7 +140,9 @@ impl Query {
         let (field, value) = match s.split_once(':') {
             Some((f, v)) => (f.to_ascii_lowercase(), v.trim().to_ascii_lowercase()),
             None if s.eq_ignore_ascii_case("all") => return Ok(Query::All),
-            None if s.starts_with("C.") => return Ok(Query::Id(s.to_ascii_lowercase().replacen("c.", "C.", 1))),
+            None if s.starts_with("C.") => {
+                return Ok(Query::Id(s.to_ascii_lowercase().replacen("c.", "C.", 1)));
+            }
             None => return Err(err()),
         };
         if value.is_empty() || value.len() > 255 {
@@ -181,13 +183,20 @@ pub enum RegistryError {
 impl fmt::Display for RegistryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RegistryError::KeyMismatch(id) => write!(f, "client {id} presented a key it did not enrol with"),
-            RegistryError::IdNotFromKey(id) => write!(f, "client id {id} is not derived from the presented key"),
+            RegistryError::KeyMismatch(id) => {
+                write!(f, "client {id} presented a key it did not enrol with")
+            }
+            RegistryError::IdNotFromKey(id) => {
+                write!(f, "client id {id} is not derived from the presented key")
+            }
             RegistryError::Full { max } => write!(f, "{max} clients enrolled; raise clients_max"),
             RegistryError::UnknownClient(id) => write!(f, "no client {id}"),
             RegistryError::BadLabel(l) => {
                 let shown: String = l.chars().take(64).collect();
-                write!(f, "label {shown:?} must be 1..=64 characters of a-z 0-9 _ . : -")
+                write!(
+                    f,
+                    "label {shown:?} must be 1..=64 characters of a-z 0-9 _ . : -"
+                )
             }
             RegistryError::TooManyLabels { max } => write!(f, "client already has {max} labels"),
         }
@@ -254,7 +263,10 @@ pub struct Registry {
 
 impl Registry {
     /// Rebuilds the registry from persisted records (every client is marked disconnected).
-    pub fn restore(limits: RegistryLimits, records: impl IntoIterator<Item = ClientRecord>) -> Registry {
+    pub fn restore(
+        limits: RegistryLimits,
+        records: impl IntoIterator<Item = ClientRecord>,
+    ) -> Registry {
         let mut r = Registry {
             limits,
             records: BTreeMap::new(),
@@ -301,9 +313,12 @@ impl Registry {
 
     fn index(&mut self, rec: &ClientRecord) {
         let [h, l, i] = Self::terms(rec);
-        self.by_host.extend(h.into_iter().map(|t| (t, rec.id.clone())));
-        self.by_label.extend(l.into_iter().map(|t| (t, rec.id.clone())));
-        self.by_ip.extend(i.into_iter().map(|t| (t, rec.id.clone())));
+        self.by_host
+            .extend(h.into_iter().map(|t| (t, rec.id.clone())));
+        self.by_label
+            .extend(l.into_iter().map(|t| (t, rec.id.clone())));
+        self.by_ip
+            .extend(i.into_iter().map(|t| (t, rec.id.clone())));
     }
 
     fn unindex(&mut self, rec: &ClientRecord) {
@@ -326,14 +341,21 @@ impl Registry {
         }
         let fp = key_fingerprint(&s.public_key);
         let max = self.limits.term_bytes_max;
-        let mut ips: Vec<String> = s.ips.iter().take(self.limits.ips_per_client_max).map(|ip| clip(ip, max)).collect();
+        let mut ips: Vec<String> = s
+            .ips
+            .iter()
+            .take(self.limits.ips_per_client_max)
+            .map(|ip| clip(ip, max))
+            .collect();
         ips.sort();
         ips.dedup();
         let (old, enrolment) = match self.records.get(&s.id) {
             Some(old) if old.key_fingerprint != fp => return Err(RegistryError::KeyMismatch(s.id)),
             Some(old) => (Some(old.clone()), Enrolment::Known),
             None if self.records.len() >= self.limits.clients_max => {
-                return Err(RegistryError::Full { max: self.limits.clients_max });
+                return Err(RegistryError::Full {
+                    max: self.limits.clients_max,
+                });
             }
             None => (None, Enrolment::New),
         };
@@ -354,7 +376,14 @@ impl Registry {
         };
         let changed = old.as_ref().is_none_or(|o| {
             (&o.hostname, &o.fqdn, &o.os, &o.ips, &o.last_ip, &o.node)
-                != (&rec.hostname, &rec.fqdn, &rec.os, &rec.ips, &rec.last_ip, &rec.node)
+                != (
+                    &rec.hostname,
+                    &rec.fqdn,
+                    &rec.os,
+                    &rec.ips,
+                    &rec.last_ip,
+                    &rec.node,
+                )
         });
         let stale = now.since_ms(rec.persisted_seen) >= self.limits.persist_seen_every_ms;
         if let Some(o) = &old {
@@ -382,10 +411,18 @@ impl Registry {
     }
 
     /// Adds (or, with `remove`, removes) a label.
-    pub fn set_label(&mut self, id: &ClientId, label: &str, remove: bool) -> Result<&ClientRecord, RegistryError> {
+    pub fn set_label(
+        &mut self,
+        id: &ClientId,
+        label: &str,
+        remove: bool,
+    ) -> Result<&ClientRecord, RegistryError> {
         let label = normalize_label(label)?;
         let max = self.limits.labels_per_client_max;
-        let rec = self.records.get(id).ok_or_else(|| RegistryError::UnknownClient(id.clone()))?;
+        let rec = self
+            .records
+            .get(id)
+            .ok_or_else(|| RegistryError::UnknownClient(id.clone()))?;
         if !remove && !rec.labels.contains(&label) && rec.labels.len() >= max {
             return Err(RegistryError::TooManyLabels { max });
         }
@@ -405,7 +442,8 @@ impl Registry {
             rec.labels.insert(label);
         }
         self.actions.push_back(RegistryAction::Persist(rec.clone()));
-        self.actions.push_back(RegistryAction::LabelsChanged(id.clone()));
+        self.actions
+            .push_back(RegistryAction::LabelsChanged(id.clone()));
         Ok(rec)
     }
 
@@ -413,10 +451,15 @@ impl Registry {
     pub fn search(&self, q: &Query, limit: usize) -> SearchResult<'_> {
         let limit = limit.min(self.limits.search_results_max);
         let prefix_scan = |set: &BTreeSet<(String, ClientId)>, p: &str| -> BTreeSet<ClientId> {
-            set.range((p.to_owned(), ClientId::parse("C.0000000000000000").expect("valid"))..)
-                .take_while(|(t, _)| t.starts_with(p))
-                .map(|(_, id)| id.clone())
-                .collect()
+            set.range(
+                (
+                    p.to_owned(),
+                    ClientId::parse("C.0000000000000000").expect("valid"),
+                )..,
+            )
+            .take_while(|(t, _)| t.starts_with(p))
+            .map(|(_, id)| id.clone())
+            .collect()
         };
         let ids: Box<dyn Iterator<Item = ClientId>> = match q {
             Query::All => Box::new(self.records.keys().cloned()),
@@ -425,7 +468,10 @@ impl Registry {
             Query::Ip(p) => Box::new(prefix_scan(&self.by_ip, p).into_iter()),
             Query::Id(p) => Box::new(
                 self.records
-                    .range::<str, _>((std::ops::Bound::Included(p.as_str()), std::ops::Bound::Unbounded))
+                    .range::<str, _>((
+                        std::ops::Bound::Included(p.as_str()),
+                        std::ops::Bound::Unbounded,
+                    ))
                     .take_while(|(id, _)| id.as_str().starts_with(p.as_str()))
                     .map(|(id, _)| id.clone()),
             ),
@@ -479,7 +525,14 @@ impl KeyCache {
     /// An empty cache holding at most `capacity` keys.
     pub fn new(capacity: usize) -> KeyCache {
         assert!(capacity > 0);
-        KeyCache { capacity, map: BTreeMap::new(), lru: BTreeMap::new(), next_tick: 0, hits: 0, misses: 0 }
+        KeyCache {
+            capacity,
+            map: BTreeMap::new(),
+            lru: BTreeMap::new(),
+            next_tick: 0,
+            hits: 0,
+            misses: 0,
+        }
     }
 
     /// Keys held.
@@ -511,7 +564,11 @@ impl KeyCache {
                 *t = tick;
                 self.lru.insert(tick, id.clone());
                 self.next_tick += 1;
-                if *fp == key_fingerprint(public_key) { KeyCheck::Match } else { KeyCheck::Mismatch }
+                if *fp == key_fingerprint(public_key) {
+                    KeyCheck::Match
+                } else {
+                    KeyCheck::Mismatch
+                }
             }
         }
     }
@@ -525,7 +582,9 @@ impl KeyCache {
         }
         self.lru.insert(tick, id);
         while self.map.len() > self.capacity {
-            let Some((_, victim)) = self.lru.pop_first() else { break };
+            let Some((_, victim)) = self.lru.pop_first() else {
+                break;
+            };
             self.map.remove(&victim);
         }
     }

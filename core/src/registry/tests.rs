@@ -23,16 +23,34 @@ fn sighting(n: u32, host: &str) -> Sighting {
 #[test]
 fn enrols_once_and_refuses_another_key_under_the_same_id() {
     let mut r = Registry::restore(RegistryLimits::default(), []);
-    assert_eq!(r.handle_seen(Timestamp(1), sighting(1, "web01")), Ok(Enrolment::New));
+    assert_eq!(
+        r.handle_seen(Timestamp(1), sighting(1, "web01")),
+        Ok(Enrolment::New)
+    );
     assert!(matches!(r.poll_action(), Some(RegistryAction::Persist(_))));
-    assert_eq!(r.handle_seen(Timestamp(2), sighting(1, "web01")), Ok(Enrolment::Known));
-    assert_eq!(r.poll_action(), None, "nothing changed, last_seen persistence is throttled");
+    assert_eq!(
+        r.handle_seen(Timestamp(2), sighting(1, "web01")),
+        Ok(Enrolment::Known)
+    );
+    assert_eq!(
+        r.poll_action(),
+        None,
+        "nothing changed, last_seen persistence is throttled"
+    );
 
     // A client presenting key 2 but claiming key 1's id: refused, nothing changed.
     let mut forged = sighting(2, "evil");
     forged.id = ClientId::from_public_key(&key(1));
-    assert_eq!(r.handle_seen(Timestamp(3), forged), Err(RegistryError::IdNotFromKey(ClientId::from_public_key(&key(1)))));
-    assert_eq!(r.get(&ClientId::from_public_key(&key(1))).unwrap().hostname, "web01");
+    assert_eq!(
+        r.handle_seen(Timestamp(3), forged),
+        Err(RegistryError::IdNotFromKey(ClientId::from_public_key(
+            &key(1)
+        )))
+    );
+    assert_eq!(
+        r.get(&ClientId::from_public_key(&key(1))).unwrap().hostname,
+        "web01"
+    );
 }
 
 #[test]
@@ -55,7 +73,9 @@ fn key_mismatch_for_a_known_id_is_refused() {
     let mut r = Registry::restore(RegistryLimits::default(), [rec]);
     assert_eq!(
         r.handle_seen(Timestamp(1), sighting(1, "h")),
-        Err(RegistryError::KeyMismatch(ClientId::from_public_key(&key(1))))
+        Err(RegistryError::KeyMismatch(ClientId::from_public_key(&key(
+            1
+        ))))
     );
 }
 
@@ -69,7 +89,12 @@ fn search_by_every_field_with_prefixes() {
     r.set_label(&id3, "Prod", false).unwrap();
     let hosts = |q: &str| -> Vec<String> {
         let q = Query::parse(q).unwrap();
-        let mut v: Vec<String> = r.search(&q, 100).clients.iter().map(|c| c.hostname.clone()).collect();
+        let mut v: Vec<String> = r
+            .search(&q, 100)
+            .clients
+            .iter()
+            .map(|c| c.hostname.clone())
+            .collect();
         v.sort();
         v
     };
@@ -78,7 +103,10 @@ fn search_by_every_field_with_prefixes() {
     assert_eq!(hosts("label:prod"), vec!["db01"]);
     assert_eq!(hosts("ip:127.0.0.2"), vec!["WEB02"]);
     assert_eq!(hosts("all").len(), 3);
-    assert!(hosts(&id3.as_str()[..6]).contains(&"db01".to_string()), "id prefix finds db01");
+    assert!(
+        hosts(&id3.as_str()[..6]).contains(&"db01".to_string()),
+        "id prefix finds db01"
+    );
     assert_eq!(hosts(id3.as_str()), vec!["db01"]);
     assert!(Query::parse("hostname:x").is_err());
     assert!(Query::parse("web01").is_err());
@@ -89,15 +117,28 @@ fn search_by_every_field_with_prefixes() {
 
 #[test]
 fn label_and_client_bounds() {
-    let lim = RegistryLimits { clients_max: 2, labels_per_client_max: 1, ..RegistryLimits::default() };
+    let lim = RegistryLimits {
+        clients_max: 2,
+        labels_per_client_max: 1,
+        ..RegistryLimits::default()
+    };
     let mut r = Registry::restore(lim, []);
     r.handle_seen(Timestamp(1), sighting(1, "a")).unwrap();
     r.handle_seen(Timestamp(1), sighting(2, "b")).unwrap();
-    assert_eq!(r.handle_seen(Timestamp(1), sighting(3, "c")), Err(RegistryError::Full { max: 2 }));
+    assert_eq!(
+        r.handle_seen(Timestamp(1), sighting(3, "c")),
+        Err(RegistryError::Full { max: 2 })
+    );
     let id = ClientId::from_public_key(&key(1));
     r.set_label(&id, "one", false).unwrap();
-    assert_eq!(r.set_label(&id, "two", false).unwrap_err(), RegistryError::TooManyLabels { max: 1 });
-    assert!(matches!(r.set_label(&id, "bad label", false), Err(RegistryError::BadLabel(_))));
+    assert_eq!(
+        r.set_label(&id, "two", false).unwrap_err(),
+        RegistryError::TooManyLabels { max: 1 }
+    );
+    assert!(matches!(
+        r.set_label(&id, "bad label", false),
+        Err(RegistryError::BadLabel(_))
+    ));
     r.set_label(&id, "one", true).unwrap();
     assert!(r.search(&Query::Label("one".into()), 10).clients.is_empty());
 }
