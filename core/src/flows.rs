@@ -268,13 +268,13 @@ impl FlowTracker {
             last_activity: now,
         });
         flow.last_activity = now;
-        if let Some((final_seq, _, _)) = &flow.final_status {
-            if seq > *final_seq {
-                return Err(FlowError::AfterFinal {
-                    seq,
-                    final_seq: *final_seq,
-                });
-            }
+        if let Some((final_seq, _, _)) = &flow.final_status
+            && seq > *final_seq
+        {
+            return Err(FlowError::AfterFinal {
+                seq,
+                final_seq: *final_seq,
+            });
         }
         if let Payload::Final { .. } = payload {
             let beyond = flow

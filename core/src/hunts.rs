@@ -521,11 +521,12 @@ impl HuntManager {
     }
 
     fn expire_one(&mut self, now: Timestamp, id: &HuntId) {
-        if let Some(h) = self.hunts.get_mut(id) {
-            if h.record.state == HuntState::Running && now >= h.record.spec.expires {
-                h.record.state = HuntState::Expired;
-                self.actions.push_back(HuntAction::Record(h.record.clone()));
-            }
+        if let Some(h) = self.hunts.get_mut(id)
+            && h.record.state == HuntState::Running
+            && now >= h.record.spec.expires
+        {
+            h.record.state = HuntState::Expired;
+            self.actions.push_back(HuntAction::Record(h.record.clone()));
         }
     }
 

@@ -218,7 +218,7 @@ pub enum Enrolment {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RegistryAction {
     /// Persist the client's record (enrolment, label or host change, or a throttled `last_seen`).
-    Persist(ClientRecord),
+    Persist(Box<ClientRecord>),
     /// The client's labels changed: broadcast to the frontends (hunts may now match it).
     LabelsChanged(ClientId),
 }
@@ -393,7 +393,8 @@ impl Registry {
         let mut rec = rec;
         if changed || stale {
             rec.persisted_seen = now;
-            self.actions.push_back(RegistryAction::Persist(rec.clone()));
+            self.actions
+                .push_back(RegistryAction::Persist(Box::new(rec.clone())));
         }
         self.records.insert(s.id, rec);
         Ok(enrolment)
@@ -441,7 +442,8 @@ impl Registry {
         } else {
             rec.labels.insert(label);
         }
-        self.actions.push_back(RegistryAction::Persist(rec.clone()));
+        self.actions
+            .push_back(RegistryAction::Persist(Box::new(rec.clone())));
         self.actions
             .push_back(RegistryAction::LabelsChanged(id.clone()));
         Ok(rec)

@@ -201,8 +201,12 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn facts_for(n: u8) -> (ClientId, &'static str, BTreeSet<String>) {
-    let os = if n % 3 == 0 { "windows" } else { "linux" };
-    let l = if n % 2 == 0 {
+    let os = if n.is_multiple_of(3) {
+        "windows"
+    } else {
+        "linux"
+    };
+    let l = if n.is_multiple_of(2) {
         labels(&["even"])
     } else {
         BTreeSet::new()

@@ -1,0 +1,270 @@
+//! A simulated local disk with crash semantics.
+//!
+//! File contents written since the last `fsync` of that file are volatile: a crash drops them, or,
+//! with the torn-write fault, keeps a random prefix of them (the tail of the last write half made it
+//! to the platter). Namespace operations (create, rename, remove) are durable when they return: the
+//! model of a journalled filesystem with directory syncs folded in; the journal and outbox files that
+//! matter are append-only, and atomic replacement relies on fsync-then-rename, which this model
+//! honours (a renamed file carries only its synced contents across a crash).
+
+use crate::rng::SimRng;
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[derive(Clone, Debug, Default)]
+struct File {
+    /// What a crash keeps.
+    durable: Vec<u8>,
+    /// What reads see.
+    current: Vec<u8>,
+}
+
+/// Why a disk operation failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskError {
+    /// No such file.
+    NotFound(String),
+    /// The disk's capacity would be exceeded.
+    Full {
+        /// The bound.
+        capacity_bytes: u64,
+    },
+    /// An injected I/O error.
+    Injected(String),
+}
+
+impl fmt::Display for DiskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiskError::NotFound(p) => write!(f, "{p}: no such file"),
+            DiskError::Full { capacity_bytes } => write!(f, "disk full ({capacity_bytes} bytes)"),
+            DiskError::Injected(p) => write!(f, "{p}: injected I/O error"),
+        }
+    }
+}
+
+impl std::error::Error for DiskError {}
+
+/// Fault knobs of one disk, drawn from the run's seed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DiskFaults {
+    /// Probability that an operation fails with an injected error (it then had no effect).
+    pub error_p: f64,
+    /// Probability that a crash tears a file's unsynced tail instead of dropping it whole.
+    pub torn_write_p: f64,
+}
+
+/// One node's local disk.
+#[derive(Debug)]
+pub struct SimDisk {
+    files: BTreeMap<String, File>,
+    capacity_bytes: u64,
+    faults: DiskFaults,
+    rng: SimRng,
+}
+
+impl SimDisk {
+    /// An empty disk holding at most `capacity_bytes` of current contents.
+    pub fn new(capacity_bytes: u64, faults: DiskFaults, rng: SimRng) -> SimDisk {
+        SimDisk {
+            files: BTreeMap::new(),
+            capacity_bytes,
+            faults,
+            rng,
+        }
+    }
+
+    fn used(&self) -> u64 {
+        self.files.values().map(|f| f.current.len() as u64).sum()
+    }
+
+    fn inject(&mut self, path: &str) -> Result<(), DiskError> {
+        if self.rng.chance(self.faults.error_p) {
+            return Err(DiskError::Injected(path.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Appends to a file, creating it.
+    pub fn append(&mut self, path: &str, data: &[u8]) -> Result<(), DiskError> {
+        self.inject(path)?;
+        if self.used() + data.len() as u64 > self.capacity_bytes {
+            return Err(DiskError::Full {
+                capacity_bytes: self.capacity_bytes,
+            });
+        }
+        self.files
+            .entry(path.to_owned())
+            .or_default()
+            .current
+            .extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Replaces a file's contents (not durable until `fsync`).
+    pub fn write(&mut self, path: &str, data: &[u8]) -> Result<(), DiskError> {
+        self.inject(path)?;
+        let old = self.files.get(path).map_or(0, |f| f.current.len() as u64);
+        if self.used() - old + data.len() as u64 > self.capacity_bytes {
+            return Err(DiskError::Full {
+                capacity_bytes: self.capacity_bytes,
+            });
+        }
+        self.files.entry(path.to_owned()).or_default().current = data.to_vec();
+        Ok(())
+    }
+
+    /// Makes a file's current contents durable.
+    pub fn fsync(&mut self, path: &str) -> Result<(), DiskError> {
+        self.inject(path)?;
+        let f = self
+            .files
+            .get_mut(path)
+            .ok_or_else(|| DiskError::NotFound(path.to_owned()))?;
+        f.durable = f.current.clone();
+        Ok(())
+    }
+
+    /// Reads a file's current contents.
+    pub fn read(&mut self, path: &str) -> Result<Vec<u8>, DiskError> {
+        self.inject(path)?;
+        self.files
+            .get(path)
+            .map(|f| f.current.clone())
+            .ok_or_else(|| DiskError::NotFound(path.to_owned()))
+    }
+
+    /// Atomically renames `from` over `to`.
+    pub fn rename(&mut self, from: &str, to: &str) -> Result<(), DiskError> {
+        self.inject(from)?;
+        let f = self
+            .files
+            .remove(from)
+            .ok_or_else(|| DiskError::NotFound(from.to_owned()))?;
+        self.files.insert(to.to_owned(), f);
+        Ok(())
+    }
+
+    /// Removes a file.
+    pub fn remove(&mut self, path: &str) -> Result<(), DiskError> {
+        self.inject(path)?;
+        self.files
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| DiskError::NotFound(path.to_owned()))
+    }
+
+    /// Files whose path starts with `prefix`, sorted.
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        self.files
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// The node crashed: each file keeps its durable contents, plus, with the torn-write fault, a
+    /// random prefix of what was appended after them. A file never synced survives empty (its
+    /// creation, a namespace operation, was durable).
+    pub fn crash(&mut self) {
+        let torn_p = self.faults.torn_write_p;
+        let mut next = BTreeMap::new();
+        for (path, f) in std::mem::take(&mut self.files) {
+            let mut kept = f.durable.clone();
+            let extends = f.current.len() > f.durable.len() && f.current.starts_with(&f.durable);
+            if extends && self.rng.chance(torn_p) {
+                let extra = self
+                    .rng
+                    .range(0, (f.current.len() - f.durable.len()) as u64)
+                    as usize;
+                kept.extend_from_slice(&f.current[f.durable.len()..f.durable.len() + extra]);
+            }
+            next.insert(
+                path,
+                File {
+                    durable: kept.clone(),
+                    current: kept,
+                },
+            );
+        }
+        self.files = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(faults: DiskFaults, seed: u64) -> SimDisk {
+        SimDisk::new(1 << 20, faults, SimRng::new(seed))
+    }
+
+    #[test]
+    fn crash_keeps_synced_and_drops_unsynced() {
+        let mut d = disk(DiskFaults::default(), 1);
+        d.append("j", b"one;").unwrap();
+        d.fsync("j").unwrap();
+        d.append("j", b"two;").unwrap();
+        d.write("tmp", b"x").unwrap();
+        d.crash();
+        assert_eq!(d.read("j").unwrap(), b"one;");
+        assert_eq!(d.read("tmp").unwrap(), b"");
+    }
+
+    #[test]
+    fn torn_writes_keep_a_prefix_of_the_unsynced_tail() {
+        let mut seen_partial = false;
+        for seed in 0..64 {
+            let mut d = disk(
+                DiskFaults {
+                    torn_write_p: 1.0,
+                    ..DiskFaults::default()
+                },
+                seed,
+            );
+            d.append("j", b"AAAA").unwrap();
+            d.fsync("j").unwrap();
+            d.append("j", b"BBBBBBBB").unwrap();
+            d.crash();
+            let got = d.read("j").unwrap();
+            assert!(
+                got.starts_with(b"AAAA") && b"AAAABBBBBBBB".starts_with(&got),
+                "{got:?}"
+            );
+            seen_partial |= got.len() > 4 && got.len() < 12;
+        }
+        assert!(seen_partial, "some seed tears mid-write");
+    }
+
+    #[test]
+    fn atomic_replace_survives_crash_only_if_synced_before_rename() {
+        let mut d = disk(DiskFaults::default(), 2);
+        d.write("f", b"old").unwrap();
+        d.fsync("f").unwrap();
+        d.write("f.tmp", b"new").unwrap();
+        d.fsync("f.tmp").unwrap();
+        d.rename("f.tmp", "f").unwrap();
+        d.crash();
+        assert_eq!(d.read("f").unwrap(), b"new");
+    }
+
+    #[test]
+    fn capacity_and_injected_errors_refuse_without_effect() {
+        let mut d = SimDisk::new(8, DiskFaults::default(), SimRng::new(3));
+        d.append("a", b"12345678").unwrap();
+        assert_eq!(
+            d.append("a", b"9"),
+            Err(DiskError::Full { capacity_bytes: 8 })
+        );
+        assert_eq!(d.read("a").unwrap(), b"12345678");
+        let mut e = disk(
+            DiskFaults {
+                error_p: 1.0,
+                ..DiskFaults::default()
+            },
+            4,
+        );
+        assert!(matches!(e.append("a", b"x"), Err(DiskError::Injected(_))));
+        assert!(e.list("").is_empty());
+    }
+}
