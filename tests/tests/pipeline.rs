@@ -25,18 +25,38 @@ struct Client {
 }
 
 fn flow_message(flow: &FlowId, seq: u64, payload: P) -> Vec<u8> {
-    let m = comms::FlowMessage { flow_id: flow.to_string(), seq, payload: Some(payload) };
-    comms::ClientMessage { kind: Some(Kind::Flow(m)) }.encode_to_vec()
+    let m = comms::FlowMessage {
+        flow_id: flow.to_string(),
+        seq,
+        payload: Some(payload),
+    };
+    comms::ClientMessage {
+        kind: Some(Kind::Flow(m)),
+    }
+    .encode_to_vec()
 }
 
 /// What the artifact produces on a client: `batches` batches of `rows` rows, then the final status.
 fn run_artifact(flow: &FlowId, batches: u64, rows: u64) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for b in 0..batches {
-        let rs = (0..rows).map(|r| Bytes::from(format!("{{\"batch\":{b},\"row\":{r}}}"))).collect();
-        out.push(flow_message(flow, b, P::Rows(comms::ResultRows { source: "Generic.Test.Rows".into(), rows: rs })));
+        let rs = (0..rows)
+            .map(|r| Bytes::from(format!("{{\"batch\":{b},\"row\":{r}}}")))
+            .collect();
+        out.push(flow_message(
+            flow,
+            b,
+            P::Rows(comms::ResultRows {
+                source: "Generic.Test.Rows".into(),
+                rows: rs,
+            }),
+        ));
     }
-    let status = comms::FlowStatus { state: comms::FlowState::Completed as i32, total_rows: batches * rows, ..Default::default() };
+    let status = comms::FlowStatus {
+        state: comms::FlowState::Completed as i32,
+        total_rows: batches * rows,
+        ..Default::default()
+    };
     out.push(flow_message(flow, batches, P::Status(status)));
     out
 }
@@ -52,7 +72,10 @@ struct Outcome {
 fn run(seed: u64) -> Outcome {
     let root = SimRng::new(seed);
     let mut rng = root.fork("schedule");
-    let faults = DiskFaults { error_p: 0.1, torn_write_p: 0.0 };
+    let faults = DiskFaults {
+        error_p: 0.1,
+        torn_write_p: 0.0,
+    };
     let mut disk = SimDisk::new(1 << 30, faults, root.fork("disk"));
     let mut now = Timestamp(1_000);
 
@@ -77,7 +100,15 @@ fn run(seed: u64) -> Outcome {
         if n % 3 == 0 {
             registry.set_label(&id, "web", false).unwrap();
         }
-        clients.insert(id.clone(), Client { key, id, outbox: vec![], acked: BTreeSet::new() });
+        clients.insert(
+            id.clone(),
+            Client {
+                key,
+                id,
+                outbox: vec![],
+                acked: BTreeSet::new(),
+            },
+        );
     }
 
     // The analyst's hunt, validated before anything is scheduled.
@@ -97,9 +128,21 @@ fn run(seed: u64) -> Outcome {
     };
     let mut hunts = HuntManager::new(HuntLimits::default());
     hunts.create(now, hunt.clone(), spec).unwrap();
-    let all: Vec<_> = registry.search(&Query::All, usize::MAX).clients.into_iter().cloned().collect();
+    let all: Vec<_> = registry
+        .search(&Query::All, usize::MAX)
+        .clients
+        .into_iter()
+        .cloned()
+        .collect();
     for rec in &all {
-        hunts.offer(now, ClientFacts { id: &rec.id, os: &rec.os, labels: &rec.labels });
+        hunts.offer(
+            now,
+            ClientFacts {
+                id: &rec.id,
+                os: &rec.os,
+                labels: &rec.labels,
+            },
+        );
     }
     while let Some(a) = hunts.poll_action() {
         if let HuntAction::Schedule { client, flow, .. } = a {
@@ -113,7 +156,11 @@ fn run(seed: u64) -> Outcome {
     for _round in 0..200 {
         let pending: Vec<(ClientId, u64)> = clients
             .values()
-            .flat_map(|c| (0..c.outbox.len() as u64).filter(|s| !c.acked.contains(s)).map(|s| (c.id.clone(), s)))
+            .flat_map(|c| {
+                (0..c.outbox.len() as u64)
+                    .filter(|s| !c.acked.contains(s))
+                    .map(|s| (c.id.clone(), s))
+            })
             .collect();
         if pending.is_empty() {
             break;
@@ -122,27 +169,41 @@ fn run(seed: u64) -> Outcome {
         for _ in 0..pending.len() * 2 {
             let (cid, seq) = pending[rng.range(0, pending.len() as u64 - 1) as usize].clone();
             let c = &clients[&cid];
-            let ClientInput::Flow { flow, seq: got, data } = codec::decode(&c.outbox[seq as usize], &limits).unwrap() else {
+            let ClientInput::Flow {
+                flow,
+                seq: got,
+                data,
+            } = codec::decode(&c.outbox[seq as usize], &limits).unwrap()
+            else {
                 panic!("flow message expected");
             };
             assert_eq!(got, seq);
             // The frontend derives the id from the TLS key; a client cannot write as another.
             let derived = ClientId::from_public_key(&c.key);
             codec::check_identity(&c.id, &derived).unwrap();
-            let key = FlowKey { client: derived, flow };
+            let key = FlowKey {
+                client: derived,
+                flow,
+            };
             let _ = tracker.handle_message(now, key, seq, data.tracker_payload());
             while let Some(a) = tracker.poll_action() {
                 match a {
                     FlowAction::Store { key, seq } => {
                         let path = paths::flow_message(&key.client, &key.flow, seq);
                         let bytes = &clients[&key.client].outbox[seq as usize];
-                        let ok = disk.write(&path, bytes).and_then(|_| disk.fsync(&path)).is_ok();
+                        let ok = disk
+                            .write(&path, bytes)
+                            .and_then(|_| disk.fsync(&path))
+                            .is_ok();
                         tracker.handle_stored(now, &key, seq, ok);
                     }
                     FlowAction::Ack { key, seq } => {
                         // Invariant 1: acknowledged means stored (listing injects no errors).
                         let path = paths::flow_message(&key.client, &key.flow, seq);
-                        assert!(disk.list(&path).contains(&path), "acked {path} is not stored");
+                        assert!(
+                            disk.list(&path).contains(&path),
+                            "acked {path} is not stored"
+                        );
                         clients.get_mut(&key.client).unwrap().acked.insert(seq);
                     }
                     FlowAction::Audit { key } => {
@@ -151,21 +212,40 @@ fn run(seed: u64) -> Outcome {
                             .into_iter()
                             .filter_map(|p| {
                                 let seq: u64 = p.rsplit('/').next()?.parse().ok()?;
-                                let ClientInput::Flow { data, .. } = codec::decode(&disk.read(&p).ok()?, &limits).ok()? else { return None };
-                                Some(StoredMessage { seq, payload: data.tracker_payload() })
+                                let ClientInput::Flow { data, .. } =
+                                    codec::decode(&disk.read(&p).ok()?, &limits).ok()?
+                                else {
+                                    return None;
+                                };
+                                Some(StoredMessage {
+                                    seq,
+                                    payload: data.tracker_payload(),
+                                })
                             })
                             .collect();
                         tracker.handle_audit(now, &key, Some(found));
                     }
                     FlowAction::Completed(o) => {
-                        hunts.handle_outcome(now, &hunt, &o.key.client, o.state, o.rows, o.uploaded_bytes);
+                        hunts.handle_outcome(
+                            now,
+                            &hunt,
+                            &o.key.client,
+                            o.state,
+                            o.rows,
+                            o.uploaded_bytes,
+                        );
                     }
                 }
             }
         }
     }
     let stats = hunts.get(&hunt).unwrap().stats();
-    Outcome { scheduled: stats.scheduled, completed: stats.completed, rows: stats.rows, stored_objects: disk.list("clients/") }
+    Outcome {
+        scheduled: stats.scheduled,
+        completed: stats.completed,
+        rows: stats.rows,
+        stored_objects: disk.list("clients/"),
+    }
 }
 
 #[test]
@@ -183,5 +263,9 @@ fn hunt_through_codec_flows_and_storage_has_exact_stats() {
 fn the_run_is_a_pure_function_of_its_seed() {
     assert_eq!(run(11), run(11));
     let (a, b) = (run(11), run(12));
-    assert_eq!((a.completed, a.rows), (b.completed, b.rows), "stats do not depend on the seed");
+    assert_eq!(
+        (a.completed, a.rows),
+        (b.completed, b.rows),
+        "stats do not depend on the seed"
+    );
 }
