@@ -452,7 +452,7 @@ impl Shell {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
 
     /// Invariant 5: a write acknowledged by the cache is what every later read returns, across any
     /// number of crashes at any point; after healing, the volume holds exactly the acknowledged state

@@ -338,7 +338,7 @@ impl World {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
 
     /// BRIEF invariant 1: acknowledged messages are stored; resends are stored once; the completed
     /// totals are exact whichever node stored what, after failovers, lost acks and crashes.

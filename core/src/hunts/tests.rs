@@ -250,7 +250,7 @@ impl Store {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
 
     /// Invariant 3: a client is scheduled into a hunt at most once, across crashes, and never past
     /// its limit. Invariant 2: stats equal what the distinct participant records say, and match an

@@ -284,7 +284,7 @@ impl World {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
 
     /// Invariant 4: every accepted event is applied exactly once, in order, whatever the network,
     /// the minion or the master do; and bounds hold throughout.
