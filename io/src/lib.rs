@@ -2,3 +2,7 @@
 //! minion services, storage backends and client agent that drive `talon-core`).
 
 pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod fsutil;
+pub mod pki;

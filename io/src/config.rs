@@ -1,0 +1,582 @@
+//! Configuration files: the server config (master and minions share one), the client config, and API
+//! client configs. YAML in the seed's shape; unknown keys and missing required keys are errors that
+//! name the key (and the file), and values are checked after parsing.
+
+use crate::clock::{Clock, Entropy, hex};
+use crate::pki::{self, Pem};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The only master datastore implementation.
+pub const MASTER_IMPLEMENTATION: &str = "MemcacheFileDataStore";
+/// The only minion datastore implementation.
+pub const MINION_IMPLEMENTATION: &str = "RemoteFileDataStore";
+/// The datastore directory `config generate` writes when `--datastore` is not given.
+pub const DEFAULT_DATASTORE: &str = "/opt/talon";
+
+/// The server config: every node of a deployment runs from the same file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// What clients are told.
+    #[serde(rename = "Client")]
+    pub client: ClientSection,
+    /// The master's API (also where minions reach the master).
+    #[serde(rename = "API")]
+    pub api: ApiSection,
+    /// The master's GUI.
+    #[serde(rename = "GUI")]
+    pub gui: GuiSection,
+    /// The master's client-facing frontend.
+    #[serde(rename = "Frontend")]
+    pub frontend: FrontendSection,
+    /// Minion frontends; empty in single-server mode.
+    #[serde(
+        rename = "ExtraFrontends",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub extra_frontends: Vec<ExtraFrontend>,
+    /// Where data lives.
+    #[serde(rename = "Datastore")]
+    pub datastore: DatastoreSection,
+    /// The deployment CA.
+    #[serde(rename = "CA")]
+    pub ca: CaSection,
+}
+
+/// `Client`: what endpoint agents need to find and trust the frontends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSection {
+    /// Every frontend's URL; clients pick one at random and fail over to the next.
+    pub server_urls: Vec<String>,
+    /// The deployment CA (PEM) that clients pin.
+    pub ca_certificate: String,
+    /// A deployment secret clients present in their hello; refuses agents of another deployment.
+    pub nonce: String,
+}
+
+/// `API`: the master's gRPC API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// The name minions and API clients use to reach the master.
+    pub hostname: String,
+    /// Listen address (`0.0.0.0` once minions exist).
+    pub bind_address: String,
+    /// Listen port.
+    pub bind_port: u16,
+}
+
+/// `GUI`: the master's web interface.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuiSection {
+    /// Listen address.
+    pub bind_address: String,
+    /// Listen port.
+    pub bind_port: u16,
+}
+
+/// `Frontend`: the master's client-facing service and the certificate all frontends share.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendSection {
+    /// The master's public name.
+    pub hostname: String,
+    /// Listen address.
+    pub bind_address: String,
+    /// Listen port.
+    pub bind_port: u16,
+    /// The frontend certificate (PEM); its SANs name every frontend.
+    pub certificate: String,
+    /// Its private key (PEM).
+    pub private_key: String,
+    /// Sizing and rate limits.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// `Frontend.resources`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resources {
+    /// Size of each node's client key cache (the seed's setting of the same name).
+    pub expected_clients: u64,
+    /// New client connections accepted per second per node; beyond it clients back off.
+    pub connections_per_second: u64,
+    /// Task notifications pushed per second per node.
+    pub notifications_per_second: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            expected_clients: 10_000,
+            connections_per_second: 1_000,
+            notifications_per_second: 5_000,
+        }
+    }
+}
+
+/// One entry of `ExtraFrontends`: a minion.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraFrontend {
+    /// The minion's public name.
+    pub hostname: String,
+    /// Listen address.
+    pub bind_address: String,
+    /// Listen port.
+    pub bind_port: u16,
+}
+
+impl ExtraFrontend {
+    /// The minion's node name: `<hostname>-<bind_port>`.
+    pub fn node_name(&self) -> String {
+        format!("{}-{}", self.hostname, self.bind_port)
+    }
+}
+
+/// `Datastore`: the shared volume, mounted at the same path on every node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreSection {
+    /// Metadata (the master's datastore) lives here.
+    pub location: PathBuf,
+    /// Bulk data (result rows, uploads) lives here.
+    pub filestore_directory: PathBuf,
+    /// Must be `MemcacheFileDataStore`.
+    #[serde(default = "master_impl")]
+    pub master_implementation: String,
+    /// Must be `RemoteFileDataStore`.
+    #[serde(default = "minion_impl")]
+    pub minion_implementation: String,
+}
+
+fn master_impl() -> String {
+    MASTER_IMPLEMENTATION.to_owned()
+}
+
+fn minion_impl() -> String {
+    MINION_IMPLEMENTATION.to_owned()
+}
+
+/// `CA`: the deployment CA. Keep the server config private: it holds this key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSection {
+    /// The CA certificate (PEM).
+    pub certificate: String,
+    /// The CA private key (PEM).
+    pub private_key: String,
+}
+
+/// The client config (`client.config.yaml`): only the `Client` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// What the agent needs.
+    #[serde(rename = "Client")]
+    pub client: ClientSection,
+}
+
+/// An API user's config (`talon config api-client`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiClientConfig {
+    /// The user's name (the certificate's CN).
+    pub name: String,
+    /// The deployment CA (PEM), to verify the master.
+    pub ca_certificate: String,
+    /// The user's certificate (PEM).
+    pub client_cert: String,
+    /// The user's private key (PEM).
+    pub client_private_key: String,
+    /// `host:port` of the master's API.
+    pub api_connection_string: String,
+}
+
+/// A configuration problem, naming the file and what in it is wrong.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file concerned, if any.
+    pub path: Option<PathBuf>,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.path {
+            Some(p) => write!(f, "{}: {}", p.display(), self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn in_file(path: &Path) -> impl Fn(String) -> ConfigError + '_ {
+    move |message| ConfigError {
+        path: Some(path.to_owned()),
+        message,
+    }
+}
+
+/// Reads and parses a YAML file into `T`, naming the file and the offending key on error.
+pub fn read_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let e = in_file(path);
+    let text = std::fs::read_to_string(path).map_err(|err| e(format!("cannot read: {err}")))?;
+    serde_yaml_ng::from_str(&text).map_err(|err| e(err.to_string()))
+}
+
+/// Writes `value` as YAML to `path` atomically (temp file, fsync, rename), readable by the owner only.
+pub fn write_yaml<T: Serialize>(path: &Path, value: &T) -> Result<(), ConfigError> {
+    let e = in_file(path);
+    let text = serde_yaml_ng::to_string(value).map_err(|err| e(format!("cannot encode: {err}")))?;
+    crate::fsutil::write_atomic(path, text.as_bytes(), 0o600)
+        .map_err(|err| e(format!("cannot write: {err}")))
+}
+
+fn check_port(key: &str, port: u16) -> Result<(), String> {
+    if port == 0 {
+        return Err(format!("{key}: 0 is not a usable port (1..=65535)"));
+    }
+    Ok(())
+}
+
+fn check_nonempty(key: &str, value: &str) -> Result<(), String> {
+    if value.trim().is_empty() {
+        return Err(format!("{key} must not be empty"));
+    }
+    Ok(())
+}
+
+fn check_pem(key: &str, value: &str, kind: &str) -> Result<(), String> {
+    if !value.contains(&format!("-----BEGIN {kind}")) {
+        return Err(format!("{key} is not a PEM {}", kind.to_lowercase()));
+    }
+    Ok(())
+}
+
+impl ServerConfig {
+    /// Loads and validates a server config.
+    pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
+        let c: ServerConfig = read_yaml(path)?;
+        c.validate().map_err(in_file(path))?;
+        Ok(c)
+    }
+
+    /// Checks values serde cannot: ports, required text, PEM blocks, implementations, clashes.
+    pub fn validate(&self) -> Result<(), String> {
+        check_port("API.bind_port", self.api.bind_port)?;
+        check_port("GUI.bind_port", self.gui.bind_port)?;
+        check_port("Frontend.bind_port", self.frontend.bind_port)?;
+        check_nonempty("API.hostname", &self.api.hostname)?;
+        check_nonempty("Frontend.hostname", &self.frontend.hostname)?;
+        check_nonempty("Client.nonce", &self.client.nonce)?;
+        check_pem(
+            "Frontend.certificate",
+            &self.frontend.certificate,
+            "CERTIFICATE",
+        )?;
+        check_pem(
+            "Frontend.private_key",
+            &self.frontend.private_key,
+            "PRIVATE KEY",
+        )?;
+        check_pem("CA.certificate", &self.ca.certificate, "CERTIFICATE")?;
+        check_pem("CA.private_key", &self.ca.private_key, "PRIVATE KEY")?;
+        check_pem(
+            "Client.ca_certificate",
+            &self.client.ca_certificate,
+            "CERTIFICATE",
+        )?;
+        if self.client.server_urls.is_empty() {
+            return Err("Client.server_urls must list at least one frontend".into());
+        }
+        if let Some(u) = self
+            .client
+            .server_urls
+            .iter()
+            .find(|u| !u.starts_with("https://"))
+        {
+            return Err(format!(
+                "Client.server_urls: {u:?} must start with https://"
+            ));
+        }
+        if self.datastore.master_implementation != MASTER_IMPLEMENTATION {
+            return Err(format!(
+                "Datastore.master_implementation: {:?} is unknown (use {MASTER_IMPLEMENTATION})",
+                self.datastore.master_implementation
+            ));
+        }
+        if self.datastore.minion_implementation != MINION_IMPLEMENTATION {
+            return Err(format!(
+                "Datastore.minion_implementation: {:?} is unknown (use {MINION_IMPLEMENTATION})",
+                self.datastore.minion_implementation
+            ));
+        }
+        for (key, p) in [
+            ("Datastore.location", &self.datastore.location),
+            (
+                "Datastore.filestore_directory",
+                &self.datastore.filestore_directory,
+            ),
+        ] {
+            if !p.is_absolute() {
+                return Err(format!(
+                    "{key}: {} must be an absolute path (the same mount on every node)",
+                    p.display()
+                ));
+            }
+        }
+        let master_ports = [
+            ("Frontend.bind_port", self.frontend.bind_port),
+            ("API.bind_port", self.api.bind_port),
+            ("GUI.bind_port", self.gui.bind_port),
+        ];
+        for (i, (k1, p1)) in master_ports.iter().enumerate() {
+            if let Some((k2, _)) = master_ports[i + 1..].iter().find(|(_, p2)| p2 == p1) {
+                return Err(format!(
+                    "{k1} and {k2} are both {p1}: the master needs distinct ports"
+                ));
+            }
+        }
+        for (i, x) in self.extra_frontends.iter().enumerate() {
+            let key = format!("ExtraFrontends[{i}]");
+            check_port(&format!("{key}.bind_port"), x.bind_port)?;
+            check_nonempty(&format!("{key}.hostname"), &x.hostname)?;
+            if x.hostname == self.frontend.hostname
+                && master_ports.iter().any(|(_, p)| *p == x.bind_port)
+            {
+                return Err(format!(
+                    "{key}: {}:{} clashes with a master port",
+                    x.hostname, x.bind_port
+                ));
+            }
+            if self.extra_frontends[..i]
+                .iter()
+                .any(|y| y.node_name() == x.node_name())
+            {
+                return Err(format!("{key}: {} is listed twice", x.node_name()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The master's node name: `<Frontend.hostname>-<Frontend.bind_port>`.
+    pub fn master_node_name(&self) -> String {
+        format!("{}-{}", self.frontend.hostname, self.frontend.bind_port)
+    }
+
+    /// Every frontend's URL, master first.
+    pub fn server_urls(&self) -> Vec<String> {
+        std::iter::once((&self.frontend.hostname, self.frontend.bind_port))
+            .chain(
+                self.extra_frontends
+                    .iter()
+                    .map(|x| (&x.hostname, x.bind_port)),
+            )
+            .map(|(h, p)| format!("https://{}/", host_port(h, p)))
+            .collect()
+    }
+
+    /// Every frontend's hostname, deduplicated, master first (the frontend certificate's SANs).
+    pub fn frontend_hostnames(&self) -> Vec<String> {
+        let mut names = vec![self.frontend.hostname.clone()];
+        for x in &self.extra_frontends {
+            if !names.contains(&x.hostname) {
+                names.push(x.hostname.clone());
+            }
+        }
+        names
+    }
+
+    fn ca_pem(&self) -> Pem {
+        Pem {
+            certificate: self.ca.certificate.clone(),
+            private_key: self.ca.private_key.clone(),
+        }
+    }
+
+    /// The client config derived from this server config.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            client: self.client.clone(),
+        }
+    }
+}
+
+/// `host:port`, bracketing IPv6 literals.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Options of `talon config generate`.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// The master's public name (or IP).
+    pub hostname: String,
+    /// Client-facing port.
+    pub frontend_port: u16,
+    /// API port.
+    pub api_port: u16,
+    /// GUI port.
+    pub gui_port: u16,
+    /// The shared volume's mount point.
+    pub datastore: PathBuf,
+}
+
+/// Creates a single-server deployment's server config (CA, frontend certificate, nonce).
+pub fn generate(
+    opts: &GenerateOptions,
+    clock: &dyn Clock,
+    entropy: &dyn Entropy,
+) -> Result<ServerConfig, ConfigError> {
+    let plain = |message: String| ConfigError {
+        path: None,
+        message,
+    };
+    check_nonempty("--hostname", &opts.hostname).map_err(plain)?;
+    let now = clock.now();
+    let ca = pki::new_ca(now).map_err(|e| plain(e.to_string()))?;
+    let fe = pki::issue_frontend(&ca, std::slice::from_ref(&opts.hostname), now)
+        .map_err(|e| plain(format!("--hostname {:?}: {e}", opts.hostname)))?;
+    let mut nonce = [0u8; 16];
+    entropy.fill(&mut nonce);
+    let mut c = ServerConfig {
+        client: ClientSection {
+            server_urls: vec![],
+            ca_certificate: ca.certificate.clone(),
+            nonce: hex(&nonce),
+        },
+        api: ApiSection {
+            hostname: opts.hostname.clone(),
+            bind_address: "127.0.0.1".into(),
+            bind_port: opts.api_port,
+        },
+        gui: GuiSection {
+            bind_address: "127.0.0.1".into(),
+            bind_port: opts.gui_port,
+        },
+        frontend: FrontendSection {
+            hostname: opts.hostname.clone(),
+            bind_address: "0.0.0.0".into(),
+            bind_port: opts.frontend_port,
+            certificate: fe.certificate,
+            private_key: fe.private_key,
+            resources: Resources::default(),
+        },
+        extra_frontends: vec![],
+        datastore: DatastoreSection {
+            location: opts.datastore.clone(),
+            filestore_directory: opts.datastore.clone(),
+            master_implementation: master_impl(),
+            minion_implementation: minion_impl(),
+        },
+        ca: CaSection {
+            certificate: ca.certificate,
+            private_key: ca.private_key,
+        },
+    };
+    c.client.server_urls = c.server_urls();
+    c.validate().map_err(plain)?;
+    Ok(c)
+}
+
+/// Parses `HOST:PORT` (IPv6 as `[addr]:PORT`).
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let bad = || format!("--add {s:?}: expected HOST:PORT, e.g. minion1.example.com:8100");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// What `config frontend --add` changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendChange {
+    /// Minions added.
+    pub added: Vec<String>,
+    /// Minions that were already configured.
+    pub already_present: Vec<String>,
+}
+
+/// Derives the multi-frontend config: adds minions, opens the API to them, lists every frontend for
+/// clients, and re-issues the frontend certificate for every frontend hostname.
+pub fn add_frontends(
+    c: &mut ServerConfig,
+    adds: &[(String, u16)],
+    clock: &dyn Clock,
+) -> Result<FrontendChange, String> {
+    let mut change = FrontendChange {
+        added: vec![],
+        already_present: vec![],
+    };
+    for (host, port) in adds {
+        let x = ExtraFrontend {
+            hostname: host.clone(),
+            bind_address: "0.0.0.0".into(),
+            bind_port: *port,
+        };
+        if c.extra_frontends.contains(&x) {
+            change.already_present.push(x.node_name());
+            continue;
+        }
+        change.added.push(x.node_name());
+        c.extra_frontends.push(x);
+    }
+    c.api.bind_address = "0.0.0.0".into();
+    c.datastore.master_implementation = master_impl();
+    c.datastore.minion_implementation = minion_impl();
+    c.client.server_urls = c.server_urls();
+    c.validate()?;
+    let fe = pki::issue_frontend(&c.ca_pem(), &c.frontend_hostnames(), clock.now())
+        .map_err(|e| e.to_string())?;
+    c.frontend.certificate = fe.certificate;
+    c.frontend.private_key = fe.private_key;
+    Ok(change)
+}
+
+/// Checks an API user name: 1..=64 of `[A-Za-z0-9_.@-]`.
+pub fn check_api_user(name: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '@' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(ok) {
+        return Err(format!(
+            "--name {name:?}: use 1 to 64 of A-Z a-z 0-9 _ . @ -"
+        ));
+    }
+    Ok(())
+}
+
+/// Issues an API user's certificate and config.
+pub fn api_client(
+    c: &ServerConfig,
+    name: &str,
+    clock: &dyn Clock,
+) -> Result<ApiClientConfig, String> {
+    check_api_user(name)?;
+    let pem = pki::issue_api_client(&c.ca_pem(), name, clock.now()).map_err(|e| e.to_string())?;
+    Ok(ApiClientConfig {
+        name: name.to_owned(),
+        ca_certificate: c.ca.certificate.clone(),
+        client_cert: pem.certificate,
+        client_private_key: pem.private_key,
+        api_connection_string: host_port(&c.api.hostname, c.api.bind_port),
+    })
+}
+
+#[cfg(test)]
+mod tests;

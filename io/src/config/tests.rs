@@ -1,0 +1,177 @@
+//! Config tests: generation, derivation of the multi-frontend config, API users, and errors that name
+//! the key and the file.
+
+use super::*;
+use crate::clock::{Entropy, SystemClock};
+use talon_core::Timestamp;
+
+struct FixedClock;
+impl Clock for FixedClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(1_790_000_000_000)
+    }
+}
+
+struct Zeros;
+impl Entropy for Zeros {
+    fn fill(&self, buf: &mut [u8]) {
+        buf.fill(7);
+    }
+}
+
+fn opts(host: &str) -> GenerateOptions {
+    GenerateOptions {
+        hostname: host.into(),
+        frontend_port: 8000,
+        api_port: 8001,
+        gui_port: 8889,
+        datastore: PathBuf::from("/srv/talon"),
+    }
+}
+
+#[test]
+fn generate_makes_a_valid_single_server_config() {
+    let c = generate(&opts("master.example"), &FixedClock, &Zeros).unwrap();
+    assert_eq!(c.client.server_urls, vec!["https://master.example:8000/"]);
+    assert_eq!(c.client.nonce, "07".repeat(16));
+    assert_eq!(c.api.bind_address, "127.0.0.1");
+    assert!(c.extra_frontends.is_empty());
+    let fe = pki::describe(&c.frontend.certificate).unwrap();
+    assert_eq!(fe.sans, vec!["master.example"]);
+    assert!(pki::signed_by(&c.frontend.certificate, &c.ca.certificate).unwrap());
+    assert_eq!(c.master_node_name(), "master.example-8000");
+}
+
+#[test]
+fn round_trips_through_yaml_in_the_seed_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("server.config.yaml");
+    let c = generate(&opts("127.0.0.1"), &SystemClock, &Zeros).unwrap();
+    write_yaml(&p, &c).unwrap();
+    let text = std::fs::read_to_string(&p).unwrap();
+    for key in [
+        "Client:",
+        "API:",
+        "GUI:",
+        "Frontend:",
+        "Datastore:",
+        "CA:",
+        "server_urls:",
+        "expected_clients:",
+    ] {
+        assert!(text.contains(key), "{key} missing from\n{text}");
+    }
+    assert_eq!(ServerConfig::load(&p).unwrap(), c);
+    assert_eq!(
+        pki::describe(&c.frontend.certificate).unwrap().sans,
+        vec!["127.0.0.1"]
+    );
+}
+
+#[test]
+fn adding_frontends_derives_the_multi_frontend_config() {
+    let mut c = generate(&opts("master"), &FixedClock, &Zeros).unwrap();
+    let adds = vec![("minion1".to_string(), 8100), ("minion2".to_string(), 8100)];
+    let change = add_frontends(&mut c, &adds, &FixedClock).unwrap();
+    assert_eq!(change.added, vec!["minion1-8100", "minion2-8100"]);
+    assert_eq!(
+        c.client.server_urls,
+        vec![
+            "https://master:8000/",
+            "https://minion1:8100/",
+            "https://minion2:8100/"
+        ]
+    );
+    assert_eq!(c.api.bind_address, "0.0.0.0");
+    assert_eq!(
+        pki::describe(&c.frontend.certificate).unwrap().sans,
+        vec!["master", "minion1", "minion2"]
+    );
+    // Adding again is reported, not duplicated.
+    let again = add_frontends(&mut c, &adds[..1], &FixedClock).unwrap();
+    assert_eq!(again.already_present, vec!["minion1-8100"]);
+    assert_eq!(c.extra_frontends.len(), 2);
+    // A minion on the master's host and API port is refused.
+    let err = add_frontends(&mut c, &[("master".into(), 8001)], &FixedClock).unwrap_err();
+    assert!(err.contains("clashes with a master port"), "{err}");
+}
+
+#[test]
+fn api_client_gets_a_ca_signed_certificate() {
+    let c = generate(&opts("master"), &FixedClock, &Zeros).unwrap();
+    let a = api_client(&c, "alice", &FixedClock).unwrap();
+    assert_eq!(a.api_connection_string, "master:8001");
+    let info = pki::describe(&a.client_cert).unwrap();
+    assert_eq!(
+        (info.common_name.as_str(), info.role.as_str()),
+        ("alice", "api")
+    );
+    assert!(pki::signed_by(&a.client_cert, &c.ca.certificate).unwrap());
+    assert!(
+        api_client(&c, "bad name", &FixedClock)
+            .unwrap_err()
+            .contains("--name")
+    );
+}
+
+fn load_err(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("server.config.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    let e = ServerConfig::load(&p).unwrap_err();
+    assert_eq!(e.path.as_deref(), Some(p.as_path()));
+    e.to_string()
+}
+
+fn valid_yaml() -> String {
+    serde_yaml_ng::to_string(&generate(&opts("master"), &FixedClock, &Zeros).unwrap()).unwrap()
+}
+
+#[test]
+fn errors_name_the_file_and_the_key() {
+    let unknown = valid_yaml().replace("  bind_port: 8000", "  bind_port: 8000\n  bind_prot: 1");
+    assert!(
+        load_err(&unknown).contains("unknown field `bind_prot`"),
+        "{}",
+        load_err(&unknown)
+    );
+    let missing = valid_yaml().replace("  bind_port: 8001\n", "");
+    let e = load_err(&missing);
+    assert!(
+        e.contains("missing field `bind_port`") && e.contains("API"),
+        "{e}"
+    );
+    let big = valid_yaml().replace("bind_port: 8889", "bind_port: 70000");
+    let e = load_err(&big);
+    assert!(e.contains("GUI") && e.contains("70000"), "{e}");
+    let zero = valid_yaml().replace("bind_port: 8889", "bind_port: 0");
+    assert!(load_err(&zero).contains("GUI.bind_port: 0 is not a usable port"));
+    let same = valid_yaml().replace("bind_port: 8889", "bind_port: 8000");
+    assert!(load_err(&same).contains("distinct ports"));
+    let relative = valid_yaml().replace("location: /srv/talon", "location: srv/talon");
+    assert!(load_err(&relative).contains("Datastore.location"));
+    let implementation = valid_yaml().replace("MemcacheFileDataStore", "FileBaseDataStore");
+    assert!(load_err(&implementation).contains("Datastore.master_implementation"));
+    let top = format!("{}Extra: 1\n", valid_yaml());
+    assert!(load_err(&top).contains("unknown field `Extra`"));
+    assert!(load_err("not: [valid").contains("server.config.yaml"));
+}
+
+#[test]
+fn unreadable_files_are_named() {
+    let e = ServerConfig::load(Path::new("/nonexistent/server.config.yaml")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/server.config.yaml: cannot read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn host_port_parsing() {
+    assert_eq!(parse_host_port("m1:8100"), Ok(("m1".into(), 8100)));
+    assert_eq!(parse_host_port("[::1]:8100"), Ok(("::1".into(), 8100)));
+    for bad in ["m1", "m1:", ":8100", "m1:0", "m1:99999", "m1:x"] {
+        assert!(parse_host_port(bad).is_err(), "{bad}");
+    }
+}

@@ -1,0 +1,285 @@
+//! The deployment's certificates: one CA, one frontend certificate shared by every frontend (its SANs
+//! name every frontend host; minions also present it to the master as a client certificate), and one
+//! certificate per API user. Each certificate's role is its OU (`ca`, `frontend`, `api`), which the
+//! services check when they authorise a peer.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::fmt;
+use std::net::IpAddr;
+use talon_core::Timestamp;
+use time::OffsetDateTime;
+
+/// How long the CA is valid.
+pub const CA_VALID_DAYS: i64 = 10 * 365;
+/// How long frontend and API certificates are valid.
+pub const LEAF_VALID_DAYS: i64 = 2 * 365;
+
+/// A certificate's role, carried in its subject's OU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The deployment CA.
+    Ca,
+    /// A frontend (master or minion).
+    Frontend,
+    /// An API user.
+    Api,
+}
+
+impl Role {
+    /// The OU value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ca => "ca",
+            Role::Frontend => "frontend",
+            Role::Api => "api",
+        }
+    }
+}
+
+/// A certificate and its private key, PEM encoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pem {
+    /// The certificate.
+    pub certificate: String,
+    /// The private key (PKCS#8).
+    pub private_key: String,
+}
+
+/// Why certificate work failed.
+#[derive(Debug)]
+pub struct PkiError(pub String);
+
+impl fmt::Display for PkiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PkiError {}
+
+fn err(what: &str) -> impl Fn(rcgen::Error) -> PkiError + '_ {
+    move |e| PkiError(format!("{what}: {e}"))
+}
+
+fn validity(params: &mut CertificateParams, now: Timestamp, days: i64) -> Result<(), PkiError> {
+    let now = OffsetDateTime::from_unix_timestamp((now.as_ms() / 1000) as i64)
+        .map_err(|e| PkiError(format!("clock out of range: {e}")))?;
+    // A day of slack for clocks that lag the issuer's.
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(days);
+    Ok(())
+}
+
+fn name(cn: &str, role: Role) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn.push(DnType::OrganizationName, "Talon");
+    dn.push(DnType::OrganizationalUnitName, role.as_str());
+    dn
+}
+
+/// Creates a new deployment CA.
+pub fn new_ca(now: Timestamp) -> Result<Pem, PkiError> {
+    let key = KeyPair::generate().map_err(err("generating the CA key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name("Talon CA", Role::Ca);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut params, now, CA_VALID_DAYS)?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(err("signing the CA certificate"))?;
+    Ok(Pem {
+        certificate: cert.pem(),
+        private_key: key.serialize_pem(),
+    })
+}
+
+fn issue(
+    ca: &Pem,
+    cn: &str,
+    role: Role,
+    sans: &[String],
+    eku: Vec<ExtendedKeyUsagePurpose>,
+    now: Timestamp,
+) -> Result<Pem, PkiError> {
+    let ca_key = KeyPair::from_pem(&ca.private_key).map_err(err("reading CA.private_key"))?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca.certificate, ca_key).map_err(err("reading CA.certificate"))?;
+    let key = KeyPair::generate().map_err(err("generating a key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(cn, role);
+    params.subject_alt_names = sans
+        .iter()
+        .map(|h| match h.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => h
+                .clone()
+                .try_into()
+                .map(SanType::DnsName)
+                .map_err(err("a hostname")),
+        })
+        .collect::<Result<_, _>>()?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = eku;
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, now, LEAF_VALID_DAYS)?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(err("signing a certificate"))?;
+    Ok(Pem {
+        certificate: cert.pem(),
+        private_key: key.serialize_pem(),
+    })
+}
+
+/// Issues the frontend certificate, valid for every given hostname or IP.
+pub fn issue_frontend(ca: &Pem, hostnames: &[String], now: Timestamp) -> Result<Pem, PkiError> {
+    let eku = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    issue(ca, "Talon frontend", Role::Frontend, hostnames, eku, now)
+}
+
+/// Issues an API user's client certificate.
+pub fn issue_api_client(ca: &Pem, user: &str, now: Timestamp) -> Result<Pem, PkiError> {
+    issue(
+        ca,
+        user,
+        Role::Api,
+        &[],
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        now,
+    )
+}
+
+/// What a certificate says, for checks and display.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Subject CN.
+    pub common_name: String,
+    /// Subject OU (the role).
+    pub role: String,
+    /// Issuer CN.
+    pub issuer: String,
+    /// DNS and IP subject alternative names.
+    pub sans: Vec<String>,
+    /// Expiry, seconds since the epoch.
+    pub not_after_unix_s: i64,
+}
+
+fn first_attr(
+    name: &x509_parser::x509::X509Name<'_>,
+    oid: &x509_parser::der_parser::oid::Oid<'_>,
+) -> String {
+    name.iter_by_oid(oid)
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn parse_pem(pem: &str) -> Result<Vec<u8>, PkiError> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| PkiError(format!("not a PEM certificate: {e}")))?;
+    Ok(p.contents)
+}
+
+/// Reads a PEM certificate.
+pub fn describe(cert_pem: &str) -> Result<CertInfo, PkiError> {
+    use x509_parser::oid_registry::{OID_X509_COMMON_NAME, OID_X509_ORGANIZATIONAL_UNIT};
+    let der = parse_pem(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| PkiError(format!("bad certificate: {e}")))?;
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for n in &ext.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => sans.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => IpAddr::from(<[u8; 4]>::try_from(*b).expect("len 4")).to_string(),
+                        16 => IpAddr::from(<[u8; 16]>::try_from(*b).expect("len 16")).to_string(),
+                        _ => continue,
+                    };
+                    sans.push(ip);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(CertInfo {
+        common_name: first_attr(cert.subject(), &OID_X509_COMMON_NAME),
+        role: first_attr(cert.subject(), &OID_X509_ORGANIZATIONAL_UNIT),
+        issuer: first_attr(cert.issuer(), &OID_X509_COMMON_NAME),
+        sans,
+        not_after_unix_s: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// True if `cert_pem`'s signature verifies under `ca_pem`'s key.
+pub fn signed_by(cert_pem: &str, ca_pem: &str) -> Result<bool, PkiError> {
+    let (der, ca_der) = (parse_pem(cert_pem)?, parse_pem(ca_pem)?);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| PkiError(format!("bad certificate: {e}")))?;
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+        .map_err(|e| PkiError(format!("bad CA: {e}")))?;
+    Ok(cert.verify_signature(Some(ca.public_key())).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Timestamp = Timestamp(1_790_000_000_000);
+
+    #[test]
+    fn frontend_certificate_names_every_host_and_is_signed_by_the_ca() {
+        let ca = new_ca(NOW).unwrap();
+        let hosts = vec!["master.example".to_string(), "127.0.0.1".to_string()];
+        let fe = issue_frontend(&ca, &hosts, NOW).unwrap();
+        let info = describe(&fe.certificate).unwrap();
+        assert_eq!(info.sans, hosts);
+        assert_eq!(
+            (info.role.as_str(), info.issuer.as_str()),
+            ("frontend", "Talon CA")
+        );
+        assert!(signed_by(&fe.certificate, &ca.certificate).unwrap());
+        let other = new_ca(NOW).unwrap();
+        assert!(!signed_by(&fe.certificate, &other.certificate).unwrap());
+        assert_eq!(describe(&ca.certificate).unwrap().role, "ca");
+    }
+
+    #[test]
+    fn api_certificate_carries_the_user_and_role() {
+        let ca = new_ca(NOW).unwrap();
+        let api = issue_api_client(&ca, "alice", NOW).unwrap();
+        let info = describe(&api.certificate).unwrap();
+        assert_eq!(
+            (info.common_name.as_str(), info.role.as_str()),
+            ("alice", "api")
+        );
+        assert_eq!(
+            info.not_after_unix_s,
+            (NOW.as_ms() / 1000) as i64 + LEAF_VALID_DAYS * 86_400
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(describe("not a cert").is_err());
+        let bad = Pem {
+            certificate: "x".into(),
+            private_key: "y".into(),
+        };
+        assert!(issue_api_client(&bad, "a", NOW).is_err());
+    }
+}
