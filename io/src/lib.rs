@@ -6,3 +6,4 @@ pub mod clock;
 pub mod config;
 pub mod fsutil;
 pub mod pki;
+pub mod storage;

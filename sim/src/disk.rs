@@ -145,6 +145,17 @@ impl SimDisk {
         Ok(())
     }
 
+    /// Cuts a file to `len` bytes (not durable until `fsync`).
+    pub fn truncate(&mut self, path: &str, len: u64) -> Result<(), DiskError> {
+        self.inject(path)?;
+        let f = self
+            .files
+            .get_mut(path)
+            .ok_or_else(|| DiskError::NotFound(path.to_owned()))?;
+        f.current.truncate(len as usize);
+        Ok(())
+    }
+
     /// Removes a file.
     pub fn remove(&mut self, path: &str) -> Result<(), DiskError> {
         self.inject(path)?;

@@ -1,0 +1,293 @@
+//! An append-only journal of numbered records on a node's local disk: what makes a write durable
+//! before it is acknowledged (the master's datastore) or before it is sent (a minion's outbox).
+//!
+//! # Format
+//!
+//! A journal is a directory of segments `seg-<first seq, 20 digits>.log` plus a `MARK` file.
+//! Each record is framed as `len: u32 LE | crc32: u32 LE | seq: u64 LE | payload`, where `len` counts
+//! `seq` and the payload and the CRC covers them. Sequence numbers are consecutive across segments.
+//! `MARK` holds the truncation point (`seq: u64 LE | crc32`): records at or below it are no longer
+//! needed; whole segments below it are deleted.
+//!
+//! # Recovery
+//!
+//! [`Journal::open`] reads every segment in order. A frame that is incomplete or fails its CRC at the
+//! end of the *last* segment is a torn write from a crash: the file is cut there and recovery
+//! continues. Damage anywhere else is real corruption and an error naming the segment and offset:
+//! silently skipping it could resurrect stale data.
+
+use super::local::LocalDisk;
+use std::io;
+
+const FRAME_HEADER_BYTES: usize = 4 + 4 + 8;
+/// Largest payload a record may carry.
+pub const PAYLOAD_BYTES_MAX: usize = 128 << 20;
+
+/// A record read back at recovery.
+pub type Record = (u64, Vec<u8>);
+
+/// What `open` found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Records at or below this are no longer needed.
+    pub truncated_upto: u64,
+    /// Records after the mark, in order.
+    pub records: Vec<Record>,
+    /// Bytes of a torn final record that were cut off.
+    pub torn_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Segment {
+    name: String,
+    first_seq: u64,
+    last_seq: Option<u64>,
+    bytes: u64,
+}
+
+/// An open journal.
+#[derive(Debug)]
+pub struct Journal<D: LocalDisk> {
+    disk: D,
+    dir: String,
+    segment_bytes_max: u64,
+    segments: Vec<Segment>,
+    truncated_upto: u64,
+    next_seq: u64,
+    /// Segments with appends not yet synced: at most the newest (older ones are synced on roll).
+    unsynced: Vec<String>,
+}
+
+fn corrupt(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(8 + payload.len());
+    body.extend_from_slice(&seq.to_le_bytes());
+    body.extend_from_slice(payload);
+    let mut out = Vec::with_capacity(8 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Parses frames from `buf`; returns the records and the offset of the first bad frame, if any.
+fn parse(buf: &[u8]) -> (Vec<Record>, Option<usize>) {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        let rest = &buf[at..];
+        if rest.len() < FRAME_HEADER_BYTES {
+            return (records, Some(at));
+        }
+        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+        if !(8..=8 + PAYLOAD_BYTES_MAX).contains(&len) || rest.len() < 8 + len {
+            return (records, Some(at));
+        }
+        let body = &rest[8..8 + len];
+        if crc32fast::hash(body) != crc {
+            return (records, Some(at));
+        }
+        let seq = u64::from_le_bytes(body[0..8].try_into().expect("8 bytes"));
+        records.push((seq, body[8..].to_vec()));
+        at += 8 + len;
+    }
+    (records, None)
+}
+
+impl<D: LocalDisk> Journal<D> {
+    /// Opens (or creates) the journal in `dir`, repairing a torn tail, and returns what it holds.
+    pub fn open(
+        mut disk: D,
+        dir: &str,
+        segment_bytes_max: u64,
+    ) -> io::Result<(Journal<D>, Recovered)> {
+        assert!(segment_bytes_max as usize > FRAME_HEADER_BYTES);
+        let mark_path = format!("{dir}/MARK");
+        let truncated_upto = match disk.read(&mark_path)? {
+            None => 0,
+            Some(b)
+                if b.len() == 12
+                    && crc32fast::hash(&b[..8])
+                        == u32::from_le_bytes(b[8..12].try_into().expect("4")) =>
+            {
+                u64::from_le_bytes(b[..8].try_into().expect("8"))
+            }
+            Some(_) => return Err(corrupt(format!("{mark_path}: damaged truncation mark"))),
+        };
+        let names: Vec<String> = disk
+            .list(&format!("{dir}/seg-"))?
+            .into_iter()
+            .filter(|n| n.ends_with(".log"))
+            .collect();
+        let mut recovered = Recovered {
+            truncated_upto,
+            ..Recovered::default()
+        };
+        let mut segments = Vec::new();
+        let mut expect: Option<u64> = None;
+        for (i, name) in names.iter().enumerate() {
+            let first_seq: u64 = name
+                .trim_start_matches(&format!("{dir}/seg-"))
+                .trim_end_matches(".log")
+                .parse()
+                .map_err(|_| corrupt(format!("{name}: not a journal segment name")))?;
+            let buf = disk.read(name)?.unwrap_or_default();
+            let (records, bad_at) = parse(&buf);
+            let last = i + 1 == names.len();
+            let mut bytes = buf.len() as u64;
+            if let Some(at) = bad_at {
+                if !last {
+                    return Err(corrupt(format!(
+                        "{name}: damaged record at byte {at} (not at the journal's end)"
+                    )));
+                }
+                recovered.torn_bytes = (buf.len() - at) as u64;
+                disk.truncate(name, at as u64)?;
+                bytes = at as u64;
+            }
+            for (seq, _) in &records {
+                if let Some(e) = expect
+                    && *seq != e
+                {
+                    return Err(corrupt(format!(
+                        "{name}: record {seq} where {e} was expected"
+                    )));
+                }
+                expect = Some(seq + 1);
+            }
+            if let Some((s, _)) = records.first()
+                && *s != first_seq
+            {
+                return Err(corrupt(format!(
+                    "{name}: first record is {s}, name says {first_seq}"
+                )));
+            }
+            let last_seq = records.last().map(|r| r.0);
+            recovered
+                .records
+                .extend(records.into_iter().filter(|r| r.0 > truncated_upto));
+            segments.push(Segment {
+                name: name.clone(),
+                first_seq,
+                last_seq,
+                bytes,
+            });
+        }
+        let next_seq = expect.unwrap_or(truncated_upto + 1).max(truncated_upto + 1);
+        let j = Journal {
+            disk,
+            dir: dir.to_owned(),
+            segment_bytes_max,
+            segments,
+            truncated_upto,
+            next_seq,
+            unsynced: Vec::new(),
+        };
+        Ok((j, recovered))
+    }
+
+    /// The sequence number the next record must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The truncation mark.
+    pub fn truncated_upto(&self) -> u64 {
+        self.truncated_upto
+    }
+
+    /// Gives the disk back (the simulator crashes it and reopens).
+    pub fn into_disk(self) -> D {
+        self.disk
+    }
+
+    /// Segments on disk.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Appends record `seq` (which must be `next_seq()`); durable only after `sync`.
+    pub fn append(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
+        if seq != self.next_seq {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "journal {}: record {seq} appended where {} was expected",
+                    self.dir, self.next_seq
+                ),
+            ));
+        }
+        if payload.len() > PAYLOAD_BYTES_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("record of {} bytes is too large", payload.len()),
+            ));
+        }
+        let f = frame(seq, payload);
+        let roll = self
+            .segments
+            .last()
+            .is_none_or(|s| s.bytes > 0 && s.bytes + f.len() as u64 > self.segment_bytes_max);
+        if roll {
+            // A segment is complete and durable before the next one starts: otherwise a crash could
+            // keep the new segment's records and tear the old one's, leaving a hole mid-journal.
+            self.sync()?;
+            let name = format!("{}/seg-{seq:020}.log", self.dir);
+            self.segments.push(Segment {
+                name,
+                first_seq: seq,
+                last_seq: None,
+                bytes: 0,
+            });
+        }
+        let seg = self.segments.last_mut().expect("a segment exists");
+        self.disk.append(&seg.name, &f)?;
+        seg.bytes += f.len() as u64;
+        seg.last_seq = Some(seq);
+        if !self.unsynced.contains(&seg.name) {
+            self.unsynced.push(seg.name.clone());
+        }
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    /// Makes every appended record durable; returns the last durable sequence number.
+    pub fn sync(&mut self) -> io::Result<u64> {
+        for name in std::mem::take(&mut self.unsynced) {
+            self.disk.sync(&name)?;
+        }
+        Ok(self.next_seq - 1)
+    }
+
+    /// Records up to `upto` are no longer needed: persist the mark, delete segments wholly below it.
+    pub fn truncate(&mut self, upto: u64) -> io::Result<()> {
+        if upto <= self.truncated_upto {
+            return Ok(());
+        }
+        let upto = upto.min(self.next_seq - 1);
+        let mut mark = upto.to_le_bytes().to_vec();
+        mark.extend_from_slice(&crc32fast::hash(&mark).to_le_bytes());
+        self.disk
+            .write_atomic(&format!("{}/MARK", self.dir), &mark)?;
+        self.truncated_upto = upto;
+        // Keep the newest segment (appends go there); drop older ones that hold nothing needed.
+        while self.segments.len() > 1 && self.segments[0].last_seq.is_none_or(|l| l <= upto) {
+            let s = self.segments.remove(0);
+            self.disk.remove(&s.name)?;
+            self.unsynced.retain(|n| *n != s.name);
+        }
+        debug_assert!(
+            self.segments
+                .first()
+                .is_none_or(|s| s.first_seq <= upto + 1 || s.last_seq.is_none())
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
