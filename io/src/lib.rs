@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod datastore;
 pub mod fsutil;
 pub mod pki;
 pub mod storage;

@@ -1,0 +1,426 @@
+//! The master's datastore (`MemcacheFileDataStore`): the core's cache policy
+//! ([`talon_core::datastore::Cache`]) driven over a journal on fast local disk and the slow shared
+//! volume.
+//!
+//! One task owns the cache and the journal. It takes one input at a time (a request, a volume
+//! completion, or the cache's deadline), then drains the cache's actions in order. Journal appends made
+//! during a drain are synced together with one fsync (group commit) before the cache is told, so a
+//! write is acknowledged only once durable on local disk, and the 40–60 ms volume is never on the
+//! write path. Volume reads, lists and flushes run as spawned tasks (their number is bounded by the
+//! cache's limits) and report back through a channel.
+//!
+//! Failure policy: if the journal cannot be written or synced, durability can no longer be promised,
+//! so the task stops with the error (fail-stop) and callers of in-flight writes get
+//! [`DatastoreError::Stopped`], which is indeterminate (the write may or may not have been journalled).
+
+use crate::clock::Clock;
+use crate::storage::journal::Journal;
+use crate::storage::local::LocalDisk;
+use crate::storage::volume::Volume;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use talon_core::datastore::{
+    Cache, CacheAction, CacheError, CacheLimits, CacheReply, FlushWrite, RequestId,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// How the datastore is set up.
+#[derive(Clone, Debug)]
+pub struct DatastoreOptions {
+    /// The journal's directory on the local disk (relative to the disk's root).
+    pub journal_dir: String,
+    /// Journal segment size.
+    pub segment_bytes_max: u64,
+    /// The cache's bounds and timings.
+    pub limits: CacheLimits,
+    /// Requests queued for the datastore task; callers wait (back-pressure) beyond it.
+    pub requests_max: usize,
+}
+
+impl Default for DatastoreOptions {
+    fn default() -> Self {
+        DatastoreOptions {
+            journal_dir: "journal".into(),
+            segment_bytes_max: 64 << 20,
+            limits: CacheLimits::default(),
+            requests_max: 4096,
+        }
+    }
+}
+
+/// Why a datastore call failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DatastoreError {
+    /// The cache refused it; determinate (nothing happened).
+    Refused(CacheError),
+    /// The datastore task has stopped; for a write, indeterminate.
+    Stopped,
+}
+
+impl fmt::Display for DatastoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatastoreError::Refused(e) => write!(f, "{e}"),
+            DatastoreError::Stopped => {
+                write!(f, "the datastore has stopped (see the master's log)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DatastoreError {}
+
+/// What recovery found in the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Journal records replayed (writes that were acknowledged, or durable, but maybe not flushed).
+    pub replayed: usize,
+    /// Bytes of a torn final record that were cut off.
+    pub torn_bytes: u64,
+}
+
+type Reply = oneshot::Sender<Result<CacheReply, CacheError>>;
+
+enum Request {
+    Get(String, Reply),
+    Set(String, Bytes, Reply),
+    Delete(String, Reply),
+    List(String, Reply),
+    Flushed(oneshot::Sender<()>),
+}
+
+enum Done {
+    Read(String, Result<Option<Bytes>, String>),
+    List(RequestId, Result<Vec<String>, String>),
+    Flush(u64, Result<(), String>),
+}
+
+/// A handle to the datastore task; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Datastore {
+    tx: mpsc::Sender<Request>,
+}
+
+fn encode(key: &str, value: &Option<Bytes>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + key.len() + value.as_ref().map_or(0, |v| v.len()));
+    out.push(u8::from(value.is_some()));
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key.as_bytes());
+    if let Some(v) = value {
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+fn decode(seq: u64, rec: &[u8]) -> io::Result<(u64, String, Option<Bytes>)> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("journal record {seq} is malformed"),
+        )
+    };
+    let (&op, rest) = rec.split_first().ok_or_else(bad)?;
+    let len = u32::from_le_bytes(
+        rest.get(..4)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
+    let key = rest.get(4..4 + len).ok_or_else(bad)?;
+    let key = String::from_utf8(key.to_vec()).map_err(|_| bad())?;
+    let value = match op {
+        0 => None,
+        1 => Some(Bytes::copy_from_slice(&rest[4 + len..])),
+        _ => return Err(bad()),
+    };
+    Ok((seq, key, value))
+}
+
+impl Datastore {
+    /// Recovers from the journal on `disk` and starts the datastore task.
+    pub fn open<D, V>(
+        disk: D,
+        volume: V,
+        clock: Arc<dyn Clock>,
+        opts: DatastoreOptions,
+    ) -> io::Result<(Datastore, JoinHandle<io::Result<()>>, RecoveryReport)>
+    where
+        D: LocalDisk + 'static,
+        V: Volume,
+    {
+        let (journal, recovered) = Journal::open(disk, &opts.journal_dir, opts.segment_bytes_max)?;
+        let records = recovered
+            .records
+            .iter()
+            .map(|(seq, rec)| decode(*seq, rec))
+            .collect::<io::Result<Vec<_>>>()?;
+        let report = RecoveryReport {
+            replayed: records.len(),
+            torn_bytes: recovered.torn_bytes,
+        };
+        let now = clock.now();
+        let cache = Cache::recover(opts.limits.clone(), now, recovered.truncated_upto, records);
+        let (tx, rx) = mpsc::channel(opts.requests_max);
+        // Completions are bounded by the cache: one read per distinct missing key (readers_max), one
+        // list per waiting lister (readers_max), flushes_in_flight_max flushes.
+        let done_cap = 2 * opts.limits.readers_max + opts.limits.flushes_in_flight_max + 1;
+        let (done_tx, done_rx) = mpsc::channel(done_cap);
+        let driver = Driver {
+            cache,
+            journal,
+            volume: Arc::new(volume),
+            clock,
+            rx,
+            done_tx,
+            done_rx,
+            replies: BTreeMap::new(),
+            flush_waiters: Vec::new(),
+            next_req: 0,
+        };
+        let task = tokio::spawn(driver.run());
+        Ok((Datastore { tx }, task, report))
+    }
+
+    async fn call(
+        &self,
+        make: impl FnOnce(Reply) -> Request,
+    ) -> Result<CacheReply, DatastoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| DatastoreError::Stopped)?;
+        rx.await
+            .map_err(|_| DatastoreError::Stopped)?
+            .map_err(DatastoreError::Refused)
+    }
+
+    /// Reads a key.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, DatastoreError> {
+        match self.call(|r| Request::Get(key.to_owned(), r)).await? {
+            CacheReply::Value(v) => Ok(v),
+            other => unreachable!("get answered with {other:?}"),
+        }
+    }
+
+    /// Writes a key; returns once the write is durable in the journal (its version).
+    pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, DatastoreError> {
+        match self
+            .call(|r| Request::Set(key.to_owned(), value, r))
+            .await?
+        {
+            CacheReply::Written { version } => Ok(version),
+            other => unreachable!("set answered with {other:?}"),
+        }
+    }
+
+    /// Deletes a key; returns once durable in the journal.
+    pub async fn delete(&self, key: &str) -> Result<u64, DatastoreError> {
+        match self.call(|r| Request::Delete(key.to_owned(), r)).await? {
+            CacheReply::Written { version } => Ok(version),
+            other => unreachable!("delete answered with {other:?}"),
+        }
+    }
+
+    /// Lists keys under a prefix; the flag says the list was cut at the cache's bound.
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<String>, bool), DatastoreError> {
+        match self.call(|r| Request::List(prefix.to_owned(), r)).await? {
+            CacheReply::Keys { keys, truncated } => Ok((keys, truncated)),
+            other => unreachable!("list answered with {other:?}"),
+        }
+    }
+
+    /// Waits until every acknowledged write is on the shared volume (for shutdown and tests).
+    pub async fn flushed(&self) -> Result<(), DatastoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Flushed(tx))
+            .await
+            .map_err(|_| DatastoreError::Stopped)?;
+        rx.await.map_err(|_| DatastoreError::Stopped)
+    }
+}
+
+struct Driver<D: LocalDisk, V: Volume> {
+    cache: Cache,
+    journal: Journal<D>,
+    volume: Arc<V>,
+    clock: Arc<dyn Clock>,
+    rx: mpsc::Receiver<Request>,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    /// Callers waiting for a reply: bounded by the request channel plus the cache's own bounds.
+    replies: BTreeMap<RequestId, Reply>,
+    /// Callers of `flushed`; each also held a request slot, so bounded by `requests_max` callers.
+    flush_waiters: Vec<oneshot::Sender<()>>,
+    next_req: u64,
+}
+
+impl<D: LocalDisk, V: Volume> Driver<D, V> {
+    async fn run(mut self) -> io::Result<()> {
+        self.drain()?;
+        loop {
+            let now = self.clock.now();
+            let wait = self
+                .cache
+                .poll_timeout()
+                .map(|t| Duration::from_millis(t.since_ms(now)));
+            tokio::select! {
+                req = self.rx.recv() => match req {
+                    Some(req) => self.request(req),
+                    None => break,
+                },
+                Some(done) = self.done_rx.recv() => self.completion(done),
+                _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
+                    self.cache.handle_timeout(self.clock.now());
+                }
+            }
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    fn request(&mut self, req: Request) {
+        let now = self.clock.now();
+        let mut id = || {
+            self.next_req += 1;
+            RequestId(self.next_req)
+        };
+        match req {
+            Request::Get(key, reply) => {
+                let r = id();
+                self.replies.insert(r, reply);
+                self.cache.handle_get(now, r, &key);
+            }
+            Request::Set(key, value, reply) => {
+                let r = id();
+                self.replies.insert(r, reply);
+                self.cache.handle_set(now, r, &key, value);
+            }
+            Request::Delete(key, reply) => {
+                let r = id();
+                self.replies.insert(r, reply);
+                self.cache.handle_delete(now, r, &key);
+            }
+            Request::List(prefix, reply) => {
+                let r = id();
+                self.replies.insert(r, reply);
+                self.cache.handle_list(now, r, &prefix);
+            }
+            Request::Flushed(tx) => self.flush_waiters.push(tx),
+        }
+    }
+
+    fn completion(&mut self, done: Done) {
+        let now = self.clock.now();
+        match done {
+            Done::Read(key, result) => self.cache.handle_read_done(now, &key, result),
+            Done::List(req, result) => self.cache.handle_list_done(now, req, result),
+            Done::Flush(batch, result) => self.cache.handle_flush_done(now, batch, result),
+        }
+    }
+
+    /// Performs the cache's actions in order, group-committing journal appends.
+    fn drain(&mut self) -> io::Result<()> {
+        loop {
+            let mut appended = false;
+            while let Some(action) = self.cache.poll_action() {
+                match action {
+                    CacheAction::JournalAppend { seq, key, value } => {
+                        self.journal.append(seq, &encode(&key, &value))?;
+                        appended = true;
+                    }
+                    CacheAction::ReadShared { key } => {
+                        let (v, tx) = (self.volume.clone(), self.done_tx.clone());
+                        tokio::spawn(async move {
+                            let r = v.read(&key).await.map_err(|e| e.to_string());
+                            let _ = tx.send(Done::Read(key, r)).await;
+                        });
+                    }
+                    CacheAction::ListShared { req, prefix } => {
+                        let (v, tx) = (self.volume.clone(), self.done_tx.clone());
+                        tokio::spawn(async move {
+                            let r = v.list(&prefix).await.map_err(|e| e.to_string());
+                            let _ = tx.send(Done::List(req, r)).await;
+                        });
+                    }
+                    CacheAction::Flush { batch, writes } => {
+                        let (v, tx) = (self.volume.clone(), self.done_tx.clone());
+                        tokio::spawn(async move {
+                            let r = flush(&*v, writes).await;
+                            let _ = tx.send(Done::Flush(batch, r)).await;
+                        });
+                    }
+                    CacheAction::JournalTruncate { upto } => self.journal.truncate(upto)?,
+                    CacheAction::Reply { req, result } => {
+                        if let Some(tx) = self.replies.remove(&req) {
+                            let _ = tx.send(result);
+                        }
+                    }
+                }
+            }
+            if !appended {
+                break;
+            }
+            let upto = self.journal.sync()?;
+            self.cache.handle_journal_synced(self.clock.now(), upto);
+        }
+        if self.cache.is_flushed() {
+            for w in self.flush_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a batch to the volume, all writes concurrently; the batch fails if any write fails (the
+/// cache keeps every entry of a failed batch dirty and retries: the writes are idempotent overwrites).
+async fn flush<V: Volume>(volume: &V, writes: Vec<FlushWrite>) -> Result<(), String> {
+    let futs = writes.into_iter().map(|w| async move {
+        let r = match w.value {
+            Some(v) => volume.write(&w.key, v).await,
+            None => volume.delete(&w.key).await,
+        };
+        r.map_err(|e| format!("{}: {e}", w.key))
+    });
+    join_all(futs)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, String>>()
+        .map(|_| ())
+}
+
+/// Polls a set of futures concurrently to completion, in order of the results.
+async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futs.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|o| o.expect("every future completed"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

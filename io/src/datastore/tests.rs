@@ -1,0 +1,243 @@
+//! Datastore service tests: the core's cache over a real journal and volumes.
+
+use super::*;
+use crate::clock::SystemClock;
+use crate::storage::local::StdDisk;
+use crate::storage::volume::FsVolume;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+fn opts(flush_age_ms: u64) -> DatastoreOptions {
+    let limits = CacheLimits {
+        flush_age_max_ms: flush_age_ms,
+        ..CacheLimits::default()
+    };
+    DatastoreOptions {
+        limits,
+        ..DatastoreOptions::default()
+    }
+}
+
+fn clock() -> Arc<dyn Clock> {
+    Arc::new(SystemClock)
+}
+
+/// A volume whose writes never complete (a hung NFS server), and whose reads find nothing.
+struct StuckVolume;
+
+impl Volume for StuckVolume {
+    async fn read(&self, _: &str) -> io::Result<Option<Bytes>> {
+        Ok(None)
+    }
+    async fn write(&self, _: &str, _: Bytes) -> io::Result<()> {
+        std::future::pending().await
+    }
+    async fn delete(&self, _: &str) -> io::Result<()> {
+        std::future::pending().await
+    }
+    async fn list(&self, _: &str) -> io::Result<Vec<String>> {
+        Ok(vec![])
+    }
+}
+
+/// Counts reads of an inner volume.
+struct Counting(FsVolume, Arc<AtomicU64>);
+
+impl Volume for Counting {
+    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.0.read(key).await
+    }
+    async fn write(&self, key: &str, v: Bytes) -> io::Result<()> {
+        self.0.write(key, v).await
+    }
+    async fn delete(&self, key: &str) -> io::Result<()> {
+        self.0.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.0.list(prefix).await
+    }
+}
+
+#[tokio::test]
+async fn writes_are_readable_at_once_and_reach_the_volume() {
+    let local = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let disk = StdDisk::new(local.path()).unwrap();
+    let (ds, task, report) = Datastore::open(
+        disk,
+        FsVolume::new(shared.path()).unwrap(),
+        clock(),
+        opts(10),
+    )
+    .unwrap();
+    assert_eq!(report.replayed, 0);
+    let v1 = ds
+        .set("hunts/H.1/record.json", Bytes::from_static(b"{\"a\":1}"))
+        .await
+        .unwrap();
+    let v2 = ds
+        .set("hunts/H.2/record.json", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    assert!(v2 > v1);
+    assert_eq!(
+        ds.get("hunts/H.1/record.json").await.unwrap(),
+        Some(Bytes::from_static(b"{\"a\":1}"))
+    );
+    ds.delete("hunts/H.2/record.json").await.unwrap();
+    assert_eq!(
+        ds.list("hunts/").await.unwrap(),
+        (vec!["hunts/H.1/record.json".to_string()], false)
+    );
+    ds.flushed().await.unwrap();
+    let on_volume = std::fs::read(shared.path().join("hunts/H.1/record.json")).unwrap();
+    assert_eq!(on_volume, b"{\"a\":1}");
+    assert!(!shared.path().join("hunts/H.2/record.json").exists());
+    assert!(matches!(
+        ds.set("../escape", Bytes::new()).await,
+        Err(DatastoreError::Refused(CacheError::BadKey(_)))
+    ));
+    drop(ds);
+    task.await.unwrap().unwrap();
+    // Everything was flushed, so the journal holds nothing to replay.
+    let disk = StdDisk::new(local.path()).unwrap();
+    let (_ds, _task, report) = Datastore::open(
+        disk,
+        FsVolume::new(shared.path()).unwrap(),
+        clock(),
+        opts(10),
+    )
+    .unwrap();
+    assert_eq!(report.replayed, 0);
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_a_crash_before_any_flush() {
+    let local = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let (ds, task, _) = Datastore::open(
+        StdDisk::new(local.path()).unwrap(),
+        StuckVolume,
+        clock(),
+        opts(1),
+    )
+    .unwrap();
+    for i in 0..50 {
+        ds.set(
+            &format!("clients/C.{i:016x}/record.json"),
+            Bytes::from(format!("v{i}")),
+        )
+        .await
+        .unwrap();
+    }
+    ds.delete("clients/C.0000000000000000/record.json")
+        .await
+        .unwrap();
+    // The master dies: the task is gone, nothing reached the (hung) volume.
+    task.abort();
+    let _ = task.await;
+    drop(ds);
+
+    let volume = FsVolume::new(shared.path()).unwrap();
+    let (ds, _task, report) = Datastore::open(
+        StdDisk::new(local.path()).unwrap(),
+        volume,
+        clock(),
+        opts(1),
+    )
+    .unwrap();
+    assert_eq!(report.replayed, 51);
+    assert_eq!(
+        ds.get("clients/C.0000000000000000/record.json")
+            .await
+            .unwrap(),
+        None
+    );
+    for i in 1..50 {
+        let got = ds
+            .get(&format!("clients/C.{i:016x}/record.json"))
+            .await
+            .unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))), "key {i}");
+    }
+    ds.flushed().await.unwrap();
+    assert_eq!(
+        std::fs::read(shared.path().join("clients/C.0000000000000031/record.json")).unwrap(),
+        b"v49"
+    );
+}
+
+#[tokio::test]
+async fn a_hung_volume_fills_the_dirty_bound_and_writes_are_refused() {
+    let local = tempfile::tempdir().unwrap();
+    let limits = CacheLimits {
+        dirty_bytes_max: 64 << 10,
+        value_bytes_max: 16 << 10,
+        flush_age_max_ms: 1,
+        ..CacheLimits::default()
+    };
+    let o = DatastoreOptions {
+        limits,
+        ..DatastoreOptions::default()
+    };
+    let (ds, _task, _) =
+        Datastore::open(StdDisk::new(local.path()).unwrap(), StuckVolume, clock(), o).unwrap();
+    let mut refused = None;
+    for i in 0..100 {
+        match ds
+            .set(&format!("k/{i}"), Bytes::from(vec![0u8; 4096]))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (i, e) = refused.expect("the dirty bound must refuse writes");
+    assert!(
+        matches!(e, DatastoreError::Refused(CacheError::Busy { .. })),
+        "{e}"
+    );
+    assert!((10..20).contains(&i), "refused at write {i}");
+    // Reads still work while writes are refused.
+    assert_eq!(
+        ds.get("k/0").await.unwrap(),
+        Some(Bytes::from(vec![0u8; 4096]))
+    );
+}
+
+#[tokio::test]
+async fn concurrent_misses_share_one_volume_read() {
+    let local = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(shared.path().join("a")).unwrap();
+    std::fs::write(shared.path().join("a/k"), b"v").unwrap();
+    let reads = Arc::new(AtomicU64::new(0));
+    let volume = Counting(FsVolume::new(shared.path()).unwrap(), reads.clone());
+    let (ds, _task, _) = Datastore::open(
+        StdDisk::new(local.path()).unwrap(),
+        volume,
+        clock(),
+        opts(10),
+    )
+    .unwrap();
+    let gets: Vec<_> = (0..20)
+        .map(|_| {
+            let ds = ds.clone();
+            tokio::spawn(async move { ds.get("a/k").await })
+        })
+        .collect();
+    for g in gets {
+        assert_eq!(g.await.unwrap().unwrap(), Some(Bytes::from_static(b"v")));
+    }
+    assert_eq!(reads.load(Ordering::SeqCst), 1);
+    ds.get("a/k").await.unwrap();
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        1,
+        "cached after the first read"
+    );
+}
