@@ -8,3 +8,4 @@ pub mod datastore;
 pub mod fsutil;
 pub mod pki;
 pub mod storage;
+pub mod tls;

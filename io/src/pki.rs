@@ -161,6 +161,40 @@ pub fn issue_api_client(ca: &Pem, user: &str, now: Timestamp) -> Result<Pem, Pki
     )
 }
 
+/// An endpoint's identity: a fresh key, and a self-signed certificate over it that the client presents
+/// on every TLS handshake. The client id is derived from the key, never from the certificate's text.
+pub fn new_endpoint_identity(now: Timestamp) -> Result<(Pem, talon_core::ClientId), PkiError> {
+    let key = KeyPair::generate().map_err(err("generating the client key"))?;
+    let pem = endpoint_certificate(&key.serialize_pem(), now)?;
+    Ok((pem.0, pem.1))
+}
+
+/// The self-signed certificate for an endpoint key (re-made on each start; only the key persists).
+pub fn endpoint_certificate(
+    key_pem: &str,
+    now: Timestamp,
+) -> Result<(Pem, talon_core::ClientId), PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(err("reading the client key"))?;
+    let id =
+        talon_core::ClientId::from_public_key(&rcgen::PublicKeyData::subject_public_key_info(&key));
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, id.as_str());
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    validity(&mut params, now, LEAF_VALID_DAYS)?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(err("signing the client certificate"))?;
+    Ok((
+        Pem {
+            certificate: cert.pem(),
+            private_key: key_pem.to_owned(),
+        },
+        id,
+    ))
+}
+
 /// What a certificate says, for checks and display.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertInfo {
@@ -176,7 +210,7 @@ pub struct CertInfo {
     pub not_after_unix_s: i64,
 }
 
-fn first_attr(
+pub(crate) fn first_attr(
     name: &x509_parser::x509::X509Name<'_>,
     oid: &x509_parser::der_parser::oid::Oid<'_>,
 ) -> String {

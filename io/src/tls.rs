@@ -1,0 +1,390 @@
+//! TLS for every Talon connection (rustls with the ring provider; no OpenSSL).
+//!
+//! - **Client-facing port** ([`endpoint_server_config`]): the server presents the frontend
+//!   certificate. Every endpoint must present a certificate over its *own* key (self-signed, made on
+//!   first start). The verifier accepts any such certificate but rustls still checks the handshake
+//!   signature, which proves the client holds the key; the client id is derived from the
+//!   certificate's public key ([`ClientId::from_public_key`] of the SubjectPublicKeyInfo DER). So a
+//!   client can only ever speak as the id of its own key (BRIEF invariant 6).
+//! - **API / cluster port** ([`ca_server_config`]): both sides present CA-signed certificates; the
+//!   peer's role (OU: `api` or `frontend`) decides which services it may call.
+//! - **Clients of either** ([`client_config`]): verify the server against the deployment CA (pinned)
+//!   and present their certificate.
+//!
+//! Accepted connections carry a [`Peer`] into every gRPC request's extensions.
+
+use crate::pki::Role;
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use talon_core::ClientId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// How long a TLS handshake may take before the connection is dropped (a client that connects and
+/// stalls must not hold a slot).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn bad(what: &str) -> impl Fn(rustls::Error) -> io::Error + '_ {
+    move |e| io::Error::new(io::ErrorKind::InvalidInput, format!("{what}: {e}"))
+}
+
+/// Parses a PEM certificate chain.
+pub fn certs(pem: &str, what: &str) -> io::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{what}: {e}")))?;
+    if certs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what}: no certificate"),
+        ));
+    }
+    Ok(certs)
+}
+
+/// Parses a PEM private key.
+pub fn key(pem: &str, what: &str) -> io::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{what}: {e}")))
+}
+
+fn roots(ca_pem: &str) -> io::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca_pem, "CA certificate")? {
+        roots.add(c).map_err(bad("CA certificate"))?;
+    }
+    Ok(roots)
+}
+
+/// Accepts any client certificate, checking only that the client holds its key (rustls verifies the
+/// handshake signature against the certificate's key with these algorithms).
+#[derive(Debug)]
+struct AnyKeyVerifier {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyKeyVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Identity is the key, not a chain: only require a parseable certificate.
+        x509_parser::parse_x509_certificate(end_entity)
+            .map(|_| ClientCertVerified::assertion())
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+fn alpn_h2(mut c: rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    c.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(c)
+}
+
+/// The client-facing port: frontend certificate; clients authenticate with their own key.
+pub fn endpoint_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+) -> io::Result<Arc<rustls::ServerConfig>> {
+    let p = provider();
+    let verifier = Arc::new(AnyKeyVerifier {
+        algorithms: p.signature_verification_algorithms,
+    });
+    let c = rustls::ServerConfig::builder_with_provider(p)
+        .with_safe_default_protocol_versions()
+        .map_err(bad("TLS versions"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs(cert_pem, "Frontend.certificate")?,
+            key(key_pem, "Frontend.private_key")?,
+        )
+        .map_err(bad("Frontend.certificate"))?;
+    Ok(alpn_h2(c))
+}
+
+/// The API / cluster port: peers must present a certificate signed by the deployment CA.
+pub fn ca_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> io::Result<Arc<rustls::ServerConfig>> {
+    let p = provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem)?),
+        p.clone(),
+    )
+    .build()
+    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("CA certificate: {e}")))?;
+    let c = rustls::ServerConfig::builder_with_provider(p)
+        .with_safe_default_protocol_versions()
+        .map_err(bad("TLS versions"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs(cert_pem, "Frontend.certificate")?,
+            key(key_pem, "Frontend.private_key")?,
+        )
+        .map_err(bad("Frontend.certificate"))?;
+    Ok(alpn_h2(c))
+}
+
+/// A client of a Talon server: pins the deployment CA, presents `cert_pem`/`key_pem`.
+pub fn client_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> io::Result<Arc<rustls::ClientConfig>> {
+    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(bad("TLS versions"))?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(
+            certs(cert_pem, "client certificate")?,
+            key(key_pem, "client key")?,
+        )
+        .map_err(bad("client certificate"))?;
+    c.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// Who is on the other end of an accepted connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The remote address.
+    pub addr: SocketAddr,
+    /// The id derived from the peer's public key.
+    pub client_id: ClientId,
+    /// The peer certificate's SubjectPublicKeyInfo (DER).
+    pub public_key: Vec<u8>,
+    /// The certificate's role (OU), if it has a known one.
+    pub role: Option<Role>,
+    /// The certificate's CN.
+    pub common_name: String,
+}
+
+/// Reads who the peer of a finished handshake is.
+pub fn peer_of(addr: SocketAddr, cert: &CertificateDer<'_>) -> io::Result<Peer> {
+    use x509_parser::oid_registry::{OID_X509_COMMON_NAME, OID_X509_ORGANIZATIONAL_UNIT};
+    let (_, x) = x509_parser::parse_x509_certificate(cert).map_err(|e| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("peer certificate: {e}"))
+    })?;
+    let ou = crate::pki::first_attr(x.subject(), &OID_X509_ORGANIZATIONAL_UNIT);
+    let common_name = crate::pki::first_attr(x.subject(), &OID_X509_COMMON_NAME);
+    let role = match ou.as_str() {
+        "api" => Some(Role::Api),
+        "frontend" => Some(Role::Frontend),
+        "ca" => Some(Role::Ca),
+        _ => None,
+    };
+    let public_key = x.public_key().raw.to_vec();
+    Ok(Peer {
+        addr,
+        client_id: ClientId::from_public_key(&public_key),
+        public_key,
+        role,
+        common_name,
+    })
+}
+
+/// An accepted TLS connection that tells tonic who the peer is.
+pub struct Conn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (at most `handshakes_max` at
+/// once, each within [`HANDSHAKE_TIMEOUT`]); yields finished connections for `serve_with_incoming`.
+/// Failed handshakes are logged and dropped: one bad client cannot stop the listener.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    handshakes_max: usize,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel(handshakes_max);
+    let acceptor = TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(handshakes_max));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _ = tcp.set_nodelay(true);
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        return tracing::debug!(%addr, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => return tracing::debug!(%addr, "TLS handshake timed out"),
+                };
+                let cert = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .cloned();
+                let Some(cert) = cert else {
+                    return tracing::debug!(%addr, "no client certificate");
+                };
+                match peer_of(addr, &cert) {
+                    Ok(peer) => {
+                        let _ = tx.send(Ok(Conn { inner: tls, peer })).await;
+                    }
+                    Err(e) => tracing::debug!(%addr, error = %e, "bad peer certificate"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Opens a gRPC channel to `host:port` over TLS with `config`, verifying the server as `host`.
+pub async fn connect(
+    host: &str,
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let server_name = ServerName::try_from(host.to_owned())
+        .unwrap_or_else(|_| ServerName::try_from("invalid.host").expect("a valid name"));
+    let target = crate::config::host_port(host, port);
+    let connector = TlsConnector::from(config);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+        .connect_timeout(timeout)
+        .timeout(Duration::from_secs(3600))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    endpoint
+        .connect_with_connector(tower_fn(move |_uri| {
+            let (connector, name, target) =
+                (connector.clone(), server_name.clone(), target.clone());
+            async move {
+                let tcp = TcpStream::connect(&target).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+}
+
+/// A `tower::Service` from a closure (what `tower::service_fn` does, without the dependency).
+fn tower_fn<F, Fut, R>(f: F) -> TowerFn<F>
+where
+    F: FnMut(tonic::codegen::http::Uri) -> Fut,
+    Fut: std::future::Future<Output = io::Result<R>>,
+{
+    TowerFn(f)
+}
+
+#[derive(Clone)]
+struct TowerFn<F>(F);
+
+impl<F, Fut, R> tower_service::Service<tonic::codegen::http::Uri> for TowerFn<F>
+where
+    F: FnMut(tonic::codegen::http::Uri) -> Fut,
+    Fut: std::future::Future<Output = io::Result<R>>,
+{
+    type Response = R;
+    type Error = io::Error;
+    type Future = Fut;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Fut {
+        (self.0)(uri)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,150 @@
+//! TLS identity tests over real loopback sockets.
+
+use super::*;
+use crate::pki;
+use talon_core::Timestamp;
+use tokio_stream::StreamExt;
+
+const NOW: Timestamp = Timestamp(1_790_000_000_000);
+
+struct Deployment {
+    ca: pki::Pem,
+    frontend: pki::Pem,
+}
+
+fn deployment() -> Deployment {
+    let ca = pki::new_ca(NOW).unwrap();
+    let frontend = pki::issue_frontend(&ca, &["127.0.0.1".to_string()], NOW).unwrap();
+    Deployment { ca, frontend }
+}
+
+/// Starts a listener with `config`; returns its port and the stream of accepted peers.
+async fn serve(
+    config: Arc<rustls::ServerConfig>,
+) -> (
+    u16,
+    tokio_stream::wrappers::ReceiverStream<io::Result<Conn>>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    (port, incoming(l, config, 8))
+}
+
+/// Connects with `client` and completes the handshake (sending a byte so TLS 1.3 client auth is done).
+async fn dial(port: u16, client: Arc<rustls::ClientConfig>) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut tls = TlsConnector::from(client)
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await?;
+    tls.write_all(b"x").await?;
+    tls.flush().await?;
+    // Keep the connection open long enough for the server to finish its side.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}
+
+async fn next_peer(
+    s: &mut tokio_stream::wrappers::ReceiverStream<io::Result<Conn>>,
+) -> Option<Peer> {
+    tokio::time::timeout(Duration::from_millis(500), s.next())
+        .await
+        .ok()
+        .flatten()
+        .map(|c| c.unwrap().peer)
+}
+
+#[tokio::test]
+async fn an_endpoint_is_known_by_the_id_of_its_own_key() {
+    let d = deployment();
+    let (port, mut peers) =
+        serve(endpoint_server_config(&d.frontend.certificate, &d.frontend.private_key).unwrap())
+            .await;
+    let (me, id) = pki::new_endpoint_identity(NOW).unwrap();
+    dial(
+        port,
+        client_config(&d.ca.certificate, &me.certificate, &me.private_key).unwrap(),
+    )
+    .await
+    .unwrap();
+    let peer = next_peer(&mut peers).await.expect("accepted");
+    assert_eq!(peer.client_id, id);
+    assert_eq!(peer.role, None);
+    // The same key next start (new self-signed certificate) is the same client.
+    let (again, id2) = pki::endpoint_certificate(&me.private_key, NOW.plus_ms(1000)).unwrap();
+    assert_eq!(id2, id);
+    dial(
+        port,
+        client_config(&d.ca.certificate, &again.certificate, &again.private_key).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_peer(&mut peers).await.unwrap().client_id, id);
+}
+
+#[tokio::test]
+async fn a_client_pinning_another_ca_refuses_the_server() {
+    let d = deployment();
+    let (port, _peers) =
+        serve(endpoint_server_config(&d.frontend.certificate, &d.frontend.private_key).unwrap())
+            .await;
+    let other = pki::new_ca(NOW).unwrap();
+    let (me, _) = pki::new_endpoint_identity(NOW).unwrap();
+    let err = dial(
+        port,
+        client_config(&other.certificate, &me.certificate, &me.private_key).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn the_api_port_admits_only_ca_signed_certificates_with_their_role() {
+    let d = deployment();
+    let cfg = ca_server_config(
+        &d.frontend.certificate,
+        &d.frontend.private_key,
+        &d.ca.certificate,
+    )
+    .unwrap();
+    let (port, mut peers) = serve(cfg).await;
+    let alice = pki::issue_api_client(&d.ca, "alice", NOW).unwrap();
+    dial(
+        port,
+        client_config(&d.ca.certificate, &alice.certificate, &alice.private_key).unwrap(),
+    )
+    .await
+    .unwrap();
+    let peer = next_peer(&mut peers).await.expect("alice accepted");
+    assert_eq!(
+        (peer.role, peer.common_name.as_str()),
+        (Some(Role::Api), "alice")
+    );
+
+    // An endpoint's self-signed certificate, and an API certificate from a foreign CA: refused.
+    let (endpoint, _) = pki::new_endpoint_identity(NOW).unwrap();
+    let _ = dial(
+        port,
+        client_config(
+            &d.ca.certificate,
+            &endpoint.certificate,
+            &endpoint.private_key,
+        )
+        .unwrap(),
+    )
+    .await;
+    let foreign = pki::new_ca(NOW).unwrap();
+    let mallory = pki::issue_api_client(&foreign, "mallory", NOW).unwrap();
+    let _ = dial(
+        port,
+        client_config(
+            &d.ca.certificate,
+            &mallory.certificate,
+            &mallory.private_key,
+        )
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(next_peer(&mut peers).await, None, "neither may connect");
+}
