@@ -1,0 +1,598 @@
+//! The endpoint artifacts, as the client runs them (the catalogue and parameter validation live in
+//! `talon_core::artifacts`). Linux only: they read `/proc`, `/etc/passwd` and the filesystem.
+//!
+//! Each artifact streams its rows (JSON objects) and uploads to an [`Emit`] callback, which may stop
+//! it early (row limit reached, flow cancelled) by returning `Err(Stop)`.
+
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// The agent's version, reported by `Generic.Client.Info`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What an artifact produces.
+#[derive(Debug, PartialEq)]
+pub enum Output {
+    /// One result row.
+    Row(Map<String, Value>),
+    /// A file to upload into the filestore.
+    Upload(PathBuf),
+}
+
+/// The consumer asked the artifact to stop.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stop;
+
+/// Where an artifact sends its output.
+pub type Emit<'a> = dyn FnMut(Output) -> Result<(), Stop> + 'a;
+
+fn row(v: Value) -> Output {
+    match v {
+        Value::Object(m) => Output::Row(m),
+        _ => unreachable!("rows are built as objects"),
+    }
+}
+
+fn param<'a>(p: &'a BTreeMap<String, String>, k: &str) -> &'a str {
+    p.get(k).map(String::as_str).unwrap_or_default()
+}
+
+fn int(p: &BTreeMap<String, String>, k: &str) -> u64 {
+    param(p, k).parse().unwrap_or(0)
+}
+
+/// Runs an artifact with validated parameters. `Err` is the flow's error text.
+pub fn run(
+    name: &str,
+    params: &BTreeMap<String, String>,
+    emit: &mut Emit<'_>,
+) -> Result<(), String> {
+    let r = match name {
+        "Generic.Client.Info" => emit(row(client_info())),
+        "Generic.Test.Rows" => test_rows(int(params, "count"), int(params, "size") as usize, emit),
+        "Linux.Sys.Pslist" => pslist(param(params, "name"), emit),
+        "Linux.Sys.Users" => users(emit),
+        "Linux.Network.Netstat" => netstat(emit),
+        "Generic.Forensic.FileFinder" => {
+            let upload = param(params, "upload") == "true";
+            file_finder(
+                param(params, "glob"),
+                upload,
+                int(params, "max_files"),
+                emit,
+            )
+        }
+        other => return Err(format!("this agent does not know artifact {other:?}")),
+    };
+    match r {
+        Ok(()) | Err(Stop) => Ok(()),
+    }
+}
+
+fn read_trim(path: &str) -> String {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The host's addresses: IPv4 from `/proc/net/fib_trie` (local host routes), IPv6 from
+/// `/proc/net/if_inet6`, loopback excluded.
+pub fn host_ips() -> Vec<String> {
+    let mut ips = Vec::new();
+    let trie = fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    let mut last = None;
+    for line in trie.lines() {
+        let t = line.trim();
+        if let Some(ip) = t.strip_prefix("|-- ") {
+            last = Some(ip.to_owned());
+        } else if t.contains("/32 host LOCAL")
+            && let Some(ip) = last.take()
+            && !ip.starts_with("127.")
+            && !ips.contains(&ip)
+        {
+            ips.push(ip);
+        }
+    }
+    for line in fs::read_to_string("/proc/net/if_inet6")
+        .unwrap_or_default()
+        .lines()
+    {
+        let hex = line.split_whitespace().next().unwrap_or_default();
+        if hex.len() == 32 && hex != "00000000000000000000000000000001" {
+            let groups: Vec<String> = (0..8).map(|i| hex[i * 4..i * 4 + 4].to_owned()).collect();
+            if let Ok(ip) = groups.join(":").parse::<std::net::Ipv6Addr>() {
+                ips.push(ip.to_string());
+            }
+        }
+    }
+    ips
+}
+
+fn macs() -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(dir) = fs::read_dir("/sys/class/net") {
+        for e in dir.flatten() {
+            let mac = read_trim(&format!(
+                "/sys/class/net/{}/address",
+                e.file_name().to_string_lossy()
+            ));
+            if !mac.is_empty() && mac != "00:00:00:00:00:00" {
+                out.push(mac);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn boot_time_unix_s() -> u64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// This host's facts, as one row.
+pub fn client_info() -> Value {
+    let hostname = read_trim("/proc/sys/kernel/hostname");
+    let domain = read_trim("/proc/sys/kernel/domainname");
+    let fqdn = if domain.is_empty() || domain == "(none)" {
+        hostname.clone()
+    } else {
+        format!("{hostname}.{domain}")
+    };
+    json!({
+        "hostname": hostname,
+        "fqdn": fqdn,
+        "os": std::env::consts::OS,
+        "kernel": read_trim("/proc/sys/kernel/osrelease"),
+        "arch": std::env::consts::ARCH,
+        "boot_time": boot_time_unix_s(),
+        "ips": host_ips(),
+        "macs": macs(),
+        "agent_version": AGENT_VERSION,
+    })
+}
+
+fn test_rows(count: u64, size: usize, emit: &mut Emit<'_>) -> Result<(), Stop> {
+    let pad = "x".repeat(size);
+    for i in 0..count {
+        emit(row(json!({"row": i, "pad": pad})))?;
+    }
+    Ok(())
+}
+
+fn user_names() -> BTreeMap<u32, String> {
+    fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.get(2)?.parse().ok()?, f.first()?.to_string()))
+        })
+        .collect()
+}
+
+fn pslist(name_filter: &str, emit: &mut Emit<'_>) -> Result<(), Stop> {
+    let users = user_names();
+    let ticks_per_s = 100; // USER_HZ on Linux.
+    let btime = boot_time_unix_s();
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    for pid in pids {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // comm is in parentheses and may contain spaces: split at the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = &stat[open + 1..close];
+        if !name_filter.is_empty() && !name.contains(name_filter) {
+            continue;
+        }
+        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let uid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let rss_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        let exe = fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        emit(row(json!({
+            "pid": pid,
+            "ppid": field(1),
+            "name": name,
+            "exe": exe,
+            "cmdline": cmdline.join(" "),
+            "user": users.get(&uid).cloned().unwrap_or_else(|| uid.to_string()),
+            "rss": rss_kb * 1024,
+            "start_time": btime + field(19) / ticks_per_s,
+        })))?;
+    }
+    Ok(())
+}
+
+fn users(emit: &mut Emit<'_>) -> Result<(), Stop> {
+    for line in fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+    {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 {
+            continue;
+        }
+        emit(row(json!({
+            "name": f[0],
+            "uid": f[2].parse::<u64>().unwrap_or(0),
+            "gid": f[3].parse::<u64>().unwrap_or(0),
+            "description": f[4],
+            "home": f[5],
+            "shell": f[6],
+        })))?;
+    }
+    Ok(())
+}
+
+const TCP_STATES: [&str; 12] = [
+    "UNKNOWN",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+];
+
+/// Decodes `/proc/net` `ADDR:PORT` hex (address in host byte order per 32-bit word).
+fn proc_addr(s: &str) -> Option<(String, u16)> {
+    let (a, p) = s.split_once(':')?;
+    let port = u16::from_str_radix(p, 16).ok()?;
+    let bytes: Vec<u8> = (0..a.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&a[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    let mut fixed = Vec::with_capacity(bytes.len());
+    for w in bytes.chunks(4) {
+        fixed.extend(w.iter().rev());
+    }
+    let ip = match fixed.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(fixed).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(fixed).ok()?),
+        _ => return None,
+    };
+    Some((ip.to_string(), port))
+}
+
+fn netstat(emit: &mut Emit<'_>) -> Result<(), Stop> {
+    for proto in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = fs::read_to_string(format!("/proc/net/{proto}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(l), Some(r)) = (
+                f.get(1).and_then(|s| proc_addr(s)),
+                f.get(2).and_then(|s| proc_addr(s)),
+            ) else {
+                continue;
+            };
+            let st = f
+                .get(3)
+                .and_then(|s| usize::from_str_radix(s, 16).ok())
+                .unwrap_or(0);
+            let state = if proto.starts_with("udp") {
+                ""
+            } else {
+                TCP_STATES.get(st).copied().unwrap_or("UNKNOWN")
+            };
+            emit(row(json!({
+                "protocol": proto,
+                "local_address": l.0, "local_port": l.1,
+                "remote_address": r.0, "remote_port": r.1,
+                "state": state,
+                "uid": f.get(7).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
+                "inode": f.get(9).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
+            })))?;
+        }
+    }
+    Ok(())
+}
+
+/// Matches one path component against a pattern with `*` and `?`.
+fn component_matches(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// Expands an absolute glob (`*`, `?` within a component, `**` for any depth), without following
+/// symlinked directories, up to `max` matches.
+pub fn glob(pattern: &str, max: usize) -> Vec<PathBuf> {
+    let parts: Vec<&str> = pattern
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut out = Vec::new();
+    walk(Path::new("/"), &parts, max, &mut out);
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path, parts: &[&str], max: usize, out: &mut Vec<PathBuf>) {
+    if out.len() >= max {
+        return;
+    }
+    let Some((first, rest)) = parts.split_first() else {
+        if dir.is_file() {
+            out.push(dir.to_owned());
+        }
+        return;
+    };
+    if *first == "**" {
+        walk(dir, rest, max, out); // Zero directories.
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        let mut subdirs: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .map(|e| e.path())
+            .collect();
+        subdirs.sort();
+        for d in subdirs {
+            walk(&d, parts, max, out);
+        }
+        return;
+    }
+    if !first.contains(['*', '?']) {
+        walk(&dir.join(first), rest, max, out);
+        return;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in names {
+        if component_matches(first, &n) {
+            walk(&dir.join(n), rest, max, out);
+        }
+    }
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(crate::clock::hex(&h.finalize()))
+}
+
+fn file_finder(pattern: &str, upload: bool, max: u64, emit: &mut Emit<'_>) -> Result<(), Stop> {
+    for path in glob(pattern, max as usize) {
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        let sha256 = sha256_file(&path).unwrap_or_default();
+        emit(row(
+            json!({"path": path.display().to_string(), "size": meta.len(), "mtime": mtime, "sha256": sha256}),
+        ))?;
+        if upload {
+            emit(Output::Upload(path))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(name: &str, params: &[(&str, &str)]) -> Vec<Output> {
+        let given = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (_, full) = talon_core::artifacts::validate(name, &given).unwrap();
+        let mut out = Vec::new();
+        run(name, &full, &mut |o| {
+            out.push(o);
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    fn rows(out: &[Output]) -> Vec<&Map<String, Value>> {
+        out.iter()
+            .filter_map(|o| {
+                if let Output::Row(r) = o {
+                    Some(r)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_catalogue_artifact_runs_here() {
+        for a in talon_core::artifacts::CATALOGUE {
+            let _ = collect(a.name, &[]);
+        }
+    }
+
+    #[test]
+    fn client_info_and_test_rows_have_their_fields() {
+        let info = collect("Generic.Client.Info", &[]);
+        let r = rows(&info)[0];
+        for k in [
+            "hostname",
+            "fqdn",
+            "os",
+            "kernel",
+            "arch",
+            "boot_time",
+            "ips",
+            "macs",
+            "agent_version",
+        ] {
+            assert!(r.contains_key(k), "{k}");
+        }
+        assert_eq!(r["os"], "linux");
+        let t = collect("Generic.Test.Rows", &[("count", "5"), ("size", "3")]);
+        assert_eq!(rows(&t).len(), 5);
+        assert_eq!(rows(&t)[4]["pad"], "xxx");
+    }
+
+    #[test]
+    fn pslist_finds_this_process_and_users_finds_root() {
+        let me = std::process::id() as u64;
+        let ps = collect("Linux.Sys.Pslist", &[]);
+        let mine = rows(&ps)
+            .into_iter()
+            .find(|r| r["pid"] == me)
+            .expect("this process is listed");
+        assert!(mine["rss"].as_u64().unwrap() > 0);
+        let users = collect("Linux.Sys.Users", &[]);
+        assert!(
+            rows(&users)
+                .iter()
+                .any(|r| r["name"] == "root" && r["uid"] == 0)
+        );
+    }
+
+    #[test]
+    fn netstat_sees_a_listening_socket() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port() as u64;
+        let ns = collect("Linux.Network.Netstat", &[]);
+        assert!(rows(&ns).iter().any(|r| r["local_port"] == port
+            && r["state"] == "LISTEN"
+            && r["local_address"] == "127.0.0.1"));
+    }
+
+    #[test]
+    fn file_finder_globs_hashes_and_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/x.log"), b"abc").unwrap();
+        std::fs::write(dir.path().join("a/y.log"), b"").unwrap();
+        std::fs::write(dir.path().join("a/y.txt"), b"").unwrap();
+        let g = format!("{}/**/*.log", dir.path().display());
+        let out = collect(
+            "Generic.Forensic.FileFinder",
+            &[("glob", &g), ("upload", "true")],
+        );
+        let r = rows(&out);
+        assert_eq!(r.len(), 2);
+        let x = r
+            .iter()
+            .find(|r| r["path"].as_str().unwrap().ends_with("x.log"))
+            .unwrap();
+        assert_eq!(
+            x["sha256"],
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(o, Output::Upload(_)))
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn glob_components() {
+        assert!(component_matches("*.log", "a.log"));
+        assert!(component_matches("a?c", "abc"));
+        assert!(!component_matches("*.log", "a.txt"));
+        assert!(component_matches("*", ""));
+        assert!(component_matches("a*b*c", "aXbYc"));
+        assert!(!component_matches("a*b", "ac"));
+    }
+
+    #[test]
+    fn a_stop_ends_the_artifact_early() {
+        let (_, p) = talon_core::artifacts::validate(
+            "Generic.Test.Rows",
+            &BTreeMap::from([("count".into(), "1000".into())]),
+        )
+        .unwrap();
+        let mut n = 0;
+        run("Generic.Test.Rows", &p, &mut |_| {
+            n += 1;
+            if n == 3 { Err(Stop) } else { Ok(()) }
+        })
+        .unwrap();
+        assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn proc_addresses_decode() {
+        assert_eq!(proc_addr("0100007F:1F90"), Some(("127.0.0.1".into(), 8080)));
+        assert_eq!(
+            proc_addr("00000000000000000000000001000000:0016"),
+            Some(("::1".into(), 22))
+        );
+    }
+}
