@@ -15,6 +15,9 @@ pub struct Cli {
     /// The server or client config file.
     #[arg(long, short = 'c', global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The API client config file (from `talon config api-client`).
+    #[arg(long, alias = "api_config", global = true, value_name = "FILE")]
+    pub api_config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -34,6 +37,112 @@ pub enum Command {
         /// What to do with them.
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Run a frontend node (the master, with --config server.config.yaml).
+    Frontend {
+        /// This node's fast local disk, for the datastore journal (not the shared volume).
+        #[arg(long, alias = "local_dir", value_name = "DIR")]
+        local_dir: Option<PathBuf>,
+    },
+    /// Run an endpoint agent (with --config client.config.yaml).
+    Client {
+        /// Where the agent keeps its key (created on first start).
+        #[arg(long, value_name = "FILE")]
+        writeback: Option<PathBuf>,
+    },
+    /// Find clients.
+    Clients {
+        /// What to do.
+        #[command(subcommand)]
+        command: ClientsCommand,
+    },
+    /// Add or remove a client label.
+    Label {
+        /// What to do.
+        #[command(subcommand)]
+        command: LabelCommand,
+    },
+    /// Collect an artifact from one client.
+    Collect {
+        /// The client (C.xxxxxxxxxxxxxxxx).
+        client_id: String,
+        /// The artifact (see `talon artifacts list`).
+        artifact: String,
+        /// A parameter, `name=value`; repeat for several.
+        #[arg(long = "param", value_name = "K=V")]
+        params: Vec<String>,
+        /// Wait for the flow to finish and print its summary.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value_t = 300)]
+        timeout_s: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect a flow.
+    Flow {
+        /// What to do.
+        #[command(subcommand)]
+        command: FlowCommand,
+    },
+}
+
+/// `talon clients ...`
+#[derive(Debug, Subcommand)]
+pub enum ClientsCommand {
+    /// Search: all | host:X | label:X | ip:X | C.<id prefix>.
+    Search {
+        /// The query.
+        query: String,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `talon label ...`
+#[derive(Debug, Subcommand)]
+pub enum LabelCommand {
+    /// Add a label to a client.
+    Add {
+        /// The client.
+        client_id: String,
+        /// The label.
+        label: String,
+    },
+    /// Remove a label from a client.
+    Remove {
+        /// The client.
+        client_id: String,
+        /// The label.
+        label: String,
+    },
+}
+
+/// `talon flow ...`
+#[derive(Debug, Subcommand)]
+pub enum FlowCommand {
+    /// A flow's state and totals.
+    Show {
+        /// The client.
+        client_id: String,
+        /// The flow.
+        flow_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A flow's result rows, one JSON object per line.
+    Results {
+        /// The client.
+        client_id: String,
+        /// The flow.
+        flow_id: String,
+        /// Accepted for symmetry with `flow show`; rows are always JSON lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -127,6 +236,224 @@ pub fn run(cli: Cli) -> Result<String, String> {
             artifacts_table()
         }),
         Command::Config { command } => run_config(cli.config.as_deref(), command),
+        command => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            rt.block_on(run_async(cli.config, cli.api_config, command))
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+fn parse_params(params: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
+    params
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(format!("--param {p:?}: expected name=value")),
+        })
+        .collect()
+}
+
+async fn api(api_config: Option<&Path>) -> Result<crate::api_client::Api, String> {
+    let path = api_config.ok_or_else(|| {
+        "this command needs --api-config api.config.yaml (see `talon config api-client`)"
+            .to_string()
+    })?;
+    crate::api_client::Api::connect(path).await
+}
+
+fn flow_text(f: &talon_proto::api::FlowSummary) -> String {
+    let mut s = format!(
+        "flow {} on {}: {} {} rows={} uploaded_bytes={}",
+        f.flow_id,
+        f.client_id,
+        f.artifact,
+        crate::api_client::state_name(f.state),
+        f.rows,
+        f.uploaded_bytes
+    );
+    if !f.error.is_empty() {
+        s.push_str(&format!(" error={:?}", f.error));
+    }
+    s
+}
+
+async fn run_async(
+    config: Option<PathBuf>,
+    api_config: Option<PathBuf>,
+    command: Command,
+) -> Result<String, String> {
+    use crate::api_client::{client_json, flow_json};
+    use std::sync::Arc;
+    match command {
+        Command::Frontend { local_dir } => {
+            init_logging("info");
+            let path = need_config(config.as_deref())?;
+            let cfg = ServerConfig::load(path).map_err(|e| e.to_string())?;
+            let local_dir = local_dir.unwrap_or_else(|| {
+                PathBuf::from(format!("/var/lib/talon/{}", cfg.master_node_name()))
+            });
+            crate::server::run_master(
+                cfg,
+                local_dir,
+                Arc::new(SystemClock),
+                Arc::new(OsEntropy::default()),
+                |_| {},
+                shutdown_signal(),
+            )
+            .await?;
+            Ok("frontend stopped".into())
+        }
+        Command::Client { writeback } => {
+            init_logging("info");
+            let path = need_config(config.as_deref())?;
+            let cfg: config::ClientConfig = config::read_yaml(path).map_err(|e| e.to_string())?;
+            let writeback =
+                writeback.unwrap_or_else(|| path.with_file_name("talon.writeback.yaml"));
+            let (identity, id) = crate::agent::load_or_create_identity(&writeback, &SystemClock)?;
+            tracing::info!(client = %id, writeback = %writeback.display(), servers = ?cfg.client.server_urls, "talon client starting");
+            let agent = crate::agent::Agent {
+                config: cfg,
+                identity,
+                id,
+                clock: Arc::new(SystemClock),
+                entropy: Arc::new(OsEntropy::default()),
+                outbox: crate::agent::Outbox::default(),
+            };
+            tokio::select! {
+                r = agent.run() => r.map(|_| String::new()),
+                _ = shutdown_signal() => Ok("client stopped".into()),
+            }
+        }
+        Command::Clients {
+            command: ClientsCommand::Search { query, json },
+        } => {
+            init_logging("warn");
+            let r = api(api_config.as_deref()).await?.search(&query).await?;
+            if json {
+                let v: Vec<_> = r.clients.iter().map(client_json).collect();
+                return Ok(serde_json::to_string_pretty(&v).expect("JSON"));
+            }
+            let mut out: Vec<String> = r
+                .clients
+                .iter()
+                .map(|c| {
+                    let state = if c.connected { "connected" } else { "offline" };
+                    format!(
+                        "{}  {:<24} {:<8} {:<10} {} [{}]",
+                        c.client_id,
+                        c.hostname,
+                        c.os,
+                        state,
+                        c.node,
+                        c.labels.join(",")
+                    )
+                })
+                .collect();
+            if r.truncated {
+                out.push("(more matched; narrow the query)".into());
+            }
+            if out.is_empty() {
+                out.push(format!("no client matches {query:?}"));
+            }
+            Ok(out.join("\n"))
+        }
+        Command::Label { command } => {
+            init_logging("warn");
+            let (client, label, remove) = match command {
+                LabelCommand::Add { client_id, label } => (client_id, label, false),
+                LabelCommand::Remove { client_id, label } => (client_id, label, true),
+            };
+            let c = api(api_config.as_deref())
+                .await?
+                .label(&client, &label, remove)
+                .await?;
+            Ok(format!("{} labels: [{}]", c.client_id, c.labels.join(",")))
+        }
+        Command::Collect {
+            client_id,
+            artifact,
+            params,
+            wait,
+            timeout_s,
+            json,
+        } => {
+            init_logging("warn");
+            let params = parse_params(&params)?;
+            // Refuse bad input before talking to the server.
+            artifacts::validate(&artifact, &params).map_err(|e| e.to_string())?;
+            let mut a = api(api_config.as_deref()).await?;
+            let mut f = a.collect(&client_id, &artifact, params).await?;
+            if wait {
+                f = a
+                    .wait(
+                        &client_id,
+                        &f.flow_id,
+                        std::time::Duration::from_secs(timeout_s),
+                    )
+                    .await?;
+            }
+            Ok(if json {
+                serde_json::to_string_pretty(&flow_json(&f)).expect("JSON")
+            } else {
+                flow_text(&f)
+            })
+        }
+        Command::Flow {
+            command:
+                FlowCommand::Show {
+                    client_id,
+                    flow_id,
+                    json,
+                },
+        } => {
+            init_logging("warn");
+            let f = api(api_config.as_deref())
+                .await?
+                .flow(&client_id, &flow_id)
+                .await?;
+            Ok(if json {
+                serde_json::to_string_pretty(&flow_json(&f)).expect("JSON")
+            } else {
+                flow_text(&f)
+            })
+        }
+        Command::Flow {
+            command: FlowCommand::Results {
+                client_id, flow_id, ..
+            },
+        } => {
+            init_logging("warn");
+            let rows = api(api_config.as_deref())
+                .await?
+                .rows(&client_id, &flow_id)
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+        Command::Artifacts { .. } | Command::Config { .. } => unreachable!("handled synchronously"),
     }
 }
 

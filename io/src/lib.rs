@@ -1,12 +1,17 @@
 //! Talon's production shell: the `talon` command line (and, as it grows, the frontend, master and
 //! minion services, storage backends and client agent that drive `talon-core`).
 
+pub mod agent;
+pub mod api_client;
 pub mod artifacts;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod datastore;
+pub mod frontend;
 pub mod fsutil;
 pub mod pki;
+pub mod records;
+pub mod server;
 pub mod storage;
 pub mod tls;

@@ -1,0 +1,544 @@
+//! The endpoint agent (`talon client`): keeps one stream to a frontend, runs the tasks pushed down it,
+//! and sends results back in numbered messages, keeping each until the frontend acknowledges it.
+//!
+//! - Identity: a key made on first start and kept in the writeback file; the client id is derived from
+//!   it. Each start makes a fresh self-signed certificate over the same key.
+//! - Failover: starts at a random `Client.server_urls` entry, moves to the next on error, reconnects
+//!   with jittered exponential backoff.
+//! - Durability: every flow message is kept in the [`Outbox`] until acknowledged and resent, in order,
+//!   after a reconnect (to any frontend). At most `max_in_flight` unacknowledged messages per flow
+//!   (the server's Welcome says how many); the artifact waits beyond that (back-pressure).
+
+use crate::artifacts::{self, Output};
+use crate::clock::{Clock, Entropy};
+use crate::config::ClientConfig;
+use crate::{pki, tls};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use talon_core::{ClientId, Timestamp};
+use talon_proto::comms::{
+    self, client_message, comms_client::CommsClient, flow_message, server_message,
+};
+use tokio::sync::{Notify, mpsc};
+
+/// Rows per result message at most (the server may ask for fewer).
+pub const BATCH_ROWS_MAX: usize = 1000;
+/// Bytes of rows per result message at most.
+pub const BATCH_BYTES_MAX: usize = 1 << 20;
+/// Bytes per upload chunk.
+pub const CHUNK_BYTES: usize = 512 << 10;
+/// Completed flow ids remembered to ignore a task delivered twice.
+pub const DONE_REMEMBERED_MAX: usize = 1024;
+/// Outgoing messages queued for the current stream.
+pub const SEND_QUEUE_MAX: usize = 256;
+/// A message unacknowledged this long is sent again (a refusal under load, or a lost ack): like a TCP
+/// retransmission timer. Safe because the frontend stores each (flow, seq) once.
+pub const RESEND_AFTER_MS: u64 = 2000;
+
+/// What the writeback file holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Writeback {
+    /// The id derived from the key (informational; always re-derived).
+    pub client_id: String,
+    /// The client's private key (PEM).
+    pub private_key: String,
+}
+
+/// Loads the writeback file, or makes a new identity and writes it.
+pub fn load_or_create_identity(
+    path: &Path,
+    clock: &dyn Clock,
+) -> Result<(pki::Pem, ClientId), String> {
+    if path.exists() {
+        let wb: Writeback = crate::config::read_yaml(path).map_err(|e| e.to_string())?;
+        return pki::endpoint_certificate(&wb.private_key, clock.now())
+            .map_err(|e| format!("{}: {e}", path.display()));
+    }
+    let (pem, id) = pki::new_endpoint_identity(clock.now()).map_err(|e| e.to_string())?;
+    let wb = Writeback {
+        client_id: id.to_string(),
+        private_key: pem.private_key.clone(),
+    };
+    crate::config::write_yaml(path, &wb).map_err(|e| e.to_string())?;
+    Ok((pem, id))
+}
+
+#[derive(Default)]
+struct FlowOut {
+    next_seq: u64,
+    /// Each unacknowledged message and when it was last sent.
+    unacked: BTreeMap<u64, (comms::FlowMessage, Timestamp)>,
+    final_seq: Option<u64>,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    flows: BTreeMap<String, FlowOut>,
+    done: VecDeque<String>,
+    session: Option<mpsc::Sender<comms::ClientMessage>>,
+    max_in_flight: usize,
+}
+
+/// Unacknowledged flow messages, shared by every session of the agent.
+#[derive(Clone, Default)]
+pub struct Outbox {
+    state: Arc<Mutex<OutboxState>>,
+    acked: Arc<Notify>,
+}
+
+fn flow_msg(m: comms::FlowMessage) -> comms::ClientMessage {
+    comms::ClientMessage {
+        kind: Some(client_message::Kind::Flow(m)),
+    }
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        self.state.lock().expect("outbox lock poisoned")
+    }
+
+    /// Flows still running or awaiting acknowledgement.
+    pub fn running_flows(&self) -> Vec<String> {
+        self.lock().flows.keys().cloned().collect()
+    }
+
+    /// Unacknowledged messages in total.
+    pub fn unacked(&self) -> usize {
+        self.lock().flows.values().map(|f| f.unacked.len()).sum()
+    }
+
+    fn knows(&self, flow: &str) -> bool {
+        let s = self.lock();
+        s.flows.contains_key(flow) || s.done.iter().any(|d| d == flow)
+    }
+
+    /// A new stream is up: resend everything unacknowledged, in order, through it.
+    async fn attach(&self, tx: mpsc::Sender<comms::ClientMessage>, max_in_flight: usize) {
+        let resend: Vec<comms::FlowMessage> = {
+            let mut s = self.lock();
+            s.session = Some(tx.clone());
+            s.max_in_flight = max_in_flight.max(1);
+            s.flows
+                .values()
+                .flat_map(|f| f.unacked.values().map(|(m, _)| m.clone()))
+                .collect()
+        };
+        for m in resend {
+            if tx.send(flow_msg(m)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn detach(&self) {
+        self.lock().session = None;
+    }
+
+    fn start(&self, flow: &str) {
+        self.lock().flows.entry(flow.to_owned()).or_default();
+    }
+
+    /// Messages unacknowledged for `after_ms`, marked as sent again at `now`.
+    fn stale(&self, now: Timestamp, after_ms: u64) -> Vec<comms::FlowMessage> {
+        let mut s = self.lock();
+        let mut out = Vec::new();
+        for f in s.flows.values_mut() {
+            for (m, sent) in f.unacked.values_mut() {
+                if now.since_ms(*sent) >= after_ms {
+                    *sent = now;
+                    out.push(m.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Adds the next message of a flow, waiting while the flow has `max_in_flight` unacknowledged.
+    async fn push(&self, flow: &str, payload: flow_message::Payload, now: Timestamp) {
+        let is_final = matches!(payload, flow_message::Payload::Status(_));
+        loop {
+            let notified = self.acked.notified();
+            // Decide under the lock, await outside it.
+            let ready = {
+                let mut s = self.lock();
+                let max = s.max_in_flight.max(1);
+                let session = s.session.clone();
+                let f = s.flows.entry(flow.to_owned()).or_default();
+                if f.unacked.len() >= max && !is_final {
+                    None
+                } else {
+                    let seq = f.next_seq;
+                    f.next_seq += 1;
+                    if is_final {
+                        f.final_seq = Some(seq);
+                    }
+                    let m = comms::FlowMessage {
+                        flow_id: flow.to_owned(),
+                        seq,
+                        payload: Some(payload.clone()),
+                    };
+                    f.unacked.insert(seq, (m.clone(), now));
+                    Some((m, session))
+                }
+            };
+            let Some((msg, session)) = ready else {
+                notified.await;
+                continue;
+            };
+            // Not connected, or the stream breaks: the message stays unacked and is resent on attach.
+            if let Some(tx) = session {
+                let _ = tx.send(flow_msg(msg)).await;
+            }
+            return;
+        }
+    }
+
+    fn ack(&self, flow: &str, seq: u64) {
+        let mut s = self.lock();
+        let Some(f) = s.flows.get_mut(flow) else {
+            return;
+        };
+        f.unacked.remove(&seq);
+        if f.final_seq == Some(seq) {
+            // The final status is acknowledged only once the whole flow is stored.
+            s.flows.remove(flow);
+            s.done.push_back(flow.to_owned());
+            if s.done.len() > DONE_REMEMBERED_MAX {
+                s.done.pop_front();
+            }
+        }
+        drop(s);
+        self.acked.notify_waiters();
+    }
+}
+
+fn status(
+    state: comms::FlowState,
+    error: String,
+    rows: u64,
+    bytes: u64,
+    ms: u64,
+) -> flow_message::Payload {
+    flow_message::Payload::Status(comms::FlowStatus {
+        state: state as i32,
+        error,
+        total_rows: rows,
+        total_uploaded_bytes: bytes,
+        duration_ms: ms,
+    })
+}
+
+enum Produced {
+    Out(Output),
+    Done(Result<(), String>),
+}
+
+/// Runs one task to completion, streaming its output into the outbox.
+async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>) {
+    let flow = task.flow_id.clone();
+    let started = clock.now();
+    outbox.start(&flow);
+    let (tx, mut rx) = mpsc::channel::<Produced>(64);
+    let params = task.params.clone().into_iter().collect();
+    let artifact = task.artifact.clone();
+    tokio::task::spawn_blocking(move || {
+        let done = artifacts::run(&artifact, &params, &mut |o| {
+            tx.blocking_send(Produced::Out(o))
+                .map_err(|_| artifacts::Stop)
+        });
+        let _ = tx.blocking_send(Produced::Done(done));
+    });
+    let (mut rows, mut bytes, mut upload_id) = (0u64, 0u64, 0u32);
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let source = task.artifact.clone();
+    let flush = |batch: &mut Vec<Bytes>, batch_bytes: &mut usize| {
+        *batch_bytes = 0;
+        flow_message::Payload::Rows(comms::ResultRows {
+            source: source.clone(),
+            rows: std::mem::take(batch),
+        })
+    };
+    let mut result = Err("the artifact stopped without a result".to_string());
+    while let Some(p) = rx.recv().await {
+        match p {
+            Produced::Out(Output::Row(r)) => {
+                let b = Bytes::from(serde_json::to_vec(&r).expect("JSON objects serialise"));
+                if !batch.is_empty()
+                    && (batch.len() >= BATCH_ROWS_MAX || batch_bytes + b.len() > BATCH_BYTES_MAX)
+                {
+                    outbox
+                        .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
+                        .await;
+                }
+                batch_bytes += b.len();
+                batch.push(b);
+                rows += 1;
+            }
+            Produced::Out(Output::Upload(path)) => {
+                if !batch.is_empty() {
+                    outbox
+                        .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
+                        .await;
+                }
+                match upload(&outbox, &flow, upload_id, &path, &*clock).await {
+                    Ok(n) => bytes += n,
+                    Err(e) => {
+                        tracing::warn!(flow = %flow, path = %path.display(), error = %e, "upload failed")
+                    }
+                }
+                upload_id += 1;
+            }
+            Produced::Done(r) => {
+                result = r;
+                break;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        outbox
+            .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
+            .await;
+    }
+    let ms = clock.now().since_ms(started);
+    let final_status = match result {
+        Ok(()) => status(comms::FlowState::Completed, String::new(), rows, bytes, ms),
+        Err(e) => status(comms::FlowState::Error, e, rows, bytes, ms),
+    };
+    outbox.push(&flow, final_status, clock.now()).await;
+    tracing::info!(flow = %flow, artifact = %task.artifact, rows, "task finished");
+}
+
+/// Sends a file as chunks; returns its size.
+async fn upload(
+    outbox: &Outbox,
+    flow: &str,
+    upload_id: u32,
+    path: &Path,
+    clock: &dyn Clock,
+) -> std::io::Result<u64> {
+    let mut f = std::fs::File::open(path)?;
+    let name = path.display().to_string();
+    let mut hasher = Sha256::new();
+    let mut offset = 0u64;
+    loop {
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        let n = f.read(&mut buf)?;
+        buf.truncate(n);
+        hasher.update(&buf);
+        let eof = n < CHUNK_BYTES;
+        let (total_size, sha256) = if eof {
+            (
+                offset + n as u64,
+                Bytes::from(hasher.clone().finalize().to_vec()),
+            )
+        } else {
+            (0, Bytes::new())
+        };
+        let chunk = comms::FileChunk {
+            upload_id,
+            name: name.clone(),
+            offset,
+            data: Bytes::from(buf),
+            eof,
+            total_size,
+            sha256,
+        };
+        outbox
+            .push(flow, flow_message::Payload::FileChunk(chunk), clock.now())
+            .await;
+        offset += n as u64;
+        if eof {
+            return Ok(offset);
+        }
+    }
+}
+
+/// Splits `https://host:port/` into host and port.
+pub fn parse_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?}: expected https://HOST:PORT/"))?;
+    let hostport = rest.trim_end_matches('/');
+    crate::config::parse_host_port(hostport)
+        .map_err(|_| format!("{url:?}: expected https://HOST:PORT/"))
+}
+
+fn hello(id: &ClientId, nonce: &str, outbox: &Outbox) -> comms::ClientMessage {
+    let info = artifacts::client_info();
+    let s = |k: &str| info[k].as_str().unwrap_or_default().to_owned();
+    let list = |k: &str| {
+        info[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    comms::ClientMessage {
+        kind: Some(client_message::Kind::Hello(comms::Hello {
+            client_id: id.to_string(),
+            deployment_nonce: nonce.to_owned(),
+            info: Some(comms::ClientInfo {
+                hostname: s("hostname"),
+                fqdn: s("fqdn"),
+                os: s("os"),
+                kernel: s("kernel"),
+                arch: s("arch"),
+                agent_version: s("agent_version"),
+                ips: list("ips"),
+                macs: list("macs"),
+                boot_time_unix_s: info["boot_time"].as_u64().unwrap_or(0),
+            }),
+            running_flows: outbox.running_flows(),
+        })),
+    }
+}
+
+/// Everything one agent needs.
+pub struct Agent {
+    /// The client config.
+    pub config: ClientConfig,
+    /// The TLS identity.
+    pub identity: pki::Pem,
+    /// The derived id.
+    pub id: ClientId,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Randomness (start URL, jitter).
+    pub entropy: Arc<dyn Entropy>,
+    /// Unacknowledged messages.
+    pub outbox: Outbox,
+}
+
+impl Agent {
+    /// Runs sessions forever, failing over between frontends.
+    pub async fn run(self) -> Result<(), String> {
+        let urls = self
+            .config
+            .client
+            .server_urls
+            .iter()
+            .map(|u| parse_url(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        if urls.is_empty() {
+            return Err("Client.server_urls is empty".into());
+        }
+        let tls = tls::client_config(
+            &self.config.client.ca_certificate,
+            &self.identity.certificate,
+            &self.identity.private_key,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut r = [0u8; 8];
+        self.entropy.fill(&mut r);
+        let mut idx = (u64::from_le_bytes(r) % urls.len() as u64) as usize;
+        let mut failures = 0u32;
+        loop {
+            let (host, port) = &urls[idx];
+            match self.session(host, *port, tls.clone()).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(server = %format!("{host}:{port}"), error = %e, "connection failed");
+                }
+            }
+            idx = (idx + 1) % urls.len();
+            // Jittered exponential backoff: 0.5..1.0 of min(30 s, 0.5 s * 2^failures).
+            let base_ms = 500u64.saturating_mul(1 << failures.min(6)).min(30_000);
+            self.entropy.fill(&mut r);
+            let jitter = base_ms / 2 + u64::from_le_bytes(r) % (base_ms / 2 + 1);
+            tokio::time::sleep(Duration::from_millis(if failures == 0 {
+                200
+            } else {
+                jitter
+            }))
+            .await;
+        }
+    }
+
+    async fn session(
+        &self,
+        host: &str,
+        port: u16,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<(), String> {
+        let channel = tls::connect(host, port, tls, Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client = CommsClient::new(channel).max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel(SEND_QUEUE_MAX);
+        tx.send(hello(&self.id, &self.config.client.nonce, &self.outbox))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut inbound = client
+            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner();
+        let welcome = match inbound
+            .message()
+            .await
+            .map_err(|e| e.message().to_owned())?
+        {
+            Some(comms::ServerMessage {
+                kind: Some(server_message::Kind::Welcome(w)),
+            }) => w,
+            other => return Err(format!("expected a Welcome, got {other:?}")),
+        };
+        tracing::info!(client = %self.id, node = %welcome.node, "connected");
+        self.outbox
+            .attach(tx.clone(), welcome.max_in_flight as usize)
+            .await;
+        let mut ping = tokio::time::interval(Duration::from_secs(30));
+        let mut resend = tokio::time::interval(Duration::from_millis(RESEND_AFTER_MS / 2));
+        let mut seen_tasks = BTreeSet::new();
+        let result = loop {
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(comms::ServerMessage { kind: Some(kind) })) => match kind {
+                        server_message::Kind::Task(t) => {
+                            let _ = tx.send(comms::ClientMessage { kind: Some(client_message::Kind::TaskAck(comms::TaskAck { flow_id: t.flow_id.clone() })) }).await;
+                            if self.outbox.knows(&t.flow_id) || !seen_tasks.insert(t.flow_id.clone()) {
+                                continue; // Delivered twice: already running or done.
+                            }
+                            tracing::info!(flow = %t.flow_id, artifact = %t.artifact, "task received");
+                            tokio::spawn(run_task(t, self.outbox.clone(), self.clock.clone()));
+                        }
+                        server_message::Kind::Ack(a) => self.outbox.ack(&a.flow_id, a.seq),
+                        server_message::Kind::Error(e) => tracing::warn!(flow = %e.flow_id, seq = e.seq, message = %e.message, "server refused a message"),
+                        server_message::Kind::Cancel(c) => tracing::info!(flow = %c.flow_id, reason = %c.reason, "cancel requested"),
+                        server_message::Kind::Welcome(_) | server_message::Kind::Pong(_) => {}
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e.message().to_owned()),
+                },
+                _ = resend.tick() => {
+                    for m in self.outbox.stale(self.clock.now(), RESEND_AFTER_MS) {
+                        if tx.send(flow_msg(m)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    let p = comms::Ping { time_unix_ms: self.clock.now().as_ms() };
+                    if tx.send(comms::ClientMessage { kind: Some(client_message::Kind::Ping(p)) }).await.is_err() {
+                        break Err("stream closed".into());
+                    }
+                }
+            }
+        };
+        self.outbox.detach();
+        result
+    }
+}

@@ -1,0 +1,1040 @@
+//! A frontend node: the client-facing `Comms` service and, on the master, the analyst's `Api`.
+//!
+//! One task, the [`Node`] actor, owns the core state machines of the node (client registry, key cache,
+//! flow tracker). gRPC handlers talk to it through a bounded channel; it performs the machines' actions
+//! (store a flow message in the filestore, acknowledge, write records through the datastore) and feeds
+//! their results back as inputs — the driving rule of `talon-core`, with tokio around it.
+//!
+//! This build serves single-server mode (a master without minions): hunts and replication to minions
+//! are not yet wired; their API calls answer UNIMPLEMENTED.
+
+use crate::clock::{Clock, Entropy};
+use crate::datastore::Datastore;
+use crate::pki::Role;
+use crate::records::{ClientJson, FlowJson, FlowRecordState};
+use crate::storage::volume::{FsVolume, Volume};
+use crate::tls::Peer;
+use bytes::Bytes;
+use prost::Message;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use talon_core::codec::{self, ClientInput, CodecLimits, FlowData};
+use talon_core::flows::{FinalState, FlowAction, FlowKey, FlowLimits, FlowTracker, StoredMessage};
+use talon_core::registry::{
+    KeyCache, KeyCheck, Query, Registry, RegistryAction, RegistryLimits, Sighting,
+};
+use talon_core::{ClientId, FlowId, Timestamp, paths};
+use talon_proto::api;
+use talon_proto::comms::{self, client_message, server_message};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+/// Per-client queue of messages to push down its stream; a slow client drops acks (it resends).
+pub const CLIENT_QUEUE_MAX: usize = 256;
+/// Messages waiting for the node actor; handlers wait beyond it (back-pressure).
+pub const NODE_INBOX_MAX: usize = 8192;
+/// Tasks queued for one disconnected client.
+pub const QUEUED_TASKS_PER_CLIENT_MAX: usize = 256;
+
+/// The node's settings.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// `<hostname>-<port>`.
+    pub node_name: String,
+    /// The deployment nonce clients must present.
+    pub nonce: String,
+    /// Key cache size (`Frontend.resources.expected_clients`).
+    pub expected_clients: usize,
+    /// Client message limits.
+    pub codec: CodecLimits,
+    /// Flow tracker limits.
+    pub flows: FlowLimits,
+    /// Registry limits.
+    pub registry: RegistryLimits,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Status>>;
+
+enum Msg {
+    Connected {
+        peer: Peer,
+        hello: codec::Hello,
+        tx: mpsc::Sender<Result<comms::ServerMessage, Status>>,
+        conn: u64,
+        reply: Reply<()>,
+    },
+    Disconnected {
+        client: ClientId,
+        conn: u64,
+    },
+    Flow {
+        client: ClientId,
+        flow: FlowId,
+        seq: u64,
+        data: FlowData,
+        raw: Bytes,
+    },
+    Stored {
+        key: FlowKey,
+        seq: u64,
+        ok: bool,
+    },
+    Audited {
+        key: FlowKey,
+        found: Option<Vec<StoredMessage>>,
+    },
+    TaskAck {
+        client: ClientId,
+        flow: FlowId,
+    },
+    Search {
+        query: String,
+        limit: usize,
+        reply: Reply<api::SearchResponse>,
+    },
+    Label {
+        client: String,
+        label: String,
+        remove: bool,
+        reply: Reply<api::ClientSummary>,
+    },
+    Collect {
+        client: String,
+        artifact: String,
+        params: BTreeMap<String, String>,
+        reply: Reply<api::FlowSummary>,
+    },
+}
+
+/// A handle to the node actor.
+#[derive(Clone)]
+pub struct Node {
+    tx: mpsc::Sender<Msg>,
+    datastore: Datastore,
+    filestore: Arc<FsVolume>,
+    limits: CodecLimits,
+    nonce: String,
+    next_conn: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct Conn {
+    id: u64,
+    tx: mpsc::Sender<Result<comms::ServerMessage, Status>>,
+}
+
+struct Actor {
+    opts: NodeOptions,
+    clock: Arc<dyn Clock>,
+    entropy: Arc<dyn Entropy>,
+    datastore: Datastore,
+    filestore: Arc<FsVolume>,
+    registry: Registry,
+    keys: KeyCache,
+    flows: FlowTracker,
+    conns: BTreeMap<ClientId, Conn>,
+    /// Tasks for clients not connected now, in creation order.
+    queued: BTreeMap<ClientId, Vec<comms::Task>>,
+    /// Raw bytes of flow messages being stored, until their store completes.
+    raw: BTreeMap<(FlowKey, u64), Bytes>,
+    self_tx: mpsc::Sender<Msg>,
+}
+
+async fn load_json<T: serde::de::DeserializeOwned>(
+    ds: &Datastore,
+    key: &str,
+) -> Result<Option<T>, String> {
+    match ds.get(key).await.map_err(|e| format!("{key}: {e}"))? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| format!("{key}: {e}")),
+    }
+}
+
+async fn save_json<T: serde::Serialize>(
+    ds: &Datastore,
+    key: &str,
+    value: &T,
+) -> Result<(), Status> {
+    let bytes = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
+    ds.set(key, Bytes::from(bytes))
+        .await
+        .map(|_| ())
+        .map_err(|e| Status::unavailable(format!("datastore: {e}")))
+}
+
+fn summary(r: &talon_core::registry::ClientRecord) -> api::ClientSummary {
+    api::ClientSummary {
+        client_id: r.id.to_string(),
+        hostname: r.hostname.clone(),
+        os: r.os.clone(),
+        labels: r.labels.iter().cloned().collect(),
+        last_seen_unix_ms: r.last_seen.as_ms(),
+        last_ip: r.last_ip.clone(),
+        node: r.node.clone(),
+        connected: r.connected,
+    }
+}
+
+/// The API's view of a flow record.
+pub fn flow_summary(f: &FlowJson) -> api::FlowSummary {
+    let state = match f.state {
+        FlowRecordState::Queued | FlowRecordState::Running => comms::FlowState::Running,
+        FlowRecordState::Completed => comms::FlowState::Completed,
+        FlowRecordState::Error => comms::FlowState::Error,
+    };
+    api::FlowSummary {
+        client_id: f.client_id.clone(),
+        flow_id: f.flow_id.clone(),
+        artifact: f.artifact.clone(),
+        state: state as i32,
+        rows: f.rows,
+        uploaded_bytes: f.uploaded_bytes,
+        error: f.error.clone(),
+        created_unix_ms: f.created_ms,
+    }
+}
+
+impl Node {
+    /// Loads the registry from the datastore and starts the node actor.
+    pub async fn start(
+        opts: NodeOptions,
+        datastore: Datastore,
+        filestore: FsVolume,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+    ) -> Result<Node, String> {
+        let (keys, _) = datastore
+            .list("clients/")
+            .await
+            .map_err(|e| format!("listing clients: {e}"))?;
+        let mut records = Vec::new();
+        for k in keys
+            .iter()
+            .filter(|k| k.ends_with("/record.json") && k.matches('/').count() == 2)
+        {
+            if let Some(j) = load_json::<ClientJson>(&datastore, k).await? {
+                records.push(
+                    j.to_record()
+                        .ok_or_else(|| format!("{k}: malformed client record"))?,
+                );
+            }
+        }
+        tracing::info!(clients = records.len(), "loaded client registry");
+        let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
+        let filestore = Arc::new(filestore);
+        let mut keys = KeyCache::new(opts.expected_clients.max(1));
+        for r in records.iter().take(opts.expected_clients) {
+            keys.insert(r.id.clone(), r.key_fingerprint);
+        }
+        let actor = Actor {
+            registry: Registry::restore(opts.registry.clone(), records),
+            keys,
+            flows: FlowTracker::new(opts.flows.clone()),
+            opts: opts.clone(),
+            clock,
+            entropy,
+            datastore: datastore.clone(),
+            filestore: filestore.clone(),
+            conns: BTreeMap::new(),
+            queued: BTreeMap::new(),
+            raw: BTreeMap::new(),
+            self_tx: tx.clone(),
+        };
+        tokio::spawn(actor.run(rx));
+        Ok(Node {
+            tx,
+            datastore,
+            filestore,
+            limits: opts.codec,
+            nonce: opts.nonce,
+            next_conn: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        })
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| Status::unavailable("node is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("node is shutting down"))?
+    }
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(m) => self.handle(m).await,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    let now = self.now();
+                    self.flows.handle_timeout(now);
+                    self.drain_flows().await;
+                }
+            }
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    async fn handle(&mut self, msg: Msg) {
+        let now = self.now();
+        match msg {
+            Msg::Connected {
+                peer,
+                hello,
+                tx,
+                conn,
+                reply,
+            } => {
+                let r = self.connected(now, peer, hello, tx, conn).await;
+                let _ = reply.send(r);
+            }
+            Msg::Disconnected { client, conn } => {
+                if self.conns.get(&client).is_some_and(|c| c.id == conn) {
+                    self.conns.remove(&client);
+                    self.registry
+                        .set_disconnected(now, &client, &self.opts.node_name);
+                    tracing::info!(client = %client, "client disconnected");
+                }
+            }
+            Msg::Flow {
+                client,
+                flow,
+                seq,
+                data,
+                raw,
+            } => {
+                let key = FlowKey {
+                    client: client.clone(),
+                    flow,
+                };
+                match self
+                    .flows
+                    .handle_message(now, key.clone(), seq, data.tracker_payload())
+                {
+                    Ok(()) => {
+                        self.raw.insert((key, seq), raw);
+                        self.drain_flows().await;
+                        self.raw.retain(|_, _| true);
+                    }
+                    Err(e) => {
+                        let code = comms::ErrorCode::Busy as i32;
+                        let m = comms::ServerError {
+                            code,
+                            message: e.to_string(),
+                            flow_id: key.flow.to_string(),
+                            seq,
+                        };
+                        self.push(&client, server_message::Kind::Error(m));
+                        self.drain_flows().await;
+                    }
+                }
+            }
+            Msg::Stored { key, seq, ok } => {
+                self.raw.remove(&(key.clone(), seq));
+                self.flows.handle_stored(now, &key, seq, ok);
+                self.drain_flows().await;
+            }
+            Msg::Audited { key, found } => {
+                self.flows.handle_audit(now, &key, found);
+                self.drain_flows().await;
+            }
+            Msg::TaskAck { client, flow } => {
+                let k = paths::flow_record(&client, &flow);
+                if let Ok(Some(mut f)) = load_json::<FlowJson>(&self.datastore, &k).await
+                    && f.state == FlowRecordState::Queued
+                {
+                    f.state = FlowRecordState::Running;
+                    let _ = save_json(&self.datastore, &k, &f).await;
+                }
+            }
+            Msg::Search {
+                query,
+                limit,
+                reply,
+            } => {
+                let r = Query::parse(&query)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))
+                    .map(|q| {
+                        let res = self.registry.search(&q, limit);
+                        api::SearchResponse {
+                            clients: res.clients.iter().map(|c| summary(c)).collect(),
+                            truncated: res.truncated,
+                        }
+                    });
+                let _ = reply.send(r);
+            }
+            Msg::Label {
+                client,
+                label,
+                remove,
+                reply,
+            } => {
+                let r = self.label(&client, &label, remove).await;
+                let _ = reply.send(r);
+            }
+            Msg::Collect {
+                client,
+                artifact,
+                params,
+                reply,
+            } => {
+                let r = self.collect(now, &client, &artifact, &params).await;
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn connected(
+        &mut self,
+        now: Timestamp,
+        peer: Peer,
+        hello: codec::Hello,
+        tx: mpsc::Sender<Result<comms::ServerMessage, Status>>,
+        conn: u64,
+    ) -> Result<(), Status> {
+        let id = peer.client_id.clone();
+        if self.keys.check(&id, &peer.public_key) == KeyCheck::Mismatch {
+            return Err(Status::permission_denied(format!(
+                "client {id} presented a key it did not enrol with"
+            )));
+        }
+        let sighting = Sighting {
+            id: id.clone(),
+            public_key: peer.public_key.clone(),
+            hostname: hello.info.hostname.clone(),
+            fqdn: hello.info.fqdn.clone(),
+            os: hello.info.os.clone(),
+            ips: hello.info.ips.clone(),
+            last_ip: peer.addr.ip().to_string(),
+            node: self.opts.node_name.clone(),
+        };
+        let enrolment = self
+            .registry
+            .handle_seen(now, sighting)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        self.keys.insert(
+            id.clone(),
+            talon_core::ids::key_fingerprint(&peer.public_key),
+        );
+        while let Some(a) = self.registry.poll_action() {
+            if let RegistryAction::Persist(rec) = a {
+                save_json(
+                    &self.datastore,
+                    &paths::client_record(&rec.id),
+                    &ClientJson::from_record(&rec),
+                )
+                .await?;
+            }
+        }
+        tracing::info!(client = %id, host = %hello.info.hostname, addr = %peer.addr, ?enrolment, "client connected");
+        if let Some(old) = self.conns.insert(
+            id.clone(),
+            Conn {
+                id: conn,
+                tx: tx.clone(),
+            },
+        ) {
+            drop(old); // A reconnect replaces the old stream.
+        }
+        let welcome = comms::Welcome {
+            client_id: id.to_string(),
+            node: self.opts.node_name.clone(),
+            max_message_bytes: self.opts.codec.message_bytes_max as u32,
+            max_rows_per_batch: self.opts.codec.rows_per_batch_max as u32,
+            max_in_flight: self.opts.flows.stores_in_flight_max as u32,
+        };
+        self.push(&id, server_message::Kind::Welcome(welcome));
+        for task in self.queued.remove(&id).unwrap_or_default() {
+            if hello
+                .running_flows
+                .iter()
+                .any(|f| f.as_str() == task.flow_id)
+            {
+                continue;
+            }
+            self.push(&id, server_message::Kind::Task(task));
+        }
+        Ok(())
+    }
+
+    fn push(&self, client: &ClientId, kind: server_message::Kind) -> bool {
+        match self.conns.get(client) {
+            Some(c) => {
+                c.tx.try_send(Ok(comms::ServerMessage { kind: Some(kind) }))
+                    .is_ok()
+            }
+            None => false,
+        }
+    }
+
+    async fn label(
+        &mut self,
+        client: &str,
+        label: &str,
+        remove: bool,
+    ) -> Result<api::ClientSummary, Status> {
+        let id = ClientId::parse(client).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let rec = self
+            .registry
+            .set_label(&id, label, remove)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let out = summary(rec);
+        while let Some(a) = self.registry.poll_action() {
+            if let RegistryAction::Persist(rec) = a {
+                save_json(
+                    &self.datastore,
+                    &paths::client_record(&rec.id),
+                    &ClientJson::from_record(&rec),
+                )
+                .await?;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn collect(
+        &mut self,
+        now: Timestamp,
+        client: &str,
+        artifact: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<api::FlowSummary, Status> {
+        let id = ClientId::parse(client).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.registry.get(&id).is_none() {
+            return Err(Status::not_found(format!(
+                "no client {id} (search with `talon clients search all`)"
+            )));
+        }
+        let (spec, params) = talon_core::artifacts::validate(artifact, params)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut n = [0u8; 8];
+        self.entropy.fill(&mut n);
+        let flow = FlowId::from_u64(u64::from_le_bytes(n));
+        let record = FlowJson {
+            client_id: id.to_string(),
+            flow_id: flow.to_string(),
+            artifact: spec.name.to_owned(),
+            params: params.clone(),
+            hunt_id: None,
+            state: FlowRecordState::Queued,
+            rows: 0,
+            uploaded_bytes: 0,
+            error: String::new(),
+            created_ms: now.as_ms(),
+            finished_ms: 0,
+        };
+        // Durable before the client can see the task: its results always have a record.
+        save_json(&self.datastore, &paths::flow_record(&id, &flow), &record).await?;
+        let task = comms::Task {
+            flow_id: flow.to_string(),
+            artifact: spec.name.to_owned(),
+            params: params.into_iter().collect(),
+            hunt_id: String::new(),
+            max_rows: 0,
+            max_upload_bytes: self.opts.codec.upload_bytes_max,
+            timeout_s: 600,
+        };
+        if !self.push(&id, server_message::Kind::Task(task.clone())) {
+            let q = self.queued.entry(id.clone()).or_default();
+            if q.len() >= QUEUED_TASKS_PER_CLIENT_MAX {
+                return Err(Status::resource_exhausted(format!(
+                    "{} tasks already queued for {id}",
+                    q.len()
+                )));
+            }
+            q.push(task);
+        }
+        tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");
+        Ok(flow_summary(&record))
+    }
+
+    /// Performs the flow tracker's actions.
+    async fn drain_flows(&mut self) {
+        while let Some(a) = self.flows.poll_action() {
+            match a {
+                FlowAction::Store { key, seq } => {
+                    let Some(raw) = self.raw.get(&(key.clone(), seq)).cloned() else {
+                        // The bytes are gone (cannot happen: stored right after handle_message); fail the store.
+                        self.flows.handle_stored(self.now(), &key, seq, false);
+                        continue;
+                    };
+                    let (fs, tx) = (self.filestore.clone(), self.self_tx.clone());
+                    tokio::spawn(async move {
+                        let path = paths::flow_message(&key.client, &key.flow, seq);
+                        let ok = match fs.write(&path, raw).await {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::warn!(client = %key.client, flow = %key.flow, seq, error = %e, "filestore write failed");
+                                false
+                            }
+                        };
+                        let _ = tx.send(Msg::Stored { key, seq, ok }).await;
+                    });
+                }
+                FlowAction::Ack { key, seq } => {
+                    let ack = comms::FlowAck {
+                        flow_id: key.flow.to_string(),
+                        seq,
+                    };
+                    self.push(&key.client, server_message::Kind::Ack(ack));
+                }
+                FlowAction::Audit { key } => {
+                    let (fs, tx, limits) = (
+                        self.filestore.clone(),
+                        self.self_tx.clone(),
+                        self.opts.codec.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let found = audit(&*fs, &key, &limits).await;
+                        let _ = tx.send(Msg::Audited { key, found }).await;
+                    });
+                }
+                FlowAction::Completed(o) => {
+                    let k = paths::flow_record(&o.key.client, &o.key.flow);
+                    match load_json::<FlowJson>(&self.datastore, &k).await {
+                        Ok(Some(mut f)) => {
+                            f.state = match o.state {
+                                FinalState::Completed => FlowRecordState::Completed,
+                                FinalState::Error => FlowRecordState::Error,
+                            };
+                            f.rows = o.rows;
+                            f.uploaded_bytes = o.uploaded_bytes;
+                            f.error = o.error.clone();
+                            f.finished_ms = self.now().as_ms();
+                            if let Err(e) = save_json(&self.datastore, &k, &f).await {
+                                tracing::error!(flow = %o.key.flow, error = %e, "cannot record flow completion");
+                            }
+                            tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
+                        }
+                        Ok(None) => {
+                            tracing::warn!(client = %o.key.client, flow = %o.key.flow, "completed flow has no record")
+                        }
+                        Err(e) => {
+                            tracing::error!(flow = %o.key.flow, error = %e, "cannot read flow record")
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Lists and decodes a flow's stored messages (`None` if the filestore failed).
+async fn audit<V: Volume>(
+    fs: &V,
+    key: &FlowKey,
+    limits: &CodecLimits,
+) -> Option<Vec<StoredMessage>> {
+    let names = fs
+        .list(&format!(
+            "{}/",
+            paths::flow_messages_dir(&key.client, &key.flow)
+        ))
+        .await
+        .ok()?;
+    let mut out = Vec::new();
+    for name in names {
+        let bytes = fs.read(&name).await.ok()??;
+        let msg = comms::FlowMessage::decode(bytes).ok()?;
+        let seq = msg.seq;
+        let input = codec::validate(
+            comms::ClientMessage {
+                kind: Some(client_message::Kind::Flow(msg)),
+            },
+            limits,
+        )
+        .ok()?;
+        if let ClientInput::Flow { data, .. } = input {
+            out.push(StoredMessage {
+                seq,
+                payload: data.tracker_payload(),
+            });
+        }
+    }
+    Some(out)
+}
+
+/// Reads a flow's result rows from the filestore, in sequence order.
+pub async fn flow_rows<V: Volume>(
+    fs: &V,
+    client: &ClientId,
+    flow: &FlowId,
+) -> Result<Vec<Bytes>, Status> {
+    let names = fs
+        .list(&format!("{}/", paths::flow_messages_dir(client, flow)))
+        .await
+        .map_err(|e| Status::unavailable(format!("filestore: {e}")))?;
+    let mut rows = Vec::new();
+    for name in names {
+        let Some(bytes) = fs
+            .read(&name)
+            .await
+            .map_err(|e| Status::unavailable(format!("filestore: {e}")))?
+        else {
+            continue;
+        };
+        let msg = comms::FlowMessage::decode(bytes)
+            .map_err(|e| Status::data_loss(format!("{name}: {e}")))?;
+        if let Some(comms::flow_message::Payload::Rows(r)) = msg.payload {
+            rows.extend(r.rows);
+        }
+    }
+    Ok(rows)
+}
+
+/// The client-facing gRPC service.
+#[derive(Clone)]
+pub struct CommsService {
+    node: Node,
+}
+
+impl CommsService {
+    /// Serves clients through `node`.
+    pub fn new(node: Node) -> CommsService {
+        CommsService { node }
+    }
+}
+
+type ServerStream = tokio_stream::wrappers::ReceiverStream<Result<comms::ServerMessage, Status>>;
+
+#[tonic::async_trait]
+impl comms::comms_server::Comms for CommsService {
+    type ConnectStream = ServerStream;
+
+    async fn connect(
+        &self,
+        request: Request<tonic::Streaming<comms::ClientMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<Peer>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let mut incoming = request.into_inner();
+        let limits = &self.node.limits;
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before hello"))?;
+        let hello = match codec::validate(first, limits) {
+            Ok(ClientInput::Hello(h)) => h,
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ));
+            }
+            Err(e) => return Err(Status::invalid_argument(e.to_string())),
+        };
+        codec::check_identity(&hello.claimed_id, &peer.client_id)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        if hello.deployment_nonce != self.node.nonce {
+            return Err(Status::permission_denied(
+                "the client's nonce is not this deployment's",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE_MAX);
+        let conn = self
+            .node
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let client = peer.client_id.clone();
+        let node = self.node.clone();
+        node.ask(|reply| Msg::Connected {
+            peer,
+            hello,
+            tx: tx.clone(),
+            conn,
+            reply,
+        })
+        .await?;
+        tokio::spawn(async move {
+            loop {
+                let msg = match incoming.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(client = %client, error = %e, "client stream ended");
+                        break;
+                    }
+                };
+                let raw = match &msg.kind {
+                    Some(client_message::Kind::Flow(f)) => Bytes::from(f.encode_to_vec()),
+                    _ => Bytes::new(),
+                };
+                match codec::validate(msg, &node.limits) {
+                    Ok(ClientInput::Flow { flow, seq, data }) => {
+                        if node
+                            .tx
+                            .send(Msg::Flow {
+                                client: client.clone(),
+                                flow,
+                                seq,
+                                data,
+                                raw,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(ClientInput::TaskAck { flow }) => {
+                        let _ = node
+                            .tx
+                            .send(Msg::TaskAck {
+                                client: client.clone(),
+                                flow,
+                            })
+                            .await;
+                    }
+                    Ok(ClientInput::Ping { time_unix_ms }) => {
+                        let pong = comms::ServerMessage {
+                            kind: Some(server_message::Kind::Pong(comms::Pong { time_unix_ms })),
+                        };
+                        let _ = tx.try_send(Ok(pong));
+                    }
+                    Ok(ClientInput::Hello(_)) => {
+                        let _ = tx.try_send(Err(Status::invalid_argument(
+                            "a second Hello on one stream",
+                        )));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::info!(client = %client, error = %e, "refused client message");
+                        let err = comms::ServerError {
+                            code: comms::ErrorCode::InvalidMessage as i32,
+                            message: e.to_string(),
+                            ..Default::default()
+                        };
+                        let _ = tx.try_send(Ok(comms::ServerMessage {
+                            kind: Some(server_message::Kind::Error(err)),
+                        }));
+                    }
+                }
+            }
+            let _ = node.tx.send(Msg::Disconnected { client, conn }).await;
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+}
+
+/// The analyst's gRPC API (master only); every call needs an API certificate.
+#[derive(Clone)]
+pub struct ApiService {
+    node: Node,
+}
+
+impl ApiService {
+    /// Serves the API through `node`.
+    pub fn new(node: Node) -> ApiService {
+        ApiService { node }
+    }
+}
+
+fn require_api<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.extensions().get::<Peer>() {
+        Some(p) if p.role == Some(Role::Api) => Ok(()),
+        Some(p) => Err(Status::permission_denied(format!(
+            "certificate {:?} is not an API certificate",
+            p.common_name
+        ))),
+        None => Err(Status::unauthenticated("no client certificate")),
+    }
+}
+
+fn not_yet(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} is not available in this build of Talon yet"
+    ))
+}
+
+type Pages = tokio_stream::wrappers::ReceiverStream<Result<api::ResultPage, Status>>;
+
+/// Rows per `ResultPage`.
+pub const ROWS_PER_PAGE: usize = 1000;
+
+#[tonic::async_trait]
+impl api::api_server::Api for ApiService {
+    async fn search_clients(
+        &self,
+        req: Request<api::SearchRequest>,
+    ) -> Result<Response<api::SearchResponse>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 {
+            10_000
+        } else {
+            r.limit as usize
+        };
+        self.node
+            .ask(|reply| Msg::Search {
+                query: r.query,
+                limit,
+                reply,
+            })
+            .await
+            .map(Response::new)
+    }
+
+    async fn modify_label(
+        &self,
+        req: Request<api::LabelRequest>,
+    ) -> Result<Response<api::ClientSummary>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        self.node
+            .ask(|reply| Msg::Label {
+                client: r.client_id,
+                label: r.label,
+                remove: r.remove,
+                reply,
+            })
+            .await
+            .map(Response::new)
+    }
+
+    async fn collect(
+        &self,
+        req: Request<api::CollectRequest>,
+    ) -> Result<Response<api::FlowSummary>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let params = r.params.into_iter().collect();
+        self.node
+            .ask(|reply| Msg::Collect {
+                client: r.client_id,
+                artifact: r.artifact,
+                params,
+                reply,
+            })
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flow(
+        &self,
+        req: Request<api::FlowRequest>,
+    ) -> Result<Response<api::FlowSummary>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let client =
+            ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let flow =
+            FlowId::parse(&r.flow_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let rec = load_json::<FlowJson>(&self.node.datastore, &paths::flow_record(&client, &flow))
+            .await
+            .map_err(Status::unavailable)?
+            .ok_or_else(|| Status::not_found(format!("no flow {flow} on client {client}")))?;
+        Ok(Response::new(flow_summary(&rec)))
+    }
+
+    type GetFlowResultsStream = Pages;
+
+    async fn get_flow_results(
+        &self,
+        req: Request<api::FlowRequest>,
+    ) -> Result<Response<Pages>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let client =
+            ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let flow =
+            FlowId::parse(&r.flow_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let rows = flow_rows(&*self.node.filestore, &client, &flow).await?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            for chunk in rows.chunks(ROWS_PER_PAGE) {
+                let page = api::ResultPage {
+                    client_id: client.to_string(),
+                    flow_id: flow.to_string(),
+                    rows: chunk.to_vec(),
+                };
+                if tx.send(Ok(page)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn create_hunt(
+        &self,
+        req: Request<api::CreateHuntRequest>,
+    ) -> Result<Response<api::HuntSummary>, Status> {
+        require_api(&req)?;
+        Err(not_yet("hunt create"))
+    }
+
+    async fn list_hunts(
+        &self,
+        req: Request<api::ListHuntsRequest>,
+    ) -> Result<Response<api::ListHuntsResponse>, Status> {
+        require_api(&req)?;
+        Err(not_yet("hunt list"))
+    }
+
+    async fn get_hunt(
+        &self,
+        req: Request<api::HuntRequest>,
+    ) -> Result<Response<api::HuntSummary>, Status> {
+        require_api(&req)?;
+        Err(not_yet("hunt show"))
+    }
+
+    async fn stop_hunt(
+        &self,
+        req: Request<api::HuntRequest>,
+    ) -> Result<Response<api::HuntSummary>, Status> {
+        require_api(&req)?;
+        Err(not_yet("hunt stop"))
+    }
+
+    type GetHuntResultsStream = Pages;
+
+    async fn get_hunt_results(
+        &self,
+        req: Request<api::HuntRequest>,
+    ) -> Result<Response<Pages>, Status> {
+        require_api(&req)?;
+        Err(not_yet("hunt results"))
+    }
+
+    async fn list_artifacts(
+        &self,
+        req: Request<api::ListArtifactsRequest>,
+    ) -> Result<Response<api::ListArtifactsResponse>, Status> {
+        require_api(&req)?;
+        let artifacts = talon_core::artifacts::CATALOGUE
+            .iter()
+            .map(|a| api::ArtifactInfo {
+                name: a.name.into(),
+                description: a.description.into(),
+                params: a
+                    .params
+                    .iter()
+                    .map(|p| api::ArtifactParam {
+                        name: p.name.into(),
+                        kind: p.kind.name().into(),
+                        default: p.default.into(),
+                        description: p.description.into(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(api::ListArtifactsResponse { artifacts }))
+    }
+}
