@@ -1,4 +1,6 @@
 //! Talon in single-server mode as a user runs it: real `talon` processes on loopback.
+// Waiting for real processes needs the wall clock (timeouts only; nothing asserts on timing).
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
