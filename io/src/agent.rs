@@ -313,7 +313,7 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>) {
         Err(e) => status(comms::FlowState::Error, e, rows, bytes, ms),
     };
     outbox.push(&flow, final_status, clock.now()).await;
-    tracing::info!(flow = %flow, artifact = %task.artifact, rows, "task finished");
+    tracing::debug!(flow = %flow, artifact = %task.artifact, rows, "task finished");
 }
 
 /// Sends a file as chunks; returns its size.
@@ -371,8 +371,17 @@ pub fn parse_url(url: &str) -> Result<(String, u16), String> {
         .map_err(|_| format!("{url:?}: expected https://HOST:PORT/"))
 }
 
-fn hello(id: &ClientId, nonce: &str, outbox: &Outbox) -> comms::ClientMessage {
-    let info = artifacts::client_info();
+fn hello(
+    id: &ClientId,
+    nonce: &str,
+    outbox: &Outbox,
+    hostname: Option<&str>,
+) -> comms::ClientMessage {
+    let mut info = artifacts::client_info();
+    if let Some(h) = hostname {
+        info["hostname"] = serde_json::Value::from(h);
+        info["fqdn"] = serde_json::Value::from(h);
+    }
     let s = |k: &str| info[k].as_str().unwrap_or_default().to_owned();
     let list = |k: &str| {
         info[k]
@@ -418,6 +427,8 @@ pub struct Agent {
     pub entropy: Arc<dyn Entropy>,
     /// Unacknowledged messages.
     pub outbox: Outbox,
+    /// Report this hostname instead of the machine's (virtual clients of `pool-client`).
+    pub hostname: Option<String>,
 }
 
 impl Agent {
@@ -477,9 +488,14 @@ impl Agent {
             .map_err(|e| format!("connect: {e}"))?;
         let mut client = CommsClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(SEND_QUEUE_MAX);
-        tx.send(hello(&self.id, &self.config.client.nonce, &self.outbox))
-            .await
-            .map_err(|e| e.to_string())?;
+        tx.send(hello(
+            &self.id,
+            &self.config.client.nonce,
+            &self.outbox,
+            self.hostname.as_deref(),
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
         let mut inbound = client
             .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
@@ -495,7 +511,7 @@ impl Agent {
             }) => w,
             other => return Err(format!("expected a Welcome, got {other:?}")),
         };
-        tracing::info!(client = %self.id, node = %welcome.node, "connected");
+        tracing::debug!(client = %self.id, node = %welcome.node, "connected");
         self.outbox
             .attach(tx.clone(), welcome.max_in_flight as usize)
             .await;
@@ -511,7 +527,7 @@ impl Agent {
                             if self.outbox.knows(&t.flow_id) || !seen_tasks.insert(t.flow_id.clone()) {
                                 continue; // Delivered twice: already running or done.
                             }
-                            tracing::info!(flow = %t.flow_id, artifact = %t.artifact, "task received");
+                            tracing::debug!(flow = %t.flow_id, artifact = %t.artifact, "task received");
                             tokio::spawn(run_task(t, self.outbox.clone(), self.clock.clone()));
                         }
                         server_message::Kind::Ack(a) => self.outbox.ack(&a.flow_id, a.seq),
@@ -541,4 +557,54 @@ impl Agent {
         self.outbox.detach();
         result
     }
+}
+
+/// Starts `number` virtual clients in this process (`talon pool-client`): each has its own key,
+/// cached in `writeback_dir/pool-<i>.yaml` so a restart reuses it, and reports hostname
+/// `<prefix>-<i>`. They share one runtime. Starts at most `start_rate` clients per second.
+pub fn spawn_pool(
+    config: &ClientConfig,
+    writeback_dir: &Path,
+    number: usize,
+    start_rate: f64,
+    prefix: &str,
+    clock: Arc<dyn Clock>,
+    entropy: Arc<dyn Entropy>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    std::fs::create_dir_all(writeback_dir)
+        .map_err(|e| format!("{}: {e}", writeback_dir.display()))?;
+    let mut agents = Vec::with_capacity(number);
+    for i in 0..number {
+        let (identity, id) =
+            load_or_create_identity(&writeback_dir.join(format!("pool-{i}.yaml")), &*clock)?;
+        agents.push(Agent {
+            config: config.clone(),
+            identity,
+            id,
+            clock: clock.clone(),
+            entropy: entropy.clone(),
+            outbox: Outbox::default(),
+            hostname: Some(format!("{prefix}-{i}")),
+        });
+    }
+    let gap = if start_rate > 0.0 {
+        Duration::from_secs_f64(1.0 / start_rate)
+    } else {
+        Duration::ZERO
+    };
+    Ok(tokio::spawn(async move {
+        let mut set = tokio::task::JoinSet::new();
+        for a in agents {
+            let id = a.id.clone();
+            set.spawn(async move {
+                if let Err(e) = a.run().await {
+                    tracing::error!(client = %id, error = %e, "virtual client stopped");
+                }
+            });
+            if !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+        }
+        while set.join_next().await.is_some() {}
+    }))
 }

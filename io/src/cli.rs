@@ -50,6 +50,28 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         writeback: Option<PathBuf>,
     },
+    /// Run many virtual endpoint agents in one process (load tests), with --config client.config.yaml.
+    #[command(alias = "pool_client")]
+    PoolClient {
+        /// How many clients.
+        #[arg(long)]
+        number: usize,
+        /// Where their keys are cached (a restart reuses them).
+        #[arg(long, alias = "writeback_dir", value_name = "DIR")]
+        writeback_dir: PathBuf,
+        /// Clients started per second (0: all at once).
+        #[arg(long, alias = "start_rate", default_value_t = 100.0)]
+        start_rate: f64,
+    },
+    /// A whole deployment on loopback: a master and virtual clients, a collection from all of them.
+    Demo {
+        /// Minion frontends (this build: 0, single-server mode).
+        #[arg(long, default_value_t = 0)]
+        minions: usize,
+        /// Virtual clients.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+    },
     /// Find clients.
     Clients {
         /// What to do.
@@ -338,11 +360,42 @@ async fn run_async(
                 clock: Arc::new(SystemClock),
                 entropy: Arc::new(OsEntropy::default()),
                 outbox: crate::agent::Outbox::default(),
+                hostname: None,
             };
             tokio::select! {
                 r = agent.run() => r.map(|_| String::new()),
                 _ = shutdown_signal() => Ok("client stopped".into()),
             }
+        }
+        Command::PoolClient {
+            number,
+            writeback_dir,
+            start_rate,
+        } => {
+            init_logging("warn");
+            let path = need_config(config.as_deref())?;
+            let cfg: config::ClientConfig = config::read_yaml(path).map_err(|e| e.to_string())?;
+            eprintln!(
+                "starting {number} virtual clients ({start_rate}/s), keys in {}",
+                writeback_dir.display()
+            );
+            let pool = crate::agent::spawn_pool(
+                &cfg,
+                &writeback_dir,
+                number,
+                start_rate,
+                "pool",
+                Arc::new(SystemClock),
+                Arc::new(OsEntropy::default()),
+            )?;
+            tokio::select! {
+                _ = pool => Ok(String::new()),
+                _ = shutdown_signal() => Ok("pool-client stopped".into()),
+            }
+        }
+        Command::Demo { minions, clients } => {
+            init_logging("warn");
+            crate::demo::run(minions, clients, shutdown_signal()).await
         }
         Command::Clients {
             command: ClientsCommand::Search { query, json },

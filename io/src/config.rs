@@ -412,6 +412,17 @@ impl ServerConfig {
     }
 }
 
+/// The address a node listens on for a public name: a loopback name (`localhost`, `127.x.y.z`,
+/// `::1`) listens only there — a deployment reached over loopback is not exposed to the network —
+/// anything else on every interface.
+pub fn bind_address_for(host: &str) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => host.to_owned(),
+        _ if host.eq_ignore_ascii_case("localhost") => "127.0.0.1".to_owned(),
+        _ => "0.0.0.0".to_owned(),
+    }
+}
+
 /// `host:port`, bracketing IPv6 literals.
 pub fn host_port(host: &str, port: u16) -> String {
     if host.contains(':') {
@@ -470,7 +481,7 @@ pub fn generate(
         },
         frontend: FrontendSection {
             hostname: opts.hostname.clone(),
-            bind_address: "0.0.0.0".into(),
+            bind_address: bind_address_for(&opts.hostname),
             bind_port: opts.frontend_port,
             certificate: fe.certificate,
             private_key: fe.private_key,
@@ -528,7 +539,7 @@ pub fn add_frontends(
     for (host, port) in adds {
         let x = ExtraFrontend {
             hostname: host.clone(),
-            bind_address: "0.0.0.0".into(),
+            bind_address: bind_address_for(host),
             bind_port: *port,
         };
         if c.extra_frontends.contains(&x) {
@@ -538,7 +549,15 @@ pub fn add_frontends(
         change.added.push(x.node_name());
         c.extra_frontends.push(x);
     }
-    c.api.bind_address = "0.0.0.0".into();
+    // Minions must reach the API: open it, unless the whole deployment is on loopback.
+    let all_loopback = std::iter::once(&c.api.hostname)
+        .chain(c.extra_frontends.iter().map(|x| &x.hostname))
+        .all(|h| bind_address_for(h) != "0.0.0.0");
+    c.api.bind_address = if all_loopback {
+        bind_address_for(&c.api.hostname)
+    } else {
+        "0.0.0.0".into()
+    };
     c.datastore.master_implementation = master_impl();
     c.datastore.minion_implementation = minion_impl();
     c.client.server_urls = c.server_urls();

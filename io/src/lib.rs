@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod datastore;
+pub mod demo;
 pub mod frontend;
 pub mod fsutil;
 pub mod pki;

@@ -97,6 +97,29 @@ fn adding_frontends_derives_the_multi_frontend_config() {
 }
 
 #[test]
+fn loopback_deployments_listen_only_on_loopback() {
+    let mut c = generate(&opts("127.0.0.1"), &FixedClock, &Zeros).unwrap();
+    assert_eq!(
+        (
+            c.frontend.bind_address.as_str(),
+            c.api.bind_address.as_str()
+        ),
+        ("127.0.0.1", "127.0.0.1")
+    );
+    add_frontends(&mut c, &[("127.0.0.1".into(), 8100)], &FixedClock).unwrap();
+    assert_eq!(
+        (
+            c.extra_frontends[0].bind_address.as_str(),
+            c.api.bind_address.as_str()
+        ),
+        ("127.0.0.1", "127.0.0.1")
+    );
+    assert_eq!(bind_address_for("localhost"), "127.0.0.1");
+    assert_eq!(bind_address_for("::1"), "::1");
+    assert_eq!(bind_address_for("master.example"), "0.0.0.0");
+}
+
+#[test]
 fn api_client_gets_a_ca_signed_certificate() {
     let c = generate(&opts("master"), &FixedClock, &Zeros).unwrap();
     let a = api_client(&c, "alice", &FixedClock).unwrap();

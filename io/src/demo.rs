@@ -1,0 +1,220 @@
+//! `talon demo`: a whole deployment on loopback in a temporary directory — a master and N virtual
+//! clients in this process — then a collection from every client with live progress, its stats, and
+//! how to use the CLI against it. Serves until Ctrl-C, then removes the directory.
+//!
+//! This build runs single-server mode: minions and hunts arrive with the multi-frontend work, so the
+//! sweep is one collection per client through the API rather than a hunt.
+
+use crate::api_client::Api;
+use crate::clock::{Clock, Entropy, OsEntropy, SystemClock};
+use crate::config::{self, GenerateOptions};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use talon_proto::comms::FlowState;
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| format!("cannot find a free port: {e}"))?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Runs the demo until `shutdown`.
+pub async fn run(
+    minions: usize,
+    clients: usize,
+    shutdown: impl Future<Output = ()>,
+) -> Result<String, String> {
+    if minions > 0 {
+        return Err(format!(
+            "--minions {minions}: this build of Talon runs single-server mode only; use --minions 0"
+        ));
+    }
+    if clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let entropy: Arc<dyn Entropy> = Arc::new(OsEntropy::default());
+    let mut tag = [0u8; 4];
+    entropy.fill(&mut tag);
+    let dir = std::env::temp_dir().join(format!(
+        "talon-demo-{}-{}",
+        std::process::id(),
+        crate::clock::hex(&tag)
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let result = run_in(&dir, clients, clock, entropy, shutdown).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(
+    dir: &std::path::Path,
+    clients: usize,
+    clock: Arc<dyn Clock>,
+    entropy: Arc<dyn Entropy>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<String, String> {
+    let opts = GenerateOptions {
+        hostname: "127.0.0.1".into(),
+        frontend_port: free_port()?,
+        api_port: free_port()?,
+        gui_port: free_port()?,
+        datastore: dir.join("shared"),
+    };
+    let cfg = config::generate(&opts, &*clock, &*entropy).map_err(|e| e.to_string())?;
+    let (server_cfg, client_cfg, api_cfg) = (
+        dir.join("server.config.yaml"),
+        dir.join("client.config.yaml"),
+        dir.join("api.config.yaml"),
+    );
+    config::write_yaml(&server_cfg, &cfg).map_err(|e| e.to_string())?;
+    config::write_yaml(&client_cfg, &cfg.client_config()).map_err(|e| e.to_string())?;
+    config::write_yaml(&api_cfg, &config::api_client(&cfg, "demo", &*clock)?)
+        .map_err(|e| e.to_string())?;
+    say(&format!("talon demo: deployment in {}", dir.display()));
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+    let master = tokio::spawn(crate::server::run_master(
+        cfg.clone(),
+        dir.join("local"),
+        clock.clone(),
+        entropy.clone(),
+        move |l| {
+            let _ = up_tx.send(l);
+        },
+        async move {
+            let _ = stop_rx.changed().await;
+        },
+    ));
+    let listening = up_rx
+        .await
+        .map_err(|_| "the master did not start (run with RUST_LOG=info to see why)".to_string())?;
+    say(&format!(
+        "master up: clients connect to {}, API on {} (loopback only)",
+        listening.frontend, listening.api
+    ));
+
+    let pool = crate::agent::spawn_pool(
+        &cfg.client_config(),
+        &dir.join("pool"),
+        clients,
+        500.0,
+        "demo",
+        clock.clone(),
+        entropy,
+    )?;
+    let mut api = Api::connect(&api_cfg).await?;
+    let start = tokio::time::Instant::now();
+    let ids = loop {
+        let r = api.search("all").await?;
+        let connected: Vec<String> = r
+            .clients
+            .iter()
+            .filter(|c| c.connected)
+            .map(|c| c.client_id.clone())
+            .collect();
+        say(&format!(
+            "  clients connected: {}/{clients}",
+            connected.len()
+        ));
+        if connected.len() >= clients {
+            break connected;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err(format!(
+                "only {}/{clients} clients connected after 120 s",
+                connected.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    say(&format!(
+        "all {clients} clients connected in {:.1}s",
+        start.elapsed().as_secs_f64()
+    ));
+
+    let artifact = "Generic.Client.Info";
+    say(&format!("collecting {artifact} from every client ..."));
+    let sweep = tokio::time::Instant::now();
+    let mut pending = BTreeMap::new();
+    for id in &ids {
+        let f = api.collect(id, artifact, BTreeMap::new()).await?;
+        pending.insert(f.flow_id, id.clone());
+    }
+    let (mut completed, mut errors, mut rows) = (0usize, 0usize, 0u64);
+    while !pending.is_empty() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut done = Vec::new();
+        for (flow, client) in &pending {
+            let f = api.flow(client, flow).await?;
+            if f.state == FlowState::Completed as i32 {
+                completed += 1;
+                rows += f.rows;
+                done.push(flow.clone());
+            } else if f.state == FlowState::Error as i32 {
+                errors += 1;
+                done.push(flow.clone());
+            }
+        }
+        for f in done {
+            pending.remove(&f);
+        }
+        say(&format!(
+            "  completed {completed}/{clients}  errors {errors}  rows {rows}  ({:.1}s)",
+            sweep.elapsed().as_secs_f64()
+        ));
+        if sweep.elapsed() > Duration::from_secs(300) {
+            say(&format!(
+                "  giving up waiting: {} flows still running",
+                pending.len()
+            ));
+            break;
+        }
+    }
+    let secs = sweep.elapsed().as_secs_f64();
+    say(&format!(
+        "sweep stats: scheduled {clients}, completed {completed}, errors {errors}, rows {rows}, {secs:.1}s ({:.0} clients/s)",
+        completed as f64 / secs.max(0.001)
+    ));
+    let t = PathBuf::from(std::env::args().next().unwrap_or_else(|| "talon".into()));
+    let t = t.display();
+    let a = api_cfg.display();
+    say("\nthe deployment keeps running; try:");
+    say(&format!(
+        "  {t} --api-config {a} clients search host:demo-1"
+    ));
+    say(&format!(
+        "  {t} --api-config {a} collect {} Linux.Sys.Pslist --wait",
+        ids[0]
+    ));
+    say(&format!(
+        "  {t} --api-config {a} flow results {} <FLOW_ID>",
+        ids[0]
+    ));
+    say(&format!(
+        "  {t} --config {} client --writeback /tmp/my.writeback.yaml   # one more, real agent",
+        client_cfg.display()
+    ));
+    say(&format!(
+        "config files: {}\npress Ctrl-C to stop (the directory is removed)",
+        server_cfg.display()
+    ));
+
+    shutdown.await;
+    say("stopping ...");
+    pool.abort();
+    let _ = stop_tx.send(true);
+    master.await.map_err(|e| e.to_string())??;
+    Ok("demo stopped".into())
+}

@@ -1,0 +1,61 @@
+//! `talon demo` as a user runs it: it reports progress and exact stats, and Ctrl-C stops it cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+#[test]
+fn demo_collects_from_every_client_and_stops_on_ctrl_c() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_talon"))
+        .args(["demo", "--clients", "25"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("press Ctrl-C");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let text = seen.join("\n");
+    assert!(text.contains("all 25 clients connected"), "{text}");
+    assert!(
+        text.contains("sweep stats: scheduled 25, completed 25, errors 0, rows 25"),
+        "{text}"
+    );
+    let dir = seen
+        .iter()
+        .find_map(|l| l.strip_prefix("talon demo: deployment in "))
+        .unwrap()
+        .to_owned();
+    assert!(std::path::Path::new(&dir).join("api.config.yaml").exists());
+
+    // Ctrl-C.
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(child.wait().unwrap().success());
+    assert!(rest.iter().any(|l| l == "demo stopped"), "{rest:?}");
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "the demo removes its directory"
+    );
+}
+
+#[test]
+fn demo_refuses_what_this_build_cannot_do() {
+    let out = Command::new(env!("CARGO_BIN_EXE_talon"))
+        .args(["demo", "--minions", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("single-server mode only"));
+}
