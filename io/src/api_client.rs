@@ -194,3 +194,199 @@ pub fn flow_json(f: &api::FlowSummary) -> serde_json::Value {
         "error": f.error,
     })
 }
+
+impl Api {
+    /// Creates a hunt.
+    pub async fn create_hunt(
+        &mut self,
+        req: api::CreateHuntRequest,
+    ) -> Result<api::HuntSummary, String> {
+        Ok(self
+            .inner
+            .create_hunt(req)
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// Every hunt.
+    pub async fn list_hunts(&mut self) -> Result<Vec<api::HuntSummary>, String> {
+        Ok(self
+            .inner
+            .list_hunts(api::ListHuntsRequest {})
+            .await
+            .map_err(status)?
+            .into_inner()
+            .hunts)
+    }
+
+    /// One hunt.
+    pub async fn hunt(&mut self, id: &str) -> Result<api::HuntSummary, String> {
+        Ok(self
+            .inner
+            .get_hunt(api::HuntRequest { hunt_id: id.into() })
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// Stops a hunt.
+    pub async fn stop_hunt(&mut self, id: &str) -> Result<api::HuntSummary, String> {
+        Ok(self
+            .inner
+            .stop_hunt(api::HuntRequest { hunt_id: id.into() })
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// A hunt's rows: `(client_id, flow_id, row)`.
+    pub async fn hunt_rows(
+        &mut self,
+        id: &str,
+    ) -> Result<Vec<(String, String, serde_json::Value)>, String> {
+        let mut s = self
+            .inner
+            .get_hunt_results(api::HuntRequest { hunt_id: id.into() })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(page) = s.message().await.map_err(status)? {
+            for r in page.rows {
+                let v = serde_json::from_slice(&r)
+                    .map_err(|e| format!("a stored row is not JSON: {e}"))?;
+                out.push((page.client_id.clone(), page.flow_id.clone(), v));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The name of a hunt state as printed.
+pub fn hunt_state_name(state: i32) -> &'static str {
+    match api::HuntState::try_from(state) {
+        Ok(api::HuntState::Running) => "running",
+        Ok(api::HuntState::Stopped) => "stopped",
+        Ok(api::HuntState::Expired) => "expired",
+        Ok(api::HuntState::Complete) => "complete",
+        _ => "unknown",
+    }
+}
+
+/// `{hunt_id, state, artifact, created, expires, stats: {scheduled, completed, errors, rows, uploaded_bytes}, ...}`.
+pub fn hunt_json(h: &api::HuntSummary) -> serde_json::Value {
+    let s = h.stats.unwrap_or_default();
+    serde_json::json!({
+        "hunt_id": h.hunt_id,
+        "state": hunt_state_name(h.state),
+        "artifact": h.artifact,
+        "params": h.params.iter().collect::<BTreeMap<_, _>>(),
+        "created": h.created_unix_ms,
+        "expires": h.expires_unix_ms,
+        "include_labels": h.include_labels,
+        "exclude_labels": h.exclude_labels,
+        "os": h.os,
+        "client_limit": h.client_limit,
+        "description": h.description,
+        "stats": {
+            "scheduled": s.scheduled,
+            "completed": s.completed,
+            "errors": s.errors,
+            "rows": s.rows,
+            "uploaded_bytes": s.uploaded_bytes,
+        },
+    })
+}
+
+/// Parses `90`, `30s`, `10m`, `2h`, `7d` into seconds.
+pub fn parse_duration_s(s: &str) -> Result<u64, String> {
+    let bad = || format!("duration {s:?}: use e.g. 90, 30s, 10m, 2h or 7d");
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    if n == 0 {
+        return Err(bad());
+    }
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_owned()
+    }
+}
+
+/// Rows as CSV: `client_id,flow_id,` then the union of row keys (sorted); non-string values as JSON.
+pub fn rows_csv(rows: &[(String, String, serde_json::Value)]) -> String {
+    let mut keys = std::collections::BTreeSet::new();
+    for (_, _, r) in rows {
+        if let Some(o) = r.as_object() {
+            keys.extend(o.keys().cloned());
+        }
+    }
+    let mut out = String::from("client_id,flow_id");
+    for k in &keys {
+        out.push(',');
+        out.push_str(&csv_field(k));
+    }
+    for (c, f, r) in rows {
+        out.push('\n');
+        out.push_str(&format!("{},{}", csv_field(c), csv_field(f)));
+        for k in &keys {
+            out.push(',');
+            match r.get(k) {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::String(s)) => out.push_str(&csv_field(s)),
+                Some(v) => out.push_str(&csv_field(&v.to_string())),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_s("90"), Ok(90));
+        assert_eq!(parse_duration_s("10m"), Ok(600));
+        assert_eq!(parse_duration_s("7d"), Ok(604_800));
+        for bad in ["", "0", "5w", "m", "-1h", "99999999999999999999d"] {
+            assert!(parse_duration_s(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_it_and_unions_columns() {
+        let rows = vec![
+            (
+                "C.1".into(),
+                "F.1".into(),
+                serde_json::json!({"a": 1, "b": "x,y"}),
+            ),
+            (
+                "C.2".into(),
+                "F.2".into(),
+                serde_json::json!({"c": "say \"hi\""}),
+            ),
+        ];
+        assert_eq!(
+            rows_csv(&rows),
+            "client_id,flow_id,a,b,c\nC.1,F.1,1,\"x,y\",\nC.2,F.2,,,\"say \"\"hi\"\"\""
+        );
+    }
+}

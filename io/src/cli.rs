@@ -103,6 +103,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hunts: one artifact on every matching client.
+    Hunt {
+        /// What to do.
+        #[command(subcommand)]
+        command: HuntCommand,
+    },
     /// Inspect a flow.
     Flow {
         /// What to do.
@@ -141,6 +147,85 @@ pub enum LabelCommand {
         /// The label.
         label: String,
     },
+}
+
+/// `talon hunt ...`
+#[derive(Debug, Subcommand)]
+pub enum HuntCommand {
+    /// Start a hunt; prints its id (or the hunt as JSON).
+    Create {
+        /// The artifact (see `talon artifacts list`).
+        artifact: String,
+        /// A parameter, `name=value`; repeat for several.
+        #[arg(long = "param", value_name = "K=V")]
+        params: Vec<String>,
+        /// Only clients carrying this label; repeat: all of them.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Leave out clients carrying this label; repeat for several.
+        #[arg(long = "exclude-label", alias = "exclude_label")]
+        exclude_labels: Vec<String>,
+        /// Only clients of this OS.
+        #[arg(long, value_parser = ["linux", "windows", "darwin"])]
+        os: Option<String>,
+        /// Stop scheduling after this long: 90, 30s, 10m, 2h, 7d (default 7d).
+        #[arg(long)]
+        expires: Option<String>,
+        /// At most this many clients.
+        #[arg(long, alias = "client_limit")]
+        client_limit: Option<u64>,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Print the hunt as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every hunt.
+    List {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One hunt with its exact statistics.
+    Show {
+        /// The hunt.
+        hunt_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop scheduling new clients (scheduled ones still report).
+    Stop {
+        /// The hunt.
+        hunt_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export every row the hunt collected.
+    Results {
+        /// The hunt.
+        hunt_id: String,
+        /// `jsonl` (one object per line, with client_id and flow_id) or `csv`.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
+        format: String,
+    },
+}
+
+fn hunt_text(h: &talon_proto::api::HuntSummary) -> String {
+    let s = h.stats.unwrap_or_default();
+    format!(
+        "{} {} {:<8} scheduled={} completed={} errors={} rows={} uploaded_bytes={}",
+        h.hunt_id,
+        h.artifact,
+        crate::api_client::hunt_state_name(h.state),
+        s.scheduled,
+        s.completed,
+        s.errors,
+        s.rows,
+        s.uploaded_bytes
+    )
 }
 
 /// `talon flow ...`
@@ -505,6 +590,97 @@ async fn run_async(
                 .map(|r| r.to_string())
                 .collect::<Vec<_>>()
                 .join("\n"))
+        }
+        Command::Hunt { command } => {
+            init_logging("warn");
+            use crate::api_client::{hunt_json, parse_duration_s, rows_csv};
+            match command {
+                HuntCommand::Create {
+                    artifact,
+                    params,
+                    labels,
+                    exclude_labels,
+                    os,
+                    expires,
+                    client_limit,
+                    description,
+                    json,
+                } => {
+                    let params = parse_params(&params)?;
+                    artifacts::validate(&artifact, &params).map_err(|e| e.to_string())?;
+                    let expires_in_s = expires
+                        .as_deref()
+                        .map(parse_duration_s)
+                        .transpose()?
+                        .unwrap_or(0);
+                    let req = talon_proto::api::CreateHuntRequest {
+                        artifact,
+                        params: params.into_iter().collect(),
+                        include_labels: labels,
+                        exclude_labels,
+                        os: os.unwrap_or_default(),
+                        expires_in_s,
+                        client_limit: client_limit.unwrap_or(0),
+                        description,
+                    };
+                    let h = api(api_config.as_deref()).await?.create_hunt(req).await?;
+                    Ok(if json {
+                        serde_json::to_string_pretty(&hunt_json(&h)).expect("JSON")
+                    } else {
+                        h.hunt_id
+                    })
+                }
+                HuntCommand::List { json } => {
+                    let hs = api(api_config.as_deref()).await?.list_hunts().await?;
+                    Ok(if json {
+                        serde_json::to_string_pretty(&hs.iter().map(hunt_json).collect::<Vec<_>>())
+                            .expect("JSON")
+                    } else if hs.is_empty() {
+                        "no hunts".into()
+                    } else {
+                        hs.iter().map(hunt_text).collect::<Vec<_>>().join("\n")
+                    })
+                }
+                HuntCommand::Show { hunt_id, json } => {
+                    let h = api(api_config.as_deref()).await?.hunt(&hunt_id).await?;
+                    Ok(if json {
+                        serde_json::to_string_pretty(&hunt_json(&h)).expect("JSON")
+                    } else {
+                        hunt_text(&h)
+                    })
+                }
+                HuntCommand::Stop { hunt_id, json } => {
+                    let h = api(api_config.as_deref())
+                        .await?
+                        .stop_hunt(&hunt_id)
+                        .await?;
+                    Ok(if json {
+                        serde_json::to_string_pretty(&hunt_json(&h)).expect("JSON")
+                    } else {
+                        hunt_text(&h)
+                    })
+                }
+                HuntCommand::Results { hunt_id, format } => {
+                    let rows = api(api_config.as_deref())
+                        .await?
+                        .hunt_rows(&hunt_id)
+                        .await?;
+                    Ok(if format == "csv" {
+                        rows_csv(&rows)
+                    } else {
+                        rows.into_iter()
+                            .map(|(c, f, mut r)| {
+                                if let Some(o) = r.as_object_mut() {
+                                    o.insert("client_id".into(), c.into());
+                                    o.insert("flow_id".into(), f.into());
+                                }
+                                r.to_string()
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                }
+            }
         }
         Command::Artifacts { .. } | Command::Config { .. } => unreachable!("handled synchronously"),
     }

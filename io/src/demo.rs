@@ -1,20 +1,17 @@
 //! `talon demo`: a whole deployment on loopback in a temporary directory — a master and N virtual
-//! clients in this process — then a collection from every client with live progress, its stats, and
-//! how to use the CLI against it. Serves until Ctrl-C, then removes the directory.
+//! clients in this process — then a hunt across every client with live progress, its stats, and how
+//! to use the CLI against it. Serves until Ctrl-C, then removes the directory.
 //!
-//! This build runs single-server mode: minions and hunts arrive with the multi-frontend work, so the
-//! sweep is one collection per client through the API rather than a hunt.
+//! This build runs single-server mode: minions arrive with the multi-frontend work.
 
 use crate::api_client::Api;
 use crate::clock::{Clock, Entropy, OsEntropy, SystemClock};
 use crate::config::{self, GenerateOptions};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use talon_proto::comms::FlowState;
 
 fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
@@ -145,47 +142,45 @@ async fn run_in(
     ));
 
     let artifact = "Generic.Client.Info";
-    say(&format!("collecting {artifact} from every client ..."));
+    say(&format!("hunting {artifact} across every client ..."));
     let sweep = tokio::time::Instant::now();
-    let mut pending = BTreeMap::new();
-    for id in &ids {
-        let f = api.collect(id, artifact, BTreeMap::new()).await?;
-        pending.insert(f.flow_id, id.clone());
-    }
-    let (mut completed, mut errors, mut rows) = (0usize, 0usize, 0u64);
-    while !pending.is_empty() {
+    let req = talon_proto::api::CreateHuntRequest {
+        artifact: artifact.into(),
+        description: "talon demo".into(),
+        ..Default::default()
+    };
+    let hunt = api.create_hunt(req).await?;
+    let last = loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut done = Vec::new();
-        for (flow, client) in &pending {
-            let f = api.flow(client, flow).await?;
-            if f.state == FlowState::Completed as i32 {
-                completed += 1;
-                rows += f.rows;
-                done.push(flow.clone());
-            } else if f.state == FlowState::Error as i32 {
-                errors += 1;
-                done.push(flow.clone());
-            }
-        }
-        for f in done {
-            pending.remove(&f);
-        }
+        let last = api.hunt(&hunt.hunt_id).await?;
+        let st = last.stats.unwrap_or_default();
         say(&format!(
-            "  completed {completed}/{clients}  errors {errors}  rows {rows}  ({:.1}s)",
+            "  {}: scheduled {}  completed {}  errors {}  rows {}  ({:.1}s)",
+            hunt.hunt_id,
+            st.scheduled,
+            st.completed,
+            st.errors,
+            st.rows,
             sweep.elapsed().as_secs_f64()
         ));
-        if sweep.elapsed() > Duration::from_secs(300) {
-            say(&format!(
-                "  giving up waiting: {} flows still running",
-                pending.len()
-            ));
-            break;
+        if st.scheduled >= clients as u64 && st.completed + st.errors == st.scheduled {
+            break last;
         }
-    }
+        if sweep.elapsed() > Duration::from_secs(300) {
+            say("  giving up waiting after 300 s");
+            break last;
+        }
+    };
+    let st = last.stats.unwrap_or_default();
     let secs = sweep.elapsed().as_secs_f64();
     say(&format!(
-        "sweep stats: scheduled {clients}, completed {completed}, errors {errors}, rows {rows}, {secs:.1}s ({:.0} clients/s)",
-        completed as f64 / secs.max(0.001)
+        "hunt {} stats: scheduled {}, completed {}, errors {}, rows {}, {secs:.1}s ({:.0} clients/s)",
+        hunt.hunt_id,
+        st.scheduled,
+        st.completed,
+        st.errors,
+        st.rows,
+        st.completed as f64 / secs.max(0.001)
     ));
     let t = PathBuf::from(std::env::args().next().unwrap_or_else(|| "talon".into()));
     let t = t.display();

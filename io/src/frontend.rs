@@ -5,13 +5,13 @@
 //! (store a flow message in the filestore, acknowledge, write records through the datastore) and feeds
 //! their results back as inputs — the driving rule of `talon-core`, with tokio around it.
 //!
-//! This build serves single-server mode (a master without minions): hunts and replication to minions
-//! are not yet wired; their API calls answer UNIMPLEMENTED.
+//! This build serves single-server mode (a master without minions): replication to minions is not
+//! wired yet. Hunts run on the master's hunt manager (the single writer of hunt state).
 
 use crate::clock::{Clock, Entropy};
 use crate::datastore::Datastore;
 use crate::pki::Role;
-use crate::records::{ClientJson, FlowJson, FlowRecordState};
+use crate::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
 use crate::storage::volume::{FsVolume, Volume};
 use crate::tls::Peer;
 use bytes::Bytes;
@@ -20,10 +20,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use talon_core::codec::{self, ClientInput, CodecLimits, FlowData};
 use talon_core::flows::{FinalState, FlowAction, FlowKey, FlowLimits, FlowTracker, StoredMessage};
+use talon_core::hunts::{
+    ClientFacts, Hunt, HuntAction, HuntLimits, HuntManager, HuntSpec, HuntState,
+};
 use talon_core::registry::{
     KeyCache, KeyCheck, Query, Registry, RegistryAction, RegistryLimits, Sighting,
 };
-use talon_core::{ClientId, FlowId, Timestamp, paths};
+use talon_core::{ClientId, FlowId, HuntId, Timestamp, paths};
 use talon_proto::api;
 use talon_proto::comms::{self, client_message, server_message};
 use tokio::sync::{mpsc, oneshot};
@@ -51,6 +54,8 @@ pub struct NodeOptions {
     pub flows: FlowLimits,
     /// Registry limits.
     pub registry: RegistryLimits,
+    /// Hunt manager limits.
+    pub hunts: HuntLimits,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
@@ -104,6 +109,60 @@ enum Msg {
         params: BTreeMap<String, String>,
         reply: Reply<api::FlowSummary>,
     },
+    CreateHunt {
+        req: api::CreateHuntRequest,
+        reply: Reply<api::HuntSummary>,
+    },
+    ListHunts {
+        reply: Reply<api::ListHuntsResponse>,
+    },
+    GetHunt {
+        id: String,
+        reply: Reply<api::HuntSummary>,
+    },
+    StopHunt {
+        id: String,
+        reply: Reply<api::HuntSummary>,
+    },
+    HuntFlows {
+        id: String,
+        reply: Reply<Vec<(ClientId, FlowId)>>,
+    },
+}
+
+/// Default hunt lifetime when the request gives none.
+pub const HUNT_EXPIRES_DEFAULT_S: u64 = 7 * 24 * 3600;
+
+/// The API's view of a hunt.
+pub fn hunt_summary(h: &Hunt) -> api::HuntSummary {
+    let r = h.record();
+    let s = h.stats();
+    let state = match r.state {
+        HuntState::Running => api::HuntState::Running,
+        HuntState::Stopped => api::HuntState::Stopped,
+        HuntState::Expired => api::HuntState::Expired,
+        HuntState::Complete => api::HuntState::Complete,
+    };
+    api::HuntSummary {
+        hunt_id: r.id.to_string(),
+        state: state as i32,
+        artifact: r.spec.artifact.clone(),
+        params: r.spec.params.clone().into_iter().collect(),
+        created_unix_ms: r.created.as_ms(),
+        expires_unix_ms: r.spec.expires.as_ms(),
+        stats: Some(api::HuntStats {
+            scheduled: s.scheduled,
+            completed: s.completed,
+            errors: s.errors,
+            rows: s.rows,
+            uploaded_bytes: s.uploaded_bytes,
+        }),
+        include_labels: r.spec.include_labels.iter().cloned().collect(),
+        exclude_labels: r.spec.exclude_labels.iter().cloned().collect(),
+        os: r.spec.os.clone().unwrap_or_default(),
+        client_limit: r.spec.client_limit.unwrap_or(0),
+        description: r.spec.description.clone(),
+    }
 }
 
 /// A handle to the node actor.
@@ -131,6 +190,7 @@ struct Actor {
     registry: Registry,
     keys: KeyCache,
     flows: FlowTracker,
+    hunts: HuntManager,
     conns: BTreeMap<ClientId, Conn>,
     /// Tasks for clients not connected now, in creation order.
     queued: BTreeMap<ClientId, Vec<comms::Task>>,
@@ -161,6 +221,57 @@ async fn save_json<T: serde::Serialize>(
         .await
         .map(|_| ())
         .map_err(|e| Status::unavailable(format!("datastore: {e}")))
+}
+
+fn parse_hunt(id: &str) -> Result<HuntId, Status> {
+    HuntId::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// Rebuilds the hunt manager from the hunt and participant records.
+async fn restore_hunts(
+    ds: &Datastore,
+    opts: &NodeOptions,
+    now: Timestamp,
+) -> Result<HuntManager, String> {
+    let (keys, _) = ds
+        .list("hunts/")
+        .await
+        .map_err(|e| format!("listing hunts: {e}"))?;
+    let mut records = Vec::new();
+    let mut participants = Vec::new();
+    for k in &keys {
+        let parts: Vec<&str> = k.split('/').collect();
+        match parts.as_slice() {
+            ["hunts", _, "record.json"] => {
+                if let Some(j) = load_json::<HuntJson>(ds, k).await? {
+                    records.push(
+                        j.to_record()
+                            .ok_or_else(|| format!("{k}: malformed hunt record"))?,
+                    );
+                }
+            }
+            ["hunts", hunt, "clients", file] => {
+                let hunt = HuntId::parse(hunt).map_err(|e| format!("{k}: {e}"))?;
+                let client = ClientId::parse(file.trim_end_matches(".json"))
+                    .map_err(|e| format!("{k}: {e}"))?;
+                if let Some(p) = load_json::<ParticipantJson>(ds, k).await? {
+                    participants.push((hunt, client, p.into()));
+                }
+            }
+            _ => {}
+        }
+    }
+    tracing::info!(
+        hunts = records.len(),
+        participants = participants.len(),
+        "restored hunts"
+    );
+    Ok(HuntManager::restore(
+        opts.hunts.clone(),
+        now,
+        records,
+        participants,
+    ))
 }
 
 fn summary(r: &talon_core::registry::ClientRecord) -> api::ClientSummary {
@@ -221,6 +332,7 @@ impl Node {
             }
         }
         tracing::info!(clients = records.len(), "loaded client registry");
+        let hunts = restore_hunts(&datastore, &opts, clock.now()).await?;
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
         let filestore = Arc::new(filestore);
         let mut keys = KeyCache::new(opts.expected_clients.max(1));
@@ -231,6 +343,7 @@ impl Node {
             registry: Registry::restore(opts.registry.clone(), records),
             keys,
             flows: FlowTracker::new(opts.flows.clone()),
+            hunts,
             opts: opts.clone(),
             clock,
             entropy,
@@ -265,17 +378,23 @@ impl Node {
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
         loop {
+            let now = self.now();
+            let next =
+                talon_core::time::earliest(self.flows.poll_timeout(), self.hunts.poll_timeout())
+                    .unwrap_or(now.plus_ms(30_000));
+            let wait = std::time::Duration::from_millis(next.since_ms(now).min(30_000));
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(m) => self.handle(m).await,
                     None => break,
                 },
-                _ = tick.tick() => {
+                _ = tokio::time::sleep(wait) => {
                     let now = self.now();
                     self.flows.handle_timeout(now);
+                    self.hunts.handle_timeout(now);
                     self.drain_flows().await;
+                    self.drain_hunts().await;
                 }
             }
         }
@@ -380,6 +499,11 @@ impl Actor {
                 reply,
             } => {
                 let r = self.label(&client, &label, remove).await;
+                if let (Ok(_), Ok(id)) = (&r, ClientId::parse(&client))
+                    && self.conns.contains_key(&id)
+                {
+                    self.offer_hunts(now, &id).await; // A new label may make it match a hunt.
+                }
                 let _ = reply.send(r);
             }
             Msg::Collect {
@@ -390,6 +514,227 @@ impl Actor {
             } => {
                 let r = self.collect(now, &client, &artifact, &params).await;
                 let _ = reply.send(r);
+            }
+            Msg::CreateHunt { req, reply } => {
+                let r = self.create_hunt(now, req).await;
+                let _ = reply.send(r);
+            }
+            Msg::ListHunts { reply } => {
+                self.hunts.handle_timeout(now);
+                self.drain_hunts().await;
+                let hunts = self.hunts.list().map(hunt_summary).collect();
+                let _ = reply.send(Ok(api::ListHuntsResponse { hunts }));
+            }
+            Msg::GetHunt { id, reply } => {
+                self.hunts.handle_timeout(now);
+                self.drain_hunts().await;
+                let r = parse_hunt(&id).and_then(|h| {
+                    self.hunts
+                        .get(&h)
+                        .map(hunt_summary)
+                        .ok_or_else(|| Status::not_found(format!("no hunt {h}")))
+                });
+                let _ = reply.send(r);
+            }
+            Msg::StopHunt { id, reply } => {
+                let r = match parse_hunt(&id) {
+                    Ok(h) => self
+                        .hunts
+                        .stop(now, &h)
+                        .map(hunt_summary)
+                        .map_err(|e| Status::failed_precondition(e.to_string())),
+                    Err(e) => Err(e),
+                };
+                self.drain_hunts().await;
+                let _ = reply.send(r);
+            }
+            Msg::HuntFlows { id, reply } => {
+                let r = parse_hunt(&id).and_then(|h| {
+                    let hunt = self
+                        .hunts
+                        .get(&h)
+                        .ok_or_else(|| Status::not_found(format!("no hunt {h}")))?;
+                    Ok(hunt
+                        .participants()
+                        .map(|(c, _)| (c.clone(), FlowId::for_hunt(&h, c)))
+                        .collect())
+                });
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Offers a connected client to every running hunt.
+    async fn offer_hunts(&mut self, now: Timestamp, id: &ClientId) {
+        let Some(rec) = self.registry.get(id) else {
+            return;
+        };
+        let (os, labels) = (rec.os.clone(), rec.labels.clone());
+        self.hunts.offer(
+            now,
+            ClientFacts {
+                id,
+                os: &os,
+                labels: &labels,
+            },
+        );
+        self.drain_hunts().await;
+    }
+
+    async fn create_hunt(
+        &mut self,
+        now: Timestamp,
+        req: api::CreateHuntRequest,
+    ) -> Result<api::HuntSummary, Status> {
+        let given: BTreeMap<String, String> = req.params.into_iter().collect();
+        let (spec, params) = talon_core::artifacts::validate(&req.artifact, &given)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let labels = |ls: Vec<String>| -> Result<std::collections::BTreeSet<String>, Status> {
+            ls.iter()
+                .map(|l| {
+                    talon_core::registry::normalize_label(l)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))
+                })
+                .collect()
+        };
+        let os = match req.os.to_ascii_lowercase().as_str() {
+            "" => None,
+            o @ ("linux" | "windows" | "darwin") => Some(o.to_owned()),
+            o => {
+                return Err(Status::invalid_argument(format!(
+                    "--os {o:?}: use linux, windows or darwin"
+                )));
+            }
+        };
+        let ttl_s = if req.expires_in_s == 0 {
+            HUNT_EXPIRES_DEFAULT_S
+        } else {
+            req.expires_in_s
+        };
+        let hunt_spec = HuntSpec {
+            artifact: spec.name.to_owned(),
+            params,
+            include_labels: labels(req.include_labels)?,
+            exclude_labels: labels(req.exclude_labels)?,
+            os,
+            expires: now.plus_ms(ttl_s.saturating_mul(1000)),
+            client_limit: (req.client_limit > 0).then_some(req.client_limit),
+            description: req.description,
+        };
+        let mut n = [0u8; 8];
+        self.entropy.fill(&mut n);
+        let id = HuntId::from_u64(u64::from_le_bytes(n));
+        self.hunts
+            .create(now, id.clone(), hunt_spec)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.drain_hunts().await;
+        tracing::info!(hunt = %id, artifact = spec.name, "hunt created");
+        // Every connected client is offered the hunt now; later ones when they connect.
+        let connected: Vec<ClientId> = self.conns.keys().cloned().collect();
+        for c in connected {
+            let Some(rec) = self.registry.get(&c) else {
+                continue;
+            };
+            let (os, labels) = (rec.os.clone(), rec.labels.clone());
+            self.hunts.offer_to(
+                now,
+                &id,
+                ClientFacts {
+                    id: &c,
+                    os: &os,
+                    labels: &labels,
+                },
+            );
+        }
+        self.drain_hunts().await;
+        let h = self
+            .hunts
+            .get(&id)
+            .ok_or_else(|| Status::internal("the new hunt vanished"))?;
+        Ok(hunt_summary(h))
+    }
+
+    /// Performs the hunt manager's actions: a participant is journalled before its task is delivered.
+    async fn drain_hunts(&mut self) {
+        while let Some(a) = self.hunts.poll_action() {
+            match a {
+                HuntAction::Schedule { hunt, client, flow } => {
+                    let key = paths::hunt_participant(&hunt, &client);
+                    if let Err(e) =
+                        save_json(&self.datastore, &key, &ParticipantJson::Scheduled).await
+                    {
+                        tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt participant; not tasking it");
+                        continue;
+                    }
+                    let Some(h) = self.hunts.get(&hunt) else {
+                        continue;
+                    };
+                    let spec = h.record().spec.clone();
+                    let record = FlowJson {
+                        client_id: client.to_string(),
+                        flow_id: flow.to_string(),
+                        artifact: spec.artifact.clone(),
+                        params: spec.params.clone(),
+                        hunt_id: Some(hunt.to_string()),
+                        state: FlowRecordState::Queued,
+                        rows: 0,
+                        uploaded_bytes: 0,
+                        error: String::new(),
+                        created_ms: self.now().as_ms(),
+                        finished_ms: 0,
+                    };
+                    if let Err(e) = save_json(
+                        &self.datastore,
+                        &paths::flow_record(&client, &flow),
+                        &record,
+                    )
+                    .await
+                    {
+                        tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt flow");
+                        continue;
+                    }
+                    let task = comms::Task {
+                        flow_id: flow.to_string(),
+                        artifact: spec.artifact,
+                        params: spec.params.into_iter().collect(),
+                        hunt_id: hunt.to_string(),
+                        max_rows: 0,
+                        max_upload_bytes: self.opts.codec.upload_bytes_max,
+                        timeout_s: 600,
+                    };
+                    if !self.push(&client, server_message::Kind::Task(task.clone())) {
+                        let q = self.queued.entry(client.clone()).or_default();
+                        if q.len() < QUEUED_TASKS_PER_CLIENT_MAX {
+                            q.push(task);
+                        } else {
+                            tracing::warn!(client = %client, hunt = %hunt, "task queue full; the hunt task waits for the next connect");
+                        }
+                    }
+                }
+                HuntAction::Participant {
+                    hunt,
+                    client,
+                    participation,
+                } => {
+                    let key = paths::hunt_participant(&hunt, &client);
+                    if let Err(e) =
+                        save_json(&self.datastore, &key, &ParticipantJson::from(participation))
+                            .await
+                    {
+                        tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt outcome");
+                    }
+                }
+                HuntAction::Record(r) => {
+                    if let Err(e) = save_json(
+                        &self.datastore,
+                        &paths::hunt_record(&r.id),
+                        &HuntJson::from_record(&r),
+                    )
+                    .await
+                    {
+                        tracing::error!(hunt = %r.id, error = %e, "cannot record a hunt");
+                    }
+                }
             }
         }
     }
@@ -464,6 +809,7 @@ impl Actor {
             }
             self.push(&id, server_message::Kind::Task(task));
         }
+        self.offer_hunts(now, &id).await;
         Ok(())
     }
 
@@ -615,6 +961,20 @@ impl Actor {
                                 tracing::error!(flow = %o.key.flow, error = %e, "cannot record flow completion");
                             }
                             tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
+                            if let Some(h) =
+                                f.hunt_id.as_deref().and_then(|h| HuntId::parse(h).ok())
+                            {
+                                let now = self.now();
+                                self.hunts.handle_outcome(
+                                    now,
+                                    &h,
+                                    &o.key.client,
+                                    o.state,
+                                    o.rows,
+                                    o.uploaded_bytes,
+                                );
+                                self.drain_hunts().await;
+                            }
                         }
                         Ok(None) => {
                             tracing::warn!(client = %o.key.client, flow = %o.key.flow, "completed flow has no record")
@@ -854,12 +1214,6 @@ fn require_api<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is not available in this build of Talon yet"
-    ))
-}
-
 type Pages = tokio_stream::wrappers::ReceiverStream<Result<api::ResultPage, Status>>;
 
 /// Rows per `ResultPage`.
@@ -976,7 +1330,11 @@ impl api::api_server::Api for ApiService {
         req: Request<api::CreateHuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
         require_api(&req)?;
-        Err(not_yet("hunt create"))
+        let req = req.into_inner();
+        self.node
+            .ask(|reply| Msg::CreateHunt { req, reply })
+            .await
+            .map(Response::new)
     }
 
     async fn list_hunts(
@@ -984,7 +1342,10 @@ impl api::api_server::Api for ApiService {
         req: Request<api::ListHuntsRequest>,
     ) -> Result<Response<api::ListHuntsResponse>, Status> {
         require_api(&req)?;
-        Err(not_yet("hunt list"))
+        self.node
+            .ask(|reply| Msg::ListHunts { reply })
+            .await
+            .map(Response::new)
     }
 
     async fn get_hunt(
@@ -992,7 +1353,11 @@ impl api::api_server::Api for ApiService {
         req: Request<api::HuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
         require_api(&req)?;
-        Err(not_yet("hunt show"))
+        let id = req.into_inner().hunt_id;
+        self.node
+            .ask(|reply| Msg::GetHunt { id, reply })
+            .await
+            .map(Response::new)
     }
 
     async fn stop_hunt(
@@ -1000,7 +1365,11 @@ impl api::api_server::Api for ApiService {
         req: Request<api::HuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
         require_api(&req)?;
-        Err(not_yet("hunt stop"))
+        let id = req.into_inner().hunt_id;
+        self.node
+            .ask(|reply| Msg::StopHunt { id, reply })
+            .await
+            .map(Response::new)
     }
 
     type GetHuntResultsStream = Pages;
@@ -1010,7 +1379,34 @@ impl api::api_server::Api for ApiService {
         req: Request<api::HuntRequest>,
     ) -> Result<Response<Pages>, Status> {
         require_api(&req)?;
-        Err(not_yet("hunt results"))
+        let id = req.into_inner().hunt_id;
+        let flows = self.node.ask(|reply| Msg::HuntFlows { id, reply }).await?;
+        let fs = self.node.filestore.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            for (client, flow) in flows {
+                let rows = match flow_rows(&*fs, &client, &flow).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                for chunk in rows.chunks(ROWS_PER_PAGE) {
+                    let page = api::ResultPage {
+                        client_id: client.to_string(),
+                        flow_id: flow.to_string(),
+                        rows: chunk.to_vec(),
+                    };
+                    if tx.send(Ok(page)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn list_artifacts(

@@ -131,3 +131,145 @@ pub struct FlowJson {
     /// When it finished (ms), 0 while running.
     pub finished_ms: u64,
 }
+
+/// A hunt's record (`hunts/<id>/record.json`): the spec and the state. Statistics are not stored
+/// here; they are derived from the participant records at restore, so they are exact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HuntJson {
+    /// The hunt.
+    pub hunt_id: String,
+    /// The artifact.
+    pub artifact: String,
+    /// Its parameters, defaults filled in.
+    pub params: BTreeMap<String, String>,
+    /// Required labels.
+    pub include_labels: BTreeSet<String>,
+    /// Excluding labels.
+    pub exclude_labels: BTreeSet<String>,
+    /// Required OS, if any.
+    pub os: Option<String>,
+    /// Expiry (ms).
+    pub expires_ms: u64,
+    /// Client limit, if any.
+    pub client_limit: Option<u64>,
+    /// Free text.
+    pub description: String,
+    /// Creation (ms).
+    pub created_ms: u64,
+    /// `running`, `stopped`, `expired` or `complete`.
+    pub state: String,
+}
+
+impl HuntJson {
+    /// From the core's record.
+    pub fn from_record(r: &talon_core::hunts::HuntRecord) -> HuntJson {
+        HuntJson {
+            hunt_id: r.id.to_string(),
+            artifact: r.spec.artifact.clone(),
+            params: r.spec.params.clone(),
+            include_labels: r.spec.include_labels.clone(),
+            exclude_labels: r.spec.exclude_labels.clone(),
+            os: r.spec.os.clone(),
+            expires_ms: r.spec.expires.as_ms(),
+            client_limit: r.spec.client_limit,
+            description: r.spec.description.clone(),
+            created_ms: r.created.as_ms(),
+            state: r.state.as_str().to_owned(),
+        }
+    }
+
+    /// Into the core's record; `None` if malformed.
+    pub fn to_record(&self) -> Option<talon_core::hunts::HuntRecord> {
+        use talon_core::hunts::{HuntRecord, HuntSpec, HuntState};
+        let state = match self.state.as_str() {
+            "running" => HuntState::Running,
+            "stopped" => HuntState::Stopped,
+            "expired" => HuntState::Expired,
+            "complete" => HuntState::Complete,
+            _ => return None,
+        };
+        Some(HuntRecord {
+            id: talon_core::HuntId::parse(&self.hunt_id).ok()?,
+            spec: HuntSpec {
+                artifact: self.artifact.clone(),
+                params: self.params.clone(),
+                include_labels: self.include_labels.clone(),
+                exclude_labels: self.exclude_labels.clone(),
+                os: self.os.clone(),
+                expires: Timestamp(self.expires_ms),
+                client_limit: self.client_limit,
+                description: self.description.clone(),
+            },
+            created: Timestamp(self.created_ms),
+            state,
+        })
+    }
+}
+
+/// One client's part in a hunt (`hunts/<id>/clients/<client>.json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum ParticipantJson {
+    /// Tasked.
+    Scheduled,
+    /// Completed.
+    Completed {
+        /// Rows.
+        rows: u64,
+        /// Upload bytes.
+        uploaded_bytes: u64,
+    },
+    /// Failed.
+    Error {
+        /// Rows.
+        rows: u64,
+        /// Upload bytes.
+        uploaded_bytes: u64,
+    },
+}
+
+impl From<talon_core::hunts::Participation> for ParticipantJson {
+    fn from(p: talon_core::hunts::Participation) -> Self {
+        use talon_core::hunts::Participation as P;
+        match p {
+            P::Scheduled => ParticipantJson::Scheduled,
+            P::Completed {
+                rows,
+                uploaded_bytes,
+            } => ParticipantJson::Completed {
+                rows,
+                uploaded_bytes,
+            },
+            P::Error {
+                rows,
+                uploaded_bytes,
+            } => ParticipantJson::Error {
+                rows,
+                uploaded_bytes,
+            },
+        }
+    }
+}
+
+impl From<ParticipantJson> for talon_core::hunts::Participation {
+    fn from(p: ParticipantJson) -> Self {
+        use talon_core::hunts::Participation as P;
+        match p {
+            ParticipantJson::Scheduled => P::Scheduled,
+            ParticipantJson::Completed {
+                rows,
+                uploaded_bytes,
+            } => P::Completed {
+                rows,
+                uploaded_bytes,
+            },
+            ParticipantJson::Error {
+                rows,
+                uploaded_bytes,
+            } => P::Error {
+                rows,
+                uploaded_bytes,
+            },
+        }
+    }
+}

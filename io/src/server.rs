@@ -67,6 +67,7 @@ pub async fn run_master(
         codec: CodecLimits::default(),
         flows: FlowLimits::default(),
         registry: RegistryLimits::default(),
+        hunts: talon_core::hunts::HuntLimits::default(),
     };
     let max_message = opts.codec.message_bytes_max;
     let node = Node::start(opts, datastore.clone(), filestore, clock, entropy).await?;

@@ -312,3 +312,111 @@ fn foreign_agents_and_api_users_are_refused_and_bad_requests_rejected() {
         assert!(err.contains(want), "{a:?}: {err}");
     }
 }
+
+#[test]
+fn hunts_have_exact_stats_across_a_master_sigkill_and_late_clients() {
+    let d = Deployment::new();
+    let master = d.start_master();
+    let pool = |n: &str, dir: &str| -> Proc {
+        let log = std::fs::File::create(d.path(&format!("{dir}.log"))).unwrap();
+        Proc(
+            talon()
+                .args([
+                    "-c",
+                    &d.s("client.config.yaml"),
+                    "pool-client",
+                    "--number",
+                    n,
+                    "--writeback-dir",
+                    &d.s(dir),
+                    "--start-rate",
+                    "0",
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _p1 = pool("20", "pool1");
+    d.wait_until("20 clients connect", || {
+        d.clients()
+            .iter()
+            .filter(|c| c["connected"] == true)
+            .count()
+            == 20
+    });
+
+    // A hunt restricted by label, and a big one; the master dies while the big one runs.
+    let web = d.clients()[3]["client_id"].as_str().unwrap().to_owned();
+    d.api(&["label", "add", &web, "web"]);
+    let small = d
+        .api(&["hunt", "create", "Generic.Client.Info", "--label", "web"])
+        .trim()
+        .to_owned();
+    let big = json(&d.api(&[
+        "hunt",
+        "create",
+        "Generic.Test.Rows",
+        "--param",
+        "count=5000",
+        "--param",
+        "size=4",
+        "--json",
+    ]));
+    assert_eq!(big["state"], "running");
+    let big = big["hunt_id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(master);
+    let _master = d.start_master();
+    let show = |h: &str| json(&d.api(&["hunt", "show", h, "--json"]));
+    d.wait_until("the big hunt completes on 20 clients", || {
+        show(&big)["stats"]["completed"] == 20
+    });
+    let stats = show(&big)["stats"].clone();
+    assert_eq!(
+        (
+            stats["scheduled"].as_u64(),
+            stats["rows"].as_u64(),
+            stats["errors"].as_u64()
+        ),
+        (Some(20), Some(100_000), Some(0)),
+        "{stats}"
+    );
+    let s = show(&small)["stats"].clone();
+    assert_eq!(
+        (s["scheduled"].as_u64(), s["completed"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+
+    // Late clients join the running hunt; nobody is scheduled twice.
+    let _p2 = pool("5", "pool2");
+    d.wait_until("late clients complete", || {
+        show(&big)["stats"]["completed"] == 25
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = show(&big)["stats"].clone();
+    assert_eq!(
+        (stats["scheduled"].as_u64(), stats["rows"].as_u64()),
+        (Some(25), Some(125_000)),
+        "{stats}"
+    );
+
+    // The export holds every row exactly once, per client.
+    let out = d.api(&["hunt", "results", &big]);
+    let pairs: BTreeSet<(String, u64)> = out
+        .lines()
+        .map(|l| {
+            let v = json(l);
+            (
+                v["client_id"].as_str().unwrap().to_owned(),
+                v["row"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!((out.lines().count(), pairs.len()), (125_000, 125_000));
+    let csv = d.api(&["hunt", "results", &small, "--format", "csv"]);
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(csv.starts_with("client_id,flow_id,"), "{csv}");
+}
