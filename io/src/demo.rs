@@ -187,6 +187,14 @@ async fn run_in(
     let a = api_cfg.display();
     say("\nthe deployment keeps running; try:");
     say(&format!(
+        "  {t} --api-config {a} hunt show {} --json",
+        hunt.hunt_id
+    ));
+    say(&format!(
+        "  {t} --api-config {a} hunt results {} --format csv",
+        hunt.hunt_id
+    ));
+    say(&format!(
         "  {t} --api-config {a} clients search host:demo-1"
     ));
     say(&format!(

@@ -1,17 +1,28 @@
 //! `talon demo` as a user runs it: it reports progress and exact stats, and Ctrl-C stops it cleanly.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+
+/// Kills the demo if the test fails before stopping it, so no process outlives the test.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 #[test]
-fn demo_collects_from_every_client_and_stops_on_ctrl_c() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_talon"))
+fn demo_hunts_every_client_and_stops_on_ctrl_c() {
+    let child = Command::new(env!("CARGO_BIN_EXE_talon"))
         .args(["demo", "--clients", "25"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut guard = Guard(child);
+    let stdout = guard.0.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let mut seen = Vec::new();
     for line in lines.by_ref() {
@@ -25,7 +36,7 @@ fn demo_collects_from_every_client_and_stops_on_ctrl_c() {
     let text = seen.join("\n");
     assert!(text.contains("all 25 clients connected"), "{text}");
     assert!(
-        text.contains("sweep stats: scheduled 25, completed 25, errors 0, rows 25"),
+        text.contains("stats: scheduled 25, completed 25, errors 0, rows 25,"),
         "{text}"
     );
     let dir = seen
@@ -37,12 +48,12 @@ fn demo_collects_from_every_client_and_stops_on_ctrl_c() {
 
     // Ctrl-C.
     let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &guard.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    assert!(child.wait().unwrap().success());
+    assert!(guard.0.wait().unwrap().success(), "{rest:?}");
     assert!(rest.iter().any(|l| l == "demo stopped"), "{rest:?}");
     assert!(
         !std::path::Path::new(&dir).exists(),
