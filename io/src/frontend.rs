@@ -1024,32 +1024,49 @@ async fn audit<V: Volume>(
     Some(out)
 }
 
-/// Reads a flow's result rows from the filestore, in sequence order.
-pub async fn flow_rows<V: Volume>(
-    fs: &V,
-    client: &ClientId,
-    flow: &FlowId,
-) -> Result<Vec<Bytes>, Status> {
-    let names = fs
-        .list(&format!("{}/", paths::flow_messages_dir(client, flow)))
-        .await
-        .map_err(|e| Status::unavailable(format!("filestore: {e}")))?;
-    let mut rows = Vec::new();
-    for name in names {
-        let Some(bytes) = fs
-            .read(&name)
-            .await
-            .map_err(|e| Status::unavailable(format!("filestore: {e}")))?
-        else {
-            continue;
-        };
-        let msg = comms::FlowMessage::decode(bytes)
-            .map_err(|e| Status::data_loss(format!("{name}: {e}")))?;
-        if let Some(comms::flow_message::Payload::Rows(r)) = msg.payload {
-            rows.extend(r.rows);
+/// Streams the result rows of `flows` from the filestore, one page per stored rows message, in
+/// sequence order. Memory is bounded by the channel (4 pages) whatever the flows' size.
+fn stream_flows(fs: Arc<FsVolume>, flows: Vec<(ClientId, FlowId)>) -> Pages {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        for (client, flow) in flows {
+            let dir = format!("{}/", paths::flow_messages_dir(&client, &flow));
+            let names = match fs.list(&dir).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!("filestore: {e}"))))
+                        .await;
+                    return;
+                }
+            };
+            for name in names {
+                let msg = match fs.read(&name).await {
+                    Ok(Some(bytes)) => comms::FlowMessage::decode(bytes)
+                        .map_err(|e| Status::data_loss(format!("{name}: {e}"))),
+                    Ok(None) => continue,
+                    Err(e) => Err(Status::unavailable(format!("filestore: {e}"))),
+                };
+                let page = match msg {
+                    Ok(comms::FlowMessage {
+                        payload: Some(comms::flow_message::Payload::Rows(r)),
+                        ..
+                    }) => Ok(api::ResultPage {
+                        client_id: client.to_string(),
+                        flow_id: flow.to_string(),
+                        rows: r.rows,
+                    }),
+                    Ok(_) => continue,
+                    Err(e) => Err(e),
+                };
+                let failed = page.is_err();
+                if tx.send(page).await.is_err() || failed {
+                    return;
+                }
+            }
         }
-    }
-    Ok(rows)
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The client-facing gRPC service.
@@ -1216,9 +1233,6 @@ fn require_api<T>(req: &Request<T>) -> Result<(), Status> {
 
 type Pages = tokio_stream::wrappers::ReceiverStream<Result<api::ResultPage, Status>>;
 
-/// Rows per `ResultPage`.
-pub const ROWS_PER_PAGE: usize = 1000;
-
 #[tonic::async_trait]
 impl api::api_server::Api for ApiService {
     async fn search_clients(
@@ -1306,22 +1320,9 @@ impl api::api_server::Api for ApiService {
             ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let flow =
             FlowId::parse(&r.flow_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let rows = flow_rows(&*self.node.filestore, &client, &flow).await?;
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            for chunk in rows.chunks(ROWS_PER_PAGE) {
-                let page = api::ResultPage {
-                    client_id: client.to_string(),
-                    flow_id: flow.to_string(),
-                    rows: chunk.to_vec(),
-                };
-                if tx.send(Ok(page)).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
+        Ok(Response::new(stream_flows(
+            self.node.filestore.clone(),
+            vec![(client, flow)],
         )))
     }
 
@@ -1381,31 +1382,9 @@ impl api::api_server::Api for ApiService {
         require_api(&req)?;
         let id = req.into_inner().hunt_id;
         let flows = self.node.ask(|reply| Msg::HuntFlows { id, reply }).await?;
-        let fs = self.node.filestore.clone();
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            for (client, flow) in flows {
-                let rows = match flow_rows(&*fs, &client, &flow).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                for chunk in rows.chunks(ROWS_PER_PAGE) {
-                    let page = api::ResultPage {
-                        client_id: client.to_string(),
-                        flow_id: flow.to_string(),
-                        rows: chunk.to_vec(),
-                    };
-                    if tx.send(Ok(page)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
+        Ok(Response::new(stream_flows(
+            self.node.filestore.clone(),
+            flows,
         )))
     }
 

@@ -120,9 +120,24 @@ impl ClientCertVerifier for AnyKeyVerifier {
     }
 }
 
-fn alpn_h2(mut c: rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+/// A server config presenting the frontend certificate, checking clients with `verifier`, HTTP/2.
+fn server_config(
+    p: Arc<CryptoProvider>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    cert_pem: &str,
+    key_pem: &str,
+) -> io::Result<Arc<rustls::ServerConfig>> {
+    let mut c = rustls::ServerConfig::builder_with_provider(p)
+        .with_safe_default_protocol_versions()
+        .map_err(bad("TLS versions"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs(cert_pem, "Frontend.certificate")?,
+            key(key_pem, "Frontend.private_key")?,
+        )
+        .map_err(bad("Frontend.certificate"))?;
     c.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(c)
+    Ok(Arc::new(c))
 }
 
 /// The client-facing port: frontend certificate; clients authenticate with their own key.
@@ -134,16 +149,7 @@ pub fn endpoint_server_config(
     let verifier = Arc::new(AnyKeyVerifier {
         algorithms: p.signature_verification_algorithms,
     });
-    let c = rustls::ServerConfig::builder_with_provider(p)
-        .with_safe_default_protocol_versions()
-        .map_err(bad("TLS versions"))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            certs(cert_pem, "Frontend.certificate")?,
-            key(key_pem, "Frontend.private_key")?,
-        )
-        .map_err(bad("Frontend.certificate"))?;
-    Ok(alpn_h2(c))
+    server_config(p, verifier, cert_pem, key_pem)
 }
 
 /// The API / cluster port: peers must present a certificate signed by the deployment CA.
@@ -159,16 +165,7 @@ pub fn ca_server_config(
     )
     .build()
     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("CA certificate: {e}")))?;
-    let c = rustls::ServerConfig::builder_with_provider(p)
-        .with_safe_default_protocol_versions()
-        .map_err(bad("TLS versions"))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            certs(cert_pem, "Frontend.certificate")?,
-            key(key_pem, "Frontend.private_key")?,
-        )
-        .map_err(bad("Frontend.certificate"))?;
-    Ok(alpn_h2(c))
+    server_config(p, verifier, cert_pem, key_pem)
 }
 
 /// A client of a Talon server: pins the deployment CA, presents `cert_pem`/`key_pem`.
