@@ -682,6 +682,7 @@ impl Actor {
                         error: String::new(),
                         created_ms: self.now().as_ms(),
                         finished_ms: 0,
+                        uploads: vec![],
                     };
                     if let Err(e) = save_json(
                         &self.datastore,
@@ -878,6 +879,7 @@ impl Actor {
             error: String::new(),
             created_ms: now.as_ms(),
             finished_ms: 0,
+            uploads: vec![],
         };
         // Durable before the client can see the task: its results always have a record.
         save_json(&self.datastore, &paths::flow_record(&id, &flow), &record).await?;
@@ -961,6 +963,14 @@ impl Actor {
                                 tracing::error!(flow = %o.key.flow, error = %e, "cannot record flow completion");
                             }
                             tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
+                            if o.uploaded_bytes > 0 {
+                                let (fs, ds, key) = (
+                                    self.filestore.clone(),
+                                    self.datastore.clone(),
+                                    o.key.clone(),
+                                );
+                                tokio::spawn(async move { record_uploads(&fs, &ds, &key).await });
+                            }
                             if let Some(h) =
                                 f.hunt_id.as_deref().and_then(|h| HuntId::parse(h).ok())
                             {
@@ -986,6 +996,30 @@ impl Actor {
                 }
             }
         }
+    }
+}
+
+/// Rebuilds a completed flow's uploaded files and records them in its flow record.
+async fn record_uploads(fs: &FsVolume, ds: &Datastore, key: &FlowKey) {
+    let uploads = match crate::uploads::assemble(fs, &key.client, &key.flow).await {
+        Ok(u) => u,
+        Err(e) => {
+            return tracing::error!(client = %key.client, flow = %key.flow, error = %e, "cannot reassemble uploads");
+        }
+    };
+    for u in uploads.iter().filter(|u| !u.error.is_empty()) {
+        tracing::warn!(client = %key.client, flow = %key.flow, file = %u.name, error = %u.error, "upload not stored");
+    }
+    let k = paths::flow_record(&key.client, &key.flow);
+    match load_json::<FlowJson>(ds, &k).await {
+        Ok(Some(mut f)) => {
+            f.uploads = uploads;
+            if let Err(e) = save_json(ds, &k, &f).await {
+                tracing::error!(flow = %key.flow, error = %e, "cannot record uploads");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(flow = %key.flow, error = %e, "cannot read flow record"),
     }
 }
 

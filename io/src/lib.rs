@@ -16,3 +16,4 @@ pub mod records;
 pub mod server;
 pub mod storage;
 pub mod tls;
+pub mod uploads;

@@ -130,6 +130,9 @@ pub struct FlowJson {
     pub created_ms: u64,
     /// When it finished (ms), 0 while running.
     pub finished_ms: u64,
+    /// Uploaded files, reassembled in the filestore after completion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uploads: Vec<crate::uploads::UploadJson>,
 }
 
 /// A hunt's record (`hunts/<id>/record.json`): the spec and the state. Statistics are not stored

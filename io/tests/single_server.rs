@@ -191,6 +191,55 @@ fn collections_work_end_to_end_and_survive_a_master_sigkill() {
     let rows = d.api(&["flow", "results", &id, info["flow_id"].as_str().unwrap()]);
     assert_eq!(json(rows.trim())["os"], "linux");
 
+    // FileFinder with upload=true: the file is rebuilt in the filestore, byte for byte.
+    let payload: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect(); // > one 512 KiB chunk
+    std::fs::write(d.path("evidence.bin"), &payload).unwrap();
+    let glob = format!("{}/evidence.*", d.dir.path().display());
+    let ff = json(&d.api(&[
+        "collect",
+        &id,
+        "Generic.Forensic.FileFinder",
+        "--param",
+        &format!("glob={glob}"),
+        "--param",
+        "upload=true",
+        "--wait",
+        "--json",
+    ]));
+    assert_eq!(
+        (
+            ff["state"].as_str(),
+            ff["rows"].as_u64(),
+            ff["uploaded_bytes"].as_u64()
+        ),
+        (Some("completed"), Some(1), Some(700_000)),
+        "{ff}"
+    );
+    let uploads = d.path(&format!(
+        "shared/clients/{id}/flows/{}/uploads",
+        ff["flow_id"].as_str().unwrap()
+    ));
+    let committed = || -> Vec<PathBuf> {
+        let Ok(dir) = std::fs::read_dir(&uploads) else {
+            return vec![];
+        };
+        dir.filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| !p.to_string_lossy().ends_with(".partial"))
+            .collect()
+    };
+    d.wait_until("the upload is reassembled", || committed().len() == 1);
+    let stored = committed().remove(0);
+    assert!(
+        stored
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("00000-%2F"),
+        "{stored:?}"
+    );
+    assert_eq!(std::fs::read(&stored).unwrap(), payload);
+
     // A big flow; the master is killed (SIGKILL) while it runs, then restarted.
     const N: u64 = 200_000;
     let f = json(&d.api(&[

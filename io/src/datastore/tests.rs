@@ -37,6 +37,12 @@ impl Volume for StuckVolume {
     async fn list(&self, _: &str) -> io::Result<Vec<String>> {
         Ok(vec![])
     }
+    async fn append(&self, _: &str, _: Bytes) -> io::Result<()> {
+        std::future::pending().await
+    }
+    async fn commit(&self, _: &str, _: &str) -> io::Result<()> {
+        std::future::pending().await
+    }
 }
 
 /// Counts reads of an inner volume.
@@ -56,6 +62,12 @@ impl Volume for Counting {
     }
     async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
         self.0.list(prefix).await
+    }
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        self.0.append(key, data).await
+    }
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        self.0.commit(from, to).await
     }
 }
 

@@ -19,6 +19,11 @@ pub trait Volume: Send + Sync + 'static {
     fn delete(&self, key: &str) -> impl Future<Output = io::Result<()>> + Send;
     /// Keys under `prefix` (a `/`-terminated directory prefix or a key prefix), sorted.
     fn list(&self, prefix: &str) -> impl Future<Output = io::Result<Vec<String>>> + Send;
+    /// Appends to a key, creating it (for assembling large files piece by piece; not atomic: write
+    /// to a scratch key and `commit` it).
+    fn append(&self, key: &str, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Makes `from` durable and atomically renames it over `to`.
+    fn commit(&self, from: &str, to: &str) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 /// A directory on a (possibly network) filesystem. Blocking syscalls run on tokio's blocking pool.
@@ -126,6 +131,43 @@ impl Volume for FsVolume {
         })
         .await
     }
+
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        let p = self.path(key)?;
+        blocking(move || {
+            use std::io::Write;
+            FsVolume::parent_dirs(&p)?;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)?
+                .write_all(&data)
+        })
+        .await
+    }
+
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        let (src, dst) = (self.path(from)?, self.path(to)?);
+        blocking(move || {
+            std::fs::File::open(&src)?.sync_all()?;
+            FsVolume::parent_dirs(&dst)?;
+            std::fs::rename(&src, &dst)?;
+            match dst.parent() {
+                Some(d) => std::fs::File::open(d)?.sync_all(),
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+}
+
+impl FsVolume {
+    fn parent_dirs(p: &Path) -> io::Result<()> {
+        match p.parent() {
+            Some(d) => std::fs::create_dir_all(d),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Adds a fixed latency to every operation of another volume: what `talon bench storage-latency`
@@ -160,6 +202,14 @@ impl<V: Volume> Volume for LatencyVolume<V> {
         tokio::time::sleep(self.latency).await;
         self.inner.list(prefix).await
     }
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        tokio::time::sleep(self.latency).await;
+        self.inner.append(key, data).await
+    }
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        tokio::time::sleep(self.latency).await;
+        self.inner.commit(from, to).await
+    }
 }
 
 #[cfg(test)]
@@ -190,6 +240,18 @@ mod tests {
             assert!(v.write(bad, Bytes::new()).await.is_err(), "{bad}");
         }
         assert!(!dir.path().parent().unwrap().join("x").exists());
+        v.append("big/f.partial", Bytes::from_static(b"ab"))
+            .await
+            .unwrap();
+        v.append("big/f.partial", Bytes::from_static(b"cd"))
+            .await
+            .unwrap();
+        v.commit("big/f.partial", "big/f").await.unwrap();
+        assert_eq!(
+            v.read("big/f").await.unwrap(),
+            Some(Bytes::from_static(b"abcd"))
+        );
+        assert_eq!(v.read("big/f.partial").await.unwrap(), None);
     }
 
     #[tokio::test(start_paused = true)]
