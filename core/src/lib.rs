@@ -26,6 +26,7 @@ pub mod flows;
 pub mod hunts;
 pub mod ids;
 pub mod paths;
+pub mod ratelimit;
 pub mod registry;
 pub mod replication;
 pub mod seqset;

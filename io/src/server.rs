@@ -70,6 +70,11 @@ pub async fn run_master(
         hunts: talon_core::hunts::HuntLimits::default(),
     };
     let max_message = opts.codec.message_bytes_max;
+    let cps = cfg.frontend.resources.connections_per_second.max(1);
+    let admission = tls::Admission {
+        bucket: talon_core::ratelimit::TokenBucket::new(cps, cps, clock.now()),
+        clock: clock.clone(),
+    };
     let node = Node::start(opts, datastore.clone(), filestore, clock, entropy).await?;
 
     let fe_addr = format!("{}:{}", cfg.frontend.bind_address, cfg.frontend.bind_port);
@@ -115,14 +120,14 @@ pub async fn run_master(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_with_incoming_shutdown(
             comms,
-            tls::incoming(fe_listener, fe_tls, HANDSHAKES_MAX),
+            tls::incoming(fe_listener, fe_tls, HANDSHAKES_MAX, Some(admission)),
             async move {
                 let _ = stop_a.changed().await;
             },
         );
     let api = tonic::transport::Server::builder().serve_with_incoming_shutdown(
         api,
-        tls::incoming(api_listener, api_tls, HANDSHAKES_MAX),
+        tls::incoming(api_listener, api_tls, HANDSHAKES_MAX, None),
         async move {
             let _ = stop_b.changed().await;
         },

@@ -265,6 +265,15 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// Admission control for a listener: connections beyond the bucket's rate are closed at once, before
+/// any TLS work (`Frontend.resources.connections_per_second`); clients back off and retry.
+pub struct Admission {
+    /// The rate.
+    pub bucket: talon_core::ratelimit::TokenBucket,
+    /// Time for the bucket.
+    pub clock: Arc<dyn crate::clock::Clock>,
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently (at most `handshakes_max` at
 /// once, each within [`HANDSHAKE_TIMEOUT`]); yields finished connections for `serve_with_incoming`.
 /// Failed handshakes are logged and dropped: one bad client cannot stop the listener.
@@ -272,11 +281,13 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     handshakes_max: usize,
+    mut admission: Option<Admission>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(handshakes_max);
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(tokio::sync::Semaphore::new(handshakes_max));
     tokio::spawn(async move {
+        let mut refused = 0u64;
         loop {
             let (tcp, addr) = match listener.accept().await {
                 Ok(c) => c,
@@ -286,6 +297,16 @@ pub fn incoming(
                     continue;
                 }
             };
+            if let Some(a) = admission.as_mut()
+                && !a.bucket.try_take(a.clock.now())
+            {
+                refused += 1;
+                if refused == 1 || refused.is_multiple_of(1000) {
+                    tracing::warn!(%addr, refused, "connection rate limit reached; closing new connections");
+                }
+                drop(tcp);
+                continue;
+            }
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };

@@ -27,7 +27,7 @@ async fn serve(
 ) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
-    (port, incoming(l, config, 8))
+    (port, incoming(l, config, 8, None))
 }
 
 /// Connects with `client` and completes the handshake (sending a byte so TLS 1.3 client auth is done).
@@ -147,4 +147,39 @@ async fn the_api_port_admits_only_ca_signed_certificates_with_their_role() {
     )
     .await;
     assert_eq!(next_peer(&mut peers).await, None, "neither may connect");
+}
+
+struct FrozenClock;
+
+impl crate::clock::Clock for FrozenClock {
+    fn now(&self) -> Timestamp {
+        NOW
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_rate_are_closed_before_any_handshake() {
+    let d = deployment();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let cfg = endpoint_server_config(&d.frontend.certificate, &d.frontend.private_key).unwrap();
+    // Time stands still, so exactly the burst is admitted.
+    let admission = Admission {
+        bucket: talon_core::ratelimit::TokenBucket::new(1000, 3, NOW),
+        clock: Arc::new(FrozenClock),
+    };
+    let mut peers = incoming(l, cfg, 8, Some(admission));
+    let (me, _) = pki::new_endpoint_identity(NOW).unwrap();
+    let client = client_config(&d.ca.certificate, &me.certificate, &me.private_key).unwrap();
+    let mut ok = 0;
+    for _ in 0..6 {
+        if dial(port, client.clone()).await.is_ok() {
+            ok += 1;
+        }
+    }
+    let mut accepted = 0;
+    while next_peer(&mut peers).await.is_some() {
+        accepted += 1;
+    }
+    assert_eq!((ok, accepted), (3, 3));
 }
