@@ -120,14 +120,24 @@ impl Outbox {
     }
 
     /// A new stream is up: resend everything unacknowledged, in order, through it.
-    async fn attach(&self, tx: mpsc::Sender<comms::ClientMessage>, max_in_flight: usize) {
+    async fn attach(
+        &self,
+        tx: mpsc::Sender<comms::ClientMessage>,
+        max_in_flight: usize,
+        now: Timestamp,
+    ) {
         let resend: Vec<comms::FlowMessage> = {
             let mut s = self.lock();
             s.session = Some(tx.clone());
             s.max_in_flight = max_in_flight.max(1);
+            // Marked as sent now, so the resend timer does not send them again right away.
             s.flows
-                .values()
-                .flat_map(|f| f.unacked.values().map(|(m, _)| m.clone()))
+                .values_mut()
+                .flat_map(|f| f.unacked.values_mut())
+                .map(|(m, sent)| {
+                    *sent = now;
+                    m.clone()
+                })
                 .collect()
         };
         for m in resend {
@@ -513,7 +523,7 @@ impl Agent {
         };
         tracing::debug!(client = %self.id, node = %welcome.node, "connected");
         self.outbox
-            .attach(tx.clone(), welcome.max_in_flight as usize)
+            .attach(tx.clone(), welcome.max_in_flight as usize, self.clock.now())
             .await;
         let mut ping = tokio::time::interval(Duration::from_secs(30));
         let mut resend = tokio::time::interval(Duration::from_millis(RESEND_AFTER_MS / 2));

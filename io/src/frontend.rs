@@ -194,7 +194,7 @@ struct Actor {
     conns: BTreeMap<ClientId, Conn>,
     /// Tasks for clients not connected now, in creation order.
     queued: BTreeMap<ClientId, Vec<comms::Task>>,
-    /// Raw bytes of flow messages being stored, until their store completes.
+    /// The bytes of the flow message being handled, until a Store action takes them (at most one).
     raw: BTreeMap<(FlowKey, u64), Bytes>,
     self_tx: mpsc::Sender<Msg>,
 }
@@ -441,12 +441,21 @@ impl Actor {
                     .handle_message(now, key.clone(), seq, data.tracker_payload())
                 {
                     Ok(()) => {
-                        self.raw.insert((key, seq), raw);
+                        // A Store action takes the bytes; a resend that is only re-acknowledged
+                        // leaves them here, so drop them after the drain: at most one entry lives.
+                        self.raw.insert((key.clone(), seq), raw);
                         self.drain_flows().await;
-                        self.raw.retain(|_, _| true);
+                        self.raw.remove(&(key, seq));
                     }
                     Err(e) => {
-                        let code = comms::ErrorCode::Busy as i32;
+                        // A message after the final status is the client's mistake; the rest are
+                        // back-pressure it should retry.
+                        let code = match e {
+                            talon_core::flows::FlowError::AfterFinal { .. } => {
+                                comms::ErrorCode::InvalidMessage
+                            }
+                            _ => comms::ErrorCode::Busy,
+                        } as i32;
                         let m = comms::ServerError {
                             code,
                             message: e.to_string(),
@@ -459,7 +468,6 @@ impl Actor {
                 }
             }
             Msg::Stored { key, seq, ok } => {
-                self.raw.remove(&(key.clone(), seq));
                 self.flows.handle_stored(now, &key, seq, ok);
                 self.drain_flows().await;
             }
@@ -911,7 +919,7 @@ impl Actor {
         while let Some(a) = self.flows.poll_action() {
             match a {
                 FlowAction::Store { key, seq } => {
-                    let Some(raw) = self.raw.get(&(key.clone(), seq)).cloned() else {
+                    let Some(raw) = self.raw.remove(&(key.clone(), seq)) else {
                         // The bytes are gone (cannot happen: stored right after handle_message); fail the store.
                         self.flows.handle_stored(self.now(), &key, seq, false);
                         continue;
