@@ -354,7 +354,8 @@ impl Node {
             raw: BTreeMap::new(),
             self_tx: tx.clone(),
         };
-        tokio::spawn(actor.run(rx));
+        let span = tracing::info_span!("node", node = %opts.node_name);
+        tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
         Ok(Node {
             tx,
             datastore,
@@ -1176,7 +1177,8 @@ impl comms::comms_server::Comms for CommsService {
             reply,
         })
         .await?;
-        tokio::spawn(async move {
+        let span = tracing::info_span!("client", client = %client);
+        let reader = async move {
             loop {
                 let msg = match incoming.message().await {
                     Ok(Some(m)) => m,
@@ -1242,7 +1244,8 @@ impl comms::comms_server::Comms for CommsService {
                 }
             }
             let _ = node.tx.send(Msg::Disconnected { client, conn }).await;
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(reader, span));
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))

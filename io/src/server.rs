@@ -132,7 +132,8 @@ pub async fn run_master(
             let _ = stop_b.changed().await;
         },
     );
-    let servers = async { tokio::try_join!(fe, api) };
+    let span = tracing::info_span!("node", node = %node_name, role = "master");
+    let servers = tracing::Instrument::instrument(async { tokio::try_join!(fe, api) }, span);
     tokio::pin!(servers);
     tokio::select! {
         r = &mut servers => r.map(|_| ()).map_err(|e| format!("server failed: {e}"))?,
