@@ -16,7 +16,7 @@ use crate::{pki, tls};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -114,11 +114,6 @@ impl Outbox {
         self.lock().flows.values().map(|f| f.unacked.len()).sum()
     }
 
-    fn knows(&self, flow: &str) -> bool {
-        let s = self.lock();
-        s.flows.contains_key(flow) || s.done.iter().any(|d| d == flow)
-    }
-
     /// A new stream is up: resend everything unacknowledged, in order, through it.
     async fn attach(
         &self,
@@ -151,8 +146,15 @@ impl Outbox {
         self.lock().session = None;
     }
 
-    fn start(&self, flow: &str) {
-        self.lock().flows.entry(flow.to_owned()).or_default();
+    /// Registers a task's flow; false if the flow is already running or recently done (a task
+    /// delivered twice). Check and insert happen under one lock, so no duplicate slips between.
+    fn begin(&self, flow: &str) -> bool {
+        let mut s = self.lock();
+        if s.flows.contains_key(flow) || s.done.iter().any(|d| d == flow) {
+            return false;
+        }
+        s.flows.insert(flow.to_owned(), FlowOut::default());
+        true
     }
 
     /// Messages unacknowledged for `after_ms`, marked as sent again at `now`.
@@ -250,11 +252,11 @@ enum Produced {
     Done(Result<(), String>),
 }
 
-/// Runs one task to completion, streaming its output into the outbox.
+/// Runs one task (its flow already registered with `Outbox::begin`) to completion, streaming its
+/// output into the outbox.
 async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>) {
     let flow = task.flow_id.clone();
     let started = clock.now();
-    outbox.start(&flow);
     let (tx, mut rx) = mpsc::channel::<Produced>(64);
     let params = task.params.clone().into_iter().collect();
     let artifact = task.artifact.clone();
@@ -527,14 +529,13 @@ impl Agent {
             .await;
         let mut ping = tokio::time::interval(Duration::from_secs(30));
         let mut resend = tokio::time::interval(Duration::from_millis(RESEND_AFTER_MS / 2));
-        let mut seen_tasks = BTreeSet::new();
         let result = loop {
             tokio::select! {
                 m = inbound.message() => match m {
                     Ok(Some(comms::ServerMessage { kind: Some(kind) })) => match kind {
                         server_message::Kind::Task(t) => {
                             let _ = tx.send(comms::ClientMessage { kind: Some(client_message::Kind::TaskAck(comms::TaskAck { flow_id: t.flow_id.clone() })) }).await;
-                            if self.outbox.knows(&t.flow_id) || !seen_tasks.insert(t.flow_id.clone()) {
+                            if !self.outbox.begin(&t.flow_id) {
                                 continue; // Delivered twice: already running or done.
                             }
                             tracing::debug!(flow = %t.flow_id, artifact = %t.artifact, "task received");
