@@ -361,7 +361,7 @@ pub async fn connect(
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     endpoint
-        .connect_with_connector(tower_fn(move |_uri| {
+        .connect_with_connector(tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
             let (connector, name, target) =
                 (connector.clone(), server_name.clone(), target.clone());
             async move {
@@ -372,36 +372,6 @@ pub async fn connect(
             }
         }))
         .await
-}
-
-/// A `tower::Service` from a closure (what `tower::service_fn` does, without the dependency).
-fn tower_fn<F, Fut, R>(f: F) -> TowerFn<F>
-where
-    F: FnMut(tonic::codegen::http::Uri) -> Fut,
-    Fut: std::future::Future<Output = io::Result<R>>,
-{
-    TowerFn(f)
-}
-
-#[derive(Clone)]
-struct TowerFn<F>(F);
-
-impl<F, Fut, R> tower_service::Service<tonic::codegen::http::Uri> for TowerFn<F>
-where
-    F: FnMut(tonic::codegen::http::Uri) -> Fut,
-    Fut: std::future::Future<Output = io::Result<R>>,
-{
-    type Response = R;
-    type Error = io::Error;
-    type Future = Fut;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Fut {
-        (self.0)(uri)
-    }
 }
 
 #[cfg(test)]
