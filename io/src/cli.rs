@@ -213,6 +213,16 @@ pub enum HuntCommand {
     },
 }
 
+/// A hunt as pretty JSON (`--json`) or one line of text.
+fn hunt_out(h: &talon_proto::api::HuntSummary, json: bool) -> String {
+    if json {
+        serde_json::to_string_pretty(&crate::api_client::hunt_json(h))
+            .expect("JSON values serialise")
+    } else {
+        hunt_text(h)
+    }
+}
+
 fn hunt_text(h: &talon_proto::api::HuntSummary) -> String {
     let s = h.stats.unwrap_or_default();
     format!(
@@ -405,6 +415,16 @@ async fn api(api_config: Option<&Path>) -> Result<crate::api_client::Api, String
     crate::api_client::Api::connect(path).await
 }
 
+/// A flow as pretty JSON (`--json`) or one line of text.
+fn flow_out(f: &talon_proto::api::FlowSummary, json: bool) -> String {
+    if json {
+        serde_json::to_string_pretty(&crate::api_client::flow_json(f))
+            .expect("JSON values serialise")
+    } else {
+        flow_text(f)
+    }
+}
+
 fn flow_text(f: &talon_proto::api::FlowSummary) -> String {
     let mut s = format!(
         "flow {} on {}: {} {} rows={} uploaded_bytes={}",
@@ -426,7 +446,7 @@ async fn run_async(
     api_config: Option<PathBuf>,
     command: Command,
 ) -> Result<String, String> {
-    use crate::api_client::{client_json, flow_json};
+    use crate::api_client::client_json;
     use std::sync::Arc;
     match command {
         Command::Frontend { local_dir } => {
@@ -567,11 +587,7 @@ async fn run_async(
                     )
                     .await?;
             }
-            Ok(if json {
-                serde_json::to_string_pretty(&flow_json(&f)).expect("JSON")
-            } else {
-                flow_text(&f)
-            })
+            Ok(flow_out(&f, json))
         }
         Command::Flow {
             command:
@@ -586,11 +602,7 @@ async fn run_async(
                 .await?
                 .flow(&client_id, &flow_id)
                 .await?;
-            Ok(if json {
-                serde_json::to_string_pretty(&flow_json(&f)).expect("JSON")
-            } else {
-                flow_text(&f)
-            })
+            Ok(flow_out(&f, json))
         }
         Command::Flow {
             command: FlowCommand::Results {
@@ -660,22 +672,14 @@ async fn run_async(
                 }
                 HuntCommand::Show { hunt_id, json } => {
                     let h = api(api_config.as_deref()).await?.hunt(&hunt_id).await?;
-                    Ok(if json {
-                        serde_json::to_string_pretty(&hunt_json(&h)).expect("JSON")
-                    } else {
-                        hunt_text(&h)
-                    })
+                    Ok(hunt_out(&h, json))
                 }
                 HuntCommand::Stop { hunt_id, json } => {
                     let h = api(api_config.as_deref())
                         .await?
                         .stop_hunt(&hunt_id)
                         .await?;
-                    Ok(if json {
-                        serde_json::to_string_pretty(&hunt_json(&h)).expect("JSON")
-                    } else {
-                        hunt_text(&h)
-                    })
+                    Ok(hunt_out(&h, json))
                 }
                 HuntCommand::Results { hunt_id, format } => {
                     let rows = api(api_config.as_deref())
