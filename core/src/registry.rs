@@ -411,6 +411,25 @@ impl Registry {
         }
     }
 
+    /// Clients connected to some node now, in id order.
+    pub fn connected(&self) -> impl Iterator<Item = &ClientRecord> {
+        self.records.values().filter(|r| r.connected)
+    }
+
+    /// A node restarted: every client it held is disconnected (until it is seen again). Returns how
+    /// many were.
+    pub fn disconnect_node(&mut self, now: Timestamp, node: &str) -> usize {
+        let mut n = 0;
+        for r in self.records.values_mut() {
+            if r.connected && r.node == node {
+                r.connected = false;
+                r.last_seen = now;
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Adds (or, with `remove`, removes) a label.
     pub fn set_label(
         &mut self,

@@ -38,11 +38,18 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Run a frontend node (the master, with --config server.config.yaml).
+    /// Run a frontend node with --config server.config.yaml: the master, or with --minion a minion.
     Frontend {
-        /// This node's fast local disk, for the datastore journal (not the shared volume).
+        /// This node's fast local disk: the master's datastore journal, a minion's replication outbox
+        /// (not the shared volume). Default /var/lib/talon/<node name>.
         #[arg(long, alias = "local_dir", value_name = "DIR")]
         local_dir: Option<PathBuf>,
+        /// Run as a minion (needs --node).
+        #[arg(long, requires = "node")]
+        minion: bool,
+        /// The minion's node name, HOST-PORT as listed by `config frontend --add`.
+        #[arg(long, value_name = "HOST-PORT", requires = "minion")]
+        node: Option<String>,
     },
     /// Run an endpoint agent (with --config client.config.yaml).
     Client {
@@ -63,10 +70,10 @@ pub enum Command {
         #[arg(long, alias = "start_rate", default_value_t = 100.0)]
         start_rate: f64,
     },
-    /// A whole deployment on loopback: a master and virtual clients, a collection from all of them.
+    /// A whole deployment on loopback: a master, minions and virtual clients, and a hunt across them.
     Demo {
-        /// Minion frontends (this build: 0, single-server mode).
-        #[arg(long, default_value_t = 0)]
+        /// Minion frontends beside the master (0: single server).
+        #[arg(long, default_value_t = 2)]
         minions: usize,
         /// Virtual clients.
         #[arg(long, default_value_t = 1000)]
@@ -449,22 +456,43 @@ async fn run_async(
     use crate::api_client::client_json;
     use std::sync::Arc;
     match command {
-        Command::Frontend { local_dir } => {
+        Command::Frontend {
+            local_dir,
+            minion: _,
+            node,
+        } => {
             init_logging("info");
             let path = need_config(config.as_deref())?;
             let cfg = ServerConfig::load(path).map_err(|e| e.to_string())?;
-            let local_dir = local_dir.unwrap_or_else(|| {
-                PathBuf::from(format!("/var/lib/talon/{}", cfg.master_node_name()))
-            });
-            crate::server::run_master(
-                cfg,
-                local_dir,
-                Arc::new(SystemClock),
-                Arc::new(OsEntropy::default()),
-                |_| {},
-                shutdown_signal(),
-            )
-            .await?;
+            let name = node.clone().unwrap_or_else(|| cfg.master_node_name());
+            let local_dir =
+                local_dir.unwrap_or_else(|| PathBuf::from(format!("/var/lib/talon/{name}")));
+            let (clock, entropy) = (Arc::new(SystemClock), Arc::new(OsEntropy::default()));
+            match node {
+                Some(node) => {
+                    crate::server::run_minion(
+                        cfg,
+                        node,
+                        local_dir,
+                        clock,
+                        entropy,
+                        |_| {},
+                        shutdown_signal(),
+                    )
+                    .await?
+                }
+                None => {
+                    crate::server::run_master(
+                        cfg,
+                        local_dir,
+                        clock,
+                        entropy,
+                        |_| {},
+                        shutdown_signal(),
+                    )
+                    .await?
+                }
+            }
             Ok("frontend stopped".into())
         }
         Command::Client { writeback } => {

@@ -1,8 +1,8 @@
-//! `talon demo`: a whole deployment on loopback in a temporary directory — a master and N virtual
-//! clients in this process — then a hunt across every client with live progress, its stats, and how
-//! to use the CLI against it. Serves until Ctrl-C, then removes the directory.
-//!
-//! This build runs single-server mode: minions arrive with the multi-frontend work.
+//! `talon demo`: a whole deployment on loopback in a temporary directory — a master, minions (two by
+//! default) and N virtual clients spread over every frontend, all in this process but each node with
+//! its own local disk and the shared volume between them — then a hunt across every client with live
+//! progress, its stats, and how to use the CLI against it. Serves until Ctrl-C, then removes the
+//! directory.
 
 use crate::api_client::Api;
 use crate::clock::{Clock, Entropy, OsEntropy, SystemClock};
@@ -31,10 +31,8 @@ pub async fn run(
     clients: usize,
     shutdown: impl Future<Output = ()>,
 ) -> Result<String, String> {
-    if minions > 0 {
-        return Err(format!(
-            "--minions {minions}: this build of Talon runs single-server mode only; use --minions 0"
-        ));
+    if minions > 64 {
+        return Err(format!("--minions {minions}: at most 64 in a demo"));
     }
     if clients == 0 {
         return Err("--clients must be at least 1".into());
@@ -49,13 +47,14 @@ pub async fn run(
         crate::clock::hex(&tag)
     ));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let result = run_in(&dir, clients, clock, entropy, shutdown).await;
+    let result = run_in(&dir, minions, clients, clock, entropy, shutdown).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
 async fn run_in(
     dir: &std::path::Path,
+    minions: usize,
     clients: usize,
     clock: Arc<dyn Clock>,
     entropy: Arc<dyn Entropy>,
@@ -68,7 +67,12 @@ async fn run_in(
         gui_port: free_port()?,
         datastore: dir.join("shared"),
     };
-    let cfg = config::generate(&opts, &*clock, &*entropy).map_err(|e| e.to_string())?;
+    let mut cfg = config::generate(&opts, &*clock, &*entropy).map_err(|e| e.to_string())?;
+    let mut adds = Vec::new();
+    for _ in 0..minions {
+        adds.push(("127.0.0.1".to_owned(), free_port()?));
+    }
+    config::add_frontends(&mut cfg, &adds, &*clock)?;
     let (server_cfg, client_cfg, api_cfg) = (
         dir.join("server.config.yaml"),
         dir.join("client.config.yaml"),
@@ -101,6 +105,32 @@ async fn run_in(
         "master up: clients connect to {}, API on {} (loopback only)",
         listening.frontend, listening.api
     ));
+    let mut nodes = Vec::new();
+    for x in &cfg.extra_frontends {
+        let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+        let mut stop = stop_tx.subscribe();
+        let name = x.node_name();
+        nodes.push(tokio::spawn(crate::server::run_minion(
+            cfg.clone(),
+            name.clone(),
+            dir.join(format!("local-{name}")),
+            clock.clone(),
+            entropy.clone(),
+            move |l| {
+                let _ = up_tx.send(l);
+            },
+            async move {
+                let _ = stop.changed().await;
+            },
+        )));
+        let l = up_rx
+            .await
+            .map_err(|_| format!("minion {name} did not start (RUST_LOG=info shows why)"))?;
+        say(&format!(
+            "minion {name} up: clients connect to {}",
+            l.frontend
+        ));
+    }
 
     let pool = crate::agent::spawn_pool(
         &cfg.client_config(),
@@ -218,6 +248,9 @@ async fn run_in(
     say("stopping ...");
     pool.abort();
     let _ = stop_tx.send(true);
+    for n in nodes {
+        n.await.map_err(|e| e.to_string())??;
+    }
     master.await.map_err(|e| e.to_string())??;
     Ok("demo stopped".into())
 }

@@ -5,11 +5,15 @@
 //! (store a flow message in the filestore, acknowledge, write records through the datastore) and feeds
 //! their results back as inputs — the driving rule of `talon-core`, with tokio around it.
 //!
-//! This build serves single-server mode (a master without minions): replication to minions is not
-//! wired yet. Hunts run on the master's hunt manager (the single writer of hunt state).
+//! The same actor runs on the master and on minions ([`Role`]). The master is the single writer of
+//! metadata: it owns the registry, the hunt manager and the tasks not yet delivered. A minion serves
+//! its clients' flows (bulk data straight to the shared filestore) and tells the master what happened
+//! through its replication [`Link`]: a client seen or gone, a task delivered, a flow completed. It
+//! acknowledges a flow's final status only once the master has applied the completion, so a minion
+//! killed at any point loses nothing: the client resends the final status to another node.
 
 use crate::clock::{Clock, Entropy};
-use crate::datastore::Datastore;
+use crate::cluster::{Link, LinkEvent, Meta};
 use crate::pki::Role;
 use crate::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
 use crate::storage::volume::{FsVolume, Volume};
@@ -26,8 +30,10 @@ use talon_core::hunts::{
 use talon_core::registry::{
     KeyCache, KeyCheck, Query, Registry, RegistryAction, RegistryLimits, Sighting,
 };
+use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits};
 use talon_core::{ClientId, FlowId, HuntId, Timestamp, paths};
 use talon_proto::api;
+use talon_proto::cluster::{self as pc, broadcast, master_message, replicated_event::Event};
 use talon_proto::comms::{self, client_message, server_message};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
@@ -38,6 +44,17 @@ pub const CLIENT_QUEUE_MAX: usize = 256;
 pub const NODE_INBOX_MAX: usize = 8192;
 /// Tasks queued for one disconnected client.
 pub const QUEUED_TASKS_PER_CLIENT_MAX: usize = 256;
+/// Datastore key of a minion's replication cursor (persisted after the effects it covers).
+fn cursor_key(node: &str) -> String {
+    format!("cluster/minions/{}.json", paths::safe_component(node))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CursorJson {
+    node: String,
+    epoch: u64,
+    hwm: u64,
+}
 
 /// The node's settings.
 #[derive(Clone, Debug)]
@@ -71,6 +88,29 @@ enum Msg {
     Disconnected {
         client: ClientId,
         conn: u64,
+    },
+    MinionUp {
+        node: String,
+        tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
+        reply: Reply<u64>,
+    },
+    MinionDown {
+        node: String,
+        conn: u64,
+    },
+    MinionEvents {
+        node: String,
+        conn: u64,
+        epoch: u64,
+        events: Vec<(u64, Event)>,
+    },
+    DatastoreChanged {
+        key: String,
+        version: u64,
+    },
+    Link(LinkEvent),
+    CompletionApplied {
+        key: FlowKey,
     },
     Flow {
         client: ClientId,
@@ -169,7 +209,7 @@ pub fn hunt_summary(h: &Hunt) -> api::HuntSummary {
 #[derive(Clone)]
 pub struct Node {
     tx: mpsc::Sender<Msg>,
-    datastore: Datastore,
+    datastore: Meta,
     filestore: Arc<FsVolume>,
     limits: CodecLimits,
     nonce: String,
@@ -179,28 +219,70 @@ pub struct Node {
 struct Conn {
     id: u64,
     tx: mpsc::Sender<Result<comms::ServerMessage, Status>>,
+    /// On a minion: what the master was told when the client connected (re-told after a reconnect).
+    seen: Option<pc::ClientSeen>,
+}
+
+/// How a node takes part in the cluster, given to [`Node::start`].
+pub enum Cluster {
+    /// The master (also a single-server deployment).
+    Master,
+    /// A minion: its replication link and the link's events.
+    Minion {
+        /// The link to the master.
+        link: Link,
+        /// What the link reports.
+        events: mpsc::Receiver<LinkEvent>,
+    },
+}
+
+/// The actor's role-specific state.
+enum NodeRole {
+    Master(MasterState),
+    Minion(MinionState),
+}
+
+struct MinionConn {
+    conn: u64,
+    tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
+}
+
+struct MasterState {
+    /// Minions with a replication stream up.
+    minions: BTreeMap<String, MinionConn>,
+    next_minion_conn: u64,
+    inbox: Inbox<Event>,
+    /// Tasks created and not yet acknowledged by their client, in creation order. Delivered when the
+    /// client is (or becomes) connected to any node; dropped when its `TaskAck` is applied.
+    pending: BTreeMap<ClientId, Vec<comms::Task>>,
+}
+
+struct MinionState {
+    link: Link,
+    /// Completed flows whose completion the master has not applied yet, with the final status's
+    /// sequence number once the tracker acknowledges it: that ack waits for the master.
+    held: BTreeMap<FlowKey, Option<u64>>,
 }
 
 struct Actor {
     opts: NodeOptions,
     clock: Arc<dyn Clock>,
     entropy: Arc<dyn Entropy>,
-    datastore: Datastore,
+    datastore: Meta,
     filestore: Arc<FsVolume>,
+    role: NodeRole,
     registry: Registry,
     keys: KeyCache,
     flows: FlowTracker,
     hunts: HuntManager,
     conns: BTreeMap<ClientId, Conn>,
-    /// Tasks for clients not connected now, in creation order.
-    queued: BTreeMap<ClientId, Vec<comms::Task>>,
     /// The bytes of the flow message being handled, until a Store action takes them (at most one).
     raw: BTreeMap<(FlowKey, u64), Bytes>,
     self_tx: mpsc::Sender<Msg>,
 }
 
 async fn load_json<T: serde::de::DeserializeOwned>(
-    ds: &Datastore,
+    ds: &Meta,
     key: &str,
 ) -> Result<Option<T>, String> {
     match ds.get(key).await.map_err(|e| format!("{key}: {e}"))? {
@@ -211,11 +293,7 @@ async fn load_json<T: serde::de::DeserializeOwned>(
     }
 }
 
-async fn save_json<T: serde::Serialize>(
-    ds: &Datastore,
-    key: &str,
-    value: &T,
-) -> Result<(), Status> {
+async fn save_json<T: serde::Serialize>(ds: &Meta, key: &str, value: &T) -> Result<(), Status> {
     let bytes = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
     ds.set(key, Bytes::from(bytes))
         .await
@@ -229,7 +307,7 @@ fn parse_hunt(id: &str) -> Result<HuntId, Status> {
 
 /// Rebuilds the hunt manager from the hunt and participant records.
 async fn restore_hunts(
-    ds: &Datastore,
+    ds: &Meta,
     opts: &NodeOptions,
     now: Timestamp,
 ) -> Result<HuntManager, String> {
@@ -307,32 +385,70 @@ pub fn flow_summary(f: &FlowJson) -> api::FlowSummary {
 }
 
 impl Node {
-    /// Loads the registry from the datastore and starts the node actor.
+    /// Starts the node actor. The master loads the registry, the hunts and the minions' replication
+    /// cursors from its datastore first; a minion starts empty (the master holds that state).
     pub async fn start(
         opts: NodeOptions,
-        datastore: Datastore,
+        datastore: Meta,
         filestore: FsVolume,
         clock: Arc<dyn Clock>,
         entropy: Arc<dyn Entropy>,
+        cluster: Cluster,
     ) -> Result<Node, String> {
-        let (keys, _) = datastore
-            .list("clients/")
-            .await
-            .map_err(|e| format!("listing clients: {e}"))?;
         let mut records = Vec::new();
-        for k in keys
-            .iter()
-            .filter(|k| k.ends_with("/record.json") && k.matches('/').count() == 2)
-        {
-            if let Some(j) = load_json::<ClientJson>(&datastore, k).await? {
-                records.push(
-                    j.to_record()
-                        .ok_or_else(|| format!("{k}: malformed client record"))?,
-                );
+        let mut hunts = HuntManager::new(opts.hunts.clone());
+        let (role, link_events) = match cluster {
+            Cluster::Master => {
+                let (keys, _) = datastore
+                    .list("clients/")
+                    .await
+                    .map_err(|e| format!("listing clients: {e}"))?;
+                for k in keys
+                    .iter()
+                    .filter(|k| k.ends_with("/record.json") && k.matches('/').count() == 2)
+                {
+                    if let Some(j) = load_json::<ClientJson>(&datastore, k).await? {
+                        records.push(
+                            j.to_record()
+                                .ok_or_else(|| format!("{k}: malformed client record"))?,
+                        );
+                    }
+                }
+                tracing::info!(clients = records.len(), "loaded client registry");
+                hunts = restore_hunts(&datastore, &opts, clock.now()).await?;
+                let (keys, _) = datastore
+                    .list("cluster/minions/")
+                    .await
+                    .map_err(|e| format!("listing replication cursors: {e}"))?;
+                let mut cursors = Vec::new();
+                for k in &keys {
+                    if let Some(c) = load_json::<CursorJson>(&datastore, k).await? {
+                        cursors.push((
+                            c.node,
+                            Cursor {
+                                epoch: c.epoch,
+                                hwm: c.hwm,
+                            },
+                        ));
+                    }
+                }
+                tracing::info!(minions = cursors.len(), "loaded replication cursors");
+                let state = MasterState {
+                    minions: BTreeMap::new(),
+                    next_minion_conn: 1,
+                    inbox: Inbox::recover(InboxLimits::default(), cursors),
+                    pending: BTreeMap::new(),
+                };
+                (NodeRole::Master(state), None)
             }
-        }
-        tracing::info!(clients = records.len(), "loaded client registry");
-        let hunts = restore_hunts(&datastore, &opts, clock.now()).await?;
+            Cluster::Minion { link, events } => (
+                NodeRole::Minion(MinionState {
+                    link,
+                    held: BTreeMap::new(),
+                }),
+                Some(events),
+            ),
+        };
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
         let filestore = Arc::new(filestore);
         let mut keys = KeyCache::new(opts.expected_clients.max(1));
@@ -349,11 +465,21 @@ impl Node {
             entropy,
             datastore: datastore.clone(),
             filestore: filestore.clone(),
+            role,
             conns: BTreeMap::new(),
-            queued: BTreeMap::new(),
             raw: BTreeMap::new(),
             self_tx: tx.clone(),
         };
+        if let Some(mut events) = link_events {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(e) = events.recv().await {
+                    if tx.send(Msg::Link(e)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let span = tracing::info_span!("node", node = %opts.node_name);
         tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
         Ok(Node {
@@ -364,6 +490,44 @@ impl Node {
             nonce: opts.nonce,
             next_conn: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         })
+    }
+
+    /// A minion's replication stream is up; returns its connection number.
+    pub(crate) async fn minion_up(
+        &self,
+        node: String,
+        tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
+    ) -> Result<u64, Status> {
+        self.ask(|reply| Msg::MinionUp { node, tx, reply }).await
+    }
+
+    /// A minion's replication stream ended.
+    pub(crate) async fn minion_down(&self, node: String, conn: u64) {
+        let _ = self.tx.send(Msg::MinionDown { node, conn }).await;
+    }
+
+    /// A batch of a minion's events; the actor acknowledges on the minion's stream once applied.
+    pub(crate) async fn minion_events(
+        &self,
+        node: String,
+        conn: u64,
+        epoch: u64,
+        events: Vec<(u64, Event)>,
+    ) -> Result<(), Status> {
+        self.tx
+            .send(Msg::MinionEvents {
+                node,
+                conn,
+                epoch,
+                events,
+            })
+            .await
+            .map_err(|_| Status::unavailable("node is shutting down"))
+    }
+
+    /// A minion wrote a key through the remote datastore: other minions drop it from their caches.
+    pub(crate) async fn datastore_changed(&self, key: String, version: u64) {
+        let _ = self.tx.send(Msg::DatastoreChanged { key, version }).await;
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, Status> {
@@ -421,9 +585,55 @@ impl Actor {
             Msg::Disconnected { client, conn } => {
                 if self.conns.get(&client).is_some_and(|c| c.id == conn) {
                     self.conns.remove(&client);
-                    self.registry
-                        .set_disconnected(now, &client, &self.opts.node_name);
                     tracing::info!(client = %client, "client disconnected");
+                    match &self.role {
+                        NodeRole::Master(_) => {
+                            self.registry
+                                .set_disconnected(now, &client, &self.opts.node_name);
+                        }
+                        NodeRole::Minion(_) => {
+                            let ev = Event::ClientGone(pc::ClientGone {
+                                client_id: client.to_string(),
+                            });
+                            self.replicate(ev, None).await;
+                        }
+                    }
+                }
+            }
+            Msg::MinionUp { node, tx, reply } => {
+                let r = self.minion_up(node, tx);
+                let _ = reply.send(r);
+            }
+            Msg::MinionDown { node, conn } => {
+                if let NodeRole::Master(m) = &mut self.role
+                    && m.minions.get(&node).is_some_and(|c| c.conn == conn)
+                {
+                    m.minions.remove(&node);
+                    tracing::warn!(minion = %node, "minion's replication stream closed");
+                }
+            }
+            Msg::MinionEvents {
+                node,
+                conn,
+                epoch,
+                events,
+            } => self.minion_events(now, node, conn, epoch, events).await,
+            Msg::DatastoreChanged { key, version } => {
+                self.broadcast(broadcast::Kind::DatastoreChanged(pc::DatastoreChanged {
+                    key,
+                    version,
+                }));
+            }
+            Msg::Link(e) => self.link_event(e).await,
+            Msg::CompletionApplied { key } => {
+                if let NodeRole::Minion(m) = &mut self.role
+                    && let Some(Some(seq)) = m.held.remove(&key)
+                {
+                    let ack = comms::FlowAck {
+                        flow_id: key.flow.to_string(),
+                        seq,
+                    };
+                    self.push(&key.client, server_message::Kind::Ack(ack));
                 }
             }
             Msg::Flow {
@@ -476,15 +686,7 @@ impl Actor {
                 self.flows.handle_audit(now, &key, found);
                 self.drain_flows().await;
             }
-            Msg::TaskAck { client, flow } => {
-                let k = paths::flow_record(&client, &flow);
-                if let Ok(Some(mut f)) = load_json::<FlowJson>(&self.datastore, &k).await
-                    && f.state == FlowRecordState::Queued
-                {
-                    f.state = FlowRecordState::Running;
-                    let _ = save_json(&self.datastore, &k, &f).await;
-                }
-            }
+            Msg::TaskAck { client, flow } => self.task_delivered(&client, &flow).await,
             Msg::Search {
                 query,
                 limit,
@@ -509,7 +711,7 @@ impl Actor {
             } => {
                 let r = self.label(&client, &label, remove).await;
                 if let (Ok(_), Ok(id)) = (&r, ClientId::parse(&client))
-                    && self.conns.contains_key(&id)
+                    && self.registry.get(&id).is_some_and(|c| c.connected)
                 {
                     self.offer_hunts(now, &id).await; // A new label may make it match a hunt.
                 }
@@ -547,11 +749,19 @@ impl Actor {
             }
             Msg::StopHunt { id, reply } => {
                 let r = match parse_hunt(&id) {
-                    Ok(h) => self
-                        .hunts
-                        .stop(now, &h)
-                        .map(hunt_summary)
-                        .map_err(|e| Status::failed_precondition(e.to_string())),
+                    Ok(h) => {
+                        let r = self
+                            .hunts
+                            .stop(now, &h)
+                            .map(hunt_summary)
+                            .map_err(|e| Status::failed_precondition(e.to_string()));
+                        if r.is_ok() {
+                            self.broadcast(broadcast::Kind::HuntStopped(pc::HuntStopped {
+                                hunt_id: h.to_string(),
+                            }));
+                        }
+                        r
+                    }
                     Err(e) => Err(e),
                 };
                 self.drain_hunts().await;
@@ -570,6 +780,373 @@ impl Actor {
                 });
                 let _ = reply.send(r);
             }
+        }
+    }
+
+    /// Hands an event to the replication link (minion only). Waits while the outbox is full.
+    async fn replicate(&self, event: Event, applied: Option<oneshot::Sender<()>>) {
+        if let NodeRole::Minion(m) = &self.role
+            && let Err(e) = m.link.push(event, applied).await
+        {
+            tracing::error!(error = %e, "cannot replicate an event");
+        }
+    }
+
+    /// A client acknowledged a task, on this node or (master) on a minion.
+    async fn task_delivered(&mut self, client: &ClientId, flow: &FlowId) {
+        match &mut self.role {
+            NodeRole::Minion(_) => {
+                let ev = Event::TaskDelivered(pc::TaskDelivered {
+                    client_id: client.to_string(),
+                    flow_id: flow.to_string(),
+                });
+                self.replicate(ev, None).await;
+                return;
+            }
+            NodeRole::Master(m) => {
+                let f = flow.to_string();
+                if let Some(q) = m.pending.get_mut(client) {
+                    q.retain(|t| t.flow_id != f);
+                    if q.is_empty() {
+                        m.pending.remove(client);
+                    }
+                }
+            }
+        }
+        let k = paths::flow_record(client, flow);
+        if let Ok(Some(mut f)) = load_json::<FlowJson>(&self.datastore, &k).await
+            && f.state == FlowRecordState::Queued
+        {
+            f.state = FlowRecordState::Running;
+            let _ = save_json(&self.datastore, &k, &f).await;
+        }
+    }
+
+    /// Persists a client record (master) and tells the minions to drop their cached copy.
+    async fn persist_client(
+        &mut self,
+        rec: &talon_core::registry::ClientRecord,
+    ) -> Result<(), Status> {
+        let key = paths::client_record(&rec.id);
+        save_json(&self.datastore, &key, &ClientJson::from_record(rec)).await?;
+        self.broadcast(broadcast::Kind::DatastoreChanged(pc::DatastoreChanged {
+            key,
+            version: 0,
+        }));
+        Ok(())
+    }
+
+    async fn persist_registry(&mut self) -> Result<(), Status> {
+        while let Some(a) = self.registry.poll_action() {
+            if let RegistryAction::Persist(rec) = a {
+                self.persist_client(&rec).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one message to a minion; a full or closed queue drops its stream (it resynchronises).
+    fn send_to_minion(&mut self, node: &str, kind: broadcast::Kind) {
+        let NodeRole::Master(m) = &mut self.role else {
+            return;
+        };
+        let Some(c) = m.minions.get(node) else {
+            return;
+        };
+        let msg = pc::MasterMessage {
+            kind: Some(master_message::Kind::Broadcast(pc::Broadcast {
+                seq: 0,
+                kind: Some(kind),
+            })),
+        };
+        if c.tx.try_send(Ok(msg)).is_err() {
+            tracing::warn!(minion = %node, "minion's queue is full or closed; dropping its stream (it resynchronises on reconnect)");
+            m.minions.remove(node);
+        }
+    }
+
+    fn broadcast(&mut self, kind: broadcast::Kind) {
+        let nodes: Vec<String> = match &self.role {
+            NodeRole::Master(m) => m.minions.keys().cloned().collect(),
+            NodeRole::Minion(_) => return,
+        };
+        for n in nodes {
+            self.send_to_minion(&n, kind.clone());
+        }
+    }
+
+    /// Records a new task (master) and sends it toward its client wherever that is connected. It
+    /// stays pending until the client acknowledges it, and is sent again whenever the client (or
+    /// its minion) reconnects.
+    fn deliver(&mut self, client: &ClientId, task: comms::Task) -> Result<(), Status> {
+        let NodeRole::Master(m) = &mut self.role else {
+            return Err(Status::internal("tasks are created on the master"));
+        };
+        let q = m.pending.entry(client.clone()).or_default();
+        if q.len() >= QUEUED_TASKS_PER_CLIENT_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "{} tasks already wait for {client}",
+                q.len()
+            )));
+        }
+        q.push(task.clone());
+        self.send_task(client, task);
+        Ok(())
+    }
+
+    fn send_task(&mut self, client: &ClientId, task: comms::Task) {
+        if self.push(client, server_message::Kind::Task(task.clone())) {
+            return;
+        }
+        let Some(rec) = self.registry.get(client) else {
+            return;
+        };
+        if !rec.connected || rec.node == self.opts.node_name {
+            return; // Sent when it connects.
+        }
+        let node = rec.node.clone();
+        self.send_to_minion(
+            &node,
+            broadcast::Kind::TaskQueued(pc::TaskQueued {
+                client_id: client.to_string(),
+                task: Some(task),
+            }),
+        );
+    }
+
+    /// Sends a client's pending tasks toward it (it acknowledges duplicates and runs each once).
+    fn send_pending(&mut self, client: &ClientId) {
+        let tasks = match &self.role {
+            NodeRole::Master(m) => m.pending.get(client).cloned().unwrap_or_default(),
+            NodeRole::Minion(_) => return,
+        };
+        for t in tasks {
+            self.send_task(client, t);
+        }
+    }
+
+    fn minion_up(
+        &mut self,
+        node: String,
+        tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
+    ) -> Result<u64, Status> {
+        let NodeRole::Master(m) = &mut self.role else {
+            return Err(Status::failed_precondition("this node is not the master"));
+        };
+        let conn = m.next_minion_conn;
+        m.next_minion_conn += 1;
+        m.minions.insert(node.clone(), MinionConn { conn, tx });
+        tracing::info!(minion = %node, cursor = ?m.inbox.cursor(&node), "minion's replication stream is up");
+        // Tasks that may have been lost with the previous stream go again to its clients.
+        let clients: Vec<ClientId> = m
+            .pending
+            .keys()
+            .filter(|c| {
+                self.registry
+                    .get(c)
+                    .is_some_and(|r| r.connected && r.node == node)
+            })
+            .cloned()
+            .collect();
+        for c in clients {
+            self.send_pending(&c);
+        }
+        Ok(conn)
+    }
+
+    /// Applies a batch of a minion's events in order, persists its cursor, then acknowledges.
+    async fn minion_events(
+        &mut self,
+        now: Timestamp,
+        node: String,
+        conn: u64,
+        epoch: u64,
+        events: Vec<(u64, Event)>,
+    ) {
+        let NodeRole::Master(m) = &mut self.role else {
+            return;
+        };
+        if m.minions.get(&node).is_none_or(|c| c.conn != conn) {
+            return; // A stream that was replaced; the minion resends on the new one.
+        }
+        if let Err(e) = m.inbox.handle_batch(now, &node, epoch, events) {
+            tracing::warn!(minion = %node, error = %e, "refused a replication batch");
+            let expected = m.inbox.cursor(&node).map_or(1, |c| c.hwm + 1);
+            if let Some(c) = m.minions.get(&node) {
+                let _ = c.tx.try_send(Ok(pc::MasterMessage {
+                    kind: Some(master_message::Kind::Error(pc::ReplError {
+                        message: e.to_string(),
+                        expected_seq: expected,
+                    })),
+                }));
+            }
+            return;
+        }
+        let mut last = None;
+        loop {
+            let NodeRole::Master(m) = &mut self.role else {
+                return;
+            };
+            let Some(a) = m.inbox.poll_action() else {
+                break;
+            };
+            match a {
+                InboxAction::Apply {
+                    node: n,
+                    cursor,
+                    event,
+                } => {
+                    self.apply_event(&n, event).await;
+                    last = Some(cursor);
+                }
+                InboxAction::Ack {
+                    node: n,
+                    epoch,
+                    upto,
+                } => {
+                    // The effects are journalled (each write awaited); the cursor follows them, and
+                    // only then the ack. A crash in between re-applies events: effects are idempotent.
+                    if let Some(c) = last.take() {
+                        let j = CursorJson {
+                            node: n.clone(),
+                            epoch: c.epoch,
+                            hwm: c.hwm,
+                        };
+                        if let Err(e) = save_json(&self.datastore, &cursor_key(&n), &j).await {
+                            tracing::error!(minion = %n, error = %e, "cannot persist a replication cursor; not acknowledging");
+                            continue;
+                        }
+                    }
+                    if let NodeRole::Master(m) = &mut self.role
+                        && let Some(c) = m.minions.get(&n)
+                    {
+                        let ack = pc::MasterMessage {
+                            kind: Some(master_message::Kind::Ack(pc::ReplAck {
+                                epoch,
+                                upto_seq: upto,
+                            })),
+                        };
+                        if c.tx.try_send(Ok(ack)).is_err() {
+                            m.minions.remove(&n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One replicated event's effects on the master. Each is idempotent (a crash between the effects
+    /// and the cursor re-applies it).
+    async fn apply_event(&mut self, node: &str, event: Event) {
+        let now = self.now();
+        let client_of = |id: &str| -> Option<ClientId> {
+            ClientId::parse(id)
+                .inspect_err(|e| tracing::warn!(minion = %node, error = %e, "event names a malformed client id"))
+                .ok()
+        };
+        match event {
+            Event::ClientSeen(cs) => {
+                let Some(id) = client_of(&cs.client_id) else {
+                    return;
+                };
+                let info = cs.info.unwrap_or_default();
+                let sighting = Sighting {
+                    id: id.clone(),
+                    public_key: cs.public_key.to_vec(),
+                    hostname: info.hostname,
+                    fqdn: info.fqdn,
+                    os: info.os,
+                    ips: info.ips,
+                    last_ip: cs.last_ip,
+                    node: node.to_owned(),
+                };
+                if let Err(e) = self.registry.handle_seen(now, sighting) {
+                    tracing::warn!(minion = %node, client = %id, error = %e, "refused a client seen on a minion");
+                    return;
+                }
+                self.keys
+                    .insert(id.clone(), talon_core::ids::key_fingerprint(&cs.public_key));
+                if let Err(e) = self.persist_registry().await {
+                    tracing::error!(client = %id, error = %e, "cannot record a client");
+                }
+                self.send_pending(&id);
+                self.offer_hunts(now, &id).await;
+            }
+            Event::ClientGone(g) => {
+                if let Some(id) = client_of(&g.client_id) {
+                    self.registry.set_disconnected(now, &id, node);
+                }
+            }
+            Event::TaskDelivered(t) => {
+                if let (Some(id), Ok(flow)) = (client_of(&t.client_id), FlowId::parse(&t.flow_id)) {
+                    self.task_delivered(&id, &flow).await;
+                }
+            }
+            Event::FlowCompleted(f) => {
+                let (Some(client), Ok(flow)) = (client_of(&f.client_id), FlowId::parse(&f.flow_id))
+                else {
+                    return;
+                };
+                let state = if f.state == comms::FlowState::Completed as i32 {
+                    FinalState::Completed
+                } else {
+                    FinalState::Error
+                };
+                let o = talon_core::flows::FlowOutcome {
+                    key: FlowKey { client, flow },
+                    state,
+                    error: f.error,
+                    rows: f.rows,
+                    uploaded_bytes: f.uploaded_bytes,
+                };
+                self.flow_completed(o).await;
+            }
+            Event::NodeStarted(_) => {
+                let n = self.registry.disconnect_node(now, node);
+                tracing::info!(minion = %node, clients = n, "minion restarted: its clients are disconnected until they reconnect");
+            }
+        }
+    }
+
+    /// What the replication link reports (minion).
+    async fn link_event(&mut self, e: LinkEvent) {
+        match e {
+            LinkEvent::Connected => {
+                if let Meta::Remote(r) = &self.datastore {
+                    r.clear(); // Broadcasts may have been missed while the stream was down.
+                }
+                // The master may have restarted and lost who is connected here: tell it again.
+                let seen: Vec<pc::ClientSeen> =
+                    self.conns.values().filter_map(|c| c.seen.clone()).collect();
+                tracing::info!(
+                    clients = seen.len(),
+                    "re-announcing connected clients to the master"
+                );
+                for cs in seen {
+                    self.replicate(Event::ClientSeen(cs), None).await;
+                }
+            }
+            LinkEvent::Disconnected => {}
+            LinkEvent::Broadcast(b) => match b.kind {
+                Some(broadcast::Kind::TaskQueued(t)) => {
+                    if let (Ok(id), Some(task)) = (ClientId::parse(&t.client_id), t.task) {
+                        // Not connected here any more: the master sends it again where it connects.
+                        self.push(&id, server_message::Kind::Task(task));
+                    }
+                }
+                Some(broadcast::Kind::DatastoreChanged(d)) => {
+                    if let Meta::Remote(r) = &self.datastore {
+                        r.invalidate(&d.key);
+                    }
+                }
+                Some(broadcast::Kind::HuntStarted(h)) => {
+                    tracing::info!(hunt = %h.hunt_id, "hunt started on the master");
+                }
+                Some(broadcast::Kind::HuntStopped(h)) => {
+                    tracing::info!(hunt = %h.hunt_id, "hunt stopped on the master");
+                }
+                Some(broadcast::Kind::LabelsChanged(_)) | None => {}
+            },
         }
     }
 
@@ -638,8 +1215,11 @@ impl Actor {
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         self.drain_hunts().await;
         tracing::info!(hunt = %id, artifact = spec.name, "hunt created");
-        // Every connected client is offered the hunt now; later ones when they connect.
-        let connected: Vec<ClientId> = self.conns.keys().cloned().collect();
+        self.broadcast(broadcast::Kind::HuntStarted(pc::HuntStarted {
+            hunt_id: id.to_string(),
+        }));
+        // Every client connected to any node is offered the hunt now; later ones when they connect.
+        let connected: Vec<ClientId> = self.registry.connected().map(|r| r.id.clone()).collect();
         for c in connected {
             let Some(rec) = self.registry.get(&c) else {
                 continue;
@@ -712,13 +1292,8 @@ impl Actor {
                         max_upload_bytes: self.opts.codec.upload_bytes_max,
                         timeout_s: 600,
                     };
-                    if !self.push(&client, server_message::Kind::Task(task.clone())) {
-                        let q = self.queued.entry(client.clone()).or_default();
-                        if q.len() < QUEUED_TASKS_PER_CLIENT_MAX {
-                            q.push(task);
-                        } else {
-                            tracing::warn!(client = %client, hunt = %hunt, "task queue full; the hunt task waits for the next connect");
-                        }
+                    if let Err(e) = self.deliver(&client, task) {
+                        tracing::warn!(client = %client, hunt = %hunt, error = %e.message(), "hunt task not queued");
                     }
                 }
                 HuntAction::Participant {
@@ -763,40 +1338,56 @@ impl Actor {
                 "client {id} presented a key it did not enrol with"
             )));
         }
-        let sighting = Sighting {
-            id: id.clone(),
-            public_key: peer.public_key.clone(),
-            hostname: hello.info.hostname.clone(),
-            fqdn: hello.info.fqdn.clone(),
-            os: hello.info.os.clone(),
-            ips: hello.info.ips.clone(),
-            last_ip: peer.addr.ip().to_string(),
-            node: self.opts.node_name.clone(),
+        let master = matches!(self.role, NodeRole::Master(_));
+        let seen = if master {
+            let sighting = Sighting {
+                id: id.clone(),
+                public_key: peer.public_key.clone(),
+                hostname: hello.info.hostname.clone(),
+                fqdn: hello.info.fqdn.clone(),
+                os: hello.info.os.clone(),
+                ips: hello.info.ips.clone(),
+                last_ip: peer.addr.ip().to_string(),
+                node: self.opts.node_name.clone(),
+            };
+            let enrolment = self
+                .registry
+                .handle_seen(now, sighting)
+                .map_err(|e| Status::permission_denied(e.to_string()))?;
+            tracing::info!(client = %id, host = %hello.info.hostname, addr = %peer.addr, ?enrolment, "client connected");
+            None
+        } else {
+            tracing::info!(client = %id, host = %hello.info.hostname, addr = %peer.addr, "client connected");
+            let i = &hello.info;
+            Some(pc::ClientSeen {
+                client_id: id.to_string(),
+                public_key: peer.public_key.clone().into(),
+                info: Some(comms::ClientInfo {
+                    hostname: i.hostname.clone(),
+                    fqdn: i.fqdn.clone(),
+                    os: i.os.clone(),
+                    kernel: i.kernel.clone(),
+                    arch: i.arch.clone(),
+                    ips: i.ips.clone(),
+                    ..Default::default()
+                }),
+                last_ip: peer.addr.ip().to_string(),
+                running_flows: hello.running_flows.iter().map(|f| f.to_string()).collect(),
+            })
         };
-        let enrolment = self
-            .registry
-            .handle_seen(now, sighting)
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
         self.keys.insert(
             id.clone(),
             talon_core::ids::key_fingerprint(&peer.public_key),
         );
-        while let Some(a) = self.registry.poll_action() {
-            if let RegistryAction::Persist(rec) = a {
-                save_json(
-                    &self.datastore,
-                    &paths::client_record(&rec.id),
-                    &ClientJson::from_record(&rec),
-                )
-                .await?;
-            }
+        if master {
+            self.persist_registry().await?;
         }
-        tracing::info!(client = %id, host = %hello.info.hostname, addr = %peer.addr, ?enrolment, "client connected");
         if let Some(old) = self.conns.insert(
             id.clone(),
             Conn {
                 id: conn,
                 tx: tx.clone(),
+                seen: seen.clone(),
             },
         ) {
             drop(old); // A reconnect replaces the old stream.
@@ -809,17 +1400,14 @@ impl Actor {
             max_in_flight: self.opts.flows.stores_in_flight_max as u32,
         };
         self.push(&id, server_message::Kind::Welcome(welcome));
-        for task in self.queued.remove(&id).unwrap_or_default() {
-            if hello
-                .running_flows
-                .iter()
-                .any(|f| f.as_str() == task.flow_id)
-            {
-                continue;
+        match seen {
+            // The master decides what this client should run: pending tasks and hunts follow.
+            Some(cs) => self.replicate(Event::ClientSeen(cs), None).await,
+            None => {
+                self.send_pending(&id);
+                self.offer_hunts(now, &id).await;
             }
-            self.push(&id, server_message::Kind::Task(task));
         }
-        self.offer_hunts(now, &id).await;
         Ok(())
     }
 
@@ -845,16 +1433,7 @@ impl Actor {
             .set_label(&id, label, remove)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let out = summary(rec);
-        while let Some(a) = self.registry.poll_action() {
-            if let RegistryAction::Persist(rec) = a {
-                save_json(
-                    &self.datastore,
-                    &paths::client_record(&rec.id),
-                    &ClientJson::from_record(&rec),
-                )
-                .await?;
-            }
-        }
+        self.persist_registry().await?;
         Ok(out)
     }
 
@@ -901,16 +1480,7 @@ impl Actor {
             max_upload_bytes: self.opts.codec.upload_bytes_max,
             timeout_s: 600,
         };
-        if !self.push(&id, server_message::Kind::Task(task.clone())) {
-            let q = self.queued.entry(id.clone()).or_default();
-            if q.len() >= QUEUED_TASKS_PER_CLIENT_MAX {
-                return Err(Status::resource_exhausted(format!(
-                    "{} tasks already queued for {id}",
-                    q.len()
-                )));
-            }
-            q.push(task);
-        }
+        self.deliver(&id, task)?;
         tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");
         Ok(flow_summary(&record))
     }
@@ -939,6 +1509,15 @@ impl Actor {
                     });
                 }
                 FlowAction::Ack { key, seq } => {
+                    if let NodeRole::Minion(m) = &mut self.role
+                        && let Some(held) = m.held.get_mut(&key)
+                    {
+                        // A final status waits until the master has applied the completion.
+                        if held.is_none_or(|h| h < seq) {
+                            *held = Some(seq);
+                        }
+                        continue;
+                    }
                     let ack = comms::FlowAck {
                         flow_id: key.flow.to_string(),
                         seq,
@@ -956,60 +1535,93 @@ impl Actor {
                         let _ = tx.send(Msg::Audited { key, found }).await;
                     });
                 }
-                FlowAction::Completed(o) => {
-                    let k = paths::flow_record(&o.key.client, &o.key.flow);
-                    match load_json::<FlowJson>(&self.datastore, &k).await {
-                        Ok(Some(mut f)) => {
-                            f.state = match o.state {
-                                FinalState::Completed => FlowRecordState::Completed,
-                                FinalState::Error => FlowRecordState::Error,
-                            };
-                            f.rows = o.rows;
-                            f.uploaded_bytes = o.uploaded_bytes;
-                            f.error = o.error.clone();
-                            f.finished_ms = self.now().as_ms();
-                            if let Err(e) = save_json(&self.datastore, &k, &f).await {
-                                tracing::error!(flow = %o.key.flow, error = %e, "cannot record flow completion");
+                FlowAction::Completed(o) => match &mut self.role {
+                    NodeRole::Master(_) => self.flow_completed(o).await,
+                    NodeRole::Minion(m) => {
+                        tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, "flow completed; replicating");
+                        m.held.insert(o.key.clone(), None);
+                        let (tx, rx) = oneshot::channel();
+                        let ev = Event::FlowCompleted(pc::FlowCompleted {
+                            client_id: o.key.client.to_string(),
+                            flow_id: o.key.flow.to_string(),
+                            hunt_id: String::new(),
+                            state: match o.state {
+                                FinalState::Completed => comms::FlowState::Completed,
+                                FinalState::Error => comms::FlowState::Error,
+                            } as i32,
+                            error: o.error,
+                            rows: o.rows,
+                            uploaded_bytes: o.uploaded_bytes,
+                        });
+                        self.replicate(ev, Some(tx)).await;
+                        let (me, key) = (self.self_tx.clone(), o.key);
+                        tokio::spawn(async move {
+                            if rx.await.is_ok() {
+                                let _ = me.send(Msg::CompletionApplied { key }).await;
                             }
-                            tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
-                            if o.uploaded_bytes > 0 {
-                                let (fs, ds, key) = (
-                                    self.filestore.clone(),
-                                    self.datastore.clone(),
-                                    o.key.clone(),
-                                );
-                                tokio::spawn(async move { record_uploads(&fs, &ds, &key).await });
-                            }
-                            if let Some(h) =
-                                f.hunt_id.as_deref().and_then(|h| HuntId::parse(h).ok())
-                            {
-                                let now = self.now();
-                                self.hunts.handle_outcome(
-                                    now,
-                                    &h,
-                                    &o.key.client,
-                                    o.state,
-                                    o.rows,
-                                    o.uploaded_bytes,
-                                );
-                                self.drain_hunts().await;
-                            }
-                        }
-                        Ok(None) => {
-                            tracing::warn!(client = %o.key.client, flow = %o.key.flow, "completed flow has no record")
-                        }
-                        Err(e) => {
-                            tracing::error!(flow = %o.key.flow, error = %e, "cannot read flow record")
-                        }
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// Records a completed flow (master): its record, its uploads, its hunt's outcome. Idempotent: a
+    /// flow may be reported by two nodes after a failover.
+    async fn flow_completed(&mut self, o: talon_core::flows::FlowOutcome) {
+        let k = paths::flow_record(&o.key.client, &o.key.flow);
+        match load_json::<FlowJson>(&self.datastore, &k).await {
+            Ok(Some(mut f)) => {
+                let state = match o.state {
+                    FinalState::Completed => FlowRecordState::Completed,
+                    FinalState::Error => FlowRecordState::Error,
+                };
+                let first =
+                    f.state != state || f.rows != o.rows || f.uploaded_bytes != o.uploaded_bytes;
+                if first {
+                    f.state = state;
+                    f.rows = o.rows;
+                    f.uploaded_bytes = o.uploaded_bytes;
+                    f.error = o.error.clone();
+                    f.finished_ms = self.now().as_ms();
+                    if let Err(e) = save_json(&self.datastore, &k, &f).await {
+                        tracing::error!(flow = %o.key.flow, error = %e, "cannot record flow completion");
+                    }
+                    tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
+                    if o.uploaded_bytes > 0 {
+                        let (fs, ds, key) = (
+                            self.filestore.clone(),
+                            self.datastore.clone(),
+                            o.key.clone(),
+                        );
+                        tokio::spawn(async move { record_uploads(&fs, &ds, &key).await });
                     }
                 }
+                if let Some(h) = f.hunt_id.as_deref().and_then(|h| HuntId::parse(h).ok()) {
+                    let now = self.now();
+                    self.hunts.handle_outcome(
+                        now,
+                        &h,
+                        &o.key.client,
+                        o.state,
+                        o.rows,
+                        o.uploaded_bytes,
+                    );
+                    self.drain_hunts().await;
+                }
+            }
+            Ok(None) => {
+                tracing::warn!(client = %o.key.client, flow = %o.key.flow, "completed flow has no record")
+            }
+            Err(e) => {
+                tracing::error!(flow = %o.key.flow, error = %e, "cannot read flow record")
             }
         }
     }
 }
 
 /// Rebuilds a completed flow's uploaded files and records them in its flow record.
-async fn record_uploads(fs: &FsVolume, ds: &Datastore, key: &FlowKey) {
+async fn record_uploads(fs: &FsVolume, ds: &Meta, key: &FlowKey) {
     let uploads = match crate::uploads::assemble(fs, &key.client, &key.flow).await {
         Ok(u) => u,
         Err(e) => {
@@ -1112,6 +1724,33 @@ fn stream_flows(fs: Arc<FsVolume>, flows: Vec<(ClientId, FlowId)>) -> Pages {
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// On a minion: compares the client's key with its enrolment record, read through the master's
+/// datastore (and the minion's read cache). With the master unreachable the client is served: its id
+/// is the hash of the key it proved in the TLS handshake, and the master checks the key again when it
+/// applies the replicated `ClientSeen`.
+async fn check_enrolled_key(r: &crate::cluster::RemoteStore, peer: &Peer) -> Result<(), Status> {
+    let key = paths::client_record(&peer.client_id);
+    match r.get(&key).await {
+        Ok(Some(b)) => {
+            let rec: ClientJson =
+                serde_json::from_slice(&b).map_err(|e| Status::internal(format!("{key}: {e}")))?;
+            let fp = crate::clock::hex(&talon_core::ids::key_fingerprint(&peer.public_key));
+            if rec.key_fingerprint != fp {
+                return Err(Status::permission_denied(format!(
+                    "client {} presented a key it did not enrol with",
+                    peer.client_id
+                )));
+            }
+            Ok(())
+        }
+        Ok(None) => Ok(()), // First contact: the master enrols it.
+        Err(e) => {
+            tracing::debug!(client = %peer.client_id, error = %e, "cannot check the enrolment record now");
+            Ok(())
+        }
+    }
+}
+
 /// The client-facing gRPC service.
 #[derive(Clone)]
 pub struct CommsService {
@@ -1161,6 +1800,9 @@ impl comms::comms_server::Comms for CommsService {
             return Err(Status::permission_denied(
                 "the client's nonce is not this deployment's",
             ));
+        }
+        if let Meta::Remote(r) = &self.node.datastore {
+            check_enrolled_key(r, &peer).await?;
         }
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE_MAX);
         let conn = self

@@ -6,6 +6,7 @@ pub mod api_client;
 pub mod artifacts;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod datastore;
 pub mod demo;

@@ -1,12 +1,14 @@
-//! Starting a node: the master (single-server mode in this build).
+//! Starting a node: the master or a minion.
 
 use crate::clock::{Clock, Entropy};
+use crate::cluster::{ClusterService, Link, LinkOptions, MasterAddr, Meta, RemoteStore};
 use crate::config::ServerConfig;
 use crate::datastore::{Datastore, DatastoreOptions};
-use crate::frontend::{ApiService, CommsService, Node, NodeOptions};
+use crate::frontend::{ApiService, Cluster, CommsService, Node, NodeOptions};
 use crate::storage::local::StdDisk;
 use crate::storage::volume::FsVolume;
 use crate::tls;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,8 +16,14 @@ use std::sync::Arc;
 use talon_core::codec::CodecLimits;
 use talon_core::flows::FlowLimits;
 use talon_core::registry::RegistryLimits;
+use talon_proto::cluster::{
+    remote_datastore_server::RemoteDatastoreServer, replication_server::ReplicationServer,
+};
 use talon_proto::{api::api_server::ApiServer, comms::comms_server::CommsServer};
 use tokio::net::TcpListener;
+
+/// How long a stopping node waits for open streams to finish.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Concurrent TLS handshakes per listener.
 pub const HANDSHAKES_MAX: usize = 1024;
@@ -29,6 +37,72 @@ pub struct Listening {
     pub api: SocketAddr,
 }
 
+/// The services of the master's API port, dispatched on the gRPC path (tonic's router would pull in
+/// axum for three fixed prefixes).
+#[derive(Clone)]
+struct ApiPort {
+    api: ApiServer<ApiService>,
+    replication: ReplicationServer<ClusterService>,
+    datastore: RemoteDatastoreServer<ClusterService>,
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl tower::Service<HttpRequest> for ApiPort {
+    type Response = HttpResponse;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<HttpResponse, std::convert::Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // The generated servers are always ready.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let path = req.uri().path();
+        if path.starts_with("/talon.api.Api/") {
+            self.api.call(req)
+        } else if path.starts_with("/talon.cluster.Replication/") {
+            self.replication.call(req)
+        } else if path.starts_with("/talon.cluster.RemoteDatastore/") {
+            self.datastore.call(req)
+        } else {
+            let status = tonic::Status::unimplemented(format!("no service at {path}"));
+            Box::pin(async move { Ok(status.into_http()) })
+        }
+    }
+}
+
+fn node_options(cfg: &ServerConfig, node_name: String) -> NodeOptions {
+    NodeOptions {
+        node_name,
+        nonce: cfg.client.nonce.clone(),
+        expected_clients: cfg.frontend.resources.expected_clients as usize,
+        codec: CodecLimits::default(),
+        flows: FlowLimits::default(),
+        registry: RegistryLimits::default(),
+        hunts: talon_core::hunts::HuntLimits::default(),
+    }
+}
+
+fn admission(cfg: &ServerConfig, clock: &Arc<dyn Clock>) -> tls::Admission {
+    let cps = cfg.frontend.resources.connections_per_second.max(1);
+    tls::Admission {
+        bucket: talon_core::ratelimit::TokenBucket::new(cps, cps, clock.now()),
+        clock: clock.clone(),
+    }
+}
+
+fn open_filestore(cfg: &ServerConfig) -> Result<FsVolume, String> {
+    let fs_root = &cfg.datastore.filestore_directory;
+    FsVolume::new(fs_root)
+        .map_err(|e| format!("Datastore.filestore_directory {}: {e}", fs_root.display()))
+}
+
 /// Starts the master and serves until `shutdown` completes.
 pub async fn run_master(
     cfg: ServerConfig,
@@ -38,20 +112,13 @@ pub async fn run_master(
     started: impl FnOnce(Listening),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    if !cfg.extra_frontends.is_empty() {
-        return Err(format!(
-            "this config lists {} minions (ExtraFrontends); this build of Talon runs single-server mode only",
-            cfg.extra_frontends.len()
-        ));
-    }
     let node_name = cfg.master_node_name();
     let ds_root = &cfg.datastore.location;
     let fs_root = &cfg.datastore.filestore_directory;
     let disk = StdDisk::new(&local_dir).map_err(|e| format!("{}: {e}", local_dir.display()))?;
     let volume = FsVolume::new(ds_root)
         .map_err(|e| format!("Datastore.location {}: {e}", ds_root.display()))?;
-    let filestore = FsVolume::new(fs_root)
-        .map_err(|e| format!("Datastore.filestore_directory {}: {e}", fs_root.display()))?;
+    let filestore = open_filestore(&cfg)?;
     let (datastore, ds_task, report) =
         Datastore::open(disk, volume, clock.clone(), DatastoreOptions::default())
             .map_err(|e| format!("datastore journal in {}: {e}", local_dir.display()))?;
@@ -60,22 +127,18 @@ pub async fn run_master(
         torn_bytes = report.torn_bytes,
         "datastore journal recovered"
     );
-    let opts = NodeOptions {
-        node_name: node_name.clone(),
-        nonce: cfg.client.nonce.clone(),
-        expected_clients: cfg.frontend.resources.expected_clients as usize,
-        codec: CodecLimits::default(),
-        flows: FlowLimits::default(),
-        registry: RegistryLimits::default(),
-        hunts: talon_core::hunts::HuntLimits::default(),
-    };
+    let opts = node_options(&cfg, node_name.clone());
     let max_message = opts.codec.message_bytes_max;
-    let cps = cfg.frontend.resources.connections_per_second.max(1);
-    let admission = tls::Admission {
-        bucket: talon_core::ratelimit::TokenBucket::new(cps, cps, clock.now()),
-        clock: clock.clone(),
-    };
-    let node = Node::start(opts, datastore.clone(), filestore, clock, entropy).await?;
+    let admission = admission(&cfg, &clock);
+    let node = Node::start(
+        opts,
+        Meta::Local(datastore.clone()),
+        filestore,
+        clock,
+        entropy,
+        Cluster::Master,
+    )
+    .await?;
 
     let fe_addr = format!("{}:{}", cfg.frontend.bind_address, cfg.frontend.bind_port);
     let api_addr = format!("{}:{}", cfg.api.bind_address, cfg.api.bind_port);
@@ -97,11 +160,13 @@ pub async fn run_master(
         &cfg.ca.certificate,
     )
     .map_err(|e| e.to_string())?;
+    let minions: BTreeSet<String> = cfg.extra_frontends.iter().map(|x| x.node_name()).collect();
     tracing::info!(
         role = "master",
         node = %node_name,
         frontend = %listening.frontend,
         api = %listening.api,
+        minions = ?minions,
         datastore = %ds_root.display(),
         filestore = %fs_root.display(),
         local = %local_dir.display(),
@@ -111,11 +176,10 @@ pub async fn run_master(
 
     let comms =
         CommsServer::new(CommsService::new(node.clone())).max_decoding_message_size(max_message);
-    let api = ApiServer::new(ApiService::new(node));
+    let cluster = ClusterService::new(node.clone(), datastore.clone(), minions);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_a = stop_rx.clone();
     let mut stop_b = stop_rx;
-    // One service per port, so no router: each server serves its service directly.
     let fe = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_with_incoming_shutdown(
@@ -125,13 +189,23 @@ pub async fn run_master(
                 let _ = stop_a.changed().await;
             },
         );
-    let api = tonic::transport::Server::builder().serve_with_incoming_shutdown(
-        api,
-        tls::incoming(api_listener, api_tls, HANDSHAKES_MAX, None),
-        async move {
-            let _ = stop_b.changed().await;
-        },
-    );
+    // The API port serves analysts (API certificates) and minions (the frontend certificate); each
+    // service checks the role of the certificate it is called with.
+    let api_port = ApiPort {
+        api: ApiServer::new(ApiService::new(node)),
+        replication: ReplicationServer::new(cluster.clone()).max_decoding_message_size(64 << 20),
+        datastore: RemoteDatastoreServer::new(cluster)
+            .max_decoding_message_size(2 * crate::cluster::VALUE_CHUNK_BYTES),
+    };
+    let api = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .serve_with_incoming_shutdown(
+            api_port,
+            tls::incoming(api_listener, api_tls, HANDSHAKES_MAX, None),
+            async move {
+                let _ = stop_b.changed().await;
+            },
+        );
     let span = tracing::info_span!("node", node = %node_name, role = "master");
     let servers = tracing::Instrument::instrument(async { tokio::try_join!(fe, api) }, span);
     tokio::pin!(servers);
@@ -140,7 +214,11 @@ pub async fn run_master(
         _ = shutdown => {
             tracing::info!("shutting down: flushing the datastore");
             let _ = stop_tx.send(true);
-            let _ = servers.await;
+            // Graceful shutdown waits for open streams; clients and minions reconnect elsewhere or
+            // later, so it is bounded.
+            if tokio::time::timeout(SHUTDOWN_GRACE, servers).await.is_err() {
+                tracing::info!("streams still open after the grace period; closing them");
+            }
             if let Err(e) = datastore.flushed().await {
                 tracing::warn!(error = %e, "datastore did not flush");
             }
@@ -148,5 +226,132 @@ pub async fn run_master(
     }
     drop(datastore);
     ds_task.abort();
+    Ok(())
+}
+
+/// Starts the minion `node` (a name from `ExtraFrontends`) and serves until `shutdown` completes.
+/// It serves clients whether or not the master is up; its replication outbox rides out outages.
+pub async fn run_minion(
+    cfg: ServerConfig,
+    node: String,
+    local_dir: PathBuf,
+    clock: Arc<dyn Clock>,
+    entropy: Arc<dyn Entropy>,
+    started: impl FnOnce(Listening),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let me = cfg
+        .extra_frontends
+        .iter()
+        .find(|x| x.node_name() == node)
+        .cloned()
+        .ok_or_else(|| {
+            let known: Vec<String> = cfg.extra_frontends.iter().map(|x| x.node_name()).collect();
+            format!("--node {node:?} is not in ExtraFrontends (known minions: {known:?})")
+        })?;
+    std::fs::create_dir_all(&local_dir).map_err(|e| format!("{}: {e}", local_dir.display()))?;
+    let filestore = open_filestore(&cfg)?;
+    let master_tls = tls::client_config(
+        &cfg.ca.certificate,
+        &cfg.frontend.certificate,
+        &cfg.frontend.private_key,
+    )
+    .map_err(|e| format!("frontend certificate: {e}"))?;
+    let master = MasterAddr {
+        host: cfg.api.hostname.clone(),
+        port: cfg.api.bind_port,
+        tls: master_tls,
+    };
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
+    let (link, recovery, mut link_task) = Link::start(
+        LinkOptions {
+            node: node.clone(),
+            master: master.clone(),
+            limits: talon_core::replication::OutboxLimits::default(),
+        },
+        &local_dir,
+        clock.clone(),
+        events_tx,
+    )?;
+    tracing::info!(
+        epoch = recovery.epoch,
+        pending = recovery.pending,
+        torn_bytes = recovery.torn_bytes,
+        "replication outbox recovered"
+    );
+    // Ordered after the previous run's events: the master forgets which clients were here.
+    link.push(
+        talon_proto::cluster::replicated_event::Event::NodeStarted(
+            talon_proto::cluster::NodeStarted {},
+        ),
+        None,
+    )
+    .await?;
+    let opts = node_options(&cfg, node.clone());
+    let max_message = opts.codec.message_bytes_max;
+    let admission = admission(&cfg, &clock);
+    let remote = RemoteStore::new(master, crate::cluster::READ_CACHE_MAX);
+    let handle = Node::start(
+        opts,
+        Meta::Remote(remote),
+        filestore,
+        clock,
+        entropy,
+        Cluster::Minion {
+            link,
+            events: events_rx,
+        },
+    )
+    .await?;
+    let fe_addr = format!("{}:{}", me.bind_address, me.bind_port);
+    let fe_listener = TcpListener::bind(&fe_addr)
+        .await
+        .map_err(|e| format!("ExtraFrontends {node} {fe_addr}: {e}"))?;
+    let frontend = fe_listener.local_addr().map_err(|e| e.to_string())?;
+    let fe_tls = tls::endpoint_server_config(&cfg.frontend.certificate, &cfg.frontend.private_key)
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        role = "minion",
+        node = %node,
+        frontend = %frontend,
+        master = %crate::config::host_port(&cfg.api.hostname, cfg.api.bind_port),
+        filestore = %cfg.datastore.filestore_directory.display(),
+        local = %local_dir.display(),
+        "talon frontend started"
+    );
+    started(Listening {
+        frontend,
+        api: frontend,
+    });
+    let comms = CommsServer::new(CommsService::new(handle)).max_decoding_message_size(max_message);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let fe = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .serve_with_incoming_shutdown(
+            comms,
+            tls::incoming(fe_listener, fe_tls, HANDSHAKES_MAX, Some(admission)),
+            async move {
+                let _ = stop_rx.changed().await;
+            },
+        );
+    let span = tracing::info_span!("node", node = %node, role = "minion");
+    let fe = tracing::Instrument::instrument(fe, span);
+    tokio::pin!(fe);
+    tokio::select! {
+        r = &mut fe => r.map_err(|e| format!("server failed: {e}"))?,
+        r = &mut link_task => {
+            let why = r.unwrap_or_else(|e| format!("replication link panicked: {e}"));
+            let _ = stop_tx.send(true);
+            return Err(format!("stopping: {why}"));
+        }
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            link_task.abort();
+            let _ = stop_tx.send(true);
+            if tokio::time::timeout(SHUTDOWN_GRACE, fe).await.is_err() {
+                tracing::info!("client streams still open after the grace period; closing them");
+            }
+        }
+    }
     Ok(())
 }

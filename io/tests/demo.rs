@@ -35,6 +35,8 @@ fn demo_hunts_every_client_and_stops_on_ctrl_c() {
     }
     let text = seen.join("\n");
     assert!(text.contains("all 25 clients connected"), "{text}");
+    // The default deployment: a master and two minions.
+    assert_eq!(text.matches("minion 127.0.0.1-").count(), 2, "{text}");
     assert!(
         text.contains("stats: scheduled 25, completed 25, errors 0, rows 25,"),
         "{text}"
@@ -62,11 +64,17 @@ fn demo_hunts_every_client_and_stops_on_ctrl_c() {
 }
 
 #[test]
-fn demo_refuses_what_this_build_cannot_do() {
-    let out = Command::new(env!("CARGO_BIN_EXE_talon"))
-        .args(["demo", "--minions", "2"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("single-server mode only"));
+fn demo_refuses_bad_sizes_before_starting_anything() {
+    for (args, want) in [
+        (["demo", "--clients", "0"], "--clients must be at least 1"),
+        (["demo", "--minions", "65"], "--minions 65: at most 64"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_talon"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
 }

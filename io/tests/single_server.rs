@@ -3,174 +3,11 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-fn talon() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_talon"))
-}
-
-fn run(args: &[&str]) -> Output {
-    talon().args(args).output().expect("run talon")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "talon {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed (SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Deployment {
-    dir: tempfile::TempDir,
-}
-
-impl Deployment {
-    fn new() -> Deployment {
-        let dir = tempfile::tempdir().unwrap();
-        let p = |n: u16| n.to_string();
-        let (fe, api, gui) = (free_port(), free_port(), free_port());
-        let out = dir.path().to_str().unwrap().to_owned();
-        let shared = dir.path().join("shared");
-        ok(&[
-            "config",
-            "generate",
-            "--hostname",
-            "127.0.0.1",
-            "--frontend-port",
-            &p(fe),
-            "--api-port",
-            &p(api),
-            "--gui-port",
-            &p(gui),
-            "--datastore",
-            shared.to_str().unwrap(),
-            "--out-dir",
-            &out,
-        ]);
-        let d = Deployment { dir };
-        ok(&[
-            "-c",
-            d.path("server.config.yaml").to_str().unwrap(),
-            "config",
-            "api-client",
-            "--name",
-            "alice",
-            "--out",
-            d.path("api.yaml").to_str().unwrap(),
-        ]);
-        d
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn s(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_owned()
-    }
-
-    fn start_master(&self) -> Proc {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path("master.log"))
-            .unwrap();
-        let child = talon()
-            .args([
-                "-c",
-                &self.s("server.config.yaml"),
-                "frontend",
-                "--local-dir",
-                &self.s("local"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let p = Proc(child);
-        self.wait_until("the API answers", || {
-            run(&[
-                "--api-config",
-                &self.s("api.yaml"),
-                "clients",
-                "search",
-                "all",
-            ])
-            .status
-            .success()
-        });
-        p
-    }
-
-    fn start_client(&self, config: &Path, name: &str) -> Proc {
-        let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
-        let child = talon()
-            .args([
-                "-c",
-                config.to_str().unwrap(),
-                "client",
-                "--writeback",
-                &self.s(&format!("{name}.wb.yaml")),
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Proc(child)
-    }
-
-    fn api(&self, args: &[&str]) -> String {
-        let mut a = vec!["--api-config".to_string(), self.s("api.yaml")];
-        a.extend(args.iter().map(|s| s.to_string()));
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        ok(&a)
-    }
-
-    fn clients(&self) -> Vec<serde_json::Value> {
-        serde_json::from_str::<Vec<serde_json::Value>>(
-            &self.api(&["clients", "search", "all", "--json"]),
-        )
-        .unwrap()
-    }
-
-    fn wait_until(&self, what: &str, mut f: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !f() {
-            if start.elapsed() > Duration::from_secs(120) {
-                let log = std::fs::read_to_string(self.path("master.log")).unwrap_or_default();
-                panic!("timed out waiting until {what}; master log:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
-}
+mod common;
+use common::*;
 
 #[test]
 fn collections_work_end_to_end_and_survive_a_master_sigkill() {
@@ -366,28 +203,7 @@ fn foreign_agents_and_api_users_are_refused_and_bad_requests_rejected() {
 fn hunts_have_exact_stats_across_a_master_sigkill_and_late_clients() {
     let d = Deployment::new();
     let master = d.start_master();
-    let pool = |n: &str, dir: &str| -> Proc {
-        let log = std::fs::File::create(d.path(&format!("{dir}.log"))).unwrap();
-        Proc(
-            talon()
-                .args([
-                    "-c",
-                    &d.s("client.config.yaml"),
-                    "pool-client",
-                    "--number",
-                    n,
-                    "--writeback-dir",
-                    &d.s(dir),
-                    "--start-rate",
-                    "0",
-                ])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let _p1 = pool("20", "pool1");
+    let _p1 = d.start_pool(20, "pool1");
     d.wait_until("20 clients connect", || {
         d.clients()
             .iter()
@@ -440,7 +256,7 @@ fn hunts_have_exact_stats_across_a_master_sigkill_and_late_clients() {
     );
 
     // Late clients join the running hunt; nobody is scheduled twice.
-    let _p2 = pool("5", "pool2");
+    let _p2 = d.start_pool(5, "pool2");
     d.wait_until("late clients complete", || {
         show(&big)["stats"]["completed"] == 25
     });

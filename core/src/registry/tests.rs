@@ -206,3 +206,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_restarted_node_disconnects_only_its_own_clients() {
+    let mut r = Registry::restore(RegistryLimits::default(), []);
+    let mut on_minion = sighting(1, "alpha");
+    on_minion.node = "minion-8001".into();
+    r.handle_seen(Timestamp(1), on_minion).unwrap();
+    r.handle_seen(Timestamp(1), sighting(2, "beta")).unwrap();
+    // A client that moved from the minion to the master stays connected.
+    let mut moved = sighting(3, "gamma");
+    moved.node = "minion-8001".into();
+    r.handle_seen(Timestamp(1), moved).unwrap();
+    r.handle_seen(Timestamp(2), sighting(3, "gamma")).unwrap();
+
+    assert_eq!(r.disconnect_node(Timestamp(5), "minion-8001"), 1);
+    let id = |n| ClientId::from_public_key(&key(n));
+    assert!(!r.get(&id(1)).unwrap().connected);
+    assert_eq!(r.get(&id(1)).unwrap().last_seen, Timestamp(5));
+    assert!(r.get(&id(2)).unwrap().connected);
+    assert!(r.get(&id(3)).unwrap().connected);
+    assert_eq!(r.disconnect_node(Timestamp(6), "minion-8001"), 0);
+}

@@ -1,0 +1,1001 @@
+//! The cluster: how a minion works with the master.
+//!
+//! - [`Link`] (minion): the replication outbox. Events (a client seen or gone, a task delivered, a
+//!   flow completed, the node started) are appended to a journal on the minion's local disk and synced
+//!   before they are sent; the master applies them exactly once and in order (core `Outbox`/`Inbox`)
+//!   and acknowledges; acknowledged events are truncated from the journal. A master outage is ridden
+//!   out: events wait on disk and are replayed when the stream comes back. The master pushes
+//!   broadcasts (tasks for the minion's clients, datastore changes) down the same stream.
+//! - [`Meta`] / [`RemoteStore`] (minion): metadata reads and writes through the master's datastore,
+//!   with a bounded read cache that the master's `DatastoreChanged` broadcasts keep correct (and that
+//!   is cleared whenever the stream reconnects, since broadcasts may have been missed meanwhile).
+//! - [`ClusterService`] (master): the `Replication` and `RemoteDatastore` gRPC services on the API
+//!   port, for peers holding the frontend certificate and named in `ExtraFrontends`.
+
+use crate::clock::Clock;
+use crate::datastore::Datastore;
+use crate::frontend::Node;
+use crate::pki::Role;
+use crate::storage::journal::Journal;
+use crate::storage::local::StdDisk;
+use crate::tls::Peer;
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use talon_core::replication::{Outbox, OutboxAction, OutboxLimits};
+use talon_proto::cluster::{
+    self as pc, master_message, minion_message, remote_datastore_client::RemoteDatastoreClient,
+    replicated_event::Event, replication_client::ReplicationClient,
+};
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Entries in a minion's metadata read cache.
+pub const READ_CACHE_MAX: usize = 65_536;
+/// Bytes per chunk of a remote value.
+pub const VALUE_CHUNK_BYTES: usize = 1 << 20;
+/// Largest value the remote datastore carries.
+pub const VALUE_BYTES_MAX: u64 = 64 << 20;
+/// Keys per `List` response message.
+pub const LIST_PAGE_KEYS: usize = 1000;
+/// Messages queued from the master to one minion; past it the master drops the stream (the minion
+/// reconnects and is resynchronised), so a stalled minion cannot grow the master's memory.
+pub const MINION_QUEUE_MAX: usize = 65_536;
+/// Events waiting for the link task (the node waits beyond it: back-pressure).
+pub const LINK_QUEUE_MAX: usize = 8192;
+/// Journal segment size of the outbox.
+pub const OUTBOX_SEGMENT_BYTES: u64 = 16 << 20;
+const RECONNECT_MIN_MS: u64 = 100;
+const RECONNECT_MAX_MS: u64 = 2000;
+
+/// Where a minion reaches the master.
+#[derive(Clone)]
+pub struct MasterAddr {
+    /// `API.hostname`.
+    pub host: String,
+    /// `API.bind_port`.
+    pub port: u16,
+    /// The frontend certificate as a TLS client identity, pinning the deployment CA.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl MasterAddr {
+    async fn channel(&self) -> Result<Channel, String> {
+        crate::tls::connect(
+            &self.host,
+            self.port,
+            self.tls.clone(),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "master {}: {e}",
+                crate::config::host_port(&self.host, self.port)
+            )
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Metadata: local on the master, remote on a minion.
+
+/// A node's metadata store: the master's datastore, or the master's datastore reached remotely.
+#[derive(Clone)]
+pub enum Meta {
+    /// On the master.
+    Local(Datastore),
+    /// On a minion.
+    Remote(RemoteStore),
+}
+
+impl Meta {
+    /// Reads a key.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+        match self {
+            Meta::Local(d) => d.get(key).await.map_err(|e| e.to_string()),
+            Meta::Remote(r) => r.get(key).await,
+        }
+    }
+
+    /// Writes a key; durable on the master when this returns.
+    pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, String> {
+        match self {
+            Meta::Local(d) => d.set(key, value).await.map_err(|e| e.to_string()),
+            Meta::Remote(r) => r.set(key, value).await,
+        }
+    }
+
+    /// Deletes a key.
+    pub async fn delete(&self, key: &str) -> Result<u64, String> {
+        match self {
+            Meta::Local(d) => d.delete(key).await.map_err(|e| e.to_string()),
+            Meta::Remote(r) => r.delete(key).await,
+        }
+    }
+
+    /// Lists keys under a prefix (and whether the list was cut short).
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<String>, bool), String> {
+        match self {
+            Meta::Local(d) => d.list(prefix).await.map_err(|e| e.to_string()),
+            Meta::Remote(r) => r.list(prefix, 0).await,
+        }
+    }
+}
+
+#[derive(Default)]
+struct ReadCache {
+    values: BTreeMap<String, Option<Bytes>>,
+    order: VecDeque<String>,
+    /// Bumped by every invalidation; a read started before one does not fill the cache.
+    generation: u64,
+}
+
+/// The master's datastore seen from a minion, with a bounded read cache.
+#[derive(Clone)]
+pub struct RemoteStore {
+    master: MasterAddr,
+    channel: Arc<tokio::sync::Mutex<Option<Channel>>>,
+    cache: Arc<Mutex<ReadCache>>,
+    cache_max: usize,
+}
+
+fn remote_error(what: &str, key: &str, e: Status) -> String {
+    format!("remote datastore {what} {key:?}: {}", e.message())
+}
+
+impl RemoteStore {
+    /// A store reaching `master`; connects on first use (and again after a failure).
+    pub fn new(master: MasterAddr, cache_max: usize) -> RemoteStore {
+        RemoteStore {
+            master,
+            channel: Arc::new(tokio::sync::Mutex::new(None)),
+            cache: Arc::new(Mutex::new(ReadCache::default())),
+            cache_max: cache_max.max(1),
+        }
+    }
+
+    async fn client(&self) -> Result<RemoteDatastoreClient<Channel>, String> {
+        let mut ch = self.channel.lock().await;
+        if ch.is_none() {
+            *ch = Some(self.master.channel().await?);
+        }
+        Ok(RemoteDatastoreClient::new(ch.clone().expect("set above"))
+            .max_decoding_message_size(2 * VALUE_CHUNK_BYTES))
+    }
+
+    async fn failed(&self) {
+        *self.channel.lock().await = None;
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, ReadCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Entries cached now.
+    pub fn cached(&self) -> usize {
+        self.cache().values.len()
+    }
+
+    /// Drops one key from the read cache (the master changed it).
+    pub fn invalidate(&self, key: &str) {
+        let mut c = self.cache();
+        c.generation += 1;
+        c.values.remove(key);
+    }
+
+    /// Drops the whole read cache (broadcasts may have been missed).
+    pub fn clear(&self) {
+        let mut c = self.cache();
+        c.generation += 1;
+        c.values.clear();
+        c.order.clear();
+    }
+
+    fn fill(&self, generation: u64, key: &str, value: Option<Bytes>) {
+        let mut c = self.cache();
+        if c.generation != generation {
+            return;
+        }
+        if c.values.insert(key.to_owned(), value).is_none() {
+            c.order.push_back(key.to_owned());
+        }
+        while c.values.len() > self.cache_max {
+            let Some(old) = c.order.pop_front() else {
+                break;
+            };
+            c.values.remove(&old);
+        }
+        // `order` may hold keys already invalidated; keep it from growing past twice the bound.
+        if c.order.len() > 2 * self.cache_max {
+            let ReadCache { values, order, .. } = &mut *c;
+            order.retain(|k| values.contains_key(k));
+        }
+    }
+
+    /// Reads a key, from the cache when it holds it.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+        let generation = {
+            let c = self.cache();
+            if let Some(v) = c.values.get(key) {
+                return Ok(v.clone());
+            }
+            c.generation
+        };
+        let mut client = self.client().await?;
+        let r = client
+            .get(pc::GetRequest {
+                key: key.to_owned(),
+            })
+            .await;
+        let mut stream = match r {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                self.failed().await;
+                return Err(remote_error("get", key, e));
+            }
+        };
+        let mut value = BytesMut::new();
+        let mut total = None;
+        loop {
+            let chunk = match stream.message().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    self.failed().await;
+                    return Err(remote_error("get", key, e));
+                }
+            };
+            if !chunk.found {
+                self.fill(generation, key, None);
+                return Ok(None);
+            }
+            let t = *total.get_or_insert(chunk.total_len);
+            if t > VALUE_BYTES_MAX || value.len() as u64 + chunk.data.len() as u64 > t {
+                return Err(format!(
+                    "remote datastore get {key:?}: value larger than announced ({t} bytes)"
+                ));
+            }
+            value.extend_from_slice(&chunk.data);
+        }
+        match total {
+            Some(t) if t == value.len() as u64 => {
+                let v = value.freeze();
+                self.fill(generation, key, Some(v.clone()));
+                Ok(Some(v))
+            }
+            _ => Err(format!(
+                "remote datastore get {key:?}: the value ended early"
+            )),
+        }
+    }
+
+    /// Writes a key through the master; durable there when this returns.
+    pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, String> {
+        if value.len() as u64 > VALUE_BYTES_MAX {
+            return Err(format!(
+                "remote datastore set {key:?}: {} bytes is over the {VALUE_BYTES_MAX}-byte bound",
+                value.len()
+            ));
+        }
+        self.invalidate(key);
+        let mut chunks = Vec::new();
+        let mut first = true;
+        let mut at = 0;
+        while first || at < value.len() {
+            let end = (at + VALUE_CHUNK_BYTES).min(value.len());
+            chunks.push(pc::SetChunk {
+                key: if first { key.to_owned() } else { String::new() },
+                total_len: if first { value.len() as u64 } else { 0 },
+                data: value.slice(at..end),
+            });
+            first = false;
+            at = end;
+        }
+        let mut client = self.client().await?;
+        match client.set(tokio_stream::iter(chunks)).await {
+            Ok(r) => Ok(r.into_inner().version),
+            Err(e) => {
+                self.failed().await;
+                Err(remote_error("set", key, e))
+            }
+        }
+    }
+
+    /// Deletes a key through the master.
+    pub async fn delete(&self, key: &str) -> Result<u64, String> {
+        self.invalidate(key);
+        let mut client = self.client().await?;
+        match client
+            .delete(pc::DeleteRequest {
+                key: key.to_owned(),
+            })
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().version),
+            Err(e) => {
+                self.failed().await;
+                Err(remote_error("delete", key, e))
+            }
+        }
+    }
+
+    /// Lists keys under a prefix (`limit` 0: the master's bound).
+    pub async fn list(&self, prefix: &str, limit: u32) -> Result<(Vec<String>, bool), String> {
+        let mut client = self.client().await?;
+        let mut stream = match client
+            .list(pc::ListRequest {
+                prefix: prefix.to_owned(),
+                limit,
+            })
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                self.failed().await;
+                return Err(remote_error("list", prefix, e));
+            }
+        };
+        let mut keys = Vec::new();
+        let mut truncated = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(page)) => {
+                    keys.extend(page.keys);
+                    truncated |= page.truncated;
+                }
+                Ok(None) => return Ok((keys, truncated)),
+                Err(e) => {
+                    self.failed().await;
+                    return Err(remote_error("list", prefix, e));
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The minion's replication link.
+
+/// What the link tells its node.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A stream to the master is up (the node re-announces its clients; the read cache is cleared).
+    Connected,
+    /// The stream is gone; the link reconnects by itself.
+    Disconnected,
+    /// A broadcast from the master.
+    Broadcast(pc::Broadcast),
+}
+
+struct Push {
+    event: Event,
+    applied: Option<oneshot::Sender<()>>,
+}
+
+/// A handle to the link task.
+#[derive(Clone)]
+pub struct Link {
+    tx: mpsc::Sender<Push>,
+}
+
+/// The link's settings.
+pub struct LinkOptions {
+    /// This minion's node name (`<hostname>-<port>`).
+    pub node: String,
+    /// Where the master is.
+    pub master: MasterAddr,
+    /// Outbox bounds.
+    pub limits: OutboxLimits,
+}
+
+/// What the link found on disk at start.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkRecovery {
+    /// The outbox epoch.
+    pub epoch: u64,
+    /// Events on disk not yet acknowledged by the master (replayed first).
+    pub pending: usize,
+    /// Bytes of a torn final record cut off.
+    pub torn_bytes: u64,
+}
+
+const EPOCH_FILE: &str = "outbox-epoch";
+const JOURNAL_DIR: &str = "outbox";
+
+impl Link {
+    /// Opens the outbox journal under `local_dir` and starts the link task. The task ends only on a
+    /// local disk error (fail-stop: the error is its result).
+    pub fn start(
+        opts: LinkOptions,
+        local_dir: &Path,
+        clock: Arc<dyn Clock>,
+        events_out: mpsc::Sender<LinkEvent>,
+    ) -> Result<(Link, LinkRecovery, tokio::task::JoinHandle<String>), String> {
+        use crate::storage::local::LocalDisk;
+        let here = |e: std::io::Error| format!("outbox in {}: {e}", local_dir.display());
+        let mut disk = StdDisk::new(local_dir).map_err(here)?;
+        let epoch = match disk.read(EPOCH_FILE).map_err(here)? {
+            Some(b) => std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    format!(
+                        "{}: not an epoch number",
+                        local_dir.join(EPOCH_FILE).display()
+                    )
+                })?,
+            None => {
+                if !disk
+                    .list(&format!("{JOURNAL_DIR}/"))
+                    .map_err(here)?
+                    .is_empty()
+                {
+                    return Err(format!(
+                        "{}: an outbox journal without its epoch file; refusing to guess",
+                        local_dir.join(JOURNAL_DIR).display()
+                    ));
+                }
+                // A new epoch must exceed any this minion used before: the wall clock in ms does.
+                let e = clock.now().as_ms().max(1);
+                disk.write_atomic(EPOCH_FILE, format!("{e}\n").as_bytes())
+                    .map_err(here)?;
+                e
+            }
+        };
+        let (journal, rec) =
+            Journal::open(disk, JOURNAL_DIR, OUTBOX_SEGMENT_BYTES).map_err(here)?;
+        let mut events = Vec::with_capacity(rec.records.len());
+        for (seq, bytes) in rec.records {
+            let e = pc::ReplicatedEvent::decode(bytes.as_slice())
+                .map_err(|e| format!("outbox record {seq}: {e}"))?;
+            let ev = e
+                .event
+                .ok_or_else(|| format!("outbox record {seq}: no event"))?;
+            events.push((seq, ev));
+        }
+        let recovery = LinkRecovery {
+            epoch,
+            pending: events.len(),
+            torn_bytes: rec.torn_bytes,
+        };
+        let outbox = Outbox::recover(opts.limits.clone(), epoch, rec.truncated_upto, events);
+        let (tx, rx) = mpsc::channel(LINK_QUEUE_MAX);
+        let (itx, irx) = mpsc::channel(1024);
+        let task = LinkTask {
+            outbox,
+            journal,
+            waiters: BTreeMap::new(),
+            clock,
+            opts,
+            events_out,
+            conn: None,
+            generation: 0,
+            connecting: false,
+            backoff_ms: RECONNECT_MIN_MS,
+            itx,
+        };
+        let span = tracing::info_span!("link", node = %task.opts.node);
+        let handle = tokio::spawn(tracing::Instrument::instrument(task.run(rx, irx), span));
+        Ok((Link { tx }, recovery, handle))
+    }
+
+    /// Hands an event to the outbox (waits while the outbox is full); `applied` fires once the
+    /// master has applied it.
+    pub async fn push(
+        &self,
+        event: Event,
+        applied: Option<oneshot::Sender<()>>,
+    ) -> Result<(), String> {
+        self.tx
+            .send(Push { event, applied })
+            .await
+            .map_err(|_| "the replication link has stopped (see the log)".to_owned())
+    }
+}
+
+enum Internal {
+    Up {
+        generation: u64,
+        tx: mpsc::Sender<pc::MinionMessage>,
+    },
+    Down {
+        generation: u64,
+        error: String,
+    },
+    Msg {
+        generation: u64,
+        msg: pc::MasterMessage,
+    },
+}
+
+struct LinkTask {
+    outbox: Outbox<Event>,
+    journal: Journal<StdDisk>,
+    waiters: BTreeMap<u64, oneshot::Sender<()>>,
+    clock: Arc<dyn Clock>,
+    opts: LinkOptions,
+    events_out: mpsc::Sender<LinkEvent>,
+    conn: Option<mpsc::Sender<pc::MinionMessage>>,
+    generation: u64,
+    connecting: bool,
+    backoff_ms: u64,
+    itx: mpsc::Sender<Internal>,
+}
+
+impl LinkTask {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Push>,
+        mut irx: mpsc::Receiver<Internal>,
+    ) -> String {
+        let mut reconnect_at = tokio::time::Instant::now();
+        loop {
+            if let Err(e) = self.drain() {
+                let msg = format!("replication outbox: local disk error: {e}");
+                tracing::error!(node = %self.opts.node, "{msg}");
+                return msg;
+            }
+            let room = self.outbox.len() < self.opts.limits.events_max;
+            let now = self.clock.now();
+            let wait = self
+                .outbox
+                .poll_timeout()
+                .map_or(30_000, |t| t.since_ms(now).min(30_000));
+            let want_connect = self.conn.is_none() && !self.connecting;
+            tokio::select! {
+                p = rx.recv(), if room => match p {
+                    Some(p) => {
+                        self.push(p);
+                        // Take what else is queued, up to a batch, so one sync covers them all.
+                        while self.outbox.len() < self.opts.limits.events_max {
+                            match rx.try_recv() {
+                                Ok(p) => self.push(p),
+                                Err(_) => break,
+                            }
+                            if self.outbox.len().is_multiple_of(256) {
+                                break;
+                            }
+                        }
+                    }
+                    None => return "the node stopped".into(),
+                },
+                i = irx.recv() => {
+                    if let Some(i) = i
+                        && let Some(delay) = self.internal(i).await
+                    {
+                        reconnect_at = tokio::time::Instant::now() + delay;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {
+                    self.outbox.handle_timeout(self.clock.now());
+                }
+                _ = tokio::time::sleep_until(reconnect_at), if want_connect => {
+                    self.connect();
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, p: Push) {
+        let now = self.clock.now();
+        match self.outbox.push(now, p.event) {
+            Ok(seq) => {
+                if let Some(a) = p.applied {
+                    self.waiters.insert(seq, a);
+                }
+            }
+            // Unreachable: pushes are taken only while there is room.
+            Err(e) => tracing::error!(error = %e, "outbox refused an event"),
+        }
+    }
+
+    /// Performs the outbox's actions: persist (one sync per batch), send, truncate.
+    fn drain(&mut self) -> std::io::Result<()> {
+        loop {
+            let mut persisted = None;
+            while let Some(a) = self.outbox.poll_action() {
+                match a {
+                    OutboxAction::Persist { seq, event } => {
+                        let rec = pc::ReplicatedEvent {
+                            seq,
+                            time_unix_ms: self.clock.now().as_ms(),
+                            event: Some(event),
+                        };
+                        self.journal.append(seq, &rec.encode_to_vec())?;
+                        persisted = Some(seq);
+                    }
+                    OutboxAction::Send { epoch, events } => {
+                        let Some(tx) = &self.conn else { continue };
+                        let now = self.clock.now().as_ms();
+                        let batch = pc::EventBatch {
+                            epoch,
+                            events: events
+                                .into_iter()
+                                .map(|(seq, event)| pc::ReplicatedEvent {
+                                    seq,
+                                    time_unix_ms: now,
+                                    event: Some(event),
+                                })
+                                .collect(),
+                        };
+                        // A full or closed stream loses nothing: the outbox resends from the ack.
+                        let _ = tx.try_send(pc::MinionMessage {
+                            kind: Some(minion_message::Kind::Events(batch)),
+                        });
+                    }
+                    OutboxAction::Truncate { upto } => self.journal.truncate(upto)?,
+                }
+            }
+            match persisted {
+                Some(upto) => {
+                    self.journal.sync()?;
+                    self.outbox.handle_persisted(self.clock.now(), upto);
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+
+    fn connect(&mut self) {
+        self.connecting = true;
+        self.generation += 1;
+        let generation = self.generation;
+        let (master, itx) = (self.opts.master.clone(), self.itx.clone());
+        let hello = pc::MinionHello {
+            node: self.opts.node.clone(),
+            epoch: self.outbox.epoch(),
+            acked_broadcast_seq: 0,
+        };
+        tokio::spawn(async move {
+            let (tx, rx) = mpsc::channel(256);
+            let _ = tx
+                .send(pc::MinionMessage {
+                    kind: Some(minion_message::Kind::Hello(hello)),
+                })
+                .await;
+            let stream = async {
+                let ch = master.channel().await?;
+                ReplicationClient::new(ch)
+                    .max_decoding_message_size(64 << 20)
+                    .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|e| format!("replication stream refused: {}", e.message()))
+            };
+            let mut inbound = match stream.await {
+                Ok(s) => s,
+                Err(error) => {
+                    let _ = itx.send(Internal::Down { generation, error }).await;
+                    return;
+                }
+            };
+            if itx.send(Internal::Up { generation, tx }).await.is_err() {
+                return;
+            }
+            let error = loop {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = itx.closed() => return, // The link stopped: drop the stream.
+                };
+                match next {
+                    Ok(Some(msg)) => {
+                        if itx.send(Internal::Msg { generation, msg }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break "the master closed the stream".to_owned(),
+                    Err(e) => break e.message().to_owned(),
+                }
+            };
+            let _ = itx.send(Internal::Down { generation, error }).await;
+        });
+    }
+
+    /// Handles a connection event; returns a reconnect delay when the stream went down.
+    async fn internal(&mut self, i: Internal) -> Option<Duration> {
+        let now = self.clock.now();
+        match i {
+            Internal::Up { generation, tx } if generation == self.generation => {
+                self.connecting = false;
+                self.backoff_ms = RECONNECT_MIN_MS;
+                self.conn = Some(tx);
+                tracing::info!(node = %self.opts.node, epoch = self.outbox.epoch(), pending = self.outbox.len(), "replication stream to the master is up");
+                self.outbox.handle_connected(now);
+                let _ = self.events_out.send(LinkEvent::Connected).await;
+                None
+            }
+            Internal::Down { generation, error } if generation == self.generation => {
+                let was_up = self.conn.take().is_some();
+                self.connecting = false;
+                self.outbox.handle_disconnected(now);
+                if was_up {
+                    tracing::warn!(node = %self.opts.node, %error, pending = self.outbox.len(), "replication stream to the master is down; reconnecting");
+                    let _ = self.events_out.send(LinkEvent::Disconnected).await;
+                } else {
+                    tracing::debug!(node = %self.opts.node, %error, "cannot reach the master yet");
+                }
+                let delay = self.backoff_ms;
+                self.backoff_ms = (self.backoff_ms * 2).min(RECONNECT_MAX_MS);
+                Some(Duration::from_millis(delay))
+            }
+            Internal::Msg { generation, msg } if generation == self.generation => {
+                match msg.kind {
+                    Some(master_message::Kind::Ack(a)) => {
+                        self.outbox.handle_ack(now, a.epoch, a.upto_seq);
+                        let later = self.waiters.split_off(&(self.outbox.acked() + 1));
+                        for (_, w) in std::mem::replace(&mut self.waiters, later) {
+                            let _ = w.send(());
+                        }
+                    }
+                    Some(master_message::Kind::Broadcast(b)) => {
+                        let _ = self.events_out.send(LinkEvent::Broadcast(b)).await;
+                    }
+                    Some(master_message::Kind::Error(e)) => {
+                        tracing::warn!(node = %self.opts.node, message = %e.message, expected = e.expected_seq, "the master refused events");
+                    }
+                    None => {}
+                }
+                None
+            }
+            _ => None, // From an older connection attempt.
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The master's side.
+
+/// The master's `Replication` and `RemoteDatastore` services.
+#[derive(Clone)]
+pub struct ClusterService {
+    node: Node,
+    datastore: Datastore,
+    minions: Arc<BTreeSet<String>>,
+}
+
+impl ClusterService {
+    /// Serves the minions named in `minions` (node names from `ExtraFrontends`).
+    pub fn new(node: Node, datastore: Datastore, minions: BTreeSet<String>) -> ClusterService {
+        ClusterService {
+            node,
+            datastore,
+            minions: Arc::new(minions),
+        }
+    }
+}
+
+fn require_frontend<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.extensions().get::<Peer>() {
+        Some(p) if p.role == Some(Role::Frontend) => Ok(()),
+        Some(p) => Err(Status::permission_denied(format!(
+            "certificate {:?} is not the frontend certificate",
+            p.common_name
+        ))),
+        None => Err(Status::unauthenticated("no client certificate")),
+    }
+}
+
+fn ds_status(e: crate::datastore::DatastoreError) -> Status {
+    match e {
+        crate::datastore::DatastoreError::Refused(e) => Status::invalid_argument(e.to_string()),
+        crate::datastore::DatastoreError::Stopped => Status::unavailable(e.to_string()),
+    }
+}
+
+type MasterStream = tokio_stream::wrappers::ReceiverStream<Result<pc::MasterMessage, Status>>;
+type Stream<T> = tokio_stream::wrappers::ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl pc::replication_server::Replication for ClusterService {
+    type StreamStream = MasterStream;
+
+    async fn stream(
+        &self,
+        req: Request<tonic::Streaming<pc::MinionMessage>>,
+    ) -> Result<Response<MasterStream>, Status> {
+        require_frontend(&req)?;
+        let mut incoming = req.into_inner();
+        let hello = match incoming.message().await?.and_then(|m| m.kind) {
+            Some(minion_message::Kind::Hello(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a MinionHello",
+                ));
+            }
+        };
+        if !self.minions.contains(&hello.node) {
+            return Err(Status::permission_denied(format!(
+                "{:?} is not a minion of this deployment (ExtraFrontends lists {:?})",
+                hello.node, self.minions
+            )));
+        }
+        let (tx, rx) = mpsc::channel(MINION_QUEUE_MAX);
+        let node_name = hello.node.clone();
+        let conn = self.node.minion_up(node_name.clone(), tx).await?;
+        let node = self.node.clone();
+        let reader = async move {
+            loop {
+                let msg = match incoming.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(minion = %node_name, error = %e, "replication stream ended");
+                        break;
+                    }
+                };
+                match msg.kind {
+                    Some(minion_message::Kind::Events(b)) => {
+                        let mut events = Vec::with_capacity(b.events.len());
+                        let mut malformed = None;
+                        for e in b.events {
+                            match e.event {
+                                Some(ev) => events.push((e.seq, ev)),
+                                None => {
+                                    malformed = Some(e.seq);
+                                    break;
+                                }
+                            }
+                        }
+                        if let Some(seq) = malformed {
+                            tracing::warn!(minion = %node_name, seq, "event without a body; closing the stream");
+                            break;
+                        }
+                        if node
+                            .minion_events(node_name.clone(), conn, b.epoch, events)
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Some(minion_message::Kind::BroadcastAck(_)) => {}
+                    Some(minion_message::Kind::Hello(_)) | None => {
+                        tracing::warn!(minion = %node_name, "unexpected message on the replication stream; closing it");
+                        break;
+                    }
+                }
+            }
+            node.minion_down(node_name, conn).await;
+        };
+        tokio::spawn(reader);
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pc::remote_datastore_server::RemoteDatastore for ClusterService {
+    type GetStream = Stream<pc::ValueChunk>;
+
+    async fn get(&self, req: Request<pc::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
+        require_frontend(&req)?;
+        let key = req.into_inner().key;
+        let value = self.datastore.get(&key).await.map_err(ds_status)?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let Some(v) = value else {
+                let _ = tx
+                    .send(Ok(pc::ValueChunk {
+                        found: false,
+                        ..Default::default()
+                    }))
+                    .await;
+                return;
+            };
+            let total = v.len() as u64;
+            let mut at = 0;
+            loop {
+                let end = (at + VALUE_CHUNK_BYTES).min(v.len());
+                let chunk = pc::ValueChunk {
+                    found: true,
+                    total_len: total,
+                    version: 0,
+                    data: v.slice(at..end),
+                };
+                if tx.send(Ok(chunk)).await.is_err() || end == v.len() {
+                    return;
+                }
+                at = end;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn set(
+        &self,
+        req: Request<tonic::Streaming<pc::SetChunk>>,
+    ) -> Result<Response<pc::SetResponse>, Status> {
+        require_frontend(&req)?;
+        let mut chunks = req.into_inner();
+        let first = chunks
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("Set without a chunk"))?;
+        if first.total_len > VALUE_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "value of {} bytes is over the {VALUE_BYTES_MAX}-byte bound",
+                first.total_len
+            )));
+        }
+        let key = first.key;
+        let total = first.total_len;
+        let mut value = BytesMut::with_capacity(total as usize);
+        value.extend_from_slice(&first.data);
+        while let Some(c) = chunks.message().await? {
+            if value.len() as u64 + c.data.len() as u64 > total {
+                return Err(Status::invalid_argument(format!(
+                    "{key}: more bytes than the announced {total}"
+                )));
+            }
+            value.extend_from_slice(&c.data);
+        }
+        if value.len() as u64 != total {
+            return Err(Status::invalid_argument(format!(
+                "{key}: {} bytes, announced {total}",
+                value.len()
+            )));
+        }
+        let version = self
+            .datastore
+            .set(&key, value.freeze())
+            .await
+            .map_err(ds_status)?;
+        self.node.datastore_changed(key, version).await;
+        Ok(Response::new(pc::SetResponse { version }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pc::DeleteRequest>,
+    ) -> Result<Response<pc::DeleteResponse>, Status> {
+        require_frontend(&req)?;
+        let key = req.into_inner().key;
+        let version = self.datastore.delete(&key).await.map_err(ds_status)?;
+        self.node.datastore_changed(key, version).await;
+        Ok(Response::new(pc::DeleteResponse { version }))
+    }
+
+    type ListStream = Stream<pc::ListResponse>;
+
+    async fn list(
+        &self,
+        req: Request<pc::ListRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        require_frontend(&req)?;
+        let r = req.into_inner();
+        let (mut keys, mut truncated) = self.datastore.list(&r.prefix).await.map_err(ds_status)?;
+        if r.limit > 0 && keys.len() > r.limit as usize {
+            keys.truncate(r.limit as usize);
+            truncated = true;
+        }
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut pages: Vec<Vec<String>> =
+                keys.chunks(LIST_PAGE_KEYS).map(|c| c.to_vec()).collect();
+            if pages.is_empty() {
+                pages.push(Vec::new());
+            }
+            let n = pages.len();
+            for (i, keys) in pages.into_iter().enumerate() {
+                let page = pc::ListResponse {
+                    keys,
+                    truncated: truncated && i + 1 == n,
+                };
+                if tx.send(Ok(page)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+}

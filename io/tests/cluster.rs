@@ -1,0 +1,213 @@
+//! Talon as a multi-frontend cluster: a master and two minions sharing one data directory, a real
+//! agent and a pool of virtual ones, as separate `talon` processes on loopback.
+// Waiting for real processes needs the wall clock (timeouts only; nothing asserts on timing).
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+use common::*;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+const POOL: usize = 50;
+const CLIENTS: usize = POOL + 1;
+
+fn connected_by_node(d: &Deployment) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for c in d.clients().iter().filter(|c| c["connected"] == true) {
+        *m.entry(c["node"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    m
+}
+
+fn show(d: &Deployment, hunt: &str) -> serde_json::Value {
+    json(&d.api(&["hunt", "show", hunt, "--json"]))
+}
+
+/// Every (client, row) pair of a hunt's export, asserting none appears twice.
+fn export(d: &Deployment, hunt: &str) -> BTreeSet<(String, u64)> {
+    let out = d.api(&["hunt", "results", hunt]);
+    let pairs: BTreeSet<(String, u64)> = out
+        .lines()
+        .map(|l| {
+            let v = json(l);
+            (
+                v["client_id"].as_str().unwrap().to_owned(),
+                v["row"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(out.lines().count(), pairs.len(), "a row appears twice");
+    pairs
+}
+
+fn rows_hunt(d: &Deployment, count: u64) -> String {
+    json(&d.api(&[
+        "hunt",
+        "create",
+        "Generic.Test.Rows",
+        "--param",
+        &format!("count={count}"),
+        "--param",
+        "size=4",
+        "--json",
+    ]))["hunt_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn wait_complete(d: &Deployment, hunt: &str, n: usize) -> serde_json::Value {
+    d.wait_until(&format!("hunt {hunt} completes on {n} clients"), || {
+        let s = show(d, hunt)["stats"].clone();
+        s["completed"].as_u64().unwrap_or(0) + s["errors"].as_u64().unwrap_or(0) >= n as u64
+    });
+    std::thread::sleep(Duration::from_millis(300)); // Nothing more may arrive.
+    show(d, hunt)["stats"].clone()
+}
+
+#[test]
+fn hunts_span_master_and_minions_and_survive_minion_and_master_kills() {
+    let d = Deployment::new();
+    let (p1, p2) = (free_port(), free_port());
+    let (m1, m2) = (format!("127.0.0.1-{p1}"), format!("127.0.0.1-{p2}"));
+    let out = ok(&[
+        "-c",
+        &d.s("server.config.yaml"),
+        "config",
+        "frontend",
+        "--add",
+        &format!("127.0.0.1:{p1}"),
+        "--add",
+        &format!("127.0.0.1:{p2}"),
+    ]);
+    assert!(out.contains(&m1) && out.contains(&m2), "{out}");
+    let client_cfg = std::fs::read_to_string(d.path("client.config.yaml")).unwrap();
+    assert!(
+        client_cfg.contains(&format!("{p1}/")) && client_cfg.contains(&format!("{p2}/")),
+        "every frontend's URL is in the client config: {client_cfg}"
+    );
+
+    // Minions and clients first: a minion serves before its master exists and catches up later.
+    let minion1 = d.start_minion(&m1);
+    let _minion2 = d.start_minion(&m2);
+    let _real = d.start_client(&d.path("client.config.yaml"), "real");
+    let _pool = d.start_pool(POOL, "pool");
+    std::thread::sleep(Duration::from_secs(1));
+    let master = d.start_master();
+    d.wait_until("every client is connected and known to the master", || {
+        connected_by_node(&d).values().sum::<usize>() == CLIENTS
+    });
+    let by_node = connected_by_node(&d);
+    eprintln!("clients per node: {by_node:?}");
+    for m in [&m1, &m2] {
+        assert!(by_node.get(m).is_some_and(|n| *n > 0), "{by_node:?}");
+    }
+
+    // 1. A hunt reaches every client on every node; exact stats; every client's row once.
+    let info = d
+        .api(&["hunt", "create", "Generic.Client.Info"])
+        .trim()
+        .to_owned();
+    let s = wait_complete(&d, &info, CLIENTS);
+    assert_eq!(
+        (
+            s["scheduled"].as_u64(),
+            s["completed"].as_u64(),
+            s["errors"].as_u64(),
+            s["rows"].as_u64()
+        ),
+        (
+            Some(CLIENTS as u64),
+            Some(CLIENTS as u64),
+            Some(0),
+            Some(CLIENTS as u64)
+        ),
+        "{s}"
+    );
+    let clients: BTreeSet<String> = export(&d, &info).into_iter().map(|(c, _)| c).collect();
+    assert_eq!(clients.len(), CLIENTS);
+
+    // 2. A minion is SIGKILLed while a row hunt runs: its clients fail over, rows stay exact.
+    const ROWS: u64 = 20_000;
+    let big = rows_hunt(&d, ROWS);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(minion1);
+    eprintln!("minion killed at {}", show(&d, &big)["stats"]);
+    let s = wait_complete(&d, &big, CLIENTS);
+    assert_eq!(
+        (
+            s["scheduled"].as_u64(),
+            s["completed"].as_u64(),
+            s["rows"].as_u64()
+        ),
+        (
+            Some(CLIENTS as u64),
+            Some(CLIENTS as u64),
+            Some(CLIENTS as u64 * ROWS)
+        ),
+        "{s}"
+    );
+    assert_eq!(export(&d, &big).len() as u64, CLIENTS as u64 * ROWS);
+    d.wait_until(
+        "the killed minion's clients are connected elsewhere",
+        || {
+            let by_node = connected_by_node(&d);
+            !by_node.contains_key(&m1) && by_node.values().sum::<usize>() == CLIENTS
+        },
+    );
+
+    // 3. The master is SIGKILLed mid-hunt and restarted: stats exact, replicated events replayed.
+    let third = rows_hunt(&d, ROWS);
+    std::thread::sleep(Duration::from_millis(300));
+    eprintln!("master killed at {}", show(&d, &third)["stats"]);
+    drop(master);
+    std::thread::sleep(Duration::from_millis(500));
+    let _master = d.start_master();
+    let s = wait_complete(&d, &third, CLIENTS);
+    assert_eq!(
+        (
+            s["scheduled"].as_u64(),
+            s["completed"].as_u64(),
+            s["rows"].as_u64()
+        ),
+        (
+            Some(CLIENTS as u64),
+            Some(CLIENTS as u64),
+            Some(CLIENTS as u64 * ROWS)
+        ),
+        "{s}"
+    );
+    assert_eq!(export(&d, &third).len() as u64, CLIENTS as u64 * ROWS);
+    // Earlier hunts' stats were durable across the kill.
+    let s = show(&d, &big)["stats"].clone();
+    assert_eq!(s["rows"].as_u64(), Some(CLIENTS as u64 * ROWS), "{s}");
+
+    // 4. The killed minion restarts: it rejoins and serves again.
+    let _minion1 = d.start_minion(&m1);
+    let log = || std::fs::read_to_string(d.path(&format!("{m1}.log"))).unwrap_or_default();
+    d.wait_until("the restarted minion reconnects to the master", || {
+        log()
+            .matches("replication stream to the master is up")
+            .count()
+            >= 2
+    });
+}
+
+#[test]
+fn a_minion_refuses_a_node_name_not_in_the_config() {
+    let d = Deployment::new();
+    let out = run(&[
+        "-c",
+        &d.s("server.config.yaml"),
+        "frontend",
+        "--minion",
+        "--node",
+        "127.0.0.1-1",
+        "--local-dir",
+        &d.s("local-x"),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not in ExtraFrontends"), "{err}");
+}

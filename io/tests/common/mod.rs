@@ -1,0 +1,212 @@
+//! Helpers shared by the process tests: real `talon` processes on loopback, killed when dropped.
+// Waiting for real processes needs the wall clock (timeouts only; nothing asserts on timing).
+#![allow(clippy::disallowed_methods, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn talon() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_talon"))
+}
+
+pub fn run(args: &[&str]) -> Output {
+    talon().args(args).output().expect("run talon")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "talon {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Deployment {
+    pub dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    pub fn new() -> Deployment {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: u16| n.to_string();
+        let (fe, api, gui) = (free_port(), free_port(), free_port());
+        let out = dir.path().to_str().unwrap().to_owned();
+        let shared = dir.path().join("shared");
+        ok(&[
+            "config",
+            "generate",
+            "--hostname",
+            "127.0.0.1",
+            "--frontend-port",
+            &p(fe),
+            "--api-port",
+            &p(api),
+            "--gui-port",
+            &p(gui),
+            "--datastore",
+            shared.to_str().unwrap(),
+            "--out-dir",
+            &out,
+        ]);
+        let d = Deployment { dir };
+        ok(&[
+            "-c",
+            d.path("server.config.yaml").to_str().unwrap(),
+            "config",
+            "api-client",
+            "--name",
+            "alice",
+            "--out",
+            d.path("api.yaml").to_str().unwrap(),
+        ]);
+        d
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn s(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_owned()
+    }
+
+    pub fn start_master(&self) -> Proc {
+        let p = self.start_frontend("master", &["--local-dir", &self.s("local")]);
+        self.wait_until("the API answers", || {
+            run(&[
+                "--api-config",
+                &self.s("api.yaml"),
+                "clients",
+                "search",
+                "all",
+            ])
+            .status
+            .success()
+        });
+        p
+    }
+
+    /// Starts the minion `node` (HOST-PORT) with its own local disk; it logs to `<node>.log`.
+    pub fn start_minion(&self, node: &str) -> Proc {
+        let local = self.s(&format!("local-{node}"));
+        self.start_frontend(node, &["--minion", "--node", node, "--local-dir", &local])
+    }
+
+    fn start_frontend(&self, name: &str, args: &[&str]) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("{name}.log")))
+            .unwrap();
+        let child = talon()
+            .args(["-c", &self.s("server.config.yaml"), "frontend"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc(child)
+    }
+
+    pub fn start_client(&self, config: &Path, name: &str) -> Proc {
+        let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
+        let child = talon()
+            .args([
+                "-c",
+                config.to_str().unwrap(),
+                "client",
+                "--writeback",
+                &self.s(&format!("{name}.wb.yaml")),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc(child)
+    }
+
+    /// Starts `pool-client` with `n` virtual clients keyed in `dir`; it logs to `<dir>.log`.
+    pub fn start_pool(&self, n: usize, dir: &str) -> Proc {
+        let log = std::fs::File::create(self.path(&format!("{dir}.log"))).unwrap();
+        Proc(
+            talon()
+                .args([
+                    "-c",
+                    &self.s("client.config.yaml"),
+                    "pool-client",
+                    "--number",
+                    &n.to_string(),
+                    "--writeback-dir",
+                    &self.s(dir),
+                    "--start-rate",
+                    "0",
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    pub fn api(&self, args: &[&str]) -> String {
+        let mut a = vec!["--api-config".to_string(), self.s("api.yaml")];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        ok(&a)
+    }
+
+    pub fn clients(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str::<Vec<serde_json::Value>>(
+            &self.api(&["clients", "search", "all", "--json"]),
+        )
+        .unwrap()
+    }
+
+    pub fn wait_until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            if start.elapsed() > Duration::from_secs(120) {
+                let mut logs = String::new();
+                for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+                    let p = e.path();
+                    if p.extension().is_some_and(|x| x == "log") {
+                        let text = std::fs::read_to_string(&p).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                        logs.push_str(&format!("--- {} (last 40 lines)\n", p.display()));
+                        for l in tail.into_iter().rev() {
+                            logs.push_str(l);
+                            logs.push('\n');
+                        }
+                    }
+                }
+                panic!("timed out waiting until {what}; logs:\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+pub fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
