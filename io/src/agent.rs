@@ -441,6 +441,8 @@ pub struct Agent {
     pub outbox: Outbox,
     /// Report this hostname instead of the machine's (virtual clients of `pool-client`).
     pub hostname: Option<String>,
+    /// The network.
+    pub net: Arc<dyn crate::net::Net>,
 }
 
 impl Agent {
@@ -495,7 +497,7 @@ impl Agent {
         port: u16,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<(), String> {
-        let channel = tls::connect(host, port, tls, Duration::from_secs(10))
+        let channel = tls::connect(&self.net, host, port, tls, Duration::from_secs(10))
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let mut client = CommsClient::new(channel).max_decoding_message_size(64 << 20);
@@ -579,9 +581,13 @@ pub fn spawn_pool(
     number: usize,
     start_rate: f64,
     prefix: &str,
-    clock: Arc<dyn Clock>,
-    entropy: Arc<dyn Entropy>,
+    env: crate::env::Env,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
+    let crate::env::Env {
+        clock,
+        entropy,
+        net,
+    } = env;
     std::fs::create_dir_all(writeback_dir)
         .map_err(|e| format!("{}: {e}", writeback_dir.display()))?;
     let mut agents = Vec::with_capacity(number);
@@ -596,6 +602,7 @@ pub fn spawn_pool(
             entropy: entropy.clone(),
             outbox: Outbox::default(),
             hostname: Some(format!("{prefix}-{i}")),
+            net: net.clone(),
         });
     }
     let gap = if start_rate > 0.0 {

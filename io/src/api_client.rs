@@ -37,14 +37,20 @@ impl Api {
             })?;
         let cfg = tls::client_config(&c.ca_certificate, &c.client_cert, &c.client_private_key)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        let ch = tls::connect(&host, port, cfg, Duration::from_secs(10))
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot reach the master's API at {}: {e}",
-                    c.api_connection_string
-                )
-            })?;
+        let ch = tls::connect(
+            &crate::net::TokioNet::shared(),
+            &host,
+            port,
+            cfg,
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach the master's API at {}: {e}",
+                c.api_connection_string
+            )
+        })?;
         Ok(Api {
             inner: ApiClient::new(ch).max_decoding_message_size(256 << 20),
         })

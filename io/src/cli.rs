@@ -467,30 +467,15 @@ async fn run_async(
             let name = node.clone().unwrap_or_else(|| cfg.master_node_name());
             let local_dir =
                 local_dir.unwrap_or_else(|| PathBuf::from(format!("/var/lib/talon/{name}")));
-            let (clock, entropy) = (Arc::new(SystemClock), Arc::new(OsEntropy::default()));
+            let env = crate::env::Env::real();
             match node {
                 Some(node) => {
-                    crate::server::run_minion(
-                        cfg,
-                        node,
-                        local_dir,
-                        clock,
-                        entropy,
-                        |_| {},
-                        shutdown_signal(),
-                    )
-                    .await?
+                    crate::server::run_minion(env, cfg, node, local_dir, |_| {}, shutdown_signal())
+                        .await?
                 }
                 None => {
-                    crate::server::run_master(
-                        cfg,
-                        local_dir,
-                        clock,
-                        entropy,
-                        |_| {},
-                        shutdown_signal(),
-                    )
-                    .await?
+                    crate::server::run_master(env, cfg, local_dir, |_| {}, shutdown_signal())
+                        .await?
                 }
             }
             Ok("frontend stopped".into())
@@ -511,6 +496,7 @@ async fn run_async(
                 entropy: Arc::new(OsEntropy::default()),
                 outbox: crate::agent::Outbox::default(),
                 hostname: None,
+                net: crate::net::TokioNet::shared(),
             };
             tokio::select! {
                 r = agent.run() => r.map(|_| String::new()),
@@ -535,8 +521,7 @@ async fn run_async(
                 number,
                 start_rate,
                 "pool",
-                Arc::new(SystemClock),
-                Arc::new(OsEntropy::default()),
+                crate::env::Env::real(),
             )?;
             tokio::select! {
                 _ = pool => Ok(String::new()),

@@ -61,11 +61,14 @@ pub struct MasterAddr {
     pub port: u16,
     /// The frontend certificate as a TLS client identity, pinning the deployment CA.
     pub tls: Arc<rustls::ClientConfig>,
+    /// The network.
+    pub net: Arc<dyn crate::net::Net>,
 }
 
 impl MasterAddr {
     async fn channel(&self) -> Result<Channel, String> {
         crate::tls::connect(
+            &self.net,
             &self.host,
             self.port,
             self.tls.clone(),
@@ -999,3 +1002,6 @@ impl pc::remote_datastore_server::RemoteDatastore for ClusterService {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,12 +5,11 @@
 //! directory.
 
 use crate::api_client::Api;
-use crate::clock::{Clock, Entropy, OsEntropy, SystemClock};
 use crate::config::{self, GenerateOptions};
+use crate::env::Env;
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 fn free_port() -> Result<u16, String> {
@@ -37,17 +36,16 @@ pub async fn run(
     if clients == 0 {
         return Err("--clients must be at least 1".into());
     }
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let entropy: Arc<dyn Entropy> = Arc::new(OsEntropy::default());
+    let env = Env::real();
     let mut tag = [0u8; 4];
-    entropy.fill(&mut tag);
+    env.entropy.fill(&mut tag);
     let dir = std::env::temp_dir().join(format!(
         "talon-demo-{}-{}",
         std::process::id(),
         crate::clock::hex(&tag)
     ));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let result = run_in(&dir, minions, clients, clock, entropy, shutdown).await;
+    let result = run_in(&dir, minions, clients, env, shutdown).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -56,10 +54,10 @@ async fn run_in(
     dir: &std::path::Path,
     minions: usize,
     clients: usize,
-    clock: Arc<dyn Clock>,
-    entropy: Arc<dyn Entropy>,
+    env: Env,
     shutdown: impl Future<Output = ()>,
 ) -> Result<String, String> {
+    let (clock, entropy) = (env.clock.clone(), env.entropy.clone());
     let opts = GenerateOptions {
         hostname: "127.0.0.1".into(),
         frontend_port: free_port()?,
@@ -87,10 +85,9 @@ async fn run_in(
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let (up_tx, up_rx) = tokio::sync::oneshot::channel();
     let master = tokio::spawn(crate::server::run_master(
+        env.clone(),
         cfg.clone(),
         dir.join("local"),
-        clock.clone(),
-        entropy.clone(),
         move |l| {
             let _ = up_tx.send(l);
         },
@@ -111,11 +108,10 @@ async fn run_in(
         let mut stop = stop_tx.subscribe();
         let name = x.node_name();
         nodes.push(tokio::spawn(crate::server::run_minion(
+            env.clone(),
             cfg.clone(),
             name.clone(),
             dir.join(format!("local-{name}")),
-            clock.clone(),
-            entropy.clone(),
             move |l| {
                 let _ = up_tx.send(l);
             },
@@ -138,8 +134,7 @@ async fn run_in(
         clients,
         500.0,
         "demo",
-        clock.clone(),
-        entropy,
+        env.clone(),
     )?;
     let mut api = Api::connect(&api_cfg).await?;
     let start = tokio::time::Instant::now();

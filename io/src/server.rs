@@ -1,9 +1,10 @@
 //! Starting a node: the master or a minion.
 
-use crate::clock::{Clock, Entropy};
+use crate::clock::Clock;
 use crate::cluster::{ClusterService, Link, LinkOptions, MasterAddr, Meta, RemoteStore};
 use crate::config::ServerConfig;
 use crate::datastore::{Datastore, DatastoreOptions};
+use crate::env::Env;
 use crate::frontend::{ApiService, Cluster, CommsService, Node, NodeOptions};
 use crate::storage::local::StdDisk;
 use crate::storage::volume::FsVolume;
@@ -20,7 +21,6 @@ use talon_proto::cluster::{
     remote_datastore_server::RemoteDatastoreServer, replication_server::ReplicationServer,
 };
 use talon_proto::{api::api_server::ApiServer, comms::comms_server::CommsServer};
-use tokio::net::TcpListener;
 
 /// How long a stopping node waits for open streams to finish.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
@@ -105,13 +105,17 @@ fn open_filestore(cfg: &ServerConfig) -> Result<FsVolume, String> {
 
 /// Starts the master and serves until `shutdown` completes.
 pub async fn run_master(
+    env: Env,
     cfg: ServerConfig,
     local_dir: PathBuf,
-    clock: Arc<dyn Clock>,
-    entropy: Arc<dyn Entropy>,
     started: impl FnOnce(Listening),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    let Env {
+        clock,
+        entropy,
+        net,
+    } = env;
     let node_name = cfg.master_node_name();
     let ds_root = &cfg.datastore.location;
     let fs_root = &cfg.datastore.filestore_directory;
@@ -142,10 +146,12 @@ pub async fn run_master(
 
     let fe_addr = format!("{}:{}", cfg.frontend.bind_address, cfg.frontend.bind_port);
     let api_addr = format!("{}:{}", cfg.api.bind_address, cfg.api.bind_port);
-    let fe_listener = TcpListener::bind(&fe_addr)
+    let fe_listener = net
+        .bind(&fe_addr)
         .await
         .map_err(|e| format!("Frontend {fe_addr}: {e}"))?;
-    let api_listener = TcpListener::bind(&api_addr)
+    let api_listener = net
+        .bind(&api_addr)
         .await
         .map_err(|e| format!("API {api_addr}: {e}"))?;
     let listening = Listening {
@@ -232,14 +238,18 @@ pub async fn run_master(
 /// Starts the minion `node` (a name from `ExtraFrontends`) and serves until `shutdown` completes.
 /// It serves clients whether or not the master is up; its replication outbox rides out outages.
 pub async fn run_minion(
+    env: Env,
     cfg: ServerConfig,
     node: String,
     local_dir: PathBuf,
-    clock: Arc<dyn Clock>,
-    entropy: Arc<dyn Entropy>,
     started: impl FnOnce(Listening),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    let Env {
+        clock,
+        entropy,
+        net,
+    } = env;
     let me = cfg
         .extra_frontends
         .iter()
@@ -261,6 +271,7 @@ pub async fn run_minion(
         host: cfg.api.hostname.clone(),
         port: cfg.api.bind_port,
         tls: master_tls,
+        net: net.clone(),
     };
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
     let (link, recovery, mut link_task) = Link::start(
@@ -304,7 +315,8 @@ pub async fn run_minion(
     )
     .await?;
     let fe_addr = format!("{}:{}", me.bind_address, me.bind_port);
-    let fe_listener = TcpListener::bind(&fe_addr)
+    let fe_listener = net
+        .bind(&fe_addr)
         .await
         .map_err(|e| format!("ExtraFrontends {node} {fe_addr}: {e}"))?;
     let frontend = fe_listener.local_addr().map_err(|e| e.to_string())?;

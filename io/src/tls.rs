@@ -13,6 +13,7 @@
 //!
 //! Accepted connections carry a [`Peer`] into every gRPC request's extensions.
 
+use crate::net::{BoxIo, Listener, Net};
 use crate::pki::Role;
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -29,7 +30,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use talon_core::ClientId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -228,7 +228,7 @@ pub fn peer_of(addr: SocketAddr, cert: &CertificateDer<'_>) -> io::Result<Peer> 
 
 /// An accepted TLS connection that tells tonic who the peer is.
 pub struct Conn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    inner: tokio_rustls::server::TlsStream<BoxIo>,
     peer: Peer,
 }
 
@@ -278,7 +278,7 @@ pub struct Admission {
 /// once, each within [`HANDSHAKE_TIMEOUT`]); yields finished connections for `serve_with_incoming`.
 /// Failed handshakes are logged and dropped: one bad client cannot stop the listener.
 pub fn incoming(
-    listener: TcpListener,
+    mut listener: Box<dyn Listener>,
     config: Arc<rustls::ServerConfig>,
     handshakes_max: usize,
     mut admission: Option<Admission>,
@@ -313,7 +313,6 @@ pub fn incoming(
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let _ = tcp.set_nodelay(true);
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(tls)) => tls,
@@ -345,6 +344,7 @@ pub fn incoming(
 
 /// Opens a gRPC channel to `host:port` over TLS with `config`, verifying the server as `host`.
 pub async fn connect(
+    net: &Arc<dyn Net>,
     host: &str,
     port: u16,
     config: Arc<rustls::ClientConfig>,
@@ -354,6 +354,7 @@ pub async fn connect(
         .unwrap_or_else(|_| ServerName::try_from("invalid.host").expect("a valid name"));
     let target = crate::config::host_port(host, port);
     let connector = TlsConnector::from(config);
+    let net = net.clone();
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
         .connect_timeout(timeout)
         .timeout(Duration::from_secs(3600))
@@ -362,12 +363,15 @@ pub async fn connect(
         .keep_alive_while_idle(true);
     endpoint
         .connect_with_connector(tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
-            let (connector, name, target) =
-                (connector.clone(), server_name.clone(), target.clone());
+            let (connector, name, target, net) = (
+                connector.clone(),
+                server_name.clone(),
+                target.clone(),
+                net.clone(),
+            );
             async move {
-                let tcp = TcpStream::connect(&target).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(name, tcp).await?;
+                let io = net.connect(&target).await?;
+                let tls = connector.connect(name, io).await?;
                 Ok::<_, io::Error>(TokioIo::new(tls))
             }
         }))

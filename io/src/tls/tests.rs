@@ -25,7 +25,7 @@ async fn serve(
     u16,
     tokio_stream::wrappers::ReceiverStream<io::Result<Conn>>,
 ) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = crate::net::TokioNet.bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     (port, incoming(l, config, 8, None))
 }
@@ -33,7 +33,9 @@ async fn serve(
 /// Connects with `client` and completes the handshake (sending a byte so TLS 1.3 client auth is done).
 async fn dial(port: u16, client: Arc<rustls::ClientConfig>) -> io::Result<()> {
     use tokio::io::AsyncWriteExt;
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    let tcp = crate::net::TokioNet
+        .connect(&format!("127.0.0.1:{port}"))
+        .await?;
     let mut tls = TlsConnector::from(client)
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await?;
@@ -160,7 +162,7 @@ impl crate::clock::Clock for FrozenClock {
 #[tokio::test]
 async fn connections_beyond_the_rate_are_closed_before_any_handshake() {
     let d = deployment();
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = crate::net::TokioNet.bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     let cfg = endpoint_server_config(&d.frontend.certificate, &d.frontend.private_key).unwrap();
     // Time stands still, so exactly the burst is admitted.
