@@ -6,6 +6,7 @@
 mod common;
 use common::*;
 
+use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -127,6 +128,29 @@ fn hunts_span_master_and_minions_and_survive_minion_and_master_kills() {
     );
     let clients: BTreeSet<String> = export(&d, &info).into_iter().map(|(c, _)| c).collect();
     assert_eq!(clients.len(), CLIENTS);
+
+    // A collection from a client held by a minion: the task goes to its node, the result comes back.
+    let on_minion = d
+        .clients()
+        .into_iter()
+        .find(|c| c["node"] == m2.as_str() && c["connected"] == true)
+        .expect("a client on minion 2");
+    let id = on_minion["client_id"].as_str().unwrap();
+    let f = json(&d.api(&["collect", id, "Generic.Client.Info", "--wait", "--json"]));
+    assert_eq!(
+        (f["state"].as_str(), f["rows"].as_u64()),
+        (Some("completed"), Some(1)),
+        "{f}"
+    );
+    let row = json(
+        d.api(&["flow", "results", id, f["flow_id"].as_str().unwrap()])
+            .trim(),
+    );
+    assert_eq!(
+        (f["client_id"].as_str(), &row["os"]),
+        (Some(id), &json!("linux")),
+        "{row}"
+    );
 
     // 2. A minion is SIGKILLed while a row hunt runs: its clients fail over, rows stay exact.
     const ROWS: u64 = 20_000;
