@@ -49,6 +49,38 @@ fn cursor_key(node: &str) -> String {
     format!("cluster/minions/{}.json", paths::safe_component(node))
 }
 
+/// Datastore key of a task not yet acknowledged by its client (protobuf `Task`).
+fn pending_task_key(client: &ClientId, flow: &str) -> Result<String, Status> {
+    let flow = FlowId::parse(flow).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(format!("tasks/{client}/{flow}.pb"))
+}
+
+/// Loads the tasks created and not yet acknowledged (master start).
+async fn load_pending(ds: &Meta) -> Result<BTreeMap<ClientId, Vec<comms::Task>>, String> {
+    let (keys, truncated) = ds
+        .list("tasks/")
+        .await
+        .map_err(|e| format!("listing pending tasks: {e}"))?;
+    if truncated {
+        tracing::warn!(
+            "more pending tasks than the datastore lists at once; some wait for a later restart"
+        );
+    }
+    let mut out: BTreeMap<ClientId, Vec<comms::Task>> = BTreeMap::new();
+    for k in keys {
+        let Some(client) = k.split('/').nth(1).and_then(|c| ClientId::parse(c).ok()) else {
+            tracing::warn!(key = %k, "ignoring a malformed pending task key");
+            continue;
+        };
+        let Some(bytes) = ds.get(&k).await.map_err(|e| format!("{k}: {e}"))? else {
+            continue;
+        };
+        let task = comms::Task::decode(bytes).map_err(|e| format!("{k}: {e}"))?;
+        out.entry(client).or_default().push(task);
+    }
+    Ok(out)
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CursorJson {
     node: String,
@@ -433,11 +465,17 @@ impl Node {
                     }
                 }
                 tracing::info!(minions = cursors.len(), "loaded replication cursors");
+                let pending = load_pending(&datastore).await?;
+                tracing::info!(
+                    clients = pending.len(),
+                    tasks = pending.values().map(Vec::len).sum::<usize>(),
+                    "loaded tasks awaiting delivery"
+                );
                 let state = MasterState {
                     minions: BTreeMap::new(),
                     next_minion_conn: 1,
                     inbox: Inbox::recover(InboxLimits::default(), cursors),
-                    pending: BTreeMap::new(),
+                    pending,
                 };
                 (NodeRole::Master(state), None)
             }
@@ -806,9 +844,17 @@ impl Actor {
             NodeRole::Master(m) => {
                 let f = flow.to_string();
                 if let Some(q) = m.pending.get_mut(client) {
+                    let before = q.len();
                     q.retain(|t| t.flow_id != f);
+                    let removed = q.len() < before;
                     if q.is_empty() {
                         m.pending.remove(client);
+                    }
+                    if removed
+                        && let Ok(k) = pending_task_key(client, &f)
+                        && let Err(e) = self.datastore.delete(&k).await
+                    {
+                        tracing::warn!(client = %client, flow = %flow, error = %e, "cannot drop a delivered task's record");
                     }
                 }
             }
@@ -878,18 +924,28 @@ impl Actor {
     /// Records a new task (master) and sends it toward its client wherever that is connected. It
     /// stays pending until the client acknowledges it, and is sent again whenever the client (or
     /// its minion) reconnects.
-    fn deliver(&mut self, client: &ClientId, task: comms::Task) -> Result<(), Status> {
+    async fn deliver(&mut self, client: &ClientId, task: comms::Task) -> Result<(), Status> {
         let NodeRole::Master(m) = &mut self.role else {
             return Err(Status::internal("tasks are created on the master"));
         };
-        let q = m.pending.entry(client.clone()).or_default();
-        if q.len() >= QUEUED_TASKS_PER_CLIENT_MAX {
+        let n = m.pending.get(client).map_or(0, Vec::len);
+        if n >= QUEUED_TASKS_PER_CLIENT_MAX {
             return Err(Status::resource_exhausted(format!(
-                "{} tasks already wait for {client}",
-                q.len()
+                "{n} tasks already wait for {client}"
             )));
         }
-        q.push(task.clone());
+        // Durable before it can be delivered: a master restart still delivers it.
+        let key = pending_task_key(client, &task.flow_id)?;
+        self.datastore
+            .set(&key, Bytes::from(task.encode_to_vec()))
+            .await
+            .map_err(|e| Status::unavailable(format!("datastore: {e}")))?;
+        if let NodeRole::Master(m) = &mut self.role {
+            m.pending
+                .entry(client.clone())
+                .or_default()
+                .push(task.clone());
+        }
         self.send_task(client, task);
         Ok(())
     }
@@ -1292,7 +1348,7 @@ impl Actor {
                         max_upload_bytes: self.opts.codec.upload_bytes_max,
                         timeout_s: 600,
                     };
-                    if let Err(e) = self.deliver(&client, task) {
+                    if let Err(e) = self.deliver(&client, task).await {
                         tracing::warn!(client = %client, hunt = %hunt, error = %e.message(), "hunt task not queued");
                     }
                 }
@@ -1480,7 +1536,7 @@ impl Actor {
             max_upload_bytes: self.opts.codec.upload_bytes_max,
             timeout_s: 600,
         };
-        self.deliver(&id, task)?;
+        self.deliver(&id, task).await?;
         tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");
         Ok(flow_summary(&record))
     }

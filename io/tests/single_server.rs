@@ -285,3 +285,35 @@ fn hunts_have_exact_stats_across_a_master_sigkill_and_late_clients() {
     assert_eq!(csv.lines().count(), 2, "{csv}");
     assert!(csv.starts_with("client_id,flow_id,"), "{csv}");
 }
+
+#[test]
+fn a_collection_for_an_offline_client_survives_a_master_restart() {
+    let d = Deployment::new();
+    let master = d.start_master();
+    let client = d.start_client(&d.path("client.config.yaml"), "c1");
+    d.wait_until("the client enrols", || {
+        d.clients().first().is_some_and(|c| c["connected"] == true)
+    });
+    let id = d.clients()[0]["client_id"].as_str().unwrap().to_owned();
+    drop(client);
+    d.wait_until("the client is seen gone", || {
+        d.clients()[0]["connected"] == false
+    });
+
+    // Scheduled while the client is offline; the master dies before it can deliver the task.
+    let f = json(&d.api(&["collect", &id, "Generic.Client.Info", "--json"]));
+    assert_eq!(f["state"], "running", "{f}");
+    let flow = f["flow_id"].as_str().unwrap().to_owned();
+    drop(master);
+    let _master = d.start_master();
+    let _client = d.start_client(&d.path("client.config.yaml"), "c1");
+    let mut last = serde_json::Value::Null;
+    d.wait_until(
+        "the task is delivered after the restart and completes",
+        || {
+            last = json(&d.api(&["flow", "show", &id, &flow, "--json"]));
+            last["state"] == "completed"
+        },
+    );
+    assert_eq!(last["rows"].as_u64(), Some(1), "{last}");
+}
