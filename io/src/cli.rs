@@ -468,14 +468,14 @@ async fn run_async(
             let local_dir =
                 local_dir.unwrap_or_else(|| PathBuf::from(format!("/var/lib/talon/{name}")));
             let env = crate::env::Env::real();
+            let storage = crate::storage::NodeStorage::real(&cfg, &local_dir)?;
             match node {
                 Some(node) => {
-                    crate::server::run_minion(env, cfg, node, local_dir, |_| {}, shutdown_signal())
+                    crate::server::run_minion(env, cfg, node, storage, |_| {}, shutdown_signal())
                         .await?
                 }
                 None => {
-                    crate::server::run_master(env, cfg, local_dir, |_| {}, shutdown_signal())
-                        .await?
+                    crate::server::run_master(env, cfg, storage, |_| {}, shutdown_signal()).await?
                 }
             }
             Ok("frontend stopped".into())

@@ -17,12 +17,11 @@ use crate::datastore::Datastore;
 use crate::frontend::Node;
 use crate::pki::Role;
 use crate::storage::journal::Journal;
-use crate::storage::local::StdDisk;
+use crate::storage::local::LocalDisk;
 use crate::tls::Peer;
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use talon_core::replication::{Outbox, OutboxAction, OutboxLimits};
@@ -411,27 +410,21 @@ const EPOCH_FILE: &str = "outbox-epoch";
 const JOURNAL_DIR: &str = "outbox";
 
 impl Link {
-    /// Opens the outbox journal under `local_dir` and starts the link task. The task ends only on a
-    /// local disk error (fail-stop: the error is its result).
+    /// Opens the outbox journal on the local disk `disk` (named `disk_name` in errors) and starts the
+    /// link task. The task ends only on a local disk error (fail-stop: the error is its result).
     pub fn start(
         opts: LinkOptions,
-        local_dir: &Path,
+        mut disk: Box<dyn LocalDisk>,
+        disk_name: &str,
         clock: Arc<dyn Clock>,
         events_out: mpsc::Sender<LinkEvent>,
     ) -> Result<(Link, LinkRecovery, tokio::task::JoinHandle<String>), String> {
-        use crate::storage::local::LocalDisk;
-        let here = |e: std::io::Error| format!("outbox in {}: {e}", local_dir.display());
-        let mut disk = StdDisk::new(local_dir).map_err(here)?;
+        let here = |e: std::io::Error| format!("outbox in {disk_name}: {e}");
         let epoch = match disk.read(EPOCH_FILE).map_err(here)? {
             Some(b) => std::str::from_utf8(&b)
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    format!(
-                        "{}: not an epoch number",
-                        local_dir.join(EPOCH_FILE).display()
-                    )
-                })?,
+                .ok_or_else(|| format!("{disk_name}/{EPOCH_FILE}: not an epoch number"))?,
             None => {
                 if !disk
                     .list(&format!("{JOURNAL_DIR}/"))
@@ -439,8 +432,7 @@ impl Link {
                     .is_empty()
                 {
                     return Err(format!(
-                        "{}: an outbox journal without its epoch file; refusing to guess",
-                        local_dir.join(JOURNAL_DIR).display()
+                        "{disk_name}/{JOURNAL_DIR}: an outbox journal without its epoch file; refusing to guess"
                     ));
                 }
                 // A new epoch must exceed any this minion used before: the wall clock in ms does.
@@ -518,7 +510,7 @@ enum Internal {
 
 struct LinkTask {
     outbox: Outbox<Event>,
-    journal: Journal<StdDisk>,
+    journal: Journal<Box<dyn LocalDisk>>,
     waiters: BTreeMap<u64, oneshot::Sender<()>>,
     clock: Arc<dyn Clock>,
     opts: LinkOptions,

@@ -87,7 +87,7 @@ async fn run_in(
     let master = tokio::spawn(crate::server::run_master(
         env.clone(),
         cfg.clone(),
-        dir.join("local"),
+        crate::storage::NodeStorage::real(&cfg, &dir.join("local"))?,
         move |l| {
             let _ = up_tx.send(l);
         },
@@ -111,7 +111,7 @@ async fn run_in(
             env.clone(),
             cfg.clone(),
             name.clone(),
-            dir.join(format!("local-{name}")),
+            crate::storage::NodeStorage::real(&cfg, &dir.join(format!("local-{name}")))?,
             move |l| {
                 let _ = up_tx.send(l);
             },

@@ -16,7 +16,7 @@ use crate::clock::{Clock, Entropy};
 use crate::cluster::{Link, LinkEvent, Meta};
 use crate::pki::Role;
 use crate::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
-use crate::storage::volume::{FsVolume, Volume};
+use crate::storage::volume::{SharedVolume, Volume};
 use crate::tls::Peer;
 use bytes::Bytes;
 use prost::Message;
@@ -242,7 +242,7 @@ pub fn hunt_summary(h: &Hunt) -> api::HuntSummary {
 pub struct Node {
     tx: mpsc::Sender<Msg>,
     datastore: Meta,
-    filestore: Arc<FsVolume>,
+    filestore: SharedVolume,
     limits: CodecLimits,
     nonce: String,
     next_conn: Arc<std::sync::atomic::AtomicU64>,
@@ -301,7 +301,7 @@ struct Actor {
     clock: Arc<dyn Clock>,
     entropy: Arc<dyn Entropy>,
     datastore: Meta,
-    filestore: Arc<FsVolume>,
+    filestore: SharedVolume,
     role: NodeRole,
     registry: Registry,
     keys: KeyCache,
@@ -422,7 +422,7 @@ impl Node {
     pub async fn start(
         opts: NodeOptions,
         datastore: Meta,
-        filestore: FsVolume,
+        filestore: SharedVolume,
         clock: Arc<dyn Clock>,
         entropy: Arc<dyn Entropy>,
         cluster: Cluster,
@@ -488,7 +488,6 @@ impl Node {
             ),
         };
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
-        let filestore = Arc::new(filestore);
         let mut keys = KeyCache::new(opts.expected_clients.max(1));
         for r in records.iter().take(opts.expected_clients) {
             keys.insert(r.id.clone(), r.key_fingerprint);
@@ -1587,7 +1586,7 @@ impl Actor {
                         self.opts.codec.clone(),
                     );
                     tokio::spawn(async move {
-                        let found = audit(&*fs, &key, &limits).await;
+                        let found = audit(&fs, &key, &limits).await;
                         let _ = tx.send(Msg::Audited { key, found }).await;
                     });
                 }
@@ -1677,7 +1676,7 @@ impl Actor {
 }
 
 /// Rebuilds a completed flow's uploaded files and records them in its flow record.
-async fn record_uploads(fs: &FsVolume, ds: &Meta, key: &FlowKey) {
+async fn record_uploads(fs: &SharedVolume, ds: &Meta, key: &FlowKey) {
     let uploads = match crate::uploads::assemble(fs, &key.client, &key.flow).await {
         Ok(u) => u,
         Err(e) => {
@@ -1737,7 +1736,7 @@ async fn audit<V: Volume>(
 
 /// Streams the result rows of `flows` from the filestore, one page per stored rows message, in
 /// sequence order. Memory is bounded by the channel (4 pages) whatever the flows' size.
-fn stream_flows(fs: Arc<FsVolume>, flows: Vec<(ClientId, FlowId)>) -> Pages {
+fn stream_flows(fs: SharedVolume, flows: Vec<(ClientId, FlowId)>) -> Pages {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         for (client, flow) in flows {

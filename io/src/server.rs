@@ -6,13 +6,11 @@ use crate::config::ServerConfig;
 use crate::datastore::{Datastore, DatastoreOptions};
 use crate::env::Env;
 use crate::frontend::{ApiService, Cluster, CommsService, Node, NodeOptions};
-use crate::storage::local::StdDisk;
-use crate::storage::volume::FsVolume;
+use crate::storage::NodeStorage;
 use crate::tls;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use talon_core::codec::CodecLimits;
 use talon_core::flows::FlowLimits;
@@ -97,17 +95,11 @@ fn admission(cfg: &ServerConfig, clock: &Arc<dyn Clock>) -> tls::Admission {
     }
 }
 
-fn open_filestore(cfg: &ServerConfig) -> Result<FsVolume, String> {
-    let fs_root = &cfg.datastore.filestore_directory;
-    FsVolume::new(fs_root)
-        .map_err(|e| format!("Datastore.filestore_directory {}: {e}", fs_root.display()))
-}
-
 /// Starts the master and serves until `shutdown` completes.
 pub async fn run_master(
     env: Env,
     cfg: ServerConfig,
-    local_dir: PathBuf,
+    storage: NodeStorage,
     started: impl FnOnce(Listening),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
@@ -116,16 +108,18 @@ pub async fn run_master(
         entropy,
         net,
     } = env;
+    let NodeStorage {
+        local,
+        metadata,
+        filestore,
+        local_name,
+    } = storage;
     let node_name = cfg.master_node_name();
     let ds_root = &cfg.datastore.location;
     let fs_root = &cfg.datastore.filestore_directory;
-    let disk = StdDisk::new(&local_dir).map_err(|e| format!("{}: {e}", local_dir.display()))?;
-    let volume = FsVolume::new(ds_root)
-        .map_err(|e| format!("Datastore.location {}: {e}", ds_root.display()))?;
-    let filestore = open_filestore(&cfg)?;
     let (datastore, ds_task, report) =
-        Datastore::open(disk, volume, clock.clone(), DatastoreOptions::default())
-            .map_err(|e| format!("datastore journal in {}: {e}", local_dir.display()))?;
+        Datastore::open(local, metadata, clock.clone(), DatastoreOptions::default())
+            .map_err(|e| format!("datastore journal in {local_name}: {e}"))?;
     tracing::info!(
         replayed = report.replayed,
         torn_bytes = report.torn_bytes,
@@ -175,7 +169,7 @@ pub async fn run_master(
         minions = ?minions,
         datastore = %ds_root.display(),
         filestore = %fs_root.display(),
-        local = %local_dir.display(),
+        local = %local_name,
         "talon frontend started"
     );
     started(listening);
@@ -241,7 +235,7 @@ pub async fn run_minion(
     env: Env,
     cfg: ServerConfig,
     node: String,
-    local_dir: PathBuf,
+    storage: NodeStorage,
     started: impl FnOnce(Listening),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
@@ -259,8 +253,12 @@ pub async fn run_minion(
             let known: Vec<String> = cfg.extra_frontends.iter().map(|x| x.node_name()).collect();
             format!("--node {node:?} is not in ExtraFrontends (known minions: {known:?})")
         })?;
-    std::fs::create_dir_all(&local_dir).map_err(|e| format!("{}: {e}", local_dir.display()))?;
-    let filestore = open_filestore(&cfg)?;
+    let NodeStorage {
+        local,
+        filestore,
+        local_name,
+        ..
+    } = storage;
     let master_tls = tls::client_config(
         &cfg.ca.certificate,
         &cfg.frontend.certificate,
@@ -280,7 +278,8 @@ pub async fn run_minion(
             master: master.clone(),
             limits: talon_core::replication::OutboxLimits::default(),
         },
-        &local_dir,
+        local,
+        &local_name,
         clock.clone(),
         events_tx,
     )?;
@@ -328,7 +327,7 @@ pub async fn run_minion(
         frontend = %frontend,
         master = %crate::config::host_port(&cfg.api.hostname, cfg.api.bind_port),
         filestore = %cfg.datastore.filestore_directory.display(),
-        local = %local_dir.display(),
+        local = %local_name,
         "talon frontend started"
     );
     started(Listening {

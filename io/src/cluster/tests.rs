@@ -4,6 +4,7 @@ use super::*;
 use crate::clock::SystemClock;
 use crate::net::{Net as _, TokioNet};
 use crate::pki;
+use std::path::Path;
 use talon_core::Timestamp;
 
 const NOW: Timestamp = Timestamp(1_790_000_000_000);
@@ -135,7 +136,15 @@ fn start(
         master,
         limits: OutboxLimits::default(),
     };
-    let (link, rec, task) = Link::start(opts, dir, Arc::new(SystemClock), tx).unwrap();
+    let disk = Box::new(crate::storage::local::StdDisk::new(dir).unwrap());
+    let (link, rec, task) = Link::start(
+        opts,
+        disk,
+        &dir.display().to_string(),
+        Arc::new(SystemClock),
+        tx,
+    )
+    .unwrap();
     (link, rec, task, rx)
 }
 
@@ -228,7 +237,8 @@ async fn a_lost_epoch_file_beside_a_journal_is_an_error_not_a_guess() {
         master: master_addr(&c, 1),
         limits: OutboxLimits::default(),
     };
-    let err = Link::start(opts, dir.path(), Arc::new(SystemClock), tx)
+    let disk = Box::new(crate::storage::local::StdDisk::new(dir.path()).unwrap());
+    let err = Link::start(opts, disk, "local", Arc::new(SystemClock), tx)
         .err()
         .expect("refused");
     assert!(err.contains("without its epoch file"), "{err}");

@@ -24,6 +24,30 @@ pub trait LocalDisk: Send {
     fn list(&mut self, prefix: &str) -> io::Result<Vec<String>>;
 }
 
+impl<D: LocalDisk + ?Sized> LocalDisk for Box<D> {
+    fn append(&mut self, path: &str, data: &[u8]) -> io::Result<()> {
+        (**self).append(path, data)
+    }
+    fn sync(&mut self, path: &str) -> io::Result<()> {
+        (**self).sync(path)
+    }
+    fn read(&mut self, path: &str) -> io::Result<Option<Vec<u8>>> {
+        (**self).read(path)
+    }
+    fn write_atomic(&mut self, path: &str, data: &[u8]) -> io::Result<()> {
+        (**self).write_atomic(path, data)
+    }
+    fn truncate(&mut self, path: &str, len: u64) -> io::Result<()> {
+        (**self).truncate(path, len)
+    }
+    fn remove(&mut self, path: &str) -> io::Result<()> {
+        (**self).remove(path)
+    }
+    fn list(&mut self, prefix: &str) -> io::Result<Vec<String>> {
+        (**self).list(prefix)
+    }
+}
+
 /// The real filesystem under a root directory.
 #[derive(Debug)]
 pub struct StdDisk {

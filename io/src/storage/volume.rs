@@ -26,6 +26,78 @@ pub trait Volume: Send + Sync + 'static {
     fn commit(&self, from: &str, to: &str) -> impl Future<Output = io::Result<()>> + Send;
 }
 
+/// A [`Volume`] behind a pointer, chosen at run time (the real directory, a latency-injecting one, the
+/// simulator's). One boxed future per operation: noise next to a volume's milliseconds.
+#[derive(Clone)]
+pub struct SharedVolume(std::sync::Arc<dyn DynVolume>);
+
+impl SharedVolume {
+    /// Shares `volume`.
+    pub fn new(volume: impl Volume) -> SharedVolume {
+        SharedVolume(std::sync::Arc::new(volume))
+    }
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// [`Volume`] in a form that can be a trait object; every `Volume` is one.
+pub trait DynVolume: Send + Sync + 'static {
+    /// [`Volume::read`].
+    fn dyn_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<Option<Bytes>>>;
+    /// [`Volume::write`].
+    fn dyn_write<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, io::Result<()>>;
+    /// [`Volume::delete`].
+    fn dyn_delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<()>>;
+    /// [`Volume::list`].
+    fn dyn_list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Vec<String>>>;
+    /// [`Volume::append`].
+    fn dyn_append<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>>;
+    /// [`Volume::commit`].
+    fn dyn_commit<'a>(&'a self, from: &'a str, to: &'a str) -> BoxFuture<'a, io::Result<()>>;
+}
+
+impl<V: Volume> DynVolume for V {
+    fn dyn_read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<Option<Bytes>>> {
+        Box::pin(self.read(key))
+    }
+    fn dyn_write<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(self.write(key, value))
+    }
+    fn dyn_delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(self.delete(key))
+    }
+    fn dyn_list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Vec<String>>> {
+        Box::pin(self.list(prefix))
+    }
+    fn dyn_append<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(self.append(key, data))
+    }
+    fn dyn_commit<'a>(&'a self, from: &'a str, to: &'a str) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(self.commit(from, to))
+    }
+}
+
+impl Volume for SharedVolume {
+    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+        self.0.dyn_read(key).await
+    }
+    async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
+        self.0.dyn_write(key, value).await
+    }
+    async fn delete(&self, key: &str) -> io::Result<()> {
+        self.0.dyn_delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.0.dyn_list(prefix).await
+    }
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        self.0.dyn_append(key, data).await
+    }
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        self.0.dyn_commit(from, to).await
+    }
+}
+
 /// A directory on a (possibly network) filesystem. Blocking syscalls run on tokio's blocking pool.
 #[derive(Clone, Debug)]
 pub struct FsVolume {
