@@ -27,30 +27,33 @@ impl Api {
     /// Connects with an API config file.
     pub async fn connect(path: &Path) -> Result<Api, String> {
         let c: ApiClientConfig = read_yaml(path).map_err(|e| e.to_string())?;
+        Api::connect_with(&c, &crate::net::TokioNet::shared())
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Connects with an API config over `net`.
+    pub async fn connect_with(
+        c: &ApiClientConfig,
+        net: &std::sync::Arc<dyn crate::net::Net>,
+    ) -> Result<Api, String> {
         let (host, port) =
             crate::config::parse_host_port(&c.api_connection_string).map_err(|_| {
                 format!(
-                    "{}: api_connection_string {:?} is not HOST:PORT",
-                    path.display(),
+                    "api_connection_string {:?} is not HOST:PORT",
                     c.api_connection_string
                 )
             })?;
         let cfg = tls::client_config(&c.ca_certificate, &c.client_cert, &c.client_private_key)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let ch = tls::connect(
-            &crate::net::TokioNet::shared(),
-            &host,
-            port,
-            cfg,
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot reach the master's API at {}: {e}",
-                c.api_connection_string
-            )
-        })?;
+            .map_err(|e| e.to_string())?;
+        let ch = tls::connect(net, &host, port, cfg, Duration::from_secs(10))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot reach the master's API at {}: {e}",
+                    c.api_connection_string
+                )
+            })?;
         Ok(Api {
             inner: ApiClient::new(ch).max_decoding_message_size(256 << 20),
         })

@@ -169,6 +169,24 @@ pub fn new_endpoint_identity(now: Timestamp) -> Result<(Pem, talon_core::ClientI
     Ok((pem.0, pem.1))
 }
 
+/// An endpoint identity whose Ed25519 key is made from 32 bytes of the caller's randomness (the
+/// simulator's seed; any [`crate::clock::Entropy`]).
+pub fn endpoint_identity_from_seed(
+    seed: [u8; 32],
+    now: Timestamp,
+) -> Result<(Pem, talon_core::ClientId), PkiError> {
+    // PKCS#8 v1 for Ed25519 (RFC 8410): a fixed prefix, then the 32-byte private key.
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend_from_slice(&seed);
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der);
+    let key = KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ED25519)
+        .map_err(err("making the client key"))?;
+    endpoint_certificate(&key.serialize_pem(), now)
+}
+
 /// The self-signed certificate for an endpoint key (re-made on each start; only the key persists).
 pub fn endpoint_certificate(
     key_pem: &str,
@@ -315,5 +333,18 @@ mod tests {
             private_key: "y".into(),
         };
         assert!(issue_api_client(&bad, "a", NOW).is_err());
+    }
+
+    #[test]
+    fn a_seeded_endpoint_identity_is_a_function_of_its_seed() {
+        let now = Timestamp(1_790_000_000_000);
+        let (a, id_a) = endpoint_identity_from_seed([7; 32], now).unwrap();
+        let (_, id_b) = endpoint_identity_from_seed([7; 32], now).unwrap();
+        let (_, id_c) = endpoint_identity_from_seed([8; 32], now).unwrap();
+        assert_eq!(id_a, id_b);
+        assert_ne!(id_a, id_c);
+        // Reloading the key (as from a writeback file) gives the same client.
+        let (_, again) = endpoint_certificate(&a.private_key, now).unwrap();
+        assert_eq!(again, id_a);
     }
 }

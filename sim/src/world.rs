@@ -1,0 +1,244 @@
+//! The simulated world the production shell runs in: turmoil sockets behind `Net`, a virtual clock, a
+//! seeded `Entropy`, crashable local disks behind `LocalDisk`, and the shared volume behind `Volume`,
+//! charging every operation the seed's 40–60 ms of virtual time.
+
+use crate::disk::{DiskError, SimDisk};
+use crate::latency::LatencyModel;
+use crate::rng::SimRng;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use talon_core::Timestamp;
+use talon_io::clock::{Clock, Entropy};
+use talon_io::net::{BoxFuture, BoxIo, Listener, Net};
+use talon_io::storage::local::LocalDisk;
+use talon_io::storage::volume::Volume;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Turmoil's simulated TCP.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimNet;
+
+struct SimListener(turmoil::net::TcpListener);
+
+impl Listener for SimListener {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<(BoxIo, SocketAddr)>> {
+        Box::pin(async move {
+            let (s, addr) = self.0.accept().await?;
+            Ok((Box::new(s) as BoxIo, addr))
+        })
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+impl Net for SimNet {
+    fn bind<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Box<dyn Listener>>> {
+        Box::pin(async move {
+            // Turmoil binds the host's own address; the port is what matters.
+            let port = addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, addr.to_owned()))?;
+            let l = turmoil::net::TcpListener::bind(("0.0.0.0", port)).await?;
+            Ok(Box::new(SimListener(l)) as Box<dyn Listener>)
+        })
+    }
+
+    fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<BoxIo>> {
+        Box::pin(async move {
+            let s = turmoil::net::TcpStream::connect(addr).await?;
+            Ok(Box::new(s) as BoxIo)
+        })
+    }
+}
+
+/// Virtual wall-clock time: a fixed epoch plus the simulation's elapsed time.
+#[derive(Clone, Copy, Debug)]
+pub struct SimClock {
+    /// Unix ms at virtual time zero.
+    pub epoch_ms: u64,
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> Timestamp {
+        let elapsed = turmoil::sim_elapsed().unwrap_or_default();
+        Timestamp(self.epoch_ms + elapsed.as_millis() as u64)
+    }
+}
+
+/// Randomness from the seed.
+#[derive(Debug)]
+pub struct SimEntropy(Mutex<SimRng>);
+
+impl SimEntropy {
+    /// Draws from `rng`.
+    pub fn new(rng: SimRng) -> SimEntropy {
+        SimEntropy(Mutex::new(rng))
+    }
+}
+
+impl Entropy for SimEntropy {
+    fn fill(&self, buf: &mut [u8]) {
+        lock(&self.0).fill(buf);
+    }
+}
+
+/// A node's local disk: a [`SimDisk`] shared with the harness, which crashes it with the host.
+#[derive(Clone, Debug)]
+pub struct SimLocalDisk(Arc<Mutex<SimDisk>>);
+
+fn io_err(e: DiskError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl SimLocalDisk {
+    /// Wraps `disk`.
+    pub fn new(disk: SimDisk) -> SimLocalDisk {
+        SimLocalDisk(Arc::new(Mutex::new(disk)))
+    }
+
+    /// Loses what was not synced (and may tear the last write), as a power cut does.
+    pub fn crash(&self) {
+        lock(&self.0).crash();
+    }
+}
+
+impl LocalDisk for SimLocalDisk {
+    fn append(&mut self, path: &str, data: &[u8]) -> io::Result<()> {
+        lock(&self.0).append(path, data).map_err(io_err)
+    }
+    fn sync(&mut self, path: &str) -> io::Result<()> {
+        lock(&self.0).fsync(path).map_err(io_err)
+    }
+    fn read(&mut self, path: &str) -> io::Result<Option<Vec<u8>>> {
+        match lock(&self.0).read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(DiskError::NotFound(_)) => Ok(None),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+    fn write_atomic(&mut self, path: &str, data: &[u8]) -> io::Result<()> {
+        let mut d = lock(&self.0);
+        let tmp = format!("{path}.tmp");
+        d.write(&tmp, data).map_err(io_err)?;
+        d.fsync(&tmp).map_err(io_err)?;
+        d.rename(&tmp, path).map_err(io_err)
+    }
+    fn truncate(&mut self, path: &str, len: u64) -> io::Result<()> {
+        let mut d = lock(&self.0);
+        d.truncate(path, len).map_err(io_err)?;
+        d.fsync(path).map_err(io_err)
+    }
+    fn remove(&mut self, path: &str) -> io::Result<()> {
+        match lock(&self.0).remove(path) {
+            Err(DiskError::NotFound(_)) | Ok(()) => Ok(()),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+    fn list(&mut self, prefix: &str) -> io::Result<Vec<String>> {
+        Ok(lock(&self.0).list(prefix))
+    }
+}
+
+#[derive(Debug)]
+struct VolumeState {
+    files: BTreeMap<String, Bytes>,
+    rng: SimRng,
+    ops: u64,
+}
+
+/// The shared volume every node mounts: in memory, each operation charged a latency drawn from the
+/// seed (the seed's 40–60 ms for NFS/EFS), writes atomic as the production volume's are.
+#[derive(Clone, Debug)]
+pub struct SimVolume {
+    state: Arc<Mutex<VolumeState>>,
+    latency: LatencyModel,
+}
+
+impl SimVolume {
+    /// An empty volume.
+    pub fn new(latency: LatencyModel, rng: SimRng) -> SimVolume {
+        SimVolume {
+            state: Arc::new(Mutex::new(VolumeState {
+                files: BTreeMap::new(),
+                rng,
+                ops: 0,
+            })),
+            latency,
+        }
+    }
+
+    async fn charge(&self, bytes: usize) {
+        let ms = {
+            let mut s = lock(&self.state);
+            s.ops += 1;
+            let VolumeState { rng, .. } = &mut *s;
+            self.latency.draw_ms(rng, bytes as u64)
+        };
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    /// Every file and its contents, for checkers (no latency: the checker is outside the world).
+    pub fn snapshot(&self) -> BTreeMap<String, Bytes> {
+        lock(&self.state).files.clone()
+    }
+
+    /// Operations served so far.
+    pub fn ops(&self) -> u64 {
+        lock(&self.state).ops
+    }
+}
+
+impl Volume for SimVolume {
+    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+        self.charge(0).await;
+        Ok(lock(&self.state).files.get(key).cloned())
+    }
+    async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
+        self.charge(value.len()).await;
+        lock(&self.state).files.insert(key.to_owned(), value);
+        Ok(())
+    }
+    async fn delete(&self, key: &str) -> io::Result<()> {
+        self.charge(0).await;
+        lock(&self.state).files.remove(key);
+        Ok(())
+    }
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.charge(0).await;
+        let s = lock(&self.state);
+        Ok(s.files
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect())
+    }
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        self.charge(data.len()).await;
+        let mut s = lock(&self.state);
+        let mut v = s.files.get(key).map(|b| b.to_vec()).unwrap_or_default();
+        v.extend_from_slice(&data);
+        s.files.insert(key.to_owned(), Bytes::from(v));
+        Ok(())
+    }
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        self.charge(0).await;
+        let mut s = lock(&self.state);
+        match s.files.remove(from) {
+            Some(v) => {
+                s.files.insert(to.to_owned(), v);
+                Ok(())
+            }
+            None => Err(io::Error::new(io::ErrorKind::NotFound, from.to_owned())),
+        }
+    }
+}
