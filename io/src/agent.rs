@@ -254,19 +254,36 @@ enum Produced {
 
 /// Runs one task (its flow already registered with `Outbox::begin`) to completion, streaming its
 /// output into the outbox.
-async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>) {
+async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inline: bool) {
     let flow = task.flow_id.clone();
     let started = clock.now();
-    let (tx, mut rx) = mpsc::channel::<Produced>(64);
-    let params = task.params.clone().into_iter().collect();
+    let params: BTreeMap<String, String> = task.params.clone().into_iter().collect();
     let artifact = task.artifact.clone();
-    tokio::task::spawn_blocking(move || {
+    let mut rx = if inline {
+        // On this task, start to end (the simulator: no thread whose progress real time decides).
+        let mut out = Vec::new();
         let done = artifacts::run(&artifact, &params, &mut |o| {
-            tx.blocking_send(Produced::Out(o))
-                .map_err(|_| artifacts::Stop)
+            out.push(Produced::Out(o));
+            Ok(())
         });
-        let _ = tx.blocking_send(Produced::Done(done));
-    });
+        out.push(Produced::Done(done));
+        let (tx, rx) = mpsc::channel::<Produced>(out.len());
+        for p in out {
+            let _ = tx.try_send(p);
+        }
+        rx
+    } else {
+        // Artifacts block (files, /proc): a blocking thread, streaming through a bounded channel.
+        let (tx, rx) = mpsc::channel::<Produced>(64);
+        tokio::task::spawn_blocking(move || {
+            let done = artifacts::run(&artifact, &params, &mut |o| {
+                tx.blocking_send(Produced::Out(o))
+                    .map_err(|_| artifacts::Stop)
+            });
+            let _ = tx.blocking_send(Produced::Done(done));
+        });
+        rx
+    };
     let (mut rows, mut bytes, mut upload_id) = (0u64, 0u64, 0u32);
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_bytes = 0usize;
@@ -443,6 +460,9 @@ pub struct Agent {
     pub hostname: Option<String>,
     /// The network.
     pub net: Arc<dyn crate::net::Net>,
+    /// Run artifacts on the agent's own task rather than a blocking thread, holding a task's whole
+    /// output in memory: for the simulator (deterministic), never for real endpoints.
+    pub inline_artifacts: bool,
 }
 
 impl Agent {
@@ -541,7 +561,7 @@ impl Agent {
                                 continue; // Delivered twice: already running or done.
                             }
                             tracing::debug!(flow = %t.flow_id, artifact = %t.artifact, "task received");
-                            tokio::spawn(run_task(t, self.outbox.clone(), self.clock.clone()));
+                            tokio::spawn(run_task(t, self.outbox.clone(), self.clock.clone(), self.inline_artifacts));
                         }
                         server_message::Kind::Ack(a) => self.outbox.ack(&a.flow_id, a.seq),
                         server_message::Kind::Error(e) => tracing::warn!(flow = %e.flow_id, seq = e.seq, message = %e.message, "server refused a message"),
@@ -602,6 +622,7 @@ pub fn spawn_pool(
             entropy: entropy.clone(),
             outbox: Outbox::default(),
             hostname: Some(format!("{prefix}-{i}")),
+            inline_artifacts: false,
             net: net.clone(),
         });
     }

@@ -496,6 +496,7 @@ async fn run_async(
                 entropy: Arc::new(OsEntropy::default()),
                 outbox: crate::agent::Outbox::default(),
                 hostname: None,
+                inline_artifacts: false,
                 net: crate::net::TokioNet::shared(),
             };
             tokio::select! {

@@ -81,9 +81,16 @@ fn name(cn: &str, role: Role) -> DistinguishedName {
     dn
 }
 
+/// A new key. Ed25519 for every role: its signatures are deterministic and always 64 bytes, so
+/// certificates and TLS handshakes have fixed sizes (which the simulator's determinism relies on),
+/// and it is fast to sign and verify.
+fn new_key() -> Result<KeyPair, rcgen::Error> {
+    KeyPair::generate_for(&rcgen::PKCS_ED25519)
+}
+
 /// Creates a new deployment CA.
 pub fn new_ca(now: Timestamp) -> Result<Pem, PkiError> {
-    let key = KeyPair::generate().map_err(err("generating the CA key"))?;
+    let key = new_key().map_err(err("generating the CA key"))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name("Talon CA", Role::Ca);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -113,7 +120,7 @@ fn issue(
     let ca_key = KeyPair::from_pem(&ca.private_key).map_err(err("reading CA.private_key"))?;
     let issuer =
         Issuer::from_ca_cert_pem(&ca.certificate, ca_key).map_err(err("reading CA.certificate"))?;
-    let key = KeyPair::generate().map_err(err("generating a key"))?;
+    let key = new_key().map_err(err("generating a key"))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(cn, role);
     params.subject_alt_names = sans
@@ -164,7 +171,7 @@ pub fn issue_api_client(ca: &Pem, user: &str, now: Timestamp) -> Result<Pem, Pki
 /// An endpoint's identity: a fresh key, and a self-signed certificate over it that the client presents
 /// on every TLS handshake. The client id is derived from the key, never from the certificate's text.
 pub fn new_endpoint_identity(now: Timestamp) -> Result<(Pem, talon_core::ClientId), PkiError> {
-    let key = KeyPair::generate().map_err(err("generating the client key"))?;
+    let key = new_key().map_err(err("generating the client key"))?;
     let pem = endpoint_certificate(&key.serialize_pem(), now)?;
     Ok((pem.0, pem.1))
 }

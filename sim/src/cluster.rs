@@ -4,7 +4,8 @@
 //! After the run, checkers read the simulated storage — not the nodes' claims — and compare.
 //!
 //! This first harness has no faults yet: it proves the same shell code runs in the simulated world
-//! and that a run is a function of its seed. Partitions, crashes and the liveness phase build on it.
+//! and that a run is a function of its seed (agents run artifacts inline, not on a blocking thread
+//! whose progress real time would decide). Partitions, crashes and the liveness phase build on it.
 
 use crate::disk::{DiskFaults, SimDisk};
 use crate::latency::LatencyModel;
@@ -72,7 +73,8 @@ pub struct Report {
     pub volume_ops: (u64, u64),
     /// Broken invariants, each naming what was expected and found.
     pub violations: Vec<String>,
-    /// SHA-256 over the final shared storage and the run's timings.
+    /// SHA-256 over the final contents of both shared volumes (every record, row and timestamp the
+    /// nodes wrote), the virtual times the driver observed and the volumes' operation counts.
     pub trace_hash: String,
 }
 
@@ -235,6 +237,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                         entropy: Arc::new(SimEntropy::new(root.fork(&format!("client-{i}")))),
                         outbox: Default::default(),
                         hostname: Some(format!("sim-{i}")),
+                        inline_artifacts: true,
                         net: Arc::new(SimNet),
                     };
                     set.spawn(agent.run());
@@ -307,6 +310,17 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     let fs = filestore.snapshot();
     let md = metadata.snapshot();
     let violations = check(o, &out, &fs);
+    if let Some(path) = std::env::var_os("TALON_SIM_DUMP") {
+        // For chasing nondeterminism: every stored key and its contents, one per line.
+        let mut text = String::new();
+        for (k, v) in fs.iter().chain(md.iter()) {
+            text.push_str(&format!(
+                "{k} {}\n",
+                String::from_utf8_lossy(v).escape_debug()
+            ));
+        }
+        std::fs::write(&path, text).map_err(|e| format!("TALON_SIM_DUMP: {e}"))?;
+    }
     let mut h = Sha256::new();
     for (k, v) in fs.iter().chain(md.iter()) {
         h.update((k.len() as u64).to_le_bytes());
@@ -314,8 +328,14 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         h.update((v.len() as u64).to_le_bytes());
         h.update(v);
     }
-    h.update(out.connected_ms.to_le_bytes());
-    h.update(out.completed_ms.to_le_bytes());
+    for n in [
+        out.connected_ms,
+        out.completed_ms,
+        metadata.ops(),
+        filestore.ops(),
+    ] {
+        h.update(n.to_le_bytes());
+    }
     let trace_hash: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Ok(Report {
         drawn,

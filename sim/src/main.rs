@@ -66,7 +66,7 @@ fn main() -> ExitCode {
     match report {
         Ok(r) => {
             println!(
-                "all {} clients connected at {:.1} virtual s; hunt complete at {:.1} virtual s: scheduled {} completed {} errors {} rows {}",
+                "all {} clients connected at {:.3} virtual s; hunt complete at {:.3} virtual s: scheduled {} completed {} errors {} rows {}",
                 o.clients,
                 r.connected_ms as f64 / 1000.0,
                 r.completed_ms as f64 / 1000.0,

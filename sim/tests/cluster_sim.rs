@@ -39,3 +39,38 @@ fn master_and_minions_seeds() {
         sim(seed, 2, 12, 300);
     }
 }
+
+/// A run's storage is a function of its seed: two processes, same seed, same trace hash.
+#[test]
+fn the_same_seed_gives_the_same_trace_hash_in_two_processes() {
+    let hash = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_talon-sim"))
+            .args(["--seed", "11", "--minions", "2", "--clients", "12"])
+            .args(["--rows", "300"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success(), "{text}");
+        let last = text.lines().last().unwrap_or_default().to_owned();
+        assert!(last.starts_with("trace-hash: "), "{text}");
+        last
+    };
+    let (a, b) = (hash(), hash());
+    assert_eq!(a, b);
+    // A different seed is a different run.
+    let other = std::process::Command::new(env!("CARGO_BIN_EXE_talon-sim"))
+        .args([
+            "--seed",
+            "12",
+            "--minions",
+            "2",
+            "--clients",
+            "12",
+            "--rows",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    let other = String::from_utf8(other.stdout).unwrap();
+    assert_ne!(other.lines().last().unwrap_or_default(), a);
+}
