@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(grpc)
         .build_transport(false)
         .bytes(".")
+        // Maps as BTreeMap: encodings (persisted tasks, hashes) must not depend on hash order.
+        .btree_map(".")
         .compile_fds(fds)?;
     Ok(())
 }

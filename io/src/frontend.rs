@@ -1624,6 +1624,9 @@ impl Actor {
     /// Records a completed flow (master): its record, its uploads, its hunt's outcome. Idempotent: a
     /// flow may be reported by two nodes after a failover.
     async fn flow_completed(&mut self, o: talon_core::flows::FlowOutcome) {
+        // A completed flow was delivered, whether or not its TaskAck reached us (it may have been lost
+        // with a connection): it must not stay pending.
+        self.task_delivered(&o.key.client, &o.key.flow).await;
         let k = paths::flow_record(&o.key.client, &o.key.flow);
         match load_json::<FlowJson>(&self.datastore, &k).await {
             Ok(Some(mut f)) => {

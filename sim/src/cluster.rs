@@ -54,6 +54,9 @@ pub struct Drawn {
     pub net_latency_ms: (u64, u64),
     /// Shared-volume latency bounds per operation, ms.
     pub volume_latency_ms: (u64, u64),
+    /// A partition between the first minion and the master while the hunt runs: (starting this many
+    /// ms after the hunt is created, lasting this many ms). `None` without minions or when not drawn.
+    pub partition_ms: Option<(u64, u64)>,
 }
 
 /// The outcome of a run.
@@ -114,9 +117,13 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     let root = SimRng::new(o.seed);
     let mut draw = root.fork("parameters");
     let lo = draw.range(1, 5);
+    let hi = lo + draw.range(0, 20);
+    let partition = draw.chance(0.5);
+    let (p_at, p_len) = (draw.range(0, 300), draw.range(500, 5000));
     let drawn = Drawn {
-        net_latency_ms: (lo, lo + draw.range(0, 20)),
+        net_latency_ms: (lo, hi),
         volume_latency_ms: (40, 60),
+        partition_ms: (o.minions > 0 && partition).then_some((p_at, p_len)),
     };
     progress(format!("drawn: {drawn:?}"));
 
@@ -252,7 +259,8 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
 
     let outcome = Arc::new(Mutex::new(Outcome::default()));
     {
-        let (outcome, n, rows) = (outcome.clone(), o.clients, o.rows);
+        let (outcome, n, rows, partition) =
+            (outcome.clone(), o.clients, o.rows, drawn.partition_ms);
         sim.client("driver", async move {
             let net: Arc<dyn Net> = Arc::new(SimNet);
             let mut api = loop {
@@ -279,6 +287,13 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                 ..Default::default()
             };
             let hunt = api.create_hunt(req).await?;
+            if let Some((at, len)) = partition {
+                // The minion keeps serving its clients; its events wait in its outbox.
+                tokio::time::sleep(Duration::from_millis(at)).await;
+                turmoil::partition("minion1", "master");
+                tokio::time::sleep(Duration::from_millis(len)).await;
+                turmoil::repair("minion1", "master");
+            }
             let stats = loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let Ok(h) = api.hunt(&hunt.hunt_id).await else {
