@@ -46,6 +46,8 @@ pub const LIST_PAGE_KEYS: usize = 1000;
 pub const MINION_QUEUE_MAX: usize = 65_536;
 /// Events waiting for the link task (the node waits beyond it: back-pressure).
 pub const LINK_QUEUE_MAX: usize = 8192;
+/// HTTP/2 ping interval (and answer timeout) on a minion's connections to the master.
+pub const CLUSTER_KEEPALIVE: Duration = Duration::from_secs(2);
 /// Journal segment size of the outbox.
 pub const OUTBOX_SEGMENT_BYTES: u64 = 16 << 20;
 const RECONNECT_MIN_MS: u64 = 100;
@@ -66,12 +68,15 @@ pub struct MasterAddr {
 
 impl MasterAddr {
     async fn channel(&self) -> Result<Channel, String> {
-        crate::tls::connect(
+        // The replication stream carries tasks for the minion's clients: a silently dead stream
+        // must be noticed in seconds (then the link reconnects and the master resends them).
+        crate::tls::connect_with_keepalive(
             &self.net,
             &self.host,
             self.port,
             self.tls.clone(),
             Duration::from_secs(5),
+            CLUSTER_KEEPALIVE,
         )
         .await
         .map_err(|e| {

@@ -42,6 +42,8 @@ use tonic::{Request, Response, Status};
 pub const CLIENT_QUEUE_MAX: usize = 256;
 /// Messages waiting for the node actor; handlers wait beyond it (back-pressure).
 pub const NODE_INBOX_MAX: usize = 8192;
+/// How often the master sends tasks not yet acknowledged again.
+pub const TASK_RESEND_MS: u64 = 5_000;
 /// Tasks queued for one disconnected client.
 pub const QUEUED_TASKS_PER_CLIENT_MAX: usize = 256;
 /// Datastore key of a minion's replication cursor (persisted after the effects it covers).
@@ -287,6 +289,9 @@ struct MasterState {
     /// Tasks created and not yet acknowledged by their client, in creation order. Delivered when the
     /// client is (or becomes) connected to any node; dropped when its `TaskAck` is applied.
     pending: BTreeMap<ClientId, Vec<comms::Task>>,
+    /// When pending tasks are next sent again (a push or broadcast can be lost with a stream that
+    /// died silently; the agent acknowledges a duplicate and runs each flow once).
+    resend_at: Timestamp,
 }
 
 struct MinionState {
@@ -476,6 +481,7 @@ impl Node {
                     next_minion_conn: 1,
                     inbox: Inbox::recover(InboxLimits::default(), cursors),
                     pending,
+                    resend_at: clock.now().plus_ms(TASK_RESEND_MS),
                 };
                 (NodeRole::Master(state), None)
             }
@@ -582,13 +588,24 @@ impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         loop {
             let now = self.now();
-            let next =
-                talon_core::time::earliest(self.flows.poll_timeout(), self.hunts.poll_timeout())
-                    .unwrap_or(now.plus_ms(30_000));
+            let resend = match &self.role {
+                NodeRole::Master(m) => Some(m.resend_at),
+                NodeRole::Minion(_) => None,
+            };
+            let next = talon_core::time::earliest(
+                talon_core::time::earliest(self.flows.poll_timeout(), self.hunts.poll_timeout()),
+                resend,
+            )
+            .unwrap_or(now.plus_ms(30_000));
             let wait = std::time::Duration::from_millis(next.since_ms(now).min(30_000));
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(m) => self.handle(m).await,
+                    Some(m) => {
+                        self.handle(m).await;
+                        // Also under a steady stream of messages, which keeps the timer from firing.
+                        let now = self.now();
+                        self.resend_pending(now);
+                    }
                     None => break,
                 },
                 _ = tokio::time::sleep(wait) => {
@@ -597,8 +614,26 @@ impl Actor {
                     self.hunts.handle_timeout(now);
                     self.drain_flows().await;
                     self.drain_hunts().await;
+                    self.resend_pending(now);
                 }
             }
+        }
+    }
+
+    /// Sends every pending task again once `TASK_RESEND_MS` has passed (master).
+    fn resend_pending(&mut self, now: Timestamp) {
+        let clients: Vec<ClientId> = match &mut self.role {
+            NodeRole::Master(m) if now >= m.resend_at => {
+                m.resend_at = now.plus_ms(TASK_RESEND_MS);
+                m.pending.keys().cloned().collect()
+            }
+            _ => return,
+        };
+        if !clients.is_empty() {
+            tracing::debug!(clients = clients.len(), "sending pending tasks again");
+        }
+        for c in clients {
+            self.send_pending(&c);
         }
     }
 

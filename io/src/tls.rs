@@ -350,6 +350,19 @@ pub async fn connect(
     config: Arc<rustls::ClientConfig>,
     timeout: Duration,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    connect_with_keepalive(net, host, port, config, timeout, Duration::from_secs(20)).await
+}
+
+/// [`connect`] with HTTP/2 pings every `keepalive` (and as long to answer): how soon a connection
+/// that died silently (a partition, a peer that vanished) is noticed.
+pub async fn connect_with_keepalive(
+    net: &Arc<dyn Net>,
+    host: &str,
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    keepalive: Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let server_name = ServerName::try_from(host.to_owned())
         .unwrap_or_else(|_| ServerName::try_from("invalid.host").expect("a valid name"));
     let target = crate::config::host_port(host, port);
@@ -358,8 +371,8 @@ pub async fn connect(
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
         .connect_timeout(timeout)
         .timeout(Duration::from_secs(3600))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive.min(Duration::from_secs(10)))
         .keep_alive_while_idle(true);
     endpoint
         .connect_with_connector(tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
