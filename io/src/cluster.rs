@@ -18,7 +18,6 @@ use crate::frontend::Node;
 use crate::pki::Role;
 use crate::storage::journal::Journal;
 use crate::storage::local::LocalDisk;
-use crate::tls::Peer;
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -770,14 +769,7 @@ impl ClusterService {
 }
 
 fn require_frontend<T>(req: &Request<T>) -> Result<(), Status> {
-    match req.extensions().get::<Peer>() {
-        Some(p) if p.role == Some(Role::Frontend) => Ok(()),
-        Some(p) => Err(Status::permission_denied(format!(
-            "certificate {:?} is not the frontend certificate",
-            p.common_name
-        ))),
-        None => Err(Status::unauthenticated("no client certificate")),
-    }
+    crate::tls::require_role(req, Role::Frontend, "the frontend certificate")
 }
 
 fn ds_status(e: crate::datastore::DatastoreError) -> Status {

@@ -2001,14 +2001,7 @@ impl ApiService {
 }
 
 fn require_api<T>(req: &Request<T>) -> Result<(), Status> {
-    match req.extensions().get::<Peer>() {
-        Some(p) if p.role == Some(Role::Api) => Ok(()),
-        Some(p) => Err(Status::permission_denied(format!(
-            "certificate {:?} is not an API certificate",
-            p.common_name
-        ))),
-        None => Err(Status::unauthenticated("no client certificate")),
-    }
+    crate::tls::require_role(req, Role::Api, "an API certificate")
 }
 
 type Pages = tokio_stream::wrappers::ReceiverStream<Result<api::ResultPage, Status>>;

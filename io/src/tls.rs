@@ -226,6 +226,22 @@ pub fn peer_of(addr: SocketAddr, cert: &CertificateDer<'_>) -> io::Result<Peer> 
     })
 }
 
+/// Checks that a request came over a certificate of `role` (`what` names it in the refusal).
+pub fn require_role<T>(
+    req: &tonic::Request<T>,
+    role: Role,
+    what: &str,
+) -> Result<(), tonic::Status> {
+    match req.extensions().get::<Peer>() {
+        Some(p) if p.role == Some(role) => Ok(()),
+        Some(p) => Err(tonic::Status::permission_denied(format!(
+            "certificate {:?} is not {what}",
+            p.common_name
+        ))),
+        None => Err(tonic::Status::unauthenticated("no client certificate")),
+    }
+}
+
 /// An accepted TLS connection that tells tonic who the peer is.
 pub struct Conn {
     inner: tokio_rustls::server::TlsStream<BoxIo>,

@@ -42,6 +42,22 @@ fn export(d: &Deployment, hunt: &str) -> BTreeSet<(String, u64)> {
     pairs
 }
 
+/// Waits for a row hunt to complete on every client; stats and export hold every row exactly once.
+fn assert_rows_exactly_once(d: &Deployment, hunt: &str, rows: u64) {
+    let s = wait_complete(d, hunt, CLIENTS);
+    let all = CLIENTS as u64;
+    assert_eq!(
+        (
+            s["scheduled"].as_u64(),
+            s["completed"].as_u64(),
+            s["rows"].as_u64()
+        ),
+        (Some(all), Some(all), Some(all * rows)),
+        "{s}"
+    );
+    assert_eq!(export(d, hunt).len() as u64, all * rows);
+}
+
 fn rows_hunt(d: &Deployment, count: u64) -> String {
     json(&d.api(&[
         "hunt",
@@ -158,21 +174,7 @@ fn hunts_span_master_and_minions_and_survive_minion_and_master_kills() {
     std::thread::sleep(Duration::from_millis(300));
     drop(minion1);
     eprintln!("minion killed at {}", show(&d, &big)["stats"]);
-    let s = wait_complete(&d, &big, CLIENTS);
-    assert_eq!(
-        (
-            s["scheduled"].as_u64(),
-            s["completed"].as_u64(),
-            s["rows"].as_u64()
-        ),
-        (
-            Some(CLIENTS as u64),
-            Some(CLIENTS as u64),
-            Some(CLIENTS as u64 * ROWS)
-        ),
-        "{s}"
-    );
-    assert_eq!(export(&d, &big).len() as u64, CLIENTS as u64 * ROWS);
+    assert_rows_exactly_once(&d, &big, ROWS);
     d.wait_until(
         "the killed minion's clients are connected elsewhere",
         || {
@@ -188,21 +190,7 @@ fn hunts_span_master_and_minions_and_survive_minion_and_master_kills() {
     drop(master);
     std::thread::sleep(Duration::from_millis(500));
     let _master = d.start_master();
-    let s = wait_complete(&d, &third, CLIENTS);
-    assert_eq!(
-        (
-            s["scheduled"].as_u64(),
-            s["completed"].as_u64(),
-            s["rows"].as_u64()
-        ),
-        (
-            Some(CLIENTS as u64),
-            Some(CLIENTS as u64),
-            Some(CLIENTS as u64 * ROWS)
-        ),
-        "{s}"
-    );
-    assert_eq!(export(&d, &third).len() as u64, CLIENTS as u64 * ROWS);
+    assert_rows_exactly_once(&d, &third, ROWS);
     // Earlier hunts' stats were durable across the kill.
     let s = show(&d, &big)["stats"].clone();
     assert_eq!(s["rows"].as_u64(), Some(CLIENTS as u64 * ROWS), "{s}");
