@@ -551,14 +551,12 @@ impl LinkTask {
                     Some(p) => {
                         self.push(p);
                         // Take what else is queued, up to a batch, so one sync covers them all.
-                        while self.outbox.len() < self.opts.limits.events_max {
-                            match rx.try_recv() {
-                                Ok(p) => self.push(p),
-                                Err(_) => break,
-                            }
-                            if self.outbox.len().is_multiple_of(256) {
+                        for _ in 1..self.opts.limits.batch_max {
+                            if self.outbox.len() >= self.opts.limits.events_max {
                                 break;
                             }
+                            let Ok(p) = rx.try_recv() else { break };
+                            self.push(p);
                         }
                     }
                     None => return "the node stopped".into(),

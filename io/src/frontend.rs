@@ -875,21 +875,9 @@ impl Actor {
                 self.replicate(ev, None).await;
                 return;
             }
-            NodeRole::Master(m) => {
-                let f = flow.to_string();
-                if let Some(q) = m.pending.get_mut(client) {
-                    let before = q.len();
-                    q.retain(|t| t.flow_id != f);
-                    let removed = q.len() < before;
-                    if q.is_empty() {
-                        m.pending.remove(client);
-                    }
-                    if removed
-                        && let Ok(k) = pending_task_key(client, &f)
-                        && let Err(e) = self.datastore.delete(&k).await
-                    {
-                        tracing::warn!(client = %client, flow = %flow, error = %e, "cannot drop a delivered task's record");
-                    }
+            NodeRole::Master(_) => {
+                if !self.drop_pending(client, flow).await {
+                    return; // A duplicate acknowledgement (tasks are resent until acknowledged).
                 }
             }
         }
@@ -900,6 +888,30 @@ impl Actor {
             f.state = FlowRecordState::Running;
             let _ = save_json(&self.datastore, &k, &f).await;
         }
+    }
+
+    /// Drops a task from the pending set and its record (master); false if it was not pending.
+    async fn drop_pending(&mut self, client: &ClientId, flow: &FlowId) -> bool {
+        let NodeRole::Master(m) = &mut self.role else {
+            return false;
+        };
+        let f = flow.to_string();
+        let Some(q) = m.pending.get_mut(client) else {
+            return false;
+        };
+        let before = q.len();
+        q.retain(|t| t.flow_id != f);
+        let removed = q.len() < before;
+        if q.is_empty() {
+            m.pending.remove(client);
+        }
+        if removed
+            && let Ok(k) = pending_task_key(client, &f)
+            && let Err(e) = self.datastore.delete(&k).await
+        {
+            tracing::warn!(client = %client, flow = %flow, error = %e, "cannot drop a delivered task's record");
+        }
+        removed
     }
 
     /// Persists a client record (master) and tells the minions to drop their cached copy.
@@ -1661,7 +1673,7 @@ impl Actor {
     async fn flow_completed(&mut self, o: talon_core::flows::FlowOutcome) {
         // A completed flow was delivered, whether or not its TaskAck reached us (it may have been lost
         // with a connection): it must not stay pending.
-        self.task_delivered(&o.key.client, &o.key.flow).await;
+        self.drop_pending(&o.key.client, &o.key.flow).await;
         let k = paths::flow_record(&o.key.client, &o.key.flow);
         match load_json::<FlowJson>(&self.datastore, &k).await {
             Ok(Some(mut f)) => {
