@@ -238,6 +238,9 @@ pub struct Cache {
     next_tick: u64,
     /// Dirty entries by the version of their last write (oldest first).
     dirty: BTreeMap<u64, String>,
+    /// The dirty entries not being flushed, by version: what the next flush takes, found without
+    /// stepping over the (up to `flushes_in_flight_max` × `flush_batch_max`) entries in flight.
+    idle: BTreeMap<u64, String>,
     flushing_keys: usize,
     pending: BTreeMap<u64, PendingWrite>,
     next_seq: u64,
@@ -265,6 +268,7 @@ impl Cache {
             lru: BTreeMap::new(),
             next_tick: 0,
             dirty: BTreeMap::new(),
+            idle: BTreeMap::new(),
             flushing_keys: 0,
             pending: BTreeMap::new(),
             next_seq: truncated_upto + 1,
@@ -528,12 +532,13 @@ impl Cache {
     fn apply(&mut self, now: Timestamp, seq: u64, key: String, value: Option<Bytes>) {
         let size = entry_bytes(&key, &value);
         self.dirty_bytes += size;
-        match self.entries.get_mut(&key) {
+        let flushing = match self.entries.get_mut(&key) {
             Some(e) => {
                 let old = entry_bytes(&key, &e.value);
                 if e.dirty {
                     self.dirty_bytes -= old;
                     self.dirty.remove(&e.version);
+                    self.idle.remove(&e.version);
                 } else {
                     self.clean_bytes -= old;
                     self.lru.remove(&e.lru_tick);
@@ -542,6 +547,7 @@ impl Cache {
                 }
                 e.value = value;
                 e.version = seq;
+                e.flushing.is_some()
             }
             None => {
                 let e = Entry {
@@ -553,7 +559,12 @@ impl Cache {
                     lru_tick: 0,
                 };
                 self.entries.insert(key.clone(), e);
+                false
             }
+        };
+        // An entry being flushed becomes flushable again when that flush completes.
+        if !flushing {
+            self.idle.insert(seq, key.clone());
         }
         self.dirty.insert(seq, key);
     }
@@ -608,6 +619,9 @@ impl Cache {
                 e.lru_tick = self.next_tick;
                 self.next_tick += 1;
                 self.lru.insert(e.lru_tick, key);
+            } else {
+                // Failed, or written again meanwhile: still dirty, flushable again.
+                self.idle.insert(e.version, key);
             }
         }
         if !ok {
@@ -631,18 +645,18 @@ impl Cache {
 
     /// The oldest dirty entry that is not being flushed: its `dirty_since`.
     fn oldest_flushable(&self) -> Option<Timestamp> {
-        // Skips at most `flushing_keys` entries.
-        self.dirty
+        self.idle
             .values()
-            .filter_map(|k| self.entries.get(k))
-            .find(|e| e.flushing.is_none())
+            .next()
+            .and_then(|k| self.entries.get(k))
             .map(|e| e.dirty_since)
     }
 
     fn maybe_flush(&mut self, now: Timestamp) {
         while self.flushes.len() < self.limits.flushes_in_flight_max && now >= self.flush_not_before
         {
-            let flushable = self.dirty.len() - self.flushing_keys;
+            let flushable = self.idle.len();
+            debug_assert_eq!(flushable, self.dirty.len() - self.flushing_keys);
             if flushable == 0 {
                 return;
             }
@@ -656,16 +670,14 @@ impl Cache {
             self.next_batch += 1;
             let mut writes = Vec::new();
             let mut keys = Vec::new();
-            for key in self.dirty.values() {
-                if writes.len() >= self.limits.flush_batch_max {
+            while writes.len() < self.limits.flush_batch_max {
+                let Some((_, key)) = self.idle.pop_first() else {
                     break;
-                }
-                let Some(e) = self.entries.get_mut(key) else {
+                };
+                let Some(e) = self.entries.get_mut(&key) else {
                     continue;
                 };
-                if e.flushing.is_some() {
-                    continue;
-                }
+                debug_assert!(e.flushing.is_none());
                 e.flushing = Some(e.version);
                 writes.push(FlushWrite {
                     key: key.clone(),
