@@ -410,8 +410,10 @@ pub struct LinkRecovery {
     pub torn_bytes: u64,
 }
 
-const EPOCH_FILE: &str = "outbox-epoch";
-const JOURNAL_DIR: &str = "outbox";
+/// The file (on a minion's local disk) holding its outbox epoch.
+pub const EPOCH_FILE: &str = "outbox-epoch";
+/// The directory (on a minion's local disk) of its outbox journal.
+pub const JOURNAL_DIR: &str = "outbox";
 
 impl Link {
     /// Opens the outbox journal on the local disk `disk` (named `disk_name` in errors) and starts the
