@@ -14,9 +14,35 @@ use std::fmt;
 #[derive(Clone, Debug, Default)]
 struct File {
     /// What a crash keeps.
-    durable: Vec<u8>,
+    durable: Durable,
     /// What reads see.
     current: Vec<u8>,
+}
+
+/// A file's durable contents. Journals only append and sync, so the durable contents are almost
+/// always a prefix of the current ones: kept as a length, an fsync costs nothing instead of a copy
+/// of the whole file (16 MiB journal segments made that quadratic).
+#[derive(Clone, Debug)]
+enum Durable {
+    /// `current[..len]`.
+    Prefix(usize),
+    /// Contents that differ from the current ones (after a rewrite or a cut not yet synced).
+    Other(Vec<u8>),
+}
+
+impl Default for Durable {
+    fn default() -> Self {
+        Durable::Prefix(0)
+    }
+}
+
+impl File {
+    /// Keeps the durable contents as they are before `current` changes other than by appending.
+    fn detach(&mut self) {
+        if let Durable::Prefix(len) = self.durable {
+            self.durable = Durable::Other(self.current[..len].to_vec());
+        }
+    }
 }
 
 /// Why a disk operation failed.
@@ -55,7 +81,7 @@ pub struct DiskFaults {
 }
 
 /// One node's local disk.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct SimDisk {
     files: BTreeMap<String, File>,
     capacity_bytes: u64,
@@ -110,7 +136,9 @@ impl SimDisk {
                 capacity_bytes: self.capacity_bytes,
             });
         }
-        self.files.entry(path.to_owned()).or_default().current = data.to_vec();
+        let f = self.files.entry(path.to_owned()).or_default();
+        f.detach();
+        f.current = data.to_vec();
         Ok(())
     }
 
@@ -121,7 +149,7 @@ impl SimDisk {
             .files
             .get_mut(path)
             .ok_or_else(|| DiskError::NotFound(path.to_owned()))?;
-        f.durable = f.current.clone();
+        f.durable = Durable::Prefix(f.current.len());
         Ok(())
     }
 
@@ -152,6 +180,9 @@ impl SimDisk {
             .files
             .get_mut(path)
             .ok_or_else(|| DiskError::NotFound(path.to_owned()))?;
+        if matches!(f.durable, Durable::Prefix(d) if d > len as usize) {
+            f.detach();
+        }
         f.current.truncate(len as usize);
         Ok(())
     }
@@ -181,19 +212,24 @@ impl SimDisk {
         let torn_p = self.faults.torn_write_p;
         let mut next = BTreeMap::new();
         for (path, f) in std::mem::take(&mut self.files) {
-            let mut kept = f.durable.clone();
-            let extends = f.current.len() > f.durable.len() && f.current.starts_with(&f.durable);
-            if extends && self.rng.chance(torn_p) {
-                let extra = self
-                    .rng
-                    .range(0, (f.current.len() - f.durable.len()) as u64)
-                    as usize;
-                kept.extend_from_slice(&f.current[f.durable.len()..f.durable.len() + extra]);
-            }
+            let kept = match f.durable {
+                // Only appended since the last sync: the tail may be torn.
+                Durable::Prefix(len) => {
+                    let mut kept = f.current;
+                    let extra = if kept.len() > len && self.rng.chance(torn_p) {
+                        self.rng.range(0, (kept.len() - len) as u64) as usize
+                    } else {
+                        0
+                    };
+                    kept.truncate(len + extra);
+                    kept
+                }
+                Durable::Other(d) => d,
+            };
             next.insert(
                 path,
                 File {
-                    durable: kept.clone(),
+                    durable: Durable::Prefix(kept.len()),
                     current: kept,
                 },
             );

@@ -3,19 +3,23 @@
 //! invariant held. A failed run prints the command that reproduces it.
 
 use std::process::ExitCode;
-use talon_sim::cluster::{SimOptions, run};
+use talon_sim::cluster::{LIVENESS_BOUND_S, SimOptions, run};
 
 fn usage() -> String {
-    "usage: talon-sim [--seed N] [--minions K] [--clients M] [--rows R] [--duration SECONDS]".into()
+    "usage: talon-sim [--seed N] [--minions K] [--clients M] [--rows R] [--duration SECONDS] [--no-faults]\n\
+     --duration is the safety phase (faults) in virtual seconds; the liveness phase that follows has at most "
+        .to_owned()
+        + &format!("{LIVENESS_BOUND_S} virtual s to converge.")
 }
 
 fn parse() -> Result<SimOptions, String> {
     let mut o = SimOptions {
         seed: 0,
-        minions: 1,
-        clients: 10,
+        minions: 2,
+        clients: 20,
         rows: 100,
-        duration_s: 600,
+        duration_s: 60,
+        faults: true,
     };
     let mut seed = None;
     let mut args = std::env::args().skip(1);
@@ -33,6 +37,7 @@ fn parse() -> Result<SimOptions, String> {
             "--clients" => o.clients = value("--clients")? as usize,
             "--rows" => o.rows = value("--rows")?,
             "--duration" => o.duration_s = value("--duration")?,
+            "--no-faults" => o.faults = false,
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}; {}", usage())),
         }
@@ -56,8 +61,13 @@ fn main() -> ExitCode {
         }
     };
     let repro = format!(
-        "cargo run --release -p talon-sim -- --seed {} --minions {} --clients {} --rows {} --duration {}",
-        o.seed, o.minions, o.clients, o.rows, o.duration_s
+        "cargo run --release -p talon-sim -- --seed {} --minions {} --clients {} --rows {} --duration {}{}",
+        o.seed,
+        o.minions,
+        o.clients,
+        o.rows,
+        o.duration_s,
+        if o.faults { "" } else { " --no-faults" }
     );
     println!("seed: {}", o.seed);
     let wall = std::time::Instant::now();
@@ -65,31 +75,41 @@ fn main() -> ExitCode {
     let secs = wall.elapsed().as_secs_f64();
     match report {
         Ok(r) => {
+            for (h, s) in &r.hunts {
+                println!(
+                    "hunt {h}: scheduled {} completed {} errors {} rows {}",
+                    s.scheduled, s.completed, s.errors, s.rows
+                );
+            }
+            for (t, host, why) in &r.exits {
+                println!(
+                    "process exit at {:.1} virtual s: {host}: {why} (restarted)",
+                    *t as f64 / 1000.0
+                );
+            }
+            let virt = r.converged_ms as f64 / 1000.0;
             println!(
-                "all {} clients connected at {:.3} virtual s; hunt complete at {:.3} virtual s: scheduled {} completed {} errors {} rows {}",
-                o.clients,
-                r.connected_ms as f64 / 1000.0,
-                r.completed_ms as f64 / 1000.0,
-                r.stats.scheduled,
-                r.stats.completed,
-                r.stats.errors,
-                r.stats.rows
+                "{} faults ({}); {} labels acknowledged; shared volume: {} operations, {} injected errors",
+                r.plan.len(),
+                r.swarm.kinds().join(", "),
+                r.labels,
+                r.volume_ops.0,
+                r.volume_ops.1
             );
             println!(
-                "shared volume operations: metadata {}, filestore {}; {:.1} virtual s in {secs:.1} wall s ({:.1}x)",
-                r.volume_ops.0,
-                r.volume_ops.1,
-                r.completed_ms as f64 / 1000.0,
-                r.completed_ms as f64 / 1000.0 / secs.max(0.001)
+                "converged at {virt:.1} virtual s; {virt:.1} virtual s in {secs:.1} wall s ({:.1} virtual s per wall s)",
+                virt / secs.max(0.001)
             );
             for v in &r.violations {
                 println!("VIOLATION: {v}");
+            }
+            if !r.violations.is_empty() {
+                println!("reproduce: {repro}");
             }
             println!("trace-hash: {}", r.trace_hash);
             if r.violations.is_empty() {
                 ExitCode::SUCCESS
             } else {
-                println!("reproduce: {repro}");
                 ExitCode::FAILURE
             }
         }

@@ -6,7 +6,7 @@ use crate::disk::{DiskError, SimDisk};
 use crate::latency::LatencyModel;
 use crate::rng::SimRng;
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -110,6 +110,12 @@ impl SimLocalDisk {
     pub fn crash(&self) {
         lock(&self.0).crash();
     }
+
+    /// A separate disk holding a copy of this one's current contents, for checkers to open (a
+    /// journal's recovery may repair a torn tail; the node's own disk must not change under it).
+    pub fn copy(&self) -> SimLocalDisk {
+        SimLocalDisk::new(lock(&self.0).clone())
+    }
 }
 
 impl LocalDisk for SimLocalDisk {
@@ -149,19 +155,41 @@ impl LocalDisk for SimLocalDisk {
     }
 }
 
+/// How long an operation from a node cut off from the volume waits for the link to come back
+/// before it fails (an NFS soft mount's `timeo` × `retrans`, in round figures).
+pub const VOLUME_CUT_TIMEOUT_MS: u64 = 5_000;
+
 #[derive(Debug)]
 struct VolumeState {
     files: BTreeMap<String, Bytes>,
     rng: SimRng,
     ops: u64,
+    /// Injected errors returned so far.
+    errors: u64,
+    /// Probability that an operation fails (half of the failed writes fail after taking effect:
+    /// the reply was lost, not the request).
+    error_p: f64,
+    /// Nodes that cannot reach the volume.
+    cut: BTreeSet<String>,
 }
 
 /// The shared volume every node mounts: in memory, each operation charged a latency drawn from the
-/// seed (the seed's 40–60 ms for NFS/EFS), writes atomic as the production volume's are.
+/// seed (the seed's 40–60 ms for NFS/EFS), writes atomic as the production volume's are. Each node
+/// mounts its own view ([`SimVolume::mount`]), so a fault can cut one node off from the volume.
 #[derive(Clone, Debug)]
 pub struct SimVolume {
     state: Arc<Mutex<VolumeState>>,
     latency: LatencyModel,
+    /// The node this view belongs to (`None`: the harness's own view).
+    node: Option<Arc<str>>,
+}
+
+enum Fate {
+    Ok,
+    /// Fails without effect.
+    Before,
+    /// Takes effect, then reports failure.
+    After,
 }
 
 impl SimVolume {
@@ -172,19 +200,78 @@ impl SimVolume {
                 files: BTreeMap::new(),
                 rng,
                 ops: 0,
+                errors: 0,
+                error_p: 0.0,
+                cut: BTreeSet::new(),
             })),
             latency,
+            node: None,
         }
     }
 
-    async fn charge(&self, bytes: usize) {
-        let ms = {
+    /// The volume as `node` mounts it.
+    pub fn mount(&self, node: &str) -> SimVolume {
+        SimVolume {
+            node: Some(node.into()),
+            ..self.clone()
+        }
+    }
+
+    /// Sets the probability that an operation fails.
+    pub fn set_error_p(&self, p: f64) {
+        lock(&self.state).error_p = p;
+    }
+
+    /// Cuts `node` off from the volume (`false`: reconnects it).
+    pub fn set_cut(&self, node: &str, cut: bool) {
+        let mut s = lock(&self.state);
+        if cut {
+            s.cut.insert(node.to_owned());
+        } else {
+            s.cut.remove(node);
+        }
+    }
+
+    fn is_cut(&self) -> bool {
+        self.node
+            .as_deref()
+            .is_some_and(|n| lock(&self.state).cut.contains(n))
+    }
+
+    async fn charge(&self, bytes: usize) -> io::Result<Fate> {
+        let mut waited = 0;
+        while self.is_cut() {
+            if waited >= VOLUME_CUT_TIMEOUT_MS {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "shared volume unreachable (simulated partition)",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            waited += 250;
+        }
+        let (ms, fate) = {
             let mut s = lock(&self.state);
             s.ops += 1;
-            let VolumeState { rng, .. } = &mut *s;
-            self.latency.draw_ms(rng, bytes as u64)
+            let VolumeState { rng, error_p, .. } = &mut *s;
+            let ms = self.latency.draw_ms(rng, bytes as u64);
+            let fate = if rng.chance(*error_p) {
+                if rng.chance(0.5) {
+                    Fate::After
+                } else {
+                    Fate::Before
+                }
+            } else {
+                Fate::Ok
+            };
+            (ms, fate)
         };
         tokio::time::sleep(Duration::from_millis(ms)).await;
+        if let Fate::Before = fate {
+            lock(&self.state).errors += 1;
+            return Err(injected());
+        }
+        Ok(fate)
     }
 
     /// Every file and its contents, for checkers (no latency: the checker is outside the world).
@@ -192,29 +279,63 @@ impl SimVolume {
         lock(&self.state).files.clone()
     }
 
+    /// Runs `f` over the files without copying them (checkers during the run).
+    pub fn inspect<R>(&self, f: impl FnOnce(&BTreeMap<String, Bytes>) -> R) -> R {
+        f(&lock(&self.state).files)
+    }
+
+    /// Writes a file directly, outside the simulated world (no latency, no faults): for checker tests.
+    pub fn put(&self, key: &str, value: Bytes) {
+        lock(&self.state).files.insert(key.to_owned(), value);
+    }
+
+    /// Removes a file directly, outside the simulated world: for checker tests.
+    pub fn remove(&self, key: &str) {
+        lock(&self.state).files.remove(key);
+    }
+
     /// Operations served so far.
     pub fn ops(&self) -> u64 {
         lock(&self.state).ops
     }
+
+    /// Injected errors so far.
+    pub fn errors(&self) -> u64 {
+        lock(&self.state).errors
+    }
+
+    fn after(&self, fate: Fate) -> io::Result<()> {
+        match fate {
+            Fate::After => {
+                lock(&self.state).errors += 1;
+                Err(injected())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn injected() -> io::Error {
+    io::Error::other("injected I/O error (simulated shared volume)")
 }
 
 impl Volume for SimVolume {
     async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
-        self.charge(0).await;
+        self.charge(0).await?;
         Ok(lock(&self.state).files.get(key).cloned())
     }
     async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
-        self.charge(value.len()).await;
+        let fate = self.charge(value.len()).await?;
         lock(&self.state).files.insert(key.to_owned(), value);
-        Ok(())
+        self.after(fate)
     }
     async fn delete(&self, key: &str) -> io::Result<()> {
-        self.charge(0).await;
+        let fate = self.charge(0).await?;
         lock(&self.state).files.remove(key);
-        Ok(())
+        self.after(fate)
     }
     async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
-        self.charge(0).await;
+        self.charge(0).await?;
         let s = lock(&self.state);
         Ok(s.files
             .range(prefix.to_owned()..)
@@ -223,7 +344,8 @@ impl Volume for SimVolume {
             .collect())
     }
     async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
-        self.charge(data.len()).await;
+        // An append is not idempotent: an error is reported only when it had no effect.
+        self.charge(data.len()).await?;
         let mut s = lock(&self.state);
         let mut v = s.files.get(key).map(|b| b.to_vec()).unwrap_or_default();
         v.extend_from_slice(&data);
@@ -231,12 +353,13 @@ impl Volume for SimVolume {
         Ok(())
     }
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
-        self.charge(0).await;
+        let fate = self.charge(0).await?;
         let mut s = lock(&self.state);
         match s.files.remove(from) {
             Some(v) => {
                 s.files.insert(to.to_owned(), v);
-                Ok(())
+                drop(s);
+                self.after(fate)
             }
             None => Err(io::Error::new(io::ErrorKind::NotFound, from.to_owned())),
         }
