@@ -128,8 +128,10 @@ pub enum FlowAction {
         /// The flow.
         key: FlowKey,
     },
-    /// The flow completed: record it and replicate the outcome. May be emitted by more than one node
-    /// for the same flow after a failover; consumers are idempotent.
+    /// The flow completed: record it (the master) or replicate it (a minion), then call
+    /// [`FlowTracker::handle_recorded`]. The final status is acknowledged to the client only once
+    /// the completion is recorded, so a completion is never lost with a node. May be emitted by more
+    /// than one node for the same flow after a failover; consumers are idempotent.
     Completed(FlowOutcome),
 }
 
@@ -196,7 +198,8 @@ struct Flow {
 pub struct FlowTracker {
     limits: FlowLimits,
     flows: BTreeMap<FlowKey, Flow>,
-    completed: BTreeMap<FlowKey, u64>,
+    /// Completed flows: (final sequence number, completion recorded).
+    completed: BTreeMap<FlowKey, (u64, bool)>,
     completed_order: VecDeque<FlowKey>,
     actions: VecDeque<FlowAction>,
     next_sweep: Option<Timestamp>,
@@ -240,15 +243,14 @@ impl FlowTracker {
         seq: u64,
         payload: Payload,
     ) -> Result<(), FlowError> {
-        if let Some(final_seq) = self.completed.get(&key) {
-            return if seq <= *final_seq {
+        if let Some(&(final_seq, recorded)) = self.completed.get(&key) {
+            return if seq < final_seq || (seq == final_seq && recorded) {
                 self.actions.push_back(FlowAction::Ack { key, seq });
                 Ok(())
+            } else if seq == final_seq {
+                Ok(()) // Acknowledged once the completion is recorded.
             } else {
-                Err(FlowError::AfterFinal {
-                    seq,
-                    final_seq: *final_seq,
-                })
+                Err(FlowError::AfterFinal { seq, final_seq })
             };
         }
         if !self.flows.contains_key(&key) && self.flows.len() >= self.limits.flows_max {
@@ -419,14 +421,32 @@ impl FlowTracker {
             rows: total.rows,
             uploaded_bytes: total.bytes,
         }));
-        self.actions.push_back(FlowAction::Ack {
-            key: key.clone(),
-            seq: final_seq,
-        });
+    }
+
+    /// The shell recorded (`ok`) a [`FlowAction::Completed`], or could not: on success the final
+    /// status is acknowledged; on failure the completion is forgotten, so the client's resend of the
+    /// final status completes the flow again (from storage, by audit).
+    pub fn handle_recorded(&mut self, key: &FlowKey, ok: bool) {
+        let Some(done) = self.completed.get_mut(key) else {
+            return; // Forgotten meanwhile (bounded memory): the client resends, it completes again.
+        };
+        if ok {
+            done.1 = true;
+            self.actions.push_back(FlowAction::Ack {
+                key: key.clone(),
+                seq: done.0,
+            });
+        } else {
+            self.completed.remove(key);
+        }
     }
 
     fn remember_completed(&mut self, key: FlowKey, final_seq: u64) {
-        if self.completed.insert(key.clone(), final_seq).is_none() {
+        if self
+            .completed
+            .insert(key.clone(), (final_seq, false))
+            .is_none()
+        {
             self.completed_order.push_back(key);
         }
         while self.completed_order.len() > self.limits.completed_remembered_max {

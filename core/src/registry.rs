@@ -68,6 +68,8 @@ pub struct Sighting {
     pub last_ip: String,
     /// The node holding its connection.
     pub node: String,
+    /// When that connection was established (by the clock of the node holding it).
+    pub connected_at: Timestamp,
 }
 
 /// One client, as kept in memory and persisted.
@@ -99,6 +101,8 @@ pub struct ClientRecord {
     pub connected: bool,
     /// When `last_seen` was last persisted.
     pub persisted_seen: Timestamp,
+    /// When the connection `node` holds was established (0 until seen since a restart).
+    pub connected_at: Timestamp,
 }
 
 /// A parsed search query.
@@ -359,6 +363,15 @@ impl Registry {
             }
             None => (None, Enrolment::New),
         };
+        // Sightings from different nodes arrive in no particular order (a minion re-announces its
+        // clients when its link to the master comes back, and may still hold a connection that died
+        // silently): one older than the connection the record reflects, from another node, is stale.
+        if let Some(o) = &old
+            && o.node != s.node
+            && s.connected_at < o.connected_at
+        {
+            return Ok(Enrolment::Known);
+        }
         let rec = ClientRecord {
             id: s.id.clone(),
             key_fingerprint: fp,
@@ -373,6 +386,7 @@ impl Registry {
             node: clip(&s.node, max),
             connected: true,
             persisted_seen: old.as_ref().map_or(now, |o| o.persisted_seen),
+            connected_at: s.connected_at,
         };
         let changed = old.as_ref().is_none_or(|o| {
             (&o.hostname, &o.fqdn, &o.os, &o.ips, &o.last_ip, &o.node)

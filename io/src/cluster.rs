@@ -109,17 +109,28 @@ impl Meta {
     }
 
     /// Writes a key; durable on the master when this returns.
+    ///
+    /// On the master a failed write is fatal (fail-stop): the node writes records after applying
+    /// their change in memory (registry, hunts, flows), so memory is now ahead of what a restart
+    /// would find; the process stops and restarts from what is durable rather than acknowledge
+    /// anything on top of it. The caller still gets the error.
     pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, String> {
         match self {
-            Meta::Local(d) => d.set(key, value).await.map_err(|e| e.to_string()),
+            Meta::Local(d) => d.set(key, value).await.map_err(|e| {
+                d.fail_stop(&format!("writing {key}: {e}"));
+                e.to_string()
+            }),
             Meta::Remote(r) => r.set(key, value).await,
         }
     }
 
-    /// Deletes a key.
+    /// Deletes a key (fail-stop on the master as for [`Meta::set`]).
     pub async fn delete(&self, key: &str) -> Result<u64, String> {
         match self {
-            Meta::Local(d) => d.delete(key).await.map_err(|e| e.to_string()),
+            Meta::Local(d) => d.delete(key).await.map_err(|e| {
+                d.fail_stop(&format!("deleting {key}: {e}"));
+                e.to_string()
+            }),
             Meta::Remote(r) => r.delete(key).await,
         }
     }

@@ -104,6 +104,8 @@ enum Done {
 #[derive(Clone, Debug)]
 pub struct Datastore {
     tx: mpsc::Sender<Request>,
+    /// Set once by [`Datastore::fail_stop`]; the task ends with it as its error.
+    stop: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 fn encode(key: &str, value: &Option<Bytes>) -> Vec<u8> {
@@ -166,6 +168,7 @@ impl Datastore {
         let now = clock.now();
         let cache = Cache::recover(opts.limits.clone(), now, recovered.truncated_upto, records);
         let (tx, rx) = mpsc::channel(opts.requests_max);
+        let (stop, stop_rx) = tokio::sync::watch::channel(None);
         // Completions are bounded by the cache: one read per distinct missing key (readers_max), one
         // list per waiting lister (readers_max), flushes_in_flight_max flushes.
         let done_cap = 2 * opts.limits.readers_max + opts.limits.flushes_in_flight_max + 1;
@@ -178,12 +181,27 @@ impl Datastore {
             rx,
             done_tx,
             done_rx,
+            stop_rx,
             replies: BTreeMap::new(),
             flush_waiters: Vec::new(),
             next_req: 0,
         };
         let task = tokio::spawn(driver.run());
-        Ok((Datastore { tx }, task, report))
+        let stop = Arc::new(stop);
+        Ok((Datastore { tx, stop }, task, report))
+    }
+
+    /// Stops the datastore for good (fail-stop): the caller could not make durable a write whose
+    /// effects it already applied in memory, so the process must restart from what is durable.
+    /// Requests after this get [`DatastoreError::Stopped`]; the task ends with `why` as its error.
+    pub fn fail_stop(&self, why: &str) {
+        self.stop.send_if_modified(|s| {
+            let first = s.is_none();
+            if first {
+                *s = Some(why.to_owned());
+            }
+            first
+        });
     }
 
     async fn call(
@@ -254,6 +272,7 @@ struct Driver<D: LocalDisk, V: Volume> {
     rx: mpsc::Receiver<Request>,
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
+    stop_rx: tokio::sync::watch::Receiver<Option<String>>,
     /// Callers waiting for a reply: bounded by the request channel plus the cache's own bounds.
     replies: BTreeMap<RequestId, Reply>,
     /// Callers of `flushed`; each also held a request slot, so bounded by `requests_max` callers.
@@ -264,6 +283,7 @@ struct Driver<D: LocalDisk, V: Volume> {
 impl<D: LocalDisk, V: Volume> Driver<D, V> {
     async fn run(mut self) -> io::Result<()> {
         self.drain()?;
+        let mut stop_open = true;
         loop {
             let now = self.clock.now();
             let wait = self
@@ -276,6 +296,14 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                     None => break,
                 },
                 Some(done) = self.done_rx.recv() => self.completion(done),
+                r = self.stop_rx.changed(), if stop_open => match r {
+                    Ok(()) => {
+                        let why = self.stop_rx.borrow().clone().unwrap_or_default();
+                        return Err(io::Error::other(format!("stopped: {why}")));
+                    }
+                    // Every handle is gone: the request channel closes too.
+                    Err(_) => stop_open = false,
+                },
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
                     self.cache.handle_timeout(self.clock.now());
                 }

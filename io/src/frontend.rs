@@ -184,8 +184,10 @@ enum Msg {
         version: u64,
     },
     Link(LinkEvent),
+    /// A minion's flow completion was applied by the master (`ok`), or its replication failed.
     CompletionApplied {
         key: FlowKey,
+        ok: bool,
     },
     Flow {
         client: ClientId,
@@ -337,9 +339,6 @@ struct MasterState {
 
 struct MinionState {
     link: Link,
-    /// Completed flows whose completion the master has not applied yet, with the final status's
-    /// sequence number once the tracker acknowledges it: that ack waits for the master.
-    held: BTreeMap<FlowKey, Option<u64>>,
 }
 
 struct Actor {
@@ -537,13 +536,9 @@ impl Node {
                 };
                 (NodeRole::Master(state), None)
             }
-            Cluster::Minion { link, events } => (
-                NodeRole::Minion(MinionState {
-                    link,
-                    held: BTreeMap::new(),
-                }),
-                Some(events),
-            ),
+            Cluster::Minion { link, events } => {
+                (NodeRole::Minion(MinionState { link }), Some(events))
+            }
         };
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
         let mut keys = KeyCache::new(opts.expected_clients.max(1));
@@ -665,7 +660,8 @@ impl Actor {
                     self.flows.handle_timeout(now);
                     self.hunts.handle_timeout(now);
                     self.drain_flows().await;
-                    self.drain_hunts().await;
+                    // A failed write is logged and fail-stops the node (`Meta::set`).
+                    let _ = self.drain_hunts().await;
                     self.resend_pending(now);
                 }
             }
@@ -749,16 +745,11 @@ impl Actor {
                 }));
             }
             Msg::Link(e) => self.link_event(e).await,
-            Msg::CompletionApplied { key } => {
-                if let NodeRole::Minion(m) = &mut self.role
-                    && let Some(Some(seq)) = m.held.remove(&key)
-                {
-                    let ack = comms::FlowAck {
-                        flow_id: key.flow.to_string(),
-                        seq,
-                    };
-                    self.push(&key.client, server_message::Kind::Ack(ack));
-                }
+            Msg::CompletionApplied { key, ok } => {
+                // The final status is acknowledged now (or, if replication failed, the completion
+                // is forgotten and the client's resend completes the flow again).
+                self.flows.handle_recorded(&key, ok);
+                self.drain_flows().await;
             }
             Msg::Flow {
                 client,
@@ -856,14 +847,16 @@ impl Actor {
             }
             Msg::ListHunts { reply } => {
                 self.hunts.handle_timeout(now);
-                self.drain_hunts().await;
-                let hunts = self.hunts.list().map(hunt_summary).collect();
-                let _ = reply.send(Ok(api::ListHuntsResponse { hunts }));
+                // Report nothing that is not durable.
+                let r = self.drain_hunts().await.map(|()| api::ListHuntsResponse {
+                    hunts: self.hunts.list().map(hunt_summary).collect(),
+                });
+                let _ = reply.send(r);
             }
             Msg::GetHunt { id, reply } => {
                 self.hunts.handle_timeout(now);
-                self.drain_hunts().await;
-                let r = parse_hunt(&id).and_then(|h| {
+                let durable = self.drain_hunts().await;
+                let r = durable.and_then(|()| parse_hunt(&id)).and_then(|h| {
                     self.hunts
                         .get(&h)
                         .map(hunt_summary)
@@ -888,7 +881,10 @@ impl Actor {
                     }
                     Err(e) => Err(e),
                 };
-                self.drain_hunts().await;
+                let r = match self.drain_hunts().await {
+                    Ok(()) => r,
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(r);
             }
             Msg::HuntFlows { id, reply } => {
@@ -1234,6 +1230,7 @@ impl Actor {
                     ips: info.ips,
                     last_ip: cs.last_ip,
                     node: node.to_owned(),
+                    connected_at: Timestamp(cs.connected_unix_ms),
                 };
                 if let Err(e) = self.registry.handle_seen(now, sighting) {
                     tracing::warn!(minion = %node, client = %id, error = %e, "refused a client seen on a minion");
@@ -1274,7 +1271,14 @@ impl Actor {
                     rows: f.rows,
                     uploaded_bytes: f.uploaded_bytes,
                 };
-                self.flow_completed(o).await;
+                if !self.flow_completed(o).await
+                    && let Meta::Local(d) = &self.datastore
+                {
+                    // The replication cursor must not move past an event whose effects are not
+                    // durable, and the inbox has already counted it applied: restart from the
+                    // durable cursor, and the minion sends the event again.
+                    d.fail_stop("a replicated flow completion could not be recorded");
+                }
             }
             Event::NodeStarted(_) => {
                 let n = self.registry.disconnect_node(now, node);
@@ -1339,7 +1343,8 @@ impl Actor {
                 labels: &labels,
             },
         );
-        self.drain_hunts().await;
+        // A failed write is logged and fail-stops the node (`Meta::set`).
+        let _ = self.drain_hunts().await;
     }
 
     async fn create_hunt(
@@ -1388,7 +1393,8 @@ impl Actor {
         self.hunts
             .create(now, id.clone(), hunt_spec)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        self.drain_hunts().await;
+        // Acknowledged only once its record is durable (BRIEF invariant 5).
+        self.drain_hunts().await?;
         tracing::info!(hunt = %id, artifact = spec.name, "hunt created");
         self.broadcast(broadcast::Kind::HuntStarted(pc::HuntStarted {
             hunt_id: id.to_string(),
@@ -1410,7 +1416,7 @@ impl Actor {
                 },
             );
         }
-        self.drain_hunts().await;
+        self.drain_hunts().await?;
         let h = self
             .hunts
             .get(&id)
@@ -1419,7 +1425,10 @@ impl Actor {
     }
 
     /// Performs the hunt manager's actions: a participant is journalled before its task is delivered.
-    async fn drain_hunts(&mut self) {
+    /// Performs the hunt manager's actions; `Err` carries the first write that failed (the node
+    /// fail-stops on it, see `Meta::set`): what the caller was about to acknowledge is not durable.
+    async fn drain_hunts(&mut self) -> Result<(), Status> {
+        let mut failed = None;
         while let Some(a) = self.hunts.poll_action() {
             match a {
                 HuntAction::Schedule { hunt, client, flow } => {
@@ -1428,6 +1437,7 @@ impl Actor {
                         save_json(&self.datastore, &key, &ParticipantJson::Scheduled).await
                     {
                         tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt participant; not tasking it");
+                        failed.get_or_insert(e);
                         continue;
                     }
                     let Some(h) = self.hunts.get(&hunt) else {
@@ -1456,6 +1466,7 @@ impl Actor {
                     .await
                     {
                         tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt flow");
+                        failed.get_or_insert(e);
                         continue;
                     }
                     let task = comms::Task {
@@ -1482,6 +1493,7 @@ impl Actor {
                             .await
                     {
                         tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt outcome");
+                        failed.get_or_insert(e);
                     }
                 }
                 HuntAction::Record(r) => {
@@ -1493,10 +1505,12 @@ impl Actor {
                     .await
                     {
                         tracing::error!(hunt = %r.id, error = %e, "cannot record a hunt");
+                        failed.get_or_insert(e);
                     }
                 }
             }
         }
+        failed.map_or(Ok(()), Err)
     }
 
     async fn connected(
@@ -1524,6 +1538,7 @@ impl Actor {
                 ips: hello.info.ips.clone(),
                 last_ip: peer.addr.ip().to_string(),
                 node: self.opts.node_name.clone(),
+                connected_at: now,
             };
             let enrolment = self
                 .registry
@@ -1547,6 +1562,7 @@ impl Actor {
                     ..Default::default()
                 }),
                 last_ip: peer.addr.ip().to_string(),
+                connected_unix_ms: now.as_ms(),
                 running_flows: hello.running_flows.iter().map(|f| f.to_string()).collect(),
             })
         };
@@ -1684,15 +1700,6 @@ impl Actor {
                     });
                 }
                 FlowAction::Ack { key, seq } => {
-                    if let NodeRole::Minion(m) = &mut self.role
-                        && let Some(held) = m.held.get_mut(&key)
-                    {
-                        // A final status waits until the master has applied the completion.
-                        if held.is_none_or(|h| h < seq) {
-                            *held = Some(seq);
-                        }
-                        continue;
-                    }
                     let ack = comms::FlowAck {
                         flow_id: key.flow.to_string(),
                         seq,
@@ -1711,10 +1718,13 @@ impl Actor {
                     });
                 }
                 FlowAction::Completed(o) => match &mut self.role {
-                    NodeRole::Master(_) => self.flow_completed(o).await,
-                    NodeRole::Minion(m) => {
+                    NodeRole::Master(_) => {
+                        let key = o.key.clone();
+                        let ok = self.flow_completed(o).await;
+                        self.flows.handle_recorded(&key, ok);
+                    }
+                    NodeRole::Minion(_) => {
                         tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, "flow completed; replicating");
-                        m.held.insert(o.key.clone(), None);
                         let (tx, rx) = oneshot::channel();
                         let ev = Event::FlowCompleted(pc::FlowCompleted {
                             client_id: o.key.client.to_string(),
@@ -1731,9 +1741,9 @@ impl Actor {
                         self.replicate(ev, Some(tx)).await;
                         let (me, key) = (self.self_tx.clone(), o.key);
                         tokio::spawn(async move {
-                            if rx.await.is_ok() {
-                                let _ = me.send(Msg::CompletionApplied { key }).await;
-                            }
+                            // Dropped unsent if the link failed before the master applied it.
+                            let ok = rx.await.is_ok();
+                            let _ = me.send(Msg::CompletionApplied { key, ok }).await;
                         });
                     }
                 },
@@ -1742,8 +1752,9 @@ impl Actor {
     }
 
     /// Records a completed flow (master): its record, its uploads, its hunt's outcome. Idempotent: a
-    /// flow may be reported by two nodes after a failover.
-    async fn flow_completed(&mut self, o: talon_core::flows::FlowOutcome) {
+    /// flow may be reported by two nodes after a failover. True once all of it is durable: only then
+    /// may the client's final status be acknowledged.
+    async fn flow_completed(&mut self, o: talon_core::flows::FlowOutcome) -> bool {
         // A completed flow was delivered, whether or not its TaskAck reached us (it may have been lost
         // with a connection): it must not stay pending.
         self.drop_pending(&o.key.client, &o.key.flow).await;
@@ -1764,6 +1775,7 @@ impl Actor {
                     f.finished_ms = self.now().as_ms();
                     if let Err(e) = save_json(&self.datastore, &k, &f).await {
                         tracing::error!(flow = %o.key.flow, error = %e, "cannot record flow completion");
+                        return false;
                     }
                     tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
                     if o.uploaded_bytes > 0 {
@@ -1785,14 +1797,21 @@ impl Actor {
                         o.rows,
                         o.uploaded_bytes,
                     );
-                    self.drain_hunts().await;
+                    if self.drain_hunts().await.is_err() {
+                        return false;
+                    }
                 }
+                true
             }
             Ok(None) => {
-                tracing::warn!(client = %o.key.client, flow = %o.key.flow, "completed flow has no record")
+                // Nothing to record it in (not a flow this master created): acknowledged, or the
+                // client would resend forever.
+                tracing::warn!(client = %o.key.client, flow = %o.key.flow, "completed flow has no record");
+                true
             }
             Err(e) => {
-                tracing::error!(flow = %o.key.flow, error = %e, "cannot read flow record")
+                tracing::error!(flow = %o.key.flow, error = %e, "cannot read flow record");
+                false
             }
         }
     }

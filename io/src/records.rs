@@ -73,6 +73,7 @@ impl ClientJson {
             last_ip: self.last_ip.clone(),
             node: self.node.clone(),
             connected: false,
+            connected_at: Timestamp(0),
             persisted_seen: Timestamp(self.last_seen_ms),
         })
     }

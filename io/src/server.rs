@@ -117,7 +117,7 @@ pub async fn run_master(
     let node_name = cfg.master_node_name();
     let ds_root = &cfg.datastore.location;
     let fs_root = &cfg.datastore.filestore_directory;
-    let (datastore, ds_task, report) =
+    let (datastore, mut ds_task, report) =
         Datastore::open(local, metadata, clock.clone(), DatastoreOptions::default())
             .map_err(|e| format!("datastore journal in {local_name}: {e}"))?;
     tracing::info!(
@@ -211,6 +211,17 @@ pub async fn run_master(
     tokio::pin!(servers);
     tokio::select! {
         r = &mut servers => r.map(|_| ()).map_err(|e| format!("server failed: {e}"))?,
+        // Fail-stop: the journal failed, or a write the node had applied in memory could not be
+        // made durable. The process exits; its supervisor restarts it from what is durable.
+        r = &mut ds_task => {
+            let why = match r {
+                Ok(Ok(())) => "it ended".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!(error = %why, "the datastore stopped; exiting");
+            return Err(format!("the datastore stopped: {why}"));
+        }
         _ = shutdown => {
             tracing::info!("shutting down: flushing the datastore");
             let _ = stop_tx.send(true);

@@ -95,6 +95,7 @@ fn run(seed: u64) -> Outcome {
             ips: vec![],
             last_ip: "127.0.0.1".into(),
             node: "master-8000".into(),
+            connected_at: now,
         };
         registry.handle_seen(now, s).unwrap();
         if n % 3 == 0 {

@@ -94,10 +94,17 @@ fn completes_with_exact_totals_and_acks_final_last() {
                 rows: 7,
                 uploaded_bytes: 0,
             }),
-            FlowAction::Ack { key: key(), seq: 2 },
         ]
     );
     assert!(t.is_empty());
+    // The final status is acknowledged only once the shell recorded the completion; a resend of
+    // it meanwhile waits too.
+    t.handle_message(now, key(), 2, done()).unwrap();
+    assert_eq!(drain(&mut t), vec![]);
+    t.handle_recorded(&key(), true);
+    assert_eq!(drain(&mut t), vec![FlowAction::Ack { key: key(), seq: 2 }]);
+    t.handle_message(now, key(), 2, done()).unwrap();
+    assert_eq!(drain(&mut t), vec![FlowAction::Ack { key: key(), seq: 2 }]);
     // A late resend of a completed flow is acknowledged, not stored.
     t.handle_message(now, key(), 1, data(5)).unwrap();
     assert_eq!(drain(&mut t), vec![FlowAction::Ack { key: key(), seq: 1 }]);
@@ -108,6 +115,53 @@ fn completes_with_exact_totals_and_acks_final_last() {
             final_seq: 2
         })
     ));
+}
+
+#[test]
+fn a_completion_that_could_not_be_recorded_completes_again_on_resend() {
+    let mut t = FlowTracker::new(limits());
+    let now = Timestamp(0);
+    for (seq, p) in [(0, data(3)), (1, done())] {
+        t.handle_message(now, key(), seq, p).unwrap();
+        drain(&mut t);
+        t.handle_stored(now, &key(), seq, true);
+    }
+    let acts = drain(&mut t);
+    assert!(
+        matches!(acts.last(), Some(FlowAction::Completed(o)) if o.rows == 3),
+        "{acts:?}"
+    );
+    // The node could not record it (its datastore failed, or the master never applied it): no
+    // final ack, and the completion is forgotten.
+    t.handle_recorded(&key(), false);
+    assert_eq!(drain(&mut t), vec![]);
+    // The client resends the unacknowledged final: stored again (idempotent), the rows found by
+    // audit, completed again with the same totals.
+    t.handle_message(now, key(), 1, done()).unwrap();
+    assert_eq!(
+        drain(&mut t),
+        vec![FlowAction::Store { key: key(), seq: 1 }]
+    );
+    t.handle_stored(now, &key(), 1, true);
+    assert_eq!(drain(&mut t), vec![FlowAction::Audit { key: key() }]);
+    let found = vec![
+        StoredMessage {
+            seq: 0,
+            payload: data(3),
+        },
+        StoredMessage {
+            seq: 1,
+            payload: done(),
+        },
+    ];
+    t.handle_audit(now, &key(), Some(found));
+    let acts = drain(&mut t);
+    assert!(
+        matches!(acts.last(), Some(FlowAction::Completed(o)) if o.rows == 3),
+        "{acts:?}"
+    );
+    t.handle_recorded(&key(), true);
+    assert_eq!(drain(&mut t), vec![FlowAction::Ack { key: key(), seq: 1 }]);
 }
 
 #[test]
@@ -241,7 +295,11 @@ impl Node {
                 FlowAction::Store { seq, .. } => self.pending.push(seq),
                 FlowAction::Ack { seq, .. } => self.acks.push(seq),
                 FlowAction::Audit { key } => self.audits.push(key),
-                FlowAction::Completed(o) => self.outcomes.push(o),
+                FlowAction::Completed(o) => {
+                    // The shell records it, then the final is acknowledged.
+                    self.tracker.handle_recorded(&o.key, true);
+                    self.outcomes.push(o);
+                }
             }
         }
     }

@@ -17,6 +17,7 @@ fn sighting(n: u32, host: &str) -> Sighting {
         ips: vec![format!("10.0.0.{n}")],
         last_ip: format!("127.0.0.{n}"),
         node: "master-8000".into(),
+        connected_at: Timestamp(0),
     }
 }
 
@@ -54,6 +55,30 @@ fn enrols_once_and_refuses_another_key_under_the_same_id() {
 }
 
 #[test]
+fn a_stale_sighting_from_another_node_does_not_take_the_client_back() {
+    let mut r = Registry::restore(RegistryLimits::default(), []);
+    let id = ClientId::from_public_key(&key(1));
+    let on = |node: &str, at: u64| Sighting {
+        node: node.into(),
+        connected_at: Timestamp(at),
+        ..sighting(1, "web01")
+    };
+    r.handle_seen(Timestamp(10), on("minion1-8000", 0)).unwrap();
+    // It moved to minion2 at t=40; minion1 re-announces its old (silently dead) connection later.
+    r.handle_seen(Timestamp(41), on("minion2-8000", 40))
+        .unwrap();
+    r.handle_seen(Timestamp(45), on("minion1-8000", 0)).unwrap();
+    assert_eq!(r.get(&id).unwrap().node, "minion2-8000");
+    // When minion1 finally notices the dead connection, its "gone" does not disconnect the client.
+    r.set_disconnected(Timestamp(50), &id, "minion1-8000");
+    assert!(r.get(&id).unwrap().connected);
+    // A newer connection on minion1 does take it back.
+    r.handle_seen(Timestamp(60), on("minion1-8000", 59))
+        .unwrap();
+    assert_eq!(r.get(&id).unwrap().node, "minion1-8000");
+}
+
+#[test]
 fn key_mismatch_for_a_known_id_is_refused() {
     let rec = ClientRecord {
         id: ClientId::from_public_key(&key(1)),
@@ -69,6 +94,7 @@ fn key_mismatch_for_a_known_id_is_refused() {
         node: String::new(),
         connected: false,
         persisted_seen: Timestamp(0),
+        connected_at: Timestamp(0),
     };
     let mut r = Registry::restore(RegistryLimits::default(), [rec]);
     assert_eq!(

@@ -253,3 +253,24 @@ async fn concurrent_misses_share_one_volume_read() {
         "cached after the first read"
     );
 }
+
+#[tokio::test]
+async fn fail_stop_ends_the_task_with_the_reason_and_refuses_later_requests() {
+    let local = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let (ds, task, _) = Datastore::open(
+        StdDisk::new(local.path()).unwrap(),
+        FsVolume::new(shared.path()).unwrap(),
+        clock(),
+        opts(10),
+    )
+    .unwrap();
+    ds.set("a", Bytes::from_static(b"1")).await.unwrap();
+    ds.fail_stop("a write could not be made durable");
+    let err = task.await.unwrap().unwrap_err().to_string();
+    assert!(err.contains("a write could not be made durable"), "{err}");
+    assert!(matches!(
+        ds.set("b", Bytes::new()).await,
+        Err(DatastoreError::Stopped)
+    ));
+}
