@@ -57,6 +57,8 @@ pub enum DiskError {
     },
     /// An injected I/O error.
     Injected(String),
+    /// The machine lost power (an armed crash tripped); nothing works until it restarts.
+    PowerLost,
 }
 
 impl fmt::Display for DiskError {
@@ -65,6 +67,7 @@ impl fmt::Display for DiskError {
             DiskError::NotFound(p) => write!(f, "{p}: no such file"),
             DiskError::Full { capacity_bytes } => write!(f, "disk full ({capacity_bytes} bytes)"),
             DiskError::Injected(p) => write!(f, "{p}: injected I/O error"),
+            DiskError::PowerLost => write!(f, "simulated power loss"),
         }
     }
 }
@@ -87,6 +90,17 @@ pub struct SimDisk {
     capacity_bytes: u64,
     faults: DiskFaults,
     rng: SimRng,
+    power: Power,
+}
+
+/// A crash aimed at a durability point: armed, the next fsync never happens — the disk crashes in
+/// its place (losing what that fsync would have saved) and every later operation fails until the
+/// node restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Power {
+    On,
+    Armed,
+    Lost,
 }
 
 impl SimDisk {
@@ -97,7 +111,32 @@ impl SimDisk {
             capacity_bytes,
             faults,
             rng,
+            power: Power::On,
         }
+    }
+
+    /// The next fsync crashes the disk instead (see [`SimDisk::power_lost`]).
+    pub fn arm_power_loss(&mut self) {
+        if self.power == Power::On {
+            self.power = Power::Armed;
+        }
+    }
+
+    /// An armed crash did not trip: back to normal.
+    pub fn disarm(&mut self) {
+        if self.power == Power::Armed {
+            self.power = Power::On;
+        }
+    }
+
+    /// Whether an armed crash tripped (the node must now be stopped and restarted).
+    pub fn power_lost(&self) -> bool {
+        self.power == Power::Lost
+    }
+
+    /// The node restarts: the disk works again, with what survived.
+    pub fn restore_power(&mut self) {
+        self.power = Power::On;
     }
 
     fn used(&self) -> u64 {
@@ -105,6 +144,9 @@ impl SimDisk {
     }
 
     fn inject(&mut self, path: &str) -> Result<(), DiskError> {
+        if self.power == Power::Lost {
+            return Err(DiskError::PowerLost);
+        }
         if self.rng.chance(self.faults.error_p) {
             return Err(DiskError::Injected(path.to_owned()));
         }
@@ -145,6 +187,11 @@ impl SimDisk {
     /// Makes a file's current contents durable.
     pub fn fsync(&mut self, path: &str) -> Result<(), DiskError> {
         self.inject(path)?;
+        if self.power == Power::Armed {
+            self.crash();
+            self.power = Power::Lost;
+            return Err(DiskError::PowerLost);
+        }
         let f = self
             .files
             .get_mut(path)
@@ -281,6 +328,28 @@ mod tests {
             seen_partial |= got.len() > 4 && got.len() < 12;
         }
         assert!(seen_partial, "some seed tears mid-write");
+    }
+
+    #[test]
+    fn an_armed_crash_takes_the_place_of_the_next_fsync() {
+        let mut d = disk(DiskFaults::default(), 5);
+        d.append("j", b"one;").unwrap();
+        d.fsync("j").unwrap();
+        d.arm_power_loss();
+        d.append("j", b"two;").unwrap();
+        assert!(!d.power_lost());
+        assert_eq!(d.fsync("j"), Err(DiskError::PowerLost));
+        assert!(d.power_lost());
+        // Nothing works until the node restarts; then only what was synced is there.
+        assert_eq!(d.read("j"), Err(DiskError::PowerLost));
+        assert_eq!(d.append("j", b"x"), Err(DiskError::PowerLost));
+        d.restore_power();
+        assert_eq!(d.read("j").unwrap(), b"one;");
+        // Disarmed before any fsync: nothing happens.
+        d.arm_power_loss();
+        d.disarm();
+        d.fsync("j").unwrap();
+        assert!(!d.power_lost());
     }
 
     #[test]

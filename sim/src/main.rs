@@ -5,6 +5,16 @@
 use std::process::ExitCode;
 use talon_sim::cluster::{LIVENESS_BOUND_S, SimOptions, run};
 
+/// Log timestamps in virtual seconds.
+struct VirtualTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for VirtualTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let t = turmoil::sim_elapsed().unwrap_or_default();
+        write!(w, "{:>9.3}s", t.as_secs_f64())
+    }
+}
+
 fn usage() -> String {
     "usage: talon-sim [--seed N] [--minions K] [--clients M] [--rows R] [--duration SECONDS] [--no-faults]\n\
      --duration is the safety phase (faults) in virtual seconds; the liveness phase that follows has at most "
@@ -70,6 +80,16 @@ fn main() -> ExitCode {
         if o.faults { "" } else { " --no-faults" }
     );
     println!("seed: {}", o.seed);
+    // The nodes' own logs, for chasing a failure: `RUST_LOG=info talon-sim --seed N` (to stderr;
+    // timestamps are the virtual clock's, as the nodes see it).
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_timer(VirtualTime)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let wall = std::time::Instant::now();
     let report = run(&o, &mut |line| println!("{line}"));
     let secs = wall.elapsed().as_secs_f64();

@@ -111,10 +111,33 @@ impl SimLocalDisk {
         lock(&self.0).crash();
     }
 
+    /// Arms a crash at the next fsync ([`SimDisk::arm_power_loss`]).
+    pub fn arm_power_loss(&self) {
+        lock(&self.0).arm_power_loss();
+    }
+
+    /// Disarms a crash that did not trip.
+    pub fn disarm(&self) {
+        lock(&self.0).disarm();
+    }
+
+    /// Whether an armed crash tripped.
+    pub fn power_lost(&self) -> bool {
+        lock(&self.0).power_lost()
+    }
+
+    /// The node restarts with what survived.
+    pub fn restore_power(&self) {
+        lock(&self.0).restore_power();
+    }
+
     /// A separate disk holding a copy of this one's current contents, for checkers to open (a
     /// journal's recovery may repair a torn tail; the node's own disk must not change under it).
     pub fn copy(&self) -> SimLocalDisk {
-        SimLocalDisk::new(lock(&self.0).clone())
+        let mut d = lock(&self.0).clone();
+        // The copy is read as the restarted node would read it.
+        d.restore_power();
+        SimLocalDisk::new(d)
     }
 }
 

@@ -34,6 +34,9 @@ pub enum Fault {
     Crash {
         /// The node.
         host: String,
+        /// Aimed at a durability point: the crash happens in place of the node's next fsync (the
+        /// moment a write is about to become durable), not at the fault's start.
+        at_sync: bool,
     },
     /// The host cannot reach the shared volume: its operations stall, then fail after
     /// [`crate::world::VOLUME_CUT_TIMEOUT_MS`].
@@ -53,7 +56,7 @@ impl Fault {
             Fault::Partition { .. } => "partition-client-frontend",
             Fault::OneWay { .. } => "one-way-partition",
             Fault::Hold { .. } => "hold",
-            Fault::Crash { host } if host == "master" => "crash-master",
+            Fault::Crash { host, .. } if host == "master" => "crash-master",
             Fault::Crash { .. } => "crash-minion",
             Fault::VolumeCut { .. } => "volume-partition",
         }
@@ -71,7 +74,7 @@ impl Fault {
         match self {
             Fault::Partition { a, b } | Fault::Hold { a, b } => pair(a, b),
             Fault::OneWay { from, to } => pair(from, to),
-            Fault::Crash { host } => format!("process {host}"),
+            Fault::Crash { host, .. } => format!("process {host}"),
             Fault::VolumeCut { host } => format!("volume {host}"),
         }
     }
@@ -87,7 +90,14 @@ impl fmt::Display for Fault {
             Fault::Partition { a, b } => write!(f, "partition {a} <-> {b}"),
             Fault::OneWay { from, to } => write!(f, "one-way partition {from} -> {to}"),
             Fault::Hold { a, b } => write!(f, "hold {a} <-> {b}"),
-            Fault::Crash { host } => write!(f, "crash {host}"),
+            Fault::Crash {
+                host,
+                at_sync: false,
+            } => write!(f, "crash {host}"),
+            Fault::Crash {
+                host,
+                at_sync: true,
+            } => write!(f, "crash {host} at its next fsync"),
             Fault::VolumeCut { host } => write!(f, "cut {host} off the shared volume"),
         }
     }
@@ -261,9 +271,11 @@ impl Swarm {
                     }
                     "crash-minion" => Fault::Crash {
                         host: pick(rng, minions),
+                        at_sync: rng.chance(0.5),
                     },
                     "crash-master" => Fault::Crash {
                         host: master.clone(),
+                        at_sync: rng.chance(0.5),
                     },
                     "volume-partition" => Fault::VolumeCut {
                         host: pick(rng, &frontends),

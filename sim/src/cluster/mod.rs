@@ -463,6 +463,13 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                 &mut crashed,
             );
         }
+        // A crash aimed at an fsync tripped: the process dies now (its disk already did).
+        for (name, d) in &disks {
+            if d.power_lost() && !crashed.contains(name) {
+                sim.crash(name.as_str());
+                crashed.insert(name.clone());
+            }
+        }
         if !healed && now >= safety_ms {
             // The liveness phase: every fault is healed (the plan's windows end by here), and the
             // volume stops failing.
@@ -618,16 +625,24 @@ fn apply(
         (Fault::OneWay { from, to }, false) => sim.repair_oneway(from.as_str(), to.as_str()),
         (Fault::Hold { a, b }, true) => sim.hold(a.as_str(), b.as_str()),
         (Fault::Hold { a, b }, false) => sim.release(a.as_str(), b.as_str()),
-        (Fault::Crash { host }, true) => {
-            sim.crash(host.as_str());
-            if let Some(d) = disks.get(host) {
+        (Fault::Crash { host, at_sync }, true) => {
+            let Some(d) = disks.get(host) else { return };
+            if *at_sync {
+                d.arm_power_loss();
+            } else {
+                sim.crash(host.as_str());
                 d.crash();
+                crashed.insert(host.clone());
             }
-            crashed.insert(host.clone());
         }
-        (Fault::Crash { host }, false) => {
-            sim.bounce(host.as_str());
-            crashed.remove(host);
+        (Fault::Crash { host, .. }, false) => {
+            let Some(d) = disks.get(host) else { return };
+            // An armed crash that never met an fsync simply did not happen.
+            d.disarm();
+            if crashed.remove(host) {
+                d.restore_power();
+                sim.bounce(host.as_str());
+            }
         }
         (Fault::VolumeCut { host }, cut) => volume.set_cut(host, cut),
     }
