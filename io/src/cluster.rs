@@ -387,6 +387,9 @@ pub enum LinkEvent {
     Disconnected,
     /// A broadcast from the master.
     Broadcast(pc::Broadcast),
+    /// Broadcasts were dropped because the node was not taking events (its queue was full): the
+    /// node clears its read cache (an invalidation may be among them); tasks are resent by the master.
+    BroadcastsLost,
 }
 
 struct Push {
@@ -490,6 +493,8 @@ impl Link {
             connecting: false,
             backoff_ms: RECONNECT_MIN_MS,
             itx,
+            report: None,
+            broadcasts_lost: false,
         };
         let span = tracing::info_span!("link", node = %task.opts.node);
         let handle = tokio::spawn(tracing::Instrument::instrument(task.run(rx, irx), span));
@@ -537,6 +542,11 @@ struct LinkTask {
     connecting: bool,
     backoff_ms: u64,
     itx: mpsc::Sender<Internal>,
+    /// A connection change not yet told to the node (`true`: up). The link never waits for the node:
+    /// the node may itself be waiting for room in the link's queue, and that cycle would deadlock.
+    report: Option<bool>,
+    /// Broadcasts were dropped since the node last heard from us.
+    broadcasts_lost: bool,
 }
 
 impl LinkTask {
@@ -559,6 +569,7 @@ impl LinkTask {
                 .poll_timeout()
                 .map_or(30_000, |t| t.since_ms(now).min(30_000));
             let want_connect = self.conn.is_none() && !self.connecting;
+            let events_out = self.events_out.clone();
             tokio::select! {
                 p = rx.recv(), if room => match p {
                     Some(p) => {
@@ -586,6 +597,17 @@ impl LinkTask {
                 }
                 _ = tokio::time::sleep_until(reconnect_at), if want_connect => {
                     self.connect();
+                }
+                permit = events_out.reserve(), if self.report.is_some() || self.broadcasts_lost => {
+                    let Ok(permit) = permit else { return "the node stopped".into() };
+                    match self.report.take() {
+                        Some(true) => permit.send(LinkEvent::Connected),
+                        Some(false) => permit.send(LinkEvent::Disconnected),
+                        None => {
+                            self.broadcasts_lost = false;
+                            permit.send(LinkEvent::BroadcastsLost);
+                        }
+                    }
                 }
             }
         }
@@ -716,7 +738,7 @@ impl LinkTask {
                 self.conn = Some(tx);
                 tracing::info!(node = %self.opts.node, epoch = self.outbox.epoch(), pending = self.outbox.len(), "replication stream to the master is up");
                 self.outbox.handle_connected(now);
-                let _ = self.events_out.send(LinkEvent::Connected).await;
+                self.report = Some(true);
                 None
             }
             Internal::Down { generation, error } if generation == self.generation => {
@@ -725,7 +747,7 @@ impl LinkTask {
                 self.outbox.handle_disconnected(now);
                 if was_up {
                     tracing::warn!(node = %self.opts.node, %error, pending = self.outbox.len(), "replication stream to the master is down; reconnecting");
-                    let _ = self.events_out.send(LinkEvent::Disconnected).await;
+                    self.report = Some(false);
                 } else {
                     tracing::debug!(node = %self.opts.node, %error, "cannot reach the master yet");
                 }
@@ -743,7 +765,17 @@ impl LinkTask {
                         }
                     }
                     Some(master_message::Kind::Broadcast(b)) => {
-                        let _ = self.events_out.send(LinkEvent::Broadcast(b)).await;
+                        // Behind an untold connection change, or into a full queue: dropped (and
+                        // the node told), never waited for.
+                        let sent = self.report.is_none()
+                            && !self.broadcasts_lost
+                            && self.events_out.try_send(LinkEvent::Broadcast(b)).is_ok();
+                        if !sent {
+                            if !self.broadcasts_lost {
+                                tracing::warn!(node = %self.opts.node, "the node is not taking broadcasts; dropping them (tasks are resent, the read cache is cleared)");
+                            }
+                            self.broadcasts_lost = true;
+                        }
                     }
                     Some(master_message::Kind::Error(e)) => {
                         tracing::warn!(node = %self.opts.node, message = %e.message, expected = e.expected_seq, "the master refused events");
@@ -833,6 +865,7 @@ impl pc::replication_server::Replication for ClusterService {
                 };
                 match msg.kind {
                     Some(minion_message::Kind::Events(b)) => {
+                        tracing::debug!(minion = %node_name, first = b.events.first().map(|e| e.seq), count = b.events.len(), "replication batch");
                         let mut events = Vec::with_capacity(b.events.len());
                         let mut malformed = None;
                         for e in b.events {

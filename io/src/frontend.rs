@@ -329,6 +329,8 @@ struct MasterState {
     minions: BTreeMap<String, MinionConn>,
     next_minion_conn: u64,
     inbox: Inbox<Event>,
+    /// Each minion's cursor as last made durable: acknowledgements never go beyond it.
+    persisted: BTreeMap<String, Cursor>,
     /// Tasks created and not yet acknowledged by their client, in creation order. Delivered when the
     /// client is (or becomes) connected to any node; dropped when its `TaskAck` is applied.
     pending: BTreeMap<ClientId, Vec<comms::Task>>,
@@ -530,6 +532,7 @@ impl Node {
                 let state = MasterState {
                     minions: BTreeMap::new(),
                     next_minion_conn: 1,
+                    persisted: cursors.iter().cloned().collect(),
                     inbox: Inbox::recover(InboxLimits::default(), cursors),
                     pending,
                     resend_at: clock.now().plus_ms(TASK_RESEND_MS),
@@ -1187,14 +1190,21 @@ impl Actor {
                             tracing::error!(minion = %n, error = %e, "cannot persist a replication cursor; not acknowledging");
                             continue;
                         }
+                        if let NodeRole::Master(m) = &mut self.role {
+                            m.persisted.insert(n.clone(), c);
+                        }
                     }
+                    // Acknowledge only what the durable cursor covers: after a cursor write
+                    // failed (the node is stopping), memory is ahead of it, and an ack would let
+                    // the minion drop events a restarted master has not applied.
                     if let NodeRole::Master(m) = &mut self.role
+                        && let Some(p) = m.persisted.get(&n).filter(|p| p.epoch == epoch)
                         && let Some(c) = m.minions.get(&n)
                     {
                         let ack = pc::MasterMessage {
                             kind: Some(master_message::Kind::Ack(pc::ReplAck {
                                 epoch,
-                                upto_seq: upto,
+                                upto_seq: upto.min(p.hwm),
                             })),
                         };
                         if c.tx.try_send(Ok(ack)).is_err() {
@@ -1306,6 +1316,11 @@ impl Actor {
                 }
             }
             LinkEvent::Disconnected => {}
+            LinkEvent::BroadcastsLost => {
+                if let Meta::Remote(r) = &self.datastore {
+                    r.clear(); // An invalidation may have been among them.
+                }
+            }
             LinkEvent::Broadcast(b) => match b.kind {
                 Some(broadcast::Kind::TaskQueued(t)) => {
                     if let (Ok(id), Some(task)) = (ClientId::parse(&t.client_id), t.task) {
