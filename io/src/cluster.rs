@@ -99,6 +99,16 @@ pub enum Meta {
     Remote(RemoteStore),
 }
 
+fn fail_stop_unless_busy(d: &Datastore, key: &str, e: &crate::datastore::DatastoreError) {
+    use crate::datastore::DatastoreError;
+    if !matches!(
+        e,
+        DatastoreError::Refused(talon_core::datastore::CacheError::Busy { .. })
+    ) {
+        d.fail_stop(&format!("writing {key}: {e}"));
+    }
+}
+
 impl Meta {
     /// Reads a key.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
@@ -113,11 +123,13 @@ impl Meta {
     /// On the master a failed write is fatal (fail-stop): the node writes records after applying
     /// their change in memory (registry, hunts, flows), so memory is now ahead of what a restart
     /// would find; the process stops and restarts from what is durable rather than acknowledge
-    /// anything on top of it. The caller still gets the error.
+    /// anything on top of it. The exception is back-pressure (`Busy`: the unflushed backlog is at its
+    /// bound because the volume is slow or down): the caller gets the "retry later" error and
+    /// acknowledges nothing. The caller always gets the error.
     pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, String> {
         match self {
             Meta::Local(d) => d.set(key, value).await.map_err(|e| {
-                d.fail_stop(&format!("writing {key}: {e}"));
+                fail_stop_unless_busy(d, key, &e);
                 e.to_string()
             }),
             Meta::Remote(r) => r.set(key, value).await,
@@ -128,7 +140,7 @@ impl Meta {
     pub async fn delete(&self, key: &str) -> Result<u64, String> {
         match self {
             Meta::Local(d) => d.delete(key).await.map_err(|e| {
-                d.fail_stop(&format!("deleting {key}: {e}"));
+                fail_stop_unless_busy(d, key, &e);
                 e.to_string()
             }),
             Meta::Remote(r) => r.delete(key).await,
