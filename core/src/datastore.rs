@@ -241,7 +241,6 @@ pub struct Cache {
     /// The dirty entries not being flushed, by version: what the next flush takes, found without
     /// stepping over the (up to `flushes_in_flight_max` × `flush_batch_max`) entries in flight.
     idle: BTreeMap<u64, String>,
-    flushing_keys: usize,
     pending: BTreeMap<u64, PendingWrite>,
     next_seq: u64,
     synced_upto: u64,
@@ -269,7 +268,6 @@ impl Cache {
             next_tick: 0,
             dirty: BTreeMap::new(),
             idle: BTreeMap::new(),
-            flushing_keys: 0,
             pending: BTreeMap::new(),
             next_seq: truncated_upto + 1,
             synced_upto: truncated_upto,
@@ -609,7 +607,6 @@ impl Cache {
             };
             debug_assert_eq!(e.flushing, Some(version));
             e.flushing = None;
-            self.flushing_keys -= 1;
             if ok && e.version == version {
                 e.dirty = false;
                 self.dirty.remove(&version);
@@ -656,7 +653,6 @@ impl Cache {
         while self.flushes.len() < self.limits.flushes_in_flight_max && now >= self.flush_not_before
         {
             let flushable = self.idle.len();
-            debug_assert_eq!(flushable, self.dirty.len() - self.flushing_keys);
             if flushable == 0 {
                 return;
             }
@@ -686,7 +682,6 @@ impl Cache {
                 });
                 keys.push((key.clone(), e.version));
             }
-            self.flushing_keys += keys.len();
             self.flushes.insert(batch, keys);
             self.actions.push_back(CacheAction::Flush { batch, writes });
         }
