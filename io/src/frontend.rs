@@ -364,12 +364,7 @@ async fn load_json<T: serde::de::DeserializeOwned>(
     ds: &Meta,
     key: &str,
 ) -> Result<Option<T>, String> {
-    match ds.get(key).await.map_err(|e| format!("{key}: {e}"))? {
-        None => Ok(None),
-        Some(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| format!("{key}: {e}")),
-    }
+    parse_json(key, ds.get(key).await.map_err(|e| format!("{key}: {e}"))?)
 }
 
 async fn save_json<T: serde::Serialize>(ds: &Meta, key: &str, value: &T) -> Result<(), Status> {
@@ -1440,7 +1435,7 @@ impl Actor {
     }
 
     /// Performs the hunt manager's actions: a participant is journalled before its task is delivered.
-    /// Performs the hunt manager's actions; `Err` carries the first write that failed (the node
+    /// `Err` carries the first write that failed (the node
     /// fail-stops on it, see `Meta::set`): what the caller was about to acknowledge is not durable.
     async fn drain_hunts(&mut self) -> Result<(), Status> {
         let mut failed = None;
