@@ -338,6 +338,19 @@ impl SimVolume {
     }
 }
 
+/// The files whose key starts with `prefix`, in key order.
+pub fn under<'a>(
+    files: &'a BTreeMap<String, Bytes>,
+    prefix: &'a str,
+) -> impl Iterator<Item = (&'a String, &'a Bytes)> + 'a {
+    files
+        .range::<str, _>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(move |(k, _)| k.starts_with(prefix))
+}
+
 fn injected() -> io::Error {
     io::Error::other("injected I/O error (simulated shared volume)")
 }
@@ -360,11 +373,7 @@ impl Volume for SimVolume {
     async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
         self.charge(0).await?;
         let s = lock(&self.state);
-        Ok(s.files
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, _)| k.clone())
-            .collect())
+        Ok(under(&s.files, prefix).map(|(k, _)| k.clone()).collect())
     }
     async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
         // An append is not idempotent: an error is reported only when it had no effect.

@@ -3,7 +3,7 @@
 //! during the run (every virtual second), [`converged`] decides the liveness phase, [`final_state`]
 //! runs once at the end and compares storage with the stats the master's API reported.
 
-use crate::world::{SimLocalDisk, SimVolume};
+use crate::world::{SimLocalDisk, SimVolume, under};
 use bytes::Bytes;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
@@ -92,13 +92,7 @@ impl Samples {
                     Some(_) => {}
                 }
             }
-            for (k, v) in files.range::<str, _>((
-                std::ops::Bound::Included("clients/"),
-                std::ops::Bound::Unbounded,
-            )) {
-                if !k.starts_with("clients/") {
-                    break;
-                }
+            for (k, v) in under(files, "clients/") {
                 if k.contains("/messages/") && !self.seen.contains_key(k) {
                     self.seen.insert(k.clone(), v.clone());
                 }
@@ -155,12 +149,7 @@ fn json<T: serde::de::DeserializeOwned>(files: &BTreeMap<String, Bytes>, key: &s
 }
 
 fn hunts_on_volume(files: &BTreeMap<String, Bytes>) -> Vec<HuntId> {
-    files
-        .range::<str, _>((
-            std::ops::Bound::Included("hunts/"),
-            std::ops::Bound::Unbounded,
-        ))
-        .take_while(|(k, _)| k.starts_with("hunts/"))
+    under(files, "hunts/")
         .filter_map(|(k, _)| {
             let parts: Vec<&str> = k.split('/').collect();
             match parts.as_slice() {
@@ -214,9 +203,7 @@ pub fn converged(
                 ));
             }
         }
-        if let Some((k, _)) = files.range::<str, _>((std::ops::Bound::Included("tasks/"), std::ops::Bound::Unbounded)).next()
-            && k.starts_with("tasks/")
-        {
+        if let Some((k, _)) = under(files, "tasks/").next() {
             return Err(format!("pending task {k} delivered"));
         }
         // Outboxes drained: nothing the minion holds is beyond what the master applied.
@@ -273,13 +260,7 @@ pub fn final_state(
     }
     // Flow records per (hunt, client).
     let mut per_pair: BTreeMap<(String, String), Vec<FlowJson>> = BTreeMap::new();
-    for (k, _) in files
-        .range::<str, _>((
-            std::ops::Bound::Included("clients/"),
-            std::ops::Bound::Unbounded,
-        ))
-        .take_while(|(k, _)| k.starts_with("clients/"))
-    {
+    for (k, _) in under(files, "clients/") {
         if k.ends_with("/record.json")
             && k.contains("/flows/")
             && let Some(f) = json::<FlowJson>(files, k)
@@ -373,13 +354,7 @@ pub fn final_state(
     // 6. Only the legitimate clients enrolled, each under the id derived from its own key (the
     // impostor, which claims the first client's id with another key, never did).
     let mut enrolled = BTreeMap::new();
-    for (k, _) in files
-        .range::<str, _>((
-            std::ops::Bound::Included("clients/"),
-            std::ops::Bound::Unbounded,
-        ))
-        .take_while(|(k, _)| k.starts_with("clients/"))
-    {
+    for (k, _) in under(files, "clients/") {
         if k.matches('/').count() == 2
             && k.ends_with("/record.json")
             && let Some(r) = json::<ClientJson>(files, k)

@@ -115,13 +115,6 @@ fn elapsed_ms() -> u64 {
     turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
 }
 
-/// A node: its turmoil host name, local disk, and incarnation counter (each restart draws a fresh
-/// entropy stream from the seed).
-struct NodeHost {
-    name: String,
-    disk: SimLocalDisk,
-}
-
 /// Runs one simulation; `progress` gets a line now and then.
 pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, String> {
     if o.clients == 0 {
@@ -215,13 +208,11 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         };
         SimLocalDisk::new(SimDisk::new(64 << 30, faults, root.fork(label)))
     };
-    let mut nodes: Vec<NodeHost> = Vec::new();
+    // Each frontend's local disk, by host name: kept across its restarts, crashed with it.
+    let mut disks: BTreeMap<String, SimLocalDisk> = BTreeMap::new();
     for name in std::iter::once("master".to_owned()).chain(minion_names.iter().cloned()) {
         let local = disk(&format!("disk-{name}"));
-        nodes.push(NodeHost {
-            name: name.clone(),
-            disk: local.clone(),
-        });
+        disks.insert(name.clone(), local.clone());
         let (cfg, root, volume, exits) = (cfg.clone(), root.clone(), volume.clone(), exits.clone());
         let incarnation = Arc::new(AtomicU64::new(0));
         let host = name.clone();
@@ -438,10 +429,6 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             .collect(),
         outbox_events_max: talon_core::replication::OutboxLimits::default().events_max,
     };
-    let disks: BTreeMap<String, SimLocalDisk> = nodes
-        .iter()
-        .map(|n| (n.name.clone(), n.disk.clone()))
-        .collect();
     let mut healed = false;
     let mut converged_ms = 0;
     let mut next_sample = 1_000;
@@ -486,17 +473,17 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             ));
         }
         // The supervisor: a frontend that exited on its own is started again.
-        for n in &nodes {
-            if crashed.contains(&n.name) {
+        for name in disks.keys() {
+            if crashed.contains(name) {
                 continue;
             }
-            if !sim.is_host_running(n.name.as_str()) {
+            if !sim.is_host_running(name.as_str()) {
                 let at = *restart_at
-                    .entry(n.name.clone())
+                    .entry(name.clone())
                     .or_insert(now + RESTART_DELAY_MS);
                 if now >= at {
-                    restart_at.remove(&n.name);
-                    sim.bounce(n.name.as_str());
+                    restart_at.remove(name);
+                    sim.bounce(name.as_str());
                 }
             }
         }
