@@ -20,6 +20,7 @@
 //! input; each module documents what bounds that.
 
 pub mod artifacts;
+pub mod cluster_codec;
 pub mod codec;
 pub mod datastore;
 pub mod flows;

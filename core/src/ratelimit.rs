@@ -1,7 +1,9 @@
-//! A token bucket: at most `rate_per_s` events per second on average, `burst` at once. Sans-IO: every
-//! call carries `now`. Used for `Frontend.resources.connections_per_second`.
+//! A token bucket: at most `rate_per_s` events per second on average, `burst` at once, and a bounded
+//! queue paced by one ([`Paced`]). Sans-IO: every call carries `now`. Used for
+//! `Frontend.resources.connections_per_second` and `notifications_per_second`.
 
 use crate::time::Timestamp;
+use std::collections::{BTreeSet, VecDeque};
 
 /// The bucket. Tokens are kept in thousandths so that refill is exact in integer milliseconds.
 #[derive(Clone, Debug)]
@@ -44,6 +46,84 @@ impl TokenBucket {
             false
         }
     }
+
+    /// When the next token is available (`now` if one is).
+    pub fn ready_at(&mut self, now: Timestamp) -> Timestamp {
+        self.refill(now);
+        let missing = 1000u64.saturating_sub(self.milli_tokens);
+        now.plus_ms(missing.div_ceil(self.rate_per_s))
+    }
+}
+
+/// Why [`Paced::push`] refused an item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueFull {
+    /// The bound.
+    pub max: usize,
+}
+
+/// A bounded FIFO released at a token bucket's rate, holding each key at most once (pushing a key
+/// already queued is a no-op: a task sent again while its first notification still waits).
+#[derive(Clone, Debug)]
+pub struct Paced<K, V> {
+    bucket: TokenBucket,
+    queue: VecDeque<(K, V)>,
+    queued: BTreeSet<K>,
+    max: usize,
+}
+
+impl<K: Ord + Clone, V> Paced<K, V> {
+    /// `rate_per_s` releases per second (bursts of one second's worth), at most `max` queued.
+    pub fn new(rate_per_s: u64, max: usize, now: Timestamp) -> Self {
+        Paced {
+            bucket: TokenBucket::new(rate_per_s, rate_per_s, now),
+            queue: VecDeque::new(),
+            queued: BTreeSet::new(),
+            max,
+        }
+    }
+
+    /// Queues `value` under `key` unless `key` is queued already. At the bound it is refused.
+    pub fn push(&mut self, key: K, value: V) -> Result<(), QueueFull> {
+        if self.queued.contains(&key) {
+            return Ok(());
+        }
+        if self.queue.len() >= self.max {
+            return Err(QueueFull { max: self.max });
+        }
+        self.queued.insert(key.clone());
+        self.queue.push_back((key, value));
+        Ok(())
+    }
+
+    /// The next item, if one is queued and the rate allows it now.
+    pub fn poll(&mut self, now: Timestamp) -> Option<(K, V)> {
+        if self.queue.is_empty() || !self.bucket.try_take(now) {
+            return None;
+        }
+        let (k, v) = self.queue.pop_front()?;
+        self.queued.remove(&k);
+        Some((k, v))
+    }
+
+    /// When `poll` can next release something (`None` if nothing is queued).
+    pub fn poll_timeout(&mut self, now: Timestamp) -> Option<Timestamp> {
+        if self.queue.is_empty() {
+            None
+        } else {
+            Some(self.bucket.ready_at(now))
+        }
+    }
+
+    /// Items queued.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// True if nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -58,6 +138,26 @@ mod tests {
         assert!(!b.try_take(Timestamp(50)));
         assert!(b.try_take(Timestamp(100)), "one token per 100 ms at 10/s");
         assert!(!b.try_take(Timestamp(150)));
+    }
+
+    #[test]
+    fn paced_releases_at_the_rate_dedupes_and_refuses_at_the_bound() {
+        let mut p = Paced::new(2, 3, Timestamp(0));
+        p.push("a", 1).unwrap();
+        p.push("a", 9).unwrap(); // already queued: no-op
+        p.push("b", 2).unwrap();
+        p.push("c", 3).unwrap();
+        assert_eq!(p.push("d", 4), Err(QueueFull { max: 3 }));
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.poll(Timestamp(0)), Some(("a", 1)));
+        assert_eq!(p.poll(Timestamp(0)), Some(("b", 2)));
+        assert_eq!(p.poll(Timestamp(0)), None, "burst of 2 spent");
+        assert_eq!(p.poll_timeout(Timestamp(0)), Some(Timestamp(500)));
+        assert_eq!(p.poll(Timestamp(499)), None);
+        assert_eq!(p.poll(Timestamp(500)), Some(("c", 3)));
+        assert_eq!(p.poll_timeout(Timestamp(500)), None);
+        p.push("a", 5).unwrap(); // released earlier, so queued again
+        assert_eq!(p.poll(Timestamp(1000)), Some(("a", 5)));
     }
 
     proptest! {

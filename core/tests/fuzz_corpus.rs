@@ -11,11 +11,16 @@
 mod client_message;
 #[path = "../../fuzz/props/filestore_path.rs"]
 mod filestore_path;
+#[path = "../../fuzz/props/remote_datastore.rs"]
+mod remote_datastore;
+#[path = "../../fuzz/props/replication.rs"]
+mod replication;
 
 use bytes::Bytes;
 use prost::Message;
 use std::path::PathBuf;
 use talon_core::ClientId;
+use talon_proto::cluster as pc;
 use talon_proto::comms::{self, client_message::Kind, flow_message::Payload};
 
 fn corpus(target: &str) -> PathBuf {
@@ -134,5 +139,160 @@ fn filestore_path_corpus() {
     .chain([vec![b'a'; 300], vec![0xff, 0xfe, b'/', b'.']])
     .collect();
     let n = run("filestore_path", &seeds, filestore_path::check);
+    assert!(n >= seeds.len());
+}
+
+/// One frame of the cluster targets' input: `[tag][length LE u16][protobuf]`.
+fn frame(tag: u8, msg: &impl Message) -> Vec<u8> {
+    let body = msg.encode_to_vec();
+    let mut f = vec![tag];
+    f.extend_from_slice(&(body.len() as u16).to_le_bytes());
+    f.extend_from_slice(&body);
+    f
+}
+
+fn events(epoch: u64, seqs: std::ops::RangeInclusive<u64>) -> pc::MinionMessage {
+    use pc::replicated_event::Event;
+    let key = b"client public key".to_vec();
+    let id = ClientId::from_public_key(&key).to_string();
+    let body = |seq: u64| match seq % 4 {
+        0 => Event::ClientSeen(pc::ClientSeen {
+            client_id: id.clone(),
+            public_key: key.clone().into(),
+            last_ip: "10.0.0.7".into(),
+            connected_unix_ms: 1_790_000_000_000,
+            ..Default::default()
+        }),
+        1 => Event::TaskDelivered(pc::TaskDelivered {
+            client_id: id.clone(),
+            flow_id: "F.1A2B3C.H".into(),
+        }),
+        2 => Event::FlowCompleted(pc::FlowCompleted {
+            client_id: id.clone(),
+            flow_id: "F.1A2B3C.H".into(),
+            state: comms::FlowState::Completed as i32,
+            rows: 100,
+            ..Default::default()
+        }),
+        _ => Event::ClientGone(pc::ClientGone {
+            client_id: id.clone(),
+        }),
+    };
+    pc::MinionMessage {
+        kind: Some(pc::minion_message::Kind::Events(pc::EventBatch {
+            epoch,
+            events: seqs
+                .map(|seq| pc::ReplicatedEvent {
+                    seq,
+                    time_unix_ms: 1_790_000_000_000 + seq,
+                    event: Some(body(seq)),
+                })
+                .collect(),
+        })),
+    }
+}
+
+#[test]
+fn replication_corpus() {
+    let hello = pc::MinionMessage {
+        kind: Some(pc::minion_message::Kind::Hello(pc::MinionHello {
+            node: "minion-8100".into(),
+            epoch: 5,
+            acked_broadcast_seq: 0,
+        })),
+    };
+    let seeds: Vec<Vec<u8>> = vec![
+        // In order; a resend overlapping what was applied; a gap; a new epoch; a stale epoch.
+        [
+            frame(0, &hello),
+            frame(0, &events(5, 1..=4)),
+            frame(0, &events(5, 3..=6)),
+            frame(0, &events(5, 9..=10)),
+            frame(0, &events(6, 1..=2)),
+            frame(0, &events(5, 7..=8)),
+        ]
+        .concat(),
+        // Four minions interleaved (the inbox holds three).
+        (0..4u8).flat_map(|m| frame(m, &events(1, 1..=3))).collect(),
+        frame(1, &events(2, 1..=300)),
+    ];
+    let n = run("replication", &seeds, replication::check);
+    assert!(n >= seeds.len());
+}
+
+#[test]
+fn remote_datastore_corpus() {
+    let set = |key: &str, parts: &[&[u8]]| -> Vec<u8> {
+        let total = parts.iter().map(|p| p.len() as u64).sum();
+        let mut out = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let chunk = pc::SetChunk {
+                key: if i == 0 { key.into() } else { String::new() },
+                total_len: if i == 0 { total } else { 0 },
+                data: Bytes::copy_from_slice(p),
+            };
+            out.extend(frame(1, &chunk));
+        }
+        out.extend(frame(2, &pc::SetChunk::default()));
+        out
+    };
+    let get = |key: &str| frame(0, &pc::GetRequest { key: key.into() });
+    let del = |key: &str| frame(3, &pc::DeleteRequest { key: key.into() });
+    let list = |prefix: &str| {
+        frame(
+            4,
+            &pc::ListRequest {
+                prefix: prefix.into(),
+                limit: 0,
+            },
+        )
+    };
+    let seeds: Vec<Vec<u8>> = vec![
+        [
+            set(
+                "clients/C.0123456789abcdef/record.json",
+                &[b"{\"a\":", b"1}"],
+            ),
+            get("clients/C.0123456789abcdef/record.json"),
+            list("clients/"),
+            del("clients/C.0123456789abcdef/record.json"),
+            get("clients/C.0123456789abcdef/record.json"),
+        ]
+        .concat(),
+        [
+            set("../../etc/passwd", &[b"root"]),
+            set("/abs/key", &[b"x"]),
+            set("a/./b", &[b"x"]),
+            get("a\0b"),
+            del(".."),
+        ]
+        .concat(),
+        // More bytes than announced, and a value over the bound.
+        [
+            frame(
+                1,
+                &pc::SetChunk {
+                    key: "k".into(),
+                    total_len: 2,
+                    data: Bytes::from_static(b"abc"),
+                },
+            ),
+            frame(
+                1,
+                &pc::SetChunk {
+                    key: "big".into(),
+                    total_len: 1 << 40,
+                    data: Bytes::new(),
+                },
+            ),
+            frame(2, &pc::SetChunk::default()),
+        ]
+        .concat(),
+        (0..12)
+            .flat_map(|i| set(&format!("hunts/H.{i:02}/record.json"), &[b"{}"]))
+            .chain(list("hunts/"))
+            .collect(),
+    ];
+    let n = run("remote_datastore", &seeds, remote_datastore::check);
     assert!(n >= seeds.len());
 }

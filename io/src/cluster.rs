@@ -23,6 +23,9 @@ use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use talon_core::cluster_codec::{
+    AssemblyError, ClusterLimits, MinionInput, ValueAssembly, validate_minion_message,
+};
 use talon_core::replication::{Outbox, OutboxAction, OutboxLimits};
 use talon_proto::cluster::{
     self as pc, master_message, minion_message, remote_datastore_client::RemoteDatastoreClient,
@@ -36,8 +39,6 @@ use tonic::{Request, Response, Status};
 pub const READ_CACHE_MAX: usize = 65_536;
 /// Bytes per chunk of a remote value.
 pub const VALUE_CHUNK_BYTES: usize = 1 << 20;
-/// Largest value the remote datastore carries.
-pub const VALUE_BYTES_MAX: u64 = 64 << 20;
 /// Keys per `List` response message.
 pub const LIST_PAGE_KEYS: usize = 1000;
 /// Messages queued from the master to one minion; past it the master drops the stream (the minion
@@ -171,6 +172,7 @@ pub struct RemoteStore {
     channel: Arc<tokio::sync::Mutex<Option<Channel>>>,
     cache: Arc<Mutex<ReadCache>>,
     cache_max: usize,
+    value_bytes_max: u64,
 }
 
 fn remote_error(what: &str, key: &str, e: Status) -> String {
@@ -178,13 +180,15 @@ fn remote_error(what: &str, key: &str, e: Status) -> String {
 }
 
 impl RemoteStore {
-    /// A store reaching `master`; connects on first use (and again after a failure).
-    pub fn new(master: MasterAddr, cache_max: usize) -> RemoteStore {
+    /// A store reaching `master`; connects on first use (and again after a failure). It caches at
+    /// most `cache_max` values and carries values of at most `value_bytes_max` bytes.
+    pub fn new(master: MasterAddr, cache_max: usize, value_bytes_max: u64) -> RemoteStore {
         RemoteStore {
             master,
             channel: Arc::new(tokio::sync::Mutex::new(None)),
             cache: Arc::new(Mutex::new(ReadCache::default())),
             cache_max: cache_max.max(1),
+            value_bytes_max,
         }
     }
 
@@ -284,7 +288,7 @@ impl RemoteStore {
                 return Ok(None);
             }
             let t = *total.get_or_insert(chunk.total_len);
-            if t > VALUE_BYTES_MAX || value.len() as u64 + chunk.data.len() as u64 > t {
+            if t > self.value_bytes_max || value.len() as u64 + chunk.data.len() as u64 > t {
                 return Err(format!(
                     "remote datastore get {key:?}: value larger than announced ({t} bytes)"
                 ));
@@ -305,10 +309,12 @@ impl RemoteStore {
 
     /// Writes a key through the master; durable there when this returns.
     pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, String> {
-        if value.len() as u64 > VALUE_BYTES_MAX {
+        if value.len() as u64 > self.value_bytes_max {
             return Err(format!(
-                "remote datastore set {key:?}: {} bytes is over the {VALUE_BYTES_MAX}-byte bound",
-                value.len()
+                "remote datastore set {key:?}: {} bytes is over the {}-byte bound \
+                 (Datastore.max_value_size)",
+                value.len(),
+                self.value_bytes_max
             ));
         }
         self.invalidate(key);
@@ -810,15 +816,23 @@ pub struct ClusterService {
     node: Node,
     datastore: Datastore,
     minions: Arc<BTreeSet<String>>,
+    value_bytes_max: u64,
 }
 
 impl ClusterService {
-    /// Serves the minions named in `minions` (node names from `ExtraFrontends`).
-    pub fn new(node: Node, datastore: Datastore, minions: BTreeSet<String>) -> ClusterService {
+    /// Serves the minions named in `minions` (node names from `ExtraFrontends`), accepting values
+    /// of at most `value_bytes_max` (`Datastore.max_value_size`).
+    pub fn new(
+        node: Node,
+        datastore: Datastore,
+        minions: BTreeSet<String>,
+        value_bytes_max: u64,
+    ) -> ClusterService {
         ClusterService {
             node,
             datastore,
             minions: Arc::new(minions),
+            value_bytes_max,
         }
     }
 }
@@ -847,22 +861,27 @@ impl pc::replication_server::Replication for ClusterService {
     ) -> Result<Response<MasterStream>, Status> {
         require_frontend(&req)?;
         let mut incoming = req.into_inner();
-        let hello = match incoming.message().await?.and_then(|m| m.kind) {
-            Some(minion_message::Kind::Hello(h)) => h,
-            _ => {
+        let limits = ClusterLimits::default();
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream closed before a MinionHello"))?;
+        let node_name = match validate_minion_message(first, &limits) {
+            Ok(MinionInput::Hello { node, .. }) => node,
+            Ok(_) => {
                 return Err(Status::invalid_argument(
                     "the first message must be a MinionHello",
                 ));
             }
+            Err(e) => return Err(Status::invalid_argument(e.to_string())),
         };
-        if !self.minions.contains(&hello.node) {
+        if !self.minions.contains(&node_name) {
             return Err(Status::permission_denied(format!(
-                "{:?} is not a minion of this deployment (ExtraFrontends lists {:?})",
-                hello.node, self.minions
+                "{node_name:?} is not a minion of this deployment (ExtraFrontends lists {:?})",
+                self.minions
             )));
         }
         let (tx, rx) = mpsc::channel(MINION_QUEUE_MAX);
-        let node_name = hello.node.clone();
         let conn = self.node.minion_up(node_name.clone(), tx).await?;
         let node = self.node.clone();
         let reader = async move {
@@ -875,35 +894,24 @@ impl pc::replication_server::Replication for ClusterService {
                         break;
                     }
                 };
-                match msg.kind {
-                    Some(minion_message::Kind::Events(b)) => {
-                        tracing::debug!(minion = %node_name, first = b.events.first().map(|e| e.seq), count = b.events.len(), "replication batch");
-                        let mut events = Vec::with_capacity(b.events.len());
-                        let mut malformed = None;
-                        for e in b.events {
-                            match e.event {
-                                Some(ev) => events.push((e.seq, ev)),
-                                None => {
-                                    malformed = Some(e.seq);
-                                    break;
-                                }
-                            }
-                        }
-                        if let Some(seq) = malformed {
-                            tracing::warn!(minion = %node_name, seq, "event without a body; closing the stream");
-                            break;
-                        }
+                match validate_minion_message(msg, &limits) {
+                    Ok(MinionInput::Events { epoch, events }) => {
+                        tracing::debug!(minion = %node_name, first = events.first().map(|e| e.0), count = events.len(), "replication batch");
                         if node
-                            .minion_events(node_name.clone(), conn, b.epoch, events)
+                            .minion_events(node_name.clone(), conn, epoch, events)
                             .await
                             .is_err()
                         {
                             break;
                         }
                     }
-                    Some(minion_message::Kind::BroadcastAck(_)) => {}
-                    Some(minion_message::Kind::Hello(_)) | None => {
-                        tracing::warn!(minion = %node_name, "unexpected message on the replication stream; closing it");
+                    Ok(MinionInput::BroadcastAck { .. }) => {}
+                    Ok(MinionInput::Hello { .. }) => {
+                        tracing::warn!(minion = %node_name, "a second MinionHello on the replication stream; closing it");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(minion = %node_name, error = %e, "refused a replication message; closing the stream");
                         break;
                     }
                 }
@@ -967,33 +975,17 @@ impl pc::remote_datastore_server::RemoteDatastore for ClusterService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("Set without a chunk"))?;
-        if first.total_len > VALUE_BYTES_MAX {
-            return Err(Status::invalid_argument(format!(
-                "value of {} bytes is over the {VALUE_BYTES_MAX}-byte bound",
-                first.total_len
-            )));
-        }
-        let key = first.key;
-        let total = first.total_len;
-        let mut value = BytesMut::with_capacity(total as usize);
-        value.extend_from_slice(&first.data);
+        let bad = |e: AssemblyError| Status::invalid_argument(e.to_string());
+        let mut value =
+            ValueAssembly::start(&first.key, first.total_len, self.value_bytes_max).map_err(bad)?;
+        value.push(&first.data).map_err(bad)?;
         while let Some(c) = chunks.message().await? {
-            if value.len() as u64 + c.data.len() as u64 > total {
-                return Err(Status::invalid_argument(format!(
-                    "{key}: more bytes than the announced {total}"
-                )));
-            }
-            value.extend_from_slice(&c.data);
+            value.push(&c.data).map_err(bad)?;
         }
-        if value.len() as u64 != total {
-            return Err(Status::invalid_argument(format!(
-                "{key}: {} bytes, announced {total}",
-                value.len()
-            )));
-        }
+        let (key, value) = value.finish().map_err(bad)?;
         let version = self
             .datastore
-            .set(&key, value.freeze())
+            .set(&key, Bytes::from(value))
             .await
             .map_err(ds_status)?;
         self.node.datastore_changed(key, version).await;

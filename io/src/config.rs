@@ -100,7 +100,8 @@ pub struct FrontendSection {
     pub resources: Resources,
 }
 
-/// `Frontend.resources`.
+/// `Frontend.resources`: every size and rate limit a frontend applies to what clients send it.
+/// Each key is optional; the defaults suit a deployment of tens of thousands of endpoints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Resources {
@@ -108,8 +109,31 @@ pub struct Resources {
     pub expected_clients: u64,
     /// New client connections accepted per second per node; beyond it clients back off.
     pub connections_per_second: u64,
-    /// Task notifications pushed per second per node.
+    /// Task notifications pushed to connected clients per second per node; beyond it they wait.
     pub notifications_per_second: u64,
+    /// Largest upload one flow may make (bytes).
+    pub max_upload_size: u64,
+    /// Largest encoded client message (bytes).
+    pub max_message_size: u64,
+    /// Result rows per client message.
+    pub max_rows_per_batch: u64,
+    /// Largest single result row (bytes of JSON).
+    pub max_row_size: u64,
+    /// Largest file chunk in one client message (bytes).
+    pub max_chunk_size: u64,
+    /// Unacknowledged messages one flow may have in flight.
+    pub max_in_flight_per_flow: u64,
+    /// Flows tracked at once per node; beyond it new flows are refused with BUSY.
+    pub max_concurrent_flows: u64,
+    /// Tasks waiting for one client; beyond it a new collection for it is refused.
+    pub max_queued_tasks_per_client: u64,
+    /// TLS handshakes in progress at once per listener; beyond it new connections wait.
+    pub max_pending_handshakes: u64,
+    /// A TLS handshake not finished within this many seconds is dropped.
+    pub handshake_timeout_s: u64,
+    /// A client stream whose first message (Hello) does not arrive within this many seconds is
+    /// closed.
+    pub hello_timeout_s: u64,
 }
 
 impl Default for Resources {
@@ -118,7 +142,99 @@ impl Default for Resources {
             expected_clients: 10_000,
             connections_per_second: 1_000,
             notifications_per_second: 5_000,
+            max_upload_size: 1 << 30,
+            max_message_size: 8 << 20,
+            max_rows_per_batch: 10_000,
+            max_row_size: 1 << 20,
+            max_chunk_size: 4 << 20,
+            max_in_flight_per_flow: 64,
+            max_concurrent_flows: 100_000,
+            max_queued_tasks_per_client: 256,
+            max_pending_handshakes: 1024,
+            handshake_timeout_s: 10,
+            hello_timeout_s: 10,
         }
+    }
+}
+
+impl Resources {
+    /// Each key's name, value and allowed range (inclusive). The lower bounds of the message, batch
+    /// and chunk sizes keep what the built-in agent sends (batches of up to 1,000 rows and 1 MiB,
+    /// 512 KiB file chunks) within them.
+    pub fn bounds(&self) -> [(&'static str, u64, u64, u64); 14] {
+        const K: u64 = 1 << 10;
+        const M: u64 = 1 << 20;
+        [
+            ("expected_clients", self.expected_clients, 1, 10_000_000),
+            (
+                "connections_per_second",
+                self.connections_per_second,
+                1,
+                1_000_000,
+            ),
+            (
+                "notifications_per_second",
+                self.notifications_per_second,
+                1,
+                10_000_000,
+            ),
+            ("max_upload_size", self.max_upload_size, 1, 1 << 40),
+            ("max_message_size", self.max_message_size, 2 * M, 256 * M),
+            (
+                "max_rows_per_batch",
+                self.max_rows_per_batch,
+                1000,
+                1_000_000,
+            ),
+            ("max_row_size", self.max_row_size, K, 64 * M),
+            ("max_chunk_size", self.max_chunk_size, 512 * K, 64 * M),
+            (
+                "max_in_flight_per_flow",
+                self.max_in_flight_per_flow,
+                1,
+                4096,
+            ),
+            (
+                "max_concurrent_flows",
+                self.max_concurrent_flows,
+                1,
+                10_000_000,
+            ),
+            (
+                "max_queued_tasks_per_client",
+                self.max_queued_tasks_per_client,
+                1,
+                65_536,
+            ),
+            (
+                "max_pending_handshakes",
+                self.max_pending_handshakes,
+                1,
+                1_000_000,
+            ),
+            ("handshake_timeout_s", self.handshake_timeout_s, 1, 600),
+            ("hello_timeout_s", self.hello_timeout_s, 1, 600),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (key, v, lo, hi) in self.bounds() {
+            if v < lo || v > hi {
+                return Err(format!(
+                    "Frontend.resources.{key}: {v} is out of range (use {lo} to {hi})"
+                ));
+            }
+        }
+        if self.max_chunk_size >= self.max_message_size
+            || self.max_row_size >= self.max_message_size
+        {
+            return Err(format!(
+                "Frontend.resources.max_message_size: {} must exceed max_chunk_size ({}) and \
+                 max_row_size ({}) so that one chunk or row fits in a message",
+                self.max_message_size, self.max_chunk_size, self.max_row_size
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -155,6 +271,57 @@ pub struct DatastoreSection {
     /// Must be `RemoteFileDataStore`.
     #[serde(default = "minion_impl")]
     pub minion_implementation: String,
+    /// Master memory for cached clean metadata (bytes); the least recently used is evicted beyond it.
+    #[serde(default = "memcache_bytes")]
+    pub memcache_bytes: u64,
+    /// Master memory for metadata journalled but not yet flushed to the volume (bytes); writes are
+    /// refused with "busy" beyond it until flushing catches up.
+    #[serde(default = "memcache_dirty_bytes")]
+    pub memcache_dirty_bytes: u64,
+    /// Largest metadata value (bytes), on the master and through the remote datastore.
+    #[serde(default = "max_value_size")]
+    pub max_value_size: u64,
+}
+
+fn memcache_bytes() -> u64 {
+    512 << 20
+}
+
+fn memcache_dirty_bytes() -> u64 {
+    128 << 20
+}
+
+fn max_value_size() -> u64 {
+    64 << 20
+}
+
+impl DatastoreSection {
+    fn validate(&self) -> Result<(), String> {
+        const M: u64 = 1 << 20;
+        for (key, v, lo, hi) in [
+            ("memcache_bytes", self.memcache_bytes, M, 1 << 40),
+            (
+                "memcache_dirty_bytes",
+                self.memcache_dirty_bytes,
+                M,
+                1 << 40,
+            ),
+            ("max_value_size", self.max_value_size, 64 << 10, 1 << 30),
+        ] {
+            if v < lo || v > hi {
+                return Err(format!(
+                    "Datastore.{key}: {v} is out of range (use {lo} to {hi})"
+                ));
+            }
+        }
+        if self.max_value_size > self.memcache_dirty_bytes {
+            return Err(format!(
+                "Datastore.max_value_size: {} must not exceed memcache_dirty_bytes ({})",
+                self.max_value_size, self.memcache_dirty_bytes
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn master_impl() -> String {
@@ -231,13 +398,23 @@ fn in_file(path: &Path) -> impl Fn(String) -> ConfigError + '_ {
 pub fn read_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let e = in_file(path);
     let text = std::fs::read_to_string(path).map_err(|err| e(format!("cannot read: {err}")))?;
-    serde_yaml_ng::from_str(&text).map_err(|err| e(err.to_string()))
+    parse_yaml(&text).map_err(e)
+}
+
+/// Parses YAML text into `T`; the error names the offending key, line and column.
+pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_yaml_ng::from_str(text).map_err(|err| err.to_string())
+}
+
+/// `value` as YAML text.
+pub fn to_yaml<T: Serialize>(value: &T) -> Result<String, String> {
+    serde_yaml_ng::to_string(value).map_err(|err| format!("cannot encode: {err}"))
 }
 
 /// Writes `value` as YAML to `path` atomically (temp file, fsync, rename), readable by the owner only.
 pub fn write_yaml<T: Serialize>(path: &Path, value: &T) -> Result<(), ConfigError> {
     let e = in_file(path);
-    let text = serde_yaml_ng::to_string(value).map_err(|err| e(format!("cannot encode: {err}")))?;
+    let text = to_yaml(value).map_err(&e)?;
     crate::fsutil::write_atomic(path, text.as_bytes(), 0o600)
         .map_err(|err| e(format!("cannot write: {err}")))
 }
@@ -271,6 +448,13 @@ impl ServerConfig {
         Ok(c)
     }
 
+    /// Parses and validates a server config's text (what [`ServerConfig::load`] does after reading).
+    pub fn parse(text: &str) -> Result<ServerConfig, String> {
+        let c: ServerConfig = parse_yaml(text)?;
+        c.validate()?;
+        Ok(c)
+    }
+
     /// Checks values serde cannot: ports, required text, PEM blocks, implementations, clashes.
     pub fn validate(&self) -> Result<(), String> {
         check_port("API.bind_port", self.api.bind_port)?;
@@ -279,6 +463,8 @@ impl ServerConfig {
         check_nonempty("API.hostname", &self.api.hostname)?;
         check_nonempty("Frontend.hostname", &self.frontend.hostname)?;
         check_nonempty("Client.nonce", &self.client.nonce)?;
+        self.frontend.resources.validate()?;
+        self.datastore.validate()?;
         check_pem(
             "Frontend.certificate",
             &self.frontend.certificate,
@@ -493,6 +679,9 @@ pub fn generate(
             filestore_directory: opts.datastore.clone(),
             master_implementation: master_impl(),
             minion_implementation: minion_impl(),
+            memcache_bytes: memcache_bytes(),
+            memcache_dirty_bytes: memcache_dirty_bytes(),
+            max_value_size: max_value_size(),
         },
         ca: CaSection {
             certificate: ca.certificate,

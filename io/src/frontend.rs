@@ -27,6 +27,7 @@ use talon_core::flows::{FinalState, FlowAction, FlowKey, FlowLimits, FlowTracker
 use talon_core::hunts::{
     ClientFacts, Hunt, HuntAction, HuntLimits, HuntManager, HuntSpec, HuntState,
 };
+use talon_core::ratelimit::Paced;
 use talon_core::registry::{
     KeyCache, KeyCheck, Query, Registry, RegistryAction, RegistryLimits, Sighting,
 };
@@ -44,8 +45,10 @@ pub const CLIENT_QUEUE_MAX: usize = 256;
 pub const NODE_INBOX_MAX: usize = 8192;
 /// How often the master sends tasks not yet acknowledged again.
 pub const TASK_RESEND_MS: u64 = 5_000;
-/// Tasks queued for one disconnected client.
-pub const QUEUED_TASKS_PER_CLIENT_MAX: usize = 256;
+/// Task notifications a node queues, in seconds' worth of `notifications_per_second` (at least
+/// 1,024). Beyond it a notification is dropped: the task stays pending on the master, which sends it
+/// again every `TASK_RESEND_MS`.
+pub const NOTIFY_QUEUE_SECONDS: u64 = 60;
 /// Datastore key of a minion's replication cursor (persisted after the effects it covers).
 fn cursor_key(node: &str) -> String {
     format!("cluster/minions/{}.json", paths::safe_component(node))
@@ -148,6 +151,13 @@ pub struct NodeOptions {
     pub registry: RegistryLimits,
     /// Hunt manager limits.
     pub hunts: HuntLimits,
+    /// Tasks waiting for one client (`Frontend.resources.max_queued_tasks_per_client`).
+    pub queued_tasks_per_client_max: usize,
+    /// Task notifications pushed to this node's clients per second
+    /// (`Frontend.resources.notifications_per_second`).
+    pub notifications_per_second: u64,
+    /// A client stream without a Hello for this long is closed (`hello_timeout_s`).
+    pub hello_timeout: std::time::Duration,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
@@ -177,7 +187,7 @@ enum Msg {
         node: String,
         conn: u64,
         epoch: u64,
-        events: Vec<(u64, Event)>,
+        events: Vec<(u64, Result<Event, String>)>,
     },
     DatastoreChanged {
         key: String,
@@ -290,6 +300,7 @@ pub struct Node {
     filestore: SharedVolume,
     limits: CodecLimits,
     nonce: String,
+    hello_timeout: std::time::Duration,
     next_conn: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -328,7 +339,8 @@ struct MasterState {
     /// Minions with a replication stream up.
     minions: BTreeMap<String, MinionConn>,
     next_minion_conn: u64,
-    inbox: Inbox<Event>,
+    /// Events checked by `cluster_codec`: a malformed one is `Err(reason)`, skipped when applied.
+    inbox: Inbox<Result<Event, String>>,
     /// Each minion's cursor as last made durable: acknowledgements never go beyond it.
     persisted: BTreeMap<String, Cursor>,
     /// Tasks created and not yet acknowledged by their client, in creation order. Delivered when the
@@ -355,6 +367,8 @@ struct Actor {
     flows: FlowTracker,
     hunts: HuntManager,
     conns: BTreeMap<ClientId, Conn>,
+    /// Tasks for clients connected here, pushed at `notifications_per_second`.
+    notify: Paced<(ClientId, String), comms::Task>,
     /// The bytes of the flow message being handled, until a Store action takes them (at most one).
     raw: BTreeMap<(FlowKey, u64), Bytes>,
     self_tx: mpsc::Sender<Msg>,
@@ -543,6 +557,7 @@ impl Node {
         for r in records.iter().take(opts.expected_clients) {
             keys.insert(r.id.clone(), r.key_fingerprint);
         }
+        let now0 = clock.now();
         let actor = Actor {
             registry: Registry::restore(opts.registry.clone(), records),
             keys,
@@ -555,6 +570,16 @@ impl Node {
             filestore: filestore.clone(),
             role,
             conns: BTreeMap::new(),
+            notify: Paced::new(
+                opts.notifications_per_second.max(1),
+                usize::try_from(
+                    opts.notifications_per_second
+                        .saturating_mul(NOTIFY_QUEUE_SECONDS)
+                        .max(1024),
+                )
+                .unwrap_or(usize::MAX),
+                now0,
+            ),
             raw: BTreeMap::new(),
             self_tx: tx.clone(),
         };
@@ -576,6 +601,7 @@ impl Node {
             filestore,
             limits: opts.codec,
             nonce: opts.nonce,
+            hello_timeout: opts.hello_timeout,
             next_conn: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         })
     }
@@ -600,7 +626,7 @@ impl Node {
         node: String,
         conn: u64,
         epoch: u64,
-        events: Vec<(u64, Event)>,
+        events: Vec<(u64, Result<Event, String>)>,
     ) -> Result<(), Status> {
         self.tx
             .send(Msg::MinionEvents {
@@ -637,10 +663,14 @@ impl Actor {
                 NodeRole::Master(m) => Some(m.resend_at),
                 NodeRole::Minion(_) => None,
             };
-            let next = talon_core::time::earliest(
-                talon_core::time::earliest(self.flows.poll_timeout(), self.hunts.poll_timeout()),
+            let next = [
+                self.flows.poll_timeout(),
+                self.hunts.poll_timeout(),
                 resend,
-            )
+                self.notify.poll_timeout(now),
+            ]
+            .into_iter()
+            .fold(None, talon_core::time::earliest)
             .unwrap_or(now.plus_ms(30_000));
             let wait = std::time::Duration::from_millis(next.since_ms(now).min(30_000));
             tokio::select! {
@@ -650,6 +680,7 @@ impl Actor {
                         // Also under a steady stream of messages, which keeps the timer from firing.
                         let now = self.now();
                         self.resend_pending(now);
+                        self.release_notifications(now);
                     }
                     None => break,
                 },
@@ -661,8 +692,28 @@ impl Actor {
                     // A failed write is logged and fail-stops the node (`Meta::set`).
                     let _ = self.drain_hunts().await;
                     self.resend_pending(now);
+                    self.release_notifications(now);
                 }
             }
+        }
+    }
+
+    /// Queues a task notification for a client connected here (paced by
+    /// `notifications_per_second`). Dropped at the queue's bound: the master sends it again.
+    fn notify_task(&mut self, client: &ClientId, task: comms::Task) {
+        if !self.conns.contains_key(client) {
+            return; // Not connected here (any more): the master sends it where it connects.
+        }
+        let key = (client.clone(), task.flow_id.clone());
+        if let Err(full) = self.notify.push(key, task) {
+            tracing::warn!(client = %client, max = full.max, "task notification queue is full; the task is sent again later");
+        }
+    }
+
+    /// Pushes the notifications the rate allows now.
+    fn release_notifications(&mut self, now: Timestamp) {
+        while let Some(((client, _), task)) = self.notify.poll(now) {
+            self.push(&client, server_message::Kind::Task(task));
         }
     }
 
@@ -1021,7 +1072,7 @@ impl Actor {
             return Err(Status::internal("tasks are created on the master"));
         };
         let n = m.pending.get(client).map_or(0, Vec::len);
-        if n >= QUEUED_TASKS_PER_CLIENT_MAX {
+        if n >= self.opts.queued_tasks_per_client_max {
             return Err(Status::resource_exhausted(format!(
                 "{n} tasks already wait for {client}"
             )));
@@ -1043,8 +1094,8 @@ impl Actor {
     }
 
     fn send_task(&mut self, client: &ClientId, task: comms::Task) {
-        if self.push(client, server_message::Kind::Task(task.clone())) {
-            return;
+        if self.conns.contains_key(client) {
+            return self.notify_task(client, task);
         }
         let Some(rec) = self.registry.get(client) else {
             return;
@@ -1109,7 +1160,7 @@ impl Actor {
         node: String,
         conn: u64,
         epoch: u64,
-        events: Vec<(u64, Event)>,
+        events: Vec<(u64, Result<Event, String>)>,
     ) {
         let NodeRole::Master(m) = &mut self.role else {
             return;
@@ -1123,8 +1174,8 @@ impl Actor {
             .iter()
             .filter_map(|(_, e)| {
                 let (c, f) = match e {
-                    Event::TaskDelivered(t) => (&t.client_id, &t.flow_id),
-                    Event::FlowCompleted(f) => (&f.client_id, &f.flow_id),
+                    Ok(Event::TaskDelivered(t)) => (&t.client_id, &t.flow_id),
+                    Ok(Event::FlowCompleted(f)) => (&f.client_id, &f.flow_id),
                     _ => return None,
                 };
                 Some(paths::flow_record(
@@ -1213,7 +1264,14 @@ impl Actor {
 
     /// One replicated event's effects on the master. Each is idempotent (a crash between the effects
     /// and the cursor re-applies it).
-    async fn apply_event(&mut self, node: &str, event: Event) {
+    async fn apply_event(&mut self, node: &str, event: Result<Event, String>) {
+        let event = match event {
+            Ok(e) => e,
+            Err(reason) => {
+                // Skipped so that the minion's later events are not stuck behind it.
+                return tracing::error!(minion = %node, %reason, "skipping a malformed replicated event");
+            }
+        };
         let now = self.now();
         let client_of = |id: &str| -> Option<ClientId> {
             ClientId::parse(id)
@@ -1320,7 +1378,7 @@ impl Actor {
                 Some(broadcast::Kind::TaskQueued(t)) => {
                     if let (Ok(id), Some(task)) = (ClientId::parse(&t.client_id), t.task) {
                         // Not connected here any more: the master sends it again where it connects.
-                        self.push(&id, server_message::Kind::Task(task));
+                        self.notify_task(&id, task);
                     }
                 }
                 Some(broadcast::Kind::DatastoreChanged(d)) => {
@@ -1988,9 +2046,15 @@ impl comms::comms_server::Comms for CommsService {
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let mut incoming = request.into_inner();
         let limits = &self.node.limits;
-        let first = incoming
-            .message()
-            .await?
+        // A client that opens the stream and stalls must not hold it open.
+        let first = tokio::time::timeout(self.node.hello_timeout, incoming.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no Hello within {} s (Frontend.resources.hello_timeout_s)",
+                    self.node.hello_timeout.as_secs()
+                ))
+            })??
             .ok_or_else(|| Status::invalid_argument("stream closed before hello"))?;
         let hello = match codec::validate(first, limits) {
             Ok(ClientInput::Hello(h)) => h,

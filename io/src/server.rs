@@ -23,9 +23,6 @@ use talon_proto::{api::api_server::ApiServer, comms::comms_server::CommsServer};
 /// How long a stopping node waits for open streams to finish.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Concurrent TLS handshakes per listener.
-pub const HANDSHAKES_MAX: usize = 1024;
-
 /// Where a started node listens.
 #[derive(Clone, Debug)]
 pub struct Listening {
@@ -76,14 +73,56 @@ impl tower::Service<HttpRequest> for ApiPort {
 }
 
 fn node_options(cfg: &ServerConfig, node_name: String) -> NodeOptions {
+    let r = &cfg.frontend.resources;
+    let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     NodeOptions {
         node_name,
         nonce: cfg.client.nonce.clone(),
-        expected_clients: cfg.frontend.resources.expected_clients as usize,
-        codec: CodecLimits::default(),
-        flows: FlowLimits::default(),
+        expected_clients: n(r.expected_clients),
+        codec: CodecLimits {
+            message_bytes_max: n(r.max_message_size),
+            rows_per_batch_max: n(r.max_rows_per_batch),
+            row_bytes_max: n(r.max_row_size),
+            chunk_bytes_max: n(r.max_chunk_size),
+            upload_bytes_max: r.max_upload_size,
+            ..CodecLimits::default()
+        },
+        flows: FlowLimits {
+            flows_max: n(r.max_concurrent_flows),
+            stores_in_flight_max: n(r.max_in_flight_per_flow),
+            // The window a client may run ahead of the stored prefix covers its in-flight messages.
+            seq_window: FlowLimits::default()
+                .seq_window
+                .max(4 * r.max_in_flight_per_flow),
+            ..FlowLimits::default()
+        },
         registry: RegistryLimits::default(),
         hunts: talon_core::hunts::HuntLimits::default(),
+        queued_tasks_per_client_max: n(r.max_queued_tasks_per_client),
+        notifications_per_second: r.notifications_per_second.max(1),
+        hello_timeout: std::time::Duration::from_secs(r.hello_timeout_s),
+    }
+}
+
+fn handshakes(cfg: &ServerConfig) -> tls::Handshakes {
+    let r = &cfg.frontend.resources;
+    tls::Handshakes {
+        max: usize::try_from(r.max_pending_handshakes).unwrap_or(usize::MAX),
+        timeout: std::time::Duration::from_secs(r.handshake_timeout_s),
+    }
+}
+
+fn datastore_options(cfg: &ServerConfig) -> DatastoreOptions {
+    let d = &cfg.datastore;
+    let defaults = DatastoreOptions::default();
+    DatastoreOptions {
+        limits: talon_core::datastore::CacheLimits {
+            clean_bytes_max: d.memcache_bytes,
+            dirty_bytes_max: d.memcache_dirty_bytes,
+            value_bytes_max: d.max_value_size,
+            ..defaults.limits
+        },
+        ..defaults
     }
 }
 
@@ -118,7 +157,7 @@ pub async fn run_master(
     let ds_root = &cfg.datastore.location;
     let fs_root = &cfg.datastore.filestore_directory;
     let (datastore, mut ds_task, report) =
-        Datastore::open(local, metadata, clock.clone(), DatastoreOptions::default())
+        Datastore::open(local, metadata, clock.clone(), datastore_options(&cfg))
             .map_err(|e| format!("datastore journal in {local_name}: {e}"))?;
     tracing::info!(
         replayed = report.replayed,
@@ -176,7 +215,12 @@ pub async fn run_master(
 
     let comms =
         CommsServer::new(CommsService::new(node.clone())).max_decoding_message_size(max_message);
-    let cluster = ClusterService::new(node.clone(), datastore.clone(), minions);
+    let cluster = ClusterService::new(
+        node.clone(),
+        datastore.clone(),
+        minions,
+        cfg.datastore.max_value_size,
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_a = stop_rx.clone();
     let mut stop_b = stop_rx;
@@ -184,7 +228,7 @@ pub async fn run_master(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_with_incoming_shutdown(
             comms,
-            tls::incoming(fe_listener, fe_tls, HANDSHAKES_MAX, Some(admission)),
+            tls::incoming(fe_listener, fe_tls, handshakes(&cfg), Some(admission)),
             async move {
                 let _ = stop_a.changed().await;
             },
@@ -201,7 +245,7 @@ pub async fn run_master(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_with_incoming_shutdown(
             api_port,
-            tls::incoming(api_listener, api_tls, HANDSHAKES_MAX, None),
+            tls::incoming(api_listener, api_tls, handshakes(&cfg), None),
             async move {
                 let _ = stop_b.changed().await;
             },
@@ -311,7 +355,11 @@ pub async fn run_minion(
     let opts = node_options(&cfg, node.clone());
     let max_message = opts.codec.message_bytes_max;
     let admission = admission(&cfg, &clock);
-    let remote = RemoteStore::new(master, crate::cluster::READ_CACHE_MAX);
+    let remote = RemoteStore::new(
+        master,
+        crate::cluster::READ_CACHE_MAX,
+        cfg.datastore.max_value_size,
+    );
     let handle = Node::start(
         opts,
         Meta::Remote(remote),
@@ -351,7 +399,7 @@ pub async fn run_minion(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_with_incoming_shutdown(
             comms,
-            tls::incoming(fe_listener, fe_tls, HANDSHAKES_MAX, Some(admission)),
+            tls::incoming(fe_listener, fe_tls, handshakes(&cfg), Some(admission)),
             async move {
                 let _ = stop_rx.changed().await;
             },

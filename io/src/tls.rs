@@ -37,6 +37,25 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// stalls must not hold a slot).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bounds on TLS handshakes of one listener (`Frontend.resources.max_pending_handshakes`,
+/// `handshake_timeout_s`).
+#[derive(Clone, Copy, Debug)]
+pub struct Handshakes {
+    /// Handshakes in progress at once; the accept loop waits beyond it.
+    pub max: usize,
+    /// A handshake not finished within this is dropped.
+    pub timeout: Duration,
+}
+
+impl Default for Handshakes {
+    fn default() -> Self {
+        Handshakes {
+            max: 1024,
+            timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -290,18 +309,18 @@ pub struct Admission {
     pub clock: Arc<dyn crate::clock::Clock>,
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently (at most `handshakes_max` at
-/// once, each within [`HANDSHAKE_TIMEOUT`]); yields finished connections for `serve_with_incoming`.
+/// Accepts TCP connections and completes TLS handshakes concurrently (at most `handshakes.max` at
+/// once, each within its timeout); yields finished connections for `serve_with_incoming`.
 /// Failed handshakes are logged and dropped: one bad client cannot stop the listener.
 pub fn incoming(
     mut listener: Box<dyn Listener>,
     config: Arc<rustls::ServerConfig>,
-    handshakes_max: usize,
+    handshakes: Handshakes,
     mut admission: Option<Admission>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
-    let (tx, rx) = mpsc::channel(handshakes_max);
+    let (tx, rx) = mpsc::channel(handshakes.max);
     let acceptor = TlsAcceptor::from(config);
-    let slots = Arc::new(tokio::sync::Semaphore::new(handshakes_max));
+    let slots = Arc::new(tokio::sync::Semaphore::new(handshakes.max));
     tokio::spawn(async move {
         let mut refused = 0u64;
         loop {
@@ -329,7 +348,7 @@ pub fn incoming(
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                let tls = match tokio::time::timeout(handshakes.timeout, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {

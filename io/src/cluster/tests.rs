@@ -106,7 +106,15 @@ async fn serve(c: &Certs, master: FakeMaster) -> (u16, oneshot::Sender<()>) {
     tokio::spawn(
         tonic::transport::Server::builder().serve_with_incoming_shutdown(
             pc::replication_server::ReplicationServer::new(master),
-            crate::tls::incoming(l, cfg, 8, None),
+            crate::tls::incoming(
+                l,
+                cfg,
+                crate::tls::Handshakes {
+                    max: 8,
+                    ..Default::default()
+                },
+                None,
+            ),
             async move {
                 let _ = stop_rx.await;
             },
@@ -247,7 +255,7 @@ async fn a_lost_epoch_file_beside_a_journal_is_an_error_not_a_guess() {
 #[test]
 fn the_read_cache_is_bounded_and_a_read_racing_an_invalidation_does_not_fill_it() {
     let c = certs();
-    let r = RemoteStore::new(master_addr(&c, 1), 3);
+    let r = RemoteStore::new(master_addr(&c, 1), 3, 64 << 20);
     for k in ["a", "b", "c", "d", "e"] {
         let generation = r.cache().generation;
         r.fill(generation, k, Some(Bytes::from_static(b"v")));

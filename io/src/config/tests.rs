@@ -198,3 +198,36 @@ fn host_port_parsing() {
         assert!(parse_host_port(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn every_limit_is_range_checked_and_named() {
+    let c = generate(&opts("master.example"), &FixedClock, &Zeros).unwrap();
+    // Each resources key, pushed below its range, is refused by name.
+    for (key, _, lo, _) in c.frontend.resources.bounds() {
+        if lo == 0 {
+            continue;
+        }
+        let yaml = to_yaml(&c).unwrap();
+        let line = yaml
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("{key} is written out by generate"))
+            .to_owned();
+        let indent = &line[..line.len() - line.trim_start().len()];
+        let text = yaml.replace(&line, &format!("{indent}{key}: {}", lo - 1));
+        let e = ServerConfig::parse(&text).unwrap_err();
+        assert!(e.contains(&format!("Frontend.resources.{key}")), "{e}");
+        assert!(e.contains("out of range"), "{e}");
+    }
+    let mut small = c.clone();
+    small.datastore.max_value_size = small.datastore.memcache_dirty_bytes + 1;
+    assert!(
+        small
+            .validate()
+            .unwrap_err()
+            .contains("Datastore.max_value_size")
+    );
+    let mut chunk = c;
+    chunk.frontend.resources.max_chunk_size = chunk.frontend.resources.max_message_size;
+    assert!(chunk.validate().unwrap_err().contains("max_message_size"));
+}

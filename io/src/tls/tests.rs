@@ -27,7 +27,18 @@ async fn serve(
 ) {
     let l = crate::net::TokioNet.bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
-    (port, incoming(l, config, 8, None))
+    (
+        port,
+        incoming(
+            l,
+            config,
+            Handshakes {
+                max: 8,
+                ..Default::default()
+            },
+            None,
+        ),
+    )
 }
 
 /// Connects with `client` and completes the handshake (sending a byte so TLS 1.3 client auth is done).
@@ -170,7 +181,15 @@ async fn connections_beyond_the_rate_are_closed_before_any_handshake() {
         bucket: talon_core::ratelimit::TokenBucket::new(1000, 3, NOW),
         clock: Arc::new(FrozenClock),
     };
-    let mut peers = incoming(l, cfg, 8, Some(admission));
+    let mut peers = incoming(
+        l,
+        cfg,
+        Handshakes {
+            max: 8,
+            ..Default::default()
+        },
+        Some(admission),
+    );
     let (me, _) = pki::new_endpoint_identity(NOW).unwrap();
     let client = client_config(&d.ca.certificate, &me.certificate, &me.private_key).unwrap();
     let mut ok = 0;

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target in fuzz/ for SECONDS (default 20) each, on the stable toolchain
+# (libFuzzer's coverage guidance without a sanitizer: `-s none` needs no nightly), starting from the
+# committed corpus. New inputs go to a temporary directory, so the committed corpus is unchanged;
+# a crash fails the run and leaves the input in fuzz/artifacts/<target>/ (add it to the corpus
+# once fixed). Installs cargo-fuzz if it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+seconds="${1:-20}"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --version 0.13.2
+fi
+targets=$(cargo fuzz list)
+cargo fuzz build -s none
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+for t in $targets; do
+  mkdir -p "$scratch/$t"
+  log="$scratch/$t.log"
+  if ! cargo fuzz run -s none "$t" "$scratch/$t" "corpus/$t" -- -max_total_time="$seconds" >"$log" 2>&1; then
+    tail -n 40 "$log"
+    echo "fuzz target $t failed; the input is in fuzz/artifacts/$t/" >&2
+    exit 1
+  fi
+  echo "$t: $(grep -E '^Done [0-9]+ runs' "$log" | tail -n 1)"
+done
