@@ -303,6 +303,14 @@ pub enum ConfigCommand {
         #[arg(long, required = true, value_name = "HOST:PORT")]
         add: Vec<String>,
     },
+    /// Rotate the deployment CA in two steps (docs/security.md): without --finish a new CA starts
+    /// signing and the old one stays trusted; with --finish the frontend certificate is reissued by
+    /// the new CA and the old CA is no longer trusted. Rewrites client.config.yaml beside the config.
+    RotateCa {
+        /// The second step: drop the old CA.
+        #[arg(long)]
+        finish: bool,
+    },
     /// Issue an API user's certificate and write its config.
     #[command(alias = "api_client")]
     ApiClient {
@@ -795,6 +803,38 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
                 c.client.server_urls.len()
             ));
             Ok(out)
+        }
+        ConfigCommand::RotateCa { finish } => {
+            let path = need_config(config_path)?;
+            let mut c = ServerConfig::load(path).map_err(|e| e.to_string())?;
+            let step = if finish {
+                config::CaRotation::Finish
+            } else {
+                config::CaRotation::Begin
+            };
+            config::rotate_ca(&mut c, step, &SystemClock)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            config::write_yaml(path, &c).map_err(|e| e.to_string())?;
+            let client = path.with_file_name("client.config.yaml");
+            config::write_yaml(&client, &c.client_config()).map_err(|e| e.to_string())?;
+            Ok(if finish {
+                format!(
+                    "rotation finished: the frontend certificate is reissued by the new CA and the old \
+                     CA is no longer trusted. Copy {} to every node and restart them, then give every \
+                     agent {}; API users issued before the rotation began need new certificates \
+                     (config api-client)",
+                    path.display(),
+                    client.display()
+                )
+            } else {
+                format!(
+                    "rotation begun: a new CA signs from now on; the old CA stays trusted. Copy {} to \
+                     every node and restart them, give every agent {} (it trusts both CAs), issue API \
+                     users new certificates (config api-client), then run `config rotate-ca --finish`",
+                    path.display(),
+                    client.display()
+                )
+            })
         }
         ConfigCommand::ApiClient { name, out, force } => {
             let path = need_config(config_path)?;

@@ -583,9 +583,14 @@ impl ServerConfig {
         names
     }
 
+    /// The signing CA: `CA.private_key` and the first certificate of `CA.certificate` (during a
+    /// rotation the bundle also holds the previous CA, still trusted, no longer signing).
     fn ca_pem(&self) -> Pem {
         Pem {
-            certificate: self.ca.certificate.clone(),
+            certificate: pem_certificates(&self.ca.certificate)
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
             private_key: self.ca.private_key.clone(),
         }
     }
@@ -756,6 +761,64 @@ pub fn add_frontends(
     c.frontend.certificate = fe.certificate;
     c.frontend.private_key = fe.private_key;
     Ok(change)
+}
+
+/// The PEM certificate blocks of a bundle, in order.
+pub fn pem_certificates(bundle: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    bundle
+        .split_inclusive(END)
+        .filter(|b| b.contains(END))
+        .map(|b| format!("{}\n", b.trim_start()))
+        .collect()
+}
+
+/// A step of `talon config rotate-ca`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaRotation {
+    /// A new CA signs from now on; the old one stays trusted (first in every bundle: the new).
+    Begin,
+    /// The frontend certificate is reissued by the new CA and the old CA is dropped: whatever it
+    /// signed (old API certificates, an old frontend certificate) is refused from then on.
+    Finish,
+}
+
+/// Rotates the deployment CA in two steps (see `docs/security.md`). Between them, every node gets
+/// the new server config and every agent the new client config: agents keep trusting the old CA
+/// (which still signs the frontend certificate) and learn the new one.
+pub fn rotate_ca(c: &mut ServerConfig, step: CaRotation, clock: &dyn Clock) -> Result<(), String> {
+    let trusted = pem_certificates(&c.ca.certificate);
+    match step {
+        CaRotation::Begin => {
+            if trusted.len() > 1 {
+                return Err(
+                    "a CA rotation is already in progress (CA.certificate holds two CAs): \
+                     finish it with `config rotate-ca --finish`"
+                        .into(),
+                );
+            }
+            let new = pki::new_ca(clock.now()).map_err(|e| e.to_string())?;
+            let bundle = format!("{}{}", new.certificate, trusted.concat());
+            c.ca.certificate = bundle.clone();
+            c.ca.private_key = new.private_key;
+            c.client.ca_certificate = bundle;
+        }
+        CaRotation::Finish => {
+            if trusted.len() < 2 {
+                return Err(
+                    "no CA rotation is in progress: begin one with `config rotate-ca`".into(),
+                );
+            }
+            let new = trusted[0].clone();
+            c.ca.certificate = new.clone();
+            c.client.ca_certificate = new;
+            let fe = pki::issue_frontend(&c.ca_pem(), &c.frontend_hostnames(), clock.now())
+                .map_err(|e| e.to_string())?;
+            c.frontend.certificate = fe.certificate;
+            c.frontend.private_key = fe.private_key;
+        }
+    }
+    c.validate()
 }
 
 /// Checks an API user name: 1..=64 of `[A-Za-z0-9_.@-]`.

@@ -2092,6 +2092,8 @@ impl comms::comms_server::Comms for CommsService {
         .await?;
         let span = tracing::info_span!("client", client = %client);
         let reader = async move {
+            // Flows this connection has shown to be tasked to this client (bounded; see `tasked`).
+            let mut known: BTreeSet<FlowId> = BTreeSet::new();
             loop {
                 let msg = match incoming.message().await {
                     Ok(Some(m)) => m,
@@ -2101,12 +2103,26 @@ impl comms::comms_server::Comms for CommsService {
                         break;
                     }
                 };
-                let raw = match &msg.kind {
-                    Some(client_message::Kind::Flow(f)) => Bytes::from(f.encode_to_vec()),
-                    _ => Bytes::new(),
+                let (raw, which) = match &msg.kind {
+                    Some(client_message::Kind::Flow(f)) => (
+                        Bytes::from(f.encode_to_vec()),
+                        Some((f.flow_id.chars().take(64).collect::<String>(), f.seq)),
+                    ),
+                    _ => (Bytes::new(), None),
                 };
                 match codec::validate(msg, &node.limits) {
                     Ok(ClientInput::Flow { flow, seq, data }) => {
+                        if let Err(err) = tasked(&node, &client, &flow, &mut known).await {
+                            let err = comms::ServerError {
+                                seq,
+                                flow_id: flow.to_string(),
+                                ..err
+                            };
+                            let _ = tx.try_send(Ok(comms::ServerMessage {
+                                kind: Some(server_message::Kind::Error(err)),
+                            }));
+                            continue;
+                        }
                         if node
                             .tx
                             .send(Msg::Flow {
@@ -2145,10 +2161,13 @@ impl comms::comms_server::Comms for CommsService {
                     }
                     Err(e) => {
                         tracing::info!(client = %client, error = %e, "refused client message");
+                        // Names the refused message so the client can tell which one it was.
+                        let (flow_id, seq) = which.unwrap_or_default();
                         let err = comms::ServerError {
                             code: comms::ErrorCode::InvalidMessage as i32,
                             message: e.to_string(),
-                            ..Default::default()
+                            flow_id,
+                            seq,
                         };
                         let _ = tx.try_send(Ok(comms::ServerMessage {
                             kind: Some(server_message::Kind::Error(err)),
@@ -2162,6 +2181,51 @@ impl comms::comms_server::Comms for CommsService {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+}
+
+/// Flows remembered per connection as tasked to its client; past it the set starts over (one more
+/// datastore read per flow).
+const KNOWN_FLOWS_PER_CONN_MAX: usize = 64;
+
+/// A client may only write into flows the master created for it (their record exists): a client
+/// replaying another's messages, or inventing flows, is refused with UNKNOWN_FLOW and nothing of it
+/// is stored. One datastore read per flow per connection (the master's cache, or a minion's read
+/// cache), never per message.
+async fn tasked(
+    node: &Node,
+    client: &ClientId,
+    flow: &FlowId,
+    known: &mut BTreeSet<FlowId>,
+) -> Result<(), comms::ServerError> {
+    if known.contains(flow) {
+        return Ok(());
+    }
+    let key = paths::flow_record(client, flow);
+    let mut found = node.datastore.get(&key).await;
+    if let (Ok(None), Meta::Remote(r)) = (&found, &node.datastore) {
+        // The minion's read cache may hold an old miss: ask the master itself before refusing.
+        r.invalidate(&key);
+        found = node.datastore.get(&key).await;
+    }
+    match found {
+        Ok(Some(_)) => {
+            if known.len() >= KNOWN_FLOWS_PER_CONN_MAX {
+                known.clear();
+            }
+            known.insert(flow.clone());
+            Ok(())
+        }
+        Ok(None) => Err(comms::ServerError {
+            code: comms::ErrorCode::UnknownFlow as i32,
+            message: format!("flow {flow} was never tasked to {client}; nothing was stored"),
+            ..Default::default()
+        }),
+        Err(e) => Err(comms::ServerError {
+            code: comms::ErrorCode::Busy as i32,
+            message: format!("cannot check flow {flow} now ({e}); send it again later"),
+            ..Default::default()
+        }),
     }
 }
 

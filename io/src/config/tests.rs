@@ -231,3 +231,56 @@ fn every_limit_is_range_checked_and_named() {
     chunk.frontend.resources.max_chunk_size = chunk.frontend.resources.max_message_size;
     assert!(chunk.validate().unwrap_err().contains("max_message_size"));
 }
+
+#[test]
+fn the_ca_rotates_in_two_steps_without_a_gap_in_trust() {
+    let mut c = generate(&opts("master.example"), &FixedClock, &Zeros).unwrap();
+    let old_ca = c.ca.certificate.clone();
+    let old_fe = c.frontend.certificate.clone();
+    let old_api = api_client(&c, "alice", &FixedClock).unwrap();
+    let trusts = |bundle: &str, cert: &str| {
+        pem_certificates(bundle)
+            .iter()
+            .any(|ca| pki::signed_by(cert, ca).unwrap())
+    };
+    assert!(rotate_ca(&mut c, CaRotation::Finish, &FixedClock).is_err());
+
+    // Begin: a new CA signs; everything the old one signed is still trusted everywhere.
+    rotate_ca(&mut c, CaRotation::Begin, &FixedClock).unwrap();
+    let bundle = pem_certificates(&c.ca.certificate);
+    assert_eq!(bundle.len(), 2);
+    assert_eq!(
+        bundle[1],
+        pem_certificates(&old_ca)[0],
+        "the old CA is kept second"
+    );
+    assert_eq!(c.client.ca_certificate, c.ca.certificate);
+    assert_eq!(
+        c.frontend.certificate, old_fe,
+        "agents with the old config still connect"
+    );
+    assert!(trusts(&c.ca.certificate, &old_api.client_cert));
+    assert!(trusts(&c.client.ca_certificate, &c.frontend.certificate));
+    let new_api = api_client(&c, "alice", &FixedClock).unwrap();
+    assert!(pki::signed_by(&new_api.client_cert, &bundle[0]).unwrap());
+    assert!(!pki::signed_by(&new_api.client_cert, &bundle[1]).unwrap());
+    let err = rotate_ca(&mut c, CaRotation::Begin, &FixedClock).unwrap_err();
+    assert!(err.contains("already in progress"), "{err}");
+    // The rotated config reads back.
+    assert_eq!(ServerConfig::parse(&to_yaml(&c).unwrap()), Ok(c.clone()));
+
+    // Finish: only the new CA is trusted; the frontend certificate is its.
+    rotate_ca(&mut c, CaRotation::Finish, &FixedClock).unwrap();
+    assert_eq!(pem_certificates(&c.ca.certificate), vec![bundle[0].clone()]);
+    assert!(trusts(&c.client.ca_certificate, &c.frontend.certificate));
+    assert!(trusts(&c.ca.certificate, &new_api.client_cert));
+    assert!(
+        !trusts(&c.ca.certificate, &old_api.client_cert),
+        "the old API user is out"
+    );
+    assert!(!trusts(&c.client.ca_certificate, &old_fe));
+    assert_eq!(
+        pki::describe(&c.frontend.certificate).unwrap().sans,
+        vec!["master.example"]
+    );
+}

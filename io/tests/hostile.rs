@@ -1,0 +1,861 @@
+//! Hostile input against a real deployment (a master and a minion as `talon` processes on loopback):
+//! impersonation, replays, malformed and oversized messages, floods, stalls, certificates that are
+//! not what they should be, and names that try to leave the filestore. Each case asserts the clear
+//! refusal a person or agent gets, and that what was stored before is byte-for-byte intact.
+// Waiting for real processes needs the wall clock (timeouts only; nothing asserts on timing).
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+use common::*;
+
+use bytes::{Buf, BufMut, Bytes};
+use prost::Message;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use talon_core::Timestamp;
+use talon_io::config::{ApiClientConfig, ClientConfig, ServerConfig, read_yaml};
+use talon_io::net::{Net, TokioNet};
+use talon_io::{pki, tls};
+use talon_proto::api::{SearchRequest, api_client::ApiClient};
+use talon_proto::cluster::{self as pc, replication_client::ReplicationClient};
+use talon_proto::comms::{
+    self, ClientMessage, ServerMessage, client_message::Kind, flow_message::Payload,
+    server_message::Kind as Down,
+};
+use tokio::sync::mpsc;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Status, Streaming};
+
+// ---------------------------------------------------------------------------------------------
+// A raw client: sends any bytes as gRPC messages on `Comms.Connect`, reads the server's replies.
+
+/// Sends pre-encoded bytes (valid or not); decodes `ServerMessage`.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = ServerMessage;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = ServerMessage;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<ServerMessage>, Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        ServerMessage::decode(bytes)
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+struct Raw {
+    tx: mpsc::Sender<Vec<u8>>,
+    rx: Streaming<ServerMessage>,
+}
+
+/// Connects to `port` with `identity`, sends `first`, and returns the stream (or the refusal).
+async fn raw(port: u16, ca: &str, identity: &pki::Pem, first: Vec<u8>) -> Result<Raw, Status> {
+    let cfg = tls::client_config(ca, &identity.certificate, &identity.private_key).unwrap();
+    let net: Arc<dyn Net> = TokioNet::shared();
+    let ch = tls::connect(&net, "127.0.0.1", port, cfg, Duration::from_secs(10))
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut grpc = tonic::client::Grpc::new(ch).max_decoding_message_size(64 << 20);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(first).await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/talon.comms.Comms/Connect");
+    let rx = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            path,
+            RawCodec,
+        )
+        .await?
+        .into_inner();
+    Ok(Raw { tx, rx })
+}
+
+impl Raw {
+    async fn send(&self, m: Vec<u8>) {
+        let _ = self.tx.send(m).await;
+    }
+
+    /// The next message that is not a Pong, or the stream's end (`Err`).
+    async fn next(&mut self) -> Result<ServerMessage, Status> {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(20), self.rx.message())
+                .await
+                .map_err(|_| Status::deadline_exceeded("test: nothing from the server in 20 s"))??
+                .ok_or_else(|| Status::cancelled("stream ended"))?;
+            if !matches!(m.kind, Some(Down::Pong(_))) {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// Waits for a message matching `want`, skipping others (acks, tasks).
+    async fn until<T>(&mut self, mut want: impl FnMut(&Down) -> Option<T>) -> T {
+        loop {
+            let m = self.next().await.expect("the stream stays open");
+            if let Some(t) = m.kind.as_ref().and_then(&mut want) {
+                return t;
+            }
+        }
+    }
+
+    async fn error_for(&mut self, seq: u64) -> comms::ServerError {
+        self.until(|k| match k {
+            Down::Error(e) if e.seq == seq => Some(e.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn ack_for(&mut self, flow: &str, seq: u64) {
+        self.until(|k| match k {
+            Down::Ack(a) if a.flow_id == flow && a.seq == seq => Some(()),
+            _ => None,
+        })
+        .await
+    }
+}
+
+fn enc(kind: Kind) -> Vec<u8> {
+    ClientMessage { kind: Some(kind) }.encode_to_vec()
+}
+
+fn hello(claimed: &str, nonce: &str) -> Vec<u8> {
+    enc(Kind::Hello(comms::Hello {
+        client_id: claimed.into(),
+        deployment_nonce: nonce.into(),
+        info: Some(comms::ClientInfo {
+            hostname: "raw-client".into(),
+            os: "linux".into(),
+            ..Default::default()
+        }),
+        running_flows: vec![],
+    }))
+}
+
+fn flow_msg(flow: &str, seq: u64, payload: Payload) -> Vec<u8> {
+    enc(Kind::Flow(comms::FlowMessage {
+        flow_id: flow.into(),
+        seq,
+        payload: Some(payload),
+    }))
+}
+
+fn rows(n: usize) -> Payload {
+    Payload::Rows(comms::ResultRows {
+        source: "Generic.Test.Rows".into(),
+        rows: (0..n)
+            .map(|i| Bytes::from(format!("{{\"forged\":{i}}}")))
+            .collect(),
+    })
+}
+
+fn chunk(name: &str, offset: u64, data: &[u8], eof: bool) -> Payload {
+    use sha2::Digest;
+    Payload::FileChunk(comms::FileChunk {
+        upload_id: 1,
+        name: name.into(),
+        offset,
+        data: Bytes::copy_from_slice(data),
+        eof,
+        total_size: if eof { offset + data.len() as u64 } else { 0 },
+        sha256: if eof {
+            Bytes::copy_from_slice(&sha2::Sha256::digest(data))
+        } else {
+            Bytes::new()
+        },
+    })
+}
+
+fn identity() -> (pki::Pem, String) {
+    let (pem, id) = pki::new_endpoint_identity(Timestamp(now_ms())).unwrap();
+    (pem, id.to_string())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Every file under `dir`, relative path → bytes.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, bytes);
+            }
+        }
+    }
+    out
+}
+
+fn set_key(yaml: &str, key: &str, value: &str) -> String {
+    let line = yaml
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("{key} in the config"));
+    let indent = &line[..line.len() - line.trim_start().len()];
+    yaml.replacen(line, &format!("{indent}{key}: {value}"), 1)
+}
+
+struct Setup {
+    d: Deployment,
+    master_port: u16,
+    minion_port: u16,
+    minion: String,
+    ca: String,
+    nonce: String,
+}
+
+/// A master and one minion with small limits, and a real agent that has run one collection.
+fn deployment() -> Setup {
+    let d = Deployment::new();
+    let p1 = free_port();
+    let minion = format!("127.0.0.1-{p1}");
+    ok(&[
+        "-c",
+        &d.s("server.config.yaml"),
+        "config",
+        "frontend",
+        "--add",
+        &format!("127.0.0.1:{p1}"),
+    ]);
+    let mut yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
+    for (k, v) in [
+        ("max_upload_size", "100000"),
+        ("connections_per_second", "20"),
+        ("hello_timeout_s", "2"),
+        ("handshake_timeout_s", "3"),
+        ("max_in_flight_per_flow", "4"),
+    ] {
+        yaml = set_key(&yaml, k, v);
+    }
+    std::fs::write(d.path("server.config.yaml"), &yaml).unwrap();
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
+    Setup {
+        master_port: cfg.frontend.bind_port,
+        minion_port: p1,
+        minion,
+        ca: client.client.ca_certificate,
+        nonce: client.client.nonce,
+        d,
+    }
+}
+
+#[test]
+fn hostile_clients_are_refused_and_stored_data_is_intact() {
+    let s = deployment();
+    let d = &s.d;
+    let _master = d.start_master();
+    let _minion = d.start_minion(&s.minion);
+    let _agent = d.start_client(&d.path("client.config.yaml"), "agent");
+    d.wait_until("the agent enrols", || {
+        d.clients().first().is_some_and(|c| c["connected"] == true)
+    });
+    let victim = d.clients()[0]["client_id"].as_str().unwrap().to_owned();
+    let before = json(&d.api(&[
+        "collect",
+        &victim,
+        "Generic.Test.Rows",
+        "--param",
+        "count=5",
+        "--wait",
+        "--json",
+    ]));
+    assert_eq!(before["rows"], 5, "{before}");
+    let victim_flow = before["flow_id"].as_str().unwrap().to_owned();
+    let victim_rows = d.api(&["flow", "results", &victim, &victim_flow]);
+    let victim_dir = d.path(&format!("shared/clients/{victim}"));
+    let victim_files = snapshot(&victim_dir);
+    assert!(!victim_files.is_empty());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (ca, nonce) = (s.ca.clone(), s.nonce.clone());
+    let (mallory, mallory_id) = identity();
+    rt.block_on(async {
+        // 1. Claiming the victim's id with another key: refused on every frontend.
+        for port in [s.master_port, s.minion_port] {
+            let e = raw(port, &ca, &mallory, hello(&victim, &nonce))
+                .await
+                .err()
+                .expect("an impostor must be refused");
+            assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+            assert!(e.message().contains("but its key derives"), "{e:?}");
+        }
+        // Another deployment's nonce.
+        let e = raw(
+            s.master_port,
+            &ca,
+            &mallory,
+            hello(&mallory_id, "not-the-nonce"),
+        )
+        .await
+        .err()
+        .expect("a foreign nonce must be refused");
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(e.message().contains("nonce"), "{e:?}");
+
+        // 2. Malformed and truncated protobufs as the first message.
+        for garbage in [
+            vec![0x0a, 0xff, 0xff, 0x01],
+            vec![0x0a, 0x05, 0x0a],
+            vec![0xff; 16],
+        ] {
+            let e = raw(s.master_port, &ca, &mallory, garbage)
+                .await
+                .err()
+                .expect("garbage must be refused");
+            assert!(
+                matches!(e.code(), Code::Internal | Code::InvalidArgument),
+                "{e:?}"
+            );
+        }
+        // A first message that is not a Hello.
+        let e = raw(
+            s.master_port,
+            &ca,
+            &mallory,
+            enc(Kind::Ping(comms::Ping { time_unix_ms: 1 })),
+        )
+        .await
+        .err()
+        .expect("a Ping first must be refused");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("must be a Hello"), "{e:?}");
+
+        // 3. Mallory enrols as herself and replays the victim's flow: stored only as Mallory's.
+        let mut m = raw(s.minion_port, &ca, &mallory, hello(&mallory_id, &nonce))
+            .await
+            .expect("a client with its own key is welcome");
+        let w = m
+            .until(|k| match k {
+                Down::Welcome(w) => Some(w.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(w.client_id, mallory_id, "the id is derived from the key");
+        assert_eq!(w.max_in_flight, 4, "the configured limit is announced");
+        m.send(flow_msg(&victim_flow, 0, rows(3))).await;
+        let e = m.error_for(0).await;
+        assert_eq!(e.code, comms::ErrorCode::UnknownFlow as i32, "{e:?}");
+        assert!(e.message.contains("never tasked"), "{e:?}");
+
+        // 4. Malformed messages on an open stream: refused one by one, the stream stays usable.
+        let bad_id = flow_msg("../../etc", 0, rows(1));
+        m.send(bad_id).await;
+        let e = m.error_for(0).await;
+        assert_eq!(e.code, comms::ErrorCode::InvalidMessage as i32, "{e:?}");
+        m.send(flow_msg("F.AAAA01.H", 1, rows(10_001))).await;
+        let e = m.error_for(1).await;
+        assert!(e.message.contains("rows"), "{e:?}");
+        m.send(flow_msg("F.AAAA01.H", 2, chunk("a\0b", 0, b"x", true)))
+            .await;
+        let e = m.error_for(2).await;
+        assert_eq!(e.code, comms::ErrorCode::InvalidMessage as i32, "{e:?}");
+        // An upload past max_upload_size (100,000 bytes here).
+        m.send(flow_msg(
+            "F.AAAA01.H",
+            3,
+            chunk("big.bin", 99_000, &[7; 2000], false),
+        ))
+        .await;
+        let e = m.error_for(3).await;
+        assert!(e.message.contains("max_upload_size"), "{e:?}");
+        // A second Hello ends the stream.
+        m.send(hello(&mallory_id, &nonce)).await;
+        let end = loop {
+            match m.next().await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(end.message().contains("second Hello"), "{end:?}");
+
+        // 5. A message over max_message_size (8 MiB) ends the stream; nothing of it is stored.
+        let mut m = raw(s.master_port, &ca, &mallory, hello(&mallory_id, &nonce))
+            .await
+            .unwrap();
+        let huge = flow_msg(
+            "F.AAAA03.H",
+            0,
+            Payload::Rows(comms::ResultRows {
+                source: "x".into(),
+                rows: vec![Bytes::from(vec![b' '; 9 << 20])],
+            }),
+        );
+        m.send(huge).await;
+        let end = loop {
+            match m.next().await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(
+                end.code(),
+                Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::Cancelled
+            ),
+            "{end:?}"
+        );
+
+        // 6. A client that opens the stream and stalls is cut off after hello_timeout_s (2 s).
+        let started = Instant::now();
+        let cfg = tls::client_config(&ca, &mallory.certificate, &mallory.private_key).unwrap();
+        let net: Arc<dyn Net> = TokioNet::shared();
+        let ch = tls::connect(
+            &net,
+            "127.0.0.1",
+            s.master_port,
+            cfg,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let mut c = comms::comms_client::CommsClient::new(ch);
+        let (_keep_open, rx) = mpsc::channel::<ClientMessage>(1);
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.connect(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .expect("the server answers a stalled stream");
+        let e = r.expect_err("a stalled stream is refused");
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        assert!(e.message().contains("hello_timeout_s"), "{e:?}");
+        eprintln!("stalled stream closed after {:?}", started.elapsed());
+    });
+
+    // 7. A TCP connection that never starts TLS is dropped after handshake_timeout_s (3 s).
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", s.master_port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 16];
+    let n = tcp.read(&mut buf).unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "the server closes a connection that stalls before TLS"
+    );
+
+    // 8. A connection flood past connections_per_second (20): most are closed before any TLS work.
+    std::thread::sleep(Duration::from_secs(2)); // let the bucket refill
+    let mut conns = Vec::new();
+    for _ in 0..200 {
+        if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", s.master_port)) {
+            conns.push(c);
+        }
+    }
+    let mut closed = 0;
+    for c in &mut conns {
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        match c.read(&mut buf) {
+            Ok(0) => closed += 1,
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut =>
+            {
+                closed += 1
+            }
+            _ => {}
+        }
+    }
+    drop(conns);
+    eprintln!("flood: {closed} of 200 connections closed before TLS");
+    assert!(
+        closed >= 150,
+        "only {closed} of 200 flood connections were refused"
+    );
+
+    // 9. Names that try to leave the filestore, through a real collection's upload path.
+    let outside = d.path("escape-target");
+    let names = [
+        format!("../../../../../../{}", outside.display()),
+        outside.display().to_string(),
+        "x".repeat(5000),
+        "..".into(),
+    ];
+    let expected_files = names.len();
+    let (eve, eve_id) = identity();
+    let uploads_flow = rt.block_on(async {
+        let mut e = raw(s.master_port, &ca, &eve, hello(&eve_id, &nonce))
+            .await
+            .unwrap();
+        e.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
+            .await;
+        e
+    });
+    let mut eve_stream = uploads_flow;
+    d.wait_until("eve is enrolled", || {
+        d.clients()
+            .iter()
+            .any(|c| c["client_id"] == eve_id.as_str())
+    });
+    let collect = json(&d.api(&["collect", &eve_id, "Generic.Test.Rows", "--json"]));
+    let flow = collect["flow_id"].as_str().unwrap().to_owned();
+    rt.block_on(async {
+        let task = eve_stream
+            .until(|k| match k {
+                Down::Task(t) => Some(t.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(task.flow_id, flow);
+        eve_stream
+            .send(enc(Kind::TaskAck(comms::TaskAck {
+                flow_id: flow.clone(),
+            })))
+            .await;
+        // More in flight than allowed: a message far ahead of what is stored is refused as BUSY.
+        eve_stream.send(flow_msg(&flow, 5_000, rows(1))).await;
+        let e = eve_stream.error_for(5_000).await;
+        assert_eq!(e.code, comms::ErrorCode::Busy as i32, "{e:?}");
+        for (seq, n) in names.iter().enumerate() {
+            let mut c = chunk(n, 0, format!("payload {seq}").as_bytes(), true);
+            if let Payload::FileChunk(fc) = &mut c {
+                fc.upload_id = seq as u32 + 1;
+            }
+            eve_stream.send(flow_msg(&flow, seq as u64, c)).await;
+            eve_stream.ack_for(&flow, seq as u64).await;
+        }
+        let last = names.len() as u64;
+        eve_stream
+            .send(flow_msg(
+                &flow,
+                last,
+                Payload::Status(comms::FlowStatus {
+                    state: comms::FlowState::Completed as i32,
+                    ..Default::default()
+                }),
+            ))
+            .await;
+        eve_stream.ack_for(&flow, last).await;
+    });
+    let done = json(&d.api(&["flow", "show", &eve_id, &flow, "--json"]));
+    assert_eq!(done["state"], "completed", "{done}");
+    let uploads = d.path(&format!("shared/clients/{eve_id}/flows/{flow}/uploads"));
+    d.wait_until("the uploads are rebuilt", || {
+        snapshot(&uploads).len() == expected_files
+    });
+    for (name, bytes) in snapshot(&uploads) {
+        eprintln!("upload stored as {name:.80}");
+        assert!(!name.contains('/') && !name.starts_with('.'), "{name}");
+        assert!(name.len() <= 255, "{name}");
+        assert!(
+            String::from_utf8_lossy(&bytes).starts_with("payload "),
+            "{name}"
+        );
+    }
+    assert!(
+        !outside.exists(),
+        "nothing is written outside the filestore"
+    );
+    // Hostile artifact names and parameters are refused before anything is scheduled (through the
+    // API itself: a command line cannot carry a NUL byte).
+    rt.block_on(async {
+        let mut api = talon_io::api_client::Api::connect(&d.path("api.yaml"))
+            .await
+            .unwrap();
+        let p = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
+        for (artifact, params, want) in [
+            ("../../etc/passwd", BTreeMap::new(), "unknown artifact"),
+            ("Generic.Test.Rows", p("count", "1\0"), "count"),
+            ("Generic.Test.Rows", p("../x", "1"), "no parameter"),
+            ("Generic.Test.Rows", p("size", &"9".repeat(5000)), "size"),
+            (
+                "Generic.Forensic.FileFinder",
+                p("glob\0", "/etc/*"),
+                "no parameter",
+            ),
+        ] {
+            let e = api
+                .collect(&eve_id, artifact, params.clone())
+                .await
+                .expect_err("a hostile collection must be refused");
+            assert!(e.contains(want), "{artifact} {params:?}: {e}");
+        }
+    });
+    let out = run(&[
+        "--api-config",
+        &d.s("api.yaml"),
+        "hunt",
+        "create",
+        "Generic.Test.Rows/../../x",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown artifact"));
+
+    // Mallory's replay and invented flows stored nothing at all.
+    let mallory_dir = d.path(&format!("shared/clients/{}", mallory_id));
+    assert!(
+        snapshot(&mallory_dir)
+            .keys()
+            .all(|k| !k.contains("/flows/")),
+        "{:?}",
+        snapshot(&mallory_dir).keys().collect::<Vec<_>>()
+    );
+    // Stored data is intact: the victim's files byte for byte, its results, and it still works.
+    assert_eq!(
+        snapshot(&victim_dir),
+        victim_files,
+        "the victim's stored data changed"
+    );
+    assert_eq!(
+        d.api(&["flow", "results", &victim, &victim_flow]),
+        victim_rows
+    );
+    let after = json(&d.api(&[
+        "collect",
+        &victim,
+        "Generic.Test.Rows",
+        "--param",
+        "count=2",
+        "--wait",
+        "--json",
+    ]));
+    assert_eq!(after["rows"], 2, "{after}");
+}
+
+#[test]
+fn certificates_that_are_not_what_they_should_be_are_refused() {
+    let s = deployment();
+    let d = &s.d;
+    let master = d.start_master();
+    let other = Deployment::new();
+    let api: ApiClientConfig = read_yaml(&d.path("api.yaml")).unwrap();
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let (host, port) = talon_io::config::parse_host_port(&api.api_connection_string).unwrap();
+    let net: Arc<dyn Net> = TokioNet::shared();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let search = |tls_cfg: Arc<rustls::ClientConfig>| {
+        let (net, host) = (net.clone(), host.clone());
+        rt.block_on(async move {
+            let ch = tls::connect(&net, &host, port, tls_cfg, Duration::from_secs(10))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            ApiClient::new(ch)
+                .search_clients(SearchRequest {
+                    query: "all".into(),
+                    limit: 0,
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+        })
+    };
+    // The real API user works.
+    let good = tls::client_config(
+        &api.ca_certificate,
+        &api.client_cert,
+        &api.client_private_key,
+    )
+    .unwrap();
+    search(good).expect("the API user is served");
+
+    // No certificate at all: the handshake is refused.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in tls::certs(&api.ca_certificate, "CA").unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut none = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    none.alpn_protocols = vec![b"h2".to_vec()];
+    assert!(
+        search(Arc::new(none)).is_err(),
+        "no certificate must be refused"
+    );
+
+    // An endpoint (client) certificate: self-signed, not the CA's.
+    let (endpoint, _) = identity();
+    let as_client = tls::client_config(
+        &api.ca_certificate,
+        &endpoint.certificate,
+        &endpoint.private_key,
+    )
+    .unwrap();
+    assert!(
+        search(as_client).is_err(),
+        "a client certificate must be refused"
+    );
+
+    // An API certificate of this CA that has expired.
+    let ca = pki::Pem {
+        certificate: cfg.ca.certificate.clone(),
+        private_key: cfg.ca.private_key.clone(),
+    };
+    let long_ago = Timestamp(now_ms() - (pki::LEAF_VALID_DAYS as u64 + 30) * 86_400_000);
+    let expired = pki::issue_api_client(&ca, "mallory", long_ago).unwrap();
+    let e = search(
+        tls::client_config(
+            &api.ca_certificate,
+            &expired.certificate,
+            &expired.private_key,
+        )
+        .unwrap(),
+    )
+    .expect_err("an expired certificate must be refused");
+    eprintln!("expired: {e}");
+
+    // An API certificate of another deployment's CA.
+    let foreign: ApiClientConfig = read_yaml(&other.path("api.yaml")).unwrap();
+    let foreign_cfg = tls::client_config(
+        &api.ca_certificate,
+        &foreign.client_cert,
+        &foreign.client_private_key,
+    )
+    .unwrap();
+    assert!(
+        search(foreign_cfg).is_err(),
+        "a foreign CA's certificate must be refused"
+    );
+
+    // A "minion" presenting the API user's certificate (CA-signed, but not the frontend's) is
+    // refused the replication stream and the remote datastore.
+    let as_api = tls::client_config(
+        &api.ca_certificate,
+        &api.client_cert,
+        &api.client_private_key,
+    )
+    .unwrap();
+    let (repl, ds) = rt.block_on(async {
+        let ch = tls::connect(&net, &host, port, as_api, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let hello = pc::MinionMessage {
+            kind: Some(pc::minion_message::Kind::Hello(pc::MinionHello {
+                node: s.minion.clone(),
+                epoch: 1,
+                acked_broadcast_seq: 0,
+            })),
+        };
+        let repl = ReplicationClient::new(ch.clone())
+            .stream(tokio_stream::iter(vec![hello]))
+            .await
+            .expect_err("the replication stream must be refused");
+        let ds = pc::remote_datastore_client::RemoteDatastoreClient::new(ch)
+            .delete(pc::DeleteRequest {
+                key: format!("clients/{}", "C.0123456789abcdef"),
+            })
+            .await
+            .expect_err("the remote datastore must be refused");
+        (repl, ds)
+    });
+    for e in [&repl, &ds] {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("frontend certificate"), "{e:?}");
+    }
+    // Another deployment's frontend certificate: the TLS handshake itself fails.
+    let theirs = ServerConfig::load(&other.path("server.config.yaml")).unwrap();
+    let foreign_fe = tls::client_config(
+        &api.ca_certificate,
+        &theirs.frontend.certificate,
+        &theirs.frontend.private_key,
+    )
+    .unwrap();
+    assert!(
+        search(foreign_fe).is_err(),
+        "a foreign frontend certificate must be refused"
+    );
+
+    // Rotating the CA (docs/security.md): between the steps old and new API users both work; after
+    // `--finish` the old ones and agents that never got the new client config are refused.
+    drop(master);
+    let pre_rotation_client = d.path("client.before-rotation.yaml");
+    std::fs::copy(d.path("client.config.yaml"), &pre_rotation_client).unwrap();
+    let out = ok(&["-c", &d.s("server.config.yaml"), "config", "rotate-ca"]);
+    assert!(out.contains("rotation begun"), "{out}");
+    let master = d.start_master(); // waits for the pre-rotation API user to be served
+    ok(&[
+        "-c",
+        &d.s("server.config.yaml"),
+        "config",
+        "api-client",
+        "--name",
+        "bob",
+        "--out",
+        &d.s("api-bob.yaml"),
+    ]);
+    ok(&[
+        "--api-config",
+        &d.s("api-bob.yaml"),
+        "clients",
+        "search",
+        "all",
+    ]);
+    drop(master);
+    let out = ok(&[
+        "-c",
+        &d.s("server.config.yaml"),
+        "config",
+        "rotate-ca",
+        "--finish",
+    ]);
+    assert!(out.contains("rotation finished"), "{out}");
+    std::fs::rename(d.path("api.yaml"), d.path("api-alice-old.yaml")).unwrap();
+    std::fs::copy(d.path("api-bob.yaml"), d.path("api.yaml")).unwrap();
+    let _master = d.start_master(); // now waits for bob
+    let old = run(&[
+        "--api-config",
+        &d.s("api-alice-old.yaml"),
+        "clients",
+        "search",
+        "all",
+    ]);
+    assert!(
+        !old.status.success(),
+        "an API user of the old CA must be refused"
+    );
+    let _new_agent = d.start_client(&d.path("client.config.yaml"), "rotated-agent");
+    let _old_agent = d.start_client(&pre_rotation_client, "stale-agent");
+    d.wait_until("the agent with the new client config enrols", || {
+        d.clients().len() == 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        d.clients().len(),
+        1,
+        "an agent pinning only the old CA cannot connect"
+    );
+    let log = std::fs::read_to_string(d.path("stale-agent.log")).unwrap();
+    assert!(log.contains("connection failed"), "{log}");
+}
