@@ -592,6 +592,11 @@ impl Agent {
     }
 }
 
+/// Where `pool-client` keeps virtual client `i`'s key under `dir`.
+pub fn pool_key_path(dir: &Path, i: usize) -> std::path::PathBuf {
+    dir.join(format!("pool-{i}.yaml"))
+}
+
 /// Starts `number` virtual clients in this process (`talon pool-client`): each has its own key,
 /// cached in `writeback_dir/pool-<i>.yaml` so a restart reuses it, and reports hostname
 /// `<prefix>-<i>`. They share one runtime. Starts at most `start_rate` clients per second.
@@ -610,10 +615,24 @@ pub fn spawn_pool(
     } = env;
     std::fs::create_dir_all(writeback_dir)
         .map_err(|e| format!("{}: {e}", writeback_dir.display()))?;
+    // On loopback, clients leave from 127.0.1.1 to 127.0.1.64 in turn: one source address has
+    // about 28,000 ephemeral ports, fewer than a large pool's connections to one frontend.
+    let loopback = config
+        .client
+        .server_urls
+        .iter()
+        .all(|u| parse_url(u).is_ok_and(|(h, _)| h == "localhost" || h.starts_with("127.")));
     let mut agents = Vec::with_capacity(number);
     for i in 0..number {
-        let (identity, id) =
-            load_or_create_identity(&writeback_dir.join(format!("pool-{i}.yaml")), &*clock)?;
+        let (identity, id) = load_or_create_identity(&pool_key_path(writeback_dir, i), &*clock)?;
+        let net: Arc<dyn crate::net::Net> = if loopback {
+            Arc::new(crate::net::FromAddr {
+                inner: net.clone(),
+                local: std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, 1 + (i % 64) as u8)),
+            })
+        } else {
+            net.clone()
+        };
         agents.push(Agent {
             config: config.clone(),
             identity,
@@ -623,7 +642,7 @@ pub fn spawn_pool(
             outbox: Outbox::default(),
             hostname: Some(format!("{prefix}-{i}")),
             inline_artifacts: false,
-            net: net.clone(),
+            net,
         });
     }
     let gap = if start_rate > 0.0 {

@@ -59,13 +59,22 @@ impl Api {
         })
     }
 
-    /// Searches clients.
+    /// Searches clients (at most the server's default of 10,000 results).
     pub async fn search(&mut self, query: &str) -> Result<api::SearchResponse, String> {
+        self.search_limit(query, 0).await
+    }
+
+    /// Searches clients, returning at most `limit` (0: the server's default).
+    pub async fn search_limit(
+        &mut self,
+        query: &str,
+        limit: u32,
+    ) -> Result<api::SearchResponse, String> {
         let r = self
             .inner
             .search_clients(api::SearchRequest {
                 query: query.into(),
-                limit: 0,
+                limit,
             })
             .await
             .map_err(status)?;

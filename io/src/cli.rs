@@ -70,6 +70,25 @@ pub enum Command {
         #[arg(long, alias = "start_rate", default_value_t = 100.0)]
         start_rate: f64,
     },
+    /// Measure: start a deployment on loopback in a temporary directory and print its figures.
+    Bench {
+        /// connections: N clients on one frontend (memory per client, connect rate); hunt: a hunt over
+        /// them (time to task all, to 95% and 100% complete, rows per second).
+        #[arg(value_enum)]
+        scenario: crate::bench::Scenario,
+        /// Virtual clients.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Clients started per second (0: all at once).
+        #[arg(long, default_value_t = 2000.0)]
+        start_rate: f64,
+        /// Where the clients' keys are cached between runs (default: ~/.cache/talon/bench-keys).
+        #[arg(long, value_name = "DIR")]
+        keys: Option<PathBuf>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A whole deployment on loopback: a master, minions and virtual clients, and a hunt across them.
     Demo {
         /// Minion frontends beside the master (0: single server).
@@ -472,6 +491,19 @@ async fn run_async(
             init_logging("info");
             let path = need_config(config.as_deref())?;
             let cfg = ServerConfig::load(path).map_err(|e| e.to_string())?;
+            // One descriptor per client connection, plus files and the volume's.
+            let wanted = 2 * cfg.frontend.resources.expected_clients + 4096;
+            match crate::env::raise_fd_limit(wanted) {
+                Ok(n) if n < wanted => {
+                    tracing::warn!(
+                        limit = n,
+                        wanted,
+                        "the open-file limit is below what expected_clients needs"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            }
             let name = node.clone().unwrap_or_else(|| cfg.master_node_name());
             let local_dir =
                 local_dir.unwrap_or_else(|| PathBuf::from(format!("/var/lib/talon/{name}")));
@@ -520,6 +552,14 @@ async fn run_async(
             init_logging("warn");
             let path = need_config(config.as_deref())?;
             let cfg: config::ClientConfig = config::read_yaml(path).map_err(|e| e.to_string())?;
+            let wanted = number as u64 + 1024;
+            let limit = crate::env::raise_fd_limit(wanted)?;
+            if limit < wanted {
+                return Err(format!(
+                    "the open-file limit is {limit} but {number} clients need about {wanted}: raise \
+                     it (ulimit -n) or run with fewer clients"
+                ));
+            }
             eprintln!(
                 "starting {number} virtual clients ({start_rate}/s), keys in {}",
                 writeback_dir.display()
@@ -536,6 +576,27 @@ async fn run_async(
                 _ = pool => Ok(String::new()),
                 _ = shutdown_signal() => Ok("pool-client stopped".into()),
             }
+        }
+        Command::Bench {
+            scenario,
+            clients,
+            start_rate,
+            keys,
+            json,
+        } => {
+            init_logging("warn");
+            let o = crate::bench::BenchOptions {
+                scenario,
+                clients,
+                start_rate,
+                keys: keys.unwrap_or_else(crate::bench::default_key_dir),
+            };
+            let v = crate::bench::run(&o).await?;
+            Ok(if json {
+                v.to_string()
+            } else {
+                crate::bench::table(&v)
+            })
         }
         Command::Demo { minions, clients } => {
             init_logging("warn");

@@ -2,9 +2,10 @@
 //! ([`talon_core::datastore::Cache`]) driven over a journal on fast local disk and the slow shared
 //! volume.
 //!
-//! One task owns the cache and the journal. It takes one input at a time (a request, a volume
-//! completion, or the cache's deadline), then drains the cache's actions in order. Journal appends made
-//! during a drain are synced together with one fsync (group commit) before the cache is told, so a
+//! One task owns the cache and the journal. It takes the inputs that are ready (every waiting request,
+//! up to 1,024, or a volume completion, or the cache's deadline), then drains the cache's actions in
+//! order. Journal appends made during a drain are synced together with one fsync (group commit: many
+//! callers' writes share it) before the cache is told, so a
 //! write is acknowledged only once durable on local disk, and the 40–60 ms volume is never on the
 //! write path. Volume reads, lists and flushes run as spawned tasks (their number is bounded by the
 //! cache's limits) and report back through a channel.
@@ -280,6 +281,9 @@ struct Driver<D: LocalDisk, V: Volume> {
     next_req: u64,
 }
 
+/// Requests taken from the queue at once before the journal is synced.
+const GROUP_COMMIT_MAX: usize = 1024;
+
 impl<D: LocalDisk, V: Volume> Driver<D, V> {
     async fn run(mut self) -> io::Result<()> {
         self.drain()?;
@@ -292,7 +296,17 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                 .map(|t| Duration::from_millis(t.since_ms(now)));
             tokio::select! {
                 req = self.rx.recv() => match req {
-                    Some(req) => self.request(req),
+                    Some(req) => {
+                        // Take every request already waiting (up to a bound) before draining: their
+                        // journal appends then share one sync (group commit across callers).
+                        self.request(req);
+                        for _ in 1..GROUP_COMMIT_MAX {
+                            match self.rx.try_recv() {
+                                Ok(req) => self.request(req),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break,
                 },
                 Some(done) = self.done_rx.recv() => self.completion(done),

@@ -27,3 +27,39 @@ impl Env {
         }
     }
 }
+
+/// Raises this process's open-file limit to at least `wanted` if it is lower (the soft limit up to
+/// the hard one, and the hard one too where permitted, e.g. as root). Returns the limit now in force;
+/// a server or load generator holding many connections calls it at start.
+pub fn raise_fd_limit(wanted: u64) -> Result<u64, String> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let current = now.current.unwrap_or(u64::MAX);
+    if current >= wanted {
+        return Ok(current);
+    }
+    let max = now.maximum.unwrap_or(u64::MAX);
+    // Above the hard limit only a privileged process may go; try, then settle for the hard limit.
+    if max < wanted
+        && setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(wanted),
+                maximum: Some(wanted),
+            },
+        )
+        .is_ok()
+    {
+        return Ok(wanted);
+    }
+    let target = wanted.min(max);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: now.maximum,
+        },
+    )
+    .map_err(|e| format!("cannot raise the open-file limit to {target}: {e}"))?;
+    Ok(target)
+}

@@ -65,6 +65,45 @@ fn pending_task_key(client: &ClientId, flow: &str) -> Result<String, Status> {
 /// readers too).
 const LOAD_CONCURRENCY: usize = 256;
 
+/// Writes each chain's keys in order (stopping at its first failure), up to [`LOAD_CONCURRENCY`]
+/// chains at once; one result per chain, in order.
+async fn set_chains(ds: &Meta, chains: Vec<Vec<(String, Bytes)>>) -> Vec<Result<(), String>> {
+    // A chain whose task panicked keeps this error.
+    let mut out: Vec<Result<(), String>> = (0..chains.len())
+        .map(|_| Err("the write task failed".to_owned()))
+        .collect();
+    let mut set = tokio::task::JoinSet::new();
+    let mut todo = chains.into_iter().enumerate();
+    loop {
+        while set.len() < LOAD_CONCURRENCY {
+            let Some((i, writes)) = todo.next() else {
+                break;
+            };
+            let ds = ds.clone();
+            set.spawn(async move {
+                for (k, v) in writes {
+                    if let Err(e) = ds.set(&k, v).await {
+                        return (i, Err(format!("{k}: {e}")));
+                    }
+                }
+                (i, Ok(()))
+            });
+        }
+        match set.join_next().await {
+            Some(Ok((i, r))) => out[i] = r,
+            Some(Err(e)) => tracing::error!(error = %e, "a datastore write task failed"),
+            None => break,
+        }
+    }
+    out
+}
+
+fn json_bytes<T: serde::Serialize>(value: &T) -> Result<Bytes, Status> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
 /// Reads `keys` with up to [`LOAD_CONCURRENCY`] reads in flight; the values come back in key order.
 async fn get_many(ds: &Meta, keys: Vec<String>) -> Result<Vec<(String, Option<Bytes>)>, String> {
     let mut out: Vec<(usize, String, Option<Bytes>)> = Vec::with_capacity(keys.len());
@@ -1495,61 +1534,109 @@ impl Actor {
     /// Performs the hunt manager's actions: a participant is journalled before its task is delivered.
     /// `Err` carries the first write that failed (the node
     /// fail-stops on it, see `Meta::set`): what the caller was about to acknowledge is not durable.
+    /// Records and tasks newly scheduled hunt participants. For each client, in order: its
+    /// participant record, its flow record and its pending task, all durable before the task is sent
+    /// (a restart finds it scheduled; its frontend finds the flow tasked). Up to
+    /// [`LOAD_CONCURRENCY`] clients are written at once, so one journal sync covers many of them.
+    async fn schedule(&mut self, batch: Vec<(HuntId, ClientId, FlowId)>) -> Result<(), Status> {
+        let now_ms = self.now().as_ms();
+        let mut queued: BTreeMap<ClientId, usize> = BTreeMap::new();
+        let mut chains = Vec::with_capacity(batch.len());
+        for (hunt, client, flow) in batch {
+            let Some(h) = self.hunts.get(&hunt) else {
+                continue;
+            };
+            let spec = h.record().spec.clone();
+            let record = FlowJson {
+                client_id: client.to_string(),
+                flow_id: flow.to_string(),
+                artifact: spec.artifact.clone(),
+                params: spec.params.clone(),
+                hunt_id: Some(hunt.to_string()),
+                state: FlowRecordState::Queued,
+                rows: 0,
+                uploaded_bytes: 0,
+                error: String::new(),
+                created_ms: now_ms,
+                finished_ms: 0,
+                uploads: vec![],
+            };
+            let task = comms::Task {
+                flow_id: flow.to_string(),
+                artifact: spec.artifact,
+                params: spec.params.into_iter().collect(),
+                hunt_id: hunt.to_string(),
+                max_rows: 0,
+                max_upload_bytes: self.opts.codec.upload_bytes_max,
+                timeout_s: 600,
+            };
+            let mut writes = vec![
+                (
+                    paths::hunt_participant(&hunt, &client),
+                    json_bytes(&ParticipantJson::Scheduled)?,
+                ),
+                (paths::flow_record(&client, &flow), json_bytes(&record)?),
+            ];
+            let waiting = queued
+                .entry(client.clone())
+                .or_insert_with(|| match &self.role {
+                    NodeRole::Master(m) => m.pending.get(&client).map_or(0, Vec::len),
+                    NodeRole::Minion(_) => 0,
+                });
+            let task = if *waiting < self.opts.queued_tasks_per_client_max {
+                *waiting += 1;
+                let key = pending_task_key(&client, &task.flow_id)?;
+                writes.push((key, Bytes::from(task.encode_to_vec())));
+                Some(task)
+            } else {
+                tracing::warn!(client = %client, hunt = %hunt, waiting = *waiting, "hunt task not queued: too many tasks already wait for this client");
+                None
+            };
+            chains.push((hunt, client, task, writes));
+        }
+        let writes = chains
+            .iter_mut()
+            .map(|c| std::mem::take(&mut c.3))
+            .collect();
+        let results = set_chains(&self.datastore, writes).await;
+        let mut failed = None;
+        for ((hunt, client, task, _), r) in chains.into_iter().zip(results) {
+            match (r, task) {
+                (Err(e), _) => {
+                    tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt participant; not tasking it");
+                    failed.get_or_insert(Status::unavailable(format!("datastore: {e}")));
+                }
+                (Ok(()), Some(task)) => {
+                    if let NodeRole::Master(m) = &mut self.role {
+                        m.pending
+                            .entry(client.clone())
+                            .or_default()
+                            .push(task.clone());
+                    }
+                    self.send_task(&client, task);
+                }
+                (Ok(()), None) => {}
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
     async fn drain_hunts(&mut self) -> Result<(), Status> {
         let mut failed = None;
-        while let Some(a) = self.hunts.poll_action() {
+        // Consecutive Schedule actions are written together (each client's records in order, many
+        // clients at once, so the journal's group commit covers them); anything else waits for them.
+        let mut batch: Vec<(HuntId, ClientId, FlowId)> = Vec::new();
+        loop {
+            let a = self.hunts.poll_action();
+            if !matches!(a, Some(HuntAction::Schedule { .. }))
+                && !batch.is_empty()
+                && let Err(e) = self.schedule(std::mem::take(&mut batch)).await
+            {
+                failed.get_or_insert(e);
+            }
+            let Some(a) = a else { break };
             match a {
-                HuntAction::Schedule { hunt, client, flow } => {
-                    let key = paths::hunt_participant(&hunt, &client);
-                    if let Err(e) =
-                        save_json(&self.datastore, &key, &ParticipantJson::Scheduled).await
-                    {
-                        tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt participant; not tasking it");
-                        failed.get_or_insert(e);
-                        continue;
-                    }
-                    let Some(h) = self.hunts.get(&hunt) else {
-                        continue;
-                    };
-                    let spec = h.record().spec.clone();
-                    let record = FlowJson {
-                        client_id: client.to_string(),
-                        flow_id: flow.to_string(),
-                        artifact: spec.artifact.clone(),
-                        params: spec.params.clone(),
-                        hunt_id: Some(hunt.to_string()),
-                        state: FlowRecordState::Queued,
-                        rows: 0,
-                        uploaded_bytes: 0,
-                        error: String::new(),
-                        created_ms: self.now().as_ms(),
-                        finished_ms: 0,
-                        uploads: vec![],
-                    };
-                    if let Err(e) = save_json(
-                        &self.datastore,
-                        &paths::flow_record(&client, &flow),
-                        &record,
-                    )
-                    .await
-                    {
-                        tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt flow");
-                        failed.get_or_insert(e);
-                        continue;
-                    }
-                    let task = comms::Task {
-                        flow_id: flow.to_string(),
-                        artifact: spec.artifact,
-                        params: spec.params.into_iter().collect(),
-                        hunt_id: hunt.to_string(),
-                        max_rows: 0,
-                        max_upload_bytes: self.opts.codec.upload_bytes_max,
-                        timeout_s: 600,
-                    };
-                    if let Err(e) = self.deliver(&client, task).await {
-                        tracing::warn!(client = %client, hunt = %hunt, error = %e.message(), "hunt task not queued");
-                    }
-                }
+                HuntAction::Schedule { hunt, client, flow } => batch.push((hunt, client, flow)),
                 HuntAction::Participant {
                     hunt,
                     client,

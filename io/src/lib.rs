@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api_client;
 pub mod artifacts;
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod cluster;

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -33,6 +33,35 @@ pub trait Net: Send + Sync + 'static {
     fn bind<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Box<dyn Listener>>>;
     /// Connects to `addr` (`HOST:PORT`).
     fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<BoxIo>>;
+    /// Connects to `addr` from the local address `local` (a networkless implementation may ignore it).
+    fn connect_from<'a>(
+        &'a self,
+        addr: &'a str,
+        local: IpAddr,
+    ) -> BoxFuture<'a, io::Result<BoxIo>> {
+        let _ = local;
+        self.connect(addr)
+    }
+}
+
+/// A [`Net`] whose outgoing connections all leave from one local address. A load generator holding
+/// more connections to one frontend than a source address has ephemeral ports (about 28,000 on
+/// Linux) spreads its clients over several loopback addresses with it.
+pub struct FromAddr {
+    /// The network underneath.
+    pub inner: Arc<dyn Net>,
+    /// The local address connections leave from.
+    pub local: IpAddr,
+}
+
+impl Net for FromAddr {
+    fn bind<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Box<dyn Listener>>> {
+        self.inner.bind(addr)
+    }
+
+    fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<BoxIo>> {
+        self.inner.connect_from(addr, self.local)
+    }
 }
 
 /// The real network: tokio TCP, Nagle off (small messages are latency-bound).
@@ -75,6 +104,33 @@ impl Net for TokioNet {
             let s = tokio::net::TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
             Ok(Box::new(s) as BoxIo)
+        })
+    }
+
+    fn connect_from<'a>(
+        &'a self,
+        addr: &'a str,
+        local: IpAddr,
+    ) -> BoxFuture<'a, io::Result<BoxIo>> {
+        Box::pin(async move {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"));
+            for target in tokio::net::lookup_host(addr).await? {
+                let socket = match target {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                if target.is_ipv4() == local.is_ipv4() {
+                    socket.bind(SocketAddr::new(local, 0))?;
+                }
+                match socket.connect(target).await {
+                    Ok(s) => {
+                        s.set_nodelay(true)?;
+                        return Ok(Box::new(s) as BoxIo);
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
         })
     }
 }
