@@ -2187,6 +2187,8 @@ impl comms::comms_server::Comms for CommsService {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(client = %client, error = %e, "client stream ended");
+                        // Tell the client why (e.g. a message over max_message_size: OUT_OF_RANGE).
+                        let _ = tx.try_send(Err(Status::new(e.code(), e.message().to_owned())));
                         break;
                     }
                 };
