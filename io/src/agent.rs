@@ -617,11 +617,10 @@ pub fn spawn_pool(
         .map_err(|e| format!("{}: {e}", writeback_dir.display()))?;
     // On loopback, clients leave from 127.0.1.1 to 127.0.1.64 in turn: one source address has
     // about 28,000 ephemeral ports, fewer than a large pool's connections to one frontend.
-    let loopback = config
-        .client
-        .server_urls
-        .iter()
-        .all(|u| parse_url(u).is_ok_and(|(h, _)| h == "localhost" || h.starts_with("127.")));
+    let loopback =
+        config.client.server_urls.iter().all(|u| {
+            parse_url(u).is_ok_and(|(h, _)| crate::config::bind_address_for(&h) != "0.0.0.0")
+        });
     let mut agents = Vec::with_capacity(number);
     for i in 0..number {
         let (identity, id) = load_or_create_identity(&pool_key_path(writeback_dir, i), &*clock)?;

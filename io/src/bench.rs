@@ -94,12 +94,6 @@ impl Child {
     }
 }
 
-fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| format!("cannot find a free port: {e}"))?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
-}
-
 fn progress(line: &str) {
     eprintln!("bench: {line}");
 }
@@ -144,14 +138,7 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
         ));
     }
     let env = Env::real();
-    let mut tag = [0u8; 4];
-    env.entropy.fill(&mut tag);
-    let dir = std::env::temp_dir().join(format!(
-        "talon-bench-{}-{}",
-        std::process::id(),
-        crate::clock::hex(&tag)
-    ));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = crate::demo::scratch_dir("bench", &env)?;
     let r = run_in(o, &dir, &env).await;
     let _ = std::fs::remove_dir_all(&dir);
     r
@@ -162,9 +149,9 @@ async fn run_in(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_json::V
     // The deployment: one master serving every client, limits sized for the run.
     let opts = GenerateOptions {
         hostname: "127.0.0.1".into(),
-        frontend_port: free_port()?,
-        api_port: free_port()?,
-        gui_port: free_port()?,
+        frontend_port: crate::demo::free_port()?,
+        api_port: crate::demo::free_port()?,
+        gui_port: crate::demo::free_port()?,
         datastore: dir.join("shared"),
     };
     let mut cfg = config::generate(&opts, &*env.clock, &*env.entropy).map_err(|e| e.to_string())?;

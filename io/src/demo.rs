@@ -12,7 +12,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-fn free_port() -> Result<u16, String> {
+/// A free TCP port on loopback (also used by `talon bench`).
+pub(crate) fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| format!("cannot find a free port: {e}"))?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
@@ -22,6 +23,19 @@ fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// A new directory `talon-<what>-<pid>-<random>` under the temp dir (the caller removes it).
+pub(crate) fn scratch_dir(what: &str, env: &Env) -> Result<PathBuf, String> {
+    let mut tag = [0u8; 4];
+    env.entropy.fill(&mut tag);
+    let dir = std::env::temp_dir().join(format!(
+        "talon-{what}-{}-{}",
+        std::process::id(),
+        crate::clock::hex(&tag)
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Runs the demo until `shutdown`.
@@ -37,14 +51,7 @@ pub async fn run(
         return Err("--clients must be at least 1".into());
     }
     let env = Env::real();
-    let mut tag = [0u8; 4];
-    env.entropy.fill(&mut tag);
-    let dir = std::env::temp_dir().join(format!(
-        "talon-demo-{}-{}",
-        std::process::id(),
-        crate::clock::hex(&tag)
-    ));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = scratch_dir("demo", &env)?;
     let result = run_in(&dir, minions, clients, env, shutdown).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
