@@ -443,9 +443,9 @@ fn check_pem(key: &str, value: &str, kind: &str) -> Result<(), String> {
 impl ServerConfig {
     /// Loads and validates a server config.
     pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
-        let c: ServerConfig = read_yaml(path)?;
-        c.validate().map_err(in_file(path))?;
-        Ok(c)
+        let e = in_file(path);
+        let text = std::fs::read_to_string(path).map_err(|err| e(format!("cannot read: {err}")))?;
+        Self::parse(&text).map_err(e)
     }
 
     /// Parses and validates a server config's text (what [`ServerConfig::load`] does after reading).
