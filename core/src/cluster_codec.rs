@@ -65,7 +65,8 @@ pub enum MinionInput {
     },
 }
 
-/// Why a minion's message was refused as a whole (the master closes the stream).
+/// Why a minion's message was refused as a whole (the master closes the stream), or a chunked
+/// value was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterError(pub String);
 
@@ -211,18 +212,6 @@ pub fn check_event(e: &Event, l: &ClusterLimits) -> Result<(), String> {
     }
 }
 
-/// Why a chunked value was refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AssemblyError(pub String);
-
-impl fmt::Display for AssemblyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for AssemblyError {}
-
 /// A datastore value arriving in chunks: the first announces its key and total length, the rest
 /// must add up to exactly that length. Memory grows with the bytes received, never with the length
 /// announced (a peer announcing 64 MiB and sending nothing costs nothing).
@@ -235,13 +224,13 @@ pub struct ValueAssembly {
 
 impl ValueAssembly {
     /// Starts a value for `key` (checked with [`paths::validate_key`]) of `total` bytes.
-    pub fn start(key: &str, total: u64, value_bytes_max: u64) -> Result<Self, AssemblyError> {
+    pub fn start(key: &str, total: u64, value_bytes_max: u64) -> Result<Self, ClusterError> {
         paths::validate_key(key).map_err(|e| {
             let shown: String = key.chars().take(64).collect();
-            AssemblyError(format!("key {shown:?}: {e}"))
+            ClusterError(format!("key {shown:?}: {e}"))
         })?;
         if total > value_bytes_max {
-            return Err(AssemblyError(format!(
+            return Err(ClusterError(format!(
                 "{key}: a value of {total} bytes is over the {value_bytes_max}-byte bound \
                  (Datastore.max_value_size)"
             )));
@@ -254,9 +243,9 @@ impl ValueAssembly {
     }
 
     /// Adds the next chunk.
-    pub fn push(&mut self, data: &[u8]) -> Result<(), AssemblyError> {
+    pub fn push(&mut self, data: &[u8]) -> Result<(), ClusterError> {
         if self.buf.len() as u64 + data.len() as u64 > self.total {
-            return Err(AssemblyError(format!(
+            return Err(ClusterError(format!(
                 "{}: more bytes than the announced {}",
                 self.key, self.total
             )));
@@ -266,9 +255,9 @@ impl ValueAssembly {
     }
 
     /// The key and the whole value, if exactly the announced length arrived.
-    pub fn finish(self) -> Result<(String, Vec<u8>), AssemblyError> {
+    pub fn finish(self) -> Result<(String, Vec<u8>), ClusterError> {
         if self.buf.len() as u64 != self.total {
-            return Err(AssemblyError(format!(
+            return Err(ClusterError(format!(
                 "{}: {} bytes arrived, {} announced",
                 self.key,
                 self.buf.len(),

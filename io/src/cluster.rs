@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use talon_core::cluster_codec::{
-    AssemblyError, ClusterLimits, MinionInput, ValueAssembly, validate_minion_message,
+    ClusterError, ClusterLimits, MinionInput, ValueAssembly, validate_minion_message,
 };
 use talon_core::replication::{Outbox, OutboxAction, OutboxLimits};
 use talon_proto::cluster::{
@@ -975,7 +975,7 @@ impl pc::remote_datastore_server::RemoteDatastore for ClusterService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("Set without a chunk"))?;
-        let bad = |e: AssemblyError| Status::invalid_argument(e.to_string());
+        let bad = |e: ClusterError| Status::invalid_argument(e.to_string());
         let mut value =
             ValueAssembly::start(&first.key, first.total_len, self.value_bytes_max).map_err(bad)?;
         value.push(&first.data).map_err(bad)?;
