@@ -210,6 +210,9 @@ struct Entry {
     /// Journal seq of the last applied write; 0 for entries loaded from the volume.
     version: u64,
     dirty: bool,
+    /// The first write since it was last clean: the entry holds that write's effect (or a later
+    /// one) until it turns clean.
+    dirty_from: u64,
     /// The version being flushed, if any.
     flushing: Option<u64>,
     /// When it turned dirty (for the flush age bound); or its LRU tick when clean.
@@ -238,6 +241,8 @@ pub struct Cache {
     next_tick: u64,
     /// Dirty entries by the version of their last write (oldest first).
     dirty: BTreeMap<u64, String>,
+    /// Dirty entries by `dirty_from`: the oldest unflushed write, whatever overwrote it since.
+    unflushed: std::collections::BTreeSet<(u64, String)>,
     /// The dirty entries not being flushed, by version: what the next flush takes, found without
     /// stepping over the (up to `flushes_in_flight_max` × `flush_batch_max`) entries in flight.
     idle: BTreeMap<u64, String>,
@@ -267,6 +272,7 @@ impl Cache {
             lru: BTreeMap::new(),
             next_tick: 0,
             dirty: BTreeMap::new(),
+            unflushed: std::collections::BTreeSet::new(),
             idle: BTreeMap::new(),
             pending: BTreeMap::new(),
             next_seq: truncated_upto + 1,
@@ -303,6 +309,15 @@ impl Cache {
             c.next_seq = seq + 1;
             c.synced_upto = seq;
         }
+        // A replayed entry may stand for writes older than the journal still shows (truncated once
+        // an overwrite covered them): it counts as unflushed since the beginning.
+        c.unflushed = std::mem::take(&mut c.unflushed)
+            .into_iter()
+            .map(|(_, k)| (0, k))
+            .collect();
+        for e in c.entries.values_mut() {
+            e.dirty_from = 0;
+        }
         c.maybe_flush(now);
         c
     }
@@ -330,6 +345,18 @@ impl Cache {
     /// True if every acknowledged write is on the shared volume and nothing is pending.
     pub fn is_flushed(&self) -> bool {
         self.dirty.is_empty() && self.pending.is_empty()
+    }
+
+    /// The version of the newest acknowledged write (0 if none since the journal's start).
+    pub fn acknowledged_upto(&self) -> u64 {
+        self.synced_upto
+    }
+
+    /// True if every write at or below `version` is on the shared volume: it was flushed, or it was
+    /// overwritten and the overwrite was flushed. (An overwritten write still unflushed keeps its
+    /// key from counting, so a caller never sees a key absent that it wrote before `version`.)
+    pub fn flushed_through(&self, version: u64) -> bool {
+        self.unflushed.first().is_none_or(|(v, _)| *v > version)
     }
 
     fn reply(&mut self, req: RequestId, result: Result<CacheReply, CacheError>) {
@@ -542,6 +569,8 @@ impl Cache {
                     self.lru.remove(&e.lru_tick);
                     e.dirty = true;
                     e.dirty_since = now;
+                    e.dirty_from = seq;
+                    self.unflushed.insert((seq, key.clone()));
                 }
                 e.value = value;
                 e.version = seq;
@@ -552,11 +581,13 @@ impl Cache {
                     value,
                     version: seq,
                     dirty: true,
+                    dirty_from: seq,
                     flushing: None,
                     dirty_since: now,
                     lru_tick: 0,
                 };
                 self.entries.insert(key.clone(), e);
+                self.unflushed.insert((seq, key.clone()));
                 false
             }
         };
@@ -576,6 +607,7 @@ impl Cache {
             value,
             version: 0,
             dirty: false,
+            dirty_from: 0,
             flushing: None,
             dirty_since: Timestamp(0),
             lru_tick: tick,
@@ -610,6 +642,7 @@ impl Cache {
             if ok && e.version == version {
                 e.dirty = false;
                 self.dirty.remove(&version);
+                self.unflushed.remove(&(e.dirty_from, key.clone()));
                 let size = entry_bytes(&key, &e.value);
                 self.dirty_bytes -= size;
                 self.clean_bytes += size;
@@ -617,6 +650,13 @@ impl Cache {
                 self.next_tick += 1;
                 self.lru.insert(e.lru_tick, key);
             } else {
+                if ok {
+                    // Written again meanwhile: what the flush carried is on the volume, so only
+                    // writes after it are unflushed.
+                    self.unflushed.remove(&(e.dirty_from, key.clone()));
+                    e.dirty_from = version + 1;
+                    self.unflushed.insert((e.dirty_from, key.clone()));
+                }
                 // Failed, or written again meanwhile: still dirty, flushable again.
                 self.idle.insert(e.version, key);
             }

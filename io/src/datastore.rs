@@ -184,7 +184,7 @@ impl Datastore {
             done_rx,
             stop_rx,
             replies: BTreeMap::new(),
-            flush_waiters: Vec::new(),
+            flush_waiters: std::collections::VecDeque::new(),
             next_req: 0,
         };
         let task = tokio::spawn(driver.run());
@@ -254,7 +254,9 @@ impl Datastore {
         }
     }
 
-    /// Waits until every acknowledged write is on the shared volume (for shutdown and tests).
+    /// Waits until every write acknowledged before this call is on the shared volume (or overwritten
+    /// there by a later write). Writes arriving meanwhile do not delay it: under steady load it
+    /// returns after about one flush cycle (`flush_age_max_ms` plus the volume's latency).
     pub async fn flushed(&self) -> Result<(), DatastoreError> {
         let (tx, rx) = oneshot::channel();
         self.tx
@@ -276,8 +278,9 @@ struct Driver<D: LocalDisk, V: Volume> {
     stop_rx: tokio::sync::watch::Receiver<Option<String>>,
     /// Callers waiting for a reply: bounded by the request channel plus the cache's own bounds.
     replies: BTreeMap<RequestId, Reply>,
-    /// Callers of `flushed`; each also held a request slot, so bounded by `requests_max` callers.
-    flush_waiters: Vec<oneshot::Sender<()>>,
+    /// Callers of `flushed`, with the version each waits for: one per caller waiting (each held a
+    /// request slot to get here; callers are bounded by their own limits, e.g. flows in flight).
+    flush_waiters: std::collections::VecDeque<(u64, oneshot::Sender<()>)>,
     next_req: u64,
 }
 
@@ -354,7 +357,9 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                 self.replies.insert(r, reply);
                 self.cache.handle_list(now, r, &prefix);
             }
-            Request::Flushed(tx) => self.flush_waiters.push(tx),
+            Request::Flushed(tx) => self
+                .flush_waiters
+                .push_back((self.cache.acknowledged_upto(), tx)),
         }
     }
 
@@ -412,10 +417,13 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
             let upto = self.journal.sync()?;
             self.cache.handle_journal_synced(self.clock.now(), upto);
         }
-        if self.cache.is_flushed() {
-            for w in self.flush_waiters.drain(..) {
-                let _ = w.send(());
-            }
+        // Waiters are in order of the version they wait for (acknowledged versions only grow), and
+        // `flushed_through` holds for every version below one it holds for: release from the front.
+        while let Some((upto, _)) = self.flush_waiters.front()
+            && self.cache.flushed_through(*upto)
+        {
+            let (_, w) = self.flush_waiters.pop_front().expect("a front");
+            let _ = w.send(());
         }
         Ok(())
     }

@@ -142,6 +142,37 @@ fn rewrite_during_flush_keeps_entry_dirty_and_never_double_flushes_a_key() {
     assert!(
         matches!(&acts.last(), Some(CacheAction::Flush { writes, .. }) if writes[0].version == 2)
     );
+    // Version 1 is on the volume, version 2 is not: a waiter for 1 is released, one for 2 is not.
+    assert!(c.flushed_through(1) && !c.flushed_through(2));
+    assert_eq!(c.acknowledged_upto(), 2);
+    c.handle_flush_done(Timestamp(300), batch + 1, Ok(()));
+    assert!(c.flushed_through(2) && c.is_flushed());
+}
+
+#[test]
+fn an_overwrite_keeps_an_unflushed_write_from_counting_as_flushed() {
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    c.handle_set(t, RequestId(1), "a", b("1"));
+    c.handle_set(t, RequestId(2), "b", b("1"));
+    c.handle_set(t, RequestId(3), "a", b("2"));
+    c.handle_journal_synced(t, 3);
+    // "a" holds version 3 now; its first unflushed write (1) still counts against waiters for 1.
+    assert!(!c.flushed_through(1));
+    c.handle_timeout(Timestamp(100));
+    let batch = drain(&mut c)
+        .iter()
+        .find_map(|a| match a {
+            CacheAction::Flush { batch, writes } => {
+                assert_eq!(writes.len(), 2);
+                Some(*batch)
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert!(!c.flushed_through(1));
+    c.handle_flush_done(Timestamp(100), batch, Ok(()));
+    assert!(c.flushed_through(3));
 }
 
 #[test]
@@ -310,6 +341,8 @@ struct Shell {
     gets: BTreeMap<RequestId, String>,
     /// The model: every acknowledged write, latest per key.
     acked: BTreeMap<String, Option<Bytes>>,
+    /// Every acknowledged write: (version, key, value).
+    history: Vec<(u64, String, Option<Bytes>)>,
     next_req: u64,
     now: Timestamp,
 }
@@ -347,7 +380,8 @@ impl Shell {
                 CacheAction::Reply { req, result } => {
                     if let Some((k, v)) = self.writes.remove(&req) {
                         match result {
-                            Ok(CacheReply::Written { .. }) => {
+                            Ok(CacheReply::Written { version }) => {
+                                self.history.push((version, k.clone(), v.clone()));
                                 self.acked.insert(k, v);
                             }
                             Err(CacheError::Busy { .. }) => {}
@@ -367,6 +401,29 @@ impl Shell {
         }
         prop_assert!(self.cache.dirty_bytes() <= self.cache.limits.dirty_bytes_max);
         prop_assert!(self.cache.clean_bytes() <= self.cache.limits.clean_bytes_max);
+        // `flushed_through(t)` promises every write up to t is on the volume, or a later write of
+        // its key is: the volume holds, per key, its last write at or below t or a later one.
+        for &(t, _, _) in &self.history {
+            if !self.cache.flushed_through(t) {
+                continue;
+            }
+            for k in (0..6u8).map(key) {
+                let of_k = || self.history.iter().filter(|h| h.1 == k);
+                let Some(from) = of_k().filter(|h| h.0 <= t).map(|h| h.0).max() else {
+                    continue;
+                };
+                let on_volume = self.volume.get(&k).cloned();
+                prop_assert!(
+                    of_k().any(|h| h.0 >= from && h.2 == on_volume),
+                    "{} flushed through {} but the volume holds {:?}",
+                    k,
+                    t,
+                    on_volume
+                );
+            }
+        }
+        let newest = self.history.iter().map(|h| h.0).max().unwrap_or(0);
+        prop_assert!(self.cache.acknowledged_upto() >= newest);
         Ok(())
     }
 
@@ -470,6 +527,7 @@ proptest! {
             writes: BTreeMap::new(),
             gets: BTreeMap::new(),
             acked: BTreeMap::new(),
+            history: Vec::new(),
             next_req: 0,
             now: Timestamp(0),
         };
