@@ -24,6 +24,7 @@ pub mod cluster_codec;
 pub mod codec;
 pub mod datastore;
 pub mod flows;
+pub mod histogram;
 pub mod hunts;
 pub mod ids;
 pub mod paths;

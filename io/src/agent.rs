@@ -5,9 +5,13 @@
 //!   it. Each start makes a fresh self-signed certificate over the same key.
 //! - Failover: starts at a random `Client.server_urls` entry, moves to the next on error, reconnects
 //!   with jittered exponential backoff.
-//! - Durability: every flow message is kept in the [`Outbox`] until acknowledged and resent, in order,
-//!   after a reconnect (to any frontend). At most `max_in_flight` unacknowledged messages per flow
-//!   (the server's Welcome says how many); the artifact waits beyond that (back-pressure).
+//! - Durability: every flow message is kept in the [`Outbox`] until the frontend says it is *settled*
+//!   (on the shared volume), and resent, in order, after a reconnect (to any frontend). A message is
+//!   acknowledged twice: first when the frontend has it durably on its local disk (the service time a
+//!   client waits for), then settled once the frontend's write-behind buffer copied it to the volume.
+//!   Keeping it between the two is what lets another frontend complete the flow if the first dies with
+//!   the message still in its buffer. At most `max_in_flight` messages per flow are unsettled (the
+//!   server's Welcome says how many); the artifact waits beyond that (back-pressure).
 
 use crate::artifacts::{self, Output};
 use crate::clock::{Clock, Entropy};
@@ -70,11 +74,24 @@ pub fn load_or_create_identity(
     Ok((pem, id))
 }
 
+/// A message kept until settled.
+struct Kept {
+    msg: comms::FlowMessage,
+    /// When it was last sent (or acknowledged, once it is): the resend timer runs from here.
+    sent: Timestamp,
+    /// When it was first sent: its service time runs from here to its first acknowledgement.
+    first: tokio::time::Instant,
+    /// Acknowledged before (then moved back to unacked by a reconnect): not measured again.
+    acked_once: bool,
+}
+
 #[derive(Default)]
 struct FlowOut {
     next_seq: u64,
-    /// Each unacknowledged message and when it was last sent.
-    unacked: BTreeMap<u64, (comms::FlowMessage, Timestamp)>,
+    /// Messages sent and not acknowledged.
+    unacked: BTreeMap<u64, Kept>,
+    /// Messages acknowledged (durable on a frontend's local disk) and not yet settled.
+    unsettled: BTreeMap<u64, Kept>,
     final_seq: Option<u64>,
 }
 
@@ -86,11 +103,84 @@ struct OutboxState {
     max_in_flight: usize,
 }
 
-/// Unacknowledged flow messages, shared by every session of the agent.
+/// Service times the agent observed: from a message's first send to its first acknowledgement.
+/// Also counts the agents sharing it that are connected now (the load generator's view).
+#[derive(Debug, Default)]
+pub struct ServiceTimes {
+    inner: Mutex<ServiceTimesInner>,
+    connected: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct ServiceTimesInner {
+    data: talon_core::histogram::Histogram,
+    finals: talon_core::histogram::Histogram,
+}
+
+/// Counts one connected agent while alive.
+struct Connected<'a>(&'a ServiceTimes);
+
+impl<'a> Connected<'a> {
+    fn new(t: &'a ServiceTimes) -> Connected<'a> {
+        t.connected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Connected(t)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0
+            .connected
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl ServiceTimes {
+    fn record(&self, is_final: bool, micros: u64) {
+        let mut s = self.inner.lock().expect("service times lock poisoned");
+        if is_final {
+            s.finals.record(micros);
+        } else {
+            s.data.record(micros);
+        }
+    }
+
+    /// Data messages (rows, chunks, logs), and final statuses (acknowledged only once the flow is
+    /// complete, so theirs is the completion latency).
+    pub fn snapshot(
+        &self,
+    ) -> (
+        talon_core::histogram::Histogram,
+        talon_core::histogram::Histogram,
+    ) {
+        let s = self.inner.lock().expect("service times lock poisoned");
+        (s.data.clone(), s.finals.clone())
+    }
+
+    /// The figures as JSON: count, p50, p99 and max in milliseconds, for data messages and finals.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |us: u64| (us as f64).round() / 1000.0;
+        let one = |h: &talon_core::histogram::Histogram| {
+            serde_json::json!({
+                "count": h.count(),
+                "p50_ms": ms(h.quantile(0.5)),
+                "p99_ms": ms(h.quantile(0.99)),
+                "max_ms": ms(h.max()),
+            })
+        };
+        let (data, finals) = self.snapshot();
+        let connected = self.connected.load(std::sync::atomic::Ordering::Relaxed);
+        serde_json::json!({ "connected": connected, "data": one(&data), "finals": one(&finals) })
+    }
+}
+
+/// Flow messages not yet settled, shared by every session of the agent.
 #[derive(Clone, Default)]
 pub struct Outbox {
     state: Arc<Mutex<OutboxState>>,
     acked: Arc<Notify>,
+    times: Option<Arc<ServiceTimes>>,
 }
 
 fn flow_msg(m: comms::FlowMessage) -> comms::ClientMessage {
@@ -100,6 +190,14 @@ fn flow_msg(m: comms::FlowMessage) -> comms::ClientMessage {
 }
 
 impl Outbox {
+    /// An outbox that records service times into `times` (the load generator's measurements).
+    pub fn recording(times: Arc<ServiceTimes>) -> Outbox {
+        Outbox {
+            times: Some(times),
+            ..Outbox::default()
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
         self.state.lock().expect("outbox lock poisoned")
     }
@@ -109,12 +207,16 @@ impl Outbox {
         self.lock().flows.keys().cloned().collect()
     }
 
-    /// Unacknowledged messages in total.
+    /// Messages not yet settled (unacknowledged, or acknowledged and not on the volume yet), in total.
     pub fn unacked(&self) -> usize {
-        self.lock().flows.values().map(|f| f.unacked.len()).sum()
+        self.lock()
+            .flows
+            .values()
+            .map(|f| f.unacked.len() + f.unsettled.len())
+            .sum()
     }
 
-    /// A new stream is up: resend everything unacknowledged, in order, through it.
+    /// A new stream is up: resend everything not settled, in order, through it.
     async fn attach(
         &self,
         tx: mpsc::Sender<comms::ClientMessage>,
@@ -125,15 +227,18 @@ impl Outbox {
             let mut s = self.lock();
             s.session = Some(tx.clone());
             s.max_in_flight = max_in_flight.max(1);
-            // Marked as sent now, so the resend timer does not send them again right away.
-            s.flows
-                .values_mut()
-                .flat_map(|f| f.unacked.values_mut())
-                .map(|(m, sent)| {
-                    *sent = now;
-                    m.clone()
-                })
-                .collect()
+            // Marked as sent now, so the resend timer does not send them again right away. What the
+            // last frontend acknowledged but did not settle may exist only in its buffer: resent.
+            let mut out = Vec::new();
+            for f in s.flows.values_mut() {
+                let unsettled = std::mem::take(&mut f.unsettled);
+                f.unacked.extend(unsettled);
+                for k in f.unacked.values_mut() {
+                    k.sent = now;
+                    out.push(k.msg.clone());
+                }
+            }
+            out
         };
         for m in resend {
             if tx.send(flow_msg(m)).await.is_err() {
@@ -157,22 +262,24 @@ impl Outbox {
         true
     }
 
-    /// Messages unacknowledged for `after_ms`, marked as sent again at `now`.
+    /// Messages unacknowledged, or acknowledged and unsettled, for `after_ms`, marked as sent again
+    /// at `now` (a lost acknowledgement of either kind: the frontend acknowledges a resend of a stored
+    /// message again, and settles it again).
     fn stale(&self, now: Timestamp, after_ms: u64) -> Vec<comms::FlowMessage> {
         let mut s = self.lock();
         let mut out = Vec::new();
         for f in s.flows.values_mut() {
-            for (m, sent) in f.unacked.values_mut() {
-                if now.since_ms(*sent) >= after_ms {
-                    *sent = now;
-                    out.push(m.clone());
+            for k in f.unacked.values_mut().chain(f.unsettled.values_mut()) {
+                if now.since_ms(k.sent) >= after_ms {
+                    k.sent = now;
+                    out.push(k.msg.clone());
                 }
             }
         }
         out
     }
 
-    /// Adds the next message of a flow, waiting while the flow has `max_in_flight` unacknowledged.
+    /// Adds the next message of a flow, waiting while the flow has `max_in_flight` unsettled.
     async fn push(&self, flow: &str, payload: flow_message::Payload, now: Timestamp) {
         let is_final = matches!(payload, flow_message::Payload::Status(_));
         loop {
@@ -183,7 +290,7 @@ impl Outbox {
                 let max = s.max_in_flight.max(1);
                 let session = s.session.clone();
                 let f = s.flows.entry(flow.to_owned()).or_default();
-                if f.unacked.len() >= max && !is_final {
+                if f.unacked.len() + f.unsettled.len() >= max && !is_final {
                     None
                 } else {
                     let seq = f.next_seq;
@@ -196,7 +303,13 @@ impl Outbox {
                         seq,
                         payload: Some(payload.clone()),
                     };
-                    f.unacked.insert(seq, (m.clone(), now));
+                    let kept = Kept {
+                        msg: m.clone(),
+                        sent: now,
+                        first: tokio::time::Instant::now(),
+                        acked_once: false,
+                    };
+                    f.unacked.insert(seq, kept);
                     Some((m, session))
                 }
             };
@@ -212,14 +325,30 @@ impl Outbox {
         }
     }
 
-    fn ack(&self, flow: &str, seq: u64) {
+    /// The frontend acknowledged message `seq` (`settled`: it is on the shared volume).
+    fn ack(&self, flow: &str, seq: u64, settled: bool, now: Timestamp) {
         let mut s = self.lock();
         let Some(f) = s.flows.get_mut(flow) else {
             return;
         };
-        f.unacked.remove(&seq);
+        if let Some(mut k) = f.unacked.remove(&seq) {
+            if let Some(t) = self.times.as_ref().filter(|_| !k.acked_once) {
+                let micros = k.first.elapsed().as_micros();
+                t.record(
+                    f.final_seq == Some(seq),
+                    u64::try_from(micros).unwrap_or(u64::MAX),
+                );
+            }
+            k.acked_once = true;
+            if !settled {
+                k.sent = now;
+                f.unsettled.insert(seq, k);
+            }
+        } else if settled {
+            f.unsettled.remove(&seq);
+        }
         if f.final_seq == Some(seq) {
-            // The final status is acknowledged only once the whole flow is stored.
+            // The final status is acknowledged only once the whole flow is stored and settled.
             s.flows.remove(flow);
             s.done.push_back(flow.to_owned());
             if s.done.len() > DONE_REMEMBERED_MAX {
@@ -546,6 +675,7 @@ impl Agent {
             other => return Err(format!("expected a Welcome, got {other:?}")),
         };
         tracing::debug!(client = %self.id, node = %welcome.node, "connected");
+        let _counted = self.outbox.times.as_deref().map(Connected::new);
         self.outbox
             .attach(tx.clone(), welcome.max_in_flight as usize, self.clock.now())
             .await;
@@ -563,7 +693,7 @@ impl Agent {
                             tracing::debug!(flow = %t.flow_id, artifact = %t.artifact, "task received");
                             tokio::spawn(run_task(t, self.outbox.clone(), self.clock.clone(), self.inline_artifacts));
                         }
-                        server_message::Kind::Ack(a) => self.outbox.ack(&a.flow_id, a.seq),
+                        server_message::Kind::Ack(a) => self.outbox.ack(&a.flow_id, a.seq, a.settled, self.clock.now()),
                         server_message::Kind::Error(e) => tracing::warn!(flow = %e.flow_id, seq = e.seq, message = %e.message, "server refused a message"),
                         server_message::Kind::Cancel(c) => tracing::info!(flow = %c.flow_id, reason = %c.reason, "cancel requested"),
                         server_message::Kind::Welcome(_) | server_message::Kind::Pong(_) => {}
@@ -599,7 +729,8 @@ pub fn pool_key_path(dir: &Path, i: usize) -> std::path::PathBuf {
 
 /// Starts `number` virtual clients in this process (`talon pool-client`): each has its own key,
 /// cached in `writeback_dir/pool-<i>.yaml` so a restart reuses it, and reports hostname
-/// `<prefix>-<i>`. They share one runtime. Starts at most `start_rate` clients per second.
+/// `<prefix>-<i>`. They share one runtime. Starts at most `start_rate` clients per second. With
+/// `times`, every client records its messages' service times there.
 pub fn spawn_pool(
     config: &ClientConfig,
     writeback_dir: &Path,
@@ -607,6 +738,7 @@ pub fn spawn_pool(
     start_rate: f64,
     prefix: &str,
     env: crate::env::Env,
+    times: Option<Arc<ServiceTimes>>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let crate::env::Env {
         clock,
@@ -638,7 +770,7 @@ pub fn spawn_pool(
             id,
             clock: clock.clone(),
             entropy: entropy.clone(),
-            outbox: Outbox::default(),
+            outbox: times.clone().map(Outbox::recording).unwrap_or_default(),
             hostname: Some(format!("{prefix}-{i}")),
             inline_artifacts: false,
             net,

@@ -69,16 +69,32 @@ pub enum Command {
         /// Clients started per second (0: all at once).
         #[arg(long, alias = "start_rate", default_value_t = 100.0)]
         start_rate: f64,
+        /// Write the clients' service times (first send to acknowledgement: p50/p99/max, for data
+        /// messages and final statuses) to this JSON file, replaced every second.
+        #[arg(long, value_name = "FILE")]
+        stats: Option<PathBuf>,
     },
     /// Measure: start a deployment on loopback in a temporary directory and print its figures.
     Bench {
         /// connections: N clients on one frontend (memory per client, connect rate); hunt: a hunt over
-        /// them (time to task all, to 95% and 100% complete, rows per second).
+        /// them (time to task all, to 95% and 100% complete, rows per second); storage-latency: a row
+        /// hunt with the shared volume at 0 ms and 50 ms per operation (throughput, p50/p99 service
+        /// time); replication: a minion's clients connect during a master outage (events per second
+        /// applied after it, catch-up time).
         #[arg(value_enum)]
         scenario: crate::bench::Scenario,
-        /// Virtual clients.
-        #[arg(long, default_value_t = 10_000)]
-        clients: usize,
+        /// Virtual clients (default: 10,000 for connections and hunt, 1,000 otherwise).
+        #[arg(long)]
+        clients: Option<usize>,
+        /// storage-latency: rows each client returns (1,000 per message).
+        #[arg(long, default_value_t = 5000)]
+        rows: u64,
+        /// storage-latency: the latency injected in the slow run (ms per volume operation).
+        #[arg(long, default_value_t = 50)]
+        latency_ms: u64,
+        /// replication: how long the master is down (seconds).
+        #[arg(long, default_value_t = 60)]
+        outage_s: u64,
         /// Clients started per second (0: all at once).
         #[arg(long, default_value_t = 2000.0)]
         start_rate: f64,
@@ -548,6 +564,7 @@ async fn run_async(
             number,
             writeback_dir,
             start_rate,
+            stats,
         } => {
             init_logging("warn");
             let path = need_config(config.as_deref())?;
@@ -564,6 +581,9 @@ async fn run_async(
                 "starting {number} virtual clients ({start_rate}/s), keys in {}",
                 writeback_dir.display()
             );
+            let times = stats
+                .as_ref()
+                .map(|_| Arc::new(crate::agent::ServiceTimes::default()));
             let pool = crate::agent::spawn_pool(
                 &cfg,
                 &writeback_dir,
@@ -571,7 +591,25 @@ async fn run_async(
                 start_rate,
                 "pool",
                 crate::env::Env::real(),
+                times.clone(),
             )?;
+            if let (Some(path), Some(times)) = (stats, times) {
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        let text = times.to_json().to_string();
+                        let p = path.clone();
+                        let r = tokio::task::spawn_blocking(move || {
+                            crate::fsutil::write_atomic(&p, text.as_bytes(), 0o644)
+                        })
+                        .await;
+                        if let Ok(Err(e)) = r {
+                            tracing::error!(file = %path.display(), error = %e, "cannot write service times");
+                        }
+                    }
+                });
+            }
             tokio::select! {
                 _ = pool => Ok(String::new()),
                 _ = shutdown_signal() => Ok("pool-client stopped".into()),
@@ -580,6 +618,9 @@ async fn run_async(
         Command::Bench {
             scenario,
             clients,
+            rows,
+            latency_ms,
+            outage_s,
             start_rate,
             keys,
             json,
@@ -587,9 +628,12 @@ async fn run_async(
             init_logging("warn");
             let o = crate::bench::BenchOptions {
                 scenario,
-                clients,
+                clients: clients.unwrap_or_else(|| scenario.default_clients()),
                 start_rate,
                 keys: keys.unwrap_or_else(crate::bench::default_key_dir),
+                rows,
+                latency_ms,
+                outage_s,
             };
             let v = crate::bench::run(&o).await?;
             Ok(if json {

@@ -281,6 +281,23 @@ pub struct DatastoreSection {
     /// Largest metadata value (bytes), on the master and through the remote datastore.
     #[serde(default = "max_value_size")]
     pub max_value_size: u64,
+    /// Each frontend's local write-behind buffer for the filestore (bytes): flow messages are
+    /// acknowledged once journalled on the node's local disk and copied to the shared volume in the
+    /// background; stores are refused as busy beyond it until copying catches up.
+    #[serde(default = "filestore_buffer_bytes")]
+    pub filestore_buffer_bytes: u64,
+    /// Test knob: every shared-volume operation (metadata and filestore) first waits this long,
+    /// to reproduce NFS/EFS latency on a local disk (`talon bench storage-latency`). 0 in production.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub volume_latency_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn filestore_buffer_bytes() -> u64 {
+    256 << 20
 }
 
 fn memcache_bytes() -> u64 {
@@ -307,6 +324,13 @@ impl DatastoreSection {
                 1 << 40,
             ),
             ("max_value_size", self.max_value_size, 64 << 10, 1 << 30),
+            (
+                "filestore_buffer_bytes",
+                self.filestore_buffer_bytes,
+                16 * M,
+                1 << 40,
+            ),
+            ("volume_latency_ms", self.volume_latency_ms, 0, 10_000),
         ] {
             if v < lo || v > hi {
                 return Err(format!(
@@ -465,6 +489,14 @@ impl ServerConfig {
         check_nonempty("Client.nonce", &self.client.nonce)?;
         self.frontend.resources.validate()?;
         self.datastore.validate()?;
+        let message = self.frontend.resources.max_message_size;
+        if self.datastore.filestore_buffer_bytes < 2 * message {
+            return Err(format!(
+                "Datastore.filestore_buffer_bytes: {} must be at least twice \
+                 Frontend.resources.max_message_size ({message})",
+                self.datastore.filestore_buffer_bytes
+            ));
+        }
         check_pem(
             "Frontend.certificate",
             &self.frontend.certificate,
@@ -687,6 +719,8 @@ pub fn generate(
             memcache_bytes: memcache_bytes(),
             memcache_dirty_bytes: memcache_dirty_bytes(),
             max_value_size: max_value_size(),
+            filestore_buffer_bytes: filestore_buffer_bytes(),
+            volume_latency_ms: 0,
         },
         ca: CaSection {
             certificate: ca.certificate,

@@ -142,6 +142,7 @@ async fn run_in(
         500.0,
         "demo",
         env.clone(),
+        None,
     )?;
     let mut api = Api::connect(&api_cfg).await?;
     let start = tokio::time::Instant::now();

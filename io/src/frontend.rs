@@ -14,6 +14,7 @@
 
 use crate::clock::{Clock, Entropy};
 use crate::cluster::{Link, LinkEvent, Meta};
+use crate::filestore::Filestore;
 use crate::pki::Role;
 use crate::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
 use crate::storage::volume::{SharedVolume, Volume};
@@ -250,6 +251,11 @@ enum Msg {
         seq: u64,
         ok: bool,
     },
+    /// A completed flow's messages are on the shared volume (`ok`), or copying them failed.
+    Settled {
+        outcome: talon_core::flows::FlowOutcome,
+        ok: bool,
+    },
     Audited {
         key: FlowKey,
         found: Option<Vec<StoredMessage>>,
@@ -336,7 +342,7 @@ pub fn hunt_summary(h: &Hunt) -> api::HuntSummary {
 pub struct Node {
     tx: mpsc::Sender<Msg>,
     datastore: Meta,
-    filestore: SharedVolume,
+    filestore: Filestore,
     limits: CodecLimits,
     nonce: String,
     hello_timeout: std::time::Duration,
@@ -399,7 +405,7 @@ struct Actor {
     clock: Arc<dyn Clock>,
     entropy: Arc<dyn Entropy>,
     datastore: Meta,
-    filestore: SharedVolume,
+    filestore: Filestore,
     role: NodeRole,
     registry: Registry,
     keys: KeyCache,
@@ -527,7 +533,7 @@ impl Node {
     pub async fn start(
         opts: NodeOptions,
         datastore: Meta,
-        filestore: SharedVolume,
+        filestore: Filestore,
         clock: Arc<dyn Clock>,
         entropy: Arc<dyn Entropy>,
         cluster: Cluster,
@@ -883,6 +889,15 @@ impl Actor {
             }
             Msg::Stored { key, seq, ok } => {
                 self.flows.handle_stored(now, &key, seq, ok);
+                self.drain_flows().await;
+            }
+            Msg::Settled { outcome, ok } => {
+                if ok {
+                    self.completed(outcome).await;
+                } else {
+                    // Forgotten: the client's resend of its final status completes it again.
+                    self.flows.handle_recorded(&outcome.key, false);
+                }
                 self.drain_flows().await;
             }
             Msg::Audited { key, found } => {
@@ -1833,6 +1848,8 @@ impl Actor {
 
     /// Performs the flow tracker's actions.
     async fn drain_flows(&mut self) {
+        // Acknowledged now (durable in the local buffer); settled once the buffer has copied them.
+        let mut to_settle = Vec::new();
         while let Some(a) = self.flows.poll_action() {
             match a {
                 FlowAction::Store { key, seq } => {
@@ -1844,10 +1861,11 @@ impl Actor {
                     let (fs, tx) = (self.filestore.clone(), self.self_tx.clone());
                     tokio::spawn(async move {
                         let path = paths::flow_message(&key.client, &key.flow, seq);
-                        let ok = match fs.write(&path, raw).await {
+                        let ok = match fs.store(&path, raw).await {
                             Ok(()) => true,
                             Err(e) => {
-                                tracing::warn!(client = %key.client, flow = %key.flow, seq, error = %e, "filestore write failed");
+                                // Not acknowledged: the client resends it.
+                                tracing::warn!(client = %key.client, flow = %key.flow, seq, error = %e, "cannot store a flow message");
                                 false
                             }
                         };
@@ -1858,12 +1876,16 @@ impl Actor {
                     let ack = comms::FlowAck {
                         flow_id: key.flow.to_string(),
                         seq,
+                        settled: false,
                     };
-                    self.push(&key.client, server_message::Kind::Ack(ack));
+                    self.push(&key.client, server_message::Kind::Ack(ack.clone()));
+                    if let Some(c) = self.conns.get(&key.client) {
+                        to_settle.push((c.tx.clone(), ack));
+                    }
                 }
                 FlowAction::Audit { key } => {
                     let (fs, tx, limits) = (
-                        self.filestore.clone(),
+                        self.filestore.volume().clone(),
                         self.self_tx.clone(),
                         self.opts.codec.clone(),
                     );
@@ -1872,36 +1894,74 @@ impl Actor {
                         let _ = tx.send(Msg::Audited { key, found }).await;
                     });
                 }
-                FlowAction::Completed(o) => match &mut self.role {
-                    NodeRole::Master(_) => {
-                        let key = o.key.clone();
-                        let ok = self.flow_completed(o).await;
-                        self.flows.handle_recorded(&key, ok);
-                    }
-                    NodeRole::Minion(_) => {
-                        tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, "flow completed; replicating");
-                        let (tx, rx) = oneshot::channel();
-                        let ev = Event::FlowCompleted(pc::FlowCompleted {
-                            client_id: o.key.client.to_string(),
-                            flow_id: o.key.flow.to_string(),
-                            hunt_id: String::new(),
-                            state: match o.state {
-                                FinalState::Completed => comms::FlowState::Completed,
-                                FinalState::Error => comms::FlowState::Error,
-                            } as i32,
-                            error: o.error,
-                            rows: o.rows,
-                            uploaded_bytes: o.uploaded_bytes,
-                        });
-                        self.replicate(ev, Some(tx)).await;
-                        let (me, key) = (self.self_tx.clone(), o.key);
-                        tokio::spawn(async move {
-                            // Dropped unsent if the link failed before the master applied it.
-                            let ok = rx.await.is_ok();
-                            let _ = me.send(Msg::CompletionApplied { key, ok }).await;
-                        });
-                    }
-                },
+                FlowAction::Completed(o) => {
+                    // Reported only once every message is on the shared volume, where the master,
+                    // the API and other frontends read.
+                    let (fs, tx) = (self.filestore.clone(), self.self_tx.clone());
+                    tokio::spawn(async move {
+                        let ok = match fs.settled().await {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::error!(client = %o.key.client, flow = %o.key.flow, error = %e, "cannot copy a flow's messages to the filestore");
+                                false
+                            }
+                        };
+                        let _ = tx.send(Msg::Settled { outcome: o, ok }).await;
+                    });
+                }
+            }
+        }
+        if !to_settle.is_empty() {
+            // One wait for every acknowledgement of this drain. The stored message (or, for a
+            // re-acknowledged resend, its first store) precedes the wait, so `settled` covers it.
+            // A settled ack lost to a full queue is recovered by the client's resend timer.
+            let fs = self.filestore.clone();
+            tokio::spawn(async move {
+                if fs.settled().await.is_err() {
+                    return; // The buffer stopped: the node exits (fail-stop); clients resend.
+                }
+                for (tx, mut ack) in to_settle {
+                    ack.settled = true;
+                    let m = comms::ServerMessage {
+                        kind: Some(server_message::Kind::Ack(ack)),
+                    };
+                    let _ = tx.try_send(Ok(m));
+                }
+            });
+        }
+    }
+
+    /// A flow completed and its messages are on the shared volume: record it (master) or replicate
+    /// its completion (minion); the tracker acknowledges the final status once that is durable.
+    async fn completed(&mut self, o: talon_core::flows::FlowOutcome) {
+        match &mut self.role {
+            NodeRole::Master(_) => {
+                let key = o.key.clone();
+                let ok = self.flow_completed(o).await;
+                self.flows.handle_recorded(&key, ok);
+            }
+            NodeRole::Minion(_) => {
+                tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, "flow completed; replicating");
+                let (tx, rx) = oneshot::channel();
+                let ev = Event::FlowCompleted(pc::FlowCompleted {
+                    client_id: o.key.client.to_string(),
+                    flow_id: o.key.flow.to_string(),
+                    hunt_id: String::new(),
+                    state: match o.state {
+                        FinalState::Completed => comms::FlowState::Completed,
+                        FinalState::Error => comms::FlowState::Error,
+                    } as i32,
+                    error: o.error,
+                    rows: o.rows,
+                    uploaded_bytes: o.uploaded_bytes,
+                });
+                self.replicate(ev, Some(tx)).await;
+                let (me, key) = (self.self_tx.clone(), o.key);
+                tokio::spawn(async move {
+                    // Dropped unsent if the link failed before the master applied it.
+                    let ok = rx.await.is_ok();
+                    let _ = me.send(Msg::CompletionApplied { key, ok }).await;
+                });
             }
         }
     }
@@ -1935,7 +1995,7 @@ impl Actor {
                     tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
                     if o.uploaded_bytes > 0 {
                         let (fs, ds, key) = (
-                            self.filestore.clone(),
+                            self.filestore.volume().clone(),
                             self.datastore.clone(),
                             o.key.clone(),
                         );
@@ -2425,7 +2485,7 @@ impl api::api_server::Api for ApiService {
         let flow =
             FlowId::parse(&r.flow_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(stream_flows(
-            self.node.filestore.clone(),
+            self.node.filestore.volume().clone(),
             vec![(client, flow)],
         )))
     }
@@ -2487,7 +2547,7 @@ impl api::api_server::Api for ApiService {
         let id = req.into_inner().hunt_id;
         let flows = self.node.ask(|reply| Msg::HuntFlows { id, reply }).await?;
         Ok(Response::new(stream_flows(
-            self.node.filestore.clone(),
+            self.node.filestore.volume().clone(),
             flows,
         )))
     }

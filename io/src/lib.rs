@@ -12,6 +12,7 @@ pub mod config;
 pub mod datastore;
 pub mod demo;
 pub mod env;
+pub mod filestore;
 pub mod frontend;
 pub mod fsutil;
 pub mod net;

@@ -5,6 +5,7 @@ use crate::cluster::{ClusterService, Link, LinkOptions, MasterAddr, Meta, Remote
 use crate::config::ServerConfig;
 use crate::datastore::{Datastore, DatastoreOptions};
 use crate::env::Env;
+use crate::filestore::{Filestore, FilestoreOptions};
 use crate::frontend::{ApiService, Cluster, CommsService, Node, NodeOptions};
 use crate::storage::NodeStorage;
 use crate::tls;
@@ -69,6 +70,39 @@ impl tower::Service<HttpRequest> for ApiPort {
             let status = tonic::Status::unimplemented(format!("no service at {path}"));
             Box::pin(async move { Ok(status.into_http()) })
         }
+    }
+}
+
+type StorageTask = tokio::task::JoinHandle<std::io::Result<()>>;
+
+/// Recovers the node's filestore write-behind buffer from its local disk and starts copying it.
+fn open_filestore(
+    cfg: &ServerConfig,
+    buffer: Box<dyn crate::storage::local::LocalDisk>,
+    volume: crate::storage::volume::SharedVolume,
+    clock: &Arc<dyn Clock>,
+    local_name: &str,
+) -> Result<(Filestore, StorageTask), String> {
+    let opts = FilestoreOptions {
+        buffer_bytes: cfg.datastore.filestore_buffer_bytes,
+        message_bytes_max: cfg.frontend.resources.max_message_size,
+    };
+    let (fs, task, report) = Filestore::open(buffer, volume, clock.clone(), &opts)
+        .map_err(|e| format!("filestore buffer in {local_name}: {e}"))?;
+    tracing::info!(
+        replayed = report.replayed,
+        torn_bytes = report.torn_bytes,
+        "filestore buffer recovered"
+    );
+    Ok((fs, task))
+}
+
+/// Why a storage task ended (it only ends on failure: fail-stop).
+fn stopped(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(Ok(())) => "it ended".to_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
     }
 }
 
@@ -149,6 +183,7 @@ pub async fn run_master(
     } = env;
     let NodeStorage {
         local,
+        buffer,
         metadata,
         filestore,
         local_name,
@@ -164,13 +199,14 @@ pub async fn run_master(
         torn_bytes = report.torn_bytes,
         "datastore journal recovered"
     );
+    let (filestore, mut fs_task) = open_filestore(&cfg, buffer, filestore, &clock, &local_name)?;
     let opts = node_options(&cfg, node_name.clone());
     let max_message = opts.codec.message_bytes_max;
     let admission = admission(&cfg, &clock);
     let node = Node::start(
         opts,
         Meta::Local(datastore.clone()),
-        filestore,
+        filestore.clone(),
         clock,
         entropy,
         Cluster::Master,
@@ -258,13 +294,14 @@ pub async fn run_master(
         // Fail-stop: the journal failed, or a write the node had applied in memory could not be
         // made durable. The process exits; its supervisor restarts it from what is durable.
         r = &mut ds_task => {
-            let why = match r {
-                Ok(Ok(())) => "it ended".to_owned(),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => e.to_string(),
-            };
+            let why = stopped(r);
             tracing::error!(error = %why, "the datastore stopped; exiting");
             return Err(format!("the datastore stopped: {why}"));
+        }
+        r = &mut fs_task => {
+            let why = stopped(r);
+            tracing::error!(error = %why, "the filestore buffer stopped; exiting");
+            return Err(format!("the filestore buffer stopped: {why}"));
         }
         _ = shutdown => {
             tracing::info!("shutting down: flushing the datastore");
@@ -277,10 +314,14 @@ pub async fn run_master(
             if let Err(e) = datastore.flushed().await {
                 tracing::warn!(error = %e, "datastore did not flush");
             }
+            if let Err(e) = filestore.settled().await {
+                tracing::warn!(error = %e, "filestore buffer did not flush");
+            }
         }
     }
     drop(datastore);
     ds_task.abort();
+    fs_task.abort();
     Ok(())
 }
 
@@ -310,6 +351,7 @@ pub async fn run_minion(
         })?;
     let NodeStorage {
         local,
+        buffer,
         filestore,
         local_name,
         ..
@@ -355,6 +397,7 @@ pub async fn run_minion(
     let opts = node_options(&cfg, node.clone());
     let max_message = opts.codec.message_bytes_max;
     let admission = admission(&cfg, &clock);
+    let (filestore, mut fs_task) = open_filestore(&cfg, buffer, filestore, &clock, &local_name)?;
     let remote = RemoteStore::new(
         master,
         crate::cluster::READ_CACHE_MAX,
@@ -363,7 +406,7 @@ pub async fn run_minion(
     let handle = Node::start(
         opts,
         Meta::Remote(remote),
-        filestore,
+        filestore.clone(),
         clock,
         entropy,
         Cluster::Minion {
@@ -414,6 +457,12 @@ pub async fn run_minion(
             let _ = stop_tx.send(true);
             return Err(format!("stopping: {why}"));
         }
+        r = &mut fs_task => {
+            let why = stopped(r);
+            tracing::error!(error = %why, "the filestore buffer stopped; exiting");
+            let _ = stop_tx.send(true);
+            return Err(format!("the filestore buffer stopped: {why}"));
+        }
         _ = shutdown => {
             tracing::info!("shutting down");
             link_task.abort();
@@ -421,7 +470,11 @@ pub async fn run_minion(
             if tokio::time::timeout(SHUTDOWN_GRACE, fe).await.is_err() {
                 tracing::info!("client streams still open after the grace period; closing them");
             }
+            if let Err(e) = filestore.settled().await {
+                tracing::warn!(error = %e, "filestore buffer did not flush");
+            }
         }
     }
+    fs_task.abort();
     Ok(())
 }

@@ -227,6 +227,24 @@ fn every_limit_is_range_checked_and_named() {
             .unwrap_err()
             .contains("Datastore.max_value_size")
     );
+    let mut buffer = c.clone();
+    buffer.datastore.filestore_buffer_bytes = 32 << 20;
+    buffer.frontend.resources.max_message_size = 17 << 20;
+    assert!(
+        buffer
+            .validate()
+            .unwrap_err()
+            .contains("Datastore.filestore_buffer_bytes")
+    );
+    let mut slow = c.clone();
+    slow.datastore.volume_latency_ms = 10_001;
+    let e = slow.validate().unwrap_err();
+    assert!(e.contains("Datastore.volume_latency_ms"), "{e}");
+    slow.datastore.volume_latency_ms = 50;
+    slow.validate().unwrap();
+    // Written out only when set (a test knob stays out of production configs).
+    assert!(to_yaml(&slow).unwrap().contains("volume_latency_ms: 50"));
+    assert!(!to_yaml(&c).unwrap().contains("volume_latency_ms"));
     let mut chunk = c;
     chunk.frontend.resources.max_chunk_size = chunk.frontend.resources.max_message_size;
     assert!(chunk.validate().unwrap_err().contains("max_message_size"));

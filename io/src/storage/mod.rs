@@ -8,12 +8,14 @@ pub mod volume;
 
 use local::{LocalDisk, StdDisk};
 use std::path::Path;
-use volume::{FsVolume, SharedVolume};
+use volume::{FsVolume, LatencyVolume, SharedVolume};
 
 /// The storage one node uses, injected so the simulator can substitute its own.
 pub struct NodeStorage {
     /// The node's fast local disk: the master's datastore journal, a minion's outbox.
     pub local: Box<dyn LocalDisk>,
+    /// The same local disk, for the filestore's write-behind buffer (its own journal directory).
+    pub buffer: Box<dyn LocalDisk>,
     /// `Datastore.location` (metadata; read and written by the master only).
     pub metadata: SharedVolume,
     /// `Datastore.filestore_directory` (bulk data; written by every node).
@@ -23,22 +25,32 @@ pub struct NodeStorage {
 }
 
 impl NodeStorage {
-    /// The real directories: `local_dir` on this machine, the shared volume's paths from the config.
+    /// The real directories: `local_dir` on this machine, the shared volume's paths from the config
+    /// (each operation delayed by `Datastore.volume_latency_ms` when that test knob is set).
     pub fn real(
         cfg: &crate::config::ServerConfig,
         local_dir: &Path,
     ) -> Result<NodeStorage, String> {
-        let local = StdDisk::new(local_dir).map_err(|e| format!("{}: {e}", local_dir.display()))?;
+        let disk = || StdDisk::new(local_dir).map_err(|e| format!("{}: {e}", local_dir.display()));
         let ds = &cfg.datastore.location;
         let fs = &cfg.datastore.filestore_directory;
         let metadata =
             FsVolume::new(ds).map_err(|e| format!("Datastore.location {}: {e}", ds.display()))?;
         let filestore = FsVolume::new(fs)
             .map_err(|e| format!("Datastore.filestore_directory {}: {e}", fs.display()))?;
+        let latency = std::time::Duration::from_millis(cfg.datastore.volume_latency_ms);
+        let shared = |v: FsVolume| {
+            if latency.is_zero() {
+                SharedVolume::new(v)
+            } else {
+                SharedVolume::new(LatencyVolume::new(v, latency))
+            }
+        };
         Ok(NodeStorage {
-            local: Box::new(local),
-            metadata: SharedVolume::new(metadata),
-            filestore: SharedVolume::new(filestore),
+            local: Box::new(disk()?),
+            buffer: Box::new(disk()?),
+            metadata: shared(metadata),
+            filestore: shared(filestore),
             local_name: local_dir.display().to_string(),
         })
     }

@@ -227,6 +227,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             // The same disk and volume every incarnation: a restart finds what the last one left.
             let storage = NodeStorage {
                 local: Box::new(local.clone()),
+                buffer: Box::new(local.clone()),
                 metadata: SharedVolume::new(volume.mount(&name)),
                 filestore: SharedVolume::new(volume.mount(&name)),
                 local_name: format!("{name}:/local"),
