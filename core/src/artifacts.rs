@@ -121,6 +121,15 @@ pub const CATALOGUE: &[ArtifactSpec] = &[
                 default: "32",
                 description: "Bytes of padding per row.",
             },
+            ParamSpec {
+                name: "pause_ms",
+                kind: ParamKind::Int {
+                    min: 0,
+                    max: 60_000,
+                },
+                default: "0",
+                description: "Pause after every 100 rows (paced load for latency tests).",
+            },
         ],
     },
     ArtifactSpec {
@@ -290,7 +299,10 @@ mod tests {
     #[test]
     fn fills_defaults_and_keeps_given_values() {
         let (_, full) = validate("Generic.Test.Rows", &params(&[("count", "5")])).unwrap();
-        assert_eq!(full, params(&[("count", "5"), ("size", "32")]));
+        assert_eq!(
+            full,
+            params(&[("count", "5"), ("pause_ms", "0"), ("size", "32")])
+        );
     }
 
     #[test]

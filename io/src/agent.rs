@@ -35,6 +35,8 @@ use tokio::sync::{Notify, mpsc};
 pub const BATCH_ROWS_MAX: usize = 1000;
 /// Bytes of rows per result message at most.
 pub const BATCH_BYTES_MAX: usize = 1 << 20;
+/// A partial batch is sent once its first row is this old.
+pub const BATCH_AGE_MAX_MS: u64 = 200;
 /// Bytes per upload chunk.
 pub const CHUNK_BYTES: usize = 512 << 10;
 /// Completed flow ids remembered to ignore a task delivered twice.
@@ -425,7 +427,24 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
         })
     };
     let mut result = Err("the artifact stopped without a result".to_string());
-    while let Some(p) = rx.recv().await {
+    // A partial batch is sent once its first row has waited BATCH_AGE_MAX_MS (a slow artifact's rows
+    // arrive promptly); an artifact that keeps up fills batches first.
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, rx.recv()).await {
+                Ok(p) => p,
+                Err(_) => {
+                    deadline = None;
+                    outbox
+                        .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
+                        .await;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(p) = next else { break };
         match p {
             Produced::Out(Output::Row(r)) => {
                 let b = Bytes::from(serde_json::to_vec(&r).expect("JSON objects serialise"));
@@ -435,6 +454,11 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
                     outbox
                         .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
                         .await;
+                    deadline = None;
+                }
+                if batch.is_empty() {
+                    deadline =
+                        Some(tokio::time::Instant::now() + Duration::from_millis(BATCH_AGE_MAX_MS));
                 }
                 batch_bytes += b.len();
                 batch.push(b);
@@ -446,6 +470,7 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
                         .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
                         .await;
                 }
+                deadline = None;
                 match upload(&outbox, &flow, upload_id, &path, &*clock).await {
                     Ok(n) => bytes += n,
                     Err(e) => {

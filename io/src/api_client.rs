@@ -248,6 +248,16 @@ impl Api {
             .into_inner())
     }
 
+    /// The master's view of its minions' replication.
+    pub async fn cluster(&mut self) -> Result<api::ClusterStatus, String> {
+        Ok(self
+            .inner
+            .get_cluster(api::ClusterRequest {})
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
     /// Stops a hunt.
     pub async fn stop_hunt(&mut self, id: &str) -> Result<api::HuntSummary, String> {
         Ok(self

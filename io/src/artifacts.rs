@@ -53,7 +53,12 @@ pub fn run(
 ) -> Result<(), String> {
     let r = match name {
         "Generic.Client.Info" => emit(row(client_info())),
-        "Generic.Test.Rows" => test_rows(int(params, "count"), int(params, "size") as usize, emit),
+        "Generic.Test.Rows" => test_rows(
+            int(params, "count"),
+            int(params, "size") as usize,
+            int(params, "pause_ms"),
+            emit,
+        ),
         "Linux.Sys.Pslist" => pslist(param(params, "name"), emit),
         "Linux.Sys.Users" => users(emit),
         "Linux.Network.Netstat" => netstat(emit),
@@ -159,10 +164,17 @@ pub fn client_info() -> Value {
     })
 }
 
-fn test_rows(count: u64, size: usize, emit: &mut Emit<'_>) -> Result<(), Stop> {
+/// Rows emitted between two pauses of `Generic.Test.Rows pause_ms=…`.
+const TEST_ROWS_PER_PAUSE: u64 = 100;
+
+fn test_rows(count: u64, size: usize, pause_ms: u64, emit: &mut Emit<'_>) -> Result<(), Stop> {
     let pad = "x".repeat(size);
     for i in 0..count {
         emit(row(json!({"row": i, "pad": pad})))?;
+        // Paced load for real agents only: inline (the simulator) would block its host.
+        if pause_ms > 0 && (i + 1) % TEST_ROWS_PER_PAUSE == 0 && i + 1 < count {
+            std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+        }
     }
     Ok(())
 }
@@ -502,6 +514,13 @@ mod tests {
         let t = collect("Generic.Test.Rows", &[("count", "5"), ("size", "3")]);
         assert_eq!(rows(&t).len(), 5);
         assert_eq!(rows(&t)[4]["pad"], "xxx");
+        // Paced: the same rows, in order, whatever the pauses.
+        let paced = collect("Generic.Test.Rows", &[("count", "250"), ("pause_ms", "1")]);
+        let n: Vec<u64> = rows(&paced)
+            .iter()
+            .map(|r| r["row"].as_u64().unwrap())
+            .collect();
+        assert_eq!(n, (0..250).collect::<Vec<u64>>());
     }
 
     #[test]

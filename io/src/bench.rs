@@ -62,6 +62,9 @@ pub struct BenchOptions {
     pub rows: u64,
     /// `storage-latency`: the injected latency of the slow run (ms per volume operation).
     pub latency_ms: u64,
+    /// `storage-latency`: each client pauses this long after every 100 rows (0: as fast as it can,
+    /// which measures capacity rather than service time).
+    pub pause_ms: u64,
     /// `replication`: how long the master is down.
     pub outage_s: u64,
 }
@@ -340,7 +343,7 @@ async fn connections_and_hunt(
         "config": setup.tuned(),
     });
     if o.scenario == Scenario::Hunt {
-        let h = hunt(&mut api, n, 1, &mut master, env).await?;
+        let h = hunt(&mut api, n, 1, 0, &mut master, env).await?;
         merge(&mut out, h);
         out["frontend_rss_after_hunt_bytes"] = master.rss_bytes()?.into();
     }
@@ -373,6 +376,13 @@ async fn storage_latency(
         let sub = dir.join(format!("volume-{latency}ms"));
         let setup = Setup::new(&sub, n, env, |c| {
             c.datastore.volume_latency_ms = latency;
+            if o.pause_ms > 0 {
+                // Tasks reach the clients over ten pause periods, so their messages do not all
+                // arrive in the same instant of each period (an open, evenly spread load).
+                let spread_ms = 10 * o.pause_ms;
+                c.frontend.resources.notifications_per_second =
+                    (n as u64 * 1000 / spread_ms).max(1);
+            }
             c.validate()
         })?;
         let mut master = setup.start_master()?;
@@ -389,7 +399,7 @@ async fn storage_latency(
             &Watch::start(env),
         )
         .await?;
-        let h = hunt(&mut api, n, o.rows, &mut master, env).await?;
+        let h = hunt(&mut api, n, o.rows, o.pause_ms, &mut master, env).await?;
         // Every final status acknowledged (the pool writes its figures each second).
         let times = wait_stats(&stats, &mut pool, env, |v| {
             v["finals"]["count"].as_u64().unwrap_or(0) >= n as u64
@@ -412,6 +422,7 @@ async fn storage_latency(
         "scenario": o.scenario.name(),
         "clients": n,
         "rows_per_client": o.rows,
+        "pause_ms_per_100_rows": o.pause_ms,
         "latency_ms": l,
         "throughput_unit": "rows/s, hunt create to 100% complete",
         "throughput_0ms": fast.1["rows_per_s"],
@@ -458,8 +469,9 @@ async fn wait_stats(
     }
 }
 
-/// A master and one minion; the master is killed, the minion's clients connect during the outage
-/// (each a replicated `ClientSeen`), the master restarts and applies the backlog.
+/// A master and one minion. The master is killed; during its outage the minion's clients connect,
+/// all drop, and connect again (a replicated `ClientSeen`, `ClientGone`, `ClientSeen` each); the master
+/// restarts and applies the minion's backlog. Counted with the master's applied-events cursor.
 async fn replication(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_json::Value, String> {
     let n = o.clients;
     let minion_port = crate::demo::free_port()?;
@@ -477,28 +489,32 @@ async fn replication(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_js
         .map(|x| x.node_name())
         .expect("one minion");
     let mut master = setup.start_master()?;
-    let api = wait_for_api(&setup.api_cfg, &mut master, env).await?;
-    drop(api);
+    let mut api = wait_for_api(&setup.api_cfg, &mut master, env).await?;
     let mut minion = setup.start_minion(&node)?;
-    // The minion's link is up once its NodeStarted is applied; give it a moment, then cut.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    minion.check_alive()?;
+    let before = wait_applied(&mut api, &node, &mut [&mut master, &mut minion], env, |m| {
+        m.connected && m.applied > 0
+    })
+    .await?;
+    drop(api);
     drop(master);
     let outage = Watch::start(env);
     progress(&format!(
-        "master down; {n} clients connect to minion {node} during a {} s outage",
-        o.outage_s
+        "master down (minion {node} at {} applied events); {n} clients connect, drop and \
+         reconnect during a {} s outage",
+        before.applied, o.outage_s
     ));
     let stats = dir.join("service-times.json");
+    let connected = |v: &serde_json::Value| v["connected"].as_u64().unwrap_or(0) >= n as u64;
     let mut pool = setup.start_pool(o, n, Some(&stats))?;
-    wait_stats(&stats, &mut pool, env, |v| {
-        v["connected"].as_u64().unwrap_or(0) >= n as u64
-    })
-    .await?;
-    let connected_s = outage.secs();
-    let rest = (o.outage_s as f64 - connected_s).max(0.0);
+    wait_stats(&stats, &mut pool, env, connected).await?;
+    drop(pool);
+    let _ = std::fs::remove_file(&stats);
+    let mut pool = setup.start_pool(o, n, Some(&stats))?;
+    wait_stats(&stats, &mut pool, env, connected).await?;
+    let churn_s = outage.secs();
+    let rest = (o.outage_s as f64 - churn_s).max(0.0);
     progress(&format!(
-        "{n} clients on the minion after {connected_s:.1} s; master restarts in {rest:.1} s"
+        "{n} clients connected twice in {churn_s:.1} s; master restarts in {rest:.1} s"
     ));
     tokio::time::sleep(Duration::from_secs_f64(rest)).await;
     minion.check_alive()?;
@@ -507,49 +523,117 @@ async fn replication(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_js
     let mut master = setup.start_master()?;
     let mut api = wait_for_api(&setup.api_cfg, &mut master, env).await?;
     let api_s = watch.secs();
-    // Count the clients the master knows as connected: each is one applied ClientSeen.
-    let (mut first, mut last_report) = (None, 0.0);
+    // Samples of the applied cursor until every client is known connected and it stops moving.
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let (mut last_report, mut stable_since) = (0.0, None::<f64>);
     let limit = (n as f64 / 50.0).max(120.0);
     loop {
         master.check_alive()?;
         minion.check_alive()?;
-        let r = api.search_limit("all", n as u32 + 1).await?;
-        let seen = r.clients.iter().filter(|c| c.connected).count();
+        pool.check_alive()?;
         let t = watch.secs();
-        if seen > 0 && first.is_none() {
-            first = Some((t, seen));
+        let m = minion_status(&mut api, &node).await?;
+        let moved = samples.last().is_none_or(|&(_, a)| a != m.applied);
+        samples.push((t, m.applied));
+        if moved {
+            stable_since = None;
+        } else if stable_since.is_none() {
+            stable_since = Some(t);
         }
-        if seen >= n {
-            let (t0, seen0) = first.unwrap_or((t, seen));
-            let applied = (n - seen0) as f64;
-            let rate = if t > t0 { applied / (t - t0) } else { 0.0 };
-            progress(&format!("master caught up {t:.2} s after its restart"));
+        let seen = api
+            .search_limit("all", n as u32 + 1)
+            .await?
+            .clients
+            .iter()
+            .filter(|c| c.connected)
+            .count();
+        if seen >= n && m.connected && stable_since.is_some_and(|s| t - s >= 1.0) {
+            let done = m.applied;
+            // The drain: from the last sample before the cursor moved to the first at its end.
+            let start = samples
+                .iter()
+                .rev()
+                .find(|&&(_, a)| a == samples[0].1)
+                .map_or(0.0, |&(t, _)| t);
+            let end = samples
+                .iter()
+                .find(|&&(_, a)| a == done)
+                .map_or(t, |&(t, _)| t);
+            let events = done.saturating_sub(samples[0].1);
+            let window = end - start;
+            progress(&format!(
+                "master applied {events} events and caught up {end:.2} s after its restart"
+            ));
             return Ok(serde_json::json!({
                 "scenario": o.scenario.name(),
                 "clients": n,
-                "events": "ClientSeen, one per client connected during the outage",
+                "events": "ClientSeen/ClientGone: every client connected, dropped, reconnected during the outage",
                 "outage_s": round3(outage_s),
-                "backlog_events": n,
-                "catchup_s": round3(t),
+                "backlog_events": done.saturating_sub(before.applied),
+                "applied_after_restart": events,
+                "catchup_s": round3(end),
                 "master_api_up_s": round3(api_s),
-                "events_per_s": round3(rate),
-                "events_rate_window_s": round3(t - t0),
+                "drain_s": round3(window),
+                "events_per_s": if window > 0.0 { round3(events as f64 / window) } else { 0.0 },
                 "config": setup.tuned(),
             }));
         }
         if t - last_report >= 2.0 {
             progress(&format!(
-                "master applied {seen}/{n} ({t:.0} s after restart)"
+                "master applied {} events, knows {seen}/{n} clients connected ({t:.0} s after restart)",
+                m.applied
             ));
             last_report = t;
         }
         if t > limit {
             return Err(format!(
-                "the master applied {seen} of {n} clients' events in {t:.0} s (see {})",
+                "the master did not catch up in {t:.0} s (see the logs in {})",
                 setup.dir.display()
             ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn minion_status(
+    api: &mut Api,
+    node: &str,
+) -> Result<talon_proto::api::MinionStatus, String> {
+    Ok(api
+        .cluster()
+        .await?
+        .minions
+        .into_iter()
+        .find(|m| m.node == node)
+        .unwrap_or_else(|| talon_proto::api::MinionStatus {
+            node: node.to_owned(),
+            ..Default::default()
+        }))
+}
+
+/// Polls the master's status of `node` until `done` holds.
+async fn wait_applied(
+    api: &mut Api,
+    node: &str,
+    procs: &mut [&mut Child],
+    env: &Env,
+    done: impl Fn(&talon_proto::api::MinionStatus) -> bool,
+) -> Result<talon_proto::api::MinionStatus, String> {
+    let watch = Watch::start(env);
+    loop {
+        for p in procs.iter_mut() {
+            p.check_alive()?;
+        }
+        let m = minion_status(api, node).await?;
+        if done(&m) {
+            return Ok(m);
+        }
+        if watch.secs() > 60.0 {
+            return Err(format!(
+                "minion {node} did not replicate to the master within 60 s"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -642,17 +726,21 @@ async fn wait_connected(
     }
 }
 
-/// A hunt of `Generic.Test.Rows count=<rows>` over the `n` connected clients.
+/// A hunt of `Generic.Test.Rows count=<rows> pause_ms=<pause_ms>` over the `n` connected clients.
 async fn hunt(
     api: &mut Api,
     n: usize,
     rows: u64,
+    pause_ms: u64,
     master: &mut Child,
     env: &Env,
 ) -> Result<serde_json::Value, String> {
-    let params = [("count".to_owned(), rows.to_string())]
-        .into_iter()
-        .collect();
+    let params = [
+        ("count".to_owned(), rows.to_string()),
+        ("pause_ms".to_owned(), pause_ms.to_string()),
+    ]
+    .into_iter()
+    .collect();
     let watch = Watch::start(env);
     let h = api
         .create_hunt(talon_proto::api::CreateHuntRequest {

@@ -92,6 +92,10 @@ pub enum Command {
         /// storage-latency: the latency injected in the slow run (ms per volume operation).
         #[arg(long, default_value_t = 50)]
         latency_ms: u64,
+        /// storage-latency: each client pauses this long after every 100 rows (an even load well
+        /// under capacity, for service times); 0 sends as fast as possible (capacity).
+        #[arg(long, default_value_t = 1000)]
+        pause_ms: u64,
         /// replication: how long the master is down (seconds).
         #[arg(long, default_value_t = 60)]
         outage_s: u64,
@@ -151,6 +155,12 @@ pub enum Command {
         #[command(subcommand)]
         command: HuntCommand,
     },
+    /// The master's view of its minions (with --api-config).
+    Cluster {
+        /// What to show.
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Inspect a flow.
     Flow {
         /// What to do.
@@ -188,6 +198,17 @@ pub enum LabelCommand {
         client_id: String,
         /// The label.
         label: String,
+    },
+}
+
+/// `talon cluster ...`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Each minion: replication stream up or not, outbox epoch, events applied by the master.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -620,6 +641,7 @@ async fn run_async(
             clients,
             rows,
             latency_ms,
+            pause_ms,
             outage_s,
             start_rate,
             keys,
@@ -633,6 +655,7 @@ async fn run_async(
                 keys: keys.unwrap_or_else(crate::bench::default_key_dir),
                 rows,
                 latency_ms,
+                pause_ms,
                 outage_s,
             };
             let v = crate::bench::run(&o).await?;
@@ -746,6 +769,40 @@ async fn run_async(
                 .map(|r| r.to_string())
                 .collect::<Vec<_>>()
                 .join("\n"))
+        }
+        Command::Cluster {
+            command: ClusterCommand::Status { json },
+        } => {
+            init_logging("warn");
+            let c = api(api_config.as_deref()).await?.cluster().await?;
+            if json {
+                let minions: Vec<_> = c
+                    .minions
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "node": m.node,
+                            "connected": m.connected,
+                            "epoch": m.epoch,
+                            "applied": m.applied,
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({ "master": c.master, "minions": minions });
+                return Ok(serde_json::to_string_pretty(&v).expect("JSON"));
+            }
+            let mut out = vec![format!("master {}", c.master)];
+            if c.minions.is_empty() {
+                out.push("no minion has replicated to this master".into());
+            }
+            for m in &c.minions {
+                let state = if m.connected { "connected" } else { "down" };
+                out.push(format!(
+                    "minion {:<28} {:<9} epoch {} applied {}",
+                    m.node, state, m.epoch, m.applied
+                ));
+            }
+            Ok(out.join("\n"))
         }
         Command::Hunt { command } => {
             init_logging("warn");

@@ -300,6 +300,9 @@ enum Msg {
         id: String,
         reply: Reply<Vec<(ClientId, FlowId)>>,
     },
+    Cluster {
+        reply: Reply<api::ClusterStatus>,
+    },
 }
 
 /// Default hunt lifetime when the request gives none.
@@ -987,6 +990,33 @@ impl Actor {
                 let r = match self.drain_hunts().await {
                     Ok(()) => r,
                     Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Msg::Cluster { reply } => {
+                let r = match &self.role {
+                    NodeRole::Master(m) => {
+                        let names: BTreeSet<&String> =
+                            m.persisted.keys().chain(m.minions.keys()).collect();
+                        Ok(api::ClusterStatus {
+                            master: self.opts.node_name.clone(),
+                            minions: names
+                                .into_iter()
+                                .map(|n| {
+                                    let c = m.persisted.get(n);
+                                    api::MinionStatus {
+                                        node: n.clone(),
+                                        connected: m.minions.contains_key(n),
+                                        epoch: c.map_or(0, |c| c.epoch),
+                                        applied: c.map_or(0, |c| c.hwm),
+                                    }
+                                })
+                                .collect(),
+                        })
+                    }
+                    NodeRole::Minion(_) => Err(Status::failed_precondition(
+                        "cluster status is the master's; ask its API",
+                    )),
                 };
                 let _ = reply.send(r);
             }
@@ -2550,6 +2580,15 @@ impl api::api_server::Api for ApiService {
             self.node.filestore.volume().clone(),
             flows,
         )))
+    }
+
+    async fn get_cluster(
+        &self,
+        req: Request<api::ClusterRequest>,
+    ) -> Result<Response<api::ClusterStatus>, Status> {
+        require_api(&req)?;
+        let r = self.node.ask(|reply| Msg::Cluster { reply }).await?;
+        Ok(Response::new(r))
     }
 
     async fn list_artifacts(

@@ -45,3 +45,53 @@ fn bench_connections_and_hunt_print_their_figures() {
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("--clients must be at least 1"));
 }
+
+#[test]
+fn bench_storage_latency_prints_both_runs() {
+    let s = bench(&[
+        "storage-latency",
+        "--clients",
+        "20",
+        "--rows",
+        "300",
+        "--pause-ms",
+        "100",
+    ]);
+    assert_eq!(s["scenario"], "storage-latency");
+    let f = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k}: {s}"));
+    for k in [
+        "throughput_0ms",
+        "throughput_50ms",
+        "throughput_ratio",
+        "p50_ms_0ms",
+        "p99_ms_0ms",
+        "p50_ms_50ms",
+        "p99_ms_50ms",
+    ] {
+        assert!(f(k) > 0.0, "{k}: {s}");
+    }
+    assert!(f("p50_ms_50ms") <= f("p99_ms_50ms"));
+    // Every row of both runs arrived, and service times were recorded for each client's messages:
+    // one to three batches of rows (100-row bursts, merged when a pause is shorter than the agent's
+    // batching age) and exactly one final status per client.
+    for run in ["run_0ms", "run_50ms"] {
+        assert_eq!(s[run]["hunt"]["rows"], 20 * 300, "{run}: {s}");
+        let data = s[run]["service_times"]["data"]["count"].as_u64().unwrap();
+        assert!((20..=60).contains(&data), "{run}: {s}");
+        assert_eq!(s[run]["service_times"]["finals"]["count"], 20, "{run}: {s}");
+    }
+    assert_eq!(s["run_50ms"]["hunt"]["rows"], s["run_0ms"]["hunt"]["rows"]);
+}
+
+#[test]
+fn bench_replication_counts_the_backlog_it_applies() {
+    let r = bench(&["replication", "--clients", "20", "--outage-s", "2"]);
+    assert_eq!(r["scenario"], "replication");
+    // Each client connected, dropped and reconnected while the master was down: at least three
+    // events each, all applied after the restart.
+    let backlog = r["backlog_events"].as_u64().unwrap();
+    assert!(backlog >= 3 * 20, "{r}");
+    assert_eq!(r["applied_after_restart"].as_u64(), Some(backlog), "{r}");
+    assert!(r["catchup_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    assert!(r["events_per_s"].as_f64().is_some(), "{r}");
+}
