@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         // Maps as BTreeMap: encodings (persisted tasks, hashes) must not depend on hash order.
         .btree_map(".")
+        // Small starting buffers per stream (see `codec` in lib.rs): memory per connected client.
+        .codec_path("crate::codec::SmallCodec")
         .compile_fds(fds)?;
     Ok(())
 }

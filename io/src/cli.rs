@@ -86,8 +86,8 @@ pub enum Command {
         /// Virtual clients (default: 10,000 for connections and hunt, 1,000 otherwise).
         #[arg(long)]
         clients: Option<usize>,
-        /// storage-latency: rows each client returns (1,000 per message).
-        #[arg(long, default_value_t = 5000)]
+        /// storage-latency: rows each client returns.
+        #[arg(long, default_value_t = 3000)]
         rows: u64,
         /// storage-latency: the latency injected in the slow run (ms per volume operation).
         #[arg(long, default_value_t = 50)]
@@ -1101,7 +1101,7 @@ mod tests {
             .iter()
             .map(|p| p["name"].as_str().unwrap())
             .collect();
-        assert_eq!(params, vec!["count", "size"]);
+        assert_eq!(params, vec!["count", "size", "pause_ms"]);
     }
 
     #[test]

@@ -2291,7 +2291,10 @@ impl comms::comms_server::Comms for CommsService {
                 };
                 match codec::validate(msg, &node.limits) {
                     Ok(ClientInput::Flow { flow, seq, data }) => {
-                        if let Err(err) = tasked(&node, &client, &flow, &mut known).await {
+                        // Boxed: its state (a datastore read) exists only while it runs, not in
+                        // every idle connection's task.
+                        if let Err(err) = Box::pin(tasked(&node, &client, &flow, &mut known)).await
+                        {
                             let err = comms::ServerError {
                                 seq,
                                 flow_id: flow.to_string(),
