@@ -429,47 +429,12 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
     }
 }
 
-/// Writes a batch to the volume, all writes concurrently; the batch fails if any write fails (the
-/// cache keeps every entry of a failed batch dirty and retries: the writes are idempotent overwrites).
+/// Writes a batch to the volume (`Volume::write_many`: each write atomic, all durable when it
+/// returns); the batch fails if any write fails (the cache keeps every entry of a failed batch dirty
+/// and retries: the writes are idempotent overwrites).
 async fn flush<V: Volume>(volume: &V, writes: Vec<FlushWrite>) -> Result<(), String> {
-    let futs = writes.into_iter().map(|w| async move {
-        let r = match w.value {
-            Some(v) => volume.write(&w.key, v).await,
-            None => volume.delete(&w.key).await,
-        };
-        r.map_err(|e| format!("{}: {e}", w.key))
-    });
-    join_all(futs)
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>, String>>()
-        .map(|_| ())
-}
-
-/// Polls a set of futures concurrently to completion, in order of the results.
-async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter()
-        .map(|o| o.expect("every future completed"))
-        .collect()
+    let writes = writes.into_iter().map(|w| (w.key, w.value)).collect();
+    volume.write_many(writes).await.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

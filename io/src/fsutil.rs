@@ -5,30 +5,44 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Replaces `path` with `data` atomically: a reader (or a crash) sees the old contents or the new,
-/// never a mix. Writes a temp file beside it, fsyncs it, renames it over `path`, fsyncs the directory.
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = match path.parent() {
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
+    }
+}
+
+/// The temp file `write_atomic` stages `path` in: hidden (listings skip dot files), beside it.
+pub fn temp_path(path: &Path) -> io::Result<std::path::PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
+    Ok(parent(path).join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
         std::process::id()
-    ));
+    )))
+}
+
+/// Creates or truncates `path` and writes `data`, without syncing (the caller syncs).
+pub fn write_unsynced(path: &Path, data: &[u8], mode: u32) -> io::Result<File> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(data)?;
+    Ok(f)
+}
+
+/// Replaces `path` with `data` atomically: a reader (or a crash) sees the old contents or the new,
+/// never a mix. Writes a temp file beside it, fsyncs it, renames it over `path`, fsyncs the directory.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let dir = parent(path);
+    let tmp = temp_path(path)?;
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
+        write_unsynced(&tmp, data, mode)?.sync_all()?;
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
     })();
