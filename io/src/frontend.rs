@@ -206,7 +206,7 @@ enum Msg {
     Connected {
         peer: Peer,
         hello: codec::Hello,
-        tx: mpsc::Sender<Result<comms::ServerMessage, Status>>,
+        tx: ClientTx,
         conn: u64,
         reply: Reply<()>,
     },
@@ -354,7 +354,7 @@ pub struct Node {
 
 struct Conn {
     id: u64,
-    tx: mpsc::Sender<Result<comms::ServerMessage, Status>>,
+    tx: ClientTx,
     /// On a minion: what the master was told when the client connected (re-told after a reconnect).
     seen: Option<pc::ClientSeen>,
 }
@@ -1718,7 +1718,7 @@ impl Actor {
         now: Timestamp,
         peer: Peer,
         hello: codec::Hello,
-        tx: mpsc::Sender<Result<comms::ServerMessage, Status>>,
+        tx: ClientTx,
         conn: u64,
     ) -> Result<(), Status> {
         let id = peer.client_id.clone();
@@ -1805,7 +1805,7 @@ impl Actor {
     fn push(&self, client: &ClientId, kind: server_message::Kind) -> bool {
         match self.conns.get(client) {
             Some(c) => {
-                c.tx.try_send(Ok(comms::ServerMessage { kind: Some(kind) }))
+                c.tx.try_send(Ok(Box::new(comms::ServerMessage { kind: Some(kind) })))
                     .is_ok()
             }
             None => false,
@@ -1955,7 +1955,7 @@ impl Actor {
                     let m = comms::ServerMessage {
                         kind: Some(server_message::Kind::Ack(ack)),
                     };
-                    let _ = tx.try_send(Ok(m));
+                    let _ = tx.try_send(Ok(Box::new(m)));
                 }
             });
         }
@@ -2206,7 +2206,23 @@ impl CommsService {
     }
 }
 
-type ServerStream = tokio_stream::wrappers::ReceiverStream<Result<comms::ServerMessage, Status>>;
+/// A client's outgoing queue. Boxed messages: tokio's channel allocates its slots in blocks of 32,
+/// so each connected client holds a block of 8-byte pointers rather than of 120-byte messages.
+type ClientTx = mpsc::Sender<Result<Box<comms::ServerMessage>, Status>>;
+
+/// The client's queue as the stream tonic sends.
+pub struct ServerStream(mpsc::Receiver<Result<Box<comms::ServerMessage>, Status>>);
+
+impl tokio_stream::Stream for ServerStream {
+    type Item = Result<comms::ServerMessage, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|m| m.map(|r| r.map(|b| *b)))
+    }
+}
 
 #[tonic::async_trait]
 impl comms::comms_server::Comms for CommsService {
@@ -2300,9 +2316,9 @@ impl comms::comms_server::Comms for CommsService {
                                 flow_id: flow.to_string(),
                                 ..err
                             };
-                            let _ = tx.try_send(Ok(comms::ServerMessage {
+                            let _ = tx.try_send(Ok(Box::new(comms::ServerMessage {
                                 kind: Some(server_message::Kind::Error(err)),
-                            }));
+                            })));
                             continue;
                         }
                         if node
@@ -2333,7 +2349,7 @@ impl comms::comms_server::Comms for CommsService {
                         let pong = comms::ServerMessage {
                             kind: Some(server_message::Kind::Pong(comms::Pong { time_unix_ms })),
                         };
-                        let _ = tx.try_send(Ok(pong));
+                        let _ = tx.try_send(Ok(Box::new(pong)));
                     }
                     Ok(ClientInput::Hello(_)) => {
                         let _ = tx.try_send(Err(Status::invalid_argument(
@@ -2351,18 +2367,16 @@ impl comms::comms_server::Comms for CommsService {
                             flow_id,
                             seq,
                         };
-                        let _ = tx.try_send(Ok(comms::ServerMessage {
+                        let _ = tx.try_send(Ok(Box::new(comms::ServerMessage {
                             kind: Some(server_message::Kind::Error(err)),
-                        }));
+                        })));
                     }
                 }
             }
             let _ = node.tx.send(Msg::Disconnected { client, conn }).await;
         };
         tokio::spawn(tracing::Instrument::instrument(reader, span));
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        Ok(Response::new(ServerStream(rx)))
     }
 }
 
