@@ -44,6 +44,12 @@ use tonic::{Request, Response, Status};
 pub const CLIENT_QUEUE_MAX: usize = 256;
 /// Messages waiting for the node actor; handlers wait beyond it (back-pressure).
 pub const NODE_INBOX_MAX: usize = 8192;
+/// Acknowledgements waiting to be sent again as settled. Beyond it one is dropped: the client resends
+/// the message after 2 s and its re-acknowledgement is queued again (so a hung volume costs this
+/// much memory at most, not one waiter per resend).
+pub const SETTLE_QUEUE_MAX: usize = 65_536;
+/// Acknowledgements settled by one wait for the filestore buffer.
+const SETTLE_BATCH_MAX: usize = 4096;
 /// How often the master sends tasks not yet acknowledged again.
 pub const TASK_RESEND_MS: u64 = 5_000;
 /// Task notifications a node queues, in seconds' worth of `notifications_per_second` (at least
@@ -420,6 +426,8 @@ struct Actor {
     /// The bytes of the flow message being handled, until a Store action takes them (at most one).
     raw: BTreeMap<(FlowKey, u64), Bytes>,
     self_tx: mpsc::Sender<Msg>,
+    /// Acknowledgements to send again once settled (bounded: `SETTLE_QUEUE_MAX`).
+    settle_tx: mpsc::Sender<(ClientTx, comms::FlowAck)>,
 }
 
 async fn load_json<T: serde::de::DeserializeOwned>(
@@ -630,6 +638,11 @@ impl Node {
             ),
             raw: BTreeMap::new(),
             self_tx: tx.clone(),
+            settle_tx: {
+                let (stx, srx) = mpsc::channel(SETTLE_QUEUE_MAX);
+                tokio::spawn(settler(filestore.clone(), srx));
+                stx
+            },
         };
         if let Some(mut events) = link_events {
             let tx = tx.clone();
@@ -1941,23 +1954,10 @@ impl Actor {
                 }
             }
         }
-        if !to_settle.is_empty() {
-            // One wait for every acknowledgement of this drain. The stored message (or, for a
-            // re-acknowledged resend, its first store) precedes the wait, so `settled` covers it.
-            // A settled ack lost to a full queue is recovered by the client's resend timer.
-            let fs = self.filestore.clone();
-            tokio::spawn(async move {
-                if fs.settled().await.is_err() {
-                    return; // The buffer stopped: the node exits (fail-stop); clients resend.
-                }
-                for (tx, mut ack) in to_settle {
-                    ack.settled = true;
-                    let m = comms::ServerMessage {
-                        kind: Some(server_message::Kind::Ack(ack)),
-                    };
-                    let _ = tx.try_send(Ok(Box::new(m)));
-                }
-            });
+        for a in to_settle {
+            if self.settle_tx.try_send(a).is_err() {
+                tracing::debug!("settle queue full; the client's resend is settled later");
+            }
         }
     }
 
@@ -2058,6 +2058,27 @@ impl Actor {
                 tracing::error!(flow = %o.key.flow, error = %e, "cannot read flow record");
                 false
             }
+        }
+    }
+}
+
+/// Sends acknowledgements again as settled, a batch at a time: everything queued is waited for with
+/// one `Filestore::settled` (each acknowledgement was queued after its message was stored, so the
+/// wait covers it). One wait at a time per node, whatever the rate of acknowledgements.
+async fn settler(fs: Filestore, mut rx: mpsc::Receiver<(ClientTx, comms::FlowAck)>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, SETTLE_BATCH_MAX).await > 0 {
+        if fs.settled().await.is_err() {
+            return; // The buffer stopped: the node exits (fail-stop); clients resend.
+        }
+        for (tx, mut ack) in batch.drain(..) {
+            ack.settled = true;
+            let m = comms::ServerMessage {
+                kind: Some(server_message::Kind::Ack(ack)),
+            };
+            // A full queue drops it: the client resends the message after 2 s, and it is
+            // acknowledged and settled again.
+            let _ = tx.try_send(Ok(Box::new(m)));
         }
     }
 }
