@@ -427,7 +427,7 @@ struct Actor {
     raw: BTreeMap<(FlowKey, u64), Bytes>,
     self_tx: mpsc::Sender<Msg>,
     /// Acknowledgements to send again once settled (bounded: `SETTLE_QUEUE_MAX`).
-    settle_tx: mpsc::Sender<(ClientTx, comms::FlowAck)>,
+    settler: Settler,
 }
 
 async fn load_json<T: serde::de::DeserializeOwned>(
@@ -638,11 +638,7 @@ impl Node {
             ),
             raw: BTreeMap::new(),
             self_tx: tx.clone(),
-            settle_tx: {
-                let (stx, srx) = mpsc::channel(SETTLE_QUEUE_MAX);
-                tokio::spawn(settler(filestore.clone(), srx));
-                stx
-            },
+            settler: Settler::start(filestore.clone(), SETTLE_QUEUE_MAX),
         };
         if let Some(mut events) = link_events {
             let tx = tx.clone();
@@ -1954,8 +1950,8 @@ impl Actor {
                 }
             }
         }
-        for a in to_settle {
-            if self.settle_tx.try_send(a).is_err() {
+        for (tx, ack) in to_settle {
+            if !self.settler.offer(tx, ack) {
                 tracing::debug!("settle queue full; the client's resend is settled later");
             }
         }
@@ -2062,10 +2058,29 @@ impl Actor {
     }
 }
 
+/// Acknowledgements waiting to be sent again as settled, and the task that sends them.
+#[derive(Clone)]
+struct Settler(mpsc::Sender<(ClientTx, comms::FlowAck)>);
+
+impl Settler {
+    /// Starts the task; at most `max` acknowledgements wait for it.
+    fn start(fs: Filestore, max: usize) -> Settler {
+        let (tx, rx) = mpsc::channel(max);
+        tokio::spawn(settle(fs, rx));
+        Settler(tx)
+    }
+
+    /// Queues `ack` to be sent on `tx` once settled; false if the queue is full (dropped: the client
+    /// resends the message, and its re-acknowledgement is offered again).
+    fn offer(&self, tx: ClientTx, ack: comms::FlowAck) -> bool {
+        self.0.try_send((tx, ack)).is_ok()
+    }
+}
+
 /// Sends acknowledgements again as settled, a batch at a time: everything queued is waited for with
 /// one `Filestore::settled` (each acknowledgement was queued after its message was stored, so the
 /// wait covers it). One wait at a time per node, whatever the rate of acknowledgements.
-async fn settler(fs: Filestore, mut rx: mpsc::Receiver<(ClientTx, comms::FlowAck)>) {
+async fn settle(fs: Filestore, mut rx: mpsc::Receiver<(ClientTx, comms::FlowAck)>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, SETTLE_BATCH_MAX).await > 0 {
         if fs.settled().await.is_err() {
@@ -2652,5 +2667,129 @@ impl api::api_server::Api for ApiService {
             })
             .collect();
         Ok(Response::new(api::ListArtifactsResponse { artifacts }))
+    }
+}
+
+#[cfg(test)]
+mod settle_tests {
+    use super::*;
+    use crate::filestore::FilestoreOptions;
+    use crate::storage::local::StdDisk;
+    use crate::storage::volume::FsVolume;
+    use std::io;
+
+    /// A volume whose writes wait until the gate opens (a hung NFS server that recovers).
+    struct Gate {
+        open: tokio::sync::watch::Receiver<bool>,
+        inner: FsVolume,
+    }
+
+    impl Gate {
+        async fn wait(&self) {
+            let mut open = self.open.clone();
+            while !*open.borrow_and_update() {
+                if open.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
+    impl Volume for Gate {
+        async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+            self.inner.read(key).await
+        }
+        async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
+            self.wait().await;
+            self.inner.write(key, value).await
+        }
+        async fn delete(&self, key: &str) -> io::Result<()> {
+            self.wait().await;
+            self.inner.delete(key).await
+        }
+        async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+            self.inner.list(prefix).await
+        }
+        async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+            self.wait().await;
+            self.inner.append(key, data).await
+        }
+        async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+            self.wait().await;
+            self.inner.commit(from, to).await
+        }
+    }
+
+    fn ack(seq: u64) -> comms::FlowAck {
+        comms::FlowAck {
+            flow_id: "F.1".into(),
+            seq,
+            settled: false,
+        }
+    }
+
+    /// BRIEF invariant 7 for the settle queue: with the volume hung, it takes `max` acknowledgements
+    /// and refuses the next; once the volume recovers, exactly those are sent again as settled.
+    #[tokio::test]
+    async fn settle_queue_is_bounded_and_settles_once_the_volume_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (open_tx, open) = tokio::sync::watch::channel(false);
+        let volume = SharedVolume::new(Gate {
+            open,
+            inner: FsVolume::new(&dir.path().join("volume")).unwrap(),
+        });
+        let disk = StdDisk::new(&dir.path().join("local")).unwrap();
+        let opts = FilestoreOptions {
+            buffer_bytes: 16 << 20,
+            message_bytes_max: 1 << 20,
+        };
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let (fs, _task, _) = crate::filestore::Filestore::open(disk, volume, clock, &opts).unwrap();
+        // Stored (journalled, acknowledged) but not settled: the volume is hung.
+        fs.store("clients/C.1/flows/F.1/messages/0", Bytes::from_static(b"m"))
+            .await
+            .unwrap();
+        const MAX: usize = 4;
+        let settler = Settler::start(fs.clone(), MAX);
+        let (tx, mut rx) = mpsc::channel(16);
+        // The settle task has not run yet (this runtime runs one task at a time): the queue fills.
+        for seq in 0..MAX as u64 {
+            assert!(
+                settler.offer(tx.clone(), ack(seq)),
+                "ack {seq} refused below the bound"
+            );
+        }
+        assert!(
+            !settler.offer(tx.clone(), ack(99)),
+            "the bound was not enforced"
+        );
+        // Nothing is settled while the volume is hung.
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err());
+        open_tx.send(true).unwrap();
+        for seq in 0..MAX as u64 {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())
+                .await
+                .expect("settled within 30 s")
+                .unwrap()
+                .unwrap();
+            match m.kind {
+                Some(server_message::Kind::Ack(a)) => {
+                    assert_eq!((a.seq, a.settled), (seq, true));
+                }
+                other => panic!("expected a settled ack, got {other:?}"),
+            }
+        }
+        // The refused one never comes (the client's resend would be offered again).
+        drop(settler);
+        drop(tx);
+        assert!(rx.recv().await.is_none());
+        assert_eq!(
+            fs.volume()
+                .read("clients/C.1/flows/F.1/messages/0")
+                .await
+                .unwrap(),
+            Some(Bytes::from_static(b"m"))
+        );
     }
 }
