@@ -450,22 +450,40 @@ async fn wait_stats(
     env: &Env,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> Result<serde_json::Value, String> {
-    let watch = Watch::start(env);
-    loop {
-        pool.check_alive()?;
+    let what = format!(
+        "the load generator's figures in {} to reach the expected state",
+        path.display()
+    );
+    until(&mut [pool], env, &what, 200, async || {
         let v = std::fs::read(path)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-        if let Some(v) = v.filter(|v| done(v)) {
+        Ok(v.filter(|v| done(v)))
+    })
+    .await
+}
+
+/// Calls `probe` every `every_ms` until it yields a value, checking first that `procs` are alive;
+/// after 60 s, an error saying what was waited for.
+async fn until<T>(
+    procs: &mut [&mut Child],
+    env: &Env,
+    what: &str,
+    every_ms: u64,
+    mut probe: impl AsyncFnMut() -> Result<Option<T>, String>,
+) -> Result<T, String> {
+    let watch = Watch::start(env);
+    loop {
+        for p in procs.iter_mut() {
+            p.check_alive()?;
+        }
+        if let Some(v) = probe().await? {
             return Ok(v);
         }
         if watch.secs() > 60.0 {
-            return Err(format!(
-                "the load generator's figures in {} did not reach the expected state in 60 s",
-                path.display()
-            ));
+            return Err(format!("waited 60 s for {what}"));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
     }
 }
 
@@ -619,22 +637,12 @@ async fn wait_applied(
     env: &Env,
     done: impl Fn(&talon_proto::api::MinionStatus) -> bool,
 ) -> Result<talon_proto::api::MinionStatus, String> {
-    let watch = Watch::start(env);
-    loop {
-        for p in procs.iter_mut() {
-            p.check_alive()?;
-        }
+    let what = format!("minion {node} to replicate to the master");
+    until(procs, env, &what, 100, async || {
         let m = minion_status(api, node).await?;
-        if done(&m) {
-            return Ok(m);
-        }
-        if watch.secs() > 60.0 {
-            return Err(format!(
-                "minion {node} did not replicate to the master within 60 s"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(done(&m).then_some(m))
+    })
+    .await
 }
 
 fn round3(x: f64) -> f64 {
