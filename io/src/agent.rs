@@ -162,7 +162,7 @@ impl ServiceTimes {
 
     /// The figures as JSON: count, p50, p99 and max in milliseconds, for data messages and finals.
     pub fn to_json(&self) -> serde_json::Value {
-        let ms = |us: u64| (us as f64).round() / 1000.0;
+        let ms = |us: u64| us as f64 / 1000.0;
         let one = |h: &talon_core::histogram::Histogram| {
             serde_json::json!({
                 "count": h.count(),

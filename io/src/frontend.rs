@@ -1887,8 +1887,6 @@ impl Actor {
 
     /// Performs the flow tracker's actions.
     async fn drain_flows(&mut self) {
-        // Acknowledged now (durable in the local buffer); settled once the buffer has copied them.
-        let mut to_settle = Vec::new();
         while let Some(a) = self.flows.poll_action() {
             match a {
                 FlowAction::Store { key, seq } => {
@@ -1917,9 +1915,13 @@ impl Actor {
                         seq,
                         settled: false,
                     };
+                    // Acknowledged now (durable in the local buffer); settled once the buffer
+                    // has copied it.
                     self.push(&key.client, server_message::Kind::Ack(ack.clone()));
-                    if let Some(c) = self.conns.get(&key.client) {
-                        to_settle.push((c.tx.clone(), ack));
+                    if let Some(c) = self.conns.get(&key.client)
+                        && !self.settler.offer(c.tx.clone(), ack)
+                    {
+                        tracing::debug!("settle queue full; the client's resend is settled later");
                     }
                 }
                 FlowAction::Audit { key } => {
@@ -1948,11 +1950,6 @@ impl Actor {
                         let _ = tx.send(Msg::Settled { outcome: o, ok }).await;
                     });
                 }
-            }
-        }
-        for (tx, ack) in to_settle {
-            if !self.settler.offer(tx, ack) {
-                tracing::debug!("settle queue full; the client's resend is settled later");
             }
         }
     }
