@@ -77,7 +77,10 @@ impl std::error::Error for DiskError {}
 /// Fault knobs of one disk, drawn from the run's seed.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DiskFaults {
-    /// Probability that an operation fails with an injected error (it then had no effect).
+    /// Probability that an operation fails with an injected error. A failed append may have written
+    /// a prefix of its data (a short write: half of them do); a failed fsync made nothing durable
+    /// (what it covered stays volatile: a later crash may drop it); any other failed operation had
+    /// no effect.
     pub error_p: f64,
     /// Probability that a crash tears a file's unsynced tail instead of dropping it whole.
     pub torn_write_p: f64,
@@ -139,6 +142,16 @@ impl SimDisk {
         self.power = Power::On;
     }
 
+    /// Sets the probability of injected errors (the harness turns them off when it heals the world).
+    pub fn set_error_p(&mut self, p: f64) {
+        self.faults.error_p = p;
+    }
+
+    /// The disk is lost (replaced by an empty one): every file is gone, durable or not.
+    pub fn wipe(&mut self) {
+        self.files.clear();
+    }
+
     fn used(&self) -> u64 {
         self.files.values().map(|f| f.current.len() as u64).sum()
     }
@@ -155,7 +168,18 @@ impl SimDisk {
 
     /// Appends to a file, creating it.
     pub fn append(&mut self, path: &str, data: &[u8]) -> Result<(), DiskError> {
-        self.inject(path)?;
+        if let Err(e) = self.inject(path) {
+            // A short write: part of the data reached the file before the error.
+            if matches!(e, DiskError::Injected(_)) && !data.is_empty() && self.rng.chance(0.5) {
+                let n = self.rng.range(0, data.len() as u64 - 1) as usize;
+                self.files
+                    .entry(path.to_owned())
+                    .or_default()
+                    .current
+                    .extend_from_slice(&data[..n]);
+            }
+            return Err(e);
+        }
         if self.used() + data.len() as u64 > self.capacity_bytes {
             return Err(DiskError::Full {
                 capacity_bytes: self.capacity_bytes,
@@ -382,5 +406,45 @@ mod tests {
         );
         assert!(matches!(e.append("a", b"x"), Err(DiskError::Injected(_))));
         assert!(e.list("").is_empty());
+    }
+
+    #[test]
+    fn a_failed_append_may_leave_a_short_write_and_a_failed_fsync_saves_nothing() {
+        let mut short = false;
+        for seed in 0..32 {
+            let mut d = disk(DiskFaults::default(), seed);
+            d.append("j", b"AAAA").unwrap();
+            d.fsync("j").unwrap();
+            d.set_error_p(1.0);
+            assert!(matches!(
+                d.append("j", b"BBBBBBBB"),
+                Err(DiskError::Injected(_))
+            ));
+            assert!(matches!(d.fsync("j"), Err(DiskError::Injected(_))));
+            d.set_error_p(0.0);
+            let got = d.read("j").unwrap();
+            assert!(
+                got.starts_with(b"AAAA") && b"AAAABBBBBBB".starts_with(&got),
+                "{got:?}"
+            );
+            short |= got.len() > 4;
+            // The failed fsync made nothing durable: a crash keeps only the synced prefix.
+            d.crash();
+            if d.read("j").unwrap() != b"AAAA" {
+                // Torn writes are off here: the unsynced tail is dropped whole.
+                panic!("seed {seed}: a failed fsync made data durable");
+            }
+        }
+        assert!(short, "some seed leaves a short write");
+    }
+
+    #[test]
+    fn a_wiped_disk_holds_nothing() {
+        let mut d = disk(DiskFaults::default(), 6);
+        d.append("j", b"one;").unwrap();
+        d.fsync("j").unwrap();
+        d.wipe();
+        assert!(d.list("").is_empty());
+        assert!(matches!(d.read("j"), Err(DiskError::NotFound(_))));
     }
 }

@@ -126,6 +126,16 @@ impl SimLocalDisk {
         lock(&self.0).power_lost()
     }
 
+    /// Sets the probability of injected I/O errors.
+    pub fn set_error_p(&self, p: f64) {
+        lock(&self.0).set_error_p(p);
+    }
+
+    /// The disk is lost: every file on it is gone (the node restarts on an empty disk).
+    pub fn wipe(&self) {
+        lock(&self.0).wipe();
+    }
+
     /// The node restarts with what survived.
     pub fn restore_power(&self) {
         lock(&self.0).restore_power();
@@ -135,8 +145,10 @@ impl SimLocalDisk {
     /// journal's recovery may repair a torn tail; the node's own disk must not change under it).
     pub fn copy(&self) -> SimLocalDisk {
         let mut d = lock(&self.0).clone();
-        // The copy is read as the restarted node would read it.
+        // The copy is read as the restarted node would read it, by a checker that is outside the
+        // world: no injected errors.
         d.restore_power();
+        d.set_error_p(0.0);
         SimLocalDisk::new(d)
     }
 }

@@ -14,7 +14,17 @@
 //! [`Journal::open`] reads every segment in order. A frame that is incomplete or fails its CRC at the
 //! end of the *last* segment is a torn write from a crash: the file is cut there and recovery
 //! continues. Damage anywhere else is real corruption and an error naming the segment and offset:
-//! silently skipping it could resurrect stale data.
+//! silently skipping it could resurrect stale data. The records after the mark must be numbered
+//! `mark + 1, mark + 2, …` without a gap; records at or below the mark are not needed and not
+//! checked. Every segment is synced before `open` returns: a record read back may never have been
+//! made durable (the last run stopped after a failed fsync, its appends still in the page cache), and
+//! whoever recovers it acts on it as durable.
+//!
+//! # Failure
+//!
+//! A failed append, sync or truncation leaves the files in a state the journal cannot know (a short
+//! write, an fsync whose data may or may not be on the platter). From then on every call fails with
+//! that first error: the owner stops, and the next [`Journal::open`] finds out what is there.
 
 use super::local::LocalDisk;
 use std::io;
@@ -40,7 +50,6 @@ pub struct Recovered {
 #[derive(Debug)]
 struct Segment {
     name: String,
-    first_seq: u64,
     last_seq: Option<u64>,
     bytes: u64,
 }
@@ -56,6 +65,8 @@ pub struct Journal<D: LocalDisk> {
     next_seq: u64,
     /// Segments with appends not yet synced: at most the newest (older ones are synced on roll).
     unsynced: Vec<String>,
+    /// The first failed operation: every later call fails with it.
+    failed: Option<String>,
 }
 
 fn corrupt(msg: String) -> io::Error {
@@ -128,7 +139,8 @@ impl<D: LocalDisk> Journal<D> {
             ..Recovered::default()
         };
         let mut segments = Vec::new();
-        let mut expect: Option<u64> = None;
+        // The next record needed after the mark; records at or below the mark are not checked.
+        let mut expect = truncated_upto + 1;
         for (i, name) in names.iter().enumerate() {
             let first_seq: u64 = name
                 .trim_start_matches(&format!("{dir}/seg-"))
@@ -149,16 +161,6 @@ impl<D: LocalDisk> Journal<D> {
                 disk.truncate(name, at as u64)?;
                 bytes = at as u64;
             }
-            for (seq, _) in &records {
-                if let Some(e) = expect
-                    && *seq != e
-                {
-                    return Err(corrupt(format!(
-                        "{name}: record {seq} where {e} was expected"
-                    )));
-                }
-                expect = Some(seq + 1);
-            }
             if let Some((s, _)) = records.first()
                 && *s != first_seq
             {
@@ -166,18 +168,45 @@ impl<D: LocalDisk> Journal<D> {
                     "{name}: first record is {s}, name says {first_seq}"
                 )));
             }
+            for w in records.windows(2) {
+                if w[1].0 != w[0].0 + 1 {
+                    return Err(corrupt(format!(
+                        "{name}: record {} follows record {}",
+                        w[1].0, w[0].0
+                    )));
+                }
+            }
+            for (seq, _) in records.iter().filter(|r| r.0 > truncated_upto) {
+                if *seq != expect {
+                    return Err(corrupt(format!(
+                        "{name}: record {seq} where {expect} was expected"
+                    )));
+                }
+                expect = seq + 1;
+            }
             let last_seq = records.last().map(|r| r.0);
             recovered
                 .records
                 .extend(records.into_iter().filter(|r| r.0 > truncated_upto));
             segments.push(Segment {
                 name: name.clone(),
-                first_seq,
                 last_seq,
                 bytes,
             });
         }
-        let next_seq = expect.unwrap_or(truncated_upto + 1).max(truncated_upto + 1);
+        // Numbering continues after the last record kept (or after the mark, if every record is
+        // at or below it).
+        let next_seq = segments
+            .iter()
+            .filter_map(|s| s.last_seq)
+            .max()
+            .map_or(expect, |l| (l + 1).max(expect));
+        // What is recovered is acted on as durable: make it so.
+        for s in &segments {
+            if s.bytes > 0 {
+                disk.sync(&s.name)?;
+            }
+        }
         let j = Journal {
             disk,
             dir: dir.to_owned(),
@@ -186,8 +215,24 @@ impl<D: LocalDisk> Journal<D> {
             truncated_upto,
             next_seq,
             unsynced: Vec::new(),
+            failed: None,
         };
         Ok((j, recovered))
+    }
+
+    /// Fails if an earlier operation failed; otherwise runs `op`, remembering its failure.
+    fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> io::Result<T>) -> io::Result<T> {
+        if let Some(e) = &self.failed {
+            return Err(io::Error::other(format!(
+                "journal {} failed earlier: {e}",
+                self.dir
+            )));
+        }
+        let r = op(self);
+        if let Err(e) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
     }
 
     /// The sequence number the next record must carry.
@@ -212,6 +257,9 @@ impl<D: LocalDisk> Journal<D> {
 
     /// Appends record `seq` (which must be `next_seq()`); durable only after `sync`.
     pub fn append(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
+        if self.failed.is_some() {
+            return self.guarded(|_| Ok(()));
+        }
         if seq != self.next_seq {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -228,64 +276,73 @@ impl<D: LocalDisk> Journal<D> {
             ));
         }
         let f = frame(seq, payload);
-        let roll = self
-            .segments
-            .last()
-            .is_none_or(|s| s.bytes > 0 && s.bytes + f.len() as u64 > self.segment_bytes_max);
-        if roll {
-            // A segment is complete and durable before the next one starts: otherwise a crash could
-            // keep the new segment's records and tear the old one's, leaving a hole mid-journal.
-            self.sync()?;
-            let name = format!("{}/seg-{seq:020}.log", self.dir);
-            self.segments.push(Segment {
-                name,
-                first_seq: seq,
-                last_seq: None,
-                bytes: 0,
-            });
+        // A new segment when the newest is full, or when its records do not lead up to this one
+        // (every record it holds is at or below the mark, and the numbering resumed above it):
+        // within a segment, records are consecutive.
+        let roll = self.segments.last().is_none_or(|s| {
+            (s.bytes > 0 && s.bytes + f.len() as u64 > self.segment_bytes_max)
+                || s.last_seq.is_some_and(|l| l + 1 != seq)
+        });
+        self.guarded(|j| {
+            if roll {
+                // A segment is complete and durable before the next one starts: otherwise a crash
+                // could keep the new segment's records and tear the old one's, leaving a hole
+                // mid-journal.
+                j.sync_unsynced()?;
+                let name = format!("{}/seg-{seq:020}.log", j.dir);
+                j.segments.push(Segment {
+                    name,
+                    last_seq: None,
+                    bytes: 0,
+                });
+            }
+            let seg = j.segments.last_mut().expect("a segment exists");
+            if !j.unsynced.contains(&seg.name) {
+                j.unsynced.push(seg.name.clone());
+            }
+            j.disk.append(&seg.name, &f)?;
+            seg.bytes += f.len() as u64;
+            seg.last_seq = Some(seq);
+            j.next_seq += 1;
+            Ok(())
+        })
+    }
+
+    fn sync_unsynced(&mut self) -> io::Result<()> {
+        while let Some(name) = self.unsynced.first() {
+            self.disk.sync(name)?;
+            self.unsynced.remove(0);
         }
-        let seg = self.segments.last_mut().expect("a segment exists");
-        self.disk.append(&seg.name, &f)?;
-        seg.bytes += f.len() as u64;
-        seg.last_seq = Some(seq);
-        if !self.unsynced.contains(&seg.name) {
-            self.unsynced.push(seg.name.clone());
-        }
-        self.next_seq += 1;
         Ok(())
     }
 
     /// Makes every appended record durable; returns the last durable sequence number.
     pub fn sync(&mut self) -> io::Result<u64> {
-        for name in std::mem::take(&mut self.unsynced) {
-            self.disk.sync(&name)?;
-        }
-        Ok(self.next_seq - 1)
+        self.guarded(|j| {
+            j.sync_unsynced()?;
+            Ok(j.next_seq - 1)
+        })
     }
 
     /// Records up to `upto` are no longer needed: persist the mark, delete segments wholly below it.
     pub fn truncate(&mut self, upto: u64) -> io::Result<()> {
-        if upto <= self.truncated_upto {
+        if upto <= self.truncated_upto && self.failed.is_none() {
             return Ok(());
         }
-        let upto = upto.min(self.next_seq - 1);
-        let mut mark = upto.to_le_bytes().to_vec();
-        mark.extend_from_slice(&crc32fast::hash(&mark).to_le_bytes());
-        self.disk
-            .write_atomic(&format!("{}/MARK", self.dir), &mark)?;
-        self.truncated_upto = upto;
-        // Keep the newest segment (appends go there); drop older ones that hold nothing needed.
-        while self.segments.len() > 1 && self.segments[0].last_seq.is_none_or(|l| l <= upto) {
-            let s = self.segments.remove(0);
-            self.disk.remove(&s.name)?;
-            self.unsynced.retain(|n| *n != s.name);
-        }
-        debug_assert!(
-            self.segments
-                .first()
-                .is_none_or(|s| s.first_seq <= upto + 1 || s.last_seq.is_none())
-        );
-        Ok(())
+        self.guarded(|j| {
+            let upto = upto.min(j.next_seq - 1);
+            let mut mark = upto.to_le_bytes().to_vec();
+            mark.extend_from_slice(&crc32fast::hash(&mark).to_le_bytes());
+            j.disk.write_atomic(&format!("{}/MARK", j.dir), &mark)?;
+            j.truncated_upto = upto;
+            // Keep the newest segment (appends go there); drop older ones that hold nothing needed.
+            while j.segments.len() > 1 && j.segments[0].last_seq.is_none_or(|l| l <= upto) {
+                let s = j.segments.remove(0);
+                j.disk.remove(&s.name)?;
+                j.unsynced.retain(|n| *n != s.name);
+            }
+            Ok(())
+        })
     }
 }
 

@@ -98,5 +98,48 @@ fn truncation_persists_and_drops_whole_segments() {
     assert_eq!(j.next_seq(), 21);
 }
 
+#[test]
+fn numbering_resumes_above_the_mark_in_a_new_segment() {
+    // The mark covers records the segment lost (the last run replayed them from the page cache,
+    // flushed and truncated them, then the machine crashed before they were ever synced).
+    let dir = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(std_disk(&dir), "j", 1 << 20).unwrap();
+    for seq in 1..=6u64 {
+        j.append(seq, &[seq as u8; 10]).unwrap();
+    }
+    j.sync().unwrap();
+    j.truncate(6).unwrap();
+    drop(j);
+    let seg = dir.path().join("j/seg-00000000000000000001.log");
+    let kept: Vec<u8> = (1..=3u64).flat_map(|s| frame(s, &[s as u8; 10])).collect();
+    std::fs::write(&seg, kept).unwrap();
+    let (mut j, rec) = Journal::open(std_disk(&dir), "j", 1 << 20).unwrap();
+    assert!(rec.records.is_empty());
+    assert_eq!(j.next_seq(), 7);
+    j.append(7, b"seven").unwrap();
+    j.sync().unwrap();
+    let (j, rec) = Journal::open(j.into_disk(), "j", 1 << 20).unwrap();
+    assert_eq!(rec.records, vec![(7, b"seven".to_vec())]);
+    assert_eq!(j.segment_count(), 2, "record 7 starts its own segment");
+}
+
+#[test]
+fn a_gap_after_the_mark_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(std_disk(&dir), "j", 1 << 20).unwrap();
+    j.append(1, b"one").unwrap();
+    j.sync().unwrap();
+    drop(j);
+    let seg = dir.path().join("j/seg-00000000000000000001.log");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes.extend(frame(3, b"three"));
+    std::fs::write(&seg, bytes).unwrap();
+    let err = Journal::open(std_disk(&dir), "j", 1 << 20).unwrap_err();
+    assert!(
+        err.to_string().contains("record 3 follows record 1"),
+        "{err}"
+    );
+}
+
 // The crash property (the journal over the simulator's crashable disk) lives in
 // sim/tests/journal_crash.rs, beside the disk it needs.
