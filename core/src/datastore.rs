@@ -1,6 +1,6 @@
 //! The master's datastore cache policy (`MemcacheFileDataStore`): a memory cache in front of the
 //! slow shared volume, with a journal on fast local disk so that an acknowledged write survives a
-//! master crash (BRIEF invariant 5).
+//! master crash (invariant 5 (docs/architecture.md)).
 //!
 //! # Writes
 //!
@@ -10,6 +10,14 @@
 //! batches ([`CacheAction::Flush`]) when `flush_batch_max` are waiting or the oldest has waited
 //! `flush_age_max_ms`. A key is never in two flushes at once, and an entry turns clean only if no newer
 //! write arrived while it was being flushed. The journal is truncated below the oldest dirty version.
+//!
+//! # Atomic groups
+//!
+//! `handle_write_all` writes several keys as one: its journal records are consecutive and marked as
+//! a group ([`GroupPart`]), they are acknowledged together once the last is synced, and recovery
+//! replays a group only if every record of it is in the journal. A write whose outcome is unknown
+//! (the shell stopped between append and acknowledgement) therefore either happened whole or not at
+//! all: a hunt participant's record never survives without its flow record and its task.
 //!
 //! # Reads
 //!
@@ -59,6 +67,8 @@ pub struct CacheLimits {
     pub readers_max: usize,
     /// Keys one list returns at most.
     pub list_keys_max: usize,
+    /// Writes in one atomic group at most.
+    pub group_writes_max: usize,
 }
 
 impl Default for CacheLimits {
@@ -73,6 +83,7 @@ impl Default for CacheLimits {
             flush_retry_ms: 1000,
             readers_max: 10_000,
             list_keys_max: 1_000_000,
+            group_writes_max: 64,
         }
     }
 }
@@ -126,6 +137,13 @@ pub enum CacheError {
     },
     /// The shared volume failed the read or list.
     Storage(String),
+    /// An atomic group is empty or has more than `group_writes_max` writes.
+    BadGroup {
+        /// Its writes.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
 }
 
 impl fmt::Display for CacheError {
@@ -141,6 +159,9 @@ impl fmt::Display for CacheError {
                 write!(f, "{max} reads wait on the shared volume; retry")
             }
             CacheError::Storage(e) => write!(f, "shared volume: {e}"),
+            CacheError::BadGroup { len, max } => {
+                write!(f, "an atomic write of {len} keys (1 to {max} allowed)")
+            }
         }
     }
 }
@@ -158,6 +179,77 @@ pub struct FlushWrite {
     pub version: u64,
 }
 
+/// Where a journal record stands in the atomic group it belongs to (kept in the record, so that
+/// recovery can tell a whole group from a torn one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupPart {
+    /// A write on its own.
+    Whole,
+    /// The first of `len` (at least 2) consecutive records that take effect together.
+    First {
+        /// Records in the group, this one included.
+        len: u32,
+    },
+    /// A later record of the group begun by the nearest `First` before it.
+    Next,
+}
+
+/// A journal record as recovery reads it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalRecord {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The key.
+    pub key: String,
+    /// The value; `None` is a delete.
+    pub value: Option<Bytes>,
+    /// Its place in an atomic group.
+    pub part: GroupPart,
+}
+
+/// The records of `records` (sorted by `seq`, all above the journal's truncation mark) that belong
+/// to whole groups, and how many were dropped as parts of a group the journal does not hold whole
+/// (its last records were never written or never made durable: it did not happen). A run of `Next`
+/// records right after the mark is whole: the start of its group was truncated, which happens only
+/// once the whole group was acknowledged.
+pub fn whole_groups(records: Vec<JournalRecord>) -> (Vec<JournalRecord>, usize) {
+    let mut kept = Vec::with_capacity(records.len());
+    let mut open: Vec<JournalRecord> = Vec::new();
+    let mut missing = 0u32;
+    let mut dropped = 0;
+    // Still in the run of `Next` records that opens the journal.
+    let mut leading = true;
+    for r in records {
+        leading &= r.part == GroupPart::Next;
+        match r.part {
+            GroupPart::Next if leading => kept.push(r),
+            GroupPart::Next if missing > 0 => {
+                open.push(r);
+                missing -= 1;
+                if missing == 0 {
+                    kept.append(&mut open);
+                }
+            }
+            GroupPart::Next => dropped += 1, // Belongs to a group dropped below.
+            GroupPart::Whole | GroupPart::First { .. } => {
+                dropped += open.len();
+                open.clear();
+                match r.part {
+                    GroupPart::First { len } if len > 1 => {
+                        missing = len - 1;
+                        open.push(r);
+                    }
+                    _ => {
+                        missing = 0;
+                        kept.push(r);
+                    }
+                }
+            }
+        }
+    }
+    (kept, dropped + open.len())
+}
+
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CacheAction {
@@ -169,6 +261,8 @@ pub enum CacheAction {
         key: String,
         /// The value; `None` is a delete.
         value: Option<Bytes>,
+        /// Its place in an atomic group (recorded with it).
+        part: GroupPart,
     },
     /// Read the key from the shared volume; report with `handle_read_done`.
     ReadShared {
@@ -226,9 +320,12 @@ fn entry_bytes(key: &str, value: &Option<Bytes>) -> u64 {
 
 #[derive(Debug)]
 struct PendingWrite {
-    req: RequestId,
+    /// Whom to answer: on the last write of a group only.
+    req: Option<RequestId>,
     key: String,
     value: Option<Bytes>,
+    /// The sequence number of the last write of its group (its own, for a write on its own).
+    group_last: u64,
 }
 
 /// The cache.
@@ -259,6 +356,8 @@ pub struct Cache {
     clean_bytes: u64,
     dirty_bytes: u64,
     actions: VecDeque<CacheAction>,
+    /// Journal records recovery dropped as parts of torn groups.
+    dropped_on_recovery: usize,
 }
 
 impl Cache {
@@ -287,28 +386,36 @@ impl Cache {
             clean_bytes: 0,
             dirty_bytes: 0,
             actions: VecDeque::new(),
+            dropped_on_recovery: 0,
         }
     }
 
-    /// Rebuilds the cache after a crash from the journal: the truncation mark and the intact records
-    /// after it, as `(seq, key, value)`. Replayed writes are dirty and will be flushed again.
+    /// Rebuilds the cache after a crash from the journal: the truncation mark, the sequence number
+    /// the journal gives its next record, and the intact records after the mark. Records of a group
+    /// the journal does not hold whole are dropped ([`whole_groups`]; how many:
+    /// [`Cache::dropped_on_recovery`]). Replayed writes are dirty and will be flushed again.
     pub fn recover(
         limits: CacheLimits,
         now: Timestamp,
         truncated_upto: u64,
-        records: impl IntoIterator<Item = (u64, String, Option<Bytes>)>,
+        next_seq: u64,
+        records: impl IntoIterator<Item = JournalRecord>,
     ) -> Cache {
         let mut c = Cache::new(limits, truncated_upto);
         let mut records: Vec<_> = records
             .into_iter()
-            .filter(|r| r.0 > truncated_upto)
+            .filter(|r| r.seq > truncated_upto)
             .collect();
-        records.sort_by_key(|r| r.0);
-        for (seq, key, value) in records {
-            c.apply(now, seq, key, value);
-            c.next_seq = seq + 1;
-            c.synced_upto = seq;
+        records.sort_by_key(|r| r.seq);
+        let top = records.last().map_or(truncated_upto, |r| r.seq);
+        let (records, dropped) = whole_groups(records);
+        c.dropped_on_recovery = dropped;
+        for r in records {
+            c.apply(now, r.seq, r.key, r.value);
         }
+        // Numbering continues after every record the journal holds, replayed or dropped.
+        c.next_seq = next_seq.max(top + 1);
+        c.synced_upto = c.next_seq - 1;
         // A replayed entry may stand for writes older than the journal still shows (truncated once
         // an overwrite covered them): it counts as unflushed since the beginning.
         c.unflushed = std::mem::take(&mut c.unflushed)
@@ -318,8 +425,15 @@ impl Cache {
         for e in c.entries.values_mut() {
             e.dirty_from = 0;
         }
+        // Records before the first replayed one (dropped, or all of them) are not needed.
+        c.maybe_truncate();
         c.maybe_flush(now);
         c
+    }
+
+    /// Journal records [`Cache::recover`] dropped as parts of a group it did not find whole.
+    pub fn dropped_on_recovery(&self) -> usize {
+        self.dropped_on_recovery
     }
 
     /// Bytes of unflushed writes (acknowledged or pending).
@@ -496,21 +610,49 @@ impl Cache {
         self.write(now, req, key, None);
     }
 
+    /// Writes several keys atomically: every write happens, or none (also across a crash at any
+    /// point). Acknowledged once all are durable, with the version of the last.
+    pub fn handle_write_all(
+        &mut self,
+        now: Timestamp,
+        req: RequestId,
+        writes: Vec<(String, Option<Bytes>)>,
+    ) {
+        self.write_group(now, req, writes);
+    }
+
     fn write(&mut self, now: Timestamp, req: RequestId, key: &str, value: Option<Bytes>) {
-        if let Err(e) = validate_key(key) {
-            return self.reply(req, Err(CacheError::BadKey(e)));
+        self.write_group(now, req, vec![(key.to_owned(), value)]);
+    }
+
+    fn write_group(
+        &mut self,
+        now: Timestamp,
+        req: RequestId,
+        writes: Vec<(String, Option<Bytes>)>,
+    ) {
+        let n = writes.len();
+        if n == 0 || n > self.limits.group_writes_max {
+            let max = self.limits.group_writes_max;
+            return self.reply(req, Err(CacheError::BadGroup { len: n, max }));
         }
-        let len = value.as_ref().map_or(0, |v| v.len() as u64);
-        if len > self.limits.value_bytes_max {
-            return self.reply(
-                req,
-                Err(CacheError::TooLarge {
-                    len,
-                    max: self.limits.value_bytes_max,
-                }),
-            );
+        let mut size = 0;
+        for (key, value) in &writes {
+            if let Err(e) = validate_key(key) {
+                return self.reply(req, Err(CacheError::BadKey(e)));
+            }
+            let len = value.as_ref().map_or(0, |v| v.len() as u64);
+            if len > self.limits.value_bytes_max {
+                return self.reply(
+                    req,
+                    Err(CacheError::TooLarge {
+                        len,
+                        max: self.limits.value_bytes_max,
+                    }),
+                );
+            }
+            size += entry_bytes(key, value);
         }
-        let size = entry_bytes(key, &value);
         if self.dirty_bytes + size > self.limits.dirty_bytes_max {
             let e = CacheError::Busy {
                 dirty_bytes: self.dirty_bytes,
@@ -519,35 +661,49 @@ impl Cache {
             return self.reply(req, Err(e));
         }
         self.dirty_bytes += size;
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.pending.insert(
-            seq,
-            PendingWrite {
-                req,
-                key: key.to_owned(),
-                value: value.clone(),
-            },
-        );
-        self.actions.push_back(CacheAction::JournalAppend {
-            seq,
-            key: key.to_owned(),
-            value,
-        });
+        let first = self.next_seq;
+        let group_last = first + n as u64 - 1;
+        self.next_seq += n as u64;
+        for (i, (key, value)) in writes.into_iter().enumerate() {
+            let seq = first + i as u64;
+            let part = match (n, i) {
+                (1, _) => GroupPart::Whole,
+                (_, 0) => GroupPart::First { len: n as u32 },
+                _ => GroupPart::Next,
+            };
+            self.pending.insert(
+                seq,
+                PendingWrite {
+                    req: (seq == group_last).then_some(req),
+                    key: key.clone(),
+                    value: value.clone(),
+                    group_last,
+                },
+            );
+            self.actions.push_back(CacheAction::JournalAppend {
+                seq,
+                key,
+                value,
+                part,
+            });
+        }
         self.maybe_flush(now);
     }
 
-    /// Journal records up to `upto` are synced: apply and acknowledge those writes, in order.
+    /// Journal records up to `upto` are synced: apply and acknowledge those writes, in order, a
+    /// group only once all of it is synced.
     pub fn handle_journal_synced(&mut self, now: Timestamp, upto: u64) {
         while let Some(entry) = self.pending.first_entry() {
-            if *entry.key() > upto {
+            if entry.get().group_last > upto {
                 break;
             }
             let (seq, w) = entry.remove_entry();
             self.dirty_bytes -= entry_bytes(&w.key, &w.value);
             self.apply(now, seq, w.key, w.value);
             self.synced_upto = seq;
-            self.reply(w.req, Ok(CacheReply::Written { version: seq }));
+            if let Some(req) = w.req {
+                self.reply(req, Ok(CacheReply::Written { version: seq }));
+            }
         }
         self.evict();
         self.maybe_flush(now);
@@ -664,6 +820,13 @@ impl Cache {
         if !ok {
             self.flush_not_before = now.plus_ms(self.limits.flush_retry_ms);
         }
+        self.maybe_truncate();
+        self.evict();
+        self.maybe_flush(now);
+    }
+
+    /// Lets the journal drop every record below the oldest unflushed write.
+    fn maybe_truncate(&mut self) {
         let needed_from = self.dirty.keys().next().copied();
         let upto = needed_from.map_or(self.synced_upto, |v| (v - 1).min(self.synced_upto));
         if upto > self.truncated_upto {
@@ -671,8 +834,6 @@ impl Cache {
             self.actions
                 .push_back(CacheAction::JournalTruncate { upto });
         }
-        self.evict();
-        self.maybe_flush(now);
     }
 
     /// Starts flushes whose time has come.

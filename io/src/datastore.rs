@@ -25,7 +25,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 use talon_core::datastore::{
-    Cache, CacheAction, CacheError, CacheLimits, CacheReply, FlushWrite, RequestId,
+    Cache, CacheAction, CacheError, CacheLimits, CacheReply, FlushWrite, GroupPart, JournalRecord,
+    RequestId,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -83,6 +84,9 @@ pub struct RecoveryReport {
     pub replayed: usize,
     /// Bytes of a torn final record that were cut off.
     pub torn_bytes: u64,
+    /// Records dropped as parts of an atomic group the journal does not hold whole (a write that
+    /// was never acknowledged and did not happen).
+    pub dropped: usize,
 }
 
 type Reply = oneshot::Sender<Result<CacheReply, CacheError>>;
@@ -90,6 +94,7 @@ type Reply = oneshot::Sender<Result<CacheReply, CacheError>>;
 enum Request {
     Get(String, Reply),
     Set(String, Bytes, Reply),
+    WriteAll(Vec<(String, Option<Bytes>)>, Reply),
     Delete(String, Reply),
     List(String, Reply),
     Flushed(oneshot::Sender<()>),
@@ -109,9 +114,26 @@ pub struct Datastore {
     stop: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
-fn encode(key: &str, value: &Option<Bytes>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + key.len() + value.as_ref().map_or(0, |v| v.len()));
-    out.push(u8::from(value.is_some()));
+/// Journal record flags (the first byte): bit 0 says a value follows (else a delete); a record that
+/// starts an atomic group carries [`FIRST_OF_GROUP`] and the group's length (u32 LE) next; a later
+/// record of a group carries [`NEXT_IN_GROUP`]. A record on its own is `0` or `1`, as before groups.
+const HAS_VALUE: u8 = 1;
+const NEXT_IN_GROUP: u8 = 2;
+const FIRST_OF_GROUP: u8 = 4;
+
+/// A datastore journal record: what `decode` reads back (checkers and tests build journals with it).
+pub fn encode(key: &str, value: &Option<Bytes>, part: GroupPart) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + key.len() + value.as_ref().map_or(0, |v| v.len()));
+    let mut flags = u8::from(value.is_some());
+    match part {
+        GroupPart::Whole => out.push(flags),
+        GroupPart::First { len } => {
+            flags |= FIRST_OF_GROUP;
+            out.push(flags);
+            out.extend_from_slice(&len.to_le_bytes());
+        }
+        GroupPart::Next => out.push(flags | NEXT_IN_GROUP),
+    }
     out.extend_from_slice(&(key.len() as u32).to_le_bytes());
     out.extend_from_slice(key.as_bytes());
     if let Some(v) = value {
@@ -120,28 +142,59 @@ fn encode(key: &str, value: &Option<Bytes>) -> Vec<u8> {
     out
 }
 
-fn decode(seq: u64, rec: &[u8]) -> io::Result<(u64, String, Option<Bytes>)> {
+fn decode(seq: u64, rec: &[u8]) -> io::Result<JournalRecord> {
     let bad = || {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("journal record {seq} is malformed"),
         )
     };
-    let (&op, rest) = rec.split_first().ok_or_else(bad)?;
-    let len = u32::from_le_bytes(
-        rest.get(..4)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?,
-    ) as usize;
+    let u32_at = |b: &[u8], at: usize| -> io::Result<u32> {
+        Ok(u32::from_le_bytes(
+            b.get(at..at + 4)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        ))
+    };
+    let (&flags, mut rest) = rec.split_first().ok_or_else(bad)?;
+    if flags & !(HAS_VALUE | NEXT_IN_GROUP | FIRST_OF_GROUP) != 0 {
+        return Err(bad());
+    }
+    let part = match (flags & FIRST_OF_GROUP != 0, flags & NEXT_IN_GROUP != 0) {
+        (false, false) => GroupPart::Whole,
+        (true, false) => {
+            let len = u32_at(rest, 0)?;
+            rest = &rest[4..];
+            GroupPart::First { len }
+        }
+        (false, true) => GroupPart::Next,
+        (true, true) => return Err(bad()),
+    };
+    let len = u32_at(rest, 0)? as usize;
     let key = rest.get(4..4 + len).ok_or_else(bad)?;
     let key = String::from_utf8(key.to_vec()).map_err(|_| bad())?;
-    let value = match op {
-        0 => None,
-        1 => Some(Bytes::copy_from_slice(&rest[4 + len..])),
-        _ => return Err(bad()),
-    };
-    Ok((seq, key, value))
+    let value = (flags & HAS_VALUE != 0).then(|| Bytes::copy_from_slice(&rest[4 + len..]));
+    Ok(JournalRecord {
+        seq,
+        key,
+        value,
+        part,
+    })
+}
+
+/// The writes the datastore journal in `dir` on `disk` holds, as a restart would replay them: the
+/// records after the truncation mark that belong to whole groups, in order (what a crash leaves when
+/// `disk` is a crashed copy). For checkers and tools: opening repairs a torn tail, so pass a copy of
+/// a disk that must not change.
+pub fn replay_journal<D: LocalDisk>(disk: D, dir: &str) -> io::Result<Vec<JournalRecord>> {
+    let (_, recovered) = Journal::open(disk, dir, DatastoreOptions::default().segment_bytes_max)?;
+    let records = recovered
+        .records
+        .iter()
+        .map(|(seq, rec)| decode(*seq, rec))
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok(talon_core::datastore::whole_groups(records).0)
 }
 
 impl Datastore {
@@ -162,12 +215,20 @@ impl Datastore {
             .iter()
             .map(|(seq, rec)| decode(*seq, rec))
             .collect::<io::Result<Vec<_>>>()?;
-        let report = RecoveryReport {
-            replayed: records.len(),
-            torn_bytes: recovered.torn_bytes,
-        };
         let now = clock.now();
-        let cache = Cache::recover(opts.limits.clone(), now, recovered.truncated_upto, records);
+        let found = records.len();
+        let cache = Cache::recover(
+            opts.limits.clone(),
+            now,
+            recovered.truncated_upto,
+            journal.next_seq(),
+            records,
+        );
+        let report = RecoveryReport {
+            replayed: found - cache.dropped_on_recovery(),
+            torn_bytes: recovered.torn_bytes,
+            dropped: cache.dropped_on_recovery(),
+        };
         let (tx, rx) = mpsc::channel(opts.requests_max);
         let (stop, stop_rx) = tokio::sync::watch::channel(None);
         // Completions are bounded by the cache: one read per distinct missing key (readers_max), one
@@ -235,6 +296,19 @@ impl Datastore {
         {
             CacheReply::Written { version } => Ok(version),
             other => unreachable!("set answered with {other:?}"),
+        }
+    }
+
+    /// Writes (or, for `None`, deletes) several keys atomically: all of them happen or none, also
+    /// across a crash at any point. Returns once all are durable in the journal (the last one's
+    /// version).
+    pub async fn write_all(
+        &self,
+        writes: Vec<(String, Option<Bytes>)>,
+    ) -> Result<u64, DatastoreError> {
+        match self.call(|r| Request::WriteAll(writes, r)).await? {
+            CacheReply::Written { version } => Ok(version),
+            other => unreachable!("write_all answered with {other:?}"),
         }
     }
 
@@ -347,6 +421,11 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                 self.replies.insert(r, reply);
                 self.cache.handle_set(now, r, &key, value);
             }
+            Request::WriteAll(writes, reply) => {
+                let r = id();
+                self.replies.insert(r, reply);
+                self.cache.handle_write_all(now, r, writes);
+            }
             Request::Delete(key, reply) => {
                 let r = id();
                 self.replies.insert(r, reply);
@@ -378,8 +457,13 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
             let mut appended = false;
             while let Some(action) = self.cache.poll_action() {
                 match action {
-                    CacheAction::JournalAppend { seq, key, value } => {
-                        self.journal.append(seq, &encode(&key, &value))?;
+                    CacheAction::JournalAppend {
+                        seq,
+                        key,
+                        value,
+                        part,
+                    } => {
+                        self.journal.append(seq, &encode(&key, &value, part))?;
                         appended = true;
                     }
                     CacheAction::ReadShared { key } => {

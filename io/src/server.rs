@@ -92,6 +92,7 @@ fn open_filestore(
     tracing::info!(
         replayed = report.replayed,
         torn_bytes = report.torn_bytes,
+        dropped = report.dropped,
         "filestore buffer recovered"
     );
     Ok((fs, task))
@@ -197,6 +198,7 @@ pub async fn run_master(
     tracing::info!(
         replayed = report.replayed,
         torn_bytes = report.torn_bytes,
+        dropped = report.dropped,
         "datastore journal recovered"
     );
     let (filestore, mut fs_task) = open_filestore(&cfg, buffer, filestore, &clock, &local_name)?;
@@ -367,6 +369,7 @@ pub async fn run_minion(
         port: cfg.api.bind_port,
         tls: master_tls,
         net: net.clone(),
+        entropy: entropy.clone(),
     };
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
     let (link, recovery, mut link_task) = Link::start(

@@ -1,4 +1,4 @@
-//! Datastore cache tests: unit cases, and the property for BRIEF invariants 5 and 7 across crashes.
+//! Datastore cache tests: unit cases, and the property for invariants 5 and 7 (docs/architecture.md) across crashes.
 
 use super::*;
 use proptest::prelude::*;
@@ -14,6 +14,7 @@ fn small() -> CacheLimits {
         flush_retry_ms: 50,
         readers_max: 3,
         list_keys_max: 100,
+        group_writes_max: 4,
     }
 }
 
@@ -45,7 +46,8 @@ fn write_is_acked_only_after_journal_sync_then_readable() {
         vec![CacheAction::JournalAppend {
             seq: 1,
             key: "a".into(),
-            value: Some(b("1"))
+            value: Some(b("1")),
+            part: GroupPart::Whole,
         }]
     );
     // Not visible before the ack: the read goes to the volume.
@@ -275,14 +277,23 @@ fn list_merges_unflushed_writes_and_deletes() {
     );
 }
 
+fn rec(seq: u64, key: &str, value: Option<&str>, part: GroupPart) -> JournalRecord {
+    JournalRecord {
+        seq,
+        key: key.into(),
+        value: value.map(b),
+        part,
+    }
+}
+
 #[test]
 fn recovery_replays_journal_after_truncation() {
     let recs = vec![
-        (5, "a".to_string(), Some(b("old"))),
-        (7, "a".to_string(), Some(b("new"))),
-        (3, "z".to_string(), None),
+        rec(5, "a", Some("old"), GroupPart::Whole),
+        rec(7, "a", Some("new"), GroupPart::Whole),
+        rec(3, "z", None, GroupPart::Whole),
     ];
-    let mut c = Cache::recover(small(), Timestamp(0), 4, recs);
+    let mut c = Cache::recover(small(), Timestamp(0), 4, 8, recs);
     c.handle_get(Timestamp(0), RequestId(1), "a");
     assert_eq!(
         replies(&drain(&mut c)),
@@ -295,31 +306,131 @@ fn recovery_replays_journal_after_truncation() {
     ));
 }
 
+#[test]
+fn a_group_is_acknowledged_whole_once_all_of_it_is_synced() {
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    let w = |k: &str, v: &str| (k.to_owned(), Some(b(v)));
+    c.handle_write_all(t, RequestId(1), vec![w("p", "1"), w("f", "1"), w("t", "1")]);
+    let parts: Vec<_> = drain(&mut c)
+        .into_iter()
+        .map(|a| match a {
+            CacheAction::JournalAppend { seq, part, .. } => (seq, part),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        parts,
+        vec![
+            (1, GroupPart::First { len: 3 }),
+            (2, GroupPart::Next),
+            (3, GroupPart::Next)
+        ]
+    );
+    // Two of three synced: nothing is visible or acknowledged.
+    c.handle_journal_synced(t, 2);
+    assert!(replies(&drain(&mut c)).is_empty());
+    c.handle_get(t, RequestId(2), "p");
+    assert_eq!(
+        drain(&mut c),
+        vec![CacheAction::ReadShared { key: "p".into() }]
+    );
+    c.handle_journal_synced(t, 3);
+    assert_eq!(
+        replies(&drain(&mut c)),
+        vec![(RequestId(1), Ok(CacheReply::Written { version: 3 }))]
+    );
+    // Bounds: an empty group, a group over the bound, one bad key refuses all of it.
+    c.handle_write_all(t, RequestId(3), vec![]);
+    c.handle_write_all(
+        t,
+        RequestId(4),
+        (0..5).map(|i| w(&format!("k{i}"), "x")).collect(),
+    );
+    c.handle_write_all(t, RequestId(5), vec![w("ok", "1"), w("../bad", "1")]);
+    let r = replies(&drain(&mut c));
+    assert!(matches!(
+        r[0],
+        (RequestId(3), Err(CacheError::BadGroup { len: 0, .. }))
+    ));
+    assert!(matches!(
+        r[1],
+        (RequestId(4), Err(CacheError::BadGroup { len: 5, max: 4 }))
+    ));
+    assert!(matches!(r[2], (RequestId(5), Err(CacheError::BadKey(_)))));
+    assert_eq!(r.len(), 3, "nothing appended for a refused group");
+}
+
+#[test]
+fn recovery_drops_groups_the_journal_does_not_hold_whole() {
+    use GroupPart::{First, Next, Whole};
+    let recs = vec![
+        // Its First was truncated: the group was acknowledged whole.
+        rec(5, "lead", Some("1"), Next),
+        rec(6, "lead2", Some("1"), Next),
+        rec(7, "a", Some("1"), Whole),
+        // Torn mid-journal: its third record never made it, numbering went on after it.
+        rec(8, "torn1", Some("1"), First { len: 3 }),
+        rec(9, "torn2", Some("1"), Next),
+        rec(10, "g1", Some("1"), First { len: 2 }),
+        rec(11, "g2", Some("1"), Next),
+        // Torn at the end.
+        rec(12, "end1", Some("1"), First { len: 2 }),
+    ];
+    let (kept, dropped) = whole_groups(recs.clone());
+    let keys: Vec<&str> = kept.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(keys, ["lead", "lead2", "a", "g1", "g2"]);
+    assert_eq!(dropped, 3);
+    let mut c = Cache::recover(small(), Timestamp(0), 4, 13, recs);
+    assert_eq!(c.dropped_on_recovery(), 3);
+    for (i, k) in ["torn1", "end1", "g2"].into_iter().enumerate() {
+        c.handle_get(Timestamp(0), RequestId(i as u64), k);
+    }
+    // The dropped keys go to the volume; the whole group's is served from memory.
+    let acts = drain(&mut c);
+    assert!(acts.contains(&CacheAction::ReadShared {
+        key: "torn1".into()
+    }));
+    assert!(acts.contains(&CacheAction::ReadShared { key: "end1".into() }));
+    assert!(replies(&acts).contains(&(RequestId(2), Ok(CacheReply::Value(Some(b("1")))))));
+    // Numbering continues after every record the journal holds.
+    c.handle_set(Timestamp(0), RequestId(9), "b", b("x"));
+    assert!(
+        drain(&mut c)
+            .iter()
+            .any(|a| matches!(a, CacheAction::JournalAppend { seq: 13, .. }))
+    );
+}
+
 // ---- Property: invariant 5 (acknowledged writes survive crashes) and 7 (bounds hold). ----
 
 #[derive(Clone, Debug)]
 enum Op {
     Set(u8, u8),
     Delete(u8),
+    /// An atomic group of writes (a value of 0 deletes).
+    SetMany(Vec<(u8, u8)>),
     Get(u8),
     Sync,
     ReadDone(usize),
     FlushDone(usize, bool),
     Tick(u64),
-    /// Crash; in-flight flush writes land per the bit mask.
-    Crash(u32),
+    /// Crash; in-flight flush writes land per the bit mask, and the first `keep` (mod their
+    /// number + 1) unsynced journal records survive (the page cache reached the disk after all).
+    Crash(u32, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (0u8..6, any::<u8>()).prop_map(|(k, v)| Op::Set(k, v)),
         1 => (0u8..6).prop_map(Op::Delete),
+        2 => prop::collection::vec((0u8..6, any::<u8>()), 2..4).prop_map(Op::SetMany),
         4 => (0u8..6).prop_map(Op::Get),
         3 => Just(Op::Sync),
         3 => any::<usize>().prop_map(Op::ReadDone),
         3 => (any::<usize>(), prop::bool::weighted(0.8)).prop_map(|(i, ok)| Op::FlushDone(i, ok)),
         2 => (1u64..150).prop_map(Op::Tick),
-        1 => any::<u32>().prop_map(Op::Crash),
+        1 => (any::<u32>(), any::<usize>()).prop_map(|(m, k)| Op::Crash(m, k)),
     ]
 }
 
@@ -331,13 +442,13 @@ struct Shell {
     cache: Cache,
     /// Journal on local disk: truncation mark, synced records, unsynced tail.
     truncated: u64,
-    journal: Vec<(u64, String, Option<Bytes>)>,
-    unsynced: Vec<(u64, String, Option<Bytes>)>,
+    journal: Vec<JournalRecord>,
+    unsynced: Vec<JournalRecord>,
     volume: BTreeMap<String, Bytes>,
     reads: Vec<String>,
     flushes: Vec<(u64, Vec<FlushWrite>)>,
-    /// Requests in flight: what each write would set.
-    writes: BTreeMap<RequestId, (String, Option<Bytes>)>,
+    /// Requests in flight: what each write (or atomic group) would set, in order.
+    writes: BTreeMap<RequestId, Vec<(String, Option<Bytes>)>>,
     gets: BTreeMap<RequestId, String>,
     /// The model: every acknowledged write, latest per key.
     acked: BTreeMap<String, Option<Bytes>>,
@@ -355,9 +466,17 @@ impl Shell {
     fn drain(&mut self) -> Result<(), TestCaseError> {
         while let Some(a) = self.cache.poll_action() {
             match a {
-                CacheAction::JournalAppend { seq, key, value } => {
-                    self.unsynced.push((seq, key, value))
-                }
+                CacheAction::JournalAppend {
+                    seq,
+                    key,
+                    value,
+                    part,
+                } => self.unsynced.push(JournalRecord {
+                    seq,
+                    key,
+                    value,
+                    part,
+                }),
                 CacheAction::ReadShared { key } => self.reads.push(key),
                 CacheAction::ListShared { .. } => unreachable!(),
                 CacheAction::Flush { batch, writes } => {
@@ -375,14 +494,17 @@ impl Shell {
                 CacheAction::JournalTruncate { upto } => {
                     prop_assert!(upto > self.truncated);
                     self.truncated = upto;
-                    self.journal.retain(|r| r.0 > upto);
+                    self.journal.retain(|r| r.seq > upto);
                 }
                 CacheAction::Reply { req, result } => {
-                    if let Some((k, v)) = self.writes.remove(&req) {
+                    if let Some(group) = self.writes.remove(&req) {
                         match result {
                             Ok(CacheReply::Written { version }) => {
-                                self.history.push((version, k.clone(), v.clone()));
-                                self.acked.insert(k, v);
+                                let first = version + 1 - group.len() as u64;
+                                for (i, (k, v)) in group.into_iter().enumerate() {
+                                    self.history.push((first + i as u64, k.clone(), v.clone()));
+                                    self.acked.insert(k, v);
+                                }
                             }
                             Err(CacheError::Busy { .. }) => {}
                             other => prop_assert!(false, "write reply {other:?}"),
@@ -438,13 +560,27 @@ impl Shell {
             Op::Set(k, v) => {
                 let r = self.req();
                 let val = Bytes::from(vec![v; (v % 40) as usize]);
-                self.writes.insert(r, (key(k), Some(val.clone())));
+                self.writes.insert(r, vec![(key(k), Some(val.clone()))]);
                 self.cache.handle_set(now, r, &key(k), val);
             }
             Op::Delete(k) => {
                 let r = self.req();
-                self.writes.insert(r, (key(k), None));
+                self.writes.insert(r, vec![(key(k), None)]);
                 self.cache.handle_delete(now, r, &key(k));
+            }
+            Op::SetMany(ws) => {
+                let r = self.req();
+                let group: Vec<(String, Option<Bytes>)> = ws
+                    .iter()
+                    .map(|&(k, v)| {
+                        (
+                            key(k),
+                            (v > 0).then(|| Bytes::from(vec![v; (v % 40) as usize])),
+                        )
+                    })
+                    .collect();
+                self.writes.insert(r, group.clone());
+                self.cache.handle_write_all(now, r, group);
             }
             Op::Get(k) => {
                 let r = self.req();
@@ -452,7 +588,7 @@ impl Shell {
                 self.cache.handle_get(now, r, &key(k));
             }
             Op::Sync => {
-                if let Some(last) = self.unsynced.last().map(|r| r.0) {
+                if let Some(last) = self.unsynced.last().map(|r| r.seq) {
                     self.journal.append(&mut self.unsynced);
                     self.cache.handle_journal_synced(now, last);
                 }
@@ -483,7 +619,7 @@ impl Shell {
                 self.now = now.plus_ms(ms);
                 self.cache.handle_timeout(self.now);
             }
-            Op::Crash(mask) => {
+            Op::Crash(mask, keep) => {
                 let mut bit = 0;
                 for (_, writes) in self.flushes.drain(..) {
                     for w in writes {
@@ -496,12 +632,31 @@ impl Shell {
                         bit += 1;
                     }
                 }
-                self.unsynced.clear();
+                // Unsynced records survive as a prefix; a write in it happened if its whole group
+                // did (the unsynced tail always starts a group: syncs cover whole drains).
+                let keep = keep % (self.unsynced.len() + 1);
+                let kept: Vec<JournalRecord> = self.unsynced.drain(..).take(keep).collect();
+                let mut i = 0;
+                while i < kept.len() {
+                    let n = match kept[i].part {
+                        GroupPart::First { len } => len as usize,
+                        _ => 1,
+                    };
+                    if i + n <= kept.len() {
+                        for r in &kept[i..i + n] {
+                            self.history.push((r.seq, r.key.clone(), r.value.clone()));
+                            self.acked.insert(r.key.clone(), r.value.clone());
+                        }
+                    }
+                    i += n;
+                }
+                self.journal.extend(kept);
                 self.reads.clear();
                 self.writes.clear();
                 self.gets.clear();
+                let next = self.journal.last().map_or(self.truncated, |r| r.seq) + 1;
                 let recs = self.journal.clone();
-                self.cache = Cache::recover(small(), now, self.truncated, recs);
+                self.cache = Cache::recover(small(), now, self.truncated, next, recs);
             }
         }
         self.drain()
@@ -513,7 +668,9 @@ proptest! {
 
     /// Invariant 5: a write acknowledged by the cache is what every later read returns, across any
     /// number of crashes at any point; after healing, the volume holds exactly the acknowledged state
-    /// and the journal is empty. Invariant 7: dirty and clean bytes stay within their bounds.
+    /// and the journal is empty. A write never acknowledged but found whole in the journal after a
+    /// crash happened (later reads return it); an atomic group happens whole or not at all.
+    /// Invariant 7: dirty and clean bytes stay within their bounds.
     #[test]
     fn acknowledged_writes_survive_crashes(ops in prop::collection::vec(op(), 0..200)) {
         let mut s = Shell {
@@ -548,7 +705,7 @@ proptest! {
             prop_assert_eq!(s.volume.get(&key(k)).cloned(), s.expect(&key(k)), "volume {}", key(k));
         }
         // And reads after one more crash agree.
-        s.step(Op::Crash(0))?;
+        s.step(Op::Crash(0, 0))?;
         for k in 0..6u8 {
             s.step(Op::Get(k))?;
             while !s.reads.is_empty() { s.step(Op::ReadDone(0))?; }
