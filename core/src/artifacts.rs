@@ -130,6 +130,22 @@ pub const CATALOGUE: &[ArtifactSpec] = &[
                 default: "0",
                 description: "Pause after every 100 rows (paced load for latency tests).",
             },
+            ParamSpec {
+                name: "uploads",
+                kind: ParamKind::Int { min: 0, max: 16 },
+                default: "0",
+                description: "Synthetic files to upload after the rows.",
+            },
+            ParamSpec {
+                name: "upload_size",
+                kind: ParamKind::Int {
+                    min: 0,
+                    max: 64 << 20,
+                },
+                default: "1024",
+                description: "Bytes of each synthetic upload (its content is a function of the \
+                              upload's number and offset, so a reader can verify it).",
+            },
         ],
     },
     ArtifactSpec {
@@ -301,7 +317,13 @@ mod tests {
         let (_, full) = validate("Generic.Test.Rows", &params(&[("count", "5")])).unwrap();
         assert_eq!(
             full,
-            params(&[("count", "5"), ("pause_ms", "0"), ("size", "32")])
+            params(&[
+                ("count", "5"),
+                ("pause_ms", "0"),
+                ("size", "32"),
+                ("upload_size", "1024"),
+                ("uploads", "0")
+            ])
         );
     }
 

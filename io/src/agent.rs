@@ -177,12 +177,16 @@ impl ServiceTimes {
     }
 }
 
+/// Told of every acknowledgement the agent receives: `(flow, seq, settled)`.
+pub type AckObserver = Arc<dyn Fn(&str, u64, bool) + Send + Sync>;
+
 /// Flow messages not yet settled, shared by every session of the agent.
 #[derive(Clone, Default)]
 pub struct Outbox {
     state: Arc<Mutex<OutboxState>>,
     acked: Arc<Notify>,
     times: Option<Arc<ServiceTimes>>,
+    observer: Option<AckObserver>,
 }
 
 fn flow_msg(m: comms::FlowMessage) -> comms::ClientMessage {
@@ -197,6 +201,15 @@ impl Outbox {
         Outbox {
             times: Some(times),
             ..Outbox::default()
+        }
+    }
+
+    /// This outbox, telling `observer` of every acknowledgement it receives (the simulator checks
+    /// what a client was told against what storage holds).
+    pub fn observed(self, observer: AckObserver) -> Outbox {
+        Outbox {
+            observer: Some(observer),
+            ..self
         }
     }
 
@@ -329,6 +342,9 @@ impl Outbox {
 
     /// The frontend acknowledged message `seq` (`settled`: it is on the shared volume).
     fn ack(&self, flow: &str, seq: u64, settled: bool, now: Timestamp) {
+        if let Some(o) = &self.observer {
+            o(flow, seq, settled);
+        }
         let mut s = self.lock();
         let Some(f) = s.flows.get_mut(flow) else {
             return;
@@ -464,17 +480,31 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
                 batch.push(b);
                 rows += 1;
             }
-            Produced::Out(Output::Upload(path)) => {
+            Produced::Out(out @ (Output::Upload(_) | Output::SyntheticUpload { .. })) => {
                 if !batch.is_empty() {
                     outbox
                         .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
                         .await;
                 }
                 deadline = None;
-                match upload(&outbox, &flow, upload_id, &path, &*clock).await {
+                let (name, source): (String, std::io::Result<Box<dyn Read + Send>>) = match out {
+                    Output::Upload(path) => (
+                        path.display().to_string(),
+                        std::fs::File::open(&path).map(|f| Box::new(f) as Box<dyn Read + Send>),
+                    ),
+                    Output::SyntheticUpload { name, index, size } => {
+                        (name, Ok(Box::new(Synthetic { index, size, at: 0 })))
+                    }
+                    Output::Row(_) => unreachable!("matched above"),
+                };
+                let sent = match source {
+                    Ok(r) => upload(&outbox, &flow, upload_id, &name, r, &*clock).await,
+                    Err(e) => Err(e),
+                };
+                match sent {
                     Ok(n) => bytes += n,
                     Err(e) => {
-                        tracing::warn!(flow = %flow, path = %path.display(), error = %e, "upload failed")
+                        tracing::warn!(flow = %flow, file = %name, error = %e, "upload failed")
                     }
                 }
                 upload_id += 1;
@@ -499,21 +529,49 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
     tracing::debug!(flow = %flow, artifact = %task.artifact, rows, "task finished");
 }
 
-/// Sends a file as chunks; returns its size.
+/// The content of a synthetic upload (`Output::SyntheticUpload`).
+struct Synthetic {
+    index: u64,
+    size: u64,
+    at: u64,
+}
+
+impl Read for Synthetic {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = usize::try_from(self.size - self.at)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = artifacts::synthetic_byte(self.index, self.at + i as u64);
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// Sends what `f` reads as chunks of an upload named `name`; returns its size.
 async fn upload(
     outbox: &Outbox,
     flow: &str,
     upload_id: u32,
-    path: &Path,
+    name: &str,
+    mut f: Box<dyn Read + Send>,
     clock: &dyn Clock,
 ) -> std::io::Result<u64> {
-    let mut f = std::fs::File::open(path)?;
-    let name = path.display().to_string();
+    let name = name.to_owned();
     let mut hasher = Sha256::new();
     let mut offset = 0u64;
     loop {
         let mut buf = vec![0u8; CHUNK_BYTES];
-        let n = f.read(&mut buf)?;
+        // Fill the chunk (a reader may return less than asked before its end).
+        let mut n = 0;
+        while n < CHUNK_BYTES {
+            let got = f.read(&mut buf[n..])?;
+            if got == 0 {
+                break;
+            }
+            n += got;
+        }
         buf.truncate(n);
         hasher.update(&buf);
         let eof = n < CHUNK_BYTES;

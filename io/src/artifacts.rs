@@ -21,6 +21,31 @@ pub enum Output {
     Row(Map<String, Value>),
     /// A file to upload into the filestore.
     Upload(PathBuf),
+    /// Synthetic content to upload (load tests and the simulator): `size` bytes, byte `j` of upload
+    /// number `index` being [`synthetic_byte`]`(index, j)`.
+    SyntheticUpload {
+        /// The name it is uploaded under.
+        name: String,
+        /// Which synthetic upload (its content depends on it).
+        index: u64,
+        /// Its length.
+        size: u64,
+    },
+}
+
+/// Byte `offset` of synthetic upload `index` (`Generic.Test.Rows uploads=`): cheap to make, and to
+/// check by whoever reads the upload back.
+pub fn synthetic_byte(index: u64, offset: u64) -> u8 {
+    (index
+        .wrapping_mul(131)
+        .wrapping_add(offset.wrapping_mul(7))
+        .wrapping_add(offset / 251)
+        % 256) as u8
+}
+
+/// The name synthetic upload `index` is uploaded under.
+pub fn synthetic_upload_name(index: u64) -> String {
+    format!("/synthetic/upload-{index}.bin")
 }
 
 /// The consumer asked the artifact to stop.
@@ -58,7 +83,16 @@ pub fn run(
             int(params, "size") as usize,
             int(params, "pause_ms"),
             emit,
-        ),
+        )
+        .and_then(|()| {
+            (0..int(params, "uploads")).try_for_each(|index| {
+                emit(Output::SyntheticUpload {
+                    name: synthetic_upload_name(index),
+                    index,
+                    size: int(params, "upload_size"),
+                })
+            })
+        }),
         "Linux.Sys.Pslist" => pslist(param(params, "name"), emit),
         "Linux.Sys.Users" => users(emit),
         "Linux.Network.Netstat" => netstat(emit),

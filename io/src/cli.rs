@@ -1101,7 +1101,10 @@ mod tests {
             .iter()
             .map(|p| p["name"].as_str().unwrap())
             .collect();
-        assert_eq!(params, vec!["count", "size", "pause_ms"]);
+        assert_eq!(
+            params,
+            vec!["count", "size", "pause_ms", "uploads", "upload_size"]
+        );
     }
 
     #[test]
