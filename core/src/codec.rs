@@ -170,11 +170,12 @@ impl FlowData {
         match self {
             FlowData::Rows { rows, .. } => Payload::Data(Weight {
                 rows: rows.len() as u64,
-                bytes: 0,
+                ..Weight::default()
             }),
-            FlowData::FileChunk { data, .. } => Payload::Data(Weight {
+            FlowData::FileChunk { data, end, .. } => Payload::Data(Weight {
                 rows: 0,
                 bytes: data.len() as u64,
+                uploads: u64::from(end.is_some()),
             }),
             FlowData::Logs(_) => Payload::Data(Weight::default()),
             FlowData::Final { state, error, .. } => Payload::Final {

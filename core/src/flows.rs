@@ -8,7 +8,7 @@
 //!
 //! - new: the tracker emits [`FlowAction::Store`]; the shell writes it to the filestore (an idempotent
 //!   write named by `(client, flow, seq)`), then calls [`FlowTracker::handle_stored`]; only then is the
-//!   message acknowledged ([`FlowAction::Ack`]). BRIEF invariant 1: what was acknowledged is stored.
+//!   message acknowledged ([`FlowAction::Ack`]). invariant 1 (docs/architecture.md): what was acknowledged is stored.
 //! - already stored: acknowledged again, not stored again (a resend after a lost ack).
 //! - being stored: ignored; the ack follows the store.
 //!
@@ -104,6 +104,8 @@ pub struct FlowOutcome {
     pub rows: u64,
     /// Upload bytes stored, each message counted once.
     pub uploaded_bytes: u64,
+    /// Uploads finished (their last chunk stored), each counted once: what to reassemble.
+    pub uploads: u64,
 }
 
 /// What the shell must do.
@@ -420,6 +422,7 @@ impl FlowTracker {
             error,
             rows: total.rows,
             uploaded_bytes: total.bytes,
+            uploads: total.uploads,
         }));
     }
 

@@ -30,6 +30,16 @@ pub fn flow_record(client: &ClientId, flow: &FlowId) -> String {
     format!("clients/{client}/flows/{flow}/record.json")
 }
 
+/// The datastore key marking a completed flow whose uploads are still to be reassembled: written
+/// with the completion, removed with the uploads' record, so a restart finishes what a crash
+/// interrupted.
+pub fn uploads_pending(client: &ClientId, flow: &FlowId) -> String {
+    format!("{UPLOADS_PENDING}{client}/{flow}.json")
+}
+
+/// The prefix of every [`uploads_pending`] key.
+pub const UPLOADS_PENDING: &str = "uploads-pending/";
+
 /// The filestore directory holding a flow's durable messages, one object per sequence number.
 pub fn flow_messages_dir(client: &ClientId, flow: &FlowId) -> String {
     format!("clients/{client}/flows/{flow}/messages")

@@ -4,19 +4,22 @@
 
 use std::collections::BTreeMap;
 
-/// Rows and uploaded bytes one stored message carries.
+/// Rows, uploaded bytes and finished uploads one stored message carries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Weight {
     /// Result rows.
     pub rows: u64,
     /// Uploaded file bytes.
     pub bytes: u64,
+    /// Uploads this message finishes (its last chunk: an empty file is one chunk of no bytes).
+    pub uploads: u64,
 }
 
 impl Weight {
     fn add(&mut self, o: Weight) {
         self.rows += o.rows;
         self.bytes += o.bytes;
+        self.uploads += o.uploads;
     }
 }
 
@@ -131,7 +134,11 @@ mod tests {
             let mut s = SeqSet::new(16);
             let mut model = std::collections::BTreeSet::new();
             for seq in ops {
-                let w = Weight { rows: seq + 1, bytes: 2 * seq };
+                let w = Weight {
+                    rows: seq + 1,
+                    bytes: 2 * seq,
+                    uploads: seq % 2,
+                };
                 match s.insert(seq, w) {
                     Ok(fresh) => prop_assert_eq!(fresh, model.insert(seq)),
                     Err(SeqSetError::OutOfWindow { .. }) => {

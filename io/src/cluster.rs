@@ -52,10 +52,22 @@ pub const CLUSTER_KEEPALIVE: Duration = Duration::from_secs(2);
 pub const OUTBOX_SEGMENT_BYTES: u64 = 16 << 20;
 const RECONNECT_MIN_MS: u64 = 100;
 const RECONNECT_MAX_MS: u64 = 2000;
+/// The longest pause between two attempts of a minion's remote datastore to reach the master.
+pub const REMOTE_RECONNECT_MAX_MS: u64 = 5_000;
+
+/// A reconnect delay: `base`, halved to doubled by jitter (at least 1 ms).
+fn jittered(entropy: &dyn crate::clock::Entropy, base_ms: u64) -> Duration {
+    let mut r = [0u8; 8];
+    entropy.fill(&mut r);
+    let half = base_ms / 2;
+    Duration::from_millis((half + u64::from_le_bytes(r) % (base_ms + 1)).max(1))
+}
 
 /// Where a minion reaches the master.
 #[derive(Clone)]
 pub struct MasterAddr {
+    /// Randomness for reconnect jitter (so minions and their callers do not retry in step).
+    pub entropy: Arc<dyn crate::clock::Entropy>,
     /// `API.hostname`.
     pub host: String,
     /// `API.bind_port`.
@@ -137,6 +149,22 @@ impl Meta {
         }
     }
 
+    /// Writes (or, for `None`, deletes) several keys atomically: all happen or none, whatever
+    /// crash follows (fail-stop on the master as for [`Meta::set`]). Only the master writes
+    /// groups: a minion's writes go one by one through the remote datastore.
+    pub async fn write_all(&self, writes: Vec<(String, Option<Bytes>)>) -> Result<u64, String> {
+        match self {
+            Meta::Local(d) => {
+                let first = writes.first().map(|w| w.0.clone()).unwrap_or_default();
+                d.write_all(writes).await.map_err(|e| {
+                    fail_stop_unless_busy(d, &first, &e);
+                    e.to_string()
+                })
+            }
+            Meta::Remote(_) => Err("atomic writes of several keys are made on the master".into()),
+        }
+    }
+
     /// Deletes a key (fail-stop on the master as for [`Meta::set`]).
     pub async fn delete(&self, key: &str) -> Result<u64, String> {
         match self {
@@ -165,11 +193,25 @@ struct ReadCache {
     generation: u64,
 }
 
-/// The master's datastore seen from a minion, with a bounded read cache.
+/// The remote datastore's one connection to the master, and when it may next try to open one.
+#[derive(Default)]
+struct RemoteConn {
+    channel: Option<Channel>,
+    /// Attempts that failed in a row.
+    failures: u32,
+    /// No new attempt before this (back-off after a failed attempt).
+    retry_at: Option<tokio::time::Instant>,
+}
+
+/// The master's datastore seen from a minion, with a bounded read cache. It keeps one connection
+/// and reuses it for every call; when the master is unreachable, it tries again after a jittered,
+/// growing pause (up to [`REMOTE_RECONNECT_MAX_MS`]), and calls meanwhile fail at once — a
+/// partition or a master restart costs one connection attempt per pause, not one per call (which
+/// would use up the minion's ephemeral ports and hammer the recovering master with handshakes).
 #[derive(Clone)]
 pub struct RemoteStore {
     master: MasterAddr,
-    channel: Arc<tokio::sync::Mutex<Option<Channel>>>,
+    conn: Arc<tokio::sync::Mutex<RemoteConn>>,
     cache: Arc<Mutex<ReadCache>>,
     cache_max: usize,
     value_bytes_max: u64,
@@ -185,7 +227,7 @@ impl RemoteStore {
     pub fn new(master: MasterAddr, cache_max: usize, value_bytes_max: u64) -> RemoteStore {
         RemoteStore {
             master,
-            channel: Arc::new(tokio::sync::Mutex::new(None)),
+            conn: Arc::new(tokio::sync::Mutex::new(RemoteConn::default())),
             cache: Arc::new(Mutex::new(ReadCache::default())),
             cache_max: cache_max.max(1),
             value_bytes_max,
@@ -193,16 +235,44 @@ impl RemoteStore {
     }
 
     async fn client(&self) -> Result<RemoteDatastoreClient<Channel>, String> {
-        let mut ch = self.channel.lock().await;
-        if ch.is_none() {
-            *ch = Some(self.master.channel().await?);
-        }
-        Ok(RemoteDatastoreClient::new(ch.clone().expect("set above"))
-            .max_decoding_message_size(2 * VALUE_CHUNK_BYTES))
+        let mut c = self.conn.lock().await;
+        let channel = match &c.channel {
+            Some(ch) => ch.clone(),
+            None => {
+                let now = tokio::time::Instant::now();
+                if let Some(at) = c.retry_at.filter(|at| *at > now) {
+                    return Err(format!(
+                        "the master is unreachable; the next attempt is in {} ms",
+                        (at - now).as_millis()
+                    ));
+                }
+                match self.master.channel().await {
+                    Ok(ch) => {
+                        *c = RemoteConn {
+                            channel: Some(ch.clone()),
+                            ..RemoteConn::default()
+                        };
+                        ch
+                    }
+                    Err(e) => {
+                        c.failures = c.failures.saturating_add(1);
+                        let base =
+                            (RECONNECT_MIN_MS << c.failures.min(16)).min(REMOTE_RECONNECT_MAX_MS);
+                        c.retry_at = Some(
+                            tokio::time::Instant::now() + jittered(&*self.master.entropy, base),
+                        );
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        Ok(RemoteDatastoreClient::new(channel).max_decoding_message_size(2 * VALUE_CHUNK_BYTES))
     }
 
+    /// A call failed on the connection: drop it; the next call opens a new one (at once the first
+    /// time, then backing off while attempts fail).
     async fn failed(&self) {
-        *self.channel.lock().await = None;
+        self.conn.lock().await.channel = None;
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, ReadCache> {
@@ -769,9 +839,9 @@ impl LinkTask {
                 } else {
                     tracing::debug!(node = %self.opts.node, %error, "cannot reach the master yet");
                 }
-                let delay = self.backoff_ms;
+                let delay = jittered(&*self.opts.master.entropy, self.backoff_ms);
                 self.backoff_ms = (self.backoff_ms * 2).min(RECONNECT_MAX_MS);
-                Some(Duration::from_millis(delay))
+                Some(delay)
             }
             Internal::Msg { generation, msg } if generation == self.generation => {
                 match msg.kind {

@@ -72,15 +72,15 @@ fn pending_task_key(client: &ClientId, flow: &str) -> Result<String, Status> {
 /// readers too).
 const LOAD_CONCURRENCY: usize = 256;
 
-/// Writes each chain's keys in order (stopping at its first failure), up to [`LOAD_CONCURRENCY`]
-/// chains at once; one result per chain, in order.
-async fn set_chains(ds: &Meta, chains: Vec<Vec<(String, Bytes)>>) -> Vec<Result<(), String>> {
-    // A chain whose task panicked keeps this error.
-    let mut out: Vec<Result<(), String>> = (0..chains.len())
+/// Writes each group of keys atomically ([`Meta::write_all`]), up to [`LOAD_CONCURRENCY`] groups at
+/// once (so one journal sync covers many); one result per group, in order.
+async fn write_groups(ds: &Meta, groups: Vec<Vec<(String, Bytes)>>) -> Vec<Result<(), String>> {
+    // A group whose task panicked keeps this error.
+    let mut out: Vec<Result<(), String>> = (0..groups.len())
         .map(|_| Err("the write task failed".to_owned()))
         .collect();
     let mut set = tokio::task::JoinSet::new();
-    let mut todo = chains.into_iter().enumerate();
+    let mut todo = groups.into_iter().enumerate();
     loop {
         while set.len() < LOAD_CONCURRENCY {
             let Some((i, writes)) = todo.next() else {
@@ -88,12 +88,12 @@ async fn set_chains(ds: &Meta, chains: Vec<Vec<(String, Bytes)>>) -> Vec<Result<
             };
             let ds = ds.clone();
             set.spawn(async move {
-                for (k, v) in writes {
-                    if let Err(e) = ds.set(&k, v).await {
-                        return (i, Err(format!("{k}: {e}")));
-                    }
+                let first = writes.first().map(|w| w.0.clone()).unwrap_or_default();
+                let writes = writes.into_iter().map(|(k, v)| (k, Some(v))).collect();
+                match ds.write_all(writes).await {
+                    Ok(_) => (i, Ok(())),
+                    Err(e) => (i, Err(format!("{first}: {e}"))),
                 }
-                (i, Ok(()))
             });
         }
         match set.join_next().await {
@@ -169,6 +169,33 @@ async fn load_pending(ds: &Meta) -> Result<BTreeMap<ClientId, Vec<comms::Task>>,
         };
         let task = comms::Task::decode(bytes).map_err(|e| format!("{k}: {e}"))?;
         out.entry(client).or_default().push(task);
+    }
+    Ok(out)
+}
+
+/// The completed flows whose uploads are still to be reassembled (master start).
+async fn load_uploads_pending(ds: &Meta) -> Result<Vec<FlowKey>, String> {
+    let (keys, _) = ds
+        .list(paths::UPLOADS_PENDING)
+        .await
+        .map_err(|e| format!("listing uploads to reassemble: {e}"))?;
+    let mut out = Vec::new();
+    for k in keys {
+        let parsed = k
+            .strip_prefix(paths::UPLOADS_PENDING)
+            .and_then(|r| r.strip_suffix(".json"))
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(c, f)| Some((ClientId::parse(c).ok()?, FlowId::parse(f).ok()?)));
+        match parsed {
+            Some((client, flow)) => out.push(FlowKey { client, flow }),
+            None => tracing::warn!(key = %k, "ignoring a malformed uploads-pending key"),
+        }
+    }
+    if !out.is_empty() {
+        tracing::info!(
+            flows = out.len(),
+            "reassembling uploads a restart interrupted"
+        );
     }
     Ok(out)
 }
@@ -428,6 +455,8 @@ struct Actor {
     self_tx: mpsc::Sender<Msg>,
     /// Acknowledgements to send again once settled (bounded: `SETTLE_QUEUE_MAX`).
     settler: Settler,
+    /// Completed flows' uploads being reassembled (master).
+    uploads: Reassembly,
 }
 
 async fn load_json<T: serde::de::DeserializeOwned>(
@@ -551,6 +580,8 @@ impl Node {
     ) -> Result<Node, String> {
         let mut records = Vec::new();
         let mut hunts = HuntManager::new(opts.hunts.clone());
+        // Completed flows whose uploads a crash left unassembled (master).
+        let mut reassembling = Vec::new();
         let (role, link_events) = match cluster {
             Cluster::Master => {
                 let (keys, _) = datastore
@@ -589,6 +620,7 @@ impl Node {
                 }
                 tracing::info!(minions = cursors.len(), "loaded replication cursors");
                 let pending = load_pending(&datastore).await?;
+                reassembling = load_uploads_pending(&datastore).await?;
                 tracing::info!(
                     clients = pending.len(),
                     tasks = pending.values().map(Vec::len).sum::<usize>(),
@@ -639,7 +671,13 @@ impl Node {
             raw: BTreeMap::new(),
             self_tx: tx.clone(),
             settler: Settler::start(filestore.clone(), SETTLE_QUEUE_MAX),
+            uploads: Reassembly::new(),
         };
+        for key in reassembling {
+            actor
+                .uploads
+                .start(filestore.volume().clone(), datastore.clone(), key);
+        }
         if let Some(mut events) = link_events {
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -1157,10 +1195,16 @@ impl Actor {
         }
     }
 
-    /// Records a new task (master) and sends it toward its client wherever that is connected. It
-    /// stays pending until the client acknowledges it, and is sent again whenever the client (or
-    /// its minion) reconnects.
-    async fn deliver(&mut self, client: &ClientId, task: comms::Task) -> Result<(), Status> {
+    /// Records a new task (master) together with its flow record, atomically, and sends it toward
+    /// its client wherever that is connected. It stays pending until the client acknowledges it,
+    /// and is sent again whenever the client (or its minion) reconnects.
+    async fn deliver(
+        &mut self,
+        client: &ClientId,
+        flow: &FlowId,
+        task: comms::Task,
+        record: &FlowJson,
+    ) -> Result<(), Status> {
         let NodeRole::Master(m) = &mut self.role else {
             return Err(Status::internal("tasks are created on the master"));
         };
@@ -1170,10 +1214,16 @@ impl Actor {
                 "{n} tasks already wait for {client}"
             )));
         }
-        // Durable before it can be delivered: a master restart still delivers it.
+        // Durable before it can be delivered: a master restart still delivers it. The flow record
+        // goes with it, so its results always have a record and a record never waits for a task
+        // that was not written.
         let key = pending_task_key(client, &task.flow_id)?;
+        let writes = vec![
+            (paths::flow_record(client, flow), Some(json_bytes(record)?)),
+            (key, Some(Bytes::from(task.encode_to_vec()))),
+        ];
         self.datastore
-            .set(&key, Bytes::from(task.encode_to_vec()))
+            .write_all(writes)
             .await
             .map_err(|e| Status::unavailable(format!("datastore: {e}")))?;
         if let NodeRole::Master(m) = &mut self.role {
@@ -1426,6 +1476,7 @@ impl Actor {
                     error: f.error,
                     rows: f.rows,
                     uploaded_bytes: f.uploaded_bytes,
+                    uploads: f.uploads,
                 };
                 if !self.flow_completed(o).await
                     && let Meta::Local(d) = &self.datastore
@@ -1554,7 +1605,7 @@ impl Actor {
         self.hunts
             .create(now, id.clone(), hunt_spec)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        // Acknowledged only once its record is durable (BRIEF invariant 5).
+        // Acknowledged only once its record is durable (invariant 5 (docs/architecture.md)).
         self.drain_hunts().await?;
         tracing::info!(hunt = %id, artifact = spec.name, "hunt created");
         self.broadcast(broadcast::Kind::HuntStarted(pc::HuntStarted {
@@ -1585,13 +1636,11 @@ impl Actor {
         Ok(hunt_summary(h))
     }
 
-    /// Performs the hunt manager's actions: a participant is journalled before its task is delivered.
-    /// `Err` carries the first write that failed (the node
-    /// fail-stops on it, see `Meta::set`): what the caller was about to acknowledge is not durable.
-    /// Records and tasks newly scheduled hunt participants. For each client, in order: its
-    /// participant record, its flow record and its pending task, all durable before the task is sent
-    /// (a restart finds it scheduled; its frontend finds the flow tasked). Up to
-    /// [`LOAD_CONCURRENCY`] clients are written at once, so one journal sync covers many of them.
+    /// Records and tasks newly scheduled hunt participants. For each client one atomic write: its
+    /// participant record, its flow record and its pending task — all of them or none, whatever
+    /// crash follows (a restart that finds the participant finds its task; its frontend finds the
+    /// flow tasked) — durable before the task is sent. Up to [`LOAD_CONCURRENCY`] clients are
+    /// written at once, so one journal sync covers many of them.
     async fn schedule(&mut self, batch: Vec<(HuntId, ClientId, FlowId)>) -> Result<(), Status> {
         let now_ms = self.now().as_ms();
         let mut queued: BTreeMap<ClientId, usize> = BTreeMap::new();
@@ -1652,7 +1701,7 @@ impl Actor {
             .iter_mut()
             .map(|c| std::mem::take(&mut c.3))
             .collect();
-        let results = set_chains(&self.datastore, writes).await;
+        let results = write_groups(&self.datastore, writes).await;
         let mut failed = None;
         for ((hunt, client, task, _), r) in chains.into_iter().zip(results) {
             match (r, task) {
@@ -1675,6 +1724,9 @@ impl Actor {
         failed.map_or(Ok(()), Err)
     }
 
+    /// Performs the hunt manager's actions: a participant is journalled before its task is delivered.
+    /// `Err` carries the first write that failed (the node fail-stops on it, see `Meta::set`): what
+    /// the caller was about to acknowledge is not durable.
     async fn drain_hunts(&mut self) -> Result<(), Status> {
         let mut failed = None;
         // Consecutive Schedule actions are written together (each client's records in order, many
@@ -1869,8 +1921,6 @@ impl Actor {
             finished_ms: 0,
             uploads: vec![],
         };
-        // Durable before the client can see the task: its results always have a record.
-        save_json(&self.datastore, &paths::flow_record(&id, &flow), &record).await?;
         let task = comms::Task {
             flow_id: flow.to_string(),
             artifact: spec.name.to_owned(),
@@ -1880,7 +1930,7 @@ impl Actor {
             max_upload_bytes: self.opts.codec.upload_bytes_max,
             timeout_s: 600,
         };
-        self.deliver(&id, task).await?;
+        self.deliver(&id, &flow, task, &record).await?;
         tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");
         Ok(flow_summary(&record))
     }
@@ -1977,6 +2027,7 @@ impl Actor {
                     error: o.error,
                     rows: o.rows,
                     uploaded_bytes: o.uploaded_bytes,
+                    uploads: o.uploads,
                 });
                 self.replicate(ev, Some(tx)).await;
                 let (me, key) = (self.self_tx.clone(), o.key);
@@ -2011,18 +2062,28 @@ impl Actor {
                     f.uploaded_bytes = o.uploaded_bytes;
                     f.error = o.error.clone();
                     f.finished_ms = self.now().as_ms();
-                    if let Err(e) = save_json(&self.datastore, &k, &f).await {
+                    // Uploads are reassembled after the completion is recorded (bulk work on the
+                    // volume); the marker written with it makes a restart finish the job.
+                    let uploads = o.uploads > 0 || o.uploaded_bytes > 0;
+                    let Ok(record) = json_bytes(&f) else {
+                        return false; // A record always serialises.
+                    };
+                    let mut writes = vec![(k.clone(), Some(record))];
+                    if uploads {
+                        let marker = paths::uploads_pending(&o.key.client, &o.key.flow);
+                        writes.push((marker, Some(Bytes::from_static(b"{}"))));
+                    }
+                    if let Err(e) = self.datastore.write_all(writes).await {
                         tracing::error!(flow = %o.key.flow, error = %e, "cannot record flow completion");
                         return false;
                     }
                     tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
-                    if o.uploaded_bytes > 0 {
-                        let (fs, ds, key) = (
+                    if uploads {
+                        self.uploads.start(
                             self.filestore.volume().clone(),
                             self.datastore.clone(),
                             o.key.clone(),
                         );
-                        tokio::spawn(async move { record_uploads(&fs, &ds, &key).await });
                     }
                 }
                 if let Some(h) = f.hunt_id.as_deref().and_then(|h| HuntId::parse(h).ok()) {
@@ -2095,28 +2156,68 @@ async fn settle(fs: Filestore, mut rx: mpsc::Receiver<(ClientTx, comms::FlowAck)
     }
 }
 
-/// Rebuilds a completed flow's uploaded files and records them in its flow record.
-async fn record_uploads(fs: &SharedVolume, ds: &Meta, key: &FlowKey) {
-    let uploads = match crate::uploads::assemble(fs, &key.client, &key.flow).await {
-        Ok(u) => u,
-        Err(e) => {
-            return tracing::error!(client = %key.client, flow = %key.flow, error = %e, "cannot reassemble uploads");
-        }
-    };
+/// Reassembles completed flows' uploads on the volume, a bounded number at a time, each retried
+/// until it is recorded (the volume may fail or be cut off for a while).
+#[derive(Clone)]
+struct Reassembly(Arc<tokio::sync::Semaphore>);
+
+/// Uploads reassembled at once (each reads its flow's chunks and writes its files on the volume).
+const REASSEMBLY_CONCURRENCY: usize = 16;
+/// The longest pause between two attempts at one flow's uploads.
+const REASSEMBLY_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Reassembly {
+    fn new() -> Reassembly {
+        Reassembly(Arc::new(tokio::sync::Semaphore::new(
+            REASSEMBLY_CONCURRENCY,
+        )))
+    }
+
+    /// Reassembles `key`'s uploads in the background: retried until the flow record lists them and
+    /// its [`paths::uploads_pending`] marker is gone (or the process stops; then the next start
+    /// takes it up again from the marker).
+    fn start(&self, fs: SharedVolume, ds: Meta, key: FlowKey) {
+        let permits = self.0.clone();
+        tokio::spawn(async move {
+            let mut pause = std::time::Duration::from_secs(1);
+            loop {
+                let r = {
+                    let Ok(_permit) = permits.acquire().await else {
+                        return;
+                    };
+                    record_uploads(&fs, &ds, &key).await
+                };
+                match r {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(client = %key.client, flow = %key.flow, error = %e, retry_in_s = pause.as_secs(), "cannot reassemble uploads yet");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(REASSEMBLY_RETRY_MAX);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Rebuilds a completed flow's uploaded files and records them in its flow record, dropping its
+/// [`paths::uploads_pending`] marker in the same atomic write.
+async fn record_uploads(fs: &SharedVolume, ds: &Meta, key: &FlowKey) -> Result<(), String> {
+    let uploads = crate::uploads::assemble(fs, &key.client, &key.flow)
+        .await
+        .map_err(|e| format!("reading the flow's chunks: {e}"))?;
     for u in uploads.iter().filter(|u| !u.error.is_empty()) {
         tracing::warn!(client = %key.client, flow = %key.flow, file = %u.name, error = %u.error, "upload not stored");
     }
     let k = paths::flow_record(&key.client, &key.flow);
-    match load_json::<FlowJson>(ds, &k).await {
-        Ok(Some(mut f)) => {
-            f.uploads = uploads;
-            if let Err(e) = save_json(ds, &k, &f).await {
-                tracing::error!(flow = %key.flow, error = %e, "cannot record uploads");
-            }
-        }
-        Ok(None) => {}
-        Err(e) => tracing::error!(flow = %key.flow, error = %e, "cannot read flow record"),
+    let marker = paths::uploads_pending(&key.client, &key.flow);
+    let mut writes = vec![(marker, None)];
+    if let Some(mut f) = load_json::<FlowJson>(ds, &k).await? {
+        f.uploads = uploads;
+        let bytes = serde_json::to_vec(&f).map_err(|e| e.to_string())?;
+        writes.push((k, Some(Bytes::from(bytes))));
     }
+    ds.write_all(writes).await.map(|_| ())
 }
 
 /// Lists and decodes a flow's stored messages (`None` if the filestore failed).
@@ -2725,7 +2826,7 @@ mod settle_tests {
         }
     }
 
-    /// BRIEF invariant 7 for the settle queue: with the volume hung, it takes `max` acknowledgements
+    /// invariant 7 (docs/architecture.md) for the settle queue: with the volume hung, it takes `max` acknowledgements
     /// and refuses the next; once the volume recovers, exactly those are sent again as settled.
     #[tokio::test]
     async fn settle_queue_is_bounded_and_settles_once_the_volume_recovers() {

@@ -69,7 +69,10 @@ fn valid_messages_decode_to_typed_inputs() {
     assert_eq!(seq, 3);
     assert_eq!(
         data.tracker_payload(),
-        Payload::Data(Weight { rows: 2, bytes: 0 })
+        Payload::Data(Weight {
+            rows: 2,
+            ..Weight::default()
+        })
     );
     let c = comms::FileChunk {
         name: "/etc/hosts".into(),
@@ -85,7 +88,11 @@ fn valid_messages_decode_to_typed_inputs() {
     };
     assert_eq!(
         data.tracker_payload(),
-        Payload::Data(Weight { rows: 0, bytes: 4 })
+        Payload::Data(Weight {
+            rows: 0,
+            bytes: 4,
+            uploads: 1 // Its last chunk: one upload finished.
+        })
     );
 }
 

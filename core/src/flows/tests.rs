@@ -1,4 +1,4 @@
-//! Flow tracker tests: unit cases, and the property for BRIEF invariant 1 across failovers and crashes.
+//! Flow tracker tests: unit cases, and the property for invariant 1 (docs/architecture.md) across failovers and crashes.
 
 use super::*;
 use proptest::prelude::*;
@@ -12,7 +12,10 @@ fn key() -> FlowKey {
 }
 
 fn data(rows: u64) -> Payload {
-    Payload::Data(Weight { rows, bytes: 0 })
+    Payload::Data(Weight {
+        rows,
+        ..Weight::default()
+    })
 }
 
 fn done() -> Payload {
@@ -93,6 +96,7 @@ fn completes_with_exact_totals_and_acks_final_last() {
                 error: String::new(),
                 rows: 7,
                 uploaded_bytes: 0,
+                uploads: 0,
             }),
         ]
     );
@@ -398,7 +402,7 @@ impl World {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
 
-    /// BRIEF invariant 1: acknowledged messages are stored; resends are stored once; the completed
+    /// invariant 1 (docs/architecture.md): acknowledged messages are stored; resends are stored once; the completed
     /// totals are exact whichever node stored what, after failovers, lost acks and crashes.
     #[test]
     fn acknowledged_is_stored_and_totals_are_exact(

@@ -31,6 +31,7 @@ fn master_addr(c: &Certs, port: u16) -> MasterAddr {
         )
         .unwrap(),
         net: TokioNet::shared(),
+        entropy: Arc::new(crate::clock::OsEntropy::default()),
     }
 }
 
@@ -271,4 +272,56 @@ fn the_read_cache_is_bounded_and_a_read_racing_an_invalidation_does_not_fill_it(
     assert!(!r.cache().values.contains_key("x"));
     r.clear();
     assert_eq!(r.cached(), 0);
+}
+
+/// A network on which the master is unreachable; counts the attempts.
+struct Unreachable(std::sync::atomic::AtomicU64);
+
+impl crate::net::Net for Unreachable {
+    fn bind<'a>(
+        &'a self,
+        _: &'a str,
+    ) -> crate::net::BoxFuture<'a, std::io::Result<Box<dyn crate::net::Listener>>> {
+        Box::pin(async { Err(std::io::ErrorKind::Unsupported.into()) })
+    }
+    fn connect<'a>(
+        &'a self,
+        _: &'a str,
+    ) -> crate::net::BoxFuture<'a, std::io::Result<crate::net::BoxIo>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Err(std::io::ErrorKind::ConnectionRefused.into()) })
+    }
+}
+
+/// A partition or a master restart costs one connection attempt per back-off pause, not one per
+/// call: calls in between fail at once (the simulator's 10,000-client run used up a minion's
+/// ephemeral ports when every call reconnected).
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_master_is_retried_with_back_off_not_on_every_call() {
+    let c = certs();
+    let net = Arc::new(Unreachable(Default::default()));
+    let mut addr = master_addr(&c, 1);
+    addr.net = net.clone();
+    let r = RemoteStore::new(addr, 3, 64 << 20);
+    let attempts = || net.0.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(r.get("k").await.is_err());
+    let after_first = attempts();
+    assert!(after_first >= 1);
+    for _ in 0..100 {
+        let e = r.get("k").await.unwrap_err();
+        assert!(e.contains("next attempt"), "{e}");
+    }
+    assert_eq!(attempts(), after_first, "no attempt while backing off");
+    // The pauses grow to the bound: over a minute, a few dozen attempts at most, whatever the calls.
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = r.get("k").await;
+        let _ = r.get("k").await;
+    }
+    let per_pause = after_first;
+    let tries = (attempts() - after_first) / per_pause;
+    assert!(
+        (60_000 / REMOTE_RECONNECT_MAX_MS / 2..=60).contains(&tries),
+        "{tries} attempts in a minute"
+    );
 }
