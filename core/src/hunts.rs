@@ -6,13 +6,13 @@
 //! Statistics are derived from one record per participating client ([`Participation`]), never from
 //! counters bumped by events. An outcome that arrives twice, late, after a stop or after a restart
 //! changes nothing the second time. So `completed` is the number of distinct clients with a completed
-//! flow, `scheduled` the number of distinct clients scheduled (BRIEF invariant 2).
+//! flow, `scheduled` the number of distinct clients scheduled (invariant 2 (docs/architecture.md)).
 //!
 //! # At most once
 //!
 //! [`HuntAction::Schedule`] carries the participation record; the shell journals it (durable) before
 //! delivering the task. After a master crash the restored records say who was scheduled, so no client
-//! is scheduled into a hunt twice (BRIEF invariant 3). The flow id is derived from the hunt and client
+//! is scheduled into a hunt twice (invariant 3 (docs/architecture.md)). The flow id is derived from the hunt and client
 //! ids, so even a task delivered twice by a confused shell names one flow.
 
 use crate::flows::FinalState;

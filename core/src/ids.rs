@@ -1,7 +1,7 @@
 //! Identifiers: client, hunt and flow ids, with their validation and derivation.
 //!
 //! - A client id is `C.` + 16 lowercase hex digits: the first 8 bytes of SHA-256 of the client's
-//!   public key. A client can only ever speak as the id derived from its own key (BRIEF invariant 6).
+//!   public key. A client can only ever speak as the id derived from its own key (invariant 6 (docs/architecture.md)).
 //! - A hunt id is `H.` + 1..=32 uppercase hex digits or digits.
 //! - A flow id is `F.` + 1..=40 characters of `[0-9A-Za-z.]`. A hunt's flow on a client is derived
 //!   from both ids, so scheduling the same pair twice names the same flow.

@@ -1,7 +1,7 @@
 //! The client registry: enrolment records, the memory-resident search index, and the bounded client
 //! key cache each frontend keeps.
 //!
-//! # Identity (BRIEF invariant 6)
+//! # Identity (invariant 6 (docs/architecture.md))
 //!
 //! A client's id is derived from its public key ([`ClientId::from_public_key`]); the registry also
 //! keeps the full SHA-256 fingerprint of the key it enrolled with. A later sighting under the same id

@@ -1,6 +1,6 @@
 //! Replication between a minion and the master: the minion's [`Outbox`] and the master's [`Inbox`].
 //!
-//! # Guarantee (BRIEF invariant 4)
+//! # Guarantee (invariant 4 (docs/architecture.md))
 //!
 //! An event the minion accepted (persisted on its local disk) is applied by the master exactly once
 //! and in the minion's order, across lost, duplicated and reordered messages, reconnects, a minion

@@ -5,7 +5,7 @@
 //!   first start). The verifier accepts any such certificate but rustls still checks the handshake
 //!   signature, which proves the client holds the key; the client id is derived from the
 //!   certificate's public key ([`ClientId::from_public_key`] of the SubjectPublicKeyInfo DER). So a
-//!   client can only ever speak as the id of its own key (BRIEF invariant 6).
+//!   client can only ever speak as the id of its own key (invariant 6 (docs/architecture.md)).
 //! - **API / cluster port** ([`ca_server_config`]): both sides present CA-signed certificates; the
 //!   peer's role (OU: `api` or `frontend`) decides which services it may call.
 //! - **Clients of either** ([`client_config`]): verify the server against the deployment CA (pinned)

@@ -1,4 +1,4 @@
-//! Hunt manager tests: unit cases, and properties for BRIEF invariants 2 and 3 across master crashes.
+//! Hunt manager tests: unit cases, and properties for invariants 2 and 3 (docs/architecture.md) across master crashes.
 
 use super::*;
 use proptest::prelude::*;

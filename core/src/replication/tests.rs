@@ -1,4 +1,4 @@
-//! Replication tests: unit cases, and the property for BRIEF invariant 4 under a hostile network,
+//! Replication tests: unit cases, and the property for invariant 4 (docs/architecture.md) under a hostile network,
 //! minion restarts and master restarts.
 
 use super::*;
