@@ -109,10 +109,11 @@ fn main() -> ExitCode {
             }
             let virt = r.converged_ms as f64 / 1000.0;
             println!(
-                "{} faults ({}); {} labels acknowledged; shared volume: {} operations, {} injected errors",
+                "{} faults ({}); {} label changes and {} collections acknowledged; shared volume: {} operations, {} injected errors",
                 r.plan.len(),
                 r.swarm.kinds().join(", "),
                 r.labels,
+                r.collections,
                 r.volume_ops.0,
                 r.volume_ops.1
             );

@@ -1,218 +1,652 @@
-//! The checkers: BRIEF invariants 1–7, read from what the simulated world holds — the shared volume
-//! and the nodes' local disks — never from what the nodes say about themselves. [`Samples`] runs
-//! during the run (every virtual second), [`converged`] decides the liveness phase, [`final_state`]
-//! runs once at the end and compares storage with the stats the master's API reported.
+//! The checkers: the invariants of docs/architecture.md ("Invariants"), read from what the simulated
+//! world holds — the shared volume and the nodes' local disks, as a crash would leave them — and
+//! compared with what the users were told (the API's answers, the agents' acknowledgements), never
+//! with what the nodes say about themselves. [`Samples`] runs every virtual second, [`converged`]
+//! decides the liveness phase, [`final_state`] runs once at the end.
+//!
+//! The master's metadata is read as a restart would read it ([`MetaView`]): the volume, overlaid
+//! with the writes its datastore journal holds durably (acknowledged, maybe not yet flushed).
 
+use super::driver::{LabelState, Told};
 use crate::world::{SimLocalDisk, SimVolume, under};
 use bytes::Bytes;
 use prost::Message;
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
-use talon_core::{ClientId, HuntId, paths};
+use talon_core::{ClientId, FlowId, HuntId, paths};
 use talon_io::cluster::{EPOCH_FILE, JOURNAL_DIR, OUTBOX_SEGMENT_BYTES};
-use talon_io::records::{ClientJson, FlowJson, ParticipantJson};
+use talon_io::datastore::{DatastoreOptions, replay_journal};
+use talon_io::filestore::BUFFER_DIR;
+use talon_io::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
 use talon_io::storage::journal::Journal;
 use talon_io::storage::local::LocalDisk;
 use talon_proto::api;
 use talon_proto::comms::{self, flow_message};
 
-/// What a run must end with.
+/// The deployment the checkers judge.
 #[derive(Clone, Debug)]
-pub struct Expect {
-    /// Rows per client per hunt.
-    pub rows: u64,
+pub struct Deployment {
     /// Every legitimate client, in index order (client `i` reports hostname `sim-i`).
     pub clients: Vec<ClientId>,
+    /// Clients that leave for good during the safety phase: their unfinished work stays unfinished.
+    pub departed: BTreeSet<ClientId>,
     /// The minions' node names (`<host>-<port>`).
     pub minions: Vec<String>,
     /// The replication outbox's bound (events held).
     pub outbox_events_max: usize,
 }
 
-/// State the checkers carry between samples.
-#[derive(Default)]
-pub struct Samples {
-    /// Every stored flow message seen so far: it must stay, unchanged (invariant 1).
-    seen: BTreeMap<String, Bytes>,
-    /// The highest replication cursor seen per minion on the volume: (epoch, high-water mark).
-    cursors: BTreeMap<String, (u64, u64)>,
+type Files = BTreeMap<String, Bytes>;
+
+/// The master's datastore journal as a crash would leave it: the writes a restart replays on top of
+/// the volume.
+#[derive(Clone, Debug, Default)]
+pub struct MetaView {
+    journal: BTreeMap<String, Option<Bytes>>,
 }
 
-/// A minion's outbox as its local disk holds it: (epoch, highest sequence number ever assigned
-/// durably, events not yet truncated).
-fn outbox(disk: &SimLocalDisk, durable_only: bool) -> Result<(u64, u64, Vec<u64>), String> {
-    let mut copy = disk.copy();
+impl MetaView {
+    /// Reads the durable part of the master's journal from `master` (a copy, crashed).
+    pub fn read(master: &SimLocalDisk) -> Result<MetaView, String> {
+        let copy = master.copy();
+        copy.crash();
+        let records = replay_journal(copy, &DatastoreOptions::default().journal_dir)
+            .map_err(|e| format!("the master's datastore journal cannot be recovered: {e}"))?;
+        let mut journal = BTreeMap::new();
+        for r in records {
+            journal.insert(r.key, r.value);
+        }
+        Ok(MetaView { journal })
+    }
+
+    /// The metadata over `files` (the volume's contents).
+    pub fn on<'a>(&'a self, files: &'a Files) -> Meta<'a> {
+        Meta {
+            volume: files,
+            journal: &self.journal,
+        }
+    }
+}
+
+/// The master's metadata as a restart would read it.
+#[derive(Clone, Copy)]
+pub struct Meta<'a> {
+    volume: &'a Files,
+    journal: &'a BTreeMap<String, Option<Bytes>>,
+}
+
+impl<'a> Meta<'a> {
+    /// A key's value.
+    pub fn get(&self, key: &str) -> Option<&'a Bytes> {
+        match self.journal.get(key) {
+            Some(v) => v.as_ref(),
+            None => self.volume.get(key),
+        }
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
+        serde_json::from_slice(self.get(key)?).ok()
+    }
+
+    /// Keys under `prefix` whose name ends with `suffix`, sorted.
+    fn keys(&self, prefix: &str, suffix: &str) -> Vec<&'a str> {
+        let from = (
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        );
+        let mut out: BTreeSet<&'a str> = self
+            .volume
+            .range::<str, _>(from)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.ends_with(suffix) && !self.journal.contains_key(*k))
+            .collect();
+        for (k, v) in self.journal.range::<str, _>(from) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if v.is_some() && k.ends_with(suffix) {
+                out.insert(k.as_str());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn flow_records(&self) -> Vec<FlowJson> {
+        self.keys("clients/", "/record.json")
+            .into_iter()
+            .filter(|k| k.contains("/flows/"))
+            .filter_map(|k| self.json::<FlowJson>(k))
+            .collect()
+    }
+
+    fn hunts(&self) -> Vec<HuntJson> {
+        self.keys("hunts/", "/record.json")
+            .into_iter()
+            .filter(|k| k.matches('/').count() == 2)
+            .filter_map(|k| self.json::<HuntJson>(k))
+            .collect()
+    }
+
+    /// A hunt's participants: client → participation.
+    fn participants(&self, hunt: &str) -> BTreeMap<String, ParticipantJson> {
+        let prefix = format!("hunts/{hunt}/clients/");
+        self.keys(&prefix, ".json")
+            .into_iter()
+            .filter_map(|k| {
+                let client = k.strip_prefix(&prefix)?.strip_suffix(".json")?;
+                Some((client.to_owned(), self.json::<ParticipantJson>(k)?))
+            })
+            .collect()
+    }
+}
+
+/// What the filestore on the volume holds of one flow.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// Result rows, each stored message counted once.
+    pub rows: u64,
+    /// Bytes of upload chunks.
+    pub upload_bytes: u64,
+    /// The final status, if stored: (completed?, total rows, total upload bytes it claims).
+    pub status: Option<(bool, u64, u64)>,
+}
+
+fn stored(files: &Files, client: &str, flow: &str) -> Result<Stored, String> {
+    let mut s = Stored::default();
+    for (k, bytes) in under(files, &format!("clients/{client}/flows/{flow}/messages/")) {
+        let msg = comms::FlowMessage::decode(bytes.clone())
+            .map_err(|e| format!("invariant 1: {k} does not decode: {e}"))?;
+        match msg.payload {
+            Some(flow_message::Payload::Rows(r)) => s.rows += r.rows.len() as u64,
+            Some(flow_message::Payload::FileChunk(c)) => s.upload_bytes += c.data.len() as u64,
+            Some(flow_message::Payload::Status(st)) => {
+                let done = st.state == comms::FlowState::Completed as i32;
+                s.status = Some((done, st.total_rows, st.total_uploaded_bytes));
+            }
+            _ => {}
+        }
+    }
+    Ok(s)
+}
+
+/// What a `Generic.Test.Rows` flow with these parameters returns: (rows, uploads, bytes each).
+fn expected(params: &BTreeMap<String, String>) -> (u64, u64, u64) {
+    let n = |k: &str, d: u64| params.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+    (n("count", 10), n("uploads", 0), n("upload_size", 1024))
+}
+
+/// A minion's outbox as its local disk holds it: (epoch, highest sequence number assigned, events
+/// not yet truncated, the truncation mark: what the master acknowledged).
+fn outbox(disk: &SimLocalDisk, durable_only: bool) -> Result<(u64, u64, Vec<u64>, u64), String> {
+    let copy = disk.copy();
     if durable_only {
         // What would survive a power cut now: only that may be known to the master.
         copy.crash();
     }
-    let epoch = match copy.read(EPOCH_FILE).map_err(|e| e.to_string())? {
+    let mut c = copy.clone();
+    let epoch = match c.read(EPOCH_FILE).map_err(|e| e.to_string())? {
         Some(b) => String::from_utf8_lossy(&b)
             .trim()
             .parse::<u64>()
             .map_err(|e| format!("{EPOCH_FILE}: {e}"))?,
-        None => return Ok((0, 0, vec![])),
+        None => return Ok((0, 0, vec![], 0)),
     };
     let (_, rec) = Journal::open(copy, JOURNAL_DIR, OUTBOX_SEGMENT_BYTES)
         .map_err(|e| format!("outbox journal: {e}"))?;
     let seqs: Vec<u64> = rec.records.iter().map(|r| r.0).collect();
     let top = seqs.last().copied().unwrap_or(0).max(rec.truncated_upto);
-    Ok((epoch, top, seqs))
+    Ok((epoch, top, seqs, rec.truncated_upto))
+}
+
+/// The keys a frontend's write-behind buffer holds durably (not yet, or not known to be, on the
+/// volume).
+fn buffered(disk: &SimLocalDisk) -> Result<BTreeSet<String>, String> {
+    let copy = disk.copy();
+    copy.crash();
+    let records = replay_journal(copy, BUFFER_DIR)
+        .map_err(|e| format!("a filestore buffer cannot be recovered: {e}"))?;
+    Ok(records
+        .into_iter()
+        .filter(|r| r.value.is_some())
+        .map(|r| r.key)
+        .collect())
 }
 
 fn host_of(node: &str) -> &str {
     node.rsplit_once('-').map_or(node, |(h, _)| h)
 }
 
-/// The master's replication cursor for `node` on the volume: (epoch, high-water mark).
-fn cursor(files: &BTreeMap<String, Bytes>, node: &str) -> Option<(u64, u64)> {
+/// The master's replication cursor for `node`: (epoch, high-water mark).
+fn cursor(meta: &Meta<'_>, node: &str) -> Option<(u64, u64)> {
     let key = format!("cluster/minions/{}.json", paths::safe_component(node));
-    let v: serde_json::Value = serde_json::from_slice(files.get(&key)?).ok()?;
+    let v: serde_json::Value = meta.json(&key)?;
     Some((v.get("epoch")?.as_u64()?, v.get("hwm")?.as_u64()?))
 }
 
+/// Per hunt on storage: (participants, completed, errors, rows, uploaded bytes).
+type Counts = (u64, u64, u64, u64, u64);
+
+fn counts(participants: &BTreeMap<String, ParticipantJson>) -> Counts {
+    let mut c = (participants.len() as u64, 0, 0, 0, 0);
+    for p in participants.values() {
+        match *p {
+            ParticipantJson::Completed {
+                rows,
+                uploaded_bytes,
+            } => {
+                c.1 += 1;
+                c.3 += rows;
+                c.4 += uploaded_bytes;
+            }
+            ParticipantJson::Error {
+                rows,
+                uploaded_bytes,
+            } => {
+                c.2 += 1;
+                c.3 += rows;
+                c.4 += uploaded_bytes;
+            }
+            ParticipantJson::Scheduled => {}
+        }
+    }
+    c
+}
+
+/// State the checkers carry between samples.
+#[derive(Default)]
+pub struct Samples {
+    /// Every stored flow message seen so far: it must stay, unchanged.
+    seen: BTreeMap<String, Bytes>,
+    /// The highest durable replication cursor seen per minion: (epoch, high-water mark).
+    cursors: BTreeMap<String, (u64, u64)>,
+    /// Flows (`client/flow`) whose reported completion was found on the volume: they stay so.
+    visible: BTreeSet<String>,
+}
+
+/// What the harness passes to a sample.
+pub struct World<'a> {
+    /// The shared volume.
+    pub volume: &'a SimVolume,
+    /// Each frontend's local disk, by host.
+    pub disks: &'a BTreeMap<String, SimLocalDisk>,
+    /// A frontend lost its local disk since the last sample (its unsettled acknowledgements may
+    /// be gone: the clients resend them).
+    pub disk_lost: bool,
+}
+
 impl Samples {
-    /// Checks what must hold at every instant, appending what broke to `out`.
+    /// Checks what must hold at every instant, appending what broke to `out`. Takes the driver's and
+    /// the agents' new observations out of `told`.
     pub fn sample(
         &mut self,
         now_ms: u64,
-        volume: &SimVolume,
-        disks: &BTreeMap<String, SimLocalDisk>,
-        expect: &Expect,
+        w: &World<'_>,
+        d: &Deployment,
+        told: &mut Told,
         out: &mut Vec<String>,
     ) {
         let at = format!("at {:.1} virtual s", now_ms as f64 / 1000.0);
-        let cursors: BTreeMap<String, Option<(u64, u64)>> = volume.inspect(|files| {
-            // 1. A stored (hence acknowledged) flow message is never lost or changed.
-            for (k, old) in &self.seen {
-                match files.get(k) {
-                    None => out.push(format!("invariant 1 {at}: stored message {k} disappeared")),
-                    Some(now) if now.as_ptr() != old.as_ptr() && now != old => {
-                        out.push(format!("invariant 1 {at}: stored message {k} changed"))
-                    }
-                    Some(_) => {}
-                }
-            }
-            for (k, v) in under(files, "clients/") {
-                if k.contains("/messages/") && !self.seen.contains_key(k) {
-                    self.seen.insert(k.clone(), v.clone());
-                }
-            }
-            expect
-                .minions
-                .iter()
-                .map(|m| (m.clone(), cursor(files, m)))
-                .collect()
-        });
-        for (node, c) in cursors {
-            let Some(disk) = disks.get(host_of(&node)) else {
-                continue;
-            };
-            let (epoch, top, pending) = match outbox(disk, true) {
-                Ok(o) => o,
-                Err(e) => {
-                    out.push(format!("{node} {at}: its outbox cannot be recovered: {e}"));
+        let view = match w.disks.get("master").map(MetaView::read) {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => return out.push(format!("invariant 5 {at}: {e}")),
+            None => MetaView::default(),
+        };
+        let acks = std::mem::take(&mut told.acks);
+        let stats = std::mem::take(&mut told.seen_stats);
+        let done = std::mem::take(&mut told.seen_done);
+        // Frontends' durable buffers, read only if some acknowledged message is not on the volume.
+        let mut buffers: Option<BTreeSet<String>> = None;
+        let mut missing_acks = Vec::new();
+        let cursors = w.volume.inspect(|files| {
+            let meta = view.on(files);
+            self.stored_messages_stay(files, &at, out);
+            // 1. What a client was told is settled is on the volume; what it was told is
+            // acknowledged is on the volume or in a frontend's durable buffer.
+            for (client, flow, seq, settled) in &acks {
+                let (Ok(c), Ok(f)) = (ClientId::parse(client), FlowId::parse(flow)) else {
+                    out.push(format!("an agent was acknowledged a malformed flow {flow}"));
+                    continue;
+                };
+                let key = paths::flow_message(&c, &f, *seq);
+                if files.contains_key(&key) {
                     continue;
                 }
-            };
-            // 7. The outbox holds at most its bound.
-            if pending.len() > expect.outbox_events_max {
+                if *settled {
+                    out.push(format!(
+                        "invariant 1 {at}: {client} was told message {seq} of {flow} is settled; it is not on the volume"
+                    ));
+                } else if !w.disk_lost {
+                    missing_acks.push(key);
+                }
+            }
+            self.live_stats(&meta, &stats, d, &at, out);
+            self.visibility(files, &meta, &done, &at, out);
+            d.minions
+                .iter()
+                .map(|m| (m.clone(), cursor(&meta, m)))
+                .collect::<BTreeMap<_, _>>()
+        });
+        for key in missing_acks {
+            let held = buffers.get_or_insert_with(|| {
+                let mut all = BTreeSet::new();
+                for disk in w.disks.values() {
+                    match buffered(disk) {
+                        Ok(keys) => all.extend(keys),
+                        Err(e) => out.push(format!("invariant 1 {at}: {e}")),
+                    }
+                }
+                all
+            });
+            if !held.contains(&key) {
                 out.push(format!(
-                    "invariant 7 {at}: {node}'s outbox holds {} events, bound {}",
-                    pending.len(),
-                    expect.outbox_events_max
+                    "invariant 1 {at}: acknowledged message {key} is neither on the volume nor in a frontend's durable buffer"
                 ));
             }
-            let Some((ce, hwm)) = c else { continue };
-            // 4. Applied in order, never beyond what the minion durably sent: the cursor only moves
-            // forward, and never past the minion's durable outbox (else an event the master applied
-            // could be lost with the minion's disk, and its sequence number reused).
-            if let Some(&prev) = self.cursors.get(&node)
-                && (ce, hwm) < prev
+        }
+        for (node, c) in cursors {
+            self.replication(&node, c, w, d, &at, out);
+        }
+    }
+
+    /// Invariant 1: a stored (hence acknowledged) flow message is never lost or changed.
+    fn stored_messages_stay(&mut self, files: &Files, at: &str, out: &mut Vec<String>) {
+        for (k, old) in &self.seen {
+            match files.get(k) {
+                None => out.push(format!("invariant 1 {at}: stored message {k} disappeared")),
+                Some(now) if now.as_ptr() != old.as_ptr() && now != old => {
+                    out.push(format!("invariant 1 {at}: stored message {k} changed"))
+                }
+                Some(_) => {}
+            }
+        }
+        for (k, v) in under(files, "clients/") {
+            if k.contains("/messages/") && !self.seen.contains_key(k) {
+                self.seen.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
+    /// Invariant 2 while hunts move: every figure the API reported is consistent and backed by
+    /// participant records on storage (an in-memory double count shows up here before a restart
+    /// recounts it away).
+    fn live_stats(
+        &self,
+        meta: &Meta<'_>,
+        seen: &[(u64, String, api::HuntStats)],
+        d: &Deployment,
+        at: &str,
+        out: &mut Vec<String>,
+    ) {
+        let mut cache: BTreeMap<&str, Counts> = BTreeMap::new();
+        for (t, hunt, s) in seen {
+            let (n, completed, errors, rows, bytes) = *cache
+                .entry(hunt.as_str())
+                .or_insert_with(|| counts(&meta.participants(hunt)));
+            let told = format!(
+                "invariant 2 {at}: hunt {hunt} reported at {:.1} s scheduled/completed/errors/rows/bytes {:?}",
+                *t as f64 / 1000.0,
+                (s.scheduled, s.completed, s.errors, s.rows, s.uploaded_bytes)
+            );
+            let clients = d.clients.len() as u64;
+            if s.completed + s.errors > s.scheduled || s.scheduled > n || n > clients {
+                out.push(format!(
+                    "{told}; storage holds {n} participants of {clients} clients"
+                ));
+            }
+            if s.completed > completed
+                || s.errors > errors
+                || s.rows > rows
+                || s.uploaded_bytes > bytes
             {
                 out.push(format!(
-                    "invariant 4 {at}: {node}'s cursor went back from {prev:?} to {:?}",
-                    (ce, hwm)
-                ));
-            }
-            self.cursors.insert(node.clone(), (ce, hwm));
-            if ce == epoch && hwm > top {
-                out.push(format!(
-                    "invariant 4 {at}: the master applied {node}'s events up to {hwm}, its durable outbox reaches only {top} (epoch {epoch})"
+                    "{told}; more than storage holds: completed/errors/rows/bytes {:?}",
+                    (completed, errors, rows, bytes)
                 ));
             }
         }
     }
-}
 
-fn json<T: serde::de::DeserializeOwned>(files: &BTreeMap<String, Bytes>, key: &str) -> Option<T> {
-    serde_json::from_slice(files.get(key)?).ok()
-}
-
-fn hunts_on_volume(files: &BTreeMap<String, Bytes>) -> Vec<HuntId> {
-    under(files, "hunts/")
-        .filter_map(|(k, _)| {
-            let parts: Vec<&str> = k.split('/').collect();
-            match parts.as_slice() {
-                ["hunts", h, "record.json"] => HuntId::parse(h).ok(),
-                _ => None,
+    /// Visibility order: a flow reported finished anywhere readable (its record, its hunt
+    /// participant, the API) has all of its messages on the shared volume.
+    fn visibility(
+        &mut self,
+        files: &Files,
+        meta: &Meta<'_>,
+        done: &[(String, String, u64, u64)],
+        at: &str,
+        out: &mut Vec<String>,
+    ) {
+        let mut reported: Vec<(String, String, u64, u64, &str)> = Vec::new();
+        for f in meta.flow_records() {
+            if matches!(f.state, FlowRecordState::Completed | FlowRecordState::Error) {
+                reported.push((
+                    f.client_id,
+                    f.flow_id,
+                    f.rows,
+                    f.uploaded_bytes,
+                    "its record",
+                ));
             }
-        })
-        .collect()
+        }
+        for h in meta.hunts() {
+            let Ok(hunt) = HuntId::parse(&h.hunt_id) else {
+                continue;
+            };
+            for (c, p) in meta.participants(&h.hunt_id) {
+                let (ParticipantJson::Completed {
+                    rows,
+                    uploaded_bytes,
+                }
+                | ParticipantJson::Error {
+                    rows,
+                    uploaded_bytes,
+                }) = p
+                else {
+                    continue;
+                };
+                let Ok(client) = ClientId::parse(&c) else {
+                    continue;
+                };
+                let flow = FlowId::for_hunt(&hunt, &client).to_string();
+                reported.push((c, flow, rows, uploaded_bytes, "its hunt participant"));
+            }
+        }
+        for (c, f, rows, bytes) in done {
+            reported.push((c.clone(), f.clone(), *rows, *bytes, "the API"));
+        }
+        for (client, flow, rows, bytes, by) in reported {
+            let id = format!("{client}/{flow}");
+            if self.visible.contains(&id) {
+                continue;
+            }
+            match stored(files, &client, &flow) {
+                Ok(s) if s.status.is_some() && s.rows == rows && s.upload_bytes == bytes => {
+                    self.visible.insert(id);
+                }
+                Ok(s) => out.push(format!(
+                    "visibility {at}: {by} reports flow {flow} of {client} finished with {rows} rows and {bytes} upload bytes; the volume holds {s:?}"
+                )),
+                Err(e) => out.push(e),
+            }
+        }
+    }
+
+    /// Invariant 4 on both sides of each minion's stream: the master's durable cursor only moves
+    /// forward and never passes what the minion holds durably; and the minion never dropped from
+    /// its outbox (what the master acknowledged) more than the master's durable cursor covers.
+    fn replication(
+        &mut self,
+        node: &str,
+        c: Option<(u64, u64)>,
+        w: &World<'_>,
+        d: &Deployment,
+        at: &str,
+        out: &mut Vec<String>,
+    ) {
+        let Some(disk) = w.disks.get(host_of(node)) else {
+            return;
+        };
+        let (epoch, top, pending, truncated) = match outbox(disk, true) {
+            Ok(o) => o,
+            Err(e) => return out.push(format!("{node} {at}: its outbox cannot be recovered: {e}")),
+        };
+        // 7. The outbox holds at most its bound.
+        if pending.len() > d.outbox_events_max {
+            out.push(format!(
+                "invariant 7 {at}: {node}'s outbox holds {} events, bound {}",
+                pending.len(),
+                d.outbox_events_max
+            ));
+        }
+        // What the master has durably applied of this epoch (an older epoch's cursor: nothing).
+        let applied = match c {
+            Some((ce, hwm)) if ce == epoch => Some(hwm),
+            Some((ce, _)) if ce > epoch => None, // The minion's disk is older than the master's view.
+            _ => Some(0),
+        };
+        if let Some(applied) = applied
+            && truncated > applied
+        {
+            out.push(format!(
+                "invariant 4 {at}: {node} dropped its events up to {truncated} (epoch {epoch}) as acknowledged; the master's durable cursor covers only {applied}"
+            ));
+        }
+        let Some((ce, hwm)) = c else { return };
+        if let Some(&prev) = self.cursors.get(node)
+            && (ce, hwm) < prev
+        {
+            out.push(format!(
+                "invariant 4 {at}: {node}'s cursor went back from {prev:?} to {:?}",
+                (ce, hwm)
+            ));
+        }
+        self.cursors.insert(node.to_owned(), (ce, hwm));
+        if ce == epoch && hwm > top {
+            out.push(format!(
+                "invariant 4 {at}: the master applied {node}'s events up to {hwm}, its durable outbox reaches only {top} (epoch {epoch})"
+            ));
+        }
+    }
+}
+
+/// Whether a client's final labels put it in a hunt's population.
+fn matches(h: &HuntJson, labels: &BTreeSet<String>) -> bool {
+    h.include_labels.iter().all(|l| labels.contains(l))
+        && !h.exclude_labels.iter().any(|l| labels.contains(l))
 }
 
 /// Whether the healed deployment has converged; `Err` names the first thing still missing.
 pub fn converged(
     volume: &SimVolume,
     disks: &BTreeMap<String, SimLocalDisk>,
-    expect: &Expect,
-    acked_hunts: &[String],
-    labels: &BTreeSet<(String, String)>,
+    d: &Deployment,
+    told: &Told,
+    now_unix_ms: u64,
 ) -> Result<(), String> {
+    let view = match disks.get("master") {
+        Some(m) => MetaView::read(m)?,
+        None => MetaView::default(),
+    };
     volume.inspect(|files| {
-        // 5. Everything the master acknowledged is on the volume.
-        for h in acked_hunts {
+        let meta = view.on(files);
+        // 5. Everything the master acknowledged is on storage.
+        for h in &told.hunts {
             let id = HuntId::parse(h).map_err(|e| format!("hunt id {h}: {e}"))?;
-            if !files.contains_key(&paths::hunt_record(&id)) {
-                return Err(format!("acknowledged hunt {h} on the volume"));
+            if meta.get(&paths::hunt_record(&id)).is_none() {
+                return Err(format!("acknowledged hunt {h} on storage"));
             }
         }
-        for (client, label) in labels {
+        for ((client, label), state) in &told.labels {
             let id = ClientId::parse(client).map_err(|e| e.to_string())?;
-            let rec: Option<ClientJson> = json(files, &paths::client_record(&id));
-            if !rec.is_some_and(|r| r.labels.contains(label)) {
-                return Err(format!("acknowledged label {label} on {client}'s record"));
+            let rec: Option<ClientJson> = meta.json(&paths::client_record(&id));
+            let has = rec.is_some_and(|r| r.labels.contains(label));
+            match state {
+                LabelState::Present if !has => {
+                    return Err(format!("acknowledged label {label} on {client}'s record"));
+                }
+                LabelState::Absent if has => {
+                    return Err(format!("label {label} removed from {client}'s record"));
+                }
+                _ => {}
             }
         }
-        // Every hunt (including any whose creation the driver could not confirm) complete on every
-        // client, as the volume records it.
-        for h in hunts_on_volume(files) {
-            let missing = expect
-                .clients
+        let staying = |c: &str| !d.departed.iter().any(|x| x.as_str() == c);
+        // Every participant of every hunt (also of hunts whose creation was not confirmed, stopped
+        // or expired) has finished, but for clients that left.
+        let enrolled: BTreeMap<String, ClientJson> = d
+            .clients
+            .iter()
+            .filter_map(|c| Some((c.to_string(), meta.json(&paths::client_record(c))?)))
+            .collect();
+        for h in meta.hunts() {
+            let parts = meta.participants(&h.hunt_id);
+            let unfinished = parts
                 .iter()
-                .filter(|c| {
-                    !matches!(
-                        json::<ParticipantJson>(files, &paths::hunt_participant(&h, c)),
-                        Some(ParticipantJson::Completed { .. })
-                    )
-                })
+                .filter(|(c, p)| staying(c) && matches!(p, ParticipantJson::Scheduled))
                 .count();
-            if missing > 0 {
+            if unfinished > 0 {
                 return Err(format!(
-                    "hunt {h} completed on {missing} more of {} clients",
-                    expect.clients.len()
+                    "hunt {} finished on {unfinished} more of its {} participants",
+                    h.hunt_id,
+                    parts.len()
+                ));
+            }
+            // A running hunt reaches every enrolled client it matches (all are connected now).
+            if h.state == "running" && h.expires_ms > now_unix_ms {
+                let missing: Vec<&String> = enrolled
+                    .iter()
+                    .filter(|(c, r)| {
+                        staying(c) && matches(&h, &r.labels) && !parts.contains_key(*c)
+                    })
+                    .map(|(c, _)| c)
+                    .collect();
+                if let Some(c) = missing.first() {
+                    return Err(format!(
+                        "running hunt {} scheduled on {} more matching clients (first {c})",
+                        h.hunt_id,
+                        missing.len()
+                    ));
+                }
+            }
+        }
+        for (client, flow) in &told.collections {
+            if !staying(client) {
+                continue;
+            }
+            let (Ok(c), Ok(f)) = (ClientId::parse(client), FlowId::parse(flow)) else {
+                return Err(format!("collection {client}/{flow} has a malformed id"));
+            };
+            let rec: Option<FlowJson> = meta.json(&paths::flow_record(&c, &f));
+            if !rec.is_some_and(|r| r.state == FlowRecordState::Completed) {
+                return Err(format!("collection {flow} on {client} completed"));
+            }
+        }
+        // Every finished flow with uploads has them reassembled and recorded.
+        for f in meta.flow_records() {
+            let (_, uploads, _) = expected(&f.params);
+            if f.state == FlowRecordState::Completed && (f.uploads.len() as u64) < uploads {
+                return Err(format!(
+                    "flow {} of {}: {} of {uploads} uploads reassembled",
+                    f.flow_id,
+                    f.client_id,
+                    f.uploads.len()
                 ));
             }
         }
-        if let Some((k, _)) = under(files, "tasks/").next() {
-            return Err(format!("pending task {k} delivered"));
+        for k in meta.keys("tasks/", ".pb") {
+            let client = k.split('/').nth(1).unwrap_or_default();
+            if staying(client) {
+                return Err(format!("pending task {k} delivered"));
+            }
         }
         // Outboxes drained: nothing the minion holds is beyond what the master applied.
-        for node in &expect.minions {
+        for node in &d.minions {
             let Some(disk) = disks.get(host_of(node)) else {
                 continue;
             };
-            let (epoch, _, pending) = outbox(disk, false)?;
-            let c = cursor(files, node);
+            let (epoch, _, pending, _) = outbox(disk, false)?;
+            let c = cursor(&meta, node);
             let applied = match c {
                 Some((e, hwm)) if e == epoch => hwm,
                 _ => 0,
@@ -228,146 +662,179 @@ pub fn converged(
     })
 }
 
-/// The end state, from the volume: invariants 1, 2, 3, 6, compared with the stats the master's API
-/// reported (`stats`, per acknowledged hunt).
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The SHA-256 of synthetic upload `index` of `size` bytes.
+fn synthetic_sha256(index: u64, size: u64) -> String {
+    let mut h = Sha256::new();
+    let mut buf = Vec::with_capacity(64 << 10);
+    let mut at = 0;
+    while at < size {
+        buf.clear();
+        let n = (size - at).min(64 << 10);
+        buf.extend((0..n).map(|j| talon_io::artifacts::synthetic_byte(index, at + j)));
+        h.update(&buf);
+        at += n;
+    }
+    hex(&h.finalize())
+}
+
+/// The end state, from storage (invariants 1, 2, 3, 6), compared with what the API reported after
+/// convergence (`told.stats`, `told.flows`).
 pub fn final_state(
-    files: &BTreeMap<String, Bytes>,
-    expect: &Expect,
-    acked_hunts: &[String],
-    stats: &BTreeMap<String, api::HuntStats>,
+    files: &Files,
+    view: &MetaView,
+    d: &Deployment,
+    told: &Told,
     out: &mut Vec<String>,
 ) {
-    let n = expect.clients.len() as u64;
-    // What the filestore holds per flow directory: (rows, final status stored).
-    let mut stored: BTreeMap<String, (u64, bool)> = BTreeMap::new();
-    for (k, bytes) in files {
-        let Some((dir, _)) = k.rsplit_once("/messages/") else {
-            continue;
-        };
-        let msg = match comms::FlowMessage::decode(bytes.clone()) {
-            Ok(m) => m,
+    let meta = view.on(files);
+    let staying = |c: &str| !d.departed.iter().any(|x| x.as_str() == c);
+    let mut flow_dirs = BTreeSet::new();
+    let mut hunt_flows: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for f in meta.flow_records() {
+        flow_dirs.insert(format!("clients/{}/flows/{}", f.client_id, f.flow_id));
+        if let Some(h) = &f.hunt_id {
+            hunt_flows
+                .entry((h.clone(), f.client_id.clone()))
+                .or_default()
+                .push(f.flow_id.clone());
+        }
+        let s = match stored(files, &f.client_id, &f.flow_id) {
+            Ok(s) => s,
             Err(e) => {
-                out.push(format!("invariant 1: {k} does not decode: {e}"));
+                out.push(e);
                 continue;
             }
         };
-        let e = stored.entry(dir.to_owned()).or_default();
-        match msg.payload {
-            Some(flow_message::Payload::Rows(r)) => e.0 += r.rows.len() as u64,
-            Some(flow_message::Payload::Status(_)) => e.1 = true,
+        let (rows, uploads, size) = expected(&f.params);
+        let id = format!("flow {} of {}", f.flow_id, f.client_id);
+        match f.state {
+            FlowRecordState::Completed => {
+                // 1. Every row and byte the client sent is stored, once, and the flow ended.
+                let want = Stored {
+                    rows,
+                    upload_bytes: uploads * size,
+                    status: Some((true, rows, uploads * size)),
+                };
+                if s != want {
+                    out.push(format!(
+                        "invariant 1: {id}: the volume holds {s:?}, expected {want:?}"
+                    ));
+                }
+                if (f.rows, f.uploaded_bytes) != (s.rows, s.upload_bytes) {
+                    out.push(format!(
+                        "invariant 2: {id} recorded with {} rows and {} upload bytes, storage holds {} and {}",
+                        f.rows, f.uploaded_bytes, s.rows, s.upload_bytes
+                    ));
+                }
+                check_uploads(files, &f, uploads, size, out);
+            }
+            FlowRecordState::Error => out.push(format!("{id} ended in error: {}", f.error)),
+            FlowRecordState::Queued | FlowRecordState::Running if staying(&f.client_id) => {
+                out.push(format!("{id} never finished ({})", f.state.as_str()));
+            }
             _ => {}
         }
     }
-    // Flow records per (hunt, client).
-    let mut per_pair: BTreeMap<(String, String), Vec<FlowJson>> = BTreeMap::new();
+    // Nothing stored outside a flow that was created.
+    let mut dirs = BTreeSet::new();
     for (k, _) in under(files, "clients/") {
-        if k.ends_with("/record.json")
-            && k.contains("/flows/")
-            && let Some(f) = json::<FlowJson>(files, k)
-        {
-            let hunt = f.hunt_id.clone().unwrap_or_default();
-            per_pair
-                .entry((hunt, f.client_id.clone()))
-                .or_default()
-                .push(f);
+        if let Some((dir, _)) = k.rsplit_once("/messages/") {
+            dirs.insert(dir.to_owned());
         }
     }
-    let mut hunt_flow_dirs = BTreeSet::new();
-    for h in hunts_on_volume(files) {
-        let (mut scheduled, mut completed, mut errors, mut rows) = (0u64, 0u64, 0u64, 0u64);
-        for c in &expect.clients {
-            let p = json::<ParticipantJson>(files, &paths::hunt_participant(&h, c));
-            let flows = per_pair
-                .get(&(h.to_string(), c.to_string()))
+    for dir in dirs.difference(&flow_dirs) {
+        out.push(format!("{dir}: stored messages of a flow nobody created"));
+    }
+    for h in meta.hunts() {
+        let Ok(hunt) = HuntId::parse(&h.hunt_id) else {
+            out.push(format!("hunt {}: malformed id", h.hunt_id));
+            continue;
+        };
+        let parts = meta.participants(&h.hunt_id);
+        for c in &d.clients {
+            // 3. Scheduled at most once: one flow per client per hunt, the hunt's own.
+            let flows = hunt_flows
+                .get(&(h.hunt_id.clone(), c.to_string()))
                 .map_or(&[][..], Vec::as_slice);
-            // 3. Scheduled at most once: one flow per client per hunt.
-            if flows.len() > 1 {
+            let own = FlowId::for_hunt(&hunt, c).to_string();
+            if flows.len() > 1 || flows.iter().any(|f| *f != own) {
                 out.push(format!(
-                    "invariant 3: hunt {h} has {} flows on {c}",
-                    flows.len()
+                    "invariant 3: hunt {} has flows {flows:?} on {c}",
+                    h.hunt_id
                 ));
             }
-            let Some(p) = p else { continue };
-            scheduled += 1;
-            let Some(f) = flows.first() else {
-                out.push(format!("hunt {h}: {c} participates but has no flow record"));
+            let Some(p) = parts.get(c.as_str()) else {
                 continue;
             };
-            let dir = format!("clients/{c}/flows/{}", f.flow_id);
-            hunt_flow_dirs.insert(dir.clone());
-            let (srows, done) = stored.get(&dir).copied().unwrap_or_default();
-            // 1. Every row the client sent is stored, once, and the flow ended.
-            if srows != expect.rows || !done {
+            if flows.is_empty() {
                 out.push(format!(
-                    "invariant 1: {dir}: {srows} rows stored (expected {}), final status {}",
-                    expect.rows,
-                    if done { "stored" } else { "missing" }
+                    "hunt {}: {c} participates but has no flow record",
+                    h.hunt_id
                 ));
+                continue;
             }
-            match p {
-                ParticipantJson::Completed { rows: r, .. } => {
-                    completed += 1;
-                    rows += r;
-                    if r != srows {
-                        out.push(format!(
-                            "invariant 2: hunt {h}: {c} recorded with {r} rows, storage holds {srows}"
-                        ));
-                    }
+            if let ParticipantJson::Completed {
+                rows,
+                uploaded_bytes,
+            } = *p
+            {
+                match stored(files, c.as_str(), &own) {
+                    Ok(s) if (s.rows, s.upload_bytes) == (rows, uploaded_bytes) => {}
+                    Ok(s) => out.push(format!(
+                        "invariant 2: hunt {}: {c} recorded with {rows} rows and {uploaded_bytes} upload bytes, storage holds {s:?}",
+                        h.hunt_id
+                    )),
+                    Err(e) => out.push(e),
                 }
-                ParticipantJson::Error { rows: r, .. } => {
-                    errors += 1;
-                    rows += r;
-                }
-                ParticipantJson::Scheduled => {}
             }
         }
         // 2. The master's stats are exact: what it reports equals what storage holds.
-        if let Some(s) = stats.get(h.as_str()) {
-            let reported = (s.scheduled, s.completed, s.errors, s.rows);
-            if reported != (scheduled, completed, errors, rows) {
+        if let Some(s) = told.stats.get(&h.hunt_id) {
+            let reported = (s.scheduled, s.completed, s.errors, s.rows, s.uploaded_bytes);
+            let storage = counts(&parts);
+            if reported != storage {
                 out.push(format!(
-                    "invariant 2: hunt {h}: the master reports scheduled/completed/errors/rows {reported:?}, storage holds {:?}",
-                    (scheduled, completed, errors, rows)
-                ));
-            }
-            if reported != (n, n, 0, n * expect.rows) {
-                out.push(format!(
-                    "hunt {h}: reported {reported:?}, expected every one of {n} clients complete with {} rows",
-                    expect.rows
+                    "invariant 2: hunt {}: the master reports scheduled/completed/errors/rows/bytes {reported:?}, storage holds {storage:?}",
+                    h.hunt_id
                 ));
             }
         }
     }
-    for h in acked_hunts {
-        if !stats.contains_key(h) {
+    for h in &told.hunts {
+        if !told.stats.contains_key(h) {
             out.push(format!("hunt {h}: the master did not report its stats"));
         }
     }
-    // Nothing stored outside the hunts' flows (the driver starts no other work).
-    for dir in stored.keys() {
-        if !hunt_flow_dirs.contains(dir) {
+    for ((client, flow), summary) in &told.flows {
+        let s = stored(files, client, flow).unwrap_or_default();
+        if staying(client) && (summary.rows, summary.uploaded_bytes) != (s.rows, s.upload_bytes) {
             out.push(format!(
-                "{dir}: stored messages of a flow no hunt scheduled"
+                "invariant 2: the API reports collection {flow} on {client} with {} rows and {} upload bytes, storage holds {s:?}",
+                summary.rows, summary.uploaded_bytes
             ));
         }
     }
     // 6. Only the legitimate clients enrolled, each under the id derived from its own key (the
     // impostor, which claims the first client's id with another key, never did).
     let mut enrolled = BTreeMap::new();
-    for (k, _) in under(files, "clients/") {
+    for k in meta.keys("clients/", "/record.json") {
         if k.matches('/').count() == 2
-            && k.ends_with("/record.json")
-            && let Some(r) = json::<ClientJson>(files, k)
+            && let Some(r) = meta.json::<ClientJson>(k)
         {
             enrolled.insert(r.client_id.clone(), r.hostname);
         }
     }
-    for (i, c) in expect.clients.iter().enumerate() {
+    for (i, c) in d.clients.iter().enumerate() {
         match enrolled.remove(c.as_str()) {
             Some(h) if h == format!("sim-{i}") => {}
             Some(h) => out.push(format!(
                 "invariant 6: {c} is recorded with hostname {h:?}, it is sim-{i}"
             )),
+            None if d.departed.contains(c) => {}
             None => out.push(format!("{c} (sim-{i}) never enrolled")),
         }
     }
@@ -376,209 +843,29 @@ pub fn final_state(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::latency::LatencyModel;
-    use crate::rng::SimRng;
-    use talon_core::FlowId;
-
-    const ROWS: u64 = 3;
-
-    fn client(i: u8) -> ClientId {
-        ClientId::from_public_key(&[i; 32])
+/// A completed flow's uploads: each reassembled whole, verified, and readable on the volume with
+/// the content the agent sent.
+fn check_uploads(files: &Files, f: &FlowJson, uploads: u64, size: u64, out: &mut Vec<String>) {
+    let id = format!("flow {} of {}", f.flow_id, f.client_id);
+    if f.uploads.len() as u64 != uploads {
+        return out.push(format!(
+            "{id}: {} uploads recorded, {uploads} sent",
+            f.uploads.len()
+        ));
     }
-
-    fn msg(payload: flow_message::Payload) -> Bytes {
-        Bytes::from(
-            comms::FlowMessage {
-                payload: Some(payload),
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        )
-    }
-
-    /// A consistent end state: one hunt, two clients, each with its flow of `ROWS` rows and a status.
-    fn world() -> (BTreeMap<String, Bytes>, Expect, HuntId) {
-        let hunt = HuntId::parse("H.1").unwrap();
-        let clients = vec![client(1), client(2)];
-        let mut f = BTreeMap::new();
-        let put = |f: &mut BTreeMap<String, Bytes>, k: String, v: Vec<u8>| {
-            f.insert(k, Bytes::from(v));
-        };
-        put(&mut f, paths::hunt_record(&hunt), b"{}".to_vec());
-        for (i, c) in clients.iter().enumerate() {
-            let flow = FlowId::for_hunt(&hunt, c);
-            put(
-                &mut f,
-                paths::hunt_participant(&hunt, c),
-                serde_json::to_vec(&ParticipantJson::Completed {
-                    rows: ROWS,
-                    uploaded_bytes: 0,
-                })
-                .unwrap(),
-            );
-            let rec = serde_json::json!({
-                "client_id": c.to_string(), "flow_id": flow.to_string(), "artifact": "a",
-                "params": {}, "hunt_id": hunt.to_string(), "state": "completed", "rows": ROWS,
-                "uploaded_bytes": 0, "error": "", "created_ms": 0, "finished_ms": 1,
-            });
-            put(
-                &mut f,
-                paths::flow_record(c, &flow),
-                serde_json::to_vec(&rec).unwrap(),
-            );
-            let cj = serde_json::json!({
-                "client_id": c.to_string(), "key_fingerprint": "00".repeat(32),
-                "hostname": format!("sim-{i}"), "fqdn": "", "os": "linux", "labels": [],
-                "ips": [], "first_seen_ms": 0, "last_seen_ms": 0, "last_ip": "", "node": "master",
-            });
-            put(
-                &mut f,
-                paths::client_record(c),
-                serde_json::to_vec(&cj).unwrap(),
-            );
-            let rows = comms::ResultRows {
-                rows: vec![Default::default(); ROWS as usize],
-                ..Default::default()
-            };
-            f.insert(
-                paths::flow_message(c, &flow, 1),
-                msg(flow_message::Payload::Rows(rows)),
-            );
-            f.insert(
-                paths::flow_message(c, &flow, 2),
-                msg(flow_message::Payload::Status(Default::default())),
-            );
+    for (i, u) in f.uploads.iter().enumerate() {
+        let want = synthetic_sha256(i as u64, size);
+        let content = files.get(&u.stored_as);
+        let got = content.map(|b| hex(&Sha256::digest(b)));
+        if !u.error.is_empty() || u.size != size || u.sha256 != want || got.as_ref() != Some(&want)
+        {
+            out.push(format!(
+                "invariant 1: {id}: upload {i} recorded as {u:?}; the volume holds {} bytes with SHA-256 {got:?}; sent {size} bytes with {want}",
+                content.map_or(0, |b| b.len())
+            ));
         }
-        let expect = Expect {
-            rows: ROWS,
-            clients,
-            minions: vec![],
-            outbox_events_max: 10,
-        };
-        (f, expect, hunt)
-    }
-
-    fn check(
-        files: &BTreeMap<String, Bytes>,
-        expect: &Expect,
-        hunt: &HuntId,
-        reported: (u64, u64, u64),
-    ) -> Vec<String> {
-        let stats = api::HuntStats {
-            scheduled: reported.0,
-            completed: reported.1,
-            rows: reported.2,
-            ..Default::default()
-        };
-        let mut out = vec![];
-        let stats = [(hunt.to_string(), stats)].into();
-        final_state(files, expect, &[hunt.to_string()], &stats, &mut out);
-        out
-    }
-
-    #[test]
-    fn a_consistent_state_passes_and_each_broken_invariant_is_named() {
-        let (files, expect, hunt) = world();
-        assert_eq!(
-            check(&files, &expect, &hunt, (2, 2, 6)),
-            Vec::<String>::new()
-        );
-
-        // 2: the master's stats disagree with storage.
-        let v = check(&files, &expect, &hunt, (2, 1, 3));
-        assert!(v.iter().any(|v| v.starts_with("invariant 2")), "{v:?}");
-
-        // 1: a stored row message is gone.
-        let mut lost = files.clone();
-        let c = &expect.clients[0];
-        lost.remove(&paths::flow_message(c, &FlowId::for_hunt(&hunt, c), 1));
-        let v = check(&lost, &expect, &hunt, (2, 2, 6));
-        assert!(v.iter().any(|v| v.starts_with("invariant 1")), "{v:?}");
-
-        // 3: a second flow of the same hunt on one client.
-        let mut twice = files.clone();
-        let other = FlowId::parse("F.OTHER").unwrap();
-        let rec = files[&paths::flow_record(c, &FlowId::for_hunt(&hunt, c))].clone();
-        let mut j: serde_json::Value = serde_json::from_slice(&rec).unwrap();
-        j["flow_id"] = "F.OTHER".into();
-        twice.insert(
-            paths::flow_record(c, &other),
-            Bytes::from(serde_json::to_vec(&j).unwrap()),
-        );
-        let v = check(&twice, &expect, &hunt, (2, 2, 6));
-        assert!(v.iter().any(|v| v.starts_with("invariant 3")), "{v:?}");
-
-        // 6: a client nobody expected enrolled, or one under another's hostname.
-        let mut impostor = files.clone();
-        let rec = files[&paths::client_record(c)].clone();
-        let mut j: serde_json::Value = serde_json::from_slice(&rec).unwrap();
-        j["hostname"] = "impostor".into();
-        impostor.insert(
-            paths::client_record(c),
-            Bytes::from(serde_json::to_vec(&j).unwrap()),
-        );
-        let stranger = client(9);
-        j["client_id"] = stranger.to_string().into();
-        impostor.insert(
-            paths::client_record(&stranger),
-            Bytes::from(serde_json::to_vec(&j).unwrap()),
-        );
-        let v = check(&impostor, &expect, &hunt, (2, 2, 6));
-        assert_eq!(
-            v.iter().filter(|v| v.starts_with("invariant 6")).count(),
-            2,
-            "{v:?}"
-        );
-    }
-
-    #[test]
-    fn samples_catch_a_lost_message_and_a_cursor_that_goes_back() {
-        let (files, mut expect, _) = world();
-        let volume = SimVolume::new(LatencyModel::network_volume(), SimRng::new(1));
-        for (k, v) in &files {
-            volume.put(k, v.clone());
-        }
-        expect.minions = vec!["minion1-8000".into()];
-        let disks = BTreeMap::from([(
-            "minion1".to_owned(),
-            SimLocalDisk::new(crate::disk::SimDisk::new(
-                1 << 20,
-                Default::default(),
-                SimRng::new(2),
-            )),
-        )]);
-        let cursor = |hwm: u64| {
-            Bytes::from(
-                serde_json::to_vec(
-                    &serde_json::json!({"node": "minion1-8000", "epoch": 7, "hwm": hwm}),
-                )
-                .unwrap(),
-            )
-        };
-        volume.put("cluster/minions/minion1-8000.json", cursor(5));
-        let mut s = Samples::default();
-        let mut out = vec![];
-        s.sample(1_000, &volume, &disks, &expect, &mut out);
-        assert_eq!(out, Vec::<String>::new());
-        let (k, _) = files
-            .iter()
-            .find(|(k, _)| k.contains("/messages/"))
-            .unwrap();
-        volume.remove(k);
-        volume.put("cluster/minions/minion1-8000.json", cursor(4));
-        s.sample(2_000, &volume, &disks, &expect, &mut out);
-        assert!(
-            out.iter()
-                .any(|v| v.starts_with("invariant 1") && v.contains("disappeared")),
-            "{out:?}"
-        );
-        assert!(
-            out.iter()
-                .any(|v| v.starts_with("invariant 4") && v.contains("went back")),
-            "{out:?}"
-        );
     }
 }
+
+#[cfg(test)]
+mod tests;

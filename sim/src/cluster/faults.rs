@@ -44,6 +44,14 @@ pub enum Fault {
         /// The node.
         host: String,
     },
+    /// A minion's process dies and its local disk is lost with it (replaced by an empty one): its
+    /// outbox and the write-behind buffer's unsettled messages are gone. It restarts when the fault
+    /// heals. (The master's disk is not lost: its journal holds acknowledged metadata not yet on the
+    /// volume, which only replication to another machine could save — docs/operations.md.)
+    DiskLoss {
+        /// The minion.
+        host: String,
+    },
 }
 
 impl Fault {
@@ -59,6 +67,7 @@ impl Fault {
             Fault::Crash { host, .. } if host == "master" => "crash-master",
             Fault::Crash { .. } => "crash-minion",
             Fault::VolumeCut { .. } => "volume-partition",
+            Fault::DiskLoss { .. } => "disk-loss",
         }
     }
 
@@ -74,7 +83,7 @@ impl Fault {
         match self {
             Fault::Partition { a, b } | Fault::Hold { a, b } => pair(a, b),
             Fault::OneWay { from, to } => pair(from, to),
-            Fault::Crash { host, .. } => format!("process {host}"),
+            Fault::Crash { host, .. } | Fault::DiskLoss { host } => format!("process {host}"),
             Fault::VolumeCut { host } => format!("volume {host}"),
         }
     }
@@ -99,6 +108,7 @@ impl fmt::Display for Fault {
                 at_sync: true,
             } => write!(f, "crash {host} at its next fsync"),
             Fault::VolumeCut { host } => write!(f, "cut {host} off the shared volume"),
+            Fault::DiskLoss { host } => write!(f, "crash {host} and lose its local disk"),
         }
     }
 }
@@ -136,18 +146,20 @@ pub struct Swarm {
     pub volume_error_p: f64,
     /// Probability that a crash tears a local file's unsynced tail instead of dropping it.
     pub torn_write_p: f64,
+    /// Probability that a local-disk operation fails during the safety phase (a failed append may
+    /// leave a short write; a failed fsync saves nothing): the nodes must survive it or stop, and
+    /// never acknowledge what a failed write covered.
+    pub disk_error_p: f64,
     /// Fraction of the clients that join late, at a time drawn within the safety phase.
     pub late_clients: f64,
+    /// Fraction of the clients that leave for good at a time drawn within the safety phase.
+    pub leaving_clients: f64,
     /// Enabled fault kinds and their rates.
     pub rates: BTreeMap<&'static str, Rate>,
-    /// A hunt is created every this many ms of the safety phase.
-    pub hunt_every_ms: u64,
-    /// A label is added every this many ms of the safety phase.
-    pub label_every_ms: u64,
 }
 
 /// Every fault kind (what the swarm chooses from).
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 8] = [
     "partition-minion-master",
     "partition-client-frontend",
     "one-way-partition",
@@ -155,6 +167,7 @@ pub const KINDS: [&str; 7] = [
     "crash-minion",
     "crash-master",
     "volume-partition",
+    "disk-loss",
 ];
 
 impl Swarm {
@@ -168,10 +181,13 @@ impl Swarm {
             let mean_gap_ms = rng.range(2_000, 30_000);
             let (min_len_ms, max_len_ms) = match kind {
                 "hold" => (100, 3_000),
-                "crash-minion" | "crash-master" => (200, 8_000),
+                "crash-minion" | "crash-master" | "disk-loss" => (200, 8_000),
                 _ => (500, 8_000),
             };
-            let needs_minion = matches!(kind, "partition-minion-master" | "crash-minion");
+            let needs_minion = matches!(
+                kind,
+                "partition-minion-master" | "crash-minion" | "disk-loss"
+            );
             if faults && on && (minions > 0 || !needs_minion) {
                 rates.insert(
                     kind,
@@ -187,6 +203,10 @@ impl Swarm {
         let volume_error_p = rng.range(1, 20) as f64 / 1000.0;
         let late = rng.chance(0.5);
         let late_clients = rng.range(10, 50) as f64 / 100.0;
+        let disk_errors = rng.chance(0.5);
+        let disk_error_p = rng.range(2, 30) as f64 / 10_000.0;
+        let leaving = rng.chance(0.5);
+        let leaving_clients = rng.range(5, 20) as f64 / 100.0;
         Swarm {
             net_latency_ms: (lo, hi),
             volume_latency_ms: (40, 60),
@@ -196,10 +216,18 @@ impl Swarm {
                 0.0
             },
             torn_write_p: rng.range(0, 100) as f64 / 100.0,
+            disk_error_p: if faults && disk_errors {
+                disk_error_p
+            } else {
+                0.0
+            },
             late_clients: if faults && late { late_clients } else { 0.0 },
+            leaving_clients: if faults && leaving {
+                leaving_clients
+            } else {
+                0.0
+            },
             rates,
-            hunt_every_ms: rng.range(3_000, 60_000),
-            label_every_ms: rng.range(500, 5_000),
         }
     }
 
@@ -211,6 +239,12 @@ impl Swarm {
         }
         if self.late_clients > 0.0 {
             k.push("late-clients");
+        }
+        if self.disk_error_p > 0.0 {
+            k.push("disk-errors");
+        }
+        if self.leaving_clients > 0.0 {
+            k.push("leaving-clients");
         }
         k
     }
@@ -279,6 +313,9 @@ impl Swarm {
                     },
                     "volume-partition" => Fault::VolumeCut {
                         host: pick(rng, &frontends),
+                    },
+                    "disk-loss" => Fault::DiskLoss {
+                        host: pick(rng, minions),
                     },
                     other => unreachable!("unknown fault kind {other}"),
                 };

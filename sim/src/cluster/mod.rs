@@ -1,24 +1,27 @@
 //! A simulated deployment: the production master, minions and agents (`talon_io::server`,
 //! `talon_io::agent`) on turmoil hosts, one shared [`SimVolume`] with the seed's 40–60 ms per
-//! operation, a crashable local disk per node, a driver that runs hunts and label writes through the
-//! real API, and a nemesis that applies the faults drawn from the seed ([`faults`]).
+//! operation, a crashable (and losable) local disk per node, a driver that runs the analyst's
+//! workload through the real API ([`driver`]), and a nemesis that applies the faults drawn from the
+//! seed ([`faults`]).
 //!
 //! A run has two phases. The **safety phase** (`duration_s`) runs the workload under faults; checkers
 //! sample the storage every virtual second. Then everything heals (links repaired and released,
-//! crashed nodes restarted, the volume reachable and error-free) and the **liveness phase** requires
-//! convergence within [`LIVENESS_BOUND_S`]: every hunt complete on every client, tasks delivered,
-//! acknowledged writes on the volume, outboxes drained. The final checkers then read the storage —
-//! the shared volume and the nodes' local disks, not the nodes' claims — and compare it with what
-//! the API reported ([`check`]).
+//! crashed nodes restarted, the volume reachable and error-free, local disks error-free) and the
+//! **liveness phase** requires convergence within [`LIVENESS_BOUND_S`]: every hunt complete on every
+//! participant, tasks delivered, acknowledged writes on storage, outboxes drained. The final checkers
+//! then read the storage — the shared volume and the nodes' local disks, not the nodes' claims — and
+//! compare it with what the API reported ([`check`]).
 
 pub mod check;
+pub mod driver;
 pub mod faults;
 
 use crate::disk::{DiskFaults, SimDisk};
 use crate::latency::LatencyModel;
 use crate::rng::SimRng;
 use crate::world::{SimClock, SimEntropy, SimLocalDisk, SimNet, SimVolume};
-use check::{Expect, Samples};
+use check::{Deployment, MetaView, Samples};
+use driver::{Driver, Told, Workload};
 use faults::{Fault, Planned, Swarm};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,10 +30,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use talon_core::ClientId;
-use talon_io::api_client::Api;
 use talon_io::config::{self, GenerateOptions};
 use talon_io::env::Env;
-use talon_io::net::Net;
 use talon_io::storage::NodeStorage;
 use talon_io::storage::volume::SharedVolume;
 use talon_proto::api;
@@ -48,10 +49,6 @@ pub const LIVENESS_BOUND_S: u64 = 120;
 pub const RESTART_DELAY_MS: u64 = 1_000;
 const CLIENT_PORT: u16 = 8000;
 const API_PORT: u16 = 8001;
-/// Hunts the driver creates at most (each schedules every client).
-const HUNTS_MAX: usize = 12;
-/// Every API call of the driver gives up after this long (the master may be down).
-const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -62,7 +59,8 @@ pub struct SimOptions {
     pub minions: usize,
     /// Endpoint agents.
     pub clients: usize,
-    /// Rows each client returns per hunt (`Generic.Test.Rows count=`).
+    /// Typical rows each client returns per hunt (`Generic.Test.Rows count=`); hunts also draw one
+    /// row, a few, and (some seeds) more than one agent batch.
     pub rows: u64,
     /// Virtual seconds of the safety phase (faults and workload); the liveness phase follows.
     pub duration_s: u64,
@@ -75,14 +73,18 @@ pub struct SimOptions {
 pub struct Report {
     /// What was drawn from the seed.
     pub swarm: Swarm,
+    /// The analyst's workload drawn from the seed.
+    pub workload: Workload,
     /// The faults applied.
     pub plan: Vec<Planned>,
     /// Virtual ms at which the deployment had converged after healing (0 if it did not).
     pub converged_ms: u64,
     /// The hunts the driver created (acknowledged) and their stats as the master reported them.
     pub hunts: BTreeMap<String, api::HuntStats>,
-    /// Labels whose addition the master acknowledged.
+    /// Label changes the master acknowledged.
     pub labels: usize,
+    /// Collections the master acknowledged.
+    pub collections: usize,
     /// Operations the shared volume served, and how many failed by injection.
     pub volume_ops: (u64, u64),
     /// Frontend processes that exited on an error and were restarted: (virtual ms, host, error).
@@ -94,24 +96,11 @@ pub struct Report {
     pub trace_hash: String,
 }
 
-/// What the driver saw; shared with the harness.
-#[derive(Default)]
-struct DriverLog {
-    /// Hunts created, acknowledged by the master.
-    hunts: Vec<String>,
-    /// Hunt creations whose outcome is unknown (an error or a timeout: the master may have created it).
-    hunts_unknown: usize,
-    /// (client, label) additions acknowledged.
-    labels: BTreeSet<(String, String)>,
-    /// Final stats per hunt, fetched after convergence.
-    stats: BTreeMap<String, api::HuntStats>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn elapsed_ms() -> u64 {
+pub(crate) fn elapsed_ms() -> u64 {
     turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
 }
 
@@ -125,6 +114,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     }
     let root = SimRng::new(o.seed);
     let swarm = Swarm::draw(&mut root.fork("parameters"), o.minions, o.faults);
+    let workload = Workload::draw(&mut root.fork("workload"), o.rows);
     let safety_ms = o.duration_s * 1000;
     let minion_names: Vec<String> = (1..=o.minions).map(|i| format!("minion{i}")).collect();
     let groups = o.clients.clamp(1, 4);
@@ -136,6 +126,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         &client_hosts,
     );
     progress(format!("drawn: {swarm:?}"));
+    progress(format!("workload: {workload:?}"));
     progress(format!(
         "faults ({}): {}",
         plan.len(),
@@ -172,8 +163,9 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     let volume = SimVolume::new(model, root.fork("volume"));
     volume.set_error_p(swarm.volume_error_p);
 
-    // Endpoint identities, from the seed; some clients join late.
+    // Endpoint identities, from the seed; some clients join late, some leave for good.
     let mut late_rng = root.fork("late-clients");
+    let mut leave_rng = root.fork("leaving-clients");
     let mut clients = Vec::with_capacity(o.clients);
     for i in 0..o.clients {
         let mut key = [0u8; 32];
@@ -186,9 +178,13 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         } else {
             0
         };
-        clients.push((identity, id, start_ms));
+        let leave_ms = leave_rng
+            .chance(swarm.leaving_clients)
+            .then(|| leave_rng.range(start_ms + 1_000, (start_ms + 1_000).max(safety_ms)));
+        clients.push((identity, id, start_ms, leave_ms));
     }
     let ids: Vec<ClientId> = clients.iter().map(|c| c.1.clone()).collect();
+    let told: Arc<Mutex<Told>> = Arc::default();
 
     let mut sim = turmoil::Builder::new()
         .rng_seed(o.seed)
@@ -203,7 +199,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     let exits: Arc<Mutex<Vec<(u64, String, String)>>> = Arc::default();
     let disk = |label: &str| {
         let faults = DiskFaults {
-            error_p: 0.0,
+            error_p: swarm.disk_error_p,
             torn_write_p: swarm.torn_write_p,
         };
         SimLocalDisk::new(SimDisk::new(64 << 30, faults, root.fork(label)))
@@ -266,8 +262,8 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             .filter(|(i, _)| i % groups == g)
             .map(|(i, c)| (i, c.clone()))
             .collect();
-        let (root, client_cfg) = (root.clone(), client_cfg.clone());
-        // The impostor: its own key, claiming the first client's id (BRIEF invariant 6).
+        let (root, client_cfg, told) = (root.clone(), client_cfg.clone(), told.clone());
+        // The impostor: its own key, claiming the first client's id (invariant 6 (docs/architecture.md)).
         let impostor = if g == 0 {
             let mut key = [0u8; 32];
             root.fork("impostor-key").fill(&mut key);
@@ -279,24 +275,34 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             None
         };
         sim.host(host.as_str(), move || {
-            let (root, client_cfg, mine, impostor) = (
+            let (root, client_cfg, mine, impostor, told) = (
                 root.clone(),
                 client_cfg.clone(),
                 mine.clone(),
                 impostor.clone(),
+                told.clone(),
             );
-            let agent =
-                move |identity, id, hostname: String, label: String| talon_io::agent::Agent {
+            let agent = move |identity, id: ClientId, hostname: String, label: String| {
+                // Every acknowledgement the agent receives is what the checkers hold storage to.
+                let (me, told) = (id.to_string(), told.clone());
+                let observer: talon_io::agent::AckObserver =
+                    Arc::new(move |flow: &str, seq: u64, settled: bool| {
+                        lock(&told)
+                            .acks
+                            .push((me.clone(), flow.to_owned(), seq, settled));
+                    });
+                talon_io::agent::Agent {
                     config: client_cfg.clone(),
                     identity,
                     id,
                     clock: Arc::new(SimClock { epoch_ms: EPOCH_MS }),
                     entropy: Arc::new(SimEntropy::new(root.fork(&label))),
-                    outbox: Default::default(),
+                    outbox: talon_io::agent::Outbox::default().observed(observer),
                     hostname: Some(hostname),
                     inline_artifacts: true,
                     net: Arc::new(SimNet),
-                };
+                }
+            };
             async move {
                 let mut set = tokio::task::JoinSet::new();
                 if let Some((identity, id)) = impostor {
@@ -304,107 +310,50 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                     // It is refused on every attempt and keeps retrying (its backoff grows).
                     set.spawn(a.run());
                 }
-                for (i, (identity, id, start_ms)) in mine {
+                for (i, (identity, id, start_ms, leave_ms)) in mine {
                     let a = agent(identity, id, format!("sim-{i}"), format!("client-{i}"));
                     set.spawn(async move {
                         tokio::time::sleep(Duration::from_millis(start_ms)).await;
-                        a.run().await
+                        match leave_ms {
+                            // Leaves for good: its connection and unfinished work are dropped.
+                            Some(at) => {
+                                let stay = Duration::from_millis(at - start_ms);
+                                tokio::time::timeout(stay, a.run()).await.unwrap_or(Ok(()))
+                            }
+                            None => a.run().await,
+                        }
                     });
                 }
                 while let Some(r) = set.join_next().await {
                     r.map_err(|e| e.to_string())??;
                 }
+                // Every agent left: the host idles (its end is not the simulation's end).
+                std::future::pending::<()>().await;
                 Ok(())
             }
         });
     }
 
-    let log: Arc<Mutex<DriverLog>> = Arc::default();
     let finish = Arc::new(AtomicBool::new(false));
     {
-        let (log, finish, ids) = (log.clone(), finish.clone(), ids.clone());
-        let (rows, hunt_every, label_every) = (o.rows, swarm.hunt_every_ms, swarm.label_every_ms);
-        let mut pick = root.fork("driver");
-        sim.client("driver", async move {
-            let net: Arc<dyn Net> = Arc::new(SimNet);
-            let mut api: Option<Api> = None;
-            let (mut next_hunt, mut next_label, mut label_n) = (2_000, 1_000, 0u64);
-            loop {
-                if api.is_none() {
-                    match tokio::time::timeout(API_TIMEOUT, Api::connect_with(&api_cfg, &net)).await
-                    {
-                        Ok(Ok(a)) => api = Some(a),
-                        _ => {
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            continue;
-                        }
-                    }
-                }
-                let Some(a) = api.as_mut() else { continue };
-                let now = elapsed_ms();
-                let mut failed = false;
-                if finish.load(Ordering::Relaxed) {
-                    // Converged: read every hunt's stats as the master reports them.
-                    let hunts = lock(&log).hunts.clone();
-                    let mut stats = BTreeMap::new();
-                    for h in hunts {
-                        match tokio::time::timeout(API_TIMEOUT, a.hunt(&h)).await {
-                            Ok(Ok(s)) => {
-                                stats.insert(h, s.stats.unwrap_or_default());
-                            }
-                            _ => failed = true,
-                        }
-                    }
-                    if !failed {
-                        lock(&log).stats = stats;
-                        return Ok(());
-                    }
-                } else if now < safety_ms {
-                    if now >= next_hunt && lock(&log).hunts.len() < HUNTS_MAX {
-                        next_hunt = now + hunt_every;
-                        let req = api::CreateHuntRequest {
-                            artifact: "Generic.Test.Rows".into(),
-                            params: [("count".to_string(), rows.to_string())].into(),
-                            description: "simulation".into(),
-                            ..Default::default()
-                        };
-                        match tokio::time::timeout(API_TIMEOUT, a.create_hunt(req)).await {
-                            Ok(Ok(h)) => lock(&log).hunts.push(h.hunt_id),
-                            _ => {
-                                lock(&log).hunts_unknown += 1;
-                                failed = true;
-                            }
-                        }
-                    }
-                    if now >= next_label {
-                        next_label = now + label_every;
-                        let client = ids[pick.range(0, ids.len() as u64 - 1) as usize].to_string();
-                        label_n += 1;
-                        let label = format!("sim-l{label_n}");
-                        match tokio::time::timeout(API_TIMEOUT, a.label(&client, &label, false))
-                            .await
-                        {
-                            Ok(Ok(_)) => {
-                                lock(&log).labels.insert((client, label));
-                            }
-                            // Unknown client (not enrolled yet) or the master unreachable.
-                            _ => failed = true,
-                        }
-                    }
-                }
-                if failed {
-                    api = None;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
+        let driver = Driver {
+            api: api_cfg,
+            ids: ids.clone(),
+            workload: workload.clone(),
+            rng: root.fork("driver"),
+            told: told.clone(),
+            finish: finish.clone(),
+            safety_ms,
+        };
+        sim.client("driver", driver.run());
     }
 
     progress(format!(
-        "running: master, {} minions, {} clients ({} joining late), {} rows per hunt; safety phase {} virtual s, then at most {LIVENESS_BOUND_S} s to converge",
+        "running: master, {} minions, {} clients ({} joining late, {} leaving), about {} rows per flow; safety phase {} virtual s, then at most {LIVENESS_BOUND_S} s to converge",
         o.minions,
         o.clients,
         clients.iter().filter(|c| c.2 > 0).count(),
+        clients.iter().filter(|c| c.3.is_some()).count(),
         o.rows,
         o.duration_s
     ));
@@ -421,9 +370,13 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     let mut crashed: BTreeSet<String> = BTreeSet::new();
     let mut restart_at: BTreeMap<String, u64> = BTreeMap::new();
     let mut samples = Samples::default();
-    let expect = Expect {
-        rows: o.rows,
+    let deployment = Deployment {
         clients: ids.clone(),
+        departed: clients
+            .iter()
+            .filter(|c| c.3.is_some())
+            .map(|c| c.1.clone())
+            .collect(),
         minions: minion_names
             .iter()
             .map(|m| format!("{m}-{CLIENT_PORT}"))
@@ -437,11 +390,21 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     let mut violations = Vec::new();
     let deadline_ms = safety_ms + LIVENESS_BOUND_S * 1000;
     let mut waiting_for = String::new();
+    let mut disk_lost = false;
     loop {
         let now = sim.elapsed().as_millis() as u64;
+        // A crash aimed at an fsync tripped in the last step: the process dies now (its disk
+        // already did). Before the plan's events, so that a heal at this instant restarts it.
+        for (name, d) in &disks {
+            if d.power_lost() && !crashed.contains(name) {
+                sim.crash(name.as_str());
+                crashed.insert(name.clone());
+            }
+        }
         while next_event < events.len() && events[next_event].0 <= now {
             let (_, start, i) = events[next_event];
             next_event += 1;
+            disk_lost |= start && matches!(plan[i].fault, Fault::DiskLoss { .. });
             apply(
                 &mut sim,
                 &plan[i].fault,
@@ -451,22 +414,18 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                 &mut crashed,
             );
         }
-        // A crash aimed at an fsync tripped: the process dies now (its disk already did).
-        for (name, d) in &disks {
-            if d.power_lost() && !crashed.contains(name) {
-                sim.crash(name.as_str());
-                crashed.insert(name.clone());
-            }
-        }
         if !healed && now >= safety_ms {
-            // The liveness phase: every fault is healed (the plan's windows end by here), and the
-            // volume stops failing.
+            // The liveness phase: every fault is healed (the plan's windows end by here), and
+            // neither the volume nor the local disks fail any more.
             for p in &plan {
                 if p.until_ms > now {
                     apply(&mut sim, &p.fault, false, &volume, &disks, &mut crashed);
                 }
             }
             volume.set_error_p(0.0);
+            for d in disks.values() {
+                d.set_error_p(0.0);
+            }
             healed = true;
             progress(format!(
                 "{:.1} virtual s: safety phase over; all faults healed",
@@ -490,10 +449,15 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         }
         if now >= next_sample {
             next_sample = now + 1_000;
-            samples.sample(now, &volume, &disks, &expect, &mut violations);
+            let world = check::World {
+                volume: &volume,
+                disks: &disks,
+                disk_lost: std::mem::take(&mut disk_lost),
+            };
+            samples.sample(now, &world, &deployment, &mut lock(&told), &mut violations);
             if healed && converged_ms == 0 && !finish.load(Ordering::Relaxed) {
-                let l = lock(&log);
-                match check::converged(&volume, &disks, &expect, &l.hunts, &l.labels) {
+                let t = lock(&told);
+                match check::converged(&volume, &disks, &deployment, &t, EPOCH_MS + now) {
                     Ok(()) => {
                         converged_ms = now;
                         finish.store(true, Ordering::Relaxed);
@@ -508,12 +472,13 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             }
             if now >= last_progress + 10_000 {
                 last_progress = now;
-                let l = lock(&log);
+                let t = lock(&told);
                 progress(format!(
-                    "{:.0} virtual s: {} hunts created, {} labels, {} volume ops ({} failed), {} process exits{}",
+                    "{:.0} virtual s: {} hunts created, {} label changes, {} collections, {} volume ops ({} failed), {} process exits{}",
                     now as f64 / 1000.0,
-                    l.hunts.len(),
-                    l.labels.len(),
+                    t.hunts.len(),
+                    t.labels.len(),
+                    t.collections.len(),
                     volume.ops(),
                     volume.errors(),
                     lock(&exits).len(),
@@ -541,10 +506,19 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         }
     }
 
-    let log = std::mem::take(&mut *lock(&log));
+    let told = std::mem::take(&mut *lock(&told));
     let files = volume.snapshot();
     if converged_ms > 0 {
-        check::final_state(&files, &expect, &log.hunts, &log.stats, &mut violations);
+        match disks.get("master").map(MetaView::read).transpose() {
+            Ok(view) => check::final_state(
+                &files,
+                &view.unwrap_or_default(),
+                &deployment,
+                &told,
+                &mut violations,
+            ),
+            Err(e) => violations.push(e),
+        }
     }
     let exits = std::mem::take(&mut *lock(&exits));
     if let Some(path) = std::env::var_os("TALON_SIM_DUMP") {
@@ -568,12 +542,15 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     for p in &plan {
         h.update(format!("{p:?}").as_bytes());
     }
-    for hunt in &log.hunts {
+    for hunt in &told.hunts {
         h.update(hunt.as_bytes());
     }
-    for (c, l) in &log.labels {
+    for ((c, l), state) in &told.labels {
+        h.update(format!("{c} {l} {state:?}").as_bytes());
+    }
+    for (c, f) in &told.collections {
         h.update(c.as_bytes());
-        h.update(l.as_bytes());
+        h.update(f.as_bytes());
     }
     for (t, host, why) in &exits {
         h.update(t.to_le_bytes());
@@ -586,10 +563,12 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     let trace_hash: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Ok(Report {
         swarm,
+        workload,
         plan,
         converged_ms,
-        hunts: log.stats,
-        labels: log.labels.len(),
+        hunts: told.stats,
+        labels: told.labels.len(),
+        collections: told.collections.len(),
         volume_ops: (volume.ops(), volume.errors()),
         exits,
         violations,
@@ -633,5 +612,19 @@ fn apply(
             }
         }
         (Fault::VolumeCut { host }, cut) => volume.set_cut(host, cut),
+        (Fault::DiskLoss { host }, true) => {
+            let Some(d) = disks.get(host) else { return };
+            if crashed.insert(host.clone()) {
+                sim.crash(host.as_str());
+            }
+            d.wipe();
+        }
+        (Fault::DiskLoss { host }, false) => {
+            let Some(d) = disks.get(host) else { return };
+            if crashed.remove(host) {
+                d.restore_power();
+                sim.bounce(host.as_str());
+            }
+        }
     }
 }

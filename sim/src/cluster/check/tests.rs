@@ -1,0 +1,612 @@
+//! The checkers, each shown failing on a state that breaks the invariant it checks (a
+//! hand-corrupted store, a mis-ordered acknowledgement), and passing on a consistent one.
+
+use super::*;
+use crate::disk::SimDisk;
+use crate::latency::LatencyModel;
+use crate::rng::SimRng;
+use talon_core::datastore::GroupPart;
+
+const ROWS: u64 = 3;
+
+fn client(i: u8) -> ClientId {
+    ClientId::from_public_key(&[i; 32])
+}
+
+fn msg(payload: flow_message::Payload) -> Bytes {
+    Bytes::from(
+        comms::FlowMessage {
+            payload: Some(payload),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn json(v: serde_json::Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(&v).unwrap())
+}
+
+fn disk() -> SimLocalDisk {
+    SimLocalDisk::new(SimDisk::new(1 << 24, Default::default(), SimRng::new(2)))
+}
+
+fn flow_record(c: &ClientId, flow: &FlowId, hunt: Option<&HuntId>) -> Bytes {
+    json(serde_json::json!({
+        "client_id": c.to_string(), "flow_id": flow.to_string(), "artifact": "Generic.Test.Rows",
+        "params": {"count": ROWS.to_string()}, "hunt_id": hunt.map(|h| h.to_string()),
+        "state": "completed", "rows": ROWS, "uploaded_bytes": 0, "error": "", "created_ms": 0,
+        "finished_ms": 1,
+    }))
+}
+
+fn status() -> Bytes {
+    msg(flow_message::Payload::Status(comms::FlowStatus {
+        state: comms::FlowState::Completed as i32,
+        total_rows: ROWS,
+        ..Default::default()
+    }))
+}
+
+/// A consistent end state: one hunt, two clients, each with its flow of `ROWS` rows and a status.
+fn world() -> (Files, Deployment, HuntId) {
+    let hunt = HuntId::parse("H.1").unwrap();
+    let clients = vec![client(1), client(2)];
+    let mut f = Files::new();
+    f.insert(
+        paths::hunt_record(&hunt),
+        json(serde_json::json!({
+            "hunt_id": "H.1", "artifact": "Generic.Test.Rows", "params": {}, "include_labels": [],
+            "exclude_labels": [], "os": null, "expires_ms": 0, "client_limit": null,
+            "description": "", "created_ms": 0, "state": "stopped",
+        })),
+    );
+    for (i, c) in clients.iter().enumerate() {
+        let flow = FlowId::for_hunt(&hunt, c);
+        f.insert(
+            paths::hunt_participant(&hunt, c),
+            Bytes::from(
+                serde_json::to_vec(&ParticipantJson::Completed {
+                    rows: ROWS,
+                    uploaded_bytes: 0,
+                })
+                .unwrap(),
+            ),
+        );
+        f.insert(
+            paths::flow_record(c, &flow),
+            flow_record(c, &flow, Some(&hunt)),
+        );
+        f.insert(
+            paths::client_record(c),
+            json(serde_json::json!({
+                "client_id": c.to_string(), "key_fingerprint": "00".repeat(32),
+                "hostname": format!("sim-{i}"), "fqdn": "", "os": "linux", "labels": [],
+                "ips": [], "first_seen_ms": 0, "last_seen_ms": 0, "last_ip": "", "node": "master",
+            })),
+        );
+        let rows = comms::ResultRows {
+            rows: vec![Default::default(); ROWS as usize],
+            ..Default::default()
+        };
+        f.insert(
+            paths::flow_message(c, &flow, 0),
+            msg(flow_message::Payload::Rows(rows)),
+        );
+        f.insert(paths::flow_message(c, &flow, 1), status());
+    }
+    let d = Deployment {
+        clients,
+        departed: BTreeSet::new(),
+        minions: vec![],
+        outbox_events_max: 10,
+    };
+    (f, d, hunt)
+}
+
+fn told_stats(hunt: &HuntId, reported: (u64, u64, u64)) -> Told {
+    let stats = api::HuntStats {
+        scheduled: reported.0,
+        completed: reported.1,
+        rows: reported.2,
+        ..Default::default()
+    };
+    Told {
+        hunts: vec![hunt.to_string()],
+        stats: [(hunt.to_string(), stats)].into(),
+        ..Told::default()
+    }
+}
+
+fn check(files: &Files, d: &Deployment, hunt: &HuntId, reported: (u64, u64, u64)) -> Vec<String> {
+    let mut out = vec![];
+    final_state(
+        files,
+        &MetaView::default(),
+        d,
+        &told_stats(hunt, reported),
+        &mut out,
+    );
+    out
+}
+
+fn has(v: &[String], prefix: &str) -> bool {
+    v.iter().any(|v| v.starts_with(prefix))
+}
+
+#[test]
+fn final_state_passes_a_consistent_state_and_names_each_broken_invariant() {
+    let (files, d, hunt) = world();
+    assert_eq!(check(&files, &d, &hunt, (2, 2, 6)), Vec::<String>::new());
+
+    // 2: the master's stats disagree with storage.
+    let v = check(&files, &d, &hunt, (2, 1, 3));
+    assert!(has(&v, "invariant 2"), "{v:?}");
+
+    // 1: a stored row message is gone.
+    let mut lost = files.clone();
+    let c = &d.clients[0];
+    lost.remove(&paths::flow_message(c, &FlowId::for_hunt(&hunt, c), 0));
+    let v = check(&lost, &d, &hunt, (2, 2, 6));
+    assert!(has(&v, "invariant 1"), "{v:?}");
+
+    // 3: a second flow of the same hunt on one client.
+    let mut twice = files.clone();
+    let other = FlowId::parse("F.OTHER").unwrap();
+    twice.insert(
+        paths::flow_record(c, &other),
+        flow_record(c, &other, Some(&hunt)),
+    );
+    let v = check(&twice, &d, &hunt, (2, 2, 6));
+    assert!(has(&v, "invariant 3"), "{v:?}");
+
+    // 6: a client nobody expected enrolled, or one under another's hostname.
+    let mut impostor = files.clone();
+    let mut j: serde_json::Value =
+        serde_json::from_slice(&files[&paths::client_record(c)]).unwrap();
+    j["hostname"] = "impostor".into();
+    impostor.insert(paths::client_record(c), json(j.clone()));
+    let stranger = client(9);
+    j["client_id"] = stranger.to_string().into();
+    impostor.insert(paths::client_record(&stranger), json(j));
+    let v = check(&impostor, &d, &hunt, (2, 2, 6));
+    assert_eq!(
+        v.iter().filter(|v| v.starts_with("invariant 6")).count(),
+        2,
+        "{v:?}"
+    );
+
+    // Messages stored for a flow nobody created.
+    let mut stray = files.clone();
+    stray.insert(
+        paths::flow_message(c, &FlowId::parse("F.STRAY").unwrap(), 0),
+        status(),
+    );
+    let v = check(&stray, &d, &hunt, (2, 2, 6));
+    assert!(v.iter().any(|v| v.contains("nobody created")), "{v:?}");
+}
+
+#[test]
+fn an_upload_that_differs_from_what_the_agent_sent_is_caught() {
+    let (mut files, d, hunt) = world();
+    let c = d.clients[0].clone();
+    let flow = FlowId::parse("F.UP").unwrap();
+    let size = 600u64;
+    let content: Vec<u8> = (0..size)
+        .map(|j| talon_io::artifacts::synthetic_byte(0, j))
+        .collect();
+    let chunk = comms::FileChunk {
+        upload_id: 0,
+        name: "/synthetic/upload-0.bin".into(),
+        data: Bytes::from(content.clone()),
+        eof: true,
+        total_size: size,
+        ..Default::default()
+    };
+    files.insert(
+        paths::flow_message(&c, &flow, 0),
+        msg(flow_message::Payload::FileChunk(chunk)),
+    );
+    files.insert(
+        paths::flow_message(&c, &flow, 1),
+        msg(flow_message::Payload::Status(comms::FlowStatus {
+            state: comms::FlowState::Completed as i32,
+            total_uploaded_bytes: size,
+            ..Default::default()
+        })),
+    );
+    let stored_as = paths::upload(&c, &flow, 0, "/synthetic/upload-0.bin");
+    files.insert(stored_as.clone(), Bytes::from(content));
+    let record = |sha: &str| {
+        json(serde_json::json!({
+            "client_id": c.to_string(), "flow_id": "F.UP", "artifact": "Generic.Test.Rows",
+            "params": {"count": "0", "uploads": "1", "upload_size": size.to_string()},
+            "state": "completed", "rows": 0, "uploaded_bytes": size, "error": "",
+            "created_ms": 0, "finished_ms": 1,
+            "uploads": [{"upload_id": 0, "name": "/synthetic/upload-0.bin",
+                         "stored_as": stored_as, "size": size, "sha256": sha, "error": ""}],
+        }))
+    };
+    let good = synthetic_sha256(0, size);
+    files.insert(paths::flow_record(&c, &flow), record(&good));
+    assert_eq!(check(&files, &d, &hunt, (2, 2, 6)), Vec::<String>::new());
+    // The reassembled file on the volume is not what was sent.
+    let mut bad = files.clone();
+    bad.insert(stored_as.clone(), Bytes::from_static(b"other"));
+    let v = check(&bad, &d, &hunt, (2, 2, 6));
+    assert!(
+        v.iter()
+            .any(|v| v.starts_with("invariant 1") && v.contains("upload 0")),
+        "{v:?}"
+    );
+    // Never reassembled: liveness waits for it (converged says what is missing).
+    let mut none = files.clone();
+    let mut j: serde_json::Value =
+        serde_json::from_slice(&files[&paths::flow_record(&c, &flow)]).unwrap();
+    j["uploads"] = serde_json::json!([]);
+    none.insert(paths::flow_record(&c, &flow), json(j));
+    let volume = SimVolume::new(LatencyModel::network_volume(), SimRng::new(1));
+    for (k, v) in &none {
+        volume.put(k, v.clone());
+    }
+    let e = converged(&volume, &BTreeMap::new(), &d, &Told::default(), 0).unwrap_err();
+    assert!(e.contains("0 of 1 uploads reassembled"), "{e}");
+}
+
+/// A master disk whose datastore journal holds `writes` (synced or not).
+fn master_with(writes: &[(&str, Option<&str>)], synced: bool) -> SimLocalDisk {
+    let disk = disk();
+    let dir = DatastoreOptions::default().journal_dir;
+    let (mut j, _) = Journal::open(disk.clone(), &dir, 1 << 20).unwrap();
+    for (k, v) in writes {
+        let seq = j.next_seq();
+        let v = v.map(|v| Bytes::from(v.to_owned()));
+        j.append(seq, &talon_io::datastore::encode(k, &v, GroupPart::Whole))
+            .unwrap();
+    }
+    if synced {
+        j.sync().unwrap();
+    }
+    disk
+}
+
+#[test]
+fn the_meta_view_is_the_volume_under_the_masters_durable_journal() {
+    let mut files = Files::new();
+    files.insert("a".into(), Bytes::from_static(b"old"));
+    files.insert("b".into(), Bytes::from_static(b"kept"));
+    let synced = master_with(&[("a", Some("new")), ("b", None), ("c", Some("1"))], true);
+    let view = MetaView::read(&synced).unwrap();
+    let m = view.on(&files);
+    assert_eq!(m.get("a").unwrap().as_ref(), b"new");
+    assert_eq!(m.get("b"), None, "deleted in the journal");
+    assert_eq!(m.keys("", ""), vec!["a", "c"]);
+    // Appended but never synced: a crash loses it, so it is not storage.
+    let unsynced = master_with(&[("a", Some("new"))], false);
+    let view = MetaView::read(&unsynced).unwrap();
+    assert_eq!(view.on(&files).get("a").unwrap().as_ref(), b"old");
+}
+
+fn samples_world(files: &Files) -> (SimVolume, BTreeMap<String, SimLocalDisk>) {
+    let volume = SimVolume::new(LatencyModel::network_volume(), SimRng::new(1));
+    for (k, v) in files {
+        volume.put(k, v.clone());
+    }
+    (volume, BTreeMap::from([("master".to_owned(), disk())]))
+}
+
+fn sample(
+    s: &mut Samples,
+    volume: &SimVolume,
+    disks: &BTreeMap<String, SimLocalDisk>,
+    d: &Deployment,
+    told: &mut Told,
+    disk_lost: bool,
+) -> Vec<String> {
+    let mut out = vec![];
+    let w = World {
+        volume,
+        disks,
+        disk_lost,
+    };
+    s.sample(1_000, &w, d, told, &mut out);
+    out
+}
+
+#[test]
+fn samples_catch_a_lost_message_and_a_cursor_that_goes_back() {
+    let (files, mut d, _) = world();
+    let (volume, mut disks) = samples_world(&files);
+    d.minions = vec!["minion1-8000".into()];
+    disks.insert("minion1".into(), disk());
+    let cursor =
+        |hwm: u64| json(serde_json::json!({"node": "minion1-8000", "epoch": 7, "hwm": hwm}));
+    volume.put("cluster/minions/minion1-8000.json", cursor(5));
+    let mut s = Samples::default();
+    let mut told = Told::default();
+    assert_eq!(
+        sample(&mut s, &volume, &disks, &d, &mut told, false),
+        Vec::<String>::new()
+    );
+    let (k, _) = files
+        .iter()
+        .find(|(k, _)| k.contains("/messages/"))
+        .unwrap();
+    volume.remove(k);
+    volume.put("cluster/minions/minion1-8000.json", cursor(4));
+    let out = sample(&mut s, &volume, &disks, &d, &mut told, false);
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("invariant 1") && v.contains("disappeared")),
+        "{out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("invariant 4") && v.contains("went back")),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn samples_catch_a_minion_that_dropped_events_the_master_has_not_made_durable() {
+    let (files, mut d, _) = world();
+    let (volume, mut disks) = samples_world(&files);
+    d.minions = vec!["minion1-8000".into()];
+    // The minion's outbox: epoch 7, events 1..=5, the master's acknowledgement of 5 truncated them.
+    let minion = disk();
+    {
+        let mut m = minion.clone();
+        m.write_atomic(EPOCH_FILE, b"7\n").unwrap();
+        let (mut j, _) = Journal::open(minion.clone(), JOURNAL_DIR, OUTBOX_SEGMENT_BYTES).unwrap();
+        for seq in 1..=5 {
+            j.append(seq, b"event").unwrap();
+        }
+        j.sync().unwrap();
+        j.truncate(5).unwrap();
+    }
+    disks.insert("minion1".into(), minion);
+    let cursor =
+        |hwm: u64| json(serde_json::json!({"node": "minion1-8000", "epoch": 7, "hwm": hwm}));
+    // The master's durable cursor covers the acknowledgement: fine.
+    volume.put("cluster/minions/minion1-8000.json", cursor(5));
+    let mut told = Told::default();
+    let out = sample(
+        &mut Samples::default(),
+        &volume,
+        &disks,
+        &d,
+        &mut told,
+        false,
+    );
+    assert_eq!(out, Vec::<String>::new());
+    // It acknowledged 5 while its durable cursor says 3 (the cursor write was not yet synced when
+    // the ack went out, and the master crashed): the minion dropped events 4 and 5 for good.
+    volume.put("cluster/minions/minion1-8000.json", cursor(3));
+    let out = sample(
+        &mut Samples::default(),
+        &volume,
+        &disks,
+        &d,
+        &mut told,
+        false,
+    );
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("invariant 4") && v.contains("dropped its events up to 5")),
+        "{out:?}"
+    );
+    // Only the master's journal has the cursor, unsynced: still a violation; synced: fine.
+    for (synced, bad) in [(false, true), (true, false)] {
+        disks.insert(
+            "master".into(),
+            master_with(
+                &[(
+                    "cluster/minions/minion1-8000.json",
+                    Some(r#"{"node":"minion1-8000","epoch":7,"hwm":5}"#),
+                )],
+                synced,
+            ),
+        );
+        let out = sample(
+            &mut Samples::default(),
+            &volume,
+            &disks,
+            &d,
+            &mut told,
+            false,
+        );
+        assert_eq!(has(&out, "invariant 4"), bad, "synced {synced}: {out:?}");
+    }
+}
+
+#[test]
+fn samples_hold_acknowledgements_to_storage() {
+    let (files, d, hunt) = world();
+    let (volume, mut disks) = samples_world(&files);
+    let c = d.clients[0].to_string();
+    let flow = FlowId::for_hunt(&hunt, &d.clients[0]).to_string();
+    let ack = |seq, settled| (c.clone(), flow.clone(), seq, settled);
+    let mut s = Samples::default();
+    // On the volume: fine, settled or not.
+    let mut told = Told {
+        acks: vec![ack(0, false), ack(1, true)],
+        ..Told::default()
+    };
+    assert_eq!(
+        sample(&mut s, &volume, &disks, &d, &mut told, false),
+        Vec::<String>::new()
+    );
+    assert!(told.acks.is_empty(), "the sample takes what it checked");
+    // Told settled, not on the volume.
+    told.acks = vec![ack(7, true)];
+    let out = sample(&mut s, &volume, &disks, &d, &mut told, false);
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("invariant 1") && v.contains("settled")),
+        "{out:?}"
+    );
+    // Acknowledged, neither on the volume nor in a buffer.
+    told.acks = vec![ack(8, false)];
+    let out = sample(&mut s, &volume, &disks, &d, &mut told, false);
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("invariant 1") && v.contains("durable buffer")),
+        "{out:?}"
+    );
+    // ... unless a frontend lost its disk meanwhile (the client resends it).
+    told.acks = vec![ack(8, false)];
+    assert_eq!(
+        sample(&mut s, &volume, &disks, &d, &mut told, true),
+        Vec::<String>::new()
+    );
+    // In a frontend's durable buffer: fine.
+    let key = paths::flow_message(&d.clients[0], &FlowId::parse(&flow).unwrap(), 8);
+    let buffer = disk();
+    let (mut j, _) = Journal::open(buffer.clone(), BUFFER_DIR, 1 << 20).unwrap();
+    j.append(
+        1,
+        &talon_io::datastore::encode(&key, &Some(status()), GroupPart::Whole),
+    )
+    .unwrap();
+    j.sync().unwrap();
+    disks.insert("minion1".into(), buffer);
+    told.acks = vec![ack(8, false)];
+    assert_eq!(
+        sample(&mut s, &volume, &disks, &d, &mut told, false),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn samples_check_hunt_stats_while_they_move() {
+    let (mut files, d, hunt) = world();
+    // One of the two participants has not finished yet.
+    let c = &d.clients[1];
+    files.insert(
+        paths::hunt_participant(&hunt, c),
+        Bytes::from(serde_json::to_vec(&ParticipantJson::Scheduled).unwrap()),
+    );
+    let (volume, disks) = samples_world(&files);
+    let stats = |scheduled, completed, rows| api::HuntStats {
+        scheduled,
+        completed,
+        rows,
+        ..Default::default()
+    };
+    let mut told = Told {
+        seen_stats: vec![(500, hunt.to_string(), stats(2, 1, ROWS))],
+        ..Told::default()
+    };
+    let mut s = Samples::default();
+    assert_eq!(
+        sample(&mut s, &volume, &disks, &d, &mut told, false),
+        Vec::<String>::new()
+    );
+    // Counted twice in memory: more completed than storage holds.
+    for bad in [stats(2, 2, 2 * ROWS), stats(3, 1, ROWS), stats(1, 2, ROWS)] {
+        told.seen_stats = vec![(500, hunt.to_string(), bad)];
+        let out = sample(&mut s, &volume, &disks, &d, &mut told, false);
+        assert!(has(&out, "invariant 2"), "{bad:?}: {out:?}");
+    }
+}
+
+#[test]
+fn samples_catch_a_completion_reported_before_its_messages_are_on_the_volume() {
+    let (files, d, hunt) = world();
+    let c = &d.clients[0];
+    let flow = FlowId::for_hunt(&hunt, c);
+    let mut early = files.clone();
+    // The final status is still in a frontend's buffer, but the flow is recorded complete.
+    early.remove(&paths::flow_message(c, &flow, 1));
+    let (volume, disks) = samples_world(&early);
+    let mut told = Told::default();
+    let out = sample(
+        &mut Samples::default(),
+        &volume,
+        &disks,
+        &d,
+        &mut told,
+        false,
+    );
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("visibility") && v.contains("its record")),
+        "{out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("visibility") && v.contains("its hunt participant")),
+        "{out:?}"
+    );
+    // The API said so too (a collection's flow, say).
+    let (volume, disks) = samples_world(&files);
+    let mut told = Told {
+        seen_done: vec![(c.to_string(), "F.NOWHERE".into(), 1, 0)],
+        ..Told::default()
+    };
+    let out = sample(
+        &mut Samples::default(),
+        &volume,
+        &disks,
+        &d,
+        &mut told,
+        false,
+    );
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("visibility") && v.contains("the API")),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn convergence_waits_for_labels_tasks_and_matching_clients() {
+    let (mut files, mut d, hunt) = world();
+    let volume = |files: &Files| {
+        let v = SimVolume::new(LatencyModel::network_volume(), SimRng::new(1));
+        for (k, x) in files {
+            v.put(k, x.clone());
+        }
+        v
+    };
+    let none = BTreeMap::new();
+    assert_eq!(
+        converged(&volume(&files), &none, &d, &Told::default(), 0),
+        Ok(())
+    );
+    // A label the driver removed (acknowledged) is still on the record.
+    let c = d.clients[0].clone();
+    let mut j: serde_json::Value =
+        serde_json::from_slice(&files[&paths::client_record(&c)]).unwrap();
+    j["labels"] = serde_json::json!(["x"]);
+    files.insert(paths::client_record(&c), json(j));
+    let told = Told {
+        labels: [((c.to_string(), "x".to_string()), LabelState::Absent)].into(),
+        ..Told::default()
+    };
+    let e = converged(&volume(&files), &none, &d, &told, 0).unwrap_err();
+    assert!(e.contains("label x removed"), "{e}");
+    // A task still waits for a client: not converged, unless the client left for good.
+    files.insert(format!("tasks/{c}/F.1.pb"), Bytes::from_static(b""));
+    let e = converged(&volume(&files), &none, &d, &Told::default(), 0).unwrap_err();
+    assert!(e.contains("pending task"), "{e}");
+    d.departed.insert(c.clone());
+    assert_eq!(
+        converged(&volume(&files), &none, &d, &Told::default(), 0),
+        Ok(())
+    );
+    // A running hunt that a matching client never joined.
+    let mut j: serde_json::Value =
+        serde_json::from_slice(&files[&paths::hunt_record(&hunt)]).unwrap();
+    j["state"] = "running".into();
+    j["expires_ms"] = 10.into();
+    files.insert(paths::hunt_record(&hunt), json(j));
+    files.remove(&paths::hunt_participant(&hunt, &d.clients[1]));
+    let e = converged(&volume(&files), &none, &d, &Told::default(), 0).unwrap_err();
+    assert!(e.contains("matching clients"), "{e}");
+    // Once expired, nobody more is due.
+    assert_eq!(
+        converged(&volume(&files), &none, &d, &Told::default(), 10),
+        Ok(())
+    );
+}
