@@ -567,17 +567,20 @@ async fn replication(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_js
             .count();
         if seen >= n && m.connected && stable_since.is_some_and(|s| t - s >= 1.0) {
             let done = m.applied;
-            // The drain: from the last sample before the cursor moved to the first at its end.
+            // The master was killed at `before.applied` (no client had connected yet), so what
+            // it applied since is `done - before.applied`. The drain runs from the last sample
+            // still at that cursor (or the restart itself, when the master drained the backlog
+            // before its API first answered) to the first sample at its end.
             let start = samples
                 .iter()
                 .rev()
-                .find(|&&(_, a)| a == samples[0].1)
+                .find(|&&(_, a)| a <= before.applied)
                 .map_or(0.0, |&(t, _)| t);
             let end = samples
                 .iter()
                 .find(|&&(_, a)| a == done)
                 .map_or(t, |&(t, _)| t);
-            let events = done.saturating_sub(samples[0].1);
+            let events = done.saturating_sub(before.applied);
             let window = end - start;
             progress(&format!(
                 "master applied {events} events and caught up {end:.2} s after its restart"
@@ -587,8 +590,7 @@ async fn replication(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_js
                 "clients": n,
                 "events": "ClientSeen/ClientGone: every client connected, dropped, reconnected during the outage",
                 "outage_s": round3(outage_s),
-                "backlog_events": done.saturating_sub(before.applied),
-                "applied_after_restart": events,
+                "backlog_events": events,
                 "catchup_s": round3(end),
                 "master_api_up_s": round3(api_s),
                 "drain_s": round3(window),
