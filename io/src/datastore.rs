@@ -266,6 +266,12 @@ impl Datastore {
         });
     }
 
+    /// True once the datastore has stopped (fail-stop, or its journal failed): nothing it holds in
+    /// memory beyond the journal may be acted on any more.
+    pub fn stopped(&self) -> bool {
+        self.tx.is_closed() || self.stop.borrow().is_some()
+    }
+
     async fn call(
         &self,
         make: impl FnOnce(Reply) -> Request,

@@ -84,6 +84,11 @@ impl Filestore {
         self.buffer.set(key, bytes).await.map(|_| ())
     }
 
+    /// True once the buffer has stopped (its journal failed): the node must stop with it.
+    pub fn stopped(&self) -> bool {
+        self.buffer.stopped()
+    }
+
     /// Waits until everything stored before this call is on the shared volume.
     pub async fn settled(&self) -> Result<(), DatastoreError> {
         self.buffer.flushed().await

@@ -752,7 +752,9 @@ impl Node {
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        loop {
+        // Ends when every sender is gone, or once the node has fail-stopped (`stopped`): the
+        // process is exiting, and requests still queued get "shutting down".
+        while !self.stopped() {
             let now = self.now();
             let resend = match &self.role {
                 NodeRole::Master(m) => Some(m.resend_at),
@@ -780,6 +782,9 @@ impl Actor {
                     None => break,
                 },
                 _ = tokio::time::sleep(wait) => {
+                    if self.stopped() {
+                        break;
+                    }
                     let now = self.now();
                     self.flows.handle_timeout(now);
                     self.hunts.handle_timeout(now);
@@ -833,7 +838,18 @@ impl Actor {
         self.clock.now()
     }
 
+    /// Fail-stop: once the datastore (or the filestore buffer) has stopped, memory may be ahead of
+    /// what is durable (a participant scheduled whose write failed), and the process is about to
+    /// exit. Nothing more is acted on or answered: a dropped request's caller gets "shutting down",
+    /// never figures a restart would not find.
+    fn stopped(&self) -> bool {
+        self.filestore.stopped() || matches!(&self.datastore, Meta::Local(d) if d.stopped())
+    }
+
     async fn handle(&mut self, msg: Msg) {
+        if self.stopped() {
+            return;
+        }
         let now = self.now();
         match msg {
             Msg::Connected {
@@ -2162,7 +2178,7 @@ async fn settle(fs: Filestore, mut rx: mpsc::Receiver<(ClientTx, comms::FlowAck)
 struct Reassembly(Arc<tokio::sync::Semaphore>);
 
 /// Uploads reassembled at once (each reads its flow's chunks and writes its files on the volume).
-const REASSEMBLY_CONCURRENCY: usize = 16;
+const REASSEMBLY_CONCURRENCY: usize = 64;
 /// The longest pause between two attempts at one flow's uploads.
 const REASSEMBLY_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
