@@ -142,6 +142,22 @@ impl SimDisk {
         self.power = Power::On;
     }
 
+    /// A copy holding only the files whose path starts with one of `prefixes`.
+    pub fn clone_under(&self, prefixes: &[&str]) -> SimDisk {
+        SimDisk {
+            files: self
+                .files
+                .iter()
+                .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
+                .map(|(k, f)| (k.clone(), f.clone()))
+                .collect(),
+            capacity_bytes: self.capacity_bytes,
+            faults: self.faults.clone(),
+            rng: self.rng.clone(),
+            power: self.power,
+        }
+    }
+
     /// Sets the probability of injected errors (the harness turns them off when it heals the world).
     pub fn set_error_p(&mut self, p: f64) {
         self.faults.error_p = p;

@@ -118,8 +118,9 @@ fn main() -> ExitCode {
                 r.volume_ops.1
             );
             println!(
-                "converged at {virt:.1} virtual s; {virt:.1} virtual s in {secs:.1} wall s ({:.1} virtual s per wall s)",
-                virt / secs.max(0.001)
+                "converged at {virt:.1} virtual s; {virt:.1} virtual s in {secs:.1} wall s ({:.1} virtual s per wall s; checkers {:.1} wall s)",
+                virt / secs.max(0.001),
+                r.checks_wall.as_secs_f64()
             );
             for v in &r.violations {
                 println!("VIOLATION: {v}");

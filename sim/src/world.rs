@@ -141,6 +141,15 @@ impl SimLocalDisk {
         lock(&self.0).restore_power();
     }
 
+    /// Like [`SimLocalDisk::copy`], holding only the files whose path starts with one of
+    /// `prefixes` (a checker that opens one journal need not copy the others).
+    pub fn copy_under(&self, prefixes: &[&str]) -> SimLocalDisk {
+        let mut d = lock(&self.0).clone_under(prefixes);
+        d.restore_power();
+        d.set_error_p(0.0);
+        SimLocalDisk::new(d)
+    }
+
     /// A separate disk holding a copy of this one's current contents, for checkers to open (a
     /// journal's recovery may repair a torn tail; the node's own disk must not change under it).
     pub fn copy(&self) -> SimLocalDisk {
@@ -206,6 +215,21 @@ struct VolumeState {
     error_p: f64,
     /// Nodes that cannot reach the volume.
     cut: BTreeSet<String>,
+    /// Keys written or removed since the checkers last took them ([`SimVolume::take_changes`]):
+    /// what lets per-second checks follow the volume without rescanning it.
+    changed: BTreeSet<String>,
+}
+
+impl VolumeState {
+    fn set(&mut self, key: &str, value: Bytes) {
+        self.changed.insert(key.to_owned());
+        self.files.insert(key.to_owned(), value);
+    }
+
+    fn unset(&mut self, key: &str) -> Option<Bytes> {
+        self.changed.insert(key.to_owned());
+        self.files.remove(key)
+    }
 }
 
 /// The shared volume every node mounts: in memory, each operation charged a latency drawn from the
@@ -238,6 +262,7 @@ impl SimVolume {
                 errors: 0,
                 error_p: 0.0,
                 cut: BTreeSet::new(),
+                changed: BTreeSet::new(),
             })),
             latency,
             node: None,
@@ -321,12 +346,17 @@ impl SimVolume {
 
     /// Writes a file directly, outside the simulated world (no latency, no faults): for checker tests.
     pub fn put(&self, key: &str, value: Bytes) {
-        lock(&self.state).files.insert(key.to_owned(), value);
+        lock(&self.state).set(key, value);
     }
 
     /// Removes a file directly, outside the simulated world: for checker tests.
     pub fn remove(&self, key: &str) {
-        lock(&self.state).files.remove(key);
+        lock(&self.state).unset(key);
+    }
+
+    /// The keys written or removed since the last call (for checkers that follow the volume).
+    pub fn take_changes(&self) -> BTreeSet<String> {
+        std::mem::take(&mut lock(&self.state).changed)
     }
 
     /// Operations served so far.
@@ -374,12 +404,12 @@ impl Volume for SimVolume {
     }
     async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
         let fate = self.charge(value.len()).await?;
-        lock(&self.state).files.insert(key.to_owned(), value);
+        lock(&self.state).set(key, value);
         self.after(fate)
     }
     async fn delete(&self, key: &str) -> io::Result<()> {
         let fate = self.charge(0).await?;
-        lock(&self.state).files.remove(key);
+        lock(&self.state).unset(key);
         self.after(fate)
     }
     async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
@@ -393,15 +423,15 @@ impl Volume for SimVolume {
         let mut s = lock(&self.state);
         let mut v = s.files.get(key).map(|b| b.to_vec()).unwrap_or_default();
         v.extend_from_slice(&data);
-        s.files.insert(key.to_owned(), Bytes::from(v));
+        s.set(key, Bytes::from(v));
         Ok(())
     }
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
         let fate = self.charge(0).await?;
         let mut s = lock(&self.state);
-        match s.files.remove(from) {
+        match s.unset(from) {
             Some(v) => {
-                s.files.insert(to.to_owned(), v);
+                s.set(to, v);
                 drop(s);
                 self.after(fate)
             }

@@ -48,9 +48,10 @@ pub struct MetaView {
 impl MetaView {
     /// Reads the durable part of the master's journal from `master` (a copy, crashed).
     pub fn read(master: &SimLocalDisk) -> Result<MetaView, String> {
-        let copy = master.copy();
+        let dir = DatastoreOptions::default().journal_dir;
+        let copy = master.copy_under(&[&format!("{dir}/")]);
         copy.crash();
-        let records = replay_journal(copy, &DatastoreOptions::default().journal_dir)
+        let records = replay_journal(copy, &dir)
             .map_err(|e| format!("the master's datastore journal cannot be recovered: {e}"))?;
         let mut journal = BTreeMap::new();
         for r in records {
@@ -179,7 +180,7 @@ fn expected(params: &BTreeMap<String, String>) -> (u64, u64, u64) {
 /// A minion's outbox as its local disk holds it: (epoch, highest sequence number assigned, events
 /// not yet truncated, the truncation mark: what the master acknowledged).
 fn outbox(disk: &SimLocalDisk, durable_only: bool) -> Result<(u64, u64, Vec<u64>, u64), String> {
-    let copy = disk.copy();
+    let copy = disk.copy_under(&[EPOCH_FILE, &format!("{JOURNAL_DIR}/")]);
     if durable_only {
         // What would survive a power cut now: only that may be known to the master.
         copy.crash();
@@ -202,7 +203,7 @@ fn outbox(disk: &SimLocalDisk, durable_only: bool) -> Result<(u64, u64, Vec<u64>
 /// The keys a frontend's write-behind buffer holds durably (not yet, or not known to be, on the
 /// volume).
 fn buffered(disk: &SimLocalDisk) -> Result<BTreeSet<String>, String> {
-    let copy = disk.copy();
+    let copy = disk.copy_under(&[&format!("{BUFFER_DIR}/")]);
     copy.crash();
     let records = replay_journal(copy, BUFFER_DIR)
         .map_err(|e| format!("a filestore buffer cannot be recovered: {e}"))?;
@@ -253,7 +254,8 @@ fn counts(participants: &BTreeMap<String, ParticipantJson>) -> Counts {
     c
 }
 
-/// State the checkers carry between samples.
+/// State the checkers carry between samples. It follows the volume through its change feed
+/// ([`SimVolume::take_changes`]), so a sample costs what changed, not what is stored.
 #[derive(Default)]
 pub struct Samples {
     /// Every stored flow message seen so far: it must stay, unchanged.
@@ -262,6 +264,11 @@ pub struct Samples {
     cursors: BTreeMap<String, (u64, u64)>,
     /// Flows (`client/flow`) whose reported completion was found on the volume: they stay so.
     visible: BTreeSet<String>,
+    /// The participant records on the volume: hunt → client → participation.
+    participants: BTreeMap<String, BTreeMap<String, ParticipantJson>>,
+    /// Acknowledged (unsettled) messages not on the volume at the last sample: checked against the
+    /// frontends' durable buffers now if still not on the volume.
+    deferred: Vec<String>,
 }
 
 /// What the harness passes to a sample.
@@ -273,6 +280,17 @@ pub struct World<'a> {
     /// A frontend lost its local disk since the last sample (its unsettled acknowledgements may
     /// be gone: the clients resend them).
     pub disk_lost: bool,
+}
+
+/// `hunts/<hunt>/clients/<client>.json` → (hunt, client).
+fn participant_key(k: &str) -> Option<(&str, &str)> {
+    let rest = k.strip_prefix("hunts/")?;
+    let (hunt, rest) = rest.split_once("/clients/")?;
+    Some((hunt, rest.strip_suffix(".json")?))
+}
+
+fn is_flow_record(k: &str) -> bool {
+    k.starts_with("clients/") && k.contains("/flows/") && k.ends_with("/record.json")
 }
 
 impl Samples {
@@ -292,17 +310,18 @@ impl Samples {
             Some(Err(e)) => return out.push(format!("invariant 5 {at}: {e}")),
             None => MetaView::default(),
         };
+        let changes = w.volume.take_changes();
         let acks = std::mem::take(&mut told.acks);
         let stats = std::mem::take(&mut told.seen_stats);
         let done = std::mem::take(&mut told.seen_done);
-        // Frontends' durable buffers, read only if some acknowledged message is not on the volume.
-        let mut buffers: Option<BTreeSet<String>> = None;
-        let mut missing_acks = Vec::new();
+        let deferred = std::mem::take(&mut self.deferred);
+        let mut unbuffered = Vec::new();
         let cursors = w.volume.inspect(|files| {
             let meta = view.on(files);
-            self.stored_messages_stay(files, &at, out);
+            self.follow(files, &changes, &at, out);
             // 1. What a client was told is settled is on the volume; what it was told is
-            // acknowledged is on the volume or in a frontend's durable buffer.
+            // acknowledged is on the volume or in a frontend's durable buffer (looked for there
+            // only if it is still not on the volume a sample later: usually it is by then).
             for (client, flow, seq, settled) in &acks {
                 let (Ok(c), Ok(f)) = (ClientId::parse(client), FlowId::parse(flow)) else {
                     out.push(format!("an agent was acknowledged a malformed flow {flow}"));
@@ -317,28 +336,30 @@ impl Samples {
                         "invariant 1 {at}: {client} was told message {seq} of {flow} is settled; it is not on the volume"
                     ));
                 } else if !w.disk_lost {
-                    missing_acks.push(key);
+                    // (An acknowledgement in flight when its frontend lost its disk may name a
+                    // message that is gone: the client still holds it and resends it.)
+                    self.deferred.push(key);
                 }
             }
+            if !w.disk_lost {
+                unbuffered.extend(deferred.into_iter().filter(|k| !files.contains_key(k)));
+            }
             self.live_stats(&meta, &stats, d, &at, out);
-            self.visibility(files, &meta, &done, &at, out);
+            self.visibility(files, &meta, &view, &changes, &done, &at, out);
             d.minions
                 .iter()
                 .map(|m| (m.clone(), cursor(&meta, m)))
                 .collect::<BTreeMap<_, _>>()
         });
-        for key in missing_acks {
-            let held = buffers.get_or_insert_with(|| {
-                let mut all = BTreeSet::new();
-                for disk in w.disks.values() {
-                    match buffered(disk) {
-                        Ok(keys) => all.extend(keys),
-                        Err(e) => out.push(format!("invariant 1 {at}: {e}")),
-                    }
+        if !unbuffered.is_empty() {
+            let mut held = BTreeSet::new();
+            for disk in w.disks.values() {
+                match buffered(disk) {
+                    Ok(keys) => held.extend(keys),
+                    Err(e) => out.push(format!("invariant 1 {at}: {e}")),
                 }
-                all
-            });
-            if !held.contains(&key) {
+            }
+            for key in unbuffered.into_iter().filter(|k| !held.contains(k)) {
                 out.push(format!(
                     "invariant 1 {at}: acknowledged message {key} is neither on the volume nor in a frontend's durable buffer"
                 ));
@@ -349,22 +370,61 @@ impl Samples {
         }
     }
 
-    /// Invariant 1: a stored (hence acknowledged) flow message is never lost or changed.
-    fn stored_messages_stay(&mut self, files: &Files, at: &str, out: &mut Vec<String>) {
-        for (k, old) in &self.seen {
-            match files.get(k) {
-                None => out.push(format!("invariant 1 {at}: stored message {k} disappeared")),
-                Some(now) if now.as_ptr() != old.as_ptr() && now != old => {
-                    out.push(format!("invariant 1 {at}: stored message {k} changed"))
+    /// Follows the volume's changes: invariant 1 (a stored, hence acknowledged, flow message is
+    /// never lost or changed), and the participant records the other checks count.
+    fn follow(
+        &mut self,
+        files: &Files,
+        changes: &BTreeSet<String>,
+        at: &str,
+        out: &mut Vec<String>,
+    ) {
+        for k in changes {
+            let now = files.get(k);
+            if k.starts_with("clients/") && k.contains("/messages/") {
+                match (self.seen.get(k), now) {
+                    (Some(_), None) => {
+                        out.push(format!("invariant 1 {at}: stored message {k} disappeared"))
+                    }
+                    (Some(old), Some(now)) if now.as_ptr() != old.as_ptr() && now != old => {
+                        out.push(format!("invariant 1 {at}: stored message {k} changed"))
+                    }
+                    (None, Some(now)) => {
+                        self.seen.insert(k.clone(), now.clone());
+                    }
+                    _ => {}
                 }
-                Some(_) => {}
+            } else if let Some((hunt, client)) = participant_key(k) {
+                let of_hunt = self.participants.entry(hunt.to_owned()).or_default();
+                match now.and_then(|b| serde_json::from_slice::<ParticipantJson>(b).ok()) {
+                    Some(p) => of_hunt.insert(client.to_owned(), p),
+                    None => of_hunt.remove(client),
+                };
             }
         }
-        for (k, v) in under(files, "clients/") {
-            if k.contains("/messages/") && !self.seen.contains_key(k) {
-                self.seen.insert(k.clone(), v.clone());
+    }
+
+    /// A hunt's participants as a restart would read them: the volume's, under the journal's.
+    fn participants_of(&self, meta: &Meta<'_>, hunt: &str) -> BTreeMap<String, ParticipantJson> {
+        let mut all = self.participants.get(hunt).cloned().unwrap_or_default();
+        let prefix = format!("hunts/{hunt}/clients/");
+        let from = (
+            std::ops::Bound::Included(prefix.as_str()),
+            std::ops::Bound::Unbounded,
+        );
+        for (k, v) in meta.journal.range::<str, _>(from) {
+            if !k.starts_with(&prefix) {
+                break;
             }
+            let Some((_, client)) = participant_key(k) else {
+                continue;
+            };
+            match v.as_ref().and_then(|b| serde_json::from_slice(b).ok()) {
+                Some(p) => all.insert(client.to_owned(), p),
+                None => all.remove(client),
+            };
         }
+        all
     }
 
     /// Invariant 2 while hunts move: every figure the API reported is consistent and backed by
@@ -382,7 +442,7 @@ impl Samples {
         for (t, hunt, s) in seen {
             let (n, completed, errors, rows, bytes) = *cache
                 .entry(hunt.as_str())
-                .or_insert_with(|| counts(&meta.participants(hunt)));
+                .or_insert_with(|| counts(&self.participants_of(meta, hunt)));
             let told = format!(
                 "invariant 2 {at}: hunt {hunt} reported at {:.1} s scheduled/completed/errors/rows/bytes {:?}",
                 *t as f64 / 1000.0,
@@ -408,48 +468,60 @@ impl Samples {
     }
 
     /// Visibility order: a flow reported finished anywhere readable (its record, its hunt
-    /// participant, the API) has all of its messages on the shared volume.
+    /// participant, the API) has all of its messages on the shared volume. Looks at what changed
+    /// on the volume, what the master's journal holds, and what the API said.
+    #[allow(clippy::too_many_arguments)]
     fn visibility(
         &mut self,
         files: &Files,
         meta: &Meta<'_>,
+        view: &MetaView,
+        changes: &BTreeSet<String>,
         done: &[(String, String, u64, u64)],
         at: &str,
         out: &mut Vec<String>,
     ) {
         let mut reported: Vec<(String, String, u64, u64, &str)> = Vec::new();
-        for f in meta.flow_records() {
-            if matches!(f.state, FlowRecordState::Completed | FlowRecordState::Error) {
-                reported.push((
-                    f.client_id,
-                    f.flow_id,
-                    f.rows,
-                    f.uploaded_bytes,
-                    "its record",
-                ));
-            }
-        }
-        for h in meta.hunts() {
-            let Ok(hunt) = HuntId::parse(&h.hunt_id) else {
-                continue;
-            };
-            for (c, p) in meta.participants(&h.hunt_id) {
-                let (ParticipantJson::Completed {
-                    rows,
-                    uploaded_bytes,
+        let candidates = changes.iter().chain(view.journal.keys());
+        for k in candidates {
+            if is_flow_record(k) {
+                let Some(f) = meta.json::<FlowJson>(k) else {
+                    continue;
+                };
+                if matches!(f.state, FlowRecordState::Completed | FlowRecordState::Error) {
+                    reported.push((
+                        f.client_id,
+                        f.flow_id,
+                        f.rows,
+                        f.uploaded_bytes,
+                        "its record",
+                    ));
                 }
-                | ParticipantJson::Error {
-                    rows,
-                    uploaded_bytes,
-                }) = p
+            } else if let Some((hunt, client)) = participant_key(k) {
+                let Some(
+                    ParticipantJson::Completed {
+                        rows,
+                        uploaded_bytes,
+                    }
+                    | ParticipantJson::Error {
+                        rows,
+                        uploaded_bytes,
+                    },
+                ) = meta.json::<ParticipantJson>(k)
                 else {
                     continue;
                 };
-                let Ok(client) = ClientId::parse(&c) else {
+                let (Ok(h), Ok(c)) = (HuntId::parse(hunt), ClientId::parse(client)) else {
                     continue;
                 };
-                let flow = FlowId::for_hunt(&hunt, &client).to_string();
-                reported.push((c, flow, rows, uploaded_bytes, "its hunt participant"));
+                let flow = FlowId::for_hunt(&h, &c).to_string();
+                reported.push((
+                    client.to_owned(),
+                    flow,
+                    rows,
+                    uploaded_bytes,
+                    "its hunt participant",
+                ));
             }
         }
         for (c, f, rows, bytes) in done {
@@ -536,19 +608,22 @@ fn matches(h: &HuntJson, labels: &BTreeSet<String>) -> bool {
         && !h.exclude_labels.iter().any(|l| labels.contains(l))
 }
 
-/// Whether the healed deployment has converged; `Err` names the first thing still missing.
-pub fn converged(
-    volume: &SimVolume,
-    disks: &BTreeMap<String, SimLocalDisk>,
-    d: &Deployment,
-    told: &Told,
-    now_unix_ms: u64,
-) -> Result<(), String> {
-    let view = match disks.get("master") {
-        Some(m) => MetaView::read(m)?,
-        None => MetaView::default(),
-    };
-    volume.inspect(|files| {
+impl Samples {
+    /// Whether the healed deployment has converged; `Err` names the first thing still missing. Call it
+    /// right after a sample (it counts participants from the sample's view of the volume).
+    pub fn converged(
+        &self,
+        volume: &SimVolume,
+        disks: &BTreeMap<String, SimLocalDisk>,
+        d: &Deployment,
+        told: &Told,
+        now_unix_ms: u64,
+    ) -> Result<(), String> {
+        let view = match disks.get("master") {
+            Some(m) => MetaView::read(m)?,
+            None => MetaView::default(),
+        };
+        volume.inspect(|files| {
         let meta = view.on(files);
         // 5. Everything the master acknowledged is on storage.
         for h in &told.hunts {
@@ -580,7 +655,7 @@ pub fn converged(
             .filter_map(|c| Some((c.to_string(), meta.json(&paths::client_record(c))?)))
             .collect();
         for h in meta.hunts() {
-            let parts = meta.participants(&h.hunt_id);
+            let parts = self.participants_of(&meta, &h.hunt_id);
             let unfinished = parts
                 .iter()
                 .filter(|(c, p)| staying(c) && matches!(p, ParticipantJson::Scheduled))
@@ -622,17 +697,10 @@ pub fn converged(
                 return Err(format!("collection {flow} on {client} completed"));
             }
         }
-        // Every finished flow with uploads has them reassembled and recorded.
-        for f in meta.flow_records() {
-            let (_, uploads, _) = expected(&f.params);
-            if f.state == FlowRecordState::Completed && (f.uploads.len() as u64) < uploads {
-                return Err(format!(
-                    "flow {} of {}: {} of {uploads} uploads reassembled",
-                    f.flow_id,
-                    f.client_id,
-                    f.uploads.len()
-                ));
-            }
+        // Every finished flow with uploads has them reassembled and recorded (whether it has all
+        // of them is for the final check).
+        if let Some(k) = meta.keys(paths::UPLOADS_PENDING, ".json").first() {
+            return Err(format!("uploads reassembled ({k})"));
         }
         for k in meta.keys("tasks/", ".pb") {
             let client = k.split('/').nth(1).unwrap_or_default();
@@ -660,6 +728,7 @@ pub fn converged(
         }
         Ok(())
     })
+    }
 }
 
 fn hex(b: &[u8]) -> String {

@@ -54,11 +54,19 @@ pub struct Workload {
     pub remove_label_p: f64,
     /// A single-client collection every this many ms (`None`: no collections).
     pub collect_every_ms: Option<u64>,
+    /// Uploads may span several chunks (off in runs with many clients: the simulated volume holds
+    /// everything in memory).
+    pub large_uploads: bool,
 }
+
+/// Above this many clients, flows stay within one batch and uploads within one small chunk: a
+/// 10,000-client run would otherwise hold tens of GB in the in-memory volume.
+pub const HEAVY_FLOWS_CLIENTS_MAX: usize = 200;
 
 impl Workload {
     /// Draws a workload; `rows` is `--rows`.
-    pub fn draw(rng: &mut SimRng, rows: u64) -> Workload {
+    pub fn draw(rng: &mut SimRng, rows: u64, clients: usize) -> Workload {
+        let heavy = clients <= HEAVY_FLOWS_CLIENTS_MAX;
         let p = |rng: &mut SimRng, on: f64, lo: u64, hi: u64| {
             if rng.chance(on) {
                 rng.range(lo, hi) as f64 / 100.0
@@ -70,13 +78,14 @@ impl Workload {
             hunt_every_ms: rng.range(3_000, 40_000),
             label_every_ms: rng.range(500, 5_000),
             rows: rows.max(1),
-            multi_batch: rng.chance(0.5),
+            multi_batch: rng.chance(0.5) && heavy,
             uploads: rng.chance(0.5),
             label_hunt_p: p(rng, 0.5, 10, 50),
             stop_p: p(rng, 0.5, 10, 40),
             expire_p: p(rng, 0.5, 10, 30),
             remove_label_p: p(rng, 0.5, 10, 40),
             collect_every_ms: rng.chance(0.5).then(|| rng.range(2_000, 20_000)),
+            large_uploads: heavy,
         }
     }
 
@@ -96,8 +105,9 @@ impl Workload {
             // Mostly one small chunk; now and then a file of two chunks (512 KiB each).
             let size = match rng.range(0, 9) {
                 0 => 0,
-                1 => 700 << 10,
-                _ => rng.range(1, 64 << 10),
+                1 if self.large_uploads => 700 << 10,
+                _ if self.large_uploads => rng.range(1, 64 << 10),
+                _ => rng.range(1, 4 << 10),
             };
             p.insert("uploads".into(), rng.range(1, 2).to_string());
             p.insert("upload_size".into(), size.to_string());

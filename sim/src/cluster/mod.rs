@@ -91,6 +91,8 @@ pub struct Report {
     pub exits: Vec<(u64, String, String)>,
     /// Broken invariants, each naming what was expected and found.
     pub violations: Vec<String>,
+    /// Wall time the checkers took (samples and convergence checks): the rest is the simulation.
+    pub checks_wall: std::time::Duration,
     /// SHA-256 over the final contents of the shared volume (every record, row and timestamp the
     /// nodes wrote), the faults applied, the driver's acknowledged operations and the virtual times.
     pub trace_hash: String,
@@ -114,7 +116,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     }
     let root = SimRng::new(o.seed);
     let swarm = Swarm::draw(&mut root.fork("parameters"), o.minions, o.faults);
-    let workload = Workload::draw(&mut root.fork("workload"), o.rows);
+    let workload = Workload::draw(&mut root.fork("workload"), o.rows, o.clients);
     let safety_ms = o.duration_s * 1000;
     let minion_names: Vec<String> = (1..=o.minions).map(|i| format!("minion{i}")).collect();
     let groups = o.clients.clamp(1, 4);
@@ -390,7 +392,10 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     let mut violations = Vec::new();
     let deadline_ms = safety_ms + LIVENESS_BOUND_S * 1000;
     let mut waiting_for = String::new();
-    let mut disk_lost = false;
+    // Until when acknowledgements may name messages a lost disk took with it (an ack in flight
+    // when the disk went arrives a little later).
+    let mut disk_lost_until = 0;
+    let mut checks_wall = std::time::Duration::ZERO;
     loop {
         let now = sim.elapsed().as_millis() as u64;
         // A crash aimed at an fsync tripped in the last step: the process dies now (its disk
@@ -404,7 +409,9 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         while next_event < events.len() && events[next_event].0 <= now {
             let (_, start, i) = events[next_event];
             next_event += 1;
-            disk_lost |= start && matches!(plan[i].fault, Fault::DiskLoss { .. });
+            if start && matches!(plan[i].fault, Fault::DiskLoss { .. }) {
+                disk_lost_until = now + 2_000;
+            }
             apply(
                 &mut sim,
                 &plan[i].fault,
@@ -452,12 +459,19 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             let world = check::World {
                 volume: &volume,
                 disks: &disks,
-                disk_lost: std::mem::take(&mut disk_lost),
+                disk_lost: now <= disk_lost_until,
             };
+            let checks_start = std::time::Instant::now();
             samples.sample(now, &world, &deployment, &mut lock(&told), &mut violations);
-            if healed && converged_ms == 0 && !finish.load(Ordering::Relaxed) {
+            let converging = if healed && converged_ms == 0 && !finish.load(Ordering::Relaxed) {
                 let t = lock(&told);
-                match check::converged(&volume, &disks, &deployment, &t, EPOCH_MS + now) {
+                Some(samples.converged(&volume, &disks, &deployment, &t, EPOCH_MS + now))
+            } else {
+                None
+            };
+            checks_wall += checks_start.elapsed();
+            if let Some(converging) = converging {
+                match converging {
                     Ok(()) => {
                         converged_ms = now;
                         finish.store(true, Ordering::Relaxed);
@@ -572,6 +586,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         volume_ops: (volume.ops(), volume.errors()),
         exits,
         violations,
+        checks_wall,
         trace_hash,
     })
 }
