@@ -5,7 +5,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-fn parent(path: &Path) -> &Path {
+/// The directory holding `path` (`.` for a bare name).
+pub fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -22,6 +23,13 @@ pub fn temp_path(path: &Path) -> io::Result<std::path::PathBuf> {
         name.to_string_lossy(),
         std::process::id()
     )))
+}
+
+/// Like [`temp_path`], numbered `n` as well: unique among temp files of one process.
+pub fn temp_path_n(path: &Path, n: u64) -> io::Result<std::path::PathBuf> {
+    let mut p = temp_path(path)?.into_os_string();
+    p.push(format!("-{n}"));
+    Ok(p.into())
 }
 
 /// Creates or truncates `path` and writes `data`, without syncing (the caller syncs).
