@@ -158,6 +158,34 @@ impl SimDisk {
         }
     }
 
+    /// A copy holding only what a power cut now would leave of the files under `prefixes` (no torn
+    /// tail), with no faults and power on: what a checker opens. Copies the durable bytes only, not
+    /// the unsynced tails a later crash would drop.
+    pub fn durable_under(&self, prefixes: &[&str]) -> SimDisk {
+        SimDisk {
+            files: self
+                .files
+                .iter()
+                .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
+                .map(|(k, f)| {
+                    let kept = match &f.durable {
+                        Durable::Prefix(len) => f.current[..*len].to_vec(),
+                        Durable::Other(d) => d.clone(),
+                    };
+                    let file = File {
+                        durable: Durable::Prefix(kept.len()),
+                        current: kept,
+                    };
+                    (k.clone(), file)
+                })
+                .collect(),
+            capacity_bytes: self.capacity_bytes,
+            faults: DiskFaults::default(),
+            rng: self.rng.clone(),
+            power: Power::On,
+        }
+    }
+
     /// Sets the probability of injected errors (the harness turns them off when it heals the world).
     pub fn set_error_p(&mut self, p: f64) {
         self.faults.error_p = p;
@@ -331,6 +359,31 @@ mod tests {
 
     fn disk(faults: DiskFaults, seed: u64) -> SimDisk {
         SimDisk::new(1 << 20, faults, SimRng::new(seed))
+    }
+
+    #[test]
+    fn a_durable_copy_holds_what_a_crash_keeps_without_a_torn_tail() {
+        let always_torn = DiskFaults {
+            error_p: 0.0,
+            torn_write_p: 1.0,
+        };
+        let mut d = disk(always_torn, 5);
+        d.append("j/a", b"synced").unwrap();
+        d.fsync("j/a").unwrap();
+        d.append("j/a", b" volatile").unwrap();
+        d.write("j/b", b"new").unwrap();
+        d.append("other", b"x").unwrap();
+        d.fsync("other").unwrap();
+        let mut c = d.durable_under(&["j/"]);
+        assert_eq!(c.read("j/a").unwrap(), b"synced");
+        assert_eq!(
+            c.read("j/b").unwrap(),
+            b"",
+            "created (durable), never synced"
+        );
+        assert!(c.read("other").is_err(), "outside the prefixes");
+        // The original is untouched: its volatile tail is still there.
+        assert_eq!(d.read("j/a").unwrap(), b"synced volatile");
     }
 
     #[test]

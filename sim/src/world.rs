@@ -141,6 +141,12 @@ impl SimLocalDisk {
         lock(&self.0).restore_power();
     }
 
+    /// What a power cut now would leave of the files under `prefixes` (no torn tail), as a separate
+    /// disk without faults: the state a checker reads "as a crash would leave it".
+    pub fn durable_copy_under(&self, prefixes: &[&str]) -> SimLocalDisk {
+        SimLocalDisk::new(lock(&self.0).durable_under(prefixes))
+    }
+
     /// Like [`SimLocalDisk::copy`], holding only the files whose path starts with one of
     /// `prefixes` (a checker that opens one journal need not copy the others).
     pub fn copy_under(&self, prefixes: &[&str]) -> SimLocalDisk {

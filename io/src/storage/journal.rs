@@ -84,8 +84,10 @@ fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Parses frames from `buf`; returns the records and the offset of the first bad frame, if any.
-fn parse(buf: &[u8]) -> (Vec<Record>, Option<usize>) {
+/// The records framed in `buf` and where the first damaged one starts, if any. Payloads of records
+/// at or below `keep_above` are checked but not copied (left empty): recovery drops them, and a
+/// segment is mostly such records once flushed.
+fn parse(buf: &[u8], keep_above: u64) -> (Vec<Record>, Option<usize>) {
     let mut records = Vec::new();
     let mut at = 0;
     while at < buf.len() {
@@ -103,7 +105,12 @@ fn parse(buf: &[u8]) -> (Vec<Record>, Option<usize>) {
             return (records, Some(at));
         }
         let seq = u64::from_le_bytes(body[0..8].try_into().expect("8 bytes"));
-        records.push((seq, body[8..].to_vec()));
+        let payload = if seq > keep_above {
+            body[8..].to_vec()
+        } else {
+            Vec::new()
+        };
+        records.push((seq, payload));
         at += 8 + len;
     }
     (records, None)
@@ -148,7 +155,7 @@ impl<D: LocalDisk> Journal<D> {
                 .parse()
                 .map_err(|_| corrupt(format!("{name}: not a journal segment name")))?;
             let buf = disk.read(name)?.unwrap_or_default();
-            let (records, bad_at) = parse(&buf);
+            let (records, bad_at) = parse(&buf, truncated_upto);
             let last = i + 1 == names.len();
             let mut bytes = buf.len() as u64;
             if let Some(at) = bad_at {

@@ -49,8 +49,7 @@ impl MetaView {
     /// Reads the durable part of the master's journal from `master` (a copy, crashed).
     pub fn read(master: &SimLocalDisk) -> Result<MetaView, String> {
         let dir = DatastoreOptions::default().journal_dir;
-        let copy = master.copy_under(&[&format!("{dir}/")]);
-        copy.crash();
+        let copy = master.durable_copy_under(&[&format!("{dir}/")]);
         let records = replay_journal(copy, &dir)
             .map_err(|e| format!("the master's datastore journal cannot be recovered: {e}"))?;
         let mut journal = BTreeMap::new();
@@ -180,11 +179,13 @@ fn expected(params: &BTreeMap<String, String>) -> (u64, u64, u64) {
 /// A minion's outbox as its local disk holds it: (epoch, highest sequence number assigned, events
 /// not yet truncated, the truncation mark: what the master acknowledged).
 fn outbox(disk: &SimLocalDisk, durable_only: bool) -> Result<(u64, u64, Vec<u64>, u64), String> {
-    let copy = disk.copy_under(&[EPOCH_FILE, &format!("{JOURNAL_DIR}/")]);
-    if durable_only {
+    let prefixes = [EPOCH_FILE, &format!("{JOURNAL_DIR}/")];
+    let copy = if durable_only {
         // What would survive a power cut now: only that may be known to the master.
-        copy.crash();
-    }
+        disk.durable_copy_under(&prefixes)
+    } else {
+        disk.copy_under(&prefixes)
+    };
     let mut c = copy.clone();
     let epoch = match c.read(EPOCH_FILE).map_err(|e| e.to_string())? {
         Some(b) => String::from_utf8_lossy(&b)
@@ -203,8 +204,7 @@ fn outbox(disk: &SimLocalDisk, durable_only: bool) -> Result<(u64, u64, Vec<u64>
 /// The keys a frontend's write-behind buffer holds durably (not yet, or not known to be, on the
 /// volume).
 fn buffered(disk: &SimLocalDisk) -> Result<BTreeSet<String>, String> {
-    let copy = disk.copy_under(&[&format!("{BUFFER_DIR}/")]);
-    copy.crash();
+    let copy = disk.durable_copy_under(&[&format!("{BUFFER_DIR}/")]);
     let records = replay_journal(copy, BUFFER_DIR)
         .map_err(|e| format!("a filestore buffer cannot be recovered: {e}"))?;
     Ok(records
@@ -269,6 +269,8 @@ pub struct Samples {
     /// Acknowledged (unsettled) messages not on the volume at the last sample: checked against the
     /// frontends' durable buffers now if still not on the volume.
     deferred: Vec<String>,
+    /// The master's metadata as the last sample read it (`converged` reads it too, right after).
+    view: MetaView,
 }
 
 /// What the harness passes to a sample.
@@ -310,6 +312,7 @@ impl Samples {
             Some(Err(e)) => return out.push(format!("invariant 5 {at}: {e}")),
             None => MetaView::default(),
         };
+        // Kept for `converged` (put back at the end of the sample).
         let changes = w.volume.take_changes();
         let acks = std::mem::take(&mut told.acks);
         let stats = std::mem::take(&mut told.seen_stats);
@@ -368,6 +371,7 @@ impl Samples {
         for (node, c) in cursors {
             self.replication(&node, c, w, d, &at, out);
         }
+        self.view = view;
     }
 
     /// Follows the volume's changes: invariant 1 (a stored, hence acknowledged, flow message is
@@ -610,7 +614,8 @@ fn matches(h: &HuntJson, labels: &BTreeSet<String>) -> bool {
 
 impl Samples {
     /// Whether the healed deployment has converged; `Err` names the first thing still missing. Call it
-    /// right after a sample (it counts participants from the sample's view of the volume).
+    /// right after a sample (it counts participants from the sample's view of the volume and reads
+    /// the master's metadata as that sample did).
     pub fn converged(
         &self,
         volume: &SimVolume,
@@ -619,10 +624,7 @@ impl Samples {
         told: &Told,
         now_unix_ms: u64,
     ) -> Result<(), String> {
-        let view = match disks.get("master") {
-            Some(m) => MetaView::read(m)?,
-            None => MetaView::default(),
-        };
+        let view = &self.view;
         volume.inspect(|files| {
         let meta = view.on(files);
         // 5. Everything the master acknowledged is on storage.

@@ -143,3 +143,34 @@ fn a_gap_after_the_mark_is_an_error() {
 
 // The crash property (the journal over the simulator's crashable disk) lives in
 // sim/tests/journal_crash.rs, beside the disk it needs.
+
+#[test]
+fn records_below_the_mark_are_checked_but_not_returned() {
+    // Three records per segment: 1–3 in the first, 4–5 in the second; 1–2 flushed and truncated
+    // (still in the first segment, beside the live record 3).
+    let dir = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(std_disk(&dir), "j", 64).unwrap();
+    for seq in 1..=5u64 {
+        j.append(seq, format!("v{seq}").as_bytes()).unwrap();
+    }
+    j.sync().unwrap();
+    j.truncate(2).unwrap();
+    assert_eq!(j.segment_count(), 2);
+    drop(j);
+    let (j, rec) = Journal::open(std_disk(&dir), "j", 64).unwrap();
+    assert_eq!(rec.truncated_upto, 2);
+    let live: Vec<Record> = (3..=5u64)
+        .map(|s| (s, format!("v{s}").into_bytes()))
+        .collect();
+    assert_eq!(rec.records, live);
+    assert_eq!(j.next_seq(), 6);
+    drop(j);
+    // Damage inside a truncated record (record 2: frames of 18 bytes) of a segment that is not the
+    // last: still an error.
+    let seg = dir.path().join("j/seg-00000000000000000001.log");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[18 + FRAME_HEADER_BYTES] ^= 0xFF;
+    std::fs::write(&seg, bytes).unwrap();
+    let e = Journal::open(std_disk(&dir), "j", 64).unwrap_err();
+    assert!(e.to_string().contains("damaged record at byte 18"), "{e}");
+}
