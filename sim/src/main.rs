@@ -107,7 +107,7 @@ fn main() -> ExitCode {
                     *t as f64 / 1000.0
                 );
             }
-            let virt = r.converged_ms as f64 / 1000.0;
+            let virt = r.ended_ms as f64 / 1000.0;
             println!(
                 "{} faults ({}); {} label changes and {} collections acknowledged; shared volume: {} operations, {} injected errors",
                 r.plan.len(),
@@ -117,8 +117,16 @@ fn main() -> ExitCode {
                 r.volume_ops.0,
                 r.volume_ops.1
             );
+            let outcome = if r.converged_ms > 0 {
+                format!(
+                    "converged at {:.1} virtual s",
+                    r.converged_ms as f64 / 1000.0
+                )
+            } else {
+                "not converged".to_string()
+            };
             println!(
-                "converged at {virt:.1} virtual s; {virt:.1} virtual s in {secs:.1} wall s ({:.1} virtual s per wall s; checkers {:.1} wall s)",
+                "{outcome}; {virt:.1} virtual s in {secs:.1} wall s ({:.1} virtual s per wall s; checkers {:.1} wall s)",
                 virt / secs.max(0.001),
                 r.checks_wall.as_secs_f64()
             );

@@ -79,6 +79,8 @@ pub struct Report {
     pub plan: Vec<Planned>,
     /// Virtual ms at which the deployment had converged after healing (0 if it did not).
     pub converged_ms: u64,
+    /// Virtual ms the run lasted (to convergence, or to the liveness deadline or a failure).
+    pub ended_ms: u64,
     /// The hunts the driver created (acknowledged) and their stats as the master reported them.
     pub hunts: BTreeMap<String, api::HuntStats>,
     /// Label changes the master acknowledged.
@@ -520,6 +522,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         }
     }
 
+    let ended_ms = sim.elapsed().as_millis() as u64;
     let told = std::mem::take(&mut *lock(&told));
     let files = volume.snapshot();
     if converged_ms > 0 {
@@ -580,6 +583,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         workload,
         plan,
         converged_ms,
+        ended_ms,
         hunts: told.stats,
         labels: told.labels.len(),
         collections: told.collections.len(),
