@@ -624,6 +624,9 @@ impl Samples {
         told: &Told,
         now_unix_ms: u64,
     ) -> Result<(), String> {
+        if !told.quiet {
+            return Err("the analyst's last calls answered".into());
+        }
         let view = &self.view;
         volume.inspect(|files| {
         let meta = view.on(files);
@@ -656,6 +659,19 @@ impl Samples {
             .iter()
             .filter_map(|c| Some((c.to_string(), meta.json(&paths::client_record(c))?)))
             .collect();
+        // Every client that stays has enrolled (a late one may start just before healing).
+        if let Some(c) = d.clients.iter().find(|c| staying(c.as_str()) && !enrolled.contains_key(c.as_str())) {
+            return Err(format!("client {c} enrolled"));
+        }
+        // Every flow of a client that stays has finished, also one whose creation was never
+        // acknowledged (its task may still have been written: maybe happened).
+        if let Some(f) = meta
+            .flow_records()
+            .into_iter()
+            .find(|f| staying(&f.client_id) && matches!(f.state, FlowRecordState::Queued | FlowRecordState::Running))
+        {
+            return Err(format!("flow {} on {} finished", f.flow_id, f.client_id));
+        }
         for h in meta.hunts() {
             let parts = self.participants_of(&meta, &h.hunt_id);
             let unfinished = parts

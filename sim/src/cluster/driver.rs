@@ -151,6 +151,9 @@ pub struct Told {
     pub stats: BTreeMap<String, api::HuntStats>,
     /// After convergence: every acknowledged collection as the master reports it.
     pub flows: BTreeMap<(String, String), api::FlowSummary>,
+    /// The safety phase is over and no call that changes anything is in flight any more (one made
+    /// just before healing may create work after it).
+    pub quiet: bool,
 }
 
 impl Told {
@@ -240,6 +243,8 @@ impl Driver {
             ok &= self.read_stats(a, now).await;
         }
         if now >= self.safety_ms {
+            // Calls are made one at a time: every one that could change something has returned.
+            lock(&self.told).quiet = true;
             return if ok { Ok(()) } else { Err(()) };
         }
         if now >= plan.next_hunt && lock(&self.told).hunts.len() < HUNTS_MAX {

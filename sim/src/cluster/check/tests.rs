@@ -130,6 +130,14 @@ fn check(files: &Files, d: &Deployment, hunt: &HuntId, reported: (u64, u64, u64)
     out
 }
 
+/// What the driver has told once the safety phase is over and its calls have returned.
+fn quiet() -> Told {
+    Told {
+        quiet: true,
+        ..Told::default()
+    }
+}
+
 /// Convergence as the harness decides it: right after a sample of the same volume.
 fn converged(
     volume: &SimVolume,
@@ -276,7 +284,7 @@ fn an_upload_that_differs_from_what_the_agent_sent_is_caught() {
     for (k, v) in &none {
         volume.put(k, v.clone());
     }
-    let e = converged(&volume, &BTreeMap::new(), &d, &Told::default(), 0).unwrap_err();
+    let e = converged(&volume, &BTreeMap::new(), &d, &quiet(), 0).unwrap_err();
     assert!(e.contains("uploads reassembled"), "{e}");
 }
 
@@ -605,10 +613,7 @@ fn convergence_waits_for_labels_tasks_and_matching_clients() {
         v
     };
     let none = BTreeMap::new();
-    assert_eq!(
-        converged(&volume(&files), &none, &d, &Told::default(), 0),
-        Ok(())
-    );
+    assert_eq!(converged(&volume(&files), &none, &d, &quiet(), 0), Ok(()));
     // A label the driver removed (acknowledged) is still on the record.
     let c = d.clients[0].clone();
     let mut j: serde_json::Value =
@@ -617,19 +622,16 @@ fn convergence_waits_for_labels_tasks_and_matching_clients() {
     files.insert(paths::client_record(&c), json(j));
     let told = Told {
         labels: [((c.to_string(), "x".to_string()), LabelState::Absent)].into(),
-        ..Told::default()
+        ..quiet()
     };
     let e = converged(&volume(&files), &none, &d, &told, 0).unwrap_err();
     assert!(e.contains("label x removed"), "{e}");
     // A task still waits for a client: not converged, unless the client left for good.
     files.insert(format!("tasks/{c}/F.1.pb"), Bytes::from_static(b""));
-    let e = converged(&volume(&files), &none, &d, &Told::default(), 0).unwrap_err();
+    let e = converged(&volume(&files), &none, &d, &quiet(), 0).unwrap_err();
     assert!(e.contains("pending task"), "{e}");
     d.departed.insert(c.clone());
-    assert_eq!(
-        converged(&volume(&files), &none, &d, &Told::default(), 0),
-        Ok(())
-    );
+    assert_eq!(converged(&volume(&files), &none, &d, &quiet(), 0), Ok(()));
     // A running hunt that a matching client never joined.
     let mut j: serde_json::Value =
         serde_json::from_slice(&files[&paths::hunt_record(&hunt)]).unwrap();
@@ -637,11 +639,28 @@ fn convergence_waits_for_labels_tasks_and_matching_clients() {
     j["expires_ms"] = 10.into();
     files.insert(paths::hunt_record(&hunt), json(j));
     files.remove(&paths::hunt_participant(&hunt, &d.clients[1]));
-    let e = converged(&volume(&files), &none, &d, &Told::default(), 0).unwrap_err();
+    let e = converged(&volume(&files), &none, &d, &quiet(), 0).unwrap_err();
     assert!(e.contains("matching clients"), "{e}");
     // Once expired, nobody more is due.
-    assert_eq!(
-        converged(&volume(&files), &none, &d, &Told::default(), 10),
-        Ok(())
+    assert_eq!(converged(&volume(&files), &none, &d, &quiet(), 10), Ok(()));
+    // Not while the analyst's last call may still create work.
+    let e = converged(&volume(&files), &none, &d, &Told::default(), 10).unwrap_err();
+    assert!(e.contains("last calls answered"), "{e}");
+    // Not before every client that stays has enrolled (a late one).
+    let late = d.clients[1].clone();
+    let record = files.remove(&paths::client_record(&late)).unwrap();
+    let e = converged(&volume(&files), &none, &d, &quiet(), 10).unwrap_err();
+    assert!(e.contains(&format!("client {late} enrolled")), "{e}");
+    files.insert(paths::client_record(&late), record);
+    // Not while a flow of a client that stays still runs, acknowledged to the analyst or not.
+    let flow = FlowId::parse("F.0000000000000ABC").unwrap();
+    let mut running: serde_json::Value =
+        serde_json::from_slice(&flow_record(&late, &flow, None)).unwrap();
+    running["state"] = "running".into();
+    files.insert(paths::flow_record(&late, &flow), json(running));
+    let e = converged(&volume(&files), &none, &d, &quiet(), 10).unwrap_err();
+    assert!(
+        e.contains(&format!("flow {flow} on {late} finished")),
+        "{e}"
     );
 }
