@@ -13,7 +13,11 @@ use std::path::{Path, PathBuf};
 pub const MASTER_IMPLEMENTATION: &str = "MemcacheFileDataStore";
 /// The only minion datastore implementation.
 pub const MINION_IMPLEMENTATION: &str = "RemoteFileDataStore";
-/// The datastore directory `config generate` writes when `--datastore` is not given.
+/// Where `config generate` puts `Datastore.location` under the shared volume's mount point.
+pub const METADATA_SUBDIR: &str = "metadata";
+/// Where `config generate` puts `Datastore.filestore_directory` under the mount point.
+pub const FILESTORE_SUBDIR: &str = "filestore";
+/// The shared volume's mount point `config generate` uses when `--datastore` is not given.
 pub const DEFAULT_DATASTORE: &str = "/opt/talon";
 
 /// The server config: every node of a deployment runs from the same file.
@@ -712,8 +716,11 @@ pub fn generate(
         },
         extra_frontends: vec![],
         datastore: DatastoreSection {
-            location: opts.datastore.clone(),
-            filestore_directory: opts.datastore.clone(),
+            // Metadata and bulk data apart: listing metadata (the master's start lists `clients/`)
+            // never walks the filestore's per-flow directories, which a network volume charges a
+            // round trip each.
+            location: opts.datastore.join(METADATA_SUBDIR),
+            filestore_directory: opts.datastore.join(FILESTORE_SUBDIR),
             master_implementation: master_impl(),
             minion_implementation: minion_impl(),
             memcache_bytes: memcache_bytes(),

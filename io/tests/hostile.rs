@@ -207,6 +207,21 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// Every file a client has on the shared volume, metadata and filestore (the generated config keeps
+/// them in `shared/metadata` and `shared/filestore`): `metadata/…` or `filestore/…` → bytes.
+fn client_files(d: &Deployment, client: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for part in ["metadata", "filestore"] {
+        let dir = d.path(&format!("shared/{part}/clients/{client}"));
+        out.extend(
+            snapshot(&dir)
+                .into_iter()
+                .map(|(k, v)| (format!("{part}/{k}"), v)),
+        );
+    }
+    out
+}
+
 /// Every file under `dir`, relative path → bytes.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -302,9 +317,16 @@ fn hostile_clients_are_refused_and_stored_data_is_intact() {
     assert_eq!(before["rows"], 5, "{before}");
     let victim_flow = before["flow_id"].as_str().unwrap().to_owned();
     let victim_rows = d.api(&["flow", "results", &victim, &victim_flow]);
-    let victim_dir = d.path(&format!("shared/clients/{victim}"));
-    let victim_files = snapshot(&victim_dir);
-    assert!(!victim_files.is_empty());
+    // The master writes metadata to the volume behind its journal: wait for the completed record.
+    let record = format!("metadata/flows/{victim_flow}/record.json");
+    d.wait_until("the victim's flow record is on the volume", || {
+        client_files(d, &victim)
+            .get(&record)
+            .is_some_and(|b| String::from_utf8_lossy(b).contains("\"state\":\"completed\""))
+    });
+    let victim_files = client_files(d, &victim);
+    assert!(victim_files.keys().any(|k| k.starts_with("metadata/")));
+    assert!(victim_files.keys().any(|k| k.starts_with("filestore/")));
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (ca, nonce) = (s.ca.clone(), s.nonce.clone());
@@ -563,7 +585,9 @@ fn hostile_clients_are_refused_and_stored_data_is_intact() {
     });
     let done = json(&d.api(&["flow", "show", &eve_id, &flow, "--json"]));
     assert_eq!(done["state"], "completed", "{done}");
-    let uploads = d.path(&format!("shared/clients/{eve_id}/flows/{flow}/uploads"));
+    let uploads = d.path(&format!(
+        "shared/filestore/clients/{eve_id}/flows/{flow}/uploads"
+    ));
     d.wait_until("the uploads are rebuilt", || {
         snapshot(&uploads).len() == expected_files
     });
@@ -616,17 +640,15 @@ fn hostile_clients_are_refused_and_stored_data_is_intact() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown artifact"));
 
     // Mallory's replay and invented flows stored nothing at all.
-    let mallory_dir = d.path(&format!("shared/clients/{}", mallory_id));
+    let mallory_files = client_files(d, &mallory_id);
     assert!(
-        snapshot(&mallory_dir)
-            .keys()
-            .all(|k| !k.contains("/flows/")),
+        mallory_files.keys().all(|k| !k.contains("/flows/")),
         "{:?}",
-        snapshot(&mallory_dir).keys().collect::<Vec<_>>()
+        mallory_files.keys().collect::<Vec<_>>()
     );
     // Stored data is intact: the victim's files byte for byte, its results, and it still works.
     assert_eq!(
-        snapshot(&victim_dir),
+        client_files(d, &victim),
         victim_files,
         "the victim's stored data changed"
     );

@@ -53,7 +53,7 @@ fn collections_work_end_to_end_and_survive_a_master_sigkill() {
         "{ff}"
     );
     let uploads = d.path(&format!(
-        "shared/clients/{id}/flows/{}/uploads",
+        "shared/filestore/clients/{id}/flows/{}/uploads",
         ff["flow_id"].as_str().unwrap()
     ));
     let committed = || -> Vec<PathBuf> {
@@ -92,10 +92,11 @@ fn collections_work_end_to_end_and_survive_a_master_sigkill() {
     let flow = f["flow_id"].as_str().unwrap().to_owned();
     std::thread::sleep(Duration::from_millis(300));
     drop(master);
-    let stored_at_kill =
-        std::fs::read_dir(d.path(&format!("shared/clients/{id}/flows/{flow}/messages")))
-            .map(|r| r.count())
-            .unwrap_or(0);
+    let stored_at_kill = std::fs::read_dir(d.path(&format!(
+        "shared/filestore/clients/{id}/flows/{flow}/messages"
+    )))
+    .map(|r| r.count())
+    .unwrap_or(0);
     eprintln!(
         "master killed with {stored_at_kill} of {} messages stored",
         N / 1000 + 1

@@ -40,6 +40,12 @@ fn generate_makes_a_valid_single_server_config() {
     assert_eq!(fe.sans, vec!["master.example"]);
     assert!(pki::signed_by(&c.frontend.certificate, &c.ca.certificate).unwrap());
     assert_eq!(c.master_node_name(), "master.example-8000");
+    // Metadata and bulk data in separate directories of the shared volume.
+    assert_eq!(c.datastore.location, PathBuf::from("/srv/talon/metadata"));
+    assert_eq!(
+        c.datastore.filestore_directory,
+        PathBuf::from("/srv/talon/filestore")
+    );
 }
 
 #[test]
