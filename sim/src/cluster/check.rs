@@ -663,15 +663,6 @@ impl Samples {
         if let Some(c) = d.clients.iter().find(|c| staying(c.as_str()) && !enrolled.contains_key(c.as_str())) {
             return Err(format!("client {c} enrolled"));
         }
-        // Every flow of a client that stays has finished, also one whose creation was never
-        // acknowledged (its task may still have been written: maybe happened).
-        if let Some(f) = meta
-            .flow_records()
-            .into_iter()
-            .find(|f| staying(&f.client_id) && matches!(f.state, FlowRecordState::Queued | FlowRecordState::Running))
-        {
-            return Err(format!("flow {} on {} finished", f.flow_id, f.client_id));
-        }
         for h in meta.hunts() {
             let parts = self.participants_of(&meta, &h.hunt_id);
             let unfinished = parts
@@ -743,6 +734,16 @@ impl Samples {
                     "{node}'s outbox drained ({left} events beyond the master's cursor {c:?}, epoch {epoch})"
                 ));
             }
+        }
+        // Every flow of a client that stays has finished, also one whose creation was never
+        // acknowledged (its task may still have been written: maybe happened). Last: it parses
+        // every flow record.
+        if let Some(f) = meta
+            .flow_records()
+            .into_iter()
+            .find(|f| staying(&f.client_id) && matches!(f.state, FlowRecordState::Queued | FlowRecordState::Running))
+        {
+            return Err(format!("flow {} on {} finished", f.flow_id, f.client_id));
         }
         Ok(())
     })
