@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 use talon_sim::cluster::faults::KINDS;
 use talon_sim::cluster::{Report, SimOptions, run};
 
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn sim(seed: u64, minions: usize, clients: usize, faults: bool) -> Report {
     sim_with(seed, minions, clients, 50, 30, faults)
 }
@@ -27,7 +29,13 @@ fn sim_with(
         duration_s,
         faults,
     };
-    let r = run(&o, &mut |_| {}).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    // One simulation at a time in this process: two running at once in one process diverge from
+    // the binary's run of the same seed (something process-wide leaks into a run; see
+    // docs/simulation.md, "Determinism"), and then a failure's `reproduce:` line would not.
+    let r = {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        run(&o, &mut |_| {}).unwrap_or_else(|e| panic!("seed {seed}: {e}"))
+    };
     assert!(
         r.violations.is_empty(),
         "seed {seed}: {:#?}\nreproduce: cargo run --release -p talon-sim -- --seed {seed} --minions {minions} --clients {clients} --rows {rows} --duration {duration_s}{}",
