@@ -331,11 +331,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The first error of a round, if any.
-fn first_error<R>(outcomes: Vec<io::Result<R>>) -> io::Result<Vec<R>> {
-    outcomes.into_iter().collect()
-}
-
 impl Volume for FsVolume {
     async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
         let p = self.path(key)?;
@@ -349,11 +344,10 @@ impl Volume for FsVolume {
 
     async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
         let p = self.path(key)?;
+        let me = self.clone();
         blocking(move || {
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            crate::fsutil::write_atomic(&p, &value, 0o640)
+            me.in_dir(&p, || crate::fsutil::write_atomic(&p, &value, 0o640))
+                .map(|_| ())
         })
         .await
     }
@@ -414,14 +408,16 @@ impl Volume for FsVolume {
 
     async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
         let p = self.path(key)?;
+        let me = self.clone();
         blocking(move || {
             use std::io::Write;
-            FsVolume::parent_dirs(&p)?;
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)?
-                .write_all(&data)
+            let open = || {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+            };
+            me.in_dir(&p, open)?.0.write_all(&data)
         })
         .await
     }
@@ -442,10 +438,10 @@ impl Volume for FsVolume {
 
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
         let (src, dst) = (self.path(from)?, self.path(to)?);
+        let me = self.clone();
         blocking(move || {
             std::fs::File::open(&src)?.sync_all()?;
-            FsVolume::parent_dirs(&dst)?;
-            std::fs::rename(&src, &dst)?;
+            me.in_dir(&dst, || std::fs::rename(&src, &dst))?;
             match dst.parent() {
                 Some(d) => std::fs::File::open(d)?.sync_all(),
                 None => Ok(()),
@@ -460,27 +456,42 @@ impl FsVolume {
     /// `sync`; returns the temp file and the parents of the directories made. On failure nothing of
     /// it is left behind.
     fn write_temp(&self, p: &Path, data: &[u8], sync: bool) -> io::Result<(PathBuf, Vec<PathBuf>)> {
-        let dir = crate::fsutil::parent(p).to_owned();
-        let mut made_in = self.make_dirs(&dir)?;
         let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = crate::fsutil::temp_path_n(p, n)?;
-        let written = crate::fsutil::write_unsynced(&tmp, data, 0o640)
-            .or_else(|e| {
-                // A remembered directory removed since: make it again.
-                if e.kind() != io::ErrorKind::NotFound {
-                    return Err(e);
+        let written = self
+            .in_dir(&tmp, || crate::fsutil::write_unsynced(&tmp, data, 0o640))
+            .and_then(|(f, made_in)| {
+                if sync {
+                    f.sync_data()?;
                 }
-                lock(&self.known_dirs).remove(&dir);
-                made_in.extend(self.make_dirs(&dir)?);
-                crate::fsutil::write_unsynced(&tmp, data, 0o640)
-            })
-            .and_then(|f| if sync { f.sync_data() } else { Ok(()) });
+                Ok(made_in)
+            });
         match written {
-            Ok(()) => Ok((tmp, made_in)),
+            Ok(made_in) => Ok((tmp, made_in)),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 Err(e)
             }
+        }
+    }
+
+    /// Runs `op`, which creates `path`, once `path`'s directory exists (made if this volume does not
+    /// remember it); if the directory was removed since it was remembered, makes it again and runs
+    /// `op` once more. Returns what `op` returned and the parents of the directories made.
+    fn in_dir<R>(
+        &self,
+        path: &Path,
+        mut op: impl FnMut() -> io::Result<R>,
+    ) -> io::Result<(R, Vec<PathBuf>)> {
+        let dir = crate::fsutil::parent(path);
+        let mut made_in = self.make_dirs(dir)?;
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                lock(&self.known_dirs).remove(dir);
+                made_in.extend(self.make_dirs(dir)?);
+                Ok((op()?, made_in))
+            }
+            r => Ok((r?, made_in)),
         }
     }
 
@@ -541,9 +552,8 @@ impl FsVolume {
                 .filter_map(|r| r.as_ref().ok().map(|(tmp, _, _)| tmp.clone()))
                 .collect();
             self.each(written, std::fs::remove_file).await;
-            return first_error(staged).map(|_| ());
         }
-        let staged = first_error(staged)?;
+        let staged = staged.into_iter().collect::<io::Result<Vec<_>>>()?;
         let mut dirs: HashSet<PathBuf> = HashSet::new();
         let mut renames = Vec::with_capacity(staged.len());
         for (tmp, p, made_in) in staged {
@@ -578,13 +588,6 @@ impl FsVolume {
         .await
         .into_iter()
         .collect()
-    }
-
-    fn parent_dirs(p: &Path) -> io::Result<()> {
-        match p.parent() {
-            Some(d) => std::fs::create_dir_all(d),
-            None => Ok(()),
-        }
     }
 }
 
@@ -802,7 +805,8 @@ mod tests {
         assert_eq!(now.load(Ordering::SeqCst), 0, "none left running");
         // The bound is reached (the barrier) and never exceeded.
         assert_eq!(most.load(Ordering::SeqCst), 3);
-        assert_eq!(first_error(outcomes).unwrap_err().to_string(), "seven");
+        let first_error = outcomes.into_iter().collect::<io::Result<Vec<_>>>();
+        assert_eq!(first_error.unwrap_err().to_string(), "seven");
     }
 
     fn walk(p: &Path) -> Vec<PathBuf> {
