@@ -146,9 +146,7 @@ impl SimDisk {
     pub fn clone_under(&self, prefixes: &[&str]) -> SimDisk {
         SimDisk {
             files: self
-                .files
-                .iter()
-                .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
+                .under(prefixes)
                 .map(|(k, f)| (k.clone(), f.clone()))
                 .collect(),
             capacity_bytes: self.capacity_bytes,
@@ -164,9 +162,7 @@ impl SimDisk {
     pub fn durable_under(&self, prefixes: &[&str]) -> SimDisk {
         SimDisk {
             files: self
-                .files
-                .iter()
-                .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
+                .under(prefixes)
                 .map(|(k, f)| {
                     let kept = match &f.durable {
                         Durable::Prefix(len) => f.current[..*len].to_vec(),
@@ -184,6 +180,13 @@ impl SimDisk {
             rng: self.rng.clone(),
             power: Power::On,
         }
+    }
+
+    /// The files whose path starts with one of `prefixes`.
+    fn under<'a>(&'a self, prefixes: &'a [&str]) -> impl Iterator<Item = (&'a String, &'a File)> {
+        self.files
+            .iter()
+            .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
     }
 
     /// Sets the probability of injected errors (the harness turns them off when it heals the world).
