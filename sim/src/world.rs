@@ -1,5 +1,5 @@
 //! The simulated world the production shell runs in: turmoil sockets behind `Net`, a virtual clock, a
-//! seeded `Entropy`, crashable local disks behind `LocalDisk`, and the shared volume behind `Volume`,
+//! seeded `Entropy`, crashable local disks behind `LocalDisk`, and the shared volume's primitives behind `Fs`,
 //! charging every operation the seed's 40–60 ms of virtual time.
 
 use crate::disk::{DiskError, SimDisk};
@@ -14,8 +14,8 @@ use std::time::Duration;
 use talon_core::Timestamp;
 use talon_io::clock::{Clock, Entropy};
 use talon_io::net::{BoxFuture, BoxIo, Listener, Net};
+use talon_io::storage::fs::{Entry, Fs};
 use talon_io::storage::local::LocalDisk;
-use talon_io::storage::volume::Volume;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -211,7 +211,13 @@ pub const VOLUME_CUT_TIMEOUT_MS: u64 = 5_000;
 
 #[derive(Debug)]
 struct VolumeState {
+    /// Every file whose name is not hidden: the keys the volume holds.
     files: BTreeMap<String, Bytes>,
+    /// Hidden files (a name starting with `.`): temp files of writes in progress, or left by a
+    /// crash; `list` shows them, the volume's logic skips them, checkers never see them.
+    temps: BTreeMap<String, Bytes>,
+    /// Directories (the root, `""`, always exists).
+    dirs: BTreeSet<String>,
     rng: SimRng,
     ops: u64,
     /// Injected errors returned so far.
@@ -227,14 +233,112 @@ struct VolumeState {
 }
 
 impl VolumeState {
-    fn set(&mut self, key: &str, value: Bytes) {
-        self.changed.insert(key.to_owned());
-        self.files.insert(key.to_owned(), value);
+    fn set(&mut self, path: &str, value: Bytes) {
+        if hidden(path) {
+            self.temps.insert(path.to_owned(), value);
+        } else {
+            self.changed.insert(path.to_owned());
+            self.files.insert(path.to_owned(), value);
+        }
     }
 
-    fn unset(&mut self, key: &str) -> Option<Bytes> {
-        self.changed.insert(key.to_owned());
-        self.files.remove(key)
+    fn unset(&mut self, path: &str) -> Option<Bytes> {
+        if hidden(path) {
+            self.temps.remove(path)
+        } else {
+            let old = self.files.remove(path);
+            if old.is_some() {
+                self.changed.insert(path.to_owned());
+            }
+            old
+        }
+    }
+
+    fn get(&self, path: &str) -> Option<&Bytes> {
+        if hidden(path) {
+            self.temps.get(path)
+        } else {
+            self.files.get(path)
+        }
+    }
+
+    fn is_dir(&self, path: &str) -> bool {
+        path.is_empty() || self.dirs.contains(path)
+    }
+
+    /// `NotFound` unless `path`'s directory exists.
+    fn dir_of(&self, path: &str) -> io::Result<()> {
+        let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+        if self.is_dir(dir) {
+            Ok(())
+        } else {
+            Err(not_found(dir))
+        }
+    }
+
+    /// Makes `path`'s directory and its ancestors (the harness's own writes).
+    fn make_parents(&mut self, path: &str) {
+        let mut d = path;
+        while let Some((parent, _)) = d.rsplit_once('/') {
+            self.dirs.insert(parent.to_owned());
+            d = parent;
+        }
+    }
+}
+
+/// Whether a path's last component is hidden (starts with `.`).
+fn hidden(path: &str) -> bool {
+    path.rsplit('/').next().is_some_and(|n| n.starts_with('.'))
+}
+
+fn not_found(path: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{path}: no such file or directory"),
+    )
+}
+
+/// The immediate children of directory `prefix` (`""` or ending in `/`) among sorted `keys` (found
+/// by `seek`: the first key at or after a bound): each key is a file when `files`, a directory
+/// otherwise, and deeper keys imply a directory; each child costs one seek, nothing below it is
+/// scanned.
+fn children<'a>(
+    seek: impl Fn(&str) -> Option<&'a String>,
+    files: bool,
+    prefix: &str,
+    out: &mut BTreeMap<String, bool>,
+) {
+    let mut from = prefix.to_owned();
+    while let Some(k) = seek(&from) {
+        let Some(rest) = k.strip_prefix(prefix) else {
+            return;
+        };
+        match rest.split_once('/') {
+            None => {
+                out.insert(rest.to_owned(), !files);
+                from = format!("{k}\0");
+            }
+            Some((child, _)) => {
+                out.insert(child.to_owned(), true);
+                // Past every key under `child/` ('0' follows '/').
+                from = format!("{prefix}{child}0");
+            }
+        }
+    }
+}
+
+fn seek_map<'a, V>(m: &'a BTreeMap<String, V>) -> impl Fn(&str) -> Option<&'a String> {
+    move |from| {
+        m.range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+            .next()
+            .map(|(k, _)| k)
+    }
+}
+
+fn seek_set<'a>(m: &'a BTreeSet<String>) -> impl Fn(&str) -> Option<&'a String> {
+    move |from| {
+        m.range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+            .next()
     }
 }
 
@@ -263,6 +367,8 @@ impl SimVolume {
         SimVolume {
             state: Arc::new(Mutex::new(VolumeState {
                 files: BTreeMap::new(),
+                temps: BTreeMap::new(),
+                dirs: BTreeSet::new(),
                 rng,
                 ops: 0,
                 errors: 0,
@@ -304,7 +410,8 @@ impl SimVolume {
             .is_some_and(|n| lock(&self.state).cut.contains(n))
     }
 
-    async fn charge(&self, bytes: usize) -> io::Result<Fate> {
+    /// Waits the latency of `requests` requests moving `bytes`, and draws the operation's fate.
+    async fn charge(&self, bytes: usize, requests: u32) -> io::Result<Fate> {
         let mut waited = 0;
         while self.is_cut() {
             if waited >= VOLUME_CUT_TIMEOUT_MS {
@@ -320,7 +427,10 @@ impl SimVolume {
             let mut s = lock(&self.state);
             s.ops += 1;
             let VolumeState { rng, error_p, .. } = &mut *s;
-            let ms = self.latency.draw_ms(rng, bytes as u64);
+            let mut ms = self.latency.draw_ms(rng, bytes as u64);
+            for _ in 1..requests {
+                ms += self.latency.draw_ms(rng, 0);
+            }
             let fate = if rng.chance(*error_p) {
                 if rng.chance(0.5) {
                     Fate::After
@@ -350,9 +460,12 @@ impl SimVolume {
         f(&lock(&self.state).files)
     }
 
-    /// Writes a file directly, outside the simulated world (no latency, no faults): for checker tests.
+    /// Writes a file directly (and its directories), outside the simulated world (no latency, no
+    /// faults): for checker tests.
     pub fn put(&self, key: &str, value: Bytes) {
-        lock(&self.state).set(key, value);
+        let mut s = lock(&self.state);
+        s.make_parents(key);
+        s.set(key, value);
     }
 
     /// Removes a file directly, outside the simulated world: for checker tests.
@@ -403,45 +516,99 @@ fn injected() -> io::Error {
     io::Error::other("injected I/O error (simulated shared volume)")
 }
 
-impl Volume for SimVolume {
-    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
-        self.charge(0).await?;
-        Ok(lock(&self.state).files.get(key).cloned())
+/// The primitives the production volume logic (`FsVolume`) runs on, each charged one draw of the
+/// latency model (a durable create two: the data, then the sync), with the fate the seed gives it.
+impl Fs for SimVolume {
+    async fn read(&self, path: &str) -> io::Result<Option<Bytes>> {
+        self.charge(0, 1).await?;
+        Ok(lock(&self.state).get(path).cloned())
     }
-    async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
-        let fate = self.charge(value.len()).await?;
-        lock(&self.state).set(key, value);
-        self.after(fate)
-    }
-    async fn delete(&self, key: &str) -> io::Result<()> {
-        let fate = self.charge(0).await?;
-        lock(&self.state).unset(key);
-        self.after(fate)
-    }
-    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
-        self.charge(0).await?;
-        let s = lock(&self.state);
-        Ok(under(&s.files, prefix).map(|(k, _)| k.clone()).collect())
-    }
-    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
-        // An append is not idempotent: an error is reported only when it had no effect.
-        self.charge(data.len()).await?;
+    async fn create(&self, path: &str, data: Bytes, durable: bool) -> io::Result<()> {
+        let fate = self.charge(data.len(), 1 + u32::from(durable)).await?;
         let mut s = lock(&self.state);
-        let mut v = s.files.get(key).map(|b| b.to_vec()).unwrap_or_default();
+        s.dir_of(path)?;
+        if s.is_dir(path) {
+            return Err(io::Error::new(io::ErrorKind::IsADirectory, path.to_owned()));
+        }
+        s.set(path, data);
+        drop(s);
+        self.after(fate)
+    }
+    async fn append(&self, path: &str, data: Bytes) -> io::Result<()> {
+        // An append is not idempotent: an error is reported only when it had no effect.
+        self.charge(data.len(), 1).await?;
+        let mut s = lock(&self.state);
+        s.dir_of(path)?;
+        let mut v = s.get(path).map(|b| b.to_vec()).unwrap_or_default();
         v.extend_from_slice(&data);
-        s.set(key, Bytes::from(v));
+        s.set(path, Bytes::from(v));
         Ok(())
     }
-    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
-        let fate = self.charge(0).await?;
+    async fn sync(&self, path: &str) -> io::Result<()> {
+        let fate = self.charge(0, 1).await?;
+        let s = lock(&self.state);
+        if s.get(path).is_none() && !s.is_dir(path) {
+            return Err(not_found(path));
+        }
+        drop(s);
+        self.after(fate)
+    }
+    async fn sync_all(&self) -> io::Result<()> {
+        let fate = self.charge(0, 1).await?;
+        self.after(fate)
+    }
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let fate = self.charge(0, 1).await?;
         let mut s = lock(&self.state);
+        s.dir_of(to)?;
         match s.unset(from) {
             Some(v) => {
                 s.set(to, v);
                 drop(s);
                 self.after(fate)
             }
-            None => Err(io::Error::new(io::ErrorKind::NotFound, from.to_owned())),
+            None => Err(not_found(from)),
         }
+    }
+    async fn mkdir(&self, path: &str) -> io::Result<()> {
+        let fate = self.charge(0, 1).await?;
+        let mut s = lock(&self.state);
+        if s.is_dir(path) || s.get(path).is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                path.to_owned(),
+            ));
+        }
+        s.dir_of(path)?;
+        s.dirs.insert(path.to_owned());
+        drop(s);
+        self.after(fate)
+    }
+    async fn list(&self, dir: &str) -> io::Result<Vec<Entry>> {
+        self.charge(0, 1).await?;
+        let s = lock(&self.state);
+        if !s.is_dir(dir) {
+            return Err(not_found(dir));
+        }
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let mut found = BTreeMap::new();
+        children(seek_map(&s.files), true, &prefix, &mut found);
+        children(seek_map(&s.temps), true, &prefix, &mut found);
+        children(seek_set(&s.dirs), false, &prefix, &mut found);
+        Ok(found
+            .into_iter()
+            .map(|(name, dir)| Entry { name, dir })
+            .collect())
+    }
+    async fn remove(&self, path: &str) -> io::Result<()> {
+        let fate = self.charge(0, 1).await?;
+        if lock(&self.state).unset(path).is_none() {
+            return Err(not_found(path));
+        }
+        self.after(fate)
     }
 }

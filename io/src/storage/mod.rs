@@ -2,13 +2,15 @@
 //! built on it ([`journal`]). Both are traits or generic over one, so the simulator substitutes its
 //! own disks and runs this same code.
 
+pub mod fs;
 pub mod journal;
 pub mod local;
 pub mod volume;
 
+use fs::{LatencyFs, OsFs};
 use local::{LocalDisk, StdDisk};
 use std::path::Path;
-use volume::{FsVolume, LatencyVolume, SharedVolume};
+use volume::{FsVolume, SharedVolume, SyncMode};
 
 /// The storage one node uses, injected so the simulator can substitute its own.
 pub struct NodeStorage {
@@ -34,23 +36,31 @@ impl NodeStorage {
         let disk = || StdDisk::new(local_dir).map_err(|e| format!("{}: {e}", local_dir.display()));
         let ds = &cfg.datastore.location;
         let fs = &cfg.datastore.filestore_directory;
-        let metadata =
-            FsVolume::new(ds).map_err(|e| format!("Datastore.location {}: {e}", ds.display()))?;
-        let filestore = FsVolume::new(fs)
-            .map_err(|e| format!("Datastore.filestore_directory {}: {e}", fs.display()))?;
         let latency = std::time::Duration::from_millis(cfg.datastore.volume_latency_ms);
-        let shared = |v: FsVolume| {
+        let shared = |root: &Path| -> std::io::Result<SharedVolume> {
+            let v = FsVolume::new(root)?;
             if latency.is_zero() {
-                SharedVolume::new(v)
-            } else {
-                SharedVolume::new(LatencyVolume::new(v, latency))
+                return Ok(SharedVolume::new(v));
             }
+            // The model of a network filesystem: its latency on every primitive, and its sync
+            // semantics (per file) whatever the local filesystem underneath.
+            let tag = v.tag().to_owned();
+            let fs = LatencyFs::new(OsFs::new(root)?, latency);
+            Ok(SharedVolume::new(FsVolume::over(
+                fs,
+                SyncMode::PerFile,
+                &tag,
+            )))
         };
+        let metadata =
+            shared(ds).map_err(|e| format!("Datastore.location {}: {e}", ds.display()))?;
+        let filestore = shared(fs)
+            .map_err(|e| format!("Datastore.filestore_directory {}: {e}", fs.display()))?;
         Ok(NodeStorage {
             local: Box::new(disk()?),
             buffer: Box::new(disk()?),
-            metadata: shared(metadata),
-            filestore: shared(filestore),
+            metadata,
+            filestore,
             local_name: local_dir.display().to_string(),
         })
     }

@@ -2,14 +2,14 @@
 //! every operation costs 40–60 ms. An async trait so that the simulator's volume can charge virtual
 //! latency and the production one can keep slow syscalls off the async workers.
 
+use super::fs::{Entry, Fs, OsFs};
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use talon_core::paths::validate_key;
 
 /// Key-value access to the shared volume. Keys are validated datastore keys (relative, no `..`).
@@ -42,35 +42,12 @@ pub trait Volume: Send + Sync + 'static {
                 };
                 r.map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))
             });
-            join_all(futs).await.into_iter().collect()
+            bounded(VOLUME_CONCURRENCY, futs.collect())
+                .await
+                .into_iter()
+                .collect()
         }
     }
-}
-
-/// Polls a set of futures concurrently to completion, in order of the results.
-async fn join_all<F: Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter()
-        .map(|o| o.expect("every future completed"))
-        .collect()
 }
 
 /// A [`Volume`] behind a pointer, chosen at run time (the real directory, a latency-injecting one, the
@@ -159,22 +136,18 @@ impl Volume for SharedVolume {
     }
 }
 
-/// File operations one batch ([`Volume::write_many`]) has in flight at once. A network filesystem
-/// (NFS, EFS, sshfs) serves independent requests in parallel: its throughput grows with the number
-/// in flight, not with a faster single request (slowfs at 12 ms one way: ~18 stats/s from one
-/// caller, ~188 from 32). Each runs on tokio's blocking pool.
+/// Primitive operations one volume call ([`Volume::write_many`], `list`) has in flight at once. A
+/// network filesystem (NFS, EFS, sshfs) serves independent requests in parallel: its throughput
+/// grows with the number in flight, not with a faster single request (slowfs at 12 ms one way:
+/// ~18 stats/s from one caller, ~188 from 32).
 pub const VOLUME_CONCURRENCY: usize = 32;
-
-/// Directories a volume remembers having made (a network filesystem charges a round trip per path
-/// component to find out again); forgotten all at once when full.
-const KNOWN_DIRS_MAX: usize = 65_536;
 
 /// How [`FsVolume::write_many`] makes a batch durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
-    /// One `syncfs` after the data, one after the renames, the whole batch on one blocking thread:
-    /// cheapest on a local filesystem (ext4 charged 82 % kernel CPU for two `fsync`s per file), and
-    /// exact there, because `syncfs` flushes every dirty page and the journal.
+    /// One `syncfs` after the data, one after the renames: cheapest on a local filesystem (ext4
+    /// charged 82 % kernel CPU for two `fsync`s per file), and exact there, because `syncfs`
+    /// flushes every dirty page and the journal.
     Filesystem,
     /// Each file `fdatasync`ed and each changed directory `fsync`ed, up to the volume's concurrency
     /// at once: what a network filesystem needs, since a FUSE mount (sshfs) sends nothing to its
@@ -209,30 +182,63 @@ impl SyncMode {
     }
 }
 
-/// A directory on a (possibly network) filesystem. Blocking syscalls run on tokio's blocking pool.
+/// Distinguishes the temp files of volumes in one process (and, with the process id, across the
+/// processes sharing a volume).
+static VOLUME_INSTANCE: AtomicU64 = AtomicU64::new(0);
+
+/// The shared volume's logic over a filesystem's primitives ([`Fs`]): keys are files under the
+/// root, a write is a temp file beside its key renamed over it, directories are made when a
+/// primitive reports them missing (no lookups for directories that exist), durability is by the
+/// [`SyncMode`], and independent primitives are issued concurrently, at most `in_flight` at once.
+/// The same code runs on the real directory ([`OsFs`]), on the latency model ([`LatencyFs`]) and
+/// on the simulator's volume.
 #[derive(Clone, Debug)]
-pub struct FsVolume {
-    root: PathBuf,
+pub struct FsVolume<F = OsFs> {
+    fs: Arc<F>,
     sync: SyncMode,
-    /// Directories known to exist (made or seen by this process); bounded by `KNOWN_DIRS_MAX`.
-    known_dirs: Arc<Mutex<HashSet<PathBuf>>>,
-    /// Temp-file names unique within the process, also for two batches writing one key at once.
+    /// Names this volume's temp files (unique per volume and process).
+    tag: Arc<str>,
+    /// Numbers temp files, also for two batches writing one key at once.
     temp_seq: Arc<AtomicU64>,
     in_flight: usize,
 }
 
-impl FsVolume {
+impl FsVolume<OsFs> {
     /// A volume rooted at `root` (created if missing), its [`SyncMode`] detected from the
     /// filesystem holding it.
-    pub fn new(root: &Path) -> io::Result<FsVolume> {
-        std::fs::create_dir_all(root)?;
-        Ok(FsVolume {
-            root: root.to_owned(),
-            sync: SyncMode::detect(root)?,
-            known_dirs: Arc::default(),
+    pub fn new(root: &Path) -> io::Result<FsVolume<OsFs>> {
+        let fs = OsFs::new(root)?;
+        let sync = SyncMode::detect(root)?;
+        let n = VOLUME_INSTANCE.fetch_add(1, Ordering::Relaxed);
+        Ok(FsVolume::over(
+            fs,
+            sync,
+            &format!("{}-{n}", std::process::id()),
+        ))
+    }
+}
+
+impl<F: Fs> FsVolume<F> {
+    /// The volume's logic over `fs`, making batches durable by `sync`; `tag` names its temp files
+    /// and must differ between the volumes (nodes, processes) that may write one key at once.
+    pub fn over(fs: F, sync: SyncMode, tag: &str) -> FsVolume<F> {
+        FsVolume {
+            fs: Arc::new(fs),
+            sync,
+            tag: tag.into(),
             temp_seq: Arc::default(),
             in_flight: VOLUME_CONCURRENCY,
-        })
+        }
+    }
+
+    /// What names its temp files.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The primitives it runs on.
+    pub fn fs(&self) -> &F {
+        &self.fs
     }
 
     /// How this volume makes a batch durable.
@@ -240,149 +246,274 @@ impl FsVolume {
         self.sync
     }
 
-    /// The same volume making batches durable by `mode` instead of the detected one.
-    pub fn with_sync_mode(mut self, mode: SyncMode) -> FsVolume {
+    /// The same volume making batches durable by `mode` instead.
+    pub fn with_sync_mode(mut self, mode: SyncMode) -> Self {
         self.sync = mode;
         self
     }
 
-    /// The same volume with at most `n` file operations of a batch in flight (at least 1).
-    pub fn with_concurrency(mut self, n: usize) -> FsVolume {
+    /// The same volume with at most `n` primitives of one call in flight (at least 1).
+    pub fn with_concurrency(mut self, n: usize) -> Self {
         self.in_flight = n.max(1);
         self
     }
 
-    /// Makes `dir` and any missing ancestors; returns the parents of the directories it created
-    /// (their entries are durable only once those parents are synced).
-    fn make_dirs(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
-        if lock(&self.known_dirs).contains(dir) {
-            return Ok(Vec::new());
+    /// A fresh hidden temp path beside `key` (`list` never shows it).
+    fn temp_for(&self, key: &str) -> String {
+        let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let (dir, name) = split(key);
+        let tmp = format!(".{name}.tmp-{}-{n}", self.tag);
+        if dir.is_empty() {
+            tmp
+        } else {
+            format!("{dir}/{tmp}")
         }
-        let mut missing = Vec::new();
-        let mut d = dir;
-        while !d.is_dir() {
-            missing.push(d.to_owned());
-            d = match d.parent() {
-                Some(p) if p.starts_with(&self.root) => p,
-                _ => break,
-            };
-        }
+    }
+
+    /// Makes `dir` and any missing ancestors, walking up only as far as they are missing; returns
+    /// the parents of the directories it made (their entries are durable once those are synced).
+    async fn make_dirs(&self, dir: &str) -> io::Result<Vec<String>> {
+        let mut missing = vec![dir.to_owned()];
         let mut made_in = Vec::new();
-        for m in missing.iter().rev() {
-            match std::fs::create_dir(m) {
-                Ok(()) => made_in.extend(m.parent().map(Path::to_owned)),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        while let Some(d) = missing.last() {
+            if d.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the volume's root directory is missing",
+                ));
+            }
+            match self.fs.mkdir(d).await {
+                Ok(()) => {
+                    made_in.push(split(d).0.to_owned());
+                    missing.pop();
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    missing.pop();
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let parent = split(d).0.to_owned();
+                    missing.push(parent);
+                }
                 Err(e) => return Err(e),
             }
         }
-        let mut known = lock(&self.known_dirs);
-        if known.len() >= KNOWN_DIRS_MAX {
-            known.clear();
-        }
-        known.insert(dir.to_owned());
         Ok(made_in)
     }
 
-    /// Runs `op` on every item on the blocking pool, at most `in_flight` at once; waits for all of
-    /// them (none is left running when it returns) and returns every outcome.
-    async fn each<T, R>(
-        &self,
-        items: Vec<T>,
-        op: impl Fn(T) -> io::Result<R> + Send + Sync + 'static,
-    ) -> Vec<io::Result<R>>
+    /// Runs `op`, which creates an entry in `dir`; if `dir` is missing, makes it and runs `op` once
+    /// more. Returns what `op` returned and the parents of the directories made.
+    async fn in_dir<R, Fut>(&self, dir: &str, op: impl Fn() -> Fut) -> io::Result<(R, Vec<String>)>
     where
-        T: Send + 'static,
-        R: Send + 'static,
+        Fut: Future<Output = io::Result<R>>,
     {
-        let op = Arc::new(op);
-        let mut items = items.into_iter();
-        let mut running = tokio::task::JoinSet::new();
-        let mut out = Vec::with_capacity(items.len());
-        loop {
-            while running.len() < self.in_flight {
-                let Some(item) = items.next() else { break };
-                let op = op.clone();
-                running.spawn_blocking(move || op(item));
+        match op().await {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let made_in = self.make_dirs(dir).await?;
+                Ok((op().await?, made_in))
             }
-            let Some(done) = running.join_next().await else {
-                break;
-            };
-            out.push(done.map_err(io::Error::other).and_then(|r| r));
+            r => Ok((r?, Vec::new())),
         }
-        out
     }
 
-    fn path(&self, key: &str) -> io::Result<PathBuf> {
-        validate_key(key)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        Ok(self.root.join(key))
+    /// Runs every future, at most `in_flight` at once, and returns their outcomes in order. It
+    /// returns only when all have finished (none is left running after an error).
+    async fn bounded<Fut: Future>(&self, futs: Vec<Fut>) -> Vec<Fut::Output> {
+        bounded(self.in_flight, futs).await
     }
-}
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f)
+    /// Creates a new value's temp file (its directory made if missing), synced if `durable`;
+    /// returns the temp path and the parents of directories made.
+    async fn stage(
+        &self,
+        key: &str,
+        data: Bytes,
+        durable: bool,
+    ) -> io::Result<(String, Vec<String>)> {
+        let tmp = self.temp_for(key);
+        let (_, made_in) = self
+            .in_dir(split(key).0, || self.fs.create(&tmp, data.clone(), durable))
+            .await?;
+        Ok((tmp, made_in))
+    }
+
+    /// Every change of `last`, durable by the volume's [`SyncMode`]: the new values into temp
+    /// files, concurrently (synced each, or then one `syncfs`); the renames over the keys and the
+    /// removals; then each changed directory synced (or one `syncfs`).
+    async fn apply(&self, last: Vec<(String, Option<Bytes>)>) -> io::Result<()> {
+        let per_file = self.sync == SyncMode::PerFile;
+        let (puts, removes): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, v)| v.is_some());
+        let staged = self
+            .bounded(
+                puts.iter()
+                    .map(|(k, v)| self.stage(k, v.clone().unwrap_or_default(), per_file))
+                    .collect(),
+            )
+            .await;
+        if staged.iter().any(|r| r.is_err()) {
+            // The temp files that were written go (`list` never shows them: this saves the space).
+            let written: Vec<&str> = staged
+                .iter()
+                .filter_map(|r| r.as_ref().ok().map(|(tmp, _)| tmp.as_str()))
+                .collect();
+            self.bounded(written.into_iter().map(|t| self.fs.remove(t)).collect())
+                .await;
+        }
+        let staged = staged.into_iter().collect::<io::Result<Vec<_>>>()?;
+        if !per_file
+            && !staged.is_empty()
+            && let Err(e) = self.fs.sync_all().await
+        {
+            self.bounded(staged.iter().map(|(t, _)| self.fs.remove(t)).collect())
+                .await;
+            return Err(e);
+        }
+        let mut dirs: BTreeSet<String> = BTreeSet::new();
+        for ((key, _), (_, made_in)) in puts.iter().zip(&staged) {
+            dirs.extend(made_in.iter().cloned());
+            dirs.insert(split(key).0.to_owned());
+        }
+        for (key, _) in &removes {
+            dirs.insert(split(key).0.to_owned());
+        }
+        let renames = puts
+            .iter()
+            .zip(&staged)
+            .map(|((key, _), (tmp, _))| self.fs.rename(tmp, key));
+        let renamed = self.bounded(renames.collect()).await;
+        // Leave no temp file behind (best effort: a crash may still leave one).
+        let failed: Vec<&str> = renamed
+            .iter()
+            .zip(&staged)
+            .filter(|(r, _)| r.is_err())
+            .map(|(_, (tmp, _))| tmp.as_str())
+            .collect();
+        self.bounded(failed.into_iter().map(|t| self.fs.remove(t)).collect())
+            .await;
+        renamed.into_iter().collect::<io::Result<()>>()?;
+        self.bounded(
+            removes
+                .iter()
+                .map(|(k, _)| absent_ok(self.fs.remove(k)))
+                .collect(),
+        )
         .await
-        .map_err(io::Error::other)?
+        .into_iter()
+        .collect::<io::Result<()>>()?;
+        if per_file {
+            // A directory a concurrent removal took holds nothing of ours any more.
+            self.bounded(dirs.iter().map(|d| absent_ok(self.fs.sync(d))).collect())
+                .await
+                .into_iter()
+                .collect()
+        } else {
+            self.fs.sync_all().await
+        }
+    }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// `Ok` for a `NotFound` outcome.
+async fn absent_ok(f: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+    match f.await {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
 }
 
-impl Volume for FsVolume {
+/// A key's directory (`""` for the root) and name.
+fn split(key: &str) -> (&str, &str) {
+    key.rsplit_once('/').unwrap_or(("", key))
+}
+
+fn bad_key(e: talon_core::paths::KeyError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+}
+
+/// Runs every future, at most `limit` at once (started in order), and returns their outcomes in
+/// order once all have finished. Deterministic: it polls in index order.
+pub async fn bounded<Fut: Future>(limit: usize, futs: Vec<Fut>) -> Vec<Fut::Output> {
+    let limit = limit.max(1);
+    let total = futs.len();
+    let mut waiting = futs.into_iter().enumerate();
+    let mut running: Vec<(usize, std::pin::Pin<Box<Fut>>)> = Vec::new();
+    let mut out: Vec<Option<Fut::Output>> = (0..total).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        loop {
+            while running.len() < limit {
+                match waiting.next() {
+                    Some((i, f)) => running.push((i, Box::pin(f))),
+                    None => break,
+                }
+            }
+            let before = running.len();
+            running.retain_mut(|(i, f)| match f.as_mut().poll(cx) {
+                std::task::Poll::Ready(v) => {
+                    out[*i] = Some(v);
+                    false
+                }
+                std::task::Poll::Pending => true,
+            });
+            if running.is_empty() && waiting.len() == 0 {
+                return std::task::Poll::Ready(());
+            }
+            if running.len() == before {
+                return std::task::Poll::Pending;
+            }
+            // Some finished: start the next ones and poll them now.
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|o| o.expect("every future completed"))
+        .collect()
+}
+
+impl<F: Fs> Volume for FsVolume<F> {
     async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
-        let p = self.path(key)?;
-        blocking(move || match std::fs::read(&p) {
-            Ok(b) => Ok(Some(Bytes::from(b))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        })
-        .await
+        validate_key(key).map_err(bad_key)?;
+        self.fs.read(key).await
     }
 
+    /// Always per file (the temp file synced, renamed, its directory synced), whatever the
+    /// [`SyncMode`]: one `syncfs` would flush every other writer's data too.
     async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
-        let p = self.path(key)?;
-        let me = self.clone();
-        blocking(move || {
-            me.in_dir(&p, || crate::fsutil::write_atomic(&p, &value, 0o640))
-                .map(|_| ())
-        })
-        .await
+        validate_key(key).map_err(bad_key)?;
+        let (tmp, made_in) = self.stage(key, value, true).await?;
+        if let Err(e) = self.fs.rename(&tmp, key).await {
+            let _ = self.fs.remove(&tmp).await;
+            return Err(e);
+        }
+        let mut dirs: BTreeSet<String> = made_in.into_iter().collect();
+        dirs.insert(split(key).0.to_owned());
+        self.bounded(dirs.iter().map(|d| absent_ok(self.fs.sync(d))).collect())
+            .await
+            .into_iter()
+            .collect()
     }
 
     async fn delete(&self, key: &str) -> io::Result<()> {
-        let p = self.path(key)?;
-        blocking(move || match std::fs::remove_file(&p) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            r => r,
-        })
-        .await
+        validate_key(key).map_err(bad_key)?;
+        absent_ok(self.fs.remove(key)).await
     }
 
+    /// Walks only the deepest directory the prefix names and, level by level, the directories
+    /// below it that can hold matching keys, listing each level's directories concurrently.
     async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
-        let root = self.root.clone();
-        let prefix = prefix.to_owned();
-        blocking(move || {
-            // Walk only the deepest directory the prefix names, recursively below it.
-            let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
-            let mut out = Vec::new();
-            let mut stack = vec![dir_part.to_owned()];
-            while let Some(rel) = stack.pop() {
-                let abs = if rel.is_empty() {
-                    root.clone()
-                } else {
-                    root.join(&rel)
-                };
-                let entries = match std::fs::read_dir(&abs) {
+        let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
+        let mut out = Vec::new();
+        let mut level = vec![dir_part.to_owned()];
+        while !level.is_empty() {
+            let listed = self
+                .bounded(level.iter().map(|d| self.fs.list(d)).collect())
+                .await;
+            let mut next = Vec::new();
+            for (rel, entries) in level.iter().zip(listed) {
+                let entries = match entries {
                     Ok(e) => e,
+                    // Removed since its parent was listed, or never made.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(e),
                 };
-                for entry in entries {
-                    let entry = entry?;
-                    let name = entry.file_name().to_string_lossy().into_owned();
+                for Entry { name, dir } in entries {
                     if name.starts_with('.') {
                         continue; // Temp files of in-progress atomic writes.
                     }
@@ -391,257 +522,62 @@ impl Volume for FsVolume {
                     } else {
                         format!("{rel}/{name}")
                     };
-                    if entry.file_type()?.is_dir() {
-                        if prefix.starts_with(&format!("{child}/")) || child.starts_with(&prefix) {
-                            stack.push(child);
+                    if dir {
+                        if prefix.starts_with(&format!("{child}/")) || child.starts_with(prefix) {
+                            next.push(child);
                         }
-                    } else if child.starts_with(&prefix) {
+                    } else if child.starts_with(prefix) {
                         out.push(child);
                     }
                 }
             }
-            out.sort();
-            Ok(out)
-        })
-        .await
+            level = next;
+        }
+        out.sort();
+        Ok(out)
     }
 
     async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
-        let p = self.path(key)?;
-        let me = self.clone();
-        blocking(move || {
-            use std::io::Write;
-            let open = || {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&p)
-            };
-            me.in_dir(&p, open)?.0.write_all(&data)
-        })
-        .await
+        validate_key(key).map_err(bad_key)?;
+        self.in_dir(split(key).0, || self.fs.append(key, data.clone()))
+            .await
+            .map(|_| ())
     }
 
     /// Every key holds its old value or its new one, never a mix, and all are durable on return,
     /// by the volume's [`SyncMode`]. A key changed twice in one batch gets its last change.
     async fn write_many(&self, writes: Vec<(String, Option<Bytes>)>) -> io::Result<()> {
-        // One change per key: the last one in the batch.
-        let mut last: HashMap<PathBuf, Option<Bytes>> = HashMap::new();
+        let mut last: BTreeMap<String, Option<Bytes>> = BTreeMap::new();
         for (k, v) in writes {
-            last.insert(self.path(&k)?, v);
+            validate_key(&k)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{k}: {e}")))?;
+            last.insert(k, v);
         }
-        match self.sync {
-            SyncMode::Filesystem => self.write_many_syncfs(last).await,
-            SyncMode::PerFile => self.write_many_per_file(last).await,
-        }
+        self.apply(last.into_iter().collect()).await
     }
 
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
-        let (src, dst) = (self.path(from)?, self.path(to)?);
-        let me = self.clone();
-        blocking(move || {
-            std::fs::File::open(&src)?.sync_all()?;
-            me.in_dir(&dst, || std::fs::rename(&src, &dst))?;
-            match dst.parent() {
-                Some(d) => std::fs::File::open(d)?.sync_all(),
-                None => Ok(()),
-            }
-        })
-        .await
-    }
-}
-
-impl FsVolume {
-    /// Writes `data` into a fresh temp file beside `p` (making its directory if needed), synced if
-    /// `sync`; returns the temp file and the parents of the directories made. On failure nothing of
-    /// it is left behind.
-    fn write_temp(&self, p: &Path, data: &[u8], sync: bool) -> io::Result<(PathBuf, Vec<PathBuf>)> {
-        let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = crate::fsutil::temp_path_n(p, n)?;
-        let written = self
-            .in_dir(&tmp, || crate::fsutil::write_unsynced(&tmp, data, 0o640))
-            .and_then(|(f, made_in)| {
-                if sync {
-                    f.sync_data()?;
-                }
-                Ok(made_in)
-            });
-        match written {
-            Ok(made_in) => Ok((tmp, made_in)),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e)
-            }
-        }
-    }
-
-    /// Runs `op`, which creates `path`, once `path`'s directory exists (made if this volume does not
-    /// remember it); if the directory was removed since it was remembered, makes it again and runs
-    /// `op` once more. Returns what `op` returned and the parents of the directories made.
-    fn in_dir<R>(
-        &self,
-        path: &Path,
-        mut op: impl FnMut() -> io::Result<R>,
-    ) -> io::Result<(R, Vec<PathBuf>)> {
-        let dir = crate::fsutil::parent(path);
-        let mut made_in = self.make_dirs(dir)?;
-        match op() {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                lock(&self.known_dirs).remove(dir);
-                made_in.extend(self.make_dirs(dir)?);
-                Ok((op()?, made_in))
-            }
-            r => Ok((r?, made_in)),
-        }
-    }
-
-    /// [`SyncMode::Filesystem`]: on one blocking thread, every new value into a temp file beside
-    /// its key, one `syncfs` for all their data, the renames and removals, one `syncfs` for those.
-    async fn write_many_syncfs(&self, last: HashMap<PathBuf, Option<Bytes>>) -> io::Result<()> {
-        let me = self.clone();
-        blocking(move || {
-            let mut staged: Vec<(PathBuf, &Path)> = Vec::new();
-            let result = (|| {
-                for (p, v) in &last {
-                    if let Some(data) = v {
-                        let (tmp, _) = me.write_temp(p, data, false)?;
-                        staged.push((tmp, p));
-                    }
-                }
-                let fs = std::fs::File::open(&me.root)?;
-                rustix::fs::syncfs(&fs)?;
-                for (tmp, p) in staged.drain(..) {
-                    std::fs::rename(&tmp, p)?;
-                }
-                for (p, v) in &last {
-                    if v.is_none() {
-                        match std::fs::remove_file(p) {
-                            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                            _ => {}
-                        }
-                    }
-                }
-                rustix::fs::syncfs(&fs)?;
-                Ok(())
-            })();
-            for (tmp, _) in staged {
-                let _ = std::fs::remove_file(tmp);
-            }
-            result
-        })
-        .await
-    }
-
-    /// [`SyncMode::PerFile`]: three rounds, each issuing its file operations concurrently (at most
-    /// `in_flight` at once): every new value into a temp file beside its key, `fdatasync`ed; the
-    /// renames over the keys and the removals; an `fsync` of every directory whose entries changed
-    /// (and of the parents of directories made).
-    async fn write_many_per_file(&self, last: HashMap<PathBuf, Option<Bytes>>) -> io::Result<()> {
-        let (puts, removes): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, v)| v.is_some());
-        let me = self.clone();
-        let staged = self
-            .each(puts, move |(p, v)| {
-                let (tmp, made_in) = me.write_temp(&p, &v.unwrap_or_default(), true)?;
-                Ok((tmp, p, made_in))
-            })
-            .await;
-        if staged.iter().any(|r| r.is_err()) {
-            // The temp files that were written go (`list` never shows them: this saves the space).
-            let written: Vec<PathBuf> = staged
-                .iter()
-                .filter_map(|r| r.as_ref().ok().map(|(tmp, _, _)| tmp.clone()))
-                .collect();
-            self.each(written, std::fs::remove_file).await;
-        }
-        let staged = staged.into_iter().collect::<io::Result<Vec<_>>>()?;
-        let mut dirs: HashSet<PathBuf> = HashSet::new();
-        let mut renames = Vec::with_capacity(staged.len());
-        for (tmp, p, made_in) in staged {
-            dirs.extend(made_in);
-            dirs.insert(crate::fsutil::parent(&p).to_owned());
-            renames.push((tmp, Some(p)));
-        }
-        for (p, _) in removes {
-            dirs.insert(crate::fsutil::parent(&p).to_owned());
-            renames.push((p, None));
-        }
-        self.each(renames, |(from, to)| match to {
-            Some(to) => std::fs::rename(&from, &to).inspect_err(|_| {
-                let _ = std::fs::remove_file(&from);
-            }),
-            None => match std::fs::remove_file(&from) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        })
-        .await
-        .into_iter()
-        .collect::<io::Result<()>>()?;
-        self.each(dirs.into_iter().collect(), |d| {
-            match std::fs::File::open(&d) {
-                Ok(f) => f.sync_all(),
-                // A directory a concurrent removal took: nothing of ours is in it any more.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
-        .await
-        .into_iter()
-        .collect()
-    }
-}
-
-/// Adds a fixed latency to every operation of another volume: what `talon bench storage-latency`
-/// selects to show that the datastore cache hides the seed's 40–60 ms.
-#[derive(Clone, Debug)]
-pub struct LatencyVolume<V> {
-    inner: V,
-    latency: Duration,
-}
-
-impl<V: Volume> LatencyVolume<V> {
-    /// Wraps `inner`, delaying each operation by `latency`.
-    pub fn new(inner: V, latency: Duration) -> Self {
-        LatencyVolume { inner, latency }
-    }
-}
-
-impl<V: Volume> Volume for LatencyVolume<V> {
-    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
-        tokio::time::sleep(self.latency).await;
-        self.inner.read(key).await
-    }
-    async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
-        tokio::time::sleep(self.latency).await;
-        self.inner.write(key, value).await
-    }
-    async fn delete(&self, key: &str) -> io::Result<()> {
-        tokio::time::sleep(self.latency).await;
-        self.inner.delete(key).await
-    }
-    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
-        tokio::time::sleep(self.latency).await;
-        self.inner.list(prefix).await
-    }
-    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
-        tokio::time::sleep(self.latency).await;
-        self.inner.append(key, data).await
-    }
-    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
-        tokio::time::sleep(self.latency).await;
-        self.inner.commit(from, to).await
-    }
-    /// One latency for the batch: its writes are independent operations issued at once, as the
-    /// default `write_many` does (each would wait its latency concurrently).
-    async fn write_many(&self, writes: Vec<(String, Option<Bytes>)>) -> io::Result<()> {
-        tokio::time::sleep(self.latency).await;
-        self.inner.write_many(writes).await
+        validate_key(from).map_err(bad_key)?;
+        validate_key(to).map_err(bad_key)?;
+        self.fs.sync(from).await?;
+        let (_, made_in) = self
+            .in_dir(split(to).0, || self.fs.rename(from, to))
+            .await?;
+        let mut dirs: BTreeSet<String> = made_in.into_iter().collect();
+        dirs.insert(split(to).0.to_owned());
+        self.bounded(dirs.iter().map(|d| absent_ok(self.fs.sync(d))).collect())
+            .await
+            .into_iter()
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::fs::LatencyFs;
+    use std::path::PathBuf;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn fs_volume_reads_writes_lists_and_refuses_escapes() {
@@ -776,35 +712,33 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn fs_volume_keeps_at_most_its_bound_in_flight() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = FsVolume::new(dir.path()).unwrap().with_concurrency(3);
+    #[tokio::test(start_paused = true)]
+    async fn bounded_keeps_at_most_its_bound_in_flight_and_finishes_all() {
         let now = Arc::new(AtomicU64::new(0));
         let most = Arc::new(AtomicU64::new(0));
-        // The first three wait for each other: they can pass only if three run at once.
-        let first = Arc::new(std::sync::Barrier::new(3));
-        let (n, m) = (now.clone(), most.clone());
-        let outcomes = v
-            .each((0..40).collect(), move |i: u64| {
-                let at = n.fetch_add(1, Ordering::SeqCst) + 1;
-                m.fetch_max(at, Ordering::SeqCst);
-                if i < 3 {
-                    first.wait();
-                }
-                std::thread::sleep(Duration::from_millis(1));
-                n.fetch_sub(1, Ordering::SeqCst);
-                if i == 7 {
-                    Err(io::Error::other("seven"))
-                } else {
-                    Ok(i)
+        let futs = (0..40u64)
+            .map(|i| {
+                let (n, m) = (now.clone(), most.clone());
+                async move {
+                    let at = n.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(at, Ordering::SeqCst);
+                    // Uneven durations, so that later ones overtake earlier ones.
+                    tokio::time::sleep(Duration::from_millis(1 + (i * 7) % 5)).await;
+                    n.fetch_sub(1, Ordering::SeqCst);
+                    if i == 7 {
+                        Err(io::Error::other("seven"))
+                    } else {
+                        Ok(i)
+                    }
                 }
             })
-            .await;
+            .collect();
+        let outcomes = bounded(3, futs).await;
         assert_eq!(outcomes.len(), 40, "every item ran, also after an error");
         assert_eq!(now.load(Ordering::SeqCst), 0, "none left running");
-        // The bound is reached (the barrier) and never exceeded.
+        // The bound is reached and never exceeded.
         assert_eq!(most.load(Ordering::SeqCst), 3);
+        assert_eq!(outcomes[39].as_ref().unwrap(), &39, "outcomes in order");
         let first_error = outcomes.into_iter().collect::<io::Result<Vec<_>>>();
         assert_eq!(first_error.unwrap_err().to_string(), "seven");
     }
@@ -823,16 +757,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn latency_volume_charges_each_operation() {
+    async fn the_latency_model_charges_each_primitive_of_the_volume_logic() {
         let dir = tempfile::tempdir().unwrap();
-        let v = LatencyVolume::new(
-            FsVolume::new(dir.path()).unwrap(),
-            Duration::from_millis(50),
-        );
+        let fs = LatencyFs::new(OsFs::new(dir.path()).unwrap(), Duration::from_millis(50));
+        let v = FsVolume::over(fs, SyncMode::PerFile, "t");
         let t0 = tokio::time::Instant::now();
-        v.write("k", Bytes::from_static(b"v")).await.unwrap();
-        v.read("k").await.unwrap();
-        // Virtual time (paused clock): exactly two operations' worth, whatever the machine.
-        assert!(t0.elapsed() >= Duration::from_millis(100));
+        // A write into a missing directory: create + sync (two, refused: NotFound), mkdir,
+        // create + sync (two),
+        // rename, then the directory and its parent synced concurrently (one).
+        v.write("d/k", Bytes::from_static(b"v")).await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_millis(7 * 50));
+        // Into a directory that exists: no lookups, no mkdir.
+        let t1 = tokio::time::Instant::now();
+        v.write("d/k2", Bytes::from_static(b"v")).await.unwrap();
+        assert_eq!(t1.elapsed(), Duration::from_millis(4 * 50));
+        let t2 = tokio::time::Instant::now();
+        v.read("d/k").await.unwrap();
+        assert_eq!(t2.elapsed(), Duration::from_millis(50));
+        // A batch of 100 keys in one existing directory: its primitives overlap (32 at once).
+        let t3 = tokio::time::Instant::now();
+        v.write_many(
+            (0..100)
+                .map(|i| (format!("d/b{i}"), Some(Bytes::from_static(b"x"))))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        // 4 waves of staging (2 each), 4 of renames, 1 directory sync.
+        assert_eq!(t3.elapsed(), Duration::from_millis((4 * 2 + 4 + 1) * 50));
     }
 }

@@ -33,7 +33,7 @@ use talon_core::ClientId;
 use talon_io::config::{self, GenerateOptions};
 use talon_io::env::Env;
 use talon_io::storage::NodeStorage;
-use talon_io::storage::volume::SharedVolume;
+use talon_io::storage::volume::{FsVolume, SharedVolume, SyncMode};
 use talon_proto::api;
 
 /// Virtual Unix time at the start of every run.
@@ -228,8 +228,18 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             let storage = NodeStorage {
                 local: Box::new(local.clone()),
                 buffer: Box::new(local.clone()),
-                metadata: SharedVolume::new(volume.mount(&name)),
-                filestore: SharedVolume::new(volume.mount(&name)),
+                // The production volume logic over the simulated primitives, as on a network
+                // filesystem (per-file syncs); its temp files named per node and incarnation.
+                metadata: SharedVolume::new(FsVolume::over(
+                    volume.mount(&name),
+                    SyncMode::PerFile,
+                    &format!("{name}-{n}-m"),
+                )),
+                filestore: SharedVolume::new(FsVolume::over(
+                    volume.mount(&name),
+                    SyncMode::PerFile,
+                    &format!("{name}-{n}-f"),
+                )),
                 local_name: format!("{name}:/local"),
             };
             async move {
