@@ -67,6 +67,9 @@ pub struct BenchOptions {
     pub pause_ms: u64,
     /// `replication`: how long the master is down.
     pub outage_s: u64,
+    /// `storage-latency`: a directory on the filesystem to measure (a network mount), compared in
+    /// the same run with the local scratch directory and the latency model.
+    pub volume: Option<PathBuf>,
 }
 
 /// A child process killed when dropped.
@@ -117,6 +120,33 @@ impl Child {
         }
     }
 
+    /// Sends SIGTERM and waits for the process to exit, at most `limit`; an error if it exits
+    /// unsuccessfully or is still running then (it is killed).
+    async fn terminate(&mut self, limit: Duration, env: &Env) -> Result<(), String> {
+        let pid = rustix::process::Pid::from_raw(self.inner.id() as i32)
+            .ok_or_else(|| format!("the {} has no pid", self.what))?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .map_err(|e| format!("SIGTERM to the {}: {e}", self.what))?;
+        let watch = Watch::start(env);
+        loop {
+            match self.inner.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    return Err(format!("the {} exited ({status}) after SIGTERM", self.what));
+                }
+                Ok(None) if watch.secs() > limit.as_secs_f64() => {
+                    return Err(format!(
+                        "the {} was still running {} s after SIGTERM",
+                        self.what,
+                        limit.as_secs()
+                    ));
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => return Err(format!("the {}: {e}", self.what)),
+            }
+        }
+    }
+
     /// Resident memory, from `/proc/<pid>/status`.
     fn rss_bytes(&self) -> Result<u64, String> {
         let path = format!("/proc/{}/status", self.inner.id());
@@ -159,6 +189,9 @@ const FDS_SPARE: u64 = 1024;
 pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
     if o.clients == 0 {
         return Err("--clients must be at least 1".into());
+    }
+    if o.volume.is_some() && o.scenario != Scenario::StorageLatency {
+        return Err("--volume applies to the storage-latency scenario only".into());
     }
     if o.scenario == Scenario::StorageLatency && o.rows == 0 {
         return Err("--rows must be at least 1".into());
@@ -211,13 +244,24 @@ impl Setup {
         env: &Env,
         tune: impl FnOnce(&mut config::ServerConfig) -> Result<(), String>,
     ) -> Result<Setup, String> {
+        Setup::on(dir, &dir.join("shared"), n, env, tune)
+    }
+
+    /// [`Setup::new`] with the shared volume at `datastore` rather than inside `dir`.
+    fn on(
+        dir: &Path,
+        datastore: &Path,
+        n: usize,
+        env: &Env,
+        tune: impl FnOnce(&mut config::ServerConfig) -> Result<(), String>,
+    ) -> Result<Setup, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let opts = GenerateOptions {
             hostname: "127.0.0.1".into(),
             frontend_port: crate::demo::free_port()?,
             api_port: crate::demo::free_port()?,
             gui_port: crate::demo::free_port()?,
-            datastore: dir.join("shared"),
+            datastore: datastore.to_owned(),
         };
         let mut cfg =
             config::generate(&opts, &*env.clock, &*env.entropy).map_err(|e| e.to_string())?;
@@ -317,7 +361,7 @@ async fn connections_and_hunt(
     let n = o.clients;
     let setup = Setup::new(dir, n, env, |_| Ok(()))?;
     let mut master = setup.start_master()?;
-    let mut api = wait_for_api(&setup.api_cfg, &mut master, env).await?;
+    let mut api = wait_for_api(&setup.api_cfg, &mut master, 60.0, env).await?;
     let baseline = master.rss_bytes()?;
     progress(&format!(
         "master up (RSS {:.1} MiB); starting {n} clients at {} per second",
@@ -343,7 +387,8 @@ async fn connections_and_hunt(
         "config": setup.tuned(),
     });
     if o.scenario == Scenario::Hunt {
-        let h = hunt(&mut api, n, 1, 0, &mut master, env).await?;
+        let limit = (n as f64 / 50.0).max(120.0);
+        let h = hunt(&mut api, n, 1, 0, limit, &mut master, env).await?;
         merge(&mut out, h);
         out["frontend_rss_after_hunt_bytes"] = master.rss_bytes()?.into();
     }
@@ -364,59 +409,75 @@ fn merge(out: &mut serde_json::Value, more: serde_json::Value) {
     }
 }
 
-/// The same hunt on two fresh deployments, the shared volume at 0 ms and at `latency_ms`.
+/// One deployment of the storage-latency workload: where its shared volume is, and the latency
+/// the model injects there.
+struct VolumeRun {
+    /// `local`, `model` or `volume`: the suffix of its figures.
+    name: &'static str,
+    latency_ms: u64,
+    datastore: PathBuf,
+}
+
+/// The same hunt on fresh deployments whose shared volume is the local scratch disk, the same disk
+/// behind the latency model (`--latency-ms`, skipped at 0) and, with `--volume DIR`, a directory on
+/// the filesystem to measure (a network mount): throughput, service times, reading the results
+/// back, a clean stop and a restart of the master.
 async fn storage_latency(
     o: &BenchOptions,
     dir: &Path,
     env: &Env,
 ) -> Result<serde_json::Value, String> {
     let n = o.clients;
-    let mut runs = Vec::new();
-    for latency in [0, o.latency_ms] {
-        let sub = dir.join(format!("volume-{latency}ms"));
-        let setup = Setup::new(&sub, n, env, |c| {
-            c.datastore.volume_latency_ms = latency;
-            if o.pause_ms > 0 {
-                // Tasks reach the clients over ten pause periods, so their messages do not all
-                // arrive in the same instant of each period (an open, evenly spread load).
-                let spread_ms = 10 * o.pause_ms;
-                c.frontend.resources.notifications_per_second =
-                    (n as u64 * 1000 / spread_ms).max(1);
-            }
-            c.validate()
-        })?;
-        let mut master = setup.start_master()?;
-        let mut api = wait_for_api(&setup.api_cfg, &mut master, env).await?;
-        progress(&format!(
-            "volume latency {latency} ms: master up; starting {n} clients"
-        ));
-        let stats = sub.join("service-times.json");
-        let mut pool = setup.start_pool(o, n, Some(&stats))?;
-        wait_connected(
-            &mut api,
-            n,
-            &mut [&mut master, &mut pool],
-            &Watch::start(env),
-        )
-        .await?;
-        let h = hunt(&mut api, n, o.rows, o.pause_ms, &mut master, env).await?;
-        // Every final status acknowledged (the pool writes its figures each second).
-        let times = wait_stats(&stats, &mut pool, env, |v| {
-            v["finals"]["count"].as_u64().unwrap_or(0) >= n as u64
-        })
-        .await?;
-        progress(&format!(
-            "volume latency {latency} ms: {} rows/s; data messages p50 {} ms, p99 {} ms",
-            h["rows_per_s"], times["data"]["p50_ms"], times["data"]["p99_ms"]
-        ));
-        runs.push((latency, h, times));
+    let mut plan = vec![VolumeRun {
+        name: "local",
+        latency_ms: 0,
+        datastore: dir.join("local").join("shared"),
+    }];
+    if o.latency_ms > 0 {
+        plan.push(VolumeRun {
+            name: "model",
+            latency_ms: o.latency_ms,
+            datastore: dir.join("model").join("shared"),
+        });
     }
-    let (fast, slow) = (&runs[0], &runs[1]);
-    let thr = |r: &(u64, serde_json::Value, serde_json::Value)| r.1["rows_per_s"].as_f64();
-    let ratio = match (thr(fast), thr(slow)) {
-        (Some(a), Some(b)) if a > 0.0 => round3(b / a),
-        _ => 0.0,
-    };
+    let mut on_volume = None;
+    if let Some(v) = &o.volume {
+        if !v.is_dir() {
+            return Err(format!("--volume {}: not a directory", v.display()));
+        }
+        let d = v.join(
+            dir.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "talon-bench".into()),
+        );
+        std::fs::create_dir(&d).map_err(|e| format!("--volume {}: {e}", d.display()))?;
+        on_volume = Some(d.clone());
+        plan.push(VolumeRun {
+            name: "volume",
+            latency_ms: 0,
+            datastore: d,
+        });
+    }
+    let mut runs = Vec::new();
+    let mut failed = None;
+    for r in &plan {
+        match storage_run(o, &dir.join(r.name), r, env).await {
+            Ok(v) => runs.push((r.name, v)),
+            Err(e) => {
+                failed = Some(format!("{} run: {e}", r.name));
+                break;
+            }
+        }
+    }
+    if let Some(d) = on_volume {
+        progress(&format!("removing {}", d.display()));
+        if let Err(e) = crate::fsutil::remove_tree_concurrently(&d, 32) {
+            progress(&format!("could not remove {}: {e}", d.display()));
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let l = o.latency_ms;
     let mut out = serde_json::json!({
         "scenario": o.scenario.name(),
@@ -424,23 +485,132 @@ async fn storage_latency(
         "rows_per_client": o.rows,
         "pause_ms_per_100_rows": o.pause_ms,
         "latency_ms": l,
+        "volume": o.volume.as_ref().map(|v| v.display().to_string()),
         "throughput_unit": "rows/s, hunt create to 100% complete",
-        "throughput_0ms": fast.1["rows_per_s"],
-        format!("throughput_{l}ms"): slow.1["rows_per_s"],
-        "throughput_ratio": ratio,
-        "p50_ms_0ms": fast.2["data"]["p50_ms"],
-        "p99_ms_0ms": fast.2["data"]["p99_ms"],
-        format!("p50_ms_{l}ms"): slow.2["data"]["p50_ms"],
-        format!("p99_ms_{l}ms"): slow.2["data"]["p99_ms"],
-        "completion_p50_ms_0ms": fast.2["finals"]["p50_ms"],
-        "completion_p99_ms_0ms": fast.2["finals"]["p99_ms"],
-        format!("completion_p50_ms_{l}ms"): slow.2["finals"]["p50_ms"],
-        format!("completion_p99_ms_{l}ms"): slow.2["finals"]["p99_ms"],
     });
-    for (latency, h, times) in runs {
-        out[format!("run_{latency}ms")] = serde_json::json!({ "hunt": h, "service_times": times });
+    let local_thr = runs[0].1["hunt"]["rows_per_s"].as_f64().unwrap_or(0.0);
+    for (name, v) in &runs {
+        // The figures of the model run keep their historical names (`_50ms`).
+        let sfx = match *name {
+            "local" => "0ms".to_owned(),
+            "model" => format!("{l}ms"),
+            other => other.to_owned(),
+        };
+        let thr = v["hunt"]["rows_per_s"].as_f64().unwrap_or(0.0);
+        out[format!("throughput_{sfx}")] = v["hunt"]["rows_per_s"].clone();
+        if *name != "local" {
+            let ratio = if local_thr > 0.0 {
+                round3(thr / local_thr)
+            } else {
+                0.0
+            };
+            let key = if *name == "model" {
+                "throughput_ratio".to_owned()
+            } else {
+                format!("throughput_ratio_{sfx}")
+            };
+            out[key] = ratio.into();
+        }
+        out[format!("hunt_100_s_{sfx}")] = v["hunt"]["completed_100_s"].clone();
+        out[format!("p50_ms_{sfx}")] = v["service_times"]["data"]["p50_ms"].clone();
+        out[format!("p99_ms_{sfx}")] = v["service_times"]["data"]["p99_ms"].clone();
+        out[format!("completion_p50_ms_{sfx}")] = v["service_times"]["finals"]["p50_ms"].clone();
+        out[format!("completion_p99_ms_{sfx}")] = v["service_times"]["finals"]["p99_ms"].clone();
+        out[format!("results_s_{sfx}")] = v["results_s"].clone();
+        out[format!("stop_s_{sfx}")] = v["stop_s"].clone();
+        out[format!("restart_api_s_{sfx}")] = v["restart_api_s"].clone();
+        out[format!("run_{sfx}")] = v.clone();
     }
     Ok(out)
+}
+
+/// One deployment of [`storage_latency`] in `sub`: the hunt, every row read back through the API
+/// (and checked to be exactly what the clients sent), then the master stopped with SIGTERM and
+/// started again.
+async fn storage_run(
+    o: &BenchOptions,
+    sub: &Path,
+    r: &VolumeRun,
+    env: &Env,
+) -> Result<serde_json::Value, String> {
+    let n = o.clients;
+    let latency = r.latency_ms;
+    let setup = Setup::on(sub, &r.datastore, n, env, |c| {
+        c.datastore.volume_latency_ms = latency;
+        if o.pause_ms > 0 {
+            // Tasks reach the clients over ten pause periods, so their messages do not all
+            // arrive in the same instant of each period (an open, evenly spread load).
+            let spread_ms = 10 * o.pause_ms;
+            c.frontend.resources.notifications_per_second = (n as u64 * 1000 / spread_ms).max(1);
+        }
+        c.validate()
+    })?;
+    let what = match r.name {
+        "model" => format!("model ({latency} ms per operation)"),
+        "volume" => format!("volume {}", r.datastore.display()),
+        _ => "local disk".to_owned(),
+    };
+    let mut master = setup.start_master()?;
+    let mut api = wait_for_api(&setup.api_cfg, &mut master, 60.0, env).await?;
+    progress(&format!("{what}: master up; starting {n} clients"));
+    let stats = sub.join("service-times.json");
+    let mut pool = setup.start_pool(o, n, Some(&stats))?;
+    wait_connected(
+        &mut api,
+        n,
+        &mut [&mut master, &mut pool],
+        &Watch::start(env),
+    )
+    .await?;
+    // A network filesystem may be far slower than the model: give it ten minutes at least.
+    let limit = (n as f64 / 50.0).max(if r.name == "volume" { 600.0 } else { 120.0 });
+    let h = hunt(&mut api, n, o.rows, o.pause_ms, limit, &mut master, env).await?;
+    // Every final status acknowledged (the pool writes its figures each second).
+    let times = wait_stats(&stats, &mut pool, env, |v| {
+        v["finals"]["count"].as_u64().unwrap_or(0) >= n as u64
+    })
+    .await?;
+    progress(&format!(
+        "{what}: {} rows/s; data messages p50 {} ms, p99 {} ms",
+        h["rows_per_s"], times["data"]["p50_ms"], times["data"]["p99_ms"]
+    ));
+    let hunt_id = h["hunt_id"].as_str().unwrap_or_default().to_owned();
+    let watch = Watch::start(env);
+    let rows = api.hunt_rows(&hunt_id).await?;
+    let results_s = watch.secs();
+    let expected = n as u64 * o.rows;
+    if rows.len() as u64 != expected {
+        return Err(format!(
+            "hunt results returned {} rows, the clients sent {expected}",
+            rows.len()
+        ));
+    }
+    progress(&format!(
+        "{what}: hunt results ({expected} rows) in {results_s:.2} s"
+    ));
+    let watch = Watch::start(env);
+    master.terminate(Duration::from_secs(600), env).await?;
+    let stop_s = watch.secs();
+    progress(&format!(
+        "{what}: master stopped (SIGTERM) in {stop_s:.2} s"
+    ));
+    let watch = Watch::start(env);
+    let mut master = setup.start_master()?;
+    // A restart on a network filesystem can be slow: measure it up to ten minutes.
+    wait_for_api(&setup.api_cfg, &mut master, 600.0, env).await?;
+    let restart_api_s = watch.secs();
+    progress(&format!(
+        "{what}: master restarted, API answering in {restart_api_s:.2} s"
+    ));
+    drop(pool);
+    master.terminate(Duration::from_secs(600), env).await?;
+    Ok(serde_json::json!({
+        "hunt": h,
+        "service_times": times,
+        "results_s": round3(results_s),
+        "stop_s": round3(stop_s),
+        "restart_api_s": round3(restart_api_s),
+    }))
 }
 
 /// Reads the pool's service-time file until `done` holds for it.
@@ -507,7 +677,7 @@ async fn replication(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_js
         .map(|x| x.node_name())
         .expect("one minion");
     let mut master = setup.start_master()?;
-    let mut api = wait_for_api(&setup.api_cfg, &mut master, env).await?;
+    let mut api = wait_for_api(&setup.api_cfg, &mut master, 60.0, env).await?;
     let mut minion = setup.start_minion(&node)?;
     let before = wait_applied(&mut api, &node, &mut [&mut master, &mut minion], env, |m| {
         m.connected && m.applied > 0
@@ -539,7 +709,7 @@ async fn replication(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_js
     let outage_s = outage.secs();
     let watch = Watch::start(env);
     let mut master = setup.start_master()?;
-    let mut api = wait_for_api(&setup.api_cfg, &mut master, env).await?;
+    let mut api = wait_for_api(&setup.api_cfg, &mut master, 60.0, env).await?;
     let api_s = watch.secs();
     // Samples of the applied cursor until every client is known connected and it stops moving.
     let mut samples: Vec<(f64, u64)> = Vec::new();
@@ -680,6 +850,7 @@ fn prepare_keys(dir: &Path, n: usize, env: &Env) -> Result<(), String> {
 async fn wait_for_api(
     c: &config::ApiClientConfig,
     master: &mut Child,
+    limit_s: f64,
     env: &Env,
 ) -> Result<Api, String> {
     let watch = Watch::start(env);
@@ -690,8 +861,10 @@ async fn wait_for_api(
         {
             return Ok(api);
         }
-        if watch.secs() > 60.0 {
-            return Err("the master's API did not answer within 60 s".into());
+        if watch.secs() > limit_s {
+            return Err(format!(
+                "the master's API did not answer within {limit_s} s"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -742,6 +915,7 @@ async fn hunt(
     n: usize,
     rows: u64,
     pause_ms: u64,
+    limit: f64,
     master: &mut Child,
     env: &Env,
 ) -> Result<serde_json::Value, String> {
@@ -763,7 +937,6 @@ async fn hunt(
     let created_s = watch.secs();
     let (mut tasked, mut p95, mut done) = (None, None, None);
     let mut last_report = 0.0;
-    let limit = (n as f64 / 50.0).max(120.0);
     loop {
         master.check_alive()?;
         let s = api.hunt(&h.hunt_id).await?;

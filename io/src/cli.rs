@@ -99,6 +99,11 @@ pub enum Command {
         /// replication: how long the master is down (seconds).
         #[arg(long, default_value_t = 60)]
         outage_s: u64,
+        /// storage-latency: also run the workload with the shared volume in DIR (a network
+        /// filesystem's mount point, e.g. NFS, EFS or sshfs), compared in the same run with the
+        /// local disk and the latency model. A scratch directory is made in DIR and removed after.
+        #[arg(long, value_name = "DIR")]
+        volume: Option<PathBuf>,
         /// Clients started per second (0: all at once).
         #[arg(long, default_value_t = 2000.0)]
         start_rate: f64,
@@ -643,6 +648,7 @@ async fn run_async(
             latency_ms,
             pause_ms,
             outage_s,
+            volume,
             start_rate,
             keys,
             json,
@@ -657,6 +663,7 @@ async fn run_async(
                 latency_ms,
                 pause_ms,
                 outage_s,
+                volume,
             };
             let v = crate::bench::run(&o).await?;
             Ok(if json {
