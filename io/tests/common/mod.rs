@@ -48,11 +48,16 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn new() -> Deployment {
+        Deployment::with_datastore(None)
+    }
+
+    /// A deployment whose shared volume is `shared` (default: `shared/` in its directory).
+    pub fn with_datastore(shared: Option<&Path>) -> Deployment {
         let dir = tempfile::tempdir().unwrap();
         let p = |n: u16| n.to_string();
         let (fe, api, gui) = (free_port(), free_port(), free_port());
         let out = dir.path().to_str().unwrap().to_owned();
-        let shared = dir.path().join("shared");
+        let shared = shared.map_or_else(|| dir.path().join("shared"), Path::to_owned);
         ok(&[
             "config",
             "generate",
@@ -183,10 +188,15 @@ impl Deployment {
         .unwrap()
     }
 
-    pub fn wait_until(&self, what: &str, mut f: impl FnMut() -> bool) {
+    pub fn wait_until(&self, what: &str, f: impl FnMut() -> bool) {
+        self.wait_until_within(what, Duration::from_secs(120), f)
+    }
+
+    /// [`Deployment::wait_until`], giving up after `limit`.
+    pub fn wait_until_within(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         let start = Instant::now();
         while !f() {
-            if start.elapsed() > Duration::from_secs(120) {
+            if start.elapsed() > limit {
                 let mut logs = String::new();
                 for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
                     let p = e.path();
