@@ -2295,42 +2295,38 @@ async fn audit<V: Volume>(
     Some(out)
 }
 
-/// Streams the result rows of `flows` from the filestore, one page per stored rows message, in
-/// sequence order. Memory is bounded by the channel (4 pages) whatever the flows' size.
+/// Flows whose results [`stream_flows`] reads ahead of the one it is sending: on a network volume
+/// each read is a round trip, so reading flows one after another costs a hunt one round trip per
+/// message and per flow.
+pub const RESULT_FLOWS_AHEAD: usize = 16;
+
+/// Pages each flow read ahead may hold (and messages it reads at once).
+pub const RESULT_PAGES_AHEAD: usize = 4;
+
+/// Streams the result rows of `flows` from the filestore, one page per stored rows message: flows in
+/// the order given, each in sequence order. Up to [`RESULT_FLOWS_AHEAD`] flows are read at once,
+/// each into its own channel of [`RESULT_PAGES_AHEAD`] pages, so memory stays bounded whatever the
+/// flows' size; a reader stops when the caller goes away.
 fn stream_flows(fs: SharedVolume, flows: Vec<(ClientId, FlowId)>) -> Pages {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
-        for (client, flow) in flows {
-            let dir = format!("{}/", paths::flow_messages_dir(&client, &flow));
-            let names = match fs.list(&dir).await {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(Status::unavailable(format!("filestore: {e}"))))
-                        .await;
-                    return;
-                }
+        let mut flows = flows.into_iter();
+        let mut ahead = std::collections::VecDeque::new();
+        loop {
+            while ahead.len() < RESULT_FLOWS_AHEAD {
+                let Some((client, flow)) = flows.next() else {
+                    break;
+                };
+                let (ftx, frx) = mpsc::channel(RESULT_PAGES_AHEAD);
+                tokio::spawn(read_flow_pages(fs.clone(), client, flow, ftx));
+                ahead.push_back(frx);
+            }
+            let Some(mut next) = ahead.pop_front() else {
+                return;
             };
-            for name in names {
-                let msg = match fs.read(&name).await {
-                    Ok(Some(bytes)) => comms::FlowMessage::decode(bytes)
-                        .map_err(|e| Status::data_loss(format!("{name}: {e}"))),
-                    Ok(None) => continue,
-                    Err(e) => Err(Status::unavailable(format!("filestore: {e}"))),
-                };
-                let page = match msg {
-                    Ok(comms::FlowMessage {
-                        payload: Some(comms::flow_message::Payload::Rows(r)),
-                        ..
-                    }) => Ok(api::ResultPage {
-                        client_id: client.to_string(),
-                        flow_id: flow.to_string(),
-                        rows: r.rows,
-                    }),
-                    Ok(_) => continue,
-                    Err(e) => Err(e),
-                };
+            while let Some(page) = next.recv().await {
                 let failed = page.is_err();
+                // Returning drops the readers' channels: each stops at its next send.
                 if tx.send(page).await.is_err() || failed {
                     return;
                 }
@@ -2338,6 +2334,57 @@ fn stream_flows(fs: SharedVolume, flows: Vec<(ClientId, FlowId)>) -> Pages {
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Sends one flow's rows pages into `tx` in sequence order (an error ends it), reading up to
+/// [`RESULT_PAGES_AHEAD`] messages at once.
+async fn read_flow_pages(
+    fs: SharedVolume,
+    client: ClientId,
+    flow: FlowId,
+    tx: mpsc::Sender<Result<api::ResultPage, Status>>,
+) {
+    let dir = format!("{}/", paths::flow_messages_dir(&client, &flow));
+    let names = match fs.list(&dir).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = tx
+                .send(Err(Status::unavailable(format!("filestore: {e}"))))
+                .await;
+            return;
+        }
+    };
+    for chunk in names.chunks(RESULT_PAGES_AHEAD) {
+        let reads = crate::storage::volume::bounded(
+            RESULT_PAGES_AHEAD,
+            chunk.iter().map(|n| fs.read(n)).collect(),
+        )
+        .await;
+        for (name, read) in chunk.iter().zip(reads) {
+            let msg = match read {
+                Ok(Some(bytes)) => comms::FlowMessage::decode(bytes)
+                    .map_err(|e| Status::data_loss(format!("{name}: {e}"))),
+                Ok(None) => continue,
+                Err(e) => Err(Status::unavailable(format!("filestore: {e}"))),
+            };
+            let page = match msg {
+                Ok(comms::FlowMessage {
+                    payload: Some(comms::flow_message::Payload::Rows(r)),
+                    ..
+                }) => Ok(api::ResultPage {
+                    client_id: client.to_string(),
+                    flow_id: flow.to_string(),
+                    rows: r.rows,
+                }),
+                Ok(_) => continue,
+                Err(e) => Err(e),
+            };
+            let failed = page.is_err();
+            if tx.send(page).await.is_err() || failed {
+                return;
+            }
+        }
+    }
 }
 
 /// On a minion: compares the client's key with its enrolment record, read through the master's
@@ -3013,5 +3060,70 @@ mod load_tests {
             e.contains("hunts/H.new/record.json") && e.contains("after 5 attempts"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod results_tests {
+    use super::*;
+    use crate::storage::fs::{LatencyFs, OsFs};
+    use crate::storage::volume::{FsVolume, SyncMode};
+    use tokio_stream::StreamExt;
+
+    /// Hunt results come in the order of the flows, each flow's pages in sequence order, with
+    /// non-row messages skipped, however many flows are read ahead and whichever finish first.
+    #[tokio::test(start_paused = true)]
+    async fn results_keep_the_flows_order_while_reading_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = LatencyFs::new(
+            OsFs::new(dir.path()).unwrap(),
+            std::time::Duration::from_millis(50),
+        );
+        let vol = SharedVolume::new(FsVolume::over(fs, SyncMode::PerFile, "t"));
+        let client = ClientId::from_public_key(b"k");
+        // More flows than are read ahead; the early ones have the most messages (finish last).
+        let n_flows = RESULT_FLOWS_AHEAD as u64 * 2 + 3;
+        let mut flows = Vec::new();
+        let mut writes = Vec::new();
+        let mut expected = Vec::new();
+        for f in 0..n_flows {
+            let flow = FlowId::from_u64(f + 1);
+            let msgs = (n_flows - f) % 7 + 1;
+            for seq in 0..msgs {
+                let row = format!("{{\"f\":{f},\"seq\":{seq}}}");
+                let m = comms::FlowMessage {
+                    flow_id: flow.to_string(),
+                    seq,
+                    payload: Some(comms::flow_message::Payload::Rows(comms::ResultRows {
+                        source: "a".into(),
+                        rows: vec![Bytes::from(row.clone())],
+                    })),
+                };
+                writes.push((
+                    paths::flow_message(&client, &flow, seq),
+                    Some(Bytes::from(m.encode_to_vec())),
+                ));
+                expected.push(row);
+            }
+            let status = comms::FlowMessage {
+                flow_id: flow.to_string(),
+                seq: msgs,
+                payload: Some(comms::flow_message::Payload::Status(Default::default())),
+            };
+            writes.push((
+                paths::flow_message(&client, &flow, msgs),
+                Some(Bytes::from(status.encode_to_vec())),
+            ));
+            flows.push((client.clone(), flow));
+        }
+        vol.write_many(writes).await.unwrap();
+        let mut pages = stream_flows(vol, flows);
+        let mut got = Vec::new();
+        while let Some(p) = pages.next().await {
+            for r in p.unwrap().rows {
+                got.push(String::from_utf8(r.to_vec()).unwrap());
+            }
+        }
+        assert_eq!(got, expected);
     }
 }
