@@ -810,14 +810,14 @@ pub fn pool_key_path(dir: &Path, i: usize) -> std::path::PathBuf {
     dir.join(format!("pool-{i}.yaml"))
 }
 
-/// Starts `number` virtual clients in this process (`talon pool-client`): each has its own key,
+/// Starts the virtual clients numbered `keys` in this process (`talon pool-client`): each has its own key,
 /// cached in `writeback_dir/pool-<i>.yaml` so a restart reuses it, and reports hostname
 /// `<prefix>-<i>`. They share one runtime. Starts at most `start_rate` clients per second. With
 /// `times`, every client records its messages' service times there.
 pub fn spawn_pool(
     config: &ClientConfig,
     writeback_dir: &Path,
-    number: usize,
+    keys: std::ops::Range<usize>,
     start_rate: f64,
     prefix: &str,
     env: crate::env::Env,
@@ -836,8 +836,8 @@ pub fn spawn_pool(
         config.client.server_urls.iter().all(|u| {
             parse_url(u).is_ok_and(|(h, _)| crate::config::bind_address_for(&h) != "0.0.0.0")
         });
-    let mut agents = Vec::with_capacity(number);
-    for i in 0..number {
+    let mut agents = Vec::with_capacity(keys.len());
+    for i in keys {
         let (identity, id) = load_or_create_identity(&pool_key_path(writeback_dir, i), &*clock)?;
         let net: Arc<dyn crate::net::Net> = if loopback {
             Arc::new(crate::net::FromAddr {

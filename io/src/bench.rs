@@ -70,6 +70,9 @@ pub struct BenchOptions {
     /// `storage-latency`: a directory on the filesystem to measure (a network mount), compared in
     /// the same run with the local scratch directory and the latency model.
     pub volume: Option<PathBuf>,
+    /// `connections`, `hunt`: minions beside the master, each frontend holding an equal share of
+    /// the clients (each share in its own load-generator process).
+    pub minions: usize,
 }
 
 /// A child process killed when dropped.
@@ -147,6 +150,21 @@ impl Child {
         }
     }
 
+    /// CPU time used so far (user + system), from `/proc/<pid>/stat`.
+    fn cpu_seconds(&self) -> Result<f64, String> {
+        let path = format!("/proc/{}/stat", self.inner.id());
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        // Fields after the command name (which may hold spaces) end with ')'.
+        let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name.
+        match (ticks(11), ticks(12)) {
+            (Some(u), Some(s)) => Ok((u + s) as f64 / 100.0),
+            _ => Err(format!("{path}: no utime/stime")),
+        }
+    }
+
     /// Resident memory, from `/proc/<pid>/status`.
     fn rss_bytes(&self) -> Result<u64, String> {
         let path = format!("/proc/{}/status", self.inner.id());
@@ -196,16 +214,19 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
     if o.scenario == Scenario::StorageLatency && o.rows == 0 {
         return Err("--rows must be at least 1".into());
     }
-    // The frontend holds one descriptor per client, and so does the load generator.
-    let wanted = o.clients as u64 + FDS_SPARE;
+    if o.minions > 0 && !matches!(o.scenario, Scenario::Connections | Scenario::Hunt) {
+        return Err("--minions applies to the connections and hunt scenarios".into());
+    }
+    // Each frontend holds one descriptor per client on it, and so does its load generator.
+    let per_process = o.clients.div_ceil(o.minions + 1);
+    let wanted = per_process as u64 + FDS_SPARE;
     let limit = crate::env::raise_fd_limit(wanted)?;
     if limit < wanted {
         return Err(format!(
-            "one frontend holding {} clients needs about {wanted} open files, but this process may \
-             open at most {limit} (the hard limit; raising it needs root with CAP_SYS_RESOURCE): run \
-             with --clients {} or raise the limit (ulimit -Hn)",
-            o.clients,
-            limit.saturating_sub(FDS_SPARE)
+            "one frontend holding {per_process} clients needs about {wanted} open files, but this \
+             process may open at most {limit} (the hard limit; raising it needs root with \
+             CAP_SYS_RESOURCE): run with --clients {}, more --minions, or raise the limit (ulimit -Hn)",
+            limit.saturating_sub(FDS_SPARE) * (o.minions as u64 + 1)
         ));
     }
     let env = Env::real();
@@ -333,11 +354,27 @@ impl Setup {
         n: usize,
         stats: Option<&Path>,
     ) -> Result<Child, String> {
+        self.start_pool_on(o, &self.client_cfg, 0, n, stats, "pool")
+    }
+
+    /// A load generator with the clients numbered `first..first + n`, configured by `client_cfg`
+    /// (which frontends they connect to); it logs to `<name>.log`.
+    fn start_pool_on(
+        &self,
+        o: &BenchOptions,
+        client_cfg: &Path,
+        first: usize,
+        n: usize,
+        stats: Option<&Path>,
+        name: &str,
+    ) -> Result<Child, String> {
         let (number, rate, keys) = (n.to_string(), o.start_rate.to_string(), path_str(&o.keys));
         let mut args = vec![
             "-c".to_owned(),
-            path_str(&self.client_cfg),
+            path_str(client_cfg),
             "pool-client".into(),
+            "--first".into(),
+            first.to_string(),
             "--number".into(),
             number,
             "--writeback-dir".into(),
@@ -349,7 +386,7 @@ impl Setup {
             args.extend(["--stats".into(), path_str(p)]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Child::spawn("pool-client", &args, self.dir.join("pool.log"))
+        Child::spawn("pool-client", &args, self.dir.join(format!("{name}.log")))
     }
 }
 
@@ -358,6 +395,9 @@ async fn connections_and_hunt(
     dir: &Path,
     env: &Env,
 ) -> Result<serde_json::Value, String> {
+    if o.minions > 0 {
+        return cluster_hunt(o, dir, env).await;
+    }
     let n = o.clients;
     let setup = Setup::new(dir, n, env, |_| Ok(()))?;
     let mut master = setup.start_master()?;
@@ -390,6 +430,139 @@ async fn connections_and_hunt(
         let limit = (n as f64 / 50.0).max(120.0);
         let h = hunt(&mut api, n, 1, 0, limit, &mut master, env).await?;
         merge(&mut out, h);
+        out["frontend_rss_after_hunt_bytes"] = master.rss_bytes()?.into();
+    }
+    Ok(out)
+}
+
+/// `connections` / `hunt` with `--minions K`: a master and K minions, the clients split evenly
+/// over the K + 1 frontends (each share configured to connect to its frontend only, in its own
+/// load-generator process): per-frontend memory per client, the connect rate, the hunt's figures,
+/// and the master's replication load during the hunt (events applied, its CPU time).
+async fn cluster_hunt(
+    o: &BenchOptions,
+    dir: &Path,
+    env: &Env,
+) -> Result<serde_json::Value, String> {
+    let n = o.clients;
+    let k = o.minions;
+    let mut adds = Vec::new();
+    for _ in 0..k {
+        adds.push(("127.0.0.1".to_owned(), crate::demo::free_port()?));
+    }
+    let setup = Setup::new(dir, n, env, |c| {
+        config::add_frontends(c, &adds, &*env.clock).map(|_| ())
+    })?;
+    let nodes: Vec<String> = setup
+        .cfg
+        .extra_frontends
+        .iter()
+        .map(|x| x.node_name())
+        .collect();
+    // One client config per frontend, naming that frontend only.
+    let mut client_cfgs = Vec::new();
+    for (i, url) in setup.cfg.server_urls().into_iter().enumerate() {
+        let mut cc = setup.cfg.client_config();
+        cc.client.server_urls = vec![url];
+        let p = dir.join(format!("client-{i}.config.yaml"));
+        config::write_yaml(&p, &cc).map_err(|e| e.to_string())?;
+        client_cfgs.push(p);
+    }
+    let mut master = setup.start_master()?;
+    let mut api = wait_for_api(&setup.api_cfg, &mut master, 60.0, env).await?;
+    let mut minions = Vec::new();
+    for node in &nodes {
+        minions.push(setup.start_minion(node)?);
+    }
+    // The minions have connected to the master once it lists them all.
+    until(
+        &mut [&mut master],
+        env,
+        "every minion to connect to the master",
+        100,
+        async || {
+            let up = api
+                .cluster()
+                .await
+                .is_ok_and(|c| c.minions.iter().filter(|m| m.connected).count() == k);
+            Ok(up.then_some(()))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut baselines = vec![master.rss_bytes()?];
+    for m in &minions {
+        baselines.push(m.rss_bytes()?);
+    }
+    progress(&format!(
+        "master and {k} minions up; starting {n} clients ({} per frontend) at {} per second each",
+        n.div_ceil(k + 1),
+        rate_text(o.start_rate)
+    ));
+    let watch = Watch::start(env);
+    let mut pools = Vec::new();
+    let mut shares = Vec::new();
+    let mut first = 0;
+    for (i, cc) in client_cfgs.iter().enumerate() {
+        let share = n / (k + 1) + usize::from(i < n % (k + 1));
+        pools.push(setup.start_pool_on(o, cc, first, share, None, &format!("pool-{i}"))?);
+        shares.push(share);
+        first += share;
+    }
+    let connect_s = {
+        let mut procs: Vec<&mut Child> = std::iter::once(&mut master)
+            .chain(minions.iter_mut())
+            .chain(pools.iter_mut())
+            .collect();
+        wait_connected(&mut api, n, &mut procs, &watch).await?
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut per_frontend = Vec::new();
+    let mut worst_per_client = 0;
+    let frontends = std::iter::once(("master".to_owned(), &master))
+        .chain(nodes.iter().cloned().zip(minions.iter()));
+    for (((name, child), base), share) in frontends.zip(&baselines).zip(&shares) {
+        let rss = child.rss_bytes()?;
+        let per_client = rss.saturating_sub(*base) / (*share).max(1) as u64;
+        worst_per_client = worst_per_client.max(per_client);
+        per_frontend.push(serde_json::json!({
+            "node": name,
+            "clients": share,
+            "rss_bytes": rss,
+            "rss_baseline_bytes": base,
+            "rss_per_client_bytes": per_client,
+        }));
+    }
+    let mut pool_rss = 0;
+    for p in &pools {
+        pool_rss += p.rss_bytes()?;
+    }
+    let mut out = serde_json::json!({
+        "scenario": o.scenario.name(),
+        "clients": n,
+        "minions": k,
+        "rss_per_client_bytes": worst_per_client,
+        "frontends": per_frontend,
+        "connect_s": round3(connect_s),
+        "connect_rate_per_s": round3(n as f64 / connect_s),
+        "pool_rss_bytes": pool_rss,
+        "config": setup.tuned(),
+    });
+    if o.scenario == Scenario::Hunt {
+        let applied = |c: &talon_proto::api::ClusterStatus| -> u64 {
+            c.minions.iter().map(|m| m.applied).sum()
+        };
+        let before = applied(&api.cluster().await?);
+        let cpu_before = master.cpu_seconds()?;
+        let limit = (n as f64 / 50.0).max(120.0);
+        let h = hunt(&mut api, n, 1, 0, limit, &mut master, env).await?;
+        let secs = h["completed_100_s"].as_f64().unwrap_or(0.0);
+        let events = applied(&api.cluster().await?).saturating_sub(before);
+        let cpu = master.cpu_seconds()? - cpu_before;
+        merge(&mut out, h);
+        out["master_replicated_events"] = events.into();
+        out["master_replicated_events_per_s"] = round3(events as f64 / secs.max(0.001)).into();
+        out["master_cpu_s_during_hunt"] = round3(cpu).into();
         out["frontend_rss_after_hunt_bytes"] = master.rss_bytes()?.into();
     }
     Ok(out)

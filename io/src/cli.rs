@@ -63,6 +63,10 @@ pub enum Command {
         /// How many clients.
         #[arg(long)]
         number: usize,
+        /// The first client's key number: several pools share one key directory with disjoint
+        /// ranges (`--first 0 --number 1000`, `--first 1000 --number 1000`).
+        #[arg(long, default_value_t = 0)]
+        first: usize,
         /// Where their keys are cached (a restart reuses them).
         #[arg(long, alias = "writeback_dir", value_name = "DIR")]
         writeback_dir: PathBuf,
@@ -104,6 +108,10 @@ pub enum Command {
         /// local disk and the latency model. A scratch directory is made in DIR and removed after.
         #[arg(long, value_name = "DIR")]
         volume: Option<PathBuf>,
+        /// connections, hunt: run K minions beside the master and split the clients evenly over
+        /// the K + 1 frontends (each share in its own load-generator process).
+        #[arg(long, default_value_t = 0)]
+        minions: usize,
         /// Clients started per second (0: all at once).
         #[arg(long, default_value_t = 2000.0)]
         start_rate: f64,
@@ -588,6 +596,7 @@ async fn run_async(
         }
         Command::PoolClient {
             number,
+            first,
             writeback_dir,
             start_rate,
             stats,
@@ -613,7 +622,7 @@ async fn run_async(
             let pool = crate::agent::spawn_pool(
                 &cfg,
                 &writeback_dir,
-                number,
+                first..first + number,
                 start_rate,
                 "pool",
                 crate::env::Env::real(),
@@ -649,6 +658,7 @@ async fn run_async(
             pause_ms,
             outage_s,
             volume,
+            minions,
             start_rate,
             keys,
             json,
@@ -664,6 +674,7 @@ async fn run_async(
                 pause_ms,
                 outage_s,
                 volume,
+                minions,
             };
             let v = crate::bench::run(&o).await?;
             Ok(if json {

@@ -138,7 +138,7 @@ async fn run_in(
     let pool = crate::agent::spawn_pool(
         &cfg.client_config(),
         &dir.join("pool"),
-        clients,
+        0..clients,
         500.0,
         "demo",
         env.clone(),
