@@ -24,6 +24,23 @@ use talon_proto::{api::api_server::ApiServer, comms::comms_server::CommsServer};
 /// How long a stopping node waits for open streams to finish.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// How long a stopping node waits for its journals' backlog to reach the shared volume. Whatever is
+/// not there by then stays in the node's local journal and is copied by the next start, so a stop
+/// on a slow volume is bounded (docs/operations.md, "Stopping").
+pub const STOP_FLUSH_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits up to [`STOP_FLUSH_MAX`] for `flush`; says what it left to the next start.
+async fn flush_for_stop(what: &str, flush: impl Future<Output = Result<(), String>>) {
+    match tokio::time::timeout(STOP_FLUSH_MAX, flush).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "{what} did not flush; the next start continues"),
+        Err(_) => tracing::info!(
+            "{what} still flushing after {} s; its journal keeps the rest for the next start",
+            STOP_FLUSH_MAX.as_secs()
+        ),
+    }
+}
+
 /// Where a started node listens.
 #[derive(Clone, Debug)]
 pub struct Listening {
@@ -205,16 +222,8 @@ pub async fn run_master(
     let opts = node_options(&cfg, node_name.clone());
     let max_message = opts.codec.message_bytes_max;
     let admission = admission(&cfg, &clock);
-    let node = Node::start(
-        opts,
-        Meta::Local(datastore.clone()),
-        filestore.clone(),
-        clock,
-        entropy,
-        Cluster::Master,
-    )
-    .await?;
-
+    // The ports first: a port in use fails the start at once, and clients and minions connecting
+    // while the master loads wait in the listen backlog instead of being refused.
     let fe_addr = format!("{}:{}", cfg.frontend.bind_address, cfg.frontend.bind_port);
     let api_addr = format!("{}:{}", cfg.api.bind_address, cfg.api.bind_port);
     let fe_listener = net
@@ -225,6 +234,25 @@ pub async fn run_master(
         .bind(&api_addr)
         .await
         .map_err(|e| format!("API {api_addr}: {e}"))?;
+    tokio::pin!(shutdown);
+    // Loading may take long on a slow volume: a stop request ends it (it only reads; the journals
+    // keep everything for the next start).
+    let node = tokio::select! {
+        n = Node::start(
+            opts,
+            Meta::Local(datastore.clone()),
+            filestore.clone(),
+            clock,
+            entropy,
+            Cluster::Master,
+        ) => n?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped while loading");
+            ds_task.abort();
+            fs_task.abort();
+            return Ok(());
+        }
+    };
     let listening = Listening {
         frontend: fe_listener.local_addr().map_err(|e| e.to_string())?,
         api: api_listener.local_addr().map_err(|e| e.to_string())?,
@@ -305,7 +333,7 @@ pub async fn run_master(
             tracing::error!(error = %why, "the filestore buffer stopped; exiting");
             return Err(format!("the filestore buffer stopped: {why}"));
         }
-        _ = shutdown => {
+        _ = &mut shutdown => {
             tracing::info!("shutting down: flushing the datastore");
             let _ = stop_tx.send(true);
             // Graceful shutdown waits for open streams; clients and minions reconnect elsewhere or
@@ -313,12 +341,11 @@ pub async fn run_master(
             if tokio::time::timeout(SHUTDOWN_GRACE, servers).await.is_err() {
                 tracing::info!("streams still open after the grace period; closing them");
             }
-            if let Err(e) = datastore.flushed().await {
-                tracing::warn!(error = %e, "datastore did not flush");
-            }
-            if let Err(e) = filestore.settled().await {
-                tracing::warn!(error = %e, "filestore buffer did not flush");
-            }
+            flush_for_stop("the datastore", async {
+                datastore.flushed().await.map_err(|e| e.to_string())?;
+                filestore.settled().await.map_err(|e| e.to_string())
+            })
+            .await;
         }
     }
     drop(datastore);
@@ -473,11 +500,91 @@ pub async fn run_minion(
             if tokio::time::timeout(SHUTDOWN_GRACE, fe).await.is_err() {
                 tracing::info!("client streams still open after the grace period; closing them");
             }
-            if let Err(e) = filestore.settled().await {
-                tracing::warn!(error = %e, "filestore buffer did not flush");
-            }
+            flush_for_stop("the filestore buffer", async {
+                filestore.settled().await.map_err(|e| e.to_string())
+            })
+            .await;
         }
     }
     fs_task.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fs::{Entry, Fs};
+    use crate::storage::local::StdDisk;
+    use crate::storage::volume::{FsVolume, SharedVolume, SyncMode};
+    use bytes::Bytes;
+    use std::io;
+
+    /// A shared volume that never answers (a hung NFS server).
+    struct Hung;
+
+    impl Fs for Hung {
+        async fn read(&self, _: &str) -> io::Result<Option<Bytes>> {
+            std::future::pending().await
+        }
+        async fn create(&self, _: &str, _: Bytes, _: bool) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn append(&self, _: &str, _: Bytes) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn sync(&self, _: &str) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn sync_all(&self) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn rename(&self, _: &str, _: &str) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn mkdir(&self, _: &str) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn list(&self, _: &str) -> io::Result<Vec<Entry>> {
+            std::future::pending().await
+        }
+        async fn remove(&self, _: &str) -> io::Result<()> {
+            std::future::pending().await
+        }
+    }
+
+    /// A stop request ends a master still loading its records from a volume that does not answer
+    /// (it had already bound its ports). The outer timeout only turns a hang into a failure.
+    #[tokio::test]
+    async fn a_master_stops_on_request_while_loading_from_a_hung_volume() {
+        let env = Env::real();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::config::GenerateOptions {
+            hostname: "127.0.0.1".into(),
+            frontend_port: crate::demo::free_port().unwrap(),
+            api_port: crate::demo::free_port().unwrap(),
+            gui_port: crate::demo::free_port().unwrap(),
+            datastore: dir.path().join("shared"),
+        };
+        let cfg = crate::config::generate(&opts, &*env.clock, &*env.entropy).unwrap();
+        let hung = || SharedVolume::new(FsVolume::over(Hung, SyncMode::PerFile, "t"));
+        let storage = NodeStorage {
+            local: Box::new(StdDisk::new(&dir.path().join("local")).unwrap()),
+            buffer: Box::new(StdDisk::new(&dir.path().join("local")).unwrap()),
+            metadata: hung(),
+            filestore: hung(),
+            local_name: "local".into(),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(run_master(env, cfg, storage, |_| {}, async move {
+            let _ = stop_rx.await;
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!run.is_finished(), "the master is still loading");
+        stop_tx.send(()).unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(60), run)
+            .await
+            .expect("the master stopped")
+            .unwrap();
+        assert_eq!(r, Ok(()));
+    }
 }
