@@ -6,7 +6,8 @@
 # $TALON_SLOWFS or in the workplace's shared tools. To reproduce it by hand elsewhere: any sshfs
 # mount with `-o cache=no,dir_cache=no,attr_timeout=0,entry_timeout=0,negative_timeout=0` through a
 # link with that latency, then TALON_NETWORK_VOLUME=DIR TALON_NETWORK_VOLUME_RTT_MS=N
-# cargo test -p talon-io --test network_volume -- --ignored.
+# cargo test --workspace --test network_volume -- --ignored (--workspace: the same build as the
+# README's test command, so nothing is compiled again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 one_way=${1:-12}
@@ -33,4 +34,4 @@ cleanup() { "$slowfs" down "$mnt" >/dev/null 2>&1 || true; rm -rf "$work" 2>/dev
 trap cleanup EXIT
 "$slowfs" up "$mnt" "$one_way"
 TALON_NETWORK_VOLUME=$mnt TALON_NETWORK_VOLUME_RTT_MS=$((2 * one_way)) \
-  cargo test -p talon-io --test network_volume -- --ignored --test-threads 1
+  cargo test --workspace --test network_volume -- --ignored --test-threads 1
