@@ -240,8 +240,14 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
         },
         Err(e) => Err(e),
     };
-    let _ = std::fs::remove_dir_all(&dir);
-    r
+    match r {
+        Ok(v) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(v)
+        }
+        // The processes' logs explain a failure: keep them.
+        Err(e) => Err(format!("{e} (logs kept in {})", dir.display())),
+    }
 }
 
 /// A generated deployment in `dir`: its config files and an API client config.
