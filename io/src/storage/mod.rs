@@ -38,18 +38,16 @@ impl NodeStorage {
         let fs = &cfg.datastore.filestore_directory;
         let latency = std::time::Duration::from_millis(cfg.datastore.volume_latency_ms);
         let shared = |root: &Path| -> std::io::Result<SharedVolume> {
-            let v = FsVolume::new(root)?;
             if latency.is_zero() {
-                return Ok(SharedVolume::new(v));
+                return Ok(SharedVolume::new(FsVolume::new(root)?));
             }
             // The model of a network filesystem: its latency on every primitive, and its sync
             // semantics (per file) whatever the local filesystem underneath.
-            let tag = v.tag().to_owned();
             let fs = LatencyFs::new(OsFs::new(root)?, latency);
             Ok(SharedVolume::new(FsVolume::over(
                 fs,
                 SyncMode::PerFile,
-                &tag,
+                &volume::process_tag(),
             )))
         };
         let metadata =

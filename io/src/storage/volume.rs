@@ -209,13 +209,15 @@ impl FsVolume<OsFs> {
     pub fn new(root: &Path) -> io::Result<FsVolume<OsFs>> {
         let fs = OsFs::new(root)?;
         let sync = SyncMode::detect(root)?;
-        let n = VOLUME_INSTANCE.fetch_add(1, Ordering::Relaxed);
-        Ok(FsVolume::over(
-            fs,
-            sync,
-            &format!("{}-{n}", std::process::id()),
-        ))
+        Ok(FsVolume::over(fs, sync, &process_tag()))
     }
+}
+
+/// A temp-file tag unique to this volume among the processes and volumes sharing a directory:
+/// the process id and a per-process count.
+pub fn process_tag() -> String {
+    let n = VOLUME_INSTANCE.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
 }
 
 impl<F: Fs> FsVolume<F> {
@@ -229,11 +231,6 @@ impl<F: Fs> FsVolume<F> {
             temp_seq: Arc::default(),
             in_flight: VOLUME_CONCURRENCY,
         }
-    }
-
-    /// What names its temp files.
-    pub fn tag(&self) -> &str {
-        &self.tag
     }
 
     /// The primitives it runs on.
@@ -339,8 +336,7 @@ impl<F: Fs> FsVolume<F> {
     /// Every change of `last`, durable by the volume's [`SyncMode`]: the new values into temp
     /// files, concurrently (synced each, or then one `syncfs`); the renames over the keys and the
     /// removals; then each changed directory synced (or one `syncfs`).
-    async fn apply(&self, last: Vec<(String, Option<Bytes>)>) -> io::Result<()> {
-        let per_file = self.sync == SyncMode::PerFile;
+    async fn apply(&self, last: Vec<(String, Option<Bytes>)>, per_file: bool) -> io::Result<()> {
         let (puts, removes): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, v)| v.is_some());
         let staged = self
             .bounded(
@@ -400,14 +396,19 @@ impl<F: Fs> FsVolume<F> {
         .into_iter()
         .collect::<io::Result<()>>()?;
         if per_file {
-            // A directory a concurrent removal took holds nothing of ours any more.
-            self.bounded(dirs.iter().map(|d| absent_ok(self.fs.sync(d))).collect())
-                .await
-                .into_iter()
-                .collect()
+            self.sync_dirs(&dirs).await
         } else {
             self.fs.sync_all().await
         }
+    }
+
+    /// Syncs each directory in `dirs`, concurrently; a directory a concurrent removal took holds
+    /// nothing of ours any more.
+    async fn sync_dirs(&self, dirs: &BTreeSet<String>) -> io::Result<()> {
+        self.bounded(dirs.iter().map(|d| absent_ok(self.fs.sync(d))).collect())
+            .await
+            .into_iter()
+            .collect()
     }
 }
 
@@ -477,17 +478,7 @@ impl<F: Fs> Volume for FsVolume<F> {
     /// [`SyncMode`]: one `syncfs` would flush every other writer's data too.
     async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
         validate_key(key).map_err(bad_key)?;
-        let (tmp, made_in) = self.stage(key, value, true).await?;
-        if let Err(e) = self.fs.rename(&tmp, key).await {
-            let _ = self.fs.remove(&tmp).await;
-            return Err(e);
-        }
-        let mut dirs: BTreeSet<String> = made_in.into_iter().collect();
-        dirs.insert(split(key).0.to_owned());
-        self.bounded(dirs.iter().map(|d| absent_ok(self.fs.sync(d))).collect())
-            .await
-            .into_iter()
-            .collect()
+        self.apply(vec![(key.to_owned(), Some(value))], true).await
     }
 
     async fn delete(&self, key: &str) -> io::Result<()> {
@@ -553,7 +544,8 @@ impl<F: Fs> Volume for FsVolume<F> {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{k}: {e}")))?;
             last.insert(k, v);
         }
-        self.apply(last.into_iter().collect()).await
+        self.apply(last.into_iter().collect(), self.sync == SyncMode::PerFile)
+            .await
     }
 
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
@@ -565,10 +557,7 @@ impl<F: Fs> Volume for FsVolume<F> {
             .await?;
         let mut dirs: BTreeSet<String> = made_in.into_iter().collect();
         dirs.insert(split(to).0.to_owned());
-        self.bounded(dirs.iter().map(|d| absent_ok(self.fs.sync(d))).collect())
-            .await
-            .into_iter()
-            .collect()
+        self.sync_dirs(&dirs).await
     }
 }
 
