@@ -25,23 +25,6 @@ fn show(d: &Deployment, hunt: &str) -> serde_json::Value {
     json(&d.api(&["hunt", "show", hunt, "--json"]))
 }
 
-/// Every (client, row) pair of a hunt's export, asserting none appears twice.
-fn export(d: &Deployment, hunt: &str) -> BTreeSet<(String, u64)> {
-    let out = d.api(&["hunt", "results", hunt]);
-    let pairs: BTreeSet<(String, u64)> = out
-        .lines()
-        .map(|l| {
-            let v = json(l);
-            (
-                v["client_id"].as_str().unwrap().to_owned(),
-                v["row"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
-    assert_eq!(out.lines().count(), pairs.len(), "a row appears twice");
-    pairs
-}
-
 /// Waits for a row hunt to complete on every client; stats and export hold every row exactly once.
 fn assert_rows_exactly_once(d: &Deployment, hunt: &str, rows: u64) {
     let s = wait_complete(d, hunt, CLIENTS);
@@ -55,7 +38,7 @@ fn assert_rows_exactly_once(d: &Deployment, hunt: &str, rows: u64) {
         (Some(all), Some(all), Some(all * rows)),
         "{s}"
     );
-    assert_eq!(export(d, hunt).len() as u64, all * rows);
+    assert_eq!(d.hunt_export(hunt).len() as u64, all * rows);
 }
 
 fn rows_hunt(d: &Deployment, count: u64) -> String {
@@ -142,7 +125,7 @@ fn hunts_span_master_and_minions_and_survive_minion_and_master_kills() {
         ),
         "{s}"
     );
-    let clients: BTreeSet<String> = export(&d, &info).into_iter().map(|(c, _)| c).collect();
+    let clients: BTreeSet<String> = d.hunt_export(&info).into_iter().map(|(c, _)| c).collect();
     assert_eq!(clients.len(), CLIENTS);
 
     // A collection from a client held by a minion: the task goes to its node, the result comes back.

@@ -261,16 +261,7 @@ struct Setup {
 /// A master and one minion with small limits, and a real agent that has run one collection.
 fn deployment() -> Setup {
     let d = Deployment::new();
-    let p1 = free_port();
-    let minion = format!("127.0.0.1-{p1}");
-    ok(&[
-        "-c",
-        &d.s("server.config.yaml"),
-        "config",
-        "frontend",
-        "--add",
-        &format!("127.0.0.1:{p1}"),
-    ]);
+    let (minion, p1) = d.add_minion();
     let mut yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
     for (k, v) in [
         ("max_upload_size", "100000"),

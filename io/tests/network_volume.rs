@@ -103,16 +103,7 @@ fn a_hunt_on_a_network_volume_completes_with_exact_rows() {
     let (dir, _) = mount();
     let tmp = scratch(&dir);
     let d = Deployment::with_datastore(Some(&tmp.path().join("shared")));
-    let p = free_port();
-    let minion = format!("127.0.0.1-{p}");
-    ok(&[
-        "-c",
-        &d.s("server.config.yaml"),
-        "config",
-        "frontend",
-        "--add",
-        &format!("127.0.0.1:{p}"),
-    ]);
+    let (minion, _) = d.add_minion();
     let slow = Duration::from_secs(600);
     let master = d.start_master();
     let _minion = d.start_minion(&minion);
@@ -151,27 +142,12 @@ fn a_hunt_on_a_network_volume_completes_with_exact_rows() {
         (Some(CLIENTS), Some(CLIENTS), Some(0), Some(CLIENTS * ROWS)),
         "{s}"
     );
-    let export = |d: &Deployment| {
-        let out = d.api(&["hunt", "results", &hunt]);
-        let pairs: BTreeSet<(String, u64)> = out
-            .lines()
-            .map(|l| {
-                let v = json(l);
-                (
-                    v["client_id"].as_str().unwrap().to_owned(),
-                    v["row"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(out.lines().count(), pairs.len(), "a row appears twice");
-        pairs
-    };
-    let rows = export(&d);
+    let rows = d.hunt_export(&hunt);
     assert_eq!(rows.len() as u64, CLIENTS * ROWS);
     let by_client: BTreeSet<&String> = rows.iter().map(|(c, _)| c).collect();
     assert_eq!(by_client.len() as u64, CLIENTS);
     // Killed, and started again on the same volume: the same results.
     drop(master);
     let _master = d.start_master();
-    assert_eq!(export(&d), rows);
+    assert_eq!(d.hunt_export(&hunt), rows);
 }

@@ -88,6 +88,38 @@ impl Deployment {
         d
     }
 
+    /// Adds a minion on a free loopback port to the deployment's configs; returns its node name
+    /// and port.
+    pub fn add_minion(&self) -> (String, u16) {
+        let port = free_port();
+        ok(&[
+            "-c",
+            &self.s("server.config.yaml"),
+            "config",
+            "frontend",
+            "--add",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        (format!("127.0.0.1-{port}"), port)
+    }
+
+    /// Every (client, row) pair of a hunt's export, asserting none appears twice.
+    pub fn hunt_export(&self, hunt: &str) -> std::collections::BTreeSet<(String, u64)> {
+        let out = self.api(&["hunt", "results", hunt]);
+        let pairs: std::collections::BTreeSet<(String, u64)> = out
+            .lines()
+            .map(|l| {
+                let v = json(l);
+                (
+                    v["client_id"].as_str().unwrap().to_owned(),
+                    v["row"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(out.lines().count(), pairs.len(), "a row appears twice");
+        pairs
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
