@@ -27,6 +27,27 @@ pub trait Volume: Send + Sync + 'static {
     fn append(&self, key: &str, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Makes `from` durable and atomically renames it over `to`.
     fn commit(&self, from: &str, to: &str) -> impl Future<Output = io::Result<()>> + Send;
+    /// Up to `len` bytes of a key's value from `offset` (fewer at its end); `None` if absent. One
+    /// request on a file volume, however large the value.
+    fn read_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<Option<Bytes>>> + Send {
+        async move {
+            Ok(self.read(key).await?.map(|b| {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+                let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+                b.slice(start..end.min(b.len()))
+            }))
+        }
+    }
+    /// Appends to an existing key and makes the appended data durable (the key itself must have
+    /// been made durable already, by `write`). Not atomic: a failure may leave part of `data`.
+    fn append_synced(&self, key: &str, data: Bytes) -> impl Future<Output = io::Result<()>> + Send {
+        self.append(key, data)
+    }
     /// Writes (`Some`) or deletes (`None`) several keys, each atomically as `write`/`delete` do; all
     /// are durable when it returns `Ok`. The default runs them concurrently; a volume may do better
     /// (the real directory makes them durable with two filesystem syncs for the whole batch).
@@ -83,6 +104,15 @@ pub trait DynVolume: Send + Sync + 'static {
         &'a self,
         writes: Vec<(String, Option<Bytes>)>,
     ) -> BoxFuture<'a, io::Result<()>>;
+    /// [`Volume::read_range`].
+    fn dyn_read_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, io::Result<Option<Bytes>>>;
+    /// [`Volume::append_synced`].
+    fn dyn_append_synced<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>>;
 }
 
 impl<V: Volume> DynVolume for V {
@@ -110,6 +140,17 @@ impl<V: Volume> DynVolume for V {
     ) -> BoxFuture<'a, io::Result<()>> {
         Box::pin(self.write_many(writes))
     }
+    fn dyn_read_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, io::Result<Option<Bytes>>> {
+        Box::pin(self.read_range(key, offset, len))
+    }
+    fn dyn_append_synced<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(self.append_synced(key, data))
+    }
 }
 
 impl Volume for SharedVolume {
@@ -133,6 +174,12 @@ impl Volume for SharedVolume {
     }
     async fn write_many(&self, writes: Vec<(String, Option<Bytes>)>) -> io::Result<()> {
         self.0.dyn_write_many(writes).await
+    }
+    async fn read_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+        self.0.dyn_read_range(key, offset, len).await
+    }
+    async fn append_synced(&self, key: &str, data: Bytes) -> io::Result<()> {
+        self.0.dyn_append_synced(key, data).await
     }
 }
 
@@ -535,6 +582,19 @@ impl<F: Fs> Volume for FsVolume<F> {
             .map(|_| ())
     }
 
+    async fn read_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+        validate_key(key).map_err(bad_key)?;
+        self.fs.read_range(key, offset, len).await
+    }
+
+    /// An append and an `fdatasync` of the file, whatever the [`SyncMode`] (a `syncfs` would
+    /// flush every other writer's data too). No directory is made or synced: the key exists.
+    async fn append_synced(&self, key: &str, data: Bytes) -> io::Result<()> {
+        validate_key(key).map_err(bad_key)?;
+        self.fs.append(key, data).await?;
+        self.fs.sync(key).await
+    }
+
     /// Every key holds its old value or its new one, never a mix, and all are durable on return,
     /// by the volume's [`SyncMode`]. A key changed twice in one batch gets its last change.
     async fn write_many(&self, writes: Vec<(String, Option<Bytes>)>) -> io::Result<()> {
@@ -763,7 +823,8 @@ mod tests {
         let t2 = tokio::time::Instant::now();
         v.read("d/k").await.unwrap();
         assert_eq!(t2.elapsed(), Duration::from_millis(50));
-        // A batch of 100 keys in one existing directory: its primitives overlap (32 at once).
+        // A batch of 100 keys in one existing directory: their creates and renames hold the
+        // directory's lock, so they run one at a time (as on a real mount), the syncs overlap.
         let t3 = tokio::time::Instant::now();
         v.write_many(
             (0..100)
@@ -772,7 +833,24 @@ mod tests {
         )
         .await
         .unwrap();
-        // 4 waves of staging (2 each), 4 of renames, 1 directory sync.
-        assert_eq!(t3.elapsed(), Duration::from_millis((4 * 2 + 4 + 1) * 50));
+        // 100 durable creates (2 each), 100 renames, 1 directory sync.
+        assert_eq!(
+            t3.elapsed(),
+            Duration::from_millis((100 * 2 + 100 + 1) * 50)
+        );
+        // The same batch spread over 4 existing directories, all in flight at once: 4 lanes of 25.
+        for d in 0..4 {
+            v.fs().mkdir(&format!("e{d}")).await.unwrap();
+        }
+        let v = v.with_concurrency(100);
+        let t4 = tokio::time::Instant::now();
+        v.write_many(
+            (0..100)
+                .map(|i| (format!("e{}/b{i}", i % 4), Some(Bytes::from_static(b"x"))))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(t4.elapsed(), Duration::from_millis((25 * 2 + 25 + 1) * 50));
     }
 }
