@@ -398,7 +398,8 @@ mod tests {
         );
         let t = tokio::time::Instant::now();
         let (r1, r2) = tokio::join!(fs.rename("a/f0", "b0/g"), fs.mkdir("b0/sub"));
-        (r1.unwrap(), r2.unwrap());
+        r1.unwrap();
+        r2.unwrap();
         assert_eq!(elapsed(t), 100, "a rename holds both directories");
         assert_eq!(fs.locked_dirs(), 0);
         assert_eq!(
