@@ -5,6 +5,7 @@
 pub mod fs;
 pub mod journal;
 pub mod local;
+pub mod segments;
 pub mod volume;
 
 use fs::{LatencyFs, OsFs};
