@@ -106,6 +106,8 @@ pub struct FlowOutcome {
     pub uploaded_bytes: u64,
     /// Uploads finished (their last chunk stored), each counted once: what to reassemble.
     pub uploads: u64,
+    /// Messages stored, the final status included: sequence numbers `0..messages`.
+    pub messages: u64,
 }
 
 /// What the shell must do.
@@ -423,6 +425,7 @@ impl FlowTracker {
             rows: total.rows,
             uploaded_bytes: total.bytes,
             uploads: total.uploads,
+            messages: final_seq + 1,
         }));
     }
 

@@ -3,17 +3,19 @@
 //! volume's 40–60 ms per operation is not in a client's acknowledgement path.
 //!
 //! The buffer is the datastore's machinery ([`Datastore`] over [`talon_core::datastore::Cache`])
-//! pointed at the filestore volume, with no clean cache: a stored message is journalled (group
-//! commit, one fsync for every store waiting) and acknowledged, then copied to the volume in
-//! coalesced, concurrent batches. A crash loses nothing acknowledged: the next start replays the
-//! journal and copies what is left (writes are idempotent: a message's key names client, flow and
-//! sequence number).
+//! pointed at this node's segment log on the filestore volume ([`SegmentLog`]), with no clean
+//! cache: a stored message is journalled (group commit, one fsync for every store waiting) and
+//! acknowledged, then copied to the volume, everything waiting at once, as one append to the
+//! node's data and index files. A crash loses nothing acknowledged: the next start replays the
+//! journal and copies what is left (a message written twice is read once: its key names client,
+//! flow and sequence number).
 //!
 //! Visibility: only the node that stored a message sees it before it is copied, so a flow is
 //! reported complete only after [`Filestore::settled`] — every message stored before it is on the
-//! volume, where the master, the API and other frontends read. Readers therefore use
-//! [`Filestore::volume`] directly. Uploaded files are reassembled from the stored chunks after
-//! completion, straight on the volume (bulk, off the acknowledgement path).
+//! volume — and with the runs that hold its messages ([`Filestore::runs`]), recorded in its flow
+//! record, where the master, the API and other frontends read them. Uploaded files are
+//! reassembled from the stored chunks after completion, straight on the volume (bulk, off the
+//! acknowledgement path).
 //!
 //! Bound: unflushed bytes ≤ `Datastore.filestore_buffer_bytes`; beyond it a store fails as busy
 //! (the message is not acknowledged and the client resends it).
@@ -21,15 +23,20 @@
 use crate::clock::Clock;
 use crate::datastore::{Datastore, DatastoreError, DatastoreOptions, RecoveryReport};
 use crate::storage::local::LocalDisk;
+use crate::storage::segments::{self, Record, RunRef, SegmentLog};
 use crate::storage::volume::SharedVolume;
 use bytes::Bytes;
 use std::io;
 use std::sync::Arc;
 use talon_core::datastore::CacheLimits;
+use talon_core::{ClientId, FlowId, paths};
 use tokio::task::JoinHandle;
 
 /// The buffer's journal directory on the local disk.
 pub const BUFFER_DIR: &str = "filestore-buffer";
+
+/// Messages one flush appends at most.
+pub const FLUSH_BATCH_MAX: usize = 4096;
 
 /// How the buffer is set up.
 #[derive(Clone, Debug)]
@@ -38,12 +45,18 @@ pub struct FilestoreOptions {
     pub buffer_bytes: u64,
     /// Largest message stored (`Frontend.resources.max_message_size`).
     pub message_bytes_max: u64,
+    /// Names this node's segment files: unique to the process start (node name, time, random).
+    pub writer: String,
+    /// Flows whose runs the node remembers until they complete (beyond it, the flow updated longest
+    /// ago is forgotten and located again by an audit when it completes).
+    pub flows_remembered: usize,
 }
 
 /// A frontend's filestore: the shared volume, and the write-behind buffer in front of it.
 #[derive(Clone)]
 pub struct Filestore {
     volume: SharedVolume,
+    log: Arc<SegmentLog>,
     buffer: Datastore,
 }
 
@@ -66,12 +79,66 @@ impl Filestore {
                 value_bytes_max: o.message_bytes_max,
                 // Completions wait for a copy: start one soon, not when a batch fills.
                 flush_age_max_ms: 20,
+                // One append at a time, of everything waiting: a network volume charges per
+                // request, not per byte, so what arrives during a flush goes in the next one.
+                flush_batch_max: FLUSH_BATCH_MAX,
+                flushes_in_flight_max: 1,
                 ..defaults.limits
             },
             ..defaults
         };
-        let (buffer, task, report) = Datastore::open(disk, volume.clone(), clock, opts)?;
-        Ok((Filestore { volume, buffer }, task, report))
+        let log = Arc::new(SegmentLog::new(
+            volume.clone(),
+            &o.writer,
+            o.flows_remembered,
+        )?);
+        let (buffer, task, report) =
+            Datastore::open(disk, SharedVolume::new(log.clone()), clock, opts)?;
+        Ok((
+            Filestore {
+                volume,
+                log,
+                buffer,
+            },
+            task,
+            report,
+        ))
+    }
+
+    /// Where a completed flow's messages `0..messages` are: the runs this node wrote or learned by
+    /// an audit, or, if it does not know them all (it restarted, or forgot the flow at its bound),
+    /// the runs an audit finds now. An error if the volume fails or the messages are not all there.
+    pub async fn runs(
+        &self,
+        client: &ClientId,
+        flow: &FlowId,
+        messages: u64,
+    ) -> io::Result<Vec<RunRef>> {
+        let dir = paths::flow_messages_dir(client, flow);
+        if let Some(runs) = self.log.take_runs(&dir, messages) {
+            return Ok(runs);
+        }
+        let (runs, found) = segments::locate(&self.volume, &dir).await?;
+        let seqs: std::collections::BTreeSet<u64> = found
+            .iter()
+            .filter_map(|(k, _)| k.rsplit_once('/')?.1.parse().ok())
+            .collect();
+        if let Some(missing) = (0..messages).find(|s| !seqs.contains(s)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("message {missing} of {messages} of flow {flow} is not in the filestore"),
+            ));
+        }
+        Ok(runs.into_iter().map(|(r, _)| r).collect())
+    }
+
+    /// Every stored message of a flow, wherever it was written (an audit: reads every node's index
+    /// files); remembers where they are for the flow's completion.
+    pub async fn audit(&self, client: &ClientId, flow: &FlowId) -> io::Result<Vec<Record>> {
+        let dir = paths::flow_messages_dir(client, flow);
+        let (runs, found) = segments::locate(&self.volume, &dir).await?;
+        self.log.learn(&dir, &runs);
+        Ok(found)
     }
 
     /// The shared volume, for reading and for bulk work (upload reassembly).

@@ -94,6 +94,11 @@ pub enum FlowRecordState {
 }
 
 impl FlowRecordState {
+    /// True once the flow has ended (its runs are recorded).
+    pub fn is_final(self) -> bool {
+        matches!(self, FlowRecordState::Completed | FlowRecordState::Error)
+    }
+
     /// The name the CLI prints.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -134,6 +139,10 @@ pub struct FlowJson {
     /// Uploaded files, reassembled in the filestore after completion.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uploads: Vec<crate::uploads::UploadJson>,
+    /// Where its messages are in the filestore, recorded with its completion (none: the flow is
+    /// not complete, or predates the segment log and its messages are one file each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<crate::storage::segments::RunRef>,
 }
 
 /// A hunt's record (`hunts/<id>/record.json`): the spec and the state. Statistics are not stored

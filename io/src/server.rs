@@ -98,11 +98,26 @@ fn open_filestore(
     buffer: Box<dyn crate::storage::local::LocalDisk>,
     volume: crate::storage::volume::SharedVolume,
     clock: &Arc<dyn Clock>,
+    entropy: &dyn crate::clock::Entropy,
+    node: &str,
     local_name: &str,
 ) -> Result<(Filestore, StorageTask), String> {
+    let mut r = [0u8; 4];
+    entropy.fill(&mut r);
+    // Unique to this start: segment files are never shared by two writers.
+    let writer = format!(
+        "{}-{}-{}",
+        talon_core::paths::safe_component(node),
+        clock.now().as_ms(),
+        crate::clock::hex(&r)
+    );
     let opts = FilestoreOptions {
         buffer_bytes: cfg.datastore.filestore_buffer_bytes,
         message_bytes_max: cfg.frontend.resources.max_message_size,
+        writer,
+        flows_remembered: usize::try_from(cfg.frontend.resources.max_concurrent_flows)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2),
     };
     let (fs, task, report) = Filestore::open(buffer, volume, clock.clone(), &opts)
         .map_err(|e| format!("filestore buffer in {local_name}: {e}"))?;
@@ -218,7 +233,15 @@ pub async fn run_master(
         dropped = report.dropped,
         "datastore journal recovered"
     );
-    let (filestore, mut fs_task) = open_filestore(&cfg, buffer, filestore, &clock, &local_name)?;
+    let (filestore, mut fs_task) = open_filestore(
+        &cfg,
+        buffer,
+        filestore,
+        &clock,
+        entropy.as_ref(),
+        &node_name,
+        &local_name,
+    )?;
     let opts = node_options(&cfg, node_name.clone());
     let max_message = opts.codec.message_bytes_max;
     let admission = admission(&cfg, &clock);
@@ -427,7 +450,15 @@ pub async fn run_minion(
     let opts = node_options(&cfg, node.clone());
     let max_message = opts.codec.message_bytes_max;
     let admission = admission(&cfg, &clock);
-    let (filestore, mut fs_task) = open_filestore(&cfg, buffer, filestore, &clock, &local_name)?;
+    let (filestore, mut fs_task) = open_filestore(
+        &cfg,
+        buffer,
+        filestore,
+        &clock,
+        entropy.as_ref(),
+        &node,
+        &local_name,
+    )?;
     let remote = RemoteStore::new(
         master,
         crate::cluster::READ_CACHE_MAX,

@@ -1,9 +1,11 @@
 //! Reassembling uploaded files. A file reaches the filestore as numbered `FileChunk` flow messages
 //! (each stored and acknowledged like any other message). When the flow completes, each upload is
 //! rebuilt into `clients/<id>/flows/<flow>/uploads/<nnnnn>-<safe name>` by streaming its chunks, in
-//! order, into a scratch file that is verified (contiguous offsets, total size, SHA-256) and then
-//! committed atomically. Memory is one chunk at a time, whatever the file's size.
+//! order, from the runs that hold them into a scratch file that is verified (contiguous offsets,
+//! total size, SHA-256) and then committed atomically. Memory is a run at a time (at most
+//! [`crate::storage::segments::RUN_BYTES_MAX`] or one chunk), whatever the file's size.
 
+use crate::storage::segments::{MessageReader, RunRef};
 use crate::storage::volume::Volume;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -38,35 +40,20 @@ struct Partial {
     error: Option<String>,
 }
 
-/// Messages read ahead of the one being reassembled: the volume's 40–60 ms per read overlap instead
-/// of adding up (memory: this many messages, each at most `max_message_size`).
-pub const READ_AHEAD: usize = 8;
-
-/// Rebuilds every upload of a flow; returns what happened to each. `Err` only if the filestore
+/// Rebuilds every upload of a flow from its messages in `runs` (none: the flow predates the segment
+/// log, its messages are listed); returns what happened to each. `Err` only if the filestore
 /// itself fails.
-pub async fn assemble<V: Volume + Clone>(
+pub async fn assemble<V: Volume>(
     fs: &V,
     client: &ClientId,
     flow: &FlowId,
+    runs: &[RunRef],
 ) -> std::io::Result<Vec<UploadJson>> {
-    let names = fs
-        .list(&format!("{}/", paths::flow_messages_dir(client, flow)))
-        .await?;
+    let dir = paths::flow_messages_dir(client, flow);
+    let mut messages = MessageReader::new(fs, &dir, runs).await?;
     let mut open: BTreeMap<u32, Partial> = BTreeMap::new();
     let mut done = Vec::new();
-    // Reads in flight, in message order.
-    let mut reads = std::collections::VecDeque::with_capacity(READ_AHEAD);
-    let mut names = names.into_iter();
-    loop {
-        while reads.len() < READ_AHEAD {
-            let Some(key) = names.next() else { break };
-            let fs = fs.clone();
-            reads.push_back(tokio::spawn(async move { fs.read(&key).await }));
-        }
-        let Some(read) = reads.pop_front() else { break };
-        let Some(bytes) = read.await.map_err(std::io::Error::other)?? else {
-            continue;
-        };
+    while let Some((_, bytes)) = messages.next().await? {
         let Ok(msg) = comms::FlowMessage::decode(bytes) else {
             continue;
         };
@@ -224,7 +211,7 @@ mod tests {
         )
         .await;
         put(&fs, &c, &f, 4, chunk(3, "/unfinished", 0, b"x", None)).await;
-        let r = assemble(&fs, &c, &f).await.unwrap();
+        let r = assemble(&fs, &c, &f, &[]).await.unwrap();
         assert_eq!(r.len(), 4);
         assert_eq!((r[0].error.as_str(), r[0].size), ("", 11));
         assert_eq!(
@@ -248,6 +235,46 @@ mod tests {
             "{left:?}"
         );
         // Running it again (e.g. after a crash mid-assembly) gives the same result.
-        assert_eq!(assemble(&fs, &c, &f).await.unwrap(), r);
+        assert_eq!(assemble(&fs, &c, &f, &[]).await.unwrap(), r);
+    }
+
+    /// The same chunks written by the segment log, in two flushes, the later chunk first: the
+    /// runs are read in chunk order and the file is rebuilt.
+    #[tokio::test]
+    async fn uploads_are_rebuilt_from_segment_runs() {
+        use crate::storage::segments::SegmentLog;
+        use crate::storage::volume::SharedVolume;
+        let dir = tempfile::tempdir().unwrap();
+        let fs = SharedVolume::new(FsVolume::new(dir.path()).unwrap());
+        let log = SegmentLog::new(fs.clone(), "w", 10).unwrap();
+        let (c, f) = (ClientId::from_public_key(b"k"), FlowId::from_u64(2));
+        let good = Sha256::digest(b"hello world");
+        let message = |seq: u64, chunk: comms::FileChunk| {
+            let m = comms::FlowMessage {
+                flow_id: f.to_string(),
+                seq,
+                payload: Some(Payload::FileChunk(chunk)),
+            };
+            (
+                paths::flow_message(&c, &f, seq),
+                Some(Bytes::from(m.encode_to_vec())),
+            )
+        };
+        log.write_many(vec![message(
+            1,
+            chunk(0, "/a", 6, b"world", Some((11, &good))),
+        )])
+        .await
+        .unwrap();
+        log.write_many(vec![message(0, chunk(0, "/a", 0, b"hello ", None))])
+            .await
+            .unwrap();
+        let runs = log.take_runs(&paths::flow_messages_dir(&c, &f), 2).unwrap();
+        let r = assemble(&fs, &c, &f, &runs).await.unwrap();
+        assert_eq!((r.len(), r[0].error.as_str(), r[0].size), (1, "", 11));
+        assert_eq!(
+            fs.read(&r[0].stored_as).await.unwrap(),
+            Some(Bytes::from_static(b"hello world"))
+        );
     }
 }

@@ -97,6 +97,7 @@ fn completes_with_exact_totals_and_acks_final_last() {
                 rows: 7,
                 uploaded_bytes: 0,
                 uploads: 0,
+                messages: 3,
             }),
         ]
     );

@@ -64,6 +64,39 @@ pub struct RunRef {
     pub whole: bool,
 }
 
+impl From<RunRef> for talon_proto::cluster::RunRef {
+    fn from(r: RunRef) -> Self {
+        talon_proto::cluster::RunRef {
+            file: r.file,
+            offset: r.offset,
+            len: r.len,
+            first: r.first,
+            last: r.last,
+            whole: r.whole,
+        }
+    }
+}
+
+impl RunRef {
+    /// A run as replicated, checked: its file must be a valid filestore key (a segment data file,
+    /// or a message file when `whole`).
+    pub fn from_proto(r: talon_proto::cluster::RunRef) -> Result<RunRef, String> {
+        validate_key(&r.file).map_err(|e| format!("run file {:?}: {e}", r.file))?;
+        let segment = r.file.starts_with(&format!("{SEGMENTS_DIR}/")) && r.file.ends_with(".data");
+        if !(r.whole || segment) {
+            return Err(format!("run file {:?} is not a segment data file", r.file));
+        }
+        Ok(RunRef {
+            file: r.file,
+            offset: r.offset,
+            len: r.len,
+            first: r.first,
+            last: r.last,
+            whole: r.whole,
+        })
+    }
+}
+
 /// One record read back: its key and value.
 pub type Record = (String, Bytes);
 
@@ -178,6 +211,23 @@ pub fn parse_index(bytes: &[u8]) -> Vec<IndexEntry> {
         at = end;
     }
     out
+}
+
+/// A data file holding `runs` (each a directory's records), and its index file: what a writer
+/// appends, in one piece (for tools and the checkers' tests).
+pub fn encode_files(runs: &[Vec<Record>]) -> (Bytes, Bytes) {
+    let mut data = BytesMut::from(DATA_HEADER);
+    let mut index = BytesMut::from(INDEX_HEADER);
+    for run in runs {
+        let offset = data.len() as u64;
+        for (k, v) in run {
+            put_record(&mut data, k, v);
+        }
+        let dir = run.first().map_or("", |(k, _)| split(k).0).to_owned();
+        let len = data.len() as u64 - offset;
+        put_entry(&mut index, &IndexEntry { dir, offset, len });
+    }
+    (data.freeze(), index.freeze())
 }
 
 /// The data file an index file describes.

@@ -183,6 +183,38 @@ impl Volume for SharedVolume {
     }
 }
 
+/// A shared volume is a volume (the filestore keeps its segment log both as its buffer's volume
+/// and for the runs it remembers).
+impl<V: Volume> Volume for Arc<V> {
+    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+        (**self).read(key).await
+    }
+    async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
+        (**self).write(key, value).await
+    }
+    async fn delete(&self, key: &str) -> io::Result<()> {
+        (**self).delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        (**self).list(prefix).await
+    }
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        (**self).append(key, data).await
+    }
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        (**self).commit(from, to).await
+    }
+    async fn write_many(&self, writes: Vec<(String, Option<Bytes>)>) -> io::Result<()> {
+        (**self).write_many(writes).await
+    }
+    async fn read_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+        (**self).read_range(key, offset, len).await
+    }
+    async fn append_synced(&self, key: &str, data: Bytes) -> io::Result<()> {
+        (**self).append_synced(key, data).await
+    }
+}
+
 /// Primitive operations one volume call ([`Volume::write_many`], `list`) has in flight at once. A
 /// network filesystem (NFS, EFS, sshfs) serves independent requests in parallel: its throughput
 /// grows with the number in flight, not with a faster single request (slowfs at 12 ms one way:

@@ -20,6 +20,7 @@ use talon_io::filestore::BUFFER_DIR;
 use talon_io::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
 use talon_io::storage::journal::Journal;
 use talon_io::storage::local::LocalDisk;
+use talon_io::storage::segments;
 use talon_proto::api;
 use talon_proto::comms::{self, flow_message};
 
@@ -37,6 +38,78 @@ pub struct Deployment {
 }
 
 type Files = BTreeMap<String, Bytes>;
+
+fn is_message(k: &str) -> bool {
+    k.starts_with("clients/") && k.contains("/messages/")
+}
+
+/// The records of the run at `offset..offset + len` of `data`, if it parses whole (a run that
+/// does not, left by a failed flush, holds nothing: its messages were flushed again).
+fn run_records(files: &Files, data: &str, offset: u64, len: u64) -> Option<Vec<segments::Record>> {
+    let bytes = files.get(data)?;
+    let (start, end) = (
+        usize::try_from(offset).ok()?,
+        usize::try_from(offset + len).ok()?,
+    );
+    if end > bytes.len() {
+        return None;
+    }
+    let (records, used) = segments::parse_records(&bytes.slice(start..end));
+    (used == end - start && !records.is_empty()).then_some(records)
+}
+
+/// Every flow message the filestore holds as an audit finds it: the message files of the old
+/// layout, and the records of the runs every segment index file names (a message stored twice
+/// once, the first found).
+pub fn messages(files: &Files) -> Files {
+    let mut out: Files = files
+        .iter()
+        .filter(|(k, _)| is_message(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in under(files, &format!("{}/", segments::SEGMENTS_DIR)) {
+        let Some(data) = segments::data_file_of(k) else {
+            continue;
+        };
+        for e in segments::parse_index(v) {
+            for (key, value) in run_records(files, &data, e.offset, e.len).unwrap_or_default() {
+                out.entry(key).or_insert(value);
+            }
+        }
+    }
+    out
+}
+
+/// What a reader of a completed flow finds through the runs its record names (or, with none, by
+/// listing its message files): what `flow results`, `hunt results` and upload reassembly read.
+fn stored_via_runs(files: &Files, f: &FlowJson) -> Result<Stored, String> {
+    let dir = format!("clients/{}/flows/{}/messages", f.client_id, f.flow_id);
+    if f.runs.is_empty() {
+        return stored(files, &f.client_id, &f.flow_id);
+    }
+    let mut found = Files::new();
+    for r in &f.runs {
+        let records = if r.whole {
+            files
+                .get(&r.file)
+                .map(|v| vec![(r.file.clone(), v.clone())])
+        } else {
+            run_records(files, &r.file, r.offset, r.len)
+        };
+        let Some(records) = records else {
+            return Err(format!(
+                "readers: the record of flow {} of {} names run {r:?}, which the volume does not hold",
+                f.flow_id, f.client_id
+            ));
+        };
+        for (k, v) in records {
+            if k.rsplit_once('/').map(|(d, _)| d) == Some(dir.as_str()) {
+                found.entry(k).or_insert(v);
+            }
+        }
+    }
+    stored(&found, &f.client_id, &f.flow_id)
+}
 
 /// The master's datastore journal as a crash would leave it: the writes a restart replays on top of
 /// the volume.
@@ -260,6 +333,11 @@ fn counts(participants: &BTreeMap<String, ParticipantJson>) -> Counts {
 pub struct Samples {
     /// Every stored flow message seen so far: it must stay, unchanged.
     seen: BTreeMap<String, Bytes>,
+    /// Segment index files: the entries followed so far.
+    indexed: BTreeMap<String, usize>,
+    /// Segment index entries whose runs did not parse yet (their data was still being appended,
+    /// or a failed flush left them): index file → entry numbers.
+    unresolved: BTreeMap<String, Vec<usize>>,
     /// The highest durable replication cursor seen per minion: (epoch, high-water mark).
     cursors: BTreeMap<String, (u64, u64)>,
     /// Flows (`client/flow`) whose reported completion was found on the volume: they stay so.
@@ -331,7 +409,7 @@ impl Samples {
                     continue;
                 };
                 let key = paths::flow_message(&c, &f, *seq);
-                if files.contains_key(&key) {
+                if self.seen.contains_key(&key) {
                     continue;
                 }
                 if *settled {
@@ -345,10 +423,10 @@ impl Samples {
                 }
             }
             if !w.disk_lost {
-                unbuffered.extend(deferred.into_iter().filter(|k| !files.contains_key(k)));
+                unbuffered.extend(deferred.into_iter().filter(|k| !self.seen.contains_key(k)));
             }
             self.live_stats(&meta, &stats, d, &at, out);
-            self.visibility(files, &meta, &view, &changes, &done, &at, out);
+            self.visibility(&meta, &view, &changes, &done, &at, out);
             d.minions
                 .iter()
                 .map(|m| (m.clone(), cursor(&meta, m)))
@@ -385,7 +463,7 @@ impl Samples {
     ) {
         for k in changes {
             let now = files.get(k);
-            if k.starts_with("clients/") && k.contains("/messages/") {
+            if is_message(k) {
                 match (self.seen.get(k), now) {
                     (Some(_), None) => {
                         out.push(format!("invariant 1 {at}: stored message {k} disappeared"))
@@ -398,6 +476,16 @@ impl Samples {
                     }
                     _ => {}
                 }
+            } else if let Some(index) = k
+                .strip_prefix(&format!("{}/", segments::SEGMENTS_DIR))
+                .map(|_| k.replace(".data", ".index"))
+                .filter(|i| i.ends_with(".index"))
+            {
+                // A segment file grew: the messages of the runs its index names are stored now. A
+                // writer appends to the data and the index files concurrently, so an entry may be
+                // seen before its run: it is looked at again when either file changes (a failed
+                // flush's run never parses, and stays pending).
+                self.follow_index(files, &index, at, out);
             } else if let Some((hunt, client)) = participant_key(k) {
                 let of_hunt = self.participants.entry(hunt.to_owned()).or_default();
                 match now.and_then(|b| serde_json::from_slice::<ParticipantJson>(b).ok()) {
@@ -406,6 +494,49 @@ impl Samples {
                 };
             }
         }
+    }
+
+    /// Takes the new entries of a segment index, and the pending ones, whose runs now parse.
+    fn follow_index(&mut self, files: &Files, index: &str, at: &str, out: &mut Vec<String>) {
+        let Some(data) = segments::data_file_of(index) else {
+            return;
+        };
+        let entries = files
+            .get(index)
+            .map(|b| segments::parse_index(b))
+            .unwrap_or_default();
+        let done = self.indexed.get(index).copied().unwrap_or(0);
+        if entries.len() < done {
+            out.push(format!(
+                "invariant 1 {at}: segment index {index} lost entries ({done} followed, {} now)",
+                entries.len()
+            ));
+        }
+        let pending = self.unresolved.remove(index).unwrap_or_default();
+        let mut still = Vec::new();
+        for i in pending.into_iter().chain(done..entries.len()) {
+            let Some(e) = entries.get(i) else { continue };
+            let Some(records) = run_records(files, &data, e.offset, e.len) else {
+                still.push(i);
+                continue;
+            };
+            for (key, value) in records {
+                match self.seen.get(&key) {
+                    Some(old) if *old != value => out.push(format!(
+                        "invariant 1 {at}: stored message {key} changed (in {data})"
+                    )),
+                    Some(_) => {}
+                    None => {
+                        self.seen.insert(key, value);
+                    }
+                }
+            }
+        }
+        if !still.is_empty() {
+            self.unresolved.insert(index.to_owned(), still);
+        }
+        self.indexed
+            .insert(index.to_owned(), entries.len().max(done));
     }
 
     /// A hunt's participants as a restart would read them: the volume's, under the journal's.
@@ -477,7 +608,6 @@ impl Samples {
     #[allow(clippy::too_many_arguments)]
     fn visibility(
         &mut self,
-        files: &Files,
         meta: &Meta<'_>,
         view: &MetaView,
         changes: &BTreeSet<String>,
@@ -536,7 +666,7 @@ impl Samples {
             if self.visible.contains(&id) {
                 continue;
             }
-            match stored(files, &client, &flow) {
+            match stored(&self.seen, &client, &flow) {
                 Ok(s) if s.status.is_some() && s.rows == rows && s.upload_bytes == bytes => {
                     self.visible.insert(id);
                 }
@@ -779,6 +909,7 @@ pub fn final_state(
     out: &mut Vec<String>,
 ) {
     let meta = view.on(files);
+    let msgs = messages(files);
     let staying = |c: &str| !d.departed.iter().any(|x| x.as_str() == c);
     let mut flow_dirs = BTreeSet::new();
     let mut hunt_flows: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
@@ -790,13 +921,24 @@ pub fn final_state(
                 .or_default()
                 .push(f.flow_id.clone());
         }
-        let s = match stored(files, &f.client_id, &f.flow_id) {
+        let s = match stored(&msgs, &f.client_id, &f.flow_id) {
             Ok(s) => s,
             Err(e) => {
                 out.push(e);
                 continue;
             }
         };
+        // What readers find through the record is what the filestore holds.
+        if f.state.is_final() {
+            match stored_via_runs(files, &f) {
+                Ok(r) if r == s => {}
+                Ok(r) => out.push(format!(
+                    "readers: flow {} of {} reads as {r:?} through its record's runs; the filestore holds {s:?}",
+                    f.flow_id, f.client_id
+                )),
+                Err(e) => out.push(e),
+            }
+        }
         let (rows, uploads, size) = expected(&f.params);
         let id = format!("flow {} of {}", f.flow_id, f.client_id);
         match f.state {
@@ -870,7 +1012,7 @@ pub fn final_state(
                 uploaded_bytes,
             } = *p
             {
-                match stored(files, c.as_str(), &own) {
+                match stored(&msgs, c.as_str(), &own) {
                     Ok(s) if (s.rows, s.upload_bytes) == (rows, uploaded_bytes) => {}
                     Ok(s) => out.push(format!(
                         "invariant 2: hunt {}: {c} recorded with {rows} rows and {uploaded_bytes} upload bytes, storage holds {s:?}",
@@ -898,7 +1040,7 @@ pub fn final_state(
         }
     }
     for ((client, flow), summary) in &told.flows {
-        let s = stored(files, client, flow).unwrap_or_default();
+        let s = stored(&msgs, client, flow).unwrap_or_default();
         if staying(client) && (summary.rows, summary.uploaded_bytes) != (s.rows, s.upload_bytes) {
             out.push(format!(
                 "invariant 2: the API reports collection {flow} on {client} with {} rows and {} upload bytes, storage holds {s:?}",

@@ -664,3 +664,109 @@ fn convergence_waits_for_labels_tasks_and_matching_clients() {
         "{e}"
     );
 }
+
+/// `world()` with every flow's messages moved into one segment data file (a run per flow) and
+/// the runs recorded in the flow records, as the segment log and a completion leave them.
+fn segmented() -> (Files, Deployment, HuntId) {
+    let (mut f, d, hunt) = world();
+    let data_key = "segments/w-000001.data".to_owned();
+    let mut runs = Vec::new();
+    for c in &d.clients {
+        let flow = FlowId::for_hunt(&hunt, c);
+        let dir = paths::flow_messages_dir(c, &flow);
+        let run: Vec<(String, Bytes)> = under(&f, &format!("{dir}/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, _) in &run {
+            f.remove(k);
+        }
+        runs.push(run);
+    }
+    let (data, index) = segments::encode_files(&runs);
+    let entries = segments::parse_index(&index);
+    for (c, e) in d.clients.iter().zip(&entries) {
+        let flow = FlowId::for_hunt(&hunt, c);
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&f[&paths::flow_record(c, &flow)]).unwrap();
+        record["runs"] = serde_json::json!([{
+            "file": data_key, "offset": e.offset, "len": e.len,
+            "first": format!("{:020}", 0), "last": format!("{:020}", 1),
+        }]);
+        f.insert(paths::flow_record(c, &flow), json(record));
+    }
+    f.insert(data_key, data);
+    f.insert("segments/w-000001.index".into(), index);
+    (f, d, hunt)
+}
+
+#[test]
+fn final_state_reads_segments_and_checks_what_readers_find_through_the_runs() {
+    let (f, d, hunt) = segmented();
+    assert!(f.keys().all(|k| !k.contains("/messages/")), "moved");
+    assert_eq!(check(&f, &d, &hunt, (2, 2, 2 * ROWS)), Vec::<String>::new());
+    // A record whose runs miss the rows: readers would show none.
+    let c = &d.clients[0];
+    let key = paths::flow_record(c, &FlowId::for_hunt(&hunt, c));
+    let mut record: serde_json::Value = serde_json::from_slice(&f[&key]).unwrap();
+    let run = record["runs"][0].clone();
+    let mut short = run.clone();
+    short["len"] = serde_json::json!(run["len"].as_u64().unwrap() / 2);
+    for bad in [
+        serde_json::json!([]),
+        serde_json::json!([short]),
+        serde_json::json!([{"file": "segments/gone.data", "offset": 0, "len": 9, "first": "", "last": ""}]),
+    ] {
+        record["runs"] = bad.clone();
+        let mut g = f.clone();
+        g.insert(key.clone(), json(record.clone()));
+        let out = check(&g, &d, &hunt, (2, 2, 2 * ROWS));
+        assert!(has(&out, "readers"), "{bad}: {out:?}");
+    }
+    // A run the index names that does not parse (a failed flush) holds nothing: the rows are
+    // then missing from storage, which the totals catch.
+    let mut g = f.clone();
+    let data = g["segments/w-000001.data"].to_vec();
+    let mut torn = data.clone();
+    torn.truncate(data.len() - 3);
+    g.insert("segments/w-000001.data".into(), Bytes::from(torn));
+    assert!(!check(&g, &d, &hunt, (2, 2, 2 * ROWS)).is_empty());
+}
+
+#[test]
+fn samples_follow_segment_indexes_and_catch_a_message_changed_or_an_index_shrunk() {
+    let (f, d, _) = segmented();
+    let (volume, disks) = samples_world(&f);
+    let mut s = Samples::default();
+    let mut told = Told::default();
+    assert_eq!(
+        sample(&mut s, &volume, &disks, &d, &mut told, false),
+        Vec::<String>::new()
+    );
+    assert!(s.seen.keys().any(|k| k.contains("/messages/")), "followed");
+    // Another writer stores one of those messages with other contents.
+    let (k, v) = s
+        .seen
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
+    let mut other = v.to_vec();
+    other.push(0);
+    let (data, index) = segments::encode_files(&[vec![(k, Bytes::from(other))]]);
+    volume.put("segments/x-000001.data", data);
+    volume.put("segments/x-000001.index", index);
+    let out = sample(&mut s, &volume, &disks, &d, &mut told, false);
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("invariant 1") && v.contains("changed")),
+        "{out:?}"
+    );
+    // An index loses its entries.
+    volume.put("segments/w-000001.index", segments::encode_files(&[]).1);
+    let out = sample(&mut s, &volume, &disks, &d, &mut told, false);
+    assert!(
+        out.iter()
+            .any(|v| v.starts_with("invariant 1") && v.contains("lost entries")),
+        "{out:?}"
+    );
+}
