@@ -208,9 +208,28 @@ fn now_ms() -> u64 {
 }
 
 /// Every file a client has on the shared volume, metadata and filestore (the generated config keeps
-/// them in `shared/metadata` and `shared/filestore`): `metadata/…` or `filestore/…` → bytes.
+/// them in `shared/metadata` and `shared/filestore`), and every flow message of it the filestore's
+/// segment files hold: `metadata/…` or `filestore/…` → bytes.
 fn client_files(d: &Deployment, client: &str) -> BTreeMap<String, Vec<u8>> {
+    use talon_io::storage::segments;
     let mut out = BTreeMap::new();
+    let seg = d.path(&format!("shared/filestore/{}", segments::SEGMENTS_DIR));
+    let files = snapshot(&seg);
+    for (name, index) in files.iter().filter(|(n, _)| n.ends_with(".index")) {
+        let data = bytes::Bytes::from(files[&segments::data_file_of(name).unwrap()].clone());
+        for e in segments::parse_index(index) {
+            let end = (e.offset + e.len) as usize;
+            if end > data.len() {
+                continue;
+            }
+            let (records, _) = segments::parse_records(&data.slice(e.offset as usize..end));
+            for (k, v) in records {
+                if k.starts_with(&format!("clients/{client}/")) {
+                    out.insert(format!("filestore/{k}"), v.to_vec());
+                }
+            }
+        }
+    }
     for part in ["metadata", "filestore"] {
         let dir = d.path(&format!("shared/{part}/clients/{client}"));
         out.extend(
