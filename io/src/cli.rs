@@ -426,6 +426,9 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// How long the process waits at exit for work still on the async runtime's blocking pool.
+pub const EXIT_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Runs one command; returns what to print.
 pub fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
@@ -442,7 +445,12 @@ pub fn run(cli: Cli) -> Result<String, String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-            rt.block_on(run_async(cli.config, cli.api_config, command))
+            let r = rt.block_on(run_async(cli.config, cli.api_config, command));
+            // Volume calls still running on the blocking pool (a flush the stop's bound cut
+            // short) are abandoned as a crash would abandon them: the journal that holds their
+            // writes is replayed at the next start (docs/operations.md, "Stopping").
+            rt.shutdown_timeout(EXIT_WAIT_MAX);
+            r
         }
     }
 }

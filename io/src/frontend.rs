@@ -2335,15 +2335,25 @@ async fn audit(fs: &Filestore, key: &FlowKey, limits: &CodecLimits) -> Option<Ve
 /// message and per flow.
 pub const RESULT_FLOWS_AHEAD: usize = 16;
 
-/// Pages each flow read ahead may hold (and messages it reads at once).
+/// Blocks of segment data files one results request keeps (each
+/// [`crate::storage::segments::CACHE_BLOCK_BYTES`]): 32 MiB.
+pub const RESULT_CACHE_BLOCKS: usize = 32;
+
+/// Pages each flow read ahead may hold.
 pub const RESULT_PAGES_AHEAD: usize = 4;
 
 /// Streams the result rows of `flows` from the filestore, one page per stored rows message: flows in
 /// the order given, each in sequence order, from the runs its flow record names (a flow not yet
-/// complete has none, and shows no rows). Up to [`RESULT_FLOWS_AHEAD`] flows are read at once,
+/// complete has none, and shows no rows), through a [`crate::storage::segments::BlockCache`] of
+/// [`RESULT_CACHE_BLOCKS`]. Up to [`RESULT_FLOWS_AHEAD`] flows are read at once,
 /// each into its own channel of [`RESULT_PAGES_AHEAD`] pages, so memory stays bounded whatever the
 /// flows' size; a reader stops when the caller goes away.
 fn stream_flows(fs: SharedVolume, ds: Meta, flows: Vec<(ClientId, FlowId)>) -> Pages {
+    // The flows' runs lie side by side in a few data files: read them in large shared blocks.
+    let fs = SharedVolume::new(crate::storage::segments::BlockCache::new(
+        fs,
+        RESULT_CACHE_BLOCKS,
+    ));
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         let mut flows = flows.into_iter();

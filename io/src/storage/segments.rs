@@ -757,5 +757,147 @@ impl<'a, V: Volume> MessageReader<'a, V> {
     }
 }
 
+/// Bytes [`BlockCache`] reads at once from a data file (aligned).
+pub const CACHE_BLOCK_BYTES: u64 = 1 << 20;
+
+/// Reads of segment data files in aligned blocks shared by the readers of one request (`hunt
+/// results`): the flows of a hunt completed together, so their runs lie side by side in a few
+/// data files, and a network volume serves one large read about as fast as one small one. Holds at
+/// most `blocks_max` blocks (the oldest loaded goes); concurrent readers of a block wait for one
+/// read. Data files are append-only and never rewritten, so a block never changes; one read short
+/// of a block (the file's end then) is read again when a run reaches past it. Other keys, and
+/// everything else, go straight to the volume.
+pub struct BlockCache<V> {
+    inner: V,
+    blocks_max: usize,
+    state: std::sync::Mutex<CacheState>,
+}
+
+type Block = std::sync::Arc<tokio::sync::OnceCell<Bytes>>;
+
+#[derive(Default)]
+struct CacheState {
+    blocks: std::collections::HashMap<(String, u64), Block>,
+    order: VecDeque<(String, u64)>,
+}
+
+impl<V: Volume> BlockCache<V> {
+    /// A cache of at most `blocks_max` blocks (at least 1) in front of `inner`.
+    pub fn new(inner: V, blocks_max: usize) -> Self {
+        BlockCache {
+            inner,
+            blocks_max: blocks_max.max(1),
+            state: std::sync::Mutex::default(),
+        }
+    }
+
+    fn cell(&self, file: &str, n: u64, fresh: bool) -> Block {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (file.to_owned(), n);
+        if !fresh && let Some(b) = st.blocks.get(&key) {
+            return b.clone();
+        }
+        let b = Block::default();
+        if st.blocks.insert(key.clone(), b.clone()).is_none() {
+            st.order.push_back(key);
+        }
+        while st.blocks.len() > self.blocks_max {
+            let Some(old) = st.order.pop_front() else {
+                break;
+            };
+            st.blocks.remove(&old);
+        }
+        b
+    }
+
+    /// Block `n` of `file`, holding at least `need` bytes if the file does (read again if a
+    /// cached one is shorter).
+    async fn block(&self, file: &str, n: u64, need: u64) -> io::Result<Bytes> {
+        let load = |cell: Block| async move {
+            cell.get_or_try_init(|| async {
+                Ok::<_, io::Error>(
+                    self.inner
+                        .read_range(file, n * CACHE_BLOCK_BYTES, CACHE_BLOCK_BYTES)
+                        .await?
+                        .unwrap_or_default(),
+                )
+            })
+            .await
+            .cloned()
+        };
+        let b = load(self.cell(file, n, false)).await?;
+        if (b.len() as u64) < need {
+            return load(self.cell(file, n, true)).await;
+        }
+        Ok(b)
+    }
+
+    /// The cached blocks (for tests of the bound).
+    pub fn cached(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .blocks
+            .len()
+    }
+}
+
+fn is_data_file(key: &str) -> bool {
+    key.starts_with(&format!("{SEGMENTS_DIR}/")) && key.ends_with(".data")
+}
+
+impl<V: Volume> Volume for BlockCache<V> {
+    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+        self.inner.read(key).await
+    }
+    async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
+        self.inner.write(key, value).await
+    }
+    async fn delete(&self, key: &str) -> io::Result<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.inner.list(prefix).await
+    }
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        self.inner.append(key, data).await
+    }
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        self.inner.commit(from, to).await
+    }
+    async fn append_synced(&self, key: &str, data: Bytes) -> io::Result<()> {
+        self.inner.append_synced(key, data).await
+    }
+    async fn read_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+        if !is_data_file(key) || len == 0 {
+            return self.inner.read_range(key, offset, len).await;
+        }
+        let end = offset.saturating_add(len);
+        let (first, last) = (offset / CACHE_BLOCK_BYTES, (end - 1) / CACHE_BLOCK_BYTES);
+        let blocks = bounded(
+            super::volume::VOLUME_CONCURRENCY,
+            (first..=last)
+                .map(|n| {
+                    let need = (end - n * CACHE_BLOCK_BYTES).min(CACHE_BLOCK_BYTES);
+                    self.block(key, n, need)
+                })
+                .collect(),
+        )
+        .await;
+        let mut out = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
+        for (n, b) in (first..=last).zip(blocks) {
+            let b = b?;
+            let base = n * CACHE_BLOCK_BYTES;
+            let from = offset.saturating_sub(base).min(b.len() as u64) as usize;
+            let to = (end - base).min(b.len() as u64) as usize;
+            out.extend_from_slice(&b[from..to]);
+            if (b.len() as u64) < CACHE_BLOCK_BYTES {
+                break; // The file ends here.
+            }
+        }
+        Ok(Some(out.freeze()))
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -274,3 +274,82 @@ async fn the_log_refuses_what_it_cannot_do() {
         .unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
 }
+
+#[tokio::test]
+async fn the_block_cache_reads_each_block_once_within_its_bound_and_rereads_a_short_one() {
+    struct Counting {
+        inner: SharedVolume,
+        reads: Arc<std::sync::atomic::AtomicUsize>,
+    }
+    impl Volume for Counting {
+        async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+            self.inner.read(key).await
+        }
+        async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
+            self.inner.write(key, value).await
+        }
+        async fn delete(&self, key: &str) -> io::Result<()> {
+            self.inner.delete(key).await
+        }
+        async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+            self.inner.list(prefix).await
+        }
+        async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+            self.inner.append(key, data).await
+        }
+        async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+            self.inner.commit(from, to).await
+        }
+        async fn read_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.read_range(key, offset, len).await
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let v = vol(t.path());
+    let log = SegmentLog::new(v.clone(), "c", 100).unwrap();
+    // Ten flows of 2 messages, 300 KiB each: about 6 MiB in one data file.
+    let big = |f: u32, s: u64| Bytes::from(vec![(f * 10 + s as u32) as u8; 300 << 10]);
+    for f in 0..10 {
+        log.write_many((0..2).map(|s| (msg(f, s), Some(big(f, s)))).collect())
+            .await
+            .unwrap();
+    }
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cache = BlockCache::new(
+        Counting {
+            inner: v.clone(),
+            reads: reads.clone(),
+        },
+        4,
+    );
+    for f in 0..10 {
+        let runs = log.take_runs(&dir(f), 2).unwrap();
+        let got = read_all(&cache, &dir(f), &runs).await;
+        assert_eq!(
+            got,
+            vec![(msg(f, 0), big(f, 0)), (msg(f, 1), big(f, 1))],
+            "flow {f}"
+        );
+        assert!(cache.cached() <= 4, "bounded");
+    }
+    // 6 MiB in 1 MiB blocks: each block read about once (a flow's run may straddle two), not
+    // once per message.
+    let n = reads.load(Ordering::SeqCst);
+    assert!((6..=8).contains(&n), "{n} block reads");
+    // The file grows after a short last block was cached: a run past it reads the block again.
+    let last = log.files(1).0;
+    let end = v.read(&last).await.unwrap().unwrap().len() as u64;
+    let short = cache
+        .read_range(&last, end - 10, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(short.len(), 10);
+    log.write_many(batch(&[(11, 0)])).await.unwrap();
+    let runs = log.take_runs(&dir(11), 1).unwrap();
+    assert_eq!(
+        read_all(&cache, &dir(11), &runs).await,
+        vec![(msg(11, 0), value(11, 0))]
+    );
+}
