@@ -560,7 +560,7 @@ mod tests {
         async fn create(&self, _: &str, _: Bytes, _: bool) -> io::Result<()> {
             std::future::pending().await
         }
-        async fn append(&self, _: &str, _: Bytes) -> io::Result<()> {
+        async fn append(&self, _: &str, _: Bytes, _: bool) -> io::Result<()> {
             std::future::pending().await
         }
         async fn sync(&self, _: &str) -> io::Result<()> {

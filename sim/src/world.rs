@@ -542,9 +542,9 @@ impl Fs for SimVolume {
         drop(s);
         self.after(fate)
     }
-    async fn append(&self, path: &str, data: Bytes) -> io::Result<()> {
+    async fn append(&self, path: &str, data: Bytes, durable: bool) -> io::Result<()> {
         // An append is not idempotent: an error is reported only when it had no effect.
-        self.charge(data.len(), 1).await?;
+        self.charge(data.len(), 1 + u32::from(durable)).await?;
         let mut s = lock(&self.state);
         s.dir_of(path)?;
         let mut v = s.get(path).map(|b| b.to_vec()).unwrap_or_default();

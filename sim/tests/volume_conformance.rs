@@ -35,10 +35,13 @@ async fn primitives<F: Fs>(fs: &F) -> Vec<String> {
         outcome(fs.mkdir("a/b").await),
         outcome(fs.create("a/x", b("1"), true).await),
         outcome(fs.create("a/.x.tmp", b("2"), false).await),
-        outcome(fs.append("a/b/log", b("p")).await),
-        outcome(fs.append("a/b/log", b("q")).await),
-        outcome(fs.append("z/log", b("p")).await),
+        outcome(fs.append("a/b/log", b("p"), false).await),
+        outcome(fs.append("a/b/log", b("q"), true).await),
+        outcome(fs.append("z/log", b("p"), true).await),
         outcome(fs.read("a/b/log").await),
+        outcome(fs.read_range("a/b/log", 1, 5).await),
+        outcome(fs.read_range("a/b/log", 9, 5).await),
+        outcome(fs.read_range("a/none", 0, 5).await),
         outcome(fs.read("a/none").await),
         outcome(sorted(fs.list("").await)),
         outcome(sorted(fs.list("a").await)),
@@ -76,7 +79,9 @@ async fn volume<V: Volume>(v: &V) -> Vec<String> {
         outcome(v.list("c/d").await),
         outcome(v.list("").await),
         outcome(v.append("u/p", b("ab")).await),
-        outcome(v.append("u/p", b("cd")).await),
+        outcome(v.append_synced("u/p", b("cd")).await),
+        outcome(v.read_range("u/p", 1, 2).await),
+        outcome(v.append_synced("u/none", b("x")).await),
         outcome(v.commit("u/p", "u/done/p").await),
         outcome(v.read("u/done/p").await),
         outcome(v.read("u/p").await),
@@ -108,5 +113,5 @@ async fn the_volume_logic_gives_the_same_results_over_both() {
     assert_eq!(volume(&on_sim).await, expected);
     // What checkers see is the keys, never a temp file.
     let keys: Vec<String> = sim.snapshot().into_keys().collect();
-    assert_eq!(keys, vec!["c/f/k3", "u/done/p"]);
+    assert_eq!(keys, vec!["c/f/k3", "u/done/p", "u/none"]);
 }

@@ -55,9 +55,15 @@ pub trait Fs: Send + Sync + 'static {
         data: Bytes,
         durable: bool,
     ) -> impl Future<Output = io::Result<()>> + Send;
-    /// Appends `data` to `path`, creating it; not made durable. `NotFound` if its directory is
-    /// missing.
-    fn append(&self, path: &str, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Appends `data` to `path`, creating it; when `durable`, the file's data is on stable storage
+    /// before it returns (`fdatasync` before close: one open for both). `NotFound` if its directory
+    /// is missing.
+    fn append(
+        &self,
+        path: &str,
+        data: Bytes,
+        durable: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
     /// Makes a file's data, or a directory's entries, durable (`fsync`).
     fn sync(&self, path: &str) -> impl Future<Output = io::Result<()>> + Send;
     /// Makes everything written to the filesystem durable (`syncfs`). Only local filesystems honour
@@ -151,15 +157,19 @@ impl Fs for OsFs {
         .await
     }
 
-    async fn append(&self, path: &str, data: Bytes) -> io::Result<()> {
+    async fn append(&self, path: &str, data: Bytes, durable: bool) -> io::Result<()> {
         let p = self.abs(path);
         blocking(move || {
             use std::io::Write;
-            std::fs::OpenOptions::new()
+            let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&p)?
-                .write_all(&data)
+                .open(&p)?;
+            f.write_all(&data)?;
+            if durable {
+                f.sync_data()?;
+            }
+            Ok(())
         })
         .await
     }
@@ -309,9 +319,9 @@ impl<F: Fs> Fs for LatencyFs<F> {
         self.wait(1 + u32::from(durable)).await;
         self.inner.create(path, data, durable).await
     }
-    async fn append(&self, path: &str, data: Bytes) -> io::Result<()> {
-        self.wait(1).await;
-        self.inner.append(path, data).await
+    async fn append(&self, path: &str, data: Bytes, durable: bool) -> io::Result<()> {
+        self.wait(1 + u32::from(durable)).await;
+        self.inner.append(path, data, durable).await
     }
     async fn sync(&self, path: &str) -> io::Result<()> {
         self.wait(1).await;
@@ -386,7 +396,7 @@ mod tests {
         let t = tokio::time::Instant::now();
         let appends: Vec<_> = a
             .iter()
-            .map(|p| fs.append(p, Bytes::from_static(b"y")))
+            .map(|p| fs.append(p, Bytes::from_static(b"y"), false))
             .collect();
         for r in join_all(appends).await {
             r.unwrap();

@@ -609,7 +609,7 @@ impl<F: Fs> Volume for FsVolume<F> {
 
     async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
         validate_key(key).map_err(bad_key)?;
-        self.in_dir(split(key).0, || self.fs.append(key, data.clone()))
+        self.in_dir(split(key).0, || self.fs.append(key, data.clone(), false))
             .await
             .map(|_| ())
     }
@@ -619,12 +619,11 @@ impl<F: Fs> Volume for FsVolume<F> {
         self.fs.read_range(key, offset, len).await
     }
 
-    /// An append and an `fdatasync` of the file, whatever the [`SyncMode`] (a `syncfs` would
+    /// A durable append (`fdatasync` of the file), whatever the [`SyncMode`] (a `syncfs` would
     /// flush every other writer's data too). No directory is made or synced: the key exists.
     async fn append_synced(&self, key: &str, data: Bytes) -> io::Result<()> {
         validate_key(key).map_err(bad_key)?;
-        self.fs.append(key, data).await?;
-        self.fs.sync(key).await
+        self.fs.append(key, data, true).await
     }
 
     /// Every key holds its old value or its new one, never a mix, and all are durable on return,
