@@ -84,6 +84,14 @@ async fn each_sync_the_volume_issues_reaches_the_file_server() {
         "a durable create ({durable:?}) costs no more than a plain one ({plain:?}): its sync did \
          not reach the server"
     );
+    // The segment log's flush: an append made durable in the same open.
+    let synced = fastest!(|i| fs.append(&format!("g{i}"), Bytes::from_static(b"more"), true));
+    let unsynced = fastest!(|i| fs.append(&format!("h{i}"), Bytes::from_static(b"more"), false));
+    assert!(
+        synced >= unsynced + rtt / 2,
+        "a durable append ({synced:?}) costs no more than a plain one ({unsynced:?}): its sync \
+         did not reach the server"
+    );
     let root = std::fs::File::open(tmp.path()).unwrap();
     let syncfs = fastest!(|_i| async { rustix::fs::syncfs(&root).map_err(std::io::Error::from) });
     assert!(
