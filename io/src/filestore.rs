@@ -108,6 +108,7 @@ impl Filestore {
     /// Where a completed flow's messages `0..messages` are: the runs this node wrote or learned by
     /// an audit, or, if it does not know them all (it restarted, or forgot the flow at its bound),
     /// the runs an audit finds now. An error if the volume fails or the messages are not all there.
+    /// The node remembers them until [`Filestore::forget_runs`] (the completion is recorded).
     pub async fn runs(
         &self,
         client: &ClientId,
@@ -115,10 +116,12 @@ impl Filestore {
         messages: u64,
     ) -> io::Result<Vec<RunRef>> {
         let dir = paths::flow_messages_dir(client, flow);
-        if let Some(runs) = self.log.take_runs(&dir, messages) {
+        if let Some(runs) = self.log.runs_covering(&dir, messages) {
             return Ok(runs);
         }
         let (runs, found) = segments::locate(&self.volume, &dir).await?;
+        // Remembered until the completion is recorded: a retry does not locate them again.
+        self.log.learn(&dir, &runs);
         let seqs: std::collections::BTreeSet<u64> = found
             .iter()
             .filter_map(|(k, _)| k.rsplit_once('/')?.1.parse().ok())
@@ -130,6 +133,11 @@ impl Filestore {
             ));
         }
         Ok(runs.into_iter().map(|(r, _)| r).collect())
+    }
+
+    /// Forgets where a flow's messages are: its completion is recorded (with them).
+    pub fn forget_runs(&self, client: &ClientId, flow: &FlowId) {
+        self.log.forget(&paths::flow_messages_dir(client, flow));
     }
 
     /// Every stored message of a flow, wherever it was written (an audit: reads every node's index

@@ -935,6 +935,9 @@ impl Actor {
             Msg::CompletionApplied { key, ok } => {
                 // The final status is acknowledged now (or, if replication failed, the completion
                 // is forgotten and the client's resend completes the flow again).
+                if ok {
+                    self.filestore.forget_runs(&key.client, &key.flow);
+                }
                 self.flows.handle_recorded(&key, ok);
                 self.drain_flows().await;
             }
@@ -2081,6 +2084,9 @@ impl Actor {
             NodeRole::Master(_) => {
                 let key = o.key.clone();
                 let ok = self.flow_completed(o, runs).await;
+                if ok {
+                    self.filestore.forget_runs(&key.client, &key.flow);
+                }
                 self.flows.handle_recorded(&key, ok);
             }
             NodeRole::Minion(_) => {
@@ -3208,7 +3214,7 @@ mod results_tests {
                 log.write_many(later).await.unwrap();
                 log.write_many(writes).await.unwrap();
                 let dir = paths::flow_messages_dir(&client, &flow);
-                record.runs = log.take_runs(&dir, msgs + 1).unwrap();
+                record.runs = log.runs_covering(&dir, msgs + 1).unwrap();
             }
             if f == 5 {
                 record.state = FlowRecordState::Running;

@@ -269,7 +269,9 @@ mod tests {
         log.write_many(vec![message(0, chunk(0, "/a", 0, b"hello ", None))])
             .await
             .unwrap();
-        let runs = log.take_runs(&paths::flow_messages_dir(&c, &f), 2).unwrap();
+        let runs = log
+            .runs_covering(&paths::flow_messages_dir(&c, &f), 2)
+            .unwrap();
         let r = assemble(&fs, &c, &f, &runs).await.unwrap();
         assert_eq!((r.len(), r[0].error.as_str(), r[0].size), (1, "", 11));
         assert_eq!(

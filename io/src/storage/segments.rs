@@ -319,12 +319,10 @@ impl RunIndex {
         }
     }
 
-    /// The runs of `dir` if they cover messages `0..n`, in the order recorded; forgets the
-    /// directory either way (the flow is completing).
-    pub fn take_covering(&mut self, dir: &str, n: u64) -> Option<Vec<RunRef>> {
-        let known = self.dirs.remove(dir)?;
-        self.order.remove(&known.tick);
-        known.covers(n).then_some(known.runs)
+    /// The runs of `dir` if they cover messages `0..n`, in the order recorded.
+    pub fn covering(&self, dir: &str, n: u64) -> Option<Vec<RunRef>> {
+        let known = self.dirs.get(dir)?;
+        known.covers(n).then(|| known.runs.clone())
     }
 
     /// Forgets `dir`.
@@ -411,9 +409,10 @@ impl SegmentLog {
         }
     }
 
-    /// The runs of `dir` if this node knows them all for messages `0..n`; forgets them.
-    pub fn take_runs(&self, dir: &str, n: u64) -> Option<Vec<RunRef>> {
-        self.index().take_covering(dir, n)
+    /// The runs of `dir` if this node knows them all for messages `0..n` (kept until
+    /// [`SegmentLog::forget`]).
+    pub fn runs_covering(&self, dir: &str, n: u64) -> Option<Vec<RunRef>> {
+        self.index().covering(dir, n)
     }
 
     /// Forgets what it knows of `dir`.

@@ -55,21 +55,29 @@ async fn flushes_are_runs_that_read_back_in_order_and_are_found_by_an_audit() {
             "segments/node-1-000001.index".to_owned()
         ]
     );
-    assert_eq!(log.take_runs(&dir(1), 5), None, "seq 4 was never written");
-    let runs = log.take_runs(&dir(2), 2).expect("flow 2 is covered");
+    assert_eq!(
+        log.runs_covering(&dir(1), 5),
+        None,
+        "seq 4 was never written"
+    );
+    let runs = log.runs_covering(&dir(2), 2).expect("flow 2 is covered");
     assert_eq!(runs.len(), 2);
     let got = read_all(&v, &dir(2), &runs).await;
     assert_eq!(
         got,
         vec![(msg(2, 0), value(2, 0)), (msg(2, 1), value(2, 1))]
     );
-    // The node forgot flow 1 (taken above): an audit finds it from the index files.
+    // Another node, which never saw flow 1, finds it from the index files (an audit).
+    log.forget(&dir(1));
+    assert_eq!(log.runs_covering(&dir(1), 4), None);
     let (found_runs, found) = locate(&v, &dir(1)).await.unwrap();
     let want: Vec<Record> = (0..4).map(|s| (msg(1, s), value(1, s))).collect();
     assert_eq!(found, want);
     assert_eq!(found_runs.len(), 3);
     log.learn(&dir(1), &found_runs);
-    let runs = log.take_runs(&dir(1), 4).expect("learned runs cover 0..4");
+    let runs = log
+        .runs_covering(&dir(1), 4)
+        .expect("learned runs cover 0..4");
     assert_eq!(
         read_all(&v, &dir(1), &runs).await,
         want,
@@ -128,7 +136,7 @@ async fn a_failed_append_moves_to_new_files_and_its_torn_run_is_skipped() {
     let err = log.write_many(batch(&[(1, 1), (1, 2)])).await.unwrap_err();
     assert!(err.to_string().contains("injected"), "{err}");
     assert_eq!(
-        log.take_runs(&dir(1), 3),
+        log.runs_covering(&dir(1), 3),
         None,
         "the torn flush recorded nothing"
     );
@@ -163,14 +171,14 @@ async fn files_rotate_at_their_bound_and_a_run_stays_under_its_bound() {
         .filter(|k| k.ends_with(".data"))
         .collect();
     assert!(data.len() >= 2, "{data:?}");
-    let runs = log.take_runs(&dir(1), 4).unwrap();
+    let runs = log.runs_covering(&dir(1), 4).unwrap();
     let want: Vec<Record> = (0..4).map(|s| (msg(1, s), value(1, s))).collect();
     assert_eq!(read_all(&v, &dir(1), &runs).await, want);
     // One flush larger than a run's bound is split into several runs.
     let big = Bytes::from(vec![7u8; (RUN_BYTES_MAX / 3) as usize]);
     let writes: Vec<_> = (0..5).map(|s| (msg(2, s), Some(big.clone()))).collect();
     log.write_many(writes).await.unwrap();
-    let runs = log.take_runs(&dir(2), 5).unwrap();
+    let runs = log.runs_covering(&dir(2), 5).unwrap();
     assert!(
         runs.len() >= 2 && runs.iter().all(|r| r.len <= RUN_BYTES_MAX),
         "{runs:?}"
@@ -214,13 +222,13 @@ fn the_run_index_is_bounded_and_a_forgotten_flow_is_not_claimed_covered() {
     idx.record("a", run(2), [name(1).as_str()].into_iter());
     idx.record("c", run(3), [name(0).as_str()].into_iter());
     assert_eq!(idx.len(), 2, "at the bound, the oldest updated (b) goes");
-    assert_eq!(idx.take_covering("b", 1), None);
+    assert_eq!(idx.covering("b", 1), None);
     // "a" evicted and written again: it must not claim coverage from the later run alone.
     idx.record("d", run(4), [name(0).as_str()].into_iter());
     idx.record("e", run(5), [name(0).as_str()].into_iter());
     idx.record("a", run(6), [name(2).as_str()].into_iter());
-    assert_eq!(idx.take_covering("a", 3), None);
-    assert_eq!(idx.take_covering("e", 1).map(|r| r.len()), Some(1));
+    assert_eq!(idx.covering("a", 3), None);
+    assert_eq!(idx.covering("e", 1).map(|r| r.len()), Some(1));
     // Coverage merges ranges in any order.
     let mut k = Known::default();
     for s in [3, 0, 2, 1, 5] {
@@ -324,7 +332,7 @@ async fn the_block_cache_reads_each_block_once_within_its_bound_and_rereads_a_sh
         4,
     );
     for f in 0..10 {
-        let runs = log.take_runs(&dir(f), 2).unwrap();
+        let runs = log.runs_covering(&dir(f), 2).unwrap();
         let got = read_all(&cache, &dir(f), &runs).await;
         assert_eq!(
             got,
@@ -347,7 +355,7 @@ async fn the_block_cache_reads_each_block_once_within_its_bound_and_rereads_a_sh
         .unwrap();
     assert_eq!(short.len(), 10);
     log.write_many(batch(&[(11, 0)])).await.unwrap();
-    let runs = log.take_runs(&dir(11), 1).unwrap();
+    let runs = log.runs_covering(&dir(11), 1).unwrap();
     assert_eq!(
         read_all(&cache, &dir(11), &runs).await,
         vec![(msg(11, 0), value(11, 0))]
