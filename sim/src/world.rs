@@ -525,11 +525,9 @@ impl Fs for SimVolume {
     }
     async fn read_range(&self, path: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
         self.charge(0, 1).await?;
-        Ok(lock(&self.state).get(path).map(|b| {
-            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
-            let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
-            b.slice(start..end.min(b.len()))
-        }))
+        Ok(lock(&self.state)
+            .get(path)
+            .map(|b| talon_io::storage::fs::range_of(b, offset, len)))
     }
     async fn create(&self, path: &str, data: Bytes, durable: bool) -> io::Result<()> {
         let fate = self.charge(data.len(), 1 + u32::from(durable)).await?;

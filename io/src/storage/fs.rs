@@ -16,6 +16,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Up to `len` bytes of `b` from `offset` (fewer at its end, none past it): what a ranged read
+/// of a file holding `b` returns.
+pub fn range_of(b: &Bytes, offset: u64, len: u64) -> Bytes {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+    let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+    b.slice(start..end.min(b.len()))
+}
+
 /// One entry of a directory listing.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Entry {
@@ -39,13 +47,7 @@ pub trait Fs: Send + Sync + 'static {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = io::Result<Option<Bytes>>> + Send {
-        async move {
-            Ok(self.read(path).await?.map(|b| {
-                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
-                let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
-                b.slice(start..end.min(b.len()))
-            }))
-        }
+        async move { Ok(self.read(path).await?.map(|b| range_of(&b, offset, len))) }
     }
     /// Creates `path` holding `data` (replacing a file there); when `durable`, its data is on stable
     /// storage before it returns (`fdatasync` before close). `NotFound` if its directory is missing.

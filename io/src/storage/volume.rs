@@ -36,11 +36,10 @@ pub trait Volume: Send + Sync + 'static {
         len: u64,
     ) -> impl Future<Output = io::Result<Option<Bytes>>> + Send {
         async move {
-            Ok(self.read(key).await?.map(|b| {
-                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
-                let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
-                b.slice(start..end.min(b.len()))
-            }))
+            Ok(self
+                .read(key)
+                .await?
+                .map(|b| super::fs::range_of(&b, offset, len)))
         }
     }
     /// Appends to an existing key and makes the appended data durable (the key itself must have
