@@ -43,6 +43,14 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
+/// True if `key` is under `prefix` with at most `depth` `/`-separated components after it (any
+/// number for `None`): `clients/C.1/record.json` is within depth 2 of `clients/`, its flows' records
+/// are not.
+pub fn within_depth(key: &str, prefix: &str, depth: Option<usize>) -> bool {
+    key.strip_prefix(prefix)
+        .is_some_and(|rest| depth.is_none_or(|d| rest.split('/').count() <= d))
+}
+
 /// Bookkeeping bytes charged per entry on top of its key and value.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 96;
 
@@ -275,6 +283,9 @@ pub enum CacheAction {
         req: RequestId,
         /// The prefix.
         prefix: String,
+        /// Only keys with at most this many components after the prefix ([`within_depth`]); the
+        /// volume need not look deeper.
+        depth: Option<usize>,
     },
     /// Write these to the shared volume (each atomically: temp file, fsync, rename); report with
     /// `handle_flush_done`.
@@ -348,7 +359,7 @@ pub struct Cache {
     synced_upto: u64,
     truncated_upto: u64,
     readers: BTreeMap<String, Vec<RequestId>>,
-    lists: BTreeMap<RequestId, String>,
+    lists: BTreeMap<RequestId, (String, Option<usize>)>,
     waiting: usize,
     flushes: BTreeMap<u64, Vec<(String, u64)>>,
     next_batch: u64,
@@ -546,6 +557,17 @@ impl Cache {
 
     /// Lists keys under `prefix` (shared volume merged with unflushed writes).
     pub fn handle_list(&mut self, now: Timestamp, req: RequestId, prefix: &str) {
+        self.handle_list_within(now, req, prefix, None);
+    }
+
+    /// Lists keys under `prefix` with at most `depth` components after it ([`within_depth`]).
+    pub fn handle_list_within(
+        &mut self,
+        now: Timestamp,
+        req: RequestId,
+        prefix: &str,
+        depth: Option<usize>,
+    ) {
         if self.waiting >= self.limits.readers_max {
             return self.reply(
                 req,
@@ -555,10 +577,11 @@ impl Cache {
             );
         }
         self.waiting += 1;
-        self.lists.insert(req, prefix.to_owned());
+        self.lists.insert(req, (prefix.to_owned(), depth));
         self.actions.push_back(CacheAction::ListShared {
             req,
             prefix: prefix.to_owned(),
+            depth,
         });
         self.maybe_flush(now);
     }
@@ -570,19 +593,22 @@ impl Cache {
         req: RequestId,
         result: Result<Vec<String>, String>,
     ) {
-        let Some(prefix) = self.lists.remove(&req) else {
+        let Some((prefix, depth)) = self.lists.remove(&req) else {
             return;
         };
         self.waiting -= 1;
         let result = result.map_err(CacheError::Storage).map(|found| {
             let mut keys: std::collections::BTreeSet<String> = found
                 .into_iter()
-                .filter(|k| k.starts_with(&prefix))
+                .filter(|k| within_depth(k, &prefix, depth))
                 .collect();
             // The cache is authoritative where it has an entry (the master is the only writer).
             for (k, e) in self.entries.range(prefix.clone()..) {
                 if !k.starts_with(&prefix) {
                     break;
+                }
+                if !within_depth(k, &prefix, depth) {
+                    continue;
                 }
                 if e.value.is_some() {
                     keys.insert(k.clone());

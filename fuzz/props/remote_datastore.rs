@@ -47,7 +47,7 @@ impl Master {
                     let v = self.volume.get(&key).cloned();
                     self.cache.handle_read_done(now, &key, Ok(v));
                 }
-                CacheAction::ListShared { req, prefix } => {
+                CacheAction::ListShared { req, prefix, .. } => {
                     let keys = self
                         .volume
                         .keys()

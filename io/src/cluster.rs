@@ -178,9 +178,26 @@ impl Meta {
 
     /// Lists keys under a prefix (and whether the list was cut short).
     pub async fn list(&self, prefix: &str) -> Result<(Vec<String>, bool), String> {
+        self.list_within(prefix, None).await
+    }
+
+    /// Keys under a prefix with at most `depth` components after it: the master's volume is not
+    /// walked deeper (a minion filters what the master lists).
+    pub async fn list_within(
+        &self,
+        prefix: &str,
+        depth: Option<usize>,
+    ) -> Result<(Vec<String>, bool), String> {
         match self {
-            Meta::Local(d) => d.list(prefix).await.map_err(|e| e.to_string()),
-            Meta::Remote(r) => r.list(prefix, 0).await,
+            Meta::Local(d) => d
+                .list_within(prefix, depth)
+                .await
+                .map_err(|e| e.to_string()),
+            Meta::Remote(r) => {
+                let (mut keys, truncated) = r.list(prefix, 0).await?;
+                keys.retain(|k| talon_core::datastore::within_depth(k, prefix, depth));
+                Ok((keys, truncated))
+            }
         }
     }
 }

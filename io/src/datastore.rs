@@ -96,7 +96,7 @@ enum Request {
     Set(String, Bytes, Reply),
     WriteAll(Vec<(String, Option<Bytes>)>, Reply),
     Delete(String, Reply),
-    List(String, Reply),
+    List(String, Option<usize>, Reply),
     Flushed(oneshot::Sender<()>),
 }
 
@@ -328,7 +328,20 @@ impl Datastore {
 
     /// Lists keys under a prefix; the flag says the list was cut at the cache's bound.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<String>, bool), DatastoreError> {
-        match self.call(|r| Request::List(prefix.to_owned(), r)).await? {
+        self.list_within(prefix, None).await
+    }
+
+    /// Lists keys under a prefix with at most `depth` components after it
+    /// ([`talon_core::datastore::within_depth`]): the volume is not walked deeper.
+    pub async fn list_within(
+        &self,
+        prefix: &str,
+        depth: Option<usize>,
+    ) -> Result<(Vec<String>, bool), DatastoreError> {
+        match self
+            .call(|r| Request::List(prefix.to_owned(), depth, r))
+            .await?
+        {
             CacheReply::Keys { keys, truncated } => Ok((keys, truncated)),
             other => unreachable!("list answered with {other:?}"),
         }
@@ -437,10 +450,10 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                 self.replies.insert(r, reply);
                 self.cache.handle_delete(now, r, &key);
             }
-            Request::List(prefix, reply) => {
+            Request::List(prefix, depth, reply) => {
                 let r = id();
                 self.replies.insert(r, reply);
-                self.cache.handle_list(now, r, &prefix);
+                self.cache.handle_list_within(now, r, &prefix, depth);
             }
             Request::Flushed(tx) => self
                 .flush_waiters
@@ -479,10 +492,13 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                             let _ = tx.send(Done::Read(key, r)).await;
                         });
                     }
-                    CacheAction::ListShared { req, prefix } => {
+                    CacheAction::ListShared { req, prefix, depth } => {
                         let (v, tx) = (self.volume.clone(), self.done_tx.clone());
                         tokio::spawn(async move {
-                            let r = v.list(&prefix).await.map_err(|e| e.to_string());
+                            let r = v
+                                .list_within(&prefix, depth)
+                                .await
+                                .map_err(|e| e.to_string());
                             let _ = tx.send(Done::List(req, r)).await;
                         });
                     }

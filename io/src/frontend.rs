@@ -611,8 +611,9 @@ impl Node {
         let mut reassembling = Vec::new();
         let (role, link_events) = match cluster {
             Cluster::Master => {
+                // Not deeper than the records: the walk would visit every flow's directory.
                 let (keys, _) = datastore
-                    .list("clients/")
+                    .list_within("clients/", Some(2))
                     .await
                     .map_err(|e| format!("listing clients: {e}"))?;
                 let keys = keys

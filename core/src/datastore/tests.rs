@@ -251,6 +251,49 @@ fn clean_entries_are_evicted_lru_and_dirty_ones_kept() {
 }
 
 #[test]
+fn a_list_within_a_depth_keeps_only_keys_that_shallow() {
+    assert!(within_depth("c/C.1/record.json", "c/", Some(2)));
+    assert!(!within_depth("c/C.1/flows/F.1/record.json", "c/", Some(2)));
+    assert!(within_depth("c/C.1/flows/F.1/record.json", "c/", None));
+    assert!(!within_depth("d/x", "c/", None));
+    let mut c = Cache::new(small(), 0);
+    let t = Timestamp(0);
+    c.handle_set(t, RequestId(1), "c/new/record.json", b("1"));
+    c.handle_set(t, RequestId(2), "c/new/flows/f/record.json", b("2"));
+    c.handle_journal_synced(t, 2);
+    c.handle_list_within(t, RequestId(3), "c/", Some(2));
+    let asked = drain(&mut c);
+    assert!(
+        asked
+            .iter()
+            .any(|a| matches!(a, CacheAction::ListShared { depth: Some(2), .. })),
+        "the volume is told the depth: {asked:?}"
+    );
+    c.handle_list_done(
+        t,
+        RequestId(3),
+        Ok(vec![
+            "c/old/record.json".into(),
+            "c/old/flows/f/record.json".into(),
+        ]),
+    );
+    let keys = vec![
+        "c/new/record.json".to_string(),
+        "c/old/record.json".to_string(),
+    ];
+    assert_eq!(
+        replies(&drain(&mut c)),
+        vec![(
+            RequestId(3),
+            Ok(CacheReply::Keys {
+                keys,
+                truncated: false
+            })
+        )]
+    );
+}
+
+#[test]
 fn list_merges_unflushed_writes_and_deletes() {
     let mut c = Cache::new(small(), 0);
     let t = Timestamp(0);

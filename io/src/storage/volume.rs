@@ -22,6 +22,19 @@ pub trait Volume: Send + Sync + 'static {
     fn delete(&self, key: &str) -> impl Future<Output = io::Result<()>> + Send;
     /// Keys under `prefix` (a `/`-terminated directory prefix or a key prefix), sorted.
     fn list(&self, prefix: &str) -> impl Future<Output = io::Result<Vec<String>>> + Send;
+    /// Keys under `prefix` with at most `depth` components after it
+    /// ([`talon_core::datastore::within_depth`]), sorted; a file volume does not look deeper.
+    fn list_within(
+        &self,
+        prefix: &str,
+        depth: Option<usize>,
+    ) -> impl Future<Output = io::Result<Vec<String>>> + Send {
+        async move {
+            let mut keys = self.list(prefix).await?;
+            keys.retain(|k| talon_core::datastore::within_depth(k, prefix, depth));
+            Ok(keys)
+        }
+    }
     /// Appends to a key, creating it (for assembling large files piece by piece; not atomic: write
     /// to a scratch key and `commit` it).
     fn append(&self, key: &str, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
@@ -94,6 +107,12 @@ pub trait DynVolume: Send + Sync + 'static {
     fn dyn_delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<()>>;
     /// [`Volume::list`].
     fn dyn_list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Vec<String>>>;
+    /// [`Volume::list_within`].
+    fn dyn_list_within<'a>(
+        &'a self,
+        prefix: &'a str,
+        depth: Option<usize>,
+    ) -> BoxFuture<'a, io::Result<Vec<String>>>;
     /// [`Volume::append`].
     fn dyn_append<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>>;
     /// [`Volume::commit`].
@@ -126,6 +145,13 @@ impl<V: Volume> DynVolume for V {
     }
     fn dyn_list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, io::Result<Vec<String>>> {
         Box::pin(self.list(prefix))
+    }
+    fn dyn_list_within<'a>(
+        &'a self,
+        prefix: &'a str,
+        depth: Option<usize>,
+    ) -> BoxFuture<'a, io::Result<Vec<String>>> {
+        Box::pin(self.list_within(prefix, depth))
     }
     fn dyn_append<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>> {
         Box::pin(self.append(key, data))
@@ -165,6 +191,9 @@ impl Volume for SharedVolume {
     async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
         self.0.dyn_list(prefix).await
     }
+    async fn list_within(&self, prefix: &str, depth: Option<usize>) -> io::Result<Vec<String>> {
+        self.0.dyn_list_within(prefix, depth).await
+    }
     async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
         self.0.dyn_append(key, data).await
     }
@@ -196,6 +225,9 @@ impl<V: Volume> Volume for Arc<V> {
     }
     async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
         (**self).list(prefix).await
+    }
+    async fn list_within(&self, prefix: &str, depth: Option<usize>) -> io::Result<Vec<String>> {
+        (**self).list_within(prefix, depth).await
     }
     async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
         (**self).append(key, data).await
@@ -564,10 +596,18 @@ impl<F: Fs> Volume for FsVolume<F> {
         absent_ok(self.fs.remove(key)).await
     }
 
-    /// Walks only the deepest directory the prefix names and, level by level, the directories
-    /// below it that can hold matching keys, listing each level's directories concurrently.
     async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.list_within(prefix, None).await
+    }
+
+    /// Walks only the deepest directory the prefix names and, level by level, the directories
+    /// below it that can hold matching keys (within `depth`), listing each level's directories
+    /// concurrently.
+    async fn list_within(&self, prefix: &str, depth: Option<usize>) -> io::Result<Vec<String>> {
         let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
+        // A directory at `depth` components after the prefix holds only deeper keys.
+        let shallow =
+            |dir: &str| talon_core::datastore::within_depth(dir, prefix, depth.map(|d| d - 1));
         let mut out = Vec::new();
         let mut level = vec![dir_part.to_owned()];
         while !level.is_empty() {
@@ -592,10 +632,12 @@ impl<F: Fs> Volume for FsVolume<F> {
                         format!("{rel}/{name}")
                     };
                     if dir {
-                        if prefix.starts_with(&format!("{child}/")) || child.starts_with(prefix) {
+                        if prefix.starts_with(&format!("{child}/"))
+                            || (child.starts_with(prefix) && depth != Some(0) && shallow(&child))
+                        {
                             next.push(child);
                         }
-                    } else if child.starts_with(prefix) {
+                    } else if talon_core::datastore::within_depth(&child, prefix, depth) {
                         out.push(child);
                     }
                 }
@@ -833,6 +875,32 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A list within a depth does not walk below it: with the latency model, two levels cost two
+    /// latencies where the whole tree costs four.
+    #[tokio::test(start_paused = true)]
+    async fn a_list_within_a_depth_walks_no_deeper() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = LatencyFs::new(OsFs::new(dir.path()).unwrap(), Duration::from_millis(50));
+        let v = FsVolume::over(fs, SyncMode::PerFile, "t");
+        for k in [
+            "c/A/record.json",
+            "c/A/flows/F/record.json",
+            "c/B/record.json",
+        ] {
+            v.write(k, Bytes::from_static(b"x")).await.unwrap();
+        }
+        let t = tokio::time::Instant::now();
+        assert_eq!(
+            v.list_within("c/", Some(2)).await.unwrap(),
+            vec!["c/A/record.json", "c/B/record.json"]
+        );
+        assert_eq!(t.elapsed(), Duration::from_millis(2 * 50));
+        let t = tokio::time::Instant::now();
+        assert_eq!(v.list("c/").await.unwrap().len(), 3);
+        assert_eq!(t.elapsed(), Duration::from_millis(4 * 50));
+        assert!(v.list_within("c/", Some(0)).await.unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
