@@ -78,12 +78,24 @@ impl From<RunRef> for talon_proto::cluster::RunRef {
 }
 
 impl RunRef {
+    /// The run that is one message file `key` of the old layout.
+    fn whole_file(key: String) -> RunRef {
+        let name = split(&key).1.to_owned();
+        RunRef {
+            file: key,
+            offset: 0,
+            len: 0,
+            first: name.clone(),
+            last: name,
+            whole: true,
+        }
+    }
+
     /// A run as replicated, checked: its file must be a valid filestore key (a segment data file,
     /// or a message file when `whole`).
     pub fn from_proto(r: talon_proto::cluster::RunRef) -> Result<RunRef, String> {
         validate_key(&r.file).map_err(|e| format!("run file {:?}: {e}", r.file))?;
-        let segment = r.file.starts_with(&format!("{SEGMENTS_DIR}/")) && r.file.ends_with(".data");
-        if !(r.whole || segment) {
+        if !(r.whole || is_data_file(&r.file)) {
             return Err(format!("run file {:?} is not a segment data file", r.file));
         }
         Ok(RunRef {
@@ -420,11 +432,6 @@ impl SegmentLog {
         self.index().forget(dir);
     }
 
-    /// Directories whose runs it remembers.
-    pub fn remembered(&self) -> usize {
-        self.index().len()
-    }
-
     async fn append(&self, writes: BTreeMap<String, Bytes>) -> io::Result<()> {
         // The runs: consecutive records of one directory, each at most RUN_BYTES_MAX.
         let mut data = BytesMut::new();
@@ -590,25 +597,23 @@ pub async fn locate<V: Volume>(
 ) -> io::Result<(Vec<(RunRef, Vec<String>)>, Vec<Record>)> {
     let mut runs = Vec::new();
     let mut found: BTreeMap<String, Bytes> = BTreeMap::new();
-    for key in volume.list(&format!("{dir}/")).await? {
-        if split(&key).0 != dir {
-            continue;
-        }
-        let Some(b) = volume.read(&key).await? else {
-            continue;
-        };
-        let name = split(&key).1.to_owned();
-        runs.push((
-            RunRef {
-                file: key.clone(),
-                offset: 0,
-                len: b.len() as u64,
-                first: name.clone(),
-                last: name.clone(),
-                whole: true,
-            },
-            vec![name],
-        ));
+    let old: Vec<String> = volume
+        .list(&format!("{dir}/"))
+        .await?
+        .into_iter()
+        .filter(|k| split(k).0 == dir)
+        .collect();
+    let read = bounded(
+        super::volume::VOLUME_CONCURRENCY,
+        old.iter().map(|k| volume.read(k)).collect(),
+    )
+    .await;
+    for (key, r) in old.into_iter().zip(read) {
+        let Some(b) = r? else { continue };
+        let mut run = RunRef::whole_file(key.clone());
+        run.len = b.len() as u64;
+        let name = run.first.clone();
+        runs.push((run, vec![name]));
         found.insert(key, b);
     }
     let indexes: Vec<String> = volume
@@ -617,20 +622,19 @@ pub async fn locate<V: Volume>(
         .into_iter()
         .filter(|k| k.ends_with(".index"))
         .collect();
-    let read = bounded(
-        super::volume::VOLUME_CONCURRENCY,
-        indexes.iter().map(|k| volume.read(k)).collect(),
-    )
-    .await;
+    // At most VOLUME_CONCURRENCY index files in memory at once: only this flow's entries stay.
     let mut wanted = Vec::new();
-    for (k, r) in indexes.iter().zip(read) {
-        let Some(bytes) = r? else { continue };
-        let Some(data) = data_file_of(k) else {
-            continue;
-        };
-        for e in parse_index(&bytes) {
-            if e.dir == dir {
-                wanted.push((data.clone(), e));
+    for chunk in indexes.chunks(super::volume::VOLUME_CONCURRENCY) {
+        let read = bounded(chunk.len(), chunk.iter().map(|k| volume.read(k)).collect()).await;
+        for (k, r) in chunk.iter().zip(read) {
+            let Some(bytes) = r? else { continue };
+            let Some(data) = data_file_of(k) else {
+                continue;
+            };
+            for e in parse_index(&bytes) {
+                if e.dir == dir {
+                    wanted.push((data.clone(), e));
+                }
             }
         }
     }
@@ -691,17 +695,7 @@ impl<'a, V: Volume> MessageReader<'a, V> {
                 .await?
                 .into_iter()
                 .filter(|k| split(k).0 == dir)
-                .map(|k| {
-                    let name = split(&k).1.to_owned();
-                    RunRef {
-                        file: k,
-                        offset: 0,
-                        len: 0,
-                        first: name.clone(),
-                        last: name,
-                        whole: true,
-                    }
-                })
+                .map(RunRef::whole_file)
                 .collect();
         }
         runs.sort_by(|a, b| a.first.cmp(&b.first));

@@ -3,6 +3,46 @@ use crate::storage::volume::FsVolume;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// The real volume, counting ranged reads and able to tear the next append to a data file (half
+/// of it written, then an error).
+struct Spy {
+    inner: SharedVolume,
+    tear_next_data_append: Arc<AtomicBool>,
+    reads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Volume for Spy {
+    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+        self.inner.read(key).await
+    }
+    async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
+        self.inner.write(key, value).await
+    }
+    async fn delete(&self, key: &str) -> io::Result<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.inner.list(prefix).await
+    }
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        self.inner.append(key, data).await
+    }
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        self.inner.commit(from, to).await
+    }
+    async fn read_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_range(key, offset, len).await
+    }
+    async fn append_synced(&self, key: &str, data: Bytes) -> io::Result<()> {
+        if key.ends_with(".data") && self.tear_next_data_append.swap(false, Ordering::SeqCst) {
+            self.inner.append(key, data.slice(..data.len() / 2)).await?;
+            return Err(io::Error::other("injected: the link dropped"));
+        }
+        self.inner.append_synced(key, data).await
+    }
+}
+
 fn vol(dir: &std::path::Path) -> SharedVolume {
     SharedVolume::new(FsVolume::new(dir).unwrap())
 }
@@ -87,47 +127,13 @@ async fn flushes_are_runs_that_read_back_in_order_and_are_found_by_an_audit() {
 
 #[tokio::test]
 async fn a_failed_append_moves_to_new_files_and_its_torn_run_is_skipped() {
-    struct Flaky {
-        inner: SharedVolume,
-        fail: Arc<AtomicBool>,
-    }
-    impl Volume for Flaky {
-        async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
-            self.inner.read(key).await
-        }
-        async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
-            self.inner.write(key, value).await
-        }
-        async fn delete(&self, key: &str) -> io::Result<()> {
-            self.inner.delete(key).await
-        }
-        async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
-            self.inner.list(prefix).await
-        }
-        async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
-            self.inner.append(key, data).await
-        }
-        async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
-            self.inner.commit(from, to).await
-        }
-        async fn read_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
-            self.inner.read_range(key, offset, len).await
-        }
-        /// Fails once on the data file after writing half of the data (a torn write).
-        async fn append_synced(&self, key: &str, data: Bytes) -> io::Result<()> {
-            if key.ends_with(".data") && self.fail.swap(false, Ordering::SeqCst) {
-                self.inner.append(key, data.slice(..data.len() / 2)).await?;
-                return Err(io::Error::other("injected: the link dropped"));
-            }
-            self.inner.append_synced(key, data).await
-        }
-    }
     let t = tempfile::tempdir().unwrap();
     let inner = vol(t.path());
     let fail = Arc::new(AtomicBool::new(false));
-    let flaky = SharedVolume::new(Flaky {
+    let flaky = SharedVolume::new(Spy {
         inner: inner.clone(),
-        fail: fail.clone(),
+        tear_next_data_append: fail.clone(),
+        reads: Arc::default(),
     });
     let log = SegmentLog::new(flaky, "n2", 100).unwrap();
     log.write_many(batch(&[(1, 0)])).await.unwrap();
@@ -285,34 +291,6 @@ async fn the_log_refuses_what_it_cannot_do() {
 
 #[tokio::test]
 async fn the_block_cache_reads_each_block_once_within_its_bound_and_rereads_a_short_one() {
-    struct Counting {
-        inner: SharedVolume,
-        reads: Arc<std::sync::atomic::AtomicUsize>,
-    }
-    impl Volume for Counting {
-        async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
-            self.inner.read(key).await
-        }
-        async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
-            self.inner.write(key, value).await
-        }
-        async fn delete(&self, key: &str) -> io::Result<()> {
-            self.inner.delete(key).await
-        }
-        async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
-            self.inner.list(prefix).await
-        }
-        async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
-            self.inner.append(key, data).await
-        }
-        async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
-            self.inner.commit(from, to).await
-        }
-        async fn read_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
-            self.reads.fetch_add(1, Ordering::SeqCst);
-            self.inner.read_range(key, offset, len).await
-        }
-    }
     let t = tempfile::tempdir().unwrap();
     let v = vol(t.path());
     let log = SegmentLog::new(v.clone(), "c", 100).unwrap();
@@ -325,8 +303,9 @@ async fn the_block_cache_reads_each_block_once_within_its_bound_and_rereads_a_sh
     }
     let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let cache = BlockCache::new(
-        Counting {
+        Spy {
             inner: v.clone(),
+            tear_next_data_append: Arc::default(),
             reads: reads.clone(),
         },
         4,
