@@ -119,20 +119,15 @@ impl Filestore {
         if let Some(runs) = self.log.runs_covering(&dir, messages) {
             return Ok(runs);
         }
-        let (runs, found) = segments::locate(&self.volume, &dir).await?;
+        let (runs, _) = segments::locate(&self.volume, &dir).await?;
         // Remembered until the completion is recorded: a retry does not locate them again.
         self.log.learn(&dir, &runs);
-        let seqs: std::collections::BTreeSet<u64> = found
-            .iter()
-            .filter_map(|(k, _)| k.rsplit_once('/')?.1.parse().ok())
-            .collect();
-        if let Some(missing) = (0..messages).find(|s| !seqs.contains(s)) {
-            return Err(io::Error::new(
+        self.log.runs_covering(&dir, messages).ok_or_else(|| {
+            io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("message {missing} of {messages} of flow {flow} is not in the filestore"),
-            ));
-        }
-        Ok(runs.into_iter().map(|(r, _)| r).collect())
+                format!("the filestore does not hold all {messages} messages of flow {flow}"),
+            )
+        })
     }
 
     /// Forgets where a flow's messages are: its completion is recorded (with them).
