@@ -19,6 +19,8 @@ use crate::storage::journal::Journal;
 use crate::storage::local::LocalDisk;
 use crate::storage::volume::Volume;
 use bytes::Bytes;
+use image::Keeper;
+pub use image::{ImageOptions, ImageReport};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
@@ -42,6 +44,8 @@ pub struct DatastoreOptions {
     pub limits: CacheLimits,
     /// Requests queued for the datastore task; callers wait (back-pressure) beyond it.
     pub requests_max: usize,
+    /// Keep a start image of these keys beside the journal (the master's datastore).
+    pub image: Option<ImageOptions>,
 }
 
 impl Default for DatastoreOptions {
@@ -51,6 +55,7 @@ impl Default for DatastoreOptions {
             segment_bytes_max: 64 << 20,
             limits: CacheLimits::default(),
             requests_max: 4096,
+            image: None,
         }
     }
 }
@@ -87,6 +92,8 @@ pub struct RecoveryReport {
     /// Records dropped as parts of an atomic group the journal does not hold whole (a write that
     /// was never acknowledged and did not happen).
     pub dropped: usize,
+    /// What became of the start image.
+    pub image: ImageReport,
 }
 
 type Reply = oneshot::Sender<Result<CacheReply, CacheError>>;
@@ -98,6 +105,8 @@ enum Request {
     Delete(String, Reply),
     List(String, Option<usize>, Reply),
     Flushed(oneshot::Sender<()>),
+    TakeImage(oneshot::Sender<Option<image::Entries>>),
+    SeedImage(Vec<(String, Bytes)>, oneshot::Sender<Result<u64, String>>),
 }
 
 enum Done {
@@ -209,12 +218,38 @@ impl Datastore {
         D: LocalDisk + 'static,
         V: Volume,
     {
-        let (journal, recovered) = Journal::open(disk, &opts.journal_dir, opts.segment_bytes_max)?;
-        let records = recovered
-            .records
-            .iter()
-            .map(|(seq, rec)| decode(*seq, rec))
-            .collect::<io::Result<Vec<_>>>()?;
+        let mut disk = disk;
+        let found_image = opts
+            .image
+            .map(|_| Keeper::read(&mut disk, &opts.journal_dir));
+        let keep_from = match &found_image {
+            Some((_, Some(Ok((generation, _))))) => Some(*generation),
+            _ => None,
+        };
+        let (mut journal, recovered) =
+            Journal::open_keeping(disk, &opts.journal_dir, opts.segment_bytes_max, keep_from)?;
+        let decode_all = |rs: &[(u64, Vec<u8>)]| {
+            rs.iter()
+                .map(|(seq, rec)| decode(*seq, rec))
+                .collect::<io::Result<Vec<_>>>()
+        };
+        let records = decode_all(&recovered.records)?;
+        let (image, image_report) = match (opts.image, found_image) {
+            (Some(o), Some((path, found))) => {
+                let mut from_g = if found.is_some() {
+                    decode_all(&recovered.earlier)?
+                } else {
+                    Vec::new()
+                };
+                if found.is_some() {
+                    from_g.extend(records.iter().cloned());
+                }
+                let next = journal.next_seq();
+                let (k, r) = Keeper::open(o, journal.disk_mut(), path, found, from_g, next)?;
+                (Some(k), r)
+            }
+            _ => (None, ImageReport::Off),
+        };
         let now = clock.now();
         let found = records.len();
         let cache = Cache::recover(
@@ -228,6 +263,7 @@ impl Datastore {
             replayed: found - cache.dropped_on_recovery(),
             torn_bytes: recovered.torn_bytes,
             dropped: cache.dropped_on_recovery(),
+            image: image_report,
         };
         let (tx, rx) = mpsc::channel(opts.requests_max);
         let (stop, stop_rx) = tokio::sync::watch::channel(None);
@@ -247,6 +283,7 @@ impl Datastore {
             replies: BTreeMap::new(),
             flush_waiters: std::collections::VecDeque::new(),
             next_req: 0,
+            image,
         };
         let task = tokio::spawn(driver.run());
         let stop = Arc::new(stop);
@@ -347,6 +384,29 @@ impl Datastore {
         }
     }
 
+    /// The start image's keys as they stood when the datastore opened (journal replayed), once:
+    /// `None` if it keeps none, none was valid, or it was taken already.
+    pub async fn take_start_image(&self) -> Result<Option<image::Entries>, DatastoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::TakeImage(tx))
+            .await
+            .map_err(|_| DatastoreError::Stopped)?;
+        rx.await.map_err(|_| DatastoreError::Stopped)
+    }
+
+    /// Seeds the start image with every tracked key the caller read after the datastore opened
+    /// (the master's listing path at start); returns the image's generation, or why none was
+    /// written.
+    pub async fn seed_start_image(&self, entries: Vec<(String, Bytes)>) -> Result<u64, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::SeedImage(entries, tx))
+            .await
+            .map_err(|_| DatastoreError::Stopped.to_string())?;
+        rx.await.map_err(|_| DatastoreError::Stopped.to_string())?
+    }
+
     /// Waits until every write acknowledged before this call is on the shared volume (or overwritten
     /// there by a later write). Writes arriving meanwhile do not delay it: under steady load it
     /// returns after about one flush cycle (`flush_age_max_ms` plus the volume's latency).
@@ -375,6 +435,8 @@ struct Driver<D: LocalDisk, V: Volume> {
     /// request slot to get here; callers are bounded by their own limits, e.g. flows in flight).
     flush_waiters: std::collections::VecDeque<(u64, oneshot::Sender<()>)>,
     next_req: u64,
+    /// The start image, if this datastore keeps one.
+    image: Option<Keeper>,
 }
 
 /// Requests taken from the queue at once before the journal is synced.
@@ -458,6 +520,16 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
             Request::Flushed(tx) => self
                 .flush_waiters
                 .push_back((self.cache.acknowledged_upto(), tx)),
+            Request::TakeImage(tx) => {
+                let _ = tx.send(self.image.as_mut().and_then(Keeper::take_loaded));
+            }
+            Request::SeedImage(entries, tx) => {
+                let r = match self.image.as_mut() {
+                    Some(k) => k.seed(self.journal.disk_mut(), entries),
+                    None => Err("this datastore keeps no start image".into()),
+                };
+                let _ = tx.send(r);
+            }
         }
     }
 
@@ -483,6 +555,9 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                         part,
                     } => {
                         self.journal.append(seq, &encode(&key, &value, part))?;
+                        if let Some(k) = self.image.as_mut() {
+                            k.appended(seq, &key, &value);
+                        }
                         appended = true;
                     }
                     CacheAction::ReadShared { key } => {
@@ -509,7 +584,13 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                             let _ = tx.send(Done::Flush(batch, r)).await;
                         });
                     }
-                    CacheAction::JournalTruncate { upto } => self.journal.truncate(upto)?,
+                    CacheAction::JournalTruncate { upto } => {
+                        if let Some(k) = self.image.as_mut() {
+                            let keep_from = self.journal.kept_from_after(upto);
+                            k.before_truncate(self.journal.disk_mut(), keep_from);
+                        }
+                        self.journal.truncate(upto)?
+                    }
                     CacheAction::Reply { req, result } => {
                         if let Some(tx) = self.replies.remove(&req) {
                             let _ = tx.send(result);
@@ -543,5 +624,6 @@ async fn flush<V: Volume>(volume: &V, writes: Vec<FlushWrite>) -> Result<(), Str
     volume.write_many(writes).await.map_err(|e| e.to_string())
 }
 
+pub mod image;
 #[cfg(test)]
 mod tests;

@@ -189,6 +189,9 @@ fn datastore_options(cfg: &ServerConfig) -> DatastoreOptions {
             value_bytes_max: d.max_value_size,
             ..defaults.limits
         },
+        image: Some(crate::datastore::ImageOptions {
+            tracks: crate::frontend::start_key,
+        }),
         ..defaults
     }
 }
@@ -231,6 +234,7 @@ pub async fn run_master(
         replayed = report.replayed,
         torn_bytes = report.torn_bytes,
         dropped = report.dropped,
+        image = ?report.image,
         "datastore journal recovered"
     );
     let (filestore, mut fs_task) = open_filestore(

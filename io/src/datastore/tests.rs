@@ -354,3 +354,180 @@ async fn an_atomic_group_is_replayed_whole_or_not_at_all() {
     // Numbering continues after the dropped records.
     ds.set("g/e", Bytes::from_static(b"e")).await.unwrap();
 }
+
+// The start image (docs/architecture.md, "The start image").
+
+fn tracks_t(k: &str) -> bool {
+    k.starts_with("t/")
+}
+
+fn image_opts(segment_bytes_max: u64) -> DatastoreOptions {
+    DatastoreOptions {
+        segment_bytes_max,
+        image: Some(ImageOptions { tracks: tracks_t }),
+        ..opts(1)
+    }
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::from(s.to_owned())
+}
+
+async fn crash(ds: Datastore, task: JoinHandle<io::Result<()>>) {
+    drop(ds);
+    task.abort();
+    let _ = task.await;
+}
+
+/// Seeded from what the start read, plus every tracked write journalled since the open (also those
+/// before the seed), and loaded after a crash with the journal replayed: untracked keys stay out.
+#[tokio::test]
+async fn the_start_image_is_seeded_then_loaded_with_later_writes_replayed() {
+    let local = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let open = || {
+        Datastore::open(
+            StdDisk::new(local.path()).unwrap(),
+            FsVolume::new(shared.path()).unwrap(),
+            clock(),
+            image_opts(64 << 20),
+        )
+        .unwrap()
+    };
+    let (ds, task, report) = open();
+    assert_eq!(report.image, ImageReport::Absent);
+    assert_eq!(ds.take_start_image().await.unwrap(), None);
+    ds.set("t/a", b("1")).await.unwrap();
+    ds.set("t/b", b("2")).await.unwrap();
+    ds.set("u/x", b("x")).await.unwrap();
+    // What the start's listing found (it read t/a after the write above, and t/old from the volume).
+    let seeded = vec![
+        ("t/a".to_owned(), b("1")),
+        ("t/old".to_owned(), b("o")),
+        ("u/x".to_owned(), b("x")),
+    ];
+    let generation = ds.seed_start_image(seeded.clone()).await.unwrap();
+    assert_eq!(
+        generation, 1,
+        "seeded at the journal's next record when it opened"
+    );
+    assert!(ds.seed_start_image(seeded).await.is_err(), "seeded once");
+    ds.set("t/a", b("3")).await.unwrap();
+    ds.delete("t/old").await.unwrap();
+    ds.write_all(vec![("t/c".into(), Some(b("c"))), ("u/y".into(), None)])
+        .await
+        .unwrap();
+    crash(ds, task).await;
+
+    let (ds, task, report) = open();
+    assert!(matches!(
+        report.image,
+        ImageReport::Loaded {
+            generation: 1,
+            keys: 3
+        }
+    ));
+    let want: image::Entries = [("t/a", "3"), ("t/b", "2"), ("t/c", "c")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), b(v)))
+        .collect();
+    assert_eq!(ds.take_start_image().await.unwrap(), Some(want));
+    assert_eq!(ds.take_start_image().await.unwrap(), None, "taken once");
+    crash(ds, task).await;
+}
+
+/// Drives the journal through many segment deletions: each one folds the records it drops into the
+/// image first, so a restart finds every tracked write (and the image's generation moved on).
+#[tokio::test]
+async fn the_image_is_folded_before_the_journal_drops_its_records() {
+    let local = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let open = || {
+        Datastore::open(
+            StdDisk::new(local.path()).unwrap(),
+            FsVolume::new(shared.path()).unwrap(),
+            clock(),
+            image_opts(512),
+        )
+        .unwrap()
+    };
+    let (ds, task, _) = open();
+    ds.seed_start_image(vec![]).await.unwrap();
+    let mut want = image::Entries::new();
+    for round in 0..20u32 {
+        for i in 0..10u32 {
+            let k = format!("t/{}", (round * 7 + i) % 37);
+            if (round + i) % 5 == 0 {
+                ds.delete(&k).await.unwrap();
+                want.remove(&k);
+            } else {
+                let v = format!("{round}.{i}");
+                ds.set(&k, b(&v)).await.unwrap();
+                want.insert(k, b(&v));
+            }
+            ds.set(&format!("u/{i}"), b("untracked")).await.unwrap();
+        }
+        ds.flushed().await.unwrap();
+    }
+    // One more write after the last flush: replayed from the journal on top of the image.
+    ds.set("t/last", b("L")).await.unwrap();
+    want.insert("t/last".into(), b("L"));
+    crash(ds, task).await;
+
+    let (ds, task, report) = open();
+    let ImageReport::Loaded { generation, .. } = report.image else {
+        panic!("no image loaded: {:?}", report.image);
+    };
+    assert!(generation > 1, "folds moved the image on ({generation})");
+    assert_eq!(ds.take_start_image().await.unwrap(), Some(want));
+    crash(ds, task).await;
+}
+
+/// The open's check is what catches an image the journal can no longer bring up to date (planted:
+/// an image at generation 1 after the journal deleted those records) and a damaged one: each is
+/// removed, nothing is loaded, and the listing path can seed a new one.
+#[tokio::test]
+async fn a_stale_or_damaged_image_is_discarded() {
+    let local = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let open = || {
+        Datastore::open(
+            StdDisk::new(local.path()).unwrap(),
+            FsVolume::new(shared.path()).unwrap(),
+            clock(),
+            image_opts(512),
+        )
+        .unwrap()
+    };
+    let path = local.path().join("journal").join(image::FILE);
+    let (ds, task, _) = open();
+    for i in 0..100u32 {
+        ds.set(&format!("t/{i}"), b("v")).await.unwrap();
+        if i % 10 == 9 {
+            ds.flushed().await.unwrap();
+        }
+    }
+    crash(ds, task).await;
+    // Planted: an image whose records the journal has deleted since (the fold skipped).
+    std::fs::write(&path, image::encode(1, &image::Entries::new())).unwrap();
+    let (ds, task, report) = open();
+    assert_eq!(report.image, ImageReport::Discarded);
+    assert!(!path.exists(), "the stale image is removed");
+    assert_eq!(ds.take_start_image().await.unwrap(), None);
+    ds.seed_start_image(vec![("t/0".into(), b("v"))])
+        .await
+        .unwrap();
+    crash(ds, task).await;
+    let (ds, task, report) = open();
+    assert!(matches!(report.image, ImageReport::Loaded { keys: 1, .. }));
+    crash(ds, task).await;
+    // Damaged: one flipped bit.
+    let mut buf = std::fs::read(&path).unwrap();
+    let mid = buf.len() / 2;
+    buf[mid] ^= 1;
+    std::fs::write(&path, buf).unwrap();
+    let (ds, task, report) = open();
+    assert_eq!(report.image, ImageReport::Discarded);
+    assert_eq!(ds.take_start_image().await.unwrap(), None);
+    crash(ds, task).await;
+}

@@ -45,11 +45,16 @@ pub struct Recovered {
     pub records: Vec<Record>,
     /// Bytes of a torn final record that were cut off.
     pub torn_bytes: u64,
+    /// Records at or below the mark still on disk from the sequence number `open_keeping` was
+    /// asked to keep, in order (the datastore's start image replays them).
+    pub earlier: Vec<Record>,
 }
 
 #[derive(Debug)]
 struct Segment {
     name: String,
+    /// The sequence number in its name: its first record's.
+    first_seq: u64,
     last_seq: Option<u64>,
     bytes: u64,
 }
@@ -85,9 +90,9 @@ fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The records framed in `buf` and where the first damaged one starts, if any. Payloads of records
-/// at or below `keep_above` are checked but not copied (left empty): recovery drops them, and a
-/// segment is mostly such records once flushed.
-fn parse(buf: &[u8], keep_above: u64) -> (Vec<Record>, Option<usize>) {
+/// below `copy_from` are checked but not copied (left empty): recovery drops them, and a segment is
+/// mostly such records once flushed.
+fn parse(buf: &[u8], copy_from: u64) -> (Vec<Record>, Option<usize>) {
     let mut records = Vec::new();
     let mut at = 0;
     while at < buf.len() {
@@ -105,7 +110,7 @@ fn parse(buf: &[u8], keep_above: u64) -> (Vec<Record>, Option<usize>) {
             return (records, Some(at));
         }
         let seq = u64::from_le_bytes(body[0..8].try_into().expect("8 bytes"));
-        let payload = if seq > keep_above {
+        let payload = if seq >= copy_from {
             body[8..].to_vec()
         } else {
             Vec::new()
@@ -118,10 +123,17 @@ fn parse(buf: &[u8], keep_above: u64) -> (Vec<Record>, Option<usize>) {
 
 impl<D: LocalDisk> Journal<D> {
     /// Opens (or creates) the journal in `dir`, repairing a torn tail, and returns what it holds.
-    pub fn open(
+    pub fn open(disk: D, dir: &str, segment_bytes_max: u64) -> io::Result<(Journal<D>, Recovered)> {
+        Journal::open_keeping(disk, dir, segment_bytes_max, None)
+    }
+
+    /// [`Journal::open`], also returning in [`Recovered::earlier`] the records from `keep_from` up
+    /// to the mark that are still on disk (segments are deleted only once wholly below the mark).
+    pub fn open_keeping(
         mut disk: D,
         dir: &str,
         segment_bytes_max: u64,
+        keep_from: Option<u64>,
     ) -> io::Result<(Journal<D>, Recovered)> {
         assert!(segment_bytes_max as usize > FRAME_HEADER_BYTES);
         let mark_path = format!("{dir}/MARK");
@@ -155,7 +167,8 @@ impl<D: LocalDisk> Journal<D> {
                 .parse()
                 .map_err(|_| corrupt(format!("{name}: not a journal segment name")))?;
             let buf = disk.read(name)?.unwrap_or_default();
-            let (records, bad_at) = parse(&buf, truncated_upto);
+            let copy_from = keep_from.map_or(truncated_upto + 1, |k| k.min(truncated_upto + 1));
+            let (records, bad_at) = parse(&buf, copy_from);
             let last = i + 1 == names.len();
             let mut bytes = buf.len() as u64;
             if let Some(at) = bad_at {
@@ -192,11 +205,16 @@ impl<D: LocalDisk> Journal<D> {
                 expect = seq + 1;
             }
             let last_seq = records.last().map(|r| r.0);
-            recovered
-                .records
-                .extend(records.into_iter().filter(|r| r.0 > truncated_upto));
+            for r in records {
+                if r.0 > truncated_upto {
+                    recovered.records.push(r);
+                } else if keep_from.is_some_and(|k| r.0 >= k) {
+                    recovered.earlier.push(r);
+                }
+            }
             segments.push(Segment {
                 name: name.clone(),
+                first_seq,
                 last_seq,
                 bytes,
             });
@@ -257,6 +275,24 @@ impl<D: LocalDisk> Journal<D> {
         self.disk
     }
 
+    /// The oldest record [`Journal::truncate`]`(upto)` would leave on disk (`next_seq()` if none):
+    /// whoever replays records from the journal beyond the mark must have them before then.
+    pub fn kept_from_after(&self, upto: u64) -> u64 {
+        let upto = upto.max(self.truncated_upto).min(self.next_seq - 1);
+        let mut kept = self.segments.iter().enumerate().skip_while(|(i, s)| {
+            *i + 1 < self.segments.len() && s.last_seq.is_none_or(|l| l <= upto)
+        });
+        match kept.next() {
+            Some((_, s)) if s.last_seq.is_some() => s.first_seq,
+            _ => self.next_seq,
+        }
+    }
+
+    /// The disk the journal lives on, for files kept beside it (the datastore's start image).
+    pub fn disk_mut(&mut self) -> &mut D {
+        &mut self.disk
+    }
+
     /// Segments on disk.
     pub fn segment_count(&self) -> usize {
         self.segments.len()
@@ -299,6 +335,7 @@ impl<D: LocalDisk> Journal<D> {
                 let name = format!("{}/seg-{seq:020}.log", j.dir);
                 j.segments.push(Segment {
                     name,
+                    first_seq: seq,
                     last_seq: None,
                     bytes: 0,
                 });
