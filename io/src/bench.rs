@@ -93,7 +93,12 @@ impl Child {
     fn spawn(what: &'static str, args: &[&str], log: PathBuf) -> Result<Child, String> {
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find the talon binary: {e}"))?;
-        let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        // Appended to: a restarted process's log follows its first life's.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("{}: {e}", log.display()))?;
         let inner = Command::new(exe)
             .args(args)
             .stdin(Stdio::null())
@@ -241,6 +246,7 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
         Err(e) => Err(e),
     };
     match r {
+        Ok(v) if std::env::var_os("TALON_BENCH_KEEP").is_some() => Ok(v),
         Ok(v) => {
             let _ = std::fs::remove_dir_all(&dir);
             Ok(v)

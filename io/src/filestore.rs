@@ -94,6 +94,14 @@ impl Filestore {
         )?);
         let (buffer, task, report) =
             Datastore::open(disk, SharedVolume::new(log.clone()), clock, opts)?;
+        // The first flush then appends at once (on slowfs a hunt's first results waited ~1.5 s for
+        // these files to be made).
+        let first = log.clone();
+        tokio::spawn(async move {
+            if let Err(e) = first.prepare().await {
+                tracing::warn!(error = %e, "cannot create this node's segment files yet; the first flush retries");
+            }
+        });
         Ok((
             Filestore {
                 volume,
