@@ -12,9 +12,11 @@
 //! # Recovery
 //!
 //! [`Journal::open`] reads every segment in order. A frame that is incomplete or fails its CRC at the
-//! end of the *last* segment is a torn write from a crash: the file is cut there and recovery
-//! continues. Damage anywhere else is real corruption and an error naming the segment and offset:
-//! silently skipping it could resurrect stale data. The records after the mark must be numbered
+//! end of the *last* segment, with no valid frame after it, is a torn write from a crash: the file
+//! is cut there and recovery continues. Damage anywhere else — in an earlier segment, or followed by
+//! valid records — is real corruption and an error naming the segment and offset, the files left as
+//! they are: cutting there would drop records that may have been acknowledged, and skipping the
+//! damage could resurrect stale data. The records after the mark must be numbered
 //! `mark + 1, mark + 2, …` without a gap; records at or below the mark are not needed and not
 //! checked. Every segment is synced before `open` returns: a record read back may never have been
 //! made durable (the last run stopped after a failed fsync, its appends still in the page cache), and
@@ -121,6 +123,26 @@ fn parse(buf: &[u8], copy_from: u64) -> (Vec<Record>, Option<usize>) {
     (records, None)
 }
 
+/// Where a valid frame starts in `buf` after the damaged one at `at`, if any: one whose sequence
+/// number could follow `last_good` (frames are at least a header long, so it lies within the
+/// number of frames that fit) and whose CRC checks. The sequence number is compared first, so
+/// garbage costs an 8-byte compare per byte, not a CRC.
+fn valid_frame_after(buf: &[u8], at: usize, last_good: u64) -> Option<usize> {
+    let most = ((buf.len() - at) / FRAME_HEADER_BYTES) as u64 + 1;
+    (at + 1..buf.len().saturating_sub(FRAME_HEADER_BYTES - 1)).find(|&off| {
+        let seq = u64::from_le_bytes(buf[off + 8..off + 16].try_into().expect("8 bytes"));
+        if seq <= last_good || seq > last_good + most {
+            return false;
+        }
+        let len = u32::from_le_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+        if !(8..=8 + PAYLOAD_BYTES_MAX).contains(&len) || off + 8 + len > buf.len() {
+            return false;
+        }
+        let crc = u32::from_le_bytes(buf[off + 4..off + 8].try_into().expect("4 bytes"));
+        crc32fast::hash(&buf[off + 8..off + 8 + len]) == crc
+    })
+}
+
 impl<D: LocalDisk> Journal<D> {
     /// Opens (or creates) the journal in `dir`, repairing a torn tail, and returns what it holds.
     pub fn open(disk: D, dir: &str, segment_bytes_max: u64) -> io::Result<(Journal<D>, Recovered)> {
@@ -175,6 +197,17 @@ impl<D: LocalDisk> Journal<D> {
                 if !last {
                     return Err(corrupt(format!(
                         "{name}: damaged record at byte {at} (not at the journal's end)"
+                    )));
+                }
+                // A torn write is the journal's last record. Damage that valid records follow is
+                // not: cutting there would drop records that may have been acknowledged.
+                let last_good = records.last().map_or(first_seq.saturating_sub(1), |r| r.0);
+                if let Some(next) = valid_frame_after(&buf, at, last_good) {
+                    return Err(corrupt(format!(
+                        "{name}: damaged record at byte {at}, followed by valid records (the next \
+                         at byte {next}); the file is left as it is. If this machine lost power, \
+                         the records after the damage may be writes never acknowledged: to start \
+                         anyway, keep a copy of the file and cut it to {at} bytes"
                     )));
                 }
                 recovered.torn_bytes = (buf.len() - at) as u64;

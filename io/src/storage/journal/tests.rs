@@ -174,3 +174,47 @@ fn records_below_the_mark_are_checked_but_not_returned() {
     let e = Journal::open(std_disk(&dir), "j", 64).unwrap_err();
     assert!(e.to_string().contains("damaged record at byte 18"), "{e}");
 }
+
+/// A flipped bit in record 13 of 20 of the last segment is not a torn tail: the 7 valid records
+/// after it may have been acknowledged. Opening fails naming the file and the offset, and the file
+/// is left as it was; damage in the very last record is still cut as torn.
+#[test]
+fn damage_that_valid_records_follow_is_an_error_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(std_disk(&dir), "j", 1 << 20).unwrap();
+    for seq in 1..=20u64 {
+        j.append(seq, format!("label write {seq}").as_bytes())
+            .unwrap();
+    }
+    j.sync().unwrap();
+    drop(j);
+    let seg = dir.path().join("j/seg-00000000000000000001.log");
+    let good = std::fs::read(&seg).unwrap();
+    let (records, _) = parse(&good, 0);
+    assert_eq!(records.len(), 20);
+    let frame_len = |seq: u64, p: &[u8]| frame(seq, p).len();
+    let at: usize = records[..12].iter().map(|(s, p)| frame_len(*s, p)).sum();
+    let mut bad = good.clone();
+    bad[at + 20] ^= 0x04; // inside record 13's payload
+    std::fs::write(&seg, &bad).unwrap();
+    let err = Journal::open(std_disk(&dir), "j", 1 << 20).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("seg-00000000000000000001.log") && msg.contains(&format!("byte {at}")),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        bad,
+        "the file is kept as it was"
+    );
+    // The same flip in the last record is a torn tail.
+    let last_at: usize = records[..19].iter().map(|(s, p)| frame_len(*s, p)).sum();
+    let mut torn = good.clone();
+    torn[last_at + 20] ^= 0x04;
+    std::fs::write(&seg, &torn).unwrap();
+    let (_, rec) = Journal::open(std_disk(&dir), "j", 1 << 20).unwrap();
+    assert_eq!(rec.records.len(), 19);
+    assert_eq!(rec.torn_bytes as usize, good.len() - last_at);
+}
