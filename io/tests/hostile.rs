@@ -934,31 +934,13 @@ fn damage_in_the_middle_of_the_journal_stops_the_start_and_loses_nothing() {
     bad[at + 17] ^= 0x01; // a payload byte of a record in the middle
     std::fs::write(&last, &bad).unwrap();
 
-    let mut start = talon()
-        .args([
-            "-c",
-            &d.s("server.config.yaml"),
-            "frontend",
-            "--local-dir",
-            &d.s("local"),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(d.path("damaged.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = start.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            start.kill().unwrap();
-            start.wait().unwrap();
-            let log = std::fs::read_to_string(d.path("damaged.log")).unwrap();
-            panic!("the master started (still running after 60 s) on a damaged journal: {log}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut start = d.start_frontend("damaged", &["--local-dir", &d.s("local")]);
+    d.wait_until_within(
+        "the master refuses the damaged journal (it is still running)",
+        Duration::from_secs(60),
+        || start.0.try_wait().unwrap().is_some(),
+    );
+    let status = start.0.wait().unwrap();
     let err = std::fs::read_to_string(d.path("damaged.log")).unwrap();
     assert!(
         !status.success(),

@@ -91,6 +91,22 @@ fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The whole, CRC-checked frame starting at `at` in `buf`, if there is one: its body (`seq u64 |
+/// payload`). The frame's length is `8 + body.len()`.
+fn frame_at(buf: &[u8], at: usize) -> Option<&[u8]> {
+    let rest = buf.get(at..)?;
+    if rest.len() < FRAME_HEADER_BYTES {
+        return None;
+    }
+    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    if !(8..=8 + PAYLOAD_BYTES_MAX).contains(&len) || rest.len() < 8 + len {
+        return None;
+    }
+    let body = &rest[8..8 + len];
+    (crc32fast::hash(body) == crc).then_some(body)
+}
+
 /// The records framed in `buf` and where the first damaged one starts, if any. Payloads of records
 /// below `copy_from` are checked but not copied (left empty): recovery drops them, and a segment is
 /// mostly such records once flushed.
@@ -98,19 +114,9 @@ fn parse(buf: &[u8], copy_from: u64) -> (Vec<Record>, Option<usize>) {
     let mut records = Vec::new();
     let mut at = 0;
     while at < buf.len() {
-        let rest = &buf[at..];
-        if rest.len() < FRAME_HEADER_BYTES {
+        let Some(body) = frame_at(buf, at) else {
             return (records, Some(at));
-        }
-        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
-        if !(8..=8 + PAYLOAD_BYTES_MAX).contains(&len) || rest.len() < 8 + len {
-            return (records, Some(at));
-        }
-        let body = &rest[8..8 + len];
-        if crc32fast::hash(body) != crc {
-            return (records, Some(at));
-        }
+        };
         let seq = u64::from_le_bytes(body[0..8].try_into().expect("8 bytes"));
         let payload = if seq >= copy_from {
             body[8..].to_vec()
@@ -118,28 +124,20 @@ fn parse(buf: &[u8], copy_from: u64) -> (Vec<Record>, Option<usize>) {
             Vec::new()
         };
         records.push((seq, payload));
-        at += 8 + len;
+        at += 8 + body.len();
     }
     (records, None)
 }
 
 /// Where a valid frame starts in `buf` after the damaged one at `at`, if any: one whose sequence
 /// number could follow `last_good` (frames are at least a header long, so it lies within the
-/// number of frames that fit) and whose CRC checks. The sequence number is compared first, so
-/// garbage costs an 8-byte compare per byte, not a CRC.
+/// number of frames that fit) and that [`frame_at`] accepts. The sequence number is compared
+/// first, so garbage costs an 8-byte compare per byte, not a CRC.
 fn valid_frame_after(buf: &[u8], at: usize, last_good: u64) -> Option<usize> {
     let most = ((buf.len() - at) / FRAME_HEADER_BYTES) as u64 + 1;
     (at + 1..buf.len().saturating_sub(FRAME_HEADER_BYTES - 1)).find(|&off| {
         let seq = u64::from_le_bytes(buf[off + 8..off + 16].try_into().expect("8 bytes"));
-        if seq <= last_good || seq > last_good + most {
-            return false;
-        }
-        let len = u32::from_le_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-        if !(8..=8 + PAYLOAD_BYTES_MAX).contains(&len) || off + 8 + len > buf.len() {
-            return false;
-        }
-        let crc = u32::from_le_bytes(buf[off + 4..off + 8].try_into().expect("4 bytes"));
-        crc32fast::hash(&buf[off + 8..off + 8 + len]) == crc
+        seq > last_good && seq <= last_good + most && frame_at(buf, off).is_some()
     })
 }
 

@@ -150,7 +150,8 @@ impl Deployment {
         self.start_frontend(node, &["--minion", "--node", node, "--local-dir", &local])
     }
 
-    fn start_frontend(&self, name: &str, args: &[&str]) -> Proc {
+    /// Starts a frontend with `args`, logging to `<name>.log`; it does not wait for it to answer.
+    pub fn start_frontend(&self, name: &str, args: &[&str]) -> Proc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -192,8 +192,13 @@ fn damage_that_valid_records_follow_is_an_error_not_a_torn_tail() {
     let good = std::fs::read(&seg).unwrap();
     let (records, _) = parse(&good, 0);
     assert_eq!(records.len(), 20);
-    let frame_len = |seq: u64, p: &[u8]| frame(seq, p).len();
-    let at: usize = records[..12].iter().map(|(s, p)| frame_len(*s, p)).sum();
+    let offset = |n: usize| -> usize {
+        records[..n]
+            .iter()
+            .map(|(_, p)| FRAME_HEADER_BYTES + p.len())
+            .sum()
+    };
+    let at = offset(12);
     let mut bad = good.clone();
     bad[at + 20] ^= 0x04; // inside record 13's payload
     std::fs::write(&seg, &bad).unwrap();
@@ -210,7 +215,7 @@ fn damage_that_valid_records_follow_is_an_error_not_a_torn_tail() {
         "the file is kept as it was"
     );
     // The same flip in the last record is a torn tail.
-    let last_at: usize = records[..19].iter().map(|(s, p)| frame_len(*s, p)).sum();
+    let last_at = offset(19);
     let mut torn = good.clone();
     torn[last_at + 20] ^= 0x04;
     std::fs::write(&seg, &torn).unwrap();
