@@ -26,6 +26,8 @@ pub struct CodecLimits {
     pub chunk_bytes_max: usize,
     /// Largest upload a flow may declare (`max_upload_size`).
     pub upload_bytes_max: u64,
+    /// Longest upload name, the client-side path (`max_upload_name_length`, bytes).
+    pub upload_name_bytes_max: usize,
     /// Log lines per message.
     pub log_lines_max: usize,
     /// Longest log line or error text.
@@ -46,6 +48,7 @@ impl Default for CodecLimits {
             row_bytes_max: 1 << 20,
             chunk_bytes_max: 4 << 20,
             upload_bytes_max: 1 << 30,
+            upload_name_bytes_max: 4096,
             log_lines_max: 1000,
             text_bytes_max: 16 << 10,
             field_bytes_max: 255,
@@ -170,14 +173,19 @@ impl FlowData {
         match self {
             FlowData::Rows { rows, .. } => Payload::Data(Weight {
                 rows: rows.len() as u64,
+                data_bytes: rows.iter().map(|r| r.len() as u64).sum(),
                 ..Weight::default()
             }),
             FlowData::FileChunk { data, end, .. } => Payload::Data(Weight {
                 rows: 0,
                 bytes: data.len() as u64,
                 uploads: u64::from(end.is_some()),
+                data_bytes: data.len() as u64,
             }),
-            FlowData::Logs(_) => Payload::Data(Weight::default()),
+            FlowData::Logs(lines) => Payload::Data(Weight {
+                data_bytes: lines.iter().map(|l| l.message.len() as u64).sum(),
+                ..Weight::default()
+            }),
             FlowData::Final { state, error, .. } => Payload::Final {
                 state: *state,
                 error: error.clone(),
@@ -518,7 +526,11 @@ fn validate_chunk(c: comms::FileChunk, l: &CodecLimits) -> Result<FlowData, Deco
             max: l.chunk_bytes_max,
         });
     }
-    let name = field("FileChunk.name", c.name, l.text_bytes_max)?;
+    let name = field(
+        "FileChunk.name (max_upload_name_length)",
+        c.name,
+        l.upload_name_bytes_max,
+    )?;
     if name.is_empty() {
         return Err(DecodeError::Missing("FileChunk.name"));
     }

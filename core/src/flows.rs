@@ -36,6 +36,11 @@ pub struct FlowLimits {
     pub completed_remembered_max: usize,
     /// A flow with no activity for this long and nothing in flight is forgotten (storage keeps it).
     pub idle_timeout_ms: u64,
+    /// Bytes of data one flow may store (rows' JSON, chunk data, log text): its byte budget
+    /// (`max_flow_bytes`).
+    pub flow_bytes_max: u64,
+    /// Uploads one flow may finish (`max_uploads_per_flow`).
+    pub uploads_per_flow_max: u64,
 }
 
 impl Default for FlowLimits {
@@ -46,6 +51,8 @@ impl Default for FlowLimits {
             seq_window: 256,
             completed_remembered_max: 100_000,
             idle_timeout_ms: 10 * 60 * 1000,
+            flow_bytes_max: 4 << 30,
+            uploads_per_flow_max: 10_000,
         }
     }
 }
@@ -127,6 +134,17 @@ pub enum FlowAction {
         /// The message.
         seq: u64,
     },
+    /// Write, in place of message `seq`, a record that the server refused it (a log line carrying
+    /// `reason`), durably and idempotently like a `Store`, then call `handle_stored`. The message
+    /// itself is not stored; the refusal holds its number so that the flow can still complete.
+    StoreRefusal {
+        /// The flow.
+        key: FlowKey,
+        /// The refused message.
+        seq: u64,
+        /// Why, naming the limit.
+        reason: String,
+    },
     /// List the flow's stored messages, then call `handle_audit`.
     Audit {
         /// The flow.
@@ -154,6 +172,10 @@ pub enum FlowError {
     },
     /// The sequence number is too far ahead of what is stored; resend later.
     OutOfWindow(SeqSetError),
+    /// The message would take the flow past one of its budgets (or the flow went past one
+    /// before). It is not stored: a refusal record takes its number ([`FlowAction::StoreRefusal`],
+    /// acknowledged once stored, so the client moves on) and the flow will end in error.
+    OverBudget(String),
     /// A message numbered after the flow's final status, or a second, different final status.
     AfterFinal {
         /// The message.
@@ -176,6 +198,7 @@ impl fmt::Display for FlowError {
                 f,
                 "message {seq} is more than {window} ahead of the first missing message {next}"
             ),
+            FlowError::OverBudget(reason) => write!(f, "{reason}; the message is not stored"),
             FlowError::AfterFinal { seq, final_seq } => {
                 write!(
                     f,
@@ -195,6 +218,44 @@ struct Flow {
     final_status: Option<(u64, FinalState, String)>,
     audit_in_flight: bool,
     last_activity: Timestamp,
+    /// Why the server failed the flow (a budget it went past), if it did: the flow stores nothing
+    /// more, and its outcome is an error naming this.
+    refused: Option<String>,
+}
+
+impl Flow {
+    /// What is stored plus what is being stored.
+    fn admitted(&self) -> Weight {
+        let mut w = self.stored.total();
+        for p in self.pending.values() {
+            if let Payload::Data(d) = p {
+                w.add(*d);
+            }
+        }
+        w
+    }
+
+    /// Why storing a message of weight `w` is refused, if it is.
+    fn over_budget(&self, seq: u64, w: &Weight, limits: &FlowLimits) -> Option<String> {
+        if let Some(r) = &self.refused {
+            return Some(format!("the flow has already failed ({r})"));
+        }
+        let mut total = self.admitted();
+        total.add(*w);
+        if total.data_bytes > limits.flow_bytes_max {
+            return Some(format!(
+                "message {seq} would take the flow to {} bytes of data, over max_flow_bytes ({})",
+                total.data_bytes, limits.flow_bytes_max
+            ));
+        }
+        if total.uploads > limits.uploads_per_flow_max {
+            return Some(format!(
+                "message {seq} would finish upload {} of the flow, over max_uploads_per_flow ({})",
+                total.uploads, limits.uploads_per_flow_max
+            ));
+        }
+        None
+    }
 }
 
 /// The flows of one node.
@@ -272,6 +333,7 @@ impl FlowTracker {
             final_status: None,
             audit_in_flight: false,
             last_activity: now,
+            refused: None,
         });
         flow.last_activity = now;
         if let Some((final_seq, _, _)) = &flow.final_status
@@ -325,6 +387,19 @@ impl FlowTracker {
             return Err(FlowError::Busy {
                 max: self.limits.stores_in_flight_max,
             });
+        }
+        if let Payload::Data(w) = &payload
+            && let Some(reason) = flow.over_budget(seq, w, &self.limits)
+        {
+            // The writer's fault: this flow fails, the node goes on (its records stay bounded).
+            flow.refused.get_or_insert_with(|| reason.clone());
+            flow.pending.insert(seq, Payload::Data(Weight::default()));
+            self.actions.push_back(FlowAction::StoreRefusal {
+                key,
+                seq,
+                reason: reason.clone(),
+            });
+            return Err(FlowError::OverBudget(reason));
         }
         flow.pending.insert(seq, payload);
         self.actions.push_back(FlowAction::Store { key, seq });
@@ -416,6 +491,16 @@ impl FlowTracker {
             return;
         }
         let total = flow.stored.total();
+        let (state, error) = match &flow.refused {
+            None => (state, error),
+            Some(why) if error.is_empty() => {
+                (FinalState::Error, format!("refused by the server: {why}"))
+            }
+            Some(why) => (
+                FinalState::Error,
+                format!("refused by the server: {why}; the client reported: {error}"),
+            ),
+        };
         self.flows.remove(key);
         self.remember_completed(key.clone(), final_seq);
         self.actions.push_back(FlowAction::Completed(FlowOutcome {

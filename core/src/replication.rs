@@ -414,6 +414,32 @@ impl<E> Inbox<E> {
         Ok(())
     }
 
+    /// The shell could not apply the event of an `Apply` whose cursor is `cursor` (its datastore
+    /// refused as busy, a read failed): nothing of it may count as applied. The minion's cursor goes
+    /// back to just before it, its later queued actions are dropped, and an `Ack` follows for what
+    /// was applied only; the minion, hearing no ack for the rest, resends it (its resend timeout)
+    /// and it is applied then. Back-pressure on the master thus delays replication, never loses or
+    /// reorders an event, and never stops the node.
+    pub fn handle_not_applied(&mut self, node: &str, cursor: Cursor) {
+        let Some(c) = self.cursors.get_mut(node) else {
+            return;
+        };
+        if c.epoch != cursor.epoch || cursor.hwm == 0 || c.hwm < cursor.hwm {
+            return; // Not the event in hand (a later epoch reset the cursor meanwhile).
+        }
+        c.hwm = cursor.hwm - 1;
+        let c = *c;
+        // Every action still queued for this node comes after the failed one: none may happen.
+        self.actions.retain(|a| match a {
+            InboxAction::Apply { node: n, .. } | InboxAction::Ack { node: n, .. } => n != node,
+        });
+        self.actions.push_back(InboxAction::Ack {
+            node: node.to_owned(),
+            epoch: c.epoch,
+            upto: c.hwm,
+        });
+    }
+
     /// The next action for the shell.
     pub fn poll_action(&mut self) -> Option<InboxAction<E>> {
         self.actions.pop_front()

@@ -13,13 +13,18 @@ pub struct Weight {
     pub bytes: u64,
     /// Uploads this message finishes (its last chunk: an empty file is one chunk of no bytes).
     pub uploads: u64,
+    /// Bytes of data the message carries (rows' JSON, chunk data, log text): what a flow's byte
+    /// budget counts.
+    pub data_bytes: u64,
 }
 
 impl Weight {
-    fn add(&mut self, o: Weight) {
+    /// Adds `o` to this weight.
+    pub fn add(&mut self, o: Weight) {
         self.rows += o.rows;
         self.bytes += o.bytes;
         self.uploads += o.uploads;
+        self.data_bytes += o.data_bytes;
     }
 }
 
@@ -138,6 +143,7 @@ mod tests {
                     rows: seq + 1,
                     bytes: 2 * seq,
                     uploads: seq % 2,
+                    data_bytes: 3 * seq,
                 };
                 match s.insert(seq, w) {
                     Ok(fresh) => prop_assert_eq!(fresh, model.insert(seq)),

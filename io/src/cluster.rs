@@ -112,11 +112,15 @@ pub enum Meta {
     Remote(RemoteStore),
 }
 
-fn fail_stop_unless_busy(d: &Datastore, key: &str, e: &crate::datastore::DatastoreError) {
+/// A failed write stops the master unless nothing happened and the node may go on: back-pressure
+/// (`Busy`: retry later) or a value over `max_value_size` (`TooLarge`: the writer's fault; that
+/// write fails, and its caller fails what it was for, never the node).
+fn fail_stop_unless_determinate(d: &Datastore, key: &str, e: &crate::datastore::DatastoreError) {
     use crate::datastore::DatastoreError;
+    use talon_core::datastore::CacheError;
     if !matches!(
         e,
-        DatastoreError::Refused(talon_core::datastore::CacheError::Busy { .. })
+        DatastoreError::Refused(CacheError::Busy { .. } | CacheError::TooLarge { .. })
     ) {
         d.fail_stop(&format!("writing {key}: {e}"));
     }
@@ -136,13 +140,14 @@ impl Meta {
     /// On the master a failed write is fatal (fail-stop): the node writes records after applying
     /// their change in memory (registry, hunts, flows), so memory is now ahead of what a restart
     /// would find; the process stops and restarts from what is durable rather than acknowledge
-    /// anything on top of it. The exception is back-pressure (`Busy`: the unflushed backlog is at its
-    /// bound because the volume is slow or down): the caller gets the "retry later" error and
-    /// acknowledges nothing. The caller always gets the error.
+    /// anything on top of it. The exceptions are refusals where nothing happened: back-pressure
+    /// (`Busy`: the unflushed backlog is at its bound because the volume is slow or down; the caller
+    /// gets the "retry later" error and acknowledges nothing) and a value over `max_value_size`
+    /// (the writer's fault: the caller fails what it was for). The caller always gets the error.
     pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, String> {
         match self {
             Meta::Local(d) => d.set(key, value).await.map_err(|e| {
-                fail_stop_unless_busy(d, key, &e);
+                fail_stop_unless_determinate(d, key, &e);
                 e.to_string()
             }),
             Meta::Remote(r) => r.set(key, value).await,
@@ -157,7 +162,7 @@ impl Meta {
             Meta::Local(d) => {
                 let first = writes.first().map(|w| w.0.clone()).unwrap_or_default();
                 d.write_all(writes).await.map_err(|e| {
-                    fail_stop_unless_busy(d, &first, &e);
+                    fail_stop_unless_determinate(d, &first, &e);
                     e.to_string()
                 })
             }
@@ -169,7 +174,7 @@ impl Meta {
     pub async fn delete(&self, key: &str) -> Result<u64, String> {
         match self {
             Meta::Local(d) => d.delete(key).await.map_err(|e| {
-                fail_stop_unless_busy(d, key, &e);
+                fail_stop_unless_determinate(d, key, &e);
                 e.to_string()
             }),
             Meta::Remote(r) => r.delete(key).await,

@@ -115,8 +115,15 @@ pub struct Resources {
     pub connections_per_second: u64,
     /// Task notifications pushed to connected clients per second per node; beyond it they wait.
     pub notifications_per_second: u64,
-    /// Largest upload one flow may make (bytes).
+    /// Largest file one upload may be (bytes).
     pub max_upload_size: u64,
+    /// Longest upload name (the client-side path, bytes); a chunk with a longer name is refused.
+    pub max_upload_name_length: u64,
+    /// Uploads one flow may finish; the flow fails at the next one (its record lists each upload).
+    pub max_uploads_per_flow: u64,
+    /// Bytes of data one flow may store (rows, file chunks, log text): its byte budget. A message
+    /// that would go past it is refused, and the flow fails.
+    pub max_flow_bytes: u64,
     /// Largest encoded client message (bytes).
     pub max_message_size: u64,
     /// Result rows per client message.
@@ -147,6 +154,9 @@ impl Default for Resources {
             connections_per_second: 1_000,
             notifications_per_second: 5_000,
             max_upload_size: 1 << 30,
+            max_upload_name_length: 4096,
+            max_uploads_per_flow: 10_000,
+            max_flow_bytes: 4 << 30,
             max_message_size: 8 << 20,
             max_rows_per_batch: 10_000,
             max_row_size: 1 << 20,
@@ -165,7 +175,7 @@ impl Resources {
     /// Each key's name, value and allowed range (inclusive). The lower bounds of the message, batch
     /// and chunk sizes keep what the built-in agent sends (batches of up to 1,000 rows and 1 MiB,
     /// 512 KiB file chunks) within them.
-    pub fn bounds(&self) -> [(&'static str, u64, u64, u64); 14] {
+    pub fn bounds(&self) -> [(&'static str, u64, u64, u64); 17] {
         const K: u64 = 1 << 10;
         const M: u64 = 1 << 20;
         [
@@ -183,6 +193,19 @@ impl Resources {
                 10_000_000,
             ),
             ("max_upload_size", self.max_upload_size, 1, 1 << 40),
+            (
+                "max_upload_name_length",
+                self.max_upload_name_length,
+                255,
+                16 * K,
+            ),
+            (
+                "max_uploads_per_flow",
+                self.max_uploads_per_flow,
+                1,
+                1_000_000,
+            ),
+            ("max_flow_bytes", self.max_flow_bytes, M, 1 << 44),
             ("max_message_size", self.max_message_size, 2 * M, 256 * M),
             (
                 "max_rows_per_batch",

@@ -368,6 +368,8 @@ pub struct NodeOptions {
     pub notifications_per_second: u64,
     /// A client stream without a Hello for this long is closed (`hello_timeout_s`).
     pub hello_timeout: std::time::Duration,
+    /// Largest metadata value (`Datastore.max_value_size`): a flow record is kept within it.
+    pub value_bytes_max: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
@@ -757,7 +759,7 @@ impl Node {
             raw: BTreeMap::new(),
             self_tx: tx.clone(),
             settler: Settler::start(filestore.clone(), SETTLE_QUEUE_MAX),
-            uploads: Reassembly::new(),
+            uploads: Reassembly::new(opts.value_bytes_max),
         };
         for key in reassembling {
             actor
@@ -1028,6 +1030,10 @@ impl Actor {
                         let code = match e {
                             talon_core::flows::FlowError::AfterFinal { .. } => {
                                 comms::ErrorCode::InvalidMessage
+                            }
+                            // Not stored, never will be: its refusal is acknowledged in its place.
+                            talon_core::flows::FlowError::OverBudget(_) => {
+                                comms::ErrorCode::TooLarge
                             }
                             _ => comms::ErrorCode::Busy,
                         } as i32;
@@ -1464,8 +1470,14 @@ impl Actor {
                     cursor,
                     event,
                 } => {
-                    self.apply_event(&n, event).await;
-                    last = Some(cursor);
+                    if self.apply_event(&n, event).await {
+                        last = Some(cursor);
+                    } else if let NodeRole::Master(m) = &mut self.role {
+                        // Not applied (busy, or a read failed): it stays unacknowledged, and the
+                        // minion resends it and what follows.
+                        tracing::warn!(minion = %n, seq = cursor.hwm, "a replicated event could not be applied yet; the minion sends it again");
+                        m.inbox.handle_not_applied(&n, cursor);
+                    }
                 }
                 InboxAction::Ack {
                     node: n,
@@ -1511,13 +1523,15 @@ impl Actor {
     }
 
     /// One replicated event's effects on the master. Each is idempotent (a crash between the effects
-    /// and the cursor re-applies it).
-    async fn apply_event(&mut self, node: &str, event: Result<Event, String>) {
+    /// and the cursor re-applies it). False if they could not be made durable now (the datastore
+    /// refused as busy, a read failed): the event must be applied again later.
+    async fn apply_event(&mut self, node: &str, event: Result<Event, String>) -> bool {
         let event = match event {
             Ok(e) => e,
             Err(reason) => {
                 // Skipped so that the minion's later events are not stuck behind it.
-                return tracing::error!(minion = %node, %reason, "skipping a malformed replicated event");
+                tracing::error!(minion = %node, %reason, "skipping a malformed replicated event");
+                return true;
             }
         };
         let now = self.now();
@@ -1529,7 +1543,7 @@ impl Actor {
         match event {
             Event::ClientSeen(cs) => {
                 let Some(id) = client_of(&cs.client_id) else {
-                    return;
+                    return true;
                 };
                 let info = cs.info.unwrap_or_default();
                 let sighting = Sighting {
@@ -1545,7 +1559,7 @@ impl Actor {
                 };
                 if let Err(e) = self.registry.handle_seen(now, sighting) {
                     tracing::warn!(minion = %node, client = %id, error = %e, "refused a client seen on a minion");
-                    return;
+                    return true;
                 }
                 self.keys
                     .insert(id.clone(), talon_core::ids::key_fingerprint(&cs.public_key));
@@ -1568,7 +1582,7 @@ impl Actor {
             Event::FlowCompleted(f) => {
                 let (Some(client), Ok(flow)) = (client_of(&f.client_id), FlowId::parse(&f.flow_id))
                 else {
-                    return;
+                    return true;
                 };
                 let state = if f.state == comms::FlowState::Completed as i32 {
                     FinalState::Completed
@@ -1595,20 +1609,16 @@ impl Actor {
                     uploads: f.uploads,
                     messages: f.messages,
                 };
-                if !self.flow_completed(o, runs).await
-                    && let Meta::Local(d) = &self.datastore
-                {
-                    // The replication cursor must not move past an event whose effects are not
-                    // durable, and the inbox has already counted it applied: restart from the
-                    // durable cursor, and the minion sends the event again.
-                    d.fail_stop("a replicated flow completion could not be recorded");
-                }
+                // The replication cursor must not move past an event whose effects are not durable:
+                // the caller hands it back to the inbox, and the minion sends it again.
+                return self.flow_completed(o, runs).await;
             }
             Event::NodeStarted(_) => {
                 let n = self.registry.disconnect_node(now, node);
                 tracing::info!(minion = %node, clients = n, "minion restarted: its clients are disconnected until they reconnect");
             }
         }
+        true
     }
 
     /// What the replication link reports (minion).
@@ -2054,6 +2064,23 @@ impl Actor {
         Ok(flow_summary(&record))
     }
 
+    /// Stores message `seq` of a flow in the filestore in the background, then reports `Stored`.
+    fn store_flow_message(&self, key: FlowKey, seq: u64, raw: Bytes) {
+        let (fs, tx) = (self.filestore.clone(), self.self_tx.clone());
+        tokio::spawn(async move {
+            let path = paths::flow_message(&key.client, &key.flow, seq);
+            let ok = match fs.store(&path, raw).await {
+                Ok(()) => true,
+                Err(e) => {
+                    // Not acknowledged: the client resends it.
+                    tracing::warn!(client = %key.client, flow = %key.flow, seq, error = %e, "cannot store a flow message");
+                    false
+                }
+            };
+            let _ = tx.send(Msg::Stored { key, seq, ok }).await;
+        });
+    }
+
     /// Performs the flow tracker's actions.
     async fn drain_flows(&mut self) {
         while let Some(a) = self.flows.poll_action() {
@@ -2064,19 +2091,13 @@ impl Actor {
                         self.flows.handle_stored(self.now(), &key, seq, false);
                         continue;
                     };
-                    let (fs, tx) = (self.filestore.clone(), self.self_tx.clone());
-                    tokio::spawn(async move {
-                        let path = paths::flow_message(&key.client, &key.flow, seq);
-                        let ok = match fs.store(&path, raw).await {
-                            Ok(()) => true,
-                            Err(e) => {
-                                // Not acknowledged: the client resends it.
-                                tracing::warn!(client = %key.client, flow = %key.flow, seq, error = %e, "cannot store a flow message");
-                                false
-                            }
-                        };
-                        let _ = tx.send(Msg::Stored { key, seq, ok }).await;
-                    });
+                    self.store_flow_message(key, seq, raw);
+                }
+                FlowAction::StoreRefusal { key, seq, reason } => {
+                    tracing::warn!(client = %key.client, flow = %key.flow, seq, %reason, "refused a flow message; the flow fails");
+                    self.raw.remove(&(key.clone(), seq));
+                    let refusal = refusal_record(&key.flow, seq, self.now(), &reason);
+                    self.store_flow_message(key, seq, refusal);
                 }
                 FlowAction::Ack { key, seq } => {
                     let ack = comms::FlowAck {
@@ -2207,9 +2228,28 @@ impl Actor {
                     // Uploads are reassembled after the completion is recorded (bulk work on the
                     // volume); the marker written with it makes a restart finish the job.
                     let uploads = o.uploads > 0 || o.uploaded_bytes > 0;
-                    let Ok(record) = json_bytes(&f) else {
+                    let Ok(mut record) = json_bytes(&f) else {
                         return false; // A record always serialises.
                     };
+                    if record.len() as u64 > self.opts.value_bytes_max {
+                        // Runs pile up with the flushes a flow spans: a flow that spans too many
+                        // fails (its messages stay in the filestore), the node goes on.
+                        let why = format!(
+                            "the flow's record would be {} bytes with its {} runs, over \
+                             Datastore.max_value_size ({}); its results are not listed",
+                            record.len(),
+                            f.runs.len(),
+                            self.opts.value_bytes_max
+                        );
+                        tracing::warn!(client = %o.key.client, flow = %o.key.flow, "{why}");
+                        f.runs.clear();
+                        f.state = FlowRecordState::Error;
+                        f.error = why;
+                        let Ok(r) = json_bytes(&f) else {
+                            return false;
+                        };
+                        record = r;
+                    }
                     let mut writes = vec![(k.clone(), Some(record))];
                     if uploads {
                         let marker = paths::uploads_pending(&o.key.client, &o.key.flow);
@@ -2258,6 +2298,23 @@ impl Actor {
     }
 }
 
+/// What the filestore holds in place of a flow message the server refused: a log line at error
+/// level saying why (results and uploads skip it; a person reading the flow's logs sees it).
+fn refusal_record(flow: &FlowId, seq: u64, now: Timestamp, reason: &str) -> Bytes {
+    let m = comms::FlowMessage {
+        flow_id: flow.to_string(),
+        seq,
+        payload: Some(comms::flow_message::Payload::Logs(comms::LogLines {
+            lines: vec![comms::LogLine {
+                time_unix_ms: now.as_ms(),
+                level: "ERROR".into(),
+                message: format!("message {seq} refused by the server: {reason}"),
+            }],
+        })),
+    };
+    Bytes::from(m.encode_to_vec())
+}
+
 /// Acknowledgements waiting to be sent again as settled, and the task that sends them.
 #[derive(Clone)]
 struct Settler(mpsc::Sender<(ClientTx, comms::FlowAck)>);
@@ -2301,7 +2358,11 @@ async fn settle(fs: Filestore, mut rx: mpsc::Receiver<(ClientTx, comms::FlowAck)
 /// Reassembles completed flows' uploads on the volume, a bounded number at a time, each retried
 /// until it is recorded (the volume may fail or be cut off for a while).
 #[derive(Clone)]
-struct Reassembly(Arc<tokio::sync::Semaphore>);
+struct Reassembly {
+    permits: Arc<tokio::sync::Semaphore>,
+    /// A flow record with its uploads listed stays within this (`Datastore.max_value_size`).
+    value_bytes_max: u64,
+}
 
 /// Uploads reassembled at once (each reads its flow's chunks and writes its files on the volume).
 const REASSEMBLY_CONCURRENCY: usize = 64;
@@ -2309,17 +2370,18 @@ const REASSEMBLY_CONCURRENCY: usize = 64;
 const REASSEMBLY_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Reassembly {
-    fn new() -> Reassembly {
-        Reassembly(Arc::new(tokio::sync::Semaphore::new(
-            REASSEMBLY_CONCURRENCY,
-        )))
+    fn new(value_bytes_max: u64) -> Reassembly {
+        Reassembly {
+            permits: Arc::new(tokio::sync::Semaphore::new(REASSEMBLY_CONCURRENCY)),
+            value_bytes_max,
+        }
     }
 
     /// Reassembles `key`'s uploads in the background: retried until the flow record lists them and
     /// its [`paths::uploads_pending`] marker is gone (or the process stops; then the next start
     /// takes it up again from the marker).
     fn start(&self, fs: SharedVolume, ds: Meta, key: FlowKey) {
-        let permits = self.0.clone();
+        let (permits, max) = (self.permits.clone(), self.value_bytes_max);
         tokio::spawn(async move {
             let mut pause = std::time::Duration::from_secs(1);
             loop {
@@ -2327,7 +2389,7 @@ impl Reassembly {
                     let Ok(_permit) = permits.acquire().await else {
                         return;
                     };
-                    record_uploads(&fs, &ds, &key).await
+                    record_uploads(&fs, &ds, &key, max).await
                 };
                 match r {
                     Ok(()) => return,
@@ -2343,8 +2405,16 @@ impl Reassembly {
 }
 
 /// Rebuilds a completed flow's uploaded files and records them in its flow record, dropping its
-/// [`paths::uploads_pending`] marker in the same atomic write.
-async fn record_uploads(fs: &SharedVolume, ds: &Meta, key: &FlowKey) -> Result<(), String> {
+/// [`paths::uploads_pending`] marker in the same atomic write. A record that would not fit in
+/// `value_bytes_max` lists the uploads that fit, and the flow fails saying how many are unlisted
+/// (their files are still in the filestore): a large record is the writer's doing, and stops
+/// nothing but its own flow.
+async fn record_uploads(
+    fs: &SharedVolume,
+    ds: &Meta,
+    key: &FlowKey,
+    value_bytes_max: u64,
+) -> Result<(), String> {
     let k = paths::flow_record(&key.client, &key.flow);
     let record = load_json::<FlowJson>(ds, &k).await?;
     let runs = record.as_ref().map(|f| f.runs.clone()).unwrap_or_default();
@@ -2358,10 +2428,52 @@ async fn record_uploads(fs: &SharedVolume, ds: &Meta, key: &FlowKey) -> Result<(
     let mut writes = vec![(marker, None)];
     if let Some(mut f) = record {
         f.uploads = uploads;
-        let bytes = serde_json::to_vec(&f).map_err(|e| e.to_string())?;
-        writes.push((k, Some(Bytes::from(bytes))));
+        let bytes = json_within(&mut f, value_bytes_max)?;
+        writes.push((k, Some(bytes)));
     }
     ds.write_all(writes).await.map(|_| ())
+}
+
+/// `f` as JSON of at most `max` bytes: if its upload list makes it larger, the list keeps the
+/// uploads that fit (half the bound, leaving room for the rest of the record) and the flow is
+/// marked failed with the number left out.
+fn json_within(f: &mut FlowJson, max: u64) -> Result<Bytes, String> {
+    let bytes = serde_json::to_vec(&*f).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 <= max {
+        return Ok(Bytes::from(bytes));
+    }
+    let total = f.uploads.len();
+    let mut room = max / 2;
+    let mut kept = 0;
+    for u in &f.uploads {
+        let len = serde_json::to_vec(u).map_err(|e| e.to_string())?.len() as u64 + 1;
+        if len > room {
+            break;
+        }
+        room -= len;
+        kept += 1;
+    }
+    f.uploads.truncate(kept);
+    f.state = FlowRecordState::Error;
+    let why = format!(
+        "{} of {total} uploads are not listed: the flow record would exceed \
+         Datastore.max_value_size ({max} bytes)",
+        total - kept
+    );
+    tracing::warn!(client = %f.client_id, flow = %f.flow_id, "{why}");
+    f.error = if f.error.is_empty() {
+        why
+    } else {
+        format!("{}; {why}", f.error)
+    };
+    let bytes = serde_json::to_vec(&*f).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max {
+        return Err(format!(
+            "the flow record is {} bytes without its uploads, over Datastore.max_value_size ({max})",
+            bytes.len()
+        ));
+    }
+    Ok(Bytes::from(bytes))
 }
 
 /// Finds and decodes a flow's stored messages, wherever they were written (`None` if the

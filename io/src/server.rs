@@ -152,6 +152,7 @@ fn node_options(cfg: &ServerConfig, node_name: String) -> NodeOptions {
             row_bytes_max: n(r.max_row_size),
             chunk_bytes_max: n(r.max_chunk_size),
             upload_bytes_max: r.max_upload_size,
+            upload_name_bytes_max: n(r.max_upload_name_length),
             ..CodecLimits::default()
         },
         flows: FlowLimits {
@@ -161,6 +162,8 @@ fn node_options(cfg: &ServerConfig, node_name: String) -> NodeOptions {
             seq_window: FlowLimits::default()
                 .seq_window
                 .max(4 * r.max_in_flight_per_flow),
+            flow_bytes_max: r.max_flow_bytes,
+            uploads_per_flow_max: r.max_uploads_per_flow,
             ..FlowLimits::default()
         },
         registry: RegistryLimits::default(),
@@ -168,6 +171,7 @@ fn node_options(cfg: &ServerConfig, node_name: String) -> NodeOptions {
         queued_tasks_per_client_max: n(r.max_queued_tasks_per_client),
         notifications_per_second: r.notifications_per_second.max(1),
         hello_timeout: std::time::Duration::from_secs(r.hello_timeout_s),
+        value_bytes_max: cfg.datastore.max_value_size,
     }
 }
 

@@ -974,3 +974,309 @@ fn damage_in_the_middle_of_the_journal_stops_the_start_and_loses_nothing() {
         );
     }
 }
+
+/// Item 1 of the hostile review: a tasked agent whose flow grows its record past
+/// `Datastore.max_value_size` (many uploads with long names of control bytes, six bytes each in
+/// JSON) used to stop the master. Now names are bounded, uploads per flow are bounded (the one past
+/// the bound is refused and its refusal acknowledged in its place), a record that would not fit
+/// fails its flow, and the master goes on serving with nothing acknowledged lost.
+#[test]
+fn a_flow_that_outgrows_its_record_fails_alone() {
+    let d = Deployment::new();
+    let mut yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
+    for (k, v) in [
+        ("max_value_size", "65536"),
+        ("max_uploads_per_flow", "30"),
+        ("max_upload_name_length", "4000"),
+    ] {
+        yaml = set_key(&yaml, k, v);
+    }
+    std::fs::write(d.path("server.config.yaml"), &yaml).unwrap();
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
+    let (port, ca, nonce) = (
+        cfg.frontend.bind_port,
+        client.client.ca_certificate,
+        client.client.nonce,
+    );
+    let master = d.start_master();
+    let _agent = d.start_client(&d.path("client.config.yaml"), "agent");
+    d.wait_until("the agent enrols", || {
+        d.clients().first().is_some_and(|c| c["connected"] == true)
+    });
+    let victim = d.clients()[0]["client_id"].as_str().unwrap().to_owned();
+    let before = json(&d.api(&[
+        "collect",
+        &victim,
+        "Generic.Test.Rows",
+        "--param",
+        "count=5",
+        "--wait",
+        "--json",
+    ]));
+    let victim_flow = before["flow_id"].as_str().unwrap().to_owned();
+    let victim_rows = d.api(&["flow", "results", &victim, &victim_flow]);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (eve, eve_id) = identity();
+    let mut eve_stream = rt.block_on(async {
+        let mut e = raw(port, &ca, &eve, hello(&eve_id, &nonce)).await.unwrap();
+        e.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
+            .await;
+        e
+    });
+    d.wait_until("eve is enrolled", || {
+        d.clients()
+            .iter()
+            .any(|c| c["client_id"] == eve_id.as_str())
+    });
+    let collect = json(&d.api(&["collect", &eve_id, "Generic.Test.Rows", "--json"]));
+    let flow = collect["flow_id"].as_str().unwrap().to_owned();
+    let name = |i: usize| format!("{i:04}{}", "\u{1}".repeat(3996)); // 4,000 bytes, 24,000 in JSON
+    rt.block_on(async {
+        eve_stream
+            .until(|k| matches!(k, Down::Task(t) if t.flow_id == flow).then_some(()))
+            .await;
+        // A name over max_upload_name_length is refused, and says which limit.
+        let mut long = chunk(&"n".repeat(4001), 0, b"x", true);
+        if let Payload::FileChunk(fc) = &mut long {
+            fc.upload_id = 99;
+        }
+        eve_stream.send(flow_msg(&flow, 0, long)).await;
+        let e = eve_stream.error_for(0).await;
+        assert_eq!(e.code, comms::ErrorCode::InvalidMessage as i32, "{e:?}");
+        assert!(e.message.contains("max_upload_name_length"), "{e:?}");
+        // 30 uploads are stored; the 31st is refused, its refusal acknowledged in its place.
+        for seq in 0..31u64 {
+            let mut c = chunk(
+                &name(seq as usize),
+                0,
+                format!("file {seq}").as_bytes(),
+                true,
+            );
+            if let Payload::FileChunk(fc) = &mut c {
+                fc.upload_id = seq as u32 + 1;
+            }
+            eve_stream.send(flow_msg(&flow, seq, c)).await;
+            if seq == 30 {
+                let e = eve_stream.error_for(30).await;
+                assert_eq!(e.code, comms::ErrorCode::TooLarge as i32, "{e:?}");
+                assert!(e.message.contains("max_uploads_per_flow (30)"), "{e:?}");
+            }
+            eve_stream.ack_for(&flow, seq).await;
+        }
+        eve_stream
+            .send(flow_msg(
+                &flow,
+                31,
+                Payload::Status(comms::FlowStatus {
+                    state: comms::FlowState::Completed as i32,
+                    ..Default::default()
+                }),
+            ))
+            .await;
+        eve_stream.ack_for(&flow, 31).await;
+    });
+    // The record with 30 such names would be ~720 KB: the flow fails, listing what fits.
+    let mut shown = serde_json::Value::Null;
+    d.wait_until("the flow records why it failed", || {
+        shown = json(&d.api(&["flow", "show", &eve_id, &flow, "--json"]));
+        shown["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not listed"))
+    });
+    eprintln!("attacked flow: {:.300}", shown["error"]);
+    assert_eq!(shown["state"], "error", "{shown}");
+    let error = shown["error"].as_str().unwrap();
+    assert!(error.contains("max_uploads_per_flow (30)"), "{error}");
+    assert!(error.contains("Datastore.max_value_size (65536"), "{error}");
+    // The files themselves are all in the filestore.
+    let uploads = d.path(&format!(
+        "shared/filestore/clients/{eve_id}/flows/{flow}/uploads"
+    ));
+    assert_eq!(snapshot(&uploads).len(), 30);
+
+    // The master never stopped: same process, earlier results intact, a new collection works.
+    let mut master = master;
+    assert!(
+        master.0.try_wait().unwrap().is_none(),
+        "the master exited: {}",
+        std::fs::read_to_string(d.path("master.log")).unwrap_or_default()
+    );
+    assert_eq!(
+        d.api(&["flow", "results", &victim, &victim_flow]),
+        victim_rows
+    );
+    let after = json(&d.api(&[
+        "collect",
+        &victim,
+        "Generic.Test.Rows",
+        "--param",
+        "count=2",
+        "--wait",
+        "--json",
+    ]));
+    assert_eq!(after["rows"], 2, "{after}");
+}
+
+/// Item 2 of the hostile review: a master whose unflushed backlog is at its bound (a slow volume,
+/// a small `memcache_dirty_bytes`) refuses a replicated flow completion as busy. That used to stop
+/// the master; now the event stays unacknowledged, the minion sends it again, and it is applied once
+/// the backlog drains — the client's final status is acknowledged then, and nothing is lost.
+#[test]
+fn a_busy_master_applies_a_replicated_completion_later_instead_of_stopping() {
+    let d = Deployment::new();
+    let (minion, minion_port) = d.add_minion();
+    let mut yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
+    for (k, v) in [
+        ("memcache_dirty_bytes", "1048576"),
+        ("max_value_size", "65536"),
+        ("max_queued_tasks_per_client", "65536"),
+    ] {
+        yaml = set_key(&yaml, k, v);
+    }
+    // The minion reaches the volume at once; the master pays 3 s per volume operation, so its
+    // backlog drains slowly (the knob is read by each node from its own config).
+    std::fs::write(d.path("minion.config.yaml"), &yaml).unwrap();
+    let slow = yaml.replacen(
+        "  max_value_size: 65536",
+        "  max_value_size: 65536\n  volume_latency_ms: 3000",
+        1,
+    );
+    assert_ne!(slow, yaml, "the datastore section holds max_value_size");
+    std::fs::write(d.path("server.config.yaml"), &slow).unwrap();
+    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
+    let (ca, nonce) = (client.client.ca_certificate, client.client.nonce);
+    let mut master = d.start_master();
+    let log = std::fs::File::create(d.path("minion.log")).unwrap();
+    let _minion = Proc(
+        talon()
+            .args(["-c", &d.s("minion.config.yaml"), "frontend", "--minion"])
+            .args(["--node", &minion, "--local-dir", &d.s("local-minion")])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Two clients: eve on the minion runs a collection; "offline" only receives the collections that
+    // fill the master's backlog (it is not connected, so they queue).
+    let (eve, eve_id) = identity();
+    let (off, off_id) = identity();
+    let mut eve_stream = rt.block_on(async {
+        let started = Instant::now();
+        let mut o = loop {
+            match raw(minion_port, &ca, &off, hello(&off_id, &nonce)).await {
+                Ok(o) => break o,
+                Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("waiting for the minion: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("the minion does not answer: {e}"),
+            }
+        };
+        o.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
+            .await;
+        drop(o);
+        let mut e = raw(minion_port, &ca, &eve, hello(&eve_id, &nonce))
+            .await
+            .unwrap();
+        e.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
+            .await;
+        e
+    });
+    d.wait_until("both are enrolled", || {
+        let c = d.clients();
+        [&eve_id, &off_id]
+            .iter()
+            .all(|id| c.iter().any(|x| x["client_id"] == id.as_str()))
+    });
+    let collect = json(&d.api(&["collect", &eve_id, "Generic.Test.Rows", "--json"]));
+    let flow = collect["flow_id"].as_str().unwrap().to_owned();
+    let busy = rt.block_on(async {
+        eve_stream
+            .until(|k| matches!(k, Down::Task(t) if t.flow_id == flow).then_some(()))
+            .await;
+        eve_stream
+            .send(enc(Kind::TaskAck(comms::TaskAck {
+                flow_id: flow.clone(),
+            })))
+            .await;
+        eve_stream.send(flow_msg(&flow, 0, rows(3))).await;
+        eve_stream.ack_for(&flow, 0).await;
+        // Eve's flow record must be on the volume first: a rewrite of a value still unflushed
+        // costs the backlog only its growth, and might fit.
+        let record = d.path(&format!(
+            "shared/metadata/clients/{eve_id}/flows/{flow}/record.json"
+        ));
+        let started = Instant::now();
+        while !std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"state\":\"running\"")) {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the record is never flushed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Fill the master's unflushed backlog with flow records (4 KiB globs) until it says busy.
+        let mut api = talon_io::api_client::Api::connect(&d.path("api.yaml"))
+            .await
+            .unwrap();
+        let glob = format!("/{}", "g".repeat(4000));
+        let mut busy = None;
+        for _ in 0..2000 {
+            let p = BTreeMap::from([("glob".to_owned(), glob.clone())]);
+            if let Err(e) = api.collect(&off_id, "Generic.Forensic.FileFinder", p).await {
+                busy = Some(e);
+                break;
+            }
+        }
+        // Then with small ones, so that even a flow record's rewrite no longer fits.
+        for _ in 0..2000 {
+            let p = BTreeMap::new();
+            if api.collect(&off_id, "Generic.Test.Rows", p).await.is_err() {
+                break;
+            }
+        }
+        // The final status now: the minion stores it, replicates the completion, and the master
+        // cannot record it until its backlog drains.
+        eve_stream
+            .send(flow_msg(
+                &flow,
+                1,
+                Payload::Status(comms::FlowStatus {
+                    state: comms::FlowState::Completed as i32,
+                    ..Default::default()
+                }),
+            ))
+            .await;
+        let started = Instant::now();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(180), eve_stream.rx.message())
+                .await
+                .expect("the final status is acknowledged within 180 s")
+                .expect("the stream stays open")
+                .expect("the stream stays open");
+            if matches!(&m.kind, Some(Down::Ack(a)) if a.flow_id == flow && a.seq == 1) {
+                break;
+            }
+        }
+        eprintln!("final status acknowledged after {:?}", started.elapsed());
+        busy
+    });
+    let busy = busy.expect("the backlog filled up");
+    assert!(busy.contains("unflushed bytes"), "{busy}");
+    assert!(
+        master.0.try_wait().unwrap().is_none(),
+        "the master exited: {}",
+        std::fs::read_to_string(d.path("master.log")).unwrap_or_default()
+    );
+    let shown = json(&d.api(&["flow", "show", &eve_id, &flow, "--json"]));
+    assert_eq!(shown["state"], "completed", "{shown}");
+    assert_eq!(shown["rows"], 3, "{shown}");
+    let log = std::fs::read_to_string(d.path("master.log")).unwrap();
+    assert!(
+        log.contains("could not be applied yet"),
+        "the completion met a busy master (else this test proves nothing)"
+    );
+}

@@ -198,6 +198,9 @@ fn run(seed: u64) -> Outcome {
                             .is_ok();
                         tracker.handle_stored(now, &key, seq, ok);
                     }
+                    FlowAction::StoreRefusal { .. } => {
+                        unreachable!("the default budgets are far above this test's flows")
+                    }
                     FlowAction::Ack { key, seq } => {
                         // Invariant 1: acknowledged means stored (listing injects no errors).
                         let path = paths::flow_message(&key.client, &key.flow, seq);

@@ -71,6 +71,7 @@ fn valid_messages_decode_to_typed_inputs() {
         data.tracker_payload(),
         Payload::Data(Weight {
             rows: 2,
+            data_bytes: 10, // The rows' JSON, as a flow's byte budget counts it.
             ..Weight::default()
         })
     );
@@ -91,7 +92,8 @@ fn valid_messages_decode_to_typed_inputs() {
         Payload::Data(Weight {
             rows: 0,
             bytes: 4,
-            uploads: 1 // Its last chunk: one upload finished.
+            uploads: 1, // Its last chunk: one upload finished.
+            data_bytes: 4,
         })
     );
 }

@@ -36,7 +36,122 @@ fn limits() -> FlowLimits {
         seq_window: 8,
         completed_remembered_max: 4,
         idle_timeout_ms: 1000,
+        flow_bytes_max: 100,
+        uploads_per_flow_max: 2,
     }
+}
+
+fn bytes(n: u64) -> Payload {
+    Payload::Data(Weight {
+        data_bytes: n,
+        ..Weight::default()
+    })
+}
+
+fn upload(n: u64) -> Payload {
+    Payload::Data(Weight {
+        bytes: n,
+        data_bytes: n,
+        uploads: 1,
+        ..Weight::default()
+    })
+}
+
+/// Sends and stores `payloads` from seq 0 on; returns the errors and the actions.
+fn run(t: &mut FlowTracker, payloads: Vec<Payload>) -> (Vec<FlowError>, Vec<FlowAction>) {
+    let now = Timestamp(0);
+    let (mut errors, mut actions) = (vec![], vec![]);
+    for (seq, p) in payloads.into_iter().enumerate() {
+        if let Err(e) = t.handle_message(now, key(), seq as u64, p) {
+            errors.push(e);
+        }
+        for a in drain(t) {
+            if let FlowAction::Store { seq, .. } | FlowAction::StoreRefusal { seq, .. } = &a {
+                t.handle_stored(now, &key(), *seq, true);
+            }
+            actions.push(a);
+            actions.extend(drain(t));
+        }
+    }
+    (errors, actions)
+}
+
+#[test]
+fn a_flow_over_its_byte_budget_fails_and_stores_refusals_in_place() {
+    let mut t = FlowTracker::new(limits());
+    let (errors, actions) = run(&mut t, vec![bytes(60), bytes(50), bytes(1), done()]);
+    // Message 1 would bring the flow to 110 bytes: refused, and so is everything after it.
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].to_string().contains("max_flow_bytes (100)"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].to_string().contains("already failed"),
+        "{}",
+        errors[1]
+    );
+    let refusals: Vec<u64> = actions
+        .iter()
+        .filter_map(|a| match a {
+            FlowAction::StoreRefusal { seq, reason, .. } => {
+                assert!(reason.contains("max_flow_bytes"), "{reason}");
+                Some(*seq)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refusals, vec![1, 2]);
+    // Every number is acknowledged (the client moves on), the flow completes, in error.
+    let acks: Vec<u64> = actions
+        .iter()
+        .filter_map(|a| match a {
+            FlowAction::Ack { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, vec![0, 1, 2]);
+    let Some(FlowAction::Completed(o)) = actions.last() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(o.state, FinalState::Error);
+    assert!(
+        o.error.contains("refused by the server") && o.error.contains("max_flow_bytes"),
+        "{}",
+        o.error
+    );
+    assert_eq!(o.messages, 4);
+}
+
+#[test]
+fn a_flow_past_its_upload_count_fails() {
+    let mut t = FlowTracker::new(limits());
+    let (errors, actions) = run(&mut t, vec![upload(1), upload(1), upload(1), done()]);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].to_string().contains("max_uploads_per_flow (2)"),
+        "{}",
+        errors[0]
+    );
+    let Some(FlowAction::Completed(o)) = actions.last() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(
+        (o.state, o.uploads, o.uploaded_bytes),
+        (FinalState::Error, 2, 2)
+    );
+}
+
+#[test]
+fn within_budget_a_flow_is_untouched() {
+    let mut t = FlowTracker::new(limits());
+    let (errors, actions) = run(&mut t, vec![bytes(50), upload(50), done()]);
+    assert_eq!(errors, vec![]);
+    let Some(FlowAction::Completed(o)) = actions.last() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!((o.state, o.error.as_str()), (FinalState::Completed, ""));
 }
 
 #[test]
@@ -300,6 +415,7 @@ impl Node {
                 FlowAction::Store { seq, .. } => self.pending.push(seq),
                 FlowAction::Ack { seq, .. } => self.acks.push(seq),
                 FlowAction::Audit { key } => self.audits.push(key),
+                FlowAction::StoreRefusal { .. } => unreachable!("no budget is reached here"),
                 FlowAction::Completed(o) => {
                     // The shell records it, then the final is acknowledged.
                     self.tracker.handle_recorded(&o.key, true);

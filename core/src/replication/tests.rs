@@ -138,6 +138,47 @@ fn inbox_applies_in_order_once_and_refuses_stale_epochs() {
 
 // ---- Property: invariant 4. ----
 
+#[test]
+fn an_event_not_applied_is_applied_again_on_resend_in_order() {
+    let mut inbox: Inbox<&str> = Inbox::recover(InboxLimits::default(), []);
+    let now = Timestamp(0);
+    inbox
+        .handle_batch(now, "m", 1, vec![(1, "a"), (2, "b"), (3, "c")])
+        .unwrap();
+    let mut applied = vec![];
+    while let Some(a) = inbox.poll_action() {
+        match a {
+            // "b" meets a busy datastore.
+            InboxAction::Apply {
+                node,
+                cursor,
+                event: "b",
+            } => inbox.handle_not_applied(&node, cursor),
+            InboxAction::Apply { event, .. } => applied.push(event),
+            InboxAction::Ack { upto, .. } => applied.push(if upto == 1 { "ack1" } else { "ack?" }),
+        }
+    }
+    // "c" was not applied past the hole, and only "a" is acknowledged.
+    assert_eq!(applied, vec!["a", "ack1"]);
+    assert_eq!(inbox.cursor("m"), Some(Cursor { epoch: 1, hwm: 1 }));
+    // The minion resends from its ack: both follow, in order.
+    inbox
+        .handle_batch(now, "m", 1, vec![(2, "b"), (3, "c")])
+        .unwrap();
+    let again: Vec<_> = std::iter::from_fn(|| inbox.poll_action()).collect();
+    assert!(
+        matches!(
+            &again[..],
+            [
+                InboxAction::Apply { event: "b", .. },
+                InboxAction::Apply { event: "c", .. },
+                InboxAction::Ack { upto: 3, .. },
+            ]
+        ),
+        "{again:?}"
+    );
+}
+
 #[derive(Clone, Debug)]
 enum Step {
     Push,
@@ -153,6 +194,8 @@ enum Step {
     Tick(u64),
     MinionCrash,
     MasterCrash,
+    /// The master's datastore starts or stops refusing writes as busy: applies fail meanwhile.
+    Busy(bool),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -167,6 +210,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (1u64..200).prop_map(Step::Tick),
         1 => Just(Step::MinionCrash),
         1 => Just(Step::MasterCrash),
+        1 => any::<bool>().prop_map(Step::Busy),
     ]
 }
 
@@ -186,6 +230,10 @@ struct World {
     accepted: Vec<(u64, u64)>,
     next_payload: u64,
     now: Timestamp,
+    /// Applies fail (the shell reports them not applied).
+    busy: bool,
+    /// Applies that failed.
+    refused: u64,
 }
 
 impl World {
@@ -205,7 +253,16 @@ impl World {
     fn drain_inbox(&mut self) {
         while let Some(a) = self.inbox.poll_action() {
             match a {
-                InboxAction::Apply { cursor, event, .. } => {
+                InboxAction::Apply {
+                    node,
+                    cursor,
+                    event,
+                } => {
+                    if self.busy {
+                        self.refused += 1;
+                        self.inbox.handle_not_applied(&node, cursor);
+                        continue;
+                    }
                     self.master_cursor = Some(cursor);
                     self.applied.push(event);
                 }
@@ -278,6 +335,7 @@ impl World {
                 let cursors = self.master_cursor.map(|c| ("m".to_string(), c));
                 self.inbox = Inbox::recover(InboxLimits::default(), cursors);
             }
+            Step::Busy(b) => self.busy = b,
         }
         self.drain_outbox();
     }
@@ -303,6 +361,8 @@ proptest! {
             accepted: vec![],
             next_payload: 0,
             now: Timestamp(0),
+            busy: false,
+            refused: 0,
         };
         for s in steps {
             w.step(s);
@@ -312,6 +372,7 @@ proptest! {
             prop_assert!(accepted.starts_with(&w.applied), "applied {:?} accepted {:?}", w.applied, accepted);
         }
         // Liveness: heal everything and require the master to catch up.
+        w.step(Step::Busy(false));
         w.step(Step::Persist);
         w.step(Step::Connect);
         for _ in 0..200 {
