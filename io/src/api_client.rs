@@ -154,6 +154,23 @@ impl Api {
         client: &str,
         flow: &str,
     ) -> Result<Vec<serde_json::Value>, String> {
+        let mut out = Vec::new();
+        self.each_flow_row(client, flow, |r| {
+            out.push(r);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Calls `each` with every result row of a flow as its page arrives (memory: one page, however
+    /// many rows); returns how many there were. An error from `each` stops the stream.
+    pub async fn each_flow_row(
+        &mut self,
+        client: &str,
+        flow: &str,
+        mut each: impl FnMut(serde_json::Value) -> Result<(), String>,
+    ) -> Result<u64, String> {
         let req = api::FlowRequest {
             client_id: client.into(),
             flow_id: flow.into(),
@@ -164,16 +181,17 @@ impl Api {
             .await
             .map_err(status)?
             .into_inner();
-        let mut out = Vec::new();
+        let mut n = 0;
         while let Some(page) = s.message().await.map_err(status)? {
             for r in page.rows {
-                out.push(
+                each(
                     serde_json::from_slice(&r)
                         .map_err(|e| format!("a stored row is not JSON: {e}"))?,
-                );
+                )?;
+                n += 1;
             }
         }
-        Ok(out)
+        Ok(n)
     }
 }
 
@@ -273,21 +291,39 @@ impl Api {
         &mut self,
         id: &str,
     ) -> Result<Vec<(String, String, serde_json::Value)>, String> {
+        let mut out = Vec::new();
+        self.each_hunt_row(id, |c, f, r| {
+            out.push((c.to_owned(), f.to_owned(), r));
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Calls `each(client_id, flow_id, row)` with every row a hunt collected as its page arrives
+    /// (memory: one page, however many rows); returns how many there were. An error from `each`
+    /// stops the stream.
+    pub async fn each_hunt_row(
+        &mut self,
+        id: &str,
+        mut each: impl FnMut(&str, &str, serde_json::Value) -> Result<(), String>,
+    ) -> Result<u64, String> {
         let mut s = self
             .inner
             .get_hunt_results(api::HuntRequest { hunt_id: id.into() })
             .await
             .map_err(status)?
             .into_inner();
-        let mut out = Vec::new();
+        let mut n = 0;
         while let Some(page) = s.message().await.map_err(status)? {
             for r in page.rows {
                 let v = serde_json::from_slice(&r)
                     .map_err(|e| format!("a stored row is not JSON: {e}"))?;
-                out.push((page.client_id.clone(), page.flow_id.clone(), v));
+                each(&page.client_id, &page.flow_id, v)?;
+                n += 1;
             }
         }
-        Ok(out)
+        Ok(n)
     }
 }
 
@@ -348,38 +384,67 @@ pub fn parse_duration_s(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(bad)
 }
 
-fn csv_field(v: &str) -> String {
-    if v.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", v.replace('"', "\"\""))
-    } else {
-        v.to_owned()
+/// Writes rows as CSV: `client_id,flow_id,` then the given columns (a row's other keys are not
+/// shown), strings through [`crate::text::csv_field`] (formulas neutralised unless `raw`),
+/// other values as JSON.
+pub struct Csv {
+    keys: Vec<String>,
+    raw: bool,
+}
+
+impl Csv {
+    /// CSV with these columns after `client_id,flow_id`.
+    pub fn new(keys: impl IntoIterator<Item = String>, raw: bool) -> Csv {
+        let mut keys: Vec<String> = keys.into_iter().collect();
+        keys.sort();
+        keys.dedup();
+        Csv { keys, raw }
+    }
+
+    /// The header line (no line break).
+    pub fn header(&self) -> String {
+        let mut out = String::from("client_id,flow_id");
+        for k in &self.keys {
+            out.push(',');
+            out.push_str(&crate::text::csv_field(k, self.raw));
+        }
+        out
+    }
+
+    /// One row's line (no line break); false in the second place if the row has keys that are not
+    /// columns.
+    pub fn row(&self, client: &str, flow: &str, r: &serde_json::Value) -> (String, bool) {
+        let f = |v: &str| crate::text::csv_field(v, self.raw);
+        let mut out = format!("{},{}", f(client), f(flow));
+        for k in &self.keys {
+            out.push(',');
+            match r.get(k) {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::String(s)) => out.push_str(&f(s)),
+                // Numbers, booleans, arrays and objects cannot start a formula.
+                Some(v) => out.push_str(&crate::text::csv_field(&v.to_string(), true)),
+            }
+        }
+        let covered = r
+            .as_object()
+            .is_none_or(|o| o.keys().all(|k| self.keys.binary_search(k).is_ok()));
+        (out, covered)
     }
 }
 
 /// Rows as CSV: `client_id,flow_id,` then the union of row keys (sorted); non-string values as JSON.
-pub fn rows_csv(rows: &[(String, String, serde_json::Value)]) -> String {
+pub fn rows_csv(rows: &[(String, String, serde_json::Value)], raw: bool) -> String {
     let mut keys = std::collections::BTreeSet::new();
     for (_, _, r) in rows {
         if let Some(o) = r.as_object() {
             keys.extend(o.keys().cloned());
         }
     }
-    let mut out = String::from("client_id,flow_id");
-    for k in &keys {
-        out.push(',');
-        out.push_str(&csv_field(k));
-    }
+    let csv = Csv::new(keys, raw);
+    let mut out = csv.header();
     for (c, f, r) in rows {
         out.push('\n');
-        out.push_str(&format!("{},{}", csv_field(c), csv_field(f)));
-        for k in &keys {
-            out.push(',');
-            match r.get(k) {
-                None | Some(serde_json::Value::Null) => {}
-                Some(serde_json::Value::String(s)) => out.push_str(&csv_field(s)),
-                Some(v) => out.push_str(&csv_field(&v.to_string())),
-            }
-        }
+        out.push_str(&csv.row(c, f, r).0);
     }
     out
 }
@@ -413,7 +478,7 @@ mod tests {
             ),
         ];
         assert_eq!(
-            rows_csv(&rows),
+            rows_csv(&rows, false),
             "client_id,flow_id,a,b,c\nC.1,F.1,1,\"x,y\",\nC.2,F.2,,,\"say \"\"hi\"\"\""
         );
     }

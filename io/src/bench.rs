@@ -761,13 +761,13 @@ async fn storage_run(
     ));
     let hunt_id = h["hunt_id"].as_str().unwrap_or_default().to_owned();
     let watch = Watch::start(env);
-    let rows = api.hunt_rows(&hunt_id).await?;
+    // As `talon hunt results` reads them: streamed, each row parsed, none kept.
+    let rows = api.each_hunt_row(&hunt_id, |_, _, _| Ok(())).await?;
     let results_s = watch.secs();
     let expected = n as u64 * o.rows;
-    if rows.len() as u64 != expected {
+    if rows != expected {
         return Err(format!(
-            "hunt results returned {} rows, the clients sent {expected}",
-            rows.len()
+            "hunt results returned {rows} rows, the clients sent {expected}"
         ));
     }
     progress(&format!(

@@ -286,6 +286,11 @@ pub enum HuntCommand {
         /// `jsonl` (one object per line, with client_id and flow_id) or `csv`.
         #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
         format: String,
+        /// CSV: write values exactly as the agents sent them. Without it, a value a spreadsheet
+        /// would run as a formula (starting with = + - @, tab or carriage return) is prefixed with
+        /// `'`, and control characters are escaped.
+        #[arg(long)]
+        raw: bool,
     },
 }
 
@@ -406,10 +411,45 @@ pub enum ArtifactsCommand {
     },
 }
 
+/// What a command that streams its output reports when the reader went away (`| head`): not an
+/// error worth a message.
+const BROKEN_PIPE: &str = "output closed (broken pipe)";
+
+/// Standard output for commands that stream it, line by line through a buffer.
+struct Out(std::io::BufWriter<std::io::Stdout>);
+
+impl Out {
+    fn stdout() -> Out {
+        Out(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stdout(),
+        ))
+    }
+
+    fn map(e: std::io::Error) -> String {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            BROKEN_PIPE.into()
+        } else {
+            format!("cannot write output: {e}")
+        }
+    }
+
+    fn line(&mut self, s: &str) -> Result<(), String> {
+        writeln!(self.0, "{s}").map_err(Out::map)
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.0.flush().map_err(Out::map)
+    }
+}
+
 /// Runs the command line; errors go to stderr with a non-zero exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
+        // Streamed already (or nothing to say).
+        Ok(text) if text.is_empty() => ExitCode::SUCCESS,
+        Err(e) if e == BROKEN_PIPE => ExitCode::SUCCESS,
         Ok(text) => match writeln!(std::io::stdout().lock(), "{text}") {
             Ok(()) => ExitCode::SUCCESS,
             // A closed pipe (e.g. `| head`) is not an error worth a message.
@@ -458,9 +498,13 @@ pub fn run(cli: Cli) -> Result<String, String> {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: a log file or journald gets plain text, so the only escape
+    // sequences a reader could meet are ones an agent sent, and those are escaped.
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -709,14 +753,16 @@ async fn run_async(
                 .iter()
                 .map(|c| {
                     let state = if c.connected { "connected" } else { "offline" };
+                    // Host facts come from the agent: shown escaped, never as terminal input.
+                    use crate::text::printable as p;
                     format!(
                         "{}  {:<24} {:<8} {:<10} {} [{}]",
-                        c.client_id,
-                        c.hostname,
-                        c.os,
+                        p(&c.client_id),
+                        p(&c.hostname),
+                        p(&c.os),
                         state,
-                        c.node,
-                        c.labels.join(",")
+                        p(&c.node),
+                        p(&c.labels.join(","))
                     )
                 })
                 .collect();
@@ -786,15 +832,14 @@ async fn run_async(
             },
         } => {
             init_logging("warn");
-            let rows = api(api_config.as_deref())
+            // Streamed: rows are written as their pages arrive, whatever the flow's size.
+            let mut out = Out::stdout();
+            api(api_config.as_deref())
                 .await?
-                .rows(&client_id, &flow_id)
+                .each_flow_row(&client_id, &flow_id, |r| out.line(&r.to_string()))
                 .await?;
-            Ok(rows
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join("\n"))
+            out.flush()?;
+            Ok(String::new())
         }
         Command::Cluster {
             command: ClusterCommand::Status { json },
@@ -832,7 +877,7 @@ async fn run_async(
         }
         Command::Hunt { command } => {
             init_logging("warn");
-            use crate::api_client::{hunt_json, parse_duration_s, rows_csv};
+            use crate::api_client::{Csv, hunt_json, parse_duration_s};
             match command {
                 HuntCommand::Create {
                     artifact,
@@ -891,25 +936,54 @@ async fn run_async(
                         .await?;
                     Ok(hunt_out(&h, json))
                 }
-                HuntCommand::Results { hunt_id, format } => {
-                    let rows = api(api_config.as_deref())
-                        .await?
-                        .hunt_rows(&hunt_id)
+                HuntCommand::Results {
+                    hunt_id,
+                    format,
+                    raw,
+                } => {
+                    // Streamed: rows are written as their pages arrive, whatever the hunt's size.
+                    let mut a = api(api_config.as_deref()).await?;
+                    let mut out = Out::stdout();
+                    if format == "csv" {
+                        // The header is the union of every row's keys: a first pass learns them
+                        // (memory: the key names), the second writes the rows.
+                        let mut keys = std::collections::BTreeSet::new();
+                        a.each_hunt_row(&hunt_id, |_, _, r| {
+                            if let Some(o) = r.as_object() {
+                                keys.extend(o.keys().cloned());
+                            }
+                            Ok(())
+                        })
                         .await?;
-                    Ok(if format == "csv" {
-                        rows_csv(&rows)
+                        let csv = Csv::new(keys, raw);
+                        out.line(&csv.header())?;
+                        let mut uncovered = 0u64;
+                        a.each_hunt_row(&hunt_id, |c, f, r| {
+                            let (line, covered) = csv.row(c, f, &r);
+                            uncovered += u64::from(!covered);
+                            out.line(&line)
+                        })
+                        .await?;
+                        out.flush()?;
+                        if uncovered > 0 {
+                            eprintln!(
+                                "talon: {uncovered} rows stored while exporting have columns the \
+                                 header lacks (the hunt is still running); export again, or use \
+                                 --format jsonl"
+                            );
+                        }
                     } else {
-                        rows.into_iter()
-                            .map(|(c, f, mut r)| {
-                                if let Some(o) = r.as_object_mut() {
-                                    o.insert("client_id".into(), c.into());
-                                    o.insert("flow_id".into(), f.into());
-                                }
-                                r.to_string()
-                            })
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    })
+                        a.each_hunt_row(&hunt_id, |c, f, mut r| {
+                            if let Some(o) = r.as_object_mut() {
+                                o.insert("client_id".into(), c.into());
+                                o.insert("flow_id".into(), f.into());
+                            }
+                            out.line(&r.to_string())
+                        })
+                        .await?;
+                        out.flush()?;
+                    }
+                    Ok(String::new())
                 }
             }
         }

@@ -1933,10 +1933,10 @@ impl Actor {
                 .registry
                 .handle_seen(now, sighting)
                 .map_err(|e| Status::permission_denied(e.to_string()))?;
-            tracing::info!(client = %id, host = %hello.info.hostname, addr = %peer.addr, ?enrolment, "client connected");
+            tracing::info!(client = %id, host = %crate::text::Printable(&hello.info.hostname), addr = %peer.addr, ?enrolment, "client connected");
             None
         } else {
-            tracing::info!(client = %id, host = %hello.info.hostname, addr = %peer.addr, "client connected");
+            tracing::info!(client = %id, host = %crate::text::Printable(&hello.info.hostname), addr = %peer.addr, "client connected");
             let i = &hello.info;
             Some(pc::ClientSeen {
                 client_id: id.to_string(),
@@ -2422,7 +2422,7 @@ async fn record_uploads(
         .await
         .map_err(|e| format!("reading the flow's chunks: {e}"))?;
     for u in uploads.iter().filter(|u| !u.error.is_empty()) {
-        tracing::warn!(client = %key.client, flow = %key.flow, file = %u.name, error = %u.error, "upload not stored");
+        tracing::warn!(client = %key.client, flow = %key.flow, file = %crate::text::Printable(&u.name), error = %crate::text::Printable(&u.error), "upload not stored");
     }
     let marker = paths::uploads_pending(&key.client, &key.flow);
     let mut writes = vec![(marker, None)];

@@ -20,5 +20,6 @@ pub mod pki;
 pub mod records;
 pub mod server;
 pub mod storage;
+pub mod text;
 pub mod tls;
 pub mod uploads;

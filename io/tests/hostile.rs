@@ -534,7 +534,7 @@ fn hostile_clients_are_refused_and_stored_data_is_intact() {
     let names = [
         format!("../../../../../../{}", outside.display()),
         outside.display().to_string(),
-        "x".repeat(5000),
+        "x".repeat(4000), // Within max_upload_name_length (4,096), far over a file name's 255.
         "..".into(),
     ];
     let expected_files = names.len();
@@ -1278,5 +1278,194 @@ fn a_busy_master_applies_a_replicated_completion_later_instead_of_stopping() {
     assert!(
         log.contains("could not be applied yet"),
         "the completion met a busy master (else this test proves nothing)"
+    );
+}
+
+/// Peak resident memory (kB) of process `pid`, sampled until it exits; returns it with the output.
+fn run_sampling_memory(args: &[&str]) -> (std::process::Output, u64) {
+    let child = talon()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (p, done) = (
+        peak.clone(),
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let d2 = done.clone();
+    let sampler = std::thread::spawn(move || {
+        while !d2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                && let Some(kb) = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                p.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    (out, peak.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Items 7 and 9 of the hostile review: agent text (a hostname with terminal escapes and a forged
+/// line, rows that are spreadsheet formulas) is shown escaped in listings and the server's log and
+/// neutralised in CSV unless `--raw`; and a hunt's export streams (memory does not grow with rows).
+#[test]
+fn agent_text_is_shown_escaped_and_exports_stream() {
+    let d = Deployment::new();
+    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let (port, ca, nonce) = (
+        cfg.frontend.bind_port,
+        client.client.ca_certificate,
+        client.client.nonce,
+    );
+    let _master = d.start_master();
+    let _agent = d.start_client(&d.path("client.config.yaml"), "agent");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mallory, mallory_id) = identity();
+    let evil_host = "pc\u{1b}[2J\u{1b}[H\nC.FORGED00000000  forged-host  linux  connected";
+    let mut m = rt.block_on(async {
+        let h = enc(Kind::Hello(comms::Hello {
+            client_id: mallory_id.clone(),
+            deployment_nonce: nonce.clone(),
+            info: Some(comms::ClientInfo {
+                hostname: evil_host.into(),
+                os: "linux".into(),
+                fqdn: "bell\u{7}.example".into(),
+                ..Default::default()
+            }),
+            running_flows: vec![],
+        }));
+        let mut m = raw(port, &ca, &mallory, h).await.expect("enrols");
+        m.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
+            .await;
+        m
+    });
+    d.wait_until("both are enrolled", || d.clients().len() == 2);
+    let listing = d.api(&["clients", "search", "all"]);
+    eprintln!("{listing}");
+    assert!(
+        !listing.contains('\u{1b}') && !listing.contains('\u{7}'),
+        "{listing:?}"
+    );
+    assert!(
+        listing.lines().all(|l| !l.starts_with("C.FORGED")),
+        "a forged line: {listing}"
+    );
+    assert!(listing.contains("pc\\u{1b}[2J"), "{listing}");
+    let log = std::fs::read_to_string(d.path("master.log")).unwrap();
+    let escaped: Vec<&str> = log.lines().filter(|l| l.contains('\u{1b}')).collect();
+    assert!(
+        escaped.is_empty(),
+        "terminal escapes reached the log: {escaped:?}"
+    );
+    assert!(
+        log.lines().all(|l| !l.starts_with("C.FORGED")),
+        "a forged log line"
+    );
+
+    // One hunt: the real agent sends 300,000 rows, Mallory sends formulas.
+    let hunt = d
+        .api(&[
+            "hunt",
+            "create",
+            "Generic.Test.Rows",
+            "--param",
+            "count=300000",
+        ])
+        .trim()
+        .to_owned();
+    rt.block_on(async {
+        let t = m
+            .until(|k| match k {
+                Down::Task(t) => Some(t.clone()),
+                _ => None,
+            })
+            .await;
+        m.send(enc(Kind::TaskAck(comms::TaskAck {
+            flow_id: t.flow_id.clone(),
+        })))
+        .await;
+        let formulas = [
+            r#"{"i":"=HYPERLINK(\"http://evil.example\",\"click\")"}"#,
+            r#"{"i":"+cmd|' /C calc'!A0"}"#,
+            r#"{"i":"@SUM(1+1)*cmd|' /C calc'!A0"}"#,
+        ];
+        let rows = Payload::Rows(comms::ResultRows {
+            source: "Generic.Test.Rows".into(),
+            rows: formulas.iter().map(|r| Bytes::from(*r)).collect(),
+        });
+        m.send(flow_msg(&t.flow_id, 0, rows)).await;
+        m.ack_for(&t.flow_id, 0).await;
+        let done = Payload::Status(comms::FlowStatus {
+            state: comms::FlowState::Completed as i32,
+            ..Default::default()
+        });
+        m.send(flow_msg(&t.flow_id, 1, done)).await;
+        m.ack_for(&t.flow_id, 1).await;
+    });
+    d.wait_until("the hunt's rows are stored", || {
+        json(&d.api(&["hunt", "show", &hunt, "--json"]))["stats"]["rows"] == 300_003
+    });
+
+    let api = d.s("api.yaml");
+    let csv = ok(&[
+        "--api-config",
+        &api,
+        "hunt",
+        "results",
+        &hunt,
+        "--format",
+        "csv",
+    ]);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 300_004, "a header and every row");
+    assert_eq!(lines[0], "client_id,flow_id,i,pad,row");
+    for f in ["\"'=HYPERLINK(", "\"'+cmd|", "\"'@SUM("] {
+        assert!(csv.contains(f), "{f} is neutralised");
+    }
+    for l in &lines {
+        let value = l.splitn(3, ',').nth(2).unwrap_or_default();
+        assert!(
+            !value.starts_with(['=', '+', '@', '-']),
+            "a formula reaches the spreadsheet: {l}"
+        );
+    }
+    let raw_csv = ok(&[
+        "--api-config",
+        &api,
+        "hunt",
+        "results",
+        &hunt,
+        "--format",
+        "csv",
+        "--raw",
+    ]);
+    assert!(raw_csv.contains(r#","=HYPERLINK(""http://evil.example"",""click"")""#));
+    assert!(raw_csv.contains(",+cmd|' /C calc'!A0"));
+
+    // JSONL, streamed: memory stays flat whatever the hunt's size (held whole, 300,000 rows took
+    // several hundred MB).
+    let (out, peak_kb) = run_sampling_memory(&["--api-config", &api, "hunt", "results", &hunt]);
+    assert!(out.status.success());
+    let n = out.stdout.iter().filter(|b| **b == b'\n').count();
+    eprintln!(
+        "hunt results: {n} rows, {} MB out, peak RSS {} MB",
+        out.stdout.len() >> 20,
+        peak_kb >> 10
+    );
+    assert_eq!(n, 300_003);
+    assert!(
+        peak_kb < 64 << 10,
+        "exporting 300,000 rows peaked at {peak_kb} kB: rows are held, not streamed"
     );
 }
