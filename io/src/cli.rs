@@ -610,7 +610,7 @@ async fn run_async(
             let local_dir =
                 local_dir.unwrap_or_else(|| PathBuf::from(format!("/var/lib/talon/{name}")));
             let env = crate::env::Env::real();
-            let storage = crate::storage::NodeStorage::real(&cfg, &local_dir)?;
+            let storage = crate::storage::NodeStorage::real(&cfg, &local_dir, &name)?;
             match node {
                 Some(node) => {
                     crate::server::run_minion(env, cfg, node, storage, |_| {}, shutdown_signal())

@@ -94,7 +94,7 @@ async fn run_in(
     let master = tokio::spawn(crate::server::run_master(
         env.clone(),
         cfg.clone(),
-        crate::storage::NodeStorage::real(&cfg, &dir.join("local"))?,
+        crate::storage::NodeStorage::real(&cfg, &dir.join("local"), &cfg.master_node_name())?,
         move |l| {
             let _ = up_tx.send(l);
         },
@@ -118,7 +118,7 @@ async fn run_in(
             env.clone(),
             cfg.clone(),
             name.clone(),
-            crate::storage::NodeStorage::real(&cfg, &dir.join(format!("local-{name}")))?,
+            crate::storage::NodeStorage::real(&cfg, &dir.join(format!("local-{name}")), &name)?,
             move |l| {
                 let _ = up_tx.send(l);
             },

@@ -8,6 +8,7 @@ use crate::env::Env;
 use crate::filestore::{Filestore, FilestoreOptions};
 use crate::frontend::{ApiService, Cluster, CommsService, Node, NodeOptions};
 use crate::storage::NodeStorage;
+use crate::storage::lease::{self, LEASE_BEAT, Lease, LeaseJson};
 use crate::tls;
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -227,8 +228,29 @@ pub async fn run_master(
         metadata,
         filestore,
         local_name,
+        lock: _lock,
     } = storage;
     let node_name = cfg.master_node_name();
+    // Before anything is written to the datastore: one master per datastore.
+    let me = LeaseJson {
+        node: node_name.clone(),
+        host: lease::host_name(),
+        local_dir: local_name.clone(),
+        pid: std::process::id(),
+        token: String::new(),
+        beat: 0,
+    };
+    tokio::pin!(shutdown);
+    let lease = tokio::select! {
+        l = Lease::take(metadata.clone(), me, entropy.as_ref(), LEASE_BEAT) => l?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped while taking the datastore lease");
+            return Ok(());
+        }
+    };
+    let lease_token = lease.token();
+    let lease_vol = metadata.clone();
+    let mut lease_task = tokio::spawn(lease.keep(LEASE_BEAT));
     let ds_root = &cfg.datastore.location;
     let fs_root = &cfg.datastore.filestore_directory;
     let (datastore, mut ds_task, report) =
@@ -265,7 +287,6 @@ pub async fn run_master(
         .bind(&api_addr)
         .await
         .map_err(|e| format!("API {api_addr}: {e}"))?;
-    tokio::pin!(shutdown);
     // Loading may take long on a slow volume: a stop request ends it (it only reads; the journals
     // keep everything for the next start).
     let node = tokio::select! {
@@ -281,6 +302,8 @@ pub async fn run_master(
             tracing::info!("stopped while loading");
             ds_task.abort();
             fs_task.abort();
+            lease_task.abort();
+            Lease::release(&lease_vol, &lease_token).await;
             return Ok(());
         }
     };
@@ -364,6 +387,14 @@ pub async fn run_master(
             tracing::error!(error = %why, "the filestore buffer stopped; exiting");
             return Err(format!("the filestore buffer stopped: {why}"));
         }
+        // Another master uses this datastore: two would lose each other's writes.
+        r = &mut lease_task => {
+            let why = r.unwrap_or_else(|e| format!("the lease task failed: {e}"));
+            tracing::error!(error = %why, "exiting");
+            ds_task.abort();
+            fs_task.abort();
+            return Err(why);
+        }
         _ = &mut shutdown => {
             tracing::info!("shutting down: flushing the datastore");
             let _ = stop_tx.send(true);
@@ -382,6 +413,8 @@ pub async fn run_master(
     drop(datastore);
     ds_task.abort();
     fs_task.abort();
+    lease_task.abort();
+    Lease::release(&lease_vol, &lease_token).await;
     Ok(())
 }
 
@@ -409,11 +442,13 @@ pub async fn run_minion(
             let known: Vec<String> = cfg.extra_frontends.iter().map(|x| x.node_name()).collect();
             format!("--node {node:?} is not in ExtraFrontends (known minions: {known:?})")
         })?;
+    // The lock on the local directory is held until this returns.
     let NodeStorage {
         local,
         buffer,
         filestore,
         local_name,
+        lock: _lock,
         ..
     } = storage;
     let master_tls = tls::client_config(
@@ -612,6 +647,7 @@ mod tests {
             metadata: hung(),
             filestore: hung(),
             local_name: "local".into(),
+            lock: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let run = tokio::spawn(run_master(env, cfg, storage, |_| {}, async move {

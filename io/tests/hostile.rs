@@ -1469,3 +1469,141 @@ fn agent_text_is_shown_escaped_and_exports_stream() {
         "exporting 300,000 rows peaked at {peak_kb} kB: rows are held, not streamed"
     );
 }
+
+/// Runs `cmd` to its end, or kills it after `limit` (a process that should have refused to start
+/// but serves instead): its exit status (`None`: killed) and stderr.
+fn output_within(
+    mut cmd: std::process::Command,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (status, err)
+}
+
+/// Item 6 of the hostile review: two masters on one datastore lost one's acknowledged writes. Now
+/// a local directory is locked by its process, and the master holds a lease on the datastore: a
+/// second master (other ports, other local directory) refuses to start naming the holder; after
+/// the holder dies, a new master takes the stale lease over and finds everything acknowledged.
+#[test]
+fn a_second_master_on_one_datastore_is_refused() {
+    let d = Deployment::new();
+    let (minion, _) = d.add_minion();
+    let yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let mut master = d.start_master();
+    let pid = master.0.id();
+    let client = json(&d.api(&["clients", "search", "all", "--json"]));
+    assert_eq!(client, serde_json::json!([]));
+    // Something acknowledged to keep: a hunt.
+    let hunt = d
+        .api(&["hunt", "create", "Generic.Client.Info"])
+        .trim()
+        .to_owned();
+
+    // The same local directory: refused at once, naming the holder.
+    let mut cmd = talon();
+    cmd.args(["-c", &d.s("server.config.yaml"), "frontend", "--local-dir"])
+        .arg(d.path("local"));
+    let (status, err) = output_within(cmd, Duration::from_secs(60));
+    assert!(status.is_some_and(|s| !s.success()), "{status:?} {err}");
+    assert!(err.contains("is in use by another talon process"), "{err}");
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    // A minion's directory too.
+    let _m = d.start_minion(&minion);
+    d.wait_until("the minion holds its directory", || {
+        std::fs::read_to_string(d.path(&format!("local-{minion}/LOCK")))
+            .is_ok_and(|l| l.contains("pid"))
+    });
+    let mut cmd = talon();
+    cmd.args([
+        "-c",
+        &d.s("server.config.yaml"),
+        "frontend",
+        "--minion",
+        "--node",
+        &minion,
+    ])
+    .arg("--local-dir")
+    .arg(d.path(&format!("local-{minion}")));
+    let (status, err) = output_within(cmd, Duration::from_secs(60));
+    assert!(status.is_some_and(|s| !s.success()), "{status:?} {err}");
+    assert!(err.contains("is in use by another talon process"), "{err}");
+
+    // Another master (its own ports and local directory) on the same datastore: refused, naming
+    // the running one, while that one keeps serving.
+    let (fe, api) = (free_port(), free_port());
+    let other = yaml
+        .replace(
+            &format!(": {}\n", cfg.frontend.bind_port),
+            &format!(": {fe}\n"),
+        )
+        .replace(&format!(":{}", cfg.frontend.bind_port), &format!(":{fe}"))
+        .replace(&format!(": {}\n", cfg.api.bind_port), &format!(": {api}\n"))
+        .replace(&format!(":{}", cfg.api.bind_port), &format!(":{api}"));
+    std::fs::write(d.path("other.config.yaml"), &other).unwrap();
+    let started = Instant::now();
+    let mut cmd = talon();
+    cmd.args(["-c", &d.s("other.config.yaml"), "frontend", "--local-dir"])
+        .arg(d.path("local-other"));
+    let (status, err) = output_within(cmd, Duration::from_secs(60));
+    eprintln!("second master refused after {:?}", started.elapsed());
+    assert!(status.is_some_and(|s| !s.success()), "{status:?} {err}");
+    assert!(err.contains("in use by another master"), "{err}");
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    assert!(
+        master.0.try_wait().unwrap().is_none(),
+        "the first master runs on"
+    );
+    assert_eq!(
+        json(&d.api(&["hunt", "show", &hunt, "--json"]))["hunt_id"],
+        hunt.as_str()
+    );
+
+    // The holder dies without releasing its lease: the next master (another name) waits two beats,
+    // sees the lease is not renewed, takes it over and has the hunt.
+    master.0.kill().unwrap();
+    master.0.wait().unwrap();
+    let log = std::fs::File::create(d.path("other.log")).unwrap();
+    let _other = Proc(
+        talon()
+            .args(["-c", &d.s("other.config.yaml"), "frontend", "--local-dir"])
+            .arg(d.path("local-other"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    std::fs::write(
+        d.path("other.api.yaml"),
+        std::fs::read_to_string(d.path("api.yaml"))
+            .unwrap()
+            .replace(&format!(":{}", cfg.api.bind_port), &format!(":{api}")),
+    )
+    .unwrap();
+    let other_api = d.s("other.api.yaml");
+    d.wait_until("the second master serves", || {
+        run(&["--api-config", &other_api, "hunt", "show", &hunt])
+            .status
+            .success()
+    });
+    let log = std::fs::read_to_string(d.path("other.log")).unwrap();
+    assert!(log.contains("taking over a stale datastore lease"), "{log}");
+}

@@ -4,6 +4,7 @@
 
 pub mod fs;
 pub mod journal;
+pub mod lease;
 pub mod local;
 pub mod segments;
 pub mod volume;
@@ -25,6 +26,8 @@ pub struct NodeStorage {
     pub filestore: SharedVolume,
     /// Where the local disk is, for logs.
     pub local_name: String,
+    /// This process's lock on the local directory (none in the simulator, whose crashes are its own).
+    pub lock: Option<lease::DirLock>,
 }
 
 impl NodeStorage {
@@ -33,7 +36,10 @@ impl NodeStorage {
     pub fn real(
         cfg: &crate::config::ServerConfig,
         local_dir: &Path,
+        node: &str,
     ) -> Result<NodeStorage, String> {
+        // First: a second process on this directory would corrupt its journals.
+        let lock = lease::DirLock::acquire(local_dir, node)?;
         let disk = || StdDisk::new(local_dir).map_err(|e| format!("{}: {e}", local_dir.display()));
         let ds = &cfg.datastore.location;
         let fs = &cfg.datastore.filestore_directory;
@@ -61,6 +67,7 @@ impl NodeStorage {
             metadata,
             filestore,
             local_name: local_dir.display().to_string(),
+            lock: Some(lock),
         })
     }
 }

@@ -241,6 +241,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                     &format!("{name}-{n}-f"),
                 )),
                 local_name: format!("{name}:/local"),
+                lock: None,
             };
             async move {
                 let r = if name == "master" {
