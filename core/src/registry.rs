@@ -34,6 +34,11 @@ pub struct RegistryLimits {
     pub search_results_max: usize,
     /// A client's `last_seen` is persisted at most this often (it is always current in memory).
     pub persist_seen_every_ms: u64,
+    /// New clients admitted per second on average (`enrolments_per_second`); known clients are
+    /// never limited.
+    pub enrolments_per_second: u64,
+    /// New clients admitted at once before the rate applies (a fleet's first connections).
+    pub enrolment_burst: u64,
 }
 
 impl Default for RegistryLimits {
@@ -45,6 +50,8 @@ impl Default for RegistryLimits {
             term_bytes_max: 255,
             search_results_max: 100_000,
             persist_seen_every_ms: 10 * 60 * 1000,
+            enrolments_per_second: 1_000,
+            enrolment_burst: 60_000,
         }
     }
 }
@@ -173,6 +180,11 @@ pub enum RegistryError {
         /// The bound.
         max: usize,
     },
+    /// New clients arrive faster than `enrolments_per_second` (after the burst): retry later.
+    EnrolmentRate {
+        /// The rate.
+        per_second: u64,
+    },
     /// No such client.
     UnknownClient(ClientId),
     /// A label is empty, too long, or has characters outside `[a-z0-9_.:-]`.
@@ -193,7 +205,15 @@ impl fmt::Display for RegistryError {
             RegistryError::IdNotFromKey(id) => {
                 write!(f, "client id {id} is not derived from the presented key")
             }
-            RegistryError::Full { max } => write!(f, "{max} clients enrolled; raise clients_max"),
+            RegistryError::Full { max } => write!(
+                f,
+                "{max} clients enrolled; no more are admitted (Frontend.resources.max_clients)"
+            ),
+            RegistryError::EnrolmentRate { per_second } => write!(
+                f,
+                "new clients are admitted at {per_second} per second \
+                 (Frontend.resources.enrolments_per_second); retry later"
+            ),
             RegistryError::UnknownClient(id) => write!(f, "no client {id}"),
             RegistryError::BadLabel(l) => {
                 let shown: String = l.chars().take(64).collect();
@@ -263,6 +283,8 @@ pub struct Registry {
     by_label: BTreeSet<(String, ClientId)>,
     by_ip: BTreeSet<(String, ClientId)>,
     actions: VecDeque<RegistryAction>,
+    /// Paces enrolments (made at the first one, full).
+    enrolments: Option<crate::ratelimit::TokenBucket>,
 }
 
 impl Registry {
@@ -278,6 +300,7 @@ impl Registry {
             by_label: BTreeSet::new(),
             by_ip: BTreeSet::new(),
             actions: VecDeque::new(),
+            enrolments: None,
         };
         for mut rec in records {
             rec.connected = false;
@@ -338,8 +361,29 @@ impl Registry {
         }
     }
 
-    /// A frontend saw a client: enrol it on first contact, refuse a different key, update its facts.
+    /// A frontend saw a client: enrol it on first contact (at most `enrolments_per_second`), refuse
+    /// a different key, update its facts.
     pub fn handle_seen(&mut self, now: Timestamp, s: Sighting) -> Result<Enrolment, RegistryError> {
+        self.seen(now, s, true)
+    }
+
+    /// [`Registry::handle_seen`] for a sighting another node admitted already (a minion paces the
+    /// first contacts it accepts): not paced again here, or a refusal would leave a client the
+    /// minion serves unenrolled until it reconnects.
+    pub fn handle_seen_admitted(
+        &mut self,
+        now: Timestamp,
+        s: Sighting,
+    ) -> Result<Enrolment, RegistryError> {
+        self.seen(now, s, false)
+    }
+
+    fn seen(
+        &mut self,
+        now: Timestamp,
+        s: Sighting,
+        pace: bool,
+    ) -> Result<Enrolment, RegistryError> {
         if ClientId::from_public_key(&s.public_key) != s.id {
             return Err(RegistryError::IdNotFromKey(s.id));
         }
@@ -361,7 +405,20 @@ impl Registry {
                     max: self.limits.clients_max,
                 });
             }
-            None => (None, Enrolment::New),
+            None if !pace => (None, Enrolment::New),
+            None => {
+                let (rate, burst) = (
+                    self.limits.enrolments_per_second,
+                    self.limits.enrolment_burst,
+                );
+                let bucket = self
+                    .enrolments
+                    .get_or_insert_with(|| crate::ratelimit::TokenBucket::new(rate, burst, now));
+                if !bucket.try_take(now) {
+                    return Err(RegistryError::EnrolmentRate { per_second: rate });
+                }
+                (None, Enrolment::New)
+            }
         };
         // Sightings from different nodes arrive in no particular order (a minion re-announces its
         // clients when its link to the master comes back, and may still hold a connection that died

@@ -138,6 +138,12 @@ pub struct Resources {
     pub max_concurrent_flows: u64,
     /// Tasks waiting for one client; beyond it a new collection for it is refused.
     pub max_queued_tasks_per_client: u64,
+    /// Clients enrolled at most; a new client beyond it is refused (RESOURCE_EXHAUSTED).
+    pub max_clients: u64,
+    /// New clients (first contact) admitted per second per node, after a burst of 60 seconds'
+    /// worth; beyond it a new client is refused with UNAVAILABLE and retries with backoff. Known
+    /// clients are never limited.
+    pub enrolments_per_second: u64,
     /// TLS handshakes in progress at once per listener; beyond it new connections wait.
     pub max_pending_handshakes: u64,
     /// A TLS handshake not finished within this many seconds is dropped.
@@ -164,6 +170,8 @@ impl Default for Resources {
             max_in_flight_per_flow: 64,
             max_concurrent_flows: 100_000,
             max_queued_tasks_per_client: 256,
+            max_clients: 2_000_000,
+            enrolments_per_second: 1_000,
             max_pending_handshakes: 1024,
             handshake_timeout_s: 10,
             hello_timeout_s: 10,
@@ -175,7 +183,7 @@ impl Resources {
     /// Each key's name, value and allowed range (inclusive). The lower bounds of the message, batch
     /// and chunk sizes keep what the built-in agent sends (batches of up to 1,000 rows and 1 MiB,
     /// 512 KiB file chunks) within them.
-    pub fn bounds(&self) -> [(&'static str, u64, u64, u64); 17] {
+    pub fn bounds(&self) -> [(&'static str, u64, u64, u64); 19] {
         const K: u64 = 1 << 10;
         const M: u64 = 1 << 20;
         [
@@ -232,6 +240,13 @@ impl Resources {
                 self.max_queued_tasks_per_client,
                 1,
                 65_536,
+            ),
+            ("max_clients", self.max_clients, 1, 100_000_000),
+            (
+                "enrolments_per_second",
+                self.enrolments_per_second,
+                1,
+                1_000_000,
             ),
             (
                 "max_pending_handshakes",

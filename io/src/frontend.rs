@@ -524,6 +524,11 @@ pub struct Node {
     nonce: String,
     hello_timeout: std::time::Duration,
     next_conn: Arc<std::sync::atomic::AtomicU64>,
+    /// On a minion: paces the first contacts it accepts (`enrolments_per_second`; the master's
+    /// registry paces its own).
+    enrolments: Arc<std::sync::Mutex<talon_core::ratelimit::TokenBucket>>,
+    enrolments_per_second: u64,
+    clock: Arc<dyn Clock>,
 }
 
 struct Conn {
@@ -734,6 +739,7 @@ impl Node {
             keys.insert(r.id.clone(), r.key_fingerprint);
         }
         let now0 = clock.now();
+        let clock0 = clock.clone();
         let actor = Actor {
             registry: Registry::restore(opts.registry.clone(), records),
             keys,
@@ -778,7 +784,15 @@ impl Node {
         }
         let span = tracing::info_span!("node", node = %opts.node_name);
         tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
+        let enrolments = talon_core::ratelimit::TokenBucket::new(
+            opts.registry.enrolments_per_second,
+            opts.registry.enrolment_burst,
+            now0,
+        );
         Ok(Node {
+            enrolments: Arc::new(std::sync::Mutex::new(enrolments)),
+            enrolments_per_second: opts.registry.enrolments_per_second,
+            clock: clock0,
             tx,
             datastore,
             filestore,
@@ -1557,7 +1571,7 @@ impl Actor {
                     node: node.to_owned(),
                     connected_at: Timestamp(cs.connected_unix_ms),
                 };
-                if let Err(e) = self.registry.handle_seen(now, sighting) {
+                if let Err(e) = self.registry.handle_seen_admitted(now, sighting) {
                     tracing::warn!(minion = %node, client = %id, error = %e, "refused a client seen on a minion");
                     return true;
                 }
@@ -1929,10 +1943,15 @@ impl Actor {
                 node: self.opts.node_name.clone(),
                 connected_at: now,
             };
-            let enrolment = self
-                .registry
-                .handle_seen(now, sighting)
-                .map_err(|e| Status::permission_denied(e.to_string()))?;
+            let enrolment = self.registry.handle_seen(now, sighting).map_err(|e| {
+                use talon_core::registry::RegistryError as E;
+                match e {
+                    // The agent backs off and tries again.
+                    E::EnrolmentRate { .. } => Status::unavailable(e.to_string()),
+                    E::Full { .. } => Status::resource_exhausted(e.to_string()),
+                    _ => Status::permission_denied(e.to_string()),
+                }
+            })?;
             tracing::info!(client = %id, host = %crate::text::Printable(&hello.info.hostname), addr = %peer.addr, ?enrolment, "client connected");
             None
         } else {
@@ -2610,11 +2629,23 @@ async fn read_flow_pages(
     }
 }
 
+/// Whether a client connecting to a minion is enrolled already, as far as the minion can tell.
+#[derive(Debug, PartialEq, Eq)]
+enum Contact {
+    /// Enrolled (or the master cannot be asked now: served, not paced).
+    Known,
+    /// No enrolment record: a new client.
+    First,
+}
+
 /// On a minion: compares the client's key with its enrolment record, read through the master's
 /// datastore (and the minion's read cache). With the master unreachable the client is served: its id
 /// is the hash of the key it proved in the TLS handshake, and the master checks the key again when it
 /// applies the replicated `ClientSeen`.
-async fn check_enrolled_key(r: &crate::cluster::RemoteStore, peer: &Peer) -> Result<(), Status> {
+async fn check_enrolled_key(
+    r: &crate::cluster::RemoteStore,
+    peer: &Peer,
+) -> Result<Contact, Status> {
     let key = paths::client_record(&peer.client_id);
     match r.get(&key).await {
         Ok(Some(b)) => {
@@ -2627,12 +2658,12 @@ async fn check_enrolled_key(r: &crate::cluster::RemoteStore, peer: &Peer) -> Res
                     peer.client_id
                 )));
             }
-            Ok(())
+            Ok(Contact::Known)
         }
-        Ok(None) => Ok(()), // First contact: the master enrols it.
+        Ok(None) => Ok(Contact::First), // The master enrols it.
         Err(e) => {
             tracing::debug!(client = %peer.client_id, error = %e, "cannot check the enrolment record now");
-            Ok(())
+            Ok(Contact::Known)
         }
     }
 }
@@ -2709,8 +2740,21 @@ impl comms::comms_server::Comms for CommsService {
                 "the client's nonce is not this deployment's",
             ));
         }
-        if let Meta::Remote(r) = &self.node.datastore {
-            check_enrolled_key(r, &peer).await?;
+        if let Meta::Remote(r) = &self.node.datastore
+            && check_enrolled_key(r, &peer).await? == Contact::First
+        {
+            let now = self.node.clock.now();
+            let admitted = self
+                .node
+                .enrolments
+                .lock()
+                .is_ok_and(|mut b| b.try_take(now));
+            if !admitted {
+                let rate = talon_core::registry::RegistryError::EnrolmentRate {
+                    per_second: self.node.enrolments_per_second,
+                };
+                return Err(Status::unavailable(rate.to_string()));
+            }
         }
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE_MAX);
         let conn = self

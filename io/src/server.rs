@@ -167,7 +167,12 @@ fn node_options(cfg: &ServerConfig, node_name: String) -> NodeOptions {
             uploads_per_flow_max: r.max_uploads_per_flow,
             ..FlowLimits::default()
         },
-        registry: RegistryLimits::default(),
+        registry: RegistryLimits {
+            clients_max: n(r.max_clients),
+            enrolments_per_second: r.enrolments_per_second,
+            enrolment_burst: r.enrolments_per_second.saturating_mul(60),
+            ..RegistryLimits::default()
+        },
         hunts: talon_core::hunts::HuntLimits::default(),
         queued_tasks_per_client_max: n(r.max_queued_tasks_per_client),
         notifications_per_second: r.notifications_per_second.max(1),

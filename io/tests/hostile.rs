@@ -1607,3 +1607,89 @@ fn a_second_master_on_one_datastore_is_refused() {
     let log = std::fs::read_to_string(d.path("other.log")).unwrap();
     assert!(log.contains("taking over a stale datastore lease"), "{log}");
 }
+
+/// Item 11 of the hostile review: fake enrolments were cheap (1,500 identities in 54 s, each
+/// joining every running hunt). Enrolment admission is now a named limit per node
+/// (`enrolments_per_second`, after a burst of 60 seconds' worth; `max_clients` in total): past it a
+/// new identity is refused with UNAVAILABLE naming the key, on the master and on a minion alike,
+/// while enrolled clients are untouched.
+#[test]
+fn enrolments_past_the_admission_rate_are_refused() {
+    let d = Deployment::new();
+    let (minion, minion_port) = d.add_minion();
+    let yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
+    std::fs::write(
+        d.path("server.config.yaml"),
+        set_key(&yaml, "enrolments_per_second", "1"),
+    )
+    .unwrap();
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
+    let (ca, nonce) = (client.client.ca_certificate, client.client.nonce);
+    let _master = d.start_master();
+    let _minion = d.start_minion(&minion);
+    let _agent = d.start_client(&d.path("client.config.yaml"), "agent");
+    d.wait_until("the agent enrols", || {
+        d.clients().first().is_some_and(|c| c["connected"] == true)
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut admitted = 0;
+    for port in [cfg.frontend.bind_port, minion_port] {
+        let (mut ok, mut refused) = (0, 0);
+        rt.block_on(async {
+            // Wait for the minion to listen.
+            let started = Instant::now();
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                assert!(started.elapsed() < Duration::from_secs(60), "port {port}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            for _ in 0..100 {
+                let (pem, id) = identity();
+                match raw(port, &ca, &pem, hello(&id, &nonce)).await {
+                    Ok(mut s) => {
+                        s.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
+                            .await;
+                        ok += 1;
+                    }
+                    Err(e) => {
+                        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                        assert!(e.message().contains("enrolments_per_second"), "{e:?}");
+                        refused += 1;
+                    }
+                }
+            }
+        });
+        eprintln!("port {port}: {ok} enrolled, {refused} refused");
+        // A burst of 60 (the master's first went to the agent), then one a second.
+        assert!(
+            (55..100).contains(&ok),
+            "{ok} of 100 admitted at 1/s after a burst of 60"
+        );
+        admitted += ok;
+    }
+    // The refused are not enrolled; the agent still works.
+    d.wait_until("the admitted are enrolled", || {
+        d.clients().len() == admitted + 1
+    });
+    let victim = d
+        .clients()
+        .iter()
+        .find(|c| c["hostname"] != "raw-client")
+        .unwrap()["client_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let after = json(&d.api(&[
+        "collect",
+        &victim,
+        "Generic.Test.Rows",
+        "--param",
+        "count=2",
+        "--wait",
+        "--json",
+    ]));
+    assert_eq!(after["rows"], 2, "{after}");
+}

@@ -142,6 +142,38 @@ fn search_by_every_field_with_prefixes() {
 }
 
 #[test]
+fn enrolments_are_paced_and_known_clients_never_are() {
+    let lim = RegistryLimits {
+        enrolments_per_second: 2,
+        enrolment_burst: 3,
+        ..RegistryLimits::default()
+    };
+    let mut r = Registry::restore(lim, []);
+    let t = Timestamp(1_000);
+    for n in 1..=3 {
+        assert_eq!(r.handle_seen(t, sighting(n, "a")), Ok(Enrolment::New));
+    }
+    let e = r.handle_seen(t, sighting(4, "d")).unwrap_err();
+    assert_eq!(e, RegistryError::EnrolmentRate { per_second: 2 });
+    assert!(e.to_string().contains("enrolments_per_second"), "{e}");
+    assert!(
+        r.get(&ClientId::from_public_key(&key(4))).is_none(),
+        "refused is not enrolled"
+    );
+    // A known client reconnecting is not an enrolment.
+    assert_eq!(r.handle_seen(t, sighting(1, "a")), Ok(Enrolment::Known));
+    // Half a second later, one more token.
+    let later = Timestamp(1_500);
+    assert_eq!(r.handle_seen(later, sighting(4, "d")), Ok(Enrolment::New));
+    assert!(r.handle_seen(later, sighting(5, "e")).is_err());
+    // A minion's sighting was paced by the minion.
+    assert_eq!(
+        r.handle_seen_admitted(later, sighting(5, "e")),
+        Ok(Enrolment::New)
+    );
+}
+
+#[test]
 fn label_and_client_bounds() {
     let lim = RegistryLimits {
         clients_max: 2,
