@@ -859,10 +859,17 @@ async fn run_async(
                         })
                     })
                     .collect();
-                let v = serde_json::json!({ "master": c.master, "minions": minions });
+                let v = serde_json::json!({
+                    "master": c.master,
+                    "minions": minions,
+                    "volume_errors": c.volume_errors,
+                });
                 return Ok(serde_json::to_string_pretty(&v).expect("JSON"));
             }
             let mut out = vec![format!("master {}", c.master)];
+            for e in &c.volume_errors {
+                out.push(format!("shared volume failing: {e}"));
+            }
             if c.minions.is_empty() {
                 out.push("no minion has replicated to this master".into());
             }

@@ -936,7 +936,7 @@ fn require_frontend<T>(req: &Request<T>) -> Result<(), Status> {
 fn ds_status(e: crate::datastore::DatastoreError) -> Status {
     match e {
         crate::datastore::DatastoreError::Refused(e) => Status::invalid_argument(e.to_string()),
-        crate::datastore::DatastoreError::Stopped => Status::unavailable(e.to_string()),
+        crate::datastore::DatastoreError::Stopped(_) => Status::unavailable(e.to_string()),
     }
 }
 

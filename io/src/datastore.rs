@@ -26,6 +26,7 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+use talon_core::Timestamp;
 use talon_core::datastore::{
     Cache, CacheAction, CacheError, CacheLimits, CacheReply, FlushWrite, GroupPart, JournalRecord,
     RequestId,
@@ -65,17 +66,15 @@ impl Default for DatastoreOptions {
 pub enum DatastoreError {
     /// The cache refused it; determinate (nothing happened).
     Refused(CacheError),
-    /// The datastore task has stopped; for a write, indeterminate.
-    Stopped,
+    /// The datastore task has stopped, for this reason; for a write, indeterminate.
+    Stopped(String),
 }
 
 impl fmt::Display for DatastoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DatastoreError::Refused(e) => write!(f, "{e}"),
-            DatastoreError::Stopped => {
-                write!(f, "the datastore has stopped (see the master's log)")
-            }
+            DatastoreError::Stopped(why) => write!(f, "the datastore has stopped: {why}"),
         }
     }
 }
@@ -115,10 +114,16 @@ enum Done {
     Flush(u64, Result<(), String>),
 }
 
+/// A failing shared volume is logged at most this often (the count of failures in between is in
+/// the line).
+pub const VOLUME_ERROR_LOG_EVERY_MS: u64 = 10_000;
+
 /// A handle to the datastore task; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Datastore {
     tx: mpsc::Sender<Request>,
+    /// The shared volume's last flush failure not yet followed by a success: when (ms) and why.
+    volume_error: Arc<std::sync::Mutex<Option<(u64, String)>>>,
     /// Set once by [`Datastore::fail_stop`]; the task ends with it as its error.
     stop: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
@@ -271,7 +276,13 @@ impl Datastore {
         // list per waiting lister (readers_max), flushes_in_flight_max flushes.
         let done_cap = 2 * opts.limits.readers_max + opts.limits.flushes_in_flight_max + 1;
         let (done_tx, done_rx) = mpsc::channel(done_cap);
+        let stop = Arc::new(stop);
+        let volume_error = Arc::new(std::sync::Mutex::new(None));
         let driver = Driver {
+            stop_tx: stop.clone(),
+            volume_error: volume_error.clone(),
+            volume_errors_logged: None,
+            volume_errors_unlogged: 0,
             cache,
             journal,
             volume: Arc::new(volume),
@@ -286,8 +297,15 @@ impl Datastore {
             image,
         };
         let task = tokio::spawn(driver.run());
-        let stop = Arc::new(stop);
-        Ok((Datastore { tx, stop }, task, report))
+        Ok((
+            Datastore {
+                tx,
+                volume_error,
+                stop,
+            },
+            task,
+            report,
+        ))
     }
 
     /// Stops the datastore for good (fail-stop): the caller could not make durable a write whose
@@ -303,6 +321,18 @@ impl Datastore {
         });
     }
 
+    /// The shared volume's last flush failure, if no flush has succeeded since: when and why.
+    pub fn volume_error(&self) -> Option<(Timestamp, String)> {
+        let e = self.volume_error.lock().ok()?.clone()?;
+        Some((Timestamp(e.0), e.1))
+    }
+
+    /// The error for a call the stopped task did not answer, with the reason it stopped.
+    fn gone(&self) -> DatastoreError {
+        let why = self.stop.borrow().clone();
+        DatastoreError::Stopped(why.unwrap_or_else(|| "see the master's log".into()))
+    }
+
     /// True once the datastore has stopped (fail-stop, or its journal failed): nothing it holds in
     /// memory beyond the journal may be acted on any more.
     pub fn stopped(&self) -> bool {
@@ -314,12 +344,9 @@ impl Datastore {
         make: impl FnOnce(Reply) -> Request,
     ) -> Result<CacheReply, DatastoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| DatastoreError::Stopped)?;
+        self.tx.send(make(reply)).await.map_err(|_| self.gone())?;
         rx.await
-            .map_err(|_| DatastoreError::Stopped)?
+            .map_err(|_| self.gone())?
             .map_err(DatastoreError::Refused)
     }
 
@@ -391,8 +418,8 @@ impl Datastore {
         self.tx
             .send(Request::TakeImage(tx))
             .await
-            .map_err(|_| DatastoreError::Stopped)?;
-        rx.await.map_err(|_| DatastoreError::Stopped)
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())
     }
 
     /// Seeds the start image with every tracked key the caller read after the datastore opened
@@ -403,8 +430,8 @@ impl Datastore {
         self.tx
             .send(Request::SeedImage(entries, tx))
             .await
-            .map_err(|_| DatastoreError::Stopped.to_string())?;
-        rx.await.map_err(|_| DatastoreError::Stopped.to_string())?
+            .map_err(|_| self.gone().to_string())?;
+        rx.await.map_err(|_| self.gone().to_string())?
     }
 
     /// Waits until every write acknowledged before this call is on the shared volume (or overwritten
@@ -415,8 +442,8 @@ impl Datastore {
         self.tx
             .send(Request::Flushed(tx))
             .await
-            .map_err(|_| DatastoreError::Stopped)?;
-        rx.await.map_err(|_| DatastoreError::Stopped)
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())
     }
 }
 
@@ -429,6 +456,14 @@ struct Driver<D: LocalDisk, V: Volume> {
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
     stop_rx: tokio::sync::watch::Receiver<Option<String>>,
+    /// Where the reason goes when the driver stops on its own (its journal failed), so callers'
+    /// errors and the process's exit say why.
+    stop_tx: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    /// See [`Datastore::volume_error`].
+    volume_error: Arc<std::sync::Mutex<Option<(u64, String)>>>,
+    /// When a flush failure was last logged; failures since then not logged.
+    volume_errors_logged: Option<Timestamp>,
+    volume_errors_unlogged: u64,
     /// Callers waiting for a reply: bounded by the request channel plus the cache's own bounds.
     replies: BTreeMap<RequestId, Reply>,
     /// Callers of `flushed`, with the version each waits for: one per caller waiting (each held a
@@ -443,7 +478,25 @@ struct Driver<D: LocalDisk, V: Volume> {
 const GROUP_COMMIT_MAX: usize = 1024;
 
 impl<D: LocalDisk, V: Volume> Driver<D, V> {
+    /// Serves until every handle is gone or it stops; a failure's reason is published before the
+    /// pending replies are dropped, so every caller's error says why.
     async fn run(mut self) -> io::Result<()> {
+        let r = self.serve().await;
+        if let Err(e) = &r {
+            let why = format!("the journal on the local disk failed: {e}");
+            tracing::error!(error = %e, "the datastore stops");
+            self.stop_tx.send_if_modified(|s| {
+                let first = s.is_none();
+                if first {
+                    *s = Some(why);
+                }
+                first
+            });
+        }
+        r
+    }
+
+    async fn serve(&mut self) -> io::Result<()> {
         self.drain()?;
         let mut stop_open = true;
         loop {
@@ -538,7 +591,41 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
         match done {
             Done::Read(key, result) => self.cache.handle_read_done(now, &key, result),
             Done::List(req, result) => self.cache.handle_list_done(now, req, result),
-            Done::Flush(batch, result) => self.cache.handle_flush_done(now, batch, result),
+            Done::Flush(batch, result) => {
+                self.note_flush(now, &result);
+                self.cache.handle_flush_done(now, batch, result)
+            }
+        }
+    }
+
+    /// Keeps the volume's health for operators: a failed flush (a full or unreachable volume) is
+    /// logged at most every [`VOLUME_ERROR_LOG_EVERY_MS`] with how many failed meanwhile, and
+    /// remembered until a flush succeeds (`cluster status` shows it). The data stays journalled and
+    /// the flush is retried either way.
+    fn note_flush(&mut self, now: Timestamp, result: &Result<(), String>) {
+        match result {
+            Ok(()) => {
+                if let Ok(mut e) = self.volume_error.lock()
+                    && e.take().is_some()
+                {
+                    tracing::info!("the shared volume accepts writes again");
+                }
+                self.volume_errors_unlogged = 0;
+            }
+            Err(why) => {
+                if let Ok(mut e) = self.volume_error.lock() {
+                    *e = Some((now.as_ms(), why.clone()));
+                }
+                self.volume_errors_unlogged += 1;
+                let due = self
+                    .volume_errors_logged
+                    .is_none_or(|t| now.since_ms(t) >= VOLUME_ERROR_LOG_EVERY_MS);
+                if due {
+                    tracing::warn!(error = %why, failures = self.volume_errors_unlogged, "cannot write to the shared volume; the data stays in the local journal and is retried");
+                    self.volume_errors_logged = Some(now);
+                    self.volume_errors_unlogged = 0;
+                }
+            }
         }
     }
 

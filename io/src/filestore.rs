@@ -61,6 +61,12 @@ pub struct Filestore {
 }
 
 impl Filestore {
+    /// The shared volume's last failure to take this node's buffered messages, if no copy has
+    /// succeeded since: when and why.
+    pub fn volume_error(&self) -> Option<(talon_core::Timestamp, String)> {
+        self.buffer.volume_error()
+    }
+
     /// Recovers the buffer's journal from `disk` and starts copying it to `volume`. The task ends
     /// with an error if the journal fails (fail-stop: durability can no longer be promised).
     pub fn open(

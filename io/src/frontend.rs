@@ -1170,7 +1170,21 @@ impl Actor {
                     NodeRole::Master(m) => {
                         let names: BTreeSet<&String> =
                             m.persisted.keys().chain(m.minions.keys()).collect();
+                        let meta = match &self.datastore {
+                            Meta::Local(d) => d.volume_error(),
+                            Meta::Remote(_) => None,
+                        };
+                        let volume_errors = [
+                            ("metadata", meta),
+                            ("filestore", self.filestore.volume_error()),
+                        ]
+                        .into_iter()
+                        .filter_map(|(what, e)| {
+                            e.map(|(t, why)| format!("{what}: {why} (since {})", t.as_ms()))
+                        })
+                        .collect();
                         Ok(api::ClusterStatus {
+                            volume_errors,
                             master: self.opts.node_name.clone(),
                             minions: names
                                 .into_iter()

@@ -271,8 +271,133 @@ async fn fail_stop_ends_the_task_with_the_reason_and_refuses_later_requests() {
     assert!(err.contains("a write could not be made durable"), "{err}");
     assert!(matches!(
         ds.set("b", Bytes::new()).await,
-        Err(DatastoreError::Stopped)
+        Err(DatastoreError::Stopped(why)) if why.contains("could not be made durable")
     ));
+}
+
+/// A local disk whose appends fail as a full disk does, once `full` is set.
+struct FillingDisk {
+    inner: StdDisk,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl crate::storage::local::LocalDisk for FillingDisk {
+    fn append(&mut self, path: &str, data: &[u8]) -> io::Result<()> {
+        if self.full.load(Ordering::Relaxed) {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
+        self.inner.append(path, data)
+    }
+    fn sync(&mut self, path: &str) -> io::Result<()> {
+        self.inner.sync(path)
+    }
+    fn read(&mut self, path: &str) -> io::Result<Option<Vec<u8>>> {
+        self.inner.read(path)
+    }
+    fn write_atomic(&mut self, path: &str, data: &[u8]) -> io::Result<()> {
+        self.inner.write_atomic(path, data)
+    }
+    fn truncate(&mut self, path: &str, len: u64) -> io::Result<()> {
+        self.inner.truncate(path, len)
+    }
+    fn remove(&mut self, path: &str) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn list(&mut self, prefix: &str) -> io::Result<Vec<String>> {
+        self.inner.list(prefix)
+    }
+}
+
+#[tokio::test]
+async fn a_full_local_disk_stops_the_datastore_and_every_caller_is_told_why() {
+    let local = tempfile::tempdir().unwrap();
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let disk = FillingDisk {
+        inner: StdDisk::new(local.path()).unwrap(),
+        full: full.clone(),
+    };
+    let (ds, task, _) = Datastore::open(disk, StuckVolume, clock(), opts(10)).unwrap();
+    ds.set("a", Bytes::from_static(b"1")).await.unwrap();
+    full.store(true, Ordering::Relaxed);
+    let e = ds.set("b", Bytes::from_static(b"2")).await.unwrap_err();
+    // Before: "the datastore has stopped (see the master's log)", and nothing in the log either.
+    assert!(
+        e.to_string().contains("journal on the local disk failed")
+            && e.to_string().contains("no storage space"),
+        "{e}"
+    );
+    let later = ds.get("a").await.unwrap_err().to_string();
+    assert!(later.contains("no storage space"), "{later}");
+    assert!(task.await.unwrap().is_err());
+}
+
+/// A volume that is full (writes fail) while `full` is set.
+struct FullVolume(FsVolume, Arc<std::sync::atomic::AtomicBool>);
+
+impl FullVolume {
+    fn check(&self) -> io::Result<()> {
+        if self.1.load(Ordering::Relaxed) {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
+        Ok(())
+    }
+}
+
+impl Volume for FullVolume {
+    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+        self.0.read(key).await
+    }
+    async fn write(&self, key: &str, v: Bytes) -> io::Result<()> {
+        self.check()?;
+        self.0.write(key, v).await
+    }
+    async fn delete(&self, key: &str) -> io::Result<()> {
+        self.check()?;
+        self.0.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.0.list(prefix).await
+    }
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        self.check()?;
+        self.0.append(key, data).await
+    }
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        self.check()?;
+        self.0.commit(from, to).await
+    }
+}
+
+#[tokio::test]
+async fn a_full_volume_is_reported_until_a_flush_succeeds() {
+    let (local, shared) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let volume = FullVolume(FsVolume::new(shared.path()).unwrap(), full.clone());
+    let (ds, _task, _) = Datastore::open(
+        StdDisk::new(local.path()).unwrap(),
+        volume,
+        clock(),
+        opts(1),
+    )
+    .unwrap();
+    assert_eq!(ds.volume_error(), None);
+    ds.set("k", Bytes::from_static(b"v")).await.unwrap();
+    let mut seen = None;
+    for _ in 0..500 {
+        seen = ds.volume_error();
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, why) = seen.expect("the failing flush is reported");
+    assert!(why.contains("no storage space"), "{why}");
+    // The write is still acknowledged and readable; once the volume has room it lands.
+    assert_eq!(ds.get("k").await.unwrap(), Some(Bytes::from_static(b"v")));
+    full.store(false, Ordering::Relaxed);
+    ds.flushed().await.unwrap();
+    assert_eq!(ds.volume_error(), None);
+    assert_eq!(std::fs::read(shared.path().join("k")).unwrap(), b"v");
 }
 
 #[test]
