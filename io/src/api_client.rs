@@ -15,11 +15,16 @@ pub struct Api {
 }
 
 fn status(e: tonic::Status) -> String {
+    // A transport failure's reason (a refused certificate, a closed connection) is in its source.
+    let why = match std::error::Error::source(&e) {
+        Some(src) => tls::explain(src),
+        None => e.message().to_owned(),
+    };
     match e.code() {
         tonic::Code::Unavailable if e.message().contains("connect") => {
-            format!("cannot reach the master's API: {}", e.message())
+            format!("cannot reach the master's API: {why}")
         }
-        _ => e.message().to_owned(),
+        _ => why,
     }
 }
 
@@ -50,8 +55,9 @@ impl Api {
             .await
             .map_err(|e| {
                 format!(
-                    "cannot reach the master's API at {}: {e}",
-                    c.api_connection_string
+                    "cannot reach the master's API at {}: {}",
+                    c.api_connection_string,
+                    tls::explain(&e)
                 )
             })?;
         Ok(Api {

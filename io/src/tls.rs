@@ -321,6 +321,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(handshakes.max);
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(tokio::sync::Semaphore::new(handshakes.max));
+    let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::default()));
     tokio::spawn(async move {
         let mut refused = 0u64;
         loop {
@@ -345,16 +346,20 @@ pub fn incoming(
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, log) = (acceptor.clone(), tx.clone(), refusals.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let tls = match tokio::time::timeout(handshakes.timeout, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        return tracing::debug!(%addr, error = %e, "TLS handshake refused");
+                        let why = format!("handshake failed: {}", explain_server(&e));
+                        return RefusalLog::refused(&log, addr, &why);
                     }
-                    Err(_) => return tracing::debug!(%addr, "TLS handshake timed out"),
+                    Err(_) => {
+                        let why = format!("handshake not finished in {:?}", handshakes.timeout);
+                        return RefusalLog::refused(&log, addr, &why);
+                    }
                 };
                 let cert = tls
                     .get_ref()
@@ -363,18 +368,137 @@ pub fn incoming(
                     .and_then(|c| c.first())
                     .cloned();
                 let Some(cert) = cert else {
-                    return tracing::debug!(%addr, "no client certificate");
+                    return RefusalLog::refused(&log, addr, "no client certificate");
                 };
                 match peer_of(addr, &cert) {
                     Ok(peer) => {
                         let _ = tx.send(Ok(Conn { inner: tls, peer })).await;
                     }
-                    Err(e) => tracing::debug!(%addr, error = %e, "bad peer certificate"),
+                    Err(e) => {
+                        RefusalLog::refused(&log, addr, &format!("bad peer certificate: {e}"))
+                    }
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Why a handshake this server accepted failed, in the server's words (the client's certificate
+/// expired, unknown issuer, ...; or the client's alert about ours).
+fn explain_server(e: &io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(why)) => {
+            format!("the client's certificate is refused ({why:?})")
+        }
+        Some(rustls::Error::AlertReceived(alert)) => {
+            format!("the client refused this server's certificate ({alert:?})")
+        }
+        Some(rustls::Error::NoCertificatesPresented) => "no client certificate".into(),
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Says which side of a TLS connection refused it and why, from an error and its sources
+/// (`tonic`'s "transport error" hides the reason a level or three down). For a client's error.
+pub fn explain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let found = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(r) = found {
+            return match r {
+                rustls::Error::InvalidCertificate(why) => format!(
+                    "this side refused the server's certificate ({why:?}): it is not signed by the \
+                     CA in this config's ca_certificate, or it does not name the host connected \
+                     to; is this the right deployment's config?"
+                ),
+                rustls::Error::AlertReceived(alert) => format!(
+                    "the server refused the TLS handshake ({alert:?}): it does not accept this \
+                     side's certificate (expired, or not signed by the deployment's CA, or of \
+                     the wrong role); the server's log says why"
+                ),
+                other => format!("TLS failed: {other}"),
+            };
+        }
+        let text = err.to_string();
+        if chain.last() != Some(&text) {
+            chain.push(text);
+        }
+        cur = err.source().or_else(|| {
+            err.downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static))
+        });
+    }
+    // Some layers (h2) keep the TLS error only as text.
+    if let Some(alert) = chain
+        .iter()
+        .find_map(|t| t.split("received fatal alert: ").nth(1))
+    {
+        return format!(
+            "the server refused the TLS handshake ({alert}): it does not accept this side's \
+             certificate (expired, or not signed by the deployment's CA, or of the wrong role); \
+             the server's log says why"
+        );
+    }
+    // TLS 1.3 checks a client's certificate after the client has finished its side: a refusal
+    // then reaches the client as a connection closed under its first request.
+    let text = chain.join(": ");
+    if [
+        "broken pipe",
+        "connection reset",
+        "connection closed",
+        "unexpected end of file",
+    ]
+    .iter()
+    .any(|t| text.to_lowercase().contains(t))
+    {
+        return format!(
+            "{text} — the server closed the connection right after the TLS handshake, which is how \
+             it refuses a certificate it does not accept (expired, not signed by the deployment's \
+             CA, or of the wrong role); the server's log says why"
+        );
+    }
+    text
+}
+
+/// Logs refused TLS handshakes at warn level, each reason at most once per
+/// [`REFUSALS_LOG_EVERY`] per listener with the number refused for it since its last line: an
+/// operator sees who is turned away and why, and a flood of bad handshakes cannot flood the log.
+/// At most [`REFUSAL_REASONS_MAX`] reasons are remembered (then forgotten together).
+#[derive(Default)]
+struct RefusalLog {
+    reasons: std::collections::BTreeMap<String, (tokio::time::Instant, u64)>,
+}
+
+/// See [`RefusalLog`].
+const REFUSALS_LOG_EVERY: Duration = Duration::from_secs(10);
+/// See [`RefusalLog`].
+const REFUSAL_REASONS_MAX: usize = 64;
+
+impl RefusalLog {
+    fn refused(log: &std::sync::Mutex<RefusalLog>, addr: SocketAddr, why: &str) {
+        let Ok(mut l) = log.lock() else { return };
+        let now = tokio::time::Instant::now();
+        if l.reasons.len() >= REFUSAL_REASONS_MAX && !l.reasons.contains_key(why) {
+            l.reasons.clear();
+        }
+        let (last, since) = l.reasons.entry(why.to_owned()).or_insert((now, 0));
+        *since += 1;
+        if *since == 1 || now.duration_since(*last) >= REFUSALS_LOG_EVERY {
+            tracing::warn!(%addr, reason = %why, refused = *since, "refused a TLS connection");
+            *last = now;
+            *since = 0;
+        } else {
+            tracing::debug!(%addr, reason = %why, "refused a TLS connection");
+        }
+    }
 }
 
 /// Opens a gRPC channel to `host:port` over TLS with `config`, verifying the server as `host`.

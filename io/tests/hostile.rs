@@ -1693,3 +1693,61 @@ fn enrolments_past_the_admission_rate_are_refused() {
     ]));
     assert_eq!(after["rows"], 2, "{after}");
 }
+
+/// Item 10 of the hostile review: a foreign-CA API certificate printed "transport error", and the
+/// server logged refused handshakes at debug level only. Now each side says which side refused
+/// and why; the server logs it at warn level (rate-limited).
+#[test]
+fn tls_refusals_say_which_side_refused_and_why() {
+    let d = Deployment::new();
+    let other = Deployment::new();
+    let _master = d.start_master();
+    // Another deployment's API config pointed at this master: this side refuses the server.
+    let foreign = std::fs::read_to_string(other.path("api.yaml")).unwrap();
+    let ours: ApiClientConfig = read_yaml(&d.path("api.yaml")).unwrap();
+    let theirs: ApiClientConfig = read_yaml(&other.path("api.yaml")).unwrap();
+    let foreign = foreign.replace(&theirs.api_connection_string, &ours.api_connection_string);
+    std::fs::write(d.path("foreign.api.yaml"), foreign).unwrap();
+    let out = run(&[
+        "--api-config",
+        &d.s("foreign.api.yaml"),
+        "clients",
+        "search",
+        "all",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("this side refused the server's certificate"),
+        "{err}"
+    );
+    assert!(!err.trim_end().ends_with("transport error"), "{err}");
+    // Our CA, another deployment's API certificate: the server refuses it, and says so.
+    let mut cfg = ours.clone();
+    cfg.client_cert = theirs.client_cert.clone();
+    cfg.client_private_key = theirs.client_private_key.clone();
+    talon_io::config::write_yaml(&d.path("mixed.api.yaml"), &cfg).unwrap();
+    let out = run(&[
+        "--api-config",
+        &d.s("mixed.api.yaml"),
+        "clients",
+        "search",
+        "all",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    assert!(!out.status.success());
+    assert!(err.contains("the server's log says why"), "{err}");
+    let log = std::fs::read_to_string(d.path("master.log")).unwrap();
+    for why in [
+        "the client refused this server's certificate",
+        "the client's certificate is refused",
+    ] {
+        let line = log
+            .lines()
+            .find(|l| l.contains("refused a TLS connection") && l.contains(why))
+            .unwrap_or_else(|| panic!("no warning that {why} in the master's log:\n{log}"));
+        eprintln!("{line}");
+        assert!(line.contains("WARN"), "{line}");
+    }
+}
