@@ -24,6 +24,7 @@ pub mod cluster_codec;
 pub mod codec;
 pub mod datastore;
 pub mod flows;
+pub mod h2scan;
 pub mod histogram;
 pub mod hunts;
 pub mod ids;

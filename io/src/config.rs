@@ -146,6 +146,12 @@ pub struct Resources {
     pub enrolments_per_second: u64,
     /// TLS handshakes in progress at once per listener; beyond it new connections wait.
     pub max_pending_handshakes: u64,
+    /// Client-port connections open at once from one address; more are closed before any TLS
+    /// work. High by default: many endpoints may share one address behind NAT.
+    pub max_connections_per_address: u64,
+    /// API-port connections (analysts, minions) open at once from one address; more are closed
+    /// before any TLS work, so silent sockets from one host cannot crowd out the API.
+    pub max_api_connections_per_address: u64,
     /// A TLS handshake not finished within this many seconds is dropped.
     pub handshake_timeout_s: u64,
     /// A client stream whose first message (Hello) does not arrive within this many seconds is
@@ -173,6 +179,8 @@ impl Default for Resources {
             max_clients: 2_000_000,
             enrolments_per_second: 1_000,
             max_pending_handshakes: 1024,
+            max_connections_per_address: 20_000,
+            max_api_connections_per_address: 256,
             handshake_timeout_s: 10,
             hello_timeout_s: 10,
         }
@@ -183,7 +191,7 @@ impl Resources {
     /// Each key's name, value and allowed range (inclusive). The lower bounds of the message, batch
     /// and chunk sizes keep what the built-in agent sends (batches of up to 1,000 rows and 1 MiB,
     /// 512 KiB file chunks) within them.
-    pub fn bounds(&self) -> [(&'static str, u64, u64, u64); 19] {
+    pub fn bounds(&self) -> [(&'static str, u64, u64, u64); 21] {
         const K: u64 = 1 << 10;
         const M: u64 = 1 << 20;
         [
@@ -251,6 +259,18 @@ impl Resources {
             (
                 "max_pending_handshakes",
                 self.max_pending_handshakes,
+                1,
+                1_000_000,
+            ),
+            (
+                "max_connections_per_address",
+                self.max_connections_per_address,
+                1,
+                10_000_000,
+            ),
+            (
+                "max_api_connections_per_address",
+                self.max_api_connections_per_address,
                 1,
                 1_000_000,
             ),

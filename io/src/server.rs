@@ -181,11 +181,41 @@ fn node_options(cfg: &ServerConfig, node_name: String) -> NodeOptions {
     }
 }
 
-fn handshakes(cfg: &ServerConfig) -> tls::Handshakes {
+/// File descriptors kept free for the API port, the cluster link, the journals and the volume when
+/// the client port is at its bound.
+pub const FD_HEADROOM: u64 = 1024;
+
+/// Connections the API port keeps open at once (analysts and minions: far fewer).
+pub const API_OPEN_MAX: usize = 4096;
+
+/// Which listener [`handshakes`] is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    Clients,
+    Api,
+}
+
+fn handshakes(cfg: &ServerConfig, port: Port) -> tls::Handshakes {
     let r = &cfg.frontend.resources;
+    let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    let (per_address_max, open_max) = match port {
+        Port::Clients => {
+            // Below the process's open-file limit, so the API port and the cluster link still
+            // get descriptors when clients take all they can.
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(u64::MAX);
+            let open_max = limit.saturating_sub(FD_HEADROOM).max(64);
+            (n(r.max_connections_per_address), n(open_max))
+        }
+        Port::Api => (n(r.max_api_connections_per_address), API_OPEN_MAX),
+    };
     tls::Handshakes {
-        max: usize::try_from(r.max_pending_handshakes).unwrap_or(usize::MAX),
+        max: n(r.max_pending_handshakes),
         timeout: std::time::Duration::from_secs(r.handshake_timeout_s),
+        stream_timeout: std::time::Duration::from_secs(r.hello_timeout_s),
+        per_address_max,
+        open_max,
     }
 }
 
@@ -353,7 +383,12 @@ pub async fn run_master(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_with_incoming_shutdown(
             comms,
-            tls::incoming(fe_listener, fe_tls, handshakes(&cfg), Some(admission)),
+            tls::incoming(
+                fe_listener,
+                fe_tls,
+                handshakes(&cfg, Port::Clients),
+                Some(admission),
+            ),
             async move {
                 let _ = stop_a.changed().await;
             },
@@ -370,7 +405,7 @@ pub async fn run_master(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_with_incoming_shutdown(
             api_port,
-            tls::incoming(api_listener, api_tls, handshakes(&cfg), None),
+            tls::incoming(api_listener, api_tls, handshakes(&cfg, Port::Api), None),
             async move {
                 let _ = stop_b.changed().await;
             },
@@ -551,7 +586,12 @@ pub async fn run_minion(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_with_incoming_shutdown(
             comms,
-            tls::incoming(fe_listener, fe_tls, handshakes(&cfg), Some(admission)),
+            tls::incoming(
+                fe_listener,
+                fe_tls,
+                handshakes(&cfg, Port::Clients),
+                Some(admission),
+            ),
             async move {
                 let _ = stop_rx.changed().await;
             },

@@ -41,10 +41,19 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `handshake_timeout_s`).
 #[derive(Clone, Copy, Debug)]
 pub struct Handshakes {
-    /// Handshakes in progress at once; the accept loop waits beyond it.
+    /// Handshakes in progress at once; beyond it a connection waits for a slot (within `timeout`).
     pub max: usize,
     /// A handshake not finished within this is dropped.
     pub timeout: Duration,
+    /// A connection that opens no HTTP/2 stream within this after its handshake is closed.
+    pub stream_timeout: Duration,
+    /// Connections open at once from one address (`max_connections_per_address`); more are closed
+    /// before any TLS work.
+    pub per_address_max: usize,
+    /// Connections open at once on this listener: past it, new ones are closed before any TLS
+    /// work (the frontend's is set below the process's file limit, keeping headroom for the API
+    /// port and the cluster link).
+    pub open_max: usize,
 }
 
 impl Default for Handshakes {
@@ -52,6 +61,66 @@ impl Default for Handshakes {
         Handshakes {
             max: 1024,
             timeout: HANDSHAKE_TIMEOUT,
+            stream_timeout: HANDSHAKE_TIMEOUT,
+            per_address_max: usize::MAX,
+            open_max: usize::MAX,
+        }
+    }
+}
+
+/// Open connections of one listener, in total and per source address; a connection's
+/// [`Admitted`] gives its place back when dropped.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_address: std::collections::BTreeMap<std::net::IpAddr, usize>,
+}
+
+/// A connection's place in its listener's [`Open`] count.
+struct Admitted {
+    open: Arc<std::sync::Mutex<Open>>,
+    ip: std::net::IpAddr,
+}
+
+impl Admitted {
+    /// Counts a new connection from `ip`, or says which bound it is past.
+    fn take(
+        open: &Arc<std::sync::Mutex<Open>>,
+        ip: std::net::IpAddr,
+        h: &Handshakes,
+    ) -> Result<Admitted, String> {
+        let mut o = open.lock().map_err(|_| "poisoned".to_owned())?;
+        if o.total >= h.open_max {
+            return Err(format!(
+                "{} connections open on this listener, its bound (kept below the file limit)",
+                o.total
+            ));
+        }
+        let n = o.by_address.entry(ip).or_insert(0);
+        if *n >= h.per_address_max {
+            return Err(format!(
+                "{n} connections open from this address (max_connections_per_address)"
+            ));
+        }
+        *n += 1;
+        o.total += 1;
+        Ok(Admitted {
+            open: open.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut o) = self.open.lock() {
+            o.total -= 1;
+            if let Some(n) = o.by_address.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    o.by_address.remove(&self.ip);
+                }
+            }
         }
     }
 }
@@ -265,6 +334,10 @@ pub fn require_role<T>(
 pub struct Conn {
     inner: tokio_rustls::server::TlsStream<BoxIo>,
     peer: Peer,
+    /// Until the client opens a stream: what it sent so far, and when it must have.
+    idle: Option<(talon_core::h2scan::StreamScan, Pin<Box<tokio::time::Sleep>>)>,
+    log: Arc<std::sync::Mutex<RefusalLog>>,
+    _admitted: Admitted,
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -280,7 +353,24 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        if let Some((_, deadline)) = &mut this.idle
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            // No stream opened in time: end of input closes the connection.
+            let why = "no stream opened within the hello timeout after the handshake";
+            RefusalLog::refused(&this.log, this.peer.addr, why);
+            this.idle = None;
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some((scan, _))) = (&r, &mut this.idle)
+            && scan.feed(&buf.filled()[before..])
+        {
+            this.idle = None;
+        }
+        r
     }
 }
 
@@ -322,6 +412,7 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(tokio::sync::Semaphore::new(handshakes.max));
     let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::default()));
+    let open = Arc::new(std::sync::Mutex::new(Open::default()));
     tokio::spawn(async move {
         let mut refused = 0u64;
         loop {
@@ -343,14 +434,30 @@ pub fn incoming(
                 drop(tcp);
                 continue;
             }
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
+            // Before any TLS work, and before waiting for a handshake slot: one source cannot
+            // hold them all.
+            let admitted = match Admitted::take(&open, addr.ip(), &handshakes) {
+                Ok(a) => a,
+                Err(why) => {
+                    RefusalLog::refused(&refusals, addr, &why);
+                    drop(tcp);
+                    continue;
+                }
             };
-            let (acceptor, tx, log) = (acceptor.clone(), tx.clone(), refusals.clone());
+            let (acceptor, tx, log, slots) = (
+                acceptor.clone(),
+                tx.clone(),
+                refusals.clone(),
+                slots.clone(),
+            );
+            // The accept loop never waits: a connection waits for a handshake slot in its own task
+            // (counted in `open`), so refusals above keep working however many handshakes stall.
             tokio::spawn(async move {
-                let _permit = permit;
-                let tls = match tokio::time::timeout(handshakes.timeout, acceptor.accept(tcp)).await
-                {
+                let handshake = async {
+                    let _permit = slots.acquire_owned().await;
+                    acceptor.accept(tcp).await
+                };
+                let tls = match tokio::time::timeout(handshakes.timeout, handshake).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         let why = format!("handshake failed: {}", explain_server(&e));
@@ -372,7 +479,15 @@ pub fn incoming(
                 };
                 match peer_of(addr, &cert) {
                     Ok(peer) => {
-                        let _ = tx.send(Ok(Conn { inner: tls, peer })).await;
+                        let deadline = Box::pin(tokio::time::sleep(handshakes.stream_timeout));
+                        let conn = Conn {
+                            inner: tls,
+                            peer,
+                            idle: Some((talon_core::h2scan::StreamScan::new(), deadline)),
+                            log,
+                            _admitted: admitted,
+                        };
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Err(e) => {
                         RefusalLog::refused(&log, addr, &format!("bad peer certificate: {e}"))

@@ -1751,3 +1751,138 @@ fn tls_refusals_say_which_side_refused_and_why() {
         assert!(line.contains("WARN"), "{line}");
     }
 }
+
+/// A TCP connection to `port` from the loopback address `from` (tests use 127.0.0.2 and up as
+/// other hosts).
+async fn tcp_from(from: [u8; 4], port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind(std::net::SocketAddr::from((from, 0)))?;
+    s.connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+}
+
+/// True if the server closes `s` within `within` (end of input or a reset).
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Items 4 and 5 of the hostile review: connections that never open a stream were kept forever,
+/// and silent sockets on the API port (which minions replicate through) made API calls fail. Now a
+/// connection that opens no stream within the hello timeout is closed, each port caps connections
+/// per source address before any TLS work, and the client port stays below the file limit.
+#[test]
+fn idle_and_crowding_connections_are_closed_and_the_api_stays_up() {
+    let d = Deployment::new();
+    let mut yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
+    for (k, v) in [
+        ("hello_timeout_s", "2"),
+        ("handshake_timeout_s", "30"),
+        ("max_pending_handshakes", "16"),
+        ("max_connections_per_address", "50"),
+        ("max_api_connections_per_address", "8"),
+    ] {
+        yaml = set_key(&yaml, k, v);
+    }
+    std::fs::write(d.path("server.config.yaml"), &yaml).unwrap();
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
+    let _master = d.start_master();
+    let (fe, api) = (cfg.frontend.bind_port, cfg.api.bind_port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // 1. TLS and the HTTP/2 preface, then nothing: closed after hello_timeout_s (2 s).
+        let (pem, _) = identity();
+        let tls_cfg = tls::client_config(
+            &client.client.ca_certificate,
+            &pem.certificate,
+            &pem.private_key,
+        )
+        .unwrap();
+        let tcp = tcp_from([127, 0, 0, 1], fe).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(tls_cfg)
+            .connect(name, tcp)
+            .await
+            .expect("the handshake completes");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
+                Err(_) => break false,
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(_)) => continue, // the server's SETTINGS
+            }
+        };
+        assert!(closed, "a connection with no stream is kept open");
+        eprintln!("idle connection closed after {:?}", started.elapsed());
+
+        // 2. 60 silent sockets from one other host on the client port: 50 wait for TLS, 10 are
+        //    closed at once.
+        let mut held = Vec::new();
+        for _ in 0..60 {
+            held.push(tcp_from([127, 0, 0, 2], fe).await.unwrap());
+        }
+        let mut closed = 0;
+        for s in &mut held {
+            if closed_within(s, Duration::from_millis(150)).await {
+                closed += 1;
+            }
+        }
+        eprintln!("client port: {closed} of 60 from one address closed at once");
+        assert_eq!(closed, 10);
+
+        // 3. 40 silent sockets from another host on the API port: only 8 may wait for TLS, so
+        //    the handshake slots (16) stay free for the analyst, whose call is answered.
+        let mut api_held = Vec::new();
+        for _ in 0..40 {
+            api_held.push(tcp_from([127, 0, 0, 3], api).await.unwrap());
+        }
+        let mut closed = 0;
+        for s in &mut api_held {
+            if closed_within(s, Duration::from_millis(150)).await {
+                closed += 1;
+            }
+        }
+        eprintln!("API port: {closed} of 40 from one address closed at once");
+        assert_eq!(closed, 32);
+        drop(held);
+        // Keep the API crowd while the analyst calls.
+        let started = Instant::now();
+        let out = tokio::task::spawn_blocking({
+            let api_yaml = d.s("api.yaml");
+            move || run(&["--api-config", &api_yaml, "clients", "search", "all"])
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!(
+            "API call answered in {:?} with 8 silent sockets held",
+            started.elapsed()
+        );
+        drop(api_held);
+    });
+    let log = std::fs::read_to_string(d.path("master.log")).unwrap();
+    for why in [
+        "no stream opened within the hello timeout",
+        "connections open from this address (max_connections_per_address)",
+    ] {
+        assert!(log.contains(why), "the log says {why:?}");
+    }
+}
