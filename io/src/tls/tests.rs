@@ -204,3 +204,26 @@ async fn connections_beyond_the_rate_are_closed_before_any_handshake() {
     }
     assert_eq!((ok, accepted), (3, 3));
 }
+
+#[test]
+fn open_connections_are_bounded_per_address_and_in_total() {
+    let open = Arc::new(std::sync::Mutex::new(Open::default()));
+    let h = Handshakes {
+        per_address_max: 2,
+        open_max: 3,
+        ..Handshakes::default()
+    };
+    let a: std::net::IpAddr = [10, 0, 0, 1].into();
+    let b: std::net::IpAddr = [10, 0, 0, 2].into();
+    let a1 = Admitted::take(&open, a, &h).unwrap();
+    let _a2 = Admitted::take(&open, a, &h).unwrap();
+    let e = Admitted::take(&open, a, &h).err().unwrap();
+    assert!(e.contains("max_connections_per_address"), "{e}");
+    let _b1 = Admitted::take(&open, b, &h).unwrap();
+    let e = Admitted::take(&open, b, &h).err().unwrap();
+    assert!(e.contains("on this listener"), "{e}");
+    // A closed connection gives its place back.
+    drop(a1);
+    let _a3 = Admitted::take(&open, a, &h).unwrap();
+    assert_eq!(open.lock().unwrap().total, 3);
+}
