@@ -268,6 +268,30 @@ fn set_key(yaml: &str, key: &str, value: &str) -> String {
     yaml.replacen(line, &format!("{indent}{key}: {value}"), 1)
 }
 
+/// Collects `count` rows from `client` and waits for them: the deployment still works end to end.
+fn collects(d: &Deployment, client: &str, count: u64) -> serde_json::Value {
+    let v = json(&d.api(&[
+        "collect",
+        client,
+        "Generic.Test.Rows",
+        "--param",
+        &format!("count={count}"),
+        "--wait",
+        "--json",
+    ]));
+    assert_eq!(v["rows"], count, "{v}");
+    v
+}
+
+/// Sets `Frontend.resources` / `Datastore` keys in the deployment's server config.
+fn configure(d: &Deployment, keys: &[(&str, &str)]) {
+    let mut yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
+    for (k, v) in keys {
+        yaml = set_key(&yaml, k, v);
+    }
+    std::fs::write(d.path("server.config.yaml"), &yaml).unwrap();
+}
+
 struct Setup {
     d: Deployment,
     master_port: u16,
@@ -281,17 +305,16 @@ struct Setup {
 fn deployment() -> Setup {
     let d = Deployment::new();
     let (minion, p1) = d.add_minion();
-    let mut yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
-    for (k, v) in [
-        ("max_upload_size", "100000"),
-        ("connections_per_second", "20"),
-        ("hello_timeout_s", "2"),
-        ("handshake_timeout_s", "3"),
-        ("max_in_flight_per_flow", "4"),
-    ] {
-        yaml = set_key(&yaml, k, v);
-    }
-    std::fs::write(d.path("server.config.yaml"), &yaml).unwrap();
+    configure(
+        &d,
+        &[
+            ("max_upload_size", "100000"),
+            ("connections_per_second", "20"),
+            ("hello_timeout_s", "2"),
+            ("handshake_timeout_s", "3"),
+            ("max_in_flight_per_flow", "4"),
+        ],
+    );
     let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
     let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
     Setup {
@@ -315,16 +338,7 @@ fn hostile_clients_are_refused_and_stored_data_is_intact() {
         d.clients().first().is_some_and(|c| c["connected"] == true)
     });
     let victim = d.clients()[0]["client_id"].as_str().unwrap().to_owned();
-    let before = json(&d.api(&[
-        "collect",
-        &victim,
-        "Generic.Test.Rows",
-        "--param",
-        "count=5",
-        "--wait",
-        "--json",
-    ]));
-    assert_eq!(before["rows"], 5, "{before}");
+    let before = collects(d, &victim, 5);
     let victim_flow = before["flow_id"].as_str().unwrap().to_owned();
     let victim_rows = d.api(&["flow", "results", &victim, &victim_flow]);
     // The master writes metadata to the volume behind its journal: wait for the completed record.
@@ -666,16 +680,7 @@ fn hostile_clients_are_refused_and_stored_data_is_intact() {
         d.api(&["flow", "results", &victim, &victim_flow]),
         victim_rows
     );
-    let after = json(&d.api(&[
-        "collect",
-        &victim,
-        "Generic.Test.Rows",
-        "--param",
-        "count=2",
-        "--wait",
-        "--json",
-    ]));
-    assert_eq!(after["rows"], 2, "{after}");
+    collects(d, &victim, 2);
 }
 
 #[test]
@@ -983,15 +988,14 @@ fn damage_in_the_middle_of_the_journal_stops_the_start_and_loses_nothing() {
 #[test]
 fn a_flow_that_outgrows_its_record_fails_alone() {
     let d = Deployment::new();
-    let mut yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
-    for (k, v) in [
-        ("max_value_size", "65536"),
-        ("max_uploads_per_flow", "30"),
-        ("max_upload_name_length", "4000"),
-    ] {
-        yaml = set_key(&yaml, k, v);
-    }
-    std::fs::write(d.path("server.config.yaml"), &yaml).unwrap();
+    configure(
+        &d,
+        &[
+            ("max_value_size", "65536"),
+            ("max_uploads_per_flow", "30"),
+            ("max_upload_name_length", "4000"),
+        ],
+    );
     let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
     let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
     let (port, ca, nonce) = (
@@ -1107,16 +1111,7 @@ fn a_flow_that_outgrows_its_record_fails_alone() {
         d.api(&["flow", "results", &victim, &victim_flow]),
         victim_rows
     );
-    let after = json(&d.api(&[
-        "collect",
-        &victim,
-        "Generic.Test.Rows",
-        "--param",
-        "count=2",
-        "--wait",
-        "--json",
-    ]));
-    assert_eq!(after["rows"], 2, "{after}");
+    collects(&d, &victim, 2);
 }
 
 /// Item 2 of the hostile review: a master whose unflushed backlog is at its bound (a slow volume,
@@ -1682,16 +1677,7 @@ fn enrolments_past_the_admission_rate_are_refused() {
         .as_str()
         .unwrap()
         .to_owned();
-    let after = json(&d.api(&[
-        "collect",
-        &victim,
-        "Generic.Test.Rows",
-        "--param",
-        "count=2",
-        "--wait",
-        "--json",
-    ]));
-    assert_eq!(after["rows"], 2, "{after}");
+    collects(&d, &victim, 2);
 }
 
 /// Item 10 of the hostile review: a foreign-CA API certificate printed "transport error", and the
@@ -1782,17 +1768,16 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool 
 #[test]
 fn idle_and_crowding_connections_are_closed_and_the_api_stays_up() {
     let d = Deployment::new();
-    let mut yaml = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
-    for (k, v) in [
-        ("hello_timeout_s", "2"),
-        ("handshake_timeout_s", "30"),
-        ("max_pending_handshakes", "16"),
-        ("max_connections_per_address", "50"),
-        ("max_api_connections_per_address", "8"),
-    ] {
-        yaml = set_key(&yaml, k, v);
-    }
-    std::fs::write(d.path("server.config.yaml"), &yaml).unwrap();
+    configure(
+        &d,
+        &[
+            ("hello_timeout_s", "2"),
+            ("handshake_timeout_s", "30"),
+            ("max_pending_handshakes", "16"),
+            ("max_connections_per_address", "50"),
+            ("max_api_connections_per_address", "8"),
+        ],
+    );
     let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
     let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
     let _master = d.start_master();
