@@ -827,6 +827,7 @@ pub fn spawn_pool(
         clock,
         entropy,
         net,
+        ..
     } = env;
     std::fs::create_dir_all(writeback_dir)
         .map_err(|e| format!("{}: {e}", writeback_dir.display()))?;

@@ -15,6 +15,10 @@ pub struct Env {
     pub entropy: Arc<dyn Entropy>,
     /// Listeners and connections.
     pub net: Arc<dyn Net>,
+    /// The machine's name (who holds a lease; a simulated node's own name).
+    pub host: String,
+    /// This process's id (a simulated node's incarnation).
+    pub pid: u32,
 }
 
 impl Env {
@@ -24,6 +28,8 @@ impl Env {
             clock: Arc::new(SystemClock),
             entropy: Arc::new(OsEntropy::default()),
             net: TokioNet::shared(),
+            host: crate::storage::lease::host_name(),
+            pid: std::process::id(),
         }
     }
 }

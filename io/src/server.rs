@@ -8,7 +8,7 @@ use crate::env::Env;
 use crate::filestore::{Filestore, FilestoreOptions};
 use crate::frontend::{ApiService, Cluster, CommsService, Node, NodeOptions};
 use crate::storage::NodeStorage;
-use crate::storage::lease::{self, LEASE_BEAT, Lease, LeaseJson};
+use crate::storage::lease::{LEASE_BEAT, Lease, LeaseJson};
 use crate::tls;
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -256,6 +256,8 @@ pub async fn run_master(
         clock,
         entropy,
         net,
+        host,
+        pid,
     } = env;
     let NodeStorage {
         local,
@@ -269,9 +271,9 @@ pub async fn run_master(
     // Before anything is written to the datastore: one master per datastore.
     let me = LeaseJson {
         node: node_name.clone(),
-        host: lease::host_name(),
+        host,
         local_dir: local_name.clone(),
-        pid: std::process::id(),
+        pid,
         token: String::new(),
         beat: 0,
     };
@@ -472,6 +474,7 @@ pub async fn run_minion(
         clock,
         entropy,
         net,
+        ..
     } = env;
     let me = cfg
         .extra_frontends

@@ -223,6 +223,9 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                 clock: Arc::new(SimClock { epoch_ms: EPOCH_MS }),
                 entropy: Arc::new(SimEntropy::new(root.fork(&format!("env-{name}-{n}")))),
                 net: Arc::new(SimNet),
+                // Deterministic: a run is a function of its seed, whatever process runs it.
+                host: name.clone(),
+                pid: u32::try_from(n + 1).unwrap_or(u32::MAX),
             };
             // The same disk and volume every incarnation: a restart finds what the last one left.
             let storage = NodeStorage {
