@@ -154,21 +154,6 @@ impl Api {
         }
     }
 
-    /// A flow's rows.
-    pub async fn rows(
-        &mut self,
-        client: &str,
-        flow: &str,
-    ) -> Result<Vec<serde_json::Value>, String> {
-        let mut out = Vec::new();
-        self.each_flow_row(client, flow, |r| {
-            out.push(r);
-            Ok(())
-        })
-        .await?;
-        Ok(out)
-    }
-
     /// Calls `each` with every result row of a flow as its page arrives (memory: one page, however
     /// many rows); returns how many there were. An error from `each` stops the stream.
     pub async fn each_flow_row(
@@ -290,20 +275,6 @@ impl Api {
             .await
             .map_err(status)?
             .into_inner())
-    }
-
-    /// A hunt's rows: `(client_id, flow_id, row)`.
-    pub async fn hunt_rows(
-        &mut self,
-        id: &str,
-    ) -> Result<Vec<(String, String, serde_json::Value)>, String> {
-        let mut out = Vec::new();
-        self.each_hunt_row(id, |c, f, r| {
-            out.push((c.to_owned(), f.to_owned(), r));
-            Ok(())
-        })
-        .await?;
-        Ok(out)
     }
 
     /// Calls `each(client_id, flow_id, row)` with every row a hunt collected as its page arrives
@@ -438,23 +409,6 @@ impl Csv {
     }
 }
 
-/// Rows as CSV: `client_id,flow_id,` then the union of row keys (sorted); non-string values as JSON.
-pub fn rows_csv(rows: &[(String, String, serde_json::Value)], raw: bool) -> String {
-    let mut keys = std::collections::BTreeSet::new();
-    for (_, _, r) in rows {
-        if let Some(o) = r.as_object() {
-            keys.extend(o.keys().cloned());
-        }
-    }
-    let csv = Csv::new(keys, raw);
-    let mut out = csv.header();
-    for (c, f, r) in rows {
-        out.push('\n');
-        out.push_str(&csv.row(c, f, r).0);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,8 +424,8 @@ mod tests {
     }
 
     #[test]
-    fn csv_quotes_what_needs_it_and_unions_columns() {
-        let rows = vec![
+    fn csv_quotes_what_needs_it_and_takes_the_given_columns() {
+        let rows: Vec<(String, String, serde_json::Value)> = vec![
             (
                 "C.1".into(),
                 "F.1".into(),
@@ -484,7 +438,20 @@ mod tests {
             ),
         ];
         assert_eq!(
-            rows_csv(&rows, false),
+            {
+                let csv = Csv::new(
+                    rows.iter()
+                        .filter_map(|(_, _, r)| r.as_object())
+                        .flat_map(|o| o.keys().cloned()),
+                    false,
+                );
+                let mut out = csv.header();
+                for (c, f, r) in &rows {
+                    out.push('\n');
+                    out.push_str(&csv.row(c, f, r).0);
+                }
+                out
+            },
             "client_id,flow_id,a,b,c\nC.1,F.1,1,\"x,y\",\nC.2,F.2,,,\"say \"\"hi\"\"\""
         );
     }

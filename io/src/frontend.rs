@@ -2128,7 +2128,7 @@ impl Actor {
                 }
                 FlowAction::StoreRefusal { key, seq, reason } => {
                     tracing::warn!(client = %key.client, flow = %key.flow, seq, %reason, "refused a flow message; the flow fails");
-                    self.raw.remove(&(key.clone(), seq));
+                    // (No bytes were kept for it: a refused message is never stored.)
                     let refusal = refusal_record(&key.flow, seq, self.now(), &reason);
                     self.store_flow_message(key, seq, refusal);
                 }
