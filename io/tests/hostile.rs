@@ -1761,6 +1761,22 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool 
     }
 }
 
+/// Opens `n` silent sockets to `port` from `from`; returns them and how many the server closed at
+/// once (within 150 ms each).
+async fn crowd(from: [u8; 4], port: u16, n: usize) -> (Vec<tokio::net::TcpStream>, usize) {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(tcp_from(from, port).await.unwrap());
+    }
+    let mut closed = 0;
+    for s in &mut held {
+        if closed_within(s, Duration::from_millis(150)).await {
+            closed += 1;
+        }
+    }
+    (held, closed)
+}
+
 /// Items 4 and 5 of the hostile review: connections that never open a stream were kept forever,
 /// and silent sockets on the API port (which minions replicate through) made API calls fail. Now a
 /// connection that opens no stream within the hello timeout is closed, each port caps connections
@@ -1816,31 +1832,13 @@ fn idle_and_crowding_connections_are_closed_and_the_api_stays_up() {
 
         // 2. 60 silent sockets from one other host on the client port: 50 wait for TLS, 10 are
         //    closed at once.
-        let mut held = Vec::new();
-        for _ in 0..60 {
-            held.push(tcp_from([127, 0, 0, 2], fe).await.unwrap());
-        }
-        let mut closed = 0;
-        for s in &mut held {
-            if closed_within(s, Duration::from_millis(150)).await {
-                closed += 1;
-            }
-        }
+        let (held, closed) = crowd([127, 0, 0, 2], fe, 60).await;
         eprintln!("client port: {closed} of 60 from one address closed at once");
         assert_eq!(closed, 10);
 
         // 3. 40 silent sockets from another host on the API port: only 8 may wait for TLS, so
         //    the handshake slots (16) stay free for the analyst, whose call is answered.
-        let mut api_held = Vec::new();
-        for _ in 0..40 {
-            api_held.push(tcp_from([127, 0, 0, 3], api).await.unwrap());
-        }
-        let mut closed = 0;
-        for s in &mut api_held {
-            if closed_within(s, Duration::from_millis(150)).await {
-                closed += 1;
-            }
-        }
+        let (api_held, closed) = crowd([127, 0, 0, 3], api, 40).await;
         eprintln!("API port: {closed} of 40 from one address closed at once");
         assert_eq!(closed, 32);
         drop(held);
