@@ -58,6 +58,8 @@ pub struct Filestore {
     volume: SharedVolume,
     log: Arc<SegmentLog>,
     buffer: Datastore,
+    /// How the first attempt to make this node's segment files ended (`None` while it runs).
+    prepared: tokio::sync::watch::Receiver<Option<bool>>,
 }
 
 impl Filestore {
@@ -101,22 +103,41 @@ impl Filestore {
         let (buffer, task, report) =
             Datastore::open(disk, SharedVolume::new(log.clone()), clock, opts)?;
         // The first flush then appends at once (on slowfs a hunt's first results waited ~1.5 s for
-        // these files to be made).
+        // these files to be made). See `Filestore::prepared`.
         let first = log.clone();
+        let (done, prepared) = tokio::sync::watch::channel(None);
         tokio::spawn(async move {
-            if let Err(e) = first.prepare().await {
+            let made = first.prepare().await;
+            if let Err(e) = &made {
                 tracing::warn!(error = %e, "cannot create this node's segment files yet; the first flush retries");
             }
+            let _ = done.send(Some(made.is_ok()));
         });
         Ok((
             Filestore {
                 volume,
                 log,
                 buffer,
+                prepared,
             },
             task,
             report,
         ))
+    }
+
+    /// Waits, at most `limit`, until the first attempt to make this node's segment files has ended:
+    /// whether it made them, `None` if it had not ended by then. A node accepts clients only after it (docs/architecture.md,
+    /// "The segment log"): made while clients enrol, the files wait behind the enrolments' writes
+    /// on a network volume (on slowfs the first flush of a hunt started just after 500 enrolments
+    /// waited ~0.8 s for them), and alone they take a few round trips.
+    pub async fn prepared(&self, limit: std::time::Duration) -> Option<bool> {
+        let mut rx = self.prepared.clone();
+        match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(made)) => *made,
+            // The task ended without a word (it panicked): as a failure.
+            Ok(Err(_)) => Some(false),
+            Err(_) => None,
+        }
     }
 
     /// Where a completed flow's messages `0..messages` are: the runs this node wrote or learned by

@@ -131,6 +131,27 @@ fn open_filestore(
     Ok((fs, task))
 }
 
+/// How long a frontend keeps clients waiting for its segment files before it serves them anyway
+/// (the first flush then makes them, retrying until the volume takes them).
+const SEGMENTS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until the node's segment files are made or [`SEGMENTS_WAIT`] has passed, logging which.
+async fn segments_ready(filestore: &Filestore) {
+    let t0 = tokio::time::Instant::now();
+    match filestore.prepared(SEGMENTS_WAIT).await {
+        Some(true) => {
+            let ms = t0.elapsed().as_millis() as u64;
+            tracing::debug!(ms, "segment files made; accepting clients");
+        }
+        // Logged where it failed; the first flush retries.
+        Some(false) => {}
+        None => tracing::warn!(
+            waited_s = SEGMENTS_WAIT.as_secs(),
+            "the filestore volume has not taken this node's segment files yet; accepting clients anyway (their results stay in the local buffer until it does)"
+        ),
+    }
+}
+
 /// Why a storage task ended (it only ends on failure: fail-stop).
 fn stopped(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> String {
     match r {
@@ -381,20 +402,22 @@ pub async fn run_master(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_a = stop_rx.clone();
     let mut stop_b = stop_rx;
-    let fe = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .serve_with_incoming_shutdown(
-            comms,
-            tls::incoming(
-                fe_listener,
-                fe_tls,
-                handshakes(&cfg, Port::Clients),
-                Some(admission),
-            ),
-            async move {
-                let _ = stop_a.changed().await;
-            },
-        );
+    let fe_handshakes = handshakes(&cfg, Port::Clients);
+    let ready = filestore.clone();
+    let fe = async move {
+        // Clients wait in the listen backlog until the node can store what they send.
+        segments_ready(&ready).await;
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .serve_with_incoming_shutdown(
+                comms,
+                tls::incoming(fe_listener, fe_tls, fe_handshakes, Some(admission)),
+                async move {
+                    let _ = stop_a.changed().await;
+                },
+            )
+            .await
+    };
     // The API port serves analysts (API certificates) and minions (the frontend certificate); each
     // service checks the role of the certificate it is called with.
     let api_port = ApiPort {
@@ -585,20 +608,21 @@ pub async fn run_minion(
     });
     let comms = CommsServer::new(CommsService::new(handle)).max_decoding_message_size(max_message);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let fe = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .serve_with_incoming_shutdown(
-            comms,
-            tls::incoming(
-                fe_listener,
-                fe_tls,
-                handshakes(&cfg, Port::Clients),
-                Some(admission),
-            ),
-            async move {
-                let _ = stop_rx.changed().await;
-            },
-        );
+    let fe_handshakes = handshakes(&cfg, Port::Clients);
+    let ready = filestore.clone();
+    let fe = async move {
+        segments_ready(&ready).await;
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .serve_with_incoming_shutdown(
+                comms,
+                tls::incoming(fe_listener, fe_tls, fe_handshakes, Some(admission)),
+                async move {
+                    let _ = stop_rx.changed().await;
+                },
+            )
+            .await
+    };
     let span = tracing::info_span!("node", node = %node, role = "minion");
     let fe = tracing::Instrument::instrument(fe, span);
     tokio::pin!(fe);

@@ -252,6 +252,14 @@ impl<V: Volume> Volume for Arc<V> {
 /// ~18 stats/s from one caller, ~188 from 32).
 pub const VOLUME_CONCURRENCY: usize = 32;
 
+/// Whose primitives a call issues: background batch work (`write_many`, `list`), which shares the
+/// volume's gate, or one key someone waits for (`write`, `commit`), which does not queue behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Work {
+    Batch,
+    Single,
+}
+
 /// How [`FsVolume::write_many`] makes a batch durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
@@ -311,6 +319,13 @@ pub struct FsVolume<F = OsFs> {
     /// Numbers temp files, also for two batches writing one key at once.
     temp_seq: Arc<AtomicU64>,
     in_flight: usize,
+    /// Bounds the primitives of this volume's batch work (every call's concurrent part: the
+    /// steps of `write_many`, a `list`'s directories) at `in_flight` across all its calls: the
+    /// datastore runs several flushes at once, and without it they had 8 x 32 requests queued on
+    /// the mount ahead of everything else (a filestore append waited ~1 s on slowfs behind them, a
+    /// lease beat would have too). Single-key calls (`read`, `write`, `append_synced`, ...) do not
+    /// queue here: they are what someone waits for.
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl FsVolume<OsFs> {
@@ -340,6 +355,7 @@ impl<F: Fs> FsVolume<F> {
             tag: tag.into(),
             temp_seq: Arc::default(),
             in_flight: VOLUME_CONCURRENCY,
+            gate: Arc::new(tokio::sync::Semaphore::new(VOLUME_CONCURRENCY)),
         }
     }
 
@@ -359,10 +375,24 @@ impl<F: Fs> FsVolume<F> {
         self
     }
 
-    /// The same volume with at most `n` primitives of one call in flight (at least 1).
+    /// The same volume with at most `n` primitives of batch work in flight at once (at least 1),
+    /// across all its calls.
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.in_flight = n.max(1);
+        self.gate = Arc::new(tokio::sync::Semaphore::new(self.in_flight));
         self
+    }
+
+    /// Runs `work`, if it is `batch` work once fewer than `in_flight` pieces of batch work are in
+    /// flight on this volume.
+    async fn gated<T>(&self, batch: bool, work: impl Future<Output = T>) -> T {
+        // The semaphore is never closed: `acquire` cannot fail.
+        let _permit = if batch {
+            self.gate.acquire().await.ok()
+        } else {
+            None
+        };
+        work.await
     }
 
     /// A fresh hidden temp path beside `key` (`list` never shows it).
@@ -422,10 +452,15 @@ impl<F: Fs> FsVolume<F> {
         }
     }
 
-    /// Runs every future, at most `in_flight` at once, and returns their outcomes in order. It
-    /// returns only when all have finished (none is left running after an error).
-    async fn bounded<Fut: Future>(&self, futs: Vec<Fut>) -> Vec<Fut::Output> {
-        bounded(self.in_flight, futs).await
+    /// Runs every future, at most `in_flight` at once (batch work also through the volume's gate), and
+    /// returns their outcomes in order. It returns only when all have finished (none is left
+    /// running after an error).
+    async fn bounded<Fut: Future>(&self, work: Work, futs: Vec<Fut>) -> Vec<Fut::Output> {
+        let gated = futs
+            .into_iter()
+            .map(|f| self.gated(work == Work::Batch, f))
+            .collect();
+        bounded(self.in_flight, gated).await
     }
 
     /// Creates a new value's temp file (its directory made if missing), synced if `durable`;
@@ -446,10 +481,16 @@ impl<F: Fs> FsVolume<F> {
     /// Every change of `last`, durable by the volume's [`SyncMode`]: the new values into temp
     /// files, concurrently (synced each, or then one `syncfs`); the renames over the keys and the
     /// removals; then each changed directory synced (or one `syncfs`).
-    async fn apply(&self, last: Vec<(String, Option<Bytes>)>, per_file: bool) -> io::Result<()> {
+    async fn apply(
+        &self,
+        work: Work,
+        last: Vec<(String, Option<Bytes>)>,
+        per_file: bool,
+    ) -> io::Result<()> {
         let (puts, removes): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, v)| v.is_some());
         let staged = self
             .bounded(
+                work,
                 puts.iter()
                     .map(|(k, v)| self.stage(k, v.clone().unwrap_or_default(), per_file))
                     .collect(),
@@ -461,16 +502,22 @@ impl<F: Fs> FsVolume<F> {
                 .iter()
                 .filter_map(|r| r.as_ref().ok().map(|(tmp, _)| tmp.as_str()))
                 .collect();
-            self.bounded(written.into_iter().map(|t| self.fs.remove(t)).collect())
-                .await;
+            self.bounded(
+                work,
+                written.into_iter().map(|t| self.fs.remove(t)).collect(),
+            )
+            .await;
         }
         let staged = staged.into_iter().collect::<io::Result<Vec<_>>>()?;
         if !per_file
             && !staged.is_empty()
             && let Err(e) = self.fs.sync_all().await
         {
-            self.bounded(staged.iter().map(|(t, _)| self.fs.remove(t)).collect())
-                .await;
+            self.bounded(
+                work,
+                staged.iter().map(|(t, _)| self.fs.remove(t)).collect(),
+            )
+            .await;
             return Err(e);
         }
         let mut dirs: BTreeSet<String> = BTreeSet::new();
@@ -485,7 +532,7 @@ impl<F: Fs> FsVolume<F> {
             .iter()
             .zip(&staged)
             .map(|((key, _), (tmp, _))| self.fs.rename(tmp, key));
-        let renamed = self.bounded(renames.collect()).await;
+        let renamed = self.bounded(work, renames.collect()).await;
         // Leave no temp file behind (best effort: a crash may still leave one).
         let failed: Vec<&str> = renamed
             .iter()
@@ -493,10 +540,14 @@ impl<F: Fs> FsVolume<F> {
             .filter(|(r, _)| r.is_err())
             .map(|(_, (tmp, _))| tmp.as_str())
             .collect();
-        self.bounded(failed.into_iter().map(|t| self.fs.remove(t)).collect())
-            .await;
+        self.bounded(
+            work,
+            failed.into_iter().map(|t| self.fs.remove(t)).collect(),
+        )
+        .await;
         renamed.into_iter().collect::<io::Result<()>>()?;
         self.bounded(
+            work,
             removes
                 .iter()
                 .map(|(k, _)| absent_ok(self.fs.remove(k)))
@@ -506,7 +557,7 @@ impl<F: Fs> FsVolume<F> {
         .into_iter()
         .collect::<io::Result<()>>()?;
         if per_file {
-            self.sync_dirs(&dirs).await
+            self.sync_dirs(work, &dirs).await
         } else {
             self.fs.sync_all().await
         }
@@ -514,11 +565,14 @@ impl<F: Fs> FsVolume<F> {
 
     /// Syncs each directory in `dirs`, concurrently; a directory a concurrent removal took holds
     /// nothing of ours any more.
-    async fn sync_dirs(&self, dirs: &BTreeSet<String>) -> io::Result<()> {
-        self.bounded(dirs.iter().map(|d| absent_ok(self.fs.sync(d))).collect())
-            .await
-            .into_iter()
-            .collect()
+    async fn sync_dirs(&self, work: Work, dirs: &BTreeSet<String>) -> io::Result<()> {
+        self.bounded(
+            work,
+            dirs.iter().map(|d| absent_ok(self.fs.sync(d))).collect(),
+        )
+        .await
+        .into_iter()
+        .collect()
     }
 }
 
@@ -588,7 +642,8 @@ impl<F: Fs> Volume for FsVolume<F> {
     /// [`SyncMode`]: one `syncfs` would flush every other writer's data too.
     async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
         validate_key(key).map_err(bad_key)?;
-        self.apply(vec![(key.to_owned(), Some(value))], true).await
+        self.apply(Work::Single, vec![(key.to_owned(), Some(value))], true)
+            .await
     }
 
     async fn delete(&self, key: &str) -> io::Result<()> {
@@ -612,7 +667,7 @@ impl<F: Fs> Volume for FsVolume<F> {
         let mut level = vec![dir_part.to_owned()];
         while !level.is_empty() {
             let listed = self
-                .bounded(level.iter().map(|d| self.fs.list(d)).collect())
+                .bounded(Work::Batch, level.iter().map(|d| self.fs.list(d)).collect())
                 .await;
             let mut next = Vec::new();
             for (rel, entries) in level.iter().zip(listed) {
@@ -676,8 +731,12 @@ impl<F: Fs> Volume for FsVolume<F> {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{k}: {e}")))?;
             last.insert(k, v);
         }
-        self.apply(last.into_iter().collect(), self.sync == SyncMode::PerFile)
-            .await
+        self.apply(
+            Work::Batch,
+            last.into_iter().collect(),
+            self.sync == SyncMode::PerFile,
+        )
+        .await
     }
 
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
@@ -689,7 +748,7 @@ impl<F: Fs> Volume for FsVolume<F> {
             .await?;
         let mut dirs: BTreeSet<String> = made_in.into_iter().collect();
         dirs.insert(split(to).0.to_owned());
-        self.sync_dirs(&dirs).await
+        self.sync_dirs(Work::Single, &dirs).await
     }
 }
 
@@ -862,6 +921,85 @@ mod tests {
         assert_eq!(outcomes[39].as_ref().unwrap(), &39, "outcomes in order");
         let first_error = outcomes.into_iter().collect::<io::Result<Vec<_>>>();
         assert_eq!(first_error.unwrap_err().to_string(), "seven");
+    }
+
+    /// Primitives that take 10 ms each and succeed, counting how many are in flight at once.
+    #[derive(Default)]
+    struct Watched {
+        now: AtomicU64,
+        most: AtomicU64,
+    }
+
+    impl Watched {
+        async fn op<T>(&self, out: T) -> io::Result<T> {
+            let at = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(at, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(out)
+        }
+    }
+
+    impl Fs for Watched {
+        async fn read(&self, _: &str) -> io::Result<Option<Bytes>> {
+            self.op(None).await
+        }
+        async fn create(&self, _: &str, _: Bytes, _: bool) -> io::Result<()> {
+            self.op(()).await
+        }
+        async fn append(&self, _: &str, _: Bytes, _: bool) -> io::Result<()> {
+            self.op(()).await
+        }
+        async fn sync(&self, _: &str) -> io::Result<()> {
+            self.op(()).await
+        }
+        async fn sync_all(&self) -> io::Result<()> {
+            self.op(()).await
+        }
+        async fn rename(&self, _: &str, _: &str) -> io::Result<()> {
+            self.op(()).await
+        }
+        async fn mkdir(&self, _: &str) -> io::Result<()> {
+            self.op(()).await
+        }
+        async fn list(&self, _: &str) -> io::Result<Vec<crate::storage::fs::Entry>> {
+            self.op(Vec::new()).await
+        }
+        async fn remove(&self, _: &str) -> io::Result<()> {
+            self.op(()).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batch_work_shares_one_bound_per_volume_and_a_single_write_does_not_queue_behind_it() {
+        let v = FsVolume::over(Watched::default(), SyncMode::PerFile, "t").with_concurrency(8);
+        let v = Arc::new(v);
+        let batch = |b: usize| {
+            let v = v.clone();
+            tokio::spawn(async move {
+                let writes = (0..40)
+                    .map(|i| (format!("b{b}/k{i}"), Some(Bytes::from_static(b"x"))))
+                    .collect();
+                v.write_many(writes).await
+            })
+        };
+        // Four flushes at once (the datastore runs several): each alone may have 8 in flight.
+        let flushes: Vec<_> = (0..4).map(batch).collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(v.fs().now.load(Ordering::SeqCst), 8, "the gate is full");
+        // A single-key write someone waits for (a lease beat, a segment file) goes at once: its
+        // three primitives (create, rename, directory sync) take 30 ms, not the batches' 400.
+        let t0 = tokio::time::Instant::now();
+        v.write("lease", Bytes::from_static(b"beat")).await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_millis(30));
+        assert!(flushes.iter().all(|f| !f.is_finished()));
+        for f in flushes {
+            f.await.unwrap().unwrap();
+        }
+        // Never more than the bound, plus the one single write's primitive.
+        assert_eq!(v.fs().most.load(Ordering::SeqCst), 9);
+        // 4 batches x 40 keys x 2 primitives (create, rename) + 4 directory syncs at 8 at once.
+        assert_eq!(t0.elapsed().as_millis() / 10, (4 * 40 * 2 + 4) / 8);
     }
 
     fn walk(p: &Path) -> Vec<PathBuf> {
