@@ -624,11 +624,21 @@ pub async fn connect(
     config: Arc<rustls::ClientConfig>,
     timeout: Duration,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    connect_with_keepalive(net, host, port, config, timeout, Duration::from_secs(20)).await
+    let ping = Duration::from_secs(20);
+    connect_with_keepalive(
+        net,
+        host,
+        port,
+        config,
+        timeout,
+        ping,
+        Duration::from_secs(10),
+    )
+    .await
 }
 
-/// [`connect`] with HTTP/2 pings every `keepalive` (and as long to answer): how soon a connection
-/// that died silently (a partition, a peer that vanished) is noticed.
+/// [`connect`] with an HTTP/2 ping every `keepalive`, each to be answered within `answer_within`:
+/// how soon a connection that died silently (a partition, a peer that vanished) is noticed.
 pub async fn connect_with_keepalive(
     net: &Arc<dyn Net>,
     host: &str,
@@ -636,6 +646,7 @@ pub async fn connect_with_keepalive(
     config: Arc<rustls::ClientConfig>,
     timeout: Duration,
     keepalive: Duration,
+    answer_within: Duration,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let server_name = ServerName::try_from(host.to_owned())
         .unwrap_or_else(|_| ServerName::try_from("invalid.host").expect("a valid name"));
@@ -646,7 +657,7 @@ pub async fn connect_with_keepalive(
         .connect_timeout(timeout)
         .timeout(Duration::from_secs(3600))
         .http2_keep_alive_interval(keepalive)
-        .keep_alive_timeout(keepalive.min(Duration::from_secs(10)))
+        .keep_alive_timeout(answer_within)
         .keep_alive_while_idle(true);
     endpoint
         .connect_with_connector(tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
