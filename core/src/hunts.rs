@@ -28,6 +28,8 @@ pub struct HuntLimits {
     pub hunts_max: usize,
     /// Participants one hunt may have (set to the deployment's client bound).
     pub participants_max: u64,
+    /// How long after a failed schedule the client is offered the hunt again.
+    pub schedule_retry_ms: u64,
 }
 
 impl Default for HuntLimits {
@@ -35,6 +37,7 @@ impl Default for HuntLimits {
         HuntLimits {
             hunts_max: 10_000,
             participants_max: 1_000_000,
+            schedule_retry_ms: SCHEDULE_RETRY_MS,
         }
     }
 }
@@ -303,7 +306,19 @@ pub enum HuntAction {
     },
     /// Persist a hunt record (created or state changed); broadcast it to minions.
     Record(HuntRecord),
+    /// Offer the client to the hunt again ([`HuntManager::offer_to`]) if it is connected: its
+    /// schedule failed ([`HuntManager::handle_schedule_failed`]) `schedule_retry_ms` ago.
+    Offer {
+        /// The hunt.
+        hunt: HuntId,
+        /// The client.
+        client: ClientId,
+    },
 }
+
+/// How long after a failed schedule the client is offered the hunt again (default of
+/// [`HuntLimits::schedule_retry_ms`]).
+pub const SCHEDULE_RETRY_MS: u64 = 5_000;
 
 /// All hunts.
 #[derive(Debug)]
@@ -311,6 +326,9 @@ pub struct HuntManager {
     limits: HuntLimits,
     hunts: BTreeMap<HuntId, Hunt>,
     actions: VecDeque<HuntAction>,
+    /// Failed schedules to offer again, by when (at most `participants_max`; beyond it a client
+    /// is offered the hunt when it next connects).
+    retries: BTreeSet<(Timestamp, HuntId, ClientId)>,
 }
 
 impl HuntManager {
@@ -320,6 +338,7 @@ impl HuntManager {
             limits,
             hunts: BTreeMap::new(),
             actions: VecDeque::new(),
+            retries: BTreeSet::new(),
         }
     }
 
@@ -520,6 +539,36 @@ impl HuntManager {
         OutcomeEffect::Counted
     }
 
+    /// A [`HuntAction::Schedule`] could not be carried out: its records were refused (the datastore
+    /// was busy: nothing was written), or its client already has as many tasks waiting as it may.
+    /// The client is not a participant after all (stats no longer count it: a participant has a
+    /// durable task, docs/architecture.md "Invariants"), and the shell is asked to offer it the hunt again
+    /// `schedule_retry_ms` later ([`HuntAction::Offer`]). Ignored unless the client is a
+    /// scheduled participant with no outcome.
+    pub fn handle_schedule_failed(&mut self, now: Timestamp, id: &HuntId, client: &ClientId) {
+        let Some(h) = self.hunts.get_mut(id) else {
+            return;
+        };
+        if h.participants.get(client) != Some(&Participation::Scheduled) {
+            return;
+        }
+        h.participants.remove(client);
+        h.stats.scheduled -= 1;
+        debug_assert_eq!(h.stats, h.recount());
+        if (self.retries.len() as u64) < self.limits.participants_max {
+            self.retries.insert((
+                now.plus_ms(self.limits.schedule_retry_ms),
+                id.clone(),
+                client.clone(),
+            ));
+        }
+    }
+
+    /// Failed schedules waiting to be offered again.
+    pub fn retries(&self) -> usize {
+        self.retries.len()
+    }
+
     fn expire_one(&mut self, now: Timestamp, id: &HuntId) {
         if let Some(h) = self.hunts.get_mut(id)
             && h.record.state == HuntState::Running
@@ -530,8 +579,20 @@ impl HuntManager {
         }
     }
 
-    /// Expires running hunts whose time has come.
+    /// Expires running hunts whose time has come; asks for failed schedules to be offered again.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        while let Some(first) = self.retries.first()
+            && first.0 <= now
+        {
+            let (_, hunt, client) = self.retries.pop_first().expect("a first entry");
+            if self
+                .hunts
+                .get(&hunt)
+                .is_some_and(|h| h.record.state == HuntState::Running)
+            {
+                self.actions.push_back(HuntAction::Offer { hunt, client });
+            }
+        }
         let due: Vec<HuntId> = self
             .hunts
             .values()
@@ -543,13 +604,15 @@ impl HuntManager {
         }
     }
 
-    /// The next expiry among running hunts.
+    /// The next expiry among running hunts, or the next failed schedule to offer again.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.hunts
+        let expiry = self
+            .hunts
             .values()
             .filter(|h| h.record.state == HuntState::Running)
             .map(|h| h.record.spec.expires)
-            .min()
+            .min();
+        crate::time::earliest(expiry, self.retries.first().map(|r| r.0))
     }
 
     /// The next action for the shell.

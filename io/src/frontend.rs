@@ -1697,6 +1697,21 @@ impl Actor {
     }
 
     /// Offers a connected client to every running hunt.
+    /// A failed schedule's retry: the client is offered the hunt again if it is connected (else it
+    /// is offered every running hunt when it connects).
+    fn offer_again(&mut self, hunt: &HuntId, id: &ClientId) {
+        let Some(rec) = self.registry.get(id).filter(|r| r.connected) else {
+            return;
+        };
+        let (os, labels) = (rec.os.clone(), rec.labels.clone());
+        let facts = ClientFacts {
+            id,
+            os: &os,
+            labels: &labels,
+        };
+        self.hunts.offer_to(self.now(), hunt, facts);
+    }
+
     async fn offer_hunts(&mut self, now: Timestamp, id: &ClientId) {
         let Some(rec) = self.registry.get(id) else {
             return;
@@ -1795,7 +1810,9 @@ impl Actor {
     /// participant record, its flow record and its pending task — all of them or none, whatever
     /// crash follows (a restart that finds the participant finds its task; its frontend finds the
     /// flow tasked) — durable before the task is sent. Up to [`LOAD_CONCURRENCY`] clients are
-    /// written at once, so one journal sync covers many of them.
+    /// written at once, so one journal sync covers many of them. A client whose write is refused,
+    /// or that already has `max_queued_tasks_per_client` tasks waiting, is no participant: the hunt
+    /// manager undoes it and offers it again later (docs/architecture.md, "Invariants").
     async fn schedule(&mut self, batch: Vec<(HuntId, ClientId, FlowId)>) -> Result<(), Status> {
         let now_ms = self.now().as_ms();
         let mut queued: BTreeMap<ClientId, usize> = BTreeMap::new();
@@ -1842,15 +1859,16 @@ impl Actor {
                     NodeRole::Master(m) => m.pending.get(&client).map_or(0, Vec::len),
                     NodeRole::Minion(_) => 0,
                 });
-            let task = if *waiting < self.opts.queued_tasks_per_client_max {
-                *waiting += 1;
-                let key = pending_task_key(&client, &task.flow_id)?;
-                writes.push((key, Bytes::from(task.encode_to_vec())));
-                Some(task)
-            } else {
-                tracing::warn!(client = %client, hunt = %hunt, waiting = *waiting, "hunt task not queued: too many tasks already wait for this client");
-                None
-            };
+            if *waiting >= self.opts.queued_tasks_per_client_max {
+                // Not a participant without its task: undone, and offered again later.
+                tracing::warn!(client = %client, hunt = %hunt, waiting = *waiting, "hunt task not queued yet: too many tasks already wait for this client; offering it again later");
+                self.hunts
+                    .handle_schedule_failed(self.now(), &hunt, &client);
+                continue;
+            }
+            *waiting += 1;
+            let key = pending_task_key(&client, &task.flow_id)?;
+            writes.push((key, Bytes::from(task.encode_to_vec())));
             chains.push((hunt, client, task, writes));
         }
         let writes = chains
@@ -1858,14 +1876,16 @@ impl Actor {
             .map(|c| std::mem::take(&mut c.3))
             .collect();
         let results = write_groups(&self.datastore, writes).await;
-        let mut failed = None;
         for ((hunt, client, task, _), r) in chains.into_iter().zip(results) {
-            match (r, task) {
-                (Err(e), _) => {
-                    tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt participant; not tasking it");
-                    failed.get_or_insert(Status::unavailable(format!("datastore: {e}")));
+            match r {
+                Err(e) => {
+                    // Refused whole (busy; anything else fail-stops the node): undone, and offered
+                    // again later.
+                    tracing::warn!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt participant yet; offering it again later");
+                    self.hunts
+                        .handle_schedule_failed(self.now(), &hunt, &client);
                 }
-                (Ok(()), Some(task)) => {
+                Ok(()) => {
                     if let NodeRole::Master(m) = &mut self.role {
                         m.pending
                             .entry(client.clone())
@@ -1874,10 +1894,9 @@ impl Actor {
                     }
                     self.send_task(&client, task);
                 }
-                (Ok(()), None) => {}
             }
         }
-        failed.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// Performs the hunt manager's actions: a participant is journalled before its task is delivered.
@@ -1913,6 +1932,7 @@ impl Actor {
                         failed.get_or_insert(e);
                     }
                 }
+                HuntAction::Offer { hunt, client } => self.offer_again(&hunt, &client),
                 HuntAction::Record(r) => {
                     if let Err(e) = save_json(
                         &self.datastore,

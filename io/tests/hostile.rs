@@ -2075,3 +2075,110 @@ fn client_connections_leave_descriptors_for_the_api() {
         "no log line"
     );
 }
+
+/// A client at its bound of queued tasks (`max_queued_tasks_per_client`) when a hunt starts used to
+/// become a participant with records but no task, counted `scheduled` and never tasked (until the
+/// master restarted). Now it is no participant yet; the hunt offers itself again 5 s later and the
+/// client gets its task once its queue has room.
+#[test]
+fn a_client_at_its_task_bound_joins_a_hunt_once_it_has_room() {
+    let d = Deployment::new();
+    configure(&d, &[("max_queued_tasks_per_client", "2")]);
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
+    let (ca, nonce) = (client.client.ca_certificate, client.client.nonce);
+    let _master = d.start_master();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (key, id) = identity();
+    let mut stream = rt.block_on(async {
+        let started = Instant::now();
+        let mut s = loop {
+            match raw(cfg.frontend.bind_port, &ca, &key, hello(&id, &nonce)).await {
+                Ok(s) => break s,
+                Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("waiting for the master: {e}");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => panic!("the master does not answer: {e}"),
+            }
+        };
+        s.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
+            .await;
+        s
+    });
+    d.wait_until("the client is enrolled", || {
+        d.clients().iter().any(|c| c["client_id"] == id.as_str())
+    });
+    // Two collections fill its queue: their tasks arrive and are not acknowledged.
+    let flows: Vec<String> = (0..2)
+        .map(|_| {
+            let v = json(&d.api(&["collect", &id, "Generic.Test.Rows", "--json"]));
+            v["flow_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    rt.block_on(async {
+        for f in &flows {
+            stream
+                .until(|k| matches!(k, Down::Task(t) if &t.flow_id == f).then_some(()))
+                .await;
+        }
+    });
+    let hunt = json(&d.api(&["hunt", "create", "Generic.Test.Rows", "--json"]));
+    let hunt_id = hunt["hunt_id"].as_str().unwrap().to_owned();
+    let stats =
+        |d: &Deployment| json(&d.api(&["hunt", "show", &hunt_id, "--json"]))["stats"].clone();
+    // No participant without a task: it is not counted while it cannot be tasked.
+    assert_eq!(stats(&d)["scheduled"], 0, "{}", stats(&d));
+    let log = std::fs::read_to_string(d.path("master.log")).unwrap();
+    assert!(
+        log.contains("too many tasks already wait for this client"),
+        "the hunt met the bound (else this test proves nothing)"
+    );
+    // Room again: the client acknowledges its two tasks; the hunt's task follows.
+    rt.block_on(async {
+        for f in &flows {
+            stream
+                .send(enc(Kind::TaskAck(comms::TaskAck { flow_id: f.clone() })))
+                .await;
+        }
+        let started = Instant::now();
+        let task = loop {
+            let m = tokio::time::timeout(Duration::from_secs(60), stream.rx.message())
+                .await
+                .expect("the hunt's task arrives within 60 s")
+                .expect("the stream stays open")
+                .expect("the stream stays open");
+            if let Some(Down::Task(t)) = m.kind
+                && t.hunt_id == hunt_id
+            {
+                break t;
+            }
+        };
+        eprintln!(
+            "the hunt's task arrived {:?} after the queue had room",
+            started.elapsed()
+        );
+        stream
+            .send(enc(Kind::TaskAck(comms::TaskAck {
+                flow_id: task.flow_id.clone(),
+            })))
+            .await;
+        stream.send(flow_msg(&task.flow_id, 0, rows(2))).await;
+        stream
+            .send(flow_msg(
+                &task.flow_id,
+                1,
+                Payload::Status(comms::FlowStatus {
+                    state: comms::FlowState::Completed as i32,
+                    ..Default::default()
+                }),
+            ))
+            .await;
+        stream.ack_for(&task.flow_id, 1).await;
+    });
+    d.wait_until("the hunt counts the client's completion", || {
+        let s = stats(&d);
+        s["completed"] == 1 && s["rows"] == 2
+    });
+    assert_eq!(stats(&d)["scheduled"], 1, "{}", stats(&d));
+}

@@ -154,6 +154,7 @@ fn run(seed: u64) -> Outcome {
     // Deliver messages in a seeded order, with resends, until every client has every ack.
     let limits = CodecLimits::default();
     let mut tracker = FlowTracker::new(FlowLimits::default());
+    let mut all_acked = false;
     for _round in 0..200 {
         let pending: Vec<(ClientId, u64)> = clients
             .values()
@@ -164,6 +165,7 @@ fn run(seed: u64) -> Outcome {
             })
             .collect();
         if pending.is_empty() {
+            all_acked = true;
             break;
         }
         now = now.plus_ms(10);
@@ -238,11 +240,19 @@ fn run(seed: u64) -> Outcome {
                             o.rows,
                             o.uploaded_bytes,
                         );
+                        // Recorded (the hunt outcome is in memory here): the final status is
+                        // acknowledged now; without this the client would resend it forever.
+                        tracker.handle_recorded(&o.key, true);
                     }
                 }
             }
         }
     }
+    // Every message of every client acknowledged, final statuses included.
+    assert!(
+        all_acked,
+        "some messages were never acknowledged in 200 rounds"
+    );
     let stats = hunts.get(&hunt).unwrap().stats();
     Outcome {
         scheduled: stats.scheduled,

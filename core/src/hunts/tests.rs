@@ -118,6 +118,7 @@ fn refuses_bad_creates() {
     let mut m = HuntManager::new(HuntLimits {
         hunts_max: 1,
         participants_max: 10,
+        ..HuntLimits::default()
     });
     assert_eq!(
         m.create(Timestamp(5), HuntId::from_u64(1), spec(5))
@@ -138,6 +139,7 @@ fn participants_bound_is_enforced() {
     let mut m = HuntManager::new(HuntLimits {
         hunts_max: 4,
         participants_max: 2,
+        ..HuntLimits::default()
     });
     let h = HuntId::from_u64(1);
     m.create(Timestamp(0), h.clone(), spec(100)).unwrap();
@@ -185,6 +187,8 @@ enum Op {
     },
     Advance(u64),
     Crash,
+    /// The store refuses (busy) the next `n` schedules it is asked to persist.
+    Refuse(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -197,6 +201,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..4).prop_map(|hunt| Op::Stop { hunt }),
         2 => (1u64..50).prop_map(Op::Advance),
         1 => Just(Op::Crash),
+        1 => (1u8..4).prop_map(Op::Refuse),
     ]
 }
 
@@ -220,12 +225,38 @@ struct Store {
     hunts: BTreeMap<HuntId, HuntRecord>,
     parts: BTreeMap<(HuntId, ClientId), Participation>,
     scheduled_ever: BTreeMap<(HuntId, ClientId), u32>,
+    /// Schedules still to refuse.
+    refuse: u8,
+    /// Schedules refused since the last crash (a restart forgets them: the shell offers every
+    /// client again when it reconnects).
+    refused: BTreeSet<(HuntId, ClientId)>,
 }
 
 impl Store {
-    fn drain(&mut self, m: &mut HuntManager) {
+    /// Carries out `m`'s actions as the shell does (every client is connected: an `Offer` is made).
+    fn drain(&mut self, m: &mut HuntManager, now: Timestamp) {
         while let Some(a) = m.poll_action() {
             match a {
+                HuntAction::Schedule { hunt, client, .. } if self.refuse > 0 => {
+                    self.refuse -= 1;
+                    self.refused.insert((hunt.clone(), client.clone()));
+                    m.handle_schedule_failed(now, &hunt, &client);
+                }
+                HuntAction::Offer { hunt, client } => {
+                    let n = (0u8..12)
+                        .find(|n| client_id_of(*n) == client)
+                        .expect("a known client");
+                    let (id, os, l) = facts_for(n);
+                    m.offer_to(
+                        now,
+                        &hunt,
+                        ClientFacts {
+                            id: &id,
+                            os,
+                            labels: &l,
+                        },
+                    );
+                }
                 HuntAction::Schedule { hunt, client, flow } => {
                     assert_eq!(flow, FlowId::for_hunt(&hunt, &client));
                     *self
@@ -257,7 +288,7 @@ proptest! {
     /// independent model of distinct clients' first outcomes.
     #[test]
     fn stats_are_exact_and_scheduling_at_most_once(ops in prop::collection::vec(op(), 1..150)) {
-        let limits = HuntLimits { hunts_max: 4, participants_max: 1000 };
+        let limits = HuntLimits { hunts_max: 4, participants_max: 1000, schedule_retry_ms: 10 };
         let mut m = HuntManager::new(limits.clone());
         let mut store = Store::default();
         let mut now = Timestamp(0);
@@ -297,13 +328,15 @@ proptest! {
                     if let Some(h) = ids.get(hunt) { let _ = m.stop(now, h); }
                 }
                 Op::Advance(ms) => { now = now.plus_ms(ms); m.handle_timeout(now); }
+                Op::Refuse(n) => store.refuse = n,
                 Op::Crash => {
-                    store.drain(&mut m);
+                    store.drain(&mut m, now);
+                    store.refused.clear();
                     let parts = store.parts.iter().map(|((h, c), p)| (h.clone(), c.clone(), *p));
                     m = HuntManager::restore(limits.clone(), now, store.hunts.values().cloned(), parts);
                 }
             }
-            store.drain(&mut m);
+            store.drain(&mut m, now);
             for ((h, c), n) in &store.scheduled_ever {
                 prop_assert_eq!(*n, 1, "client {} scheduled {} times into {}", c, n, h);
             }
@@ -322,6 +355,20 @@ proptest! {
                 prop_assert_eq!(store.hunts.get(id), Some(hunt.record()));
             }
         }
+        // A refused schedule is offered again: once nothing refuses, each such client of a hunt
+        // still running is a participant on storage, unless the hunt's limit filled meanwhile.
+        store.refuse = 0;
+        now = now.plus_ms(limits.schedule_retry_ms);
+        m.handle_timeout(now);
+        store.drain(&mut m, now);
+        for (h, c) in &store.refused {
+            let Some(hunt) = m.get(h) else { continue };
+            let full = hunt.record().spec.client_limit.is_some_and(|n| hunt.stats().scheduled >= n);
+            if hunt.record().state == HuntState::Running && !full {
+                prop_assert!(store.parts.contains_key(&(h.clone(), c.clone())), "{} never offered {} again", h, c);
+            }
+        }
+        prop_assert_eq!(m.retries(), 0);
     }
 }
 
