@@ -564,6 +564,37 @@ impl HuntManager {
         }
     }
 
+    /// A [`HuntAction::Participant`] could not be persisted (the datastore was busy: nothing was
+    /// written): the participant is scheduled again in memory, as storage still says, so that the
+    /// outcome counts when it comes again (the flow's completion is not recorded either, and the
+    /// client resends its final status, or the minion its event). Without this the outcome would
+    /// come back as a duplicate and never be written: the API would count a completion that no
+    /// record backs, and lose it at the next restart (invariant 2). Ignored unless the client's
+    /// participation is still `participation`.
+    pub fn handle_outcome_failed(
+        &mut self,
+        id: &HuntId,
+        client: &ClientId,
+        participation: Participation,
+    ) {
+        let Some(h) = self.hunts.get_mut(id) else {
+            return;
+        };
+        let Some(p) = h.participants.get_mut(client) else {
+            return;
+        };
+        if *p != participation || participation == Participation::Scheduled {
+            return;
+        }
+        *p = Participation::Scheduled;
+        h.stats = h.recount();
+        if h.record.state == HuntState::Complete && !h.all_finished() {
+            // It completed with this outcome: running again until the outcome is recorded.
+            h.record.state = HuntState::Running;
+            self.actions.push_back(HuntAction::Record(h.record.clone()));
+        }
+    }
+
     /// Failed schedules waiting to be offered again.
     pub fn retries(&self) -> usize {
         self.retries.len()

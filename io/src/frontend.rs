@@ -1928,7 +1928,11 @@ impl Actor {
                         save_json(&self.datastore, &key, &ParticipantJson::from(participation))
                             .await
                     {
-                        tracing::error!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt outcome");
+                        // Not counted until it is recorded: the completion fails with it, and the
+                        // client's (or minion's) resend brings the outcome again.
+                        tracing::warn!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt outcome yet");
+                        self.hunts
+                            .handle_outcome_failed(&hunt, &client, participation);
                         failed.get_or_insert(e);
                     }
                 }

@@ -189,6 +189,8 @@ enum Op {
     Crash,
     /// The store refuses (busy) the next `n` schedules it is asked to persist.
     Refuse(u8),
+    /// The store refuses (busy) the next `n` outcomes it is asked to persist.
+    RefuseOutcomes(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -202,6 +204,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1u64..50).prop_map(Op::Advance),
         1 => Just(Op::Crash),
         1 => (1u8..4).prop_map(Op::Refuse),
+        1 => (1u8..4).prop_map(Op::RefuseOutcomes),
     ]
 }
 
@@ -227,6 +230,11 @@ struct Store {
     scheduled_ever: BTreeMap<(HuntId, ClientId), u32>,
     /// Schedules still to refuse.
     refuse: u8,
+    /// Outcome writes still to refuse.
+    refuse_outcomes: u8,
+    /// Outcomes refused since the last drain (the flow's completion is not recorded: the client
+    /// resends its final status and the outcome comes again).
+    unrecorded: Vec<(HuntId, ClientId)>,
     /// Schedules refused since the last crash (a restart forgets them: the shell offers every
     /// client again when it reconnects).
     refused: BTreeSet<(HuntId, ClientId)>,
@@ -264,6 +272,15 @@ impl Store {
                         .entry((hunt.clone(), client.clone()))
                         .or_default() += 1;
                     self.parts.insert((hunt, client), Participation::Scheduled);
+                }
+                HuntAction::Participant {
+                    hunt,
+                    client,
+                    participation,
+                } if self.refuse_outcomes > 0 => {
+                    self.refuse_outcomes -= 1;
+                    m.handle_outcome_failed(&hunt, &client, participation);
+                    self.unrecorded.push((hunt, client));
                 }
                 HuntAction::Participant {
                     hunt,
@@ -329,6 +346,7 @@ proptest! {
                 }
                 Op::Advance(ms) => { now = now.plus_ms(ms); m.handle_timeout(now); }
                 Op::Refuse(n) => store.refuse = n,
+                Op::RefuseOutcomes(n) => store.refuse_outcomes = n,
                 Op::Crash => {
                     store.drain(&mut m, now);
                     store.refused.clear();
@@ -337,6 +355,10 @@ proptest! {
                 }
             }
             store.drain(&mut m, now);
+            // An outcome not recorded is not counted (the model forgets it too): it comes again.
+            for k in store.unrecorded.drain(..) {
+                first.remove(&k);
+            }
             for ((h, c), n) in &store.scheduled_ever {
                 prop_assert_eq!(*n, 1, "client {} scheduled {} times into {}", c, n, h);
             }
@@ -353,6 +375,14 @@ proptest! {
                     prop_assert!(s.scheduled <= limit);
                 }
                 prop_assert_eq!(store.hunts.get(id), Some(hunt.record()));
+                // Invariant 2: every figure is backed by the participant records on storage.
+                let mut stored = HuntStats::default();
+                for ((h, _), p) in &store.parts {
+                    if h == id {
+                        p.add_to(&mut stored);
+                    }
+                }
+                prop_assert_eq!(s, stored);
             }
         }
         // A refused schedule is offered again: once nothing refuses, each such client of a hunt
