@@ -57,6 +57,9 @@ pub enum MinionInput {
         epoch: u64,
         /// `(seq, event)` pairs.
         events: Vec<(u64, Result<Event, String>)>,
+        /// When the minion sent the batch, on its own clock (the latest event time; 0 if none):
+        /// the master measures the minion's clock against its own with it.
+        sent_unix_ms: u64,
     },
     /// Broadcasts applied by the minion.
     BroadcastAck {
@@ -120,7 +123,9 @@ pub fn validate_minion_message(
             }
             let mut events = Vec::with_capacity(b.events.len());
             let mut last = 0u64;
+            let mut sent_unix_ms = 0u64;
             for e in b.events {
+                sent_unix_ms = sent_unix_ms.max(e.time_unix_ms);
                 if e.seq == 0 || e.seq <= last {
                     return err(format!(
                         "event seq {} after {last}: sequence numbers start at 1 and ascend",
@@ -137,6 +142,7 @@ pub fn validate_minion_message(
             Ok(MinionInput::Events {
                 epoch: b.epoch,
                 events,
+                sent_unix_ms,
             })
         }
     }
@@ -332,7 +338,8 @@ mod tests {
             ev(2, seen("C.0123456789abcdef")),
             ev(3, gone("../../etc")),
         ]);
-        let MinionInput::Events { epoch, events } = validate_minion_message(m, &l).unwrap() else {
+        let MinionInput::Events { epoch, events, .. } = validate_minion_message(m, &l).unwrap()
+        else {
             panic!("events expected");
         };
         assert_eq!(epoch, 7);

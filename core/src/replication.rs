@@ -194,6 +194,27 @@ impl<E: Clone> Outbox<E> {
         self.send_more(now);
     }
 
+    /// The master refused this outbox's epoch as older than `current`, the last epoch it applied
+    /// from this minion. That happens when the outbox was recreated (the minion's local disk was
+    /// lost) on a machine whose wall clock, where a new epoch comes from, is behind the one that
+    /// made `current`: without this the minion's events would be refused forever. If the master
+    /// has acknowledged nothing of this epoch, the outbox moves to `current + 1` and sends every
+    /// event again from its first; returns the new epoch, which the shell persists before it sends
+    /// anything (the epoch never goes backwards, whatever the clock does). Otherwise (the master
+    /// acknowledged this epoch, so another process speaks with this minion's name) `None`.
+    pub fn handle_stale_epoch(&mut self, now: Timestamp, current: u64) -> Option<u64> {
+        if current < self.epoch || self.acked > 0 {
+            return None;
+        }
+        self.epoch = current.checked_add(1)?;
+        self.actions
+            .retain(|a| !matches!(a, OutboxAction::Send { .. }));
+        if self.connected {
+            self.handle_connected(now);
+        }
+        Some(self.epoch)
+    }
+
     /// The stream to the master is gone.
     pub fn handle_disconnected(&mut self, _now: Timestamp) {
         self.connected = false;

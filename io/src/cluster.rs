@@ -611,6 +611,7 @@ impl Link {
             itx,
             report: None,
             broadcasts_lost: false,
+            epoch_to_persist: None,
         };
         let span = tracing::info_span!("link", node = %task.opts.node);
         let handle = tokio::spawn(tracing::Instrument::instrument(task.run(rx, irx), span));
@@ -663,6 +664,8 @@ struct LinkTask {
     report: Option<bool>,
     /// Broadcasts were dropped since the node last heard from us.
     broadcasts_lost: bool,
+    /// A new epoch to write to the epoch file before anything more is sent.
+    epoch_to_persist: Option<u64>,
 }
 
 impl LinkTask {
@@ -729,6 +732,22 @@ impl LinkTask {
         }
     }
 
+    /// The master last applied epoch `current` from this minion, newer than this outbox's: moves
+    /// past it if the master never acknowledged this outbox ([`Outbox::handle_stale_epoch`]). The
+    /// new epoch goes to the epoch file before anything is sent in it (`drain`).
+    fn stale_epoch(&mut self, now: talon_core::Timestamp, current: u64) {
+        let old = self.outbox.epoch();
+        match self.outbox.handle_stale_epoch(now, current) {
+            Some(epoch) => {
+                tracing::warn!(node = %self.opts.node, old, master_epoch = current, epoch, "this outbox's epoch is older than the master's for this node (a new outbox on a clock that is behind); moving past it and sending everything again");
+                self.epoch_to_persist = Some(epoch);
+            }
+            None => {
+                tracing::error!(node = %self.opts.node, epoch = old, master_epoch = current, "the master applies a newer epoch of this node than its outbox, and acknowledged this one: is another process running as this node?");
+            }
+        }
+    }
+
     fn push(&mut self, p: Push) {
         let now = self.clock.now();
         match self.outbox.push(now, p.event) {
@@ -744,6 +763,12 @@ impl LinkTask {
 
     /// Performs the outbox's actions: persist (one sync per batch), send, truncate.
     fn drain(&mut self) -> std::io::Result<()> {
+        if let Some(e) = self.epoch_to_persist {
+            self.journal
+                .disk_mut()
+                .write_atomic(EPOCH_FILE, format!("{e}\n").as_bytes())?;
+            self.epoch_to_persist = None;
+        }
         loop {
             let mut persisted = None;
             while let Some(a) = self.outbox.poll_action() {
@@ -895,6 +920,9 @@ impl LinkTask {
                     }
                     Some(master_message::Kind::Error(e)) => {
                         tracing::warn!(node = %self.opts.node, message = %e.message, expected = e.expected_seq, "the master refused events");
+                        if e.current_epoch > 0 {
+                            self.stale_epoch(now, e.current_epoch);
+                        }
                     }
                     None => {}
                 }
@@ -993,10 +1021,19 @@ impl pc::replication_server::Replication for ClusterService {
                     }
                 };
                 match validate_minion_message(msg, &limits) {
-                    Ok(MinionInput::Events { epoch, events }) => {
+                    Ok(MinionInput::Events {
+                        epoch,
+                        events,
+                        sent_unix_ms,
+                    }) => {
                         tracing::debug!(minion = %node_name, first = events.first().map(|e| e.0), count = events.len(), "replication batch");
+                        let batch = crate::frontend::EventBatch {
+                            epoch,
+                            events,
+                            sent_unix_ms,
+                        };
                         if node
-                            .minion_events(node_name.clone(), conn, epoch, events)
+                            .minion_events(node_name.clone(), conn, batch)
                             .await
                             .is_err()
                         {

@@ -374,6 +374,16 @@ pub struct NodeOptions {
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
+/// A batch of a minion's replicated events, as the master's replication service validated it.
+pub(crate) struct EventBatch {
+    /// The minion's outbox epoch.
+    pub epoch: u64,
+    /// `(seq, event)`, a malformed event as `Err(reason)`.
+    pub events: Vec<(u64, Result<Event, String>)>,
+    /// When the minion sent it, on the minion's clock (0: unknown).
+    pub sent_unix_ms: u64,
+}
+
 enum Msg {
     Connected {
         peer: Peer,
@@ -398,8 +408,7 @@ enum Msg {
     MinionEvents {
         node: String,
         conn: u64,
-        epoch: u64,
-        events: Vec<(u64, Result<Event, String>)>,
+        batch: EventBatch,
     },
     DatastoreChanged {
         key: String,
@@ -822,16 +831,10 @@ impl Node {
         &self,
         node: String,
         conn: u64,
-        epoch: u64,
-        events: Vec<(u64, Result<Event, String>)>,
+        batch: EventBatch,
     ) -> Result<(), Status> {
         self.tx
-            .send(Msg::MinionEvents {
-                node,
-                conn,
-                epoch,
-                events,
-            })
+            .send(Msg::MinionEvents { node, conn, batch })
             .await
             .map_err(|_| Status::unavailable("node is shutting down"))
     }
@@ -994,12 +997,9 @@ impl Actor {
                     tracing::warn!(minion = %node, "minion's replication stream closed");
                 }
             }
-            Msg::MinionEvents {
-                node,
-                conn,
-                epoch,
-                events,
-            } => self.minion_events(now, node, conn, epoch, events).await,
+            Msg::MinionEvents { node, conn, batch } => {
+                self.minion_events(now, node, conn, batch).await
+            }
             Msg::DatastoreChanged { key, version } => {
                 self.broadcast(broadcast::Kind::DatastoreChanged(pc::DatastoreChanged {
                     key,
@@ -1436,14 +1436,20 @@ impl Actor {
     }
 
     /// Applies a batch of a minion's events in order, persists its cursor, then acknowledges.
-    async fn minion_events(
-        &mut self,
-        now: Timestamp,
-        node: String,
-        conn: u64,
-        epoch: u64,
-        events: Vec<(u64, Result<Event, String>)>,
-    ) {
+    async fn minion_events(&mut self, now: Timestamp, node: String, conn: u64, batch: EventBatch) {
+        let EventBatch {
+            epoch,
+            events,
+            sent_unix_ms,
+        } = batch;
+        // How far the minion's clock is behind ours (negative: ahead), measured on this batch (it
+        // includes the batch's transit and queueing: milliseconds, against machines' clocks that
+        // may differ by hours). Times the minion reports are moved onto our clock with it.
+        let behind_ms = if sent_unix_ms == 0 {
+            0
+        } else {
+            i128::from(now.as_ms()) - i128::from(sent_unix_ms)
+        };
         let NodeRole::Master(m) = &mut self.role else {
             return;
         };
@@ -1469,11 +1475,16 @@ impl Actor {
         if let Err(e) = m.inbox.handle_batch(now, &node, epoch, events) {
             tracing::warn!(minion = %node, error = %e, "refused a replication batch");
             let expected = m.inbox.cursor(&node).map_or(1, |c| c.hwm + 1);
+            let current_epoch = match e {
+                talon_core::replication::InboxError::StaleEpoch { current, .. } => current,
+                _ => 0,
+            };
             if let Some(c) = m.minions.get(&node) {
                 let _ = c.tx.try_send(Ok(pc::MasterMessage {
                     kind: Some(master_message::Kind::Error(pc::ReplError {
                         message: e.to_string(),
                         expected_seq: expected,
+                        current_epoch,
                     })),
                 }));
             }
@@ -1498,7 +1509,7 @@ impl Actor {
                     cursor,
                     event,
                 } => {
-                    if self.apply_event(&n, event).await {
+                    if self.apply_event(&n, event, behind_ms).await {
                         last = Some(cursor);
                     } else if let NodeRole::Master(m) = &mut self.role {
                         // Not applied (busy, or a read failed): it stays unacknowledged, and the
@@ -1552,8 +1563,14 @@ impl Actor {
 
     /// One replicated event's effects on the master. Each is idempotent (a crash between the effects
     /// and the cursor re-applies it). False if they could not be made durable now (the datastore
-    /// refused as busy, a read failed): the event must be applied again later.
-    async fn apply_event(&mut self, node: &str, event: Result<Event, String>) -> bool {
+    /// refused as busy, a read failed): the event must be applied again later. The minion's clock
+    /// is `behind_ms` behind ours.
+    async fn apply_event(
+        &mut self,
+        node: &str,
+        event: Result<Event, String>,
+        behind_ms: i128,
+    ) -> bool {
         let event = match event {
             Ok(e) => e,
             Err(reason) => {
@@ -1583,7 +1600,10 @@ impl Actor {
                     ips: info.ips,
                     last_ip: cs.last_ip,
                     node: node.to_owned(),
-                    connected_at: Timestamp(cs.connected_unix_ms),
+                    // On our clock: sightings from different machines are compared by it.
+                    connected_at: Timestamp(
+                        u64::try_from(i128::from(cs.connected_unix_ms) + behind_ms).unwrap_or(0),
+                    ),
                 };
                 if let Err(e) = self.registry.handle_seen_admitted(now, sighting) {
                     tracing::warn!(minion = %node, client = %id, error = %e, "refused a client seen on a minion");

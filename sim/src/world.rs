@@ -61,17 +61,30 @@ impl Net for SimNet {
     }
 }
 
-/// Virtual wall-clock time: a fixed epoch plus the simulation's elapsed time.
+/// Virtual wall-clock time: a fixed epoch plus the simulation's elapsed time, on a machine whose
+/// clock may be `behind_ms` slow (a replacement machine's: see `Fault::DiskLoss`).
 #[derive(Clone, Copy, Debug)]
 pub struct SimClock {
     /// Unix ms at virtual time zero.
     pub epoch_ms: u64,
+    /// How far this machine's wall clock is behind the true time.
+    pub behind_ms: u64,
+}
+
+impl SimClock {
+    /// A clock showing the true time.
+    pub fn exact(epoch_ms: u64) -> SimClock {
+        SimClock {
+            epoch_ms,
+            behind_ms: 0,
+        }
+    }
 }
 
 impl Clock for SimClock {
     fn now(&self) -> Timestamp {
         let elapsed = turmoil::sim_elapsed().unwrap_or_default();
-        Timestamp(self.epoch_ms + elapsed.as_millis() as u64)
+        Timestamp((self.epoch_ms + elapsed.as_millis() as u64).saturating_sub(self.behind_ms))
     }
 }
 

@@ -136,6 +136,45 @@ fn inbox_applies_in_order_once_and_refuses_stale_epochs() {
     );
 }
 
+/// A minion that lost its outbox on a machine whose clock is behind starts an epoch older than the
+/// master's cursor: refused, it moves past the master's epoch and everything it holds is applied.
+#[test]
+fn an_outbox_behind_the_masters_epoch_moves_past_it() {
+    let t = Timestamp(0);
+    let mut i: Inbox<u32> = Inbox::recover(InboxLimits { minions_max: 4 }, []);
+    i.handle_batch(t, "m1", 500, vec![(1, 10)]).unwrap();
+    std::iter::from_fn(|| i.poll_action()).count();
+    // The new outbox's epoch came from a clock that is behind: 400 < 500.
+    let mut o = Outbox::new(lim(), 400);
+    o.handle_connected(t);
+    o.push(t, 7u32).unwrap();
+    drain(&mut o);
+    o.handle_persisted(t, 1);
+    let OutboxAction::Send { epoch, events } = drain(&mut o).remove(0) else {
+        panic!("a send");
+    };
+    let Err(InboxError::StaleEpoch { current, .. }) = i.handle_batch(t, "m1", epoch, events) else {
+        panic!("a stale epoch is refused");
+    };
+    assert_eq!(o.handle_stale_epoch(t, current), Some(501));
+    let OutboxAction::Send { epoch, events } = drain(&mut o).remove(0) else {
+        panic!("everything is sent again, in the new epoch");
+    };
+    assert_eq!((epoch, events.clone()), (501, vec![(1, 7)]));
+    i.handle_batch(t, "m1", epoch, events).unwrap();
+    let applied: Vec<u32> = std::iter::from_fn(|| i.poll_action())
+        .filter_map(|a| match a {
+            InboxAction::Apply { event, .. } => Some(event),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, vec![7]);
+    // Once the master acknowledged this epoch, a refusal is not ours to fix.
+    o.handle_ack(t, 501, 1);
+    assert_eq!(o.handle_stale_epoch(t, 600), None);
+    assert_eq!(o.epoch(), 501);
+}
+
 // ---- Property: invariant 4. ----
 
 #[test]

@@ -46,7 +46,8 @@ pub enum Fault {
     },
     /// A minion's process dies and its local disk is lost with it (replaced by an empty one): its
     /// outbox and the write-behind buffer's unsettled messages are gone. It restarts when the fault
-    /// heals. (The master's disk is not lost: its journal holds acknowledged metadata not yet on the
+    /// heals, on a machine whose wall clock is an hour behind (so its new outbox's epoch is older
+    /// than the one the master last applied from it). (The master's disk is not lost: its journal holds acknowledged metadata not yet on the
     /// volume, which only replication to another machine could save — docs/operations.md.)
     DiskLoss {
         /// The minion.

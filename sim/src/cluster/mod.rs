@@ -145,7 +145,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     ));
 
     // The deployment, made the way `talon config` makes it (hostnames are turmoil host names).
-    let clock = SimClock { epoch_ms: EPOCH_MS };
+    let clock = SimClock::exact(EPOCH_MS);
     let cfg_entropy = SimEntropy::new(root.fork("config"));
     let generate = GenerateOptions {
         hostname: "master".into(),
@@ -210,9 +210,13 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     };
     // Each frontend's local disk, by host name: kept across its restarts, crashed with it.
     let mut disks: BTreeMap<String, SimLocalDisk> = BTreeMap::new();
+    // How far each frontend machine's wall clock is behind (set when it is replaced).
+    let mut clocks: BTreeMap<String, Arc<AtomicU64>> = BTreeMap::new();
     for name in std::iter::once("master".to_owned()).chain(minion_names.iter().cloned()) {
         let local = disk(&format!("disk-{name}"));
         disks.insert(name.clone(), local.clone());
+        let behind = Arc::new(AtomicU64::new(0));
+        clocks.insert(name.clone(), behind.clone());
         let (cfg, root, volume, exits) = (cfg.clone(), root.clone(), volume.clone(), exits.clone());
         let incarnation = Arc::new(AtomicU64::new(0));
         let host = name.clone();
@@ -220,7 +224,10 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             let (cfg, root, exits, name) = (cfg.clone(), root.clone(), exits.clone(), name.clone());
             let n = incarnation.fetch_add(1, Ordering::Relaxed);
             let env = Env {
-                clock: Arc::new(SimClock { epoch_ms: EPOCH_MS }),
+                clock: Arc::new(SimClock {
+                    epoch_ms: EPOCH_MS,
+                    behind_ms: behind.load(Ordering::Relaxed),
+                }),
                 entropy: Arc::new(SimEntropy::new(root.fork(&format!("env-{name}-{n}")))),
                 net: Arc::new(SimNet),
                 // Deterministic: a run is a function of its seed, whatever process runs it.
@@ -313,7 +320,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                     config: client_cfg.clone(),
                     identity,
                     id,
-                    clock: Arc::new(SimClock { epoch_ms: EPOCH_MS }),
+                    clock: Arc::new(SimClock::exact(EPOCH_MS)),
                     entropy: Arc::new(SimEntropy::new(root.fork(&label))),
                     outbox: talon_io::agent::Outbox::default().observed(observer),
                     hostname: Some(hostname),
@@ -433,7 +440,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                 &plan[i].fault,
                 start,
                 &volume,
-                &disks,
+                (&disks, &clocks),
                 &mut crashed,
             );
         }
@@ -442,7 +449,14 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             // neither the volume nor the local disks fail any more.
             for p in &plan {
                 if p.until_ms > now {
-                    apply(&mut sim, &p.fault, false, &volume, &disks, &mut crashed);
+                    apply(
+                        &mut sim,
+                        &p.fault,
+                        false,
+                        &volume,
+                        (&disks, &clocks),
+                        &mut crashed,
+                    );
                 }
             }
             volume.set_error_p(0.0);
@@ -609,13 +623,19 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     })
 }
 
+/// How far a minion's replacement machine's clock is behind (`Fault::DiskLoss`).
+const REPLACEMENT_CLOCK_BEHIND_MS: u64 = 3_600_000;
+
 /// Starts (`start`) or heals one fault.
 fn apply(
     sim: &mut turmoil::Sim<'_>,
     fault: &Fault,
     start: bool,
     volume: &SimVolume,
-    disks: &BTreeMap<String, SimLocalDisk>,
+    (disks, clocks): (
+        &BTreeMap<String, SimLocalDisk>,
+        &BTreeMap<String, Arc<AtomicU64>>,
+    ),
     crashed: &mut BTreeSet<String>,
 ) {
     match (fault, start) {
@@ -651,6 +671,11 @@ fn apply(
                 sim.crash(host.as_str());
             }
             d.wipe();
+            // The replacement machine's clock is an hour slower: its new outbox epoch (wall-clock
+            // ms) is older than the one the master last applied.
+            if let Some(c) = clocks.get(host) {
+                c.fetch_add(REPLACEMENT_CLOCK_BEHIND_MS, Ordering::Relaxed);
+            }
         }
         (Fault::DiskLoss { host }, false) => {
             let Some(d) = disks.get(host) else { return };
