@@ -318,3 +318,41 @@ fn a_collection_for_an_offline_client_survives_a_master_restart() {
     );
     assert_eq!(last["rows"].as_u64(), Some(1), "{last}");
 }
+
+/// A hunt over more clients than one scheduling batch (1,024) reaches each of them exactly once,
+/// batch after batch, with exact stats.
+#[test]
+fn a_hunt_over_more_clients_than_a_scheduling_batch_reaches_each_once() {
+    const N: usize = 1100;
+    let d = Deployment::new();
+    let _master = d.start_master();
+    let _pool = d.start_pool(N, "pool");
+    d.wait_until_within("1,100 clients connect", Duration::from_secs(300), || {
+        d.clients()
+            .iter()
+            .filter(|c| c["connected"] == true)
+            .count()
+            == N
+    });
+    let hunt = d
+        .api(&["hunt", "create", "Generic.Client.Info"])
+        .trim()
+        .to_owned();
+    let show = || json(&d.api(&["hunt", "show", &hunt, "--json"]))["stats"].clone();
+    d.wait_until_within("the hunt completes", Duration::from_secs(300), || {
+        show()["completed"] == N as u64
+    });
+    let s = show();
+    assert_eq!(
+        (
+            s["scheduled"].as_u64(),
+            s["errors"].as_u64(),
+            s["rows"].as_u64()
+        ),
+        (Some(N as u64), Some(0), Some(N as u64)),
+        "{s}"
+    );
+    let clients: std::collections::BTreeSet<String> =
+        d.hunt_export(&hunt).into_iter().map(|(c, _)| c).collect();
+    assert_eq!(clients.len(), N);
+}
