@@ -223,3 +223,35 @@ fn damage_that_valid_records_follow_is_an_error_not_a_torn_tail() {
     assert_eq!(rec.records.len(), 19);
     assert_eq!(rec.torn_bytes as usize, good.len() - last_at);
 }
+
+/// A journal operation blocked on the disk does not stop the node's other tasks: with one worker
+/// thread, another task still runs while it blocks (without the hand-off it could only run after
+/// the 10 s wait gave up).
+#[test]
+fn a_blocked_disk_leaves_the_runtime_running_other_tasks() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let unblocked = rt.block_on(async {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let blocked = tokio::spawn(async move {
+            super::blocking_io(move || {
+                started_tx.send(()).unwrap();
+                wait.recv_timeout(std::time::Duration::from_secs(10))
+                    .is_ok()
+            })
+        });
+        started.await.unwrap();
+        tokio::spawn(async move { release.send(()).unwrap() })
+            .await
+            .unwrap();
+        blocked.await.unwrap()
+    });
+    assert!(
+        unblocked,
+        "the other task ran only after the blocked one gave up"
+    );
+}
