@@ -152,6 +152,35 @@ async fn segments_ready(filestore: &Filestore) {
     }
 }
 
+/// Serves the client port once the node's segment files exist (clients wait in the listen backlog
+/// until the node can store what they send; see [`segments_ready`]), until `stop` turns true.
+fn serve_clients(
+    cfg: &ServerConfig,
+    filestore: Filestore,
+    comms: CommsServer<CommsService>,
+    (listener, tls_config, admission): (
+        Box<dyn crate::net::Listener>,
+        Arc<rustls::ServerConfig>,
+        tls::Admission,
+    ),
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> impl Future<Output = Result<(), tonic::transport::Error>> {
+    let handshakes = handshakes(cfg, Port::Clients);
+    async move {
+        segments_ready(&filestore).await;
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .serve_with_incoming_shutdown(
+                comms,
+                tls::incoming(listener, tls_config, handshakes, Some(admission)),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )
+            .await
+    }
+}
+
 /// Why a storage task ended (it only ends on failure: fail-stop).
 fn stopped(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> String {
     match r {
@@ -400,24 +429,14 @@ pub async fn run_master(
         cfg.datastore.max_value_size,
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut stop_a = stop_rx.clone();
-    let mut stop_b = stop_rx;
-    let fe_handshakes = handshakes(&cfg, Port::Clients);
-    let ready = filestore.clone();
-    let fe = async move {
-        // Clients wait in the listen backlog until the node can store what they send.
-        segments_ready(&ready).await;
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .serve_with_incoming_shutdown(
-                comms,
-                tls::incoming(fe_listener, fe_tls, fe_handshakes, Some(admission)),
-                async move {
-                    let _ = stop_a.changed().await;
-                },
-            )
-            .await
-    };
+    let mut stop_b = stop_rx.clone();
+    let fe = serve_clients(
+        &cfg,
+        filestore.clone(),
+        comms,
+        (fe_listener, fe_tls, admission),
+        stop_rx,
+    );
     // The API port serves analysts (API certificates) and minions (the frontend certificate); each
     // service checks the role of the certificate it is called with.
     let api_port = ApiPort {
@@ -607,22 +626,14 @@ pub async fn run_minion(
         api: frontend,
     });
     let comms = CommsServer::new(CommsService::new(handle)).max_decoding_message_size(max_message);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let fe_handshakes = handshakes(&cfg, Port::Clients);
-    let ready = filestore.clone();
-    let fe = async move {
-        segments_ready(&ready).await;
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .serve_with_incoming_shutdown(
-                comms,
-                tls::incoming(fe_listener, fe_tls, fe_handshakes, Some(admission)),
-                async move {
-                    let _ = stop_rx.changed().await;
-                },
-            )
-            .await
-    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let fe = serve_clients(
+        &cfg,
+        filestore.clone(),
+        comms,
+        (fe_listener, fe_tls, admission),
+        stop_rx,
+    );
     let span = tracing::info_span!("node", node = %node, role = "minion");
     let fe = tracing::Instrument::instrument(fe, span);
     tokio::pin!(fe);
