@@ -1721,9 +1721,9 @@ impl Actor {
     }
 
     /// Offers a connected client to every running hunt.
-    /// A failed schedule's retry: the client is offered the hunt again if it is connected (else it
-    /// is offered every running hunt when it connects).
-    fn offer_again(&mut self, hunt: &HuntId, id: &ClientId) {
+    /// Offers a hunt to a client if it is connected (else it is offered every running hunt when it
+    /// connects): at the hunt's creation, and when a failed schedule is retried.
+    fn offer_to_connected(&mut self, now: Timestamp, hunt: &HuntId, id: &ClientId) {
         let Some(rec) = self.registry.get(id).filter(|r| r.connected) else {
             return;
         };
@@ -1733,7 +1733,7 @@ impl Actor {
             os: &os,
             labels: &labels,
         };
-        self.hunts.offer_to(self.now(), hunt, facts);
+        self.hunts.offer_to(now, hunt, facts);
     }
 
     async fn offer_hunts(&mut self, now: Timestamp, id: &ClientId) {
@@ -1808,19 +1808,7 @@ impl Actor {
         // Every client connected to any node is offered the hunt now; later ones when they connect.
         let connected: Vec<ClientId> = self.registry.connected().map(|r| r.id.clone()).collect();
         for c in connected {
-            let Some(rec) = self.registry.get(&c) else {
-                continue;
-            };
-            let (os, labels) = (rec.os.clone(), rec.labels.clone());
-            self.hunts.offer_to(
-                now,
-                &id,
-                ClientFacts {
-                    id: &c,
-                    os: &os,
-                    labels: &labels,
-                },
-            );
+            self.offer_to_connected(now, &id, &c);
         }
         self.drain_hunts().await?;
         let h = self
@@ -1972,7 +1960,9 @@ impl Actor {
                         failed.get_or_insert(e);
                     }
                 }
-                HuntAction::Offer { hunt, client } => self.offer_again(&hunt, &client),
+                HuntAction::Offer { hunt, client } => {
+                    self.offer_to_connected(self.now(), &hunt, &client)
+                }
                 HuntAction::Record(r) => {
                     if let Err(e) = save_json(
                         &self.datastore,
