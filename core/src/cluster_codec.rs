@@ -52,20 +52,24 @@ pub enum MinionInput {
     },
     /// Events to feed the inbox, in ascending `seq` order. An event whose content is malformed is
     /// `Err(reason)`: the master skips it (logged) so that replication is not stuck behind it.
-    Events {
-        /// Outbox epoch.
-        epoch: u64,
-        /// `(seq, event)` pairs.
-        events: Vec<(u64, Result<Event, String>)>,
-        /// When the minion sent the batch, on its own clock (the latest event time; 0 if none):
-        /// the master measures the minion's clock against its own with it.
-        sent_unix_ms: u64,
-    },
+    Events(MinionBatch),
     /// Broadcasts applied by the minion.
     BroadcastAck {
         /// Everything up to here.
         upto: u64,
     },
+}
+
+/// A batch of a minion's replicated events, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MinionBatch {
+    /// Outbox epoch.
+    pub epoch: u64,
+    /// `(seq, event)` pairs.
+    pub events: Vec<(u64, Result<Event, String>)>,
+    /// When the minion sent the batch, on its own clock (the latest event time; 0 if none): the
+    /// master measures the minion's clock against its own with it.
+    pub sent_unix_ms: u64,
 }
 
 /// Why a minion's message was refused as a whole (the master closes the stream), or a chunked
@@ -139,11 +143,11 @@ pub fn validate_minion_message(
                 let checked = check_event(&body, l).map(|()| body);
                 events.push((e.seq, checked));
             }
-            Ok(MinionInput::Events {
+            Ok(MinionInput::Events(MinionBatch {
                 epoch: b.epoch,
                 events,
                 sent_unix_ms,
-            })
+            }))
         }
     }
 }
@@ -338,7 +342,8 @@ mod tests {
             ev(2, seen("C.0123456789abcdef")),
             ev(3, gone("../../etc")),
         ]);
-        let MinionInput::Events { epoch, events, .. } = validate_minion_message(m, &l).unwrap()
+        let MinionInput::Events(MinionBatch { epoch, events, .. }) =
+            validate_minion_message(m, &l).unwrap()
         else {
             panic!("events expected");
         };

@@ -33,7 +33,9 @@ pub fn check(data: &[u8]) {
         let Ok(input) = validate_minion_message(msg, &limits) else {
             continue;
         };
-        let MinionInput::Events { epoch, events, .. } = input else {
+        let MinionInput::Events(talon_core::cluster_codec::MinionBatch { epoch, events, .. }) =
+            input
+        else {
             continue;
         };
         let mut last = 0;

@@ -1021,17 +1021,8 @@ impl pc::replication_server::Replication for ClusterService {
                     }
                 };
                 match validate_minion_message(msg, &limits) {
-                    Ok(MinionInput::Events {
-                        epoch,
-                        events,
-                        sent_unix_ms,
-                    }) => {
-                        tracing::debug!(minion = %node_name, first = events.first().map(|e| e.0), count = events.len(), "replication batch");
-                        let batch = crate::frontend::EventBatch {
-                            epoch,
-                            events,
-                            sent_unix_ms,
-                        };
+                    Ok(MinionInput::Events(batch)) => {
+                        tracing::debug!(minion = %node_name, first = batch.events.first().map(|e| e.0), count = batch.events.len(), "replication batch");
                         if node
                             .minion_events(node_name.clone(), conn, batch)
                             .await

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use talon_core::cluster_codec::MinionBatch;
 use talon_core::codec::{self, ClientInput, CodecLimits, FlowData};
 use talon_core::flows::{FinalState, FlowAction, FlowKey, FlowLimits, FlowTracker, StoredMessage};
 use talon_core::hunts::{
@@ -378,16 +379,6 @@ pub struct NodeOptions {
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
-/// A batch of a minion's replicated events, as the master's replication service validated it.
-pub(crate) struct EventBatch {
-    /// The minion's outbox epoch.
-    pub epoch: u64,
-    /// `(seq, event)`, a malformed event as `Err(reason)`.
-    pub events: Vec<(u64, Result<Event, String>)>,
-    /// When the minion sent it, on the minion's clock (0: unknown).
-    pub sent_unix_ms: u64,
-}
-
 enum Msg {
     Connected {
         peer: Peer,
@@ -412,7 +403,7 @@ enum Msg {
     MinionEvents {
         node: String,
         conn: u64,
-        batch: EventBatch,
+        batch: MinionBatch,
     },
     DatastoreChanged {
         key: String,
@@ -835,7 +826,7 @@ impl Node {
         &self,
         node: String,
         conn: u64,
-        batch: EventBatch,
+        batch: MinionBatch,
     ) -> Result<(), Status> {
         self.tx
             .send(Msg::MinionEvents { node, conn, batch })
@@ -1440,8 +1431,8 @@ impl Actor {
     }
 
     /// Applies a batch of a minion's events in order, persists its cursor, then acknowledges.
-    async fn minion_events(&mut self, now: Timestamp, node: String, conn: u64, batch: EventBatch) {
-        let EventBatch {
+    async fn minion_events(&mut self, now: Timestamp, node: String, conn: u64, batch: MinionBatch) {
+        let MinionBatch {
             epoch,
             events,
             sent_unix_ms,
