@@ -144,6 +144,25 @@ impl Raw {
     }
 }
 
+/// A raw client's stream on `port` once the frontend has welcomed it, trying for up to 60 s while
+/// the frontend starts.
+async fn welcomed(port: u16, ca: &str, key: &pki::Pem, id: &str, nonce: &str) -> Raw {
+    let started = Instant::now();
+    let mut s = loop {
+        match raw(port, ca, key, hello(id, nonce)).await {
+            Ok(s) => break s,
+            Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                eprintln!("waiting for the frontend on port {port}: {e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("the frontend on port {port} does not answer: {e}"),
+        }
+    };
+    s.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
+        .await;
+    s
+}
+
 fn enc(kind: Kind) -> Vec<u8> {
     ClientMessage { kind: Some(kind) }.encode_to_vec()
 }
@@ -1160,20 +1179,7 @@ fn a_busy_master_applies_a_replicated_completion_later_instead_of_stopping() {
     let (eve, eve_id) = identity();
     let (off, off_id) = identity();
     let mut eve_stream = rt.block_on(async {
-        let started = Instant::now();
-        let mut o = loop {
-            match raw(minion_port, &ca, &off, hello(&off_id, &nonce)).await {
-                Ok(o) => break o,
-                Err(e) if started.elapsed() < Duration::from_secs(60) => {
-                    eprintln!("waiting for the minion: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("the minion does not answer: {e}"),
-            }
-        };
-        o.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
-            .await;
-        drop(o);
+        drop(welcomed(minion_port, &ca, &off, &off_id, &nonce).await);
         let mut e = raw(minion_port, &ca, &eve, hello(&eve_id, &nonce))
             .await
             .unwrap();
@@ -2090,22 +2096,7 @@ fn a_client_at_its_task_bound_joins_a_hunt_once_it_has_room() {
     let _master = d.start_master();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (key, id) = identity();
-    let mut stream = rt.block_on(async {
-        let started = Instant::now();
-        let mut s = loop {
-            match raw(cfg.frontend.bind_port, &ca, &key, hello(&id, &nonce)).await {
-                Ok(s) => break s,
-                Err(e) if started.elapsed() < Duration::from_secs(60) => {
-                    eprintln!("waiting for the master: {e}");
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-                Err(e) => panic!("the master does not answer: {e}"),
-            }
-        };
-        s.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
-            .await;
-        s
-    });
+    let mut stream = rt.block_on(welcomed(cfg.frontend.bind_port, &ca, &key, &id, &nonce));
     d.wait_until("the client is enrolled", || {
         d.clients().iter().any(|c| c["client_id"] == id.as_str())
     });
