@@ -10,8 +10,11 @@
 //!   restarted minion never reuses a number the master has seen) and keeps them until acknowledged.
 //!   On reconnect, or when acks stall, it resends from the last acknowledged number.
 //! - The inbox keeps one cursor (epoch, high-water mark) per minion. It applies an event only when its
-//!   number is the high-water mark + 1, skips what is at or below it, and stops at a gap. The shell
-//!   persists the cursor together with the applied effects, and acknowledges only after that.
+//!   number is the high-water mark + 1, skips what is at or below it, and stops at a gap. It asks
+//!   for one event's effects at a time and for the next only once they are durable; then for the
+//!   cursor to be written; and it acknowledges only what a cursor certainly written covers. A crash
+//!   between an event's effects and the cursor applies the event again: effects are idempotent, and
+//!   nothing at or below a durable cursor is ever applied again.
 //! - A minion whose persisted outbox is lost starts a new, higher epoch; the master resets its cursor
 //!   for that minion. Events of an older epoch are refused.
 
@@ -298,11 +301,17 @@ pub struct Cursor {
 pub struct InboxLimits {
     /// Minions tracked.
     pub minions_max: usize,
+    /// Events accepted from one minion and waiting to be applied. Beyond it the rest of a batch is
+    /// not taken: it is not acknowledged, and the minion sends it again.
+    pub queued_max: usize,
 }
 
 impl Default for InboxLimits {
     fn default() -> Self {
-        InboxLimits { minions_max: 1024 }
+        InboxLimits {
+            minions_max: 1024,
+            queued_max: 4096,
+        }
     }
 }
 
@@ -341,10 +350,23 @@ impl fmt::Display for InboxError {
 
 impl std::error::Error for InboxError {}
 
-/// What the master's shell must do.
+/// How an effect the shell was asked for ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done and durable.
+    Done,
+    /// Certainly not done (refused as busy, a read failed before anything was written).
+    Refused,
+    /// Maybe done (the write was sent and no answer came): treated as either.
+    Unknown,
+}
+
+/// What the master's shell must do, in order. Each result comes back as an input.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InboxAction<E> {
-    /// Apply the event and persist `cursor` with its effects (one journal record).
+    /// Apply the event — its effects durable and idempotent (a crash before the cursor covers it
+    /// applies it again) — then call [`Inbox::handle_applied`] with this cursor. One `Apply` per
+    /// minion is outstanding at a time: the next follows its result.
     Apply {
         /// The minion.
         node: String,
@@ -353,22 +375,74 @@ pub enum InboxAction<E> {
         /// The event.
         event: E,
     },
-    /// Once every preceding `Apply` is durable, acknowledge `upto` to the minion.
+    /// Every event up to `cursor` is applied: write the cursor, then call
+    /// [`Inbox::handle_persisted`]. One per minion is outstanding at a time.
+    Persist {
+        /// The minion.
+        node: String,
+        /// The cursor to write.
+        cursor: Cursor,
+    },
+    /// Acknowledge `upto` to the minion: never beyond the cursor known durable.
     Ack {
         /// The minion.
         node: String,
         /// Its epoch.
         epoch: u64,
-        /// Everything up to here is applied.
+        /// Everything up to here is applied and the cursor saying so is durable.
         upto: u64,
     },
 }
 
-/// The master's side.
+/// One minion, as the inbox sees it.
+#[derive(Debug)]
+struct Minion<E> {
+    /// Every event up to here is applied (its effects durable).
+    applied: Cursor,
+    /// The cursor last written successfully (or recovered): acknowledgements never pass it.
+    durable: Cursor,
+    /// Accepted events after `applied` (and after the one in flight), contiguous, in order.
+    queue: VecDeque<(u64, E)>,
+    /// The `Apply` outstanding.
+    applying: Option<Cursor>,
+    /// The `Persist` outstanding.
+    persisting: Option<Cursor>,
+    /// A batch arrived since the last `Ack`: one is owed once the work in hand is done.
+    ack_due: bool,
+    /// The last cursor write failed: no other until the next batch (no retry loop on a volume that
+    /// refuses; the minion's resend brings the next batch).
+    persist_failed: bool,
+}
+
+impl<E> Minion<E> {
+    fn at(c: Cursor) -> Minion<E> {
+        Minion {
+            applied: c,
+            durable: c,
+            queue: VecDeque::new(),
+            applying: None,
+            persisting: None,
+            ack_due: false,
+            persist_failed: false,
+        }
+    }
+
+    /// The last event accepted (applied, in flight or queued).
+    fn accepted_hwm(&self) -> u64 {
+        self.queue
+            .back()
+            .map(|(s, _)| *s)
+            .or(self.applying.map(|c| c.hwm))
+            .unwrap_or(self.applied.hwm)
+    }
+}
+
+/// The master's side: applies each minion's events in order, one at a time, persists the minion's
+/// cursor after the effects it covers, and acknowledges no further than the durable cursor.
 #[derive(Debug)]
 pub struct Inbox<E> {
     limits: InboxLimits,
-    cursors: BTreeMap<String, Cursor>,
+    minions: BTreeMap<String, Minion<E>>,
     actions: VecDeque<InboxAction<E>>,
 }
 
@@ -380,14 +454,27 @@ impl<E> Inbox<E> {
     ) -> Inbox<E> {
         Inbox {
             limits,
-            cursors: cursors.into_iter().collect(),
+            minions: cursors
+                .into_iter()
+                .map(|(n, c)| (n, Minion::at(c)))
+                .collect(),
             actions: VecDeque::new(),
         }
     }
 
-    /// A minion's cursor.
+    /// How far a minion's events are applied.
     pub fn cursor(&self, node: &str) -> Option<Cursor> {
-        self.cursors.get(node).copied()
+        self.minions.get(node).map(|m| m.applied)
+    }
+
+    /// A minion's cursor as last made durable.
+    pub fn durable(&self, node: &str) -> Option<Cursor> {
+        self.minions.get(node).map(|m| m.durable)
+    }
+
+    /// Every minion known, with its durable cursor.
+    pub fn minions(&self) -> impl Iterator<Item = (&str, Cursor)> {
+        self.minions.iter().map(|(n, m)| (n.as_str(), m.durable))
     }
 
     /// A batch of events arrived from `node`.
@@ -398,70 +485,132 @@ impl<E> Inbox<E> {
         epoch: u64,
         events: Vec<(u64, E)>,
     ) -> Result<(), InboxError> {
-        if !self.cursors.contains_key(node) && self.cursors.len() >= self.limits.minions_max {
+        if !self.minions.contains_key(node) && self.minions.len() >= self.limits.minions_max {
             return Err(InboxError::TooManyMinions {
                 max: self.limits.minions_max,
             });
         }
-        let cursor = self.cursors.entry(node.to_owned()).or_default();
-        if epoch < cursor.epoch {
+        let m = self
+            .minions
+            .entry(node.to_owned())
+            .or_insert_with(|| Minion::at(Cursor::default()));
+        if epoch < m.applied.epoch {
             return Err(InboxError::StaleEpoch {
                 got: epoch,
-                current: cursor.epoch,
+                current: m.applied.epoch,
             });
         }
-        if epoch > cursor.epoch {
-            *cursor = Cursor { epoch, hwm: 0 };
+        if epoch > m.applied.epoch {
+            // A minion that lost its outbox: its numbering starts again. What is in flight of the
+            // old epoch reports back and is ignored; nothing of the new one is durable yet.
+            let c = Cursor { epoch, hwm: 0 };
+            m.applied = c;
+            m.durable = c;
+            m.queue.clear();
+            m.applying = None;
         }
+        let mut next = m.accepted_hwm() + 1;
         for (seq, event) in events {
-            if seq <= cursor.hwm {
-                continue; // Applied before: a resend.
+            if seq < next {
+                continue; // Applied or queued before: a resend.
             }
-            if seq != cursor.hwm + 1 {
-                break; // A gap: the minion resends from our ack.
+            if seq != next || m.queue.len() >= self.limits.queued_max {
+                break; // A gap, or the queue is full: the minion resends from our ack.
             }
-            cursor.hwm = seq;
-            self.actions.push_back(InboxAction::Apply {
-                node: node.to_owned(),
-                cursor: *cursor,
-                event,
-            });
+            m.queue.push_back((seq, event));
+            next += 1;
         }
-        self.actions.push_back(InboxAction::Ack {
-            node: node.to_owned(),
-            epoch,
-            upto: cursor.hwm,
-        });
+        m.ack_due = true;
+        m.persist_failed = false;
+        self.pump(node);
         Ok(())
     }
 
-    /// The shell could not apply the event of an `Apply` whose cursor is `cursor` (its datastore
-    /// refused as busy, a read failed): nothing of it may count as applied. The minion's cursor goes
-    /// back to just before it, its later queued actions are dropped, and an `Ack` follows for what
-    /// was applied only; the minion, hearing no ack for the rest, resends it (its resend timeout)
-    /// and it is applied then. Back-pressure on the master thus delays replication, never loses or
-    /// reorders an event, and never stops the node.
-    pub fn handle_not_applied(&mut self, node: &str, cursor: Cursor) {
-        let Some(c) = self.cursors.get_mut(node) else {
+    /// The result of the `Apply` that carried `cursor`. If it was not done (refused, or maybe
+    /// done), nothing of it may count as applied: the events queued behind it are dropped and only
+    /// what was applied before it is acknowledged; the minion, hearing no ack for the rest, sends
+    /// them again and they are applied then (an event maybe applied is applied again:
+    /// effects are idempotent). Back-pressure on the master thus delays replication, never loses
+    /// or reorders an event, and never stops the node.
+    pub fn handle_applied(&mut self, node: &str, cursor: Cursor, outcome: Outcome) {
+        let Some(m) = self.minions.get_mut(node) else {
             return;
         };
-        if c.epoch != cursor.epoch || cursor.hwm == 0 || c.hwm < cursor.hwm {
-            return; // Not the event in hand (a later epoch reset the cursor meanwhile).
+        if m.applying != Some(cursor) {
+            return; // Of an epoch since replaced.
         }
-        c.hwm = cursor.hwm - 1;
-        let c = *c;
-        // Every action still queued for this node comes after the failed one: none may happen.
-        self.actions.retain(|a| match a {
-            InboxAction::Apply { node: n, .. } | InboxAction::Ack { node: n, .. } => n != node,
-        });
-        self.actions.push_back(InboxAction::Ack {
-            node: node.to_owned(),
-            epoch: c.epoch,
-            upto: c.hwm,
-        });
+        m.applying = None;
+        if outcome == Outcome::Done {
+            m.applied = cursor;
+        } else {
+            m.queue.clear();
+            m.ack_due = true;
+        }
+        self.pump(node);
     }
 
-    /// The next action for the shell.
+    /// The result of the `Persist` that carried `cursor`. Only a cursor certainly written counts
+    /// as durable; one maybe written is not relied on (a restart that finds it re-applies nothing
+    /// it covers, and one that does not re-applies events whose effects are idempotent).
+    pub fn handle_persisted(&mut self, node: &str, cursor: Cursor, outcome: Outcome) {
+        let Some(m) = self.minions.get_mut(node) else {
+            return;
+        };
+        if m.persisting != Some(cursor) {
+            return;
+        }
+        m.persisting = None;
+        if outcome == Outcome::Done {
+            if cursor.epoch == m.applied.epoch && cursor.hwm > m.durable.hwm {
+                m.durable = cursor;
+            }
+        } else {
+            m.persist_failed = true;
+        }
+        self.pump(node);
+    }
+
+    /// Queues the minion's next action: apply the next event; once none is left, persist the
+    /// cursor; once that is done, acknowledge.
+    fn pump(&mut self, node: &str) {
+        let Some(m) = self.minions.get_mut(node) else {
+            return;
+        };
+        if m.applying.is_some() || m.persisting.is_some() {
+            return;
+        }
+        if let Some((seq, event)) = m.queue.pop_front() {
+            let cursor = Cursor {
+                epoch: m.applied.epoch,
+                hwm: seq,
+            };
+            m.applying = Some(cursor);
+            self.actions.push_back(InboxAction::Apply {
+                node: node.to_owned(),
+                cursor,
+                event,
+            });
+            return;
+        }
+        if m.applied.hwm > m.durable.hwm && !m.persist_failed {
+            m.persisting = Some(m.applied);
+            self.actions.push_back(InboxAction::Persist {
+                node: node.to_owned(),
+                cursor: m.applied,
+            });
+            return;
+        }
+        if m.ack_due {
+            m.ack_due = false;
+            self.actions.push_back(InboxAction::Ack {
+                node: node.to_owned(),
+                epoch: m.durable.epoch,
+                upto: m.durable.hwm,
+            });
+        }
+    }
+
+    /// The next action for the shell. Each input queues at most one.
     pub fn poll_action(&mut self) -> Option<InboxAction<E>> {
         self.actions.pop_front()
     }

@@ -2,7 +2,7 @@
 // (`core/tests/fuzz_corpus.rs`): the master's replication handler — decode a minion's message, check
 // it (`cluster_codec::validate_minion_message`), feed its events to the `Inbox` — never panics, and
 // whatever arrives, each minion's events are applied exactly once, in order, within one epoch at a
-// time, and acknowledgements never run ahead of what was applied.
+// time, and acknowledgements never run ahead of what was applied and its cursor written.
 //
 // Input: frames of [minion: 1 byte][length: 2 bytes LE][MinionMessage protobuf], up to 4 minions.
 
@@ -11,14 +11,19 @@ use std::collections::BTreeMap;
 use talon_core::ClientId;
 use talon_core::Timestamp;
 use talon_core::cluster_codec::{ClusterLimits, MinionInput, validate_minion_message};
-use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits};
+use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits, Outcome};
 use talon_proto::cluster::{MinionMessage, replicated_event::Event};
 
 /// Panics if the property fails for `data`.
 pub fn check(data: &[u8]) {
     let limits = ClusterLimits::default();
-    let mut inbox: Inbox<Result<Event, String>> =
-        Inbox::recover(InboxLimits { minions_max: 3 }, []);
+    let mut inbox: Inbox<Result<Event, String>> = Inbox::recover(
+        InboxLimits {
+            minions_max: 3,
+            ..InboxLimits::default()
+        },
+        [],
+    );
     // The model: each minion's epoch and last applied seq.
     let mut model: BTreeMap<String, Cursor> = BTreeMap::new();
     let mut rest = data;
@@ -76,6 +81,12 @@ pub fn check(data: &[u8]) {
                     assert_eq!(cursor.epoch, cur.epoch);
                     assert_eq!(cursor.hwm, cur.hwm + 1, "applied out of order or twice");
                     cur.hwm = cursor.hwm;
+                    inbox.handle_applied(&n, cursor, Outcome::Done);
+                }
+                InboxAction::Persist { node: n, cursor } => {
+                    assert_eq!(n, node);
+                    assert_eq!(cursor, *cur, "the cursor written covers what is applied");
+                    inbox.handle_persisted(&n, cursor, Outcome::Done);
                 }
                 InboxAction::Ack {
                     node: n,

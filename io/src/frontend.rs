@@ -34,7 +34,7 @@ use talon_core::ratelimit::Paced;
 use talon_core::registry::{
     KeyCache, KeyCheck, Query, Registry, RegistryAction, RegistryLimits, Sighting,
 };
-use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits};
+use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits, Outcome};
 use talon_core::{ClientId, FlowId, HuntId, Timestamp, paths};
 use talon_proto::api;
 use talon_proto::cluster::{self as pc, broadcast, master_message, replicated_event::Event};
@@ -571,9 +571,8 @@ struct MasterState {
     minions: BTreeMap<String, MinionConn>,
     next_minion_conn: u64,
     /// Events checked by `cluster_codec`: a malformed one is `Err(reason)`, skipped when applied.
+    /// It holds each minion's cursor as applied and as durable, and acknowledges only the latter.
     inbox: Inbox<Result<Event, String>>,
-    /// Each minion's cursor as last made durable: acknowledgements never go beyond it.
-    persisted: BTreeMap<String, Cursor>,
     /// Tasks created and not yet acknowledged by their client, in creation order. Delivered when the
     /// client is (or becomes) connected to any node; dropped when its `TaskAck` is applied.
     pending: BTreeMap<ClientId, Vec<comms::Task>>,
@@ -726,7 +725,6 @@ impl Node {
                 let state = MasterState {
                     minions: BTreeMap::new(),
                     next_minion_conn: 1,
-                    persisted: cursors.iter().cloned().collect(),
                     inbox: Inbox::recover(InboxLimits::default(), cursors),
                     pending,
                     resend_at: clock.now().plus_ms(TASK_RESEND_MS),
@@ -1163,8 +1161,12 @@ impl Actor {
             Msg::Cluster { reply } => {
                 let r = match &self.role {
                     NodeRole::Master(m) => {
-                        let names: BTreeSet<&String> =
-                            m.persisted.keys().chain(m.minions.keys()).collect();
+                        let names: BTreeSet<&str> = m
+                            .inbox
+                            .minions()
+                            .map(|(n, _)| n)
+                            .chain(m.minions.keys().map(String::as_str))
+                            .collect();
                         let meta = match &self.datastore {
                             Meta::Local(d) => d.volume_error(),
                             Meta::Remote(_) => None,
@@ -1184,9 +1186,9 @@ impl Actor {
                             minions: names
                                 .into_iter()
                                 .map(|n| {
-                                    let c = m.persisted.get(n);
+                                    let c = m.inbox.durable(n);
                                     api::MinionStatus {
-                                        node: n.clone(),
+                                        node: n.to_owned(),
                                         connected: m.minions.contains_key(n),
                                         epoch: c.map_or(0, |c| c.epoch),
                                         applied: c.map_or(0, |c| c.hwm),
@@ -1490,7 +1492,6 @@ impl Actor {
         {
             tracing::warn!(minion = %node, error = %e, "prefetching flow records failed");
         }
-        let mut last = None;
         loop {
             let NodeRole::Master(m) = &mut self.role else {
                 return;
@@ -1504,13 +1505,35 @@ impl Actor {
                     cursor,
                     event,
                 } => {
-                    if self.apply_event(&n, event, behind_ms).await {
-                        last = Some(cursor);
-                    } else if let NodeRole::Master(m) = &mut self.role {
-                        // Not applied (busy, or a read failed): it stays unacknowledged, and the
-                        // minion resends it and what follows.
+                    let outcome = if self.apply_event(&n, event, behind_ms).await {
+                        Outcome::Done
+                    } else {
+                        // Not applied (busy, or a read failed), or in part: it stays
+                        // unacknowledged, and the minion resends it and what follows.
                         tracing::warn!(minion = %n, seq = cursor.hwm, "a replicated event could not be applied yet; the minion sends it again");
-                        m.inbox.handle_not_applied(&n, cursor);
+                        Outcome::Unknown
+                    };
+                    if let NodeRole::Master(m) = &mut self.role {
+                        m.inbox.handle_applied(&n, cursor, outcome);
+                    }
+                }
+                InboxAction::Persist { node: n, cursor } => {
+                    // The effects it covers are journalled (each write awaited). A crash before
+                    // this write re-applies them: effects are idempotent.
+                    let j = CursorJson {
+                        node: n.clone(),
+                        epoch: cursor.epoch,
+                        hwm: cursor.hwm,
+                    };
+                    let outcome = match save_json(&self.datastore, &cursor_key(&n), &j).await {
+                        Ok(()) => Outcome::Done,
+                        Err(e) => {
+                            tracing::error!(minion = %n, error = %e, "cannot persist a replication cursor; not acknowledging");
+                            Outcome::Unknown
+                        }
+                    };
+                    if let NodeRole::Master(m) = &mut self.role {
+                        m.inbox.handle_persisted(&n, cursor, outcome);
                     }
                 }
                 InboxAction::Ack {
@@ -1518,33 +1541,14 @@ impl Actor {
                     epoch,
                     upto,
                 } => {
-                    // The effects are journalled (each write awaited); the cursor follows them, and
-                    // only then the ack. A crash in between re-applies events: effects are idempotent.
-                    if let Some(c) = last.take() {
-                        let j = CursorJson {
-                            node: n.clone(),
-                            epoch: c.epoch,
-                            hwm: c.hwm,
-                        };
-                        if let Err(e) = save_json(&self.datastore, &cursor_key(&n), &j).await {
-                            tracing::error!(minion = %n, error = %e, "cannot persist a replication cursor; not acknowledging");
-                            continue;
-                        }
-                        if let NodeRole::Master(m) = &mut self.role {
-                            m.persisted.insert(n.clone(), c);
-                        }
-                    }
-                    // Acknowledge only what the durable cursor covers: after a cursor write
-                    // failed (the node is stopping), memory is ahead of it, and an ack would let
-                    // the minion drop events a restarted master has not applied.
+                    // The inbox acknowledges only what its durable cursor covers.
                     if let NodeRole::Master(m) = &mut self.role
-                        && let Some(p) = m.persisted.get(&n).filter(|p| p.epoch == epoch)
                         && let Some(c) = m.minions.get(&n)
                     {
                         let ack = pc::MasterMessage {
                             kind: Some(master_message::Kind::Ack(pc::ReplAck {
                                 epoch,
-                                upto_seq: upto.min(p.hwm),
+                                upto_seq: upto,
                             })),
                         };
                         if c.tx.try_send(Ok(ack)).is_err() {
