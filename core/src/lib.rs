@@ -28,6 +28,7 @@ pub mod h2scan;
 pub mod histogram;
 pub mod hunts;
 pub mod ids;
+pub mod node;
 pub mod paths;
 pub mod ratelimit;
 pub mod registry;

@@ -350,16 +350,7 @@ impl fmt::Display for InboxError {
 
 impl std::error::Error for InboxError {}
 
-/// How an effect the shell was asked for ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Done and durable.
-    Done,
-    /// Certainly not done (refused as busy, a read failed before anything was written).
-    Refused,
-    /// Maybe done (the write was sent and no answer came): treated as either.
-    Unknown,
-}
+pub use crate::node::Outcome;
 
 /// What the master's shell must do, in order. Each result comes back as an input.
 #[derive(Clone, Debug, PartialEq, Eq)]
