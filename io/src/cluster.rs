@@ -26,6 +26,7 @@ use std::time::Duration;
 use talon_core::cluster_codec::{
     ClusterError, ClusterLimits, MinionInput, ValueAssembly, validate_minion_message,
 };
+use talon_core::node::Outcome;
 use talon_core::replication::{Outbox, OutboxAction, OutboxLimits};
 use talon_proto::cluster::{
     self as pc, master_message, minion_message, remote_datastore_client::RemoteDatastoreClient,
@@ -121,7 +122,11 @@ pub enum Meta {
 /// A failed write stops the master unless nothing happened and the node may go on: back-pressure
 /// (`Busy`: retry later) or a value over `max_value_size` (`TooLarge`: the writer's fault; that
 /// write fails, and its caller fails what it was for, never the node).
-fn fail_stop_unless_determinate(d: &Datastore, key: &str, e: &crate::datastore::DatastoreError) {
+fn fail_stop_unless_determinate(
+    d: &Datastore,
+    key: &str,
+    e: crate::datastore::DatastoreError,
+) -> WriteError {
     use crate::datastore::DatastoreError;
     use talon_core::datastore::CacheError;
     if !matches!(
@@ -130,7 +135,60 @@ fn fail_stop_unless_determinate(d: &Datastore, key: &str, e: &crate::datastore::
     ) {
         d.fail_stop(&format!("writing {key}: {e}"));
     }
+    let outcome = match e {
+        // Refused by the cache before anything was journalled.
+        DatastoreError::Refused(_) => Outcome::Refused,
+        // The datastore stopped: the write may be in the journal a restart replays.
+        DatastoreError::Stopped(_) => Outcome::Unknown,
+    };
+    WriteError {
+        outcome,
+        message: e.to_string(),
+    }
 }
+
+/// Why a metadata write failed, and whether it may have happened anyway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteError {
+    /// `Refused`: certainly not done (busy, too large, not sent). `Unknown`: maybe done (the
+    /// master's datastore stopped with it in hand, or the remote call got no answer).
+    pub outcome: Outcome,
+    /// What went wrong, naming the key where known.
+    pub message: String,
+}
+
+impl WriteError {
+    fn refused(message: String) -> WriteError {
+        WriteError {
+            outcome: Outcome::Refused,
+            message,
+        }
+    }
+
+    /// A remote write's failure: refused if the master answered that it refused it (or it was
+    /// never sent), maybe done if the call got no answer.
+    fn remote(what: &str, key: &str, e: Status) -> WriteError {
+        use tonic::Code;
+        let outcome = match e.code() {
+            Code::InvalidArgument | Code::ResourceExhausted | Code::FailedPrecondition => {
+                Outcome::Refused
+            }
+            _ => Outcome::Unknown,
+        };
+        WriteError {
+            outcome,
+            message: remote_error(what, key, e),
+        }
+    }
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for WriteError {}
 
 impl Meta {
     /// Reads a key.
@@ -150,12 +208,12 @@ impl Meta {
     /// (`Busy`: the unflushed backlog is at its bound because the volume is slow or down; the caller
     /// gets the "retry later" error and acknowledges nothing) and a value over `max_value_size`
     /// (the writer's fault: the caller fails what it was for). The caller always gets the error.
-    pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, String> {
+    pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, WriteError> {
         match self {
-            Meta::Local(d) => d.set(key, value).await.map_err(|e| {
-                fail_stop_unless_determinate(d, key, &e);
-                e.to_string()
-            }),
+            Meta::Local(d) => d
+                .set(key, value)
+                .await
+                .map_err(|e| fail_stop_unless_determinate(d, key, e)),
             Meta::Remote(r) => r.set(key, value).await,
         }
     }
@@ -163,26 +221,27 @@ impl Meta {
     /// Writes (or, for `None`, deletes) several keys atomically: all happen or none, whatever
     /// crash follows (fail-stop on the master as for [`Meta::set`]). Only the master writes
     /// groups: a minion's writes go one by one through the remote datastore.
-    pub async fn write_all(&self, writes: Vec<(String, Option<Bytes>)>) -> Result<u64, String> {
+    pub async fn write_all(&self, writes: Vec<(String, Option<Bytes>)>) -> Result<u64, WriteError> {
         match self {
             Meta::Local(d) => {
                 let first = writes.first().map(|w| w.0.clone()).unwrap_or_default();
-                d.write_all(writes).await.map_err(|e| {
-                    fail_stop_unless_determinate(d, &first, &e);
-                    e.to_string()
-                })
+                d.write_all(writes)
+                    .await
+                    .map_err(|e| fail_stop_unless_determinate(d, &first, e))
             }
-            Meta::Remote(_) => Err("atomic writes of several keys are made on the master".into()),
+            Meta::Remote(_) => Err(WriteError::refused(
+                "atomic writes of several keys are made on the master".into(),
+            )),
         }
     }
 
     /// Deletes a key (fail-stop on the master as for [`Meta::set`]).
-    pub async fn delete(&self, key: &str) -> Result<u64, String> {
+    pub async fn delete(&self, key: &str) -> Result<u64, WriteError> {
         match self {
-            Meta::Local(d) => d.delete(key).await.map_err(|e| {
-                fail_stop_unless_determinate(d, key, &e);
-                e.to_string()
-            }),
+            Meta::Local(d) => d
+                .delete(key)
+                .await
+                .map_err(|e| fail_stop_unless_determinate(d, key, e)),
             Meta::Remote(r) => r.delete(key).await,
         }
     }
@@ -406,14 +465,14 @@ impl RemoteStore {
     }
 
     /// Writes a key through the master; durable there when this returns.
-    pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, String> {
+    pub async fn set(&self, key: &str, value: Bytes) -> Result<u64, WriteError> {
         if value.len() as u64 > self.value_bytes_max {
-            return Err(format!(
+            return Err(WriteError::refused(format!(
                 "remote datastore set {key:?}: {} bytes is over the {}-byte bound \
                  (Datastore.max_value_size)",
                 value.len(),
                 self.value_bytes_max
-            ));
+            )));
         }
         self.invalidate(key);
         let mut chunks = Vec::new();
@@ -429,20 +488,20 @@ impl RemoteStore {
             first = false;
             at = end;
         }
-        let mut client = self.client().await?;
+        let mut client = self.client().await.map_err(WriteError::refused)?;
         match client.set(tokio_stream::iter(chunks)).await {
             Ok(r) => Ok(r.into_inner().version),
             Err(e) => {
                 self.failed().await;
-                Err(remote_error("set", key, e))
+                Err(WriteError::remote("set", key, e))
             }
         }
     }
 
     /// Deletes a key through the master.
-    pub async fn delete(&self, key: &str) -> Result<u64, String> {
+    pub async fn delete(&self, key: &str) -> Result<u64, WriteError> {
         self.invalidate(key);
-        let mut client = self.client().await?;
+        let mut client = self.client().await.map_err(WriteError::refused)?;
         match client
             .delete(pc::DeleteRequest {
                 key: key.to_owned(),
@@ -452,7 +511,7 @@ impl RemoteStore {
             Ok(r) => Ok(r.into_inner().version),
             Err(e) => {
                 self.failed().await;
-                Err(remote_error("delete", key, e))
+                Err(WriteError::remote("delete", key, e))
             }
         }
     }

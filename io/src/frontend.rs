@@ -13,7 +13,7 @@
 //! killed at any point loses nothing: the client resends the final status to another node.
 
 use crate::clock::{Clock, Entropy};
-use crate::cluster::{Link, LinkEvent, Meta};
+use crate::cluster::{Link, LinkEvent, Meta, WriteError};
 use crate::filestore::Filestore;
 use crate::pki::Role;
 use crate::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
@@ -30,11 +30,13 @@ use talon_core::flows::{FinalState, FlowAction, FlowKey, FlowLimits, FlowTracker
 use talon_core::hunts::{
     ClientFacts, Hunt, HuntAction, HuntLimits, HuntManager, HuntSpec, HuntState,
 };
+use talon_core::node::tasks::{TaskAction, TaskBook, TaskLimits};
+use talon_core::node::{Outcome, Token};
 use talon_core::ratelimit::Paced;
 use talon_core::registry::{
     KeyCache, KeyCheck, Query, Registry, RegistryAction, RegistryLimits, Sighting,
 };
-use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits, Outcome};
+use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits};
 use talon_core::{ClientId, FlowId, HuntId, Timestamp, paths};
 use talon_proto::api;
 use talon_proto::cluster::{self as pc, broadcast, master_message, replicated_event::Event};
@@ -64,9 +66,17 @@ fn cursor_key(node: &str) -> String {
 }
 
 /// Datastore key of a task not yet acknowledged by its client (protobuf `Task`).
-fn pending_task_key(client: &ClientId, flow: &str) -> Result<String, Status> {
-    let flow = FlowId::parse(flow).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(format!("tasks/{client}/{flow}.pb"))
+fn task_key(client: &ClientId, flow: &FlowId) -> String {
+    format!("tasks/{client}/{flow}.pb")
+}
+
+/// What asked for a task: how its creation ended goes back there.
+#[derive(Debug)]
+enum TaskOrigin {
+    /// An analyst's collection (the caller awaits the outcome).
+    Collect,
+    /// A hunt's schedule: a refused one is undone in the hunt manager.
+    Hunt(HuntId),
 }
 
 /// Hunt participants scheduled in one batch at most (their records built, written together and
@@ -80,10 +90,15 @@ const LOAD_CONCURRENCY: usize = 256;
 
 /// Writes each group of keys atomically ([`Meta::write_all`]), up to [`LOAD_CONCURRENCY`] groups at
 /// once (so one journal sync covers many); one result per group, in order.
-async fn write_groups(ds: &Meta, groups: Vec<Vec<(String, Bytes)>>) -> Vec<Result<(), String>> {
-    // A group whose task panicked keeps this error.
-    let mut out: Vec<Result<(), String>> = (0..groups.len())
-        .map(|_| Err("the write task failed".to_owned()))
+async fn write_groups(ds: &Meta, groups: Vec<Vec<(String, Bytes)>>) -> Vec<Result<(), WriteError>> {
+    // A group whose task panicked keeps this error: it may have been written.
+    let mut out: Vec<Result<(), WriteError>> = (0..groups.len())
+        .map(|_| {
+            Err(WriteError {
+                outcome: Outcome::Unknown,
+                message: "the write task failed".to_owned(),
+            })
+        })
         .collect();
     let mut set = tokio::task::JoinSet::new();
     let mut todo = groups.into_iter().enumerate();
@@ -98,7 +113,13 @@ async fn write_groups(ds: &Meta, groups: Vec<Vec<(String, Bytes)>>) -> Vec<Resul
                 let writes = writes.into_iter().map(|(k, v)| (k, Some(v))).collect();
                 match ds.write_all(writes).await {
                     Ok(_) => (i, Ok(())),
-                    Err(e) => (i, Err(format!("{first}: {e}"))),
+                    Err(e) => (
+                        i,
+                        Err(WriteError {
+                            message: format!("{first}: {e}"),
+                            ..e
+                        }),
+                    ),
                 }
             });
         }
@@ -239,7 +260,7 @@ struct MasterStart {
     records: Vec<talon_core::registry::ClientRecord>,
     hunts: HuntManager,
     cursors: Vec<(String, Cursor)>,
-    pending: BTreeMap<ClientId, Vec<comms::Task>>,
+    pending: Vec<(ClientId, FlowId, comms::Task)>,
     reassembling: Vec<FlowKey>,
 }
 
@@ -274,7 +295,7 @@ async fn load_master(
     };
     let mut records = Vec::new();
     let mut cursors = Vec::new();
-    let mut pending: BTreeMap<ClientId, Vec<comms::Task>> = BTreeMap::new();
+    let mut pending = Vec::new();
     let mut reassembling = Vec::new();
     let mut hunt_entries = Vec::new();
     for (k, v) in entries {
@@ -304,7 +325,11 @@ async fn load_master(
                     continue;
                 };
                 let task = comms::Task::decode(v).map_err(|e| format!("{k}: {e}"))?;
-                pending.entry(client).or_default().push(task);
+                let Ok(flow) = FlowId::parse(&task.flow_id) else {
+                    tracing::warn!(key = %k, "ignoring a pending task with a malformed flow id");
+                    continue;
+                };
+                pending.push((client, flow, task));
             }
             _ => {
                 let parsed = k
@@ -322,11 +347,7 @@ async fn load_master(
     tracing::info!(clients = records.len(), "loaded client registry");
     let hunts = restore_hunts(hunt_entries, limits, now)?;
     tracing::info!(minions = cursors.len(), "loaded replication cursors");
-    tracing::info!(
-        clients = pending.len(),
-        tasks = pending.values().map(Vec::len).sum::<usize>(),
-        "loaded tasks awaiting delivery"
-    );
+    tracing::info!(tasks = pending.len(), "loaded tasks awaiting delivery");
     if !reassembling.is_empty() {
         tracing::info!(
             flows = reassembling.len(),
@@ -557,7 +578,7 @@ pub enum Cluster {
 
 /// The actor's role-specific state.
 enum NodeRole {
-    Master(MasterState),
+    Master(Box<MasterState>),
     Minion(MinionState),
 }
 
@@ -573,12 +594,9 @@ struct MasterState {
     /// Events checked by `cluster_codec`: a malformed one is `Err(reason)`, skipped when applied.
     /// It holds each minion's cursor as applied and as durable, and acknowledges only the latter.
     inbox: Inbox<Result<Event, String>>,
-    /// Tasks created and not yet acknowledged by their client, in creation order. Delivered when the
-    /// client is (or becomes) connected to any node; dropped when its `TaskAck` is applied.
-    pending: BTreeMap<ClientId, Vec<comms::Task>>,
-    /// When pending tasks are next sent again (a push or broadcast can be lost with a stream that
-    /// died silently; the agent acknowledges a duplicate and runs each flow once).
-    resend_at: Timestamp,
+    /// Tasks created and not yet acknowledged by their client (core `TaskBook`: durable before
+    /// sent, bounded per client, sent again until acknowledged).
+    tasks: TaskBook<comms::Task, TaskOrigin>,
 }
 
 struct MinionState {
@@ -721,15 +739,17 @@ impl Node {
                 records = loaded.records;
                 hunts = loaded.hunts;
                 reassembling = loaded.reassembling;
-                let (cursors, pending) = (loaded.cursors, loaded.pending);
+                let task_limits = TaskLimits {
+                    per_client_max: opts.queued_tasks_per_client_max,
+                    resend_ms: TASK_RESEND_MS,
+                };
                 let state = MasterState {
                     minions: BTreeMap::new(),
                     next_minion_conn: 1,
-                    inbox: Inbox::recover(InboxLimits::default(), cursors),
-                    pending,
-                    resend_at: clock.now().plus_ms(TASK_RESEND_MS),
+                    inbox: Inbox::recover(InboxLimits::default(), loaded.cursors),
+                    tasks: TaskBook::restore(task_limits, clock.now(), loaded.pending),
                 };
-                (NodeRole::Master(state), None)
+                (NodeRole::Master(Box::new(state)), None)
             }
             Cluster::Minion { link, events } => {
                 (NodeRole::Minion(MinionState { link }), Some(events))
@@ -855,7 +875,7 @@ impl Actor {
         while !self.stopped() {
             let now = self.now();
             let resend = match &self.role {
-                NodeRole::Master(m) => Some(m.resend_at),
+                NodeRole::Master(m) => m.tasks.poll_timeout(),
                 NodeRole::Minion(_) => None,
             };
             let next = [
@@ -874,7 +894,7 @@ impl Actor {
                         self.handle(m).await;
                         // Also under a steady stream of messages, which keeps the timer from firing.
                         let now = self.now();
-                        self.resend_pending(now);
+                        self.resend_pending(now).await;
                         self.release_notifications(now);
                     }
                     None => break,
@@ -889,7 +909,7 @@ impl Actor {
                     self.drain_flows().await;
                     // A failed write is logged and fail-stops the node (`Meta::set`).
                     let _ = self.drain_hunts().await;
-                    self.resend_pending(now);
+                    self.resend_pending(now).await;
                     self.release_notifications(now);
                 }
             }
@@ -915,20 +935,14 @@ impl Actor {
         }
     }
 
-    /// Sends every pending task again once `TASK_RESEND_MS` has passed (master).
-    fn resend_pending(&mut self, now: Timestamp) {
-        let clients: Vec<ClientId> = match &mut self.role {
-            NodeRole::Master(m) if now >= m.resend_at => {
-                m.resend_at = now.plus_ms(TASK_RESEND_MS);
-                m.pending.keys().cloned().collect()
-            }
-            _ => return,
-        };
-        if !clients.is_empty() {
-            tracing::debug!(clients = clients.len(), "sending pending tasks again");
-        }
-        for c in clients {
-            self.send_pending(&c);
+    /// Sends every pending task again once `TASK_RESEND_MS` has passed, and retries deletes of
+    /// acknowledged tasks' records that failed (master).
+    async fn resend_pending(&mut self, now: Timestamp) {
+        if let NodeRole::Master(m) = &mut self.role
+            && m.tasks.poll_timeout().is_some_and(|t| now >= t)
+        {
+            m.tasks.handle_timeout(now);
+            self.drain_tasks(BTreeMap::new()).await;
         }
     }
 
@@ -1096,11 +1110,6 @@ impl Actor {
                 reply,
             } => {
                 let r = self.label(&client, &label, remove).await;
-                if let (Ok(_), Ok(id)) = (&r, ClientId::parse(&client))
-                    && self.registry.get(&id).is_some_and(|c| c.connected)
-                {
-                    self.offer_hunts(now, &id).await; // A new label may make it match a hunt.
-                }
                 let _ = reply.send(r);
             }
             Msg::Collect {
@@ -1239,10 +1248,11 @@ impl Actor {
                 self.replicate(ev, None).await;
                 return;
             }
-            NodeRole::Master(_) => {
-                if !self.drop_pending(client, flow).await {
+            NodeRole::Master(m) => {
+                if !m.tasks.handle_acked(client, flow) {
                     return; // A duplicate acknowledgement (tasks are resent until acknowledged).
                 }
+                self.drain_tasks(BTreeMap::new()).await;
             }
         }
         let k = paths::flow_record(client, flow);
@@ -1254,28 +1264,92 @@ impl Actor {
         }
     }
 
-    /// Drops a task from the pending set and its record (master); false if it was not pending.
-    async fn drop_pending(&mut self, client: &ClientId, flow: &FlowId) -> bool {
-        let NodeRole::Master(m) = &mut self.role else {
-            return false;
-        };
-        let f = flow.to_string();
-        let Some(q) = m.pending.get_mut(client) else {
-            return false;
-        };
-        let before = q.len();
-        q.retain(|t| t.flow_id != f);
-        let removed = q.len() < before;
-        if q.is_empty() {
-            m.pending.remove(client);
+    /// Performs the task book's actions (master): writes each new task's record together with
+    /// what goes with it (`groups`, by the creation's token) — up to [`LOAD_CONCURRENCY`] groups at
+    /// once, so one journal sync covers many; sends tasks toward their clients; deletes the records
+    /// of acknowledged ones. Returns how each creation ended, with the datastore's error if its
+    /// write failed.
+    async fn drain_tasks(
+        &mut self,
+        mut groups: BTreeMap<Token, Vec<(String, Bytes)>>,
+    ) -> BTreeMap<Token, (Outcome, Option<String>)> {
+        let mut created = BTreeMap::new();
+        let mut why: BTreeMap<Token, String> = BTreeMap::new();
+        loop {
+            let actions: Vec<_> = match &mut self.role {
+                NodeRole::Master(m) => std::iter::from_fn(|| m.tasks.poll_action()).collect(),
+                NodeRole::Minion(_) => return created,
+            };
+            if actions.is_empty() {
+                return created;
+            }
+            let (mut writes, mut deletes) = (Vec::new(), Vec::new());
+            for a in actions {
+                match a {
+                    TaskAction::Write {
+                        token,
+                        client,
+                        flow,
+                        task,
+                    } => {
+                        let mut g = groups.remove(&token).unwrap_or_default();
+                        g.push((task_key(&client, &flow), Bytes::from(task.encode_to_vec())));
+                        writes.push((token, g));
+                    }
+                    TaskAction::Created {
+                        token,
+                        client,
+                        flow,
+                        outcome,
+                        context,
+                    } => {
+                        if outcome == Outcome::Refused
+                            && let TaskOrigin::Hunt(h) = &context
+                        {
+                            // Not a participant without its task: undone, offered again later.
+                            tracing::warn!(hunt = %h, client = %client, flow = %flow, "cannot record a hunt participant yet; offering it again later");
+                            self.hunts.handle_schedule_failed(self.now(), h, &client);
+                        }
+                        created.insert(token, (outcome, why.remove(&token)));
+                    }
+                    TaskAction::Deliver { client, task } => self.send_task(&client, task),
+                    TaskAction::Delete { client, flow } => deletes.push((client, flow)),
+                }
+            }
+            let (tokens, writes): (Vec<Token>, Vec<_>) = writes.into_iter().unzip();
+            let results = write_groups(&self.datastore, writes).await;
+            let mut outcomes = Vec::with_capacity(tokens.len());
+            for (token, r) in tokens.into_iter().zip(results) {
+                if let Err(e) = &r {
+                    why.insert(token, e.to_string());
+                }
+                outcomes.push((token, self.write_outcome("a task's record", r)));
+            }
+            for (client, flow) in deletes {
+                let r = self.datastore.delete(&task_key(&client, &flow)).await;
+                let outcome =
+                    self.write_outcome("a delivered task's record (deleting)", r.map(|_| ()));
+                if let NodeRole::Master(m) = &mut self.role {
+                    m.tasks.handle_deleted(&client, &flow, outcome);
+                }
+            }
+            if let NodeRole::Master(m) = &mut self.role {
+                for (token, outcome) in outcomes {
+                    m.tasks.handle_written(token, outcome);
+                }
+            }
         }
-        if removed
-            && let Ok(k) = pending_task_key(client, &f)
-            && let Err(e) = self.datastore.delete(&k).await
-        {
-            tracing::warn!(client = %client, flow = %flow, error = %e, "cannot drop a delivered task's record");
+    }
+
+    /// How a metadata write ended (logged if it failed).
+    fn write_outcome(&self, what: &str, r: Result<(), WriteError>) -> Outcome {
+        match r {
+            Ok(()) => Outcome::Done,
+            Err(e) => {
+                tracing::warn!(error = %e, outcome = ?e.outcome, "cannot write {what} yet");
+                e.outcome
+            }
         }
-        removed
     }
 
     /// Persists a client record (master) and tells the minions to drop their cached copy.
@@ -1292,10 +1366,20 @@ impl Actor {
         Ok(())
     }
 
+    /// Performs the registry's actions (master): persists changed records; a client whose labels
+    /// changed is offered the running hunts (a new label may put it in one), once its record is
+    /// durable and if it is connected.
     async fn persist_registry(&mut self) -> Result<(), Status> {
+        let mut relabelled = Vec::new();
         while let Some(a) = self.registry.poll_action() {
-            if let RegistryAction::Persist(rec) = a {
-                self.persist_client(&rec).await?;
+            match a {
+                RegistryAction::Persist(rec) => self.persist_client(&rec).await?,
+                RegistryAction::LabelsChanged(id) => relabelled.push(id),
+            }
+        }
+        for id in relabelled {
+            if self.registry.get(&id).is_some_and(|c| c.connected) {
+                self.offer_hunts(self.now(), &id).await;
             }
         }
         Ok(())
@@ -1341,35 +1425,30 @@ impl Actor {
         task: comms::Task,
         record: &FlowJson,
     ) -> Result<(), Status> {
-        let NodeRole::Master(m) = &mut self.role else {
-            return Err(Status::internal("tasks are created on the master"));
-        };
-        let n = m.pending.get(client).map_or(0, Vec::len);
-        if n >= self.opts.queued_tasks_per_client_max {
-            return Err(Status::resource_exhausted(format!(
-                "{n} tasks already wait for {client}"
-            )));
-        }
         // Durable before it can be delivered: a master restart still delivers it. The flow record
         // goes with it, so its results always have a record and a record never waits for a task
         // that was not written.
-        let key = pending_task_key(client, &task.flow_id)?;
-        let writes = vec![
-            (paths::flow_record(client, flow), Some(json_bytes(record)?)),
-            (key, Some(Bytes::from(task.encode_to_vec()))),
-        ];
-        self.datastore
-            .write_all(writes)
-            .await
-            .map_err(|e| Status::unavailable(format!("datastore: {e}")))?;
-        if let NodeRole::Master(m) = &mut self.role {
-            m.pending
-                .entry(client.clone())
-                .or_default()
-                .push(task.clone());
+        let group = vec![(paths::flow_record(client, flow), json_bytes(record)?)];
+        let NodeRole::Master(m) = &mut self.role else {
+            return Err(Status::internal("tasks are created on the master"));
+        };
+        let token = m
+            .tasks
+            .create(client.clone(), flow.clone(), task, TaskOrigin::Collect)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let mut created = self.drain_tasks([(token, group)].into()).await;
+        let (outcome, why) = created.remove(&token).unwrap_or((Outcome::Unknown, None));
+        let why = why.unwrap_or_default();
+        match outcome {
+            Outcome::Done => Ok(()),
+            Outcome::Refused => Err(Status::unavailable(format!(
+                "datastore: {why}; the collection was not scheduled, try again"
+            ))),
+            Outcome::Unknown => Err(Status::unavailable(format!(
+                "datastore: {why}; the master stopped while scheduling the collection, which \
+                 may have happened (see the client's flows once the master is back)"
+            ))),
         }
-        self.send_task(client, task);
-        Ok(())
     }
 
     fn send_task(&mut self, client: &ClientId, task: comms::Task) {
@@ -1394,8 +1473,8 @@ impl Actor {
 
     /// Sends a client's pending tasks toward it (it acknowledges duplicates and runs each once).
     fn send_pending(&mut self, client: &ClientId) {
-        let tasks = match &self.role {
-            NodeRole::Master(m) => m.pending.get(client).cloned().unwrap_or_default(),
+        let tasks: Vec<comms::Task> = match &self.role {
+            NodeRole::Master(m) => m.tasks.pending(client).map(|(_, t)| t.clone()).collect(),
             NodeRole::Minion(_) => return,
         };
         for t in tasks {
@@ -1417,8 +1496,8 @@ impl Actor {
         tracing::info!(minion = %node, cursor = ?m.inbox.cursor(&node), "minion's replication stream is up");
         // Tasks that may have been lost with the previous stream go again to its clients.
         let clients: Vec<ClientId> = m
-            .pending
-            .keys()
+            .tasks
+            .clients()
             .filter(|c| {
                 self.registry
                     .get(c)
@@ -1821,9 +1900,8 @@ impl Actor {
     /// or that already has `max_queued_tasks_per_client` tasks waiting, is no participant: the hunt
     /// manager undoes it and offers it again later (docs/architecture.md, "Invariants").
     async fn schedule(&mut self, batch: Vec<(HuntId, ClientId, FlowId)>) -> Result<(), Status> {
-        let now_ms = self.now().as_ms();
-        let mut queued: BTreeMap<ClientId, usize> = BTreeMap::new();
-        let mut chains = Vec::with_capacity(batch.len());
+        let now = self.now();
+        let mut groups = BTreeMap::new();
         for (hunt, client, flow) in batch {
             let Some(h) = self.hunts.get(&hunt) else {
                 continue;
@@ -1839,7 +1917,7 @@ impl Actor {
                 rows: 0,
                 uploaded_bytes: 0,
                 error: String::new(),
-                created_ms: now_ms,
+                created_ms: now.as_ms(),
                 finished_ms: 0,
                 uploads: vec![],
                 runs: vec![],
@@ -1853,56 +1931,32 @@ impl Actor {
                 max_upload_bytes: self.opts.codec.upload_bytes_max,
                 timeout_s: 600,
             };
-            let mut writes = vec![
+            let group = vec![
                 (
                     paths::hunt_participant(&hunt, &client),
                     json_bytes(&ParticipantJson::Scheduled)?,
                 ),
                 (paths::flow_record(&client, &flow), json_bytes(&record)?),
             ];
-            let waiting = queued
-                .entry(client.clone())
-                .or_insert_with(|| match &self.role {
-                    NodeRole::Master(m) => m.pending.get(&client).map_or(0, Vec::len),
-                    NodeRole::Minion(_) => 0,
-                });
-            if *waiting >= self.opts.queued_tasks_per_client_max {
-                // Not a participant without its task: undone, and offered again later.
-                tracing::warn!(client = %client, hunt = %hunt, waiting = *waiting, "hunt task not queued yet: too many tasks already wait for this client; offering it again later");
-                self.hunts
-                    .handle_schedule_failed(self.now(), &hunt, &client);
-                continue;
-            }
-            *waiting += 1;
-            let key = pending_task_key(&client, &task.flow_id)?;
-            writes.push((key, Bytes::from(task.encode_to_vec())));
-            chains.push((hunt, client, task, writes));
-        }
-        let writes = chains
-            .iter_mut()
-            .map(|c| std::mem::take(&mut c.3))
-            .collect();
-        let results = write_groups(&self.datastore, writes).await;
-        for ((hunt, client, task, _), r) in chains.into_iter().zip(results) {
-            match r {
+            let NodeRole::Master(m) = &mut self.role else {
+                return Err(Status::internal("hunts are scheduled on the master"));
+            };
+            match m
+                .tasks
+                .create(client.clone(), flow, task, TaskOrigin::Hunt(hunt.clone()))
+            {
+                Ok(token) => {
+                    groups.insert(token, group);
+                }
                 Err(e) => {
-                    // Refused whole (busy; anything else fail-stops the node): undone, and offered
-                    // again later.
-                    tracing::warn!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt participant yet; offering it again later");
-                    self.hunts
-                        .handle_schedule_failed(self.now(), &hunt, &client);
-                }
-                Ok(()) => {
-                    if let NodeRole::Master(m) = &mut self.role {
-                        m.pending
-                            .entry(client.clone())
-                            .or_default()
-                            .push(task.clone());
-                    }
-                    self.send_task(&client, task);
+                    // Not a participant without its task: undone, and offered again later.
+                    tracing::warn!(client = %client, hunt = %hunt, error = %e, "hunt task not queued yet; offering it again later");
+                    self.hunts.handle_schedule_failed(now, &hunt, &client);
                 }
             }
         }
+        // Refused groups are undone in the hunt manager as their `Created` comes back.
+        self.drain_tasks(groups).await;
         Ok(())
     }
 
@@ -2286,7 +2340,11 @@ impl Actor {
     ) -> bool {
         // A completed flow was delivered, whether or not its TaskAck reached us (it may have been lost
         // with a connection): it must not stay pending.
-        self.drop_pending(&o.key.client, &o.key.flow).await;
+        if let NodeRole::Master(m) = &mut self.role
+            && m.tasks.handle_acked(&o.key.client, &o.key.flow)
+        {
+            self.drain_tasks(BTreeMap::new()).await;
+        }
         let k = paths::flow_record(&o.key.client, &o.key.flow);
         match load_json::<FlowJson>(&self.datastore, &k).await {
             Ok(Some(mut f)) => {
@@ -2509,7 +2567,10 @@ async fn record_uploads(
         let bytes = json_within(&mut f, value_bytes_max)?;
         writes.push((k, Some(bytes)));
     }
-    ds.write_all(writes).await.map(|_| ())
+    ds.write_all(writes)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// `f` as JSON of at most `max` bytes: if its upload list makes it larger, the list keeps the

@@ -9,7 +9,8 @@
 //! - **At most `per_client_max` tasks wait for one client**, counting those being written and those
 //!   whose record is being deleted; `create` beyond it fails at once, so nothing is decided for a
 //!   task that will not exist.
-//! - A pending task is **sent again every `resend_ms`** (and whenever the client connects) until the
+//! - A pending task is **sent again every `resend_ms`** (and, by the shell, whenever the client
+//!   connects: [`TaskBook::pending`]) until the
 //!   client acknowledges it: a push or a broadcast can be lost with a stream that died silently, and
 //!   the agent acknowledges a duplicate and runs each flow once.
 //! - **Acknowledged, it is sent no more** and its record is deleted; a delete that does not certainly
@@ -171,7 +172,8 @@ impl<T: Clone, C> TaskBook<T, C> {
         self.clients.keys()
     }
 
-    /// The pending tasks of a client (durable, not yet acknowledged), in creation order.
+    /// The pending tasks of a client (durable, not yet acknowledged), in creation order: what goes
+    /// toward it when it connects (again), wherever that is.
     pub fn pending(&self, client: &ClientId) -> impl Iterator<Item = (&FlowId, &T)> {
         self.clients
             .get(client)
@@ -300,18 +302,6 @@ impl<T: Clone, C> TaskBook<T, C> {
         }
     }
 
-    /// The client is connected (again) somewhere: its pending tasks go toward it.
-    pub fn handle_connected(&mut self, client: &ClientId) {
-        for e in self.clients.get(client).into_iter().flatten() {
-            if e.state == State::Pending {
-                self.actions.push_back(TaskAction::Deliver {
-                    client: client.clone(),
-                    task: e.task.clone(),
-                });
-            }
-        }
-    }
-
     /// Sends every pending task again, and retries deletes that failed, once `resend_ms` passed.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         if now < self.resend_at {
@@ -344,7 +334,7 @@ impl<T: Clone, C> TaskBook<T, C> {
     }
 
     /// The next action. An input queues at most one `Write`, `Created` + `Deliver`, or `Delete`;
-    /// `handle_connected` and `handle_timeout` one per task waiting (bounded by the book).
+    /// `handle_timeout` one per task waiting (bounded by the book).
     pub fn poll_action(&mut self) -> Option<TaskAction<T, C>> {
         self.actions.pop_front()
     }

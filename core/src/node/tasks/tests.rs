@@ -34,7 +34,7 @@ fn a_task_is_sent_only_once_written_and_a_refused_one_leaves_nothing() {
         [TaskAction::Write { task: 10, .. }]
     ));
     b.handle_timeout(Timestamp(1000));
-    b.handle_connected(&c);
+    assert_eq!(b.pending(&c).count(), 0);
     assert_eq!(
         drain(&mut b),
         vec![],
@@ -318,7 +318,12 @@ impl World {
                 let c = client(i);
                 if up {
                     self.connected.entry(c.clone()).or_default();
-                    self.book.handle_connected(&c);
+                    // The shell sends a connecting client's pending tasks.
+                    let pending: Vec<FlowId> =
+                        self.book.pending(&c).map(|(f, _)| f.clone()).collect();
+                    for f in pending {
+                        self.deliver(&c, f)?;
+                    }
                 } else {
                     self.connected.remove(&c);
                 }
