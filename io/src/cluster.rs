@@ -14,7 +14,7 @@
 
 use crate::clock::Clock;
 use crate::datastore::Datastore;
-use crate::frontend::Node;
+use crate::node::Node;
 use crate::pki::Role;
 use crate::storage::journal::Journal;
 use crate::storage::local::LocalDisk;

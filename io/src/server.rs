@@ -6,7 +6,7 @@ use crate::config::ServerConfig;
 use crate::datastore::{Datastore, DatastoreOptions};
 use crate::env::Env;
 use crate::filestore::{Filestore, FilestoreOptions};
-use crate::frontend::{ApiService, Cluster, CommsService, Node, NodeOptions};
+use crate::node::{ApiService, Cluster, CommsService, Node, NodeOptions};
 use crate::storage::NodeStorage;
 use crate::storage::lease::{LEASE_BEAT, Lease, LeaseJson};
 use crate::tls;
@@ -280,7 +280,7 @@ fn datastore_options(cfg: &ServerConfig) -> DatastoreOptions {
             ..defaults.limits
         },
         image: Some(crate::datastore::ImageOptions {
-            tracks: crate::frontend::start_key,
+            tracks: crate::node::start_key,
         }),
         ..defaults
     }

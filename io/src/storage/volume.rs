@@ -308,7 +308,7 @@ static VOLUME_INSTANCE: AtomicU64 = AtomicU64::new(0);
 /// root, a write is a temp file beside its key renamed over it, directories are made when a
 /// primitive reports them missing (no lookups for directories that exist), durability is by the
 /// [`SyncMode`], and independent primitives are issued concurrently, at most `in_flight` at once.
-/// The same code runs on the real directory ([`OsFs`]), on the latency model ([`LatencyFs`]) and
+/// The same code runs on the real directory ([`OsFs`]), on the latency model ([`LatencyFs`](super::fs::LatencyFs)) and
 /// on the simulator's volume.
 #[derive(Clone, Debug)]
 pub struct FsVolume<F = OsFs> {

@@ -1,0 +1,493 @@
+//! The analyst's `Api` gRPC service (master) and the API's views of clients, flows and hunts.
+
+use super::*;
+
+/// Default hunt lifetime when the request gives none.
+pub const HUNT_EXPIRES_DEFAULT_S: u64 = 7 * 24 * 3600;
+
+/// The API's view of a hunt.
+pub fn hunt_summary(h: &Hunt) -> api::HuntSummary {
+    let r = h.record();
+    let s = h.stats();
+    let state = match r.state {
+        HuntState::Running => api::HuntState::Running,
+        HuntState::Stopped => api::HuntState::Stopped,
+        HuntState::Expired => api::HuntState::Expired,
+        HuntState::Complete => api::HuntState::Complete,
+    };
+    api::HuntSummary {
+        hunt_id: r.id.to_string(),
+        state: state as i32,
+        artifact: r.spec.artifact.clone(),
+        params: r.spec.params.clone().into_iter().collect(),
+        created_unix_ms: r.created.as_ms(),
+        expires_unix_ms: r.spec.expires.as_ms(),
+        stats: Some(api::HuntStats {
+            scheduled: s.scheduled,
+            completed: s.completed,
+            errors: s.errors,
+            rows: s.rows,
+            uploaded_bytes: s.uploaded_bytes,
+        }),
+        include_labels: r.spec.include_labels.iter().cloned().collect(),
+        exclude_labels: r.spec.exclude_labels.iter().cloned().collect(),
+        os: r.spec.os.clone().unwrap_or_default(),
+        client_limit: r.spec.client_limit.unwrap_or(0),
+        description: r.spec.description.clone(),
+    }
+}
+
+pub(super) fn summary(r: &talon_core::registry::ClientRecord) -> api::ClientSummary {
+    api::ClientSummary {
+        client_id: r.id.to_string(),
+        hostname: r.hostname.clone(),
+        os: r.os.clone(),
+        labels: r.labels.iter().cloned().collect(),
+        last_seen_unix_ms: r.last_seen.as_ms(),
+        last_ip: r.last_ip.clone(),
+        node: r.node.clone(),
+        connected: r.connected,
+    }
+}
+
+/// The API's view of a flow record.
+pub fn flow_summary(f: &FlowJson) -> api::FlowSummary {
+    let state = match f.state {
+        FlowRecordState::Queued | FlowRecordState::Running => comms::FlowState::Running,
+        FlowRecordState::Completed => comms::FlowState::Completed,
+        FlowRecordState::Error => comms::FlowState::Error,
+    };
+    api::FlowSummary {
+        client_id: f.client_id.clone(),
+        flow_id: f.flow_id.clone(),
+        artifact: f.artifact.clone(),
+        state: state as i32,
+        rows: f.rows,
+        uploaded_bytes: f.uploaded_bytes,
+        error: f.error.clone(),
+        created_unix_ms: f.created_ms,
+    }
+}
+
+/// Flows whose results `stream_flows` reads ahead of the one it is sending: on a network volume
+/// each read is a round trip, so reading flows one after another costs a hunt one round trip per
+/// message and per flow.
+pub const RESULT_FLOWS_AHEAD: usize = 16;
+
+/// Blocks of segment data files one results request keeps (each
+/// [`crate::storage::segments::CACHE_BLOCK_BYTES`]): 32 MiB.
+pub const RESULT_CACHE_BLOCKS: usize = 32;
+
+/// Pages each flow read ahead may hold.
+pub const RESULT_PAGES_AHEAD: usize = 4;
+
+/// Streams the result rows of `flows` from the filestore, one page per stored rows message: flows in
+/// the order given, each in sequence order, from the runs its flow record names (a flow not yet
+/// complete has none, and shows no rows), through a [`crate::storage::segments::BlockCache`] of
+/// [`RESULT_CACHE_BLOCKS`]. Up to [`RESULT_FLOWS_AHEAD`] flows are read at once,
+/// each into its own channel of [`RESULT_PAGES_AHEAD`] pages, so memory stays bounded whatever the
+/// flows' size; a reader stops when the caller goes away.
+pub(super) fn stream_flows(fs: SharedVolume, ds: Meta, flows: Vec<(ClientId, FlowId)>) -> Pages {
+    // The flows' runs lie side by side in a few data files: read them in large shared blocks.
+    let fs = SharedVolume::new(crate::storage::segments::BlockCache::new(
+        fs,
+        RESULT_CACHE_BLOCKS,
+    ));
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut flows = flows.into_iter();
+        let mut ahead = std::collections::VecDeque::new();
+        loop {
+            while ahead.len() < RESULT_FLOWS_AHEAD {
+                let Some((client, flow)) = flows.next() else {
+                    break;
+                };
+                let (ftx, frx) = mpsc::channel(RESULT_PAGES_AHEAD);
+                tokio::spawn(read_flow_pages(fs.clone(), ds.clone(), client, flow, ftx));
+                ahead.push_back(frx);
+            }
+            let Some(mut next) = ahead.pop_front() else {
+                return;
+            };
+            while let Some(page) = next.recv().await {
+                let failed = page.is_err();
+                // Returning drops the readers' channels: each stops at its next send.
+                if tx.send(page).await.is_err() || failed {
+                    return;
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Sends one flow's rows pages into `tx` in sequence order (an error ends it).
+pub(super) async fn read_flow_pages(
+    fs: SharedVolume,
+    ds: Meta,
+    client: ClientId,
+    flow: FlowId,
+    tx: mpsc::Sender<Result<api::ResultPage, Status>>,
+) {
+    let unavailable = |e: String| Err(Status::unavailable(format!("filestore: {e}")));
+    let runs = match load_json::<FlowJson>(&ds, &paths::flow_record(&client, &flow)).await {
+        Ok(Some(f)) if f.state.is_final() => f.runs,
+        Ok(_) => return, // Not complete: nothing to show yet.
+        Err(e) => {
+            let _ = tx.send(unavailable(e)).await;
+            return;
+        }
+    };
+    let dir = paths::flow_messages_dir(&client, &flow);
+    let mut reader = match MessageReader::new(&fs, &dir, &runs).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.send(unavailable(e.to_string())).await;
+            return;
+        }
+    };
+    loop {
+        let msg = match reader.next().await {
+            Ok(Some((name, bytes))) => comms::FlowMessage::decode(bytes)
+                .map_err(|e| Status::data_loss(format!("{name}: {e}"))),
+            Ok(None) => return,
+            Err(e) => Err(Status::unavailable(format!("filestore: {e}"))),
+        };
+        let page = match msg {
+            Ok(comms::FlowMessage {
+                payload: Some(comms::flow_message::Payload::Rows(r)),
+                ..
+            }) => Ok(api::ResultPage {
+                client_id: client.to_string(),
+                flow_id: flow.to_string(),
+                rows: r.rows,
+            }),
+            Ok(_) => continue,
+            Err(e) => Err(e),
+        };
+        let failed = page.is_err();
+        if tx.send(page).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// The analyst's gRPC API (master only); every call needs an API certificate.
+#[derive(Clone)]
+pub struct ApiService {
+    node: Node,
+}
+
+impl ApiService {
+    /// Serves the API through `node`.
+    pub fn new(node: Node) -> ApiService {
+        ApiService { node }
+    }
+}
+
+pub(super) fn require_api<T>(req: &Request<T>) -> Result<(), Status> {
+    crate::tls::require_role(req, Role::Api, "an API certificate")
+}
+
+pub(super) type Pages = tokio_stream::wrappers::ReceiverStream<Result<api::ResultPage, Status>>;
+
+#[tonic::async_trait]
+impl api::api_server::Api for ApiService {
+    async fn search_clients(
+        &self,
+        req: Request<api::SearchRequest>,
+    ) -> Result<Response<api::SearchResponse>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 {
+            10_000
+        } else {
+            r.limit as usize
+        };
+        self.node
+            .ask(|reply| Msg::Search {
+                query: r.query,
+                limit,
+                reply,
+            })
+            .await
+            .map(Response::new)
+    }
+
+    async fn modify_label(
+        &self,
+        req: Request<api::LabelRequest>,
+    ) -> Result<Response<api::ClientSummary>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        self.node
+            .ask(|reply| Msg::Label {
+                client: r.client_id,
+                label: r.label,
+                remove: r.remove,
+                reply,
+            })
+            .await
+            .map(Response::new)
+    }
+
+    async fn collect(
+        &self,
+        req: Request<api::CollectRequest>,
+    ) -> Result<Response<api::FlowSummary>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let params = r.params.into_iter().collect();
+        self.node
+            .ask(|reply| Msg::Collect {
+                client: r.client_id,
+                artifact: r.artifact,
+                params,
+                reply,
+            })
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flow(
+        &self,
+        req: Request<api::FlowRequest>,
+    ) -> Result<Response<api::FlowSummary>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let client =
+            ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let flow =
+            FlowId::parse(&r.flow_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let rec = load_json::<FlowJson>(&self.node.datastore, &paths::flow_record(&client, &flow))
+            .await
+            .map_err(Status::unavailable)?
+            .ok_or_else(|| Status::not_found(format!("no flow {flow} on client {client}")))?;
+        Ok(Response::new(flow_summary(&rec)))
+    }
+
+    type GetFlowResultsStream = Pages;
+
+    async fn get_flow_results(
+        &self,
+        req: Request<api::FlowRequest>,
+    ) -> Result<Response<Pages>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let client =
+            ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let flow =
+            FlowId::parse(&r.flow_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(stream_flows(
+            self.node.filestore.volume().clone(),
+            self.node.datastore.clone(),
+            vec![(client, flow)],
+        )))
+    }
+
+    async fn create_hunt(
+        &self,
+        req: Request<api::CreateHuntRequest>,
+    ) -> Result<Response<api::HuntSummary>, Status> {
+        require_api(&req)?;
+        let req = req.into_inner();
+        self.node
+            .ask(|reply| Msg::CreateHunt { req, reply })
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_hunts(
+        &self,
+        req: Request<api::ListHuntsRequest>,
+    ) -> Result<Response<api::ListHuntsResponse>, Status> {
+        require_api(&req)?;
+        self.node
+            .ask(|reply| Msg::ListHunts { reply })
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_hunt(
+        &self,
+        req: Request<api::HuntRequest>,
+    ) -> Result<Response<api::HuntSummary>, Status> {
+        require_api(&req)?;
+        let id = req.into_inner().hunt_id;
+        self.node
+            .ask(|reply| Msg::GetHunt { id, reply })
+            .await
+            .map(Response::new)
+    }
+
+    async fn stop_hunt(
+        &self,
+        req: Request<api::HuntRequest>,
+    ) -> Result<Response<api::HuntSummary>, Status> {
+        require_api(&req)?;
+        let id = req.into_inner().hunt_id;
+        self.node
+            .ask(|reply| Msg::StopHunt { id, reply })
+            .await
+            .map(Response::new)
+    }
+
+    type GetHuntResultsStream = Pages;
+
+    async fn get_hunt_results(
+        &self,
+        req: Request<api::HuntRequest>,
+    ) -> Result<Response<Pages>, Status> {
+        require_api(&req)?;
+        let id = req.into_inner().hunt_id;
+        let flows = self.node.ask(|reply| Msg::HuntFlows { id, reply }).await?;
+        Ok(Response::new(stream_flows(
+            self.node.filestore.volume().clone(),
+            self.node.datastore.clone(),
+            flows,
+        )))
+    }
+
+    async fn get_cluster(
+        &self,
+        req: Request<api::ClusterRequest>,
+    ) -> Result<Response<api::ClusterStatus>, Status> {
+        require_api(&req)?;
+        let r = self.node.ask(|reply| Msg::Cluster { reply }).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn list_artifacts(
+        &self,
+        req: Request<api::ListArtifactsRequest>,
+    ) -> Result<Response<api::ListArtifactsResponse>, Status> {
+        require_api(&req)?;
+        let artifacts = talon_core::artifacts::CATALOGUE
+            .iter()
+            .map(|a| api::ArtifactInfo {
+                name: a.name.into(),
+                description: a.description.into(),
+                params: a
+                    .params
+                    .iter()
+                    .map(|p| api::ArtifactParam {
+                        name: p.name.into(),
+                        kind: p.kind.name().into(),
+                        default: p.default.into(),
+                        description: p.description.into(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(api::ListArtifactsResponse { artifacts }))
+    }
+}
+
+#[cfg(test)]
+mod results_tests {
+    use super::*;
+    use crate::storage::fs::{LatencyFs, OsFs};
+    use crate::storage::volume::Volume;
+    use crate::storage::volume::{FsVolume, SyncMode};
+    use tokio_stream::StreamExt;
+
+    /// Hunt results come in the order of the flows, each flow's pages in sequence order, with
+    /// non-row messages skipped, however many flows are read ahead and whichever finish first;
+    /// from the runs in the flow records (written in two flushes each, the later one first), or
+    /// listed for a flow of the old one-file-per-message layout; a flow not complete shows nothing.
+    #[tokio::test(start_paused = true)]
+    async fn results_keep_the_flows_order_while_reading_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = LatencyFs::new(
+            OsFs::new(&dir.path().join("fs")).unwrap(),
+            std::time::Duration::from_millis(50),
+        );
+        let vol = SharedVolume::new(FsVolume::over(fs, SyncMode::PerFile, "t"));
+        let log = crate::storage::segments::SegmentLog::new(vol.clone(), "w", 1000).unwrap();
+        let disk = crate::storage::local::StdDisk::new(&dir.path().join("local")).unwrap();
+        let meta = SharedVolume::new(FsVolume::new(&dir.path().join("meta")).unwrap());
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let (ds, _task, _) = crate::datastore::Datastore::open(
+            disk,
+            meta,
+            clock,
+            crate::datastore::DatastoreOptions::default(),
+        )
+        .unwrap();
+        let client = ClientId::from_public_key(b"k");
+        // More flows than are read ahead; the early ones have the most messages (finish last).
+        let n_flows = RESULT_FLOWS_AHEAD as u64 * 2 + 3;
+        let mut flows = Vec::new();
+        let mut expected = Vec::new();
+        for f in 0..n_flows {
+            let flow = FlowId::from_u64(f + 1);
+            let msgs = (n_flows - f) % 7 + 1;
+            let mut writes = Vec::new();
+            for seq in 0..msgs {
+                let row = format!("{{\"f\":{f},\"seq\":{seq}}}");
+                let m = comms::FlowMessage {
+                    flow_id: flow.to_string(),
+                    seq,
+                    payload: Some(comms::flow_message::Payload::Rows(comms::ResultRows {
+                        source: "a".into(),
+                        rows: vec![Bytes::from(row.clone())],
+                    })),
+                };
+                writes.push((
+                    paths::flow_message(&client, &flow, seq),
+                    Some(Bytes::from(m.encode_to_vec())),
+                ));
+                if f != 5 {
+                    expected.push(row);
+                }
+            }
+            let status = comms::FlowMessage {
+                flow_id: flow.to_string(),
+                seq: msgs,
+                payload: Some(comms::flow_message::Payload::Status(Default::default())),
+            };
+            writes.push((
+                paths::flow_message(&client, &flow, msgs),
+                Some(Bytes::from(status.encode_to_vec())),
+            ));
+            let mut record = FlowJson {
+                client_id: client.to_string(),
+                flow_id: flow.to_string(),
+                artifact: "Generic.Test.Rows".into(),
+                params: BTreeMap::new(),
+                hunt_id: None,
+                state: FlowRecordState::Completed,
+                rows: msgs,
+                uploaded_bytes: 0,
+                error: String::new(),
+                created_ms: 0,
+                finished_ms: 1,
+                uploads: vec![],
+                runs: vec![],
+            };
+            if f == 3 {
+                vol.write_many(writes).await.unwrap(); // The old layout: runs stay empty.
+            } else {
+                let later = writes.split_off(writes.len() / 2);
+                log.write_many(later).await.unwrap();
+                log.write_many(writes).await.unwrap();
+                let dir = paths::flow_messages_dir(&client, &flow);
+                record.runs = log.runs_covering(&dir, msgs + 1).unwrap();
+            }
+            if f == 5 {
+                record.state = FlowRecordState::Running;
+            }
+            let key = paths::flow_record(&client, &flow);
+            ds.set(&key, json_bytes(&record).unwrap()).await.unwrap();
+            flows.push((client.clone(), flow));
+        }
+        let mut pages = stream_flows(vol, Meta::Local(ds), flows);
+        let mut got = Vec::new();
+        while let Some(p) = pages.next().await {
+            for r in p.unwrap().rows {
+                got.push(String::from_utf8(r.to_vec()).unwrap());
+            }
+        }
+        assert_eq!(got, expected);
+    }
+}

@@ -1,0 +1,283 @@
+//! The `Comms` gRPC service: one stream per endpoint agent.
+
+use super::*;
+
+/// Whether a client connecting to a minion is enrolled already, as far as the minion can tell.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Contact {
+    /// Enrolled (or the master cannot be asked now: served, not paced).
+    Known,
+    /// No enrolment record: a new client.
+    First,
+}
+
+/// On a minion: compares the client's key with its enrolment record, read through the master's
+/// datastore (and the minion's read cache). With the master unreachable the client is served: its id
+/// is the hash of the key it proved in the TLS handshake, and the master checks the key again when it
+/// applies the replicated `ClientSeen`.
+pub(super) async fn check_enrolled_key(
+    r: &crate::cluster::RemoteStore,
+    peer: &Peer,
+) -> Result<Contact, Status> {
+    let key = paths::client_record(&peer.client_id);
+    match r.get(&key).await {
+        Ok(Some(b)) => {
+            let rec: ClientJson =
+                serde_json::from_slice(&b).map_err(|e| Status::internal(format!("{key}: {e}")))?;
+            let fp = crate::clock::hex(&talon_core::ids::key_fingerprint(&peer.public_key));
+            if rec.key_fingerprint != fp {
+                return Err(Status::permission_denied(format!(
+                    "client {} presented a key it did not enrol with",
+                    peer.client_id
+                )));
+            }
+            Ok(Contact::Known)
+        }
+        Ok(None) => Ok(Contact::First), // The master enrols it.
+        Err(e) => {
+            tracing::debug!(client = %peer.client_id, error = %e, "cannot check the enrolment record now");
+            Ok(Contact::Known)
+        }
+    }
+}
+
+/// The client-facing gRPC service.
+#[derive(Clone)]
+pub struct CommsService {
+    node: Node,
+}
+
+impl CommsService {
+    /// Serves clients through `node`.
+    pub fn new(node: Node) -> CommsService {
+        CommsService { node }
+    }
+}
+
+/// The client's queue as the stream tonic sends.
+pub struct ServerStream(mpsc::Receiver<Result<Box<comms::ServerMessage>, Status>>);
+
+impl tokio_stream::Stream for ServerStream {
+    type Item = Result<comms::ServerMessage, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|m| m.map(|r| r.map(|b| *b)))
+    }
+}
+
+#[tonic::async_trait]
+impl comms::comms_server::Comms for CommsService {
+    type ConnectStream = ServerStream;
+
+    async fn connect(
+        &self,
+        request: Request<tonic::Streaming<comms::ClientMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<Peer>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let mut incoming = request.into_inner();
+        let limits = &self.node.limits;
+        // A client that opens the stream and stalls must not hold it open.
+        let first = tokio::time::timeout(self.node.hello_timeout, incoming.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no Hello within {} s (Frontend.resources.hello_timeout_s)",
+                    self.node.hello_timeout.as_secs()
+                ))
+            })??
+            .ok_or_else(|| Status::invalid_argument("stream closed before hello"))?;
+        let hello = match codec::validate(first, limits) {
+            Ok(ClientInput::Hello(h)) => h,
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ));
+            }
+            Err(e) => return Err(Status::invalid_argument(e.to_string())),
+        };
+        codec::check_identity(&hello.claimed_id, &peer.client_id)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        if hello.deployment_nonce != self.node.nonce {
+            return Err(Status::permission_denied(
+                "the client's nonce is not this deployment's",
+            ));
+        }
+        if let Meta::Remote(r) = &self.node.datastore
+            && check_enrolled_key(r, &peer).await? == Contact::First
+        {
+            let now = self.node.clock.now();
+            let admitted = self
+                .node
+                .enrolments
+                .lock()
+                .is_ok_and(|mut b| b.try_take(now));
+            if !admitted {
+                let rate = talon_core::registry::RegistryError::EnrolmentRate {
+                    per_second: self.node.enrolments_per_second,
+                };
+                return Err(Status::unavailable(rate.to_string()));
+            }
+        }
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE_MAX);
+        let conn = self
+            .node
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let client = peer.client_id.clone();
+        let node = self.node.clone();
+        node.ask(|reply| Msg::Connected {
+            peer,
+            hello,
+            tx: tx.clone(),
+            conn,
+            reply,
+        })
+        .await?;
+        let span = tracing::info_span!("client", client = %client);
+        let reader = async move {
+            // Flows this connection has shown to be tasked to this client (bounded; see `tasked`).
+            let mut known: BTreeSet<FlowId> = BTreeSet::new();
+            loop {
+                let msg = match incoming.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(client = %client, error = %e, "client stream ended");
+                        // Tell the client why (e.g. a message over max_message_size: OUT_OF_RANGE).
+                        let _ = tx.try_send(Err(Status::new(e.code(), e.message().to_owned())));
+                        break;
+                    }
+                };
+                let (raw, which) = match &msg.kind {
+                    Some(client_message::Kind::Flow(f)) => (
+                        Bytes::from(f.encode_to_vec()),
+                        Some((f.flow_id.chars().take(64).collect::<String>(), f.seq)),
+                    ),
+                    _ => (Bytes::new(), None),
+                };
+                match codec::validate(msg, &node.limits) {
+                    Ok(ClientInput::Flow { flow, seq, data }) => {
+                        // Boxed: its state (a datastore read) exists only while it runs, not in
+                        // every idle connection's task.
+                        if let Err(err) = Box::pin(tasked(&node, &client, &flow, &mut known)).await
+                        {
+                            let err = comms::ServerError {
+                                seq,
+                                flow_id: flow.to_string(),
+                                ..err
+                            };
+                            let _ = tx.try_send(Ok(Box::new(comms::ServerMessage {
+                                kind: Some(server_message::Kind::Error(err)),
+                            })));
+                            continue;
+                        }
+                        if node
+                            .tx
+                            .send(Msg::Flow {
+                                client: client.clone(),
+                                flow,
+                                seq,
+                                data,
+                                raw,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(ClientInput::TaskAck { flow }) => {
+                        let _ = node
+                            .tx
+                            .send(Msg::TaskAck {
+                                client: client.clone(),
+                                flow,
+                            })
+                            .await;
+                    }
+                    Ok(ClientInput::Ping { time_unix_ms }) => {
+                        let pong = comms::ServerMessage {
+                            kind: Some(server_message::Kind::Pong(comms::Pong { time_unix_ms })),
+                        };
+                        let _ = tx.try_send(Ok(Box::new(pong)));
+                    }
+                    Ok(ClientInput::Hello(_)) => {
+                        let _ = tx.try_send(Err(Status::invalid_argument(
+                            "a second Hello on one stream",
+                        )));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::info!(client = %client, error = %e, "refused client message");
+                        // Names the refused message so the client can tell which one it was.
+                        let (flow_id, seq) = which.unwrap_or_default();
+                        let err = comms::ServerError {
+                            code: comms::ErrorCode::InvalidMessage as i32,
+                            message: e.to_string(),
+                            flow_id,
+                            seq,
+                        };
+                        let _ = tx.try_send(Ok(Box::new(comms::ServerMessage {
+                            kind: Some(server_message::Kind::Error(err)),
+                        })));
+                    }
+                }
+            }
+            let _ = node.tx.send(Msg::Disconnected { client, conn }).await;
+        };
+        tokio::spawn(tracing::Instrument::instrument(reader, span));
+        Ok(Response::new(ServerStream(rx)))
+    }
+}
+
+/// Flows remembered per connection as tasked to its client; past it the set starts over (one more
+/// datastore read per flow).
+pub(super) const KNOWN_FLOWS_PER_CONN_MAX: usize = 64;
+
+/// A client may only write into flows the master created for it (their record exists): a client
+/// replaying another's messages, or inventing flows, is refused with UNKNOWN_FLOW and nothing of it
+/// is stored. One datastore read per flow per connection (the master's cache, or a minion's read
+/// cache), never per message.
+pub(super) async fn tasked(
+    node: &Node,
+    client: &ClientId,
+    flow: &FlowId,
+    known: &mut BTreeSet<FlowId>,
+) -> Result<(), comms::ServerError> {
+    if known.contains(flow) {
+        return Ok(());
+    }
+    let key = paths::flow_record(client, flow);
+    let mut found = node.datastore.get(&key).await;
+    if let (Ok(None), Meta::Remote(r)) = (&found, &node.datastore) {
+        // The minion's read cache may hold an old miss: ask the master itself before refusing.
+        r.invalidate(&key);
+        found = node.datastore.get(&key).await;
+    }
+    match found {
+        Ok(Some(_)) => {
+            if known.len() >= KNOWN_FLOWS_PER_CONN_MAX {
+                known.clear();
+            }
+            known.insert(flow.clone());
+            Ok(())
+        }
+        Ok(None) => Err(comms::ServerError {
+            code: comms::ErrorCode::UnknownFlow as i32,
+            message: format!("flow {flow} was never tasked to {client}; nothing was stored"),
+            ..Default::default()
+        }),
+        Err(e) => Err(comms::ServerError {
+            code: comms::ErrorCode::Busy as i32,
+            message: format!("cannot check flow {flow} now ({e}); send it again later"),
+            ..Default::default()
+        }),
+    }
+}

@@ -1,0 +1,1001 @@
+//! The master's part of the node: the task book and hunt scheduling, collections, labels, the
+//! replication inbox (applying minions' events) and recording completed flows.
+
+use super::*;
+
+/// Datastore key of a minion's replication cursor (persisted after the effects it covers).
+pub(super) fn cursor_key(node: &str) -> String {
+    format!("cluster/minions/{}.json", paths::safe_component(node))
+}
+
+/// Datastore key of a task not yet acknowledged by its client (protobuf `Task`).
+pub(super) fn task_key(client: &ClientId, flow: &FlowId) -> String {
+    format!("tasks/{client}/{flow}.pb")
+}
+
+/// What asked for a task: how its creation ended goes back there.
+#[derive(Debug)]
+pub(super) enum TaskOrigin {
+    /// An analyst's collection (the caller awaits the outcome).
+    Collect,
+    /// A hunt's schedule: a refused one is undone in the hunt manager.
+    Hunt(HuntId),
+}
+
+/// Hunt participants scheduled in one batch at most (their records built, written together and
+/// their tasks sent) before the node yields to its other work.
+pub(super) const SCHEDULE_BATCH_MAX: usize = 1024;
+
+/// Reads at most this many keys at once when a master starts (its records are on the 40–60 ms volume:
+/// one at a time, 100,000 client records would take over an hour; the datastore bounds its own
+/// readers too).
+pub(super) const LOAD_CONCURRENCY: usize = 256;
+
+/// Writes each group of keys atomically ([`Meta::write_all`]), up to [`LOAD_CONCURRENCY`] groups at
+/// once (so one journal sync covers many); one result per group, in order.
+pub(super) async fn write_groups(
+    ds: &Meta,
+    groups: Vec<Vec<(String, Bytes)>>,
+) -> Vec<Result<(), WriteError>> {
+    // A group whose task panicked keeps this error: it may have been written.
+    let mut out: Vec<Result<(), WriteError>> = (0..groups.len())
+        .map(|_| {
+            Err(WriteError {
+                outcome: Outcome::Unknown,
+                message: "the write task failed".to_owned(),
+            })
+        })
+        .collect();
+    let mut set = tokio::task::JoinSet::new();
+    let mut todo = groups.into_iter().enumerate();
+    loop {
+        while set.len() < LOAD_CONCURRENCY {
+            let Some((i, writes)) = todo.next() else {
+                break;
+            };
+            let ds = ds.clone();
+            set.spawn(async move {
+                let first = writes.first().map(|w| w.0.clone()).unwrap_or_default();
+                let writes = writes.into_iter().map(|(k, v)| (k, Some(v))).collect();
+                match ds.write_all(writes).await {
+                    Ok(_) => (i, Ok(())),
+                    Err(e) => (
+                        i,
+                        Err(WriteError {
+                            message: format!("{first}: {e}"),
+                            ..e
+                        }),
+                    ),
+                }
+            });
+        }
+        match set.join_next().await {
+            Some(Ok((i, r))) => out[i] = r,
+            Some(Err(e)) => tracing::error!(error = %e, "a datastore write task failed"),
+            None => break,
+        }
+    }
+    out
+}
+
+impl Actor {
+    /// A client acknowledged a task, on this node or (master) on a minion.
+    pub(super) async fn task_delivered(&mut self, client: &ClientId, flow: &FlowId) {
+        match &mut self.role {
+            NodeRole::Minion(_) => {
+                let ev = Event::TaskDelivered(pc::TaskDelivered {
+                    client_id: client.to_string(),
+                    flow_id: flow.to_string(),
+                });
+                self.replicate(ev, None).await;
+                return;
+            }
+            NodeRole::Master(m) => {
+                if !m.tasks.handle_acked(client, flow) {
+                    return; // A duplicate acknowledgement (tasks are resent until acknowledged).
+                }
+                self.drain_tasks(BTreeMap::new()).await;
+            }
+        }
+        let k = paths::flow_record(client, flow);
+        if let Ok(Some(mut f)) = load_json::<FlowJson>(&self.datastore, &k).await
+            && f.state == FlowRecordState::Queued
+        {
+            f.state = FlowRecordState::Running;
+            let _ = save_json(&self.datastore, &k, &f).await;
+        }
+    }
+
+    /// Performs the task book's actions (master): writes each new task's record together with
+    /// what goes with it (`groups`, by the creation's token) — up to [`LOAD_CONCURRENCY`] groups at
+    /// once, so one journal sync covers many; sends tasks toward their clients; deletes the records
+    /// of acknowledged ones. Returns how each creation ended, with the datastore's error if its
+    /// write failed.
+    pub(super) async fn drain_tasks(
+        &mut self,
+        mut groups: BTreeMap<Token, Vec<(String, Bytes)>>,
+    ) -> BTreeMap<Token, (Outcome, Option<String>)> {
+        let mut created = BTreeMap::new();
+        let mut why: BTreeMap<Token, String> = BTreeMap::new();
+        loop {
+            let actions: Vec<_> = match &mut self.role {
+                NodeRole::Master(m) => std::iter::from_fn(|| m.tasks.poll_action()).collect(),
+                NodeRole::Minion(_) => return created,
+            };
+            if actions.is_empty() {
+                return created;
+            }
+            let (mut writes, mut deletes) = (Vec::new(), Vec::new());
+            for a in actions {
+                match a {
+                    TaskAction::Write {
+                        token,
+                        client,
+                        flow,
+                        task,
+                    } => {
+                        let mut g = groups.remove(&token).unwrap_or_default();
+                        g.push((task_key(&client, &flow), Bytes::from(task.encode_to_vec())));
+                        writes.push((token, g));
+                    }
+                    TaskAction::Created {
+                        token,
+                        client,
+                        flow,
+                        outcome,
+                        context,
+                    } => {
+                        if outcome == Outcome::Refused
+                            && let TaskOrigin::Hunt(h) = &context
+                        {
+                            // Not a participant without its task: undone, offered again later.
+                            tracing::warn!(hunt = %h, client = %client, flow = %flow, "cannot record a hunt participant yet; offering it again later");
+                            self.hunts.handle_schedule_failed(self.now(), h, &client);
+                        }
+                        created.insert(token, (outcome, why.remove(&token)));
+                    }
+                    TaskAction::Deliver { client, task } => self.send_task(&client, task),
+                    TaskAction::Delete { client, flow } => deletes.push((client, flow)),
+                }
+            }
+            let (tokens, writes): (Vec<Token>, Vec<_>) = writes.into_iter().unzip();
+            let results = write_groups(&self.datastore, writes).await;
+            let mut outcomes = Vec::with_capacity(tokens.len());
+            for (token, r) in tokens.into_iter().zip(results) {
+                if let Err(e) = &r {
+                    why.insert(token, e.to_string());
+                }
+                outcomes.push((token, self.write_outcome("a task's record", r)));
+            }
+            for (client, flow) in deletes {
+                let r = self.datastore.delete(&task_key(&client, &flow)).await;
+                let outcome =
+                    self.write_outcome("a delivered task's record (deleting)", r.map(|_| ()));
+                if let NodeRole::Master(m) = &mut self.role {
+                    m.tasks.handle_deleted(&client, &flow, outcome);
+                }
+            }
+            if let NodeRole::Master(m) = &mut self.role {
+                for (token, outcome) in outcomes {
+                    m.tasks.handle_written(token, outcome);
+                }
+            }
+        }
+    }
+
+    /// How a metadata write ended (logged if it failed).
+    pub(super) fn write_outcome(&self, what: &str, r: Result<(), WriteError>) -> Outcome {
+        match r {
+            Ok(()) => Outcome::Done,
+            Err(e) => {
+                tracing::warn!(error = %e, outcome = ?e.outcome, "cannot write {what} yet");
+                e.outcome
+            }
+        }
+    }
+
+    /// Persists a client record (master) and tells the minions to drop their cached copy.
+    pub(super) async fn persist_client(
+        &mut self,
+        rec: &talon_core::registry::ClientRecord,
+    ) -> Result<(), Status> {
+        let key = paths::client_record(&rec.id);
+        save_json(&self.datastore, &key, &ClientJson::from_record(rec)).await?;
+        self.broadcast(broadcast::Kind::DatastoreChanged(pc::DatastoreChanged {
+            key,
+            version: 0,
+        }));
+        Ok(())
+    }
+
+    /// Performs the registry's actions (master): persists changed records; a client whose labels
+    /// changed is offered the running hunts (a new label may put it in one), once its record is
+    /// durable and if it is connected.
+    pub(super) async fn persist_registry(&mut self) -> Result<(), Status> {
+        let mut relabelled = Vec::new();
+        while let Some(a) = self.registry.poll_action() {
+            match a {
+                RegistryAction::Persist(rec) => self.persist_client(&rec).await?,
+                RegistryAction::LabelsChanged(id) => relabelled.push(id),
+            }
+        }
+        for id in relabelled {
+            if self.registry.get(&id).is_some_and(|c| c.connected) {
+                self.offer_hunts(self.now(), &id).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one message to a minion; a full or closed queue drops its stream (it resynchronises).
+    pub(super) fn send_to_minion(&mut self, node: &str, kind: broadcast::Kind) {
+        let NodeRole::Master(m) = &mut self.role else {
+            return;
+        };
+        let Some(c) = m.minions.get(node) else {
+            return;
+        };
+        let msg = pc::MasterMessage {
+            kind: Some(master_message::Kind::Broadcast(pc::Broadcast {
+                seq: 0,
+                kind: Some(kind),
+            })),
+        };
+        if c.tx.try_send(Ok(msg)).is_err() {
+            tracing::warn!(minion = %node, "minion's queue is full or closed; dropping its stream (it resynchronises on reconnect)");
+            m.minions.remove(node);
+        }
+    }
+
+    pub(super) fn broadcast(&mut self, kind: broadcast::Kind) {
+        let nodes: Vec<String> = match &self.role {
+            NodeRole::Master(m) => m.minions.keys().cloned().collect(),
+            NodeRole::Minion(_) => return,
+        };
+        for n in nodes {
+            self.send_to_minion(&n, kind.clone());
+        }
+    }
+
+    /// Records a new task (master) together with its flow record, atomically, and sends it toward
+    /// its client wherever that is connected. It stays pending until the client acknowledges it,
+    /// and is sent again whenever the client (or its minion) reconnects.
+    pub(super) async fn deliver(
+        &mut self,
+        client: &ClientId,
+        flow: &FlowId,
+        task: comms::Task,
+        record: &FlowJson,
+    ) -> Result<(), Status> {
+        // Durable before it can be delivered: a master restart still delivers it. The flow record
+        // goes with it, so its results always have a record and a record never waits for a task
+        // that was not written.
+        let group = vec![(paths::flow_record(client, flow), json_bytes(record)?)];
+        let NodeRole::Master(m) = &mut self.role else {
+            return Err(Status::internal("tasks are created on the master"));
+        };
+        let token = m
+            .tasks
+            .create(client.clone(), flow.clone(), task, TaskOrigin::Collect)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let mut created = self.drain_tasks([(token, group)].into()).await;
+        let (outcome, why) = created.remove(&token).unwrap_or((Outcome::Unknown, None));
+        let why = why.unwrap_or_default();
+        match outcome {
+            Outcome::Done => Ok(()),
+            Outcome::Refused => Err(Status::unavailable(format!(
+                "datastore: {why}; the collection was not scheduled, try again"
+            ))),
+            Outcome::Unknown => Err(Status::unavailable(format!(
+                "datastore: {why}; the master stopped while scheduling the collection, which \
+                 may have happened (see the client's flows once the master is back)"
+            ))),
+        }
+    }
+
+    pub(super) fn send_task(&mut self, client: &ClientId, task: comms::Task) {
+        if self.conns.contains_key(client) {
+            return self.notify_task(client, task);
+        }
+        let Some(rec) = self.registry.get(client) else {
+            return;
+        };
+        if !rec.connected || rec.node == self.opts.node_name {
+            return; // Sent when it connects.
+        }
+        let node = rec.node.clone();
+        self.send_to_minion(
+            &node,
+            broadcast::Kind::TaskQueued(pc::TaskQueued {
+                client_id: client.to_string(),
+                task: Some(task),
+            }),
+        );
+    }
+
+    /// Sends a client's pending tasks toward it (it acknowledges duplicates and runs each once).
+    pub(super) fn send_pending(&mut self, client: &ClientId) {
+        let tasks: Vec<comms::Task> = match &self.role {
+            NodeRole::Master(m) => m.tasks.pending(client).map(|(_, t)| t.clone()).collect(),
+            NodeRole::Minion(_) => return,
+        };
+        for t in tasks {
+            self.send_task(client, t);
+        }
+    }
+
+    pub(super) fn minion_up(
+        &mut self,
+        node: String,
+        tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
+    ) -> Result<u64, Status> {
+        let NodeRole::Master(m) = &mut self.role else {
+            return Err(Status::failed_precondition("this node is not the master"));
+        };
+        let conn = m.next_minion_conn;
+        m.next_minion_conn += 1;
+        m.minions.insert(node.clone(), MinionConn { conn, tx });
+        tracing::info!(minion = %node, cursor = ?m.inbox.cursor(&node), "minion's replication stream is up");
+        // Tasks that may have been lost with the previous stream go again to its clients.
+        let clients: Vec<ClientId> = m
+            .tasks
+            .clients()
+            .filter(|c| {
+                self.registry
+                    .get(c)
+                    .is_some_and(|r| r.connected && r.node == node)
+            })
+            .cloned()
+            .collect();
+        for c in clients {
+            self.send_pending(&c);
+        }
+        Ok(conn)
+    }
+
+    /// Applies a batch of a minion's events in order, persists its cursor, then acknowledges.
+    pub(super) async fn minion_events(
+        &mut self,
+        now: Timestamp,
+        node: String,
+        conn: u64,
+        batch: MinionBatch,
+    ) {
+        let MinionBatch {
+            epoch,
+            events,
+            sent_unix_ms,
+        } = batch;
+        // How far the minion's clock is behind ours (negative: ahead), measured on this batch (it
+        // includes the batch's transit and queueing: milliseconds, against machines' clocks that
+        // may differ by hours). Times the minion reports are moved onto our clock with it.
+        let behind_ms = if sent_unix_ms == 0 {
+            0
+        } else {
+            i128::from(now.as_ms()) - i128::from(sent_unix_ms)
+        };
+        let NodeRole::Master(m) = &mut self.role else {
+            return;
+        };
+        if m.minions.get(&node).is_none_or(|c| c.conn != conn) {
+            return; // A stream that was replaced; the minion resends on the new one.
+        }
+        // The flow records this batch's events read: fetched together below, not one 40–60 ms
+        // volume read after another (the master's cache is cold after a restart).
+        let warm: BTreeSet<String> = events
+            .iter()
+            .filter_map(|(_, e)| {
+                let (c, f) = match e {
+                    Ok(Event::TaskDelivered(t)) => (&t.client_id, &t.flow_id),
+                    Ok(Event::FlowCompleted(f)) => (&f.client_id, &f.flow_id),
+                    _ => return None,
+                };
+                Some(paths::flow_record(
+                    &ClientId::parse(c).ok()?,
+                    &FlowId::parse(f).ok()?,
+                ))
+            })
+            .collect();
+        if let Err(e) = m.inbox.handle_batch(now, &node, epoch, events) {
+            tracing::warn!(minion = %node, error = %e, "refused a replication batch");
+            let expected = m.inbox.cursor(&node).map_or(1, |c| c.hwm + 1);
+            let current_epoch = match e {
+                talon_core::replication::InboxError::StaleEpoch { current, .. } => current,
+                _ => 0,
+            };
+            if let Some(c) = m.minions.get(&node) {
+                let _ = c.tx.try_send(Ok(pc::MasterMessage {
+                    kind: Some(master_message::Kind::Error(pc::ReplError {
+                        message: e.to_string(),
+                        expected_seq: expected,
+                        current_epoch,
+                    })),
+                }));
+            }
+            return;
+        }
+        if warm.len() > 1
+            && let Err(e) = get_many(&self.datastore, warm.into_iter().collect()).await
+        {
+            tracing::warn!(minion = %node, error = %e, "prefetching flow records failed");
+        }
+        loop {
+            let NodeRole::Master(m) = &mut self.role else {
+                return;
+            };
+            let Some(a) = m.inbox.poll_action() else {
+                break;
+            };
+            match a {
+                InboxAction::Apply {
+                    node: n,
+                    cursor,
+                    event,
+                } => {
+                    let outcome = if self.apply_event(&n, event, behind_ms).await {
+                        Outcome::Done
+                    } else {
+                        // Not applied (busy, or a read failed), or in part: it stays
+                        // unacknowledged, and the minion resends it and what follows.
+                        tracing::warn!(minion = %n, seq = cursor.hwm, "a replicated event could not be applied yet; the minion sends it again");
+                        Outcome::Unknown
+                    };
+                    if let NodeRole::Master(m) = &mut self.role {
+                        m.inbox.handle_applied(&n, cursor, outcome);
+                    }
+                }
+                InboxAction::Persist { node: n, cursor } => {
+                    // The effects it covers are journalled (each write awaited). A crash before
+                    // this write re-applies them: effects are idempotent.
+                    let j = CursorJson {
+                        node: n.clone(),
+                        epoch: cursor.epoch,
+                        hwm: cursor.hwm,
+                    };
+                    let outcome = match save_json(&self.datastore, &cursor_key(&n), &j).await {
+                        Ok(()) => Outcome::Done,
+                        Err(e) => {
+                            tracing::error!(minion = %n, error = %e, "cannot persist a replication cursor; not acknowledging");
+                            Outcome::Unknown
+                        }
+                    };
+                    if let NodeRole::Master(m) = &mut self.role {
+                        m.inbox.handle_persisted(&n, cursor, outcome);
+                    }
+                }
+                InboxAction::Ack {
+                    node: n,
+                    epoch,
+                    upto,
+                } => {
+                    // The inbox acknowledges only what its durable cursor covers.
+                    if let NodeRole::Master(m) = &mut self.role
+                        && let Some(c) = m.minions.get(&n)
+                    {
+                        let ack = pc::MasterMessage {
+                            kind: Some(master_message::Kind::Ack(pc::ReplAck {
+                                epoch,
+                                upto_seq: upto,
+                            })),
+                        };
+                        if c.tx.try_send(Ok(ack)).is_err() {
+                            m.minions.remove(&n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One replicated event's effects on the master. Each is idempotent (a crash between the effects
+    /// and the cursor re-applies it). False if they could not be made durable now (the datastore
+    /// refused as busy, a read failed): the event must be applied again later. The minion's clock
+    /// is `behind_ms` behind ours.
+    pub(super) async fn apply_event(
+        &mut self,
+        node: &str,
+        event: Result<Event, String>,
+        behind_ms: i128,
+    ) -> bool {
+        let event = match event {
+            Ok(e) => e,
+            Err(reason) => {
+                // Skipped so that the minion's later events are not stuck behind it.
+                tracing::error!(minion = %node, %reason, "skipping a malformed replicated event");
+                return true;
+            }
+        };
+        let now = self.now();
+        let client_of = |id: &str| -> Option<ClientId> {
+            ClientId::parse(id)
+                .inspect_err(|e| tracing::warn!(minion = %node, error = %e, "event names a malformed client id"))
+                .ok()
+        };
+        match event {
+            Event::ClientSeen(cs) => {
+                let Some(id) = client_of(&cs.client_id) else {
+                    return true;
+                };
+                let info = cs.info.unwrap_or_default();
+                let sighting = Sighting {
+                    id: id.clone(),
+                    public_key: cs.public_key.to_vec(),
+                    hostname: info.hostname,
+                    fqdn: info.fqdn,
+                    os: info.os,
+                    ips: info.ips,
+                    last_ip: cs.last_ip,
+                    node: node.to_owned(),
+                    // On our clock: sightings from different machines are compared by it.
+                    connected_at: Timestamp(
+                        u64::try_from(i128::from(cs.connected_unix_ms) + behind_ms).unwrap_or(0),
+                    ),
+                };
+                if let Err(e) = self.registry.handle_seen_admitted(now, sighting) {
+                    tracing::warn!(minion = %node, client = %id, error = %e, "refused a client seen on a minion");
+                    return true;
+                }
+                self.keys
+                    .insert(id.clone(), talon_core::ids::key_fingerprint(&cs.public_key));
+                if let Err(e) = self.persist_registry().await {
+                    tracing::error!(client = %id, error = %e, "cannot record a client");
+                }
+                self.send_pending(&id);
+                self.offer_hunts(now, &id).await;
+            }
+            Event::ClientGone(g) => {
+                if let Some(id) = client_of(&g.client_id) {
+                    self.registry.set_disconnected(now, &id, node);
+                }
+            }
+            Event::TaskDelivered(t) => {
+                if let (Some(id), Ok(flow)) = (client_of(&t.client_id), FlowId::parse(&t.flow_id)) {
+                    self.task_delivered(&id, &flow).await;
+                }
+            }
+            Event::FlowCompleted(f) => {
+                let (Some(client), Ok(flow)) = (client_of(&f.client_id), FlowId::parse(&f.flow_id))
+                else {
+                    return true;
+                };
+                let state = if f.state == comms::FlowState::Completed as i32 {
+                    FinalState::Completed
+                } else {
+                    FinalState::Error
+                };
+                let mut runs = Vec::with_capacity(f.runs.len());
+                for r in f.runs {
+                    match RunRef::from_proto(r) {
+                        Ok(r) => runs.push(r),
+                        // A minion is one of ours: this is a bug, not an attack. The flow's
+                        // results would miss this run's messages.
+                        Err(e) => {
+                            tracing::error!(client = %client, flow = %flow, error = %e, "a replicated completion names a bad run")
+                        }
+                    }
+                }
+                let o = talon_core::flows::FlowOutcome {
+                    key: FlowKey { client, flow },
+                    state,
+                    error: f.error,
+                    rows: f.rows,
+                    uploaded_bytes: f.uploaded_bytes,
+                    uploads: f.uploads,
+                    messages: f.messages,
+                };
+                // The replication cursor must not move past an event whose effects are not durable:
+                // the caller hands it back to the inbox, and the minion sends it again.
+                return self.flow_completed(o, runs).await;
+            }
+            Event::NodeStarted(_) => {
+                let n = self.registry.disconnect_node(now, node);
+                tracing::info!(minion = %node, clients = n, "minion restarted: its clients are disconnected until they reconnect");
+            }
+        }
+        true
+    }
+
+    /// Offers a connected client to every running hunt.
+    /// Offers a hunt to a client if it is connected (else it is offered every running hunt when it
+    /// connects): at the hunt's creation, and when a failed schedule is retried.
+    pub(super) fn offer_to_connected(&mut self, now: Timestamp, hunt: &HuntId, id: &ClientId) {
+        let Some(rec) = self.registry.get(id).filter(|r| r.connected) else {
+            return;
+        };
+        let (os, labels) = (rec.os.clone(), rec.labels.clone());
+        let facts = ClientFacts {
+            id,
+            os: &os,
+            labels: &labels,
+        };
+        self.hunts.offer_to(now, hunt, facts);
+    }
+
+    pub(super) async fn offer_hunts(&mut self, now: Timestamp, id: &ClientId) {
+        let Some(rec) = self.registry.get(id) else {
+            return;
+        };
+        let (os, labels) = (rec.os.clone(), rec.labels.clone());
+        self.hunts.offer(
+            now,
+            ClientFacts {
+                id,
+                os: &os,
+                labels: &labels,
+            },
+        );
+        // A failed write is logged and fail-stops the node (`Meta::set`).
+        let _ = self.drain_hunts().await;
+    }
+
+    pub(super) async fn create_hunt(
+        &mut self,
+        now: Timestamp,
+        req: api::CreateHuntRequest,
+    ) -> Result<api::HuntSummary, Status> {
+        let given: BTreeMap<String, String> = req.params.into_iter().collect();
+        let (spec, params) = talon_core::artifacts::validate(&req.artifact, &given)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let labels = |ls: Vec<String>| -> Result<std::collections::BTreeSet<String>, Status> {
+            ls.iter()
+                .map(|l| {
+                    talon_core::registry::normalize_label(l)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))
+                })
+                .collect()
+        };
+        let os = match req.os.to_ascii_lowercase().as_str() {
+            "" => None,
+            o @ ("linux" | "windows" | "darwin") => Some(o.to_owned()),
+            o => {
+                return Err(Status::invalid_argument(format!(
+                    "--os {o:?}: use linux, windows or darwin"
+                )));
+            }
+        };
+        let ttl_s = if req.expires_in_s == 0 {
+            HUNT_EXPIRES_DEFAULT_S
+        } else {
+            req.expires_in_s
+        };
+        let hunt_spec = HuntSpec {
+            artifact: spec.name.to_owned(),
+            params,
+            include_labels: labels(req.include_labels)?,
+            exclude_labels: labels(req.exclude_labels)?,
+            os,
+            expires: now.plus_ms(ttl_s.saturating_mul(1000)),
+            client_limit: (req.client_limit > 0).then_some(req.client_limit),
+            description: req.description,
+        };
+        let mut n = [0u8; 8];
+        self.entropy.fill(&mut n);
+        let id = HuntId::from_u64(u64::from_le_bytes(n));
+        self.hunts
+            .create(now, id.clone(), hunt_spec)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        // Acknowledged only once its record is durable (invariant 5 (docs/architecture.md)).
+        self.drain_hunts().await?;
+        tracing::info!(hunt = %id, artifact = spec.name, "hunt created");
+        self.broadcast(broadcast::Kind::HuntStarted(pc::HuntStarted {
+            hunt_id: id.to_string(),
+        }));
+        // Every client connected to any node is offered the hunt now; later ones when they connect.
+        let connected: Vec<ClientId> = self.registry.connected().map(|r| r.id.clone()).collect();
+        for c in connected {
+            self.offer_to_connected(now, &id, &c);
+        }
+        self.drain_hunts().await?;
+        let h = self
+            .hunts
+            .get(&id)
+            .ok_or_else(|| Status::internal("the new hunt vanished"))?;
+        Ok(hunt_summary(h))
+    }
+
+    /// Records and tasks newly scheduled hunt participants. For each client one atomic write: its
+    /// participant record, its flow record and its pending task — all of them or none, whatever
+    /// crash follows (a restart that finds the participant finds its task; its frontend finds the
+    /// flow tasked) — durable before the task is sent. Up to [`LOAD_CONCURRENCY`] clients are
+    /// written at once, so one journal sync covers many of them. A client whose write is refused,
+    /// or that already has `max_queued_tasks_per_client` tasks waiting, is no participant: the hunt
+    /// manager undoes it and offers it again later (docs/architecture.md, "Invariants").
+    pub(super) async fn schedule(
+        &mut self,
+        batch: Vec<(HuntId, ClientId, FlowId)>,
+    ) -> Result<(), Status> {
+        let now = self.now();
+        let mut groups = BTreeMap::new();
+        for (hunt, client, flow) in batch {
+            let Some(h) = self.hunts.get(&hunt) else {
+                continue;
+            };
+            let spec = h.record().spec.clone();
+            let record = FlowJson {
+                client_id: client.to_string(),
+                flow_id: flow.to_string(),
+                artifact: spec.artifact.clone(),
+                params: spec.params.clone(),
+                hunt_id: Some(hunt.to_string()),
+                state: FlowRecordState::Queued,
+                rows: 0,
+                uploaded_bytes: 0,
+                error: String::new(),
+                created_ms: now.as_ms(),
+                finished_ms: 0,
+                uploads: vec![],
+                runs: vec![],
+            };
+            let task = comms::Task {
+                flow_id: flow.to_string(),
+                artifact: spec.artifact,
+                params: spec.params.into_iter().collect(),
+                hunt_id: hunt.to_string(),
+                max_rows: 0,
+                max_upload_bytes: self.opts.codec.upload_bytes_max,
+                timeout_s: 600,
+            };
+            let group = vec![
+                (
+                    paths::hunt_participant(&hunt, &client),
+                    json_bytes(&ParticipantJson::Scheduled)?,
+                ),
+                (paths::flow_record(&client, &flow), json_bytes(&record)?),
+            ];
+            let NodeRole::Master(m) = &mut self.role else {
+                return Err(Status::internal("hunts are scheduled on the master"));
+            };
+            match m
+                .tasks
+                .create(client.clone(), flow, task, TaskOrigin::Hunt(hunt.clone()))
+            {
+                Ok(token) => {
+                    groups.insert(token, group);
+                }
+                Err(e) => {
+                    // Not a participant without its task: undone, and offered again later.
+                    tracing::warn!(client = %client, hunt = %hunt, error = %e, "hunt task not queued yet; offering it again later");
+                    self.hunts.handle_schedule_failed(now, &hunt, &client);
+                }
+            }
+        }
+        // Refused groups are undone in the hunt manager as their `Created` comes back.
+        self.drain_tasks(groups).await;
+        Ok(())
+    }
+
+    /// Performs the hunt manager's actions: a participant is journalled before its task is delivered.
+    /// `Err` carries the first write that failed (the node fail-stops on it, see `Meta::set`): what
+    /// the caller was about to acknowledge is not durable.
+    pub(super) async fn drain_hunts(&mut self) -> Result<(), Status> {
+        let mut failed = None;
+        // Consecutive Schedule actions are written together (each client's records in order, many
+        // clients at once, so the journal's group commit covers them); anything else waits for them.
+        let mut batch: Vec<(HuntId, ClientId, FlowId)> = Vec::new();
+        loop {
+            let a = self.hunts.poll_action();
+            if !matches!(a, Some(HuntAction::Schedule { .. }))
+                && !batch.is_empty()
+                && let Err(e) = self.schedule(std::mem::take(&mut batch)).await
+            {
+                failed.get_or_insert(e);
+            }
+            let Some(a) = a else { break };
+            match a {
+                HuntAction::Schedule { hunt, client, flow } => {
+                    batch.push((hunt, client, flow));
+                    if batch.len() >= SCHEDULE_BATCH_MAX {
+                        if let Err(e) = self.schedule(std::mem::take(&mut batch)).await {
+                            failed.get_or_insert(e);
+                        }
+                        // A hunt over 100,000 clients is 100 batches, and the node's other work
+                        // (pings, the API, other streams) gets a turn between them: scheduling
+                        // all at once, a master logged nothing for 43 s and its API connection
+                        // was dropped by the keep-alive.
+                        tokio::task::yield_now().await;
+                    }
+                }
+                HuntAction::Participant {
+                    hunt,
+                    client,
+                    participation,
+                } => {
+                    let key = paths::hunt_participant(&hunt, &client);
+                    if let Err(e) =
+                        save_json(&self.datastore, &key, &ParticipantJson::from(participation))
+                            .await
+                    {
+                        // Not counted until it is recorded: the completion fails with it, and the
+                        // client's (or minion's) resend brings the outcome again.
+                        tracing::warn!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt outcome yet");
+                        self.hunts
+                            .handle_outcome_failed(&hunt, &client, participation);
+                        failed.get_or_insert(e);
+                    }
+                }
+                HuntAction::Offer { hunt, client } => {
+                    self.offer_to_connected(self.now(), &hunt, &client)
+                }
+                HuntAction::Record(r) => {
+                    if let Err(e) = save_json(
+                        &self.datastore,
+                        &paths::hunt_record(&r.id),
+                        &HuntJson::from_record(&r),
+                    )
+                    .await
+                    {
+                        tracing::error!(hunt = %r.id, error = %e, "cannot record a hunt");
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    pub(super) async fn label(
+        &mut self,
+        client: &str,
+        label: &str,
+        remove: bool,
+    ) -> Result<api::ClientSummary, Status> {
+        let id = ClientId::parse(client).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let rec = self
+            .registry
+            .set_label(&id, label, remove)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let out = summary(rec);
+        self.persist_registry().await?;
+        Ok(out)
+    }
+
+    pub(super) async fn collect(
+        &mut self,
+        now: Timestamp,
+        client: &str,
+        artifact: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<api::FlowSummary, Status> {
+        let id = ClientId::parse(client).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.registry.get(&id).is_none() {
+            return Err(Status::not_found(format!(
+                "no client {id} (search with `talon clients search all`)"
+            )));
+        }
+        let (spec, params) = talon_core::artifacts::validate(artifact, params)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut n = [0u8; 8];
+        self.entropy.fill(&mut n);
+        let flow = FlowId::from_u64(u64::from_le_bytes(n));
+        let record = FlowJson {
+            client_id: id.to_string(),
+            flow_id: flow.to_string(),
+            artifact: spec.name.to_owned(),
+            params: params.clone(),
+            hunt_id: None,
+            state: FlowRecordState::Queued,
+            rows: 0,
+            uploaded_bytes: 0,
+            error: String::new(),
+            created_ms: now.as_ms(),
+            finished_ms: 0,
+            uploads: vec![],
+            runs: vec![],
+        };
+        let task = comms::Task {
+            flow_id: flow.to_string(),
+            artifact: spec.name.to_owned(),
+            params: params.into_iter().collect(),
+            hunt_id: String::new(),
+            max_rows: 0,
+            max_upload_bytes: self.opts.codec.upload_bytes_max,
+            timeout_s: 600,
+        };
+        self.deliver(&id, &flow, task, &record).await?;
+        tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");
+        Ok(flow_summary(&record))
+    }
+
+    /// Records a completed flow (master): its record, its uploads, its hunt's outcome. Idempotent: a
+    /// flow may be reported by two nodes after a failover. True once all of it is durable: only then
+    /// may the client's final status be acknowledged.
+    pub(super) async fn flow_completed(
+        &mut self,
+        o: talon_core::flows::FlowOutcome,
+        runs: Vec<RunRef>,
+    ) -> bool {
+        // A completed flow was delivered, whether or not its TaskAck reached us (it may have been lost
+        // with a connection): it must not stay pending.
+        if let NodeRole::Master(m) = &mut self.role
+            && m.tasks.handle_acked(&o.key.client, &o.key.flow)
+        {
+            self.drain_tasks(BTreeMap::new()).await;
+        }
+        let k = paths::flow_record(&o.key.client, &o.key.flow);
+        match load_json::<FlowJson>(&self.datastore, &k).await {
+            Ok(Some(mut f)) => {
+                let state = match o.state {
+                    FinalState::Completed => FlowRecordState::Completed,
+                    FinalState::Error => FlowRecordState::Error,
+                };
+                let first =
+                    f.state != state || f.rows != o.rows || f.uploaded_bytes != o.uploaded_bytes;
+                if first {
+                    f.state = state;
+                    f.rows = o.rows;
+                    f.uploaded_bytes = o.uploaded_bytes;
+                    f.error = o.error.clone();
+                    f.finished_ms = self.now().as_ms();
+                    f.runs = runs;
+                    // Uploads are reassembled after the completion is recorded (bulk work on the
+                    // volume); the marker written with it makes a restart finish the job.
+                    let uploads = o.uploads > 0 || o.uploaded_bytes > 0;
+                    let Ok(mut record) = json_bytes(&f) else {
+                        return false; // A record always serialises.
+                    };
+                    if record.len() as u64 > self.opts.value_bytes_max {
+                        // Runs pile up with the flushes a flow spans: a flow that spans too many
+                        // fails (its messages stay in the filestore), the node goes on.
+                        let why = format!(
+                            "the flow's record would be {} bytes with its {} runs, over \
+                             Datastore.max_value_size ({}); its results are not listed",
+                            record.len(),
+                            f.runs.len(),
+                            self.opts.value_bytes_max
+                        );
+                        tracing::warn!(client = %o.key.client, flow = %o.key.flow, "{why}");
+                        f.runs.clear();
+                        f.state = FlowRecordState::Error;
+                        f.error = why;
+                        let Ok(r) = json_bytes(&f) else {
+                            return false;
+                        };
+                        record = r;
+                    }
+                    let mut writes = vec![(k.clone(), Some(record))];
+                    if uploads {
+                        let marker = paths::uploads_pending(&o.key.client, &o.key.flow);
+                        writes.push((marker, Some(Bytes::from_static(b"{}"))));
+                    }
+                    if let Err(e) = self.datastore.write_all(writes).await {
+                        tracing::error!(flow = %o.key.flow, error = %e, "cannot record flow completion");
+                        return false;
+                    }
+                    tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
+                    if uploads {
+                        self.uploads.start(
+                            self.filestore.volume().clone(),
+                            self.datastore.clone(),
+                            o.key.clone(),
+                        );
+                    }
+                }
+                if let Some(h) = f.hunt_id.as_deref().and_then(|h| HuntId::parse(h).ok()) {
+                    let now = self.now();
+                    self.hunts.handle_outcome(
+                        now,
+                        &h,
+                        &o.key.client,
+                        o.state,
+                        o.rows,
+                        o.uploaded_bytes,
+                    );
+                    if self.drain_hunts().await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+            Ok(None) => {
+                // Nothing to record it in (not a flow this master created): acknowledged, or the
+                // client would resend forever.
+                tracing::warn!(client = %o.key.client, flow = %o.key.flow, "completed flow has no record");
+                true
+            }
+            Err(e) => {
+                tracing::error!(flow = %o.key.flow, error = %e, "cannot read flow record");
+                false
+            }
+        }
+    }
+}
