@@ -19,6 +19,7 @@
 //! Because the output queue is drained after every input, it never holds more than the output of one
 //! input; each module documents what bounds that.
 
+pub mod agent;
 pub mod artifacts;
 pub mod cluster_codec;
 pub mod codec;

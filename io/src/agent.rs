@@ -20,11 +20,12 @@ use crate::{pki, tls};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use talon_core::agent::{FlowOutbox, OutboxAction, OutboxLimits, PushError};
 use talon_core::{ClientId, Timestamp};
 use talon_proto::comms::{
     self, client_message, comms_client::CommsClient, flow_message, server_message,
@@ -76,33 +77,23 @@ pub fn load_or_create_identity(
     Ok((pem, id))
 }
 
-/// A message kept until settled.
-struct Kept {
-    msg: comms::FlowMessage,
-    /// When it was last sent (or acknowledged, once it is): the resend timer runs from here.
-    sent: Timestamp,
-    /// When it was first sent: its service time runs from here to its first acknowledgement.
-    first: tokio::time::Instant,
-    /// Acknowledged before (then moved back to unacked by a reconnect): not measured again.
-    acked_once: bool,
-}
-
-#[derive(Default)]
-struct FlowOut {
-    next_seq: u64,
-    /// Messages sent and not acknowledged.
-    unacked: BTreeMap<u64, Kept>,
-    /// Messages acknowledged (durable on a frontend's local disk) and not yet settled.
-    unsettled: BTreeMap<u64, Kept>,
-    final_seq: Option<u64>,
-}
-
-#[derive(Default)]
+/// The outbox's state: the core's flow outbox (numbering, keeping until settled, resending,
+/// failover) and the stream it sends on.
 struct OutboxState {
-    flows: BTreeMap<String, FlowOut>,
-    done: VecDeque<String>,
+    flows: FlowOutbox<flow_message::Payload, tokio::time::Instant>,
     session: Option<mpsc::Sender<comms::ClientMessage>>,
-    max_in_flight: usize,
+}
+
+impl Default for OutboxState {
+    fn default() -> OutboxState {
+        OutboxState {
+            flows: FlowOutbox::new(OutboxLimits {
+                resend_after_ms: RESEND_AFTER_MS,
+                done_max: DONE_REMEMBERED_MAX,
+            }),
+            session: None,
+        }
+    }
 }
 
 /// Service times the agent observed: from a message's first send to its first acknowledgement.
@@ -217,18 +208,43 @@ impl Outbox {
         self.state.lock().expect("outbox lock poisoned")
     }
 
+    /// Performs the core outbox's actions under the lock: returns the messages to send (the caller
+    /// sends them outside it) and records service times.
+    fn drain(&self, s: &mut OutboxState) -> Vec<comms::FlowMessage> {
+        let mut out = Vec::new();
+        while let Some(a) = s.flows.poll_action() {
+            match a {
+                OutboxAction::Send { flow, seq, payload } => out.push(comms::FlowMessage {
+                    flow_id: flow,
+                    seq,
+                    payload: Some(payload),
+                }),
+                OutboxAction::FirstAck {
+                    is_final, stamp, ..
+                } => {
+                    if let Some(t) = &self.times {
+                        let micros = u64::try_from(stamp.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        t.record(is_final, micros);
+                    }
+                }
+                OutboxAction::Ended { flow } => tracing::debug!(%flow, "flow acknowledged whole"),
+            }
+        }
+        out
+    }
+
     /// Flows still running or awaiting acknowledgement.
     pub fn running_flows(&self) -> Vec<String> {
-        self.lock().flows.keys().cloned().collect()
+        self.lock()
+            .flows
+            .running_flows()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Messages not yet settled (unacknowledged, or acknowledged and not on the volume yet), in total.
     pub fn unacked(&self) -> usize {
-        self.lock()
-            .flows
-            .values()
-            .map(|f| f.unacked.len() + f.unsettled.len())
-            .sum()
+        self.lock().flows.unsettled()
     }
 
     /// A new stream is up: resend everything not settled, in order, through it.
@@ -238,22 +254,11 @@ impl Outbox {
         max_in_flight: usize,
         now: Timestamp,
     ) {
-        let resend: Vec<comms::FlowMessage> = {
+        let resend = {
             let mut s = self.lock();
             s.session = Some(tx.clone());
-            s.max_in_flight = max_in_flight.max(1);
-            // Marked as sent now, so the resend timer does not send them again right away. What the
-            // last frontend acknowledged but did not settle may exist only in its buffer: resent.
-            let mut out = Vec::new();
-            for f in s.flows.values_mut() {
-                let unsettled = std::mem::take(&mut f.unsettled);
-                f.unacked.extend(unsettled);
-                for k in f.unacked.values_mut() {
-                    k.sent = now;
-                    out.push(k.msg.clone());
-                }
-            }
-            out
+            s.flows.handle_connected(now, max_in_flight);
+            self.drain(&mut s)
         };
         for m in resend {
             if tx.send(flow_msg(m)).await.is_err() {
@@ -263,35 +268,24 @@ impl Outbox {
     }
 
     fn detach(&self) {
-        self.lock().session = None;
+        let mut s = self.lock();
+        s.session = None;
+        s.flows.handle_disconnected();
     }
 
     /// Registers a task's flow; false if the flow is already running or recently done (a task
     /// delivered twice). Check and insert happen under one lock, so no duplicate slips between.
     fn begin(&self, flow: &str) -> bool {
-        let mut s = self.lock();
-        if s.flows.contains_key(flow) || s.done.iter().any(|d| d == flow) {
-            return false;
-        }
-        s.flows.insert(flow.to_owned(), FlowOut::default());
-        true
+        self.lock().flows.begin(flow)
     }
 
-    /// Messages unacknowledged, or acknowledged and unsettled, for `after_ms`, marked as sent again
-    /// at `now` (a lost acknowledgement of either kind: the frontend acknowledges a resend of a stored
-    /// message again, and settles it again).
-    fn stale(&self, now: Timestamp, after_ms: u64) -> Vec<comms::FlowMessage> {
+    /// Messages with no acknowledgement of either kind for `RESEND_AFTER_MS`, to send again (a
+    /// lost acknowledgement: the frontend acknowledges a resend of a stored message again, and
+    /// settles it again).
+    fn stale(&self, now: Timestamp) -> Vec<comms::FlowMessage> {
         let mut s = self.lock();
-        let mut out = Vec::new();
-        for f in s.flows.values_mut() {
-            for k in f.unacked.values_mut().chain(f.unsettled.values_mut()) {
-                if now.since_ms(k.sent) >= after_ms {
-                    k.sent = now;
-                    out.push(k.msg.clone());
-                }
-            }
-        }
-        out
+        s.flows.handle_timeout(now);
+        self.drain(&mut s)
     }
 
     /// Adds the next message of a flow, waiting while the flow has `max_in_flight` unsettled.
@@ -300,43 +294,30 @@ impl Outbox {
         loop {
             let notified = self.acked.notified();
             // Decide under the lock, await outside it.
-            let ready = {
+            let sent = {
                 let mut s = self.lock();
-                let max = s.max_in_flight.max(1);
-                let session = s.session.clone();
-                let f = s.flows.entry(flow.to_owned()).or_default();
-                if f.unacked.len() + f.unsettled.len() >= max && !is_final {
-                    None
-                } else {
-                    let seq = f.next_seq;
-                    f.next_seq += 1;
-                    if is_final {
-                        f.final_seq = Some(seq);
+                let stamp = tokio::time::Instant::now();
+                s.flows
+                    .push(now, flow, payload.clone(), is_final, stamp)
+                    .map(|_| (self.drain(&mut s), s.session.clone()))
+            };
+            match sent {
+                // Not connected, or the stream breaks: the message stays kept and is resent on
+                // attach.
+                Ok((msgs, session)) => {
+                    if let Some(tx) = session {
+                        for m in msgs {
+                            let _ = tx.send(flow_msg(m)).await;
+                        }
                     }
-                    let m = comms::FlowMessage {
-                        flow_id: flow.to_owned(),
-                        seq,
-                        payload: Some(payload.clone()),
-                    };
-                    let kept = Kept {
-                        msg: m.clone(),
-                        sent: now,
-                        first: tokio::time::Instant::now(),
-                        acked_once: false,
-                    };
-                    f.unacked.insert(seq, kept);
-                    Some((m, session))
+                    return;
                 }
-            };
-            let Some((msg, session)) = ready else {
-                notified.await;
-                continue;
-            };
-            // Not connected, or the stream breaks: the message stays unacked and is resent on attach.
-            if let Some(tx) = session {
-                let _ = tx.send(flow_msg(msg)).await;
+                Err(PushError::Full { .. }) => notified.await,
+                Err(PushError::NotRunning) => {
+                    tracing::warn!(%flow, "a message for a flow that is not running; dropped");
+                    return;
+                }
             }
-            return;
         }
     }
 
@@ -345,35 +326,12 @@ impl Outbox {
         if let Some(o) = &self.observer {
             o(flow, seq, settled);
         }
-        let mut s = self.lock();
-        let Some(f) = s.flows.get_mut(flow) else {
-            return;
-        };
-        if let Some(mut k) = f.unacked.remove(&seq) {
-            if let Some(t) = self.times.as_ref().filter(|_| !k.acked_once) {
-                let micros = k.first.elapsed().as_micros();
-                t.record(
-                    f.final_seq == Some(seq),
-                    u64::try_from(micros).unwrap_or(u64::MAX),
-                );
-            }
-            k.acked_once = true;
-            if !settled {
-                k.sent = now;
-                f.unsettled.insert(seq, k);
-            }
-        } else if settled {
-            f.unsettled.remove(&seq);
+        {
+            let mut s = self.lock();
+            s.flows.handle_ack(now, flow, seq, settled);
+            // An acknowledgement sends nothing; it records a service time.
+            self.drain(&mut s);
         }
-        if f.final_seq == Some(seq) {
-            // The final status is acknowledged only once the whole flow is stored and settled.
-            s.flows.remove(flow);
-            s.done.push_back(flow.to_owned());
-            if s.done.len() > DONE_REMEMBERED_MAX {
-                s.done.pop_front();
-            }
-        }
-        drop(s);
         self.acked.notify_waiters();
     }
 }
@@ -786,7 +744,7 @@ impl Agent {
                     Err(e) => break Err(e.message().to_owned()),
                 },
                 _ = resend.tick() => {
-                    for m in self.outbox.stale(self.clock.now(), RESEND_AFTER_MS) {
+                    for m in self.outbox.stale(self.clock.now()) {
                         if tx.send(flow_msg(m)).await.is_err() {
                             break;
                         }

@@ -358,33 +358,46 @@ fn idle_flows_are_forgotten_but_busy_ones_kept() {
 }
 
 // ---- Property: invariant 1 across two nodes, failovers, lost acks and node crashes. ----
+//
+// The client is the agent's own outbox (`crate::agent::FlowOutbox`): what it numbers, keeps, resends
+// and fails over is the real agent's logic, checked here against the real tracker.
+
+use crate::agent::{FlowOutbox, OutboxAction, OutboxLimits};
 
 #[derive(Clone, Debug)]
 enum Step {
-    /// The client sends its n-th unacked message (mod count) to its current node.
-    Send(usize),
+    /// The agent produces its next message (refused while `max_in_flight` are kept).
+    Produce,
+    /// The n-th message on the wire reaches the current node (it may stay there too: duplication).
+    Deliver(usize, bool),
     /// The current node completes its n-th pending store, succeeding or failing.
     Store(usize, bool),
-    /// Deliver or drop the node's outgoing acks.
-    Acks(bool),
-    /// The client fails over to the other node.
+    /// The node's outgoing acks reach the agent (as settled or not) or are lost.
+    Acks(bool, bool),
+    /// The agent fails over to the other node (the stream and what was on it are gone).
     Failover,
     /// Node n crashes: its tracker is lost; its pending stores may or may not have hit storage.
     Crash(usize, bool),
     /// Answer an audit.
     Audit,
+    /// Time passes: the agent resends what has had no acknowledgement.
+    Tick(u64),
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        4 => any::<usize>().prop_map(Step::Send),
+        4 => Just(Step::Produce),
+        5 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(n, keep)| Step::Deliver(n, keep)),
         4 => (any::<usize>(), prop::bool::weighted(0.85)).prop_map(|(n, ok)| Step::Store(n, ok)),
-        3 => any::<bool>().prop_map(Step::Acks),
+        3 => (prop::bool::weighted(0.8), any::<bool>()).prop_map(|(d, s)| Step::Acks(d, s)),
         1 => Just(Step::Failover),
         1 => (0usize..2, any::<bool>()).prop_map(|(n, applied)| Step::Crash(n, applied)),
         2 => Just(Step::Audit),
+        1 => (1u64..300).prop_map(Step::Tick),
     ]
 }
+
+const MAX_IN_FLIGHT: usize = 4;
 
 struct Node {
     tracker: FlowTracker,
@@ -435,30 +448,83 @@ fn payload_of(weights: &[u64], seq: u64) -> Payload {
 
 struct World {
     weights: Vec<u64>,
+    agent: FlowOutbox<Payload, ()>,
+    /// Messages the agent produced.
+    produced: u64,
+    /// The current stream: messages on their way to the current node.
+    wire: Vec<(u64, Payload)>,
     nodes: [Node; 2],
     current: usize,
     storage: BTreeMap<u64, Payload>,
+    /// Messages the agent was told are stored.
     acked: BTreeSet<u64>,
+    ended: bool,
     outcomes: Vec<FlowOutcome>,
+    now: Timestamp,
 }
 
 impl World {
+    fn new(weights: Vec<u64>) -> World {
+        let mut agent = FlowOutbox::new(OutboxLimits {
+            resend_after_ms: 500,
+            done_max: 4,
+        });
+        assert!(agent.begin(key().flow.as_str()));
+        agent.handle_connected(Timestamp(1), MAX_IN_FLIGHT);
+        World {
+            weights,
+            agent,
+            produced: 0,
+            wire: vec![],
+            nodes: [Node::new(), Node::new()],
+            current: 0,
+            storage: BTreeMap::new(),
+            acked: BTreeSet::new(),
+            ended: false,
+            outcomes: vec![],
+            now: Timestamp(1),
+        }
+    }
+
     fn total(&self) -> u64 {
         self.weights.len() as u64 + 1
     }
 
-    fn apply(&mut self, s: &Step, now: Timestamp) {
-        let n = self.current;
+    fn drain_agent(&mut self) {
+        while let Some(a) = self.agent.poll_action() {
+            match a {
+                OutboxAction::Send { seq, payload, .. } => self.wire.push((seq, payload)),
+                OutboxAction::FirstAck { .. } => {}
+                OutboxAction::Ended { .. } => self.ended = true,
+            }
+        }
+    }
+
+    fn apply(&mut self, s: &Step) {
+        let (n, now) = (self.current, self.now);
+        let flow = key().flow.to_string();
         match s.clone() {
-            Step::Send(i) => {
-                let unacked: Vec<u64> = (0..self.total())
-                    .filter(|q| !self.acked.contains(q))
-                    .collect();
-                if unacked.is_empty() {
+            Step::Produce => {
+                if self.produced < self.total() {
+                    let seq = self.produced;
+                    let is_final = seq + 1 == self.total();
+                    let p = payload_of(&self.weights, seq);
+                    if let Ok(got) = self.agent.push(now, &flow, p, is_final, ()) {
+                        assert_eq!(got, seq, "the agent numbers its messages in order");
+                        self.produced += 1;
+                    }
+                }
+            }
+            Step::Deliver(i, keep) => {
+                if self.wire.is_empty() {
                     return;
                 }
-                let seq = unacked[i % unacked.len()];
-                let p = payload_of(&self.weights, seq);
+                let i = i % self.wire.len();
+                let (seq, p) = if keep {
+                    self.wire[i].clone()
+                } else {
+                    self.wire.remove(i)
+                };
                 let _ = self.nodes[n].tracker.handle_message(now, key(), seq, p);
                 self.nodes[n].drain();
             }
@@ -474,7 +540,7 @@ impl World {
                 node.tracker.handle_stored(now, &key(), seq, ok);
                 node.drain();
             }
-            Step::Acks(deliver) => {
+            Step::Acks(deliver, settled) => {
                 for seq in std::mem::take(&mut self.nodes[n].acks) {
                     // Invariant 1: an ack is only ever sent for a stored message.
                     assert!(
@@ -483,10 +549,17 @@ impl World {
                     );
                     if deliver {
                         self.acked.insert(seq);
+                        self.agent.handle_ack(now, &flow, seq, settled);
                     }
                 }
             }
-            Step::Failover => self.current = 1 - n,
+            Step::Failover => {
+                self.current = 1 - n;
+                self.wire.clear();
+                self.nodes[n].acks.clear();
+                self.agent.handle_disconnected();
+                self.agent.handle_connected(now, MAX_IN_FLIGHT);
+            }
             Step::Crash(c, applied) => {
                 let old = std::mem::replace(&mut self.nodes[c], Node::new());
                 if applied {
@@ -495,6 +568,12 @@ impl World {
                     }
                 }
                 self.outcomes.extend(old.outcomes);
+                if c == n {
+                    // Its streams died with it: the agent reconnects to the same address.
+                    self.wire.clear();
+                    self.agent.handle_disconnected();
+                    self.agent.handle_connected(now, MAX_IN_FLIGHT);
+                }
             }
             Step::Audit => {
                 for c in 0..2 {
@@ -512,47 +591,60 @@ impl World {
                     }
                 }
             }
+            Step::Tick(ms) => {
+                self.now = now.plus_ms(ms);
+                self.agent.handle_timeout(self.now);
+            }
         }
+        self.drain_agent();
+        assert!(
+            self.agent.unsettled() <= MAX_IN_FLIGHT + 1,
+            "the agent keeps more than max_in_flight (+ its final status)"
+        );
     }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
 
-    /// invariant 1 (docs/architecture.md): acknowledged messages are stored; resends are stored once; the completed
-    /// totals are exact whichever node stored what, after failovers, lost acks and crashes.
+    /// invariant 1 (docs/architecture.md): acknowledged messages are stored; resends are stored
+    /// once; the completed totals are exact whichever node stored what, after failovers, lost and
+    /// unsettled acks and crashes — with the agent's real outbox as the client.
     #[test]
     fn acknowledged_is_stored_and_totals_are_exact(
         weights in prop::collection::vec(0u64..100, 0..12),
-        steps in prop::collection::vec(step(), 0..120),
+        steps in prop::collection::vec(step(), 0..160),
     ) {
-        let mut w = World {
-            weights,
-            nodes: [Node::new(), Node::new()],
-            current: 0,
-            storage: BTreeMap::new(),
-            acked: BTreeSet::new(),
-            outcomes: vec![],
-        };
-        let now = Timestamp(1);
+        let mut w = World::new(weights);
         for s in &steps {
-            w.apply(s, now);
+            w.apply(s);
         }
-        // Liveness: heal (stores succeed, acks delivered, audits answered) and require completion.
-        for _ in 0..(4 * w.total() + 8) {
-            if w.acked.len() as u64 == w.total() {
+        // Liveness: heal (stores succeed, acks delivered settled, audits answered) and require
+        // the agent's flow to end.
+        for _ in 0..(8 * w.total() + 16) {
+            if w.ended {
                 break;
             }
-            for i in 0..w.total() as usize {
-                w.apply(&Step::Send(i), now);
+            for _ in 0..MAX_IN_FLIGHT + 1 {
+                w.apply(&Step::Produce);
+            }
+            while !w.wire.is_empty() {
+                w.apply(&Step::Deliver(0, false));
             }
             while !w.nodes[w.current].pending.is_empty() {
-                w.apply(&Step::Store(0, true), now);
+                w.apply(&Step::Store(0, true));
             }
-            w.apply(&Step::Audit, now);
-            w.apply(&Step::Acks(true), now);
+            w.apply(&Step::Audit);
+            w.apply(&Step::Acks(true, true));
+            w.apply(&Step::Tick(500));
         }
-        prop_assert_eq!(w.acked.len() as u64, w.total(), "client never got every ack");
+        prop_assert!(w.ended, "the agent's flow never ended ({} of {} produced)", w.produced, w.total());
+        prop_assert_eq!(w.agent.unsettled(), 0);
+        // The final acknowledgement covers the whole flow (some acks may have been lost): every
+        // message is stored.
+        for seq in 0..w.total() {
+            prop_assert!(w.storage.contains_key(&seq), "the flow ended without message {}", seq);
+        }
         for n in &mut w.nodes {
             w.outcomes.append(&mut n.outcomes);
         }

@@ -1,0 +1,124 @@
+//! The agent's outbox: unit cases. The two-node property of invariant 1 (`flows/tests.rs`) drives
+//! this outbox as its client.
+
+use super::*;
+
+fn lim() -> OutboxLimits {
+    OutboxLimits {
+        resend_after_ms: 100,
+        done_max: 2,
+    }
+}
+
+type Ob = FlowOutbox<&'static str, u32>;
+
+fn drain(o: &mut Ob) -> Vec<OutboxAction<&'static str, u32>> {
+    std::iter::from_fn(|| o.poll_action()).collect()
+}
+
+fn sends(o: &mut Ob) -> Vec<(String, u64)> {
+    drain(o)
+        .into_iter()
+        .filter_map(|a| match a {
+            OutboxAction::Send { flow, seq, .. } => Some((flow, seq)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn messages_are_numbered_kept_until_settled_and_bounded_in_flight() {
+    let t = Timestamp(0);
+    let mut o: Ob = FlowOutbox::new(lim());
+    assert!(o.begin("F.1"));
+    assert!(!o.begin("F.1"), "a task delivered twice runs once");
+    o.handle_connected(t, 2);
+    assert_eq!(o.push(t, "F.1", "a", false, 0), Ok(0));
+    assert_eq!(o.push(t, "F.1", "b", false, 1), Ok(1));
+    assert_eq!(
+        o.push(t, "F.1", "c", false, 2),
+        Err(PushError::Full { max: 2 })
+    );
+    assert_eq!(sends(&mut o), vec![("F.1".into(), 0), ("F.1".into(), 1)]);
+    // Acknowledged unsettled: still kept (it counts against the bound).
+    o.handle_ack(t, "F.1", 0, false);
+    assert_eq!(
+        drain(&mut o),
+        vec![OutboxAction::FirstAck {
+            flow: "F.1".into(),
+            seq: 0,
+            is_final: false,
+            stamp: 0
+        }]
+    );
+    assert!(o.push(t, "F.1", "c", false, 2).is_err());
+    o.handle_ack(t, "F.1", 0, true);
+    assert_eq!(o.push(t, "F.1", "c", false, 2), Ok(2));
+    assert_eq!(o.unsettled(), 2);
+}
+
+#[test]
+fn a_new_stream_resends_what_is_not_settled_in_order_and_stalls_resend() {
+    let mut o: Ob = FlowOutbox::new(lim());
+    o.begin("F.1");
+    o.handle_connected(Timestamp(0), 8);
+    for (i, p) in ["a", "b", "c"].into_iter().enumerate() {
+        o.push(Timestamp(0), "F.1", p, false, i as u32).unwrap();
+    }
+    drain(&mut o);
+    o.handle_ack(Timestamp(0), "F.1", 0, true);
+    o.handle_ack(Timestamp(0), "F.1", 1, false);
+    drain(&mut o);
+    // Disconnected: nothing is sent, not even by the timer.
+    o.handle_disconnected();
+    o.handle_timeout(Timestamp(1000));
+    assert_eq!(o.poll_timeout(), None);
+    assert_eq!(sends(&mut o), vec![]);
+    // Failover: 1 (only in the old frontend's buffer) and 2 go again, in order.
+    o.handle_connected(Timestamp(1000), 8);
+    assert_eq!(sends(&mut o), vec![("F.1".into(), 1), ("F.1".into(), 2)]);
+    // An acknowledgement lost: sent again after `resend_after_ms`.
+    assert_eq!(o.poll_timeout(), Some(Timestamp(1100)));
+    o.handle_timeout(Timestamp(1099));
+    assert_eq!(sends(&mut o), vec![]);
+    o.handle_timeout(Timestamp(1100));
+    assert_eq!(sends(&mut o), vec![("F.1".into(), 1), ("F.1".into(), 2)]);
+}
+
+#[test]
+fn the_final_status_is_never_refused_and_its_ack_ends_the_flow() {
+    let t = Timestamp(0);
+    let mut o: Ob = FlowOutbox::new(lim());
+    o.begin("F.1");
+    o.handle_connected(t, 1);
+    o.push(t, "F.1", "a", false, 0).unwrap();
+    assert_eq!(o.push(t, "F.1", "done", true, 1), Ok(1));
+    assert_eq!(
+        o.push(t, "F.1", "late", false, 2),
+        Err(PushError::NotRunning)
+    );
+    drain(&mut o);
+    o.handle_ack(t, "F.1", 0, true);
+    o.handle_ack(t, "F.1", 1, true);
+    assert_eq!(
+        drain(&mut o)[1..],
+        [
+            OutboxAction::FirstAck {
+                flow: "F.1".into(),
+                seq: 1,
+                is_final: true,
+                stamp: 1
+            },
+            OutboxAction::Ended { flow: "F.1".into() }
+        ]
+    );
+    assert_eq!(o.running_flows().count(), 0);
+    assert!(!o.begin("F.1"), "remembered once done");
+    // At most `done_max` are remembered.
+    for f in ["F.2", "F.3"] {
+        o.begin(f);
+        o.push(t, f, "done", true, 0).unwrap();
+        o.handle_ack(t, f, 0, true);
+    }
+    assert!(o.begin("F.1"), "forgotten beyond done_max");
+}
