@@ -97,12 +97,20 @@ impl Actor {
                 self.drain_tasks(BTreeMap::new()).await;
             }
         }
+        // Shown as running from now on. Not marked (a refused write, a failed read), it shows
+        // queued until its completion is recorded: nothing else depends on it.
         let k = paths::flow_record(client, flow);
-        if let Ok(Some(mut f)) = load_json::<FlowJson>(&self.datastore, &k).await
-            && f.state == FlowRecordState::Queued
-        {
-            f.state = FlowRecordState::Running;
-            let _ = save_json(&self.datastore, &k, &f).await;
+        match load_json::<FlowJson>(&self.datastore, &k).await {
+            Ok(Some(mut f)) if f.state == FlowRecordState::Queued => {
+                f.state = FlowRecordState::Running;
+                if let Err(e) = save_json(&self.datastore, &k, &f).await {
+                    tracing::warn!(client = %client, flow = %flow, error = %e, "cannot mark a flow running; it shows queued until it completes");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(client = %client, flow = %flow, error = %e, "cannot read a delivered flow's record; it shows queued until it completes")
+            }
         }
     }
 
@@ -452,13 +460,18 @@ impl Actor {
                         epoch: cursor.epoch,
                         hwm: cursor.hwm,
                     };
-                    let outcome = match save_json(&self.datastore, &cursor_key(&n), &j).await {
-                        Ok(()) => Outcome::Done,
-                        Err(e) => {
-                            tracing::error!(minion = %n, error = %e, "cannot persist a replication cursor; not acknowledging");
-                            Outcome::Unknown
-                        }
+                    let r = match serde_json::to_vec(&j) {
+                        Ok(v) => self
+                            .datastore
+                            .set(&cursor_key(&n), Bytes::from(v))
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(WriteError {
+                            outcome: Outcome::Refused,
+                            message: e.to_string(),
+                        }),
                     };
+                    let outcome = self.write_outcome("a replication cursor (not acknowledging)", r);
                     if let NodeRole::Master(m) = &mut self.role {
                         m.inbox.handle_persisted(&n, cursor, outcome);
                     }
