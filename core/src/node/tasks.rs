@@ -47,6 +47,11 @@ pub enum TaskError {
         /// The flow.
         flow: FlowId,
     },
+    /// A hunt's task, and the hunt is not known (hunts are never removed: a bug if seen).
+    UnknownHunt {
+        /// The hunt.
+        hunt: crate::HuntId,
+    },
 }
 
 impl fmt::Display for TaskError {
@@ -57,6 +62,7 @@ impl fmt::Display for TaskError {
                 "{max} tasks already wait for {client} (max_queued_tasks_per_client)"
             ),
             TaskError::Duplicate { flow } => write!(f, "flow {flow} is tasked already"),
+            TaskError::UnknownHunt { hunt } => write!(f, "no hunt {hunt}"),
         }
     }
 }
@@ -165,6 +171,13 @@ impl<T: Clone, C> TaskBook<T, C> {
     /// Tasks waiting for `client` (being written, pending, or being deleted).
     pub fn waiting(&self, client: &ClientId) -> usize {
         self.clients.get(client).map_or(0, Vec::len)
+    }
+
+    /// Whether the client has a task for this flow (being written, pending, or being deleted).
+    pub fn contains(&self, client: &ClientId, flow: &FlowId) -> bool {
+        self.clients
+            .get(client)
+            .is_some_and(|es| es.iter().any(|e| &e.flow == flow))
     }
 
     /// Clients with a task waiting.

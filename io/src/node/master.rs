@@ -13,15 +13,6 @@ pub(super) fn task_key(client: &ClientId, flow: &FlowId) -> String {
     format!("tasks/{client}/{flow}.pb")
 }
 
-/// What asked for a task: how its creation ended goes back there.
-#[derive(Debug)]
-pub(super) enum TaskOrigin {
-    /// An analyst's collection (the caller awaits the outcome).
-    Collect,
-    /// A hunt's schedule: a refused one is undone in the hunt manager.
-    Hunt(HuntId),
-}
-
 /// Hunt participants scheduled in one batch at most (their records built, written together and
 /// their tasks sent) before the node yields to its other work.
 pub(super) const SCHEDULE_BATCH_MAX: usize = 1024;
@@ -156,10 +147,11 @@ impl Actor {
                         if outcome == Outcome::Refused
                             && let TaskOrigin::Hunt(h) = &context
                         {
-                            // Not a participant without its task: undone, offered again later.
                             tracing::warn!(hunt = %h, client = %client, flow = %flow, "cannot record a hunt participant yet; offering it again later");
-                            self.hunts.handle_schedule_failed(self.now(), h, &client);
                         }
+                        // Not a participant without its task: undone, offered again later.
+                        let now = self.now();
+                        hunt_tasks::created(&mut self.hunts, now, &client, outcome, &context);
                         created.insert(token, (outcome, why.remove(&token)));
                     }
                     TaskAction::Deliver { client, task } => self.send_task(&client, task),
@@ -739,15 +731,6 @@ impl Actor {
                 uploads: vec![],
                 runs: vec![],
             };
-            let task = comms::Task {
-                flow_id: flow.to_string(),
-                artifact: spec.artifact,
-                params: spec.params.into_iter().collect(),
-                hunt_id: hunt.to_string(),
-                max_rows: 0,
-                max_upload_bytes: self.opts.codec.upload_bytes_max,
-                timeout_s: 600,
-            };
             let group = vec![
                 (
                     paths::hunt_participant(&hunt, &client),
@@ -758,17 +741,22 @@ impl Actor {
             let NodeRole::Master(m) = &mut self.role else {
                 return Err(Status::internal("hunts are scheduled on the master"));
             };
-            match m
-                .tasks
-                .create(client.clone(), flow, task, TaskOrigin::Hunt(hunt.clone()))
-            {
+            // At the client's task bound it is no participant: undone, offered again later.
+            let upload_max = self.opts.codec.upload_bytes_max;
+            match hunt_tasks::schedule(
+                &mut self.hunts,
+                &mut m.tasks,
+                now,
+                &hunt,
+                &client,
+                &flow,
+                upload_max,
+            ) {
                 Ok(token) => {
                     groups.insert(token, group);
                 }
                 Err(e) => {
-                    // Not a participant without its task: undone, and offered again later.
                     tracing::warn!(client = %client, hunt = %hunt, error = %e, "hunt task not queued yet; offering it again later");
-                    self.hunts.handle_schedule_failed(now, &hunt, &client);
                 }
             }
         }
@@ -902,7 +890,7 @@ impl Actor {
             hunt_id: String::new(),
             max_rows: 0,
             max_upload_bytes: self.opts.codec.upload_bytes_max,
-            timeout_s: 600,
+            timeout_s: hunt_tasks::TASK_TIMEOUT_S,
         };
         self.deliver(&id, &flow, task, &record).await?;
         tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");

@@ -36,6 +36,7 @@ use talon_core::flows::{FinalState, FlowAction, FlowKey, FlowLimits, FlowTracker
 use talon_core::hunts::{
     ClientFacts, Hunt, HuntAction, HuntLimits, HuntManager, HuntSpec, HuntState,
 };
+use talon_core::node::hunt_tasks::{self, TaskOrigin};
 use talon_core::node::tasks::{TaskAction, TaskBook, TaskLimits};
 use talon_core::node::{Outcome, Token};
 use talon_core::ratelimit::Paced;

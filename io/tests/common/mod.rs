@@ -91,16 +91,25 @@ impl Deployment {
     /// Adds a minion on a free loopback port to the deployment's configs; returns its node name
     /// and port.
     pub fn add_minion(&self) -> (String, u16) {
-        let port = free_port();
-        ok(&[
-            "-c",
-            &self.s("server.config.yaml"),
-            "config",
-            "frontend",
-            "--add",
-            &format!("127.0.0.1:{port}"),
-        ]);
-        (format!("127.0.0.1-{port}"), port)
+        // A free port may be one the master's config names but has not bound yet: the command
+        // refuses that ("clashes with a master port"), and another is tried.
+        for _ in 0..20 {
+            let port = free_port();
+            let out = run(&[
+                "-c",
+                &self.s("server.config.yaml"),
+                "config",
+                "frontend",
+                "--add",
+                &format!("127.0.0.1:{port}"),
+            ]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                return (format!("127.0.0.1-{port}"), port);
+            }
+            assert!(err.contains("clashes with"), "config frontend --add: {err}");
+        }
+        panic!("no free port that the master does not use");
     }
 
     /// Every (client, row) pair of a hunt's export, asserting none appears twice.
