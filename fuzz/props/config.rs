@@ -3,7 +3,7 @@
 // accepted; what is accepted passes validation and reads back identically after being written out
 // (what `talon config generate` and `config add-frontends` do).
 
-use talon_io::config::{ServerConfig, to_yaml};
+use talon_io::deploy::config::{ServerConfig, to_yaml};
 
 /// Panics if the property fails for `data`.
 pub fn check(data: &[u8]) {

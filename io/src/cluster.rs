@@ -13,9 +13,9 @@
 //!   port, for peers holding the frontend certificate and named in `ExtraFrontends`.
 
 use crate::clock::Clock;
-use crate::datastore::Datastore;
+use crate::deploy::pki::Role;
 use crate::node::Node;
-use crate::pki::Role;
+use crate::storage::datastore::Datastore;
 use crate::storage::journal::Journal;
 use crate::storage::local::LocalDisk;
 use bytes::{Bytes, BytesMut};
@@ -88,7 +88,7 @@ impl MasterAddr {
     async fn channel(&self) -> Result<Channel, String> {
         // The replication stream carries tasks for the minion's clients: a silently dead stream
         // must be noticed in seconds (then the link reconnects and the master resends them).
-        crate::tls::connect_with_keepalive(
+        crate::net::tls::connect_with_keepalive(
             &self.net,
             &self.host,
             self.port,
@@ -101,7 +101,7 @@ impl MasterAddr {
         .map_err(|e| {
             format!(
                 "master {}: {e}",
-                crate::config::host_port(&self.host, self.port)
+                crate::deploy::config::host_port(&self.host, self.port)
             )
         })
     }
@@ -125,9 +125,9 @@ pub enum Meta {
 fn fail_stop_unless_determinate(
     d: &Datastore,
     key: &str,
-    e: crate::datastore::DatastoreError,
+    e: crate::storage::datastore::DatastoreError,
 ) -> WriteError {
-    use crate::datastore::DatastoreError;
+    use crate::storage::datastore::DatastoreError;
     use talon_core::datastore::CacheError;
     if !matches!(
         e,
@@ -1023,13 +1023,15 @@ impl ClusterService {
 }
 
 fn require_frontend<T>(req: &Request<T>) -> Result<(), Status> {
-    crate::tls::require_role(req, Role::Frontend, "the frontend certificate")
+    crate::net::tls::require_role(req, Role::Frontend, "the frontend certificate")
 }
 
-fn ds_status(e: crate::datastore::DatastoreError) -> Status {
+fn ds_status(e: crate::storage::datastore::DatastoreError) -> Status {
     match e {
-        crate::datastore::DatastoreError::Refused(e) => Status::invalid_argument(e.to_string()),
-        crate::datastore::DatastoreError::Stopped(_) => Status::unavailable(e.to_string()),
+        crate::storage::datastore::DatastoreError::Refused(e) => {
+            Status::invalid_argument(e.to_string())
+        }
+        crate::storage::datastore::DatastoreError::Stopped(_) => Status::unavailable(e.to_string()),
     }
 }
 

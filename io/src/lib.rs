@@ -1,25 +1,25 @@
-//! Talon's production shell: the `talon` command line (and, as it grows, the frontend, master and
-//! minion services, storage backends and client agent that drive `talon-core`).
+//! Talon's production shell: everything that does I/O around `talon-core`'s machines, laid out by
+//! role (docs/architecture.md, "Production shell"):
+//!
+//! - [`node`]: a frontend node (master or minion) driving the core machines, its gRPC services,
+//!   and starting one ([`node::server`]);
+//! - [`cluster`]: minion ↔ master — the replication link and the remote datastore;
+//! - [`storage`]: the local disk and journal, the shared volume, the datastore, the filestore, the
+//!   records kept there, upload reassembly;
+//! - [`net`]: listeners and connections ([`net::tls`]: rustls, endpoint identities);
+//! - [`deploy`]: configs and certificates;
+//! - [`agent`]: the endpoint agent and the artifacts it runs;
+//! - [`cli`]: the `talon` command line, the analyst's API client, the demo and the benchmarks;
+//! - [`clock`], [`env`](mod@env), [`fsutil`], [`text`]: the injected world and small shared helpers.
 
 pub mod agent;
-pub mod api_client;
-pub mod artifacts;
-pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
-pub mod config;
-pub mod datastore;
-pub mod demo;
+pub mod deploy;
 pub mod env;
-pub mod filestore;
 pub mod fsutil;
 pub mod net;
 pub mod node;
-pub mod pki;
-pub mod records;
-pub mod server;
 pub mod storage;
 pub mod text;
-pub mod tls;
-pub mod uploads;

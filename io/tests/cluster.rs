@@ -69,19 +69,8 @@ fn wait_complete(d: &Deployment, hunt: &str, n: usize) -> serde_json::Value {
 #[test]
 fn hunts_span_master_and_minions_and_survive_minion_and_master_kills() {
     let d = Deployment::new();
-    let (p1, p2) = (free_port(), free_port());
-    let (m1, m2) = (format!("127.0.0.1-{p1}"), format!("127.0.0.1-{p2}"));
-    let out = ok(&[
-        "-c",
-        &d.s("server.config.yaml"),
-        "config",
-        "frontend",
-        "--add",
-        &format!("127.0.0.1:{p1}"),
-        "--add",
-        &format!("127.0.0.1:{p2}"),
-    ]);
-    assert!(out.contains(&m1) && out.contains(&m2), "{out}");
+    let (m1, p1) = d.add_minion();
+    let (m2, p2) = d.add_minion();
     let client_cfg = std::fs::read_to_string(d.path("client.config.yaml")).unwrap();
     assert!(
         client_cfg.contains(&format!("{p1}/")) && client_cfg.contains(&format!("{p2}/")),

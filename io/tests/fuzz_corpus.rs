@@ -10,7 +10,7 @@
 mod config;
 
 use std::path::PathBuf;
-use talon_io::config::{GenerateOptions, ServerConfig, generate, to_yaml};
+use talon_io::deploy::config::{GenerateOptions, ServerConfig, generate, to_yaml};
 
 fn generated() -> String {
     let opts = GenerateOptions {

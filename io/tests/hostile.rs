@@ -16,9 +16,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use talon_core::Timestamp;
-use talon_io::config::{ApiClientConfig, ClientConfig, ServerConfig, read_yaml};
+use talon_io::deploy::config::{ApiClientConfig, ClientConfig, ServerConfig, read_yaml};
+use talon_io::deploy::pki;
+use talon_io::net::tls;
 use talon_io::net::{Net, TokioNet};
-use talon_io::{pki, tls};
 use talon_proto::api::{SearchRequest, api_client::ApiClient};
 use talon_proto::cluster::{self as pc, replication_client::ReplicationClient};
 use talon_proto::comms::{
@@ -650,7 +651,7 @@ fn hostile_clients_are_refused_and_stored_data_is_intact() {
     // Hostile artifact names and parameters are refused before anything is scheduled (through the
     // API itself: a command line cannot carry a NUL byte).
     rt.block_on(async {
-        let mut api = talon_io::api_client::Api::connect(&d.path("api.yaml"))
+        let mut api = talon_io::cli::api_client::Api::connect(&d.path("api.yaml"))
             .await
             .unwrap();
         let p = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
@@ -710,7 +711,8 @@ fn certificates_that_are_not_what_they_should_be_are_refused() {
     let other = Deployment::new();
     let api: ApiClientConfig = read_yaml(&d.path("api.yaml")).unwrap();
     let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
-    let (host, port) = talon_io::config::parse_host_port(&api.api_connection_string).unwrap();
+    let (host, port) =
+        talon_io::deploy::config::parse_host_port(&api.api_connection_string).unwrap();
     let net: Arc<dyn Net> = TokioNet::shared();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let search = |tls_cfg: Arc<rustls::ClientConfig>| {
@@ -1220,7 +1222,7 @@ fn a_busy_master_applies_a_replicated_completion_later_instead_of_stopping() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // Fill the master's unflushed backlog with flow records (4 KiB globs) until it says busy.
-        let mut api = talon_io::api_client::Api::connect(&d.path("api.yaml"))
+        let mut api = talon_io::cli::api_client::Api::connect(&d.path("api.yaml"))
             .await
             .unwrap();
         let glob = format!("/{}", "g".repeat(4000));
@@ -1550,7 +1552,7 @@ fn a_second_master_on_one_datastore_is_refused() {
 
     // Another master (its own ports and local directory) on the same datastore: refused, naming
     // the running one, while that one keeps serving.
-    let (fe, api) = (free_port(), free_port());
+    let [fe, api] = free_ports();
     let other = yaml
         .replace(
             &format!(": {}\n", cfg.frontend.bind_port),
@@ -1718,7 +1720,7 @@ fn tls_refusals_say_which_side_refused_and_why() {
     let mut cfg = ours.clone();
     cfg.client_cert = theirs.client_cert.clone();
     cfg.client_private_key = theirs.client_private_key.clone();
-    talon_io::config::write_yaml(&d.path("mixed.api.yaml"), &cfg).unwrap();
+    talon_io::deploy::config::write_yaml(&d.path("mixed.api.yaml"), &cfg).unwrap();
     let out = run(&[
         "--api-config",
         &d.s("mixed.api.yaml"),

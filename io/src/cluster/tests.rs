@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::clock::SystemClock;
+use crate::deploy::pki;
 use crate::net::{Net as _, TokioNet};
-use crate::pki;
 use std::path::Path;
 use talon_core::Timestamp;
 
@@ -24,7 +24,7 @@ fn master_addr(c: &Certs, port: u16) -> MasterAddr {
     MasterAddr {
         host: "127.0.0.1".into(),
         port,
-        tls: crate::tls::client_config(
+        tls: crate::net::tls::client_config(
             &c.ca.certificate,
             &c.frontend.certificate,
             &c.frontend.private_key,
@@ -97,7 +97,7 @@ impl pc::replication_server::Replication for FakeMaster {
 async fn serve(c: &Certs, master: FakeMaster) -> (u16, oneshot::Sender<()>) {
     let l = TokioNet.bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
-    let cfg = crate::tls::ca_server_config(
+    let cfg = crate::net::tls::ca_server_config(
         &c.frontend.certificate,
         &c.frontend.private_key,
         &c.ca.certificate,
@@ -107,10 +107,10 @@ async fn serve(c: &Certs, master: FakeMaster) -> (u16, oneshot::Sender<()>) {
     tokio::spawn(
         tonic::transport::Server::builder().serve_with_incoming_shutdown(
             pc::replication_server::ReplicationServer::new(master),
-            crate::tls::incoming(
+            crate::net::tls::incoming(
                 l,
                 cfg,
-                crate::tls::Handshakes {
+                crate::net::tls::Handshakes {
                     max: 8,
                     ..Default::default()
                 },

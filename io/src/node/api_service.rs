@@ -186,7 +186,7 @@ impl ApiService {
 }
 
 pub(super) fn require_api<T>(req: &Request<T>) -> Result<(), Status> {
-    crate::tls::require_role(req, Role::Api, "an API certificate")
+    crate::net::tls::require_role(req, Role::Api, "an API certificate")
 }
 
 pub(super) type Pages = tokio_stream::wrappers::ReceiverStream<Result<api::ResultPage, Status>>;
@@ -407,11 +407,11 @@ mod results_tests {
         let disk = crate::storage::local::StdDisk::new(&dir.path().join("local")).unwrap();
         let meta = SharedVolume::new(FsVolume::new(&dir.path().join("meta")).unwrap());
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-        let (ds, _task, _) = crate::datastore::Datastore::open(
+        let (ds, _task, _) = crate::storage::datastore::Datastore::open(
             disk,
             meta,
             clock,
-            crate::datastore::DatastoreOptions::default(),
+            crate::storage::datastore::DatastoreOptions::default(),
         )
         .unwrap();
         let client = ClientId::from_public_key(b"k");

@@ -127,7 +127,7 @@ pub(super) async fn record_uploads(
     let k = paths::flow_record(&key.client, &key.flow);
     let record = load_json::<FlowJson>(ds, &k).await?;
     let runs = record.as_ref().map(|f| f.runs.clone()).unwrap_or_default();
-    let uploads = crate::uploads::assemble(fs, &key.client, &key.flow, &runs)
+    let uploads = crate::storage::uploads::assemble(fs, &key.client, &key.flow, &runs)
         .await
         .map_err(|e| format!("reading the flow's chunks: {e}"))?;
     for u in uploads.iter().filter(|u| !u.error.is_empty()) {
@@ -362,7 +362,7 @@ impl Actor {
 #[cfg(test)]
 mod settle_tests {
     use super::*;
-    use crate::filestore::FilestoreOptions;
+    use crate::storage::filestore::FilestoreOptions;
     use crate::storage::local::StdDisk;
     use crate::storage::volume::FsVolume;
     use crate::storage::volume::Volume;
@@ -436,7 +436,8 @@ mod settle_tests {
             flows_remembered: 100,
         };
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-        let (fs, _task, _) = crate::filestore::Filestore::open(disk, volume, clock, &opts).unwrap();
+        let (fs, _task, _) =
+            crate::storage::filestore::Filestore::open(disk, volume, clock, &opts).unwrap();
         // Stored (journalled, acknowledged) but not settled: the volume is hung.
         fs.store("clients/C.1/flows/F.1/messages/0", Bytes::from_static(b"m"))
             .await

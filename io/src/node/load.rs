@@ -285,7 +285,7 @@ pub(super) fn restore_hunts(
 #[cfg(test)]
 mod load_tests {
     use super::*;
-    use crate::datastore::DatastoreOptions;
+    use crate::storage::datastore::DatastoreOptions;
     use crate::storage::local::StdDisk;
     use crate::storage::volume::FsVolume;
     use crate::storage::volume::Volume;
@@ -341,9 +341,13 @@ mod load_tests {
         };
         let disk = StdDisk::new(&dir.path().join("local")).unwrap();
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-        let (ds, _task, _) =
-            crate::datastore::Datastore::open(disk, volume, clock, DatastoreOptions::default())
-                .unwrap();
+        let (ds, _task, _) = crate::storage::datastore::Datastore::open(
+            disk,
+            volume,
+            clock,
+            DatastoreOptions::default(),
+        )
+        .unwrap();
         let meta = Meta::Local(ds);
         // Fewer failures than attempts per read: every value arrives, in key order.
         failing.store(LOAD_READ_ATTEMPTS - 1, Ordering::SeqCst);
@@ -370,9 +374,9 @@ mod load_tests {
 #[cfg(test)]
 mod start_image_tests {
     use super::*;
-    use crate::datastore::{Datastore, DatastoreOptions, ImageOptions, ImageReport};
-    use crate::records::{HuntJson, ParticipantJson};
+    use crate::storage::datastore::{Datastore, DatastoreOptions, ImageOptions, ImageReport};
     use crate::storage::local::StdDisk;
+    use crate::storage::records::{HuntJson, ParticipantJson};
     use crate::storage::volume::{FsVolume, Volume};
     use std::io;
     use std::sync::atomic::{AtomicU32, Ordering};

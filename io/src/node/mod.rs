@@ -18,14 +18,16 @@
 //! `api_service.rs` the gRPC services. The policy moves into `talon_core::node` machine by machine
 //! (docs/architecture.md, "The node's policy").
 
+pub mod server;
+
 use crate::clock::{Clock, Entropy};
 use crate::cluster::{Link, LinkEvent, Meta, WriteError};
-use crate::filestore::Filestore;
-use crate::pki::Role;
-use crate::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
+use crate::deploy::pki::Role;
+use crate::net::tls::Peer;
+use crate::storage::filestore::Filestore;
+use crate::storage::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
 use crate::storage::segments::{MessageReader, RunRef};
 use crate::storage::volume::SharedVolume;
-use crate::tls::Peer;
 use bytes::Bytes;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};

@@ -2,6 +2,11 @@
 //! built on it ([`journal`]). Both are traits or generic over one, so the simulator substitutes its
 //! own disks and runs this same code.
 
+pub mod datastore;
+pub mod filestore;
+pub mod records;
+pub mod uploads;
+
 pub mod fs;
 pub mod journal;
 pub mod lease;
@@ -34,7 +39,7 @@ impl NodeStorage {
     /// The real directories: `local_dir` on this machine, the shared volume's paths from the config
     /// (each operation delayed by `Datastore.volume_latency_ms` when that test knob is set).
     pub fn real(
-        cfg: &crate::config::ServerConfig,
+        cfg: &crate::deploy::config::ServerConfig,
         local_dir: &Path,
         node: &str,
     ) -> Result<NodeStorage, String> {

@@ -15,11 +15,13 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use talon_core::{ClientId, FlowId, HuntId, paths};
 use talon_io::cluster::{EPOCH_FILE, JOURNAL_DIR, OUTBOX_SEGMENT_BYTES};
-use talon_io::datastore::{DatastoreOptions, replay_journal};
-use talon_io::filestore::BUFFER_DIR;
-use talon_io::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};
+use talon_io::storage::datastore::{DatastoreOptions, replay_journal};
+use talon_io::storage::filestore::BUFFER_DIR;
 use talon_io::storage::journal::Journal;
 use talon_io::storage::local::LocalDisk;
+use talon_io::storage::records::{
+    ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson,
+};
 use talon_io::storage::segments;
 use talon_proto::api;
 use talon_proto::comms::{self, flow_message};
@@ -892,7 +894,7 @@ fn synthetic_sha256(index: u64, size: u64) -> String {
     while at < size {
         buf.clear();
         let n = (size - at).min(64 << 10);
-        buf.extend((0..n).map(|j| talon_io::artifacts::synthetic_byte(index, at + j)));
+        buf.extend((0..n).map(|j| talon_io::agent::artifacts::synthetic_byte(index, at + j)));
         h.update(&buf);
         at += n;
     }

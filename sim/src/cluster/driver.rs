@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use talon_core::ClientId;
-use talon_io::api_client::Api;
-use talon_io::config::ApiClientConfig;
+use talon_io::cli::api_client::Api;
+use talon_io::deploy::config::ApiClientConfig;
 use talon_io::net::Net;
 use talon_proto::api;
 

@@ -1,4 +1,4 @@
-//! A simulated deployment: the production master, minions and agents (`talon_io::server`,
+//! A simulated deployment: the production master, minions and agents (`talon_io::node::server`,
 //! `talon_io::agent`) on turmoil hosts, one shared [`SimVolume`] with the seed's 40–60 ms per
 //! operation, a crashable (and losable) local disk per node, a driver that runs the analyst's
 //! workload through the real API ([`driver`]), and a nemesis that applies the faults drawn from the
@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use talon_core::ClientId;
-use talon_io::config::{self, GenerateOptions};
+use talon_io::deploy::config::{self, GenerateOptions};
 use talon_io::env::Env;
 use talon_io::storage::NodeStorage;
 use talon_io::storage::volume::{FsVolume, SharedVolume, SyncMode};
@@ -174,9 +174,11 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     for i in 0..o.clients {
         let mut key = [0u8; 32];
         root.fork(&format!("client-key-{i}")).fill(&mut key);
-        let (identity, id) =
-            talon_io::pki::endpoint_identity_from_seed(key, talon_core::Timestamp(EPOCH_MS))
-                .map_err(|e| e.to_string())?;
+        let (identity, id) = talon_io::deploy::pki::endpoint_identity_from_seed(
+            key,
+            talon_core::Timestamp(EPOCH_MS),
+        )
+        .map_err(|e| e.to_string())?;
         let start_ms = if late_rng.chance(swarm.late_clients) {
             late_rng.range(1_000, safety_ms.max(1_000))
         } else {
@@ -255,11 +257,17 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             };
             async move {
                 let r = if name == "master" {
-                    talon_io::server::run_master(env, cfg, storage, |_| {}, std::future::pending())
-                        .await
+                    talon_io::node::server::run_master(
+                        env,
+                        cfg,
+                        storage,
+                        |_| {},
+                        std::future::pending(),
+                    )
+                    .await
                 } else {
                     let node = format!("{name}-{CLIENT_PORT}");
-                    talon_io::server::run_minion(
+                    talon_io::node::server::run_minion(
                         env,
                         cfg,
                         node,
@@ -292,9 +300,11 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         let impostor = if g == 0 {
             let mut key = [0u8; 32];
             root.fork("impostor-key").fill(&mut key);
-            let (identity, _) =
-                talon_io::pki::endpoint_identity_from_seed(key, talon_core::Timestamp(EPOCH_MS))
-                    .map_err(|e| e.to_string())?;
+            let (identity, _) = talon_io::deploy::pki::endpoint_identity_from_seed(
+                key,
+                talon_core::Timestamp(EPOCH_MS),
+            )
+            .map_err(|e| e.to_string())?;
             Some((identity, ids[0].clone()))
         } else {
             None

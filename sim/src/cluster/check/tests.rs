@@ -219,7 +219,7 @@ fn an_upload_that_differs_from_what_the_agent_sent_is_caught() {
     let flow = FlowId::parse("F.UP").unwrap();
     let size = 600u64;
     let content: Vec<u8> = (0..size)
-        .map(|j| talon_io::artifacts::synthetic_byte(0, j))
+        .map(|j| talon_io::agent::artifacts::synthetic_byte(0, j))
         .collect();
     let chunk = comms::FileChunk {
         upload_id: 0,
@@ -296,8 +296,11 @@ fn master_with(writes: &[(&str, Option<&str>)], synced: bool) -> SimLocalDisk {
     for (k, v) in writes {
         let seq = j.next_seq();
         let v = v.map(|v| Bytes::from(v.to_owned()));
-        j.append(seq, &talon_io::datastore::encode(k, &v, GroupPart::Whole))
-            .unwrap();
+        j.append(
+            seq,
+            &talon_io::storage::datastore::encode(k, &v, GroupPart::Whole),
+        )
+        .unwrap();
     }
     if synced {
         j.sync().unwrap();
@@ -506,7 +509,7 @@ fn samples_hold_acknowledgements_to_storage() {
     let (mut j, _) = Journal::open(buffer.clone(), BUFFER_DIR, 1 << 20).unwrap();
     j.append(
         1,
-        &talon_io::datastore::encode(&key, &Some(status()), GroupPart::Whole),
+        &talon_io::storage::datastore::encode(&key, &Some(status()), GroupPart::Whole),
     )
     .unwrap();
     j.sync().unwrap();

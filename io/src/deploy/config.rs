@@ -3,7 +3,7 @@
 //! name the key (and the file), and values are checked after parsing.
 
 use crate::clock::{Clock, Entropy, hex};
-use crate::pki::{self, Pem};
+use crate::deploy::pki::{self, Pem};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;

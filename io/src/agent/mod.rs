@@ -13,10 +13,13 @@
 //!   the message still in its buffer. At most `max_in_flight` messages per flow are unsettled (the
 //!   server's Welcome says how many); the artifact waits beyond that (back-pressure).
 
-use crate::artifacts::{self, Output};
+pub mod artifacts;
+
 use crate::clock::{Clock, Entropy};
-use crate::config::ClientConfig;
-use crate::{pki, tls};
+use crate::deploy::config::ClientConfig;
+use crate::deploy::pki;
+use crate::net::tls;
+use artifacts::Output;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -64,7 +67,7 @@ pub fn load_or_create_identity(
     clock: &dyn Clock,
 ) -> Result<(pki::Pem, ClientId), String> {
     if path.exists() {
-        let wb: Writeback = crate::config::read_yaml(path).map_err(|e| e.to_string())?;
+        let wb: Writeback = crate::deploy::config::read_yaml(path).map_err(|e| e.to_string())?;
         return pki::endpoint_certificate(&wb.private_key, clock.now())
             .map_err(|e| format!("{}: {e}", path.display()));
     }
@@ -73,7 +76,7 @@ pub fn load_or_create_identity(
         client_id: id.to_string(),
         private_key: pem.private_key.clone(),
     };
-    crate::config::write_yaml(path, &wb).map_err(|e| e.to_string())?;
+    crate::deploy::config::write_yaml(path, &wb).map_err(|e| e.to_string())?;
     Ok((pem, id))
 }
 
@@ -566,7 +569,7 @@ pub fn parse_url(url: &str) -> Result<(String, u16), String> {
         .strip_prefix("https://")
         .ok_or_else(|| format!("{url:?}: expected https://HOST:PORT/"))?;
     let hostport = rest.trim_end_matches('/');
-    crate::config::parse_host_port(hostport)
+    crate::deploy::config::parse_host_port(hostport)
         .map_err(|_| format!("{url:?}: expected https://HOST:PORT/"))
 }
 
@@ -791,10 +794,9 @@ pub fn spawn_pool(
         .map_err(|e| format!("{}: {e}", writeback_dir.display()))?;
     // On loopback, clients leave from 127.0.1.1 to 127.0.1.64 in turn: one source address has
     // about 28,000 ephemeral ports, fewer than a large pool's connections to one frontend.
-    let loopback =
-        config.client.server_urls.iter().all(|u| {
-            parse_url(u).is_ok_and(|(h, _)| crate::config::bind_address_for(&h) != "0.0.0.0")
-        });
+    let loopback = config.client.server_urls.iter().all(|u| {
+        parse_url(u).is_ok_and(|(h, _)| crate::deploy::config::bind_address_for(&h) != "0.0.0.0")
+    });
     let mut agents = Vec::with_capacity(keys.len());
     for i in keys {
         let (identity, id) = load_or_create_identity(&pool_key_path(writeback_dir, i), &*clock)?;

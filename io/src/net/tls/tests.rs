@@ -1,7 +1,7 @@
 //! TLS identity tests over real loopback sockets.
 
 use super::*;
-use crate::pki;
+use crate::deploy::pki;
 use talon_core::Timestamp;
 use tokio_stream::StreamExt;
 

@@ -13,8 +13,8 @@
 //!
 //! Accepted connections carry a [`Peer`] into every gRPC request's extensions.
 
+use crate::deploy::pki::Role;
 use crate::net::{BoxIo, Listener, Net};
-use crate::pki::Role;
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -296,8 +296,8 @@ pub fn peer_of(addr: SocketAddr, cert: &CertificateDer<'_>) -> io::Result<Peer> 
     let (_, x) = x509_parser::parse_x509_certificate(cert).map_err(|e| {
         io::Error::new(io::ErrorKind::InvalidData, format!("peer certificate: {e}"))
     })?;
-    let ou = crate::pki::first_attr(x.subject(), &OID_X509_ORGANIZATIONAL_UNIT);
-    let common_name = crate::pki::first_attr(x.subject(), &OID_X509_COMMON_NAME);
+    let ou = crate::deploy::pki::first_attr(x.subject(), &OID_X509_ORGANIZATIONAL_UNIT);
+    let common_name = crate::deploy::pki::first_attr(x.subject(), &OID_X509_COMMON_NAME);
     let role = match ou.as_str() {
         "api" => Some(Role::Api),
         "frontend" => Some(Role::Frontend),
@@ -650,7 +650,7 @@ pub async fn connect_with_keepalive(
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let server_name = ServerName::try_from(host.to_owned())
         .unwrap_or_else(|_| ServerName::try_from("invalid.host").expect("a valid name"));
-    let target = crate::config::host_port(host, port);
+    let target = crate::deploy::config::host_port(host, port);
     let connector = TlsConnector::from(config);
     let net = net.clone();
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?

@@ -21,7 +21,7 @@
 //! (the message is not acknowledged and the client resends it).
 
 use crate::clock::Clock;
-use crate::datastore::{Datastore, DatastoreError, DatastoreOptions, RecoveryReport};
+use crate::storage::datastore::{Datastore, DatastoreError, DatastoreOptions, RecoveryReport};
 use crate::storage::local::LocalDisk;
 use crate::storage::segments::{self, Record, RunRef, SegmentLog};
 use crate::storage::volume::SharedVolume;

@@ -138,7 +138,7 @@ pub struct FlowJson {
     pub finished_ms: u64,
     /// Uploaded files, reassembled in the filestore after completion.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub uploads: Vec<crate::uploads::UploadJson>,
+    pub uploads: Vec<crate::storage::uploads::UploadJson>,
     /// Where its messages are in the filestore, recorded with its completion (none: the flow is
     /// not complete, or predates the segment log and its messages are one file each).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -1,7 +1,11 @@
 //! The command line: parsing and the commands that need no running cluster.
 
+pub mod api_client;
+pub mod bench;
+pub mod demo;
+
 use crate::clock::{OsEntropy, SystemClock};
-use crate::config::{self, ServerConfig};
+use crate::deploy::config::{self, ServerConfig};
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -86,7 +90,7 @@ pub enum Command {
         /// time); replication: a minion's clients connect during a master outage (events per second
         /// applied after it, catch-up time).
         #[arg(value_enum)]
-        scenario: crate::bench::Scenario,
+        scenario: crate::cli::bench::Scenario,
         /// Virtual clients (default: 10,000 for connections and hunt, 1,000 otherwise).
         #[arg(long)]
         clients: Option<usize>,
@@ -297,7 +301,7 @@ pub enum HuntCommand {
 /// A hunt as pretty JSON (`--json`) or one line of text.
 fn hunt_out(h: &talon_proto::api::HuntSummary, json: bool) -> String {
     if json {
-        serde_json::to_string_pretty(&crate::api_client::hunt_json(h))
+        serde_json::to_string_pretty(&crate::cli::api_client::hunt_json(h))
             .expect("JSON values serialise")
     } else {
         hunt_text(h)
@@ -310,7 +314,7 @@ fn hunt_text(h: &talon_proto::api::HuntSummary) -> String {
         "{} {} {:<8} scheduled={} completed={} errors={} rows={} uploaded_bytes={}",
         h.hunt_id,
         h.artifact,
-        crate::api_client::hunt_state_name(h.state),
+        crate::cli::api_client::hunt_state_name(h.state),
         s.scheduled,
         s.completed,
         s.errors,
@@ -543,18 +547,18 @@ fn parse_params(params: &[String]) -> Result<std::collections::BTreeMap<String, 
         .collect()
 }
 
-async fn api(api_config: Option<&Path>) -> Result<crate::api_client::Api, String> {
+async fn api(api_config: Option<&Path>) -> Result<crate::cli::api_client::Api, String> {
     let path = api_config.ok_or_else(|| {
         "this command needs --api-config api.config.yaml (see `talon config api-client`)"
             .to_string()
     })?;
-    crate::api_client::Api::connect(path).await
+    crate::cli::api_client::Api::connect(path).await
 }
 
 /// A flow as pretty JSON (`--json`) or one line of text.
 fn flow_out(f: &talon_proto::api::FlowSummary, json: bool) -> String {
     if json {
-        serde_json::to_string_pretty(&crate::api_client::flow_json(f))
+        serde_json::to_string_pretty(&crate::cli::api_client::flow_json(f))
             .expect("JSON values serialise")
     } else {
         flow_text(f)
@@ -567,7 +571,7 @@ fn flow_text(f: &talon_proto::api::FlowSummary) -> String {
         f.flow_id,
         f.client_id,
         f.artifact,
-        crate::api_client::state_name(f.state),
+        crate::cli::api_client::state_name(f.state),
         f.rows,
         f.uploaded_bytes
     );
@@ -582,7 +586,7 @@ async fn run_async(
     api_config: Option<PathBuf>,
     command: Command,
 ) -> Result<String, String> {
-    use crate::api_client::client_json;
+    use crate::cli::api_client::client_json;
     use std::sync::Arc;
     match command {
         Command::Frontend {
@@ -613,11 +617,19 @@ async fn run_async(
             let storage = crate::storage::NodeStorage::real(&cfg, &local_dir, &name)?;
             match node {
                 Some(node) => {
-                    crate::server::run_minion(env, cfg, node, storage, |_| {}, shutdown_signal())
-                        .await?
+                    crate::node::server::run_minion(
+                        env,
+                        cfg,
+                        node,
+                        storage,
+                        |_| {},
+                        shutdown_signal(),
+                    )
+                    .await?
                 }
                 None => {
-                    crate::server::run_master(env, cfg, storage, |_| {}, shutdown_signal()).await?
+                    crate::node::server::run_master(env, cfg, storage, |_| {}, shutdown_signal())
+                        .await?
                 }
             }
             Ok("frontend stopped".into())
@@ -716,11 +728,11 @@ async fn run_async(
             json,
         } => {
             init_logging("warn");
-            let o = crate::bench::BenchOptions {
+            let o = crate::cli::bench::BenchOptions {
                 scenario,
                 clients: clients.unwrap_or_else(|| scenario.default_clients()),
                 start_rate,
-                keys: keys.unwrap_or_else(crate::bench::default_key_dir),
+                keys: keys.unwrap_or_else(crate::cli::bench::default_key_dir),
                 rows,
                 latency_ms,
                 pause_ms,
@@ -728,16 +740,16 @@ async fn run_async(
                 volume,
                 minions,
             };
-            let v = crate::bench::run(&o).await?;
+            let v = crate::cli::bench::run(&o).await?;
             Ok(if json {
                 v.to_string()
             } else {
-                crate::bench::table(&v)
+                crate::cli::bench::table(&v)
             })
         }
         Command::Demo { minions, clients } => {
             init_logging("warn");
-            crate::demo::run(minions, clients, shutdown_signal()).await
+            crate::cli::demo::run(minions, clients, shutdown_signal()).await
         }
         Command::Clients {
             command: ClientsCommand::Search { query, json },
@@ -884,7 +896,7 @@ async fn run_async(
         }
         Command::Hunt { command } => {
             init_logging("warn");
-            use crate::api_client::{Csv, hunt_json, parse_duration_s};
+            use crate::cli::api_client::{Csv, hunt_json, parse_duration_s};
             match command {
                 HuntCommand::Create {
                     artifact,

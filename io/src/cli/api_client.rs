@@ -1,7 +1,7 @@
 //! The analyst's side of the API: what `talon --api-config ... <command>` runs.
 
-use crate::config::{ApiClientConfig, read_yaml};
-use crate::tls;
+use crate::deploy::config::{ApiClientConfig, read_yaml};
+use crate::net::tls;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -42,8 +42,8 @@ impl Api {
         c: &ApiClientConfig,
         net: &std::sync::Arc<dyn crate::net::Net>,
     ) -> Result<Api, String> {
-        let (host, port) =
-            crate::config::parse_host_port(&c.api_connection_string).map_err(|_| {
+        let (host, port) = crate::deploy::config::parse_host_port(&c.api_connection_string)
+            .map_err(|_| {
                 format!(
                     "api_connection_string {:?} is not HOST:PORT",
                     c.api_connection_string

@@ -2,6 +2,8 @@
 //! production uses [`TokioNet`] (tokio TCP); the simulator supplies one over turmoil's simulated
 //! sockets, so the same server, minion and agent code runs on simulated hosts.
 
+pub mod tls;
+
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};

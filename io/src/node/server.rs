@@ -2,14 +2,14 @@
 
 use crate::clock::Clock;
 use crate::cluster::{ClusterService, Link, LinkOptions, MasterAddr, Meta, RemoteStore};
-use crate::config::ServerConfig;
-use crate::datastore::{Datastore, DatastoreOptions};
+use crate::deploy::config::ServerConfig;
 use crate::env::Env;
-use crate::filestore::{Filestore, FilestoreOptions};
+use crate::net::tls;
 use crate::node::{ApiService, Cluster, CommsService, Node, NodeOptions};
 use crate::storage::NodeStorage;
+use crate::storage::datastore::{Datastore, DatastoreOptions};
+use crate::storage::filestore::{Filestore, FilestoreOptions};
 use crate::storage::lease::{LEASE_BEAT, Lease, LeaseJson};
-use crate::tls;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -279,7 +279,7 @@ fn datastore_options(cfg: &ServerConfig) -> DatastoreOptions {
             value_bytes_max: d.max_value_size,
             ..defaults.limits
         },
-        image: Some(crate::datastore::ImageOptions {
+        image: Some(crate::storage::datastore::ImageOptions {
             tracks: crate::node::start_key,
         }),
         ..defaults
@@ -616,7 +616,7 @@ pub async fn run_minion(
         role = "minion",
         node = %node,
         frontend = %frontend,
-        master = %crate::config::host_port(&cfg.api.hostname, cfg.api.bind_port),
+        master = %crate::deploy::config::host_port(&cfg.api.hostname, cfg.api.bind_port),
         filestore = %cfg.datastore.filestore_directory.display(),
         local = %local_name,
         "talon frontend started"
@@ -715,14 +715,14 @@ mod tests {
     async fn a_master_stops_on_request_while_loading_from_a_hung_volume() {
         let env = Env::real();
         let dir = tempfile::tempdir().unwrap();
-        let opts = crate::config::GenerateOptions {
+        let opts = crate::deploy::config::GenerateOptions {
             hostname: "127.0.0.1".into(),
-            frontend_port: crate::demo::free_port().unwrap(),
-            api_port: crate::demo::free_port().unwrap(),
-            gui_port: crate::demo::free_port().unwrap(),
+            frontend_port: crate::cli::demo::free_port().unwrap(),
+            api_port: crate::cli::demo::free_port().unwrap(),
+            gui_port: crate::cli::demo::free_port().unwrap(),
             datastore: dir.path().join("shared"),
         };
-        let cfg = crate::config::generate(&opts, &*env.clock, &*env.entropy).unwrap();
+        let cfg = crate::deploy::config::generate(&opts, &*env.clock, &*env.entropy).unwrap();
         let hung = || SharedVolume::new(FsVolume::over(Hung, SyncMode::PerFile, "t"));
         let storage = NodeStorage {
             local: Box::new(StdDisk::new(&dir.path().join("local")).unwrap()),

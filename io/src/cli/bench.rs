@@ -4,8 +4,8 @@
 //! figures (`--json`) or a table. Both processes share this machine's cores with the bench itself:
 //! every figure includes that contention (docs/performance.md).
 
-use crate::api_client::Api;
-use crate::config::{self, GenerateOptions};
+use crate::cli::api_client::Api;
+use crate::deploy::config::{self, GenerateOptions};
 use crate::env::Env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -235,7 +235,7 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
         ));
     }
     let env = Env::real();
-    let dir = crate::demo::scratch_dir("bench", &env)?;
+    let dir = crate::cli::demo::scratch_dir("bench", &env)?;
     // Keys first, outside the timing (a second run reuses them).
     let r = match prepare_keys(&o.keys, o.clients, &env) {
         Ok(()) => match o.scenario {
@@ -291,9 +291,9 @@ impl Setup {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let opts = GenerateOptions {
             hostname: "127.0.0.1".into(),
-            frontend_port: crate::demo::free_port()?,
-            api_port: crate::demo::free_port()?,
-            gui_port: crate::demo::free_port()?,
+            frontend_port: crate::cli::demo::free_port()?,
+            api_port: crate::cli::demo::free_port()?,
+            gui_port: crate::cli::demo::free_port()?,
             datastore: datastore.to_owned(),
         };
         let mut cfg =
@@ -460,7 +460,7 @@ async fn cluster_hunt(
     let k = o.minions;
     let mut adds = Vec::new();
     for _ in 0..k {
-        adds.push(("127.0.0.1".to_owned(), crate::demo::free_port()?));
+        adds.push(("127.0.0.1".to_owned(), crate::cli::demo::free_port()?));
     }
     let setup = Setup::new(dir, n, env, |c| {
         config::add_frontends(c, &adds, &*env.clock).map(|_| ())
@@ -847,7 +847,7 @@ async fn until<T>(
 /// restarts and applies the minion's backlog. Counted with the master's applied-events cursor.
 async fn replication(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_json::Value, String> {
     let n = o.clients;
-    let minion_port = crate::demo::free_port()?;
+    let minion_port = crate::cli::demo::free_port()?;
     let setup = Setup::new(dir, n, env, |c| {
         config::add_frontends(c, &[("127.0.0.1".into(), minion_port)], &*env.clock)?;
         // Every client on the minion: what the master learns of them is replicated.

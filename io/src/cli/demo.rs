@@ -4,8 +4,8 @@
 //! progress, its stats, and how to use the CLI against it. Serves until Ctrl-C, then removes the
 //! directory.
 
-use crate::api_client::Api;
-use crate::config::{self, GenerateOptions};
+use crate::cli::api_client::Api;
+use crate::deploy::config::{self, GenerateOptions};
 use crate::env::Env;
 use std::future::Future;
 use std::io::Write;
@@ -91,7 +91,7 @@ async fn run_in(
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let (up_tx, up_rx) = tokio::sync::oneshot::channel();
-    let master = tokio::spawn(crate::server::run_master(
+    let master = tokio::spawn(crate::node::server::run_master(
         env.clone(),
         cfg.clone(),
         crate::storage::NodeStorage::real(&cfg, &dir.join("local"), &cfg.master_node_name())?,
@@ -114,7 +114,7 @@ async fn run_in(
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
         let mut stop = stop_tx.subscribe();
         let name = x.node_name();
-        nodes.push(tokio::spawn(crate::server::run_minion(
+        nodes.push(tokio::spawn(crate::node::server::run_minion(
             env.clone(),
             cfg.clone(),
             name.clone(),

@@ -1,0 +1,4 @@
+//! Deployment: the YAML configs ([`config`]) and the certificates and keys ([`pki`]).
+
+pub mod config;
+pub mod pki;
