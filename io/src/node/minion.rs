@@ -8,7 +8,14 @@ impl Actor {
         if let NodeRole::Minion(m) = &self.role
             && let Err(e) = m.link.push(event, applied).await
         {
-            tracing::error!(error = %e, "cannot replicate an event");
+            let before = m
+                .unreplicated
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if before == 0 {
+                tracing::error!(error = %e, "cannot replicate an event; events that follow are not replicated either (counted at debug level)");
+            } else {
+                tracing::debug!(error = %e, unreplicated = before + 1, "cannot replicate an event");
+            }
         }
     }
 

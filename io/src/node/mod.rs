@@ -287,6 +287,10 @@ struct MasterState {
 
 struct MinionState {
     link: Link,
+    /// Events not handed to the link because it had stopped (the process is stopping): the first
+    /// is logged as an error, the rest counted (a clean stop of a minion with 1,000 clients logged
+    /// 1,000 errors, one per client gone).
+    unreplicated: std::sync::atomic::AtomicU64,
 }
 
 struct Actor {
@@ -364,9 +368,13 @@ impl Node {
                 };
                 (NodeRole::Master(Box::new(state)), None)
             }
-            Cluster::Minion { link, events } => {
-                (NodeRole::Minion(MinionState { link }), Some(events))
-            }
+            Cluster::Minion { link, events } => (
+                NodeRole::Minion(MinionState {
+                    link,
+                    unreplicated: std::sync::atomic::AtomicU64::new(0),
+                }),
+                Some(events),
+            ),
         };
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
         let mut keys = KeyCache::new(opts.expected_clients.max(1));
