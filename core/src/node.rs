@@ -9,6 +9,9 @@
 pub mod hunt_tasks;
 pub mod tasks;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 /// How an effect the shell was asked for ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

@@ -2,6 +2,7 @@
 //! minion restarts and master restarts.
 
 use super::*;
+use crate::node::testing::{Ending, ending};
 use proptest::prelude::*;
 
 fn lim() -> OutboxLimits {
@@ -336,19 +337,8 @@ enum Step {
     Busy(bool),
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Ending {
-    Done,
-    Refused,
-    Unknown(bool),
-}
-
 fn step() -> impl Strategy<Value = Step> {
-    let ending = prop_oneof![
-        8 => Just(Ending::Done),
-        1 => Just(Ending::Refused),
-        1 => any::<bool>().prop_map(Ending::Unknown),
-    ];
+    let ending = ending(8, 1, 1);
     prop_oneof![
         5 => Just(Step::Push),
         3 => Just(Step::Persist),
@@ -559,16 +549,8 @@ impl World {
             }
             Step::Complete(ending) => {
                 if let Some(a) = self.in_flight.pop_front() {
-                    let outcome = match ending {
-                        _ if self.busy => Outcome::Refused,
-                        Ending::Done => Outcome::Done,
-                        Ending::Refused => Outcome::Refused,
-                        Ending::Unknown(_) => Outcome::Unknown,
-                    };
-                    if matches!(
-                        (outcome, ending),
-                        (Outcome::Done, _) | (Outcome::Unknown, Ending::Unknown(true))
-                    ) {
+                    let (outcome, lands) = ending.resolve(self.busy);
+                    if lands {
                         self.land(&a);
                     }
                     match a {

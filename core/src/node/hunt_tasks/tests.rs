@@ -5,6 +5,7 @@
 use super::*;
 use crate::hunts::{ClientFacts, HuntAction, HuntLimits, HuntRecord, HuntState, Participation};
 use crate::node::tasks::{TaskAction, TaskLimits};
+use crate::node::testing::{Ending, ending};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -50,19 +51,8 @@ enum Step {
     Crash(bool),
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Ending {
-    Done,
-    Refused,
-    Unknown(bool),
-}
-
 fn step() -> impl Strategy<Value = Step> {
-    let ending = prop_oneof![
-        6 => Just(Ending::Done),
-        2 => Just(Ending::Refused),
-        1 => any::<bool>().prop_map(Ending::Unknown),
-    ];
+    let ending = ending(6, 2, 1);
     prop_oneof![
         3 => (0..CLIENTS).prop_map(Step::Collect),
         1 => Just(Step::Hunt),
@@ -328,12 +318,7 @@ impl World {
             }
             Step::Complete(ending) => {
                 if let Some(op) = self.in_flight.pop_front() {
-                    let (outcome, lands) = match ending {
-                        _ if self.busy => (Outcome::Refused, false),
-                        Ending::Done => (Outcome::Done, true),
-                        Ending::Refused => (Outcome::Refused, false),
-                        Ending::Unknown(l) => (Outcome::Unknown, l),
-                    };
+                    let (outcome, lands) = ending.resolve(self.busy);
                     if lands {
                         self.land(&op);
                     }

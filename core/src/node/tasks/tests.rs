@@ -2,6 +2,7 @@
 //! done, refused or unknown, clients that come and go and acknowledge, and master crashes.
 
 use super::*;
+use crate::node::testing::{Ending, ending};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
@@ -146,22 +147,11 @@ enum Step {
     Crash(bool),
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Ending {
-    Done,
-    Refused,
-    Unknown(bool),
-}
-
 const CLIENTS: u8 = 3;
 const MAX: usize = 3;
 
 fn step() -> impl Strategy<Value = Step> {
-    let ending = prop_oneof![
-        6 => Just(Ending::Done),
-        2 => Just(Ending::Refused),
-        1 => any::<bool>().prop_map(Ending::Unknown),
-    ];
+    let ending = ending(6, 2, 1);
     prop_oneof![
         4 => (0..CLIENTS).prop_map(Step::Create),
         6 => ending.prop_map(Step::Complete),
@@ -293,11 +283,7 @@ impl World {
             }
             Step::Complete(ending) => {
                 if let Some(op) = self.in_flight.pop_front() {
-                    let (outcome, lands) = match ending {
-                        Ending::Done => (Outcome::Done, true),
-                        Ending::Refused => (Outcome::Refused, false),
-                        Ending::Unknown(l) => (Outcome::Unknown, l),
-                    };
+                    let (outcome, lands) = ending.resolve(false);
                     match op {
                         InFlight::Write(t, c, f) => {
                             if lands {
