@@ -13,6 +13,7 @@ use super::{Outcome, Token};
 use crate::hunts::{HuntManager, HuntSpec};
 use crate::time::Timestamp;
 use crate::{ClientId, FlowId, HuntId};
+use std::collections::BTreeMap;
 use talon_proto::comms;
 
 /// What asked for a task: how its creation ended goes back there.
@@ -27,6 +28,26 @@ pub enum TaskOrigin {
 /// Seconds an agent gives one task's artifact.
 pub const TASK_TIMEOUT_S: u64 = 600;
 
+/// The task for a flow of `artifact` (validated) with `params`: a collection's (`hunt` none) or a
+/// hunt participant's.
+pub fn task(
+    flow: &FlowId,
+    artifact: &str,
+    params: &BTreeMap<String, String>,
+    hunt: Option<&HuntId>,
+    upload_bytes_max: u64,
+) -> comms::Task {
+    comms::Task {
+        flow_id: flow.to_string(),
+        artifact: artifact.to_owned(),
+        params: params.clone().into_iter().collect(),
+        hunt_id: hunt.map(ToString::to_string).unwrap_or_default(),
+        max_rows: 0,
+        max_upload_bytes: upload_bytes_max,
+        timeout_s: TASK_TIMEOUT_S,
+    }
+}
+
 /// The task a hunt participant runs.
 pub fn hunt_task(
     hunt: &HuntId,
@@ -34,15 +55,13 @@ pub fn hunt_task(
     flow: &FlowId,
     upload_bytes_max: u64,
 ) -> comms::Task {
-    comms::Task {
-        flow_id: flow.to_string(),
-        artifact: spec.artifact.clone(),
-        params: spec.params.clone().into_iter().collect(),
-        hunt_id: hunt.to_string(),
-        max_rows: 0,
-        max_upload_bytes: upload_bytes_max,
-        timeout_s: TASK_TIMEOUT_S,
-    }
+    task(
+        flow,
+        &spec.artifact,
+        &spec.params,
+        Some(hunt),
+        upload_bytes_max,
+    )
 }
 
 /// Schedules a participant the hunt manager chose (its `Schedule` action): creates its task,

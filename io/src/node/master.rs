@@ -883,15 +883,8 @@ impl Actor {
             uploads: vec![],
             runs: vec![],
         };
-        let task = comms::Task {
-            flow_id: flow.to_string(),
-            artifact: spec.name.to_owned(),
-            params: params.into_iter().collect(),
-            hunt_id: String::new(),
-            max_rows: 0,
-            max_upload_bytes: self.opts.codec.upload_bytes_max,
-            timeout_s: hunt_tasks::TASK_TIMEOUT_S,
-        };
+        let upload_max = self.opts.codec.upload_bytes_max;
+        let task = hunt_tasks::task(&flow, spec.name, &params, None, upload_max);
         self.deliver(&id, &flow, task, &record).await?;
         tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");
         Ok(flow_summary(&record))
