@@ -241,7 +241,9 @@ impl<T: Clone, C> TaskBook<T, C> {
         let Some((client, flow, context)) = self.writing.remove(&token) else {
             return;
         };
-        let entries = self.clients.entry(client.clone()).or_default();
+        let Some(entries) = self.clients.get_mut(&client) else {
+            return;
+        };
         let Some(i) = entries
             .iter()
             .position(|e| e.state == State::Writing(token))
