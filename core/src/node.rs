@@ -6,6 +6,7 @@
 //! side effect is an action carrying what identifies it, and its result comes back as an input with
 //! an [`Outcome`] — done, certainly not done, or maybe done.
 
+pub mod completions;
 pub mod hunt_tasks;
 pub mod tasks;
 

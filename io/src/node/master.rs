@@ -890,105 +890,114 @@ impl Actor {
         Ok(flow_summary(&record))
     }
 
-    /// Records a completed flow (master): its record, its uploads, its hunt's outcome. Idempotent: a
-    /// flow may be reported by two nodes after a failover. True once all of it is durable: only then
-    /// may the client's final status be acknowledged.
+    /// Records a completed flow (master) through the core `Completions` machine: its record, its
+    /// uploads, its hunt's outcome. Idempotent: a flow may be reported by two nodes after a
+    /// failover. True once all of it is durable: only then may the client's final status (or the
+    /// minion's event) be acknowledged.
     pub(super) async fn flow_completed(
         &mut self,
         o: talon_core::flows::FlowOutcome,
         runs: Vec<RunRef>,
     ) -> bool {
-        // A completed flow was delivered, whether or not its TaskAck reached us (it may have been lost
-        // with a connection): it must not stay pending.
-        if let NodeRole::Master(m) = &mut self.role
-            && m.tasks.handle_acked(&o.key.client, &o.key.flow)
-        {
-            self.drain_tasks(BTreeMap::new()).await;
-        }
-        let k = paths::flow_record(&o.key.client, &o.key.flow);
-        match load_json::<FlowJson>(&self.datastore, &k).await {
-            Ok(Some(mut f)) => {
-                let state = match o.state {
-                    FinalState::Completed => FlowRecordState::Completed,
-                    FinalState::Error => FlowRecordState::Error,
-                };
-                let first =
-                    f.state != state || f.rows != o.rows || f.uploaded_bytes != o.uploaded_bytes;
-                if first {
-                    f.state = state;
-                    f.rows = o.rows;
-                    f.uploaded_bytes = o.uploaded_bytes;
-                    f.error = o.error.clone();
-                    f.finished_ms = self.now().as_ms();
-                    f.runs = runs;
-                    // Uploads are reassembled after the completion is recorded (bulk work on the
-                    // volume); the marker written with it makes a restart finish the job.
-                    let uploads = o.uploads > 0 || o.uploaded_bytes > 0;
-                    let Ok(mut record) = json_bytes(&f) else {
-                        return false; // A record always serialises.
-                    };
-                    if record.len() as u64 > self.opts.value_bytes_max {
-                        // Runs pile up with the flushes a flow spans: a flow that spans too many
-                        // fails (its messages stay in the filestore), the node goes on.
-                        let why = format!(
-                            "the flow's record would be {} bytes with its {} runs, over \
-                             Datastore.max_value_size ({}); its results are not listed",
-                            record.len(),
-                            f.runs.len(),
-                            self.opts.value_bytes_max
-                        );
-                        tracing::warn!(client = %o.key.client, flow = %o.key.flow, "{why}");
-                        f.runs.clear();
-                        f.state = FlowRecordState::Error;
-                        f.error = why;
-                        let Ok(r) = json_bytes(&f) else {
-                            return false;
-                        };
-                        record = r;
+        let NodeRole::Master(m) = &mut self.role else {
+            return false;
+        };
+        m.completions.handle_completed((), o, runs);
+        loop {
+            let NodeRole::Master(m) = &mut self.role else {
+                return false;
+            };
+            let Some(a) = m.completions.poll_action() else {
+                // Cannot happen: every completion ends with `Done`.
+                return false;
+            };
+            match a {
+                CompletionAction::Delivered { key } => {
+                    // A completed flow was delivered, whether or not its TaskAck reached us.
+                    if m.tasks.handle_acked(&key.client, &key.flow) {
+                        self.drain_tasks(BTreeMap::new()).await;
                     }
-                    let mut writes = vec![(k.clone(), Some(record))];
-                    if uploads {
-                        let marker = paths::uploads_pending(&o.key.client, &o.key.flow);
+                }
+                CompletionAction::Read { token, key } => {
+                    let k = paths::flow_record(&key.client, &key.flow);
+                    let got = load_json::<FlowJson>(&self.datastore, &k).await.map_err(|e| {
+                        tracing::error!(flow = %key.flow, error = %e, "cannot read flow record");
+                    });
+                    let now = self.now();
+                    if let NodeRole::Master(m) = &mut self.role {
+                        m.completions.handle_read(now, token, got);
+                    }
+                }
+                CompletionAction::Write {
+                    token,
+                    key,
+                    record,
+                    uploads_marker,
+                } => {
+                    let mut writes = vec![(
+                        paths::flow_record(&key.client, &key.flow),
+                        Some(Bytes::from(record)),
+                    )];
+                    if uploads_marker {
+                        // Uploads are reassembled after the completion is recorded (bulk work on
+                        // the volume); the marker written with it makes a restart finish the job.
+                        let marker = paths::uploads_pending(&key.client, &key.flow);
                         writes.push((marker, Some(Bytes::from_static(b"{}"))));
                     }
-                    if let Err(e) = self.datastore.write_all(writes).await {
-                        tracing::error!(flow = %o.key.flow, error = %e, "cannot record flow completion");
-                        return false;
-                    }
-                    tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, state = f.state.as_str(), "flow completed");
-                    if uploads {
-                        self.uploads.start(
-                            self.filestore.volume().clone(),
-                            self.datastore.clone(),
-                            o.key.clone(),
-                        );
+                    let r = self.datastore.write_all(writes).await.map(|_| ());
+                    let outcome = self.write_outcome("a flow's completion", r);
+                    if let NodeRole::Master(m) = &mut self.role {
+                        m.completions.handle_written(token, outcome);
                     }
                 }
-                if let Some(h) = f.hunt_id.as_deref().and_then(|h| HuntId::parse(h).ok()) {
+                CompletionAction::StartUploads { key } => {
+                    let (fs, ds) = (self.filestore.volume().clone(), self.datastore.clone());
+                    self.uploads.start(fs, ds, key);
+                }
+                CompletionAction::HuntOutcome {
+                    token,
+                    hunt,
+                    client,
+                    state,
+                    rows,
+                    uploaded_bytes,
+                } => {
                     let now = self.now();
-                    self.hunts.handle_outcome(
-                        now,
-                        &h,
-                        &o.key.client,
-                        o.state,
-                        o.rows,
-                        o.uploaded_bytes,
-                    );
-                    if self.drain_hunts().await.is_err() {
-                        return false;
+                    self.hunts
+                        .handle_outcome(now, &hunt, &client, state, rows, uploaded_bytes);
+                    // A participant record not written is undone in the hunt manager
+                    // (`handle_outcome_failed`) and comes again with the resend.
+                    let outcome = match self.drain_hunts().await {
+                        Ok(()) => Outcome::Done,
+                        Err(_) => Outcome::Unknown,
+                    };
+                    if let NodeRole::Master(m) = &mut self.role {
+                        m.completions.handle_hunt_recorded(token, outcome);
                     }
                 }
-                true
-            }
-            Ok(None) => {
-                // Nothing to record it in (not a flow this master created): acknowledged, or the
-                // client would resend forever.
-                tracing::warn!(client = %o.key.client, flow = %o.key.flow, "completed flow has no record");
-                true
-            }
-            Err(e) => {
-                tracing::error!(flow = %o.key.flow, error = %e, "cannot read flow record");
-                false
+                CompletionAction::Done { key, result, .. } => {
+                    let (client, flow) = (&key.client, &key.flow);
+                    match &result {
+                        Recorded::Written { unlisted: None } => {
+                            tracing::info!(%client, %flow, "flow completed")
+                        }
+                        Recorded::Written {
+                            unlisted: Some(why),
+                        } => {
+                            tracing::warn!(%client, %flow, "flow completed: {why}")
+                        }
+                        Recorded::Already => {}
+                        Recorded::NoRecord => {
+                            // Nothing to record it in (not a flow this master created):
+                            // acknowledged, or the client would resend forever.
+                            tracing::warn!(%client, %flow, "completed flow has no record")
+                        }
+                        failed => {
+                            tracing::warn!(%client, %flow, result = ?failed, "a flow's completion is not recorded yet; it comes again with the resend")
+                        }
+                    }
+                    return result.ok();
+                }
             }
         }
     }

@@ -38,6 +38,7 @@ use talon_core::flows::{FinalState, FlowAction, FlowKey, FlowLimits, FlowTracker
 use talon_core::hunts::{
     ClientFacts, Hunt, HuntAction, HuntLimits, HuntManager, HuntSpec, HuntState,
 };
+use talon_core::node::completions::{CompletionAction, CompletionLimits, Completions, Recorded};
 use talon_core::node::hunt_tasks::{self, TaskOrigin};
 use talon_core::node::tasks::{TaskAction, TaskBook, TaskLimits};
 use talon_core::node::{Outcome, Token};
@@ -283,6 +284,9 @@ struct MasterState {
     /// Tasks created and not yet acknowledged by their client (core `TaskBook`: durable before
     /// sent, bounded per client, sent again until acknowledged).
     tasks: TaskBook<comms::Task, TaskOrigin>,
+    /// Completed flows being recorded (core `Completions`: record, uploads marker, hunt outcome,
+    /// then "recorded").
+    completions: Completions<FlowJson, ()>,
 }
 
 struct MinionState {
@@ -365,6 +369,11 @@ impl Node {
                     next_minion_conn: 1,
                     inbox: Inbox::recover(InboxLimits::default(), loaded.cursors),
                     tasks: TaskBook::restore(task_limits, clock.now(), loaded.pending),
+                    completions: Completions::new(CompletionLimits {
+                        value_bytes_max: opts.value_bytes_max,
+                        // Driven one at a time (each step awaited) for now.
+                        in_flight_max: 1,
+                    }),
                 };
                 (NodeRole::Master(Box::new(state)), None)
             }

@@ -286,3 +286,44 @@ impl From<ParticipantJson> for talon_core::hunts::Participation {
         }
     }
 }
+
+impl talon_core::node::completions::FlowRecord for FlowJson {
+    type Run = crate::storage::segments::RunRef;
+
+    fn says(&self, o: &talon_core::flows::FlowOutcome) -> bool {
+        self.state.is_final() && self.rows == o.rows && self.uploaded_bytes == o.uploaded_bytes
+    }
+
+    fn finish(&mut self, o: &talon_core::flows::FlowOutcome, at: Timestamp, runs: Vec<Self::Run>) {
+        self.state = match o.state {
+            talon_core::flows::FinalState::Completed => FlowRecordState::Completed,
+            talon_core::flows::FinalState::Error => FlowRecordState::Error,
+        };
+        self.rows = o.rows;
+        self.uploaded_bytes = o.uploaded_bytes;
+        self.error = o.error.clone();
+        self.finished_ms = at.as_ms();
+        self.runs = runs;
+    }
+
+    fn fail_unlisted(&mut self, why: String) {
+        self.runs.clear();
+        self.state = FlowRecordState::Error;
+        self.error = why;
+    }
+
+    fn runs(&self) -> usize {
+        self.runs.len()
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self)
+            .expect("a flow record is strings, numbers and maps keyed by strings")
+    }
+
+    fn hunt(&self) -> Option<talon_core::HuntId> {
+        self.hunt_id
+            .as_deref()
+            .and_then(|h| talon_core::HuntId::parse(h).ok())
+    }
+}
