@@ -8,6 +8,7 @@
 
 pub mod completions;
 pub mod hunt_tasks;
+pub mod intake;
 pub mod tasks;
 
 #[cfg(test)]

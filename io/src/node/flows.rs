@@ -3,9 +3,6 @@
 
 use super::*;
 
-/// Acknowledgements settled by one wait for the filestore buffer.
-pub(super) const SETTLE_BATCH_MAX: usize = 4096;
-
 /// What the filestore holds in place of a flow message the server refused: a log line at error
 /// level saying why (results and uploads skip it; a person reading the flow's logs sees it).
 pub(super) fn refusal_record(flow: &FlowId, seq: u64, now: Timestamp, reason: &str) -> Bytes {
@@ -21,46 +18,6 @@ pub(super) fn refusal_record(flow: &FlowId, seq: u64, now: Timestamp, reason: &s
         })),
     };
     Bytes::from(m.encode_to_vec())
-}
-
-/// Acknowledgements waiting to be sent again as settled, and the task that sends them.
-#[derive(Clone)]
-pub(super) struct Settler(mpsc::Sender<(ClientTx, comms::FlowAck)>);
-
-impl Settler {
-    /// Starts the task; at most `max` acknowledgements wait for it.
-    pub(super) fn start(fs: Filestore, max: usize) -> Settler {
-        let (tx, rx) = mpsc::channel(max);
-        tokio::spawn(settle(fs, rx));
-        Settler(tx)
-    }
-
-    /// Queues `ack` to be sent on `tx` once settled; false if the queue is full (dropped: the client
-    /// resends the message, and its re-acknowledgement is offered again).
-    pub(super) fn offer(&self, tx: ClientTx, ack: comms::FlowAck) -> bool {
-        self.0.try_send((tx, ack)).is_ok()
-    }
-}
-
-/// Sends acknowledgements again as settled, a batch at a time: everything queued is waited for with
-/// one `Filestore::settled` (each acknowledgement was queued after its message was stored, so the
-/// wait covers it). One wait at a time per node, whatever the rate of acknowledgements.
-pub(super) async fn settle(fs: Filestore, mut rx: mpsc::Receiver<(ClientTx, comms::FlowAck)>) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, SETTLE_BATCH_MAX).await > 0 {
-        if fs.settled().await.is_err() {
-            return; // The buffer stopped: the node exits (fail-stop); clients resend.
-        }
-        for (tx, mut ack) in batch.drain(..) {
-            ack.settled = true;
-            let m = comms::ServerMessage {
-                kind: Some(server_message::Kind::Ack(ack)),
-            };
-            // A full queue drops it: the client resends the message after 2 s, and it is
-            // acknowledged and settled again.
-            let _ = tx.try_send(Ok(Box::new(m)));
-        }
-    }
 }
 
 /// Reassembles completed flows' uploads on the volume, a bounded number at a time, each retried
@@ -241,122 +198,227 @@ impl Actor {
         });
     }
 
-    /// Performs the flow tracker's actions.
-    pub(super) async fn drain_flows(&mut self) {
-        while let Some(a) = self.flows.poll_action() {
-            match a {
-                FlowAction::Store { key, seq } => {
-                    let Some(raw) = self.raw.remove(&(key.clone(), seq)) else {
-                        // The bytes are gone (cannot happen: stored right after handle_message); fail the store.
-                        self.flows.handle_stored(self.now(), &key, seq, false);
-                        continue;
-                    };
-                    self.store_flow_message(key, seq, raw);
-                }
-                FlowAction::StoreRefusal { key, seq, reason } => {
-                    tracing::warn!(client = %key.client, flow = %key.flow, seq, %reason, "refused a flow message; the flow fails");
-                    // (No bytes were kept for it: a refused message is never stored.)
-                    let refusal = refusal_record(&key.flow, seq, self.now(), &reason);
-                    self.store_flow_message(key, seq, refusal);
-                }
-                FlowAction::Ack { key, seq } => {
-                    let ack = comms::FlowAck {
-                        flow_id: key.flow.to_string(),
-                        seq,
-                        settled: false,
-                    };
-                    // Acknowledged now (durable in the local buffer); settled once the buffer
-                    // has copied it.
-                    self.push(&key.client, server_message::Kind::Ack(ack.clone()));
-                    if let Some(c) = self.conns.get(&key.client)
-                        && !self.settler.offer(c.tx.clone(), ack)
-                    {
-                        tracing::debug!("settle queue full; the client's resend is settled later");
-                    }
-                }
-                FlowAction::Audit { key } => {
-                    let (fs, tx, limits) = (
-                        self.filestore.clone(),
-                        self.self_tx.clone(),
-                        self.opts.codec.clone(),
-                    );
-                    tokio::spawn(async move {
-                        let found = audit(&fs, &key, &limits).await;
-                        let _ = tx.send(Msg::Audited { key, found }).await;
-                    });
-                }
-                FlowAction::Completed(o) => {
-                    // Reported only once every message is on the shared volume, where the master,
-                    // the API and other frontends read.
-                    let (fs, tx) = (self.filestore.clone(), self.self_tx.clone());
-                    tokio::spawn(async move {
-                        let runs = match fs.settled().await {
-                            Ok(()) => fs
-                                .runs(&o.key.client, &o.key.flow, o.messages)
-                                .await
-                                .map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        let (runs, ok) = match runs {
-                            Ok(r) => (r, true),
-                            Err(e) => {
-                                tracing::error!(client = %o.key.client, flow = %o.key.flow, error = %e, "cannot copy or locate a flow's messages in the filestore");
-                                (Vec::new(), false)
-                            }
-                        };
-                        let _ = tx
-                            .send(Msg::Settled {
-                                outcome: o,
-                                runs,
-                                ok,
-                            })
-                            .await;
-                    });
-                }
+    /// Runs `work` in the background and hands its result to the actor as a message.
+    fn spawn_then<F, T>(&self, work: F, msg: impl FnOnce(T) -> Msg + Send + 'static)
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let tx = self.self_tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(msg(work.await)).await;
+        });
+    }
+
+    /// Drains the intake and the replication inbox (master) until neither asks for anything: a
+    /// replicated completion goes from the inbox into the intake, and its end back.
+    pub(super) async fn drain(&mut self) {
+        loop {
+            let intake = self.drain_intake().await;
+            let inbox = self.drain_inbox().await;
+            if intake == 0 && inbox == 0 {
+                break;
             }
         }
     }
 
-    /// A flow completed and its messages are on the shared volume: record it (master) or replicate
-    /// its completion (minion); the tracker acknowledges the final status once that is durable.
-    pub(super) async fn completed(&mut self, o: talon_core::flows::FlowOutcome, runs: Vec<RunRef>) {
-        match &mut self.role {
-            NodeRole::Master(_) => {
-                let key = o.key.clone();
-                let ok = self.flow_completed(o, runs).await;
-                if ok {
-                    self.filestore.forget_runs(&key.client, &key.flow);
-                }
-                self.flows.handle_recorded(&key, ok);
+    /// Performs the intake's actions (core `node::intake`); returns how many.
+    async fn drain_intake(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(a) = self.intake.poll_action() {
+            n += 1;
+            self.intake_action(a).await;
+        }
+        n
+    }
+
+    async fn intake_action(&mut self, a: IntakeAction<RunRef, ApplyOrigin>) {
+        let now = self.now();
+        match a {
+            IntakeAction::Store { key, seq } => {
+                let Some(raw) = self.raw.remove(&(key.clone(), seq)) else {
+                    // The bytes are gone (cannot happen: stored right after handle_message).
+                    self.intake.handle_stored(now, &key, seq, false);
+                    return;
+                };
+                self.store_flow_message(key, seq, raw);
             }
-            NodeRole::Minion(_) => {
+            IntakeAction::StoreRefusal { key, seq, reason } => {
+                tracing::warn!(client = %key.client, flow = %key.flow, seq, %reason, "refused a flow message; the flow fails");
+                // (No bytes were kept for it: a refused message is never stored.)
+                let refusal = refusal_record(&key.flow, seq, now, &reason);
+                self.store_flow_message(key, seq, refusal);
+            }
+            IntakeAction::Ack { key, seq, settled } => {
+                let ack = comms::FlowAck {
+                    flow_id: key.flow.to_string(),
+                    seq,
+                    settled,
+                };
+                self.push(&key.client, server_message::Kind::Ack(ack));
+            }
+            IntakeAction::Audit { key } => {
+                let (fs, limits) = (self.filestore.clone(), self.opts.codec.clone());
+                let k = key.clone();
+                self.spawn_then(async move { audit(&fs, &k, &limits).await }, |found| {
+                    Msg::Audited { key, found }
+                });
+            }
+            IntakeAction::Settle { token } => {
+                let fs = self.filestore.clone();
+                self.spawn_then(async move { fs.settled().await.is_ok() }, move |ok| {
+                    Msg::Settled { token, ok }
+                });
+            }
+            IntakeAction::Locate {
+                token,
+                key,
+                messages,
+            } => {
+                // Reported only once every message is on the shared volume, where the master, the
+                // API and other frontends read.
+                let fs = self.filestore.clone();
+                let work = async move {
+                    fs.settled().await.map_err(|e| e.to_string())?;
+                    fs.runs(&key.client, &key.flow, messages)
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                self.spawn_then(work, move |runs| Msg::Located { token, runs });
+            }
+            IntakeAction::Replicate {
+                token,
+                outcome: o,
+                runs,
+            } => {
                 tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, "flow completed; replicating");
                 let (tx, rx) = oneshot::channel();
-                let ev = Event::FlowCompleted(pc::FlowCompleted {
-                    client_id: o.key.client.to_string(),
-                    flow_id: o.key.flow.to_string(),
-                    hunt_id: String::new(),
-                    state: match o.state {
-                        FinalState::Completed => comms::FlowState::Completed,
-                        FinalState::Error => comms::FlowState::Error,
-                    } as i32,
-                    error: o.error,
-                    rows: o.rows,
-                    uploaded_bytes: o.uploaded_bytes,
-                    uploads: o.uploads,
-                    messages: o.messages,
-                    runs: runs.into_iter().map(Into::into).collect(),
+                self.replicate(completion_event(o, runs), Some(tx)).await;
+                // Dropped unsent if the link failed before the master applied it.
+                self.spawn_then(async move { rx.await.is_ok() }, move |applied| {
+                    Msg::Replicated { token, applied }
                 });
-                self.replicate(ev, Some(tx)).await;
-                let (me, key) = (self.self_tx.clone(), o.key);
-                tokio::spawn(async move {
-                    // Dropped unsent if the link failed before the master applied it.
-                    let ok = rx.await.is_ok();
-                    let _ = me.send(Msg::CompletionApplied { key, ok }).await;
-                });
+            }
+            IntakeAction::Delivered { key } => {
+                // A completed flow was delivered, whether or not its TaskAck reached us.
+                if let NodeRole::Master(m) = &mut self.role
+                    && m.tasks.handle_acked(&key.client, &key.flow)
+                {
+                    self.drain_tasks(BTreeMap::new()).await;
+                }
+            }
+            // Record reads and writes are awaited here, as the inbox applies a minion's events one
+            // at a time: sent round the actor's queue, each completion a minion replicates would
+            // wait behind the whole queue twice (docs/architecture.md, "known shortcuts").
+            IntakeAction::ReadRecord { token, key } => {
+                let k = paths::flow_record(&key.client, &key.flow);
+                let record = load_json::<FlowJson>(&self.datastore, &k)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(flow = %key.flow, error = %e, "cannot read flow record");
+                    });
+                self.intake.handle_read(now, token, record);
+            }
+            IntakeAction::WriteRecord {
+                token,
+                key,
+                record,
+                uploads_marker,
+            } => {
+                let mut writes = vec![(
+                    paths::flow_record(&key.client, &key.flow),
+                    Some(Bytes::from(record)),
+                )];
+                if uploads_marker {
+                    // Uploads are reassembled after the completion is recorded (bulk work on the
+                    // volume); the marker written with it makes a restart finish the job.
+                    let marker = paths::uploads_pending(&key.client, &key.flow);
+                    writes.push((marker, Some(Bytes::from_static(b"{}"))));
+                }
+                let r = self.datastore.write_all(writes).await.map(|_| ());
+                let outcome = self.write_outcome("a flow's completion", r);
+                self.intake.handle_written(token, outcome);
+            }
+            IntakeAction::StartUploads { key } => {
+                let (fs, ds) = (self.filestore.volume().clone(), self.datastore.clone());
+                self.uploads.start(fs, ds, key);
+            }
+            IntakeAction::HuntOutcome {
+                token,
+                hunt,
+                client,
+                state,
+                rows,
+                uploaded_bytes,
+            } => {
+                self.hunts
+                    .handle_outcome(now, &hunt, &client, state, rows, uploaded_bytes);
+                // A participant record not written is undone in the hunt manager
+                // (`handle_outcome_failed`) and comes again with the resend.
+                let outcome = match self.drain_hunts().await {
+                    Ok(()) => Outcome::Done,
+                    Err(_) => Outcome::Unknown,
+                };
+                self.intake.handle_hunt_recorded(token, outcome);
+            }
+            IntakeAction::Recorded { key, result } => {
+                self.filestore.forget_runs(&key.client, &key.flow);
+                let (client, flow) = (&key.client, &key.flow);
+                match result {
+                    Recorded::Written { unlisted: None } => {
+                        tracing::info!(%client, %flow, "flow completed")
+                    }
+                    Recorded::Written {
+                        unlisted: Some(why),
+                    } => tracing::warn!(%client, %flow, "flow completed: {why}"),
+                    // Nothing to record it in (not a flow this master created): acknowledged, or
+                    // the client would resend forever.
+                    Recorded::NoRecord => {
+                        tracing::warn!(%client, %flow, "completed flow has no record")
+                    }
+                    _ => {}
+                }
+            }
+            IntakeAction::NotRecorded { key, why } => {
+                tracing::warn!(client = %key.client, flow = %key.flow, %why, "a flow's completion is not recorded yet; the client's resend brings it again");
+            }
+            IntakeAction::Applied {
+                origin: (node, cursor),
+                result,
+            } => {
+                let outcome = if result.ok() {
+                    Outcome::Done
+                } else {
+                    // Not applied (busy, or a read failed), or in part: it stays unacknowledged,
+                    // and the minion resends it and what follows.
+                    tracing::warn!(minion = %node, seq = cursor.hwm, ?result, "a replicated completion could not be applied yet; the minion sends it again");
+                    Outcome::Unknown
+                };
+                if let NodeRole::Master(m) = &mut self.role {
+                    m.inbox.handle_applied(&node, cursor, outcome);
+                }
             }
         }
     }
+}
+
+/// A minion's completion as the event it replicates to the master.
+fn completion_event(o: talon_core::flows::FlowOutcome, runs: Vec<RunRef>) -> Event {
+    Event::FlowCompleted(pc::FlowCompleted {
+        client_id: o.key.client.to_string(),
+        flow_id: o.key.flow.to_string(),
+        hunt_id: String::new(),
+        state: match o.state {
+            FinalState::Completed => comms::FlowState::Completed,
+            FinalState::Error => comms::FlowState::Error,
+        } as i32,
+        error: o.error,
+        rows: o.rows,
+        uploaded_bytes: o.uploaded_bytes,
+        uploads: o.uploads,
+        messages: o.messages,
+        runs: runs.into_iter().map(Into::into).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -410,18 +472,11 @@ mod settle_tests {
         }
     }
 
-    fn ack(seq: u64) -> comms::FlowAck {
-        comms::FlowAck {
-            flow_id: "F.1".into(),
-            seq,
-            settled: false,
-        }
-    }
-
-    /// invariant 7 (docs/architecture.md) for the settle queue: with the volume hung, it takes `max` acknowledgements
-    /// and refuses the next; once the volume recovers, exactly those are sent again as settled.
+    /// What a `Settle` or `Locate` waits on: `Filestore::settled` does not return while the volume
+    /// is hung, and returns once it recovers, with the message on the volume. (The settle queue's
+    /// bound is the core intake's: `node/intake/tests.rs`.)
     #[tokio::test]
-    async fn settle_queue_is_bounded_and_settles_once_the_volume_recovers() {
+    async fn settled_waits_for_a_hung_volume_and_returns_once_it_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let (open_tx, open) = tokio::sync::watch::channel(false);
         let volume = SharedVolume::new(Gate {
@@ -442,41 +497,20 @@ mod settle_tests {
         fs.store("clients/C.1/flows/F.1/messages/0", Bytes::from_static(b"m"))
             .await
             .unwrap();
-        const MAX: usize = 4;
-        let settler = Settler::start(fs.clone(), MAX);
-        let (tx, mut rx) = mpsc::channel(16);
-        // The settle task has not run yet (this runtime runs one task at a time): the queue fills.
-        for seq in 0..MAX as u64 {
-            assert!(
-                settler.offer(tx.clone(), ack(seq)),
-                "ack {seq} refused below the bound"
-            );
+        let waiting = tokio::spawn({
+            let fs = fs.clone();
+            async move { fs.settled().await }
+        });
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
         }
-        assert!(
-            !settler.offer(tx.clone(), ack(99)),
-            "the bound was not enforced"
-        );
-        // Nothing is settled while the volume is hung.
-        tokio::task::yield_now().await;
-        assert!(rx.try_recv().is_err());
+        assert!(!waiting.is_finished(), "settled while the volume is hung");
         open_tx.send(true).unwrap();
-        for seq in 0..MAX as u64 {
-            let m = tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())
-                .await
-                .expect("settled within 30 s")
-                .unwrap()
-                .unwrap();
-            match m.kind {
-                Some(server_message::Kind::Ack(a)) => {
-                    assert_eq!((a.seq, a.settled), (seq, true));
-                }
-                other => panic!("expected a settled ack, got {other:?}"),
-            }
-        }
-        // The refused one never comes (the client's resend would be offered again).
-        drop(settler);
-        drop(tx);
-        assert!(rx.recv().await.is_none());
+        tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+            .await
+            .expect("settled within 30 s of the volume's recovery")
+            .unwrap()
+            .unwrap();
         let (_, found) =
             crate::storage::segments::locate(fs.volume(), "clients/C.1/flows/F.1/messages")
                 .await

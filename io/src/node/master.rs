@@ -334,7 +334,14 @@ impl Actor {
         };
         let conn = m.next_minion_conn;
         m.next_minion_conn += 1;
-        m.minions.insert(node.clone(), MinionConn { conn, tx });
+        m.minions.insert(
+            node.clone(),
+            MinionConn {
+                conn,
+                tx,
+                behind_ms: 0,
+            },
+        );
         tracing::info!(minion = %node, cursor = ?m.inbox.cursor(&node), "minion's replication stream is up");
         // Tasks that may have been lost with the previous stream go again to its clients.
         let clients: Vec<ClientId> = m
@@ -377,8 +384,10 @@ impl Actor {
         let NodeRole::Master(m) = &mut self.role else {
             return;
         };
-        if m.minions.get(&node).is_none_or(|c| c.conn != conn) {
-            return; // A stream that was replaced; the minion resends on the new one.
+        match m.minions.get_mut(&node) {
+            Some(c) if c.conn == conn => c.behind_ms = behind_ms,
+            // A stream that was replaced; the minion resends on the new one.
+            _ => return,
         }
         // The flow records this batch's events read: fetched together below, not one 40–60 ms
         // volume read after another (the master's cache is cold after a restart).
@@ -419,19 +428,36 @@ impl Actor {
         {
             tracing::warn!(minion = %node, error = %e, "prefetching flow records failed");
         }
+        self.drain().await;
+    }
+
+    /// Performs the replication inbox's actions (master); returns how many. A replicated
+    /// completion goes to the intake, whose `Applied` hands its outcome back to the inbox.
+    pub(super) async fn drain_inbox(&mut self) -> usize {
+        let mut done = 0;
         loop {
             let NodeRole::Master(m) = &mut self.role else {
-                return;
+                return done;
             };
             let Some(a) = m.inbox.poll_action() else {
-                break;
+                return done;
             };
+            done += 1;
             match a {
                 InboxAction::Apply {
                     node: n,
                     cursor,
                     event,
                 } => {
+                    let behind_ms = m.minions.get(&n).map_or(0, |c| c.behind_ms);
+                    if let Ok(Event::FlowCompleted(f)) = event {
+                        // Recorded by the intake's completions machine; its `Applied` ends it.
+                        match replicated_completion(&n, f) {
+                            Some((o, runs)) => self.intake.handle_completion((n, cursor), o, runs),
+                            None => m.inbox.handle_applied(&n, cursor, Outcome::Done),
+                        }
+                        continue;
+                    }
                     let outcome = if self.apply_event(&n, event, behind_ms).await {
                         Outcome::Done
                     } else {
@@ -558,40 +584,8 @@ impl Actor {
                     self.task_delivered(&id, &flow).await;
                 }
             }
-            Event::FlowCompleted(f) => {
-                let (Some(client), Ok(flow)) = (client_of(&f.client_id), FlowId::parse(&f.flow_id))
-                else {
-                    return true;
-                };
-                let state = if f.state == comms::FlowState::Completed as i32 {
-                    FinalState::Completed
-                } else {
-                    FinalState::Error
-                };
-                let mut runs = Vec::with_capacity(f.runs.len());
-                for r in f.runs {
-                    match RunRef::from_proto(r) {
-                        Ok(r) => runs.push(r),
-                        // A minion is one of ours: this is a bug, not an attack. The flow's
-                        // results would miss this run's messages.
-                        Err(e) => {
-                            tracing::error!(client = %client, flow = %flow, error = %e, "a replicated completion names a bad run")
-                        }
-                    }
-                }
-                let o = talon_core::flows::FlowOutcome {
-                    key: FlowKey { client, flow },
-                    state,
-                    error: f.error,
-                    rows: f.rows,
-                    uploaded_bytes: f.uploaded_bytes,
-                    uploads: f.uploads,
-                    messages: f.messages,
-                };
-                // The replication cursor must not move past an event whose effects are not durable:
-                // the caller hands it back to the inbox, and the minion sends it again.
-                return self.flow_completed(o, runs).await;
-            }
+            // Taken by `drain_inbox` to the intake before it gets here.
+            Event::FlowCompleted(_) => return true,
             Event::NodeStarted(_) => {
                 let n = self.registry.disconnect_node(now, node);
                 tracing::info!(minion = %node, clients = n, "minion restarted: its clients are disconnected until they reconnect");
@@ -889,116 +883,42 @@ impl Actor {
         tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");
         Ok(flow_summary(&record))
     }
+}
 
-    /// Records a completed flow (master) through the core `Completions` machine: its record, its
-    /// uploads, its hunt's outcome. Idempotent: a flow may be reported by two nodes after a
-    /// failover. True once all of it is durable: only then may the client's final status (or the
-    /// minion's event) be acknowledged.
-    pub(super) async fn flow_completed(
-        &mut self,
-        o: talon_core::flows::FlowOutcome,
-        runs: Vec<RunRef>,
-    ) -> bool {
-        let NodeRole::Master(m) = &mut self.role else {
-            return false;
-        };
-        m.completions.handle_completed((), o, runs);
-        loop {
-            let NodeRole::Master(m) = &mut self.role else {
-                return false;
-            };
-            let Some(a) = m.completions.poll_action() else {
-                // Cannot happen: every completion ends with `Done`.
-                return false;
-            };
-            match a {
-                CompletionAction::Delivered { key } => {
-                    // A completed flow was delivered, whether or not its TaskAck reached us.
-                    if m.tasks.handle_acked(&key.client, &key.flow) {
-                        self.drain_tasks(BTreeMap::new()).await;
-                    }
-                }
-                CompletionAction::Read { token, key } => {
-                    let k = paths::flow_record(&key.client, &key.flow);
-                    let got = load_json::<FlowJson>(&self.datastore, &k).await.map_err(|e| {
-                        tracing::error!(flow = %key.flow, error = %e, "cannot read flow record");
-                    });
-                    let now = self.now();
-                    if let NodeRole::Master(m) = &mut self.role {
-                        m.completions.handle_read(now, token, got);
-                    }
-                }
-                CompletionAction::Write {
-                    token,
-                    key,
-                    record,
-                    uploads_marker,
-                } => {
-                    let mut writes = vec![(
-                        paths::flow_record(&key.client, &key.flow),
-                        Some(Bytes::from(record)),
-                    )];
-                    if uploads_marker {
-                        // Uploads are reassembled after the completion is recorded (bulk work on
-                        // the volume); the marker written with it makes a restart finish the job.
-                        let marker = paths::uploads_pending(&key.client, &key.flow);
-                        writes.push((marker, Some(Bytes::from_static(b"{}"))));
-                    }
-                    let r = self.datastore.write_all(writes).await.map(|_| ());
-                    let outcome = self.write_outcome("a flow's completion", r);
-                    if let NodeRole::Master(m) = &mut self.role {
-                        m.completions.handle_written(token, outcome);
-                    }
-                }
-                CompletionAction::StartUploads { key } => {
-                    let (fs, ds) = (self.filestore.volume().clone(), self.datastore.clone());
-                    self.uploads.start(fs, ds, key);
-                }
-                CompletionAction::HuntOutcome {
-                    token,
-                    hunt,
-                    client,
-                    state,
-                    rows,
-                    uploaded_bytes,
-                } => {
-                    let now = self.now();
-                    self.hunts
-                        .handle_outcome(now, &hunt, &client, state, rows, uploaded_bytes);
-                    // A participant record not written is undone in the hunt manager
-                    // (`handle_outcome_failed`) and comes again with the resend.
-                    let outcome = match self.drain_hunts().await {
-                        Ok(()) => Outcome::Done,
-                        Err(_) => Outcome::Unknown,
-                    };
-                    if let NodeRole::Master(m) = &mut self.role {
-                        m.completions.handle_hunt_recorded(token, outcome);
-                    }
-                }
-                CompletionAction::Done { key, result, .. } => {
-                    let (client, flow) = (&key.client, &key.flow);
-                    match &result {
-                        Recorded::Written { unlisted: None } => {
-                            tracing::info!(%client, %flow, "flow completed")
-                        }
-                        Recorded::Written {
-                            unlisted: Some(why),
-                        } => {
-                            tracing::warn!(%client, %flow, "flow completed: {why}")
-                        }
-                        Recorded::Already => {}
-                        Recorded::NoRecord => {
-                            // Nothing to record it in (not a flow this master created):
-                            // acknowledged, or the client would resend forever.
-                            tracing::warn!(%client, %flow, "completed flow has no record")
-                        }
-                        failed => {
-                            tracing::warn!(%client, %flow, result = ?failed, "a flow's completion is not recorded yet; it comes again with the resend")
-                        }
-                    }
-                    return result.ok();
-                }
+/// A minion's replicated completion as the intake takes it; `None` if it names a malformed client or
+/// flow (skipped, so that the minion's later events are not stuck behind it).
+fn replicated_completion(
+    node: &str,
+    f: pc::FlowCompleted,
+) -> Option<(talon_core::flows::FlowOutcome, Vec<RunRef>)> {
+    let (Ok(client), Ok(flow)) = (ClientId::parse(&f.client_id), FlowId::parse(&f.flow_id)) else {
+        tracing::warn!(minion = %node, client = %f.client_id, flow = %f.flow_id, "a replicated completion names a malformed client or flow");
+        return None;
+    };
+    let state = if f.state == comms::FlowState::Completed as i32 {
+        FinalState::Completed
+    } else {
+        FinalState::Error
+    };
+    let mut runs = Vec::with_capacity(f.runs.len());
+    for r in f.runs {
+        match RunRef::from_proto(r) {
+            Ok(r) => runs.push(r),
+            // A minion is one of ours: this is a bug, not an attack. The flow's results would
+            // miss this run's messages.
+            Err(e) => {
+                tracing::error!(%client, %flow, error = %e, "a replicated completion names a bad run")
             }
         }
     }
+    let o = talon_core::flows::FlowOutcome {
+        key: FlowKey { client, flow },
+        state,
+        error: f.error,
+        rows: f.rows,
+        uploaded_bytes: f.uploaded_bytes,
+        uploads: f.uploads,
+        messages: f.messages,
+    };
+    Some((o, runs))
 }

@@ -34,12 +34,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use talon_core::cluster_codec::MinionBatch;
 use talon_core::codec::{self, ClientInput, CodecLimits, FlowData};
-use talon_core::flows::{FinalState, FlowAction, FlowKey, FlowLimits, FlowTracker, StoredMessage};
+use talon_core::flows::{FinalState, FlowKey, FlowLimits, StoredMessage};
 use talon_core::hunts::{
     ClientFacts, Hunt, HuntAction, HuntLimits, HuntManager, HuntSpec, HuntState,
 };
-use talon_core::node::completions::{CompletionAction, CompletionLimits, Completions, Recorded};
+use talon_core::node::completions::{CompletionLimits, Recorded};
 use talon_core::node::hunt_tasks::{self, TaskOrigin};
+use talon_core::node::intake::{Intake, IntakeAction, IntakeLimits};
 use talon_core::node::tasks::{TaskAction, TaskBook, TaskLimits};
 use talon_core::node::{Outcome, Token};
 use talon_core::ratelimit::Paced;
@@ -72,11 +73,6 @@ pub const CLIENT_QUEUE_MAX: usize = 256;
 
 /// Messages waiting for the node actor; handlers wait beyond it (back-pressure).
 pub const NODE_INBOX_MAX: usize = 8192;
-
-/// Acknowledgements waiting to be sent again as settled. Beyond it one is dropped: the client resends
-/// the message after 2 s and its re-acknowledgement is queued again (so a hung volume costs this
-/// much memory at most, not one waiter per resend).
-pub const SETTLE_QUEUE_MAX: usize = 65_536;
 
 /// How often the master sends tasks not yet acknowledged again.
 pub const TASK_RESEND_MS: u64 = 5_000;
@@ -153,10 +149,10 @@ enum Msg {
         version: u64,
     },
     Link(LinkEvent),
-    /// A minion's flow completion was applied by the master (`ok`), or its replication failed.
-    CompletionApplied {
-        key: FlowKey,
-        ok: bool,
+    /// (Minion) a completion was applied by the master (`applied`), or its replication failed.
+    Replicated {
+        token: Token,
+        applied: bool,
     },
     Flow {
         client: ClientId,
@@ -170,13 +166,17 @@ enum Msg {
         seq: u64,
         ok: bool,
     },
-    /// A completed flow's messages are on the shared volume (`ok`), or copying them failed.
+    /// Everything stored before a `Settle` is on the shared volume (`ok`), or the buffer stopped.
     Settled {
-        outcome: talon_core::flows::FlowOutcome,
-        /// Where its messages are (empty unless `ok`).
-        runs: Vec<RunRef>,
+        token: Token,
         ok: bool,
     },
+    /// A completed flow's messages are on the shared volume, in these runs.
+    Located {
+        token: Token,
+        runs: Result<Vec<RunRef>, String>,
+    },
+
     Audited {
         key: FlowKey,
         found: Option<Vec<StoredMessage>>,
@@ -269,8 +269,13 @@ enum NodeRole {
     Minion(MinionState),
 }
 
+/// Names a replicated completion the master is applying: the minion and the event's cursor.
+type ApplyOrigin = (String, Cursor);
+
 struct MinionConn {
     conn: u64,
+    /// How far the minion's clock is behind ours (ms; negative: ahead), measured on its last batch.
+    behind_ms: i128,
     tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
 }
 
@@ -284,9 +289,6 @@ struct MasterState {
     /// Tasks created and not yet acknowledged by their client (core `TaskBook`: durable before
     /// sent, bounded per client, sent again until acknowledged).
     tasks: TaskBook<comms::Task, TaskOrigin>,
-    /// Completed flows being recorded (core `Completions`: record, uploads marker, hunt outcome,
-    /// then "recorded").
-    completions: Completions<FlowJson, ()>,
 }
 
 struct MinionState {
@@ -306,7 +308,9 @@ struct Actor {
     role: NodeRole,
     registry: Registry,
     keys: KeyCache,
-    flows: FlowTracker,
+    /// Client flows: stores, the two-phase acknowledgement, completions and their recording (core
+    /// `node::intake`).
+    intake: Intake<FlowJson, ApplyOrigin>,
     hunts: HuntManager,
     conns: BTreeMap<ClientId, Conn>,
     /// Tasks for clients connected here, pushed at `notifications_per_second`.
@@ -314,8 +318,6 @@ struct Actor {
     /// The bytes of the flow message being handled, until a Store action takes them (at most one).
     raw: BTreeMap<(FlowKey, u64), Bytes>,
     self_tx: mpsc::Sender<Msg>,
-    /// Acknowledgements to send again once settled (bounded: `SETTLE_QUEUE_MAX`).
-    settler: Settler,
     /// Completed flows' uploads being reassembled (master).
     uploads: Reassembly,
 }
@@ -369,11 +371,6 @@ impl Node {
                     next_minion_conn: 1,
                     inbox: Inbox::recover(InboxLimits::default(), loaded.cursors),
                     tasks: TaskBook::restore(task_limits, clock.now(), loaded.pending),
-                    completions: Completions::new(CompletionLimits {
-                        value_bytes_max: opts.value_bytes_max,
-                        // Driven one at a time (each step awaited) for now.
-                        in_flight_max: 1,
-                    }),
                 };
                 (NodeRole::Master(Box::new(state)), None)
             }
@@ -385,6 +382,19 @@ impl Node {
                 Some(events),
             ),
         };
+        let limits = IntakeLimits {
+            flows: opts.flows.clone(),
+            settle_queue_max: talon_core::node::intake::SETTLE_QUEUE_MAX,
+            settle_batch_max: talon_core::node::intake::SETTLE_BATCH_MAX,
+            completions: CompletionLimits {
+                value_bytes_max: opts.value_bytes_max,
+                in_flight_max: talon_core::node::intake::COMPLETIONS_IN_FLIGHT_MAX,
+            },
+        };
+        let intake = match &role {
+            NodeRole::Master(_) => Intake::master(limits),
+            NodeRole::Minion(_) => Intake::minion(limits),
+        };
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
         let mut keys = KeyCache::new(opts.expected_clients.max(1));
         for r in records.iter().take(opts.expected_clients) {
@@ -395,7 +405,7 @@ impl Node {
         let actor = Actor {
             registry: Registry::restore(opts.registry.clone(), records),
             keys,
-            flows: FlowTracker::new(opts.flows.clone()),
+            intake,
             hunts,
             opts: opts.clone(),
             clock,
@@ -416,7 +426,6 @@ impl Node {
             ),
             raw: BTreeMap::new(),
             self_tx: tx.clone(),
-            settler: Settler::start(filestore.clone(), SETTLE_QUEUE_MAX),
             uploads: Reassembly::new(opts.value_bytes_max),
         };
         for key in reassembling {
@@ -509,7 +518,7 @@ impl Actor {
                 NodeRole::Minion(_) => None,
             };
             let next = [
-                self.flows.poll_timeout(),
+                self.intake.poll_timeout(),
                 self.hunts.poll_timeout(),
                 resend,
                 self.notify.poll_timeout(now),
@@ -534,9 +543,9 @@ impl Actor {
                         break;
                     }
                     let now = self.now();
-                    self.flows.handle_timeout(now);
+                    self.intake.handle_timeout(now);
                     self.hunts.handle_timeout(now);
-                    self.drain_flows().await;
+                    self.drain().await;
                     // A failed write is logged and fail-stops the node (`Meta::set`).
                     let _ = self.drain_hunts().await;
                     self.resend_pending(now).await;
@@ -644,15 +653,19 @@ impl Actor {
                 }));
             }
             Msg::Link(e) => self.link_event(e).await,
-            Msg::CompletionApplied { key, ok } => {
-                // The final status is acknowledged now (or, if replication failed, the completion
-                // is forgotten and the client's resend completes the flow again).
-                if ok {
-                    self.filestore.forget_runs(&key.client, &key.flow);
-                }
-                self.flows.handle_recorded(&key, ok);
-                self.drain_flows().await;
+            Msg::Replicated { token, applied } => {
+                self.intake.handle_replicated(token, applied);
+                self.drain().await;
             }
+            Msg::Settled { token, ok } => {
+                self.intake.handle_settled(token, ok);
+                self.drain().await;
+            }
+            Msg::Located { token, runs } => {
+                self.intake.handle_located(token, runs);
+                self.drain().await;
+            }
+
             Msg::Flow {
                 client,
                 flow,
@@ -665,14 +678,14 @@ impl Actor {
                     flow,
                 };
                 match self
-                    .flows
+                    .intake
                     .handle_message(now, key.clone(), seq, data.tracker_payload())
                 {
                     Ok(()) => {
                         // A Store action takes the bytes; a resend that is only re-acknowledged
                         // leaves them here, so drop them after the drain: at most one entry lives.
                         self.raw.insert((key.clone(), seq), raw);
-                        self.drain_flows().await;
+                        self.drain().await;
                         self.raw.remove(&(key, seq));
                     }
                     Err(e) => {
@@ -695,26 +708,17 @@ impl Actor {
                             seq,
                         };
                         self.push(&client, server_message::Kind::Error(m));
-                        self.drain_flows().await;
+                        self.drain().await;
                     }
                 }
             }
             Msg::Stored { key, seq, ok } => {
-                self.flows.handle_stored(now, &key, seq, ok);
-                self.drain_flows().await;
-            }
-            Msg::Settled { outcome, runs, ok } => {
-                if ok {
-                    self.completed(outcome, runs).await;
-                } else {
-                    // Forgotten: the client's resend of its final status completes it again.
-                    self.flows.handle_recorded(&outcome.key, false);
-                }
-                self.drain_flows().await;
+                self.intake.handle_stored(now, &key, seq, ok);
+                self.drain().await;
             }
             Msg::Audited { key, found } => {
-                self.flows.handle_audit(now, &key, found);
-                self.drain_flows().await;
+                self.intake.handle_audit(now, &key, found);
+                self.drain().await;
             }
             Msg::TaskAck { client, flow } => self.task_delivered(&client, &flow).await,
             Msg::Search {
