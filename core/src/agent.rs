@@ -16,7 +16,7 @@
 //!   flow is stored and its completion recorded); the flow is remembered (`done_max` of them) so a
 //!   task delivered again does not run it again.
 
-use crate::time::Timestamp;
+use crate::time::Monotonic;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
@@ -87,7 +87,7 @@ pub enum OutboxAction<P, S> {
 struct Kept<P, S> {
     payload: P,
     /// When it was last sent (or acknowledged unsettled): the resend timer runs from here.
-    sent: Timestamp,
+    sent: Monotonic,
     stamp: S,
     acked_once: bool,
 }
@@ -166,7 +166,7 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
     /// returns its number. Refused while the flow keeps `max_in_flight` messages (not the final).
     pub fn push(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         flow: &str,
         payload: P,
         is_final: bool,
@@ -207,7 +207,7 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
     /// A new stream is up, taking `max_in_flight` messages per flow: every message kept goes again,
     /// in order — what the last frontend acknowledged but did not settle may exist only in its
     /// buffer.
-    pub fn handle_connected(&mut self, now: Timestamp, max_in_flight: usize) {
+    pub fn handle_connected(&mut self, now: Monotonic, max_in_flight: usize) {
         self.connected = true;
         self.max_in_flight = max_in_flight.max(1);
         for (flow, f) in &mut self.flows {
@@ -230,7 +230,7 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
     }
 
     /// The frontend acknowledged message `seq` (`settled`: it is on the shared volume).
-    pub fn handle_ack(&mut self, now: Timestamp, flow: &str, seq: u64, settled: bool) {
+    pub fn handle_ack(&mut self, now: Monotonic, flow: &str, seq: u64, settled: bool) {
         let Some(f) = self.flows.get_mut(flow) else {
             return;
         };
@@ -265,7 +265,7 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
     }
 
     /// Sends again what has had no acknowledgement of either kind for `resend_after_ms`.
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    pub fn handle_timeout(&mut self, now: Monotonic) {
         if !self.connected {
             return;
         }
@@ -284,7 +284,7 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
     }
 
     /// When to call `handle_timeout` next (none while disconnected or nothing is kept).
-    pub fn poll_timeout(&self) -> Option<Timestamp> {
+    pub fn poll_timeout(&self) -> Option<Monotonic> {
         if !self.connected {
             return None;
         }

@@ -19,7 +19,7 @@
 
 use crate::ids::{ClientId, FlowId};
 use crate::seqset::{SeqSet, SeqSetError, Weight};
-use crate::time::Timestamp;
+use crate::time::Monotonic;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
@@ -217,7 +217,7 @@ struct Flow {
     pending: BTreeMap<u64, Payload>,
     final_status: Option<(u64, FinalState, String)>,
     audit_in_flight: bool,
-    last_activity: Timestamp,
+    last_activity: Monotonic,
     /// Why the server failed the flow (a budget it went past), if it did: the flow stores nothing
     /// more, and its outcome is an error naming this.
     refused: Option<String>,
@@ -267,7 +267,7 @@ pub struct FlowTracker {
     completed: BTreeMap<FlowKey, (u64, bool)>,
     completed_order: VecDeque<FlowKey>,
     actions: VecDeque<FlowAction>,
-    next_sweep: Option<Timestamp>,
+    next_sweep: Option<Monotonic>,
 }
 
 impl FlowTracker {
@@ -303,7 +303,7 @@ impl FlowTracker {
     /// A client sent message `seq` of a flow.
     pub fn handle_message(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         key: FlowKey,
         seq: u64,
         payload: Payload,
@@ -407,7 +407,7 @@ impl FlowTracker {
     }
 
     /// The shell finished (or failed) storing message `seq`.
-    pub fn handle_stored(&mut self, now: Timestamp, key: &FlowKey, seq: u64, ok: bool) {
+    pub fn handle_stored(&mut self, now: Monotonic, key: &FlowKey, seq: u64, ok: bool) {
         let Some(flow) = self.flows.get_mut(key) else {
             return;
         };
@@ -433,7 +433,7 @@ impl FlowTracker {
     /// The shell listed what storage holds for the flow (`None`: the listing failed).
     pub fn handle_audit(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         key: &FlowKey,
         found: Option<Vec<StoredMessage>>,
     ) {
@@ -548,7 +548,7 @@ impl FlowTracker {
     }
 
     /// Forgets idle flows (storage keeps their messages; an audit relearns them).
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    pub fn handle_timeout(&mut self, now: Monotonic) {
         if self.next_sweep.is_none_or(|t| now < t) {
             return;
         }
@@ -565,7 +565,7 @@ impl FlowTracker {
     }
 
     /// When to call `handle_timeout` next.
-    pub fn poll_timeout(&self) -> Option<Timestamp> {
+    pub fn poll_timeout(&self) -> Option<Monotonic> {
         self.next_sweep
     }
 }

@@ -17,7 +17,7 @@
 
 use crate::flows::FinalState;
 use crate::ids::{ClientId, FlowId, HuntId};
-use crate::time::Timestamp;
+use crate::time::{Monotonic, Timestamp};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
@@ -328,7 +328,7 @@ pub struct HuntManager {
     actions: VecDeque<HuntAction>,
     /// Failed schedules to offer again, by when (at most `participants_max`; beyond it a client
     /// is offered the hunt when it next connects).
-    retries: BTreeSet<(Timestamp, HuntId, ClientId)>,
+    retries: BTreeSet<(Monotonic, HuntId, ClientId)>,
 }
 
 impl HuntManager {
@@ -366,7 +366,7 @@ impl HuntManager {
         for h in m.hunts.values_mut() {
             h.stats = h.recount();
         }
-        m.handle_timeout(now);
+        m.expire_due(now);
         m
     }
 
@@ -405,7 +405,7 @@ impl HuntManager {
 
     /// Stops a running hunt. Scheduled flows still report and are counted.
     pub fn stop(&mut self, now: Timestamp, id: &HuntId) -> Result<&Hunt, HuntError> {
-        self.handle_timeout(now);
+        self.expire_due(now);
         let h = self
             .hunts
             .get_mut(id)
@@ -421,7 +421,7 @@ impl HuntManager {
     /// Offers a client to every running hunt (on connect, or when a hunt starts). Returns how many
     /// hunts scheduled it.
     pub fn offer(&mut self, now: Timestamp, facts: ClientFacts<'_>) -> usize {
-        self.handle_timeout(now);
+        self.expire_due(now);
         let running: Vec<HuntId> = self
             .hunts
             .values()
@@ -545,7 +545,7 @@ impl HuntManager {
     /// durable task, docs/architecture.md "Invariants"), and the shell is asked to offer it the hunt again
     /// `schedule_retry_ms` later ([`HuntAction::Offer`]). Ignored unless the client is a
     /// scheduled participant with no outcome.
-    pub fn handle_schedule_failed(&mut self, now: Timestamp, id: &HuntId, client: &ClientId) {
+    pub fn handle_schedule_failed(&mut self, at: Monotonic, id: &HuntId, client: &ClientId) {
         let Some(h) = self.hunts.get_mut(id) else {
             return;
         };
@@ -557,7 +557,7 @@ impl HuntManager {
         debug_assert_eq!(h.stats, h.recount());
         if (self.retries.len() as u64) < self.limits.participants_max {
             self.retries.insert((
-                now.plus_ms(self.limits.schedule_retry_ms),
+                at.plus_ms(self.limits.schedule_retry_ms),
                 id.clone(),
                 client.clone(),
             ));
@@ -610,10 +610,12 @@ impl HuntManager {
         }
     }
 
-    /// Expires running hunts whose time has come; asks for failed schedules to be offered again.
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    /// Expires running hunts whose time has come (`now`: a hunt expires at a wall-clock time the
+    /// analyst named); asks for failed schedules to be offered again (`at`: their retry is a
+    /// deadline, on the monotonic clock).
+    pub fn handle_timeout(&mut self, now: Timestamp, at: Monotonic) {
         while let Some(first) = self.retries.first()
-            && first.0 <= now
+            && first.0 <= at
         {
             let (_, hunt, client) = self.retries.pop_first().expect("a first entry");
             if self
@@ -624,6 +626,10 @@ impl HuntManager {
                 self.actions.push_back(HuntAction::Offer { hunt, client });
             }
         }
+        self.expire_due(now);
+    }
+
+    fn expire_due(&mut self, now: Timestamp) {
         let due: Vec<HuntId> = self
             .hunts
             .values()
@@ -635,15 +641,18 @@ impl HuntManager {
         }
     }
 
-    /// The next expiry among running hunts, or the next failed schedule to offer again.
+    /// The next expiry among running hunts (wall clock).
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let expiry = self
-            .hunts
+        self.hunts
             .values()
             .filter(|h| h.record.state == HuntState::Running)
             .map(|h| h.record.spec.expires)
-            .min();
-        crate::time::earliest(expiry, self.retries.first().map(|r| r.0))
+            .min()
+    }
+
+    /// The next failed schedule to offer again (monotonic clock).
+    pub fn poll_retry(&self) -> Option<Monotonic> {
+        self.retries.first().map(|r| r.0)
     }
 
     /// The next action for the shell.

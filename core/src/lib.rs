@@ -9,7 +9,7 @@
 //! Every state machine here is driven the same way, after quinn-proto and str0m:
 //!
 //! 1. The shell calls exactly one `handle_*` method with one input. Every input carries `now`
-//!    (a [`Timestamp`] the shell read from its clock, real or simulated).
+//!    (a [`Timestamp`] or, for deadlines, a [`Monotonic`] the shell read from its clocks, real or simulated).
 //! 2. The shell then drains `poll_action()` until it returns `None`, performing each action in the
 //!    order given (order matters: e.g. "journal, then reply").
 //! 3. The shell asks `poll_timeout()` for the next deadline and calls `handle_timeout(now)` when it
@@ -38,4 +38,4 @@ pub mod seqset;
 pub mod time;
 
 pub use ids::{ClientId, FlowId, HuntId, IdError};
-pub use time::Timestamp;
+pub use time::{Monotonic, Timestamp};

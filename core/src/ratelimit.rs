@@ -2,7 +2,7 @@
 //! queue paced by one ([`Paced`]). Sans-IO: every call carries `now`. Used for
 //! `Frontend.resources.connections_per_second` and `notifications_per_second`.
 
-use crate::time::Timestamp;
+use crate::time::Monotonic;
 use std::collections::{BTreeSet, VecDeque};
 
 /// The bucket. Tokens are kept in thousandths so that refill is exact in integer milliseconds.
@@ -11,12 +11,12 @@ pub struct TokenBucket {
     rate_per_s: u64,
     burst: u64,
     milli_tokens: u64,
-    last: Timestamp,
+    last: Monotonic,
 }
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(rate_per_s: u64, burst: u64, now: Timestamp) -> TokenBucket {
+    pub fn new(rate_per_s: u64, burst: u64, now: Monotonic) -> TokenBucket {
         assert!(rate_per_s > 0 && burst > 0);
         TokenBucket {
             rate_per_s,
@@ -26,7 +26,7 @@ impl TokenBucket {
         }
     }
 
-    fn refill(&mut self, now: Timestamp) {
+    fn refill(&mut self, now: Monotonic) {
         let elapsed_ms = now.since_ms(self.last);
         if elapsed_ms > 0 {
             // rate_per_s tokens per 1000 ms = rate_per_s milli-tokens per ms.
@@ -37,7 +37,7 @@ impl TokenBucket {
     }
 
     /// Takes one token if there is one.
-    pub fn try_take(&mut self, now: Timestamp) -> bool {
+    pub fn try_take(&mut self, now: Monotonic) -> bool {
         self.refill(now);
         if self.milli_tokens >= 1000 {
             self.milli_tokens -= 1000;
@@ -48,7 +48,7 @@ impl TokenBucket {
     }
 
     /// When the next token is available (`now` if one is).
-    pub fn ready_at(&mut self, now: Timestamp) -> Timestamp {
+    pub fn ready_at(&mut self, now: Monotonic) -> Monotonic {
         self.refill(now);
         let missing = 1000u64.saturating_sub(self.milli_tokens);
         now.plus_ms(missing.div_ceil(self.rate_per_s))
@@ -74,7 +74,7 @@ pub struct Paced<K, V> {
 
 impl<K: Ord + Clone, V> Paced<K, V> {
     /// `rate_per_s` releases per second (bursts of one second's worth), at most `max` queued.
-    pub fn new(rate_per_s: u64, max: usize, now: Timestamp) -> Self {
+    pub fn new(rate_per_s: u64, max: usize, now: Monotonic) -> Self {
         Paced {
             bucket: TokenBucket::new(rate_per_s, rate_per_s, now),
             queue: VecDeque::new(),
@@ -97,7 +97,7 @@ impl<K: Ord + Clone, V> Paced<K, V> {
     }
 
     /// The next item, if one is queued and the rate allows it now.
-    pub fn poll(&mut self, now: Timestamp) -> Option<(K, V)> {
+    pub fn poll(&mut self, now: Monotonic) -> Option<(K, V)> {
         if self.queue.is_empty() || !self.bucket.try_take(now) {
             return None;
         }
@@ -107,7 +107,7 @@ impl<K: Ord + Clone, V> Paced<K, V> {
     }
 
     /// When `poll` can next release something (`None` if nothing is queued).
-    pub fn poll_timeout(&mut self, now: Timestamp) -> Option<Timestamp> {
+    pub fn poll_timeout(&mut self, now: Monotonic) -> Option<Monotonic> {
         if self.queue.is_empty() {
             None
         } else {
@@ -133,31 +133,31 @@ mod tests {
 
     #[test]
     fn burst_then_rate() {
-        let mut b = TokenBucket::new(10, 3, Timestamp(0));
-        assert_eq!((0..5).filter(|_| b.try_take(Timestamp(0))).count(), 3);
-        assert!(!b.try_take(Timestamp(50)));
-        assert!(b.try_take(Timestamp(100)), "one token per 100 ms at 10/s");
-        assert!(!b.try_take(Timestamp(150)));
+        let mut b = TokenBucket::new(10, 3, Monotonic(0));
+        assert_eq!((0..5).filter(|_| b.try_take(Monotonic(0))).count(), 3);
+        assert!(!b.try_take(Monotonic(50)));
+        assert!(b.try_take(Monotonic(100)), "one token per 100 ms at 10/s");
+        assert!(!b.try_take(Monotonic(150)));
     }
 
     #[test]
     fn paced_releases_at_the_rate_dedupes_and_refuses_at_the_bound() {
-        let mut p = Paced::new(2, 3, Timestamp(0));
+        let mut p = Paced::new(2, 3, Monotonic(0));
         p.push("a", 1).unwrap();
         p.push("a", 9).unwrap(); // already queued: no-op
         p.push("b", 2).unwrap();
         p.push("c", 3).unwrap();
         assert_eq!(p.push("d", 4), Err(QueueFull { max: 3 }));
         assert_eq!(p.len(), 3);
-        assert_eq!(p.poll(Timestamp(0)), Some(("a", 1)));
-        assert_eq!(p.poll(Timestamp(0)), Some(("b", 2)));
-        assert_eq!(p.poll(Timestamp(0)), None, "burst of 2 spent");
-        assert_eq!(p.poll_timeout(Timestamp(0)), Some(Timestamp(500)));
-        assert_eq!(p.poll(Timestamp(499)), None);
-        assert_eq!(p.poll(Timestamp(500)), Some(("c", 3)));
-        assert_eq!(p.poll_timeout(Timestamp(500)), None);
+        assert_eq!(p.poll(Monotonic(0)), Some(("a", 1)));
+        assert_eq!(p.poll(Monotonic(0)), Some(("b", 2)));
+        assert_eq!(p.poll(Monotonic(0)), None, "burst of 2 spent");
+        assert_eq!(p.poll_timeout(Monotonic(0)), Some(Monotonic(500)));
+        assert_eq!(p.poll(Monotonic(499)), None);
+        assert_eq!(p.poll(Monotonic(500)), Some(("c", 3)));
+        assert_eq!(p.poll_timeout(Monotonic(500)), None);
         p.push("a", 5).unwrap(); // released earlier, so queued again
-        assert_eq!(p.poll(Timestamp(1000)), Some(("a", 5)));
+        assert_eq!(p.poll(Monotonic(1000)), Some(("a", 5)));
     }
 
     proptest! {
@@ -168,8 +168,8 @@ mod tests {
             mut times in prop::collection::vec(0u64..10_000, 1..400),
         ) {
             times.sort_unstable();
-            let mut b = TokenBucket::new(rate, burst, Timestamp(0));
-            let admitted: Vec<u64> = times.iter().copied().filter(|t| b.try_take(Timestamp(*t))).collect();
+            let mut b = TokenBucket::new(rate, burst, Monotonic(0));
+            let admitted: Vec<u64> = times.iter().copied().filter(|t| b.try_take(Monotonic(*t))).collect();
             for (i, t0) in admitted.iter().enumerate() {
                 for (j, t1) in admitted.iter().enumerate().skip(i) {
                     let n = (j - i + 1) as u64;

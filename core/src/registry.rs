@@ -15,7 +15,7 @@
 //! (except `all`, which is an in-order walk), and results come in a stable order.
 
 use crate::ids::{ClientId, key_fingerprint};
-use crate::time::Timestamp;
+use crate::time::{Monotonic, Timestamp};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
@@ -75,8 +75,13 @@ pub struct Sighting {
     pub last_ip: String,
     /// The node holding its connection.
     pub node: String,
-    /// When that connection was established (by the clock of the node holding it).
+    /// When that connection was established (wall clock, onto the master's: recorded, shown).
     pub connected_at: Timestamp,
+    /// When that connection was established on the monotonic clock of the node judging the
+    /// sighting (the master's: a minion's sighting is its age subtracted from the master's
+    /// monotonic now). Orders sightings of one client from different nodes; a wall clock stepped
+    /// back would make every new connection look older than the ones recorded before the step.
+    pub connected_order: Monotonic,
 }
 
 /// One client, as kept in memory and persisted.
@@ -285,6 +290,9 @@ pub struct Registry {
     actions: VecDeque<RegistryAction>,
     /// Paces enrolments (made at the first one, full).
     enrolments: Option<crate::ratelimit::TokenBucket>,
+    /// The `connected_order` of the connection each record reflects, since this process started
+    /// (at most one per record: bounded by `clients_max`).
+    connection_order: BTreeMap<ClientId, Monotonic>,
 }
 
 impl Registry {
@@ -301,6 +309,7 @@ impl Registry {
             by_ip: BTreeSet::new(),
             actions: VecDeque::new(),
             enrolments: None,
+            connection_order: BTreeMap::new(),
         };
         for mut rec in records {
             rec.connected = false;
@@ -361,10 +370,16 @@ impl Registry {
         }
     }
 
-    /// A frontend saw a client: enrol it on first contact (at most `enrolments_per_second`), refuse
-    /// a different key, update its facts.
-    pub fn handle_seen(&mut self, now: Timestamp, s: Sighting) -> Result<Enrolment, RegistryError> {
-        self.seen(now, s, true)
+    /// A frontend saw a client: enrol it on first contact (at most `enrolments_per_second`, paced
+    /// on the monotonic clock `at`), refuse a different key, update its facts (`now`: the wall
+    /// clock, recorded).
+    pub fn handle_seen(
+        &mut self,
+        now: Timestamp,
+        at: Monotonic,
+        s: Sighting,
+    ) -> Result<Enrolment, RegistryError> {
+        self.seen(now, s, Some(at))
     }
 
     /// [`Registry::handle_seen`] for a sighting another node admitted already (a minion paces the
@@ -375,14 +390,14 @@ impl Registry {
         now: Timestamp,
         s: Sighting,
     ) -> Result<Enrolment, RegistryError> {
-        self.seen(now, s, false)
+        self.seen(now, s, None)
     }
 
     fn seen(
         &mut self,
         now: Timestamp,
         s: Sighting,
-        pace: bool,
+        pace: Option<Monotonic>,
     ) -> Result<Enrolment, RegistryError> {
         if ClientId::from_public_key(&s.public_key) != s.id {
             return Err(RegistryError::IdNotFromKey(s.id));
@@ -405,16 +420,17 @@ impl Registry {
                     max: self.limits.clients_max,
                 });
             }
-            None if !pace => (None, Enrolment::New),
+            None if pace.is_none() => (None, Enrolment::New),
             None => {
+                let at = pace.unwrap_or_default();
                 let (rate, burst) = (
                     self.limits.enrolments_per_second,
                     self.limits.enrolment_burst,
                 );
                 let bucket = self
                     .enrolments
-                    .get_or_insert_with(|| crate::ratelimit::TokenBucket::new(rate, burst, now));
-                if !bucket.try_take(now) {
+                    .get_or_insert_with(|| crate::ratelimit::TokenBucket::new(rate, burst, at));
+                if !bucket.try_take(at) {
                     return Err(RegistryError::EnrolmentRate { per_second: rate });
                 }
                 (None, Enrolment::New)
@@ -425,10 +441,15 @@ impl Registry {
         // silently): one older than the connection the record reflects, from another node, is stale.
         if let Some(o) = &old
             && o.node != s.node
-            && s.connected_at < o.connected_at
+            && self
+                .connection_order
+                .get(&s.id)
+                .is_some_and(|&prev| s.connected_order < prev)
         {
             return Ok(Enrolment::Known);
         }
+        self.connection_order
+            .insert(s.id.clone(), s.connected_order);
         let rec = ClientRecord {
             id: s.id.clone(),
             key_fingerprint: fp,

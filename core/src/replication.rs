@@ -18,7 +18,7 @@
 //! - A minion whose persisted outbox is lost starts a new, higher epoch; the master resets its cursor
 //!   for that minion. Events of an older epoch are refused.
 
-use crate::time::Timestamp;
+use crate::time::Monotonic;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
@@ -106,7 +106,7 @@ pub struct Outbox<E> {
     events: VecDeque<(u64, E)>,
     sent_upto: u64,
     connected: bool,
-    ack_deadline: Option<Timestamp>,
+    ack_deadline: Option<Monotonic>,
     actions: VecDeque<OutboxAction<E>>,
 }
 
@@ -168,7 +168,7 @@ impl<E: Clone> Outbox<E> {
     }
 
     /// Accepts an event; it counts as accepted once `handle_persisted` covers its number.
-    pub fn push(&mut self, now: Timestamp, event: E) -> Result<u64, OutboxError> {
+    pub fn push(&mut self, now: Monotonic, event: E) -> Result<u64, OutboxError> {
         if self.events.len() >= self.limits.events_max {
             return Err(OutboxError::Full {
                 max: self.limits.events_max,
@@ -183,14 +183,14 @@ impl<E: Clone> Outbox<E> {
     }
 
     /// Everything up to `upto` is durable on the local disk.
-    pub fn handle_persisted(&mut self, now: Timestamp, upto: u64) {
+    pub fn handle_persisted(&mut self, now: Monotonic, upto: u64) {
         debug_assert!(upto < self.next_seq);
         self.persisted_upto = self.persisted_upto.max(upto.min(self.next_seq - 1));
         self.send_more(now);
     }
 
     /// A stream to the master is up: resend everything after the last ack.
-    pub fn handle_connected(&mut self, now: Timestamp) {
+    pub fn handle_connected(&mut self, now: Monotonic) {
         self.connected = true;
         self.sent_upto = self.acked;
         self.ack_deadline = None;
@@ -205,7 +205,7 @@ impl<E: Clone> Outbox<E> {
     /// event again from its first; returns the new epoch, which the shell persists before it sends
     /// anything (the epoch never goes backwards, whatever the clock does). Otherwise (the master
     /// acknowledged this epoch, so another process speaks with this minion's name) `None`.
-    pub fn handle_stale_epoch(&mut self, now: Timestamp, current: u64) -> Option<u64> {
+    pub fn handle_stale_epoch(&mut self, now: Monotonic, current: u64) -> Option<u64> {
         if current < self.epoch || self.acked > 0 {
             return None;
         }
@@ -219,13 +219,13 @@ impl<E: Clone> Outbox<E> {
     }
 
     /// The stream to the master is gone.
-    pub fn handle_disconnected(&mut self, _now: Timestamp) {
+    pub fn handle_disconnected(&mut self, _now: Monotonic) {
         self.connected = false;
         self.ack_deadline = None;
     }
 
     /// The master applied everything up to `upto` in `epoch`.
-    pub fn handle_ack(&mut self, now: Timestamp, epoch: u64, upto: u64) {
+    pub fn handle_ack(&mut self, now: Monotonic, epoch: u64, upto: u64) {
         if epoch != self.epoch || upto <= self.acked {
             return;
         }
@@ -242,7 +242,7 @@ impl<E: Clone> Outbox<E> {
     }
 
     /// Resends from the last ack if acks stalled.
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    pub fn handle_timeout(&mut self, now: Monotonic) {
         if self.ack_deadline.is_some_and(|t| now >= t) {
             self.sent_upto = self.acked;
             self.ack_deadline = None;
@@ -250,7 +250,7 @@ impl<E: Clone> Outbox<E> {
         }
     }
 
-    fn send_more(&mut self, now: Timestamp) {
+    fn send_more(&mut self, now: Monotonic) {
         if !self.connected {
             return;
         }
@@ -282,7 +282,7 @@ impl<E: Clone> Outbox<E> {
     }
 
     /// When to call `handle_timeout` next.
-    pub fn poll_timeout(&self) -> Option<Timestamp> {
+    pub fn poll_timeout(&self) -> Option<Monotonic> {
         self.ack_deadline
     }
 }
@@ -471,7 +471,7 @@ impl<E> Inbox<E> {
     /// A batch of events arrived from `node`.
     pub fn handle_batch(
         &mut self,
-        _now: Timestamp,
+        _now: Monotonic,
         node: &str,
         epoch: u64,
         events: Vec<(u64, E)>,

@@ -9,7 +9,7 @@
 use prost::Message;
 use std::collections::BTreeMap;
 use talon_core::ClientId;
-use talon_core::Timestamp;
+use talon_core::Monotonic;
 use talon_core::cluster_codec::{ClusterLimits, MinionInput, validate_minion_message};
 use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits, Outcome};
 use talon_proto::cluster::{MinionMessage, replicated_event::Event};
@@ -53,7 +53,7 @@ pub fn check(data: &[u8]) {
             }
         }
         let before = model.get(&node).copied();
-        match inbox.handle_batch(Timestamp(0), &node, epoch, events) {
+        match inbox.handle_batch(Monotonic(0), &node, epoch, events) {
             Err(_) => {
                 // Refused: a stale epoch, or a fourth minion. Nothing applied.
                 assert!(inbox.poll_action().is_none());

@@ -2,12 +2,15 @@
 //! a [`Clock`] and an [`Entropy`]; the simulator passes seeded ones. `io/clippy.toml` forbids reading
 //! the system clock anywhere else.
 
-use talon_core::Timestamp;
+use talon_core::{Monotonic, Timestamp};
 
-/// A source of the current time.
+/// A source of the current time: the wall clock for what is recorded or shown, a monotonic one for
+/// deadlines (docs/architecture.md, "Time").
 pub trait Clock: Send + Sync {
-    /// Now, in milliseconds since the Unix epoch.
+    /// Now, in milliseconds since the Unix epoch (may step backwards or forwards).
     fn now(&self) -> Timestamp;
+    /// Now on a clock that never goes backwards, in milliseconds from an arbitrary origin.
+    fn monotonic(&self) -> Monotonic;
 }
 
 /// The real wall clock.
@@ -21,6 +24,13 @@ impl Clock for SystemClock {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         Timestamp(since.as_millis() as u64)
+    }
+
+    #[allow(clippy::disallowed_methods)] // The one sanctioned read of the monotonic clock.
+    fn monotonic(&self) -> Monotonic {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+        Monotonic(origin.elapsed().as_millis() as u64)
     }
 }
 

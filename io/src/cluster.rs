@@ -741,7 +741,7 @@ impl LinkTask {
                 return msg;
             }
             let room = self.outbox.len() < self.opts.limits.events_max;
-            let now = self.clock.now();
+            let now = self.clock.monotonic();
             let wait = self
                 .outbox
                 .poll_timeout()
@@ -771,7 +771,7 @@ impl LinkTask {
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {
-                    self.outbox.handle_timeout(self.clock.now());
+                    self.outbox.handle_timeout(self.clock.monotonic());
                 }
                 _ = tokio::time::sleep_until(reconnect_at), if want_connect => {
                     self.connect();
@@ -794,7 +794,7 @@ impl LinkTask {
     /// The master last applied epoch `current` from this minion, newer than this outbox's: moves
     /// past it if the master never acknowledged this outbox ([`Outbox::handle_stale_epoch`]). The
     /// new epoch goes to the epoch file before anything is sent in it (`drain`).
-    fn stale_epoch(&mut self, now: talon_core::Timestamp, current: u64) {
+    fn stale_epoch(&mut self, now: talon_core::Monotonic, current: u64) {
         let old = self.outbox.epoch();
         match self.outbox.handle_stale_epoch(now, current) {
             Some(epoch) => {
@@ -808,7 +808,7 @@ impl LinkTask {
     }
 
     fn push(&mut self, p: Push) {
-        let now = self.clock.now();
+        let now = self.clock.monotonic();
         match self.outbox.push(now, p.event) {
             Ok(seq) => {
                 if let Some(a) = p.applied {
@@ -866,7 +866,7 @@ impl LinkTask {
             match persisted {
                 Some(upto) => {
                     self.journal.sync()?;
-                    self.outbox.handle_persisted(self.clock.now(), upto);
+                    self.outbox.handle_persisted(self.clock.monotonic(), upto);
                 }
                 None => return Ok(()),
             }
@@ -930,7 +930,7 @@ impl LinkTask {
 
     /// Handles a connection event; returns a reconnect delay when the stream went down.
     async fn internal(&mut self, i: Internal) -> Option<Duration> {
-        let now = self.clock.now();
+        let now = self.clock.monotonic();
         match i {
             Internal::Up { generation, tx } if generation == self.generation => {
                 self.connecting = false;

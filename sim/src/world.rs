@@ -9,9 +9,10 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use talon_core::Timestamp;
+use talon_core::{Monotonic, Timestamp};
 use talon_io::clock::{Clock, Entropy};
 use talon_io::net::{BoxFuture, BoxIo, Listener, Net};
 use talon_io::storage::fs::{Entry, Fs};
@@ -62,13 +63,15 @@ impl Net for SimNet {
 }
 
 /// Virtual wall-clock time: a fixed epoch plus the simulation's elapsed time, on a machine whose
-/// clock may be `behind_ms` slow (a replacement machine's: see `Fault::DiskLoss`).
-#[derive(Clone, Copy, Debug)]
+/// clock may be `behind` slow, by an amount that may change while it runs (a replacement machine's
+/// clock: `Fault::DiskLoss`; a clock stepped back: `Fault::ClockStep`). Its monotonic clock is the
+/// virtual time itself, whatever the wall clock does.
+#[derive(Clone, Debug)]
 pub struct SimClock {
     /// Unix ms at virtual time zero.
     pub epoch_ms: u64,
-    /// How far this machine's wall clock is behind the true time.
-    pub behind_ms: u64,
+    /// How far this machine's wall clock is behind the true time (ms), read at every `now`.
+    pub behind: Arc<AtomicU64>,
 }
 
 impl SimClock {
@@ -76,7 +79,7 @@ impl SimClock {
     pub fn exact(epoch_ms: u64) -> SimClock {
         SimClock {
             epoch_ms,
-            behind_ms: 0,
+            behind: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -84,7 +87,12 @@ impl SimClock {
 impl Clock for SimClock {
     fn now(&self) -> Timestamp {
         let elapsed = turmoil::sim_elapsed().unwrap_or_default();
-        Timestamp((self.epoch_ms + elapsed.as_millis() as u64).saturating_sub(self.behind_ms))
+        let behind = self.behind.load(std::sync::atomic::Ordering::Relaxed);
+        Timestamp((self.epoch_ms + elapsed.as_millis() as u64).saturating_sub(behind))
+    }
+
+    fn monotonic(&self) -> Monotonic {
+        Monotonic(turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64)
     }
 }
 

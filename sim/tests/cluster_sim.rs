@@ -131,6 +131,11 @@ fn seeds_that_found_bugs() {
     // A client moved between minions under a partition; after a master restart the stale
     // minion's sighting marked it disconnected and it never got the next hunt.
     sim_with(323, 2, 20, 100, 60, true);
+    // (Seeds 1 and 11 of the list above, once the `clock-step` fault existed.) The master's wall
+    // clock stepped back an hour: clients that then connected to it looked older than their
+    // records from minions, stayed "on" the minion, were marked disconnected by its "gone", and
+    // a hunt created meanwhile never reached them. Sightings are now ordered on the monotonic
+    // clock (`Sighting::connected_order`).
 }
 
 fn run_binary(seed: &str) -> String {

@@ -28,7 +28,7 @@ fn sends(o: &mut Ob) -> Vec<(String, u64)> {
 
 #[test]
 fn messages_are_numbered_kept_until_settled_and_bounded_in_flight() {
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     let mut o: Ob = FlowOutbox::new(lim());
     assert!(o.begin("F.1"));
     assert!(!o.begin("F.1"), "a task delivered twice runs once");
@@ -61,33 +61,33 @@ fn messages_are_numbered_kept_until_settled_and_bounded_in_flight() {
 fn a_new_stream_resends_what_is_not_settled_in_order_and_stalls_resend() {
     let mut o: Ob = FlowOutbox::new(lim());
     o.begin("F.1");
-    o.handle_connected(Timestamp(0), 8);
+    o.handle_connected(Monotonic(0), 8);
     for (i, p) in ["a", "b", "c"].into_iter().enumerate() {
-        o.push(Timestamp(0), "F.1", p, false, i as u32).unwrap();
+        o.push(Monotonic(0), "F.1", p, false, i as u32).unwrap();
     }
     drain(&mut o);
-    o.handle_ack(Timestamp(0), "F.1", 0, true);
-    o.handle_ack(Timestamp(0), "F.1", 1, false);
+    o.handle_ack(Monotonic(0), "F.1", 0, true);
+    o.handle_ack(Monotonic(0), "F.1", 1, false);
     drain(&mut o);
     // Disconnected: nothing is sent, not even by the timer.
     o.handle_disconnected();
-    o.handle_timeout(Timestamp(1000));
+    o.handle_timeout(Monotonic(1000));
     assert_eq!(o.poll_timeout(), None);
     assert_eq!(sends(&mut o), vec![]);
     // Failover: 1 (only in the old frontend's buffer) and 2 go again, in order.
-    o.handle_connected(Timestamp(1000), 8);
+    o.handle_connected(Monotonic(1000), 8);
     assert_eq!(sends(&mut o), vec![("F.1".into(), 1), ("F.1".into(), 2)]);
     // An acknowledgement lost: sent again after `resend_after_ms`.
-    assert_eq!(o.poll_timeout(), Some(Timestamp(1100)));
-    o.handle_timeout(Timestamp(1099));
+    assert_eq!(o.poll_timeout(), Some(Monotonic(1100)));
+    o.handle_timeout(Monotonic(1099));
     assert_eq!(sends(&mut o), vec![]);
-    o.handle_timeout(Timestamp(1100));
+    o.handle_timeout(Monotonic(1100));
     assert_eq!(sends(&mut o), vec![("F.1".into(), 1), ("F.1".into(), 2)]);
 }
 
 #[test]
 fn the_final_status_is_never_refused_and_its_ack_ends_the_flow() {
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     let mut o: Ob = FlowOutbox::new(lim());
     o.begin("F.1");
     o.handle_connected(t, 1);

@@ -59,7 +59,7 @@ fn upload(n: u64) -> Payload {
 
 /// Sends and stores `payloads` from seq 0 on; returns the errors and the actions.
 fn run(t: &mut FlowTracker, payloads: Vec<Payload>) -> (Vec<FlowError>, Vec<FlowAction>) {
-    let now = Timestamp(0);
+    let now = Monotonic(0);
     let (mut errors, mut actions) = (vec![], vec![]);
     for (seq, p) in payloads.into_iter().enumerate() {
         if let Err(e) = t.handle_message(now, key(), seq as u64, p) {
@@ -157,7 +157,7 @@ fn within_budget_a_flow_is_untouched() {
 #[test]
 fn acks_only_after_store_and_dedupes_resends() {
     let mut t = FlowTracker::new(limits());
-    let now = Timestamp(0);
+    let now = Monotonic(0);
     t.handle_message(now, key(), 0, data(3)).unwrap();
     assert_eq!(
         drain(&mut t),
@@ -176,7 +176,7 @@ fn acks_only_after_store_and_dedupes_resends() {
 #[test]
 fn failed_store_is_not_acked_and_can_be_resent() {
     let mut t = FlowTracker::new(limits());
-    let now = Timestamp(0);
+    let now = Monotonic(0);
     t.handle_message(now, key(), 0, data(1)).unwrap();
     drain(&mut t);
     t.handle_stored(now, &key(), 0, false);
@@ -191,7 +191,7 @@ fn failed_store_is_not_acked_and_can_be_resent() {
 #[test]
 fn completes_with_exact_totals_and_acks_final_last() {
     let mut t = FlowTracker::new(limits());
-    let now = Timestamp(0);
+    let now = Monotonic(0);
     for (seq, p) in [(0, data(2)), (1, data(5)), (2, done())] {
         t.handle_message(now, key(), seq, p).unwrap();
         drain(&mut t);
@@ -240,7 +240,7 @@ fn completes_with_exact_totals_and_acks_final_last() {
 #[test]
 fn a_completion_that_could_not_be_recorded_completes_again_on_resend() {
     let mut t = FlowTracker::new(limits());
-    let now = Timestamp(0);
+    let now = Monotonic(0);
     for (seq, p) in [(0, data(3)), (1, done())] {
         t.handle_message(now, key(), seq, p).unwrap();
         drain(&mut t);
@@ -287,7 +287,7 @@ fn a_completion_that_could_not_be_recorded_completes_again_on_resend() {
 #[test]
 fn final_with_gaps_audits_storage() {
     let mut t = FlowTracker::new(limits());
-    let now = Timestamp(0);
+    let now = Monotonic(0);
     t.handle_message(now, key(), 2, done()).unwrap();
     drain(&mut t);
     t.handle_stored(now, &key(), 2, true);
@@ -314,7 +314,7 @@ fn final_with_gaps_audits_storage() {
 #[test]
 fn bounds_are_enforced_with_errors() {
     let mut t = FlowTracker::new(limits());
-    let now = Timestamp(0);
+    let now = Monotonic(0);
     for seq in 0..4 {
         t.handle_message(now, key(), seq, data(1)).unwrap();
     }
@@ -347,11 +347,11 @@ fn bounds_are_enforced_with_errors() {
 #[test]
 fn idle_flows_are_forgotten_but_busy_ones_kept() {
     let mut t = FlowTracker::new(limits());
-    t.handle_message(Timestamp(0), key(), 0, data(1)).unwrap();
+    t.handle_message(Monotonic(0), key(), 0, data(1)).unwrap();
     drain(&mut t);
-    t.handle_timeout(Timestamp(5000));
+    t.handle_timeout(Monotonic(5000));
     assert_eq!(t.len(), 1, "a flow with a store in flight is kept");
-    t.handle_stored(Timestamp(5000), &key(), 0, true);
+    t.handle_stored(Monotonic(5000), &key(), 0, true);
     let deadline = t.poll_timeout().unwrap();
     t.handle_timeout(deadline.plus_ms(2000));
     assert!(t.is_empty());
@@ -460,7 +460,7 @@ struct World {
     acked: BTreeSet<u64>,
     ended: bool,
     outcomes: Vec<FlowOutcome>,
-    now: Timestamp,
+    now: Monotonic,
 }
 
 impl World {
@@ -470,7 +470,7 @@ impl World {
             done_max: 4,
         });
         assert!(agent.begin(key().flow.as_str()));
-        agent.handle_connected(Timestamp(1), MAX_IN_FLIGHT);
+        agent.handle_connected(Monotonic(1), MAX_IN_FLIGHT);
         World {
             weights,
             agent,
@@ -482,7 +482,7 @@ impl World {
             acked: BTreeSet::new(),
             ended: false,
             outcomes: vec![],
-            now: Timestamp(1),
+            now: Monotonic(1),
         }
     }
 

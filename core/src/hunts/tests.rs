@@ -248,7 +248,7 @@ impl Store {
                 HuntAction::Schedule { hunt, client, .. } if self.refuse > 0 => {
                     self.refuse -= 1;
                     self.refused.insert((hunt.clone(), client.clone()));
-                    m.handle_schedule_failed(now, &hunt, &client);
+                    m.handle_schedule_failed(Monotonic(now.0), &hunt, &client);
                 }
                 HuntAction::Offer { hunt, client } => {
                     let n = (0u8..12)
@@ -344,7 +344,7 @@ proptest! {
                 Op::Stop { hunt } => {
                     if let Some(h) = ids.get(hunt) { let _ = m.stop(now, h); }
                 }
-                Op::Advance(ms) => { now = now.plus_ms(ms); m.handle_timeout(now); }
+                Op::Advance(ms) => { now = now.plus_ms(ms); m.handle_timeout(now, Monotonic(now.0)); }
                 Op::Refuse(n) => store.refuse = n,
                 Op::RefuseOutcomes(n) => store.refuse_outcomes = n,
                 Op::Crash => {
@@ -389,7 +389,7 @@ proptest! {
         // still running is a participant on storage, unless the hunt's limit filled meanwhile.
         store.refuse = 0;
         now = now.plus_ms(limits.schedule_retry_ms);
-        m.handle_timeout(now);
+        m.handle_timeout(now, Monotonic(now.0));
         store.drain(&mut m, now);
         for (h, c) in &store.refused {
             let Some(hunt) = m.get(h) else { continue };

@@ -11,7 +11,7 @@
 use super::tasks::{TaskBook, TaskError};
 use super::{Outcome, Token};
 use crate::hunts::{HuntManager, HuntSpec};
-use crate::time::Timestamp;
+use crate::time::Monotonic;
 use crate::{ClientId, FlowId, HuntId};
 use std::collections::BTreeMap;
 use talon_proto::comms;
@@ -70,7 +70,7 @@ pub fn hunt_task(
 pub fn schedule(
     hunts: &mut HuntManager,
     tasks: &mut TaskBook<comms::Task, TaskOrigin>,
-    now: Timestamp,
+    at: Monotonic,
     hunt: &HuntId,
     client: &ClientId,
     flow: &FlowId,
@@ -87,7 +87,7 @@ pub fn schedule(
         TaskOrigin::Hunt(hunt.clone()),
     );
     if r.is_err() {
-        hunts.handle_schedule_failed(now, hunt, client);
+        hunts.handle_schedule_failed(at, hunt, client);
     }
     r
 }
@@ -96,7 +96,7 @@ pub fn schedule(
 /// no participant — undone, and offered again later. Done or maybe done, it stays scheduled.
 pub fn created(
     hunts: &mut HuntManager,
-    now: Timestamp,
+    at: Monotonic,
     client: &ClientId,
     outcome: Outcome,
     origin: &TaskOrigin,
@@ -104,7 +104,7 @@ pub fn created(
     if outcome == Outcome::Refused
         && let TaskOrigin::Hunt(h) = origin
     {
-        hunts.handle_schedule_failed(now, h, client);
+        hunts.handle_schedule_failed(at, h, client);
     }
 }
 

@@ -31,7 +31,7 @@ use crate::flows::{
     FinalState, FlowAction, FlowError, FlowKey, FlowLimits, FlowOutcome, FlowTracker, Payload,
     StoredMessage,
 };
-use crate::time::Timestamp;
+use crate::time::{Monotonic, Timestamp};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Acknowledgements waiting to be sent again as settled, per node. Beyond it one is dropped: the
@@ -256,7 +256,7 @@ impl<R: FlowRecord, O> Intake<R, O> {
     /// A client sent message `seq` of a flow (the shell holds its bytes until `Store` takes them).
     pub fn handle_message(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         key: FlowKey,
         seq: u64,
         payload: Payload,
@@ -267,7 +267,7 @@ impl<R: FlowRecord, O> Intake<R, O> {
     }
 
     /// A `Store` or `StoreRefusal` ended.
-    pub fn handle_stored(&mut self, now: Timestamp, key: &FlowKey, seq: u64, ok: bool) {
+    pub fn handle_stored(&mut self, now: Monotonic, key: &FlowKey, seq: u64, ok: bool) {
         self.tracker.handle_stored(now, key, seq, ok);
         self.pump();
     }
@@ -275,7 +275,7 @@ impl<R: FlowRecord, O> Intake<R, O> {
     /// An `Audit` ended (`None`: storage could not be read).
     pub fn handle_audit(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         key: &FlowKey,
         found: Option<Vec<StoredMessage>>,
     ) {
@@ -372,13 +372,13 @@ impl<R: FlowRecord, O> Intake<R, O> {
     }
 
     /// Time passed (idle flows are forgotten).
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    pub fn handle_timeout(&mut self, now: Monotonic) {
         self.tracker.handle_timeout(now);
         self.pump();
     }
 
     /// When `handle_timeout` is next due.
-    pub fn poll_timeout(&self) -> Option<Timestamp> {
+    pub fn poll_timeout(&self) -> Option<Monotonic> {
         self.tracker.poll_timeout()
     }
 

@@ -18,7 +18,7 @@
 //!   storage would be delivered again after a restart).
 
 use super::{Outcome, Token};
-use crate::time::Timestamp;
+use crate::time::Monotonic;
 use crate::{ClientId, FlowId};
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -139,7 +139,7 @@ pub struct TaskBook<T, C> {
     /// Creations in flight: their caller's context.
     writing: BTreeMap<Token, (ClientId, FlowId, C)>,
     next_token: u64,
-    resend_at: Timestamp,
+    resend_at: Monotonic,
     actions: VecDeque<TaskAction<T, C>>,
 }
 
@@ -147,7 +147,7 @@ impl<T: Clone, C> TaskBook<T, C> {
     /// The book after a restart: the tasks whose records are on storage, pending.
     pub fn restore(
         limits: TaskLimits,
-        now: Timestamp,
+        now: Monotonic,
         tasks: impl IntoIterator<Item = (ClientId, FlowId, T)>,
     ) -> TaskBook<T, C> {
         let mut clients: BTreeMap<ClientId, Vec<Entry<T>>> = BTreeMap::new();
@@ -318,7 +318,7 @@ impl<T: Clone, C> TaskBook<T, C> {
     }
 
     /// Sends every pending task again, and retries deletes that failed, once `resend_ms` passed.
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    pub fn handle_timeout(&mut self, now: Monotonic) {
         if now < self.resend_at {
             return;
         }
@@ -344,7 +344,7 @@ impl<T: Clone, C> TaskBook<T, C> {
     }
 
     /// When to call `handle_timeout` next (nothing waits: none).
-    pub fn poll_timeout(&self) -> Option<Timestamp> {
+    pub fn poll_timeout(&self) -> Option<Monotonic> {
         (!self.clients.is_empty()).then_some(self.resend_at)
     }
 

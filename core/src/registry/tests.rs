@@ -18,6 +18,7 @@ fn sighting(n: u32, host: &str) -> Sighting {
         last_ip: format!("127.0.0.{n}"),
         node: "master-8000".into(),
         connected_at: Timestamp(0),
+        connected_order: Monotonic(0),
     }
 }
 
@@ -25,12 +26,12 @@ fn sighting(n: u32, host: &str) -> Sighting {
 fn enrols_once_and_refuses_another_key_under_the_same_id() {
     let mut r = Registry::restore(RegistryLimits::default(), []);
     assert_eq!(
-        r.handle_seen(Timestamp(1), sighting(1, "web01")),
+        r.handle_seen(Timestamp(1), Monotonic(1), sighting(1, "web01")),
         Ok(Enrolment::New)
     );
     assert!(matches!(r.poll_action(), Some(RegistryAction::Persist(_))));
     assert_eq!(
-        r.handle_seen(Timestamp(2), sighting(1, "web01")),
+        r.handle_seen(Timestamp(2), Monotonic(2), sighting(1, "web01")),
         Ok(Enrolment::Known)
     );
     assert_eq!(
@@ -43,7 +44,7 @@ fn enrols_once_and_refuses_another_key_under_the_same_id() {
     let mut forged = sighting(2, "evil");
     forged.id = ClientId::from_public_key(&key(1));
     assert_eq!(
-        r.handle_seen(Timestamp(3), forged),
+        r.handle_seen(Timestamp(3), Monotonic(3), forged),
         Err(RegistryError::IdNotFromKey(ClientId::from_public_key(
             &key(1)
         )))
@@ -54,6 +55,39 @@ fn enrols_once_and_refuses_another_key_under_the_same_id() {
     );
 }
 
+/// Found by the simulator's `clock-step` fault: the master's wall clock stepped back an hour, and
+/// every client that then connected to it looked older than its record from a minion — the client
+/// stayed "on" the minion, the minion's "gone" marked it disconnected, and hunts never reached it.
+#[test]
+fn a_wall_clock_stepped_back_does_not_make_a_newer_connection_look_stale() {
+    let mut r = Registry::restore(RegistryLimits::default(), []);
+    let id = ClientId::from_public_key(&key(1));
+    let hour = 3_600_000;
+    let on_minion = Sighting {
+        node: "minion1-8000".into(),
+        connected_at: Timestamp(10 * hour),
+        connected_order: Monotonic(1_000),
+        ..sighting(1, "web01")
+    };
+    r.handle_seen(Timestamp(10 * hour), Monotonic(1_000), on_minion)
+        .unwrap();
+    // The client moves to the master, whose wall clock has meanwhile stepped back an hour.
+    let on_master = Sighting {
+        node: "master-8000".into(),
+        connected_at: Timestamp(9 * hour + 5_000),
+        connected_order: Monotonic(6_000),
+        ..sighting(1, "web01")
+    };
+    r.handle_seen(Timestamp(9 * hour + 5_000), Monotonic(6_000), on_master)
+        .unwrap();
+    assert_eq!(r.get(&id).unwrap().node, "master-8000");
+    r.set_disconnected(Timestamp(9 * hour + 6_000), &id, "minion1-8000");
+    assert!(
+        r.get(&id).unwrap().connected,
+        "the minion's gone must not disconnect it"
+    );
+}
+
 #[test]
 fn a_stale_sighting_from_another_node_does_not_take_the_client_back() {
     let mut r = Registry::restore(RegistryLimits::default(), []);
@@ -61,19 +95,22 @@ fn a_stale_sighting_from_another_node_does_not_take_the_client_back() {
     let on = |node: &str, at: u64| Sighting {
         node: node.into(),
         connected_at: Timestamp(at),
+        connected_order: Monotonic(at),
         ..sighting(1, "web01")
     };
-    r.handle_seen(Timestamp(10), on("minion1-8000", 0)).unwrap();
-    // It moved to minion2 at t=40; minion1 re-announces its old (silently dead) connection later.
-    r.handle_seen(Timestamp(41), on("minion2-8000", 40))
+    r.handle_seen(Timestamp(10), Monotonic(10), on("minion1-8000", 0))
         .unwrap();
-    r.handle_seen(Timestamp(45), on("minion1-8000", 0)).unwrap();
+    // It moved to minion2 at t=40; minion1 re-announces its old (silently dead) connection later.
+    r.handle_seen(Timestamp(41), Monotonic(41), on("minion2-8000", 40))
+        .unwrap();
+    r.handle_seen(Timestamp(45), Monotonic(45), on("minion1-8000", 0))
+        .unwrap();
     assert_eq!(r.get(&id).unwrap().node, "minion2-8000");
     // When minion1 finally notices the dead connection, its "gone" does not disconnect the client.
     r.set_disconnected(Timestamp(50), &id, "minion1-8000");
     assert!(r.get(&id).unwrap().connected);
     // A newer connection on minion1 does take it back.
-    r.handle_seen(Timestamp(60), on("minion1-8000", 59))
+    r.handle_seen(Timestamp(60), Monotonic(60), on("minion1-8000", 59))
         .unwrap();
     assert_eq!(r.get(&id).unwrap().node, "minion1-8000");
 }
@@ -98,7 +135,7 @@ fn key_mismatch_for_a_known_id_is_refused() {
     };
     let mut r = Registry::restore(RegistryLimits::default(), [rec]);
     assert_eq!(
-        r.handle_seen(Timestamp(1), sighting(1, "h")),
+        r.handle_seen(Timestamp(1), Monotonic(1), sighting(1, "h")),
         Err(RegistryError::KeyMismatch(ClientId::from_public_key(&key(
             1
         ))))
@@ -109,7 +146,8 @@ fn key_mismatch_for_a_known_id_is_refused() {
 fn search_by_every_field_with_prefixes() {
     let mut r = Registry::restore(RegistryLimits::default(), []);
     for (n, h) in [(1, "web01"), (2, "WEB02"), (3, "db01")] {
-        r.handle_seen(Timestamp(1), sighting(n, h)).unwrap();
+        r.handle_seen(Timestamp(1), Monotonic(1), sighting(n, h))
+            .unwrap();
     }
     let id3 = ClientId::from_public_key(&key(3));
     r.set_label(&id3, "Prod", false).unwrap();
@@ -151,9 +189,14 @@ fn enrolments_are_paced_and_known_clients_never_are() {
     let mut r = Registry::restore(lim, []);
     let t = Timestamp(1_000);
     for n in 1..=3 {
-        assert_eq!(r.handle_seen(t, sighting(n, "a")), Ok(Enrolment::New));
+        assert_eq!(
+            r.handle_seen(t, Monotonic(t.0), sighting(n, "a")),
+            Ok(Enrolment::New)
+        );
     }
-    let e = r.handle_seen(t, sighting(4, "d")).unwrap_err();
+    let e = r
+        .handle_seen(t, Monotonic(t.0), sighting(4, "d"))
+        .unwrap_err();
     assert_eq!(e, RegistryError::EnrolmentRate { per_second: 2 });
     assert!(e.to_string().contains("enrolments_per_second"), "{e}");
     assert!(
@@ -161,11 +204,20 @@ fn enrolments_are_paced_and_known_clients_never_are() {
         "refused is not enrolled"
     );
     // A known client reconnecting is not an enrolment.
-    assert_eq!(r.handle_seen(t, sighting(1, "a")), Ok(Enrolment::Known));
+    assert_eq!(
+        r.handle_seen(t, Monotonic(t.0), sighting(1, "a")),
+        Ok(Enrolment::Known)
+    );
     // Half a second later, one more token.
     let later = Timestamp(1_500);
-    assert_eq!(r.handle_seen(later, sighting(4, "d")), Ok(Enrolment::New));
-    assert!(r.handle_seen(later, sighting(5, "e")).is_err());
+    assert_eq!(
+        r.handle_seen(later, Monotonic(later.0), sighting(4, "d")),
+        Ok(Enrolment::New)
+    );
+    assert!(
+        r.handle_seen(later, Monotonic(later.0), sighting(5, "e"))
+            .is_err()
+    );
     // A minion's sighting was paced by the minion.
     assert_eq!(
         r.handle_seen_admitted(later, sighting(5, "e")),
@@ -181,10 +233,12 @@ fn label_and_client_bounds() {
         ..RegistryLimits::default()
     };
     let mut r = Registry::restore(lim, []);
-    r.handle_seen(Timestamp(1), sighting(1, "a")).unwrap();
-    r.handle_seen(Timestamp(1), sighting(2, "b")).unwrap();
+    r.handle_seen(Timestamp(1), Monotonic(1), sighting(1, "a"))
+        .unwrap();
+    r.handle_seen(Timestamp(1), Monotonic(1), sighting(2, "b"))
+        .unwrap();
     assert_eq!(
-        r.handle_seen(Timestamp(1), sighting(3, "c")),
+        r.handle_seen(Timestamp(1), Monotonic(1), sighting(3, "c")),
         Err(RegistryError::Full { max: 2 })
     );
     let id = ClientId::from_public_key(&key(1));
@@ -225,7 +279,7 @@ proptest! {
         for (n, host, ip) in &sightings {
             let mut s = sighting(*n, host);
             s.ips = vec![format!("10.{ip}.0.1")];
-            r.handle_seen(Timestamp(1), s).unwrap();
+            r.handle_seen(Timestamp(1), Monotonic(1), s).unwrap();
         }
         for (n, l, remove) in &labels {
             let _ = r.set_label(&ClientId::from_public_key(&key(*n)), l, *remove);
@@ -270,13 +324,16 @@ fn a_restarted_node_disconnects_only_its_own_clients() {
     let mut r = Registry::restore(RegistryLimits::default(), []);
     let mut on_minion = sighting(1, "alpha");
     on_minion.node = "minion-8001".into();
-    r.handle_seen(Timestamp(1), on_minion).unwrap();
-    r.handle_seen(Timestamp(1), sighting(2, "beta")).unwrap();
+    r.handle_seen(Timestamp(1), Monotonic(1), on_minion)
+        .unwrap();
+    r.handle_seen(Timestamp(1), Monotonic(1), sighting(2, "beta"))
+        .unwrap();
     // A client that moved from the minion to the master stays connected.
     let mut moved = sighting(3, "gamma");
     moved.node = "minion-8001".into();
-    r.handle_seen(Timestamp(1), moved).unwrap();
-    r.handle_seen(Timestamp(2), sighting(3, "gamma")).unwrap();
+    r.handle_seen(Timestamp(1), Monotonic(1), moved).unwrap();
+    r.handle_seen(Timestamp(2), Monotonic(2), sighting(3, "gamma"))
+        .unwrap();
 
     assert_eq!(r.disconnect_node(Timestamp(5), "minion-8001"), 1);
     let id = |n| ClientId::from_public_key(&key(n));

@@ -20,7 +20,7 @@ fn drain<E: Clone>(o: &mut Outbox<E>) -> Vec<OutboxAction<E>> {
 
 #[test]
 fn sends_only_persisted_events_within_the_window() {
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     let mut o = Outbox::new(lim(), 1);
     o.handle_connected(t);
     for e in 0..5u32 {
@@ -63,7 +63,7 @@ fn sends_only_persisted_events_within_the_window() {
 
 #[test]
 fn full_outbox_refuses_and_reconnect_resends_from_ack() {
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     let mut o = Outbox::new(lim(), 1);
     for e in 0..8u32 {
         o.push(t, e).unwrap();
@@ -89,12 +89,12 @@ fn full_outbox_refuses_and_reconnect_resends_from_ack() {
 #[test]
 fn stalled_acks_trigger_a_resend() {
     let mut o = Outbox::new(lim(), 1);
-    o.handle_connected(Timestamp(0));
-    o.push(Timestamp(0), 7u32).unwrap();
-    o.handle_persisted(Timestamp(0), 1);
+    o.handle_connected(Monotonic(0));
+    o.push(Monotonic(0), 7u32).unwrap();
+    o.handle_persisted(Monotonic(0), 1);
     drain(&mut o);
-    assert_eq!(o.poll_timeout(), Some(Timestamp(100)));
-    o.handle_timeout(Timestamp(100));
+    assert_eq!(o.poll_timeout(), Some(Monotonic(100)));
+    o.handle_timeout(Monotonic(100));
     assert_eq!(
         drain(&mut o),
         vec![OutboxAction::Send {
@@ -129,7 +129,7 @@ fn run_inbox<E: Clone>(i: &mut Inbox<E>) -> (Vec<E>, Vec<(u64, u64)>) {
 
 #[test]
 fn inbox_applies_in_order_once_and_refuses_stale_epochs() {
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     let mut i: Inbox<u32> = Inbox::recover(
         InboxLimits {
             minions_max: 1,
@@ -156,7 +156,7 @@ fn inbox_applies_in_order_once_and_refuses_stale_epochs() {
 /// a cursor write that failed or whose outcome is unknown.
 #[test]
 fn the_inbox_acknowledges_only_what_a_durable_cursor_covers() {
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     let mut i: Inbox<u32> = Inbox::recover(InboxLimits::default(), []);
     i.handle_batch(t, "m", 1, vec![(1, 10), (2, 20)]).unwrap();
     let c1 = Cursor { epoch: 1, hwm: 1 };
@@ -212,7 +212,7 @@ fn the_inbox_acknowledges_only_what_a_durable_cursor_covers() {
 /// acknowledged), and the minion's resend brings it.
 #[test]
 fn the_inbox_queue_is_bounded_and_the_resend_brings_the_rest() {
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     let mut i: Inbox<u64> = Inbox::recover(
         InboxLimits {
             minions_max: 4,
@@ -237,7 +237,7 @@ fn the_inbox_queue_is_bounded_and_the_resend_brings_the_rest() {
 /// master's cursor: refused, it moves past the master's epoch and everything it holds is applied.
 #[test]
 fn an_outbox_behind_the_masters_epoch_moves_past_it() {
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     let mut i: Inbox<u32> = Inbox::recover(
         InboxLimits {
             minions_max: 4,
@@ -277,7 +277,7 @@ fn an_outbox_behind_the_masters_epoch_moves_past_it() {
 #[test]
 fn an_event_not_applied_is_applied_again_on_resend_in_order() {
     let mut inbox: Inbox<&str> = Inbox::recover(InboxLimits::default(), []);
-    let now = Timestamp(0);
+    let now = Monotonic(0);
     inbox
         .handle_batch(now, "m", 1, vec![(1, "a"), (2, "b"), (3, "c")])
         .unwrap();
@@ -387,7 +387,7 @@ struct World {
     /// Events accepted (persisted) by the minion, in order: what must be applied.
     accepted: Vec<(u64, u64)>,
     next_payload: u64,
-    now: Timestamp,
+    now: Monotonic,
     busy: bool,
     plant: Plant,
 }
@@ -407,7 +407,7 @@ impl World {
             effects: vec![],
             accepted: vec![],
             next_payload: 0,
-            now: Timestamp(0),
+            now: Monotonic(0),
             busy: false,
             plant,
         }

@@ -29,7 +29,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use talon_core::agent::{FlowOutbox, OutboxAction, OutboxLimits, PushError};
-use talon_core::{ClientId, Timestamp};
+use talon_core::{ClientId, Monotonic};
 use talon_proto::comms::{
     self, client_message, comms_client::CommsClient, flow_message, server_message,
 };
@@ -255,7 +255,7 @@ impl Outbox {
         &self,
         tx: mpsc::Sender<comms::ClientMessage>,
         max_in_flight: usize,
-        now: Timestamp,
+        now: Monotonic,
     ) {
         let resend = {
             let mut s = self.lock();
@@ -285,14 +285,14 @@ impl Outbox {
     /// Messages with no acknowledgement of either kind for `RESEND_AFTER_MS`, to send again (a
     /// lost acknowledgement: the frontend acknowledges a resend of a stored message again, and
     /// settles it again).
-    fn stale(&self, now: Timestamp) -> Vec<comms::FlowMessage> {
+    fn stale(&self, now: Monotonic) -> Vec<comms::FlowMessage> {
         let mut s = self.lock();
         s.flows.handle_timeout(now);
         self.drain(&mut s)
     }
 
     /// Adds the next message of a flow, waiting while the flow has `max_in_flight` unsettled.
-    async fn push(&self, flow: &str, payload: flow_message::Payload, now: Timestamp) {
+    async fn push(&self, flow: &str, payload: flow_message::Payload, now: Monotonic) {
         let is_final = matches!(payload, flow_message::Payload::Status(_));
         loop {
             let notified = self.acked.notified();
@@ -325,7 +325,7 @@ impl Outbox {
     }
 
     /// The frontend acknowledged message `seq` (`settled`: it is on the shared volume).
-    fn ack(&self, flow: &str, seq: u64, settled: bool, now: Timestamp) {
+    fn ack(&self, flow: &str, seq: u64, settled: bool, now: Monotonic) {
         if let Some(o) = &self.observer {
             o(flow, seq, settled);
         }
@@ -364,7 +364,7 @@ enum Produced {
 /// output into the outbox.
 async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inline: bool) {
     let flow = task.flow_id.clone();
-    let started = clock.now();
+    let started = clock.monotonic();
     let params: BTreeMap<String, String> = task.params.clone().into_iter().collect();
     let artifact = task.artifact.clone();
     let mut rx = if inline {
@@ -414,7 +414,11 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
                 Err(_) => {
                     deadline = None;
                     outbox
-                        .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
+                        .push(
+                            &flow,
+                            flush(&mut batch, &mut batch_bytes),
+                            clock.monotonic(),
+                        )
                         .await;
                     continue;
                 }
@@ -429,7 +433,11 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
                     && (batch.len() >= BATCH_ROWS_MAX || batch_bytes + b.len() > BATCH_BYTES_MAX)
                 {
                     outbox
-                        .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
+                        .push(
+                            &flow,
+                            flush(&mut batch, &mut batch_bytes),
+                            clock.monotonic(),
+                        )
                         .await;
                     deadline = None;
                 }
@@ -444,7 +452,11 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
             Produced::Out(out @ (Output::Upload(_) | Output::SyntheticUpload { .. })) => {
                 if !batch.is_empty() {
                     outbox
-                        .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
+                        .push(
+                            &flow,
+                            flush(&mut batch, &mut batch_bytes),
+                            clock.monotonic(),
+                        )
                         .await;
                 }
                 deadline = None;
@@ -478,15 +490,19 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
     }
     if !batch.is_empty() {
         outbox
-            .push(&flow, flush(&mut batch, &mut batch_bytes), clock.now())
+            .push(
+                &flow,
+                flush(&mut batch, &mut batch_bytes),
+                clock.monotonic(),
+            )
             .await;
     }
-    let ms = clock.now().since_ms(started);
+    let ms = clock.monotonic().since_ms(started);
     let final_status = match result {
         Ok(()) => status(comms::FlowState::Completed, String::new(), rows, bytes, ms),
         Err(e) => status(comms::FlowState::Error, e, rows, bytes, ms),
     };
-    outbox.push(&flow, final_status, clock.now()).await;
+    outbox.push(&flow, final_status, clock.monotonic()).await;
     tracing::debug!(flow = %flow, artifact = %task.artifact, rows, "task finished");
 }
 
@@ -554,7 +570,11 @@ async fn upload(
             sha256,
         };
         outbox
-            .push(flow, flow_message::Payload::FileChunk(chunk), clock.now())
+            .push(
+                flow,
+                flow_message::Payload::FileChunk(chunk),
+                clock.monotonic(),
+            )
             .await;
         offset += n as u64;
         if eof {
@@ -721,7 +741,11 @@ impl Agent {
         tracing::debug!(client = %self.id, node = %welcome.node, "connected");
         let _counted = self.outbox.times.as_deref().map(Connected::new);
         self.outbox
-            .attach(tx.clone(), welcome.max_in_flight as usize, self.clock.now())
+            .attach(
+                tx.clone(),
+                welcome.max_in_flight as usize,
+                self.clock.monotonic(),
+            )
             .await;
         let mut ping = tokio::time::interval(Duration::from_secs(30));
         let mut resend = tokio::time::interval(Duration::from_millis(RESEND_AFTER_MS / 2));
@@ -737,7 +761,7 @@ impl Agent {
                             tracing::debug!(flow = %t.flow_id, artifact = %t.artifact, "task received");
                             tokio::spawn(run_task(t, self.outbox.clone(), self.clock.clone(), self.inline_artifacts));
                         }
-                        server_message::Kind::Ack(a) => self.outbox.ack(&a.flow_id, a.seq, a.settled, self.clock.now()),
+                        server_message::Kind::Ack(a) => self.outbox.ack(&a.flow_id, a.seq, a.settled, self.clock.monotonic()),
                         server_message::Kind::Error(e) => tracing::warn!(flow = %e.flow_id, seq = e.seq, message = %e.message, "server refused a message"),
                         server_message::Kind::Cancel(c) => tracing::info!(flow = %c.flow_id, reason = %c.reason, "cancel requested"),
                         server_message::Kind::Welcome(_) | server_message::Kind::Pong(_) => {}
@@ -747,7 +771,7 @@ impl Agent {
                     Err(e) => break Err(e.message().to_owned()),
                 },
                 _ = resend.tick() => {
-                    for m in self.outbox.stale(self.clock.now()) {
+                    for m in self.outbox.stale(self.clock.monotonic()) {
                         if tx.send(flow_msg(m)).await.is_err() {
                             break;
                         }

@@ -425,7 +425,7 @@ pub fn incoming(
                 }
             };
             if let Some(a) = admission.as_mut()
-                && !a.bucket.try_take(a.clock.now())
+                && !a.bucket.try_take(a.clock.monotonic())
             {
                 refused += 1;
                 if refused == 1 || refused.is_multiple_of(1000) {

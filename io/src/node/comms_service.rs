@@ -112,12 +112,12 @@ impl comms::comms_server::Comms for CommsService {
         if let Meta::Remote(r) = &self.node.datastore
             && check_enrolled_key(r, &peer).await? == Contact::First
         {
-            let now = self.node.clock.now();
+            let at = self.node.clock.monotonic();
             let admitted = self
                 .node
                 .enrolments
                 .lock()
-                .is_ok_and(|mut b| b.try_take(now));
+                .is_ok_and(|mut b| b.try_take(at));
             if !admitted {
                 let rate = talon_core::registry::RegistryError::EnrolmentRate {
                     per_second: self.node.enrolments_per_second,

@@ -238,7 +238,8 @@ impl Actor {
             IntakeAction::Store { key, seq } => {
                 let Some(raw) = self.raw.remove(&(key.clone(), seq)) else {
                     // The bytes are gone (cannot happen: stored right after handle_message).
-                    self.intake.handle_stored(now, &key, seq, false);
+                    self.intake
+                        .handle_stored(self.clock.monotonic(), &key, seq, false);
                     return;
                 };
                 self.store_flow_message(key, seq, raw);

@@ -150,8 +150,8 @@ impl Actor {
                             tracing::warn!(hunt = %h, client = %client, flow = %flow, "cannot record a hunt participant yet; offering it again later");
                         }
                         // Not a participant without its task: undone, offered again later.
-                        let now = self.now();
-                        hunt_tasks::created(&mut self.hunts, now, &client, outcome, &context);
+                        let at = self.clock.monotonic();
+                        hunt_tasks::created(&mut self.hunts, at, &client, outcome, &context);
                         created.insert(token, (outcome, why.remove(&token)));
                     }
                     TaskAction::Deliver { client, task } => self.send_task(&client, task),
@@ -405,7 +405,10 @@ impl Actor {
                 ))
             })
             .collect();
-        if let Err(e) = m.inbox.handle_batch(now, &node, epoch, events) {
+        if let Err(e) = m
+            .inbox
+            .handle_batch(self.clock.monotonic(), &node, epoch, events)
+        {
             tracing::warn!(minion = %node, error = %e, "refused a replication batch");
             let expected = m.inbox.cursor(&node).map_or(1, |c| c.hwm + 1);
             let current_epoch = match e {
@@ -548,6 +551,8 @@ impl Actor {
                     return true;
                 };
                 let info = cs.info.unwrap_or_default();
+                let connected_ms =
+                    u64::try_from(i128::from(cs.connected_unix_ms) + behind_ms).unwrap_or(0);
                 let sighting = Sighting {
                     id: id.clone(),
                     public_key: cs.public_key.to_vec(),
@@ -557,9 +562,15 @@ impl Actor {
                     ips: info.ips,
                     last_ip: cs.last_ip,
                     node: node.to_owned(),
-                    // On our clock: sightings from different machines are compared by it.
-                    connected_at: Timestamp(
-                        u64::try_from(i128::from(cs.connected_unix_ms) + behind_ms).unwrap_or(0),
+                    // On our wall clock (recorded, shown) ...
+                    connected_at: Timestamp(connected_ms),
+                    // ... and, to order it against other nodes' sightings, on our monotonic
+                    // clock: its age (by the minion's clock, over a span of seconds) before now.
+                    connected_order: Monotonic(
+                        self.clock
+                            .monotonic()
+                            .as_ms()
+                            .saturating_sub(now.as_ms().saturating_sub(connected_ms)),
                     ),
                 };
                 if let Err(e) = self.registry.handle_seen_admitted(now, sighting) {
@@ -740,7 +751,7 @@ impl Actor {
             match hunt_tasks::schedule(
                 &mut self.hunts,
                 &mut m.tasks,
-                now,
+                self.clock.monotonic(),
                 &hunt,
                 &client,
                 &flow,

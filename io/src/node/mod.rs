@@ -48,7 +48,7 @@ use talon_core::registry::{
     KeyCache, KeyCheck, Query, Registry, RegistryAction, RegistryLimits, Sighting,
 };
 use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits};
-use talon_core::{ClientId, FlowId, HuntId, Timestamp, paths};
+use talon_core::{ClientId, FlowId, HuntId, Monotonic, Timestamp, paths};
 use talon_proto::api;
 use talon_proto::cluster::{self as pc, broadcast, master_message, replicated_event::Event};
 use talon_proto::comms::{self, client_message, server_message};
@@ -370,7 +370,7 @@ impl Node {
                     minions: BTreeMap::new(),
                     next_minion_conn: 1,
                     inbox: Inbox::recover(InboxLimits::default(), loaded.cursors),
-                    tasks: TaskBook::restore(task_limits, clock.now(), loaded.pending),
+                    tasks: TaskBook::restore(task_limits, clock.monotonic(), loaded.pending),
                 };
                 (NodeRole::Master(Box::new(state)), None)
             }
@@ -400,7 +400,7 @@ impl Node {
         for r in records.iter().take(opts.expected_clients) {
             keys.insert(r.id.clone(), r.key_fingerprint);
         }
-        let now0 = clock.now();
+        let now0 = clock.monotonic();
         let clock0 = clock.clone();
         let actor = Actor {
             registry: Registry::restore(opts.registry.clone(), records),
@@ -512,29 +512,34 @@ impl Actor {
         // Ends when every sender is gone, or once the node has fail-stopped (`stopped`): the
         // process is exiting, and requests still queued get "shutting down".
         while !self.stopped() {
-            let now = self.now();
+            // Deadlines are on the monotonic clock, except a hunt's expiry (a wall-clock time).
+            let at = self.clock.monotonic();
             let resend = match &self.role {
                 NodeRole::Master(m) => m.tasks.poll_timeout(),
                 NodeRole::Minion(_) => None,
             };
             let next = [
                 self.intake.poll_timeout(),
-                self.hunts.poll_timeout(),
                 resend,
-                self.notify.poll_timeout(now),
+                self.notify.poll_timeout(at),
+                self.hunts.poll_retry(),
             ]
             .into_iter()
             .fold(None, talon_core::time::earliest)
-            .unwrap_or(now.plus_ms(30_000));
-            let wait = std::time::Duration::from_millis(next.since_ms(now).min(30_000));
+            .map_or(30_000, |t| t.since_ms(at));
+            let hunts = self
+                .hunts
+                .poll_timeout()
+                .map_or(30_000, |t| t.since_ms(self.now()));
+            let wait = std::time::Duration::from_millis(next.min(hunts).min(30_000));
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(m) => {
                         self.handle(m).await;
                         // Also under a steady stream of messages, which keeps the timer from firing.
-                        let now = self.now();
-                        self.resend_pending(now).await;
-                        self.release_notifications(now);
+                        let at = self.clock.monotonic();
+                        self.resend_pending(at).await;
+                        self.release_notifications(at);
                     }
                     None => break,
                 },
@@ -542,14 +547,17 @@ impl Actor {
                     if self.stopped() {
                         break;
                     }
-                    let now = self.now();
-                    self.intake.handle_timeout(now);
-                    self.hunts.handle_timeout(now);
+                    let (now, at) = (self.now(), self.clock.monotonic());
+                    self.intake.handle_timeout(at);
+                    self.hunts.handle_timeout(now, at);
                     self.drain().await;
-                    // A failed write is logged and fail-stops the node (`Meta::set`).
-                    let _ = self.drain_hunts().await;
-                    self.resend_pending(now).await;
-                    self.release_notifications(now);
+                    if let Err(e) = self.drain_hunts().await {
+                        // Logged where it failed; a hunt record not written is written with the
+                        // hunt's next change, and a restart re-derives an expiry from the spec.
+                        tracing::debug!(error = %e, "a hunt's change after a timeout is not recorded yet");
+                    }
+                    self.resend_pending(at).await;
+                    self.release_notifications(at);
                 }
             }
         }
@@ -568,19 +576,19 @@ impl Actor {
     }
 
     /// Pushes the notifications the rate allows now.
-    fn release_notifications(&mut self, now: Timestamp) {
-        while let Some(((client, _), task)) = self.notify.poll(now) {
+    fn release_notifications(&mut self, at: Monotonic) {
+        while let Some(((client, _), task)) = self.notify.poll(at) {
             self.push(&client, server_message::Kind::Task(task));
         }
     }
 
     /// Sends every pending task again once `TASK_RESEND_MS` has passed, and retries deletes of
     /// acknowledged tasks' records that failed (master).
-    async fn resend_pending(&mut self, now: Timestamp) {
+    async fn resend_pending(&mut self, at: Monotonic) {
         if let NodeRole::Master(m) = &mut self.role
-            && m.tasks.poll_timeout().is_some_and(|t| now >= t)
+            && m.tasks.poll_timeout().is_some_and(|t| at >= t)
         {
-            m.tasks.handle_timeout(now);
+            m.tasks.handle_timeout(at);
             self.drain_tasks(BTreeMap::new()).await;
         }
     }
@@ -601,7 +609,7 @@ impl Actor {
         if self.stopped() {
             return;
         }
-        let now = self.now();
+        let (now, at) = (self.now(), self.clock.monotonic());
         match msg {
             Msg::Connected {
                 peer,
@@ -679,7 +687,7 @@ impl Actor {
                 };
                 match self
                     .intake
-                    .handle_message(now, key.clone(), seq, data.tracker_payload())
+                    .handle_message(at, key.clone(), seq, data.tracker_payload())
                 {
                     Ok(()) => {
                         // A Store action takes the bytes; a resend that is only re-acknowledged
@@ -713,11 +721,11 @@ impl Actor {
                 }
             }
             Msg::Stored { key, seq, ok } => {
-                self.intake.handle_stored(now, &key, seq, ok);
+                self.intake.handle_stored(at, &key, seq, ok);
                 self.drain().await;
             }
             Msg::Audited { key, found } => {
-                self.intake.handle_audit(now, &key, found);
+                self.intake.handle_audit(at, &key, found);
                 self.drain().await;
             }
             Msg::TaskAck { client, flow } => self.task_delivered(&client, &flow).await,
@@ -760,7 +768,7 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Msg::ListHunts { reply } => {
-                self.hunts.handle_timeout(now);
+                self.hunts.handle_timeout(now, at);
                 // Report nothing that is not durable.
                 let r = self.drain_hunts().await.map(|()| api::ListHuntsResponse {
                     hunts: self.hunts.list().map(hunt_summary).collect(),
@@ -768,7 +776,7 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Msg::GetHunt { id, reply } => {
-                self.hunts.handle_timeout(now);
+                self.hunts.handle_timeout(now, at);
                 let durable = self.drain_hunts().await;
                 let r = durable.and_then(|()| parse_hunt(&id)).and_then(|h| {
                     self.hunts
@@ -888,16 +896,20 @@ impl Actor {
                 last_ip: peer.addr.ip().to_string(),
                 node: self.opts.node_name.clone(),
                 connected_at: now,
+                connected_order: self.clock.monotonic(),
             };
-            let enrolment = self.registry.handle_seen(now, sighting).map_err(|e| {
-                use talon_core::registry::RegistryError as E;
-                match e {
-                    // The agent backs off and tries again.
-                    E::EnrolmentRate { .. } => Status::unavailable(e.to_string()),
-                    E::Full { .. } => Status::resource_exhausted(e.to_string()),
-                    _ => Status::permission_denied(e.to_string()),
-                }
-            })?;
+            let enrolment = self
+                .registry
+                .handle_seen(now, self.clock.monotonic(), sighting)
+                .map_err(|e| {
+                    use talon_core::registry::RegistryError as E;
+                    match e {
+                        // The agent backs off and tries again.
+                        E::EnrolmentRate { .. } => Status::unavailable(e.to_string()),
+                        E::Full { .. } => Status::resource_exhausted(e.to_string()),
+                        _ => Status::permission_denied(e.to_string()),
+                    }
+                })?;
             tracing::info!(client = %id, host = %crate::text::Printable(&hello.info.hostname), addr = %peer.addr, ?enrolment, "client connected");
             None
         } else {

@@ -289,7 +289,7 @@ fn datastore_options(cfg: &ServerConfig) -> DatastoreOptions {
 fn admission(cfg: &ServerConfig, clock: &Arc<dyn Clock>) -> tls::Admission {
     let cps = cfg.frontend.resources.connections_per_second.max(1);
     tls::Admission {
-        bucket: talon_core::ratelimit::TokenBucket::new(cps, cps, clock.now()),
+        bucket: talon_core::ratelimit::TokenBucket::new(cps, cps, clock.monotonic()),
         clock: clock.clone(),
     }
 }

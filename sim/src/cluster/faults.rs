@@ -53,6 +53,13 @@ pub enum Fault {
         /// The minion.
         host: String,
     },
+    /// A running frontend's wall clock steps back an hour (NTP, a VM restored from a snapshot) and
+    /// stays back: deadlines run on the monotonic clock and must not wait for the wall clock to
+    /// catch up; what is recorded with wall-clock times must still converge.
+    ClockStep {
+        /// The frontend.
+        host: String,
+    },
 }
 
 impl Fault {
@@ -69,6 +76,7 @@ impl Fault {
             Fault::Crash { .. } => "crash-minion",
             Fault::VolumeCut { .. } => "volume-partition",
             Fault::DiskLoss { .. } => "disk-loss",
+            Fault::ClockStep { .. } => "clock-step",
         }
     }
 
@@ -86,6 +94,7 @@ impl Fault {
             Fault::OneWay { from, to } => pair(from, to),
             Fault::Crash { host, .. } | Fault::DiskLoss { host } => format!("process {host}"),
             Fault::VolumeCut { host } => format!("volume {host}"),
+            Fault::ClockStep { host } => format!("clock {host}"),
         }
     }
 }
@@ -110,6 +119,7 @@ impl fmt::Display for Fault {
             } => write!(f, "crash {host} at its next fsync"),
             Fault::VolumeCut { host } => write!(f, "cut {host} off the shared volume"),
             Fault::DiskLoss { host } => write!(f, "crash {host} and lose its local disk"),
+            Fault::ClockStep { host } => write!(f, "step {host}'s wall clock back an hour"),
         }
     }
 }
@@ -160,7 +170,7 @@ pub struct Swarm {
 }
 
 /// Every fault kind (what the swarm chooses from).
-pub const KINDS: [&str; 8] = [
+pub const KINDS: [&str; 9] = [
     "partition-minion-master",
     "partition-client-frontend",
     "one-way-partition",
@@ -169,6 +179,7 @@ pub const KINDS: [&str; 8] = [
     "crash-master",
     "volume-partition",
     "disk-loss",
+    "clock-step",
 ];
 
 impl Swarm {
@@ -177,7 +188,14 @@ impl Swarm {
         let lo = rng.range(1, 5);
         let hi = lo + rng.range(0, 20);
         let mut rates = BTreeMap::new();
+        // Kinds added later draw from their own stream, so every seed keeps the faults it had.
+        let mut later = rng.fork("clock-step");
         for kind in KINDS {
+            let rng = if kind == "clock-step" {
+                &mut later
+            } else {
+                &mut *rng
+            };
             let on = rng.chance(0.5);
             let mean_gap_ms = rng.range(2_000, 30_000);
             let (min_len_ms, max_len_ms) = match kind {
@@ -266,7 +284,14 @@ impl Swarm {
             |rng: &mut SimRng, v: &[String]| v[rng.range(0, v.len() as u64 - 1) as usize].clone();
         let mut out: Vec<Planned> = Vec::new();
         let mut busy: BTreeMap<String, u64> = BTreeMap::new();
+        let mut later = rng.fork("clock-step plan");
         for (kind, rate) in &self.rates {
+            // (As in `draw`: a kind added later plans from its own stream.)
+            let rng = if *kind == "clock-step" {
+                &mut later
+            } else {
+                &mut *rng
+            };
             let mut t = 1_000;
             loop {
                 let gap = rate.mean_gap_ms / 2 + rng.range(0, rate.mean_gap_ms);
@@ -317,6 +342,9 @@ impl Swarm {
                     },
                     "disk-loss" => Fault::DiskLoss {
                         host: pick(rng, minions),
+                    },
+                    "clock-step" => Fault::ClockStep {
+                        host: pick(rng, &frontends),
                     },
                     other => unreachable!("unknown fault kind {other}"),
                 };

@@ -228,7 +228,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             let env = Env {
                 clock: Arc::new(SimClock {
                     epoch_ms: EPOCH_MS,
-                    behind_ms: behind.load(Ordering::Relaxed),
+                    behind: behind.clone(),
                 }),
                 entropy: Arc::new(SimEntropy::new(root.fork(&format!("env-{name}-{n}")))),
                 net: Arc::new(SimNet),
@@ -636,6 +636,9 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
 /// How far a minion's replacement machine's clock is behind (`Fault::DiskLoss`).
 const REPLACEMENT_CLOCK_BEHIND_MS: u64 = 3_600_000;
 
+/// How far a running frontend's wall clock steps back (`Fault::ClockStep`).
+const CLOCK_STEP_MS: u64 = 3_600_000;
+
 /// Starts (`start`) or heals one fault.
 fn apply(
     sim: &mut turmoil::Sim<'_>,
@@ -687,6 +690,13 @@ fn apply(
                 c.fetch_add(REPLACEMENT_CLOCK_BEHIND_MS, Ordering::Relaxed);
             }
         }
+        (Fault::ClockStep { host }, true) => {
+            if let Some(c) = clocks.get(host) {
+                c.fetch_add(CLOCK_STEP_MS, Ordering::Relaxed);
+            }
+        }
+        // A clock stepped back stays back: what waits on it must not wait for it to catch up.
+        (Fault::ClockStep { .. }, false) => {}
         (Fault::DiskLoss { host }, false) => {
             let Some(d) = disks.get(host) else { return };
             if crashed.remove(host) {

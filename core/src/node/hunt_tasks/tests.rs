@@ -6,6 +6,7 @@ use super::*;
 use crate::hunts::{ClientFacts, HuntAction, HuntLimits, HuntRecord, HuntState, Participation};
 use crate::node::tasks::{TaskAction, TaskLimits};
 use crate::node::testing::{Ending, ending};
+use crate::time::{Monotonic, Timestamp};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -116,7 +117,7 @@ impl World {
             plant,
             now: Timestamp(1_000),
             hunts: HuntManager::new(hunt_limits()),
-            tasks: TaskBook::restore(task_limits(), Timestamp(1_000), []),
+            tasks: TaskBook::restore(task_limits(), Monotonic(1_000), []),
             next_id: 1,
             connected: BTreeSet::new(),
             in_flight: VecDeque::new(),
@@ -174,7 +175,7 @@ impl World {
                         let r = schedule(
                             &mut self.hunts,
                             &mut self.tasks,
-                            self.now,
+                            Monotonic(self.now.0),
                             &hunt,
                             &client,
                             &flow,
@@ -227,7 +228,13 @@ impl World {
                         ..
                     } => {
                         if self.plant != Plant::KeepRefused {
-                            created(&mut self.hunts, self.now, &client, outcome, &context);
+                            created(
+                                &mut self.hunts,
+                                Monotonic(self.now.0),
+                                &client,
+                                outcome,
+                                &context,
+                            );
                         }
                     }
                     TaskAction::Deliver { .. } => {}
@@ -333,8 +340,8 @@ impl World {
             Step::Busy(b) => self.busy = b,
             Step::Tick(ms) => {
                 self.now = self.now.plus_ms(ms);
-                self.hunts.handle_timeout(self.now);
-                self.tasks.handle_timeout(self.now);
+                self.hunts.handle_timeout(self.now, Monotonic(self.now.0));
+                self.tasks.handle_timeout(Monotonic(self.now.0));
             }
             Step::Crash(lands) => {
                 for op in std::mem::take(&mut self.in_flight) {
@@ -367,7 +374,7 @@ impl World {
                         (c.clone(), f.clone(), t)
                     })
                     .collect();
-                self.tasks = TaskBook::restore(task_limits(), self.now, tasks);
+                self.tasks = TaskBook::restore(task_limits(), Monotonic(self.now.0), tasks);
             }
         }
         self.drain();

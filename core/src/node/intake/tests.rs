@@ -12,6 +12,7 @@ use crate::hunts::{
 };
 use crate::node::testing::{Ending, Rec, ending};
 use crate::seqset::Weight;
+use crate::time::Monotonic;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
@@ -138,7 +139,8 @@ impl Agent {
     fn reconnect(&mut self, now: Timestamp) {
         self.wire.clear();
         self.outbox.handle_disconnected();
-        self.outbox.handle_connected(now, MAX_IN_FLIGHT);
+        self.outbox
+            .handle_connected(Monotonic(now.0), MAX_IN_FLIGHT);
     }
 }
 
@@ -236,7 +238,7 @@ impl World {
                     });
                     assert!(outbox.begin(flow.as_str()));
                     let node = usize::from(i % 2);
-                    outbox.handle_connected(now, MAX_IN_FLIGHT);
+                    outbox.handle_connected(Monotonic(now.0), MAX_IN_FLIGHT);
                     agents.push(Agent {
                         outbox,
                         flow,
@@ -326,7 +328,8 @@ impl World {
         }
         let (now, a) = (self.now, &mut self.agents[i]);
         if a.node == n {
-            a.outbox.handle_ack(now, a.flow.as_str(), seq, settled);
+            a.outbox
+                .handle_ack(Monotonic(now.0), a.flow.as_str(), seq, settled);
         }
         Ok(())
     }
@@ -471,9 +474,12 @@ impl World {
                 if lands {
                     self.nodes[n].buffered.insert((key.client.clone(), seq));
                 }
-                self.nodes[n]
-                    .intake
-                    .handle_stored(now, &key, seq, outcome == Outcome::Done);
+                self.nodes[n].intake.handle_stored(
+                    Monotonic(now.0),
+                    &key,
+                    seq,
+                    outcome == Outcome::Done,
+                );
             }
             Effect::Audit(key) => {
                 let found = (outcome == Outcome::Done).then(|| {
@@ -486,7 +492,9 @@ impl World {
                         })
                         .collect()
                 });
-                self.nodes[n].intake.handle_audit(now, &key, found);
+                self.nodes[n]
+                    .intake
+                    .handle_audit(Monotonic(now.0), &key, found);
             }
             Effect::Settle(token) => {
                 self.flush(n);
@@ -574,7 +582,10 @@ impl World {
                     let seq = a.produced;
                     let is_final = seq + 1 == a.total();
                     let p = a.payload(seq);
-                    if a.outbox.push(now, a.flow.as_str(), p, is_final, ()).is_ok() {
+                    if a.outbox
+                        .push(Monotonic(now.0), a.flow.as_str(), p, is_final, ())
+                        .is_ok()
+                    {
                         a.produced += 1;
                     }
                 }
@@ -593,7 +604,9 @@ impl World {
                         flow: a.flow.clone(),
                     };
                     let n = a.node;
-                    let _ = self.nodes[n].intake.handle_message(now, key, seq, p);
+                    let _ = self.nodes[n]
+                        .intake
+                        .handle_message(Monotonic(now.0), key, seq, p);
                 }
             }
             Step::Complete(n, i, ending) => self.complete(n, i, ending),
@@ -624,10 +637,10 @@ impl World {
             Step::Tick(ms) => {
                 self.now = now.plus_ms(ms);
                 for a in &mut self.agents {
-                    a.outbox.handle_timeout(self.now);
+                    a.outbox.handle_timeout(Monotonic(self.now.0));
                 }
                 for n in &mut self.nodes {
-                    n.intake.handle_timeout(self.now);
+                    n.intake.handle_timeout(Monotonic(self.now.0));
                 }
             }
         }
@@ -768,7 +781,7 @@ proptest! {
 #[test]
 fn the_settle_queue_is_bounded_and_settles_what_it_kept() {
     let mut intake: Intake<Rec, u64> = Intake::minion(limits());
-    let now = Timestamp(1);
+    let now = Monotonic(1);
     let key = FlowKey {
         client: client(0),
         flow: FlowId::from_u64(1),
@@ -794,7 +807,9 @@ fn the_settle_queue_is_bounded_and_settles_what_it_kept() {
         }
     };
     for seq in 0..10u64 {
-        intake.handle_message(now, key.clone(), seq, data()).unwrap();
+        intake
+            .handle_message(now, key.clone(), seq, data())
+            .unwrap();
         take(&mut intake, &mut settles);
     }
     assert_eq!(settles.len(), 1, "one wait in flight");

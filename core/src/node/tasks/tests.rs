@@ -27,14 +27,14 @@ fn drain(b: &mut TaskBook<u64, u64>) -> Vec<TaskAction<u64, u64>> {
 
 #[test]
 fn a_task_is_sent_only_once_written_and_a_refused_one_leaves_nothing() {
-    let mut b = TaskBook::restore(limits(2), Timestamp(0), []);
+    let mut b = TaskBook::restore(limits(2), Monotonic(0), []);
     let c = client(1);
     let t1 = b.create(c.clone(), flow(1), 10, 100).unwrap();
     assert!(matches!(
         &drain(&mut b)[..],
         [TaskAction::Write { task: 10, .. }]
     ));
-    b.handle_timeout(Timestamp(1000));
+    b.handle_timeout(Monotonic(1000));
     assert_eq!(b.pending(&c).count(), 0);
     assert_eq!(
         drain(&mut b),
@@ -75,7 +75,7 @@ fn a_task_is_sent_only_once_written_and_a_refused_one_leaves_nothing() {
 
 #[test]
 fn the_per_client_bound_counts_writes_and_deletes_in_flight() {
-    let mut b = TaskBook::restore(limits(2), Timestamp(0), []);
+    let mut b = TaskBook::restore(limits(2), Monotonic(0), []);
     let c = client(1);
     let t1 = b.create(c.clone(), flow(1), 10, 0).unwrap();
     b.create(c.clone(), flow(2), 20, 0).unwrap();
@@ -97,7 +97,7 @@ fn the_per_client_bound_counts_writes_and_deletes_in_flight() {
     // The delete's outcome is unknown: the slot is kept, and the delete is tried again.
     b.handle_deleted(&c, &flow(1), Outcome::Unknown);
     assert!(b.create(c.clone(), flow(3), 30, 0).is_err());
-    b.handle_timeout(Timestamp(100));
+    b.handle_timeout(Monotonic(100));
     assert!(drain(&mut b).contains(&TaskAction::Delete {
         client: c.clone(),
         flow: flow(1)
@@ -110,11 +110,11 @@ fn the_per_client_bound_counts_writes_and_deletes_in_flight() {
 fn pending_tasks_are_sent_again_until_acknowledged() {
     let c = client(1);
     let mut b: TaskBook<u64, u64> =
-        TaskBook::restore(limits(4), Timestamp(0), [(c.clone(), flow(1), 10)]);
-    assert_eq!(b.poll_timeout(), Some(Timestamp(100)));
-    b.handle_timeout(Timestamp(99));
+        TaskBook::restore(limits(4), Monotonic(0), [(c.clone(), flow(1), 10)]);
+    assert_eq!(b.poll_timeout(), Some(Monotonic(100)));
+    b.handle_timeout(Monotonic(99));
     assert_eq!(drain(&mut b), vec![]);
-    b.handle_timeout(Timestamp(100));
+    b.handle_timeout(Monotonic(100));
     let deliver = TaskAction::Deliver {
         client: c.clone(),
         task: 10,
@@ -122,7 +122,7 @@ fn pending_tasks_are_sent_again_until_acknowledged() {
     assert_eq!(drain(&mut b), vec![deliver]);
     b.handle_acked(&c, &flow(1));
     drain(&mut b);
-    b.handle_timeout(Timestamp(200));
+    b.handle_timeout(Monotonic(200));
     assert_eq!(drain(&mut b), vec![], "acknowledged: sent no more");
     b.handle_deleted(&c, &flow(1), Outcome::Done);
     assert_eq!(b.poll_timeout(), None);
@@ -182,7 +182,7 @@ enum InFlight {
 struct World {
     book: TaskBook<u64, u64>,
     plant: Plant,
-    now: Timestamp,
+    now: Monotonic,
     next_flow: u64,
     /// Each flow's task (its number).
     tasks: BTreeMap<FlowId, u64>,
@@ -199,9 +199,9 @@ struct World {
 impl World {
     fn new(plant: Plant) -> World {
         World {
-            book: TaskBook::restore(limits(MAX), Timestamp(0), []),
+            book: TaskBook::restore(limits(MAX), Monotonic(0), []),
             plant,
-            now: Timestamp(0),
+            now: Monotonic(0),
             next_flow: 1,
             tasks: BTreeMap::new(),
             in_flight: VecDeque::new(),

@@ -10,6 +10,9 @@ impl Clock for FixedClock {
     fn now(&self) -> Timestamp {
         Timestamp(1_790_000_000_000)
     }
+    fn monotonic(&self) -> talon_core::Monotonic {
+        talon_core::Monotonic(0)
+    }
 }
 
 struct Zeros;

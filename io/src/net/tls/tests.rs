@@ -168,6 +168,9 @@ impl crate::clock::Clock for FrozenClock {
     fn now(&self) -> Timestamp {
         NOW
     }
+    fn monotonic(&self) -> talon_core::Monotonic {
+        talon_core::Monotonic(NOW.0)
+    }
 }
 
 #[tokio::test]
@@ -178,7 +181,7 @@ async fn connections_beyond_the_rate_are_closed_before_any_handshake() {
     let cfg = endpoint_server_config(&d.frontend.certificate, &d.frontend.private_key).unwrap();
     // Time stands still, so exactly the burst is admitted.
     let admission = Admission {
-        bucket: talon_core::ratelimit::TokenBucket::new(1000, 3, NOW),
+        bucket: talon_core::ratelimit::TokenBucket::new(1000, 3, talon_core::Monotonic(NOW.0)),
         clock: Arc::new(FrozenClock),
     };
     let mut peers = incoming(
