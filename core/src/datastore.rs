@@ -38,7 +38,7 @@
 //! flushed again (writes are idempotent overwrites).
 
 use crate::paths::{KeyError, validate_key};
-use crate::time::Timestamp;
+use crate::time::Monotonic;
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -321,7 +321,7 @@ struct Entry {
     /// The version being flushed, if any.
     flushing: Option<u64>,
     /// When it turned dirty (for the flush age bound); or its LRU tick when clean.
-    dirty_since: Timestamp,
+    dirty_since: Monotonic,
     lru_tick: u64,
 }
 
@@ -363,7 +363,7 @@ pub struct Cache {
     waiting: usize,
     flushes: BTreeMap<u64, Vec<(String, u64)>>,
     next_batch: u64,
-    flush_not_before: Timestamp,
+    flush_not_before: Monotonic,
     clean_bytes: u64,
     dirty_bytes: u64,
     actions: VecDeque<CacheAction>,
@@ -393,7 +393,7 @@ impl Cache {
             waiting: 0,
             flushes: BTreeMap::new(),
             next_batch: 1,
-            flush_not_before: Timestamp(0),
+            flush_not_before: Monotonic(0),
             clean_bytes: 0,
             dirty_bytes: 0,
             actions: VecDeque::new(),
@@ -407,7 +407,7 @@ impl Cache {
     /// [`Cache::dropped_on_recovery`]). Replayed writes are dirty and will be flushed again.
     pub fn recover(
         limits: CacheLimits,
-        now: Timestamp,
+        now: Monotonic,
         truncated_upto: u64,
         next_seq: u64,
         records: impl IntoIterator<Item = JournalRecord>,
@@ -489,7 +489,7 @@ impl Cache {
     }
 
     /// Reads a key.
-    pub fn handle_get(&mut self, now: Timestamp, req: RequestId, key: &str) {
+    pub fn handle_get(&mut self, now: Monotonic, req: RequestId, key: &str) {
         if let Err(e) = validate_key(key) {
             return self.reply(req, Err(CacheError::BadKey(e)));
         }
@@ -530,7 +530,7 @@ impl Cache {
     /// The shared volume answered a read.
     pub fn handle_read_done(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         key: &str,
         result: Result<Option<Bytes>, String>,
     ) {
@@ -556,14 +556,14 @@ impl Cache {
     }
 
     /// Lists keys under `prefix` (shared volume merged with unflushed writes).
-    pub fn handle_list(&mut self, now: Timestamp, req: RequestId, prefix: &str) {
+    pub fn handle_list(&mut self, now: Monotonic, req: RequestId, prefix: &str) {
         self.handle_list_within(now, req, prefix, None);
     }
 
     /// Lists keys under `prefix` with at most `depth` components after it ([`within_depth`]).
     pub fn handle_list_within(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         req: RequestId,
         prefix: &str,
         depth: Option<usize>,
@@ -589,7 +589,7 @@ impl Cache {
     /// The shared volume answered a list.
     pub fn handle_list_done(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         req: RequestId,
         result: Result<Vec<String>, String>,
     ) {
@@ -627,12 +627,12 @@ impl Cache {
     }
 
     /// Writes a value.
-    pub fn handle_set(&mut self, now: Timestamp, req: RequestId, key: &str, value: Bytes) {
+    pub fn handle_set(&mut self, now: Monotonic, req: RequestId, key: &str, value: Bytes) {
         self.write(now, req, key, Some(value));
     }
 
     /// Deletes a key.
-    pub fn handle_delete(&mut self, now: Timestamp, req: RequestId, key: &str) {
+    pub fn handle_delete(&mut self, now: Monotonic, req: RequestId, key: &str) {
         self.write(now, req, key, None);
     }
 
@@ -640,20 +640,20 @@ impl Cache {
     /// point). Acknowledged once all are durable, with the version of the last.
     pub fn handle_write_all(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         req: RequestId,
         writes: Vec<(String, Option<Bytes>)>,
     ) {
         self.write_group(now, req, writes);
     }
 
-    fn write(&mut self, now: Timestamp, req: RequestId, key: &str, value: Option<Bytes>) {
+    fn write(&mut self, now: Monotonic, req: RequestId, key: &str, value: Option<Bytes>) {
         self.write_group(now, req, vec![(key.to_owned(), value)]);
     }
 
     fn write_group(
         &mut self,
-        now: Timestamp,
+        now: Monotonic,
         req: RequestId,
         writes: Vec<(String, Option<Bytes>)>,
     ) {
@@ -718,7 +718,7 @@ impl Cache {
 
     /// Journal records up to `upto` are synced: apply and acknowledge those writes, in order, a
     /// group only once all of it is synced.
-    pub fn handle_journal_synced(&mut self, now: Timestamp, upto: u64) {
+    pub fn handle_journal_synced(&mut self, now: Monotonic, upto: u64) {
         while let Some(entry) = self.pending.first_entry() {
             if entry.get().group_last > upto {
                 break;
@@ -736,7 +736,7 @@ impl Cache {
     }
 
     /// Makes a durable write visible as a dirty entry.
-    fn apply(&mut self, now: Timestamp, seq: u64, key: String, value: Option<Bytes>) {
+    fn apply(&mut self, now: Monotonic, seq: u64, key: String, value: Option<Bytes>) {
         let size = entry_bytes(&key, &value);
         self.dirty_bytes += size;
         let flushing = match self.entries.get_mut(&key) {
@@ -791,7 +791,7 @@ impl Cache {
             dirty: false,
             dirty_from: 0,
             flushing: None,
-            dirty_since: Timestamp(0),
+            dirty_since: Monotonic(0),
             lru_tick: tick,
         };
         self.entries.insert(key, e);
@@ -810,7 +810,7 @@ impl Cache {
     }
 
     /// The shared volume finished (or failed) a flush batch.
-    pub fn handle_flush_done(&mut self, now: Timestamp, batch: u64, result: Result<(), String>) {
+    pub fn handle_flush_done(&mut self, now: Monotonic, batch: u64, result: Result<(), String>) {
         let Some(writes) = self.flushes.remove(&batch) else {
             return;
         };
@@ -863,12 +863,12 @@ impl Cache {
     }
 
     /// Starts flushes whose time has come.
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    pub fn handle_timeout(&mut self, now: Monotonic) {
         self.maybe_flush(now);
     }
 
     /// The oldest dirty entry that is not being flushed: its `dirty_since`.
-    fn oldest_flushable(&self) -> Option<Timestamp> {
+    fn oldest_flushable(&self) -> Option<Monotonic> {
         self.idle
             .values()
             .next()
@@ -876,7 +876,7 @@ impl Cache {
             .map(|e| e.dirty_since)
     }
 
-    fn maybe_flush(&mut self, now: Timestamp) {
+    fn maybe_flush(&mut self, now: Monotonic) {
         while self.flushes.len() < self.limits.flushes_in_flight_max && now >= self.flush_not_before
         {
             let flushable = self.idle.len();
@@ -920,7 +920,7 @@ impl Cache {
     }
 
     /// When to call `handle_timeout` next.
-    pub fn poll_timeout(&self) -> Option<Timestamp> {
+    pub fn poll_timeout(&self) -> Option<Monotonic> {
         if self.flushes.len() >= self.limits.flushes_in_flight_max {
             return None; // A flush completion will wake us.
         }

@@ -12,7 +12,7 @@
 use bytes::Bytes;
 use prost::Message;
 use std::collections::BTreeMap;
-use talon_core::Timestamp;
+use talon_core::Monotonic;
 use talon_core::cluster_codec::ValueAssembly;
 use talon_core::datastore::{Cache, CacheAction, CacheError, CacheLimits, CacheReply, RequestId};
 use talon_core::paths::validate_key;
@@ -36,7 +36,7 @@ impl Master {
         self.next += 1;
         let req = RequestId(self.next);
         start(&mut self.cache, req);
-        let now = Timestamp(0);
+        let now = Monotonic(0);
         let mut reply = None;
         while let Some(a) = self.cache.poll_action() {
             match a {
@@ -110,7 +110,7 @@ pub fn check(data: &[u8]) {
                 let Ok(r) = GetRequest::decode(body) else {
                     continue;
                 };
-                match m.call(|c, req| c.handle_get(Timestamp(0), req, &r.key)) {
+                match m.call(|c, req| c.handle_get(Monotonic(0), req, &r.key)) {
                     Ok(CacheReply::Value(v)) => assert_eq!(v.as_ref(), model.get(&r.key)),
                     Ok(other) => panic!("a get answered {other:?}"),
                     Err(CacheError::BadKey(_)) => assert!(validate_key(&r.key).is_err()),
@@ -153,7 +153,7 @@ pub fn check(data: &[u8]) {
                 };
                 assert_eq!(value, sent, "assembled bytes differ from those sent");
                 let value = Bytes::from(value);
-                match m.call(|c, req| c.handle_set(Timestamp(0), req, &key, value.clone())) {
+                match m.call(|c, req| c.handle_set(Monotonic(0), req, &key, value.clone())) {
                     Ok(CacheReply::Written { .. }) => {
                         model.insert(key, value);
                     }
@@ -164,7 +164,7 @@ pub fn check(data: &[u8]) {
                 let Ok(r) = DeleteRequest::decode(body) else {
                     continue;
                 };
-                match m.call(|c, req| c.handle_delete(Timestamp(0), req, &r.key)) {
+                match m.call(|c, req| c.handle_delete(Monotonic(0), req, &r.key)) {
                     Ok(CacheReply::Written { .. }) => {
                         model.remove(&r.key);
                     }
@@ -176,7 +176,7 @@ pub fn check(data: &[u8]) {
                 let Ok(r) = ListRequest::decode(body) else {
                     continue;
                 };
-                match m.call(|c, req| c.handle_list(Timestamp(0), req, &r.prefix)) {
+                match m.call(|c, req| c.handle_list(Monotonic(0), req, &r.prefix)) {
                     Ok(CacheReply::Keys { keys, truncated }) => {
                         let want: Vec<&String> =
                             model.keys().filter(|k| k.starts_with(&r.prefix)).collect();

@@ -136,6 +136,12 @@ fn seeds_that_found_bugs() {
     // records from minions, stayed "on" the minion, were marked disconnected by its "gone", and
     // a hunt created meanwhile never reached them. Sightings are now ordered on the monotonic
     // clock (`Sighting::connected_order`).
+    // A minion's wall clock stepped back an hour while it was cut off the volume: its write-behind
+    // buffer's flush retry was a wall-clock deadline an hour away, so nothing it stored settled and
+    // its clients' completions were never reported. (The datastore cache's deadlines are
+    // monotonic now.)
+    sim(31, 2, 12, true);
+    sim(47, 2, 12, true);
 }
 
 fn run_binary(seed: &str) -> String {

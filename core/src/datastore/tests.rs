@@ -38,7 +38,7 @@ fn replies(acts: &[CacheAction]) -> Vec<(RequestId, Result<CacheReply, CacheErro
 #[test]
 fn write_is_acked_only_after_journal_sync_then_readable() {
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     c.handle_set(t, RequestId(1), "a", b("1"));
     let acts = drain(&mut c);
     assert_eq!(
@@ -72,7 +72,7 @@ fn write_is_acked_only_after_journal_sync_then_readable() {
 #[test]
 fn concurrent_misses_share_one_read_and_absent_keys_are_cached() {
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     c.handle_get(t, RequestId(1), "x");
     c.handle_get(t, RequestId(2), "x");
     assert_eq!(
@@ -91,22 +91,22 @@ fn concurrent_misses_share_one_read_and_absent_keys_are_cached() {
 #[test]
 fn flushes_coalesce_by_count_and_age_and_truncate_the_journal() {
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     for (i, k) in ["a", "b", "a"].iter().enumerate() {
         c.handle_set(t, RequestId(i as u64), k, b("v"));
     }
     c.handle_journal_synced(t, 3);
     drain(&mut c);
     // Two dirty keys (a rewritten): below the count trigger, so wait for age.
-    assert_eq!(c.poll_timeout(), Some(Timestamp(100)));
-    c.handle_timeout(Timestamp(100));
+    assert_eq!(c.poll_timeout(), Some(Monotonic(100)));
+    c.handle_timeout(Monotonic(100));
     let acts = drain(&mut c);
     let CacheAction::Flush { batch, writes } = &acts[0] else {
         panic!("{acts:?}")
     };
     let keys: Vec<(&str, u64)> = writes.iter().map(|w| (w.key.as_str(), w.version)).collect();
     assert_eq!(keys, vec![("b", 2), ("a", 3)]);
-    c.handle_flush_done(Timestamp(150), *batch, Ok(()));
+    c.handle_flush_done(Monotonic(150), *batch, Ok(()));
     assert_eq!(
         drain(&mut c),
         vec![CacheAction::JournalTruncate { upto: 3 }]
@@ -117,10 +117,10 @@ fn flushes_coalesce_by_count_and_age_and_truncate_the_journal() {
 #[test]
 fn rewrite_during_flush_keeps_entry_dirty_and_never_double_flushes_a_key() {
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     c.handle_set(t, RequestId(1), "a", b("1"));
     c.handle_journal_synced(t, 1);
-    c.handle_timeout(Timestamp(100));
+    c.handle_timeout(Monotonic(100));
     let acts = drain(&mut c);
     let batch = acts
         .iter()
@@ -129,16 +129,16 @@ fn rewrite_during_flush_keeps_entry_dirty_and_never_double_flushes_a_key() {
             _ => None,
         })
         .unwrap();
-    c.handle_set(Timestamp(100), RequestId(2), "a", b("2"));
-    c.handle_journal_synced(Timestamp(100), 2);
-    c.handle_timeout(Timestamp(300));
+    c.handle_set(Monotonic(100), RequestId(2), "a", b("2"));
+    c.handle_journal_synced(Monotonic(100), 2);
+    c.handle_timeout(Monotonic(300));
     assert!(
         !drain(&mut c)
             .iter()
             .any(|a| matches!(a, CacheAction::Flush { .. })),
         "a is in flight"
     );
-    c.handle_flush_done(Timestamp(300), batch, Ok(()));
+    c.handle_flush_done(Monotonic(300), batch, Ok(()));
     let acts = drain(&mut c);
     assert!(acts.contains(&CacheAction::JournalTruncate { upto: 1 }));
     assert!(
@@ -147,21 +147,21 @@ fn rewrite_during_flush_keeps_entry_dirty_and_never_double_flushes_a_key() {
     // Version 1 is on the volume, version 2 is not: a waiter for 1 is released, one for 2 is not.
     assert!(c.flushed_through(1) && !c.flushed_through(2));
     assert_eq!(c.acknowledged_upto(), 2);
-    c.handle_flush_done(Timestamp(300), batch + 1, Ok(()));
+    c.handle_flush_done(Monotonic(300), batch + 1, Ok(()));
     assert!(c.flushed_through(2) && c.is_flushed());
 }
 
 #[test]
 fn an_overwrite_keeps_an_unflushed_write_from_counting_as_flushed() {
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     c.handle_set(t, RequestId(1), "a", b("1"));
     c.handle_set(t, RequestId(2), "b", b("1"));
     c.handle_set(t, RequestId(3), "a", b("2"));
     c.handle_journal_synced(t, 3);
     // "a" holds version 3 now; its first unflushed write (1) still counts against waiters for 1.
     assert!(!c.flushed_through(1));
-    c.handle_timeout(Timestamp(100));
+    c.handle_timeout(Monotonic(100));
     let batch = drain(&mut c)
         .iter()
         .find_map(|a| match a {
@@ -173,21 +173,21 @@ fn an_overwrite_keeps_an_unflushed_write_from_counting_as_flushed() {
         })
         .unwrap();
     assert!(!c.flushed_through(1));
-    c.handle_flush_done(Timestamp(100), batch, Ok(()));
+    c.handle_flush_done(Monotonic(100), batch, Ok(()));
     assert!(c.flushed_through(3));
 }
 
 #[test]
 fn failed_flush_is_retried_after_a_pause() {
     let mut c = Cache::new(small(), 0);
-    c.handle_set(Timestamp(0), RequestId(1), "a", b("1"));
-    c.handle_journal_synced(Timestamp(0), 1);
-    c.handle_timeout(Timestamp(100));
+    c.handle_set(Monotonic(0), RequestId(1), "a", b("1"));
+    c.handle_journal_synced(Monotonic(0), 1);
+    c.handle_timeout(Monotonic(100));
     drain(&mut c);
-    c.handle_flush_done(Timestamp(110), 1, Err("EIO".into()));
+    c.handle_flush_done(Monotonic(110), 1, Err("EIO".into()));
     assert!(drain(&mut c).is_empty());
-    assert_eq!(c.poll_timeout(), Some(Timestamp(160)));
-    c.handle_timeout(Timestamp(160));
+    assert_eq!(c.poll_timeout(), Some(Monotonic(160)));
+    c.handle_timeout(Monotonic(160));
     assert!(matches!(
         drain(&mut c)[..],
         [CacheAction::Flush { batch: 2, .. }]
@@ -197,7 +197,7 @@ fn failed_flush_is_retried_after_a_pause() {
 #[test]
 fn bounds_refuse_with_determinate_errors() {
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     c.handle_set(t, RequestId(1), "big", Bytes::from(vec![0u8; 201]));
     assert!(matches!(
         replies(&drain(&mut c))[0].1,
@@ -236,7 +236,7 @@ fn bounds_refuse_with_determinate_errors() {
 #[test]
 fn clean_entries_are_evicted_lru_and_dirty_ones_kept() {
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     for i in 0..6 {
         let k = format!("k{i}");
         c.handle_get(t, RequestId(i), &k);
@@ -257,7 +257,7 @@ fn a_list_within_a_depth_keeps_only_keys_that_shallow() {
     assert!(within_depth("c/C.1/flows/F.1/record.json", "c/", None));
     assert!(!within_depth("d/x", "c/", None));
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     c.handle_set(t, RequestId(1), "c/new/record.json", b("1"));
     c.handle_set(t, RequestId(2), "c/new/flows/f/record.json", b("2"));
     c.handle_journal_synced(t, 2);
@@ -296,7 +296,7 @@ fn a_list_within_a_depth_keeps_only_keys_that_shallow() {
 #[test]
 fn list_merges_unflushed_writes_and_deletes() {
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     c.handle_set(t, RequestId(1), "h/new", b("1"));
     c.handle_delete(t, RequestId(2), "h/old");
     c.handle_journal_synced(t, 2);
@@ -336,13 +336,13 @@ fn recovery_replays_journal_after_truncation() {
         rec(7, "a", Some("new"), GroupPart::Whole),
         rec(3, "z", None, GroupPart::Whole),
     ];
-    let mut c = Cache::recover(small(), Timestamp(0), 4, 8, recs);
-    c.handle_get(Timestamp(0), RequestId(1), "a");
+    let mut c = Cache::recover(small(), Monotonic(0), 4, 8, recs);
+    c.handle_get(Monotonic(0), RequestId(1), "a");
     assert_eq!(
         replies(&drain(&mut c)),
         vec![(RequestId(1), Ok(CacheReply::Value(Some(b("new")))))]
     );
-    c.handle_set(Timestamp(0), RequestId(2), "b", b("x"));
+    c.handle_set(Monotonic(0), RequestId(2), "b", b("x"));
     assert!(matches!(
         drain(&mut c)[0],
         CacheAction::JournalAppend { seq: 8, .. }
@@ -352,7 +352,7 @@ fn recovery_replays_journal_after_truncation() {
 #[test]
 fn a_group_is_acknowledged_whole_once_all_of_it_is_synced() {
     let mut c = Cache::new(small(), 0);
-    let t = Timestamp(0);
+    let t = Monotonic(0);
     let w = |k: &str, v: &str| (k.to_owned(), Some(b(v)));
     c.handle_write_all(t, RequestId(1), vec![w("p", "1"), w("f", "1"), w("t", "1")]);
     let parts: Vec<_> = drain(&mut c)
@@ -424,10 +424,10 @@ fn recovery_drops_groups_the_journal_does_not_hold_whole() {
     let keys: Vec<&str> = kept.iter().map(|r| r.key.as_str()).collect();
     assert_eq!(keys, ["lead", "lead2", "a", "g1", "g2"]);
     assert_eq!(dropped, 3);
-    let mut c = Cache::recover(small(), Timestamp(0), 4, 13, recs);
+    let mut c = Cache::recover(small(), Monotonic(0), 4, 13, recs);
     assert_eq!(c.dropped_on_recovery(), 3);
     for (i, k) in ["torn1", "end1", "g2"].into_iter().enumerate() {
-        c.handle_get(Timestamp(0), RequestId(i as u64), k);
+        c.handle_get(Monotonic(0), RequestId(i as u64), k);
     }
     // The dropped keys go to the volume; the whole group's is served from memory.
     let acts = drain(&mut c);
@@ -437,7 +437,7 @@ fn recovery_drops_groups_the_journal_does_not_hold_whole() {
     assert!(acts.contains(&CacheAction::ReadShared { key: "end1".into() }));
     assert!(replies(&acts).contains(&(RequestId(2), Ok(CacheReply::Value(Some(b("1")))))));
     // Numbering continues after every record the journal holds.
-    c.handle_set(Timestamp(0), RequestId(9), "b", b("x"));
+    c.handle_set(Monotonic(0), RequestId(9), "b", b("x"));
     assert!(
         drain(&mut c)
             .iter()
@@ -498,7 +498,7 @@ struct Shell {
     /// Every acknowledged write: (version, key, value).
     history: Vec<(u64, String, Option<Bytes>)>,
     next_req: u64,
-    now: Timestamp,
+    now: Monotonic,
 }
 
 impl Shell {
@@ -729,7 +729,7 @@ proptest! {
             acked: BTreeMap::new(),
             history: Vec::new(),
             next_req: 0,
-            now: Timestamp(0),
+            now: Monotonic(0),
         };
         for op in ops {
             s.step(op)?;

@@ -92,9 +92,9 @@ impl Recorded {
     }
 }
 
-/// What the shell must do, in order.
+/// An effect of recording a completion, for the shell (or, on a node, the intake passes it on).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CompletionAction<O> {
+pub enum RecordStep {
     /// The flow's task was delivered (drop it from the pending tasks).
     Delivered {
         /// The flow.
@@ -139,6 +139,13 @@ pub enum CompletionAction<O> {
         /// Its upload bytes.
         uploaded_bytes: u64,
     },
+}
+
+/// What the shell must do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CompletionAction<O> {
+    /// An effect of recording.
+    Step(RecordStep),
     /// The completion ended (`result.ok()`: durable).
     Done {
         /// What [`Completions::handle_completed`] was given to name the report.
@@ -199,7 +206,9 @@ impl<R: FlowRecord, O> Completions<R, O> {
     pub fn handle_completed(&mut self, origin: O, outcome: FlowOutcome, runs: Vec<R::Run>) {
         let key = outcome.key.clone();
         self.actions
-            .push_back(CompletionAction::Delivered { key: key.clone() });
+            .push_back(CompletionAction::Step(RecordStep::Delivered {
+                key: key.clone(),
+            }));
         if self.keys.contains(&key) || self.in_flight.len() >= self.limits.in_flight_max {
             self.actions.push_back(CompletionAction::Done {
                 origin,
@@ -221,7 +230,7 @@ impl<R: FlowRecord, O> Completions<R, O> {
             },
         );
         self.actions
-            .push_back(CompletionAction::Read { token, key });
+            .push_back(CompletionAction::Step(RecordStep::Read { token, key }));
     }
 
     /// The record read for `token`: `Ok(None)` if there is none, `Err(())` if the read failed.
@@ -263,12 +272,13 @@ impl<R: FlowRecord, O> Completions<R, O> {
             written: Recorded::Written { unlisted },
             hunt,
         };
-        self.actions.push_back(CompletionAction::Write {
-            token,
-            key: f.outcome.key.clone(),
-            record: bytes,
-            uploads_marker,
-        });
+        self.actions
+            .push_back(CompletionAction::Step(RecordStep::Write {
+                token,
+                key: f.outcome.key.clone(),
+                record: bytes,
+                uploads_marker,
+            }));
     }
 
     /// The record's write for `token` ended.
@@ -284,9 +294,10 @@ impl<R: FlowRecord, O> Completions<R, O> {
         }
         let (written, hunt) = (std::mem::replace(written, Recorded::Already), hunt.take());
         if f.outcome.uploads > 0 || f.outcome.uploaded_bytes > 0 {
-            self.actions.push_back(CompletionAction::StartUploads {
-                key: f.outcome.key.clone(),
-            });
+            self.actions
+                .push_back(CompletionAction::Step(RecordStep::StartUploads {
+                    key: f.outcome.key.clone(),
+                }));
         }
         self.hunt_step(token, written, hunt);
     }
@@ -321,14 +332,15 @@ impl<R: FlowRecord, O> Completions<R, O> {
         };
         f.stage = Stage::Hunt { written };
         let o = &f.outcome;
-        self.actions.push_back(CompletionAction::HuntOutcome {
-            token,
-            hunt,
-            client: o.key.client.clone(),
-            state: o.state,
-            rows: o.rows,
-            uploaded_bytes: o.uploaded_bytes,
-        });
+        self.actions
+            .push_back(CompletionAction::Step(RecordStep::HuntOutcome {
+                token,
+                hunt,
+                client: o.key.client.clone(),
+                state: o.state,
+                rows: o.rows,
+                uploaded_bytes: o.uploaded_bytes,
+            }));
     }
 
     fn end(&mut self, token: Token, result: Recorded) {

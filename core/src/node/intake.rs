@@ -24,12 +24,11 @@
 
 use super::Outcome;
 use super::Token;
-use super::completions::{CompletionAction, CompletionLimits, Completions, FlowRecord, Recorded};
-use crate::ClientId;
-use crate::HuntId;
+use super::completions::{
+    CompletionAction, CompletionLimits, Completions, FlowRecord, RecordStep, Recorded,
+};
 use crate::flows::{
-    FinalState, FlowAction, FlowError, FlowKey, FlowLimits, FlowOutcome, FlowTracker, Payload,
-    StoredMessage,
+    FlowAction, FlowError, FlowKey, FlowLimits, FlowOutcome, FlowTracker, Payload, StoredMessage,
 };
 use crate::time::{Monotonic, Timestamp};
 use std::collections::{BTreeMap, VecDeque};
@@ -126,49 +125,10 @@ pub enum IntakeAction<Run, O> {
         /// Where its messages are.
         runs: Vec<Run>,
     },
-    /// (Master) the flow's task was delivered: acknowledge it in the task book.
-    Delivered {
-        /// The flow.
-        key: FlowKey,
-    },
-    /// (Master) read the flow's record, then call `handle_read`.
-    ReadRecord {
-        /// Names the read.
-        token: Token,
-        /// The flow.
-        key: FlowKey,
-    },
-    /// (Master) write the record (with the uploads marker, atomically), then `handle_written`.
-    WriteRecord {
-        /// Names the write.
-        token: Token,
-        /// The flow.
-        key: FlowKey,
-        /// Its stored form.
-        record: Vec<u8>,
-        /// Write the uploads-pending marker with it.
-        uploads_marker: bool,
-    },
-    /// (Master) reassemble the flow's uploads.
-    StartUploads {
-        /// The flow.
-        key: FlowKey,
-    },
-    /// (Master) record the flow's outcome in its hunt, then call `handle_hunt_recorded`.
-    HuntOutcome {
-        /// Names the step.
-        token: Token,
-        /// The hunt.
-        hunt: HuntId,
-        /// The participant.
-        client: ClientId,
-        /// How the flow ended.
-        state: FinalState,
-        /// Its rows.
-        rows: u64,
-        /// Its upload bytes.
-        uploaded_bytes: u64,
-    },
+    /// (Master) a step of recording a completion (`completions::RecordStep`): acknowledge the
+    /// task, read or write the record, start reassembling uploads, record the hunt's outcome; its
+    /// result comes back through `handle_read`, `handle_written` or `handle_hunt_recorded`.
+    Record(RecordStep),
     /// A completion was recorded: the shell may forget where its messages are.
     Recorded {
         /// The flow.
@@ -450,36 +410,8 @@ impl<R: FlowRecord, O> Intake<R, O> {
     }
 
     fn completion_action(&mut self, a: CompletionAction<Origin<O>>) {
-        let next = match a {
-            CompletionAction::Delivered { key } => IntakeAction::Delivered { key },
-            CompletionAction::Read { token, key } => IntakeAction::ReadRecord { token, key },
-            CompletionAction::Write {
-                token,
-                key,
-                record,
-                uploads_marker,
-            } => IntakeAction::WriteRecord {
-                token,
-                key,
-                record,
-                uploads_marker,
-            },
-            CompletionAction::StartUploads { key } => IntakeAction::StartUploads { key },
-            CompletionAction::HuntOutcome {
-                token,
-                hunt,
-                client,
-                state,
-                rows,
-                uploaded_bytes,
-            } => IntakeAction::HuntOutcome {
-                token,
-                hunt,
-                client,
-                state,
-                rows,
-                uploaded_bytes,
-            },
+        match a {
+            CompletionAction::Step(step) => self.actions.push_back(IntakeAction::Record(step)),
             CompletionAction::Done {
                 origin: Origin::Local,
                 key,
@@ -490,15 +422,15 @@ impl<R: FlowRecord, O> Intake<R, O> {
                 } else {
                     self.not_recorded(key, format!("{result:?}"));
                 }
-                return;
             }
             CompletionAction::Done {
                 origin: Origin::Replicated(origin),
                 result,
                 ..
-            } => IntakeAction::Applied { origin, result },
-        };
-        self.actions.push_back(next);
+            } => self
+                .actions
+                .push_back(IntakeAction::Applied { origin, result }),
+        }
     }
 
     fn recorded(&mut self, key: FlowKey, result: Recorded) {

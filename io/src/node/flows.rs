@@ -300,68 +300,7 @@ impl Actor {
                     Msg::Replicated { token, applied }
                 });
             }
-            IntakeAction::Delivered { key } => {
-                // A completed flow was delivered, whether or not its TaskAck reached us.
-                if let NodeRole::Master(m) = &mut self.role
-                    && m.tasks.handle_acked(&key.client, &key.flow)
-                {
-                    self.drain_tasks(BTreeMap::new()).await;
-                }
-            }
-            // Record reads and writes are awaited here, as the inbox applies a minion's events one
-            // at a time: sent round the actor's queue, each completion a minion replicates would
-            // wait behind the whole queue twice (docs/architecture.md, "known shortcuts").
-            IntakeAction::ReadRecord { token, key } => {
-                let k = paths::flow_record(&key.client, &key.flow);
-                let record = load_json::<FlowJson>(&self.datastore, &k)
-                    .await
-                    .map_err(|e| {
-                        tracing::error!(flow = %key.flow, error = %e, "cannot read flow record");
-                    });
-                self.intake.handle_read(now, token, record);
-            }
-            IntakeAction::WriteRecord {
-                token,
-                key,
-                record,
-                uploads_marker,
-            } => {
-                let mut writes = vec![(
-                    paths::flow_record(&key.client, &key.flow),
-                    Some(Bytes::from(record)),
-                )];
-                if uploads_marker {
-                    // Uploads are reassembled after the completion is recorded (bulk work on the
-                    // volume); the marker written with it makes a restart finish the job.
-                    let marker = paths::uploads_pending(&key.client, &key.flow);
-                    writes.push((marker, Some(Bytes::from_static(b"{}"))));
-                }
-                let r = self.datastore.write_all(writes).await.map(|_| ());
-                let outcome = self.write_outcome("a flow's completion", r);
-                self.intake.handle_written(token, outcome);
-            }
-            IntakeAction::StartUploads { key } => {
-                let (fs, ds) = (self.filestore.volume().clone(), self.datastore.clone());
-                self.uploads.start(fs, ds, key);
-            }
-            IntakeAction::HuntOutcome {
-                token,
-                hunt,
-                client,
-                state,
-                rows,
-                uploaded_bytes,
-            } => {
-                self.hunts
-                    .handle_outcome(now, &hunt, &client, state, rows, uploaded_bytes);
-                // A participant record not written is undone in the hunt manager
-                // (`handle_outcome_failed`) and comes again with the resend.
-                let outcome = match self.drain_hunts().await {
-                    Ok(()) => Outcome::Done,
-                    Err(_) => Outcome::Unknown,
-                };
-                self.intake.handle_hunt_recorded(token, outcome);
-            }
+            IntakeAction::Record(step) => self.record_step(step).await,
             IntakeAction::Recorded { key, result } => {
                 self.filestore.forget_runs(&key.client, &key.flow);
                 let (client, flow) = (&key.client, &key.flow);

@@ -894,6 +894,75 @@ impl Actor {
         tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");
         Ok(flow_summary(&record))
     }
+
+    /// Performs a step of recording a completion (the intake's completions machine, master).
+    pub(super) async fn record_step(&mut self, step: RecordStep) {
+        let now = self.now();
+        match step {
+            RecordStep::Delivered { key } => {
+                // A completed flow was delivered, whether or not its TaskAck reached us.
+                if let NodeRole::Master(m) = &mut self.role
+                    && m.tasks.handle_acked(&key.client, &key.flow)
+                {
+                    self.drain_tasks(BTreeMap::new()).await;
+                }
+            }
+            // Record reads and writes are awaited here, as the inbox applies a minion's events one
+            // at a time: sent round the actor's queue, each completion a minion replicates would
+            // wait behind the whole queue twice (docs/architecture.md, "known shortcuts").
+            RecordStep::Read { token, key } => {
+                let k = paths::flow_record(&key.client, &key.flow);
+                let record = load_json::<FlowJson>(&self.datastore, &k)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(flow = %key.flow, error = %e, "cannot read flow record");
+                    });
+                self.intake.handle_read(now, token, record);
+            }
+            RecordStep::Write {
+                token,
+                key,
+                record,
+                uploads_marker,
+            } => {
+                let mut writes = vec![(
+                    paths::flow_record(&key.client, &key.flow),
+                    Some(Bytes::from(record)),
+                )];
+                if uploads_marker {
+                    // Uploads are reassembled after the completion is recorded (bulk work on the
+                    // volume); the marker written with it makes a restart finish the job.
+                    let marker = paths::uploads_pending(&key.client, &key.flow);
+                    writes.push((marker, Some(Bytes::from_static(b"{}"))));
+                }
+                let r = self.datastore.write_all(writes).await.map(|_| ());
+                let outcome = self.write_outcome("a flow's completion", r);
+                self.intake.handle_written(token, outcome);
+            }
+            RecordStep::StartUploads { key } => {
+                let (fs, ds) = (self.filestore.volume().clone(), self.datastore.clone());
+                self.uploads.start(fs, ds, key);
+            }
+            RecordStep::HuntOutcome {
+                token,
+                hunt,
+                client,
+                state,
+                rows,
+                uploaded_bytes,
+            } => {
+                self.hunts
+                    .handle_outcome(now, &hunt, &client, state, rows, uploaded_bytes);
+                // A participant record not written is undone in the hunt manager
+                // (`handle_outcome_failed`) and comes again with the resend.
+                let outcome = match self.drain_hunts().await {
+                    Ok(()) => Outcome::Done,
+                    Err(_) => Outcome::Unknown,
+                };
+                self.intake.handle_hunt_recorded(token, outcome);
+            }
+        }
+    }
 }
 
 /// A minion's replicated completion as the intake takes it; `None` if it names a malformed client or

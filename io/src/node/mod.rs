@@ -38,7 +38,7 @@ use talon_core::flows::{FinalState, FlowKey, FlowLimits, StoredMessage};
 use talon_core::hunts::{
     ClientFacts, Hunt, HuntAction, HuntLimits, HuntManager, HuntSpec, HuntState,
 };
-use talon_core::node::completions::{CompletionLimits, Recorded};
+use talon_core::node::completions::{CompletionLimits, RecordStep, Recorded};
 use talon_core::node::hunt_tasks::{self, TaskOrigin};
 use talon_core::node::intake::{Intake, IntakeAction, IntakeLimits};
 use talon_core::node::tasks::{TaskAction, TaskBook, TaskLimits};

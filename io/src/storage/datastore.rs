@@ -26,11 +26,11 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use talon_core::Timestamp;
 use talon_core::datastore::{
     Cache, CacheAction, CacheError, CacheLimits, CacheReply, FlushWrite, GroupPart, JournalRecord,
     RequestId,
 };
+use talon_core::{Monotonic, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -255,7 +255,7 @@ impl Datastore {
             }
             _ => (None, ImageReport::Off),
         };
-        let now = clock.now();
+        let now = clock.monotonic();
         let found = records.len();
         let cache = Cache::recover(
             opts.limits.clone(),
@@ -462,7 +462,7 @@ struct Driver<D: LocalDisk, V: Volume> {
     /// See [`Datastore::volume_error`].
     volume_error: Arc<std::sync::Mutex<Option<(u64, String)>>>,
     /// When a flush failure was last logged; failures since then not logged.
-    volume_errors_logged: Option<Timestamp>,
+    volume_errors_logged: Option<Monotonic>,
     volume_errors_unlogged: u64,
     /// Callers waiting for a reply: bounded by the request channel plus the cache's own bounds.
     replies: BTreeMap<RequestId, Reply>,
@@ -500,7 +500,7 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
         self.drain()?;
         let mut stop_open = true;
         loop {
-            let now = self.clock.now();
+            let now = self.clock.monotonic();
             let wait = self
                 .cache
                 .poll_timeout()
@@ -530,7 +530,7 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                     Err(_) => stop_open = false,
                 },
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
-                    self.cache.handle_timeout(self.clock.now());
+                    self.cache.handle_timeout(self.clock.monotonic());
                 }
             }
             self.drain()?;
@@ -539,7 +539,7 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
     }
 
     fn request(&mut self, req: Request) {
-        let now = self.clock.now();
+        let now = self.clock.monotonic();
         let mut id = || {
             self.next_req += 1;
             RequestId(self.next_req)
@@ -587,7 +587,7 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
     }
 
     fn completion(&mut self, done: Done) {
-        let now = self.clock.now();
+        let now = self.clock.monotonic();
         match done {
             Done::Read(key, result) => self.cache.handle_read_done(now, &key, result),
             Done::List(req, result) => self.cache.handle_list_done(now, req, result),
@@ -602,7 +602,7 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
     /// logged at most every [`VOLUME_ERROR_LOG_EVERY_MS`] with how many failed meanwhile, and
     /// remembered until a flush succeeds (`cluster status` shows it). The data stays journalled and
     /// the flush is retried either way.
-    fn note_flush(&mut self, now: Timestamp, result: &Result<(), String>) {
+    fn note_flush(&mut self, now: Monotonic, result: &Result<(), String>) {
         match result {
             Ok(()) => {
                 if let Ok(mut e) = self.volume_error.lock()
@@ -614,7 +614,8 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
             }
             Err(why) => {
                 if let Ok(mut e) = self.volume_error.lock() {
-                    *e = Some((now.as_ms(), why.clone()));
+                    // When, on the wall clock: shown to operators.
+                    *e = Some((self.clock.now().as_ms(), why.clone()));
                 }
                 self.volume_errors_unlogged += 1;
                 let due = self
@@ -689,7 +690,8 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                 break;
             }
             let upto = self.journal.sync()?;
-            self.cache.handle_journal_synced(self.clock.now(), upto);
+            self.cache
+                .handle_journal_synced(self.clock.monotonic(), upto);
         }
         // Waiters are in order of the version they wait for (acknowledged versions only grow), and
         // `flushed_through` holds for every version below one it holds for: release from the front.

@@ -53,11 +53,12 @@ pub enum Fault {
         /// The minion.
         host: String,
     },
-    /// A running frontend's wall clock steps back an hour (NTP, a VM restored from a snapshot) and
+    /// A running machine's wall clock steps back an hour (NTP, a VM restored from a snapshot) and
     /// stays back: deadlines run on the monotonic clock and must not wait for the wall clock to
-    /// catch up; what is recorded with wall-clock times must still converge.
+    /// catch up; what is recorded with wall-clock times must still converge. A frontend's
+    /// (`clock-step`) or a client group's machine (`client-clock-step`: every agent on it).
     ClockStep {
-        /// The frontend.
+        /// The frontend or client host.
         host: String,
     },
 }
@@ -76,7 +77,8 @@ impl Fault {
             Fault::Crash { .. } => "crash-minion",
             Fault::VolumeCut { .. } => "volume-partition",
             Fault::DiskLoss { .. } => "disk-loss",
-            Fault::ClockStep { .. } => "clock-step",
+            Fault::ClockStep { host } if is_frontend(host) => "clock-step",
+            Fault::ClockStep { .. } => "client-clock-step",
         }
     }
 
@@ -170,7 +172,7 @@ pub struct Swarm {
 }
 
 /// Every fault kind (what the swarm chooses from).
-pub const KINDS: [&str; 9] = [
+pub const KINDS: [&str; 10] = [
     "partition-minion-master",
     "partition-client-frontend",
     "one-way-partition",
@@ -180,7 +182,12 @@ pub const KINDS: [&str; 9] = [
     "volume-partition",
     "disk-loss",
     "clock-step",
+    "client-clock-step",
 ];
+
+/// Kinds added after the seeds in the tests were chosen: each draws and plans from its own stream
+/// (`SimRng::fork` by its name), so every seed keeps the faults it had before the kind existed.
+const LATER_KINDS: [&str; 2] = ["clock-step", "client-clock-step"];
 
 impl Swarm {
     /// Draws a run's parameters. `faults == false` gives a fault-free run (latencies still drawn).
@@ -188,13 +195,12 @@ impl Swarm {
         let lo = rng.range(1, 5);
         let hi = lo + rng.range(0, 20);
         let mut rates = BTreeMap::new();
-        // Kinds added later draw from their own stream, so every seed keeps the faults it had.
-        let mut later = rng.fork("clock-step");
+        let mut later: BTreeMap<&str, SimRng> =
+            LATER_KINDS.iter().map(|k| (*k, rng.fork(k))).collect();
         for kind in KINDS {
-            let rng = if kind == "clock-step" {
-                &mut later
-            } else {
-                &mut *rng
+            let rng = match later.get_mut(kind) {
+                Some(own) => own,
+                None => &mut *rng,
             };
             let on = rng.chance(0.5);
             let mean_gap_ms = rng.range(2_000, 30_000);
@@ -284,13 +290,15 @@ impl Swarm {
             |rng: &mut SimRng, v: &[String]| v[rng.range(0, v.len() as u64 - 1) as usize].clone();
         let mut out: Vec<Planned> = Vec::new();
         let mut busy: BTreeMap<String, u64> = BTreeMap::new();
-        let mut later = rng.fork("clock-step plan");
+        let mut later: BTreeMap<&str, SimRng> = LATER_KINDS
+            .iter()
+            .map(|k| (*k, rng.fork(&format!("{k} plan"))))
+            .collect();
         for (kind, rate) in &self.rates {
             // (As in `draw`: a kind added later plans from its own stream.)
-            let rng = if *kind == "clock-step" {
-                &mut later
-            } else {
-                &mut *rng
+            let rng = match later.get_mut(kind) {
+                Some(own) => own,
+                None => &mut *rng,
             };
             let mut t = 1_000;
             loop {
@@ -345,6 +353,9 @@ impl Swarm {
                     },
                     "clock-step" => Fault::ClockStep {
                         host: pick(rng, &frontends),
+                    },
+                    "client-clock-step" => Fault::ClockStep {
+                        host: pick(rng, client_hosts),
                     },
                     other => unreachable!("unknown fault kind {other}"),
                 };

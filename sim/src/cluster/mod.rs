@@ -289,6 +289,9 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         });
     }
     for (g, host) in client_hosts.iter().enumerate() {
+        // The group's machine clock (every agent on it reads it; `Fault::ClockStep` moves it).
+        let behind = Arc::new(AtomicU64::new(0));
+        clocks.insert(host.clone(), behind.clone());
         let mine: Vec<_> = clients
             .iter()
             .enumerate()
@@ -310,12 +313,13 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             None
         };
         sim.host(host.as_str(), move || {
-            let (root, client_cfg, mine, impostor, told) = (
+            let (root, client_cfg, mine, impostor, told, behind) = (
                 root.clone(),
                 client_cfg.clone(),
                 mine.clone(),
                 impostor.clone(),
                 told.clone(),
+                behind.clone(),
             );
             let agent = move |identity, id: ClientId, hostname: String, label: String| {
                 // Every acknowledgement the agent receives is what the checkers hold storage to.
@@ -330,7 +334,10 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                     config: client_cfg.clone(),
                     identity,
                     id,
-                    clock: Arc::new(SimClock::exact(EPOCH_MS)),
+                    clock: Arc::new(SimClock {
+                        epoch_ms: EPOCH_MS,
+                        behind: behind.clone(),
+                    }),
                     entropy: Arc::new(SimEntropy::new(root.fork(&label))),
                     outbox: talon_io::agent::Outbox::default().observed(observer),
                     hostname: Some(hostname),

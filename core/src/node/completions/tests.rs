@@ -162,16 +162,16 @@ impl World {
     fn drain(&mut self) -> Result<(), String> {
         while let Some(a) = self.m.poll_action() {
             match a {
-                CompletionAction::Delivered { .. } => {}
-                CompletionAction::Read { token, key } => {
+                CompletionAction::Step(RecordStep::Delivered { .. }) => {}
+                CompletionAction::Step(RecordStep::Read { token, key }) => {
                     self.in_flight.push_back(Effect::Read(token, key))
                 }
-                CompletionAction::Write {
+                CompletionAction::Step(RecordStep::Write {
                     token,
                     key,
                     record,
                     uploads_marker,
-                } => {
+                }) => {
                     if Rec::decode(&record).state.is_none() {
                         return Err(format!("{key:?}: wrote a running record"));
                     }
@@ -181,14 +181,14 @@ impl World {
                     self.in_flight
                         .push_back(Effect::Write(token, key, record, uploads_marker));
                 }
-                CompletionAction::StartUploads { key } => {
+                CompletionAction::Step(RecordStep::StartUploads { key }) => {
                     if !self.markers.contains(&key)
                         || self.stored(&key).is_none_or(|r| r.state.is_none())
                     {
                         return Err(format!("{key:?}: uploads started before the record"));
                     }
                 }
-                CompletionAction::HuntOutcome { token, client, .. } => {
+                CompletionAction::Step(RecordStep::HuntOutcome { token, client, .. }) => {
                     if self.plant == Plant::SkipHuntOutcome {
                         self.m.handle_hunt_recorded(token, Outcome::Done);
                     } else {

@@ -5,14 +5,15 @@
 //! failovers, and crashes of either node.
 
 use super::*;
-use crate::FlowId;
 use crate::agent::{FlowOutbox, OutboxAction, OutboxLimits};
+use crate::flows::FinalState;
 use crate::hunts::{
     ClientFacts, HuntAction, HuntLimits, HuntManager, HuntRecord, HuntSpec, Participation,
 };
 use crate::node::testing::{Ending, Rec, ending};
 use crate::seqset::Weight;
 use crate::time::Monotonic;
+use crate::{ClientId, FlowId, HuntId};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
@@ -409,18 +410,20 @@ impl World {
                 }
             }
             IntakeAction::Locate { token, .. } => effects.push(Effect::Locate(token)),
-            IntakeAction::ReadRecord { token, key } => effects.push(Effect::Read(token, key)),
-            IntakeAction::WriteRecord {
+            IntakeAction::Record(RecordStep::Read { token, key }) => {
+                effects.push(Effect::Read(token, key))
+            }
+            IntakeAction::Record(RecordStep::Write {
                 token, key, record, ..
-            } => effects.push(Effect::Write(token, key, record)),
-            IntakeAction::HuntOutcome {
+            }) => effects.push(Effect::Write(token, key, record)),
+            IntakeAction::Record(RecordStep::HuntOutcome {
                 token,
                 hunt,
                 client,
                 state,
                 rows,
                 uploaded_bytes,
-            } => self.hunt_outcome(token, hunt, client, state, rows, uploaded_bytes),
+            }) => self.hunt_outcome(token, hunt, client, state, rows, uploaded_bytes),
             IntakeAction::Ack { key, seq, settled } => self.ack(n, key, seq, settled)?,
             IntakeAction::Replicate {
                 token,
@@ -453,8 +456,9 @@ impl World {
                     self.nodes[MINION].intake.handle_replicated(e.token, true);
                 }
             }
-            IntakeAction::Delivered { .. }
-            | IntakeAction::StartUploads { .. }
+            IntakeAction::Record(
+                RecordStep::Delivered { .. } | RecordStep::StartUploads { .. },
+            )
             | IntakeAction::Recorded { .. }
             | IntakeAction::NotRecorded { .. } => {}
         }
