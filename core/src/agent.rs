@@ -27,6 +27,23 @@ pub struct OutboxLimits {
     pub resend_after_ms: u64,
     /// Flows remembered after they ended (a task delivered twice runs once).
     pub done_max: usize,
+    /// Flows running (or awaiting their final acknowledgement) at once; a task beyond it is not
+    /// taken, and not acknowledged, so the master sends it again later.
+    pub flows_max: usize,
+}
+
+/// What [`FlowOutbox::begin`] made of a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Begin {
+    /// A new flow: run the task and acknowledge it.
+    Started,
+    /// Running or recently done (a task delivered twice): acknowledge it, do not run it again.
+    Again,
+    /// `max` flows are running: neither run nor acknowledge it (the master sends it again).
+    Full {
+        /// The bound (`OutboxLimits::flows_max`).
+        max: usize,
+    },
 }
 
 /// Why a message was not taken.
@@ -145,10 +162,16 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
         self.flows.values().map(FlowOut::kept).sum()
     }
 
-    /// Starts a task's flow; false if it is running or recently done (a task delivered twice).
-    pub fn begin(&mut self, flow: &str) -> bool {
+    /// Starts a task's flow, unless it is running or recently done (a task delivered twice) or
+    /// `flows_max` flows are running.
+    pub fn begin(&mut self, flow: &str) -> Begin {
         if self.flows.contains_key(flow) || self.done.iter().any(|d| d == flow) {
-            return false;
+            return Begin::Again;
+        }
+        if self.flows.len() >= self.limits.flows_max {
+            return Begin::Full {
+                max: self.limits.flows_max,
+            };
         }
         self.flows.insert(
             flow.to_owned(),
@@ -159,7 +182,7 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
                 final_seq: None,
             },
         );
-        true
+        Begin::Started
     }
 
     /// Adds the flow's next message (`is_final`: its final status) and sends it if a stream is up;

@@ -403,6 +403,29 @@ impl HuntManager {
         Ok(self.hunts.entry(id).or_insert(h))
     }
 
+    /// The record of a hunt just created could not be written (refused, or maybe written by a
+    /// master that then stopped): the caller was told it failed, so the hunt is forgotten rather
+    /// than left running in memory with nothing on storage — where clients offered it would become
+    /// participants of a hunt a restart does not know. Ignored once the hunt has participants (its
+    /// record was written then). Returns whether it was forgotten.
+    pub fn handle_create_failed(&mut self, id: &HuntId) -> bool {
+        let fresh = self
+            .hunts
+            .get(id)
+            .is_some_and(|h| h.participants.is_empty());
+        if fresh {
+            self.hunts.remove(id);
+            self.retries.retain(|(_, h, _)| h != id);
+            self.actions.retain(|a| match a {
+                HuntAction::Record(r) => &r.id != id,
+                HuntAction::Schedule { hunt, .. }
+                | HuntAction::Participant { hunt, .. }
+                | HuntAction::Offer { hunt, .. } => hunt != id,
+            });
+        }
+        fresh
+    }
+
     /// Stops a running hunt. Scheduled flows still report and are counted.
     pub fn stop(&mut self, now: Timestamp, id: &HuntId) -> Result<&Hunt, HuntError> {
         self.expire_due(now);

@@ -7,6 +7,7 @@ fn lim() -> OutboxLimits {
     OutboxLimits {
         resend_after_ms: 100,
         done_max: 2,
+        flows_max: 3,
     }
 }
 
@@ -30,8 +31,12 @@ fn sends(o: &mut Ob) -> Vec<(String, u64)> {
 fn messages_are_numbered_kept_until_settled_and_bounded_in_flight() {
     let t = Monotonic(0);
     let mut o: Ob = FlowOutbox::new(lim());
-    assert!(o.begin("F.1"));
-    assert!(!o.begin("F.1"), "a task delivered twice runs once");
+    assert_eq!(o.begin("F.1"), Begin::Started);
+    assert_eq!(
+        o.begin("F.1"),
+        Begin::Again,
+        "a task delivered twice runs once"
+    );
     o.handle_connected(t, 2);
     assert_eq!(o.push(t, "F.1", "a", false, 0), Ok(0));
     assert_eq!(o.push(t, "F.1", "b", false, 1), Ok(1));
@@ -113,12 +118,35 @@ fn the_final_status_is_never_refused_and_its_ack_ends_the_flow() {
         ]
     );
     assert_eq!(o.running_flows().count(), 0);
-    assert!(!o.begin("F.1"), "remembered once done");
+    assert_eq!(o.begin("F.1"), Begin::Again, "remembered once done");
     // At most `done_max` are remembered.
     for f in ["F.2", "F.3"] {
         o.begin(f);
         o.push(t, f, "done", true, 0).unwrap();
         o.handle_ack(t, f, 0, true);
     }
-    assert!(o.begin("F.1"), "forgotten beyond done_max");
+    assert_eq!(o.begin("F.1"), Begin::Started, "forgotten beyond done_max");
+}
+
+/// invariant 7 for the agent's flows: at `flows_max` running, a new task is refused (and so not
+/// acknowledged: the master sends it again); once one ends, the next is taken.
+#[test]
+fn running_flows_are_bounded_and_a_refused_task_is_taken_once_one_ends() {
+    let mut o: Ob = FlowOutbox::new(lim());
+    o.handle_connected(Monotonic(0), 4);
+    for f in ["F.1", "F.2", "F.3"] {
+        assert_eq!(o.begin(f), Begin::Started);
+    }
+    assert_eq!(o.begin("F.4"), Begin::Full { max: 3 });
+    assert_eq!(
+        o.begin("F.2"),
+        Begin::Again,
+        "a duplicate is still recognised at the bound"
+    );
+    // F.1 ends: its final status is acknowledged and settled.
+    o.push(Monotonic(0), "F.1", "done", true, 0).unwrap();
+    o.handle_ack(Monotonic(1), "F.1", 0, true);
+    drain(&mut o);
+    assert_eq!(o.running_flows().count(), 2);
+    assert_eq!(o.begin("F.4"), Begin::Started);
 }

@@ -468,8 +468,12 @@ impl World {
         let mut agent = FlowOutbox::new(OutboxLimits {
             resend_after_ms: 500,
             done_max: 4,
+            flows_max: 4,
         });
-        assert!(agent.begin(key().flow.as_str()));
+        assert_eq!(
+            agent.begin(key().flow.as_str()),
+            crate::agent::Begin::Started
+        );
         agent.handle_connected(Monotonic(1), MAX_IN_FLIGHT);
         World {
             weights,

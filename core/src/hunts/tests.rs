@@ -113,6 +113,32 @@ fn expiry_stop_and_limit_end_scheduling() {
     ));
 }
 
+/// A hunt whose creation could not be recorded is forgotten: no client becomes a participant of a
+/// hunt that storage does not know (and a restart would not).
+#[test]
+fn a_hunt_whose_record_was_not_written_is_forgotten() {
+    let mut m = HuntManager::new(HuntLimits::default());
+    let h = HuntId::from_u64(1);
+    m.create(Timestamp(0), h.clone(), spec(1000)).unwrap();
+    assert!(matches!(m.poll_action(), Some(HuntAction::Record(_))));
+    assert!(m.handle_create_failed(&h));
+    assert!(m.get(&h).is_none());
+    let (c, none) = (client(1), BTreeSet::new());
+    let facts = ClientFacts {
+        id: &c,
+        os: "linux",
+        labels: &none,
+    };
+    assert_eq!(m.offer(Timestamp(1), facts), 0);
+    assert!(m.poll_action().is_none());
+    // Once it has participants its record was written: not forgotten.
+    let h2 = HuntId::from_u64(2);
+    m.create(Timestamp(2), h2.clone(), spec(1000)).unwrap();
+    m.offer_to(Timestamp(3), &h2, facts);
+    assert!(!m.handle_create_failed(&h2));
+    assert!(m.get(&h2).is_some());
+}
+
 #[test]
 fn refuses_bad_creates() {
     let mut m = HuntManager::new(HuntLimits {

@@ -28,7 +28,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use talon_core::agent::{FlowOutbox, OutboxAction, OutboxLimits, PushError};
+use talon_core::agent::{Begin, FlowOutbox, OutboxAction, OutboxLimits, PushError};
 use talon_core::{ClientId, Monotonic};
 use talon_proto::comms::{
     self, client_message, comms_client::CommsClient, flow_message, server_message,
@@ -45,6 +45,10 @@ pub const BATCH_AGE_MAX_MS: u64 = 200;
 pub const CHUNK_BYTES: usize = 512 << 10;
 /// Completed flow ids remembered to ignore a task delivered twice.
 pub const DONE_REMEMBERED_MAX: usize = 1024;
+
+/// Flows the agent runs (or keeps until their final status is settled) at once; a task beyond it
+/// is not acknowledged, and the master sends it again (every 5 s) until one has ended.
+pub const FLOWS_RUNNING_MAX: usize = 256;
 /// Outgoing messages queued for the current stream.
 pub const SEND_QUEUE_MAX: usize = 256;
 /// A message unacknowledged this long is sent again (a refusal under load, or a lost ack): like a TCP
@@ -93,6 +97,7 @@ impl Default for OutboxState {
             flows: FlowOutbox::new(OutboxLimits {
                 resend_after_ms: RESEND_AFTER_MS,
                 done_max: DONE_REMEMBERED_MAX,
+                flows_max: FLOWS_RUNNING_MAX,
             }),
             session: None,
         }
@@ -276,9 +281,10 @@ impl Outbox {
         s.flows.handle_disconnected();
     }
 
-    /// Registers a task's flow; false if the flow is already running or recently done (a task
-    /// delivered twice). Check and insert happen under one lock, so no duplicate slips between.
-    fn begin(&self, flow: &str) -> bool {
+    /// Registers a task's flow (`Begin::Started`), unless it is already running or recently done
+    /// (a task delivered twice) or too many run. Check and insert happen under one lock, so no
+    /// duplicate slips between.
+    fn begin(&self, flow: &str) -> Begin {
         self.lock().flows.begin(flow)
     }
 
@@ -754,8 +760,14 @@ impl Agent {
                 m = inbound.message() => match m {
                     Ok(Some(comms::ServerMessage { kind: Some(kind) })) => match kind {
                         server_message::Kind::Task(t) => {
+                            let began = self.outbox.begin(&t.flow_id);
+                            if let Begin::Full { max } = began {
+                                // Not acknowledged: the master sends it again.
+                                tracing::warn!(flow = %t.flow_id, max, "too many flows running; the task is taken when one ends");
+                                continue;
+                            }
                             let _ = tx.send(comms::ClientMessage { kind: Some(client_message::Kind::TaskAck(comms::TaskAck { flow_id: t.flow_id.clone() })) }).await;
-                            if !self.outbox.begin(&t.flow_id) {
+                            if began == Begin::Again {
                                 continue; // Delivered twice: already running or done.
                             }
                             tracing::debug!(flow = %t.flow_id, artifact = %t.artifact, "task received");

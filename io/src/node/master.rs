@@ -634,8 +634,11 @@ impl Actor {
                 labels: &labels,
             },
         );
-        // A failed write is logged and fail-stops the node (`Meta::set`).
-        let _ = self.drain_hunts().await;
+        // A refused schedule was undone in the hunt manager (offered again later) and logged where
+        // it failed; nothing else is owed to anyone here.
+        if let Err(e) = self.drain_hunts().await {
+            tracing::debug!(client = %id, error = %e, "offering the running hunts to a client did not all go through");
+        }
     }
 
     pub(super) async fn create_hunt(
@@ -684,8 +687,15 @@ impl Actor {
         self.hunts
             .create(now, id.clone(), hunt_spec)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        // Acknowledged only once its record is durable (invariant 5 (docs/architecture.md)).
-        self.drain_hunts().await?;
+        // Acknowledged only once its record is durable (invariant 5 (docs/architecture.md)); if it
+        // is not, the hunt is forgotten, not left running with nothing on storage.
+        if let Err(e) = self.drain_hunts().await {
+            self.hunts.handle_create_failed(&id);
+            return Err(Status::unavailable(format!(
+                "the hunt was not created ({}); try again (if the master stopped while writing                  it, it may appear after the restart)",
+                e.message()
+            )));
+        }
         tracing::info!(hunt = %id, artifact = spec.name, "hunt created");
         self.broadcast(broadcast::Kind::HuntStarted(pc::HuntStarted {
             hunt_id: id.to_string(),

@@ -652,11 +652,14 @@ pub async fn run_minion(
         }
         _ = shutdown => {
             tracing::info!("shutting down");
-            link_task.abort();
+            // Client streams first, the link after: the clients' "gone" events go into the
+            // outbox (and to the master, if it is up) instead of meeting a stopped link — which
+            // logged an error for the first of them on every clean stop.
             let _ = stop_tx.send(true);
             if tokio::time::timeout(SHUTDOWN_GRACE, fe).await.is_err() {
                 tracing::info!("client streams still open after the grace period; closing them");
             }
+            link_task.abort();
             flush_for_stop("the filestore buffer", async {
                 filestore.settled().await.map_err(|e| e.to_string())
             })

@@ -236,8 +236,9 @@ impl World {
                     let mut outbox = FlowOutbox::new(OutboxLimits {
                         resend_after_ms: 500,
                         done_max: 4,
+                        flows_max: 4,
                     });
-                    assert!(outbox.begin(flow.as_str()));
+                    assert_eq!(outbox.begin(flow.as_str()), crate::agent::Begin::Started);
                     let node = usize::from(i % 2);
                     outbox.handle_connected(Monotonic(now.0), MAX_IN_FLIGHT);
                     agents.push(Agent {
