@@ -7,32 +7,39 @@
 
 use std::fmt;
 
+/// The arithmetic both kinds share (they differ in what they mean, not in how they add up).
+macro_rules! milliseconds {
+    ($t:ident, $show:literal) => {
+        impl $t {
+            /// The time in milliseconds (from the Unix epoch, or from the clock's origin).
+            pub const fn as_ms(self) -> u64 {
+                self.0
+            }
+
+            /// `self + ms`, saturating at the far future.
+            pub const fn plus_ms(self, ms: u64) -> $t {
+                $t(self.0.saturating_add(ms))
+            }
+
+            /// Milliseconds from `earlier` to `self`; zero if `earlier` is later.
+            pub const fn since_ms(self, earlier: $t) -> u64 {
+                self.0.saturating_sub(earlier.0)
+            }
+        }
+
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, $show, self.0)
+            }
+        }
+    };
+}
+
 /// Milliseconds since the Unix epoch, as read by the shell (real or simulated clock).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub u64);
 
-impl Timestamp {
-    /// The timestamp in milliseconds.
-    pub const fn as_ms(self) -> u64 {
-        self.0
-    }
-
-    /// `self + ms`, saturating at the far future.
-    pub const fn plus_ms(self, ms: u64) -> Timestamp {
-        Timestamp(self.0.saturating_add(ms))
-    }
-
-    /// Milliseconds from `earlier` to `self`; zero if `earlier` is later.
-    pub const fn since_ms(self, earlier: Timestamp) -> u64 {
-        self.0.saturating_sub(earlier.0)
-    }
-}
-
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}ms", self.0)
-    }
-}
+milliseconds!(Timestamp, "{}ms");
 
 /// Milliseconds on a monotonic clock from an arbitrary origin (the shell's start; the simulator's
 /// virtual time). Only differences mean anything: never persisted, never shown, never compared
@@ -40,28 +47,7 @@ impl fmt::Display for Timestamp {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Monotonic(pub u64);
 
-impl Monotonic {
-    /// The time in milliseconds from the clock's origin.
-    pub const fn as_ms(self) -> u64 {
-        self.0
-    }
-
-    /// `self + ms`, saturating at the far future.
-    pub const fn plus_ms(self, ms: u64) -> Monotonic {
-        Monotonic(self.0.saturating_add(ms))
-    }
-
-    /// Milliseconds from `earlier` to `self`; zero if `earlier` is later.
-    pub const fn since_ms(self, earlier: Monotonic) -> u64 {
-        self.0.saturating_sub(earlier.0)
-    }
-}
-
-impl fmt::Display for Monotonic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "+{}ms", self.0)
-    }
-}
+milliseconds!(Monotonic, "+{}ms");
 
 /// The earlier of two optional deadlines.
 pub fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {

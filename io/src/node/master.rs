@@ -595,8 +595,12 @@ impl Actor {
                     self.task_delivered(&id, &flow).await;
                 }
             }
-            // Taken by `drain_inbox` to the intake before it gets here.
-            Event::FlowCompleted(_) => return true,
+            // `drain_inbox` hands completions to the intake before this; one that got here would
+            // be acknowledged unrecorded, so it is refused (the minion resends it) and said.
+            Event::FlowCompleted(f) => {
+                tracing::error!(minion = %node, flow = %f.flow_id, "a replicated completion reached the generic apply path; not applied");
+                return false;
+            }
             Event::NodeStarted(_) => {
                 let n = self.registry.disconnect_node(now, node);
                 tracing::info!(minion = %node, clients = n, "minion restarted: its clients are disconnected until they reconnect");

@@ -885,6 +885,7 @@ impl Actor {
             )));
         }
         let master = matches!(self.role, NodeRole::Master(_));
+        let at = self.clock.monotonic();
         let seen = if master {
             let sighting = Sighting {
                 id: id.clone(),
@@ -896,20 +897,17 @@ impl Actor {
                 last_ip: peer.addr.ip().to_string(),
                 node: self.opts.node_name.clone(),
                 connected_at: now,
-                connected_order: self.clock.monotonic(),
+                connected_order: at,
             };
-            let enrolment = self
-                .registry
-                .handle_seen(now, self.clock.monotonic(), sighting)
-                .map_err(|e| {
-                    use talon_core::registry::RegistryError as E;
-                    match e {
-                        // The agent backs off and tries again.
-                        E::EnrolmentRate { .. } => Status::unavailable(e.to_string()),
-                        E::Full { .. } => Status::resource_exhausted(e.to_string()),
-                        _ => Status::permission_denied(e.to_string()),
-                    }
-                })?;
+            let enrolment = self.registry.handle_seen(now, at, sighting).map_err(|e| {
+                use talon_core::registry::RegistryError as E;
+                match e {
+                    // The agent backs off and tries again.
+                    E::EnrolmentRate { .. } => Status::unavailable(e.to_string()),
+                    E::Full { .. } => Status::resource_exhausted(e.to_string()),
+                    _ => Status::permission_denied(e.to_string()),
+                }
+            })?;
             tracing::info!(client = %id, host = %crate::text::Printable(&hello.info.hostname), addr = %peer.addr, ?enrolment, "client connected");
             None
         } else {
