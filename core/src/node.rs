@@ -9,6 +9,7 @@
 pub mod completions;
 pub mod hunt_tasks;
 pub mod intake;
+pub mod master;
 pub mod tasks;
 
 #[cfg(test)]

@@ -293,6 +293,9 @@ pub struct Registry {
     /// The `connected_order` of the connection each record reflects, since this process started
     /// (at most one per record: bounded by `clients_max`).
     connection_order: BTreeMap<ClientId, Monotonic>,
+    /// Records whose last persist was refused or may not have landed: persisted again with the
+    /// next sighting or label, changed or not (bounded by `clients_max`).
+    dirty: BTreeSet<ClientId>,
 }
 
 impl Registry {
@@ -310,6 +313,7 @@ impl Registry {
             actions: VecDeque::new(),
             enrolments: None,
             connection_order: BTreeMap::new(),
+            dirty: BTreeSet::new(),
         };
         for mut rec in records {
             rec.connected = false;
@@ -483,8 +487,9 @@ impl Registry {
         }
         self.index(&rec);
         let mut rec = rec;
-        if changed || stale {
+        if changed || stale || self.dirty.contains(&s.id) {
             rec.persisted_seen = now;
+            self.dirty.remove(&s.id);
             self.actions
                 .push_back(RegistryAction::Persist(Box::new(rec.clone())));
         }
@@ -540,8 +545,15 @@ impl Registry {
         }
         let had = rec.labels.contains(&label);
         if had != remove {
+            if self.dirty.remove(id) {
+                // Nothing to change, but what is on storage may lack an earlier change.
+                let rec = rec.clone();
+                self.actions
+                    .push_back(RegistryAction::Persist(Box::new(rec)));
+            }
             return Ok(&self.records[id]); // Nothing to change.
         }
+        self.dirty.remove(id);
         if remove {
             self.by_label.remove(&(label.clone(), id.clone()));
         } else {
@@ -558,6 +570,14 @@ impl Registry {
         self.actions
             .push_back(RegistryAction::LabelsChanged(id.clone()));
         Ok(rec)
+    }
+
+    /// A record's persist (its [`RegistryAction::Persist`]) was refused or may not have landed: it
+    /// is persisted again with the client's next sighting or label change, changed or not.
+    pub fn handle_persist_failed(&mut self, id: &ClientId) {
+        if self.records.contains_key(id) {
+            self.dirty.insert(id.clone());
+        }
     }
 
     /// Runs a query; at most `limit` (and `search_results_max`) results, in client id order.

@@ -128,17 +128,24 @@ pub enum RecordStep {
     HuntOutcome {
         /// Names the step.
         token: Token,
-        /// The hunt.
-        hunt: HuntId,
-        /// The participant.
-        client: ClientId,
-        /// How the flow ended.
-        state: FinalState,
-        /// Its rows.
-        rows: u64,
-        /// Its upload bytes.
-        uploaded_bytes: u64,
+        /// The outcome.
+        outcome: HuntOutcome,
     },
+}
+
+/// A hunt participant's flow ended: what its hunt counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HuntOutcome {
+    /// The hunt.
+    pub hunt: HuntId,
+    /// The participant.
+    pub client: ClientId,
+    /// How the flow ended.
+    pub state: FinalState,
+    /// Its rows.
+    pub rows: u64,
+    /// Its upload bytes.
+    pub uploaded_bytes: u64,
 }
 
 /// What the shell must do, in order.
@@ -335,11 +342,13 @@ impl<R: FlowRecord, O> Completions<R, O> {
         self.actions
             .push_back(CompletionAction::Step(RecordStep::HuntOutcome {
                 token,
-                hunt,
-                client: o.key.client.clone(),
-                state: o.state,
-                rows: o.rows,
-                uploaded_bytes: o.uploaded_bytes,
+                outcome: HuntOutcome {
+                    hunt,
+                    client: o.key.client.clone(),
+                    state: o.state,
+                    rows: o.rows,
+                    uploaded_bytes: o.uploaded_bytes,
+                },
             }));
     }
 

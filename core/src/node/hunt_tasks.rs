@@ -107,6 +107,3 @@ pub fn created(
         hunts.handle_schedule_failed(at, h, client);
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -478,7 +478,9 @@ mod results_tests {
                 record.state = FlowRecordState::Running;
             }
             let key = paths::flow_record(&client, &flow);
-            ds.set(&key, json_bytes(&record).unwrap()).await.unwrap();
+            ds.set(&key, Bytes::from(serde_json::to_vec(&record).unwrap()))
+                .await
+                .unwrap();
             flows.push((client.clone(), flow));
         }
         let mut pages = stream_flows(vol, Meta::Local(ds), flows);

@@ -180,7 +180,56 @@ pub(super) async fn audit(
     Some(out)
 }
 
-impl Actor {
+impl Frontend {
+    /// A client flow's message, or a result of storing one (every node).
+    pub(super) fn handle_flow(&mut self, msg: Msg) {
+        let at = self.clock.monotonic();
+        match msg {
+            Msg::Flow {
+                client,
+                flow,
+                seq,
+                data,
+                raw,
+            } => {
+                let key = FlowKey { client, flow };
+                match self
+                    .intake
+                    .handle_message(at, key.clone(), seq, data.tracker_payload())
+                {
+                    // A Store action takes the bytes (the actor drops them after its drain).
+                    Ok(()) => {
+                        self.raw.insert((key, seq), raw);
+                    }
+                    Err(e) => self.refuse(&key, seq, e),
+                }
+            }
+            Msg::Stored { key, seq, ok } => self.intake.handle_stored(at, &key, seq, ok),
+            Msg::Audited { key, found } => self.intake.handle_audit(at, &key, found),
+            Msg::Settled { token, ok } => self.intake.handle_settled(token, ok),
+            Msg::Located { token, runs } => self.intake.handle_located(token, runs),
+            _ => {}
+        }
+    }
+
+    /// Tells a client why its message was not taken. A message after the final status is its
+    /// mistake; the rest are back-pressure it should retry.
+    pub(super) fn refuse(&mut self, key: &FlowKey, seq: u64, e: talon_core::flows::FlowError) {
+        let code = match e {
+            talon_core::flows::FlowError::AfterFinal { .. } => comms::ErrorCode::InvalidMessage,
+            // Not stored, never will be: its refusal is acknowledged in its place.
+            talon_core::flows::FlowError::OverBudget(_) => comms::ErrorCode::TooLarge,
+            _ => comms::ErrorCode::Busy,
+        } as i32;
+        let m = comms::ServerError {
+            code,
+            message: e.to_string(),
+            flow_id: key.flow.to_string(),
+            seq,
+        };
+        self.push(&key.client, server_message::Kind::Error(m));
+    }
+
     /// Stores message `seq` of a flow in the filestore in the background, then reports `Stored`.
     pub(super) fn store_flow_message(&self, key: FlowKey, seq: u64, raw: Bytes) {
         let (fs, tx) = (self.filestore.clone(), self.self_tx.clone());
@@ -199,7 +248,7 @@ impl Actor {
     }
 
     /// Runs `work` in the background and hands its result to the actor as a message.
-    fn spawn_then<F, T>(&self, work: F, msg: impl FnOnce(T) -> Msg + Send + 'static)
+    pub(super) fn spawn_then<F, T>(&self, work: F, msg: impl FnOnce(T) -> Msg + Send + 'static)
     where
         F: std::future::Future<Output = T> + Send + 'static,
         T: Send + 'static,
@@ -210,44 +259,26 @@ impl Actor {
         });
     }
 
-    /// Drains the intake and the replication inbox (master) until neither asks for anything: a
-    /// replicated completion goes from the inbox into the intake, and its end back.
-    pub(super) async fn drain(&mut self) {
-        loop {
-            let intake = self.drain_intake().await;
-            let inbox = self.drain_inbox().await;
-            if intake == 0 && inbox == 0 {
-                break;
-            }
-        }
-    }
-
-    /// Performs the intake's actions (core `node::intake`); returns how many.
-    async fn drain_intake(&mut self) -> usize {
-        let mut n = 0;
-        while let Some(a) = self.intake.poll_action() {
-            n += 1;
-            self.intake_action(a).await;
-        }
-        n
-    }
-
-    async fn intake_action(&mut self, a: IntakeAction<RunRef, ApplyOrigin>) {
-        let now = self.now();
+    /// Performs an intake action every node performs the same way; hands back those the role
+    /// performs (recording or replicating a completion).
+    pub(super) fn intake_action(
+        &mut self,
+        a: IntakeAction<RunRef, ApplyOrigin>,
+    ) -> Option<IntakeAction<RunRef, ApplyOrigin>> {
         match a {
             IntakeAction::Store { key, seq } => {
                 let Some(raw) = self.raw.remove(&(key.clone(), seq)) else {
                     // The bytes are gone (cannot happen: stored right after handle_message).
                     self.intake
                         .handle_stored(self.clock.monotonic(), &key, seq, false);
-                    return;
+                    return None;
                 };
                 self.store_flow_message(key, seq, raw);
             }
             IntakeAction::StoreRefusal { key, seq, reason } => {
                 tracing::warn!(client = %key.client, flow = %key.flow, seq, %reason, "refused a flow message; the flow fails");
                 // (No bytes were kept for it: a refused message is never stored.)
-                let refusal = refusal_record(&key.flow, seq, now, &reason);
+                let refusal = refusal_record(&key.flow, seq, self.now(), &reason);
                 self.store_flow_message(key, seq, refusal);
             }
             IntakeAction::Ack { key, seq, settled } => {
@@ -287,20 +318,6 @@ impl Actor {
                 };
                 self.spawn_then(work, move |runs| Msg::Located { token, runs });
             }
-            IntakeAction::Replicate {
-                token,
-                outcome: o,
-                runs,
-            } => {
-                tracing::info!(client = %o.key.client, flow = %o.key.flow, rows = o.rows, "flow completed; replicating");
-                let (tx, rx) = oneshot::channel();
-                self.replicate(completion_event(o, runs), Some(tx)).await;
-                // Dropped unsent if the link failed before the master applied it.
-                self.spawn_then(async move { rx.await.is_ok() }, move |applied| {
-                    Msg::Replicated { token, applied }
-                });
-            }
-            IntakeAction::Record(step) => self.record_step(step).await,
             IntakeAction::Recorded { key, result } => {
                 self.filestore.forget_runs(&key.client, &key.flow);
                 let (client, flow) = (&key.client, &key.flow);
@@ -322,28 +339,16 @@ impl Actor {
             IntakeAction::NotRecorded { key, why } => {
                 tracing::warn!(client = %key.client, flow = %key.flow, %why, "a flow's completion is not recorded yet; the client's resend brings it again");
             }
-            IntakeAction::Applied {
-                origin: (node, cursor),
-                result,
-            } => {
-                let outcome = if result.ok() {
-                    Outcome::Done
-                } else {
-                    // Not applied (busy, or a read failed), or in part: it stays unacknowledged,
-                    // and the minion resends it and what follows.
-                    tracing::warn!(minion = %node, seq = cursor.hwm, ?result, "a replicated completion could not be applied yet; the minion sends it again");
-                    Outcome::Unknown
-                };
-                if let NodeRole::Master(m) = &mut self.role {
-                    m.inbox.handle_applied(&node, cursor, outcome);
-                }
-            }
+            a @ (IntakeAction::Replicate { .. }
+            | IntakeAction::Record(_)
+            | IntakeAction::Applied { .. }) => return Some(a),
         }
+        None
     }
 }
 
 /// A minion's completion as the event it replicates to the master.
-fn completion_event(o: talon_core::flows::FlowOutcome, runs: Vec<RunRef>) -> Event {
+pub(super) fn completion_event(o: talon_core::flows::FlowOutcome, runs: Vec<RunRef>) -> Event {
     Event::FlowCompleted(pc::FlowCompleted {
         client_id: o.key.client.to_string(),
         flow_id: o.key.flow.to_string(),

@@ -1,5 +1,6 @@
-//! The master's part of the node: the task book and hunt scheduling, collections, labels, the
-//! replication inbox (applying minions' events) and recording completed flows.
+//! The master's role: it drives core `node::Master` (the registry, hunts, tasks not yet delivered
+//! and the replication inbox) and the recording of completed flows, performing their writes on the
+//! datastore, their messages to clients and minions, and answering the API.
 
 use super::*;
 
@@ -26,7 +27,7 @@ pub(super) const LOAD_CONCURRENCY: usize = 256;
 /// once (so one journal sync covers many); one result per group, in order.
 pub(super) async fn write_groups(
     ds: &Meta,
-    groups: Vec<Vec<(String, Bytes)>>,
+    groups: Vec<Vec<(String, Option<Bytes>)>>,
 ) -> Vec<Result<(), WriteError>> {
     // A group whose task panicked keeps this error: it may have been written.
     let mut out: Vec<Result<(), WriteError>> = (0..groups.len())
@@ -47,7 +48,6 @@ pub(super) async fn write_groups(
             let ds = ds.clone();
             set.spawn(async move {
                 let first = writes.first().map(|w| w.0.clone()).unwrap_or_default();
-                let writes = writes.into_iter().map(|(k, v)| (k, Some(v))).collect();
                 match ds.write_all(writes).await {
                     Ok(_) => (i, Ok(())),
                     Err(e) => (
@@ -69,869 +69,450 @@ pub(super) async fn write_groups(
     out
 }
 
-impl Actor {
-    /// A client acknowledged a task, on this node or (master) on a minion.
-    pub(super) async fn task_delivered(&mut self, client: &ClientId, flow: &FlowId) {
-        match &mut self.role {
-            NodeRole::Minion(_) => {
-                let ev = Event::TaskDelivered(pc::TaskDelivered {
-                    client_id: client.to_string(),
-                    flow_id: flow.to_string(),
-                });
-                self.replicate(ev, None).await;
-                return;
-            }
-            NodeRole::Master(m) => {
-                if !m.tasks.handle_acked(client, flow) {
-                    return; // A duplicate acknowledgement (tasks are resent until acknowledged).
-                }
-                self.drain_tasks(BTreeMap::new()).await;
-            }
-        }
-        // Shown as running from now on. Not marked (a refused write, a failed read), it shows
-        // queued until its completion is recorded: nothing else depends on it.
-        let k = paths::flow_record(client, flow);
-        match load_json::<FlowJson>(&self.datastore, &k).await {
-            Ok(Some(mut f)) if f.state == FlowRecordState::Queued => {
-                f.state = FlowRecordState::Running;
-                if let Err(e) = save_json(&self.datastore, &k, &f).await {
-                    tracing::warn!(client = %client, flow = %flow, error = %e, "cannot mark a flow running; it shows queued until it completes");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(client = %client, flow = %flow, error = %e, "cannot read a delivered flow's record; it shows queued until it completes")
-            }
-        }
-    }
+/// A request the master's core is working on: who gets the answer.
+enum Waiting {
+    /// A client connecting here: accepted once its record is written.
+    Connected {
+        id: ClientId,
+        conn: Box<Conn>,
+        reply: Reply<()>,
+    },
+    Client(Reply<api::ClientSummary>),
+    Flow(Reply<api::FlowSummary>),
+    Hunt(Reply<api::HuntSummary>),
+    Hunts(Reply<api::ListHuntsResponse>),
+}
 
-    /// Performs the task book's actions (master): writes each new task's record together with
-    /// what goes with it (`groups`, by the creation's token) — up to [`LOAD_CONCURRENCY`] groups at
-    /// once, so one journal sync covers many; sends tasks toward their clients; deletes the records
-    /// of acknowledged ones. Returns how each creation ended, with the datastore's error if its
-    /// write failed.
-    pub(super) async fn drain_tasks(
-        &mut self,
-        mut groups: BTreeMap<Token, Vec<(String, Bytes)>>,
-    ) -> BTreeMap<Token, (Outcome, Option<String>)> {
-        let mut created = BTreeMap::new();
-        let mut why: BTreeMap<Token, String> = BTreeMap::new();
-        loop {
-            let actions: Vec<_> = match &mut self.role {
-                NodeRole::Master(m) => std::iter::from_fn(|| m.tasks.poll_action()).collect(),
-                NodeRole::Minion(_) => return created,
-            };
-            if actions.is_empty() {
-                return created;
-            }
-            let (mut writes, mut deletes) = (Vec::new(), Vec::new());
-            for a in actions {
-                match a {
-                    TaskAction::Write {
-                        token,
-                        client,
-                        flow,
-                        task,
-                    } => {
-                        let mut g = groups.remove(&token).unwrap_or_default();
-                        g.push((task_key(&client, &flow), Bytes::from(task.encode_to_vec())));
-                        writes.push((token, g));
-                    }
-                    TaskAction::Created {
-                        token,
-                        client,
-                        flow,
-                        outcome,
-                        context,
-                    } => {
-                        if outcome == Outcome::Refused
-                            && let TaskOrigin::Hunt(h) = &context
-                        {
-                            tracing::warn!(hunt = %h, client = %client, flow = %flow, "cannot record a hunt participant yet; offering it again later");
-                        }
-                        // Not a participant without its task: undone, offered again later.
-                        let at = self.clock.monotonic();
-                        hunt_tasks::created(&mut self.hunts, at, &client, outcome, &context);
-                        created.insert(token, (outcome, why.remove(&token)));
-                    }
-                    TaskAction::Deliver { client, task } => self.send_task(&client, task),
-                    TaskAction::Delete { client, flow } => deletes.push((client, flow)),
-                }
-            }
-            let (tokens, writes): (Vec<Token>, Vec<_>) = writes.into_iter().unzip();
-            let results = write_groups(&self.datastore, writes).await;
-            let mut outcomes = Vec::with_capacity(tokens.len());
-            for (token, r) in tokens.into_iter().zip(results) {
-                if let Err(e) = &r {
-                    why.insert(token, e.to_string());
-                }
-                outcomes.push((token, self.write_outcome("a task's record", r)));
-            }
-            for (client, flow) in deletes {
-                let r = self.datastore.delete(&task_key(&client, &flow)).await;
-                let outcome =
-                    self.write_outcome("a delivered task's record (deleting)", r.map(|_| ()));
-                if let NodeRole::Master(m) = &mut self.role {
-                    m.tasks.handle_deleted(&client, &flow, outcome);
-                }
-            }
-            if let NodeRole::Master(m) = &mut self.role {
-                for (token, outcome) in outcomes {
-                    m.tasks.handle_written(token, outcome);
-                }
-            }
-        }
-    }
+/// The master's part of the node.
+pub(super) struct MasterDriver {
+    core: Master,
+    entropy: Arc<dyn Entropy>,
+    /// Minions with a replication stream up: its number and its queue.
+    minions: BTreeMap<String, (u64, mpsc::Sender<Result<pc::MasterMessage, Status>>)>,
+    /// Requests waiting for their answer, by the token the core was given.
+    waiting: BTreeMap<Token, Waiting>,
+    next_request: u64,
+    /// Completed flows' uploads being reassembled.
+    uploads: Reassembly,
+}
 
-    /// How a metadata write ended (logged if it failed).
-    pub(super) fn write_outcome(&self, what: &str, r: Result<(), WriteError>) -> Outcome {
-        match r {
-            Ok(()) => Outcome::Done,
-            Err(e) => {
-                tracing::warn!(error = %e, outcome = ?e.outcome, "cannot write {what} yet");
-                e.outcome
-            }
-        }
-    }
-
-    /// Persists a client record (master) and tells the minions to drop their cached copy.
-    pub(super) async fn persist_client(
-        &mut self,
-        rec: &talon_core::registry::ClientRecord,
-    ) -> Result<(), Status> {
-        let key = paths::client_record(&rec.id);
-        save_json(&self.datastore, &key, &ClientJson::from_record(rec)).await?;
-        self.broadcast(broadcast::Kind::DatastoreChanged(pc::DatastoreChanged {
-            key,
-            version: 0,
-        }));
-        Ok(())
-    }
-
-    /// Performs the registry's actions (master): persists changed records; a client whose labels
-    /// changed is offered the running hunts (a new label may put it in one), once its record is
-    /// durable and if it is connected.
-    pub(super) async fn persist_registry(&mut self) -> Result<(), Status> {
-        let mut relabelled = Vec::new();
-        while let Some(a) = self.registry.poll_action() {
-            match a {
-                RegistryAction::Persist(rec) => self.persist_client(&rec).await?,
-                RegistryAction::LabelsChanged(id) => relabelled.push(id),
-            }
-        }
-        for id in relabelled {
-            if self.registry.get(&id).is_some_and(|c| c.connected) {
-                self.offer_hunts(self.now(), &id).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends one message to a minion; a full or closed queue drops its stream (it resynchronises).
-    pub(super) fn send_to_minion(&mut self, node: &str, kind: broadcast::Kind) {
-        let NodeRole::Master(m) = &mut self.role else {
-            return;
-        };
-        let Some(c) = m.minions.get(node) else {
-            return;
-        };
-        let msg = pc::MasterMessage {
-            kind: Some(master_message::Kind::Broadcast(pc::Broadcast {
-                seq: 0,
-                kind: Some(kind),
-            })),
-        };
-        if c.tx.try_send(Ok(msg)).is_err() {
-            tracing::warn!(minion = %node, "minion's queue is full or closed; dropping its stream (it resynchronises on reconnect)");
-            m.minions.remove(node);
-        }
-    }
-
-    pub(super) fn broadcast(&mut self, kind: broadcast::Kind) {
-        let nodes: Vec<String> = match &self.role {
-            NodeRole::Master(m) => m.minions.keys().cloned().collect(),
-            NodeRole::Minion(_) => return,
-        };
-        for n in nodes {
-            self.send_to_minion(&n, kind.clone());
-        }
-    }
-
-    /// Records a new task (master) together with its flow record, atomically, and sends it toward
-    /// its client wherever that is connected. It stays pending until the client acknowledges it,
-    /// and is sent again whenever the client (or its minion) reconnects.
-    pub(super) async fn deliver(
-        &mut self,
-        client: &ClientId,
-        flow: &FlowId,
-        task: comms::Task,
-        record: &FlowJson,
-    ) -> Result<(), Status> {
-        // Durable before it can be delivered: a master restart still delivers it. The flow record
-        // goes with it, so its results always have a record and a record never waits for a task
-        // that was not written.
-        let group = vec![(paths::flow_record(client, flow), json_bytes(record)?)];
-        let NodeRole::Master(m) = &mut self.role else {
-            return Err(Status::internal("tasks are created on the master"));
-        };
-        let token = m
-            .tasks
-            .create(client.clone(), flow.clone(), task, TaskOrigin::Collect)
-            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let mut created = self.drain_tasks([(token, group)].into()).await;
-        let (outcome, why) = created.remove(&token).unwrap_or((Outcome::Unknown, None));
-        let why = why.unwrap_or_default();
-        match outcome {
-            Outcome::Done => Ok(()),
-            Outcome::Refused => Err(Status::unavailable(format!(
-                "datastore: {why}; the collection was not scheduled, try again"
-            ))),
-            Outcome::Unknown => Err(Status::unavailable(format!(
-                "datastore: {why}; the master stopped while scheduling the collection, which \
-                 may have happened (see the client's flows once the master is back)"
-            ))),
-        }
-    }
-
-    pub(super) fn send_task(&mut self, client: &ClientId, task: comms::Task) {
-        if self.conns.contains_key(client) {
-            return self.notify_task(client, task);
-        }
-        let Some(rec) = self.registry.get(client) else {
-            return;
-        };
-        if !rec.connected || rec.node == self.opts.node_name {
-            return; // Sent when it connects.
-        }
-        let node = rec.node.clone();
-        self.send_to_minion(
-            &node,
-            broadcast::Kind::TaskQueued(pc::TaskQueued {
-                client_id: client.to_string(),
-                task: Some(task),
-            }),
-        );
-    }
-
-    /// Sends a client's pending tasks toward it (it acknowledges duplicates and runs each once).
-    pub(super) fn send_pending(&mut self, client: &ClientId) {
-        let tasks: Vec<comms::Task> = match &self.role {
-            NodeRole::Master(m) => m.tasks.pending(client).map(|(_, t)| t.clone()).collect(),
-            NodeRole::Minion(_) => return,
-        };
-        for t in tasks {
-            self.send_task(client, t);
-        }
-    }
-
-    pub(super) fn minion_up(
-        &mut self,
-        node: String,
-        tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
-    ) -> Result<u64, Status> {
-        let NodeRole::Master(m) = &mut self.role else {
-            return Err(Status::failed_precondition("this node is not the master"));
-        };
-        let conn = m.next_minion_conn;
-        m.next_minion_conn += 1;
-        m.minions.insert(
-            node.clone(),
-            MinionConn {
-                conn,
-                tx,
-                behind_ms: 0,
+impl MasterDriver {
+    /// Loads the master's state from its datastore, and takes up reassembling the uploads a crash
+    /// left unassembled.
+    pub(super) async fn start(
+        opts: &NodeOptions,
+        datastore: &Meta,
+        filestore: &Filestore,
+        clock: &Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+    ) -> Result<MasterDriver, String> {
+        let loaded = load_master(datastore, &opts.hunts, clock.now()).await?;
+        let limits = MasterLimits {
+            tasks: TaskLimits {
+                per_client_max: opts.queued_tasks_per_client_max,
+                resend_ms: TASK_RESEND_MS,
             },
-        );
-        tracing::info!(minion = %node, cursor = ?m.inbox.cursor(&node), "minion's replication stream is up");
-        // Tasks that may have been lost with the previous stream go again to its clients.
-        let clients: Vec<ClientId> = m
-            .tasks
-            .clients()
-            .filter(|c| {
-                self.registry
-                    .get(c)
-                    .is_some_and(|r| r.connected && r.node == node)
-            })
-            .cloned()
-            .collect();
-        for c in clients {
-            self.send_pending(&c);
+            hunts: opts.hunts.clone(),
+            registry: opts.registry.clone(),
+            inbox: InboxLimits::default(),
+            upload_bytes_max: opts.codec.upload_bytes_max,
+        };
+        let restored = Restored {
+            clients: loaded.records,
+            hunts: loaded.hunts,
+            cursors: loaded.cursors,
+            pending: loaded.pending,
+        };
+        let time = Time {
+            now: clock.now(),
+            at: clock.monotonic(),
+        };
+        let core = Master::restore(opts.node_name.clone(), limits, time, restored);
+        let uploads = Reassembly::new(opts.value_bytes_max);
+        for key in loaded.reassembling {
+            uploads.start(filestore.volume().clone(), datastore.clone(), key);
         }
-        Ok(conn)
+        Ok(MasterDriver {
+            core,
+            entropy,
+            minions: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            next_request: 1,
+            uploads,
+        })
     }
 
-    /// Applies a batch of a minion's events in order, persists its cursor, then acknowledges.
-    pub(super) async fn minion_events(
-        &mut self,
-        now: Timestamp,
-        node: String,
-        conn: u64,
-        batch: MinionBatch,
-    ) {
-        let MinionBatch {
-            epoch,
-            events,
-            sent_unix_ms,
-        } = batch;
-        // How far the minion's clock is behind ours (negative: ahead), measured on this batch (it
-        // includes the batch's transit and queueing: milliseconds, against machines' clocks that
-        // may differ by hours). Times the minion reports are moved onto our clock with it.
-        let behind_ms = if sent_unix_ms == 0 {
-            0
-        } else {
-            i128::from(now.as_ms()) - i128::from(sent_unix_ms)
-        };
-        let NodeRole::Master(m) = &mut self.role else {
-            return;
-        };
-        match m.minions.get_mut(&node) {
-            Some(c) if c.conn == conn => c.behind_ms = behind_ms,
-            // A stream that was replaced; the minion resends on the new one.
-            _ => return,
-        }
-        // The flow records this batch's events read: fetched together below, not one 40–60 ms
-        // volume read after another (the master's cache is cold after a restart).
-        let warm: BTreeSet<String> = events
-            .iter()
-            .filter_map(|(_, e)| {
-                let (c, f) = match e {
-                    Ok(Event::TaskDelivered(t)) => (&t.client_id, &t.flow_id),
-                    Ok(Event::FlowCompleted(f)) => (&f.client_id, &f.flow_id),
-                    _ => return None,
-                };
-                Some(paths::flow_record(
-                    &ClientId::parse(c).ok()?,
-                    &FlowId::parse(f).ok()?,
-                ))
-            })
-            .collect();
-        if let Err(e) = m
-            .inbox
-            .handle_batch(self.clock.monotonic(), &node, epoch, events)
-        {
-            tracing::warn!(minion = %node, error = %e, "refused a replication batch");
-            let expected = m.inbox.cursor(&node).map_or(1, |c| c.hwm + 1);
-            let current_epoch = match e {
-                talon_core::replication::InboxError::StaleEpoch { current, .. } => current,
-                _ => 0,
-            };
-            if let Some(c) = m.minions.get(&node) {
-                let _ = c.tx.try_send(Ok(pc::MasterMessage {
-                    kind: Some(master_message::Kind::Error(pc::ReplError {
-                        message: e.to_string(),
-                        expected_seq: expected,
-                        current_epoch,
-                    })),
-                }));
-            }
-            return;
-        }
-        if warm.len() > 1
-            && let Err(e) = get_many(&self.datastore, warm.into_iter().collect()).await
-        {
-            tracing::warn!(minion = %node, error = %e, "prefetching flow records failed");
-        }
-        self.drain().await;
+    fn request(&mut self, w: Waiting) -> Token {
+        let t = Token(self.next_request);
+        self.next_request += 1;
+        self.waiting.insert(t, w);
+        t
     }
 
-    /// Performs the replication inbox's actions (master); returns how many. A replicated
-    /// completion goes to the intake, whose `Applied` hands its outcome back to the inbox.
-    pub(super) async fn drain_inbox(&mut self) -> usize {
-        let mut done = 0;
-        loop {
-            let NodeRole::Master(m) = &mut self.role else {
-                return done;
-            };
-            let Some(a) = m.inbox.poll_action() else {
-                return done;
-            };
-            done += 1;
-            match a {
-                InboxAction::Apply {
-                    node: n,
-                    cursor,
-                    event,
-                } => {
-                    let behind_ms = m.minions.get(&n).map_or(0, |c| c.behind_ms);
-                    if let Ok(Event::FlowCompleted(f)) = event {
-                        // Recorded by the intake's completions machine; its `Applied` ends it.
-                        match replicated_completion(&n, f) {
-                            Some((o, runs)) => self.intake.handle_completion((n, cursor), o, runs),
-                            None => m.inbox.handle_applied(&n, cursor, Outcome::Done),
-                        }
-                        continue;
-                    }
-                    let outcome = if self.apply_event(&n, event, behind_ms).await {
-                        Outcome::Done
-                    } else {
-                        // Not applied (busy, or a read failed), or in part: it stays
-                        // unacknowledged, and the minion resends it and what follows.
-                        tracing::warn!(minion = %n, seq = cursor.hwm, "a replicated event could not be applied yet; the minion sends it again");
-                        Outcome::Unknown
-                    };
-                    if let NodeRole::Master(m) = &mut self.role {
-                        m.inbox.handle_applied(&n, cursor, outcome);
-                    }
-                }
-                InboxAction::Persist { node: n, cursor } => {
-                    // The effects it covers are journalled (each write awaited). A crash before
-                    // this write re-applies them: effects are idempotent.
-                    let j = CursorJson {
-                        node: n.clone(),
-                        epoch: cursor.epoch,
-                        hwm: cursor.hwm,
-                    };
-                    let r = match serde_json::to_vec(&j) {
-                        Ok(v) => self
-                            .datastore
-                            .set(&cursor_key(&n), Bytes::from(v))
-                            .await
-                            .map(|_| ()),
-                        Err(e) => Err(WriteError {
-                            outcome: Outcome::Refused,
-                            message: e.to_string(),
-                        }),
-                    };
-                    let outcome = self.write_outcome("a replication cursor (not acknowledging)", r);
-                    if let NodeRole::Master(m) = &mut self.role {
-                        m.inbox.handle_persisted(&n, cursor, outcome);
-                    }
-                }
-                InboxAction::Ack {
-                    node: n,
-                    epoch,
-                    upto,
-                } => {
-                    // The inbox acknowledges only what its durable cursor covers.
-                    if let NodeRole::Master(m) = &mut self.role
-                        && let Some(c) = m.minions.get(&n)
-                    {
-                        let ack = pc::MasterMessage {
-                            kind: Some(master_message::Kind::Ack(pc::ReplAck {
-                                epoch,
-                                upto_seq: upto,
-                            })),
-                        };
-                        if c.tx.try_send(Ok(ack)).is_err() {
-                            m.minions.remove(&n);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// One replicated event's effects on the master. Each is idempotent (a crash between the effects
-    /// and the cursor re-applies it). False if they could not be made durable now (the datastore
-    /// refused as busy, a read failed): the event must be applied again later. The minion's clock
-    /// is `behind_ms` behind ours.
-    pub(super) async fn apply_event(
-        &mut self,
-        node: &str,
-        event: Result<Event, String>,
-        behind_ms: i128,
-    ) -> bool {
-        let event = match event {
-            Ok(e) => e,
-            Err(reason) => {
-                // Skipped so that the minion's later events are not stuck behind it.
-                tracing::error!(minion = %node, %reason, "skipping a malformed replicated event");
-                return true;
-            }
-        };
-        let now = self.now();
-        let client_of = |id: &str| -> Option<ClientId> {
-            ClientId::parse(id)
-                .inspect_err(|e| tracing::warn!(minion = %node, error = %e, "event names a malformed client id"))
-                .ok()
-        };
-        match event {
-            Event::ClientSeen(cs) => {
-                let Some(id) = client_of(&cs.client_id) else {
-                    return true;
-                };
-                let info = cs.info.unwrap_or_default();
-                let connected_ms =
-                    u64::try_from(i128::from(cs.connected_unix_ms) + behind_ms).unwrap_or(0);
-                let sighting = Sighting {
-                    id: id.clone(),
-                    public_key: cs.public_key.to_vec(),
-                    hostname: info.hostname,
-                    fqdn: info.fqdn,
-                    os: info.os,
-                    ips: info.ips,
-                    last_ip: cs.last_ip,
-                    node: node.to_owned(),
-                    // On our wall clock (recorded, shown) ...
-                    connected_at: Timestamp(connected_ms),
-                    // ... and, to order it against other nodes' sightings, on our monotonic
-                    // clock: its age (by the minion's clock, over a span of seconds) before now.
-                    connected_order: Monotonic(
-                        self.clock
-                            .monotonic()
-                            .as_ms()
-                            .saturating_sub(now.as_ms().saturating_sub(connected_ms)),
-                    ),
-                };
-                if let Err(e) = self.registry.handle_seen_admitted(now, sighting) {
-                    tracing::warn!(minion = %node, client = %id, error = %e, "refused a client seen on a minion");
-                    return true;
-                }
-                self.keys
-                    .insert(id.clone(), talon_core::ids::key_fingerprint(&cs.public_key));
-                if let Err(e) = self.persist_registry().await {
-                    tracing::error!(client = %id, error = %e, "cannot record a client");
-                }
-                self.send_pending(&id);
-                self.offer_hunts(now, &id).await;
-            }
-            Event::ClientGone(g) => {
-                if let Some(id) = client_of(&g.client_id) {
-                    self.registry.set_disconnected(now, &id, node);
-                }
-            }
-            Event::TaskDelivered(t) => {
-                if let (Some(id), Ok(flow)) = (client_of(&t.client_id), FlowId::parse(&t.flow_id)) {
-                    self.task_delivered(&id, &flow).await;
-                }
-            }
-            // `drain_inbox` hands completions to the intake before this; one that got here would
-            // be acknowledged unrecorded, so it is refused (the minion resends it) and said.
-            Event::FlowCompleted(f) => {
-                tracing::error!(minion = %node, flow = %f.flow_id, "a replicated completion reached the generic apply path; not applied");
-                return false;
-            }
-            Event::NodeStarted(_) => {
-                let n = self.registry.disconnect_node(now, node);
-                tracing::info!(minion = %node, clients = n, "minion restarted: its clients are disconnected until they reconnect");
-            }
-        }
-        true
-    }
-
-    /// Offers a connected client to every running hunt.
-    /// Offers a hunt to a client if it is connected (else it is offered every running hunt when it
-    /// connects): at the hunt's creation, and when a failed schedule is retried.
-    pub(super) fn offer_to_connected(&mut self, now: Timestamp, hunt: &HuntId, id: &ClientId) {
-        let Some(rec) = self.registry.get(id).filter(|r| r.connected) else {
-            return;
-        };
-        let (os, labels) = (rec.os.clone(), rec.labels.clone());
-        let facts = ClientFacts {
-            id,
-            os: &os,
-            labels: &labels,
-        };
-        self.hunts.offer_to(now, hunt, facts);
-    }
-
-    pub(super) async fn offer_hunts(&mut self, now: Timestamp, id: &ClientId) {
-        let Some(rec) = self.registry.get(id) else {
-            return;
-        };
-        let (os, labels) = (rec.os.clone(), rec.labels.clone());
-        self.hunts.offer(
-            now,
-            ClientFacts {
-                id,
-                os: &os,
-                labels: &labels,
-            },
-        );
-        // A refused schedule was undone in the hunt manager (offered again later) and logged where
-        // it failed; nothing else is owed to anyone here.
-        if let Err(e) = self.drain_hunts().await {
-            tracing::debug!(client = %id, error = %e, "offering the running hunts to a client did not all go through");
-        }
-    }
-
-    pub(super) async fn create_hunt(
-        &mut self,
-        now: Timestamp,
-        req: api::CreateHuntRequest,
-    ) -> Result<api::HuntSummary, Status> {
-        let given: BTreeMap<String, String> = req.params.into_iter().collect();
-        let (spec, params) = talon_core::artifacts::validate(&req.artifact, &given)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let labels = |ls: Vec<String>| -> Result<std::collections::BTreeSet<String>, Status> {
-            ls.iter()
-                .map(|l| {
-                    talon_core::registry::normalize_label(l)
-                        .map_err(|e| Status::invalid_argument(e.to_string()))
-                })
-                .collect()
-        };
-        let os = match req.os.to_ascii_lowercase().as_str() {
-            "" => None,
-            o @ ("linux" | "windows" | "darwin") => Some(o.to_owned()),
-            o => {
-                return Err(Status::invalid_argument(format!(
-                    "--os {o:?}: use linux, windows or darwin"
-                )));
-            }
-        };
-        let ttl_s = if req.expires_in_s == 0 {
-            HUNT_EXPIRES_DEFAULT_S
-        } else {
-            req.expires_in_s
-        };
-        let hunt_spec = HuntSpec {
-            artifact: spec.name.to_owned(),
-            params,
-            include_labels: labels(req.include_labels)?,
-            exclude_labels: labels(req.exclude_labels)?,
-            os,
-            expires: now.plus_ms(ttl_s.saturating_mul(1000)),
-            client_limit: (req.client_limit > 0).then_some(req.client_limit),
-            description: req.description,
-        };
+    fn random(&self) -> u64 {
         let mut n = [0u8; 8];
         self.entropy.fill(&mut n);
-        let id = HuntId::from_u64(u64::from_le_bytes(n));
-        self.hunts
-            .create(now, id.clone(), hunt_spec)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        // Acknowledged only once its record is durable (invariant 5 (docs/architecture.md)); if it
-        // is not, the hunt is forgotten, not left running with nothing on storage.
-        if let Err(e) = self.drain_hunts().await {
-            self.hunts.handle_create_failed(&id);
-            return Err(Status::unavailable(format!(
-                "the hunt was not created ({}); try again (if the master stopped while writing                  it, it may appear after the restart)",
-                e.message()
-            )));
-        }
-        tracing::info!(hunt = %id, artifact = spec.name, "hunt created");
-        self.broadcast(broadcast::Kind::HuntStarted(pc::HuntStarted {
-            hunt_id: id.to_string(),
-        }));
-        // Every client connected to any node is offered the hunt now; later ones when they connect.
-        let connected: Vec<ClientId> = self.registry.connected().map(|r| r.id.clone()).collect();
-        for c in connected {
-            self.offer_to_connected(now, &id, &c);
-        }
-        self.drain_hunts().await?;
-        let h = self
-            .hunts
-            .get(&id)
-            .ok_or_else(|| Status::internal("the new hunt vanished"))?;
-        Ok(hunt_summary(h))
+        u64::from_le_bytes(n)
     }
 
-    /// Records and tasks newly scheduled hunt participants. For each client one atomic write: its
-    /// participant record, its flow record and its pending task — all of them or none, whatever
-    /// crash follows (a restart that finds the participant finds its task; its frontend finds the
-    /// flow tasked) — durable before the task is sent. Up to [`LOAD_CONCURRENCY`] clients are
-    /// written at once, so one journal sync covers many of them. A client whose write is refused,
-    /// or that already has `max_queued_tasks_per_client` tasks waiting, is no participant: the hunt
-    /// manager undoes it and offers it again later (docs/architecture.md, "Invariants").
-    pub(super) async fn schedule(
+    /// A client connected here: it is recorded in the registry, then accepted (the core's `Reply`).
+    fn connected(
         &mut self,
-        batch: Vec<(HuntId, ClientId, FlowId)>,
-    ) -> Result<(), Status> {
-        let now = self.now();
-        let mut groups = BTreeMap::new();
-        for (hunt, client, flow) in batch {
-            let Some(h) = self.hunts.get(&hunt) else {
-                continue;
+        fe: &Frontend,
+        peer: Peer,
+        hello: codec::Hello,
+        conn: Conn,
+        reply: Reply<()>,
+    ) {
+        let t = fe.time();
+        let id = peer.client_id.clone();
+        let sighting = Sighting {
+            id: id.clone(),
+            public_key: peer.public_key.clone(),
+            hostname: hello.info.hostname.clone(),
+            fqdn: hello.info.fqdn.clone(),
+            os: hello.info.os.clone(),
+            ips: hello.info.ips.clone(),
+            last_ip: peer.addr.ip().to_string(),
+            node: fe.opts.node_name.clone(),
+            connected_at: t.now,
+            connected_order: t.at,
+        };
+        tracing::info!(client = %id, host = %crate::text::Printable(&hello.info.hostname), addr = %peer.addr, "client connecting");
+        let request = self.request(Waiting::Connected {
+            id,
+            conn: Box::new(conn),
+            reply,
+        });
+        if let Err(e) = self.core.handle_connected(t, request, sighting) {
+            use talon_core::registry::RegistryError as E;
+            let status = match e {
+                // The agent backs off and tries again.
+                E::EnrolmentRate { .. } => Status::unavailable(e.to_string()),
+                E::Full { .. } => Status::resource_exhausted(e.to_string()),
+                _ => Status::permission_denied(e.to_string()),
             };
-            let spec = h.record().spec.clone();
-            let record = FlowJson {
-                client_id: client.to_string(),
-                flow_id: flow.to_string(),
-                artifact: spec.artifact.clone(),
-                params: spec.params.clone(),
-                hunt_id: Some(hunt.to_string()),
-                state: FlowRecordState::Queued,
-                rows: 0,
-                uploaded_bytes: 0,
-                error: String::new(),
-                created_ms: now.as_ms(),
-                finished_ms: 0,
-                uploads: vec![],
-                runs: vec![],
-            };
-            let group = vec![
-                (
-                    paths::hunt_participant(&hunt, &client),
-                    json_bytes(&ParticipantJson::Scheduled)?,
-                ),
-                (paths::flow_record(&client, &flow), json_bytes(&record)?),
-            ];
-            let NodeRole::Master(m) = &mut self.role else {
-                return Err(Status::internal("hunts are scheduled on the master"));
-            };
-            // At the client's task bound it is no participant: undone, offered again later.
-            let upload_max = self.opts.codec.upload_bytes_max;
-            match hunt_tasks::schedule(
-                &mut self.hunts,
-                &mut m.tasks,
-                self.clock.monotonic(),
-                &hunt,
-                &client,
-                &flow,
-                upload_max,
-            ) {
-                Ok(token) => {
-                    groups.insert(token, group);
+            if let Some(Waiting::Connected { reply, .. }) = self.waiting.remove(&request) {
+                let _ = reply.send(Err(status));
+            }
+        }
+    }
+
+    /// An analyst's request (master only).
+    fn api_request(&mut self, fe: &Frontend, msg: Msg) {
+        let t = fe.time();
+        match msg {
+            Msg::Search {
+                query,
+                limit,
+                reply,
+            } => {
+                let r = talon_core::node::master::search(self.core.registry(), &query, limit)
+                    .map_err(status)
+                    .map(|res| api::SearchResponse {
+                        clients: res.clients.iter().map(|c| summary(c)).collect(),
+                        truncated: res.truncated,
+                    });
+                let _ = reply.send(r);
+            }
+            Msg::Label {
+                client,
+                label,
+                remove,
+                reply,
+            } => match ClientId::parse(&client) {
+                Ok(id) => {
+                    let r = self.request(Waiting::Client(reply));
+                    self.core.label(t, r, &id, &label, remove);
                 }
                 Err(e) => {
-                    tracing::warn!(client = %client, hunt = %hunt, error = %e, "hunt task not queued yet; offering it again later");
+                    let _ = reply.send(Err(Status::invalid_argument(e.to_string())));
                 }
+            },
+            Msg::Collect {
+                client,
+                artifact,
+                params,
+                reply,
+            } => match self.new_flow(t.now, &client, &artifact, &params) {
+                Ok(flow) => {
+                    let r = self.request(Waiting::Flow(reply));
+                    self.core.collect(t, r, flow);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Msg::CreateHunt { req, reply } => match hunt_spec(t.now, req) {
+                Ok(spec) => {
+                    let id = HuntId::from_u64(self.random());
+                    let r = self.request(Waiting::Hunt(reply));
+                    self.core.create_hunt(t, r, id, spec);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Msg::ListHunts { reply } => {
+                let r = self.request(Waiting::Hunts(reply));
+                self.core.get_hunts(t, r, None);
             }
+            Msg::GetHunt { id, reply } => match parse_hunt(&id) {
+                Ok(h) => {
+                    let r = self.request(Waiting::Hunt(reply));
+                    self.core.get_hunts(t, r, Some(h));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Msg::StopHunt { id, reply } => match parse_hunt(&id) {
+                Ok(h) => {
+                    let r = self.request(Waiting::Hunt(reply));
+                    self.core.stop_hunt(t, r, &h);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Msg::HuntFlows { id, reply } => {
+                let r = parse_hunt(&id).and_then(|h| {
+                    let hunt = self
+                        .core
+                        .hunts()
+                        .get(&h)
+                        .ok_or_else(|| Status::not_found(format!("no hunt {h}")))?;
+                    Ok(hunt
+                        .participants()
+                        .map(|(c, _)| (c.clone(), FlowId::for_hunt(&h, c)))
+                        .collect())
+                });
+                let _ = reply.send(r);
+            }
+            Msg::Cluster { reply } => {
+                let _ = reply.send(Ok(self.cluster_status(fe)));
+            }
+            _ => {}
         }
-        // Refused groups are undone in the hunt manager as their `Created` comes back.
-        self.drain_tasks(groups).await;
-        Ok(())
     }
 
-    /// Performs the hunt manager's actions: a participant is journalled before its task is delivered.
-    /// `Err` carries the first write that failed (the node fail-stops on it, see `Meta::set`): what
-    /// the caller was about to acknowledge is not durable.
-    pub(super) async fn drain_hunts(&mut self) -> Result<(), Status> {
-        let mut failed = None;
-        // Consecutive Schedule actions are written together (each client's records in order, many
-        // clients at once, so the journal's group commit covers them); anything else waits for them.
-        let mut batch: Vec<(HuntId, ClientId, FlowId)> = Vec::new();
-        loop {
-            let a = self.hunts.poll_action();
-            if !matches!(a, Some(HuntAction::Schedule { .. }))
-                && !batch.is_empty()
-                && let Err(e) = self.schedule(std::mem::take(&mut batch)).await
-            {
-                failed.get_or_insert(e);
-            }
-            let Some(a) = a else { break };
-            match a {
-                HuntAction::Schedule { hunt, client, flow } => {
-                    batch.push((hunt, client, flow));
-                    if batch.len() >= SCHEDULE_BATCH_MAX {
-                        if let Err(e) = self.schedule(std::mem::take(&mut batch)).await {
-                            failed.get_or_insert(e);
-                        }
-                        // A hunt over 100,000 clients is 100 batches, and the node's other work
-                        // (pings, the API, other streams) gets a turn between them: scheduling
-                        // all at once, a master logged nothing for 43 s and its API connection
-                        // was dropped by the keep-alive.
-                        tokio::task::yield_now().await;
-                    }
-                }
-                HuntAction::Participant {
-                    hunt,
-                    client,
-                    participation,
-                } => {
-                    let key = paths::hunt_participant(&hunt, &client);
-                    if let Err(e) =
-                        save_json(&self.datastore, &key, &ParticipantJson::from(participation))
-                            .await
-                    {
-                        // Not counted until it is recorded: the completion fails with it, and the
-                        // client's (or minion's) resend brings the outcome again.
-                        tracing::warn!(hunt = %hunt, client = %client, error = %e, "cannot record a hunt outcome yet");
-                        self.hunts
-                            .handle_outcome_failed(&hunt, &client, participation);
-                        failed.get_or_insert(e);
-                    }
-                }
-                HuntAction::Offer { hunt, client } => {
-                    self.offer_to_connected(self.now(), &hunt, &client)
-                }
-                HuntAction::Record(r) => {
-                    if let Err(e) = save_json(
-                        &self.datastore,
-                        &paths::hunt_record(&r.id),
-                        &HuntJson::from_record(&r),
-                    )
-                    .await
-                    {
-                        tracing::error!(hunt = %r.id, error = %e, "cannot record a hunt");
-                        failed.get_or_insert(e);
-                    }
-                }
-            }
-        }
-        failed.map_or(Ok(()), Err)
-    }
-
-    pub(super) async fn label(
-        &mut self,
-        client: &str,
-        label: &str,
-        remove: bool,
-    ) -> Result<api::ClientSummary, Status> {
-        let id = ClientId::parse(client).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let rec = self
-            .registry
-            .set_label(&id, label, remove)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let out = summary(rec);
-        self.persist_registry().await?;
-        Ok(out)
-    }
-
-    pub(super) async fn collect(
-        &mut self,
+    /// A collection's flow record, validated.
+    fn new_flow(
+        &self,
         now: Timestamp,
         client: &str,
         artifact: &str,
         params: &BTreeMap<String, String>,
-    ) -> Result<api::FlowSummary, Status> {
+    ) -> Result<NewFlow, Status> {
         let id = ClientId::parse(client).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if self.registry.get(&id).is_none() {
-            return Err(Status::not_found(format!(
-                "no client {id} (search with `talon clients search all`)"
-            )));
-        }
         let (spec, params) = talon_core::artifacts::validate(artifact, params)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut n = [0u8; 8];
-        self.entropy.fill(&mut n);
-        let flow = FlowId::from_u64(u64::from_le_bytes(n));
-        let record = FlowJson {
-            client_id: id.to_string(),
-            flow_id: flow.to_string(),
+        Ok(NewFlow {
+            client: id,
+            flow: FlowId::from_u64(self.random()),
             artifact: spec.name.to_owned(),
-            params: params.clone(),
-            hunt_id: None,
-            state: FlowRecordState::Queued,
-            rows: 0,
-            uploaded_bytes: 0,
-            error: String::new(),
-            created_ms: now.as_ms(),
-            finished_ms: 0,
-            uploads: vec![],
-            runs: vec![],
-        };
-        let upload_max = self.opts.codec.upload_bytes_max;
-        let task = hunt_tasks::task(&flow, spec.name, &params, None, upload_max);
-        self.deliver(&id, &flow, task, &record).await?;
-        tracing::info!(client = %id, flow = %flow, artifact = spec.name, "collection scheduled");
-        Ok(flow_summary(&record))
+            params,
+            hunt: None,
+            created: now,
+        })
     }
 
-    /// Performs a step of recording a completion (the intake's completions machine, master).
-    pub(super) async fn record_step(&mut self, step: RecordStep) {
-        let now = self.now();
-        match step {
-            RecordStep::Delivered { key } => {
-                // A completed flow was delivered, whether or not its TaskAck reached us.
-                if let NodeRole::Master(m) = &mut self.role
-                    && m.tasks.handle_acked(&key.client, &key.flow)
-                {
-                    self.drain_tasks(BTreeMap::new()).await;
+    fn cluster_status(&self, fe: &Frontend) -> api::ClusterStatus {
+        let meta = match &fe.datastore {
+            Meta::Local(d) => d.volume_error(),
+            Meta::Remote(_) => None,
+        };
+        let volume_errors = [
+            ("metadata", meta),
+            ("filestore", fe.filestore.volume_error()),
+        ]
+        .into_iter()
+        .filter_map(|(what, e)| e.map(|(t, why)| format!("{what}: {why} (since {})", t.as_ms())))
+        .collect();
+        api::ClusterStatus {
+            volume_errors,
+            master: fe.opts.node_name.clone(),
+            minions: self
+                .core
+                .minions()
+                .into_iter()
+                .map(|(node, connected, c)| api::MinionStatus {
+                    node,
+                    connected,
+                    epoch: c.map_or(0, |c| c.epoch),
+                    applied: c.map_or(0, |c| c.hwm),
+                })
+                .collect(),
+        }
+    }
+
+    /// Answers a request the core finished.
+    fn answer(&mut self, fe: &mut Frontend, request: Token, result: Result<Answer, RequestError>) {
+        let Some(w) = self.waiting.remove(&request) else {
+            return;
+        };
+        let hunt = |core: &Master, id: &HuntId| {
+            core.hunts()
+                .get(id)
+                .map(hunt_summary)
+                .ok_or_else(|| Status::not_found(format!("no hunt {id}")))
+        };
+        match (w, result) {
+            (Waiting::Connected { id, conn, reply }, Ok(_)) => {
+                fe.accept(&id, *conn);
+                tracing::info!(client = %id, "client connected");
+                let _ = reply.send(Ok(()));
+            }
+            (Waiting::Connected { reply, .. }, Err(e)) => {
+                let _ = reply.send(Err(status(e)));
+            }
+            (Waiting::Client(reply), r) => {
+                let r = r.map_err(status).and_then(|a| match a {
+                    Answer::Client(id) => self
+                        .core
+                        .registry()
+                        .get(&id)
+                        .map(summary)
+                        .ok_or_else(|| Status::not_found(format!("no client {id}"))),
+                    _ => Err(Status::internal("unexpected answer")),
+                });
+                let _ = reply.send(r);
+            }
+            (Waiting::Flow(reply), r) => {
+                let r = r.map_err(status).and_then(|a| match a {
+                    Answer::Flow(f) => {
+                        tracing::info!(client = %f.client, flow = %f.flow, artifact = %f.artifact, "collection scheduled");
+                        Ok(flow_summary(&flow_json(&f)))
+                    }
+                    _ => Err(Status::internal("unexpected answer")),
+                });
+                let _ = reply.send(r);
+            }
+            (Waiting::Hunt(reply), r) => {
+                let r = r.map_err(status).and_then(|a| match a {
+                    Answer::Hunt(id) => hunt(&self.core, &id),
+                    _ => Err(Status::internal("unexpected answer")),
+                });
+                let _ = reply.send(r);
+            }
+            (Waiting::Hunts(reply), r) => {
+                let r = r.map_err(status).map(|_| api::ListHuntsResponse {
+                    hunts: self.core.hunts().list().map(hunt_summary).collect(),
+                });
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Performs one of the core's actions; writes and deletes are gathered into `batch`.
+    async fn act(&mut self, fe: &mut Frontend, a: MasterAction, batch: &mut Batch) {
+        match a {
+            MasterAction::Write { token, items } => {
+                let group: Vec<_> = items.iter().map(encode).collect();
+                self.flush_if_overlapping(fe, batch, &group).await;
+                batch.push(token, group);
+            }
+            MasterAction::DeleteTask {
+                token,
+                client,
+                flow,
+            } => {
+                let group = vec![(task_key(&client, &flow), None)];
+                self.flush_if_overlapping(fe, batch, &group).await;
+                batch.push(token, group);
+            }
+            MasterAction::MarkRunning { client, flow } => {
+                mark_running(&fe.datastore, &client, &flow).await
+            }
+            MasterAction::Push { client, task } => fe.notify_task(&client, task),
+            MasterAction::ToMinion {
+                node,
+                conn,
+                message,
+            } => {
+                let sent = self
+                    .minions
+                    .get(&node)
+                    .is_some_and(|(c, tx)| *c == conn && tx.try_send(Ok(message)).is_ok());
+                if !sent && self.core.handle_minion_down(&node, conn) {
+                    tracing::warn!(minion = %node, "minion's queue is full or closed; dropping its stream (it resynchronises on reconnect)");
+                    self.minions.remove(&node);
                 }
             }
+            MasterAction::Prefetch { flows } => {
+                let keys = flows
+                    .iter()
+                    .map(|(c, f)| paths::flow_record(c, f))
+                    .collect();
+                if let Err(e) = get_many(&fe.datastore, keys).await {
+                    tracing::warn!(error = %e, "prefetching flow records failed");
+                }
+            }
+            MasterAction::Complete { origin, completed } => {
+                match replicated_completion(&origin.0, completed) {
+                    Some((o, runs)) => fe.intake.handle_completion(origin, o, runs),
+                    None => self.core.handle_applied(fe.time(), origin, Outcome::Done),
+                }
+            }
+            MasterAction::HuntRecorded { token, outcome } => {
+                fe.intake.handle_hunt_recorded(token, outcome)
+            }
+            MasterAction::Reply { request, result } => self.answer(fe, request, result),
+            MasterAction::Notice(n) => match n.level {
+                Level::Info => tracing::info!("{}", n.message),
+                Level::Warn => tracing::warn!("{}", n.message),
+                Level::Error => tracing::error!("{}", n.message),
+            },
+        }
+    }
+
+    /// Writes the batch's groups (many at once: one journal sync covers many) if `group` names a
+    /// key one of them names (the second must follow the first).
+    async fn flush_if_overlapping(
+        &mut self,
+        fe: &Frontend,
+        batch: &mut Batch,
+        group: &[(String, Option<Bytes>)],
+    ) {
+        if group.iter().any(|(k, _)| batch.keys.contains(k)) {
+            self.flush(fe, batch).await;
+        }
+    }
+
+    /// Writes the batch's groups and hands the core each one's result.
+    async fn flush(&mut self, fe: &Frontend, batch: &mut Batch) {
+        let Batch { tokens, groups, .. } = std::mem::take(batch);
+        if tokens.is_empty() {
+            return;
+        }
+        let results = write_groups(&fe.datastore, groups).await;
+        for (token, r) in tokens.into_iter().zip(results) {
+            let r = r.map_err(|e| {
+                tracing::warn!(error = %e, outcome = ?e.outcome, "a metadata write did not go through");
+                WriteFailure {
+                    outcome: e.outcome,
+                    message: e.message,
+                }
+            });
+            self.core.handle_written(fe.time(), token, r);
+        }
+    }
+
+    /// Performs a step of recording a completion (the intake's completions machine).
+    async fn record_step(&mut self, fe: &mut Frontend, step: RecordStep) {
+        let t = fe.time();
+        match step {
+            // A completed flow was delivered, whether or not its TaskAck reached us.
+            RecordStep::Delivered { key } => self.core.handle_delivered(t, &key.client, &key.flow),
             // Record reads and writes are awaited here, as the inbox applies a minion's events one
             // at a time: sent round the actor's queue, each completion a minion replicates would
             // wait behind the whole queue twice (docs/architecture.md, "known shortcuts").
             RecordStep::Read { token, key } => {
                 let k = paths::flow_record(&key.client, &key.flow);
-                let record = load_json::<FlowJson>(&self.datastore, &k)
-                    .await
-                    .map_err(|e| {
-                        tracing::error!(flow = %key.flow, error = %e, "cannot read flow record");
-                    });
-                self.intake.handle_read(now, token, record);
+                let record = load_json::<FlowJson>(&fe.datastore, &k).await.map_err(|e| {
+                    tracing::error!(flow = %key.flow, error = %e, "cannot read flow record");
+                });
+                fe.intake.handle_read(t.now, token, record);
             }
             RecordStep::Write {
                 token,
@@ -949,34 +530,282 @@ impl Actor {
                     let marker = paths::uploads_pending(&key.client, &key.flow);
                     writes.push((marker, Some(Bytes::from_static(b"{}"))));
                 }
-                let r = self.datastore.write_all(writes).await.map(|_| ());
-                let outcome = self.write_outcome("a flow's completion", r);
-                self.intake.handle_written(token, outcome);
+                let outcome = match fe.datastore.write_all(writes).await {
+                    Ok(_) => Outcome::Done,
+                    Err(e) => {
+                        tracing::warn!(error = %e, outcome = ?e.outcome, "cannot write a flow's completion yet");
+                        e.outcome
+                    }
+                };
+                fe.intake.handle_written(token, outcome);
             }
             RecordStep::StartUploads { key } => {
-                let (fs, ds) = (self.filestore.volume().clone(), self.datastore.clone());
+                let (fs, ds) = (fe.filestore.volume().clone(), fe.datastore.clone());
                 self.uploads.start(fs, ds, key);
             }
-            RecordStep::HuntOutcome {
-                token,
-                hunt,
-                client,
-                state,
-                rows,
-                uploaded_bytes,
-            } => {
-                self.hunts
-                    .handle_outcome(now, &hunt, &client, state, rows, uploaded_bytes);
-                // A participant record not written is undone in the hunt manager
-                // (`handle_outcome_failed`) and comes again with the resend.
-                let outcome = match self.drain_hunts().await {
-                    Ok(()) => Outcome::Done,
-                    Err(_) => Outcome::Unknown,
-                };
-                self.intake.handle_hunt_recorded(token, outcome);
+            RecordStep::HuntOutcome { token, outcome } => {
+                self.core.handle_hunt_outcome(t, token, &outcome)
             }
         }
     }
+}
+
+/// Writes and deletes gathered to go together.
+#[derive(Default)]
+struct Batch {
+    tokens: Vec<Token>,
+    groups: Vec<Vec<(String, Option<Bytes>)>>,
+    keys: BTreeSet<String>,
+}
+
+impl Batch {
+    fn push(&mut self, token: Token, group: Vec<(String, Option<Bytes>)>) {
+        self.keys.extend(group.iter().map(|(k, _)| k.clone()));
+        self.tokens.push(token);
+        self.groups.push(group);
+    }
+}
+
+impl RoleDriver for MasterDriver {
+    async fn handle(&mut self, fe: &mut Frontend, msg: Msg) {
+        let t = fe.time();
+        match msg {
+            Msg::Connected {
+                peer,
+                hello,
+                tx,
+                conn,
+                reply,
+            } => {
+                let c = Conn {
+                    id: conn,
+                    tx,
+                    seen: None,
+                };
+                self.connected(fe, peer, hello, c, reply);
+            }
+            Msg::Disconnected { client, conn } => {
+                if fe.gone(&client, conn) {
+                    self.core.handle_disconnected(t, &client);
+                }
+            }
+            Msg::TaskAck { client, flow } => self.core.handle_task_acked(t, &client, &flow),
+            Msg::MinionUp { node, tx, reply } => {
+                let conn = self.core.handle_minion_up(t, &node);
+                tracing::info!(minion = %node, "minion's replication stream is up");
+                self.minions.insert(node, (conn, tx));
+                let _ = reply.send(Ok(conn));
+            }
+            Msg::MinionDown { node, conn } => {
+                if self.core.handle_minion_down(&node, conn) {
+                    self.minions.remove(&node);
+                    tracing::warn!(minion = %node, "minion's replication stream closed");
+                }
+            }
+            Msg::MinionEvents { node, conn, batch } => {
+                self.core.handle_batch(t, &node, conn, batch)
+            }
+            Msg::DatastoreChanged { key, version } => {
+                let kind = broadcast::Kind::DatastoreChanged(pc::DatastoreChanged { key, version });
+                self.core.broadcast(kind);
+            }
+            msg @ (Msg::Search { .. }
+            | Msg::Label { .. }
+            | Msg::Collect { .. }
+            | Msg::CreateHunt { .. }
+            | Msg::ListHunts { .. }
+            | Msg::GetHunt { .. }
+            | Msg::StopHunt { .. }
+            | Msg::HuntFlows { .. }
+            | Msg::Cluster { .. }) => self.api_request(fe, msg),
+            // Not the master's: a minion's link, its replicated completions; flows are the frontend's.
+            Msg::Link(_)
+            | Msg::Replicated { .. }
+            | Msg::Flow { .. }
+            | Msg::Stored { .. }
+            | Msg::Audited { .. }
+            | Msg::Settled { .. }
+            | Msg::Located { .. } => {}
+        }
+    }
+
+    async fn intake_action(&mut self, fe: &mut Frontend, a: IntakeAction<RunRef, ApplyOrigin>) {
+        match a {
+            IntakeAction::Record(step) => self.record_step(fe, step).await,
+            IntakeAction::Applied { origin, result } => {
+                let outcome = if result.ok() {
+                    Outcome::Done
+                } else {
+                    // Not applied (busy, or a read failed), or in part: it stays unacknowledged,
+                    // and the minion resends it and what follows.
+                    tracing::warn!(minion = %origin.0, seq = origin.1.hwm, ?result, "a replicated completion could not be applied yet; the minion sends it again");
+                    Outcome::Unknown
+                };
+                self.core.handle_applied(fe.time(), origin, outcome);
+            }
+            _ => {}
+        }
+    }
+
+    async fn drain(&mut self, fe: &mut Frontend) -> usize {
+        let mut n = 0;
+        loop {
+            let mut batch = Batch::default();
+            let mut round = 0;
+            while let Some(a) = self.core.poll_action() {
+                round += 1;
+                self.act(fe, a, &mut batch).await;
+                if batch.tokens.len() >= SCHEDULE_BATCH_MAX {
+                    self.flush(fe, &mut batch).await;
+                    // A hunt over 100,000 clients is 100 batches, and the node's other work
+                    // (pings, the API, other streams) gets a turn between them: scheduling all at
+                    // once, a master logged nothing for 43 s and its API connection was dropped
+                    // by the keep-alive.
+                    tokio::task::yield_now().await;
+                }
+            }
+            self.flush(fe, &mut batch).await;
+            n += round;
+            if round == 0 {
+                return n;
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> (Option<Monotonic>, Option<Timestamp>) {
+        (self.core.poll_timeout(), self.core.poll_expiry())
+    }
+
+    fn handle_timeout(&mut self, fe: &mut Frontend) {
+        self.core.handle_timeout(fe.time());
+    }
+}
+
+/// A core request error as a gRPC status.
+fn status(e: RequestError) -> Status {
+    let m = e.message;
+    match e.kind {
+        ErrorKind::Invalid => Status::invalid_argument(m),
+        ErrorKind::NotFound => Status::not_found(m),
+        ErrorKind::Precondition => Status::failed_precondition(m),
+        ErrorKind::Unavailable => Status::unavailable(m),
+        ErrorKind::Exhausted => Status::resource_exhausted(m),
+        ErrorKind::Denied => Status::permission_denied(m),
+    }
+}
+
+/// A queued flow's record.
+fn flow_json(f: &NewFlow) -> FlowJson {
+    FlowJson {
+        client_id: f.client.to_string(),
+        flow_id: f.flow.to_string(),
+        artifact: f.artifact.clone(),
+        params: f.params.clone(),
+        hunt_id: f.hunt.as_ref().map(ToString::to_string),
+        state: FlowRecordState::Queued,
+        rows: 0,
+        uploaded_bytes: 0,
+        error: String::new(),
+        created_ms: f.created.as_ms(),
+        finished_ms: 0,
+        uploads: vec![],
+        runs: vec![],
+    }
+}
+
+/// An item of the core's atomic writes, as the datastore key and value it is stored as.
+fn encode(item: &Item) -> (String, Option<Bytes>) {
+    fn json<T: serde::Serialize>(v: &T) -> Option<Bytes> {
+        // These records are plain data; serialising them cannot fail.
+        Some(Bytes::from(
+            serde_json::to_vec(v).expect("a record serialises"),
+        ))
+    }
+    match item {
+        Item::Client(r) => (
+            paths::client_record(&r.id),
+            json(&ClientJson::from_record(r)),
+        ),
+        Item::Hunt(r) => (paths::hunt_record(&r.id), json(&HuntJson::from_record(r))),
+        Item::Participant {
+            hunt,
+            client,
+            participation,
+        } => (
+            paths::hunt_participant(hunt, client),
+            json(&ParticipantJson::from(*participation)),
+        ),
+        Item::Task { client, flow, task } => (
+            task_key(client, flow),
+            Some(Bytes::from(task.encode_to_vec())),
+        ),
+        Item::Flow(f) => (paths::flow_record(&f.client, &f.flow), json(&flow_json(f))),
+        Item::Cursor { node, cursor } => (
+            cursor_key(node),
+            json(&CursorJson {
+                node: node.clone(),
+                epoch: cursor.epoch,
+                hwm: cursor.hwm,
+            }),
+        ),
+    }
+}
+
+/// Marks a delivered flow's record running if it is still queued (shown only: not marked, it
+/// shows queued until its completion is recorded, and nothing else depends on it).
+async fn mark_running(ds: &Meta, client: &ClientId, flow: &FlowId) {
+    let k = paths::flow_record(client, flow);
+    match load_json::<FlowJson>(ds, &k).await {
+        Ok(Some(mut f)) if f.state == FlowRecordState::Queued => {
+            f.state = FlowRecordState::Running;
+            if let Err(e) = save_json(ds, &k, &f).await {
+                tracing::warn!(client = %client, flow = %flow, error = %e, "cannot mark a flow running; it shows queued until it completes");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(client = %client, flow = %flow, error = %e, "cannot read a delivered flow's record; it shows queued until it completes")
+        }
+    }
+}
+
+/// An analyst's hunt request as the hunt manager takes it, validated.
+fn hunt_spec(now: Timestamp, req: api::CreateHuntRequest) -> Result<HuntSpec, Status> {
+    let given: BTreeMap<String, String> = req.params.into_iter().collect();
+    let (spec, params) = talon_core::artifacts::validate(&req.artifact, &given)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
+        ls.iter()
+            .map(|l| {
+                talon_core::registry::normalize_label(l)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))
+            })
+            .collect()
+    };
+    let os = match req.os.to_ascii_lowercase().as_str() {
+        "" => None,
+        o @ ("linux" | "windows" | "darwin") => Some(o.to_owned()),
+        o => {
+            return Err(Status::invalid_argument(format!(
+                "--os {o:?}: use linux, windows or darwin"
+            )));
+        }
+    };
+    let ttl_s = if req.expires_in_s == 0 {
+        HUNT_EXPIRES_DEFAULT_S
+    } else {
+        req.expires_in_s
+    };
+    Ok(HuntSpec {
+        artifact: spec.name.to_owned(),
+        params,
+        include_labels: labels(req.include_labels)?,
+        exclude_labels: labels(req.exclude_labels)?,
+        os,
+        expires: now.plus_ms(ttl_s.saturating_mul(1000)),
+        client_limit: (req.client_limit > 0).then_some(req.client_limit),
+        description: req.description,
+    })
 }
 
 /// A minion's replicated completion as the intake takes it; `None` if it names a malformed client or

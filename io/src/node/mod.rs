@@ -1,22 +1,21 @@
 //! A frontend node: the client-facing `Comms` service and, on the master, the analyst's `Api`.
 //!
-//! One task, the [`Node`] actor, owns the core state machines of the node (client registry, key cache,
-//! flow tracker). gRPC handlers talk to it through a bounded channel; it performs the machines' actions
-//! (store a flow message in the filestore, acknowledge, write records through the datastore) and feeds
-//! their results back as inputs — the driving rule of `talon-core`, with tokio around it.
+//! One task, the node [`Actor`], owns the node's state: the [`Frontend`] every node has (its client
+//! connections and their flows, core `node::intake`) and its [`RoleDriver`]. gRPC handlers talk to it
+//! through a bounded channel; it performs the core machines' actions (store a flow message, write
+//! metadata, send to a client or a minion, answer a request) and feeds their results back as inputs
+//! — the driving rule of `talon-core`, with tokio around it.
 //!
-//! The same actor runs on the master and on minions ([`Role`]). The master is the single writer of
-//! metadata: it owns the registry, the hunt manager and the tasks not yet delivered. A minion serves
-//! its clients' flows (bulk data straight to the shared filestore) and tells the master what happened
-//! through its replication [`Link`]: a client seen or gone, a task delivered, a flow completed. It
+//! The master is the single writer of metadata: its role drives core `node::Master` (the registry,
+//! the hunts, the tasks not yet delivered, the replication inbox). A minion serves its clients'
+//! flows (bulk data straight to the shared filestore) and tells the master what happened through
+//! its replication [`Link`]: a client seen or gone, a task delivered, a flow completed. It
 //! acknowledges a flow's final status only once the master has applied the completion, so a minion
 //! killed at any point loses nothing: the client resends the final status to another node.
 //!
-//! Where things are: this file holds the actor, its inputs and dispatch; `master.rs` the master's
-//! policy driver (over the core task book and replication inbox), `minion.rs` the link events,
-//! `flows.rs` client flows on every node, `load.rs` a master's start, `comms_service.rs` and
-//! `api_service.rs` the gRPC services. The policy moves into `talon_core::node` machine by machine
-//! (docs/architecture.md, "The node's policy").
+//! Where things are: this file holds the actor, its inputs and the frontend; `flows.rs` client
+//! flows on every node; `master.rs` and `minion.rs` the two roles; `load.rs` a master's start;
+//! `comms_service.rs` and `api_service.rs` the gRPC services (docs/architecture.md, "The node").
 
 pub mod server;
 
@@ -31,26 +30,26 @@ use crate::storage::volume::SharedVolume;
 use bytes::Bytes;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use talon_core::cluster_codec::MinionBatch;
 use talon_core::codec::{self, ClientInput, CodecLimits, FlowData};
 use talon_core::flows::{FinalState, FlowKey, FlowLimits, StoredMessage};
-use talon_core::hunts::{
-    ClientFacts, Hunt, HuntAction, HuntLimits, HuntManager, HuntSpec, HuntState,
-};
+use talon_core::hunts::{Hunt, HuntLimits, HuntManager, HuntSpec, HuntState};
 use talon_core::node::completions::{CompletionLimits, RecordStep, Recorded};
-use talon_core::node::hunt_tasks::{self, TaskOrigin};
 use talon_core::node::intake::{Intake, IntakeAction, IntakeLimits};
-use talon_core::node::tasks::{TaskAction, TaskBook, TaskLimits};
+use talon_core::node::master::{
+    Answer, ErrorKind, Item, Level, Master, MasterAction, MasterLimits, NewFlow, RequestError,
+    Restored, Time, WriteFailure,
+};
+use talon_core::node::tasks::TaskLimits;
 use talon_core::node::{Outcome, Token};
 use talon_core::ratelimit::Paced;
-use talon_core::registry::{
-    KeyCache, KeyCheck, Query, Registry, RegistryAction, RegistryLimits, Sighting,
-};
-use talon_core::replication::{Cursor, Inbox, InboxAction, InboxLimits};
+use talon_core::registry::{KeyCache, KeyCheck, RegistryLimits, Sighting};
+use talon_core::replication::{Cursor, InboxLimits};
 use talon_core::{ClientId, FlowId, HuntId, Monotonic, Timestamp, paths};
 use talon_proto::api;
-use talon_proto::cluster::{self as pc, broadcast, master_message, replicated_event::Event};
+use talon_proto::cluster::{self as pc, broadcast, replicated_event::Event};
 use talon_proto::comms::{self, client_message, server_message};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
@@ -67,6 +66,7 @@ pub use comms_service::*;
 use flows::*;
 pub use load::*;
 use master::*;
+use minion::*;
 
 /// Per-client queue of messages to push down its stream; a slow client drops acks (it resends).
 pub const CLIENT_QUEUE_MAX: usize = 256;
@@ -81,12 +81,6 @@ pub const TASK_RESEND_MS: u64 = 5_000;
 /// 1,024). Beyond it a notification is dropped: the task stays pending on the master, which sends it
 /// again every `TASK_RESEND_MS`.
 pub const NOTIFY_QUEUE_SECONDS: u64 = 60;
-
-fn json_bytes<T: serde::Serialize>(value: &T) -> Result<Bytes, Status> {
-    serde_json::to_vec(value)
-        .map(Bytes::from)
-        .map_err(|e| Status::internal(e.to_string()))
-}
 
 /// The node's settings.
 #[derive(Clone, Debug)]
@@ -263,63 +257,54 @@ pub enum Cluster {
     },
 }
 
-/// The actor's role-specific state.
-enum NodeRole {
-    Master(Box<MasterState>),
-    Minion(MinionState),
-}
-
 /// Names a replicated completion the master is applying: the minion and the event's cursor.
 type ApplyOrigin = (String, Cursor);
 
-struct MinionConn {
-    conn: u64,
-    /// How far the minion's clock is behind ours (ms; negative: ahead), measured on its last batch.
-    behind_ms: i128,
-    tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
-}
-
-struct MasterState {
-    /// Minions with a replication stream up.
-    minions: BTreeMap<String, MinionConn>,
-    next_minion_conn: u64,
-    /// Events checked by `cluster_codec`: a malformed one is `Err(reason)`, skipped when applied.
-    /// It holds each minion's cursor as applied and as durable, and acknowledges only the latter.
-    inbox: Inbox<Result<Event, String>>,
-    /// Tasks created and not yet acknowledged by their client (core `TaskBook`: durable before
-    /// sent, bounded per client, sent again until acknowledged).
-    tasks: TaskBook<comms::Task, TaskOrigin>,
-}
-
-struct MinionState {
-    link: Link,
-    /// Events not handed to the link because it had stopped (the process is stopping): the first
-    /// is logged as an error, the rest counted (a clean stop of a minion with 1,000 clients logged
-    /// 1,000 errors, one per client gone).
-    unreplicated: std::sync::atomic::AtomicU64,
-}
-
-struct Actor {
+/// What every node has, whatever its role: its client connections, their flows (core
+/// `node::intake`) and the task notifications pushed to them.
+struct Frontend {
     opts: NodeOptions,
     clock: Arc<dyn Clock>,
-    entropy: Arc<dyn Entropy>,
     datastore: Meta,
     filestore: Filestore,
-    role: NodeRole,
-    registry: Registry,
-    keys: KeyCache,
-    /// Client flows: stores, the two-phase acknowledgement, completions and their recording (core
-    /// `node::intake`).
+    /// Client flows: stores, the two-phase acknowledgement, completions and their recording.
     intake: Intake<FlowJson, ApplyOrigin>,
-    hunts: HuntManager,
     conns: BTreeMap<ClientId, Conn>,
     /// Tasks for clients connected here, pushed at `notifications_per_second`.
     notify: Paced<(ClientId, String), comms::Task>,
     /// The bytes of the flow message being handled, until a Store action takes them (at most one).
     raw: BTreeMap<(FlowKey, u64), Bytes>,
     self_tx: mpsc::Sender<Msg>,
-    /// Completed flows' uploads being reassembled (master).
-    uploads: Reassembly,
+}
+
+/// What a role adds to the [`Frontend`]: the master's policy (`master.rs`, over core
+/// `node::Master`) or a minion's replication link (`minion.rs`). The actor drives either the same
+/// way, and nothing outside a role asks which role it is.
+trait RoleDriver: Send + 'static {
+    /// Handles a message about client connections, the API or the cluster.
+    fn handle(&mut self, fe: &mut Frontend, msg: Msg) -> impl Future<Output = ()> + Send;
+
+    /// Performs an intake action the frontend leaves to the role (recording or replicating a
+    /// completion).
+    fn intake_action(
+        &mut self,
+        fe: &mut Frontend,
+        a: IntakeAction<RunRef, ApplyOrigin>,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// Performs the role's own actions; returns how many.
+    fn drain(&mut self, fe: &mut Frontend) -> impl Future<Output = usize> + Send;
+
+    /// The role's next deadline on the monotonic clock, and on the wall clock.
+    fn poll_timeout(&self) -> (Option<Monotonic>, Option<Timestamp>);
+
+    /// A deadline passed.
+    fn handle_timeout(&mut self, fe: &mut Frontend);
+}
+
+struct Actor<R> {
+    fe: Frontend,
+    role: R,
 }
 
 async fn load_json<T: serde::de::DeserializeOwned>(
@@ -352,36 +337,6 @@ impl Node {
         entropy: Arc<dyn Entropy>,
         cluster: Cluster,
     ) -> Result<Node, String> {
-        let mut records = Vec::new();
-        let mut hunts = HuntManager::new(opts.hunts.clone());
-        // Completed flows whose uploads a crash left unassembled (master).
-        let mut reassembling = Vec::new();
-        let (role, link_events) = match cluster {
-            Cluster::Master => {
-                let loaded = load_master(&datastore, &opts.hunts, clock.now()).await?;
-                records = loaded.records;
-                hunts = loaded.hunts;
-                reassembling = loaded.reassembling;
-                let task_limits = TaskLimits {
-                    per_client_max: opts.queued_tasks_per_client_max,
-                    resend_ms: TASK_RESEND_MS,
-                };
-                let state = MasterState {
-                    minions: BTreeMap::new(),
-                    next_minion_conn: 1,
-                    inbox: Inbox::recover(InboxLimits::default(), loaded.cursors),
-                    tasks: TaskBook::restore(task_limits, clock.monotonic(), loaded.pending),
-                };
-                (NodeRole::Master(Box::new(state)), None)
-            }
-            Cluster::Minion { link, events } => (
-                NodeRole::Minion(MinionState {
-                    link,
-                    unreplicated: std::sync::atomic::AtomicU64::new(0),
-                }),
-                Some(events),
-            ),
-        };
         let limits = IntakeLimits {
             flows: opts.flows.clone(),
             settle_queue_max: talon_core::node::intake::SETTLE_QUEUE_MAX,
@@ -391,60 +346,57 @@ impl Node {
                 in_flight_max: talon_core::node::intake::COMPLETIONS_IN_FLIGHT_MAX,
             },
         };
-        let intake = match &role {
-            NodeRole::Master(_) => Intake::master(limits),
-            NodeRole::Minion(_) => Intake::minion(limits),
-        };
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
-        let mut keys = KeyCache::new(opts.expected_clients.max(1));
-        for r in records.iter().take(opts.expected_clients) {
-            keys.insert(r.id.clone(), r.key_fingerprint);
-        }
         let now0 = clock.monotonic();
-        let clock0 = clock.clone();
-        let actor = Actor {
-            registry: Registry::restore(opts.registry.clone(), records),
-            keys,
-            intake,
-            hunts,
+        let notify = Paced::new(
+            opts.notifications_per_second.max(1),
+            usize::try_from(
+                opts.notifications_per_second
+                    .saturating_mul(NOTIFY_QUEUE_SECONDS)
+                    .max(1024),
+            )
+            .unwrap_or(usize::MAX),
+            now0,
+        );
+        let fe = |intake| Frontend {
             opts: opts.clone(),
-            clock,
-            entropy,
+            clock: clock.clone(),
             datastore: datastore.clone(),
             filestore: filestore.clone(),
-            role,
+            intake,
             conns: BTreeMap::new(),
-            notify: Paced::new(
-                opts.notifications_per_second.max(1),
-                usize::try_from(
-                    opts.notifications_per_second
-                        .saturating_mul(NOTIFY_QUEUE_SECONDS)
-                        .max(1024),
-                )
-                .unwrap_or(usize::MAX),
-                now0,
-            ),
+            notify,
             raw: BTreeMap::new(),
             self_tx: tx.clone(),
-            uploads: Reassembly::new(opts.value_bytes_max),
         };
-        for key in reassembling {
-            actor
-                .uploads
-                .start(filestore.volume().clone(), datastore.clone(), key);
-        }
-        if let Some(mut events) = link_events {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                while let Some(e) = events.recv().await {
-                    if tx.send(Msg::Link(e)).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
         let span = tracing::info_span!("node", node = %opts.node_name);
-        tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
+        match cluster {
+            Cluster::Master => {
+                let role =
+                    MasterDriver::start(&opts, &datastore, &filestore, &clock, entropy).await?;
+                let actor = Actor {
+                    fe: fe(Intake::master(limits)),
+                    role,
+                };
+                tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
+            }
+            Cluster::Minion { link, events } => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut events = events;
+                    while let Some(e) = events.recv().await {
+                        if tx.send(Msg::Link(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let actor = Actor {
+                    fe: fe(Intake::minion(limits)),
+                    role: MinionDriver::new(link, opts.expected_clients),
+                };
+                tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
+            }
+        }
         let enrolments = talon_core::ratelimit::TokenBucket::new(
             opts.registry.enrolments_per_second,
             opts.registry.enrolment_burst,
@@ -453,7 +405,7 @@ impl Node {
         Ok(Node {
             enrolments: Arc::new(std::sync::Mutex::new(enrolments)),
             enrolments_per_second: opts.registry.enrolments_per_second,
-            clock: clock0,
+            clock,
             tx,
             datastore,
             filestore,
@@ -507,60 +459,109 @@ impl Node {
     }
 }
 
-impl Actor {
+impl<R: RoleDriver> Actor<R> {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         // Ends when every sender is gone, or once the node has fail-stopped (`stopped`): the
         // process is exiting, and requests still queued get "shutting down".
-        while !self.stopped() {
-            // Deadlines are on the monotonic clock, except a hunt's expiry (a wall-clock time).
-            let at = self.clock.monotonic();
-            let resend = match &self.role {
-                NodeRole::Master(m) => m.tasks.poll_timeout(),
-                NodeRole::Minion(_) => None,
-            };
-            let next = [
-                self.intake.poll_timeout(),
-                resend,
-                self.notify.poll_timeout(at),
-                self.hunts.poll_retry(),
-            ]
-            .into_iter()
-            .fold(None, talon_core::time::earliest)
-            .map_or(30_000, |t| t.since_ms(at));
-            let hunts = self
-                .hunts
-                .poll_timeout()
-                .map_or(30_000, |t| t.since_ms(self.now()));
-            let wait = std::time::Duration::from_millis(next.min(hunts).min(30_000));
+        while !self.fe.stopped() {
+            let wait = self.next_deadline();
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(m) => {
+                        if self.fe.stopped() {
+                            break;
+                        }
                         self.handle(m).await;
-                        // Also under a steady stream of messages, which keeps the timer from firing.
-                        let at = self.clock.monotonic();
-                        self.resend_pending(at).await;
-                        self.release_notifications(at);
                     }
                     None => break,
                 },
                 _ = tokio::time::sleep(wait) => {
-                    if self.stopped() {
+                    if self.fe.stopped() {
                         break;
                     }
-                    let (now, at) = (self.now(), self.clock.monotonic());
-                    self.intake.handle_timeout(at);
-                    self.hunts.handle_timeout(now, at);
+                    self.fe.intake.handle_timeout(self.fe.clock.monotonic());
+                    self.role.handle_timeout(&mut self.fe);
                     self.drain().await;
-                    if let Err(e) = self.drain_hunts().await {
-                        // Logged where it failed; a hunt record not written is written with the
-                        // hunt's next change, and a restart re-derives an expiry from the spec.
-                        tracing::debug!(error = %e, "a hunt's change after a timeout is not recorded yet");
-                    }
-                    self.resend_pending(at).await;
-                    self.release_notifications(at);
                 }
             }
+            // Also under a steady stream of messages, which keeps the timer from firing.
+            let at = self.fe.clock.monotonic();
+            if self.role.poll_timeout().0.is_some_and(|t| at >= t) {
+                self.role.handle_timeout(&mut self.fe);
+                self.drain().await;
+            }
+            self.fe.release_notifications(at);
         }
+    }
+
+    /// How long until the next deadline (at most 30 s).
+    fn next_deadline(&mut self) -> std::time::Duration {
+        let (at, now) = (self.fe.clock.monotonic(), self.fe.clock.now());
+        let (mono, wall) = self.role.poll_timeout();
+        let next = [
+            self.fe.intake.poll_timeout(),
+            mono,
+            self.fe.notify.poll_timeout(at),
+        ]
+        .into_iter()
+        .fold(None, talon_core::time::earliest)
+        .map_or(30_000, |t| t.since_ms(at));
+        let wall = wall.map_or(30_000, |t| t.since_ms(now));
+        std::time::Duration::from_millis(next.min(wall).min(30_000))
+    }
+
+    async fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Flow { .. }
+            | Msg::Stored { .. }
+            | Msg::Audited { .. }
+            | Msg::Settled { .. }
+            | Msg::Located { .. } => self.fe.handle_flow(msg),
+            other => self.role.handle(&mut self.fe, other).await,
+        }
+        self.drain().await;
+        // A Store action took the message's bytes; a resend that was only re-acknowledged left
+        // them: at most one entry lives between messages.
+        self.fe.raw.clear();
+    }
+
+    /// Performs the intake's and the role's actions until neither asks for anything: a
+    /// replicated completion goes from the master's inbox into the intake, and its end back.
+    async fn drain(&mut self) {
+        loop {
+            let mut n = 0;
+            while let Some(a) = self.fe.intake.poll_action() {
+                n += 1;
+                if let Some(a) = self.fe.intake_action(a) {
+                    self.role.intake_action(&mut self.fe, a).await;
+                }
+            }
+            n += self.role.drain(&mut self.fe).await;
+            if n == 0 {
+                return;
+            }
+        }
+    }
+}
+
+impl Frontend {
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn time(&self) -> Time {
+        Time {
+            now: self.clock.now(),
+            at: self.clock.monotonic(),
+        }
+    }
+
+    /// Fail-stop: once the datastore (or the filestore buffer) has stopped, memory may be ahead of
+    /// what is durable (a participant scheduled whose write failed), and the process is about to
+    /// exit. Nothing more is acted on or answered: a dropped request's caller gets "shutting down",
+    /// never figures a restart would not find.
+    fn stopped(&self) -> bool {
+        self.filestore.stopped() || matches!(&self.datastore, Meta::Local(d) if d.stopped())
     }
 
     /// Queues a task notification for a client connected here (paced by
@@ -582,390 +583,6 @@ impl Actor {
         }
     }
 
-    /// Sends every pending task again once `TASK_RESEND_MS` has passed, and retries deletes of
-    /// acknowledged tasks' records that failed (master).
-    async fn resend_pending(&mut self, at: Monotonic) {
-        if let NodeRole::Master(m) = &mut self.role
-            && m.tasks.poll_timeout().is_some_and(|t| at >= t)
-        {
-            m.tasks.handle_timeout(at);
-            self.drain_tasks(BTreeMap::new()).await;
-        }
-    }
-
-    fn now(&self) -> Timestamp {
-        self.clock.now()
-    }
-
-    /// Fail-stop: once the datastore (or the filestore buffer) has stopped, memory may be ahead of
-    /// what is durable (a participant scheduled whose write failed), and the process is about to
-    /// exit. Nothing more is acted on or answered: a dropped request's caller gets "shutting down",
-    /// never figures a restart would not find.
-    fn stopped(&self) -> bool {
-        self.filestore.stopped() || matches!(&self.datastore, Meta::Local(d) if d.stopped())
-    }
-
-    async fn handle(&mut self, msg: Msg) {
-        if self.stopped() {
-            return;
-        }
-        let (now, at) = (self.now(), self.clock.monotonic());
-        match msg {
-            Msg::Connected {
-                peer,
-                hello,
-                tx,
-                conn,
-                reply,
-            } => {
-                let r = self.connected(now, peer, hello, tx, conn).await;
-                let _ = reply.send(r);
-            }
-            Msg::Disconnected { client, conn } => {
-                if self.conns.get(&client).is_some_and(|c| c.id == conn) {
-                    self.conns.remove(&client);
-                    tracing::info!(client = %client, "client disconnected");
-                    match &self.role {
-                        NodeRole::Master(_) => {
-                            self.registry
-                                .set_disconnected(now, &client, &self.opts.node_name);
-                        }
-                        NodeRole::Minion(_) => {
-                            let ev = Event::ClientGone(pc::ClientGone {
-                                client_id: client.to_string(),
-                            });
-                            self.replicate(ev, None).await;
-                        }
-                    }
-                }
-            }
-            Msg::MinionUp { node, tx, reply } => {
-                let r = self.minion_up(node, tx);
-                let _ = reply.send(r);
-            }
-            Msg::MinionDown { node, conn } => {
-                if let NodeRole::Master(m) = &mut self.role
-                    && m.minions.get(&node).is_some_and(|c| c.conn == conn)
-                {
-                    m.minions.remove(&node);
-                    tracing::warn!(minion = %node, "minion's replication stream closed");
-                }
-            }
-            Msg::MinionEvents { node, conn, batch } => {
-                self.minion_events(now, node, conn, batch).await
-            }
-            Msg::DatastoreChanged { key, version } => {
-                self.broadcast(broadcast::Kind::DatastoreChanged(pc::DatastoreChanged {
-                    key,
-                    version,
-                }));
-            }
-            Msg::Link(e) => self.link_event(e).await,
-            Msg::Replicated { token, applied } => {
-                self.intake.handle_replicated(token, applied);
-                self.drain().await;
-            }
-            Msg::Settled { token, ok } => {
-                self.intake.handle_settled(token, ok);
-                self.drain().await;
-            }
-            Msg::Located { token, runs } => {
-                self.intake.handle_located(token, runs);
-                self.drain().await;
-            }
-
-            Msg::Flow {
-                client,
-                flow,
-                seq,
-                data,
-                raw,
-            } => {
-                let key = FlowKey {
-                    client: client.clone(),
-                    flow,
-                };
-                match self
-                    .intake
-                    .handle_message(at, key.clone(), seq, data.tracker_payload())
-                {
-                    Ok(()) => {
-                        // A Store action takes the bytes; a resend that is only re-acknowledged
-                        // leaves them here, so drop them after the drain: at most one entry lives.
-                        self.raw.insert((key.clone(), seq), raw);
-                        self.drain().await;
-                        self.raw.remove(&(key, seq));
-                    }
-                    Err(e) => {
-                        // A message after the final status is the client's mistake; the rest are
-                        // back-pressure it should retry.
-                        let code = match e {
-                            talon_core::flows::FlowError::AfterFinal { .. } => {
-                                comms::ErrorCode::InvalidMessage
-                            }
-                            // Not stored, never will be: its refusal is acknowledged in its place.
-                            talon_core::flows::FlowError::OverBudget(_) => {
-                                comms::ErrorCode::TooLarge
-                            }
-                            _ => comms::ErrorCode::Busy,
-                        } as i32;
-                        let m = comms::ServerError {
-                            code,
-                            message: e.to_string(),
-                            flow_id: key.flow.to_string(),
-                            seq,
-                        };
-                        self.push(&client, server_message::Kind::Error(m));
-                        self.drain().await;
-                    }
-                }
-            }
-            Msg::Stored { key, seq, ok } => {
-                self.intake.handle_stored(at, &key, seq, ok);
-                self.drain().await;
-            }
-            Msg::Audited { key, found } => {
-                self.intake.handle_audit(at, &key, found);
-                self.drain().await;
-            }
-            Msg::TaskAck { client, flow } => self.task_delivered(&client, &flow).await,
-            Msg::Search {
-                query,
-                limit,
-                reply,
-            } => {
-                let r = Query::parse(&query)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))
-                    .map(|q| {
-                        let res = self.registry.search(&q, limit);
-                        api::SearchResponse {
-                            clients: res.clients.iter().map(|c| summary(c)).collect(),
-                            truncated: res.truncated,
-                        }
-                    });
-                let _ = reply.send(r);
-            }
-            Msg::Label {
-                client,
-                label,
-                remove,
-                reply,
-            } => {
-                let r = self.label(&client, &label, remove).await;
-                let _ = reply.send(r);
-            }
-            Msg::Collect {
-                client,
-                artifact,
-                params,
-                reply,
-            } => {
-                let r = self.collect(now, &client, &artifact, &params).await;
-                let _ = reply.send(r);
-            }
-            Msg::CreateHunt { req, reply } => {
-                let r = self.create_hunt(now, req).await;
-                let _ = reply.send(r);
-            }
-            Msg::ListHunts { reply } => {
-                self.hunts.handle_timeout(now, at);
-                // Report nothing that is not durable.
-                let r = self.drain_hunts().await.map(|()| api::ListHuntsResponse {
-                    hunts: self.hunts.list().map(hunt_summary).collect(),
-                });
-                let _ = reply.send(r);
-            }
-            Msg::GetHunt { id, reply } => {
-                self.hunts.handle_timeout(now, at);
-                let durable = self.drain_hunts().await;
-                let r = durable.and_then(|()| parse_hunt(&id)).and_then(|h| {
-                    self.hunts
-                        .get(&h)
-                        .map(hunt_summary)
-                        .ok_or_else(|| Status::not_found(format!("no hunt {h}")))
-                });
-                let _ = reply.send(r);
-            }
-            Msg::StopHunt { id, reply } => {
-                let r = match parse_hunt(&id) {
-                    Ok(h) => {
-                        let r = self
-                            .hunts
-                            .stop(now, &h)
-                            .map(hunt_summary)
-                            .map_err(|e| Status::failed_precondition(e.to_string()));
-                        if r.is_ok() {
-                            self.broadcast(broadcast::Kind::HuntStopped(pc::HuntStopped {
-                                hunt_id: h.to_string(),
-                            }));
-                        }
-                        r
-                    }
-                    Err(e) => Err(e),
-                };
-                let r = match self.drain_hunts().await {
-                    Ok(()) => r,
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(r);
-            }
-            Msg::Cluster { reply } => {
-                let r = match &self.role {
-                    NodeRole::Master(m) => {
-                        let names: BTreeSet<&str> = m
-                            .inbox
-                            .minions()
-                            .map(|(n, _)| n)
-                            .chain(m.minions.keys().map(String::as_str))
-                            .collect();
-                        let meta = match &self.datastore {
-                            Meta::Local(d) => d.volume_error(),
-                            Meta::Remote(_) => None,
-                        };
-                        let volume_errors = [
-                            ("metadata", meta),
-                            ("filestore", self.filestore.volume_error()),
-                        ]
-                        .into_iter()
-                        .filter_map(|(what, e)| {
-                            e.map(|(t, why)| format!("{what}: {why} (since {})", t.as_ms()))
-                        })
-                        .collect();
-                        Ok(api::ClusterStatus {
-                            volume_errors,
-                            master: self.opts.node_name.clone(),
-                            minions: names
-                                .into_iter()
-                                .map(|n| {
-                                    let c = m.inbox.durable(n);
-                                    api::MinionStatus {
-                                        node: n.to_owned(),
-                                        connected: m.minions.contains_key(n),
-                                        epoch: c.map_or(0, |c| c.epoch),
-                                        applied: c.map_or(0, |c| c.hwm),
-                                    }
-                                })
-                                .collect(),
-                        })
-                    }
-                    NodeRole::Minion(_) => Err(Status::failed_precondition(
-                        "cluster status is the master's; ask its API",
-                    )),
-                };
-                let _ = reply.send(r);
-            }
-            Msg::HuntFlows { id, reply } => {
-                let r = parse_hunt(&id).and_then(|h| {
-                    let hunt = self
-                        .hunts
-                        .get(&h)
-                        .ok_or_else(|| Status::not_found(format!("no hunt {h}")))?;
-                    Ok(hunt
-                        .participants()
-                        .map(|(c, _)| (c.clone(), FlowId::for_hunt(&h, c)))
-                        .collect())
-                });
-                let _ = reply.send(r);
-            }
-        }
-    }
-
-    async fn connected(
-        &mut self,
-        now: Timestamp,
-        peer: Peer,
-        hello: codec::Hello,
-        tx: ClientTx,
-        conn: u64,
-    ) -> Result<(), Status> {
-        let id = peer.client_id.clone();
-        if self.keys.check(&id, &peer.public_key) == KeyCheck::Mismatch {
-            return Err(Status::permission_denied(format!(
-                "client {id} presented a key it did not enrol with"
-            )));
-        }
-        let master = matches!(self.role, NodeRole::Master(_));
-        let at = self.clock.monotonic();
-        let seen = if master {
-            let sighting = Sighting {
-                id: id.clone(),
-                public_key: peer.public_key.clone(),
-                hostname: hello.info.hostname.clone(),
-                fqdn: hello.info.fqdn.clone(),
-                os: hello.info.os.clone(),
-                ips: hello.info.ips.clone(),
-                last_ip: peer.addr.ip().to_string(),
-                node: self.opts.node_name.clone(),
-                connected_at: now,
-                connected_order: at,
-            };
-            let enrolment = self.registry.handle_seen(now, at, sighting).map_err(|e| {
-                use talon_core::registry::RegistryError as E;
-                match e {
-                    // The agent backs off and tries again.
-                    E::EnrolmentRate { .. } => Status::unavailable(e.to_string()),
-                    E::Full { .. } => Status::resource_exhausted(e.to_string()),
-                    _ => Status::permission_denied(e.to_string()),
-                }
-            })?;
-            tracing::info!(client = %id, host = %crate::text::Printable(&hello.info.hostname), addr = %peer.addr, ?enrolment, "client connected");
-            None
-        } else {
-            tracing::info!(client = %id, host = %crate::text::Printable(&hello.info.hostname), addr = %peer.addr, "client connected");
-            let i = &hello.info;
-            Some(pc::ClientSeen {
-                client_id: id.to_string(),
-                public_key: peer.public_key.clone().into(),
-                info: Some(comms::ClientInfo {
-                    hostname: i.hostname.clone(),
-                    fqdn: i.fqdn.clone(),
-                    os: i.os.clone(),
-                    kernel: i.kernel.clone(),
-                    arch: i.arch.clone(),
-                    ips: i.ips.clone(),
-                    ..Default::default()
-                }),
-                last_ip: peer.addr.ip().to_string(),
-                connected_unix_ms: now.as_ms(),
-                running_flows: hello.running_flows.iter().map(|f| f.to_string()).collect(),
-            })
-        };
-        self.keys.insert(
-            id.clone(),
-            talon_core::ids::key_fingerprint(&peer.public_key),
-        );
-        if master {
-            self.persist_registry().await?;
-        }
-        if let Some(old) = self.conns.insert(
-            id.clone(),
-            Conn {
-                id: conn,
-                tx: tx.clone(),
-                seen: seen.clone(),
-            },
-        ) {
-            drop(old); // A reconnect replaces the old stream.
-        }
-        let welcome = comms::Welcome {
-            client_id: id.to_string(),
-            node: self.opts.node_name.clone(),
-            max_message_bytes: self.opts.codec.message_bytes_max as u32,
-            max_rows_per_batch: self.opts.codec.rows_per_batch_max as u32,
-            max_in_flight: self.opts.flows.stores_in_flight_max as u32,
-        };
-        self.push(&id, server_message::Kind::Welcome(welcome));
-        match seen {
-            // The master decides what this client should run: pending tasks and hunts follow.
-            Some(cs) => self.replicate(Event::ClientSeen(cs), None).await,
-            None => {
-                self.send_pending(&id);
-                self.offer_hunts(now, &id).await;
-            }
-        }
-        Ok(())
-    }
-
     fn push(&self, client: &ClientId, kind: server_message::Kind) -> bool {
         match self.conns.get(client) {
             Some(c) => {
@@ -974,6 +591,30 @@ impl Actor {
             }
             None => false,
         }
+    }
+
+    /// A client's stream is accepted: it is connected here, and told so.
+    fn accept(&mut self, id: &ClientId, conn: Conn) {
+        // A reconnect replaces the old stream.
+        self.conns.insert(id.clone(), conn);
+        let welcome = comms::Welcome {
+            client_id: id.to_string(),
+            node: self.opts.node_name.clone(),
+            max_message_bytes: self.opts.codec.message_bytes_max as u32,
+            max_rows_per_batch: self.opts.codec.rows_per_batch_max as u32,
+            max_in_flight: self.opts.flows.stores_in_flight_max as u32,
+        };
+        self.push(id, server_message::Kind::Welcome(welcome));
+    }
+
+    /// A client's stream `conn` ended; true if it was the one connected here.
+    fn gone(&mut self, client: &ClientId, conn: u64) -> bool {
+        if self.conns.get(client).is_some_and(|c| c.id == conn) {
+            self.conns.remove(client);
+            tracing::info!(client = %client, "client disconnected");
+            return true;
+        }
+        false
     }
 }
 

@@ -188,7 +188,8 @@ impl World {
                         return Err(format!("{key:?}: uploads started before the record"));
                     }
                 }
-                CompletionAction::Step(RecordStep::HuntOutcome { token, client, .. }) => {
+                CompletionAction::Step(RecordStep::HuntOutcome { token, outcome }) => {
+                    let client = outcome.client;
                     if self.plant == Plant::SkipHuntOutcome {
                         self.m.handle_hunt_recorded(token, Outcome::Done);
                     } else {

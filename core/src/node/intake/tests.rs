@@ -417,14 +417,9 @@ impl World {
             IntakeAction::Record(RecordStep::Write {
                 token, key, record, ..
             }) => effects.push(Effect::Write(token, key, record)),
-            IntakeAction::Record(RecordStep::HuntOutcome {
-                token,
-                hunt,
-                client,
-                state,
-                rows,
-                uploaded_bytes,
-            }) => self.hunt_outcome(token, hunt, client, state, rows, uploaded_bytes),
+            IntakeAction::Record(RecordStep::HuntOutcome { token, outcome: o }) => {
+                self.hunt_outcome(token, o.hunt, o.client, o.state, o.rows, o.uploaded_bytes)
+            }
             IntakeAction::Ack { key, seq, settled } => self.ack(n, key, seq, settled)?,
             IntakeAction::Replicate {
                 token,

@@ -1,0 +1,1427 @@
+//! The master's node policy as one machine (docs/architecture.md, "The node").
+//!
+//! [`Master`] combines the client registry, the hunt manager, the task book and the replication
+//! inbox with the glue that used to live in the shell: which writes go together, what an analyst's
+//! request waits for before it is answered, where a task is sent, how a minion's events are
+//! applied. Every effect is an action ([`MasterAction`]) carrying a token, and its result comes back
+//! as an input; nothing here awaits.
+//!
+//! # Rules
+//!
+//! - **A reply is durable.** A request (a client connecting here, a label, a collection, a hunt
+//!   created, stopped or listed) is answered only once every write it caused has ended, and only
+//!   with success if all of them are done: a refused write is a retryable error, a maybe-written one
+//!   says that it may have happened. A hunt whose creation record was not written is forgotten.
+//! - **A participant has a durable task** (see [`hunt_tasks`]): its participant record, its flow
+//!   record and its task are one atomic write; a participant whose write is refused, or whose client
+//!   is at its task bound, is undone in the hunt manager and offered again later.
+//! - **A replicated event is applied when its writes have ended**, and only then does the inbox
+//!   persist the cursor covering it; acknowledgements never pass the durable cursor
+//!   ([`Inbox`]). A minion's completion is recorded by the intake's completions machine
+//!   ([`MasterAction::Complete`]), whose result comes back through [`Master::handle_applied`].
+//! - **A relabelled client is offered the running hunts once its record is durable.**
+//! - A task goes toward its client wherever that is connected: pushed here, or sent to the minion
+//!   holding it; it stays pending in the task book (sent again) until acknowledged.
+
+use super::completions::HuntOutcome;
+use super::hunt_tasks::{self, TaskOrigin};
+use super::tasks::{TaskAction, TaskBook, TaskLimits};
+use super::{Outcome, Token};
+use crate::cluster_codec::MinionBatch;
+use crate::hunts::{
+    ClientFacts, HuntAction, HuntError, HuntLimits, HuntManager, HuntRecord, HuntSpec,
+    Participation,
+};
+use crate::registry::{
+    ClientRecord, Query, Registry, RegistryAction, RegistryError, RegistryLimits, Sighting,
+};
+use crate::replication::{Cursor, Inbox, InboxAction, InboxError, InboxLimits};
+use crate::time::{Monotonic, Timestamp};
+use crate::{ClientId, FlowId, HuntId, paths};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use talon_proto::cluster::{self as pc, broadcast, master_message, replicated_event::Event};
+use talon_proto::comms;
+
+/// The two clocks an input happens at: the wall clock (recorded, shown, hunt expiry) and the
+/// monotonic one (deadlines).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Time {
+    /// Wall clock.
+    pub now: Timestamp,
+    /// Monotonic clock.
+    pub at: Monotonic,
+}
+
+/// The master's bounds.
+#[derive(Clone, Debug)]
+pub struct MasterLimits {
+    /// The task book's.
+    pub tasks: TaskLimits,
+    /// The hunt manager's.
+    pub hunts: HuntLimits,
+    /// The registry's.
+    pub registry: RegistryLimits,
+    /// The replication inbox's.
+    pub inbox: InboxLimits,
+    /// Largest upload a task allows (`max_upload_bytes` of every task).
+    pub upload_bytes_max: u64,
+}
+
+/// What a master restarts from (its datastore).
+#[derive(Debug)]
+pub struct Restored {
+    /// Client records.
+    pub clients: Vec<ClientRecord>,
+    /// Hunts and their participants ([`HuntManager::restore`]).
+    pub hunts: HuntManager,
+    /// Each minion's durable replication cursor.
+    pub cursors: Vec<(String, Cursor)>,
+    /// Tasks not yet acknowledged: `(client, flow, task)`.
+    pub pending: Vec<(ClientId, FlowId, comms::Task)>,
+}
+
+/// A flow record created queued (a collection, a hunt participant's flow).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewFlow {
+    /// The client.
+    pub client: ClientId,
+    /// The flow.
+    pub flow: FlowId,
+    /// The artifact (validated).
+    pub artifact: String,
+    /// Its parameters (validated).
+    pub params: BTreeMap<String, String>,
+    /// The hunt it belongs to.
+    pub hunt: Option<HuntId>,
+    /// When it was created.
+    pub created: Timestamp,
+}
+
+/// One value of an atomic write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Item {
+    /// A client record ([`paths::client_record`]).
+    Client(Box<ClientRecord>),
+    /// A hunt record ([`paths::hunt_record`]).
+    Hunt(Box<HuntRecord>),
+    /// A hunt participant ([`paths::hunt_participant`]).
+    Participant {
+        /// The hunt.
+        hunt: HuntId,
+        /// The client.
+        client: ClientId,
+        /// Its part.
+        participation: Participation,
+    },
+    /// A task not yet acknowledged.
+    Task {
+        /// The client.
+        client: ClientId,
+        /// Its flow.
+        flow: FlowId,
+        /// The task.
+        task: comms::Task,
+    },
+    /// A new flow record, queued ([`paths::flow_record`]).
+    Flow(Box<NewFlow>),
+    /// A minion's replication cursor.
+    Cursor {
+        /// The minion.
+        node: String,
+        /// Its cursor.
+        cursor: Cursor,
+    },
+}
+
+/// What the master asks its shell to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MasterAction {
+    /// Write these items atomically, then call [`Master::handle_written`] with the token.
+    Write {
+        /// Names the write.
+        token: Token,
+        /// What to write.
+        items: Vec<Item>,
+    },
+    /// Delete an acknowledged task's record, then call [`Master::handle_written`] with the token.
+    DeleteTask {
+        /// Names the delete.
+        token: Token,
+        /// The client.
+        client: ClientId,
+        /// The task's flow.
+        flow: FlowId,
+    },
+    /// Mark a delivered flow's record running if it is still queued (shown only: best effort).
+    MarkRunning {
+        /// The client.
+        client: ClientId,
+        /// The flow.
+        flow: FlowId,
+    },
+    /// Push a task to a client connected to this node (paced; a drop is made good by the resend).
+    Push {
+        /// The client.
+        client: ClientId,
+        /// The task.
+        task: comms::Task,
+    },
+    /// Send a message on a minion's replication stream; if it cannot be queued, drop the stream
+    /// ([`Master::handle_minion_down`] with `conn`): the minion resynchronises when it reconnects.
+    ToMinion {
+        /// The minion.
+        node: String,
+        /// Its stream.
+        conn: u64,
+        /// The message.
+        message: pc::MasterMessage,
+    },
+    /// Warm the cache with these flow records (a batch of events about to read them).
+    Prefetch {
+        /// The flows.
+        flows: Vec<(ClientId, FlowId)>,
+    },
+    /// Record a minion's completed flow (the intake's completions machine), then call
+    /// [`Master::handle_applied`] with `origin`.
+    Complete {
+        /// The minion and the event's cursor.
+        origin: (String, Cursor),
+        /// The completion.
+        completed: pc::FlowCompleted,
+    },
+    /// A hunt outcome asked for with [`Master::handle_hunt_outcome`] is recorded (`Done`) or not.
+    HuntRecorded {
+        /// The intake's token.
+        token: Token,
+        /// How it ended.
+        outcome: Outcome,
+    },
+    /// Answer a request.
+    Reply {
+        /// The request's token (the caller's).
+        request: Token,
+        /// The answer.
+        result: Result<Answer, RequestError>,
+    },
+    /// Something worth logging.
+    Notice(Notice),
+}
+
+/// A request's successful answer; the shell reads the details from the master's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// A client connected here is recorded.
+    Connected,
+    /// A client's record ([`Master::registry`]).
+    Client(ClientId),
+    /// A collection is scheduled.
+    Flow(Box<NewFlow>),
+    /// A hunt ([`Master::hunts`]).
+    Hunt(HuntId),
+    /// Every hunt is durable as listed ([`Master::hunts`]).
+    Hunts,
+}
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestError {
+    /// Its kind.
+    pub kind: ErrorKind,
+    /// What to tell the caller.
+    pub message: String,
+}
+
+/// The kinds of request errors (each maps to a gRPC status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed.
+    Invalid,
+    /// What it names does not exist.
+    NotFound,
+    /// Not in the state the request needs.
+    Precondition,
+    /// Storage did not take it: try again.
+    Unavailable,
+    /// A bound is reached.
+    Exhausted,
+    /// Refused (a client's key).
+    Denied,
+}
+
+impl RequestError {
+    fn new(kind: ErrorKind, message: impl fmt::Display) -> RequestError {
+        RequestError {
+            kind,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// How bad a [`Notice`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Expected, worth a line.
+    Info,
+    /// Retried or degraded.
+    Warn,
+    /// A bug or lost data.
+    Error,
+}
+
+/// Something the master decided that an operator should see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// How bad.
+    pub level: Level,
+    /// What happened.
+    pub message: String,
+}
+
+/// A write's failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteFailure {
+    /// `Refused` (certainly not written) or `Unknown` (maybe written).
+    pub outcome: Outcome,
+    /// The datastore's error.
+    pub message: String,
+}
+
+/// A planted fault, to prove the harness's checks catch it.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plant {
+    None,
+    /// A refused participant group is not undone in the hunt manager.
+    KeepRefused,
+    /// At the task bound the participant is recorded with no task.
+    KeepAtBound,
+    /// A request is answered before its writes end.
+    ReplyEarly,
+    /// A minion's cursor counts as durable without being written.
+    CursorUnwritten,
+}
+
+#[derive(Debug)]
+enum Effect {
+    /// A task's record (the book's token).
+    Task(Token),
+    Delete(ClientId, FlowId),
+    Client(ClientId),
+    Participant(HuntId, ClientId, Participation),
+    Hunt,
+    Cursor(String, Cursor),
+    /// Written by a plant without a task.
+    #[cfg(test)]
+    Planted,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    effect: Effect,
+    /// The waits it belongs to.
+    waits: Vec<u64>,
+}
+
+/// What ends when a wait's writes have ended.
+#[derive(Debug)]
+enum Then {
+    Reply(Token, Asked),
+    Applied(String, Cursor),
+    HuntOutcome(Token),
+}
+
+#[derive(Debug)]
+enum Asked {
+    Connected(ClientId),
+    Label(ClientId),
+    Collect(Box<NewFlow>),
+    CreateHunt(HuntId),
+    StopHunt(HuntId),
+    Hunts,
+    Hunt(HuntId),
+}
+
+#[derive(Debug)]
+struct Wait {
+    left: usize,
+    worst: Outcome,
+    why: String,
+    then: Then,
+}
+
+#[derive(Debug)]
+struct Link {
+    conn: u64,
+    /// How far the minion's clock is behind ours (ms; negative: ahead), measured on its last batch.
+    behind_ms: i128,
+}
+
+/// The master's policy (module docs).
+#[derive(Debug)]
+pub struct Master {
+    node: String,
+    limits: MasterLimits,
+    time: Time,
+    registry: Registry,
+    hunts: HuntManager,
+    tasks: TaskBook<comms::Task, TaskOrigin>,
+    inbox: Inbox<Result<Event, String>>,
+    links: BTreeMap<String, Link>,
+    next_conn: u64,
+    next_token: u64,
+    next_wait: u64,
+    in_flight: BTreeMap<Token, InFlight>,
+    waits: BTreeMap<u64, Wait>,
+    /// Tokens of the writes the request being handled causes (see [`Master::finish`]).
+    capture: Option<Vec<Token>>,
+    /// The items a task's write carries with it, by the book's token.
+    groups: BTreeMap<Token, Vec<Item>>,
+    /// The latest client-record write in flight per client, and whether its labels changed.
+    relabelled: BTreeMap<ClientId, (Token, bool)>,
+    actions: VecDeque<MasterAction>,
+    #[cfg(test)]
+    pub(crate) plant: Plant,
+}
+
+impl Master {
+    /// A master named `node` (`<hostname>-<port>`), restarted from `restored`.
+    pub fn restore(node: String, limits: MasterLimits, time: Time, restored: Restored) -> Master {
+        Master {
+            registry: Registry::restore(limits.registry.clone(), restored.clients),
+            hunts: restored.hunts,
+            tasks: TaskBook::restore(limits.tasks.clone(), time.at, restored.pending),
+            inbox: Inbox::recover(limits.inbox.clone(), restored.cursors),
+            node,
+            limits,
+            time,
+            links: BTreeMap::new(),
+            next_conn: 1,
+            next_token: 1,
+            next_wait: 1,
+            in_flight: BTreeMap::new(),
+            waits: BTreeMap::new(),
+            capture: None,
+            groups: BTreeMap::new(),
+            relabelled: BTreeMap::new(),
+            actions: VecDeque::new(),
+            #[cfg(test)]
+            plant: Plant::None,
+        }
+    }
+
+    /// The client registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The hunts.
+    pub fn hunts(&self) -> &HuntManager {
+        &self.hunts
+    }
+
+    /// Tasks not yet acknowledged.
+    pub fn tasks(&self) -> &TaskBook<comms::Task, TaskOrigin> {
+        &self.tasks
+    }
+
+    /// Every minion known (connected now, or with a cursor): name, connected, durable cursor.
+    pub fn minions(&self) -> Vec<(String, bool, Option<Cursor>)> {
+        let names: BTreeSet<&str> = self
+            .inbox
+            .minions()
+            .map(|(n, _)| n)
+            .chain(self.links.keys().map(String::as_str))
+            .collect();
+        names
+            .into_iter()
+            .map(|n| {
+                (
+                    n.to_owned(),
+                    self.links.contains_key(n),
+                    self.inbox.durable(n),
+                )
+            })
+            .collect()
+    }
+
+    /// Writes in flight.
+    pub fn writes_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    // ---- Clients connected to this node.
+
+    /// A client connected here. Refused at once if the registry refuses it; else answered
+    /// (`request`) once its record is written, and then sent its pending tasks and offered the
+    /// running hunts.
+    pub fn handle_connected(
+        &mut self,
+        time: Time,
+        request: Token,
+        sighting: Sighting,
+    ) -> Result<(), RegistryError> {
+        self.time = time;
+        let id = sighting.id.clone();
+        self.begin();
+        if let Err(e) = self.registry.handle_seen(time.now, time.at, sighting) {
+            self.capture = None;
+            return Err(e);
+        }
+        self.finish(Then::Reply(request, Asked::Connected(id)));
+        self.drain();
+        Ok(())
+    }
+
+    /// A client's connection here ended.
+    pub fn handle_disconnected(&mut self, time: Time, client: &ClientId) {
+        self.time = time;
+        self.registry
+            .set_disconnected(time.now, client, &self.node.clone());
+        self.drain();
+    }
+
+    /// A client connected here acknowledged a task.
+    pub fn handle_task_acked(&mut self, time: Time, client: &ClientId, flow: &FlowId) {
+        self.time = time;
+        self.task_acked(client, flow);
+        self.drain();
+    }
+
+    /// A completed flow was delivered, whether or not its task's acknowledgement arrived.
+    pub fn handle_delivered(&mut self, time: Time, client: &ClientId, flow: &FlowId) {
+        self.time = time;
+        self.tasks.handle_acked(client, flow);
+        self.drain();
+    }
+
+    /// Counts a participant's outcome (the completions machine's step); answered with
+    /// [`MasterAction::HuntRecorded`] once it is durable.
+    pub fn handle_hunt_outcome(&mut self, time: Time, token: Token, o: &HuntOutcome) {
+        self.time = time;
+        self.begin();
+        self.hunts.handle_outcome(
+            time.now,
+            &o.hunt,
+            &o.client,
+            o.state,
+            o.rows,
+            o.uploaded_bytes,
+        );
+        self.finish(Then::HuntOutcome(token));
+        self.drain();
+    }
+
+    // ---- Requests.
+
+    /// Adds or removes a client's label.
+    pub fn label(
+        &mut self,
+        time: Time,
+        request: Token,
+        client: &ClientId,
+        label: &str,
+        remove: bool,
+    ) {
+        self.time = time;
+        self.begin();
+        if let Err(e) = self.registry.set_label(client, label, remove) {
+            self.capture = None;
+            let kind = match e {
+                RegistryError::UnknownClient(_) => ErrorKind::NotFound,
+                RegistryError::TooManyLabels { .. } => ErrorKind::Exhausted,
+                _ => ErrorKind::Invalid,
+            };
+            return self.reply(request, Err(RequestError::new(kind, e)));
+        }
+        self.finish(Then::Reply(request, Asked::Label(client.clone())));
+        self.drain();
+    }
+
+    /// Collects `artifact` (validated) from a client: its task and flow record are written
+    /// together, then it is sent toward the client.
+    pub fn collect(&mut self, time: Time, request: Token, flow: NewFlow) {
+        self.time = time;
+        if self.registry.get(&flow.client).is_none() {
+            let e = format!(
+                "no client {} (search with `talon clients search all`)",
+                flow.client
+            );
+            return self.reply(request, Err(RequestError::new(ErrorKind::NotFound, e)));
+        }
+        let upload_max = self.limits.upload_bytes_max;
+        let task = hunt_tasks::task(&flow.flow, &flow.artifact, &flow.params, None, upload_max);
+        self.begin();
+        let created = self.tasks.create(
+            flow.client.clone(),
+            flow.flow.clone(),
+            task,
+            TaskOrigin::Collect,
+        );
+        match created {
+            Ok(token) => {
+                self.groups
+                    .insert(token, vec![Item::Flow(Box::new(flow.clone()))]);
+                self.finish(Then::Reply(request, Asked::Collect(Box::new(flow))));
+                self.drain();
+            }
+            Err(e) => {
+                self.capture = None;
+                self.reply(request, Err(RequestError::new(ErrorKind::Exhausted, e)));
+            }
+        }
+    }
+
+    /// Creates a running hunt; answered once its record is durable, then offered to every
+    /// connected client.
+    pub fn create_hunt(&mut self, time: Time, request: Token, id: HuntId, spec: HuntSpec) {
+        self.time = time;
+        self.begin();
+        if let Err(e) = self.hunts.create(time.now, id.clone(), spec) {
+            self.capture = None;
+            return self.reply(request, Err(hunt_error(e)));
+        }
+        self.finish(Then::Reply(request, Asked::CreateHunt(id)));
+        self.drain();
+    }
+
+    /// Stops a hunt; answered once its record is written.
+    pub fn stop_hunt(&mut self, time: Time, request: Token, id: &HuntId) {
+        self.time = time;
+        self.begin();
+        if let Err(e) = self.hunts.stop(time.now, id) {
+            self.capture = None;
+            return self.reply(request, Err(hunt_error(e)));
+        }
+        self.broadcast(broadcast::Kind::HuntStopped(pc::HuntStopped {
+            hunt_id: id.to_string(),
+        }));
+        self.finish(Then::Reply(request, Asked::StopHunt(id.clone())));
+        self.drain();
+    }
+
+    /// Lists the hunts (`one`: one hunt), answered once what expired by now is recorded: nothing
+    /// is reported that is not durable.
+    pub fn get_hunts(&mut self, time: Time, request: Token, one: Option<HuntId>) {
+        self.time = time;
+        self.begin();
+        self.hunts.handle_timeout(time.now, time.at);
+        let asked = match one {
+            Some(h) => Asked::Hunt(h),
+            None => Asked::Hunts,
+        };
+        self.finish(Then::Reply(request, asked));
+        self.drain();
+    }
+
+    /// Sends a message to every connected minion.
+    pub fn broadcast(&mut self, kind: broadcast::Kind) {
+        let nodes: Vec<String> = self.links.keys().cloned().collect();
+        for n in nodes {
+            self.send_minion(&n, broadcast_message(kind.clone()));
+        }
+    }
+
+    // ---- Minions.
+
+    /// A minion's replication stream is up; returns its connection number. Tasks that may have
+    /// been lost with its previous stream go again to its clients.
+    pub fn handle_minion_up(&mut self, time: Time, node: &str) -> u64 {
+        self.time = time;
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.links
+            .insert(node.to_owned(), Link { conn, behind_ms: 0 });
+        let clients: Vec<ClientId> = self
+            .tasks
+            .clients()
+            .filter(|c| {
+                self.registry
+                    .get(c)
+                    .is_some_and(|r| r.connected && r.node == node)
+            })
+            .cloned()
+            .collect();
+        for c in clients {
+            self.send_pending(&c);
+        }
+        conn
+    }
+
+    /// A minion's replication stream `conn` ended (a later one is kept).
+    pub fn handle_minion_down(&mut self, node: &str, conn: u64) -> bool {
+        if self.links.get(node).is_some_and(|l| l.conn == conn) {
+            self.links.remove(node);
+            return true;
+        }
+        false
+    }
+
+    /// A batch of a minion's events on stream `conn`: applied in order, its cursor persisted after
+    /// their effects, acknowledged no further than the durable cursor.
+    pub fn handle_batch(&mut self, time: Time, node: &str, conn: u64, batch: MinionBatch) {
+        self.time = time;
+        let MinionBatch {
+            epoch,
+            events,
+            sent_unix_ms,
+        } = batch;
+        // How far the minion's clock is behind ours, measured on this batch (with its transit:
+        // milliseconds, against clocks that may differ by hours). Times it reports are moved onto
+        // our clock with it.
+        let behind_ms = if sent_unix_ms == 0 {
+            0
+        } else {
+            i128::from(time.now.as_ms()) - i128::from(sent_unix_ms)
+        };
+        match self.links.get_mut(node) {
+            Some(l) if l.conn == conn => l.behind_ms = behind_ms,
+            _ => return, // A stream that was replaced; the minion resends on the new one.
+        }
+        let flows: Vec<(ClientId, FlowId)> = events
+            .iter()
+            .filter_map(|(_, e)| {
+                let (c, f) = match e {
+                    Ok(Event::TaskDelivered(t)) => (&t.client_id, &t.flow_id),
+                    Ok(Event::FlowCompleted(f)) => (&f.client_id, &f.flow_id),
+                    _ => return None,
+                };
+                Some((ClientId::parse(c).ok()?, FlowId::parse(f).ok()?))
+            })
+            .collect();
+        if let Err(e) = self.inbox.handle_batch(time.at, node, epoch, events) {
+            self.notice(
+                Level::Warn,
+                format!("refused a replication batch from {node}: {e}"),
+            );
+            let expected = self.inbox.cursor(node).map_or(1, |c| c.hwm + 1);
+            let current_epoch = match e {
+                InboxError::StaleEpoch { current, .. } => current,
+                InboxError::TooManyMinions { .. } => 0,
+            };
+            let message = pc::MasterMessage {
+                kind: Some(master_message::Kind::Error(pc::ReplError {
+                    message: e.to_string(),
+                    expected_seq: expected,
+                    current_epoch,
+                })),
+            };
+            return self.send_minion(node, message);
+        }
+        if flows.len() > 1 {
+            self.actions.push_back(MasterAction::Prefetch { flows });
+        }
+        self.drain();
+    }
+
+    /// A minion's completion asked for with [`MasterAction::Complete`] was recorded (`Done`) or
+    /// not (it stays unacknowledged, and the minion sends it again).
+    pub fn handle_applied(&mut self, time: Time, origin: (String, Cursor), outcome: Outcome) {
+        self.time = time;
+        let (node, cursor) = origin;
+        self.inbox.handle_applied(&node, cursor, outcome);
+        self.drain();
+    }
+
+    // ---- Effects' results and time.
+
+    /// A write or delete asked for with `token` ended.
+    pub fn handle_written(&mut self, time: Time, token: Token, result: Result<(), WriteFailure>) {
+        self.time = time;
+        let Some(f) = self.in_flight.remove(&token) else {
+            return;
+        };
+        let (outcome, why) = match result {
+            Ok(()) => (Outcome::Done, String::new()),
+            Err(e) => (e.outcome, e.message),
+        };
+        self.effect_ended(token, f.effect, outcome);
+        self.drain();
+        for w in f.waits {
+            self.wait_ended(w, outcome, why.clone());
+        }
+        self.drain();
+    }
+
+    /// Deadlines: tasks sent again, hunt schedules retried, hunts expired.
+    pub fn handle_timeout(&mut self, time: Time) {
+        self.time = time;
+        if self.tasks.poll_timeout().is_some_and(|t| time.at >= t) {
+            self.tasks.handle_timeout(time.at);
+        }
+        self.hunts.handle_timeout(time.now, time.at);
+        self.drain();
+    }
+
+    /// The next monotonic deadline.
+    pub fn poll_timeout(&self) -> Option<Monotonic> {
+        crate::time::earliest(self.tasks.poll_timeout(), self.hunts.poll_retry())
+    }
+
+    /// The next hunt expiry (wall clock).
+    pub fn poll_expiry(&self) -> Option<Timestamp> {
+        self.hunts.poll_timeout()
+    }
+
+    /// The next action for the shell.
+    pub fn poll_action(&mut self) -> Option<MasterAction> {
+        self.actions.pop_front()
+    }
+
+    // ---- Internals.
+
+    fn token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        t
+    }
+
+    fn reply(&mut self, request: Token, result: Result<Answer, RequestError>) {
+        self.actions
+            .push_back(MasterAction::Reply { request, result });
+    }
+
+    fn notice(&mut self, level: Level, message: String) {
+        self.actions
+            .push_back(MasterAction::Notice(Notice { level, message }));
+    }
+
+    fn send_minion(&mut self, node: &str, message: pc::MasterMessage) {
+        if let Some(l) = self.links.get(node) {
+            let conn = l.conn;
+            self.actions.push_back(MasterAction::ToMinion {
+                node: node.to_owned(),
+                conn,
+                message,
+            });
+        }
+    }
+
+    /// Starts capturing the writes the input being handled causes.
+    fn begin(&mut self) {
+        debug_assert!(self.capture.is_none(), "captures do not nest");
+        self.capture = Some(Vec::new());
+    }
+
+    /// Ends the capture: `then` happens once the writes captured (after draining the machines'
+    /// actions) have ended — at once if there are none. A request also waits for the writes in
+    /// flight of what it answers about (a client's record written for an earlier connection, a
+    /// hunt's record), so that its answer is durable.
+    fn finish(&mut self, then: Then) {
+        self.drain_machines();
+        let mut tokens = self.capture.take().unwrap_or_default();
+        match &then {
+            Then::Reply(_, Asked::Connected(id) | Asked::Label(id)) => {
+                tokens.extend(self.relabelled.get(id).map(|(t, _)| *t));
+            }
+            Then::Reply(_, Asked::Hunts | Asked::Hunt(_)) => tokens.extend(
+                self.in_flight
+                    .iter()
+                    .filter(|(_, f)| matches!(f.effect, Effect::Hunt))
+                    .map(|(t, _)| *t),
+            ),
+            _ => {}
+        }
+        tokens.sort();
+        tokens.dedup();
+        #[cfg(test)]
+        if self.plant == Plant::ReplyEarly && matches!(then, Then::Reply(..)) {
+            tokens.clear();
+        }
+        let id = self.next_wait;
+        self.next_wait += 1;
+        let mut left = 0;
+        for t in tokens {
+            if let Some(f) = self.in_flight.get_mut(&t) {
+                f.waits.push(id);
+                left += 1;
+            }
+        }
+        let wait = Wait {
+            left,
+            worst: Outcome::Done,
+            why: String::new(),
+            then,
+        };
+        if left == 0 {
+            self.fire(wait);
+        } else {
+            self.waits.insert(id, wait);
+        }
+    }
+
+    fn wait_ended(&mut self, id: u64, outcome: Outcome, why: String) {
+        let Some(w) = self.waits.get_mut(&id) else {
+            return;
+        };
+        w.left -= 1;
+        let rank = |o: Outcome| match o {
+            Outcome::Done => 0,
+            Outcome::Refused => 1,
+            Outcome::Unknown => 2,
+        };
+        if rank(outcome) > rank(w.worst) {
+            w.worst = outcome;
+            w.why = why;
+        }
+        if w.left == 0
+            && let Some(w) = self.waits.remove(&id)
+        {
+            self.fire(w);
+        }
+    }
+
+    /// A wait's writes have all ended, the worst way `w.worst`.
+    fn fire(&mut self, w: Wait) {
+        match w.then {
+            Then::Reply(request, asked) => {
+                let result = self.answer(asked, w.worst, &w.why);
+                self.reply(request, result);
+            }
+            // Its writes ended (a client record not written is written with its next change; a
+            // task delete is retried by the book): the cursor may cover it.
+            Then::Applied(node, cursor) => self.inbox.handle_applied(&node, cursor, Outcome::Done),
+            Then::HuntOutcome(token) => {
+                // A participant record not written was undone (`handle_outcome_failed`) and comes
+                // again with the resend.
+                let outcome = if w.worst == Outcome::Done {
+                    Outcome::Done
+                } else {
+                    Outcome::Unknown
+                };
+                self.actions
+                    .push_back(MasterAction::HuntRecorded { token, outcome });
+            }
+        }
+    }
+
+    fn answer(&mut self, asked: Asked, worst: Outcome, why: &str) -> Result<Answer, RequestError> {
+        let unavailable = |what: &str| {
+            let maybe = if worst == Outcome::Unknown {
+                " (the master stopped while writing it: it may have happened; look again once the \
+                 master is back)"
+            } else {
+                ""
+            };
+            Err(RequestError::new(
+                ErrorKind::Unavailable,
+                format!("datastore: {why}; {what}, try again{maybe}"),
+            ))
+        };
+        match asked {
+            Asked::Connected(id) => {
+                if worst != Outcome::Done {
+                    return unavailable("the client's record was not written");
+                }
+                self.send_pending(&id);
+                self.offer_hunts(&id);
+                Ok(Answer::Connected)
+            }
+            Asked::Label(id) => match worst {
+                Outcome::Done => Ok(Answer::Client(id)),
+                _ => unavailable("the label is not recorded"),
+            },
+            Asked::Collect(flow) => match worst {
+                Outcome::Done => Ok(Answer::Flow(flow)),
+                _ => unavailable("the collection was not scheduled"),
+            },
+            Asked::CreateHunt(id) => {
+                if worst != Outcome::Done {
+                    // Forgotten, not left running with nothing on storage.
+                    self.hunts.handle_create_failed(&id);
+                    return unavailable("the hunt was not created");
+                }
+                self.notice(Level::Info, format!("hunt {id} created"));
+                self.broadcast(broadcast::Kind::HuntStarted(pc::HuntStarted {
+                    hunt_id: id.to_string(),
+                }));
+                // Every client connected to any node is offered it now; later ones on connecting.
+                let connected: Vec<ClientId> =
+                    self.registry.connected().map(|r| r.id.clone()).collect();
+                for c in connected {
+                    self.offer_to_connected(&id, &c);
+                }
+                Ok(Answer::Hunt(id))
+            }
+            Asked::StopHunt(id) => match worst {
+                Outcome::Done => Ok(Answer::Hunt(id)),
+                _ => unavailable("the hunt's stop is not recorded yet"),
+            },
+            Asked::Hunts | Asked::Hunt(_) if worst != Outcome::Done => {
+                unavailable("a hunt's change is not recorded yet")
+            }
+            Asked::Hunts => Ok(Answer::Hunts),
+            Asked::Hunt(id) => match self.hunts.get(&id) {
+                Some(_) => Ok(Answer::Hunt(id)),
+                None => Err(RequestError::new(
+                    ErrorKind::NotFound,
+                    format!("no hunt {id}"),
+                )),
+            },
+        }
+    }
+
+    /// Asks for an atomic write.
+    fn write(&mut self, effect: Effect, items: Vec<Item>) -> Token {
+        let token = self.track(effect);
+        self.actions.push_back(MasterAction::Write { token, items });
+        token
+    }
+
+    /// Names an effect in flight (captured for the request being handled, if any).
+    fn track(&mut self, effect: Effect) -> Token {
+        let token = self.token();
+        self.in_flight.insert(
+            token,
+            InFlight {
+                effect,
+                waits: Vec::new(),
+            },
+        );
+        if let Some(c) = &mut self.capture {
+            c.push(token);
+        }
+        token
+    }
+
+    fn effect_ended(&mut self, token: Token, effect: Effect, outcome: Outcome) {
+        match effect {
+            Effect::Task(book) => self.tasks.handle_written(book, outcome),
+            Effect::Delete(client, flow) => self.tasks.handle_deleted(&client, &flow, outcome),
+            Effect::Client(id) => {
+                let relabelled = match self.relabelled.get(&id) {
+                    Some((t, r)) if *t == token => {
+                        let r = *r;
+                        self.relabelled.remove(&id);
+                        r
+                    }
+                    _ => false,
+                };
+                if outcome != Outcome::Done {
+                    // Written again with its next sighting or label change.
+                    self.registry.handle_persist_failed(&id);
+                }
+                if outcome != Outcome::Refused {
+                    // Minions drop their cached copy.
+                    let key = paths::client_record(&id);
+                    self.broadcast(broadcast::Kind::DatastoreChanged(pc::DatastoreChanged {
+                        key,
+                        version: 0,
+                    }));
+                }
+                if relabelled
+                    && outcome == Outcome::Done
+                    && self.registry.get(&id).is_some_and(|c| c.connected)
+                {
+                    self.offer_hunts(&id);
+                }
+            }
+            Effect::Participant(hunt, client, participation) => {
+                if outcome != Outcome::Done {
+                    // Not counted until recorded: the outcome comes again with the resend.
+                    self.hunts
+                        .handle_outcome_failed(&hunt, &client, participation);
+                }
+            }
+            Effect::Cursor(node, cursor) => self.inbox.handle_persisted(&node, cursor, outcome),
+            Effect::Hunt => {}
+            #[cfg(test)]
+            Effect::Planted => {}
+        }
+    }
+
+    /// Performs the machines' actions until none has any.
+    fn drain(&mut self) {
+        loop {
+            self.drain_machines();
+            let mut any = false;
+            while let Some(a) = self.inbox.poll_action() {
+                any = true;
+                self.inbox_action(a);
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+
+    /// The registry's, hunt manager's and task book's actions (not the inbox's: applying an event
+    /// begins a capture of its own).
+    fn drain_machines(&mut self) {
+        loop {
+            let mut any = false;
+            while let Some(a) = self.registry.poll_action() {
+                any = true;
+                self.registry_action(a);
+            }
+            while let Some(a) = self.hunts.poll_action() {
+                any = true;
+                self.hunt_action(a);
+            }
+            while let Some(a) = self.tasks.poll_action() {
+                any = true;
+                self.task_action(a);
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+
+    fn registry_action(&mut self, a: RegistryAction) {
+        match a {
+            RegistryAction::Persist(rec) => {
+                let id = rec.id.clone();
+                let t = self.write(Effect::Client(id.clone()), vec![Item::Client(rec)]);
+                self.relabelled.insert(id, (t, false));
+            }
+            RegistryAction::LabelsChanged(id) => match self.relabelled.get_mut(&id) {
+                Some((_, r)) => *r = true,
+                None => {
+                    if self.registry.get(&id).is_some_and(|c| c.connected) {
+                        self.offer_hunts(&id);
+                    }
+                }
+            },
+        }
+    }
+
+    fn hunt_action(&mut self, a: HuntAction) {
+        match a {
+            HuntAction::Schedule { hunt, client, flow } => self.schedule(hunt, client, flow),
+            HuntAction::Participant {
+                hunt,
+                client,
+                participation,
+            } => {
+                let effect = Effect::Participant(hunt.clone(), client.clone(), participation);
+                let item = Item::Participant {
+                    hunt,
+                    client,
+                    participation,
+                };
+                self.write(effect, vec![item]);
+            }
+            HuntAction::Record(r) => {
+                self.write(Effect::Hunt, vec![Item::Hunt(Box::new(r))]);
+            }
+            HuntAction::Offer { hunt, client } => self.offer_to_connected(&hunt, &client),
+        }
+    }
+
+    /// A participant the hunt manager chose: its task is created, and written with its records.
+    fn schedule(&mut self, hunt: HuntId, client: ClientId, flow: FlowId) {
+        let Some(h) = self.hunts.get(&hunt) else {
+            return;
+        };
+        let spec = h.record().spec.clone();
+        let items = vec![
+            Item::Participant {
+                hunt: hunt.clone(),
+                client: client.clone(),
+                participation: Participation::Scheduled,
+            },
+            Item::Flow(Box::new(NewFlow {
+                client: client.clone(),
+                flow: flow.clone(),
+                artifact: spec.artifact.clone(),
+                params: spec.params.clone(),
+                hunt: Some(hunt.clone()),
+                created: self.time.now,
+            })),
+        ];
+        let upload_max = self.limits.upload_bytes_max;
+        #[cfg(test)]
+        if self.plant == Plant::KeepAtBound {
+            // Planted: the old glue, which wrote the participant's records whether or not its
+            // task could be queued.
+            let task = hunt_tasks::hunt_task(&hunt, &spec, &flow, upload_max);
+            let origin = TaskOrigin::Hunt(hunt.clone());
+            match self.tasks.create(client, flow, task, origin) {
+                Ok(t) => {
+                    self.groups.insert(t, items);
+                }
+                Err(_) => {
+                    self.write(Effect::Planted, items);
+                }
+            }
+            return;
+        }
+        let at = self.time.at;
+        let r = hunt_tasks::schedule(
+            &mut self.hunts,
+            &mut self.tasks,
+            at,
+            &hunt,
+            &client,
+            &flow,
+            upload_max,
+        );
+        match r {
+            Ok(token) => {
+                self.groups.insert(token, items);
+            }
+            // At the client's task bound it is no participant: undone, offered again later.
+            Err(e) => self.notice(
+                Level::Warn,
+                format!(
+                    "hunt {hunt}: task for {client} not queued yet ({e}); offering it again later"
+                ),
+            ),
+        }
+    }
+
+    fn task_action(&mut self, a: TaskAction<comms::Task, TaskOrigin>) {
+        match a {
+            TaskAction::Write {
+                token,
+                client,
+                flow,
+                task,
+            } => {
+                let mut items = self.groups.remove(&token).unwrap_or_default();
+                items.push(Item::Task { client, flow, task });
+                self.write(Effect::Task(token), items);
+            }
+            TaskAction::Created {
+                client,
+                outcome,
+                context,
+                ..
+            } => {
+                #[cfg(test)]
+                if self.plant == Plant::KeepRefused {
+                    return;
+                }
+                hunt_tasks::created(&mut self.hunts, self.time.at, &client, outcome, &context);
+            }
+            TaskAction::Deliver { client, task } => self.send_task(&client, task),
+            TaskAction::Delete { client, flow } => {
+                let token = self.track(Effect::Delete(client.clone(), flow.clone()));
+                self.actions.push_back(MasterAction::DeleteTask {
+                    token,
+                    client,
+                    flow,
+                });
+            }
+        }
+    }
+
+    fn inbox_action(&mut self, a: InboxAction<Result<Event, String>>) {
+        match a {
+            InboxAction::Apply {
+                node,
+                cursor,
+                event,
+            } => self.apply(node, cursor, event),
+            InboxAction::Persist { node, cursor } => {
+                #[cfg(test)]
+                if self.plant == Plant::CursorUnwritten {
+                    return self.inbox.handle_persisted(&node, cursor, Outcome::Done);
+                }
+                let items = vec![Item::Cursor {
+                    node: node.clone(),
+                    cursor,
+                }];
+                self.write(Effect::Cursor(node, cursor), items);
+            }
+            InboxAction::Ack { node, epoch, upto } => {
+                let message = pc::MasterMessage {
+                    kind: Some(master_message::Kind::Ack(pc::ReplAck {
+                        epoch,
+                        upto_seq: upto,
+                    })),
+                };
+                self.send_minion(&node, message);
+            }
+        }
+    }
+
+    /// One replicated event's effects; each is idempotent (a crash between them and the cursor
+    /// applies it again).
+    fn apply(&mut self, node: String, cursor: Cursor, event: Result<Event, String>) {
+        let event = match event {
+            Ok(Event::FlowCompleted(completed)) => {
+                let origin = (node, cursor);
+                return self
+                    .actions
+                    .push_back(MasterAction::Complete { origin, completed });
+            }
+            Ok(e) => e,
+            Err(reason) => {
+                // Skipped so that the minion's later events are not stuck behind it.
+                let m = format!("skipping a malformed event from {node}: {reason}");
+                self.notice(Level::Error, m);
+                return self.inbox.handle_applied(&node, cursor, Outcome::Done);
+            }
+        };
+        self.begin();
+        self.apply_event(&node, event);
+        self.finish(Then::Applied(node, cursor));
+    }
+
+    fn apply_event(&mut self, node: &str, event: Event) {
+        let now = self.time.now;
+        let client = |id: &str| ClientId::parse(id).ok();
+        match event {
+            Event::ClientSeen(cs) => {
+                let Some(id) = client(&cs.client_id) else {
+                    return self.notice(Level::Warn, format!("{node} saw a malformed client id"));
+                };
+                let behind_ms = self.links.get(node).map_or(0, |l| l.behind_ms);
+                let sighting = sighting(node, cs, id.clone(), behind_ms, self.time);
+                if let Err(e) = self.registry.handle_seen_admitted(now, sighting) {
+                    let m = format!("refused client {id} seen on {node}: {e}");
+                    return self.notice(Level::Warn, m);
+                }
+                self.send_pending(&id);
+                self.offer_hunts(&id);
+            }
+            Event::ClientGone(g) => {
+                if let Some(id) = client(&g.client_id) {
+                    self.registry.set_disconnected(now, &id, node);
+                }
+            }
+            Event::TaskDelivered(t) => {
+                if let (Some(id), Ok(flow)) = (client(&t.client_id), FlowId::parse(&t.flow_id)) {
+                    self.task_acked(&id, &flow);
+                }
+            }
+            Event::FlowCompleted(_) => unreachable!("completions go to the intake"),
+            Event::NodeStarted(_) => {
+                let n = self.registry.disconnect_node(now, node);
+                let m = format!(
+                    "minion {node} restarted: its {n} clients are disconnected until they reconnect"
+                );
+                self.notice(Level::Info, m);
+            }
+        }
+    }
+
+    fn task_acked(&mut self, client: &ClientId, flow: &FlowId) {
+        if !self.tasks.handle_acked(client, flow) {
+            return; // A duplicate acknowledgement (tasks are resent until acknowledged).
+        }
+        // Shown as running from now on.
+        self.actions.push_back(MasterAction::MarkRunning {
+            client: client.clone(),
+            flow: flow.clone(),
+        });
+    }
+
+    /// Sends a task toward its client: pushed if connected here, sent to its minion if connected
+    /// there; else it goes when the client connects.
+    fn send_task(&mut self, client: &ClientId, task: comms::Task) {
+        let Some(rec) = self.registry.get(client).filter(|r| r.connected) else {
+            return;
+        };
+        if rec.node == self.node {
+            self.actions.push_back(MasterAction::Push {
+                client: client.clone(),
+                task,
+            });
+            return;
+        }
+        let node = rec.node.clone();
+        let kind = broadcast::Kind::TaskQueued(pc::TaskQueued {
+            client_id: client.to_string(),
+            task: Some(task),
+        });
+        self.send_minion(&node, broadcast_message(kind));
+    }
+
+    /// Sends a client's pending tasks toward it (it acknowledges duplicates and runs each once).
+    fn send_pending(&mut self, client: &ClientId) {
+        let tasks: Vec<comms::Task> = self.tasks.pending(client).map(|(_, t)| t.clone()).collect();
+        for t in tasks {
+            self.send_task(client, t);
+        }
+    }
+
+    /// Offers a client every running hunt.
+    fn offer_hunts(&mut self, id: &ClientId) {
+        let Some(rec) = self.registry.get(id) else {
+            return;
+        };
+        let (os, labels) = (rec.os.clone(), rec.labels.clone());
+        let facts = ClientFacts {
+            id,
+            os: &os,
+            labels: &labels,
+        };
+        self.hunts.offer(self.time.now, facts);
+    }
+
+    /// Offers a hunt to a client if it is connected (else it is offered every running hunt when
+    /// it connects).
+    fn offer_to_connected(&mut self, hunt: &HuntId, id: &ClientId) {
+        let Some(rec) = self.registry.get(id).filter(|r| r.connected) else {
+            return;
+        };
+        let (os, labels) = (rec.os.clone(), rec.labels.clone());
+        let facts = ClientFacts {
+            id,
+            os: &os,
+            labels: &labels,
+        };
+        self.hunts.offer_to(self.time.now, hunt, facts);
+    }
+}
+
+fn broadcast_message(kind: broadcast::Kind) -> pc::MasterMessage {
+    pc::MasterMessage {
+        kind: Some(master_message::Kind::Broadcast(pc::Broadcast {
+            seq: 0,
+            kind: Some(kind),
+        })),
+    }
+}
+
+fn hunt_error(e: HuntError) -> RequestError {
+    let kind = match e {
+        HuntError::NotFound(_) => ErrorKind::NotFound,
+        HuntError::TooManyHunts { .. } => ErrorKind::Exhausted,
+        _ => ErrorKind::Precondition,
+    };
+    RequestError::new(kind, e)
+}
+
+/// A client a minion saw, as the registry takes it: its connection time moved onto our wall clock
+/// (recorded, shown) and, to order it against other nodes' sightings, onto our monotonic clock —
+/// its age (by the minion's clock, over a span of seconds) before now.
+fn sighting(node: &str, cs: pc::ClientSeen, id: ClientId, behind_ms: i128, t: Time) -> Sighting {
+    let info = cs.info.unwrap_or_default();
+    let connected_ms = u64::try_from(i128::from(cs.connected_unix_ms) + behind_ms).unwrap_or(0);
+    let age = t.now.as_ms().saturating_sub(connected_ms);
+    Sighting {
+        id,
+        public_key: cs.public_key.to_vec(),
+        hostname: info.hostname,
+        fqdn: info.fqdn,
+        os: info.os,
+        ips: info.ips,
+        last_ip: cs.last_ip,
+        node: node.to_owned(),
+        connected_at: Timestamp(connected_ms),
+        connected_order: Monotonic(t.at.as_ms().saturating_sub(age)),
+    }
+}
+
+/// Parses an analyst's search query and runs it (at most `limit` results).
+pub fn search<'a>(
+    registry: &'a Registry,
+    query: &str,
+    limit: usize,
+) -> Result<crate::registry::SearchResult<'a>, RequestError> {
+    let q = Query::parse(query).map_err(|e| RequestError::new(ErrorKind::Invalid, e))?;
+    Ok(registry.search(&q, limit))
+}
+
+#[cfg(test)]
+mod tests;
