@@ -29,8 +29,8 @@ use super::tasks::{TaskAction, TaskBook, TaskLimits};
 use super::{Outcome, Token};
 use crate::cluster_codec::MinionBatch;
 use crate::hunts::{
-    ClientFacts, HuntAction, HuntError, HuntLimits, HuntManager, HuntRecord, HuntSpec,
-    Participation,
+    ClientFacts, Hunt, HuntAction, HuntError, HuntLimits, HuntManager, HuntRecord, HuntSpec,
+    HuntStats, Participation,
 };
 use crate::registry::{
     ClientRecord, Query, Registry, RegistryAction, RegistryError, RegistryLimits, Sighting,
@@ -208,19 +208,88 @@ pub enum MasterAction {
     Notice(Notice),
 }
 
-/// A request's successful answer; the shell reads the details from the master's state.
+/// An analyst's request (the API's calls on the master).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Clients matching a query (`all`, `host:`, `label:`, `ip:`, an id, a bare word).
+    Search {
+        /// The query.
+        query: String,
+        /// At most this many.
+        limit: usize,
+    },
+    /// Add or remove a client's label.
+    Label {
+        /// The client.
+        client: ClientId,
+        /// The label.
+        label: String,
+        /// Remove it.
+        remove: bool,
+    },
+    /// Collect an artifact (validated) from a client.
+    Collect(Box<NewFlow>),
+    /// Start a hunt.
+    CreateHunt {
+        /// Its id (the shell draws it).
+        id: HuntId,
+        /// What it runs where.
+        spec: HuntSpec,
+    },
+    /// Stop a hunt.
+    StopHunt(HuntId),
+    /// Every hunt, or one.
+    Hunts(Option<HuntId>),
+    /// A hunt's participants and their flows.
+    HuntFlows(HuntId),
+    /// The minions known.
+    Minions,
+}
+
+/// A request's successful answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
     /// A client connected here is recorded.
     Connected,
-    /// A client's record ([`Master::registry`]).
-    Client(ClientId),
+    /// Search results.
+    Clients {
+        /// The records, in id order.
+        clients: Vec<ClientRecord>,
+        /// More matched.
+        truncated: bool,
+    },
+    /// A client's record.
+    Client(Box<ClientRecord>),
     /// A collection is scheduled.
     Flow(Box<NewFlow>),
-    /// A hunt ([`Master::hunts`]).
-    Hunt(HuntId),
-    /// Every hunt is durable as listed ([`Master::hunts`]).
-    Hunts,
+    /// One hunt.
+    Hunt(Box<HuntView>),
+    /// Hunts.
+    Hunts(Vec<HuntView>),
+    /// A hunt's participants and their flows.
+    Participants(Vec<(ClientId, FlowId)>),
+    /// The minions known.
+    Minions(Vec<MinionView>),
+}
+
+/// A hunt as answered: its record and exact figures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HuntView {
+    /// The record.
+    pub record: HuntRecord,
+    /// Its statistics.
+    pub stats: HuntStats,
+}
+
+/// A minion as answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MinionView {
+    /// Its name.
+    pub node: String,
+    /// Its replication stream is up.
+    pub connected: bool,
+    /// Its cursor as last made durable.
+    pub durable: Option<Cursor>,
 }
 
 /// Why a request failed.
@@ -431,8 +500,8 @@ impl Master {
         &self.tasks
     }
 
-    /// Every minion known (connected now, or with a cursor): name, connected, durable cursor.
-    pub fn minions(&self) -> Vec<(String, bool, Option<Cursor>)> {
+    /// Every minion known (connected now, or with a cursor).
+    pub fn minions(&self) -> Vec<MinionView> {
         let names: BTreeSet<&str> = self
             .inbox
             .minions()
@@ -441,12 +510,10 @@ impl Master {
             .collect();
         names
             .into_iter()
-            .map(|n| {
-                (
-                    n.to_owned(),
-                    self.links.contains_key(n),
-                    self.inbox.durable(n),
-                )
+            .map(|n| MinionView {
+                node: n.to_owned(),
+                connected: self.links.contains_key(n),
+                durable: self.inbox.durable(n),
             })
             .collect()
     }
@@ -520,15 +587,46 @@ impl Master {
 
     // ---- Requests.
 
+    /// An analyst's request; answered with a [`MasterAction::Reply`] naming `request` — at once for
+    /// a query, once its writes have ended for a change.
+    pub fn handle_request(&mut self, time: Time, request: Token, req: Request) {
+        match req {
+            Request::Search { query, limit } => {
+                let r = search(&self.registry, &query, limit).map(|res| Answer::Clients {
+                    clients: res.clients.into_iter().cloned().collect(),
+                    truncated: res.truncated,
+                });
+                self.reply(request, r);
+            }
+            Request::Label {
+                client,
+                label,
+                remove,
+            } => self.label(time, request, &client, &label, remove),
+            Request::Collect(flow) => self.collect(time, request, *flow),
+            Request::CreateHunt { id, spec } => self.create_hunt(time, request, id, spec),
+            Request::StopHunt(id) => self.stop_hunt(time, request, &id),
+            Request::Hunts(one) => self.get_hunts(time, request, one),
+            Request::HuntFlows(id) => {
+                let r = match self.hunts.get(&id) {
+                    Some(h) => Ok(Answer::Participants(
+                        h.participants()
+                            .map(|(c, _)| (c.clone(), FlowId::for_hunt(&id, c)))
+                            .collect(),
+                    )),
+                    None => Err(no_hunt(&id)),
+                };
+                self.reply(request, r);
+            }
+            Request::Minions => {
+                let r = Ok(Answer::Minions(self.minions()));
+                self.reply(request, r);
+            }
+        }
+    }
+
     /// Adds or removes a client's label.
-    pub fn label(
-        &mut self,
-        time: Time,
-        request: Token,
-        client: &ClientId,
-        label: &str,
-        remove: bool,
-    ) {
+    fn label(&mut self, time: Time, request: Token, client: &ClientId, label: &str, remove: bool) {
         self.time = time;
         self.begin();
         if let Err(e) = self.registry.set_label(client, label, remove) {
@@ -546,7 +644,7 @@ impl Master {
 
     /// Collects `artifact` (validated) from a client: its task and flow record are written
     /// together, then it is sent toward the client.
-    pub fn collect(&mut self, time: Time, request: Token, flow: NewFlow) {
+    fn collect(&mut self, time: Time, request: Token, flow: NewFlow) {
         self.time = time;
         if self.registry.get(&flow.client).is_none() {
             let e = format!(
@@ -580,7 +678,7 @@ impl Master {
 
     /// Creates a running hunt; answered once its record is durable, then offered to every
     /// connected client.
-    pub fn create_hunt(&mut self, time: Time, request: Token, id: HuntId, spec: HuntSpec) {
+    fn create_hunt(&mut self, time: Time, request: Token, id: HuntId, spec: HuntSpec) {
         self.time = time;
         self.begin();
         if let Err(e) = self.hunts.create(time.now, id.clone(), spec) {
@@ -592,7 +690,7 @@ impl Master {
     }
 
     /// Stops a hunt; answered once its record is written.
-    pub fn stop_hunt(&mut self, time: Time, request: Token, id: &HuntId) {
+    fn stop_hunt(&mut self, time: Time, request: Token, id: &HuntId) {
         self.time = time;
         self.begin();
         if let Err(e) = self.hunts.stop(time.now, id) {
@@ -608,7 +706,7 @@ impl Master {
 
     /// Lists the hunts (`one`: one hunt), answered once what expired by now is recorded: nothing
     /// is reported that is not durable.
-    pub fn get_hunts(&mut self, time: Time, request: Token, one: Option<HuntId>) {
+    fn get_hunts(&mut self, time: Time, request: Token, one: Option<HuntId>) {
         self.time = time;
         self.begin();
         self.hunts.handle_timeout(time.now, time.at);
@@ -923,8 +1021,12 @@ impl Master {
                 self.offer_hunts(&id);
                 Ok(Answer::Connected)
             }
-            Asked::Label(id) => match worst {
-                Outcome::Done => Ok(Answer::Client(id)),
+            Asked::Label(id) => match (worst, self.registry.get(&id)) {
+                (Outcome::Done, Some(r)) => Ok(Answer::Client(Box::new(r.clone()))),
+                (Outcome::Done, None) => Err(RequestError::new(
+                    ErrorKind::NotFound,
+                    format!("no client {id}"),
+                )),
                 _ => unavailable("the label is not recorded"),
             },
             Asked::Collect(flow) => match worst {
@@ -938,6 +1040,8 @@ impl Master {
                     return unavailable("the hunt was not created");
                 }
                 self.notice(Level::Info, format!("hunt {id} created"));
+                // As durable now: the offers below schedule participants whose writes follow.
+                let answer = self.hunt_view(&id);
                 self.broadcast(broadcast::Kind::HuntStarted(pc::HuntStarted {
                     hunt_id: id.to_string(),
                 }));
@@ -947,23 +1051,24 @@ impl Master {
                 for c in connected {
                     self.offer_to_connected(&id, &c);
                 }
-                Ok(Answer::Hunt(id))
+                answer
             }
             Asked::StopHunt(id) => match worst {
-                Outcome::Done => Ok(Answer::Hunt(id)),
+                Outcome::Done => self.hunt_view(&id),
                 _ => unavailable("the hunt's stop is not recorded yet"),
             },
             Asked::Hunts | Asked::Hunt(_) if worst != Outcome::Done => {
                 unavailable("a hunt's change is not recorded yet")
             }
-            Asked::Hunts => Ok(Answer::Hunts),
-            Asked::Hunt(id) => match self.hunts.get(&id) {
-                Some(_) => Ok(Answer::Hunt(id)),
-                None => Err(RequestError::new(
-                    ErrorKind::NotFound,
-                    format!("no hunt {id}"),
-                )),
-            },
+            Asked::Hunts => Ok(Answer::Hunts(self.hunts.list().map(view).collect())),
+            Asked::Hunt(id) => self.hunt_view(&id),
+        }
+    }
+
+    fn hunt_view(&self, id: &HuntId) -> Result<Answer, RequestError> {
+        match self.hunts.get(id) {
+            Some(h) => Ok(Answer::Hunt(Box::new(view(h)))),
+            None => Err(no_hunt(id)),
         }
     }
 
@@ -1381,6 +1486,17 @@ fn broadcast_message(kind: broadcast::Kind) -> pc::MasterMessage {
             kind: Some(kind),
         })),
     }
+}
+
+fn view(h: &Hunt) -> HuntView {
+    HuntView {
+        record: h.record().clone(),
+        stats: h.stats(),
+    }
+}
+
+fn no_hunt(id: &HuntId) -> RequestError {
+    RequestError::new(ErrorKind::NotFound, format!("no hunt {id}"))
 }
 
 fn hunt_error(e: HuntError) -> RequestError {

@@ -6,9 +6,8 @@ use super::*;
 pub const HUNT_EXPIRES_DEFAULT_S: u64 = 7 * 24 * 3600;
 
 /// The API's view of a hunt.
-pub fn hunt_summary(h: &Hunt) -> api::HuntSummary {
-    let r = h.record();
-    let s = h.stats();
+pub fn hunt_summary(h: &HuntView) -> api::HuntSummary {
+    let (r, s) = (&h.record, h.stats);
     let state = match r.state {
         HuntState::Running => api::HuntState::Running,
         HuntState::Stopped => api::HuntState::Stopped,
@@ -191,6 +190,60 @@ pub(super) fn require_api<T>(req: &Request<T>) -> Result<(), Status> {
 
 pub(super) type Pages = tokio_stream::wrappers::ReceiverStream<Result<api::ResultPage, Status>>;
 
+impl ApiService {
+    /// A request whose answer is one hunt.
+    async fn hunt(&self, req: CoreRequest) -> Result<api::HuntSummary, Status> {
+        match self.node.request(req).await? {
+            Answer::Hunt(h) => Ok(hunt_summary(&h)),
+            a => Err(unexpected(a)),
+        }
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// An answer of the wrong kind: a bug.
+fn unexpected(a: Answer) -> Status {
+    Status::internal(format!("unexpected answer from the node: {a:?}"))
+}
+
+/// An analyst's hunt request as the hunt manager takes it, validated.
+fn hunt_spec(now: Timestamp, req: api::CreateHuntRequest) -> Result<HuntSpec, Status> {
+    let given: BTreeMap<String, String> = req.params.into_iter().collect();
+    let (spec, params) = talon_core::artifacts::validate(&req.artifact, &given).map_err(invalid)?;
+    let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
+        ls.iter()
+            .map(|l| talon_core::registry::normalize_label(l).map_err(invalid))
+            .collect()
+    };
+    let os = match req.os.to_ascii_lowercase().as_str() {
+        "" => None,
+        o @ ("linux" | "windows" | "darwin") => Some(o.to_owned()),
+        o => {
+            return Err(Status::invalid_argument(format!(
+                "--os {o:?}: use linux, windows or darwin"
+            )));
+        }
+    };
+    let ttl_s = if req.expires_in_s == 0 {
+        HUNT_EXPIRES_DEFAULT_S
+    } else {
+        req.expires_in_s
+    };
+    Ok(HuntSpec {
+        artifact: spec.name.to_owned(),
+        params,
+        include_labels: labels(req.include_labels)?,
+        exclude_labels: labels(req.exclude_labels)?,
+        os,
+        expires: now.plus_ms(ttl_s.saturating_mul(1000)),
+        client_limit: (req.client_limit > 0).then_some(req.client_limit),
+        description: req.description,
+    })
+}
+
 #[tonic::async_trait]
 impl api::api_server::Api for ApiService {
     async fn search_clients(
@@ -204,14 +257,18 @@ impl api::api_server::Api for ApiService {
         } else {
             r.limit as usize
         };
-        self.node
-            .ask(|reply| Msg::Search {
-                query: r.query,
-                limit,
-                reply,
-            })
-            .await
-            .map(Response::new)
+        let query = r.query;
+        match self
+            .node
+            .request(CoreRequest::Search { query, limit })
+            .await?
+        {
+            Answer::Clients { clients, truncated } => Ok(Response::new(api::SearchResponse {
+                clients: clients.iter().map(summary).collect(),
+                truncated,
+            })),
+            a => Err(unexpected(a)),
+        }
     }
 
     async fn modify_label(
@@ -220,15 +277,17 @@ impl api::api_server::Api for ApiService {
     ) -> Result<Response<api::ClientSummary>, Status> {
         require_api(&req)?;
         let r = req.into_inner();
-        self.node
-            .ask(|reply| Msg::Label {
-                client: r.client_id,
-                label: r.label,
-                remove: r.remove,
-                reply,
-            })
-            .await
-            .map(Response::new)
+        let client = ClientId::parse(&r.client_id).map_err(invalid)?;
+        let (label, remove) = (r.label, r.remove);
+        let req = CoreRequest::Label {
+            client,
+            label,
+            remove,
+        };
+        match self.node.request(req).await? {
+            Answer::Client(c) => Ok(Response::new(summary(&c))),
+            a => Err(unexpected(a)),
+        }
     }
 
     async fn collect(
@@ -237,16 +296,29 @@ impl api::api_server::Api for ApiService {
     ) -> Result<Response<api::FlowSummary>, Status> {
         require_api(&req)?;
         let r = req.into_inner();
+        let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let params = r.params.into_iter().collect();
-        self.node
-            .ask(|reply| Msg::Collect {
-                client: r.client_id,
-                artifact: r.artifact,
-                params,
-                reply,
-            })
-            .await
-            .map(Response::new)
+        let (spec, params) =
+            talon_core::artifacts::validate(&r.artifact, &params).map_err(invalid)?;
+        let flow = NewFlow {
+            client,
+            flow: FlowId::from_u64(self.node.random()),
+            artifact: spec.name.to_owned(),
+            params,
+            hunt: None,
+            created: self.node.clock.now(),
+        };
+        match self
+            .node
+            .request(CoreRequest::Collect(Box::new(flow)))
+            .await?
+        {
+            Answer::Flow(f) => {
+                tracing::info!(client = %f.client, flow = %f.flow, artifact = %f.artifact, "collection scheduled");
+                Ok(Response::new(flow_summary(&flow_json(&f))))
+            }
+            a => Err(unexpected(a)),
+        }
     }
 
     async fn get_flow(
@@ -290,11 +362,11 @@ impl api::api_server::Api for ApiService {
         req: Request<api::CreateHuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
         require_api(&req)?;
-        let req = req.into_inner();
-        self.node
-            .ask(|reply| Msg::CreateHunt { req, reply })
-            .await
-            .map(Response::new)
+        let spec = hunt_spec(self.node.clock.now(), req.into_inner())?;
+        let id = HuntId::from_u64(self.node.random());
+        let h = self.hunt(CoreRequest::CreateHunt { id, spec }).await?;
+        tracing::info!(hunt = %h.hunt_id, artifact = %h.artifact, "hunt created");
+        Ok(Response::new(h))
     }
 
     async fn list_hunts(
@@ -302,10 +374,12 @@ impl api::api_server::Api for ApiService {
         req: Request<api::ListHuntsRequest>,
     ) -> Result<Response<api::ListHuntsResponse>, Status> {
         require_api(&req)?;
-        self.node
-            .ask(|reply| Msg::ListHunts { reply })
-            .await
-            .map(Response::new)
+        match self.node.request(CoreRequest::Hunts(None)).await? {
+            Answer::Hunts(hunts) => Ok(Response::new(api::ListHuntsResponse {
+                hunts: hunts.iter().map(hunt_summary).collect(),
+            })),
+            a => Err(unexpected(a)),
+        }
     }
 
     async fn get_hunt(
@@ -313,9 +387,8 @@ impl api::api_server::Api for ApiService {
         req: Request<api::HuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
         require_api(&req)?;
-        let id = req.into_inner().hunt_id;
-        self.node
-            .ask(|reply| Msg::GetHunt { id, reply })
+        let id = parse_hunt(&req.into_inner().hunt_id)?;
+        self.hunt(CoreRequest::Hunts(Some(id)))
             .await
             .map(Response::new)
     }
@@ -325,9 +398,8 @@ impl api::api_server::Api for ApiService {
         req: Request<api::HuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
         require_api(&req)?;
-        let id = req.into_inner().hunt_id;
-        self.node
-            .ask(|reply| Msg::StopHunt { id, reply })
+        let id = parse_hunt(&req.into_inner().hunt_id)?;
+        self.hunt(CoreRequest::StopHunt(id))
             .await
             .map(Response::new)
     }
@@ -339,8 +411,11 @@ impl api::api_server::Api for ApiService {
         req: Request<api::HuntRequest>,
     ) -> Result<Response<Pages>, Status> {
         require_api(&req)?;
-        let id = req.into_inner().hunt_id;
-        let flows = self.node.ask(|reply| Msg::HuntFlows { id, reply }).await?;
+        let id = parse_hunt(&req.into_inner().hunt_id)?;
+        let flows = match self.node.request(CoreRequest::HuntFlows(id)).await? {
+            Answer::Participants(flows) => flows,
+            a => return Err(unexpected(a)),
+        };
         Ok(Response::new(stream_flows(
             self.node.filestore.volume().clone(),
             self.node.datastore.clone(),
@@ -353,8 +428,34 @@ impl api::api_server::Api for ApiService {
         req: Request<api::ClusterRequest>,
     ) -> Result<Response<api::ClusterStatus>, Status> {
         require_api(&req)?;
-        let r = self.node.ask(|reply| Msg::Cluster { reply }).await?;
-        Ok(Response::new(r))
+        let minions = match self.node.request(CoreRequest::Minions).await? {
+            Answer::Minions(m) => m,
+            a => return Err(unexpected(a)),
+        };
+        let meta = match &self.node.datastore {
+            Meta::Local(d) => d.volume_error(),
+            Meta::Remote(_) => None,
+        };
+        let volume_errors = [
+            ("metadata", meta),
+            ("filestore", self.node.filestore.volume_error()),
+        ]
+        .into_iter()
+        .filter_map(|(what, e)| e.map(|(t, why)| format!("{what}: {why} (since {})", t.as_ms())))
+        .collect();
+        Ok(Response::new(api::ClusterStatus {
+            volume_errors,
+            master: self.node.name.clone(),
+            minions: minions
+                .into_iter()
+                .map(|m| api::MinionStatus {
+                    node: m.node,
+                    connected: m.connected,
+                    epoch: m.durable.map_or(0, |c| c.epoch),
+                    applied: m.durable.map_or(0, |c| c.hwm),
+                })
+                .collect(),
+        }))
     }
 
     async fn list_artifacts(

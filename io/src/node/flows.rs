@@ -1,183 +1,22 @@
-//! Client flows on every node: storing messages, the two-phase acknowledgement (stored, then
-//! settled on the shared volume), completion, audits, and reassembling uploads (master).
+//! Client flows on every node: the frontend's flow messages and the intake actions every role
+//! performs the same way — storing messages, the two-phase acknowledgement (stored, then settled on
+//! the shared volume), audits, locating a completed flow's runs.
 
 use super::*;
 
-/// What the filestore holds in place of a flow message the server refused: a log line at error
-/// level saying why (results and uploads skip it; a person reading the flow's logs sees it).
-pub(super) fn refusal_record(flow: &FlowId, seq: u64, now: Timestamp, reason: &str) -> Bytes {
-    let m = comms::FlowMessage {
-        flow_id: flow.to_string(),
-        seq,
-        payload: Some(comms::flow_message::Payload::Logs(comms::LogLines {
-            lines: vec![comms::LogLine {
-                time_unix_ms: now.as_ms(),
-                level: "ERROR".into(),
-                message: format!("message {seq} refused by the server: {reason}"),
-            }],
-        })),
-    };
-    Bytes::from(m.encode_to_vec())
-}
-
-/// Reassembles completed flows' uploads on the volume, a bounded number at a time, each retried
-/// until it is recorded (the volume may fail or be cut off for a while).
-#[derive(Clone)]
-pub(super) struct Reassembly {
-    permits: Arc<tokio::sync::Semaphore>,
-    /// A flow record with its uploads listed stays within this (`Datastore.max_value_size`).
-    value_bytes_max: u64,
-}
-
-/// Uploads reassembled at once (each reads its flow's chunks and writes its files on the volume).
-pub(super) const REASSEMBLY_CONCURRENCY: usize = 64;
-
-/// The longest pause between two attempts at one flow's uploads.
-pub(super) const REASSEMBLY_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
-
-impl Reassembly {
-    pub(super) fn new(value_bytes_max: u64) -> Reassembly {
-        Reassembly {
-            permits: Arc::new(tokio::sync::Semaphore::new(REASSEMBLY_CONCURRENCY)),
-            value_bytes_max,
-        }
+/// How a completion's recording ended (the intake's `Recorded`).
+fn log_recorded(key: &FlowKey, result: &Recorded) {
+    let (client, flow) = (&key.client, &key.flow);
+    match result {
+        Recorded::Written { unlisted: None } => tracing::info!(%client, %flow, "flow completed"),
+        Recorded::Written {
+            unlisted: Some(why),
+        } => tracing::warn!(%client, %flow, "flow completed: {why}"),
+        // Nothing to record it in (not a flow this master created): acknowledged, or the client
+        // would resend forever.
+        Recorded::NoRecord => tracing::warn!(%client, %flow, "completed flow has no record"),
+        _ => {}
     }
-
-    /// Reassembles `key`'s uploads in the background: retried until the flow record lists them and
-    /// its [`paths::uploads_pending`] marker is gone (or the process stops; then the next start
-    /// takes it up again from the marker).
-    pub(super) fn start(&self, fs: SharedVolume, ds: Meta, key: FlowKey) {
-        let (permits, max) = (self.permits.clone(), self.value_bytes_max);
-        tokio::spawn(async move {
-            let mut pause = std::time::Duration::from_secs(1);
-            loop {
-                let r = {
-                    let Ok(_permit) = permits.acquire().await else {
-                        return;
-                    };
-                    record_uploads(&fs, &ds, &key, max).await
-                };
-                match r {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(client = %key.client, flow = %key.flow, error = %e, retry_in_s = pause.as_secs(), "cannot reassemble uploads yet");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(REASSEMBLY_RETRY_MAX);
-                    }
-                }
-            }
-        });
-    }
-}
-
-/// Rebuilds a completed flow's uploaded files and records them in its flow record, dropping its
-/// [`paths::uploads_pending`] marker in the same atomic write. A record that would not fit in
-/// `value_bytes_max` lists the uploads that fit, and the flow fails saying how many are unlisted
-/// (their files are still in the filestore): a large record is the writer's doing, and stops
-/// nothing but its own flow.
-pub(super) async fn record_uploads(
-    fs: &SharedVolume,
-    ds: &Meta,
-    key: &FlowKey,
-    value_bytes_max: u64,
-) -> Result<(), String> {
-    let k = paths::flow_record(&key.client, &key.flow);
-    let record = load_json::<FlowJson>(ds, &k).await?;
-    let runs = record.as_ref().map(|f| f.runs.clone()).unwrap_or_default();
-    let uploads = crate::storage::uploads::assemble(fs, &key.client, &key.flow, &runs)
-        .await
-        .map_err(|e| format!("reading the flow's chunks: {e}"))?;
-    for u in uploads.iter().filter(|u| !u.error.is_empty()) {
-        tracing::warn!(client = %key.client, flow = %key.flow, file = %crate::text::Printable(&u.name), error = %crate::text::Printable(&u.error), "upload not stored");
-    }
-    let marker = paths::uploads_pending(&key.client, &key.flow);
-    let mut writes = vec![(marker, None)];
-    if let Some(mut f) = record {
-        f.uploads = uploads;
-        let bytes = json_within(&mut f, value_bytes_max)?;
-        writes.push((k, Some(bytes)));
-    }
-    ds.write_all(writes)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-/// `f` as JSON of at most `max` bytes: if its upload list makes it larger, the list keeps the
-/// uploads that fit (half the bound, leaving room for the rest of the record) and the flow is
-/// marked failed with the number left out.
-pub(super) fn json_within(f: &mut FlowJson, max: u64) -> Result<Bytes, String> {
-    let bytes = serde_json::to_vec(&*f).map_err(|e| e.to_string())?;
-    if bytes.len() as u64 <= max {
-        return Ok(Bytes::from(bytes));
-    }
-    let total = f.uploads.len();
-    let mut room = max / 2;
-    let mut kept = 0;
-    for u in &f.uploads {
-        let len = serde_json::to_vec(u).map_err(|e| e.to_string())?.len() as u64 + 1;
-        if len > room {
-            break;
-        }
-        room -= len;
-        kept += 1;
-    }
-    f.uploads.truncate(kept);
-    f.state = FlowRecordState::Error;
-    let why = format!(
-        "{} of {total} uploads are not listed: the flow record would exceed \
-         Datastore.max_value_size ({max} bytes)",
-        total - kept
-    );
-    tracing::warn!(client = %f.client_id, flow = %f.flow_id, "{why}");
-    f.error = if f.error.is_empty() {
-        why
-    } else {
-        format!("{}; {why}", f.error)
-    };
-    let bytes = serde_json::to_vec(&*f).map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > max {
-        return Err(format!(
-            "the flow record is {} bytes without its uploads, over Datastore.max_value_size ({max})",
-            bytes.len()
-        ));
-    }
-    Ok(Bytes::from(bytes))
-}
-
-/// Finds and decodes a flow's stored messages, wherever they were written (`None` if the
-/// filestore failed).
-pub(super) async fn audit(
-    fs: &Filestore,
-    key: &FlowKey,
-    limits: &CodecLimits,
-) -> Option<Vec<StoredMessage>> {
-    let found = match fs.audit(&key.client, &key.flow).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(client = %key.client, flow = %key.flow, error = %e, "cannot audit a flow's stored messages");
-            return None;
-        }
-    };
-    let mut out = Vec::new();
-    for (_, bytes) in found {
-        let msg = comms::FlowMessage::decode(bytes).ok()?;
-        let seq = msg.seq;
-        let input = codec::validate(
-            comms::ClientMessage {
-                kind: Some(client_message::Kind::Flow(msg)),
-            },
-            limits,
-        )
-        .ok()?;
-        if let ClientInput::Flow { data, .. } = input {
-            out.push(StoredMessage {
-                seq,
-                payload: data.tracker_payload(),
-            });
-        }
-    }
-    Some(out)
 }
 
 impl Frontend {
@@ -320,21 +159,7 @@ impl Frontend {
             }
             IntakeAction::Recorded { key, result } => {
                 self.filestore.forget_runs(&key.client, &key.flow);
-                let (client, flow) = (&key.client, &key.flow);
-                match result {
-                    Recorded::Written { unlisted: None } => {
-                        tracing::info!(%client, %flow, "flow completed")
-                    }
-                    Recorded::Written {
-                        unlisted: Some(why),
-                    } => tracing::warn!(%client, %flow, "flow completed: {why}"),
-                    // Nothing to record it in (not a flow this master created): acknowledged, or
-                    // the client would resend forever.
-                    Recorded::NoRecord => {
-                        tracing::warn!(%client, %flow, "completed flow has no record")
-                    }
-                    _ => {}
-                }
+                log_recorded(&key, &result);
             }
             IntakeAction::NotRecorded { key, why } => {
                 tracing::warn!(client = %key.client, flow = %key.flow, %why, "a flow's completion is not recorded yet; the client's resend brings it again");
@@ -345,25 +170,6 @@ impl Frontend {
         }
         None
     }
-}
-
-/// A minion's completion as the event it replicates to the master.
-pub(super) fn completion_event(o: talon_core::flows::FlowOutcome, runs: Vec<RunRef>) -> Event {
-    Event::FlowCompleted(pc::FlowCompleted {
-        client_id: o.key.client.to_string(),
-        flow_id: o.key.flow.to_string(),
-        hunt_id: String::new(),
-        state: match o.state {
-            FinalState::Completed => comms::FlowState::Completed,
-            FinalState::Error => comms::FlowState::Error,
-        } as i32,
-        error: o.error,
-        rows: o.rows,
-        uploaded_bytes: o.uploaded_bytes,
-        uploads: o.uploads,
-        messages: o.messages,
-        runs: runs.into_iter().map(Into::into).collect(),
-    })
 }
 
 #[cfg(test)]

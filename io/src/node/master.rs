@@ -4,71 +4,6 @@
 
 use super::*;
 
-/// Datastore key of a minion's replication cursor (persisted after the effects it covers).
-pub(super) fn cursor_key(node: &str) -> String {
-    format!("cluster/minions/{}.json", paths::safe_component(node))
-}
-
-/// Datastore key of a task not yet acknowledged by its client (protobuf `Task`).
-pub(super) fn task_key(client: &ClientId, flow: &FlowId) -> String {
-    format!("tasks/{client}/{flow}.pb")
-}
-
-/// Hunt participants scheduled in one batch at most (their records built, written together and
-/// their tasks sent) before the node yields to its other work.
-pub(super) const SCHEDULE_BATCH_MAX: usize = 1024;
-
-/// Reads at most this many keys at once when a master starts (its records are on the 40–60 ms volume:
-/// one at a time, 100,000 client records would take over an hour; the datastore bounds its own
-/// readers too).
-pub(super) const LOAD_CONCURRENCY: usize = 256;
-
-/// Writes each group of keys atomically ([`Meta::write_all`]), up to [`LOAD_CONCURRENCY`] groups at
-/// once (so one journal sync covers many); one result per group, in order.
-pub(super) async fn write_groups(
-    ds: &Meta,
-    groups: Vec<Vec<(String, Option<Bytes>)>>,
-) -> Vec<Result<(), WriteError>> {
-    // A group whose task panicked keeps this error: it may have been written.
-    let mut out: Vec<Result<(), WriteError>> = (0..groups.len())
-        .map(|_| {
-            Err(WriteError {
-                outcome: Outcome::Unknown,
-                message: "the write task failed".to_owned(),
-            })
-        })
-        .collect();
-    let mut set = tokio::task::JoinSet::new();
-    let mut todo = groups.into_iter().enumerate();
-    loop {
-        while set.len() < LOAD_CONCURRENCY {
-            let Some((i, writes)) = todo.next() else {
-                break;
-            };
-            let ds = ds.clone();
-            set.spawn(async move {
-                let first = writes.first().map(|w| w.0.clone()).unwrap_or_default();
-                match ds.write_all(writes).await {
-                    Ok(_) => (i, Ok(())),
-                    Err(e) => (
-                        i,
-                        Err(WriteError {
-                            message: format!("{first}: {e}"),
-                            ..e
-                        }),
-                    ),
-                }
-            });
-        }
-        match set.join_next().await {
-            Some(Ok((i, r))) => out[i] = r,
-            Some(Err(e)) => tracing::error!(error = %e, "a datastore write task failed"),
-            None => break,
-        }
-    }
-    out
-}
-
 /// A request the master's core is working on: who gets the answer.
 enum Waiting {
     /// A client connecting here: accepted once its record is written.
@@ -77,16 +12,13 @@ enum Waiting {
         conn: Box<Conn>,
         reply: Reply<()>,
     },
-    Client(Reply<api::ClientSummary>),
-    Flow(Reply<api::FlowSummary>),
-    Hunt(Reply<api::HuntSummary>),
-    Hunts(Reply<api::ListHuntsResponse>),
+    /// An analyst's request.
+    Request(Reply<Answer>),
 }
 
 /// The master's part of the node.
 pub(super) struct MasterDriver {
     core: Master,
-    entropy: Arc<dyn Entropy>,
     /// Minions with a replication stream up: its number and its queue.
     minions: BTreeMap<String, (u64, mpsc::Sender<Result<pc::MasterMessage, Status>>)>,
     /// Requests waiting for their answer, by the token the core was given.
@@ -104,7 +36,6 @@ impl MasterDriver {
         datastore: &Meta,
         filestore: &Filestore,
         clock: &Arc<dyn Clock>,
-        entropy: Arc<dyn Entropy>,
     ) -> Result<MasterDriver, String> {
         let loaded = load_master(datastore, &opts.hunts, clock.now()).await?;
         let limits = MasterLimits {
@@ -134,7 +65,6 @@ impl MasterDriver {
         }
         Ok(MasterDriver {
             core,
-            entropy,
             minions: BTreeMap::new(),
             waiting: BTreeMap::new(),
             next_request: 1,
@@ -147,12 +77,6 @@ impl MasterDriver {
         self.next_request += 1;
         self.waiting.insert(t, w);
         t
-    }
-
-    fn random(&self) -> u64 {
-        let mut n = [0u8; 8];
-        self.entropy.fill(&mut n);
-        u64::from_le_bytes(n)
     }
 
     /// A client connected here: it is recorded in the registry, then accepted (the core's `Reply`).
@@ -198,209 +122,21 @@ impl MasterDriver {
         }
     }
 
-    /// An analyst's request (master only).
-    fn api_request(&mut self, fe: &Frontend, msg: Msg) {
-        let t = fe.time();
-        match msg {
-            Msg::Search {
-                query,
-                limit,
-                reply,
-            } => {
-                let r = talon_core::node::master::search(self.core.registry(), &query, limit)
-                    .map_err(status)
-                    .map(|res| api::SearchResponse {
-                        clients: res.clients.iter().map(|c| summary(c)).collect(),
-                        truncated: res.truncated,
-                    });
-                let _ = reply.send(r);
-            }
-            Msg::Label {
-                client,
-                label,
-                remove,
-                reply,
-            } => match ClientId::parse(&client) {
-                Ok(id) => {
-                    let r = self.request(Waiting::Client(reply));
-                    self.core.label(t, r, &id, &label, remove);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(Status::invalid_argument(e.to_string())));
-                }
-            },
-            Msg::Collect {
-                client,
-                artifact,
-                params,
-                reply,
-            } => match self.new_flow(t.now, &client, &artifact, &params) {
-                Ok(flow) => {
-                    let r = self.request(Waiting::Flow(reply));
-                    self.core.collect(t, r, flow);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Msg::CreateHunt { req, reply } => match hunt_spec(t.now, req) {
-                Ok(spec) => {
-                    let id = HuntId::from_u64(self.random());
-                    let r = self.request(Waiting::Hunt(reply));
-                    self.core.create_hunt(t, r, id, spec);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Msg::ListHunts { reply } => {
-                let r = self.request(Waiting::Hunts(reply));
-                self.core.get_hunts(t, r, None);
-            }
-            Msg::GetHunt { id, reply } => match parse_hunt(&id) {
-                Ok(h) => {
-                    let r = self.request(Waiting::Hunt(reply));
-                    self.core.get_hunts(t, r, Some(h));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Msg::StopHunt { id, reply } => match parse_hunt(&id) {
-                Ok(h) => {
-                    let r = self.request(Waiting::Hunt(reply));
-                    self.core.stop_hunt(t, r, &h);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Msg::HuntFlows { id, reply } => {
-                let r = parse_hunt(&id).and_then(|h| {
-                    let hunt = self
-                        .core
-                        .hunts()
-                        .get(&h)
-                        .ok_or_else(|| Status::not_found(format!("no hunt {h}")))?;
-                    Ok(hunt
-                        .participants()
-                        .map(|(c, _)| (c.clone(), FlowId::for_hunt(&h, c)))
-                        .collect())
-                });
-                let _ = reply.send(r);
-            }
-            Msg::Cluster { reply } => {
-                let _ = reply.send(Ok(self.cluster_status(fe)));
-            }
-            _ => {}
-        }
-    }
-
-    /// A collection's flow record, validated.
-    fn new_flow(
-        &self,
-        now: Timestamp,
-        client: &str,
-        artifact: &str,
-        params: &BTreeMap<String, String>,
-    ) -> Result<NewFlow, Status> {
-        let id = ClientId::parse(client).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (spec, params) = talon_core::artifacts::validate(artifact, params)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(NewFlow {
-            client: id,
-            flow: FlowId::from_u64(self.random()),
-            artifact: spec.name.to_owned(),
-            params,
-            hunt: None,
-            created: now,
-        })
-    }
-
-    fn cluster_status(&self, fe: &Frontend) -> api::ClusterStatus {
-        let meta = match &fe.datastore {
-            Meta::Local(d) => d.volume_error(),
-            Meta::Remote(_) => None,
-        };
-        let volume_errors = [
-            ("metadata", meta),
-            ("filestore", fe.filestore.volume_error()),
-        ]
-        .into_iter()
-        .filter_map(|(what, e)| e.map(|(t, why)| format!("{what}: {why} (since {})", t.as_ms())))
-        .collect();
-        api::ClusterStatus {
-            volume_errors,
-            master: fe.opts.node_name.clone(),
-            minions: self
-                .core
-                .minions()
-                .into_iter()
-                .map(|(node, connected, c)| api::MinionStatus {
-                    node,
-                    connected,
-                    epoch: c.map_or(0, |c| c.epoch),
-                    applied: c.map_or(0, |c| c.hwm),
-                })
-                .collect(),
-        }
-    }
-
     /// Answers a request the core finished.
     fn answer(&mut self, fe: &mut Frontend, request: Token, result: Result<Answer, RequestError>) {
-        let Some(w) = self.waiting.remove(&request) else {
-            return;
-        };
-        let hunt = |core: &Master, id: &HuntId| {
-            core.hunts()
-                .get(id)
-                .map(hunt_summary)
-                .ok_or_else(|| Status::not_found(format!("no hunt {id}")))
-        };
-        match (w, result) {
-            (Waiting::Connected { id, conn, reply }, Ok(_)) => {
+        match (self.waiting.remove(&request), result) {
+            (Some(Waiting::Connected { id, conn, reply }), Ok(_)) => {
                 fe.accept(&id, *conn);
                 tracing::info!(client = %id, "client connected");
                 let _ = reply.send(Ok(()));
             }
-            (Waiting::Connected { reply, .. }, Err(e)) => {
+            (Some(Waiting::Connected { reply, .. }), Err(e)) => {
                 let _ = reply.send(Err(status(e)));
             }
-            (Waiting::Client(reply), r) => {
-                let r = r.map_err(status).and_then(|a| match a {
-                    Answer::Client(id) => self
-                        .core
-                        .registry()
-                        .get(&id)
-                        .map(summary)
-                        .ok_or_else(|| Status::not_found(format!("no client {id}"))),
-                    _ => Err(Status::internal("unexpected answer")),
-                });
-                let _ = reply.send(r);
+            (Some(Waiting::Request(reply)), r) => {
+                let _ = reply.send(r.map_err(status));
             }
-            (Waiting::Flow(reply), r) => {
-                let r = r.map_err(status).and_then(|a| match a {
-                    Answer::Flow(f) => {
-                        tracing::info!(client = %f.client, flow = %f.flow, artifact = %f.artifact, "collection scheduled");
-                        Ok(flow_summary(&flow_json(&f)))
-                    }
-                    _ => Err(Status::internal("unexpected answer")),
-                });
-                let _ = reply.send(r);
-            }
-            (Waiting::Hunt(reply), r) => {
-                let r = r.map_err(status).and_then(|a| match a {
-                    Answer::Hunt(id) => hunt(&self.core, &id),
-                    _ => Err(Status::internal("unexpected answer")),
-                });
-                let _ = reply.send(r);
-            }
-            (Waiting::Hunts(reply), r) => {
-                let r = r.map_err(status).map(|_| api::ListHuntsResponse {
-                    hunts: self.core.hunts().list().map(hunt_summary).collect(),
-                });
-                let _ = reply.send(r);
-            }
+            (None, _) => {}
         }
     }
 
@@ -609,15 +345,10 @@ impl RoleDriver for MasterDriver {
                 let kind = broadcast::Kind::DatastoreChanged(pc::DatastoreChanged { key, version });
                 self.core.broadcast(kind);
             }
-            msg @ (Msg::Search { .. }
-            | Msg::Label { .. }
-            | Msg::Collect { .. }
-            | Msg::CreateHunt { .. }
-            | Msg::ListHunts { .. }
-            | Msg::GetHunt { .. }
-            | Msg::StopHunt { .. }
-            | Msg::HuntFlows { .. }
-            | Msg::Cluster { .. }) => self.api_request(fe, msg),
+            Msg::Request { req, reply } => {
+                let r = self.request(Waiting::Request(reply));
+                self.core.handle_request(t, r, req);
+            }
             // Not the master's: a minion's link, its replicated completions; flows are the frontend's.
             Msg::Link(_)
             | Msg::Replicated { .. }
@@ -679,169 +410,4 @@ impl RoleDriver for MasterDriver {
     fn handle_timeout(&mut self, fe: &mut Frontend) {
         self.core.handle_timeout(fe.time());
     }
-}
-
-/// A core request error as a gRPC status.
-fn status(e: RequestError) -> Status {
-    let m = e.message;
-    match e.kind {
-        ErrorKind::Invalid => Status::invalid_argument(m),
-        ErrorKind::NotFound => Status::not_found(m),
-        ErrorKind::Precondition => Status::failed_precondition(m),
-        ErrorKind::Unavailable => Status::unavailable(m),
-        ErrorKind::Exhausted => Status::resource_exhausted(m),
-        ErrorKind::Denied => Status::permission_denied(m),
-    }
-}
-
-/// A queued flow's record.
-fn flow_json(f: &NewFlow) -> FlowJson {
-    FlowJson {
-        client_id: f.client.to_string(),
-        flow_id: f.flow.to_string(),
-        artifact: f.artifact.clone(),
-        params: f.params.clone(),
-        hunt_id: f.hunt.as_ref().map(ToString::to_string),
-        state: FlowRecordState::Queued,
-        rows: 0,
-        uploaded_bytes: 0,
-        error: String::new(),
-        created_ms: f.created.as_ms(),
-        finished_ms: 0,
-        uploads: vec![],
-        runs: vec![],
-    }
-}
-
-/// An item of the core's atomic writes, as the datastore key and value it is stored as.
-fn encode(item: &Item) -> (String, Option<Bytes>) {
-    fn json<T: serde::Serialize>(v: &T) -> Option<Bytes> {
-        // These records are plain data; serialising them cannot fail.
-        Some(Bytes::from(
-            serde_json::to_vec(v).expect("a record serialises"),
-        ))
-    }
-    match item {
-        Item::Client(r) => (
-            paths::client_record(&r.id),
-            json(&ClientJson::from_record(r)),
-        ),
-        Item::Hunt(r) => (paths::hunt_record(&r.id), json(&HuntJson::from_record(r))),
-        Item::Participant {
-            hunt,
-            client,
-            participation,
-        } => (
-            paths::hunt_participant(hunt, client),
-            json(&ParticipantJson::from(*participation)),
-        ),
-        Item::Task { client, flow, task } => (
-            task_key(client, flow),
-            Some(Bytes::from(task.encode_to_vec())),
-        ),
-        Item::Flow(f) => (paths::flow_record(&f.client, &f.flow), json(&flow_json(f))),
-        Item::Cursor { node, cursor } => (
-            cursor_key(node),
-            json(&CursorJson {
-                node: node.clone(),
-                epoch: cursor.epoch,
-                hwm: cursor.hwm,
-            }),
-        ),
-    }
-}
-
-/// Marks a delivered flow's record running if it is still queued (shown only: not marked, it
-/// shows queued until its completion is recorded, and nothing else depends on it).
-async fn mark_running(ds: &Meta, client: &ClientId, flow: &FlowId) {
-    let k = paths::flow_record(client, flow);
-    match load_json::<FlowJson>(ds, &k).await {
-        Ok(Some(mut f)) if f.state == FlowRecordState::Queued => {
-            f.state = FlowRecordState::Running;
-            if let Err(e) = save_json(ds, &k, &f).await {
-                tracing::warn!(client = %client, flow = %flow, error = %e, "cannot mark a flow running; it shows queued until it completes");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(client = %client, flow = %flow, error = %e, "cannot read a delivered flow's record; it shows queued until it completes")
-        }
-    }
-}
-
-/// An analyst's hunt request as the hunt manager takes it, validated.
-fn hunt_spec(now: Timestamp, req: api::CreateHuntRequest) -> Result<HuntSpec, Status> {
-    let given: BTreeMap<String, String> = req.params.into_iter().collect();
-    let (spec, params) = talon_core::artifacts::validate(&req.artifact, &given)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
-        ls.iter()
-            .map(|l| {
-                talon_core::registry::normalize_label(l)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))
-            })
-            .collect()
-    };
-    let os = match req.os.to_ascii_lowercase().as_str() {
-        "" => None,
-        o @ ("linux" | "windows" | "darwin") => Some(o.to_owned()),
-        o => {
-            return Err(Status::invalid_argument(format!(
-                "--os {o:?}: use linux, windows or darwin"
-            )));
-        }
-    };
-    let ttl_s = if req.expires_in_s == 0 {
-        HUNT_EXPIRES_DEFAULT_S
-    } else {
-        req.expires_in_s
-    };
-    Ok(HuntSpec {
-        artifact: spec.name.to_owned(),
-        params,
-        include_labels: labels(req.include_labels)?,
-        exclude_labels: labels(req.exclude_labels)?,
-        os,
-        expires: now.plus_ms(ttl_s.saturating_mul(1000)),
-        client_limit: (req.client_limit > 0).then_some(req.client_limit),
-        description: req.description,
-    })
-}
-
-/// A minion's replicated completion as the intake takes it; `None` if it names a malformed client or
-/// flow (skipped, so that the minion's later events are not stuck behind it).
-fn replicated_completion(
-    node: &str,
-    f: pc::FlowCompleted,
-) -> Option<(talon_core::flows::FlowOutcome, Vec<RunRef>)> {
-    let (Ok(client), Ok(flow)) = (ClientId::parse(&f.client_id), FlowId::parse(&f.flow_id)) else {
-        tracing::warn!(minion = %node, client = %f.client_id, flow = %f.flow_id, "a replicated completion names a malformed client or flow");
-        return None;
-    };
-    let state = if f.state == comms::FlowState::Completed as i32 {
-        FinalState::Completed
-    } else {
-        FinalState::Error
-    };
-    let mut runs = Vec::with_capacity(f.runs.len());
-    for r in f.runs {
-        match RunRef::from_proto(r) {
-            Ok(r) => runs.push(r),
-            // A minion is one of ours: this is a bug, not an attack. The flow's results would
-            // miss this run's messages.
-            Err(e) => {
-                tracing::error!(%client, %flow, error = %e, "a replicated completion names a bad run")
-            }
-        }
-    }
-    let o = talon_core::flows::FlowOutcome {
-        key: FlowKey { client, flow },
-        state,
-        error: f.error,
-        rows: f.rows,
-        uploaded_bytes: f.uploaded_bytes,
-        uploads: f.uploads,
-        messages: f.messages,
-    };
-    Some((o, runs))
 }

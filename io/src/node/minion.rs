@@ -170,15 +170,7 @@ impl RoleDriver for MinionDriver {
             Msg::Link(e) => self.link_event(fe, e).await,
             Msg::Replicated { token, applied } => fe.intake.handle_replicated(token, applied),
             Msg::MinionUp { reply, .. } => not_master(reply),
-            Msg::Search { reply, .. } => not_master(reply),
-            Msg::Label { reply, .. } => not_master(reply),
-            Msg::Collect { reply, .. } => not_master(reply),
-            Msg::CreateHunt { reply, .. }
-            | Msg::GetHunt { reply, .. }
-            | Msg::StopHunt { reply, .. } => not_master(reply),
-            Msg::ListHunts { reply } => not_master(reply),
-            Msg::HuntFlows { reply, .. } => not_master(reply),
-            Msg::Cluster { reply } => not_master(reply),
+            Msg::Request { reply, .. } => not_master(reply),
             Msg::MinionDown { .. }
             | Msg::MinionEvents { .. }
             | Msg::DatastoreChanged { .. }

@@ -35,12 +35,12 @@ use std::sync::Arc;
 use talon_core::cluster_codec::MinionBatch;
 use talon_core::codec::{self, ClientInput, CodecLimits, FlowData};
 use talon_core::flows::{FinalState, FlowKey, FlowLimits, StoredMessage};
-use talon_core::hunts::{Hunt, HuntLimits, HuntManager, HuntSpec, HuntState};
+use talon_core::hunts::{HuntLimits, HuntManager, HuntSpec, HuntState};
 use talon_core::node::completions::{CompletionLimits, RecordStep, Recorded};
 use talon_core::node::intake::{Intake, IntakeAction, IntakeLimits};
 use talon_core::node::master::{
-    Answer, ErrorKind, Item, Level, Master, MasterAction, MasterLimits, NewFlow, RequestError,
-    Restored, Time, WriteFailure,
+    Answer, ErrorKind, HuntView, Item, Level, Master, MasterAction, MasterLimits, NewFlow,
+    Request as CoreRequest, RequestError, Restored, Time, WriteFailure,
 };
 use talon_core::node::tasks::TaskLimits;
 use talon_core::node::{Outcome, Token};
@@ -54,19 +54,24 @@ use talon_proto::comms::{self, client_message, server_message};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
+mod actor;
 mod api_service;
 mod comms_service;
+mod effects;
 mod flows;
 mod load;
 mod master;
 mod minion;
+mod uploads;
 
+use actor::*;
 pub use api_service::*;
 pub use comms_service::*;
-use flows::*;
+use effects::*;
 pub use load::*;
 use master::*;
 use minion::*;
+use uploads::*;
 
 /// Per-client queue of messages to push down its stream; a slow client drops acks (it resends).
 pub const CLIENT_QUEUE_MAX: usize = 256;
@@ -179,44 +184,10 @@ enum Msg {
         client: ClientId,
         flow: FlowId,
     },
-    Search {
-        query: String,
-        limit: usize,
-        reply: Reply<api::SearchResponse>,
-    },
-    Label {
-        client: String,
-        label: String,
-        remove: bool,
-        reply: Reply<api::ClientSummary>,
-    },
-    Collect {
-        client: String,
-        artifact: String,
-        params: BTreeMap<String, String>,
-        reply: Reply<api::FlowSummary>,
-    },
-    CreateHunt {
-        req: api::CreateHuntRequest,
-        reply: Reply<api::HuntSummary>,
-    },
-    ListHunts {
-        reply: Reply<api::ListHuntsResponse>,
-    },
-    GetHunt {
-        id: String,
-        reply: Reply<api::HuntSummary>,
-    },
-    StopHunt {
-        id: String,
-        reply: Reply<api::HuntSummary>,
-    },
-    HuntFlows {
-        id: String,
-        reply: Reply<Vec<(ClientId, FlowId)>>,
-    },
-    Cluster {
-        reply: Reply<api::ClusterStatus>,
+    /// An analyst's request (master).
+    Request {
+        req: CoreRequest,
+        reply: Reply<Answer>,
     },
 }
 
@@ -224,6 +195,9 @@ enum Msg {
 #[derive(Clone)]
 pub struct Node {
     tx: mpsc::Sender<Msg>,
+    /// `<hostname>-<port>`.
+    name: String,
+    entropy: Arc<dyn Entropy>,
     datastore: Meta,
     filestore: Filestore,
     limits: CodecLimits,
@@ -259,53 +233,6 @@ pub enum Cluster {
 
 /// Names a replicated completion the master is applying: the minion and the event's cursor.
 type ApplyOrigin = (String, Cursor);
-
-/// What every node has, whatever its role: its client connections, their flows (core
-/// `node::intake`) and the task notifications pushed to them.
-struct Frontend {
-    opts: NodeOptions,
-    clock: Arc<dyn Clock>,
-    datastore: Meta,
-    filestore: Filestore,
-    /// Client flows: stores, the two-phase acknowledgement, completions and their recording.
-    intake: Intake<FlowJson, ApplyOrigin>,
-    conns: BTreeMap<ClientId, Conn>,
-    /// Tasks for clients connected here, pushed at `notifications_per_second`.
-    notify: Paced<(ClientId, String), comms::Task>,
-    /// The bytes of the flow message being handled, until a Store action takes them (at most one).
-    raw: BTreeMap<(FlowKey, u64), Bytes>,
-    self_tx: mpsc::Sender<Msg>,
-}
-
-/// What a role adds to the [`Frontend`]: the master's policy (`master.rs`, over core
-/// `node::Master`) or a minion's replication link (`minion.rs`). The actor drives either the same
-/// way, and nothing outside a role asks which role it is.
-trait RoleDriver: Send + 'static {
-    /// Handles a message about client connections, the API or the cluster.
-    fn handle(&mut self, fe: &mut Frontend, msg: Msg) -> impl Future<Output = ()> + Send;
-
-    /// Performs an intake action the frontend leaves to the role (recording or replicating a
-    /// completion).
-    fn intake_action(
-        &mut self,
-        fe: &mut Frontend,
-        a: IntakeAction<RunRef, ApplyOrigin>,
-    ) -> impl Future<Output = ()> + Send;
-
-    /// Performs the role's own actions; returns how many.
-    fn drain(&mut self, fe: &mut Frontend) -> impl Future<Output = usize> + Send;
-
-    /// The role's next deadline on the monotonic clock, and on the wall clock.
-    fn poll_timeout(&self) -> (Option<Monotonic>, Option<Timestamp>);
-
-    /// A deadline passed.
-    fn handle_timeout(&mut self, fe: &mut Frontend);
-}
-
-struct Actor<R> {
-    fe: Frontend,
-    role: R,
-}
 
 async fn load_json<T: serde::de::DeserializeOwned>(
     ds: &Meta,
@@ -348,32 +275,14 @@ impl Node {
         };
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
         let now0 = clock.monotonic();
-        let notify = Paced::new(
-            opts.notifications_per_second.max(1),
-            usize::try_from(
-                opts.notifications_per_second
-                    .saturating_mul(NOTIFY_QUEUE_SECONDS)
-                    .max(1024),
-            )
-            .unwrap_or(usize::MAX),
-            now0,
-        );
-        let fe = |intake| Frontend {
-            opts: opts.clone(),
-            clock: clock.clone(),
-            datastore: datastore.clone(),
-            filestore: filestore.clone(),
-            intake,
-            conns: BTreeMap::new(),
-            notify,
-            raw: BTreeMap::new(),
-            self_tx: tx.clone(),
+        let fe = |intake| {
+            let (ds, fs) = (datastore.clone(), filestore.clone());
+            Frontend::new(&opts, clock.clone(), ds, fs, intake, tx.clone())
         };
         let span = tracing::info_span!("node", node = %opts.node_name);
         match cluster {
             Cluster::Master => {
-                let role =
-                    MasterDriver::start(&opts, &datastore, &filestore, &clock, entropy).await?;
+                let role = MasterDriver::start(&opts, &datastore, &filestore, &clock).await?;
                 let actor = Actor {
                     fe: fe(Intake::master(limits)),
                     role,
@@ -403,6 +312,8 @@ impl Node {
             now0,
         );
         Ok(Node {
+            name: opts.node_name.clone(),
+            entropy,
             enrolments: Arc::new(std::sync::Mutex::new(enrolments)),
             enrolments_per_second: opts.registry.enrolments_per_second,
             clock,
@@ -448,6 +359,18 @@ impl Node {
         let _ = self.tx.send(Msg::DatastoreChanged { key, version }).await;
     }
 
+    /// An analyst's request, answered by the master's core (a minion refuses it).
+    async fn request(&self, req: CoreRequest) -> Result<Answer, Status> {
+        self.ask(|reply| Msg::Request { req, reply }).await
+    }
+
+    /// A random id.
+    fn random(&self) -> u64 {
+        let mut n = [0u8; 8];
+        self.entropy.fill(&mut n);
+        u64::from_le_bytes(n)
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.tx
@@ -456,165 +379,6 @@ impl Node {
             .map_err(|_| Status::unavailable("node is shutting down"))?;
         rx.await
             .map_err(|_| Status::unavailable("node is shutting down"))?
-    }
-}
-
-impl<R: RoleDriver> Actor<R> {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        // Ends when every sender is gone, or once the node has fail-stopped (`stopped`): the
-        // process is exiting, and requests still queued get "shutting down".
-        while !self.fe.stopped() {
-            let wait = self.next_deadline();
-            tokio::select! {
-                msg = rx.recv() => match msg {
-                    Some(m) => {
-                        if self.fe.stopped() {
-                            break;
-                        }
-                        self.handle(m).await;
-                    }
-                    None => break,
-                },
-                _ = tokio::time::sleep(wait) => {
-                    if self.fe.stopped() {
-                        break;
-                    }
-                    self.fe.intake.handle_timeout(self.fe.clock.monotonic());
-                    self.role.handle_timeout(&mut self.fe);
-                    self.drain().await;
-                }
-            }
-            // Also under a steady stream of messages, which keeps the timer from firing.
-            let at = self.fe.clock.monotonic();
-            if self.role.poll_timeout().0.is_some_and(|t| at >= t) {
-                self.role.handle_timeout(&mut self.fe);
-                self.drain().await;
-            }
-            self.fe.release_notifications(at);
-        }
-    }
-
-    /// How long until the next deadline (at most 30 s).
-    fn next_deadline(&mut self) -> std::time::Duration {
-        let (at, now) = (self.fe.clock.monotonic(), self.fe.clock.now());
-        let (mono, wall) = self.role.poll_timeout();
-        let next = [
-            self.fe.intake.poll_timeout(),
-            mono,
-            self.fe.notify.poll_timeout(at),
-        ]
-        .into_iter()
-        .fold(None, talon_core::time::earliest)
-        .map_or(30_000, |t| t.since_ms(at));
-        let wall = wall.map_or(30_000, |t| t.since_ms(now));
-        std::time::Duration::from_millis(next.min(wall).min(30_000))
-    }
-
-    async fn handle(&mut self, msg: Msg) {
-        match msg {
-            Msg::Flow { .. }
-            | Msg::Stored { .. }
-            | Msg::Audited { .. }
-            | Msg::Settled { .. }
-            | Msg::Located { .. } => self.fe.handle_flow(msg),
-            other => self.role.handle(&mut self.fe, other).await,
-        }
-        self.drain().await;
-        // A Store action took the message's bytes; a resend that was only re-acknowledged left
-        // them: at most one entry lives between messages.
-        self.fe.raw.clear();
-    }
-
-    /// Performs the intake's and the role's actions until neither asks for anything: a
-    /// replicated completion goes from the master's inbox into the intake, and its end back.
-    async fn drain(&mut self) {
-        loop {
-            let mut n = 0;
-            while let Some(a) = self.fe.intake.poll_action() {
-                n += 1;
-                if let Some(a) = self.fe.intake_action(a) {
-                    self.role.intake_action(&mut self.fe, a).await;
-                }
-            }
-            n += self.role.drain(&mut self.fe).await;
-            if n == 0 {
-                return;
-            }
-        }
-    }
-}
-
-impl Frontend {
-    fn now(&self) -> Timestamp {
-        self.clock.now()
-    }
-
-    fn time(&self) -> Time {
-        Time {
-            now: self.clock.now(),
-            at: self.clock.monotonic(),
-        }
-    }
-
-    /// Fail-stop: once the datastore (or the filestore buffer) has stopped, memory may be ahead of
-    /// what is durable (a participant scheduled whose write failed), and the process is about to
-    /// exit. Nothing more is acted on or answered: a dropped request's caller gets "shutting down",
-    /// never figures a restart would not find.
-    fn stopped(&self) -> bool {
-        self.filestore.stopped() || matches!(&self.datastore, Meta::Local(d) if d.stopped())
-    }
-
-    /// Queues a task notification for a client connected here (paced by
-    /// `notifications_per_second`). Dropped at the queue's bound: the master sends it again.
-    fn notify_task(&mut self, client: &ClientId, task: comms::Task) {
-        if !self.conns.contains_key(client) {
-            return; // Not connected here (any more): the master sends it where it connects.
-        }
-        let key = (client.clone(), task.flow_id.clone());
-        if let Err(full) = self.notify.push(key, task) {
-            tracing::warn!(client = %client, max = full.max, "task notification queue is full; the task is sent again later");
-        }
-    }
-
-    /// Pushes the notifications the rate allows now.
-    fn release_notifications(&mut self, at: Monotonic) {
-        while let Some(((client, _), task)) = self.notify.poll(at) {
-            self.push(&client, server_message::Kind::Task(task));
-        }
-    }
-
-    fn push(&self, client: &ClientId, kind: server_message::Kind) -> bool {
-        match self.conns.get(client) {
-            Some(c) => {
-                c.tx.try_send(Ok(Box::new(comms::ServerMessage { kind: Some(kind) })))
-                    .is_ok()
-            }
-            None => false,
-        }
-    }
-
-    /// A client's stream is accepted: it is connected here, and told so.
-    fn accept(&mut self, id: &ClientId, conn: Conn) {
-        // A reconnect replaces the old stream.
-        self.conns.insert(id.clone(), conn);
-        let welcome = comms::Welcome {
-            client_id: id.to_string(),
-            node: self.opts.node_name.clone(),
-            max_message_bytes: self.opts.codec.message_bytes_max as u32,
-            max_rows_per_batch: self.opts.codec.rows_per_batch_max as u32,
-            max_in_flight: self.opts.flows.stores_in_flight_max as u32,
-        };
-        self.push(id, server_message::Kind::Welcome(welcome));
-    }
-
-    /// A client's stream `conn` ended; true if it was the one connected here.
-    fn gone(&mut self, client: &ClientId, conn: u64) -> bool {
-        if self.conns.get(client).is_some_and(|c| c.id == conn) {
-            self.conns.remove(client);
-            tracing::info!(client = %client, "client disconnected");
-            return true;
-        }
-        false
     }
 }
 

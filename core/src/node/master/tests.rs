@@ -384,7 +384,8 @@ impl World {
                     hunt: None,
                     created: t.now,
                 };
-                self.master.collect(t, request, f);
+                self.master
+                    .handle_request(t, request, Request::Collect(Box::new(f)));
             }
             Step::Hunt => {
                 let request = Token(self.id());
@@ -400,7 +401,8 @@ impl World {
                     client_limit: None,
                     description: String::new(),
                 };
-                self.master.create_hunt(t, request, id, spec);
+                self.master
+                    .handle_request(t, request, Request::CreateHunt { id, spec });
             }
             Step::Label(i) => {
                 let request = Token(self.id());
@@ -410,7 +412,12 @@ impl World {
                     .get(&client(i))
                     .is_some_and(|r| r.labels.contains("x"));
                 self.requests.insert(request, Asked::Label(client(i), on));
-                self.master.label(t, request, &client(i), "x", !on);
+                let req = Request::Label {
+                    client: client(i),
+                    label: "x".into(),
+                    remove: !on,
+                };
+                self.master.handle_request(t, request, req);
             }
             Step::Connect(i) => {
                 let request = Token(self.id());
