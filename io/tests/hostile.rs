@@ -1214,7 +1214,7 @@ fn a_busy_master_applies_a_replicated_completion_later_instead_of_stopping() {
             "shared/metadata/clients/{eve_id}/flows/{flow}/record.json"
         ));
         let started = Instant::now();
-        while !std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"state\":\"running\"")) {
+        while !std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"state\":\"queued\"")) {
             assert!(
                 started.elapsed() < Duration::from_secs(120),
                 "the record is never flushed"

@@ -134,6 +134,40 @@ pub enum Item {
     },
 }
 
+/// The datastore key an [`Item`] is stored under, as the master orders writes by it: at most one
+/// write per key is in flight, so two writes of one key land in the order they were asked for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    /// A client record.
+    Client(ClientId),
+    /// A hunt record.
+    Hunt(HuntId),
+    /// A hunt participant.
+    Participant(HuntId, ClientId),
+    /// A task not yet acknowledged.
+    Task(ClientId, FlowId),
+    /// A flow record.
+    Flow(ClientId, FlowId),
+    /// A minion's cursor.
+    Cursor(String),
+}
+
+impl Item {
+    /// The key it is stored under.
+    pub fn key(&self) -> Key {
+        match self {
+            Item::Client(r) => Key::Client(r.id.clone()),
+            Item::Hunt(r) => Key::Hunt(r.id.clone()),
+            Item::Participant { hunt, client, .. } => {
+                Key::Participant(hunt.clone(), client.clone())
+            }
+            Item::Task { client, flow, .. } => Key::Task(client.clone(), flow.clone()),
+            Item::Flow(f) => Key::Flow(f.client.clone(), f.flow.clone()),
+            Item::Cursor { node, .. } => Key::Cursor(node.clone()),
+        }
+    }
+}
+
 /// What the master asks its shell to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MasterAction {
@@ -151,13 +185,6 @@ pub enum MasterAction {
         /// The client.
         client: ClientId,
         /// The task's flow.
-        flow: FlowId,
-    },
-    /// Mark a delivered flow's record running if it is still queued (shown only: best effort).
-    MarkRunning {
-        /// The client.
-        client: ClientId,
-        /// The flow.
         flow: FlowId,
     },
     /// Push a task to a client connected to this node (paced; a drop is made good by the resend).
@@ -375,6 +402,8 @@ pub(crate) enum Plant {
     ReplyEarly,
     /// A minion's cursor counts as durable without being written.
     CursorUnwritten,
+    /// Writes of one key are not held behind the one in flight.
+    Unordered,
 }
 
 #[derive(Debug)]
@@ -396,6 +425,8 @@ struct InFlight {
     effect: Effect,
     /// The waits it belongs to.
     waits: Vec<u64>,
+    /// The keys it writes (busy while it is in flight).
+    keys: Vec<Key>,
 }
 
 /// What ends when a wait's writes have ended.
@@ -454,6 +485,9 @@ pub struct Master {
     groups: BTreeMap<Token, Vec<Item>>,
     /// The latest client-record write in flight per client, and whether its labels changed.
     relabelled: BTreeMap<ClientId, (Token, bool)>,
+    /// Keys with a write in flight, and writes held until their keys are free (in order).
+    busy: BTreeSet<Key>,
+    held: VecDeque<(Vec<Key>, MasterAction)>,
     actions: VecDeque<MasterAction>,
     #[cfg(test)]
     pub(crate) plant: Plant,
@@ -479,6 +513,8 @@ impl Master {
             capture: None,
             groups: BTreeMap::new(),
             relabelled: BTreeMap::new(),
+            busy: BTreeSet::new(),
+            held: VecDeque::new(),
             actions: VecDeque::new(),
             #[cfg(test)]
             plant: Plant::None,
@@ -839,6 +875,7 @@ impl Master {
             Ok(()) => (Outcome::Done, String::new()),
             Err(e) => (e.outcome, e.message),
         };
+        self.release(&f.keys);
         self.effect_ended(token, f.effect, outcome);
         self.drain();
         for w in f.waits {
@@ -1074,25 +1111,71 @@ impl Master {
 
     /// Asks for an atomic write.
     fn write(&mut self, effect: Effect, items: Vec<Item>) -> Token {
-        let token = self.track(effect);
-        self.actions.push_back(MasterAction::Write { token, items });
+        let keys: Vec<Key> = items.iter().map(Item::key).collect();
+        let token = self.track(effect, &keys);
+        self.emit(keys, MasterAction::Write { token, items });
         token
     }
 
     /// Names an effect in flight (captured for the request being handled, if any).
-    fn track(&mut self, effect: Effect) -> Token {
+    fn track(&mut self, effect: Effect, keys: &[Key]) -> Token {
         let token = self.token();
+        let keys = keys.to_vec();
+        let waits = Vec::new();
         self.in_flight.insert(
             token,
             InFlight {
                 effect,
-                waits: Vec::new(),
+                waits,
+                keys,
             },
         );
         if let Some(c) = &mut self.capture {
             c.push(token);
         }
         token
+    }
+
+    /// Asks for a write of `keys` now, or holds it until no earlier write of its keys is in
+    /// flight or held.
+    fn emit(&mut self, keys: Vec<Key>, action: MasterAction) {
+        #[cfg(test)]
+        if self.plant == Plant::Unordered {
+            return self.actions.push_back(action);
+        }
+        let blocked = keys.iter().any(|k| self.busy.contains(k))
+            || self
+                .held
+                .iter()
+                .any(|(h, _)| h.iter().any(|k| keys.contains(k)));
+        if blocked {
+            self.held.push_back((keys, action));
+        } else {
+            self.busy.extend(keys);
+            self.actions.push_back(action);
+        }
+    }
+
+    /// A write ended: its keys are free, and held writes whose keys all are go, in order.
+    fn release(&mut self, keys: &[Key]) {
+        for k in keys {
+            self.busy.remove(k);
+        }
+        let mut blocked: BTreeSet<Key> = BTreeSet::new();
+        let mut still = VecDeque::new();
+        while let Some((keys, action)) = self.held.pop_front() {
+            if keys
+                .iter()
+                .any(|k| self.busy.contains(k) || blocked.contains(k))
+            {
+                blocked.extend(keys.iter().cloned());
+                still.push_back((keys, action));
+            } else {
+                self.busy.extend(keys);
+                self.actions.push_back(action);
+            }
+        }
+        self.held = still;
     }
 
     fn effect_ended(&mut self, token: Token, effect: Effect, outcome: Outcome) {
@@ -1308,12 +1391,14 @@ impl Master {
             }
             TaskAction::Deliver { client, task } => self.send_task(&client, task),
             TaskAction::Delete { client, flow } => {
-                let token = self.track(Effect::Delete(client.clone(), flow.clone()));
-                self.actions.push_back(MasterAction::DeleteTask {
+                let keys = vec![Key::Task(client.clone(), flow.clone())];
+                let token = self.track(Effect::Delete(client.clone(), flow.clone()), &keys);
+                let action = MasterAction::DeleteTask {
                     token,
                     client,
                     flow,
-                });
+                };
+                self.emit(keys, action);
             }
         }
     }
@@ -1409,15 +1494,9 @@ impl Master {
         }
     }
 
+    /// A client acknowledged a task (a duplicate is ignored: tasks are resent until acknowledged).
     fn task_acked(&mut self, client: &ClientId, flow: &FlowId) {
-        if !self.tasks.handle_acked(client, flow) {
-            return; // A duplicate acknowledgement (tasks are resent until acknowledged).
-        }
-        // Shown as running from now on.
-        self.actions.push_back(MasterAction::MarkRunning {
-            client: client.clone(),
-            flow: flow.clone(),
-        });
+        self.tasks.handle_acked(client, flow);
     }
 
     /// Sends a task toward its client: pushed if connected here, sent to its minion if connected

@@ -18,7 +18,9 @@ pub(super) struct Frontend {
     pub(super) notify: Paced<(ClientId, String), comms::Task>,
     /// The bytes of the flow message being handled, until a Store action takes them (at most one).
     pub(super) raw: BTreeMap<(FlowKey, u64), Bytes>,
-    pub(super) self_tx: mpsc::Sender<Msg>,
+    /// Where effects performed in the background report their results: the actor takes these
+    /// before any new input (an effect's result never waits behind a queue of client messages).
+    pub(super) done_tx: mpsc::Sender<Msg>,
 }
 
 /// What a role adds to the [`Frontend`]: the master's policy (`master.rs`, over core
@@ -58,7 +60,7 @@ impl Frontend {
         datastore: Meta,
         filestore: Filestore,
         intake: Intake<FlowJson, ApplyOrigin>,
-        self_tx: mpsc::Sender<Msg>,
+        done_tx: mpsc::Sender<Msg>,
     ) -> Frontend {
         let per_s = opts.notifications_per_second.max(1);
         let queued = per_s.saturating_mul(NOTIFY_QUEUE_SECONDS).max(1024);
@@ -76,18 +78,27 @@ impl Frontend {
             conns: BTreeMap::new(),
             notify,
             raw: BTreeMap::new(),
-            self_tx,
+            done_tx,
         }
     }
 }
 
 impl<R: RoleDriver> Actor<R> {
-    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        // Ends when every sender is gone, or once the node has fail-stopped (`stopped`): the
-        // process is exiting, and requests still queued get "shutting down".
+    /// Takes inputs from `rx` (connections, client messages, requests) and results of the
+    /// effects it started from `done` (first), until every sender of `rx` is gone or the node has
+    /// fail-stopped (`stopped`): the process is exiting, and requests still queued get "shutting
+    /// down".
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Msg>, mut done: mpsc::Receiver<Msg>) {
         while !self.fe.stopped() {
             let wait = self.next_deadline();
             tokio::select! {
+                biased;
+                Some(m) = done.recv() => {
+                    if self.fe.stopped() {
+                        break;
+                    }
+                    self.handle(m).await;
+                }
                 msg = rx.recv() => match msg {
                     Some(m) => {
                         if self.fe.stopped() {

@@ -139,24 +139,6 @@ pub(super) fn encode(item: &Item) -> (String, Option<Bytes>) {
     }
 }
 
-/// Marks a delivered flow's record running if it is still queued (shown only: not marked, it
-/// shows queued until its completion is recorded, and nothing else depends on it).
-pub(super) async fn mark_running(ds: &Meta, client: &ClientId, flow: &FlowId) {
-    let k = paths::flow_record(client, flow);
-    match load_json::<FlowJson>(ds, &k).await {
-        Ok(Some(mut f)) if f.state == FlowRecordState::Queued => {
-            f.state = FlowRecordState::Running;
-            if let Err(e) = save_json(ds, &k, &f).await {
-                tracing::warn!(client = %client, flow = %flow, error = %e, "cannot mark a flow running; it shows queued until it completes");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(client = %client, flow = %flow, error = %e, "cannot read a delivered flow's record; it shows queued until it completes")
-        }
-    }
-}
-
 /// A minion's replicated completion as the intake takes it; `None` if it names a malformed client or
 /// flow (skipped, so that the minion's later events are not stuck behind it).
 pub(super) fn replicated_completion(

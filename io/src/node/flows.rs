@@ -71,7 +71,7 @@ impl Frontend {
 
     /// Stores message `seq` of a flow in the filestore in the background, then reports `Stored`.
     pub(super) fn store_flow_message(&self, key: FlowKey, seq: u64, raw: Bytes) {
-        let (fs, tx) = (self.filestore.clone(), self.self_tx.clone());
+        let (fs, tx) = (self.filestore.clone(), self.done_tx.clone());
         tokio::spawn(async move {
             let path = paths::flow_message(&key.client, &key.flow, seq);
             let ok = match fs.store(&path, raw).await {
@@ -92,7 +92,7 @@ impl Frontend {
         F: std::future::Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
-        let tx = self.self_tx.clone();
+        let tx = self.done_tx.clone();
         tokio::spawn(async move {
             let _ = tx.send(msg(work.await)).await;
         });

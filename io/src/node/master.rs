@@ -140,25 +140,21 @@ impl MasterDriver {
         }
     }
 
-    /// Performs one of the core's actions; writes and deletes are gathered into `batch`.
-    async fn act(&mut self, fe: &mut Frontend, a: MasterAction, batch: &mut Batch) {
+    /// Performs one of the core's actions; writes and deletes are gathered into `batch` (the core
+    /// asks for one write per key at a time, so a batch's writes are independent).
+    fn act(&mut self, fe: &mut Frontend, a: MasterAction, batch: &mut Batch) {
         match a {
             MasterAction::Write { token, items } => {
-                let group: Vec<_> = items.iter().map(encode).collect();
-                self.flush_if_overlapping(fe, batch, &group).await;
-                batch.push(token, group);
+                batch.tokens.push(token);
+                batch.groups.push(items.iter().map(encode).collect());
             }
             MasterAction::DeleteTask {
                 token,
                 client,
                 flow,
             } => {
-                let group = vec![(task_key(&client, &flow), None)];
-                self.flush_if_overlapping(fe, batch, &group).await;
-                batch.push(token, group);
-            }
-            MasterAction::MarkRunning { client, flow } => {
-                mark_running(&fe.datastore, &client, &flow).await
+                batch.tokens.push(token);
+                batch.groups.push(vec![(task_key(&client, &flow), None)]);
             }
             MasterAction::Push { client, task } => fe.notify_task(&client, task),
             MasterAction::ToMinion {
@@ -180,9 +176,12 @@ impl MasterDriver {
                     .iter()
                     .map(|(c, f)| paths::flow_record(c, f))
                     .collect();
-                if let Err(e) = get_many(&fe.datastore, keys).await {
-                    tracing::warn!(error = %e, "prefetching flow records failed");
-                }
+                let ds = fe.datastore.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = get_many(&ds, keys).await {
+                        tracing::warn!(error = %e, "prefetching flow records failed");
+                    }
+                });
             }
             MasterAction::Complete { origin, completed } => {
                 match replicated_completion(&origin.0, completed) {
@@ -202,27 +201,24 @@ impl MasterDriver {
         }
     }
 
-    /// Writes the batch's groups (many at once: one journal sync covers many) if `group` names a
-    /// key one of them names (the second must follow the first).
-    async fn flush_if_overlapping(
-        &mut self,
-        fe: &Frontend,
-        batch: &mut Batch,
-        group: &[(String, Option<Bytes>)],
-    ) {
-        if group.iter().any(|(k, _)| batch.keys.contains(k)) {
-            self.flush(fe, batch).await;
-        }
-    }
-
-    /// Writes the batch's groups and hands the core each one's result.
-    async fn flush(&mut self, fe: &Frontend, batch: &mut Batch) {
-        let Batch { tokens, groups, .. } = std::mem::take(batch);
+    /// Writes the batch's groups in the background (up to `LOAD_CONCURRENCY` at once: one
+    /// journal sync covers many); their results come back as one `Written`.
+    fn flush(&mut self, fe: &Frontend, batch: Batch) {
+        let Batch { tokens, groups } = batch;
         if tokens.is_empty() {
             return;
         }
-        let results = write_groups(&fe.datastore, groups).await;
-        for (token, r) in tokens.into_iter().zip(results) {
+        let ds = fe.datastore.clone();
+        let work = async move {
+            let results = write_groups(&ds, groups).await;
+            tokens.into_iter().zip(results).collect()
+        };
+        fe.spawn_then(work, |results| Msg::Written { results });
+    }
+
+    /// The core's writes ended.
+    fn written(&mut self, fe: &Frontend, results: Vec<(Token, Result<(), WriteError>)>) {
+        for (token, r) in results {
             let r = r.map_err(|e| {
                 tracing::warn!(error = %e, outcome = ?e.outcome, "a metadata write did not go through");
                 WriteFailure {
@@ -235,20 +231,22 @@ impl MasterDriver {
     }
 
     /// Performs a step of recording a completion (the intake's completions machine).
-    async fn record_step(&mut self, fe: &mut Frontend, step: RecordStep) {
+    fn record_step(&mut self, fe: &mut Frontend, step: RecordStep) {
         let t = fe.time();
         match step {
             // A completed flow was delivered, whether or not its TaskAck reached us.
             RecordStep::Delivered { key } => self.core.handle_delivered(t, &key.client, &key.flow),
-            // Record reads and writes are awaited here, as the inbox applies a minion's events one
-            // at a time: sent round the actor's queue, each completion a minion replicates would
-            // wait behind the whole queue twice (docs/architecture.md, "known shortcuts").
             RecordStep::Read { token, key } => {
-                let k = paths::flow_record(&key.client, &key.flow);
-                let record = load_json::<FlowJson>(&fe.datastore, &k).await.map_err(|e| {
-                    tracing::error!(flow = %key.flow, error = %e, "cannot read flow record");
-                });
-                fe.intake.handle_read(t.now, token, record);
+                let (ds, k) = (
+                    fe.datastore.clone(),
+                    paths::flow_record(&key.client, &key.flow),
+                );
+                let work = async move {
+                    load_json::<FlowJson>(&ds, &k).await.map_err(|e| {
+                        tracing::error!(flow = %key.flow, error = %e, "cannot read flow record");
+                    })
+                };
+                fe.spawn_then(work, move |record| Msg::RecordRead { token, record });
             }
             RecordStep::Write {
                 token,
@@ -266,14 +264,17 @@ impl MasterDriver {
                     let marker = paths::uploads_pending(&key.client, &key.flow);
                     writes.push((marker, Some(Bytes::from_static(b"{}"))));
                 }
-                let outcome = match fe.datastore.write_all(writes).await {
-                    Ok(_) => Outcome::Done,
-                    Err(e) => {
-                        tracing::warn!(error = %e, outcome = ?e.outcome, "cannot write a flow's completion yet");
-                        e.outcome
+                let ds = fe.datastore.clone();
+                let work = async move {
+                    match ds.write_all(writes).await {
+                        Ok(_) => Outcome::Done,
+                        Err(e) => {
+                            tracing::warn!(error = %e, outcome = ?e.outcome, "cannot write a flow's completion yet");
+                            e.outcome
+                        }
                     }
                 };
-                fe.intake.handle_written(token, outcome);
+                fe.spawn_then(work, move |outcome| Msg::RecordWritten { token, outcome });
             }
             RecordStep::StartUploads { key } => {
                 let (fs, ds) = (fe.filestore.volume().clone(), fe.datastore.clone());
@@ -291,15 +292,6 @@ impl MasterDriver {
 struct Batch {
     tokens: Vec<Token>,
     groups: Vec<Vec<(String, Option<Bytes>)>>,
-    keys: BTreeSet<String>,
-}
-
-impl Batch {
-    fn push(&mut self, token: Token, group: Vec<(String, Option<Bytes>)>) {
-        self.keys.extend(group.iter().map(|(k, _)| k.clone()));
-        self.tokens.push(token);
-        self.groups.push(group);
-    }
 }
 
 impl RoleDriver for MasterDriver {
@@ -341,6 +333,9 @@ impl RoleDriver for MasterDriver {
             Msg::MinionEvents { node, conn, batch } => {
                 self.core.handle_batch(t, &node, conn, batch)
             }
+            Msg::Written { results } => self.written(fe, results),
+            Msg::RecordRead { token, record } => fe.intake.handle_read(t.now, token, record),
+            Msg::RecordWritten { token, outcome } => fe.intake.handle_written(token, outcome),
             Msg::DatastoreChanged { key, version } => {
                 let kind = broadcast::Kind::DatastoreChanged(pc::DatastoreChanged { key, version });
                 self.core.broadcast(kind);
@@ -362,7 +357,7 @@ impl RoleDriver for MasterDriver {
 
     async fn intake_action(&mut self, fe: &mut Frontend, a: IntakeAction<RunRef, ApplyOrigin>) {
         match a {
-            IntakeAction::Record(step) => self.record_step(fe, step).await,
+            IntakeAction::Record(step) => self.record_step(fe, step),
             IntakeAction::Applied { origin, result } => {
                 let outcome = if result.ok() {
                     Outcome::Done
@@ -385,9 +380,9 @@ impl RoleDriver for MasterDriver {
             let mut round = 0;
             while let Some(a) = self.core.poll_action() {
                 round += 1;
-                self.act(fe, a, &mut batch).await;
+                self.act(fe, a, &mut batch);
                 if batch.tokens.len() >= SCHEDULE_BATCH_MAX {
-                    self.flush(fe, &mut batch).await;
+                    self.flush(fe, std::mem::take(&mut batch));
                     // A hunt over 100,000 clients is 100 batches, and the node's other work
                     // (pings, the API, other streams) gets a turn between them: scheduling all at
                     // once, a master logged nothing for 43 s and its API connection was dropped
@@ -395,7 +390,7 @@ impl RoleDriver for MasterDriver {
                     tokio::task::yield_now().await;
                 }
             }
-            self.flush(fe, &mut batch).await;
+            self.flush(fe, batch);
             n += round;
             if round == 0 {
                 return n;

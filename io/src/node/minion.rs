@@ -173,6 +173,9 @@ impl RoleDriver for MinionDriver {
             Msg::Request { reply, .. } => not_master(reply),
             Msg::MinionDown { .. }
             | Msg::MinionEvents { .. }
+            | Msg::Written { .. }
+            | Msg::RecordRead { .. }
+            | Msg::RecordWritten { .. }
             | Msg::DatastoreChanged { .. }
             | Msg::Flow { .. }
             | Msg::Stored { .. }

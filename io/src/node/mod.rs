@@ -184,6 +184,20 @@ enum Msg {
         client: ClientId,
         flow: FlowId,
     },
+    /// (Master) metadata writes the core asked for ended.
+    Written {
+        results: Vec<(Token, Result<(), WriteError>)>,
+    },
+    /// (Master) a completed flow's record, read.
+    RecordRead {
+        token: Token,
+        record: Result<Option<FlowJson>, ()>,
+    },
+    /// (Master) a completed flow's record (and uploads marker), written.
+    RecordWritten {
+        token: Token,
+        outcome: Outcome,
+    },
     /// An analyst's request (master).
     Request {
         req: CoreRequest,
@@ -241,14 +255,6 @@ async fn load_json<T: serde::de::DeserializeOwned>(
     parse_json(key, ds.get(key).await.map_err(|e| format!("{key}: {e}"))?)
 }
 
-async fn save_json<T: serde::Serialize>(ds: &Meta, key: &str, value: &T) -> Result<(), Status> {
-    let bytes = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
-    ds.set(key, Bytes::from(bytes))
-        .await
-        .map(|_| ())
-        .map_err(|e| Status::unavailable(format!("datastore: {e}")))
-}
-
 fn parse_hunt(id: &str) -> Result<HuntId, Status> {
     HuntId::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))
 }
@@ -274,10 +280,12 @@ impl Node {
             },
         };
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
+        // Results of effects in flight: bounded by the effects the machines have in flight.
+        let (done_tx, done_rx) = mpsc::channel(NODE_INBOX_MAX);
         let now0 = clock.monotonic();
         let fe = |intake| {
             let (ds, fs) = (datastore.clone(), filestore.clone());
-            Frontend::new(&opts, clock.clone(), ds, fs, intake, tx.clone())
+            Frontend::new(&opts, clock.clone(), ds, fs, intake, done_tx.clone())
         };
         let span = tracing::info_span!("node", node = %opts.node_name);
         match cluster {
@@ -287,7 +295,10 @@ impl Node {
                     fe: fe(Intake::master(limits)),
                     role,
                 };
-                tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
+                tokio::spawn(tracing::Instrument::instrument(
+                    actor.run(rx, done_rx),
+                    span,
+                ));
             }
             Cluster::Minion { link, events } => {
                 let tx = tx.clone();
@@ -303,7 +314,10 @@ impl Node {
                     fe: fe(Intake::minion(limits)),
                     role: MinionDriver::new(link, opts.expected_clients),
                 };
-                tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
+                tokio::spawn(tracing::Instrument::instrument(
+                    actor.run(rx, done_rx),
+                    span,
+                ));
             }
         }
         let enrolments = talon_core::ratelimit::TokenBucket::new(

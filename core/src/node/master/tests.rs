@@ -47,8 +47,8 @@ enum Step {
     Roam(u8),
     /// Client n acknowledges (and completes) the oldest task it received.
     Ack(u8),
-    /// The oldest write in flight ends.
-    Complete(Ending),
+    /// A write in flight ends (the n-th, modulo how many: the store ends them in any order).
+    Complete(Ending, usize),
     /// The minion sends its unacknowledged events again (its stream comes up first if down).
     Resend,
     /// The store starts or stops refusing every write.
@@ -66,7 +66,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0..CLIENTS).prop_map(Step::Connect),
         2 => (0..CLIENTS).prop_map(Step::Roam),
         3 => (0..CLIENTS).prop_map(Step::Ack),
-        8 => ending(6, 2, 1).prop_map(Step::Complete),
+        8 => (ending(6, 2, 1), 0usize..4).prop_map(|(e, n)| Step::Complete(e, n)),
         2 => Just(Step::Resend),
         1 => any::<bool>().prop_map(Step::Busy),
         2 => (1u64..150).prop_map(Step::Tick),
@@ -87,6 +87,15 @@ enum Asked {
 enum Op {
     Write(Token, Vec<Item>),
     Delete(Token, ClientId, FlowId),
+}
+
+impl Op {
+    fn keys(&self) -> Vec<Key> {
+        match self {
+            Op::Write(_, items) => items.iter().map(Item::key).collect(),
+            Op::Delete(_, c, f) => vec![Key::Task(c.clone(), f.clone())],
+        }
+    }
 }
 
 /// The model store: what is durable.
@@ -247,14 +256,12 @@ impl World {
     fn drain(&mut self) -> Result<(), String> {
         while let Some(a) = self.master.poll_action() {
             match a {
-                MasterAction::Write { token, items } => {
-                    self.in_flight.push_back(Op::Write(token, items))
-                }
+                MasterAction::Write { token, items } => self.start(Op::Write(token, items))?,
                 MasterAction::DeleteTask {
                     token,
                     client,
                     flow,
-                } => self.in_flight.push_back(Op::Delete(token, client, flow)),
+                } => self.start(Op::Delete(token, client, flow))?,
                 MasterAction::Push { client, task } => {
                     if self.here.contains(&client) {
                         self.receive(&client, task);
@@ -281,11 +288,24 @@ impl World {
                         self.unreported.insert(o);
                     }
                 }
-                MasterAction::MarkRunning { .. }
-                | MasterAction::Prefetch { .. }
-                | MasterAction::Notice(_) => {}
+                MasterAction::Prefetch { .. } | MasterAction::Notice(_) => {}
             }
         }
+        Ok(())
+    }
+
+    /// A write starts; none of its keys may have one in flight (they would land in any order).
+    fn start(&mut self, op: Op) -> Result<(), String> {
+        let keys = op.keys();
+        if let Some(k) = self
+            .in_flight
+            .iter()
+            .flat_map(Op::keys)
+            .find(|k| keys.contains(k))
+        {
+            return Err(format!("two writes of {k:?} in flight at once"));
+        }
+        self.in_flight.push_back(op);
         Ok(())
     }
 
@@ -481,8 +501,9 @@ impl World {
                     }
                 }
             }
-            Step::Complete(ending) => {
-                if let Some(op) = self.in_flight.pop_front() {
+            Step::Complete(ending, n) => {
+                let n = n % self.in_flight.len().max(1);
+                if let Some(op) = self.in_flight.remove(n) {
                     let (outcome, lands) = ending.resolve(self.busy);
                     if lands {
                         self.store.land(&op);
@@ -617,7 +638,7 @@ impl World {
 
     fn complete_all(&mut self) -> Result<(), String> {
         while !self.in_flight.is_empty() {
-            self.step(Step::Complete(Ending::Done))?;
+            self.step(Step::Complete(Ending::Done, 0))?;
         }
         Ok(())
     }
@@ -675,16 +696,16 @@ fn history() -> Vec<Step> {
     vec![
         Connect(0),
         Connect(1),
-        Complete(Ending::Done),
-        Complete(Ending::Done),
+        Complete(Ending::Done, 0),
+        Complete(Ending::Done, 0),
         Collect(0),
         Collect(0),
-        Complete(Ending::Done),
-        Complete(Ending::Done),
+        Complete(Ending::Done, 0),
+        Complete(Ending::Done, 0),
         Hunt,
-        Complete(Ending::Done),
+        Complete(Ending::Done, 0),
         // Client 1's group is refused; client 0 is at its bound.
-        Complete(Ending::Refused),
+        Complete(Ending::Refused, 0),
         Tick(50),
     ]
 }
@@ -723,14 +744,38 @@ fn a_refused_client_record_is_written_again() {
     let steps = vec![
         Busy(true),
         Connect(0),
-        Complete(Ending::Done),
+        Complete(Ending::Done, 0),
         Busy(false),
         Connect(0),
-        Complete(Ending::Done),
+        Complete(Ending::Done, 0),
     ];
     let mut w = World::new(Plant::None);
     assert_eq!(w.run(steps), Ok(()));
     assert!(w.store.clients.contains_key(&client(0)));
+}
+
+/// Two changes of one client's labels in a row: the second write waits for the first.
+#[test]
+fn writes_of_one_key_are_in_flight_one_at_a_time() {
+    use Step::*;
+    let steps = || {
+        vec![
+            Connect(0),
+            Complete(Ending::Done, 0),
+            Label(0),
+            Label(0),
+            Label(0),
+            Complete(Ending::Done, 1),
+        ]
+    };
+    assert_eq!(World::new(Plant::None).run(steps()), Ok(()));
+    let unordered = World::new(Plant::Unordered).run(steps());
+    assert!(
+        unordered
+            .as_ref()
+            .is_err_and(|e| e.contains("in flight at once")),
+        "{unordered:?}"
+    );
 }
 
 #[test]
@@ -742,11 +787,11 @@ fn a_minion_s_events_are_acknowledged_only_once_durable() {
             Roam(1),
             Resend,
             // The client records are written; the cursor write is refused, then maybe lands.
-            Complete(Ending::Done),
-            Complete(Ending::Done),
-            Complete(Ending::Refused),
+            Complete(Ending::Done, 0),
+            Complete(Ending::Done, 0),
+            Complete(Ending::Refused, 0),
             Resend,
-            Complete(Ending::Unknown(true)),
+            Complete(Ending::Unknown(true), 0),
             Crash(false),
             Resend,
         ]
