@@ -190,11 +190,88 @@ impl std::fmt::Display for WriteError {
 
 impl std::error::Error for WriteError {}
 
+/// Why a metadata read failed. A read changes nothing, so every failure is determinate; the kind
+/// says whether trying again can help.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadError {
+    /// What kind of failure.
+    pub kind: ReadFailure,
+    /// What went wrong, naming the key where known.
+    pub message: String,
+}
+
+/// The kinds of [`ReadError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadFailure {
+    /// Storage, or the master, did not answer or refused for now: try again later.
+    Unavailable,
+    /// The node's datastore has stopped (the process is stopping): trying again cannot help.
+    Stopped,
+    /// The value is there and cannot be decoded: trying again cannot help.
+    Malformed,
+}
+
+impl ReadError {
+    /// A failure worth trying again.
+    pub fn unavailable(message: impl Into<String>) -> ReadError {
+        ReadError {
+            kind: ReadFailure::Unavailable,
+            message: message.into(),
+        }
+    }
+
+    /// A value that cannot be decoded.
+    pub fn malformed(message: impl Into<String>) -> ReadError {
+        ReadError {
+            kind: ReadFailure::Malformed,
+            message: message.into(),
+        }
+    }
+
+    /// The same failure, its message prefixed with `what` (a key, a step).
+    pub fn context(self, what: &str) -> ReadError {
+        ReadError {
+            message: format!("{what}: {}", self.message),
+            ..self
+        }
+    }
+
+    /// As a gRPC status.
+    pub fn status(&self) -> Status {
+        match self.kind {
+            ReadFailure::Unavailable | ReadFailure::Stopped => Status::unavailable(&self.message),
+            ReadFailure::Malformed => Status::data_loss(&self.message),
+        }
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ReadError {}
+
+impl From<crate::storage::datastore::DatastoreError> for ReadError {
+    fn from(e: crate::storage::datastore::DatastoreError) -> ReadError {
+        use crate::storage::datastore::DatastoreError;
+        let kind = match e {
+            DatastoreError::Refused(_) => ReadFailure::Unavailable,
+            DatastoreError::Stopped(_) => ReadFailure::Stopped,
+        };
+        ReadError {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
 impl Meta {
     /// Reads a key.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, ReadError> {
         match self {
-            Meta::Local(d) => d.get(key).await.map_err(|e| e.to_string()),
+            Meta::Local(d) => Ok(d.get(key).await?),
             Meta::Remote(r) => r.get(key).await,
         }
     }
@@ -247,7 +324,7 @@ impl Meta {
     }
 
     /// Lists keys under a prefix (and whether the list was cut short).
-    pub async fn list(&self, prefix: &str) -> Result<(Vec<String>, bool), String> {
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<String>, bool), ReadError> {
         self.list_within(prefix, None).await
     }
 
@@ -257,12 +334,9 @@ impl Meta {
         &self,
         prefix: &str,
         depth: Option<usize>,
-    ) -> Result<(Vec<String>, bool), String> {
+    ) -> Result<(Vec<String>, bool), ReadError> {
         match self {
-            Meta::Local(d) => d
-                .list_within(prefix, depth)
-                .await
-                .map_err(|e| e.to_string()),
+            Meta::Local(d) => Ok(d.list_within(prefix, depth).await?),
             Meta::Remote(r) => {
                 let (mut keys, truncated) = r.list(prefix, 0).await?;
                 keys.retain(|k| talon_core::datastore::within_depth(k, prefix, depth));
@@ -408,7 +482,7 @@ impl RemoteStore {
     }
 
     /// Reads a key, from the cache when it holds it.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, ReadError> {
         let generation = {
             let c = self.cache();
             if let Some(v) = c.values.get(key) {
@@ -416,7 +490,7 @@ impl RemoteStore {
             }
             c.generation
         };
-        let mut client = self.client().await?;
+        let mut client = self.client().await.map_err(ReadError::unavailable)?;
         let r = client
             .get(pc::GetRequest {
                 key: key.to_owned(),
@@ -426,7 +500,7 @@ impl RemoteStore {
             Ok(s) => s.into_inner(),
             Err(e) => {
                 self.failed().await;
-                return Err(remote_error("get", key, e));
+                return Err(ReadError::unavailable(remote_error("get", key, e)));
             }
         };
         let mut value = BytesMut::new();
@@ -437,7 +511,7 @@ impl RemoteStore {
                 Ok(None) => break,
                 Err(e) => {
                     self.failed().await;
-                    return Err(remote_error("get", key, e));
+                    return Err(ReadError::unavailable(remote_error("get", key, e)));
                 }
             };
             if !chunk.found {
@@ -446,9 +520,9 @@ impl RemoteStore {
             }
             let t = *total.get_or_insert(chunk.total_len);
             if t > self.value_bytes_max || value.len() as u64 + chunk.data.len() as u64 > t {
-                return Err(format!(
+                return Err(ReadError::malformed(format!(
                     "remote datastore get {key:?}: value larger than announced ({t} bytes)"
-                ));
+                )));
             }
             value.extend_from_slice(&chunk.data);
         }
@@ -458,9 +532,9 @@ impl RemoteStore {
                 self.fill(generation, key, Some(v.clone()));
                 Ok(Some(v))
             }
-            _ => Err(format!(
+            _ => Err(ReadError::unavailable(format!(
                 "remote datastore get {key:?}: the value ended early"
-            )),
+            ))),
         }
     }
 
@@ -517,8 +591,8 @@ impl RemoteStore {
     }
 
     /// Lists keys under a prefix (`limit` 0: the master's bound).
-    pub async fn list(&self, prefix: &str, limit: u32) -> Result<(Vec<String>, bool), String> {
-        let mut client = self.client().await?;
+    pub async fn list(&self, prefix: &str, limit: u32) -> Result<(Vec<String>, bool), ReadError> {
+        let mut client = self.client().await.map_err(ReadError::unavailable)?;
         let mut stream = match client
             .list(pc::ListRequest {
                 prefix: prefix.to_owned(),
@@ -529,7 +603,7 @@ impl RemoteStore {
             Ok(s) => s.into_inner(),
             Err(e) => {
                 self.failed().await;
-                return Err(remote_error("list", prefix, e));
+                return Err(ReadError::unavailable(remote_error("list", prefix, e)));
             }
         };
         let mut keys = Vec::new();
@@ -543,7 +617,7 @@ impl RemoteStore {
                 Ok(None) => return Ok((keys, truncated)),
                 Err(e) => {
                     self.failed().await;
-                    return Err(remote_error("list", prefix, e));
+                    return Err(ReadError::unavailable(remote_error("list", prefix, e)));
                 }
             }
         }

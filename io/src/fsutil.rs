@@ -54,8 +54,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    if result.is_err()
+        && let Err(e) = fs::remove_file(&tmp)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        // The write's error is the one to report; a temporary file left behind is only noted.
+        tracing::debug!(file = %tmp.display(), error = %e, "could not remove a temporary file");
     }
     result
 }

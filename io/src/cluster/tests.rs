@@ -309,7 +309,8 @@ async fn an_unreachable_master_is_retried_with_back_off_not_on_every_call() {
     assert!(after_first >= 1);
     for _ in 0..100 {
         let e = r.get("k").await.unwrap_err();
-        assert!(e.contains("next attempt"), "{e}");
+        assert!(e.message.contains("next attempt"), "{e}");
+        assert_eq!(e.kind, ReadFailure::Unavailable);
     }
     assert_eq!(attempts(), after_first, "no attempt while backing off");
     // The pauses grow to the bound: over a minute, a few dozen attempts at most, whatever the calls.

@@ -133,7 +133,7 @@ pub(super) async fn read_flow_pages(
         Ok(Some(f)) if f.state.is_final() => f.runs,
         Ok(_) => return, // Not complete: nothing to show yet.
         Err(e) => {
-            let _ = tx.send(unavailable(e)).await;
+            let _ = tx.send(Err(e.status())).await;
             return;
         }
     };
@@ -333,7 +333,7 @@ impl api::api_server::Api for ApiService {
             FlowId::parse(&r.flow_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let rec = load_json::<FlowJson>(&self.node.datastore, &paths::flow_record(&client, &flow))
             .await
-            .map_err(Status::unavailable)?
+            .map_err(|e| e.status())?
             .ok_or_else(|| Status::not_found(format!("no flow {flow} on client {client}")))?;
         Ok(Response::new(flow_summary(&rec)))
     }

@@ -9,14 +9,16 @@ use super::*;
 /// finished starting.
 pub(super) const LOAD_READ_ATTEMPTS: u32 = 5;
 
-/// Reads a key, retrying a failure after 50, 100, 200, 400 ms; the last error names the key.
-pub(super) async fn get_retrying(ds: &Meta, key: &str) -> Result<Option<Bytes>, String> {
+/// Reads a key, retrying a failure that may pass after 50, 100, 200, 400 ms (a stopped datastore or
+/// a malformed value is not retried); the error names the key.
+pub(super) async fn get_retrying(ds: &Meta, key: &str) -> Result<Option<Bytes>, ReadError> {
     let mut attempt = 1;
     loop {
         match ds.get(key).await {
             Ok(v) => return Ok(v),
+            Err(e) if e.kind != ReadFailure::Unavailable => return Err(e.context(key)),
             Err(e) if attempt >= LOAD_READ_ATTEMPTS => {
-                return Err(format!("{key}: {e} (after {attempt} attempts)"));
+                return Err(e.context(&format!("{key} (after {attempt} attempts)")));
             }
             Err(e) => {
                 tracing::debug!(key, error = %e, attempt, "a start-up read failed; retrying");
@@ -31,7 +33,7 @@ pub(super) async fn get_retrying(ds: &Meta, key: &str) -> Result<Option<Bytes>, 
 pub(super) async fn get_many(
     ds: &Meta,
     keys: Vec<String>,
-) -> Result<Vec<(String, Option<Bytes>)>, String> {
+) -> Result<Vec<(String, Option<Bytes>)>, ReadError> {
     let mut out: Vec<(usize, String, Option<Bytes>)> = Vec::with_capacity(keys.len());
     let mut set = tokio::task::JoinSet::new();
     let mut todo = keys.into_iter().enumerate();
@@ -47,7 +49,8 @@ pub(super) async fn get_many(
         let Some(r) = set.join_next().await else {
             break;
         };
-        let (i, k, v) = r.map_err(|e| format!("a start-up read failed: {e}"))?;
+        let (i, k, v) =
+            r.map_err(|e| ReadError::unavailable(format!("a read task failed: {e}")))?;
         out.push((i, k, v?));
     }
     out.sort_by_key(|(i, ..)| *i);
@@ -57,20 +60,15 @@ pub(super) async fn get_many(
 pub(super) fn parse_value<T: serde::de::DeserializeOwned>(
     key: &str,
     v: &[u8],
-) -> Result<T, String> {
-    serde_json::from_slice(v).map_err(|e| format!("{key}: {e}"))
+) -> Result<T, ReadError> {
+    serde_json::from_slice(v).map_err(|e| ReadError::malformed(format!("{key}: {e}")))
 }
 
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
     key: &str,
     v: Option<Bytes>,
-) -> Result<Option<T>, String> {
-    match v {
-        None => Ok(None),
-        Some(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| format!("{key}: {e}")),
-    }
+) -> Result<Option<T>, ReadError> {
+    v.map(|b| parse_value(key, &b)).transpose()
 }
 
 /// The keys a master reads when it starts: client records, hunt records and participants,
@@ -99,14 +97,14 @@ pub(super) const START_PREFIXES: [(&str, Option<usize>); 5] = [
 /// Reads every start key by listing the volume (a master's first start, or one whose start image
 /// was lost): the entries in key order, and whether the listing was complete (a list the datastore
 /// cut at its bound is not, and must not seed the start image).
-pub(super) async fn list_start_keys(ds: &Meta) -> Result<(Vec<(String, Bytes)>, bool), String> {
+pub(super) async fn list_start_keys(ds: &Meta) -> Result<(Vec<(String, Bytes)>, bool), ReadError> {
     let mut keys = Vec::new();
     let mut complete = true;
     for (prefix, depth) in START_PREFIXES {
         let (found, truncated) = ds
             .list_within(prefix, depth)
             .await
-            .map_err(|e| format!("listing {prefix}: {e}"))?;
+            .map_err(|e| e.context(&format!("listing {prefix}")))?;
         if truncated {
             tracing::warn!(
                 prefix,
@@ -141,9 +139,9 @@ pub(super) async fn load_master(
     ds: &Meta,
     limits: &HuntLimits,
     now: Timestamp,
-) -> Result<MasterStart, String> {
+) -> Result<MasterStart, ReadError> {
     let image = match ds {
-        Meta::Local(d) => d.take_start_image().await.map_err(|e| e.to_string())?,
+        Meta::Local(d) => d.take_start_image().await?,
         Meta::Remote(_) => None,
     };
     let entries: Vec<(String, Bytes)> = match image {
@@ -174,10 +172,9 @@ pub(super) async fn load_master(
         match parts.as_slice() {
             ["clients", _, "record.json"] => {
                 let j: ClientJson = parse_value(&k, &v)?;
-                records.push(
-                    j.to_record()
-                        .ok_or_else(|| format!("{k}: malformed client record"))?,
-                );
+                records.push(j.to_record().ok_or_else(|| {
+                    ReadError::malformed(format!("{k}: malformed client record"))
+                })?);
             }
             ["hunts", ..] => hunt_entries.push((k, v)),
             ["cluster", "minions", ..] => {
@@ -195,7 +192,8 @@ pub(super) async fn load_master(
                     tracing::warn!(key = %k, "ignoring a malformed pending task key");
                     continue;
                 };
-                let task = comms::Task::decode(v).map_err(|e| format!("{k}: {e}"))?;
+                let task = comms::Task::decode(v)
+                    .map_err(|e| ReadError::malformed(format!("{k}: {e}")))?;
                 let Ok(flow) = FlowId::parse(&task.flow_id) else {
                     tracing::warn!(key = %k, "ignoring a pending task with a malformed flow id");
                     continue;
@@ -246,7 +244,7 @@ pub(super) fn restore_hunts(
     entries: Vec<(String, Bytes)>,
     limits: &HuntLimits,
     now: Timestamp,
-) -> Result<HuntManager, String> {
+) -> Result<HuntManager, ReadError> {
     let mut records = Vec::new();
     let mut participants = Vec::new();
     for (k, v) in entries {
@@ -255,14 +253,16 @@ pub(super) fn restore_hunts(
             ["hunts", _, "record.json"] => {
                 let j: HuntJson = parse_value(&k, &v)?;
                 records.push(
-                    j.to_record()
-                        .ok_or_else(|| format!("{k}: malformed hunt record"))?,
+                    j.to_record().ok_or_else(|| {
+                        ReadError::malformed(format!("{k}: malformed hunt record"))
+                    })?,
                 );
             }
             ["hunts", hunt, "clients", file] => {
-                let hunt = HuntId::parse(hunt).map_err(|e| format!("{k}: {e}"))?;
+                let hunt =
+                    HuntId::parse(hunt).map_err(|e| ReadError::malformed(format!("{k}: {e}")))?;
                 let client = ClientId::parse(file.trim_end_matches(".json"))
-                    .map_err(|e| format!("{k}: {e}"))?;
+                    .map_err(|e| ReadError::malformed(format!("{k}: {e}")))?;
                 let p: ParticipantJson = parse_value(&k, &v)?;
                 participants.push((hunt, client, p.into()));
             }
@@ -365,9 +365,10 @@ mod load_tests {
             .await
             .unwrap_err();
         assert!(
-            e.contains("hunts/H.new/record.json") && e.contains("after 5 attempts"),
+            e.message.contains("hunts/H.new/record.json") && e.message.contains("after 5 attempts"),
             "{e}"
         );
+        assert_eq!(e.kind, ReadFailure::Unavailable);
     }
 }
 

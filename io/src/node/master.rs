@@ -36,7 +36,7 @@ impl MasterDriver {
         datastore: &Meta,
         filestore: &Filestore,
         clock: &Arc<dyn Clock>,
-    ) -> Result<MasterDriver, String> {
+    ) -> Result<MasterDriver, ReadError> {
         let loaded = load_master(datastore, &opts.hunts, clock.now()).await?;
         let limits = MasterLimits {
             tasks: TaskLimits {

@@ -20,7 +20,7 @@
 pub mod server;
 
 use crate::clock::{Clock, Entropy};
-use crate::cluster::{Link, LinkEvent, Meta, WriteError};
+use crate::cluster::{Link, LinkEvent, Meta, ReadError, ReadFailure, WriteError};
 use crate::deploy::pki::Role;
 use crate::net::tls::Peer;
 use crate::storage::filestore::Filestore;
@@ -251,8 +251,8 @@ type ApplyOrigin = (String, Cursor);
 async fn load_json<T: serde::de::DeserializeOwned>(
     ds: &Meta,
     key: &str,
-) -> Result<Option<T>, String> {
-    parse_json(key, ds.get(key).await.map_err(|e| format!("{key}: {e}"))?)
+) -> Result<Option<T>, ReadError> {
+    parse_json(key, ds.get(key).await.map_err(|e| e.context(key))?)
 }
 
 fn parse_hunt(id: &str) -> Result<HuntId, Status> {
@@ -261,7 +261,8 @@ fn parse_hunt(id: &str) -> Result<HuntId, Status> {
 
 impl Node {
     /// Starts the node actor. The master loads the registry, the hunts and the minions' replication
-    /// cursors from its datastore first; a minion starts empty (the master holds that state).
+    /// cursors from its datastore first (the error says why it could not); a minion starts empty
+    /// (the master holds that state).
     pub async fn start(
         opts: NodeOptions,
         datastore: Meta,
@@ -269,7 +270,7 @@ impl Node {
         clock: Arc<dyn Clock>,
         entropy: Arc<dyn Entropy>,
         cluster: Cluster,
-    ) -> Result<Node, String> {
+    ) -> Result<Node, ReadError> {
         let limits = IntakeLimits {
             flows: opts.flows.clone(),
             settle_queue_max: talon_core::node::intake::SETTLE_QUEUE_MAX,

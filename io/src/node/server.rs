@@ -384,7 +384,7 @@ pub async fn run_master(
             clock,
             entropy,
             Cluster::Master,
-        ) => n?,
+        ) => n.map_err(|e| format!("loading the master's state: {e}"))?,
         _ = &mut shutdown => {
             tracing::info!("stopped while loading");
             ds_task.abort();
@@ -603,7 +603,8 @@ pub async fn run_minion(
             events: events_rx,
         },
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     let fe_addr = format!("{}:{}", me.bind_address, me.bind_port);
     let fe_listener = net
         .bind(&fe_addr)

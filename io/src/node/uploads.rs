@@ -64,7 +64,9 @@ pub(super) async fn record_uploads(
     value_bytes_max: u64,
 ) -> Result<(), String> {
     let k = paths::flow_record(&key.client, &key.flow);
-    let record = load_json::<FlowJson>(ds, &k).await?;
+    let record = load_json::<FlowJson>(ds, &k)
+        .await
+        .map_err(|e| e.to_string())?;
     let runs = record.as_ref().map(|f| f.runs.clone()).unwrap_or_default();
     let uploads = crate::storage::uploads::assemble(fs, &key.client, &key.flow, &runs)
         .await

@@ -50,8 +50,11 @@ impl DirLock {
         if let Err(e) =
             rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         {
+            // Who holds it, for the message (best effort: an unreadable file names no one).
             let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
+            if file.read_to_string(&mut holder).is_err() {
+                holder.clear();
+            }
             let holder = holder.trim().replace('\n', ", ");
             return Err(if e == rustix::io::Errno::WOULDBLOCK {
                 format!(

@@ -285,7 +285,11 @@ impl Keeper {
                         error = %e,
                         "could not update the start image; the next start lists the volume"
                     );
-                    let _ = disk.remove(&self.path);
+                    // Left behind, the stale image is still refused at the next start: the
+                    // journal no longer holds the records from its generation on (`check`).
+                    if let Err(e) = disk.remove(&self.path) {
+                        tracing::warn!(file = %self.path, error = %e, "could not remove the stale start image");
+                    }
                     self.state = State::Lost;
                 }
             }
