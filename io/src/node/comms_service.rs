@@ -76,13 +76,43 @@ impl comms::comms_server::Comms for CommsService {
         &self,
         request: Request<tonic::Streaming<comms::ClientMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let (peer, hello, incoming) = self.admit(request).await?;
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE_MAX);
+        let conn = self
+            .node
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let client = peer.client_id.clone();
+        self.node
+            .ask(|reply| Msg::Connected {
+                peer,
+                hello,
+                tx: tx.clone(),
+                conn,
+                reply,
+            })
+            .await?;
+        let span = tracing::info_span!("client", client = %client);
+        let reader = read_client(self.node.clone(), client, conn, incoming, tx);
+        tokio::spawn(tracing::Instrument::instrument(reader, span));
+        Ok(Response::new(ServerStream(rx)))
+    }
+}
+
+impl CommsService {
+    /// A client's stream, up to its Hello: its certificate, the Hello itself (within
+    /// `hello_timeout`), its claimed id and the deployment's nonce; on a minion, a first contact
+    /// is paced (`enrolments_per_second`).
+    async fn admit(
+        &self,
+        request: Request<tonic::Streaming<comms::ClientMessage>>,
+    ) -> Result<(Peer, codec::Hello, tonic::Streaming<comms::ClientMessage>), Status> {
         let peer = request
             .extensions()
             .get::<Peer>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let mut incoming = request.into_inner();
-        let limits = &self.node.limits;
         // A client that opens the stream and stalls must not hold it open.
         let first = tokio::time::timeout(self.node.hello_timeout, incoming.message())
             .await
@@ -93,7 +123,7 @@ impl comms::comms_server::Comms for CommsService {
                 ))
             })??
             .ok_or_else(|| Status::invalid_argument("stream closed before hello"))?;
-        let hello = match codec::validate(first, limits) {
+        let hello = match codec::validate(first, &self.node.limits) {
             Ok(ClientInput::Hello(h)) => h,
             Ok(_) => {
                 return Err(Status::invalid_argument(
@@ -125,115 +155,121 @@ impl comms::comms_server::Comms for CommsService {
                 return Err(Status::unavailable(rate.to_string()));
             }
         }
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE_MAX);
-        let conn = self
-            .node
-            .next_conn
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let client = peer.client_id.clone();
-        let node = self.node.clone();
-        node.ask(|reply| Msg::Connected {
-            peer,
-            hello,
-            tx: tx.clone(),
-            conn,
-            reply,
-        })
-        .await?;
-        let span = tracing::info_span!("client", client = %client);
-        let reader = async move {
-            // Flows this connection has shown to be tasked to this client (bounded; see `tasked`).
-            let mut known: BTreeSet<FlowId> = BTreeSet::new();
-            loop {
-                let msg = match incoming.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(client = %client, error = %e, "client stream ended");
-                        // Tell the client why (e.g. a message over max_message_size: OUT_OF_RANGE).
-                        let _ = tx.try_send(Err(Status::new(e.code(), e.message().to_owned())));
-                        break;
-                    }
-                };
-                let (raw, which) = match &msg.kind {
-                    Some(client_message::Kind::Flow(f)) => (
-                        Bytes::from(f.encode_to_vec()),
-                        Some((f.flow_id.chars().take(64).collect::<String>(), f.seq)),
-                    ),
-                    _ => (Bytes::new(), None),
-                };
-                match codec::validate(msg, &node.limits) {
-                    Ok(ClientInput::Flow { flow, seq, data }) => {
-                        // Boxed: its state (a datastore read) exists only while it runs, not in
-                        // every idle connection's task.
-                        if let Err(err) = Box::pin(tasked(&node, &client, &flow, &mut known)).await
-                        {
-                            let err = comms::ServerError {
-                                seq,
-                                flow_id: flow.to_string(),
-                                ..err
-                            };
-                            let _ = tx.try_send(Ok(Box::new(comms::ServerMessage {
-                                kind: Some(server_message::Kind::Error(err)),
-                            })));
-                            continue;
-                        }
-                        if node
-                            .tx
-                            .send(Msg::Flow {
-                                client: client.clone(),
-                                flow,
-                                seq,
-                                data,
-                                raw,
-                            })
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Ok(ClientInput::TaskAck { flow }) => {
-                        let _ = node
-                            .tx
-                            .send(Msg::TaskAck {
-                                client: client.clone(),
-                                flow,
-                            })
-                            .await;
-                    }
-                    Ok(ClientInput::Ping { time_unix_ms }) => {
-                        let pong = comms::ServerMessage {
-                            kind: Some(server_message::Kind::Pong(comms::Pong { time_unix_ms })),
-                        };
-                        let _ = tx.try_send(Ok(Box::new(pong)));
-                    }
-                    Ok(ClientInput::Hello(_)) => {
-                        let _ = tx.try_send(Err(Status::invalid_argument(
-                            "a second Hello on one stream",
-                        )));
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::info!(client = %client, error = %e, "refused client message");
-                        // Names the refused message so the client can tell which one it was.
-                        let (flow_id, seq) = which.unwrap_or_default();
-                        let err = comms::ServerError {
-                            code: comms::ErrorCode::InvalidMessage as i32,
-                            message: e.to_string(),
-                            flow_id,
-                            seq,
-                        };
-                        let _ = tx.try_send(Ok(Box::new(comms::ServerMessage {
-                            kind: Some(server_message::Kind::Error(err)),
-                        })));
-                    }
-                }
+        Ok((peer, hello, incoming))
+    }
+}
+
+/// Reads a client's stream until it ends, handing each message to the node, then tells the node
+/// the connection is gone.
+async fn read_client(
+    node: Node,
+    client: ClientId,
+    conn: u64,
+    mut incoming: tonic::Streaming<comms::ClientMessage>,
+    tx: ClientTx,
+) {
+    // Flows this connection has shown to be tasked to this client (bounded; see `tasked`).
+    let mut known: BTreeSet<FlowId> = BTreeSet::new();
+    loop {
+        let msg = match incoming.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(client = %client, error = %e, "client stream ended");
+                // Tell the client why (e.g. a message over max_message_size: OUT_OF_RANGE).
+                let _ = tx.try_send(Err(Status::new(e.code(), e.message().to_owned())));
+                break;
             }
-            let _ = node.tx.send(Msg::Disconnected { client, conn }).await;
         };
-        tokio::spawn(tracing::Instrument::instrument(reader, span));
-        Ok(Response::new(ServerStream(rx)))
+        if !client_message(&node, &client, &tx, &mut known, msg).await {
+            break;
+        }
+    }
+    let _ = node.tx.send(Msg::Disconnected { client, conn }).await;
+}
+
+/// Tells a client of an error on its stream (dropped if its queue is full: it resends).
+fn send_error(tx: &ClientTx, err: comms::ServerError) {
+    let _ = tx.try_send(Ok(Box::new(comms::ServerMessage {
+        kind: Some(server_message::Kind::Error(err)),
+    })));
+}
+
+/// One message on a client's stream; false ends the stream.
+async fn client_message(
+    node: &Node,
+    client: &ClientId,
+    tx: &ClientTx,
+    known: &mut BTreeSet<FlowId>,
+    msg: comms::ClientMessage,
+) -> bool {
+    let (raw, which) = match &msg.kind {
+        Some(client_message::Kind::Flow(f)) => (
+            Bytes::from(f.encode_to_vec()),
+            Some((f.flow_id.chars().take(64).collect::<String>(), f.seq)),
+        ),
+        _ => (Bytes::new(), None),
+    };
+    match codec::validate(msg, &node.limits) {
+        Ok(ClientInput::Flow { flow, seq, data }) => {
+            // Boxed: its state (a datastore read) exists only while it runs, not in every idle
+            // connection's task.
+            if let Err(err) = Box::pin(tasked(node, client, &flow, known)).await {
+                let flow_id = flow.to_string();
+                send_error(
+                    tx,
+                    comms::ServerError {
+                        seq,
+                        flow_id,
+                        ..err
+                    },
+                );
+                return true;
+            }
+            let client = client.clone();
+            let m = Msg::Flow {
+                client,
+                flow,
+                seq,
+                data,
+                raw,
+            };
+            node.tx.send(m).await.is_ok()
+        }
+        Ok(ClientInput::TaskAck { flow }) => {
+            let client = client.clone();
+            node.tx.send(Msg::TaskAck { client, flow }).await.is_ok()
+        }
+        Ok(ClientInput::Ping { time_unix_ms }) => {
+            let pong = comms::ServerMessage {
+                kind: Some(server_message::Kind::Pong(comms::Pong { time_unix_ms })),
+            };
+            let _ = tx.try_send(Ok(Box::new(pong)));
+            true
+        }
+        Ok(ClientInput::Hello(_)) => {
+            let _ = tx.try_send(Err(Status::invalid_argument(
+                "a second Hello on one stream",
+            )));
+            false
+        }
+        Err(e) => {
+            tracing::info!(client = %client, error = %e, "refused client message");
+            // Names the refused message so the client can tell which one it was.
+            let (flow_id, seq) = which.unwrap_or_default();
+            let code = comms::ErrorCode::InvalidMessage as i32;
+            let message = e.to_string();
+            send_error(
+                tx,
+                comms::ServerError {
+                    code,
+                    message,
+                    flow_id,
+                    seq,
+                },
+            );
+            true
+        }
     }
 }
 
