@@ -19,6 +19,7 @@ fn generated() -> String {
         api_port: 8001,
         gui_port: 8889,
         datastore: "/opt/talon".into(),
+        key_type: talon_io::deploy::pki::KeyType::default(),
     };
     let c = generate(
         &opts,

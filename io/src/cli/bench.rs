@@ -295,6 +295,7 @@ impl Setup {
             api_port: crate::cli::demo::free_port()?,
             gui_port: crate::cli::demo::free_port()?,
             datastore: datastore.to_owned(),
+            key_type: crate::deploy::pki::KeyType::default(),
         };
         let mut cfg =
             config::generate(&opts, &*env.clock, &*env.entropy).map_err(|e| e.to_string())?;

@@ -71,6 +71,7 @@ async fn run_in(
         api_port: free_port()?,
         gui_port: free_port()?,
         datastore: dir.join("shared"),
+        key_type: crate::deploy::pki::KeyType::default(),
     };
     let mut cfg = config::generate(&opts, &*clock, &*entropy).map_err(|e| e.to_string())?;
     let mut adds = Vec::new();

@@ -6,6 +6,7 @@ pub mod demo;
 
 use crate::clock::{OsEntropy, SystemClock};
 use crate::deploy::config::{self, ServerConfig};
+use crate::deploy::pki;
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -374,6 +375,10 @@ pub enum ConfigCommand {
         /// Overwrite existing config files (their keys are lost).
         #[arg(long)]
         force: bool,
+        /// The certificates' key type: ecdsa-p256 (every TLS stack, grpcio and OpenSSL included,
+        /// accepts it) or ed25519.
+        #[arg(long, default_value = "ecdsa-p256")]
+        key_type: pki::KeyType,
     },
     /// Derive the multi-frontend config in place: add minions, and rewrite client.config.yaml beside it.
     Frontend {
@@ -388,6 +393,10 @@ pub enum ConfigCommand {
         /// The second step: drop the old CA.
         #[arg(long)]
         finish: bool,
+        /// The new CA's key type (its frontend and API certificates take it): ecdsa-p256 (every
+        /// TLS stack accepts it) or ed25519 (what deployments made before were given).
+        #[arg(long, default_value = "ecdsa-p256", conflicts_with = "finish")]
+        key_type: pki::KeyType,
     },
     /// Issue an API user's certificate and write its config.
     #[command(alias = "api_client")]
@@ -1034,6 +1043,7 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
             datastore,
             out_dir,
             force,
+            key_type,
         } => {
             let server = out_dir.join("server.config.yaml");
             let client = out_dir.join("client.config.yaml");
@@ -1047,6 +1057,7 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
                 api_port,
                 gui_port,
                 datastore,
+                key_type,
             };
             let c = config::generate(&opts, &SystemClock, &OsEntropy::default())
                 .map_err(|e| e.to_string())?;
@@ -1085,13 +1096,13 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
             ));
             Ok(out)
         }
-        ConfigCommand::RotateCa { finish } => {
+        ConfigCommand::RotateCa { finish, key_type } => {
             let path = need_config(config_path)?;
             let mut c = ServerConfig::load(path).map_err(|e| e.to_string())?;
             let step = if finish {
                 config::CaRotation::Finish
             } else {
-                config::CaRotation::Begin
+                config::CaRotation::Begin(key_type)
             };
             config::rotate_ca(&mut c, step, &SystemClock)
                 .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -15,7 +15,7 @@ struct Certs {
 }
 
 fn certs() -> Certs {
-    let ca = pki::new_ca(NOW).unwrap();
+    let ca = pki::new_ca(NOW, pki::KeyType::default()).unwrap();
     let frontend = pki::issue_frontend(&ca, &["127.0.0.1".to_string()], NOW).unwrap();
     Certs { ca, frontend }
 }

@@ -730,6 +730,8 @@ pub struct GenerateOptions {
     pub gui_port: u16,
     /// The shared volume's mount point.
     pub datastore: PathBuf,
+    /// The CA's key type (the frontend and API certificates take it).
+    pub key_type: pki::KeyType,
 }
 
 /// Creates a single-server deployment's server config (CA, frontend certificate, nonce).
@@ -744,7 +746,7 @@ pub fn generate(
     };
     check_nonempty("--hostname", &opts.hostname).map_err(plain)?;
     let now = clock.now();
-    let ca = pki::new_ca(now).map_err(|e| plain(e.to_string()))?;
+    let ca = pki::new_ca(now, opts.key_type).map_err(|e| plain(e.to_string()))?;
     let fe = pki::issue_frontend(&ca, std::slice::from_ref(&opts.hostname), now)
         .map_err(|e| plain(format!("--hostname {:?}: {e}", opts.hostname)))?;
     let mut nonce = [0u8; 16];
@@ -875,8 +877,9 @@ pub fn pem_certificates(bundle: &str) -> Vec<String> {
 /// A step of `talon config rotate-ca`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CaRotation {
-    /// A new CA signs from now on; the old one stays trusted (first in every bundle: the new).
-    Begin,
+    /// A new CA, with keys of this type, signs from now on; the old one stays trusted (first in
+    /// every bundle: the new). The frontend and API certificates it issues take its key type.
+    Begin(pki::KeyType),
     /// The frontend certificate is reissued by the new CA and the old CA is dropped: whatever it
     /// signed (old API certificates, an old frontend certificate) is refused from then on.
     Finish,
@@ -888,7 +891,7 @@ pub enum CaRotation {
 pub fn rotate_ca(c: &mut ServerConfig, step: CaRotation, clock: &dyn Clock) -> Result<(), String> {
     let trusted = pem_certificates(&c.ca.certificate);
     match step {
-        CaRotation::Begin => {
+        CaRotation::Begin(key_type) => {
             if trusted.len() > 1 {
                 return Err(
                     "a CA rotation is already in progress (CA.certificate holds two CAs): \
@@ -896,7 +899,7 @@ pub fn rotate_ca(c: &mut ServerConfig, step: CaRotation, clock: &dyn Clock) -> R
                         .into(),
                 );
             }
-            let new = pki::new_ca(clock.now()).map_err(|e| e.to_string())?;
+            let new = pki::new_ca(clock.now(), key_type).map_err(|e| e.to_string())?;
             let bundle = format!("{}{}", new.certificate, trusted.concat());
             c.ca.certificate = bundle.clone();
             c.ca.private_key = new.private_key;

@@ -39,6 +39,62 @@ impl Role {
     }
 }
 
+/// The key type of a deployment's CA, frontend and API certificates (each leaf takes its CA's).
+/// Endpoint agents keep Ed25519 whatever it is: a client's id is derived from its key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyType {
+    /// ECDSA over P-256 with SHA-256: what every TLS stack accepts (BoringSSL, used by grpcio and
+    /// the C++, Ruby and PHP gRPC libraries, offers no Ed25519), keys written as PKCS#8 v1.
+    #[default]
+    EcdsaP256,
+    /// Ed25519: deterministic signatures of a fixed size (the simulator's deployments use it so
+    /// that certificates and handshakes are byte-for-byte reproducible); what deployments made
+    /// before ECDSA was the default hold. Its keys are written as PKCS#8 v2, which OpenSSL and
+    /// BoringSSL refuse.
+    Ed25519,
+}
+
+impl KeyType {
+    /// The name `--key-type` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::Ed25519 => "ed25519",
+        }
+    }
+
+    fn algorithm(self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyType::Ed25519 => &rcgen::PKCS_ED25519,
+        }
+    }
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KeyType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<KeyType, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "ecdsa-p256" | "ecdsa" | "p256" | "p-256" => Ok(KeyType::EcdsaP256),
+            "ed25519" => Ok(KeyType::Ed25519),
+            "rsa" => Err(
+                "RSA keys are not available in this build (its cryptography library, \
+                          ring, cannot generate them); use ecdsa-p256, which every TLS stack \
+                          accepts"
+                    .into(),
+            ),
+            other => Err(format!("key type {other:?}: use ecdsa-p256 or ed25519")),
+        }
+    }
+}
+
 /// A certificate and its private key, PEM encoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pem {
@@ -81,16 +137,9 @@ fn name(cn: &str, role: Role) -> DistinguishedName {
     dn
 }
 
-/// A new key. Ed25519 for every role: its signatures are deterministic and always 64 bytes, so
-/// certificates and TLS handshakes have fixed sizes (which the simulator's determinism relies on),
-/// and it is fast to sign and verify.
-fn new_key() -> Result<KeyPair, rcgen::Error> {
-    KeyPair::generate_for(&rcgen::PKCS_ED25519)
-}
-
-/// Creates a new deployment CA.
-pub fn new_ca(now: Timestamp) -> Result<Pem, PkiError> {
-    let key = new_key().map_err(err("generating the CA key"))?;
+/// Creates a new deployment CA whose key (and every certificate's it issues) is of `key_type`.
+pub fn new_ca(now: Timestamp, key_type: KeyType) -> Result<Pem, PkiError> {
+    let key = KeyPair::generate_for(key_type.algorithm()).map_err(err("generating the CA key"))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name("Talon CA", Role::Ca);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -118,9 +167,11 @@ fn issue(
     now: Timestamp,
 ) -> Result<Pem, PkiError> {
     let ca_key = KeyPair::from_pem(&ca.private_key).map_err(err("reading CA.private_key"))?;
+    // The leaf's key is of the CA's type: a deployment made with one type stays with it (until
+    // `config rotate-ca` gives it a new CA).
+    let key = KeyPair::generate_for(ca_key.algorithm()).map_err(err("generating a key"))?;
     let issuer =
         Issuer::from_ca_cert_pem(&ca.certificate, ca_key).map_err(err("reading CA.certificate"))?;
-    let key = new_key().map_err(err("generating a key"))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(cn, role);
     params.subject_alt_names = sans
@@ -171,7 +222,8 @@ pub fn issue_api_client(ca: &Pem, user: &str, now: Timestamp) -> Result<Pem, Pki
 /// An endpoint's identity: a fresh key, and a self-signed certificate over it that the client presents
 /// on every TLS handshake. The client id is derived from the key, never from the certificate's text.
 pub fn new_endpoint_identity(now: Timestamp) -> Result<(Pem, talon_core::ClientId), PkiError> {
-    let key = new_key().map_err(err("generating the client key"))?;
+    let key =
+        KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(err("generating the client key"))?;
     let pem = endpoint_certificate(&key.serialize_pem(), now)?;
     Ok((pem.0, pem.1))
 }
@@ -302,7 +354,7 @@ mod tests {
 
     #[test]
     fn frontend_certificate_names_every_host_and_is_signed_by_the_ca() {
-        let ca = new_ca(NOW).unwrap();
+        let ca = new_ca(NOW, KeyType::default()).unwrap();
         let hosts = vec!["master.example".to_string(), "127.0.0.1".to_string()];
         let fe = issue_frontend(&ca, &hosts, NOW).unwrap();
         let info = describe(&fe.certificate).unwrap();
@@ -312,14 +364,14 @@ mod tests {
             ("frontend", "Talon CA")
         );
         assert!(signed_by(&fe.certificate, &ca.certificate).unwrap());
-        let other = new_ca(NOW).unwrap();
+        let other = new_ca(NOW, KeyType::default()).unwrap();
         assert!(!signed_by(&fe.certificate, &other.certificate).unwrap());
         assert_eq!(describe(&ca.certificate).unwrap().role, "ca");
     }
 
     #[test]
     fn api_certificate_carries_the_user_and_role() {
-        let ca = new_ca(NOW).unwrap();
+        let ca = new_ca(NOW, KeyType::default()).unwrap();
         let api = issue_api_client(&ca, "alice", NOW).unwrap();
         let info = describe(&api.certificate).unwrap();
         assert_eq!(
@@ -330,6 +382,49 @@ mod tests {
             info.not_after_unix_s,
             (NOW.as_ms() / 1000) as i64 + LEAF_VALID_DAYS * 86_400
         );
+    }
+
+    /// The DER of a PEM private key, and the version of its PKCS#8 `PrivateKeyInfo` (0: v1).
+    fn pkcs8_version(pem: &str) -> u8 {
+        let der = parse_pem(pem).unwrap();
+        // SEQUENCE (short or long form length), then INTEGER version.
+        let at = if der[1] & 0x80 == 0 {
+            2
+        } else {
+            2 + usize::from(der[1] & 0x7f)
+        };
+        assert_eq!(&der[at..at + 2], &[0x02, 0x01], "a PKCS#8 version INTEGER");
+        der[at + 2]
+    }
+
+    #[test]
+    fn a_new_deployment_is_ecdsa_p256_with_pkcs8_v1_keys() {
+        let ca = new_ca(NOW, KeyType::EcdsaP256).unwrap();
+        let fe = issue_frontend(&ca, &["m.example".to_string()], NOW).unwrap();
+        let api = issue_api_client(&ca, "alice", NOW).unwrap();
+        for (what, pem) in [("ca", &ca), ("frontend", &fe), ("api", &api)] {
+            assert_eq!(pkcs8_version(&pem.private_key), 0, "{what}: PKCS#8 v1");
+            let key = KeyPair::from_pem(&pem.private_key).unwrap();
+            assert_eq!(key.algorithm(), &rcgen::PKCS_ECDSA_P256_SHA256, "{what}");
+        }
+        assert!(signed_by(&api.certificate, &ca.certificate).unwrap());
+    }
+
+    #[test]
+    fn an_ed25519_deployment_keeps_its_key_type() {
+        let ca = new_ca(NOW, KeyType::Ed25519).unwrap();
+        let api = issue_api_client(&ca, "bob", NOW).unwrap();
+        let key = KeyPair::from_pem(&api.private_key).unwrap();
+        assert_eq!(key.algorithm(), &rcgen::PKCS_ED25519);
+        assert!(signed_by(&api.certificate, &ca.certificate).unwrap());
+    }
+
+    #[test]
+    fn key_types_parse_by_name_and_rsa_says_why_not() {
+        assert_eq!("ECDSA".parse::<KeyType>(), Ok(KeyType::EcdsaP256));
+        assert_eq!("ed25519".parse::<KeyType>(), Ok(KeyType::Ed25519));
+        assert!("rsa".parse::<KeyType>().unwrap_err().contains("ecdsa-p256"));
+        assert!("dsa".parse::<KeyType>().is_err());
     }
 
     #[test]

@@ -725,6 +725,7 @@ mod tests {
             api_port: crate::cli::demo::free_port().unwrap(),
             gui_port: crate::cli::demo::free_port().unwrap(),
             datastore: dir.path().join("shared"),
+            key_type: crate::deploy::pki::KeyType::default(),
         };
         let cfg = crate::deploy::config::generate(&opts, &*env.clock, &*env.entropy).unwrap();
         let hung = || SharedVolume::new(FsVolume::over(Hung, SyncMode::PerFile, "t"));

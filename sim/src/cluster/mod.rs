@@ -153,6 +153,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         api_port: API_PORT,
         gui_port: 8889,
         datastore: PathBuf::from("/sim/shared"),
+        key_type: talon_io::deploy::pki::KeyType::Ed25519,
     };
     let mut cfg = config::generate(&generate, &clock, &cfg_entropy).map_err(|e| e.to_string())?;
     let minions: Vec<(String, u16)> = minion_names

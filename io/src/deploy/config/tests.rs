@@ -29,6 +29,7 @@ fn opts(host: &str) -> GenerateOptions {
         api_port: 8001,
         gui_port: 8889,
         datastore: PathBuf::from("/srv/talon"),
+        key_type: crate::deploy::pki::KeyType::default(),
     }
 }
 
@@ -273,7 +274,12 @@ fn the_ca_rotates_in_two_steps_without_a_gap_in_trust() {
     assert!(rotate_ca(&mut c, CaRotation::Finish, &FixedClock).is_err());
 
     // Begin: a new CA signs; everything the old one signed is still trusted everywhere.
-    rotate_ca(&mut c, CaRotation::Begin, &FixedClock).unwrap();
+    rotate_ca(
+        &mut c,
+        CaRotation::Begin(pki::KeyType::default()),
+        &FixedClock,
+    )
+    .unwrap();
     let bundle = pem_certificates(&c.ca.certificate);
     assert_eq!(bundle.len(), 2);
     assert_eq!(
@@ -291,7 +297,12 @@ fn the_ca_rotates_in_two_steps_without_a_gap_in_trust() {
     let new_api = api_client(&c, "alice", &FixedClock).unwrap();
     assert!(pki::signed_by(&new_api.client_cert, &bundle[0]).unwrap());
     assert!(!pki::signed_by(&new_api.client_cert, &bundle[1]).unwrap());
-    let err = rotate_ca(&mut c, CaRotation::Begin, &FixedClock).unwrap_err();
+    let err = rotate_ca(
+        &mut c,
+        CaRotation::Begin(pki::KeyType::default()),
+        &FixedClock,
+    )
+    .unwrap_err();
     assert!(err.contains("already in progress"), "{err}");
     // The rotated config reads back.
     assert_eq!(ServerConfig::parse(&to_yaml(&c).unwrap()), Ok(c.clone()));

@@ -13,7 +13,7 @@ struct Deployment {
 }
 
 fn deployment() -> Deployment {
-    let ca = pki::new_ca(NOW).unwrap();
+    let ca = pki::new_ca(NOW, pki::KeyType::default()).unwrap();
     let frontend = pki::issue_frontend(&ca, &["127.0.0.1".to_string()], NOW).unwrap();
     Deployment { ca, frontend }
 }
@@ -101,7 +101,7 @@ async fn a_client_pinning_another_ca_refuses_the_server() {
     let (port, _peers) =
         serve(endpoint_server_config(&d.frontend.certificate, &d.frontend.private_key).unwrap())
             .await;
-    let other = pki::new_ca(NOW).unwrap();
+    let other = pki::new_ca(NOW, pki::KeyType::default()).unwrap();
     let (me, _) = pki::new_endpoint_identity(NOW).unwrap();
     let err = dial(
         port,
@@ -147,7 +147,7 @@ async fn the_api_port_admits_only_ca_signed_certificates_with_their_role() {
         .unwrap(),
     )
     .await;
-    let foreign = pki::new_ca(NOW).unwrap();
+    let foreign = pki::new_ca(NOW, pki::KeyType::default()).unwrap();
     let mallory = pki::issue_api_client(&foreign, "mallory", NOW).unwrap();
     let _ = dial(
         port,
@@ -160,6 +160,29 @@ async fn the_api_port_admits_only_ca_signed_certificates_with_their_role() {
     )
     .await;
     assert_eq!(next_peer(&mut peers).await, None, "neither may connect");
+}
+
+/// An Ed25519 deployment (as made before ECDSA was the default) part way through `rotate-ca` to an
+/// ECDSA CA: its Ed25519 frontend certificate still serves, and API certificates of either CA and
+/// key type are admitted.
+#[tokio::test]
+async fn an_ed25519_deployment_rotating_to_ecdsa_admits_both_key_types() {
+    let old = pki::new_ca(NOW, pki::KeyType::Ed25519).unwrap();
+    let new = pki::new_ca(NOW, pki::KeyType::EcdsaP256).unwrap();
+    let frontend = pki::issue_frontend(&old, &["127.0.0.1".to_string()], NOW).unwrap();
+    let bundle = format!("{}{}", new.certificate, old.certificate);
+    let cfg = ca_server_config(&frontend.certificate, &frontend.private_key, &bundle).unwrap();
+    let (port, mut peers) = serve(cfg).await;
+    for (ca, user) in [(&old, "ed"), (&new, "ec")] {
+        let api = pki::issue_api_client(ca, user, NOW).unwrap();
+        let client = client_config(&bundle, &api.certificate, &api.private_key).unwrap();
+        dial(port, client).await.unwrap();
+        let peer = next_peer(&mut peers).await.expect("admitted");
+        assert_eq!(
+            (peer.role, peer.common_name.as_str()),
+            (Some(Role::Api), user)
+        );
+    }
 }
 
 struct FrozenClock;
