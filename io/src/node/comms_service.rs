@@ -212,29 +212,7 @@ async fn client_message(
     };
     match codec::validate(msg, &node.limits) {
         Ok(ClientInput::Flow { flow, seq, data }) => {
-            // Boxed: its state (a datastore read) exists only while it runs, not in every idle
-            // connection's task.
-            if let Err(err) = Box::pin(tasked(node, client, &flow, known)).await {
-                let flow_id = flow.to_string();
-                send_error(
-                    tx,
-                    comms::ServerError {
-                        seq,
-                        flow_id,
-                        ..err
-                    },
-                );
-                return true;
-            }
-            let client = client.clone();
-            let m = Msg::Flow {
-                client,
-                flow,
-                seq,
-                data,
-                raw,
-            };
-            node.tx.send(m).await.is_ok()
+            flow_message(node, client, tx, known, (flow, seq, data), raw).await
         }
         Ok(ClientInput::TaskAck { flow }) => {
             let client = client.clone();
@@ -271,6 +249,41 @@ async fn client_message(
             true
         }
     }
+}
+
+/// A flow's message: handed to the node if the flow is tasked to this client, else refused on the
+/// stream. False if the node is gone.
+async fn flow_message(
+    node: &Node,
+    client: &ClientId,
+    tx: &ClientTx,
+    known: &mut BTreeSet<FlowId>,
+    (flow, seq, data): (FlowId, u64, FlowData),
+    raw: Bytes,
+) -> bool {
+    // Boxed: its state (a datastore read) exists only while it runs, not in every idle
+    // connection's task.
+    if let Err(err) = Box::pin(tasked(node, client, &flow, known)).await {
+        let flow_id = flow.to_string();
+        send_error(
+            tx,
+            comms::ServerError {
+                seq,
+                flow_id,
+                ..err
+            },
+        );
+        return true;
+    }
+    let client = client.clone();
+    let m = Msg::Flow {
+        client,
+        flow,
+        seq,
+        data,
+        raw,
+    };
+    node.tx.send(m).await.is_ok()
 }
 
 /// Flows remembered per connection as tasked to its client; past it the set starts over (one more

@@ -124,6 +124,56 @@ pub(super) async fn list_start_keys(ds: &Meta) -> Result<(Vec<(String, Bytes)>, 
     Ok((entries, complete))
 }
 
+/// The master's start keys and values: from the datastore's start image when it has a valid one,
+/// else by listing the volume (which then seeds the image, if the listing was complete).
+async fn start_entries(ds: &Meta) -> Result<Vec<(String, Bytes)>, ReadError> {
+    let image = match ds {
+        Meta::Local(d) => d.take_start_image().await?,
+        Meta::Remote(_) => None,
+    };
+    if let Some(e) = image {
+        tracing::info!(keys = e.len(), "loading from the start image");
+        return Ok(e.into_iter().collect());
+    }
+    let (entries, complete) = list_start_keys(ds).await?;
+    if let (Meta::Local(d), true) = (ds, complete) {
+        match d.seed_start_image(entries.clone()).await {
+            Ok(generation) => {
+                tracing::info!(keys = entries.len(), generation, "start image written")
+            }
+            Err(e) => tracing::warn!(error = %e, "no start image written"),
+        }
+    }
+    Ok(entries)
+}
+
+/// A pending task's record (`tasks/<client>/<flow>.pb`); `None`, logged, if its key or flow id is
+/// malformed (skipped: it names no client that could take it).
+fn pending_task(k: &str, v: &[u8]) -> Result<Option<(ClientId, FlowId, comms::Task)>, ReadError> {
+    let Some(client) = k.split('/').nth(1).and_then(|c| ClientId::parse(c).ok()) else {
+        tracing::warn!(key = %k, "ignoring a malformed pending task key");
+        return Ok(None);
+    };
+    let task = comms::Task::decode(v).map_err(|e| ReadError::malformed(format!("{k}: {e}")))?;
+    let Ok(flow) = FlowId::parse(&task.flow_id) else {
+        tracing::warn!(key = %k, "ignoring a pending task with a malformed flow id");
+        return Ok(None);
+    };
+    Ok(Some((client, flow, task)))
+}
+
+/// The flow an uploads-pending marker's key names.
+fn uploads_pending(k: &str) -> Option<FlowKey> {
+    let (c, f) = k
+        .strip_prefix(paths::UPLOADS_PENDING)?
+        .strip_suffix(".json")?
+        .split_once('/')?;
+    Some(FlowKey {
+        client: ClientId::parse(c).ok()?,
+        flow: FlowId::parse(f).ok()?,
+    })
+}
+
 /// What a master starts from.
 pub(super) struct MasterStart {
     pub(super) records: Vec<talon_core::registry::ClientRecord>,
@@ -140,28 +190,7 @@ pub(super) async fn load_master(
     limits: &HuntLimits,
     now: Timestamp,
 ) -> Result<MasterStart, ReadError> {
-    let image = match ds {
-        Meta::Local(d) => d.take_start_image().await?,
-        Meta::Remote(_) => None,
-    };
-    let entries: Vec<(String, Bytes)> = match image {
-        Some(e) => {
-            tracing::info!(keys = e.len(), "loading from the start image");
-            e.into_iter().collect()
-        }
-        None => {
-            let (entries, complete) = list_start_keys(ds).await?;
-            if let (Meta::Local(d), true) = (ds, complete) {
-                match d.seed_start_image(entries.clone()).await {
-                    Ok(generation) => {
-                        tracing::info!(keys = entries.len(), generation, "start image written")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "no start image written"),
-                }
-            }
-            entries
-        }
-    };
+    let entries = start_entries(ds).await?;
     let mut records = Vec::new();
     let mut cursors = Vec::new();
     let mut pending = Vec::new();
@@ -187,30 +216,11 @@ pub(super) async fn load_master(
                     },
                 ));
             }
-            ["tasks", ..] => {
-                let Some(client) = parts.get(1).and_then(|c| ClientId::parse(c).ok()) else {
-                    tracing::warn!(key = %k, "ignoring a malformed pending task key");
-                    continue;
-                };
-                let task = comms::Task::decode(v)
-                    .map_err(|e| ReadError::malformed(format!("{k}: {e}")))?;
-                let Ok(flow) = FlowId::parse(&task.flow_id) else {
-                    tracing::warn!(key = %k, "ignoring a pending task with a malformed flow id");
-                    continue;
-                };
-                pending.push((client, flow, task));
-            }
-            _ => {
-                let parsed = k
-                    .strip_prefix(paths::UPLOADS_PENDING)
-                    .and_then(|r| r.strip_suffix(".json"))
-                    .and_then(|r| r.split_once('/'))
-                    .and_then(|(c, f)| Some((ClientId::parse(c).ok()?, FlowId::parse(f).ok()?)));
-                match parsed {
-                    Some((client, flow)) => reassembling.push(FlowKey { client, flow }),
-                    None => tracing::warn!(key = %k, "ignoring a malformed uploads-pending key"),
-                }
-            }
+            ["tasks", ..] => pending.extend(pending_task(&k, &v)?),
+            _ => match uploads_pending(&k) {
+                Some(key) => reassembling.push(key),
+                None => tracing::warn!(key = %k, "ignoring a malformed uploads-pending key"),
+            },
         }
     }
     tracing::info!(clients = records.len(), "loaded client registry");

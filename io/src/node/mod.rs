@@ -259,6 +259,28 @@ fn parse_hunt(id: &str) -> Result<HuntId, Status> {
     HuntId::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+/// The intake's bounds, from the node's settings.
+fn intake_limits(opts: &NodeOptions) -> IntakeLimits {
+    IntakeLimits {
+        flows: opts.flows.clone(),
+        settle_queue_max: talon_core::node::intake::SETTLE_QUEUE_MAX,
+        settle_batch_max: talon_core::node::intake::SETTLE_BATCH_MAX,
+        completions: CompletionLimits {
+            value_bytes_max: opts.value_bytes_max,
+            in_flight_max: talon_core::node::intake::COMPLETIONS_IN_FLIGHT_MAX,
+        },
+    }
+}
+
+/// Hands what a minion's replication link reports to its actor, until either is gone.
+async fn forward_link_events(mut events: mpsc::Receiver<LinkEvent>, tx: mpsc::Sender<Msg>) {
+    while let Some(e) = events.recv().await {
+        if tx.send(Msg::Link(e)).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Node {
     /// Starts the node actor. The master loads the registry, the hunts and the minions' replication
     /// cursors from its datastore first (the error says why it could not); a minion starts empty
@@ -271,15 +293,7 @@ impl Node {
         entropy: Arc<dyn Entropy>,
         cluster: Cluster,
     ) -> Result<Node, ReadError> {
-        let limits = IntakeLimits {
-            flows: opts.flows.clone(),
-            settle_queue_max: talon_core::node::intake::SETTLE_QUEUE_MAX,
-            settle_batch_max: talon_core::node::intake::SETTLE_BATCH_MAX,
-            completions: CompletionLimits {
-                value_bytes_max: opts.value_bytes_max,
-                in_flight_max: talon_core::node::intake::COMPLETIONS_IN_FLIGHT_MAX,
-            },
-        };
+        let limits = intake_limits(&opts);
         let (tx, rx) = mpsc::channel(NODE_INBOX_MAX);
         // Results of effects in flight: bounded by the effects the machines have in flight.
         let (done_tx, done_rx) = mpsc::channel(NODE_INBOX_MAX);
@@ -302,15 +316,7 @@ impl Node {
                 ));
             }
             Cluster::Minion { link, events } => {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let mut events = events;
-                    while let Some(e) = events.recv().await {
-                        if tx.send(Msg::Link(e)).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(forward_link_events(events, tx.clone()));
                 let actor = Actor {
                     fe: fe(Intake::minion(limits)),
                     role: MinionDriver::new(link, opts.expected_clients),

@@ -294,6 +294,30 @@ fn admission(cfg: &ServerConfig, clock: &Arc<dyn Clock>) -> tls::Admission {
     }
 }
 
+/// The master's background tasks: if any ends, the master stops.
+struct MasterTasks {
+    ds: tokio::task::JoinHandle<std::io::Result<()>>,
+    fs: tokio::task::JoinHandle<std::io::Result<()>>,
+    lease: HeldLease,
+}
+
+/// The datastore lease while the master holds it: the task renewing it, and what releases it.
+struct HeldLease {
+    task: tokio::task::JoinHandle<String>,
+    vol: crate::storage::volume::SharedVolume,
+    token: String,
+}
+
+impl MasterTasks {
+    /// Stops them and gives the lease back.
+    async fn end(self) {
+        self.ds.abort();
+        self.fs.abort();
+        self.lease.task.abort();
+        Lease::release(&self.lease.vol, &self.lease.token).await;
+    }
+}
+
 /// Starts the master and serves until `shutdown` completes.
 pub async fn run_master(
     env: Env,
@@ -318,39 +342,14 @@ pub async fn run_master(
         lock: _lock,
     } = storage;
     let node_name = cfg.master_node_name();
-    // Before anything is written to the datastore: one master per datastore.
-    let me = LeaseJson {
-        node: node_name.clone(),
-        host,
-        local_dir: local_name.clone(),
-        pid,
-        token: String::new(),
-        beat: 0,
-    };
     tokio::pin!(shutdown);
-    let lease = tokio::select! {
-        l = Lease::take(metadata.clone(), me, entropy.as_ref(), LEASE_BEAT) => l?,
-        _ = &mut shutdown => {
-            tracing::info!("stopped while taking the datastore lease");
-            return Ok(());
-        }
+    let me = LeaseJson::new(node_name.clone(), host, local_name.clone(), pid);
+    // Before anything is written to the datastore: one master per datastore.
+    let Some(lease) = take_lease(&metadata, me, entropy.as_ref(), shutdown.as_mut()).await? else {
+        return Ok(());
     };
-    let lease_token = lease.token();
-    let lease_vol = metadata.clone();
-    let mut lease_task = tokio::spawn(lease.keep(LEASE_BEAT));
-    let ds_root = &cfg.datastore.location;
-    let fs_root = &cfg.datastore.filestore_directory;
-    let (datastore, mut ds_task, report) =
-        Datastore::open(local, metadata, clock.clone(), datastore_options(&cfg))
-            .map_err(|e| format!("datastore journal in {local_name}: {e}"))?;
-    tracing::info!(
-        replayed = report.replayed,
-        torn_bytes = report.torn_bytes,
-        dropped = report.dropped,
-        image = ?report.image,
-        "datastore journal recovered"
-    );
-    let (filestore, mut fs_task) = open_filestore(
+    let (datastore, ds) = open_datastore(&cfg, local, metadata, &clock, &local_name)?;
+    let (filestore, fs) = open_filestore(
         &cfg,
         buffer,
         filestore,
@@ -359,41 +358,111 @@ pub async fn run_master(
         &node_name,
         &local_name,
     )?;
-    let opts = node_options(&cfg, node_name.clone());
-    let max_message = opts.codec.message_bytes_max;
-    let admission = admission(&cfg, &clock);
+    let tasks = MasterTasks { ds, fs, lease };
     // The ports first: a port in use fails the start at once, and clients and minions connecting
     // while the master loads wait in the listen backlog instead of being refused.
-    let fe_addr = format!("{}:{}", cfg.frontend.bind_address, cfg.frontend.bind_port);
-    let api_addr = format!("{}:{}", cfg.api.bind_address, cfg.api.bind_port);
-    let fe_listener = net
-        .bind(&fe_addr)
-        .await
-        .map_err(|e| format!("Frontend {fe_addr}: {e}"))?;
-    let api_listener = net
-        .bind(&api_addr)
-        .await
-        .map_err(|e| format!("API {api_addr}: {e}"))?;
+    let listeners = bind_master(&cfg, &net).await?;
+    let opts = node_options(&cfg, node_name.clone());
     // Loading may take long on a slow volume: a stop request ends it (it only reads; the journals
     // keep everything for the next start).
+    let meta = Meta::Local(datastore.clone());
     let node = tokio::select! {
-        n = Node::start(
-            opts,
-            Meta::Local(datastore.clone()),
-            filestore.clone(),
-            clock,
-            entropy,
-            Cluster::Master,
-        ) => n.map_err(|e| format!("loading the master's state: {e}"))?,
+        n = Node::start(opts, meta, filestore.clone(), clock.clone(), entropy, Cluster::Master) => {
+            n.map_err(|e| format!("loading the master's state: {e}"))?
+        }
         _ = &mut shutdown => {
             tracing::info!("stopped while loading");
-            ds_task.abort();
-            fs_task.abort();
-            lease_task.abort();
-            Lease::release(&lease_vol, &lease_token).await;
+            tasks.end().await;
             return Ok(());
         }
     };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let servers = serve_master(
+        &cfg, &clock, node, &datastore, &filestore, listeners, stop_rx, started,
+    )?;
+    let servers = tracing::Instrument::instrument(
+        servers,
+        tracing::info_span!("node", node = %node_name, role = "master"),
+    );
+    run_until_stopped(servers, tasks, shutdown, stop_tx, &datastore, &filestore).await
+}
+
+/// Takes the datastore lease as `me` and keeps renewing it; `None` if `shutdown` came first.
+async fn take_lease(
+    metadata: &crate::storage::volume::SharedVolume,
+    me: LeaseJson,
+    entropy: &dyn crate::clock::Entropy,
+    shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<HeldLease>, String> {
+    let lease = tokio::select! {
+        l = Lease::take(metadata.clone(), me, entropy, LEASE_BEAT) => l?,
+        _ = shutdown => {
+            tracing::info!("stopped while taking the datastore lease");
+            return Ok(None);
+        }
+    };
+    let token = lease.token();
+    Ok(Some(HeldLease {
+        task: tokio::spawn(lease.keep(LEASE_BEAT)),
+        vol: metadata.clone(),
+        token,
+    }))
+}
+
+/// Opens the master's datastore: its journal on the local disk, replayed, over the shared volume.
+fn open_datastore(
+    cfg: &ServerConfig,
+    local: Box<dyn crate::storage::local::LocalDisk>,
+    metadata: crate::storage::volume::SharedVolume,
+    clock: &Arc<dyn Clock>,
+    local_name: &str,
+) -> Result<(Datastore, tokio::task::JoinHandle<std::io::Result<()>>), String> {
+    let (datastore, task, report) =
+        Datastore::open(local, metadata, clock.clone(), datastore_options(cfg))
+            .map_err(|e| format!("datastore journal in {local_name}: {e}"))?;
+    tracing::info!(
+        local = %local_name,
+        replayed = report.replayed,
+        torn_bytes = report.torn_bytes,
+        dropped = report.dropped,
+        image = ?report.image,
+        "datastore journal recovered"
+    );
+    Ok((datastore, task))
+}
+
+/// Binds the master's client port and API port.
+async fn bind_master(
+    cfg: &ServerConfig,
+    net: &Arc<dyn crate::net::Net>,
+) -> Result<(Box<dyn crate::net::Listener>, Box<dyn crate::net::Listener>), String> {
+    let fe_addr = format!("{}:{}", cfg.frontend.bind_address, cfg.frontend.bind_port);
+    let api_addr = format!("{}:{}", cfg.api.bind_address, cfg.api.bind_port);
+    let fe = net
+        .bind(&fe_addr)
+        .await
+        .map_err(|e| format!("Frontend {fe_addr}: {e}"))?;
+    let api = net
+        .bind(&api_addr)
+        .await
+        .map_err(|e| format!("API {api_addr}: {e}"))?;
+    Ok((fe, api))
+}
+
+/// The master's servers on its two ports, once it has loaded: clients on one; analysts (API
+/// certificates) and minions (the frontend certificate) on the other, each service checking the
+/// role of the certificate it is called with. Tells `started` where it listens.
+#[allow(clippy::too_many_arguments)]
+fn serve_master(
+    cfg: &ServerConfig,
+    clock: &Arc<dyn Clock>,
+    node: Node,
+    datastore: &Datastore,
+    filestore: &Filestore,
+    (fe_listener, api_listener): (Box<dyn crate::net::Listener>, Box<dyn crate::net::Listener>),
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+    started: impl FnOnce(Listening),
+) -> Result<impl Future<Output = Result<(), String>>, String> {
     let listening = Listening {
         frontend: fe_listener.local_addr().map_err(|e| e.to_string())?,
         api: api_listener.local_addr().map_err(|e| e.to_string())?,
@@ -407,19 +476,11 @@ pub async fn run_master(
     )
     .map_err(|e| e.to_string())?;
     let minions: BTreeSet<String> = cfg.extra_frontends.iter().map(|x| x.node_name()).collect();
-    tracing::info!(
-        role = "master",
-        node = %node_name,
-        frontend = %listening.frontend,
-        api = %listening.api,
-        minions = ?minions,
-        datastore = %ds_root.display(),
-        filestore = %fs_root.display(),
-        local = %local_name,
-        "talon frontend started"
-    );
+    announce_master(cfg, &listening, &minions);
     started(listening);
-
+    let max_message = node_options(cfg, cfg.master_node_name())
+        .codec
+        .message_bytes_max;
     let comms =
         CommsServer::new(CommsService::new(node.clone())).max_decoding_message_size(max_message);
     let cluster = ClusterService::new(
@@ -428,17 +489,15 @@ pub async fn run_master(
         minions,
         cfg.datastore.max_value_size,
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_b = stop_rx.clone();
+    let admission = admission(cfg, clock);
     let fe = serve_clients(
-        &cfg,
+        cfg,
         filestore.clone(),
         comms,
         (fe_listener, fe_tls, admission),
         stop_rx,
     );
-    // The API port serves analysts (API certificates) and minions (the frontend certificate); each
-    // service checks the role of the certificate it is called with.
     let api_port = ApiPort {
         api: ApiServer::new(ApiService::new(node)),
         replication: ReplicationServer::new(cluster.clone()).max_decoding_message_size(64 << 20),
@@ -449,37 +508,65 @@ pub async fn run_master(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_with_incoming_shutdown(
             api_port,
-            tls::incoming(api_listener, api_tls, handshakes(&cfg, Port::Api), None),
+            tls::incoming(api_listener, api_tls, handshakes(cfg, Port::Api), None),
             async move {
                 let _ = stop_b.changed().await;
             },
         );
-    let span = tracing::info_span!("node", node = %node_name, role = "master");
-    let servers = tracing::Instrument::instrument(async { tokio::try_join!(fe, api) }, span);
+    Ok(async move {
+        tokio::try_join!(fe, api)
+            .map(|_| ())
+            .map_err(|e| format!("server failed: {e}"))
+    })
+}
+
+fn announce_master(cfg: &ServerConfig, listening: &Listening, minions: &BTreeSet<String>) {
+    tracing::info!(
+        role = "master",
+        node = %cfg.master_node_name(),
+        frontend = %listening.frontend,
+        api = %listening.api,
+        minions = ?minions,
+        datastore = %cfg.datastore.location.display(),
+        filestore = %cfg.datastore.filestore_directory.display(),
+        "talon frontend started"
+    );
+}
+
+/// Serves until `shutdown` (then stops the streams, flushes and gives the lease back) or until a
+/// background task ends — fail-stop: the journal failed, or a write the node had applied in memory
+/// could not be made durable, or another master took the datastore. The process then exits; its
+/// supervisor restarts it from what is durable.
+async fn run_until_stopped(
+    servers: impl Future<Output = Result<(), String>>,
+    mut tasks: MasterTasks,
+    shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    datastore: &Datastore,
+    filestore: &Filestore,
+) -> Result<(), String> {
     tokio::pin!(servers);
     tokio::select! {
-        r = &mut servers => r.map(|_| ()).map_err(|e| format!("server failed: {e}"))?,
-        // Fail-stop: the journal failed, or a write the node had applied in memory could not be
-        // made durable. The process exits; its supervisor restarts it from what is durable.
-        r = &mut ds_task => {
+        r = &mut servers => r?,
+        r = &mut tasks.ds => {
             let why = stopped(r);
             tracing::error!(error = %why, "the datastore stopped; exiting");
             return Err(format!("the datastore stopped: {why}"));
         }
-        r = &mut fs_task => {
+        r = &mut tasks.fs => {
             let why = stopped(r);
             tracing::error!(error = %why, "the filestore buffer stopped; exiting");
             return Err(format!("the filestore buffer stopped: {why}"));
         }
-        // Another master uses this datastore: two would lose each other's writes.
-        r = &mut lease_task => {
+        // Two masters on one datastore would lose each other's writes.
+        r = &mut tasks.lease.task => {
             let why = r.unwrap_or_else(|e| format!("the lease task failed: {e}"));
             tracing::error!(error = %why, "exiting");
-            ds_task.abort();
-            fs_task.abort();
+            tasks.ds.abort();
+            tasks.fs.abort();
             return Err(why);
         }
-        _ = &mut shutdown => {
+        _ = shutdown => {
             tracing::info!("shutting down: flushing the datastore");
             let _ = stop_tx.send(true);
             // Graceful shutdown waits for open streams; clients and minions reconnect elsewhere or
@@ -494,11 +581,7 @@ pub async fn run_master(
             .await;
         }
     }
-    drop(datastore);
-    ds_task.abort();
-    fs_task.abort();
-    lease_task.abort();
-    Lease::release(&lease_vol, &lease_token).await;
+    tasks.end().await;
     Ok(())
 }
 
@@ -512,21 +595,8 @@ pub async fn run_minion(
     started: impl FnOnce(Listening),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let Env {
-        clock,
-        entropy,
-        net,
-        ..
-    } = env;
-    let me = cfg
-        .extra_frontends
-        .iter()
-        .find(|x| x.node_name() == node)
-        .cloned()
-        .ok_or_else(|| {
-            let known: Vec<String> = cfg.extra_frontends.iter().map(|x| x.node_name()).collect();
-            format!("--node {node:?} is not in ExtraFrontends (known minions: {known:?})")
-        })?;
+    let (clock, entropy, net) = (env.clock, env.entropy, env.net);
+    let fe_addr = minion_address(&cfg, &node)?;
     // The lock on the local directory is held until this returns.
     let NodeStorage {
         local,
@@ -536,49 +606,17 @@ pub async fn run_minion(
         lock: _lock,
         ..
     } = storage;
-    let master_tls = tls::client_config(
-        &cfg.ca.certificate,
-        &cfg.frontend.certificate,
-        &cfg.frontend.private_key,
-    )
-    .map_err(|e| format!("frontend certificate: {e}"))?;
-    let master = MasterAddr {
-        host: cfg.api.hostname.clone(),
-        port: cfg.api.bind_port,
-        tls: master_tls,
-        net: net.clone(),
-        entropy: entropy.clone(),
-    };
+    let master = master_addr(&cfg, &net, &entropy)?;
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
-    let (link, recovery, mut link_task) = Link::start(
-        LinkOptions {
-            node: node.clone(),
-            master: master.clone(),
-            limits: talon_core::replication::OutboxLimits::default(),
-        },
-        local,
-        &local_name,
-        clock.clone(),
-        events_tx,
-    )?;
-    tracing::info!(
-        epoch = recovery.epoch,
-        pending = recovery.pending,
-        torn_bytes = recovery.torn_bytes,
-        "replication outbox recovered"
-    );
-    // Ordered after the previous run's events: the master forgets which clients were here.
-    link.push(
-        talon_proto::cluster::replicated_event::Event::NodeStarted(
-            talon_proto::cluster::NodeStarted {},
-        ),
-        None,
-    )
-    .await?;
+    let opts = LinkOptions {
+        node: node.clone(),
+        master: master.clone(),
+        limits: talon_core::replication::OutboxLimits::default(),
+    };
+    let (link, link_task) = start_link(opts, local, &local_name, &clock, events_tx).await?;
     let opts = node_options(&cfg, node.clone());
     let max_message = opts.codec.message_bytes_max;
-    let admission = admission(&cfg, &clock);
-    let (filestore, mut fs_task) = open_filestore(
+    let (filestore, fs_task) = open_filestore(
         &cfg,
         buffer,
         filestore,
@@ -587,32 +625,125 @@ pub async fn run_minion(
         &node,
         &local_name,
     )?;
-    let remote = RemoteStore::new(
-        master,
-        crate::cluster::READ_CACHE_MAX,
-        cfg.datastore.max_value_size,
-    );
+    let meta = remote_meta(&cfg, master);
+    let cluster = Cluster::Minion {
+        link,
+        events: events_rx,
+    };
     let handle = Node::start(
         opts,
-        Meta::Remote(remote),
+        meta,
         filestore.clone(),
-        clock,
+        clock.clone(),
         entropy,
-        Cluster::Minion {
-            link,
-            events: events_rx,
-        },
+        cluster,
     )
     .await
     .map_err(|e| e.to_string())?;
-    let fe_addr = format!("{}:{}", me.bind_address, me.bind_port);
+    let (fe_listener, fe_tls) =
+        listen_minion(&cfg, &net, &node, &fe_addr, &local_name, started).await?;
+    let comms = CommsServer::new(CommsService::new(handle)).max_decoding_message_size(max_message);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let listener = (fe_listener, fe_tls, admission(&cfg, &clock));
+    let fe = serve_clients(&cfg, filestore.clone(), comms, listener, stop_rx);
+    let span = tracing::info_span!("node", node = %node, role = "minion");
+    let fe = tracing::Instrument::instrument(fe, span);
+    let tasks = (link_task, fs_task);
+    serve_minion_until_stopped(fe, tasks, shutdown, stop_tx, &filestore).await
+}
+
+/// The address minion `node` listens on for clients (its `ExtraFrontends` entry).
+fn minion_address(cfg: &ServerConfig, node: &str) -> Result<String, String> {
+    match cfg.extra_frontends.iter().find(|x| x.node_name() == node) {
+        Some(me) => Ok(format!("{}:{}", me.bind_address, me.bind_port)),
+        None => {
+            let known: Vec<String> = cfg.extra_frontends.iter().map(|x| x.node_name()).collect();
+            Err(format!(
+                "--node {node:?} is not in ExtraFrontends (known minions: {known:?})"
+            ))
+        }
+    }
+}
+
+/// Where the minion reaches the master (the API port, with the frontend certificate).
+fn master_addr(
+    cfg: &ServerConfig,
+    net: &Arc<dyn crate::net::Net>,
+    entropy: &Arc<dyn crate::clock::Entropy>,
+) -> Result<MasterAddr, String> {
+    let tls = tls::client_config(
+        &cfg.ca.certificate,
+        &cfg.frontend.certificate,
+        &cfg.frontend.private_key,
+    )
+    .map_err(|e| format!("frontend certificate: {e}"))?;
+    Ok(MasterAddr {
+        host: cfg.api.hostname.clone(),
+        port: cfg.api.bind_port,
+        tls,
+        net: net.clone(),
+        entropy: entropy.clone(),
+    })
+}
+
+/// Starts the minion's replication link over its outbox journal, and tells the master (after the
+/// previous run's events) that this node started: it forgets which clients were here.
+async fn start_link(
+    opts: LinkOptions,
+    local: Box<dyn crate::storage::local::LocalDisk>,
+    local_name: &str,
+    clock: &Arc<dyn Clock>,
+    events_tx: tokio::sync::mpsc::Sender<crate::cluster::LinkEvent>,
+) -> Result<(Link, tokio::task::JoinHandle<String>), String> {
+    let (link, recovery, task) = Link::start(opts, local, local_name, clock.clone(), events_tx)?;
+    tracing::info!(
+        epoch = recovery.epoch,
+        pending = recovery.pending,
+        torn_bytes = recovery.torn_bytes,
+        "replication outbox recovered"
+    );
+    let started = talon_proto::cluster::replicated_event::Event::NodeStarted(
+        talon_proto::cluster::NodeStarted {},
+    );
+    link.push(started, None).await?;
+    Ok((link, task))
+}
+
+/// The master's datastore as a minion reaches it (through the master, with a read cache).
+fn remote_meta(cfg: &ServerConfig, master: MasterAddr) -> Meta {
+    let value_max = cfg.datastore.max_value_size;
+    Meta::Remote(RemoteStore::new(
+        master,
+        crate::cluster::READ_CACHE_MAX,
+        value_max,
+    ))
+}
+
+/// Binds the minion's client port and tells `started` (and the log) where it listens.
+async fn listen_minion(
+    cfg: &ServerConfig,
+    net: &Arc<dyn crate::net::Net>,
+    node: &str,
+    fe_addr: &str,
+    local_name: &str,
+    started: impl FnOnce(Listening),
+) -> Result<(Box<dyn crate::net::Listener>, Arc<rustls::ServerConfig>), String> {
     let fe_listener = net
-        .bind(&fe_addr)
+        .bind(fe_addr)
         .await
         .map_err(|e| format!("ExtraFrontends {node} {fe_addr}: {e}"))?;
     let frontend = fe_listener.local_addr().map_err(|e| e.to_string())?;
     let fe_tls = tls::endpoint_server_config(&cfg.frontend.certificate, &cfg.frontend.private_key)
         .map_err(|e| e.to_string())?;
+    announce_minion(cfg, node, frontend, local_name);
+    started(Listening {
+        frontend,
+        api: frontend,
+    });
+    Ok((fe_listener, fe_tls))
+}
+
+fn announce_minion(cfg: &ServerConfig, node: &str, frontend: SocketAddr, local_name: &str) {
     tracing::info!(
         role = "minion",
         node = %node,
@@ -622,21 +753,22 @@ pub async fn run_minion(
         local = %local_name,
         "talon frontend started"
     );
-    started(Listening {
-        frontend,
-        api: frontend,
-    });
-    let comms = CommsServer::new(CommsService::new(handle)).max_decoding_message_size(max_message);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let fe = serve_clients(
-        &cfg,
-        filestore.clone(),
-        comms,
-        (fe_listener, fe_tls, admission),
-        stop_rx,
-    );
-    let span = tracing::info_span!("node", node = %node, role = "minion");
-    let fe = tracing::Instrument::instrument(fe, span);
+}
+
+/// Serves the minion's clients until `shutdown` (then stops the client streams first, the link
+/// after: the clients' "gone" events go into the outbox instead of meeting a stopped link, which
+/// logged an error for the first of them on every clean stop), or until the link or the filestore
+/// buffer ends.
+async fn serve_minion_until_stopped(
+    fe: impl Future<Output = Result<(), tonic::transport::Error>>,
+    (mut link_task, mut fs_task): (
+        tokio::task::JoinHandle<String>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ),
+    shutdown: impl Future<Output = ()>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    filestore: &Filestore,
+) -> Result<(), String> {
     tokio::pin!(fe);
     tokio::select! {
         r = &mut fe => r.map_err(|e| format!("server failed: {e}"))?,
@@ -653,9 +785,6 @@ pub async fn run_minion(
         }
         _ = shutdown => {
             tracing::info!("shutting down");
-            // Client streams first, the link after: the clients' "gone" events go into the
-            // outbox (and to the master, if it is up) instead of meeting a stopped link — which
-            // logged an error for the first of them on every clean stop.
             let _ = stop_tx.send(true);
             if tokio::time::timeout(SHUTDOWN_GRACE, fe).await.is_err() {
                 tracing::info!("client streams still open after the grace period; closing them");

@@ -95,6 +95,19 @@ pub struct LeaseJson {
 }
 
 impl LeaseJson {
+    /// A lease for master `node` on `host` (process `pid`, local directory `local_dir`); its token
+    /// and beat are set when it is taken.
+    pub fn new(node: String, host: String, local_dir: String, pid: u32) -> LeaseJson {
+        LeaseJson {
+            node,
+            host,
+            local_dir,
+            pid,
+            token: String::new(),
+            beat: 0,
+        }
+    }
+
     fn same_master(&self, o: &LeaseJson) -> bool {
         self.node == o.node && self.host == o.host && self.local_dir == o.local_dir
     }
