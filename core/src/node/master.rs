@@ -1530,31 +1530,37 @@ impl Master {
 
     /// Offers a client every running hunt.
     fn offer_hunts(&mut self, id: &ClientId) {
-        let Some(rec) = self.registry.get(id) else {
-            return;
-        };
-        let (os, labels) = (rec.os.clone(), rec.labels.clone());
-        let facts = ClientFacts {
-            id,
-            os: &os,
-            labels: &labels,
-        };
-        self.hunts.offer(self.time.now, facts);
+        if let Some((os, labels)) = self.facts(id, false) {
+            let facts = ClientFacts {
+                id,
+                os: &os,
+                labels: &labels,
+            };
+            self.hunts.offer(self.time.now, facts);
+        }
     }
 
     /// Offers a hunt to a client if it is connected (else it is offered every running hunt when
     /// it connects).
     fn offer_to_connected(&mut self, hunt: &HuntId, id: &ClientId) {
-        let Some(rec) = self.registry.get(id).filter(|r| r.connected) else {
-            return;
-        };
-        let (os, labels) = (rec.os.clone(), rec.labels.clone());
-        let facts = ClientFacts {
-            id,
-            os: &os,
-            labels: &labels,
-        };
-        self.hunts.offer_to(self.time.now, hunt, facts);
+        if let Some((os, labels)) = self.facts(id, true) {
+            let facts = ClientFacts {
+                id,
+                os: &os,
+                labels: &labels,
+            };
+            self.hunts.offer_to(self.time.now, hunt, facts);
+        }
+    }
+
+    /// What a hunt's conditions look at of a client (its OS and labels, copied out of the
+    /// registry), if it is enrolled — and connected, if `connected`.
+    fn facts(&self, id: &ClientId, connected: bool) -> Option<(String, BTreeSet<String>)> {
+        let rec = self
+            .registry
+            .get(id)
+            .filter(|r| r.connected || !connected)?;
+        Some((rec.os.clone(), rec.labels.clone()))
     }
 }
 
