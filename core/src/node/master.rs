@@ -554,11 +554,6 @@ impl Master {
             .collect()
     }
 
-    /// Writes in flight.
-    pub fn writes_in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
     // ---- Clients connected to this node.
 
     /// A client connected here. Refused at once if the registry refuses it; else answered
@@ -1615,7 +1610,7 @@ fn sighting(node: &str, cs: pc::ClientSeen, id: ClientId, behind_ms: i128, t: Ti
 }
 
 /// Parses an analyst's search query and runs it (at most `limit` results).
-pub fn search<'a>(
+fn search<'a>(
     registry: &'a Registry,
     query: &str,
     limit: usize,
