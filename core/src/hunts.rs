@@ -263,8 +263,6 @@ pub enum HuntError {
     DuplicateId(HuntId),
     /// No such hunt.
     NotFound(HuntId),
-    /// The hunt is not running.
-    NotRunning(HuntId, HuntState),
 }
 
 impl fmt::Display for HuntError {
@@ -276,7 +274,6 @@ impl fmt::Display for HuntError {
             HuntError::ExpiryInPast => write!(f, "the hunt's expiry must be in the future"),
             HuntError::DuplicateId(id) => write!(f, "hunt {id} already exists"),
             HuntError::NotFound(id) => write!(f, "no hunt {id}"),
-            HuntError::NotRunning(id, s) => write!(f, "hunt {id} is {}", s.as_str()),
         }
     }
 }
@@ -426,7 +423,8 @@ impl HuntManager {
         fresh
     }
 
-    /// Stops a running hunt. Scheduled flows still report and are counted.
+    /// Stops a running hunt (a hunt not running is left as it is). Scheduled flows still report
+    /// and are counted.
     pub fn stop(&mut self, now: Timestamp, id: &HuntId) -> Result<&Hunt, HuntError> {
         self.expire_due(now);
         let h = self
@@ -434,7 +432,9 @@ impl HuntManager {
             .get_mut(id)
             .ok_or_else(|| HuntError::NotFound(id.clone()))?;
         if h.record.state != HuntState::Running {
-            return Err(HuntError::NotRunning(id.clone(), h.record.state));
+            // Stopped, expired or complete already: nothing left to stop, and asking again (a
+            // retried request, a script run twice) is not an error.
+            return Ok(h);
         }
         h.record.state = HuntState::Stopped;
         self.actions.push_back(HuntAction::Record(h.record.clone()));

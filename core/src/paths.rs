@@ -37,6 +37,19 @@ pub fn uploads_pending(client: &ClientId, flow: &FlowId) -> String {
     format!("{UPLOADS_PENDING}{client}/{flow}.json")
 }
 
+/// The datastore key of an audit-log entry: one directory per UTC day, entries named by time (ms)
+/// and a random id, so a listing sorts by time.
+pub fn audit_entry(time: crate::Timestamp, id: u64) -> String {
+    format!(
+        "{AUDIT}{}/{:013}-{id:016x}.json",
+        time.utc_day(),
+        time.as_ms()
+    )
+}
+
+/// The prefix of every [`audit_entry`] key.
+pub const AUDIT: &str = "audit/";
+
 /// The prefix of every [`uploads_pending`] key.
 pub const UPLOADS_PENDING: &str = "uploads-pending/";
 

@@ -140,7 +140,8 @@ impl fmt::Display for QueryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "bad search query {:?}: use all, host:NAME, label:NAME, ip:ADDR or a client id prefix C.xxxx",
+            "bad search query {:?}: use all, host:NAME, label:NAME, ip:ADDR, a client id prefix C.xxxx \
+             or a bare host-name prefix",
             self.0
         )
     }
@@ -149,7 +150,7 @@ impl fmt::Display for QueryError {
 impl std::error::Error for QueryError {}
 
 impl Query {
-    /// Parses `all | host:X | label:X | ip:X | C.<prefix>`.
+    /// Parses `all | host:X | label:X | ip:X | C.<prefix>`; a bare word is a host-name prefix.
     pub fn parse(s: &str) -> Result<Query, QueryError> {
         let s = s.trim();
         let err = || QueryError(s.to_owned());
@@ -158,6 +159,9 @@ impl Query {
             None if s.eq_ignore_ascii_case("all") => return Ok(Query::All),
             None if s.starts_with("C.") => {
                 return Ok(Query::Id(s.to_ascii_lowercase().replacen("c.", "C.", 1)));
+            }
+            None if !s.is_empty() && !s.contains(char::is_whitespace) => {
+                ("host".to_owned(), s.to_ascii_lowercase())
             }
             None => return Err(err()),
         };
@@ -582,6 +586,12 @@ impl Registry {
 
     /// Runs a query; at most `limit` (and `search_results_max`) results, in client id order.
     pub fn search(&self, q: &Query, limit: usize) -> SearchResult<'_> {
+        self.search_page(q, 0, limit)
+    }
+
+    /// Runs a query, skipping the first `offset` matches (in client id order); at most `limit`
+    /// (and `search_results_max`) results.
+    pub fn search_page(&self, q: &Query, offset: usize, limit: usize) -> SearchResult<'_> {
         let limit = limit.min(self.limits.search_results_max);
         let prefix_scan = |set: &BTreeSet<(String, ClientId)>, p: &str| -> BTreeSet<ClientId> {
             set.range(
@@ -611,7 +621,7 @@ impl Registry {
         };
         let mut clients = Vec::new();
         let mut truncated = false;
-        for id in ids {
+        for id in ids.skip(offset) {
             if clients.len() == limit {
                 truncated = true;
                 break;

@@ -41,6 +41,30 @@ pub struct Timestamp(pub u64);
 
 milliseconds!(Timestamp, "{}ms");
 
+impl Timestamp {
+    /// The UTC calendar date it falls on: (year, month 1–12, day 1–31).
+    pub const fn utc_date(self) -> (u64, u32, u32) {
+        // Days since 1970-01-01, counted in 400-year eras from 0000-03-01 (a year starting in
+        // March puts the leap day last).
+        let days = self.0 / 86_400_000 + 719_468;
+        let era = days / 146_097;
+        let doe = days % 146_097; // 0..146_096
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // 0..399
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // 0..365
+        let mp = (5 * doy + 2) / 153; // 0 = March .. 11 = February
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
+        (year, month, day)
+    }
+
+    /// Its UTC date as `YYYY-MM-DD`.
+    pub fn utc_day(self) -> String {
+        let (y, m, d) = self.utc_date();
+        format!("{y:04}-{m:02}-{d:02}")
+    }
+}
+
 /// Milliseconds on a monotonic clock from an arbitrary origin (the shell's start; the simulator's
 /// virtual time). Only differences mean anything: never persisted, never shown, never compared
 /// with a [`Timestamp`].
@@ -55,5 +79,24 @@ pub fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, None) => a,
         (None, b) => b,
+    }
+}
+
+#[cfg(test)]
+mod date_tests {
+    use super::Timestamp;
+
+    #[test]
+    fn utc_dates_match_the_calendar() {
+        let day = |ms: u64| Timestamp(ms).utc_day();
+        assert_eq!(day(0), "1970-01-01");
+        assert_eq!(day(86_399_999), "1970-01-01");
+        assert_eq!(day(86_400_000), "1970-01-02");
+        assert_eq!(day(951_782_400_000), "2000-02-29"); // a leap day of a century leap year
+        assert_eq!(day(951_868_800_000), "2000-03-01");
+        assert_eq!(day(1_709_164_800_000), "2024-02-29");
+        assert_eq!(day(1_798_761_599_999), "2026-12-31");
+        assert_eq!(day(1_798_761_600_000), "2027-01-01");
+        assert_eq!(day(4_107_542_400_000), "2100-03-01"); // 2100 is not a leap year
     }
 }

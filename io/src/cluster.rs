@@ -1097,7 +1097,7 @@ impl ClusterService {
 }
 
 fn require_frontend<T>(req: &Request<T>) -> Result<(), Status> {
-    crate::net::tls::require_role(req, Role::Frontend, "the frontend certificate")
+    crate::net::tls::require_role(req, Role::Frontend, "the frontend certificate").map(drop)
 }
 
 fn ds_status(e: crate::storage::datastore::DatastoreError) -> Status {

@@ -724,7 +724,7 @@ fn certificates_that_are_not_what_they_should_be_are_refused() {
             ApiClient::new(ch)
                 .search_clients(SearchRequest {
                     query: "all".into(),
-                    limit: 0,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ())

@@ -356,3 +356,145 @@ fn a_hunt_over_more_clients_than_a_scheduling_batch_reaches_each_once() {
         d.hunt_export(&hunt).into_iter().map(|(c, _)| c).collect();
     assert_eq!(clients.len(), N);
 }
+
+/// What an analyst's script needs beyond collecting: a client's flows newest first, a flow's
+/// uploads and their bytes (several MiB, byte for byte, SHA-256 as recorded), watching a flow and a
+/// hunt to their end without polling, and an audit log naming the API user for every change.
+#[test]
+fn flows_are_listed_uploads_downloaded_watches_end_and_changes_audited() {
+    use sha2::{Digest, Sha256};
+    let d = Deployment::new();
+    let _master = d.start_master();
+    let _client = d.start_client(&d.path("client.config.yaml"), "c1");
+    d.wait_until("the client enrols", || d.clients().len() == 1);
+    let id = d.clients()[0]["client_id"].as_str().unwrap().to_owned();
+    d.api(&["label", "add", &id, "evidence"]);
+
+    let first = json(&d.api(&["collect", &id, "Generic.Client.Info", "--wait", "--json"]));
+    // Several MiB, not a multiple of the download's chunk, every byte position distinct mod 251.
+    let payload: Vec<u8> = (0..(5 << 20) + 12_345u32)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    std::fs::write(d.path("big.bin"), &payload).unwrap();
+    let glob = format!("{}/big.*", d.dir.path().display());
+    let ff = json(&d.api(&[
+        "collect",
+        &id,
+        "Generic.Forensic.FileFinder",
+        "--param",
+        &format!("glob={glob}"),
+        "--param",
+        "upload=true",
+        "--json",
+    ]));
+    let flow = ff["flow_id"].as_str().unwrap().to_owned();
+
+    // The watch prints one JSON object per change and ends once the flow has finished.
+    let watched = d.api(&["flow", "watch", &id, &flow, "--json"]);
+    let states: Vec<serde_json::Value> = watched.lines().map(json).collect();
+    let last = states.last().unwrap();
+    assert_eq!(last["state"], "completed", "{watched}");
+    assert_eq!(last["uploaded_bytes"].as_u64(), Some(payload.len() as u64));
+    assert!(last["finished_ms"].as_u64().unwrap() >= last["created_ms"].as_u64().unwrap());
+
+    // Newest first, with creation time, artifact, state, rows and bytes.
+    let flows: Vec<serde_json::Value> =
+        serde_json::from_str(&d.api(&["flow", "list", &id, "--json"])).unwrap();
+    let ids: Vec<&str> = flows
+        .iter()
+        .map(|f| f["flow_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![flow.as_str(), first["flow_id"].as_str().unwrap()]);
+    assert_eq!(flows[0]["artifact"], "Generic.Forensic.FileFinder");
+    assert_eq!(flows[1]["rows"].as_u64(), Some(1));
+    let text = d.api(&["flow", "list", &id]);
+    assert!(text.starts_with("CREATED (UTC)"), "{text}");
+
+    let ups: Vec<serde_json::Value> =
+        serde_json::from_str(&d.api(&["flow", "uploads", &id, &flow, "--json"])).unwrap();
+    assert_eq!(ups.len(), 1, "{ups:?}");
+    let sha: String = Sha256::digest(&payload)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(ups[0]["size"].as_u64(), Some(payload.len() as u64));
+    assert_eq!(ups[0]["sha256"].as_str(), Some(sha.as_str()));
+    let upload_id = ups[0]["upload_id"].to_string();
+    let out = d.path("downloaded.bin");
+    d.api(&[
+        "flow",
+        "download",
+        &id,
+        &flow,
+        &upload_id,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&out).unwrap() == payload, "byte for byte");
+    // No overwrite without --force; an unknown upload is named.
+    let again = run(&[
+        "--api-config",
+        &d.s("api.yaml"),
+        "flow",
+        "download",
+        &id,
+        &flow,
+        &upload_id,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let missing = run(&[
+        "--api-config",
+        &d.s("api.yaml"),
+        "flow",
+        "download",
+        &id,
+        &flow,
+        "7",
+        "--out",
+        d.path("x").to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no upload 7"),
+        "{missing:?}"
+    );
+
+    // A hunt limited to one client is complete once that client reported: the watch ends there.
+    let h = json(&d.api(&[
+        "hunt",
+        "create",
+        "Generic.Client.Info",
+        "--client-limit",
+        "1",
+        "--json",
+    ]));
+    let hunt = h["hunt_id"].as_str().unwrap().to_owned();
+    let watched = d.api(&["hunt", "watch", &hunt, "--json"]);
+    let end = json(watched.lines().last().unwrap());
+    assert_eq!(end["state"], "complete", "{watched}");
+    assert_eq!(end["stats"]["completed"].as_u64(), Some(1), "{watched}");
+    d.api(&["hunt", "stop", &hunt]).to_string();
+
+    // Every change, newest first, naming the API user from its certificate.
+    let audit: Vec<serde_json::Value> =
+        serde_json::from_str(&d.api(&["audit", "list", "--json"])).unwrap();
+    let actions: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["user"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("hunt-stop", "alice"),
+            ("hunt-create", "alice"),
+            ("collect", "alice"),
+            ("collect", "alice"),
+            ("label-add", "alice"),
+        ],
+        "{audit:?}"
+    );
+    assert_eq!(audit[1]["target"].as_str(), Some(hunt.as_str()));
+    assert_eq!(audit[4]["detail"], "evidence");
+    assert!(audit[2]["detail"].as_str().unwrap().contains(&flow));
+}

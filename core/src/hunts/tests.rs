@@ -107,10 +107,17 @@ fn expiry_stop_and_limit_end_scheduling() {
         m.offer_to(Timestamp(1), &h3, fa),
         Decision::NotRunning(HuntState::Stopped)
     );
-    assert!(matches!(
-        m.stop(Timestamp(1), &h3),
-        Err(HuntError::NotRunning(..))
-    ));
+    // Stopping again changes nothing and writes nothing; nor does stopping a complete hunt.
+    while m.poll_action().is_some() {}
+    assert_eq!(
+        m.stop(Timestamp(1), &h3).unwrap().record().state,
+        HuntState::Stopped
+    );
+    assert_eq!(
+        m.stop(Timestamp(1), &h2).unwrap().record().state,
+        HuntState::Complete
+    );
+    assert_eq!(m.poll_action(), None);
 }
 
 /// A hunt whose creation could not be recorded is forgotten: no client becomes a participant of a

@@ -19,6 +19,9 @@
 //!   persist the cursor covering it; acknowledgements never pass the durable cursor
 //!   ([`Inbox`]). A minion's completion is recorded by the intake's completions machine
 //!   ([`MasterAction::Complete`]), whose result comes back through [`Master::handle_applied`].
+//! - **A change has its audit entry.** A change an analyst asks for (a label, a collection, a hunt
+//!   created or stopped) writes an [`AuditEntry`] naming the analyst with its other writes, and is
+//!   answered with success only once that entry is durable too.
 //! - **A relabelled client is offered the running hunts once its record is durable.**
 //! - A task goes toward its client wherever that is connected: pushed here, or sent to the minion
 //!   holding it; it stays pending in the task book (sent again) until acknowledged.
@@ -132,6 +135,8 @@ pub enum Item {
         /// Its cursor.
         cursor: Cursor,
     },
+    /// An audit-log entry ([`paths::audit_entry`]).
+    Audit(Box<AuditEntry>),
 }
 
 /// The datastore key an [`Item`] is stored under, as the master orders writes by it: at most one
@@ -150,6 +155,8 @@ pub enum Key {
     Flow(ClientId, FlowId),
     /// A minion's cursor.
     Cursor(String),
+    /// An audit entry: its time and id.
+    Audit(Timestamp, u64),
 }
 
 impl Item {
@@ -164,6 +171,7 @@ impl Item {
             Item::Task { client, flow, .. } => Key::Task(client.clone(), flow.clone()),
             Item::Flow(f) => Key::Flow(f.client.clone(), f.flow.clone()),
             Item::Cursor { node, .. } => Key::Cursor(node.clone()),
+            Item::Audit(e) => Key::Audit(e.time, e.id),
         }
     }
 }
@@ -235,6 +243,76 @@ pub enum MasterAction {
     Notice(Notice),
 }
 
+/// Who asks: the analyst behind a request, and the id of the audit entry a change writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Analyst {
+    /// The API user (the common name of the certificate the call came over).
+    pub user: String,
+    /// A fresh random id (the shell draws it): with the time, it names the audit entry.
+    pub audit_id: u64,
+}
+
+/// What an audited change did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AuditAction {
+    /// Collected an artifact from a client (`target`: the client; `detail`: flow and artifact).
+    Collect,
+    /// Added a label (`target`: the client; `detail`: the label).
+    LabelAdd,
+    /// Removed a label.
+    LabelRemove,
+    /// Created a hunt (`target`: the hunt; `detail`: the artifact).
+    HuntCreate,
+    /// Stopped a hunt.
+    HuntStop,
+}
+
+impl AuditAction {
+    /// Its name in the audit log.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditAction::Collect => "collect",
+            AuditAction::LabelAdd => "label-add",
+            AuditAction::LabelRemove => "label-remove",
+            AuditAction::HuntCreate => "hunt-create",
+            AuditAction::HuntStop => "hunt-stop",
+        }
+    }
+
+    /// The action named `name`.
+    pub fn parse(name: &str) -> Option<AuditAction> {
+        [
+            AuditAction::Collect,
+            AuditAction::LabelAdd,
+            AuditAction::LabelRemove,
+            AuditAction::HuntCreate,
+            AuditAction::HuntStop,
+        ]
+        .into_iter()
+        .find(|a| a.name() == name)
+    }
+}
+
+/// One entry of the audit log: a change an analyst asked for and the master accepted. Written
+/// with the change's own writes; a change answered with success has its entry on storage (one
+/// answered `unavailable` may have an entry and not have happened: the log records what was asked
+/// and accepted, so it never misses what did happen).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// With `time`, names the entry.
+    pub id: u64,
+    /// When the master accepted it.
+    pub time: Timestamp,
+    /// Who asked.
+    pub user: String,
+    /// What.
+    pub action: AuditAction,
+    /// On what: a client id or a hunt id.
+    pub target: String,
+    /// Details: the label, or the flow and artifact.
+    pub detail: String,
+}
+
 /// An analyst's request (the API's calls on the master).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -242,6 +320,8 @@ pub enum Request {
     Search {
         /// The query.
         query: String,
+        /// Skip this many matches (in client id order).
+        offset: usize,
         /// At most this many.
         limit: usize,
     },
@@ -404,6 +484,8 @@ pub(crate) enum Plant {
     CursorUnwritten,
     /// Writes of one key are not held behind the one in flight.
     Unordered,
+    /// A change is answered without its audit entry.
+    NoAudit,
 }
 
 #[derive(Debug)]
@@ -415,6 +497,8 @@ enum Effect {
     Participant(HuntId, ClientId, Participation),
     Hunt,
     Cursor(String, Cursor),
+    /// An audit entry written alone (its change wrote nothing).
+    Audit,
     /// Written by a plant without a task.
     #[cfg(test)]
     Planted,
@@ -481,6 +565,8 @@ pub struct Master {
     waits: BTreeMap<u64, Wait>,
     /// Tokens of the writes the request being handled causes (see [`Master::finish`]).
     capture: Option<Vec<Token>>,
+    /// The audit entry of the change being handled, until it rides with the change's first write.
+    audit: Option<Box<AuditEntry>>,
     /// The items a task's write carries with it, by the book's token.
     groups: BTreeMap<Token, Vec<Item>>,
     /// The latest client-record write in flight per client, and whether its labels changed.
@@ -511,6 +597,7 @@ impl Master {
             in_flight: BTreeMap::new(),
             waits: BTreeMap::new(),
             capture: None,
+            audit: None,
             groups: BTreeMap::new(),
             relabelled: BTreeMap::new(),
             busy: BTreeSet::new(),
@@ -620,10 +707,14 @@ impl Master {
 
     /// An analyst's request; answered with a [`MasterAction::Reply`] naming `request` — at once for
     /// a query, once its writes have ended for a change.
-    pub fn handle_request(&mut self, time: Time, request: Token, req: Request) {
+    pub fn handle_request(&mut self, time: Time, request: Token, by: Analyst, req: Request) {
         match req {
-            Request::Search { query, limit } => {
-                let r = search(&self.registry, &query, limit).map(|res| Answer::Clients {
+            Request::Search {
+                query,
+                offset,
+                limit,
+            } => {
+                let r = search(&self.registry, &query, offset, limit).map(|res| Answer::Clients {
                     clients: res.clients.into_iter().cloned().collect(),
                     truncated: res.truncated,
                 });
@@ -633,10 +724,10 @@ impl Master {
                 client,
                 label,
                 remove,
-            } => self.label(time, request, &client, &label, remove),
-            Request::Collect(flow) => self.collect(time, request, *flow),
-            Request::CreateHunt { id, spec } => self.create_hunt(time, request, id, spec),
-            Request::StopHunt(id) => self.stop_hunt(time, request, &id),
+            } => self.label(time, request, by, &client, &label, remove),
+            Request::Collect(flow) => self.collect(time, request, by, *flow),
+            Request::CreateHunt { id, spec } => self.create_hunt(time, request, by, id, spec),
+            Request::StopHunt(id) => self.stop_hunt(time, request, by, &id),
             Request::Hunts(one) => self.get_hunts(time, request, one),
             Request::HuntFlows(id) => {
                 let r = match self.hunts.get(&id) {
@@ -657,11 +748,26 @@ impl Master {
     }
 
     /// Adds or removes a client's label.
-    fn label(&mut self, time: Time, request: Token, client: &ClientId, label: &str, remove: bool) {
+    fn label(
+        &mut self,
+        time: Time,
+        request: Token,
+        by: Analyst,
+        client: &ClientId,
+        label: &str,
+        remove: bool,
+    ) {
         self.time = time;
         self.begin();
+        let action = if remove {
+            AuditAction::LabelRemove
+        } else {
+            AuditAction::LabelAdd
+        };
+        self.audit(by, action, client.to_string(), label.to_owned());
         if let Err(e) = self.registry.set_label(client, label, remove) {
             self.capture = None;
+            self.audit = None;
             let kind = match e {
                 RegistryError::UnknownClient(_) => ErrorKind::NotFound,
                 RegistryError::TooManyLabels { .. } => ErrorKind::Exhausted,
@@ -675,7 +781,7 @@ impl Master {
 
     /// Collects `artifact` (validated) from a client: its task and flow record are written
     /// together, then it is sent toward the client.
-    fn collect(&mut self, time: Time, request: Token, flow: NewFlow) {
+    fn collect(&mut self, time: Time, request: Token, by: Analyst, flow: NewFlow) {
         self.time = time;
         if self.registry.get(&flow.client).is_none() {
             let e = format!(
@@ -687,6 +793,8 @@ impl Master {
         let upload_max = self.limits.upload_bytes_max;
         let task = hunt_tasks::task(&flow.flow, &flow.artifact, &flow.params, None, upload_max);
         self.begin();
+        let detail = format!("{} {}", flow.flow, flow.artifact);
+        self.audit(by, AuditAction::Collect, flow.client.to_string(), detail);
         let created = self.tasks.create(
             flow.client.clone(),
             flow.flow.clone(),
@@ -702,6 +810,7 @@ impl Master {
             }
             Err(e) => {
                 self.capture = None;
+                self.audit = None;
                 self.reply(request, Err(RequestError::new(ErrorKind::Exhausted, e)));
             }
         }
@@ -709,11 +818,14 @@ impl Master {
 
     /// Creates a running hunt; answered once its record is durable, then offered to every
     /// connected client.
-    fn create_hunt(&mut self, time: Time, request: Token, id: HuntId, spec: HuntSpec) {
+    fn create_hunt(&mut self, time: Time, request: Token, by: Analyst, id: HuntId, spec: HuntSpec) {
         self.time = time;
         self.begin();
+        let artifact = spec.artifact.clone();
+        self.audit(by, AuditAction::HuntCreate, id.to_string(), artifact);
         if let Err(e) = self.hunts.create(time.now, id.clone(), spec) {
             self.capture = None;
+            self.audit = None;
             return self.reply(request, Err(hunt_error(e)));
         }
         self.finish(Then::Reply(request, Asked::CreateHunt(id)));
@@ -721,11 +833,13 @@ impl Master {
     }
 
     /// Stops a hunt; answered once its record is written.
-    fn stop_hunt(&mut self, time: Time, request: Token, id: &HuntId) {
+    fn stop_hunt(&mut self, time: Time, request: Token, by: Analyst, id: &HuntId) {
         self.time = time;
         self.begin();
+        self.audit(by, AuditAction::HuntStop, id.to_string(), String::new());
         if let Err(e) = self.hunts.stop(time.now, id) {
             self.capture = None;
+            self.audit = None;
             return self.reply(request, Err(hunt_error(e)));
         }
         self.broadcast(broadcast::Kind::HuntStopped(pc::HuntStopped {
@@ -945,6 +1059,10 @@ impl Master {
     /// hunt's record), so that its answer is durable.
     fn finish(&mut self, then: Then) {
         self.drain_machines();
+        if let Some(entry) = self.audit.take() {
+            // The change wrote nothing (a label already there): the entry goes alone.
+            self.write(Effect::Audit, vec![Item::Audit(entry)]);
+        }
         let mut tokens = self.capture.take().unwrap_or_default();
         match &then {
             Then::Reply(_, Asked::Connected(id) | Asked::Label(id)) => {
@@ -1104,8 +1222,31 @@ impl Master {
         }
     }
 
-    /// Asks for an atomic write.
-    fn write(&mut self, effect: Effect, items: Vec<Item>) -> Token {
+    /// Notes the audit entry of the change being handled: it rides with the change's first write
+    /// (atomically: the entry and the change are on storage together or neither is), or goes alone
+    /// when the capture ends.
+    fn audit(&mut self, by: Analyst, action: AuditAction, target: String, detail: String) {
+        #[cfg(test)]
+        if self.plant == Plant::NoAudit {
+            return;
+        }
+        self.audit = Some(Box::new(AuditEntry {
+            id: by.audit_id,
+            time: self.time.now,
+            user: by.user,
+            action,
+            target,
+            detail,
+        }));
+    }
+
+    /// Asks for an atomic write (with the pending audit entry, if a change is being handled).
+    fn write(&mut self, effect: Effect, mut items: Vec<Item>) -> Token {
+        if self.capture.is_some()
+            && let Some(entry) = self.audit.take()
+        {
+            items.push(Item::Audit(entry));
+        }
         let keys: Vec<Key> = items.iter().map(Item::key).collect();
         let token = self.track(effect, &keys);
         self.emit(keys, MasterAction::Write { token, items });
@@ -1213,7 +1354,7 @@ impl Master {
                 }
             }
             Effect::Cursor(node, cursor) => self.inbox.handle_persisted(&node, cursor, outcome),
-            Effect::Hunt => {}
+            Effect::Hunt | Effect::Audit => {}
             #[cfg(test)]
             Effect::Planted => {}
         }
@@ -1613,10 +1754,11 @@ fn sighting(node: &str, cs: pc::ClientSeen, id: ClientId, behind_ms: i128, t: Ti
 fn search<'a>(
     registry: &'a Registry,
     query: &str,
+    offset: usize,
     limit: usize,
 ) -> Result<crate::registry::SearchResult<'a>, RequestError> {
     let q = Query::parse(query).map_err(|e| RequestError::new(ErrorKind::Invalid, e))?;
-    Ok(registry.search(&q, limit))
+    Ok(registry.search_page(&q, offset, limit))
 }
 
 #[cfg(test)]

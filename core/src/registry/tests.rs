@@ -173,7 +173,9 @@ fn search_by_every_field_with_prefixes() {
     );
     assert_eq!(hosts(id3.as_str()), vec!["db01"]);
     assert!(Query::parse("hostname:x").is_err());
-    assert!(Query::parse("web01").is_err());
+    assert_eq!(Query::parse("Web01").unwrap(), Query::Host("web01".into()));
+    assert!(Query::parse("web 01").is_err());
+    assert!(Query::parse("").is_err());
     assert!(Query::parse("host:").is_err());
     let limited = r.search(&Query::All, 2);
     assert_eq!((limited.clients.len(), limited.truncated), (2, true));

@@ -14,6 +14,12 @@ pub struct Api {
     inner: ApiClient<Channel>,
 }
 
+/// Clients asked for per search call (the server's most).
+pub const SEARCH_PAGE: u32 = 10_000;
+
+/// Items asked for per call of the other list calls (the server's most).
+pub const LIST_PAGE: u32 = 1000;
+
 fn status(e: tonic::Status) -> String {
     // A transport failure's reason (a refused certificate, a closed connection) is in its source.
     let why = match std::error::Error::source(&e) {
@@ -65,26 +71,26 @@ impl Api {
         })
     }
 
-    /// Searches clients (at most the server's default of 10,000 results).
+    /// Every client matching `query`, a page of [`SEARCH_PAGE`] at a time.
     pub async fn search(&mut self, query: &str) -> Result<api::SearchResponse, String> {
-        self.search_limit(query, 0).await
-    }
-
-    /// Searches clients, returning at most `limit` (0: the server's default).
-    pub async fn search_limit(
-        &mut self,
-        query: &str,
-        limit: u32,
-    ) -> Result<api::SearchResponse, String> {
-        let r = self
-            .inner
-            .search_clients(api::SearchRequest {
+        let mut all = api::SearchResponse::default();
+        loop {
+            let req = api::SearchRequest {
                 query: query.into(),
-                limit,
-            })
-            .await
-            .map_err(status)?;
-        Ok(r.into_inner())
+                limit: SEARCH_PAGE,
+                offset: all.clients.len() as u32,
+            };
+            let r = self
+                .inner
+                .search_clients(req)
+                .await
+                .map_err(status)?
+                .into_inner();
+            all.clients.extend(r.clients);
+            if !r.truncated {
+                return Ok(all);
+            }
+        }
     }
 
     /// Adds or removes a label.
@@ -131,26 +137,163 @@ impl Api {
         Ok(self.inner.get_flow(req).await.map_err(status)?.into_inner())
     }
 
-    /// Waits until a flow has finished (polling), up to `timeout`.
+    /// Waits until a flow has finished (watching it), up to `timeout`.
     pub async fn wait(
         &mut self,
         client: &str,
         flow: &str,
         timeout: Duration,
     ) -> Result<api::FlowSummary, String> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let watched = self.watch_flow(client, flow, |_| Ok(()));
+        match tokio::time::timeout(timeout, watched).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "flow {flow} still running after {}s (see `talon flow show {client} {flow}`)",
+                timeout.as_secs()
+            )),
+        }
+    }
+
+    /// Calls `each` with the flow now and each time it changes, until it has finished; returns
+    /// it as it finished.
+    pub async fn watch_flow(
+        &mut self,
+        client: &str,
+        flow: &str,
+        mut each: impl FnMut(&api::FlowSummary) -> Result<(), String>,
+    ) -> Result<api::FlowSummary, String> {
+        let req = api::FlowRequest {
+            client_id: client.into(),
+            flow_id: flow.into(),
+        };
+        let mut s = self
+            .inner
+            .watch_flow(req)
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut last = None;
+        while let Some(f) = s.message().await.map_err(status)? {
+            each(&f)?;
+            last = Some(f);
+        }
+        match last {
+            Some(f) if f.state != FlowState::Running as i32 => Ok(f),
+            _ => Err(format!(
+                "the master ended the watch of flow {flow} before it finished"
+            )),
+        }
+    }
+
+    /// Calls `each` with the hunt now and each time it changes, until it is no longer running;
+    /// returns it as it ended.
+    pub async fn watch_hunt(
+        &mut self,
+        id: &str,
+        mut each: impl FnMut(&api::HuntSummary) -> Result<(), String>,
+    ) -> Result<api::HuntSummary, String> {
+        let req = api::HuntRequest { hunt_id: id.into() };
+        let mut s = self
+            .inner
+            .watch_hunt(req)
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut last = None;
+        while let Some(h) = s.message().await.map_err(status)? {
+            each(&h)?;
+            last = Some(h);
+        }
+        last.ok_or_else(|| format!("the master ended the watch of hunt {id} at once"))
+    }
+
+    /// A client's flows, newest first (every page).
+    pub async fn list_flows(&mut self, client: &str) -> Result<Vec<api::FlowSummary>, String> {
+        let mut all = Vec::new();
         loop {
-            let f = self.flow(client, flow).await?;
-            if f.state != FlowState::Running as i32 {
-                return Ok(f);
+            let req = api::ListFlowsRequest {
+                client_id: client.into(),
+                offset: all.len() as u32,
+                limit: LIST_PAGE,
+            };
+            let r = self
+                .inner
+                .list_flows(req)
+                .await
+                .map_err(status)?
+                .into_inner();
+            let (got, total) = (r.flows.len(), r.total);
+            all.extend(r.flows);
+            if got == 0 || all.len() as u64 >= total {
+                return Ok(all);
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "flow {flow} still running after {}s (see `talon flow show {client} {flow}`)",
-                    timeout.as_secs()
-                ));
+        }
+    }
+
+    /// A flow's uploads.
+    pub async fn list_uploads(
+        &mut self,
+        client: &str,
+        flow: &str,
+    ) -> Result<Vec<api::UploadInfo>, String> {
+        let req = api::FlowRequest {
+            client_id: client.into(),
+            flow_id: flow.into(),
+        };
+        let r = self.inner.list_uploads(req).await.map_err(status)?;
+        Ok(r.into_inner().uploads)
+    }
+
+    /// Streams an upload's bytes into `each` in order (the server checks its SHA-256 at the end;
+    /// a mismatch is an error after the last bytes).
+    pub async fn download(
+        &mut self,
+        client: &str,
+        flow: &str,
+        upload_id: u32,
+        mut each: impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<u64, String> {
+        let req = api::DownloadRequest {
+            client_id: client.into(),
+            flow_id: flow.into(),
+            upload_id,
+        };
+        let mut s = self
+            .inner
+            .download_upload(req)
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut n = 0;
+        while let Some(c) = s.message().await.map_err(status)? {
+            if c.offset != n {
+                return Err(format!("the master sent bytes at {} after {n}", c.offset));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            each(&c.data)?;
+            n += c.data.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// The audit log, newest first (every page).
+    pub async fn audit(&mut self) -> Result<Vec<api::AuditEntry>, String> {
+        let mut all = Vec::new();
+        loop {
+            let req = api::ListAuditRequest {
+                offset: all.len() as u32,
+                limit: LIST_PAGE,
+            };
+            let r = self
+                .inner
+                .list_audit(req)
+                .await
+                .map_err(status)?
+                .into_inner();
+            let (got, total) = (r.entries.len(), r.total);
+            all.extend(r.entries);
+            if got == 0 || all.len() as u64 >= total {
+                return Ok(all);
+            }
         }
     }
 
@@ -193,7 +336,7 @@ pub fn client_json(c: &api::ClientSummary) -> serde_json::Value {
         "hostname": c.hostname,
         "os": c.os,
         "labels": c.labels,
-        "last_seen": c.last_seen_unix_ms,
+        "last_seen_ms": c.last_seen_unix_ms,
         "last_ip": c.last_ip,
         "node": c.node,
         "connected": c.connected,
@@ -209,7 +352,9 @@ pub fn state_name(state: i32) -> &'static str {
     }
 }
 
-/// `{client_id, flow_id, artifact, state, rows, uploaded_bytes, error}`.
+/// `{client_id, flow_id, artifact, state, rows, uploaded_bytes, error, created_ms, finished_ms,
+/// hunt_id}` (times in ms since the Unix epoch; `finished_ms` 0 while it runs, `hunt_id` empty
+/// for a collection).
 pub fn flow_json(f: &api::FlowSummary) -> serde_json::Value {
     serde_json::json!({
         "client_id": f.client_id,
@@ -219,7 +364,40 @@ pub fn flow_json(f: &api::FlowSummary) -> serde_json::Value {
         "rows": f.rows,
         "uploaded_bytes": f.uploaded_bytes,
         "error": f.error,
+        "created_ms": f.created_unix_ms,
+        "finished_ms": f.finished_unix_ms,
+        "hunt_id": f.hunt_id,
     })
+}
+
+/// `{upload_id, name, size, sha256, error}`.
+pub fn upload_json(u: &api::UploadInfo) -> serde_json::Value {
+    serde_json::json!({
+        "upload_id": u.upload_id,
+        "name": u.name,
+        "size": u.size,
+        "sha256": u.sha256,
+        "error": u.error,
+    })
+}
+
+/// `{time_ms, user, action, target, detail}`.
+pub fn audit_json(e: &api::AuditEntry) -> serde_json::Value {
+    serde_json::json!({
+        "time_ms": e.time_unix_ms,
+        "user": e.user,
+        "action": e.action,
+        "target": e.target,
+        "detail": e.detail,
+    })
+}
+
+/// A time (ms since the Unix epoch) as RFC 3339 in UTC, to the second.
+pub fn rfc3339(ms: u64) -> String {
+    let t = time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds((ms / 1000) as i64);
+    let (y, mo, d) = (t.year(), t.month() as u8, t.day());
+    let (h, mi, s) = (t.hour(), t.minute(), t.second());
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
 impl Api {
@@ -236,15 +414,26 @@ impl Api {
             .into_inner())
     }
 
-    /// Every hunt.
+    /// Every hunt, newest first.
     pub async fn list_hunts(&mut self) -> Result<Vec<api::HuntSummary>, String> {
-        Ok(self
-            .inner
-            .list_hunts(api::ListHuntsRequest {})
-            .await
-            .map_err(status)?
-            .into_inner()
-            .hunts)
+        let mut all = Vec::new();
+        loop {
+            let req = api::ListHuntsRequest {
+                offset: all.len() as u32,
+                limit: LIST_PAGE,
+            };
+            let r = self
+                .inner
+                .list_hunts(req)
+                .await
+                .map_err(status)?
+                .into_inner();
+            let (got, total) = (r.hunts.len(), r.total);
+            all.extend(r.hunts);
+            if got == 0 || all.len() as u64 >= total {
+                return Ok(all);
+            }
+        }
     }
 
     /// One hunt.
@@ -323,8 +512,8 @@ pub fn hunt_json(h: &api::HuntSummary) -> serde_json::Value {
         "state": hunt_state_name(h.state),
         "artifact": h.artifact,
         "params": h.params.iter().collect::<BTreeMap<_, _>>(),
-        "created": h.created_unix_ms,
-        "expires": h.expires_unix_ms,
+        "created_ms": h.created_unix_ms,
+        "expires_ms": h.expires_unix_ms,
         "include_labels": h.include_labels,
         "exclude_labels": h.exclude_labels,
         "os": h.os,

@@ -915,7 +915,7 @@ async fn replication(o: &BenchOptions, dir: &Path, env: &Env) -> Result<serde_js
             stable_since = Some(t);
         }
         let seen = api
-            .search_limit("all", n as u32 + 1)
+            .search("all")
             .await?
             .clients
             .iter()
@@ -1043,7 +1043,7 @@ async fn wait_for_api(
     loop {
         master.check_alive()?;
         if let Ok(mut api) = Api::connect_with(c, &env.net).await
-            && api.search_limit("all", 1).await.is_ok()
+            && api.search("C.0").await.is_ok()
         {
             return Ok(api);
         }
@@ -1070,7 +1070,7 @@ async fn wait_connected(
         for p in procs.iter_mut() {
             p.check_alive()?;
         }
-        let r = api.search_limit("all", n as u32 + 1).await?;
+        let r = api.search("all").await?;
         let connected = r.clients.iter().filter(|c| c.connected).count();
         let t = watch.secs();
         if connected >= n {

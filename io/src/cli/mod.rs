@@ -1,5 +1,6 @@
 //! The command line: parsing and the commands that need no running cluster.
 
+pub mod analyst;
 pub mod api_client;
 pub mod bench;
 pub mod demo;
@@ -185,6 +186,23 @@ pub enum Command {
         #[command(subcommand)]
         command: FlowCommand,
     },
+    /// The master's audit log: every change and the API user who asked for it.
+    Audit {
+        /// What to do.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// `talon audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Every entry, newest first: time, user, action, target, detail.
+    List {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `talon clients ...`
@@ -276,6 +294,14 @@ pub enum HuntCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Follow a hunt: its figures each time they change, until it is no longer running.
+    Watch {
+        /// The hunt.
+        hunt_id: String,
+        /// Print one JSON object per change.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop scheduling new clients (scheduled ones still report).
     Stop {
         /// The hunt.
@@ -344,6 +370,49 @@ pub enum FlowCommand {
         /// The flow.
         flow_id: String,
         /// Accepted for symmetry with `flow show`; rows are always JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A client's flows, newest first: created, flow, artifact, state, rows, bytes, hunt.
+    List {
+        /// The client.
+        client_id: String,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The files a flow uploaded: id, size, SHA-256, name on the client.
+    Uploads {
+        /// The client.
+        client_id: String,
+        /// The flow.
+        flow_id: String,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download an uploaded file (checked against its recorded SHA-256).
+    Download {
+        /// The client.
+        client_id: String,
+        /// The flow.
+        flow_id: String,
+        /// The upload's id (see `flow uploads`).
+        upload_id: u32,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Follow a flow: its state each time it changes, until it has finished.
+    Watch {
+        /// The client.
+        client_id: String,
+        /// The flow.
+        flow_id: String,
+        /// Print one JSON object per change.
         #[arg(long)]
         json: bool,
     },
@@ -832,35 +901,15 @@ async fn run_async(
             }
             Ok(flow_out(&f, json))
         }
-        Command::Flow {
-            command:
-                FlowCommand::Show {
-                    client_id,
-                    flow_id,
-                    json,
-                },
-        } => {
+        Command::Flow { command } => {
             init_logging("warn");
-            let f = api(api_config.as_deref())
-                .await?
-                .flow(&client_id, &flow_id)
-                .await?;
-            Ok(flow_out(&f, json))
+            crate::cli::analyst::flow(api(api_config.as_deref()).await?, command).await
         }
-        Command::Flow {
-            command: FlowCommand::Results {
-                client_id, flow_id, ..
-            },
+        Command::Audit {
+            command: AuditCommand::List { json },
         } => {
             init_logging("warn");
-            // Streamed: rows are written as their pages arrive, whatever the flow's size.
-            let mut out = Out::stdout();
-            api(api_config.as_deref())
-                .await?
-                .each_flow_row(&client_id, &flow_id, |r| out.line(&r.to_string()))
-                .await?;
-            out.flush()?;
-            Ok(String::new())
+            crate::cli::analyst::audit(api(api_config.as_deref()).await?, json).await
         }
         Command::Cluster {
             command: ClusterCommand::Status { json },
@@ -956,6 +1005,10 @@ async fn run_async(
                 HuntCommand::Show { hunt_id, json } => {
                     let h = api(api_config.as_deref()).await?.hunt(&hunt_id).await?;
                     Ok(hunt_out(&h, json))
+                }
+                HuntCommand::Watch { hunt_id, json } => {
+                    let a = api(api_config.as_deref()).await?;
+                    crate::cli::analyst::watch_hunt(a, &hunt_id, json).await
                 }
                 HuntCommand::Stop { hunt_id, json } => {
                     let h = api(api_config.as_deref())

@@ -314,14 +314,15 @@ pub fn peer_of(addr: SocketAddr, cert: &CertificateDer<'_>) -> io::Result<Peer> 
     })
 }
 
-/// Checks that a request came over a certificate of `role` (`what` names it in the refusal).
+/// Checks that a request came over a certificate of `role` (`what` names it in the refusal), and
+/// returns the certificate's common name (an API user's name).
 pub fn require_role<T>(
     req: &tonic::Request<T>,
     role: Role,
     what: &str,
-) -> Result<(), tonic::Status> {
+) -> Result<String, tonic::Status> {
     match req.extensions().get::<Peer>() {
-        Some(p) if p.role == Some(role) => Ok(()),
+        Some(p) if p.role == Some(role) => Ok(p.common_name.clone()),
         Some(p) => Err(tonic::Status::permission_denied(format!(
             "certificate {:?} is not {what}",
             p.common_name

@@ -1,6 +1,12 @@
 //! The analyst's `Api` gRPC service (master) and the API's views of clients, flows and hunts.
 
+use super::api_reads::{self, PAGE_DEFAULT, PAGE_MAX, Watches, page};
 use super::*;
+
+/// Default and largest page of a client search.
+pub const SEARCH_DEFAULT: u32 = 1000;
+/// See [`SEARCH_DEFAULT`].
+pub const SEARCH_MAX: u32 = 10_000;
 
 /// Default hunt lifetime when the request gives none.
 pub const HUNT_EXPIRES_DEFAULT_S: u64 = 7 * 24 * 3600;
@@ -65,6 +71,8 @@ pub fn flow_summary(f: &FlowJson) -> api::FlowSummary {
         uploaded_bytes: f.uploaded_bytes,
         error: f.error.clone(),
         created_unix_ms: f.created_ms,
+        finished_unix_ms: f.finished_ms,
+        hunt_id: f.hunt_id.clone().unwrap_or_default(),
     }
 }
 
@@ -175,16 +183,19 @@ pub(super) async fn read_flow_pages(
 #[derive(Clone)]
 pub struct ApiService {
     node: Node,
+    watches: Watches,
 }
 
 impl ApiService {
     /// Serves the API through `node`.
     pub fn new(node: Node) -> ApiService {
-        ApiService { node }
+        let watches = Watches::new(api_reads::WATCHES_MAX);
+        ApiService { node, watches }
     }
 }
 
-pub(super) fn require_api<T>(req: &Request<T>) -> Result<(), Status> {
+/// Checks that a call came over an API certificate; returns the API user's name (its CN).
+pub(super) fn require_api<T>(req: &Request<T>) -> Result<String, Status> {
     crate::net::tls::require_role(req, Role::Api, "an API certificate")
 }
 
@@ -192,12 +203,28 @@ pub(super) type Pages = tokio_stream::wrappers::ReceiverStream<Result<api::Resul
 
 impl ApiService {
     /// A request whose answer is one hunt.
-    async fn hunt(&self, req: CoreRequest) -> Result<api::HuntSummary, Status> {
-        match self.node.request(req).await? {
-            Answer::Hunt(h) => Ok(hunt_summary(&h)),
-            a => Err(unexpected(a)),
-        }
+    async fn hunt(&self, user: &str, req: CoreRequest) -> Result<api::HuntSummary, Status> {
+        hunt_request(&self.node, user, req).await
     }
+}
+
+/// `user`'s request whose answer is one hunt.
+async fn hunt_request(
+    node: &Node,
+    user: &str,
+    req: CoreRequest,
+) -> Result<api::HuntSummary, Status> {
+    match node.request(user, req).await? {
+        Answer::Hunt(h) => Ok(hunt_summary(&h)),
+        a => Err(unexpected(a)),
+    }
+}
+
+/// A flow request's ids.
+fn flow_ids(r: &api::FlowRequest) -> Result<(ClientId, FlowId), Status> {
+    let client = ClientId::parse(&r.client_id).map_err(invalid)?;
+    let flow = FlowId::parse(&r.flow_id).map_err(invalid)?;
+    Ok((client, flow))
 }
 
 fn invalid(e: impl std::fmt::Display) -> Status {
@@ -250,19 +277,16 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::SearchRequest>,
     ) -> Result<Response<api::SearchResponse>, Status> {
-        require_api(&req)?;
+        let user = require_api(&req)?;
         let r = req.into_inner();
-        let limit = if r.limit == 0 {
-            10_000
-        } else {
-            r.limit as usize
-        };
+        let (offset, limit) = page(r.offset, r.limit, SEARCH_DEFAULT, SEARCH_MAX)?;
         let query = r.query;
-        match self
-            .node
-            .request(CoreRequest::Search { query, limit })
-            .await?
-        {
+        let req = CoreRequest::Search {
+            query,
+            offset,
+            limit,
+        };
+        match self.node.request(&user, req).await? {
             Answer::Clients { clients, truncated } => Ok(Response::new(api::SearchResponse {
                 clients: clients.iter().map(summary).collect(),
                 truncated,
@@ -275,7 +299,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::LabelRequest>,
     ) -> Result<Response<api::ClientSummary>, Status> {
-        require_api(&req)?;
+        let user = require_api(&req)?;
         let r = req.into_inner();
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let (label, remove) = (r.label, r.remove);
@@ -284,7 +308,7 @@ impl api::api_server::Api for ApiService {
             label,
             remove,
         };
-        match self.node.request(req).await? {
+        match self.node.request(&user, req).await? {
             Answer::Client(c) => Ok(Response::new(summary(&c))),
             a => Err(unexpected(a)),
         }
@@ -294,7 +318,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::CollectRequest>,
     ) -> Result<Response<api::FlowSummary>, Status> {
-        require_api(&req)?;
+        let user = require_api(&req)?;
         let r = req.into_inner();
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let params = r.params.into_iter().collect();
@@ -308,13 +332,10 @@ impl api::api_server::Api for ApiService {
             hunt: None,
             created: self.node.clock.now(),
         };
-        match self
-            .node
-            .request(CoreRequest::Collect(Box::new(flow)))
-            .await?
-        {
+        let req = CoreRequest::Collect(Box::new(flow));
+        match self.node.request(&user, req).await? {
             Answer::Flow(f) => {
-                tracing::info!(client = %f.client, flow = %f.flow, artifact = %f.artifact, "collection scheduled");
+                tracing::info!(client = %f.client, flow = %f.flow, artifact = %f.artifact, %user, "collection scheduled");
                 Ok(Response::new(flow_summary(&flow_json(&f))))
             }
             a => Err(unexpected(a)),
@@ -326,15 +347,8 @@ impl api::api_server::Api for ApiService {
         req: Request<api::FlowRequest>,
     ) -> Result<Response<api::FlowSummary>, Status> {
         require_api(&req)?;
-        let r = req.into_inner();
-        let client =
-            ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let flow =
-            FlowId::parse(&r.flow_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let rec = load_json::<FlowJson>(&self.node.datastore, &paths::flow_record(&client, &flow))
-            .await
-            .map_err(|e| e.status())?
-            .ok_or_else(|| Status::not_found(format!("no flow {flow} on client {client}")))?;
+        let (client, flow) = flow_ids(req.get_ref())?;
+        let rec = api_reads::flow_record(&self.node.datastore, &client, &flow).await?;
         Ok(Response::new(flow_summary(&rec)))
     }
 
@@ -345,11 +359,7 @@ impl api::api_server::Api for ApiService {
         req: Request<api::FlowRequest>,
     ) -> Result<Response<Pages>, Status> {
         require_api(&req)?;
-        let r = req.into_inner();
-        let client =
-            ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let flow =
-            FlowId::parse(&r.flow_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (client, flow) = flow_ids(req.get_ref())?;
         Ok(Response::new(stream_flows(
             self.node.filestore.volume().clone(),
             self.node.datastore.clone(),
@@ -361,11 +371,13 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::CreateHuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
-        require_api(&req)?;
+        let user = require_api(&req)?;
         let spec = hunt_spec(self.node.clock.now(), req.into_inner())?;
         let id = HuntId::from_u64(self.node.random());
-        let h = self.hunt(CoreRequest::CreateHunt { id, spec }).await?;
-        tracing::info!(hunt = %h.hunt_id, artifact = %h.artifact, "hunt created");
+        let h = self
+            .hunt(&user, CoreRequest::CreateHunt { id, spec })
+            .await?;
+        tracing::info!(hunt = %h.hunt_id, artifact = %h.artifact, %user, "hunt created");
         Ok(Response::new(h))
     }
 
@@ -373,11 +385,25 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::ListHuntsRequest>,
     ) -> Result<Response<api::ListHuntsResponse>, Status> {
-        require_api(&req)?;
-        match self.node.request(CoreRequest::Hunts(None)).await? {
-            Answer::Hunts(hunts) => Ok(Response::new(api::ListHuntsResponse {
-                hunts: hunts.iter().map(hunt_summary).collect(),
-            })),
+        let user = require_api(&req)?;
+        let r = req.into_inner();
+        let (offset, limit) = page(r.offset, r.limit, PAGE_DEFAULT, PAGE_MAX)?;
+        match self.node.request(&user, CoreRequest::Hunts(None)).await? {
+            Answer::Hunts(mut hunts) => {
+                // Newest first (ties by id).
+                hunts.sort_by(|a, b| {
+                    (b.record.created, &b.record.id).cmp(&(a.record.created, &a.record.id))
+                });
+                Ok(Response::new(api::ListHuntsResponse {
+                    total: hunts.len() as u64,
+                    hunts: hunts
+                        .iter()
+                        .skip(offset)
+                        .take(limit)
+                        .map(hunt_summary)
+                        .collect(),
+                }))
+            }
             a => Err(unexpected(a)),
         }
     }
@@ -386,9 +412,9 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::HuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
-        require_api(&req)?;
+        let user = require_api(&req)?;
         let id = parse_hunt(&req.into_inner().hunt_id)?;
-        self.hunt(CoreRequest::Hunts(Some(id)))
+        self.hunt(&user, CoreRequest::Hunts(Some(id)))
             .await
             .map(Response::new)
     }
@@ -397,11 +423,11 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::HuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
-        require_api(&req)?;
+        let user = require_api(&req)?;
         let id = parse_hunt(&req.into_inner().hunt_id)?;
-        self.hunt(CoreRequest::StopHunt(id))
-            .await
-            .map(Response::new)
+        let h = self.hunt(&user, CoreRequest::StopHunt(id)).await?;
+        tracing::info!(hunt = %h.hunt_id, %user, "hunt stopped");
+        Ok(Response::new(h))
     }
 
     type GetHuntResultsStream = Pages;
@@ -410,9 +436,9 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::HuntRequest>,
     ) -> Result<Response<Pages>, Status> {
-        require_api(&req)?;
+        let user = require_api(&req)?;
         let id = parse_hunt(&req.into_inner().hunt_id)?;
-        let flows = match self.node.request(CoreRequest::HuntFlows(id)).await? {
+        let flows = match self.node.request(&user, CoreRequest::HuntFlows(id)).await? {
             Answer::Participants(flows) => flows,
             a => return Err(unexpected(a)),
         };
@@ -427,8 +453,8 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::ClusterRequest>,
     ) -> Result<Response<api::ClusterStatus>, Status> {
-        require_api(&req)?;
-        let minions = match self.node.request(CoreRequest::Minions).await? {
+        let user = require_api(&req)?;
+        let minions = match self.node.request(&user, CoreRequest::Minions).await? {
             Answer::Minions(m) => m,
             a => return Err(unexpected(a)),
         };
@@ -481,6 +507,120 @@ impl api::api_server::Api for ApiService {
             })
             .collect();
         Ok(Response::new(api::ListArtifactsResponse { artifacts }))
+    }
+
+    async fn list_flows(
+        &self,
+        req: Request<api::ListFlowsRequest>,
+    ) -> Result<Response<api::ListFlowsResponse>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let client = ClientId::parse(&r.client_id).map_err(invalid)?;
+        let (offset, limit) = page(r.offset, r.limit, PAGE_DEFAULT, PAGE_MAX)?;
+        let (flows, total) =
+            api_reads::client_flows(&self.node.datastore, &client, offset, limit).await?;
+        Ok(Response::new(api::ListFlowsResponse {
+            flows: flows.iter().map(flow_summary).collect(),
+            total,
+        }))
+    }
+
+    async fn list_uploads(
+        &self,
+        req: Request<api::FlowRequest>,
+    ) -> Result<Response<api::ListUploadsResponse>, Status> {
+        require_api(&req)?;
+        let (client, flow) = flow_ids(req.get_ref())?;
+        let rec = api_reads::flow_record(&self.node.datastore, &client, &flow).await?;
+        Ok(Response::new(api::ListUploadsResponse {
+            uploads: rec.uploads.iter().map(api_reads::upload_info).collect(),
+        }))
+    }
+
+    type DownloadUploadStream = api_reads::Chunks;
+
+    async fn download_upload(
+        &self,
+        req: Request<api::DownloadRequest>,
+    ) -> Result<Response<api_reads::Chunks>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let client = ClientId::parse(&r.client_id).map_err(invalid)?;
+        let flow = FlowId::parse(&r.flow_id).map_err(invalid)?;
+        let rec = api_reads::flow_record(&self.node.datastore, &client, &flow).await?;
+        let Some(u) = rec.uploads.into_iter().find(|u| u.upload_id == r.upload_id) else {
+            return Err(Status::not_found(format!(
+                "flow {flow} of client {client} has no upload {} (list them with ListUploads)",
+                r.upload_id
+            )));
+        };
+        if !u.error.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "upload {} ({}) could not be reassembled: {}",
+                u.upload_id, u.name, u.error
+            )));
+        }
+        let fs = self.node.filestore.volume().clone();
+        Ok(Response::new(api_reads::download(fs, u)))
+    }
+
+    type WatchFlowStream = tokio_stream::wrappers::ReceiverStream<Result<api::FlowSummary, Status>>;
+
+    async fn watch_flow(
+        &self,
+        req: Request<api::FlowRequest>,
+    ) -> Result<Response<Self::WatchFlowStream>, Status> {
+        require_api(&req)?;
+        let (client, flow) = flow_ids(req.get_ref())?;
+        let ds = self.node.datastore.clone();
+        // Refused now, not as the stream's first message, if there is no such flow.
+        api_reads::flow_record(&ds, &client, &flow).await?;
+        let permit = self.watches.enter()?;
+        let look = move || {
+            let (ds, client, flow) = (ds.clone(), client.clone(), flow.clone());
+            async move {
+                let rec = api_reads::flow_record(&ds, &client, &flow).await?;
+                Ok(flow_summary(&rec))
+            }
+        };
+        let done = |f: &api::FlowSummary| f.state != comms::FlowState::Running as i32;
+        Ok(Response::new(api_reads::watch(permit, look, done)))
+    }
+
+    type WatchHuntStream = tokio_stream::wrappers::ReceiverStream<Result<api::HuntSummary, Status>>;
+
+    async fn watch_hunt(
+        &self,
+        req: Request<api::HuntRequest>,
+    ) -> Result<Response<Self::WatchHuntStream>, Status> {
+        let user = require_api(&req)?;
+        let id = parse_hunt(&req.into_inner().hunt_id)?;
+        self.hunt(&user, CoreRequest::Hunts(Some(id.clone())))
+            .await?;
+        let permit = self.watches.enter()?;
+        let node = self.node.clone();
+        let look = move || {
+            let (node, user, id) = (node.clone(), user.clone(), id.clone());
+            async move { hunt_request(&node, &user, CoreRequest::Hunts(Some(id))).await }
+        };
+        // Done: no longer running, and every participant scheduled has reported.
+        let done = |h: &api::HuntSummary| {
+            h.state != api::HuntState::Running as i32
+                && h.stats
+                    .is_none_or(|s| s.completed + s.errors >= s.scheduled)
+        };
+        Ok(Response::new(api_reads::watch(permit, look, done)))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<api::ListAuditRequest>,
+    ) -> Result<Response<api::ListAuditResponse>, Status> {
+        require_api(&req)?;
+        let r = req.into_inner();
+        let (offset, limit) = page(r.offset, r.limit, PAGE_DEFAULT, PAGE_MAX)?;
+        let (entries, total) = api_reads::audit(&self.node.datastore, offset, limit).await?;
+        Ok(Response::new(api::ListAuditResponse { entries, total }))
     }
 }
 

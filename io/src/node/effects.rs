@@ -136,6 +136,10 @@ pub(super) fn encode(item: &Item) -> (String, Option<Bytes>) {
                 hwm: cursor.hwm,
             }),
         ),
+        Item::Audit(e) => (
+            paths::audit_entry(e.time, e.id),
+            json(&crate::storage::records::AuditJson::from_entry(e)),
+        ),
     }
 }
 

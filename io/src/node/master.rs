@@ -340,9 +340,9 @@ impl RoleDriver for MasterDriver {
                 let kind = broadcast::Kind::DatastoreChanged(pc::DatastoreChanged { key, version });
                 self.core.broadcast(kind);
             }
-            Msg::Request { req, reply } => {
+            Msg::Request { by, req, reply } => {
                 let r = self.request(Waiting::Request(reply));
-                self.core.handle_request(t, r, req);
+                self.core.handle_request(t, r, by, req);
             }
             // Not the master's: a minion's link, its replicated completions; flows are the frontend's.
             Msg::Link(_)

@@ -39,7 +39,7 @@ use talon_core::hunts::{HuntLimits, HuntManager, HuntSpec, HuntState};
 use talon_core::node::completions::{CompletionLimits, RecordStep, Recorded};
 use talon_core::node::intake::{Intake, IntakeAction, IntakeLimits};
 use talon_core::node::master::{
-    Answer, ErrorKind, HuntView, Item, Level, Master, MasterAction, MasterLimits, NewFlow,
+    Analyst, Answer, ErrorKind, HuntView, Item, Level, Master, MasterAction, MasterLimits, NewFlow,
     Request as CoreRequest, RequestError, Restored, Time, WriteFailure,
 };
 use talon_core::node::tasks::TaskLimits;
@@ -55,6 +55,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 mod actor;
+mod api_reads;
 mod api_service;
 mod comms_service;
 mod effects;
@@ -200,6 +201,7 @@ enum Msg {
     },
     /// An analyst's request (master).
     Request {
+        by: Analyst,
         req: CoreRequest,
         reply: Reply<Answer>,
     },
@@ -380,9 +382,13 @@ impl Node {
         let _ = self.tx.send(Msg::DatastoreChanged { key, version }).await;
     }
 
-    /// An analyst's request, answered by the master's core (a minion refuses it).
-    async fn request(&self, req: CoreRequest) -> Result<Answer, Status> {
-        self.ask(|reply| Msg::Request { req, reply }).await
+    /// API user `user`'s request, answered by the master's core (a minion refuses it).
+    async fn request(&self, user: &str, req: CoreRequest) -> Result<Answer, Status> {
+        let by = Analyst {
+            user: user.to_owned(),
+            audit_id: self.random(),
+        };
+        self.ask(|reply| Msg::Request { by, req, reply }).await
     }
 
     /// A random id.

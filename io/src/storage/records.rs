@@ -327,3 +327,31 @@ impl talon_core::node::completions::FlowRecord for FlowJson {
             .and_then(|h| talon_core::HuntId::parse(h).ok())
     }
 }
+
+/// An audit-log entry (`audit/<day>/<ms>-<id>.json`, [`talon_core::paths::audit_entry`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditJson {
+    /// When the master accepted the change (ms since the Unix epoch).
+    pub time_ms: u64,
+    /// The API user (its certificate's common name).
+    pub user: String,
+    /// What: `collect`, `label-add`, `label-remove`, `hunt-create`, `hunt-stop`.
+    pub action: String,
+    /// On what: a client id or a hunt id.
+    pub target: String,
+    /// Details: the label, or the flow and artifact.
+    pub detail: String,
+}
+
+impl AuditJson {
+    /// The stored form of `e`.
+    pub fn from_entry(e: &talon_core::node::master::AuditEntry) -> AuditJson {
+        AuditJson {
+            time_ms: e.time.as_ms(),
+            user: e.user.clone(),
+            action: e.action.name().to_owned(),
+            target: e.target.clone(),
+            detail: e.detail.clone(),
+        }
+    }
+}

@@ -11,6 +11,15 @@ use proptest::prelude::*;
 const CLIENTS: u8 = 4;
 const TASKS_MAX: usize = 2;
 const MINION: &str = "m1";
+const ANALYST: &str = "alice";
+
+/// The analyst behind request `request` (its audit entry takes the request's number as its id).
+fn analyst(request: Token) -> Analyst {
+    Analyst {
+        user: ANALYST.into(),
+        audit_id: request.0,
+    }
+}
 
 fn client(i: u8) -> ClientId {
     ClientId::from_public_key(&[i; 32])
@@ -107,6 +116,8 @@ struct Store {
     tasks: BTreeMap<(ClientId, FlowId), comms::Task>,
     flows: BTreeSet<(ClientId, FlowId)>,
     cursor: Option<Cursor>,
+    /// Audit entries by id.
+    audit: BTreeMap<u64, AuditEntry>,
 }
 
 impl Store {
@@ -135,6 +146,9 @@ impl Store {
                             self.flows.insert((f.client, f.flow));
                         }
                         Item::Cursor { cursor, .. } => self.cursor = Some(cursor),
+                        Item::Audit(e) => {
+                            self.audit.insert(e.id, *e);
+                        }
                     }
                 }
             }
@@ -275,7 +289,7 @@ impl World {
                 MasterAction::Complete { .. } => return Err("no completions here".into()),
                 MasterAction::Reply { request, result } => {
                     if let (Some(asked), Ok(_)) = (self.requests.remove(&request), &result) {
-                        self.check_answer(&asked)?;
+                        self.check_answer(request, &asked)?;
                         if let Asked::Connect(c) = asked {
                             self.here.insert(c);
                         }
@@ -343,9 +357,26 @@ impl World {
         Ok(())
     }
 
-    /// A request answered with success is durable.
-    fn check_answer(&self, asked: &Asked) -> Result<(), String> {
+    /// A request answered with success is durable, and a change's audit entry with it.
+    fn check_answer(&self, request: Token, asked: &Asked) -> Result<(), String> {
         let s = &self.store;
+        let audited = |action: AuditAction, target: String| {
+            s.audit
+                .get(&request.0)
+                .is_some_and(|e| e.user == ANALYST && (e.action, &e.target) == (action, &target))
+        };
+        let entry = match asked {
+            Asked::Connect(_) => true,
+            Asked::Label(c, true) => audited(AuditAction::LabelAdd, c.to_string()),
+            Asked::Label(c, false) => audited(AuditAction::LabelRemove, c.to_string()),
+            Asked::Collect(c, _) => audited(AuditAction::Collect, c.to_string()),
+            Asked::Hunt(h) => audited(AuditAction::HuntCreate, h.to_string()),
+        };
+        if !entry {
+            return Err(format!(
+                "answered {asked:?} without its audit entry on storage"
+            ));
+        }
         let ok = match asked {
             Asked::Connect(c) => s.clients.contains_key(c),
             Asked::Label(c, on) => s
@@ -404,8 +435,12 @@ impl World {
                     hunt: None,
                     created: t.now,
                 };
-                self.master
-                    .handle_request(t, request, Request::Collect(Box::new(f)));
+                self.master.handle_request(
+                    t,
+                    request,
+                    analyst(request),
+                    Request::Collect(Box::new(f)),
+                );
             }
             Step::Hunt => {
                 let request = Token(self.id());
@@ -421,8 +456,12 @@ impl World {
                     client_limit: None,
                     description: String::new(),
                 };
-                self.master
-                    .handle_request(t, request, Request::CreateHunt { id, spec });
+                self.master.handle_request(
+                    t,
+                    request,
+                    analyst(request),
+                    Request::CreateHunt { id, spec },
+                );
             }
             Step::Label(i) => {
                 let request = Token(self.id());
@@ -437,7 +476,8 @@ impl World {
                     label: "x".into(),
                     remove: !on,
                 };
-                self.master.handle_request(t, request, req);
+                self.master
+                    .handle_request(t, request, analyst(request), req);
             }
             Step::Connect(i) => {
                 let request = Token(self.id());
@@ -733,6 +773,17 @@ fn the_checks_catch_an_answer_before_its_write() {
             .as_ref()
             .is_err_and(|e| e.contains("before it was durable")),
         "{early:?}"
+    );
+}
+
+#[test]
+fn the_checks_catch_a_change_without_its_audit_entry() {
+    let missing = World::new(Plant::NoAudit).run(history());
+    assert!(
+        missing
+            .as_ref()
+            .is_err_and(|e| e.contains("without its audit entry")),
+        "{missing:?}"
     );
 }
 
