@@ -498,3 +498,114 @@ fn flows_are_listed_uploads_downloaded_watches_end_and_changes_audited() {
     assert_eq!(audit[4]["detail"], "evidence");
     assert!(audit[2]["detail"].as_str().unwrap().contains(&flow));
 }
+
+/// A running flow stops when cancelled and reports failed with the reason; a collection whose
+/// client is offline is cancelled before it starts and never runs when the client returns; both
+/// are in the audit log; a finished flow cannot be cancelled.
+#[test]
+fn flows_are_cancelled_running_or_before_they_start() {
+    let d = Deployment::new();
+    let _master = d.start_master();
+    let client = d.start_client(&d.path("client.config.yaml"), "c1");
+    d.wait_until("the client enrols", || d.clients().len() == 1);
+    let id = d.clients()[0]["client_id"].as_str().unwrap().to_owned();
+
+    // ~100 s of paced rows: cancelled once it has sent some.
+    let f = json(&d.api(&[
+        "collect",
+        &id,
+        "Generic.Test.Rows",
+        "--param",
+        "count=100000",
+        "--param",
+        "pause_ms=100",
+        "--json",
+    ]));
+    let running = f["flow_id"].as_str().unwrap().to_owned();
+    // The agent logs each task it starts.
+    d.wait_until("the agent has started it", || {
+        std::fs::read_to_string(d.path("c1.log"))
+            .is_ok_and(|l| l.contains("task started") && l.contains(&running))
+    });
+    let c = json(&d.api(&[
+        "flow",
+        "cancel",
+        &id,
+        &running,
+        "--reason",
+        "wrong artifact",
+        "--json",
+    ]));
+    assert_eq!(
+        (c["before_start"].as_bool(), c["told"].as_bool()),
+        (Some(false), Some(true)),
+        "{c}"
+    );
+    let end = json(
+        d.api(&["flow", "watch", &id, &running, "--json"])
+            .lines()
+            .last()
+            .unwrap(),
+    );
+    assert_eq!(end["state"], "error", "{end}");
+    let error = end["error"].as_str().unwrap();
+    assert!(
+        error.contains("cancelled by alice") && error.contains("wrong artifact"),
+        "{end}"
+    );
+    assert!(end["rows"].as_u64().unwrap() < 100_000, "{end}");
+    let again = run(&[
+        "--api-config",
+        &d.s("api.yaml"),
+        "flow",
+        "cancel",
+        &id,
+        &running,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("finished already"),
+        "{again:?}"
+    );
+
+    // Offline: the task waits on the master; cancelled, it is withdrawn and never runs.
+    drop(client);
+    d.wait_until("the client is offline", || {
+        d.clients()[0]["connected"] == false
+    });
+    let f = json(&d.api(&["collect", &id, "Generic.Client.Info", "--json"]));
+    let queued = f["flow_id"].as_str().unwrap().to_owned();
+    let c = json(&d.api(&["flow", "cancel", &id, &queued, "--json"]));
+    assert_eq!(
+        (c["before_start"].as_bool(), c["told"].as_bool()),
+        (Some(true), Some(false)),
+        "{c}"
+    );
+    let _client = d.start_client(&d.path("client.config.yaml"), "c1");
+    d.wait_until("the client is back", || d.clients()[0]["connected"] == true);
+    // Another collection after it: once that one completed, the cancelled one was not sent.
+    let later = json(&d.api(&["collect", &id, "Generic.Client.Info", "--wait", "--json"]));
+    assert_eq!(later["state"], "completed");
+    let q = json(&d.api(&["flow", "show", &id, &queued, "--json"]));
+    assert_eq!(
+        (q["state"].as_str(), q["rows"].as_u64()),
+        (Some("error"), Some(0)),
+        "{q}"
+    );
+    assert!(
+        q["error"].as_str().unwrap().contains("before it started"),
+        "{q}"
+    );
+
+    let audit: Vec<serde_json::Value> =
+        serde_json::from_str(&d.api(&["audit", "list", "--json"])).unwrap();
+    let cancels: Vec<&str> = audit
+        .iter()
+        .filter(|e| e["action"] == "cancel")
+        .map(|e| e["detail"].as_str().unwrap())
+        .collect();
+    assert_eq!(cancels.len(), 2, "{audit:?}");
+    assert!(
+        cancels[0].starts_with(&queued) && cancels[1].starts_with(&running),
+        "{cancels:?}"
+    );
+}

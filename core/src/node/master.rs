@@ -31,9 +31,10 @@ use super::hunt_tasks::{self, TaskOrigin};
 use super::tasks::{TaskAction, TaskBook, TaskLimits};
 use super::{Outcome, Token};
 use crate::cluster_codec::MinionBatch;
+use crate::flows::FinalState;
 use crate::hunts::{
     ClientFacts, Hunt, HuntAction, HuntError, HuntLimits, HuntManager, HuntRecord, HuntSpec,
-    HuntStats, Participation,
+    HuntStats, OutcomeEffect, Participation,
 };
 use crate::registry::{
     ClientRecord, Query, Registry, RegistryAction, RegistryError, RegistryLimits, Sighting,
@@ -232,6 +233,25 @@ pub enum MasterAction {
         /// How it ended.
         outcome: Outcome,
     },
+    /// Mark a flow's record failed with `error`, unless it is final already (its agent finished
+    /// it first), then call [`Master::handle_written`] with the token.
+    FailFlow {
+        /// Names the write.
+        token: Token,
+        /// The client.
+        client: ClientId,
+        /// The flow.
+        flow: FlowId,
+        /// Why it failed.
+        error: String,
+    },
+    /// Tell a client connected here to stop a flow (a drop is harmless: the flow just runs on).
+    CancelHere {
+        /// The client.
+        client: ClientId,
+        /// The message.
+        cancel: comms::CancelFlow,
+    },
     /// Answer a request.
     Reply {
         /// The request's token (the caller's).
@@ -265,6 +285,8 @@ pub enum AuditAction {
     HuntCreate,
     /// Stopped a hunt.
     HuntStop,
+    /// Cancelled a flow (`target`: the client; `detail`: the flow and the reason).
+    Cancel,
 }
 
 impl AuditAction {
@@ -276,6 +298,7 @@ impl AuditAction {
             AuditAction::LabelRemove => "label-remove",
             AuditAction::HuntCreate => "hunt-create",
             AuditAction::HuntStop => "hunt-stop",
+            AuditAction::Cancel => "cancel",
         }
     }
 
@@ -287,6 +310,7 @@ impl AuditAction {
             AuditAction::LabelRemove,
             AuditAction::HuntCreate,
             AuditAction::HuntStop,
+            AuditAction::Cancel,
         ]
         .into_iter()
         .find(|a| a.name() == name)
@@ -296,7 +320,7 @@ impl AuditAction {
 /// One entry of the audit log: a change an analyst asked for and the master accepted. Written
 /// with the change's own writes; a change answered with success has its entry on storage (one
 /// answered `unavailable` may have an entry and not have happened: the log records what was asked
-/// and accepted, so it never misses what did happen).
+/// and accepted).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditEntry {
     /// With `time`, names the entry.
@@ -345,6 +369,16 @@ pub enum Request {
     },
     /// Stop a hunt.
     StopHunt(HuntId),
+    /// Cancel a client's flow: one not yet started is marked failed and never runs; one running
+    /// is told to stop (its agent reports it failed).
+    Cancel {
+        /// The client.
+        client: ClientId,
+        /// The flow.
+        flow: FlowId,
+        /// Why (shown in the flow's error).
+        reason: String,
+    },
     /// Every hunt, or one.
     Hunts(Option<HuntId>),
     /// A hunt's participants and their flows.
@@ -377,6 +411,13 @@ pub enum Answer {
     Participants(Vec<(ClientId, FlowId)>),
     /// The minions known.
     Minions(Vec<MinionView>),
+    /// A flow is cancelled.
+    Cancelled {
+        /// Its task had not been acknowledged: it is marked failed and will not run.
+        before_start: bool,
+        /// Its client was connected and is told to stop it.
+        told: bool,
+    },
 }
 
 /// A hunt as answered: its record and exact figures.
@@ -499,6 +540,8 @@ enum Effect {
     Cursor(String, Cursor),
     /// An audit entry written alone (its change wrote nothing).
     Audit,
+    /// A cancelled flow's record marked failed.
+    FailFlow,
     /// Written by a plant without a task.
     #[cfg(test)]
     Planted,
@@ -517,8 +560,23 @@ struct InFlight {
 #[derive(Debug)]
 enum Then {
     Reply(Token, Asked),
+    /// A cancelled task is withdrawn (if the writes before it are done).
+    Withdraw(Box<Withdrawal>),
     Applied(String, Cursor),
-    HuntOutcome(Token),
+    /// A hunt outcome is recorded (or not): the intake's token, the participant.
+    HuntOutcome(Token, HuntId, ClientId),
+}
+
+/// A cancelled task to withdraw ([`Master::withdraw`]).
+#[derive(Debug)]
+struct Withdrawal {
+    request: Token,
+    client: ClientId,
+    flow: FlowId,
+    /// The hunt whose participant it is.
+    hunt: Option<HuntId>,
+    error: String,
+    told: bool,
 }
 
 #[derive(Debug)]
@@ -528,6 +586,7 @@ enum Asked {
     Collect(Box<NewFlow>),
     CreateHunt(HuntId),
     StopHunt(HuntId),
+    Cancel { before_start: bool, told: bool },
     Hunts,
     Hunt(HuntId),
 }
@@ -699,7 +758,7 @@ impl Master {
             o.rows,
             o.uploaded_bytes,
         );
-        self.finish(Then::HuntOutcome(token));
+        self.finish(Then::HuntOutcome(token, o.hunt.clone(), o.client.clone()));
         self.drain();
     }
 
@@ -728,6 +787,11 @@ impl Master {
             Request::Collect(flow) => self.collect(time, request, by, *flow),
             Request::CreateHunt { id, spec } => self.create_hunt(time, request, by, id, spec),
             Request::StopHunt(id) => self.stop_hunt(time, request, by, &id),
+            Request::Cancel {
+                client,
+                flow,
+                reason,
+            } => self.cancel(time, request, by, client, flow, reason),
             Request::Hunts(one) => self.get_hunts(time, request, one),
             Request::HuntFlows(id) => {
                 let r = match self.hunts.get(&id) {
@@ -847,6 +911,137 @@ impl Master {
         }));
         self.finish(Then::Reply(request, Asked::StopHunt(id.clone())));
         self.drain();
+    }
+
+    /// Cancels a flow: a task not yet acknowledged is withdrawn (its record deleted, the flow's
+    /// record marked failed, a hunt participant counted as an error); a client connected anywhere
+    /// is told to stop it. A started flow of an offline client cannot be reached: refused.
+    fn cancel(
+        &mut self,
+        time: Time,
+        request: Token,
+        by: Analyst,
+        client: ClientId,
+        flow: FlowId,
+        reason: String,
+    ) {
+        self.time = time;
+        let Some(rec) = self.registry.get(&client) else {
+            let e = RequestError::new(ErrorKind::NotFound, format!("no client {client}"));
+            return self.reply(request, Err(e));
+        };
+        let (connected, node) = (rec.connected, rec.node.clone());
+        let pending = self
+            .tasks
+            .pending(&client)
+            .find(|(f, _)| **f == flow)
+            .map(|(_, t)| t.clone());
+        let refuse = |kind, m: String| Err(RequestError::new(kind, m));
+        if self.tasks.is_writing(&client, &flow) {
+            let m = format!("flow {flow} is still being scheduled; try again in a moment");
+            return self.reply(request, refuse(ErrorKind::Unavailable, m));
+        }
+        if pending.is_none() && !connected {
+            let m = format!(
+                "client {client} is offline and flow {flow} already reached it (or never \
+                 existed): a started flow can be cancelled only while its client is connected"
+            );
+            return self.reply(request, refuse(ErrorKind::Precondition, m));
+        }
+        let error = format!("cancelled by {}: {reason}", by.user);
+        self.begin();
+        let detail = format!("{flow} {reason}");
+        self.audit(by, AuditAction::Cancel, client.to_string(), detail);
+        let hunt = pending
+            .as_ref()
+            .and_then(|t| HuntId::parse(&t.hunt_id).ok());
+        let mut pending = pending;
+        if let Some(hunt) = &hunt {
+            // Counted as failed first; the task is withdrawn only once that is durable (a
+            // participant without its outcome keeps its task: see `withdraw`). A task of a hunt
+            // this master does not know (its record was never written) is not withdrawn: its
+            // participant record would be left scheduled without a task.
+            let counted =
+                self.hunts
+                    .handle_outcome(time.now, hunt, &client, FinalState::Error, 0, 0);
+            if counted == OutcomeEffect::NotParticipant {
+                pending = None;
+            }
+        }
+        if connected {
+            let cancel = comms::CancelFlow {
+                flow_id: flow.to_string(),
+                reason: error.clone(),
+            };
+            if node == self.node {
+                let client = client.clone();
+                self.actions
+                    .push_back(MasterAction::CancelHere { client, cancel });
+            } else {
+                let kind = broadcast::Kind::FlowCancelled(pc::FlowCancelled {
+                    client_id: client.to_string(),
+                    cancel: Some(cancel),
+                });
+                self.send_minion(&node, broadcast_message(kind));
+            }
+        }
+        let told = connected;
+        let then = match pending {
+            Some(_) => Then::Withdraw(Box::new(Withdrawal {
+                request,
+                client,
+                flow,
+                hunt,
+                error: format!("{error} (before it started)"),
+                told,
+            })),
+            None => Then::Reply(
+                request,
+                Asked::Cancel {
+                    before_start: false,
+                    told,
+                },
+            ),
+        };
+        self.finish(then);
+        self.drain();
+    }
+
+    /// A cancelled flow's task is withdrawn once its audit entry (and a hunt participant's
+    /// outcome) are durable: sent no more, its record deleted, the flow's record marked failed.
+    /// Answered once those writes ended.
+    fn withdraw(&mut self, w: Withdrawal) {
+        self.begin();
+        let outcome_undone = w.hunt.as_ref().is_some_and(|h| {
+            self.hunts.get(h).is_some_and(|h| {
+                h.participants()
+                    .any(|(c, p)| *c == w.client && *p == Participation::Scheduled)
+            })
+        });
+        if outcome_undone || !self.tasks.handle_acked(&w.client, &w.flow) {
+            // Acknowledged by its agent meanwhile (it was told to stop), or withdrawn by another
+            // cancel: nothing to withdraw here. Or its participant's failed outcome was not
+            // written after all (another cancel's write, refused): it keeps its task.
+            let asked = Asked::Cancel {
+                before_start: false,
+                told: w.told,
+            };
+            return self.finish(Then::Reply(w.request, asked));
+        }
+        let keys = [Key::Flow(w.client.clone(), w.flow.clone())];
+        let token = self.track(Effect::FailFlow, &keys);
+        let fail = MasterAction::FailFlow {
+            token,
+            client: w.client,
+            flow: w.flow,
+            error: w.error,
+        };
+        self.emit(keys.to_vec(), fail);
+        let asked = Asked::Cancel {
+            before_start: true,
+            told: w.told,
+        };
+        self.finish(Then::Reply(w.request, asked));
     }
 
     /// Lists the hunts (`one`: one hunt), answered once what expired by now is recorded: nothing
@@ -1068,6 +1263,18 @@ impl Master {
             Then::Reply(_, Asked::Connected(id) | Asked::Label(id)) => {
                 tokens.extend(self.relabelled.get(id).map(|(t, _)| *t));
             }
+            // The participant's outcome may be in flight for another cancel of the same flow: the
+            // task is withdrawn only once it is durable.
+            Then::Withdraw(w) => {
+                if let Some(h) = &w.hunt {
+                    tokens.extend(self.writes_of(&Key::Participant(h.clone(), w.client.clone())));
+                }
+            }
+            // Likewise a report of an outcome counted already (a cancel's, another node's) is
+            // recorded only once that outcome's write is.
+            Then::HuntOutcome(_, h, c) => {
+                tokens.extend(self.writes_of(&Key::Participant(h.clone(), c.clone())));
+            }
             Then::Reply(_, Asked::Hunts | Asked::Hunt(_)) => tokens.extend(
                 self.in_flight
                     .iter()
@@ -1132,10 +1339,20 @@ impl Master {
                 let result = self.answer(asked, w.worst, &w.why);
                 self.reply(request, result);
             }
+            Then::Withdraw(c) if w.worst == Outcome::Done => self.withdraw(*c),
+            Then::Withdraw(c) => {
+                // Not withdrawn: the task stays pending and runs; the analyst may try again.
+                let asked = Asked::Cancel {
+                    before_start: true,
+                    told: c.told,
+                };
+                let result = self.answer(asked, w.worst, &w.why);
+                self.reply(c.request, result);
+            }
             // Its writes ended (a client record not written is written with its next change; a
             // task delete is retried by the book): the cursor may cover it.
             Then::Applied(node, cursor) => self.inbox.handle_applied(&node, cursor, Outcome::Done),
-            Then::HuntOutcome(token) => {
+            Then::HuntOutcome(token, ..) => {
                 // A participant record not written was undone (`handle_outcome_failed`) and comes
                 // again with the resend.
                 let outcome = if w.worst == Outcome::Done {
@@ -1203,6 +1420,10 @@ impl Master {
                 }
                 answer
             }
+            Asked::Cancel { before_start, told } => match worst {
+                Outcome::Done => Ok(Answer::Cancelled { before_start, told }),
+                _ => unavailable("the cancellation is not recorded"),
+            },
             Asked::StopHunt(id) => match worst {
                 Outcome::Done => self.hunt_view(&id),
                 _ => unavailable("the hunt's stop is not recorded yet"),
@@ -1238,6 +1459,15 @@ impl Master {
             target,
             detail,
         }));
+    }
+
+    /// The writes of `key` in flight (or held).
+    fn writes_of(&self, key: &Key) -> Vec<Token> {
+        self.in_flight
+            .iter()
+            .filter(|(_, f)| f.keys.contains(key))
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     /// Asks for an atomic write (with the pending audit entry, if a change is being handled).
@@ -1354,7 +1584,7 @@ impl Master {
                 }
             }
             Effect::Cursor(node, cursor) => self.inbox.handle_persisted(&node, cursor, outcome),
-            Effect::Hunt | Effect::Audit => {}
+            Effect::Hunt | Effect::Audit | Effect::FailFlow => {}
             #[cfg(test)]
             Effect::Planted => {}
         }

@@ -173,6 +173,14 @@ impl<T: Clone, C> TaskBook<T, C> {
         self.clients.get(client).map_or(0, Vec::len)
     }
 
+    /// Whether the flow's task record is being written (not yet pending).
+    pub fn is_writing(&self, client: &ClientId, flow: &FlowId) -> bool {
+        self.clients.get(client).is_some_and(|es| {
+            es.iter()
+                .any(|e| &e.flow == flow && matches!(e.state, State::Writing(_)))
+        })
+    }
+
     /// Whether the client has a task for this flow (being written, pending, or being deleted).
     pub fn contains(&self, client: &ClientId, flow: &FlowId) -> bool {
         self.clients

@@ -89,7 +89,13 @@ pub fn load_or_create_identity(
 struct OutboxState {
     flows: FlowOutbox<flow_message::Payload, tokio::time::Instant>,
     session: Option<mpsc::Sender<comms::ClientMessage>>,
+    /// Flows an analyst cancelled, with why (the newest [`CANCELLED_REMEMBERED_MAX`]): one running
+    /// stops and reports failed; a task for one not started is acknowledged and not run.
+    cancelled: std::collections::VecDeque<(String, String)>,
 }
+
+/// Cancelled flows the agent remembers (a cancel can arrive before its task).
+pub const CANCELLED_REMEMBERED_MAX: usize = 1024;
 
 impl Default for OutboxState {
     fn default() -> OutboxState {
@@ -100,6 +106,7 @@ impl Default for OutboxState {
                 flows_max: FLOWS_RUNNING_MAX,
             }),
             session: None,
+            cancelled: std::collections::VecDeque::new(),
         }
     }
 }
@@ -195,6 +202,28 @@ fn flow_msg(m: comms::FlowMessage) -> comms::ClientMessage {
 }
 
 impl Outbox {
+    /// Remembers that `flow` is cancelled (the oldest is forgotten beyond
+    /// [`CANCELLED_REMEMBERED_MAX`]).
+    pub fn cancel(&self, flow: &str, reason: &str) {
+        let mut s = self.state.lock().expect("outbox lock");
+        if s.cancelled.iter().any(|(f, _)| f == flow) {
+            return;
+        }
+        if s.cancelled.len() >= CANCELLED_REMEMBERED_MAX {
+            s.cancelled.pop_front();
+        }
+        s.cancelled.push_back((flow.to_owned(), reason.to_owned()));
+    }
+
+    /// Why `flow` was cancelled, if it was.
+    pub fn cancelled(&self, flow: &str) -> Option<String> {
+        let s = self.state.lock().expect("outbox lock");
+        s.cancelled
+            .iter()
+            .find(|(f, _)| f == flow)
+            .map(|(_, why)| why.clone())
+    }
+
     /// An outbox that records service times into `times` (the load generator's measurements).
     pub fn recording(times: Arc<ServiceTimes>) -> Outbox {
         Outbox {
@@ -432,6 +461,11 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
             None => rx.recv().await,
         };
         let Some(p) = next else { break };
+        if let Some(why) = outbox.cancelled(&flow) {
+            // Dropping `rx` stops the artifact at its next output.
+            result = Err(why);
+            break;
+        }
         match p {
             Produced::Out(Output::Row(r)) => {
                 let b = Bytes::from(serde_json::to_vec(&r).expect("JSON objects serialise"));
@@ -494,6 +528,7 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
             }
         }
     }
+    drop(rx); // A cancelled artifact stops at its next output.
     if !batch.is_empty() {
         outbox
             .push(
@@ -759,6 +794,12 @@ impl Agent {
             tokio::select! {
                 m = inbound.message() => match m {
                     Ok(Some(comms::ServerMessage { kind: Some(kind) })) => match kind {
+                        server_message::Kind::Task(t) if self.outbox.cancelled(&t.flow_id).is_some() => {
+                            // Cancelled before it started: acknowledged, never run (the master
+                            // marked it failed).
+                            tracing::info!(flow = %t.flow_id, "task cancelled before it started");
+                            let _ = tx.send(comms::ClientMessage { kind: Some(client_message::Kind::TaskAck(comms::TaskAck { flow_id: t.flow_id.clone() })) }).await;
+                        }
                         server_message::Kind::Task(t) => {
                             let began = self.outbox.begin(&t.flow_id);
                             if let Begin::Full { max } = began {
@@ -770,12 +811,15 @@ impl Agent {
                             if began == Begin::Again {
                                 continue; // Delivered twice: already running or done.
                             }
-                            tracing::debug!(flow = %t.flow_id, artifact = %t.artifact, "task received");
+                            tracing::info!(flow = %t.flow_id, artifact = %t.artifact, "task started");
                             tokio::spawn(run_task(t, self.outbox.clone(), self.clock.clone(), self.inline_artifacts));
                         }
                         server_message::Kind::Ack(a) => self.outbox.ack(&a.flow_id, a.seq, a.settled, self.clock.monotonic()),
                         server_message::Kind::Error(e) => tracing::warn!(flow = %e.flow_id, seq = e.seq, message = %e.message, "server refused a message"),
-                        server_message::Kind::Cancel(c) => tracing::info!(flow = %c.flow_id, reason = %c.reason, "cancel requested"),
+                        server_message::Kind::Cancel(c) => {
+                            tracing::info!(flow = %c.flow_id, reason = %c.reason, "flow cancelled");
+                            self.outbox.cancel(&c.flow_id, &c.reason);
+                        }
                         server_message::Kind::Welcome(_) | server_message::Kind::Pong(_) => {}
                     },
                     Ok(Some(_)) => {}

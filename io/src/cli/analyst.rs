@@ -46,6 +46,30 @@ pub async fn flow(mut a: Api, command: FlowCommand) -> Result<String, String> {
             out,
             force,
         } => download(&mut a, &client_id, &flow_id, upload_id, &out, force).await,
+        FlowCommand::Cancel {
+            client_id,
+            flow_id,
+            reason,
+            json,
+        } => {
+            let r = a.cancel(&client_id, &flow_id, &reason).await?;
+            if json {
+                let v = serde_json::json!({
+                    "client_id": client_id,
+                    "flow_id": flow_id,
+                    "before_start": r.before_start,
+                    "told": r.told,
+                });
+                return Ok(serde_json::to_string_pretty(&v).expect("JSON values serialise"));
+            }
+            Ok(if r.before_start {
+                format!("flow {flow_id} cancelled before it started: it will not run")
+            } else if r.told {
+                format!("flow {flow_id}: its client was told to stop it (see `flow watch`)")
+            } else {
+                format!("flow {flow_id}: cancel recorded; its client is not connected")
+            })
+        }
         FlowCommand::Watch {
             client_id,
             flow_id,

@@ -230,6 +230,22 @@ impl Api {
         }
     }
 
+    /// Cancels a flow.
+    pub async fn cancel(
+        &mut self,
+        client: &str,
+        flow: &str,
+        reason: &str,
+    ) -> Result<api::CancelFlowResponse, String> {
+        let req = api::CancelFlowRequest {
+            client_id: client.into(),
+            flow_id: flow.into(),
+            reason: reason.into(),
+        };
+        let r = self.inner.cancel_flow(req).await.map_err(status)?;
+        Ok(r.into_inner())
+    }
+
     /// A flow's uploads.
     pub async fn list_uploads(
         &mut self,

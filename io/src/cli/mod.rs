@@ -406,6 +406,19 @@ pub enum FlowCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Cancel a flow: one not started never runs; one running is told to stop and reports failed.
+    Cancel {
+        /// The client.
+        client_id: String,
+        /// The flow.
+        flow_id: String,
+        /// Why (shown in the flow's error and the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Follow a flow: its state each time it changes, until it has finished.
     Watch {
         /// The client.

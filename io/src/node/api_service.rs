@@ -3,6 +3,9 @@
 use super::api_reads::{self, PAGE_DEFAULT, PAGE_MAX, Watches, page};
 use super::*;
 
+/// Longest reason a cancel accepts (it is stored in the flow's record and the audit log).
+pub const CANCEL_REASON_BYTES_MAX: usize = 1024;
+
 /// Default and largest page of a client search.
 pub const SEARCH_DEFAULT: u32 = 1000;
 /// See [`SEARCH_DEFAULT`].
@@ -562,6 +565,49 @@ impl api::api_server::Api for ApiService {
         }
         let fs = self.node.filestore.volume().clone();
         Ok(Response::new(api_reads::download(fs, u)))
+    }
+
+    async fn cancel_flow(
+        &self,
+        req: Request<api::CancelFlowRequest>,
+    ) -> Result<Response<api::CancelFlowResponse>, Status> {
+        let user = require_api(&req)?;
+        let r = req.into_inner();
+        let client = ClientId::parse(&r.client_id).map_err(invalid)?;
+        let flow = FlowId::parse(&r.flow_id).map_err(invalid)?;
+        let reason = match r.reason.trim() {
+            "" => "cancelled".to_owned(),
+            why if why.len() > CANCEL_REASON_BYTES_MAX => {
+                return Err(Status::invalid_argument(format!(
+                    "the reason is {} bytes; at most {CANCEL_REASON_BYTES_MAX}",
+                    why.len()
+                )));
+            }
+            why => why.to_owned(),
+        };
+        // Refused at once if there is no such flow (nor a task for it being written).
+        let rec = api_reads::flow_record(&self.node.datastore, &client, &flow).await?;
+        if rec.state.is_final() {
+            return Err(Status::failed_precondition(format!(
+                "flow {flow} has finished already ({})",
+                flow_summary(&rec).state().as_str_name()
+            )));
+        }
+        let req = CoreRequest::Cancel {
+            client,
+            flow,
+            reason,
+        };
+        match self.node.request(&user, req).await? {
+            Answer::Cancelled { before_start, told } => {
+                tracing::info!(client = %r.client_id, flow = %r.flow_id, %user, before_start, told, "flow cancelled");
+                Ok(Response::new(api::CancelFlowResponse {
+                    before_start,
+                    told,
+                }))
+            }
+            a => Err(unexpected(a)),
+        }
     }
 
     type WatchFlowStream = tokio_stream::wrappers::ReceiverStream<Result<api::FlowSummary, Status>>;

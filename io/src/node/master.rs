@@ -157,6 +157,24 @@ impl MasterDriver {
                 batch.groups.push(vec![(task_key(&client, &flow), None)]);
             }
             MasterAction::Push { client, task } => fe.notify_task(&client, task),
+            MasterAction::CancelHere { client, cancel } => {
+                // A cancel that cannot be queued is lost: the flow runs on (the analyst is told
+                // the client was reached; docs/api.md).
+                fe.push(&client, server_message::Kind::Cancel(cancel));
+            }
+            MasterAction::FailFlow {
+                token,
+                client,
+                flow,
+                error,
+            } => {
+                let (ds, now) = (fe.datastore.clone(), fe.time().now);
+                let work = async move {
+                    let r = fail_flow(&ds, &client, &flow, error, now).await;
+                    vec![(token, r)]
+                };
+                fe.spawn_then(work, |results| Msg::Written { results });
+            }
             MasterAction::ToMinion {
                 node,
                 conn,
@@ -216,7 +234,7 @@ impl MasterDriver {
         fe.spawn_then(work, |results| Msg::Written { results });
     }
 
-    /// The core's writes ended.
+    /// The core's writes ended (or a cancelled flow's record was marked failed).
     fn written(&mut self, fe: &Frontend, results: Vec<(Token, Result<(), WriteError>)>) {
         for (token, r) in results {
             let r = r.map_err(|e| {
@@ -405,4 +423,30 @@ impl RoleDriver for MasterDriver {
     fn handle_timeout(&mut self, fe: &mut Frontend) {
         self.core.handle_timeout(fe.time());
     }
+}
+
+/// Marks a cancelled flow's record failed with `error` (finished `now`), unless it is final
+/// already: its agent finished it first.
+async fn fail_flow(
+    ds: &Meta,
+    client: &ClientId,
+    flow: &FlowId,
+    error: String,
+    now: Timestamp,
+) -> Result<(), WriteError> {
+    let key = paths::flow_record(client, flow);
+    let refused = |message: String| WriteError {
+        outcome: Outcome::Refused,
+        message,
+    };
+    let mut rec = match load_json::<FlowJson>(ds, &key).await {
+        Ok(Some(r)) if !r.state.is_final() => r,
+        Ok(_) => return Ok(()), // Final already, or no record (nothing to show).
+        Err(e) => return Err(refused(format!("{key}: {e}"))),
+    };
+    rec.state = FlowRecordState::Error;
+    rec.error = error;
+    rec.finished_ms = now.as_ms();
+    let bytes = Bytes::from(serde_json::to_vec(&rec).expect("a record serialises"));
+    ds.set(&key, bytes).await.map(drop)
 }

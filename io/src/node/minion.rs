@@ -115,6 +115,12 @@ impl MinionDriver {
                         fe.notify_task(&id, task);
                     }
                 }
+                Some(broadcast::Kind::FlowCancelled(c)) => {
+                    if let (Ok(id), Some(cancel)) = (ClientId::parse(&c.client_id), c.cancel) {
+                        // Not connected here any more: lost, the flow runs on (docs/api.md).
+                        fe.push(&id, server_message::Kind::Cancel(cancel));
+                    }
+                }
                 Some(broadcast::Kind::DatastoreChanged(d)) => {
                     if let Meta::Remote(r) = &fe.datastore {
                         r.invalidate(&d.key);

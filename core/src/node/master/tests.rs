@@ -56,6 +56,8 @@ enum Step {
     Roam(u8),
     /// Client n acknowledges (and completes) the oldest task it received.
     Ack(u8),
+    /// An analyst cancels client n's newest flow.
+    Cancel(u8),
     /// A write in flight ends (the n-th, modulo how many: the store ends them in any order).
     Complete(Ending, usize),
     /// The minion sends its unacknowledged events again (its stream comes up first if down).
@@ -75,6 +77,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0..CLIENTS).prop_map(Step::Connect),
         2 => (0..CLIENTS).prop_map(Step::Roam),
         3 => (0..CLIENTS).prop_map(Step::Ack),
+        1 => (0..CLIENTS).prop_map(Step::Cancel),
         8 => (ending(6, 2, 1), 0usize..4).prop_map(|(e, n)| Step::Complete(e, n)),
         2 => Just(Step::Resend),
         1 => any::<bool>().prop_map(Step::Busy),
@@ -90,12 +93,14 @@ enum Asked {
     Label(ClientId, bool),
     Collect(ClientId, FlowId),
     Hunt(HuntId),
+    Cancel(ClientId, FlowId),
 }
 
 #[derive(Clone, Debug)]
 enum Op {
     Write(Token, Vec<Item>),
     Delete(Token, ClientId, FlowId),
+    Fail(Token, ClientId, FlowId),
 }
 
 impl Op {
@@ -103,6 +108,7 @@ impl Op {
         match self {
             Op::Write(_, items) => items.iter().map(Item::key).collect(),
             Op::Delete(_, c, f) => vec![Key::Task(c.clone(), f.clone())],
+            Op::Fail(_, c, f) => vec![Key::Flow(c.clone(), f.clone())],
         }
     }
 }
@@ -118,6 +124,8 @@ struct Store {
     cursor: Option<Cursor>,
     /// Audit entries by id.
     audit: BTreeMap<u64, AuditEntry>,
+    /// Flow records marked failed (cancelled before they started).
+    failed: BTreeSet<(ClientId, FlowId)>,
 }
 
 impl Store {
@@ -154,6 +162,9 @@ impl Store {
             }
             Op::Delete(_, c, f) => {
                 self.tasks.remove(&(c.clone(), f.clone()));
+            }
+            Op::Fail(_, c, f) => {
+                self.failed.insert((c.clone(), f.clone()));
             }
         }
     }
@@ -276,6 +287,13 @@ impl World {
                     client,
                     flow,
                 } => self.start(Op::Delete(token, client, flow))?,
+                MasterAction::FailFlow {
+                    token,
+                    client,
+                    flow,
+                    ..
+                } => self.start(Op::Fail(token, client, flow))?,
+                MasterAction::CancelHere { .. } => {}
                 MasterAction::Push { client, task } => {
                     if self.here.contains(&client) {
                         self.receive(&client, task);
@@ -288,8 +306,8 @@ impl World {
                 }
                 MasterAction::Complete { .. } => return Err("no completions here".into()),
                 MasterAction::Reply { request, result } => {
-                    if let (Some(asked), Ok(_)) = (self.requests.remove(&request), &result) {
-                        self.check_answer(request, &asked)?;
+                    if let (Some(asked), Ok(answer)) = (self.requests.remove(&request), &result) {
+                        self.check_answer(request, &asked, answer)?;
                         if let Asked::Connect(c) = asked {
                             self.here.insert(c);
                         }
@@ -358,7 +376,7 @@ impl World {
     }
 
     /// A request answered with success is durable, and a change's audit entry with it.
-    fn check_answer(&self, request: Token, asked: &Asked) -> Result<(), String> {
+    fn check_answer(&self, request: Token, asked: &Asked, answer: &Answer) -> Result<(), String> {
         let s = &self.store;
         let audited = |action: AuditAction, target: String| {
             s.audit
@@ -371,6 +389,7 @@ impl World {
             Asked::Label(c, false) => audited(AuditAction::LabelRemove, c.to_string()),
             Asked::Collect(c, _) => audited(AuditAction::Collect, c.to_string()),
             Asked::Hunt(h) => audited(AuditAction::HuntCreate, h.to_string()),
+            Asked::Cancel(c, _) => audited(AuditAction::Cancel, c.to_string()),
         };
         if !entry {
             return Err(format!(
@@ -388,6 +407,16 @@ impl World {
                 s.flows.contains(&key) && (s.tasks.contains_key(&key) || self.acked.contains(&key))
             }
             Asked::Hunt(h) => s.hunts.contains_key(h),
+            // Withdrawn before it started: failed on storage, its task gone.
+            Asked::Cancel(c, f) => match answer {
+                Answer::Cancelled {
+                    before_start: true, ..
+                } => {
+                    let key = (c.clone(), f.clone());
+                    s.failed.contains(&key) && !s.tasks.contains_key(&key)
+                }
+                _ => true,
+            },
         };
         if ok {
             Ok(())
@@ -541,6 +570,29 @@ impl World {
                     }
                 }
             }
+            Step::Cancel(i) => {
+                // Its newest flow: one still on storage as a task, else the last it received.
+                let c = client(i);
+                let on_storage = self.store.tasks.keys().rfind(|(cc, _)| *cc == c);
+                let received = self.received.get(&c).and_then(|r| r.last());
+                let flow = match (on_storage, received) {
+                    (Some((_, f)), _) => Some(f.clone()),
+                    (None, Some(t)) => FlowId::parse(&t.flow_id).ok(),
+                    (None, None) => None,
+                };
+                if let Some(flow) = flow {
+                    let request = Token(self.id());
+                    self.requests
+                        .insert(request, Asked::Cancel(c.clone(), flow.clone()));
+                    let req = Request::Cancel {
+                        client: c,
+                        flow,
+                        reason: "test".into(),
+                    };
+                    self.master
+                        .handle_request(t, request, analyst(request), req);
+                }
+            }
             Step::Complete(ending, n) => {
                 let n = n % self.in_flight.len().max(1);
                 if let Some(op) = self.in_flight.remove(n) {
@@ -549,7 +601,7 @@ impl World {
                         self.store.land(&op);
                     }
                     let token = match op {
-                        Op::Write(t, _) | Op::Delete(t, _, _) => t,
+                        Op::Write(t, _) | Op::Delete(t, _, _) | Op::Fail(t, _, _) => t,
                     };
                     let r = match outcome {
                         Outcome::Done => Ok(()),
