@@ -45,7 +45,16 @@ pub async fn flow(mut a: Api, command: FlowCommand) -> Result<String, String> {
             upload_id,
             out,
             force,
-        } => download(&mut a, &client_id, &flow_id, upload_id, &out, force).await,
+            json,
+        } => {
+            let n = download(&mut a, &client_id, &flow_id, upload_id, &out, force).await?;
+            Ok(if json {
+                let v = serde_json::json!({"path": out, "bytes": n});
+                serde_json::to_string_pretty(&v).expect("JSON values serialise")
+            } else {
+                format!("{n} bytes written to {}", out.display())
+            })
+        }
         FlowCommand::Cancel {
             client_id,
             flow_id,
@@ -193,7 +202,7 @@ async fn download(
     upload_id: u32,
     out: &Path,
     force: bool,
-) -> Result<String, String> {
+) -> Result<u64, String> {
     if out.exists() && !force {
         return Err(format!(
             "{} exists; pass --force to overwrite it",
@@ -222,7 +231,7 @@ async fn download(
     };
     std::fs::rename(&scratch, out)
         .map_err(|e| format!("cannot move {} into place: {e}", scratch.display()))?;
-    Ok(format!("{n} bytes written to {}", out.display()))
+    Ok(n)
 }
 
 fn flow_progress(f: &api::FlowSummary) -> String {

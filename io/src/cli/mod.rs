@@ -227,6 +227,9 @@ pub enum LabelCommand {
         client_id: String,
         /// The label.
         label: String,
+        /// Print the client as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a label from a client.
     Remove {
@@ -234,6 +237,9 @@ pub enum LabelCommand {
         client_id: String,
         /// The label.
         label: String,
+        /// Print the client as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -405,6 +411,9 @@ pub enum FlowCommand {
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Cancel a flow: one not started never runs; one running is told to stop and reports failed.
     Cancel {
@@ -461,12 +470,18 @@ pub enum ConfigCommand {
         /// accepts it) or ed25519.
         #[arg(long, default_value = "ecdsa-p256")]
         key_type: pki::KeyType,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Derive the multi-frontend config in place: add minions, and rewrite client.config.yaml beside it.
     Frontend {
         /// A minion's HOST:PORT; repeat for several.
         #[arg(long, required = true, value_name = "HOST:PORT")]
         add: Vec<String>,
+        /// Print what changed as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Rotate the deployment CA in two steps (docs/security.md): without --finish a new CA starts
     /// signing and the old one stays trusted; with --finish the frontend certificate is reissued by
@@ -479,6 +494,9 @@ pub enum ConfigCommand {
         /// TLS stack accepts it) or ed25519 (what deployments made before were given).
         #[arg(long, default_value = "ecdsa-p256", conflicts_with = "finish")]
         key_type: pki::KeyType,
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Issue an API user's certificate and write its config.
     #[command(alias = "api_client")]
@@ -492,6 +510,9 @@ pub enum ConfigCommand {
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -879,15 +900,27 @@ async fn run_async(
         }
         Command::Label { command } => {
             init_logging("warn");
-            let (client, label, remove) = match command {
-                LabelCommand::Add { client_id, label } => (client_id, label, false),
-                LabelCommand::Remove { client_id, label } => (client_id, label, true),
+            let (client, label, remove, json) = match command {
+                LabelCommand::Add {
+                    client_id,
+                    label,
+                    json,
+                } => (client_id, label, false, json),
+                LabelCommand::Remove {
+                    client_id,
+                    label,
+                    json,
+                } => (client_id, label, true, json),
             };
             let c = api(api_config.as_deref())
                 .await?
                 .label(&client, &label, remove)
                 .await?;
-            Ok(format!("{} labels: [{}]", c.client_id, c.labels.join(",")))
+            Ok(if json {
+                serde_json::to_string_pretty(&client_json(&c)).expect("JSON")
+            } else {
+                format!("{} labels: [{}]", c.client_id, c.labels.join(","))
+            })
         }
         Command::Collect {
             client_id,
@@ -1110,6 +1143,7 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
             out_dir,
             force,
             key_type,
+            json,
         } => {
             let server = out_dir.join("server.config.yaml");
             let client = out_dir.join("client.config.yaml");
@@ -1129,13 +1163,20 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
                 .map_err(|e| e.to_string())?;
             config::write_yaml(&server, &c).map_err(|e| e.to_string())?;
             config::write_yaml(&client, &c.client_config()).map_err(|e| e.to_string())?;
+            if json {
+                return Ok(json_out(serde_json::json!({
+                    "server_config": server,
+                    "client_config": client,
+                    "key_type": key_type.to_string(),
+                })));
+            }
             Ok(format!(
                 "wrote {} (keep it private: it holds the CA key) and {}",
                 server.display(),
                 client.display()
             ))
         }
-        ConfigCommand::Frontend { add } => {
+        ConfigCommand::Frontend { add, json } => {
             let path = need_config(config_path)?;
             let mut c = ServerConfig::load(path).map_err(|e| e.to_string())?;
             let adds = add
@@ -1147,6 +1188,15 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
             config::write_yaml(path, &c).map_err(|e| e.to_string())?;
             let client = path.with_file_name("client.config.yaml");
             config::write_yaml(&client, &c.client_config()).map_err(|e| e.to_string())?;
+            if json {
+                return Ok(json_out(serde_json::json!({
+                    "added": change.added,
+                    "already_present": change.already_present,
+                    "server_config": path,
+                    "client_config": client,
+                    "frontends": c.client.server_urls.len(),
+                })));
+            }
             let mut out = String::new();
             for n in &change.added {
                 out.push_str(&format!("added minion {n} (its node name)\n"));
@@ -1162,7 +1212,11 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
             ));
             Ok(out)
         }
-        ConfigCommand::RotateCa { finish, key_type } => {
+        ConfigCommand::RotateCa {
+            finish,
+            key_type,
+            json,
+        } => {
             let path = need_config(config_path)?;
             let mut c = ServerConfig::load(path).map_err(|e| e.to_string())?;
             let step = if finish {
@@ -1175,6 +1229,13 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
             config::write_yaml(path, &c).map_err(|e| e.to_string())?;
             let client = path.with_file_name("client.config.yaml");
             config::write_yaml(&client, &c.client_config()).map_err(|e| e.to_string())?;
+            if json {
+                return Ok(json_out(serde_json::json!({
+                    "step": if finish { "finished" } else { "begun" },
+                    "server_config": path,
+                    "client_config": client,
+                })));
+            }
             Ok(if finish {
                 format!(
                     "rotation finished: the frontend certificate is reissued by the new CA and the old \
@@ -1194,12 +1255,24 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
                 )
             })
         }
-        ConfigCommand::ApiClient { name, out, force } => {
+        ConfigCommand::ApiClient {
+            name,
+            out,
+            force,
+            json,
+        } => {
             let path = need_config(config_path)?;
             refuse_overwrite(&out, force)?;
             let c = ServerConfig::load(path).map_err(|e| e.to_string())?;
             let api = config::api_client(&c, &name, &SystemClock)?;
             config::write_yaml(&out, &api).map_err(|e| e.to_string())?;
+            if json {
+                return Ok(json_out(serde_json::json!({
+                    "api_config": out,
+                    "user": name,
+                    "api_connection_string": api.api_connection_string,
+                })));
+            }
             Ok(format!(
                 "wrote {} for API user {name:?} (connects to {})",
                 out.display(),
@@ -1207,6 +1280,11 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
             ))
         }
     }
+}
+
+/// A JSON value as printed by `--json`.
+fn json_out(v: serde_json::Value) -> String {
+    serde_json::to_string_pretty(&v).expect("JSON values serialise")
 }
 
 fn kind_detail(kind: ParamKind) -> String {
