@@ -356,6 +356,31 @@ fn hunt_text(h: &talon_proto::api::HuntSummary) -> String {
     )
 }
 
+/// `hunt list` as text: newest first, one row per hunt under a header.
+fn hunts_table(hs: &[talon_proto::api::HuntSummary]) -> String {
+    use crate::cli::api_client::{hunt_state_name, rfc3339};
+    let mut out = vec![format!(
+        "{:<20}  {:<18} {:<32} {:<8} {:>9} {:>9} {:>6} {:>9}  DESCRIPTION",
+        "CREATED (UTC)", "HUNT", "ARTIFACT", "STATE", "SCHEDULED", "COMPLETED", "ERRORS", "ROWS"
+    )];
+    out.extend(hs.iter().map(|h| {
+        let s = h.stats.unwrap_or_default();
+        format!(
+            "{:<20}  {:<18} {:<32} {:<8} {:>9} {:>9} {:>6} {:>9}  {}",
+            rfc3339(h.created_unix_ms),
+            h.hunt_id,
+            h.artifact,
+            hunt_state_name(h.state),
+            s.scheduled,
+            s.completed,
+            s.errors,
+            s.rows,
+            crate::text::printable(&h.description)
+        )
+    }));
+    out.join("\n")
+}
+
 /// `talon flow ...`
 #[derive(Debug, Subcommand)]
 pub enum FlowCommand {
@@ -880,16 +905,26 @@ async fn run_async(
                     // Host facts come from the agent: shown escaped, never as terminal input.
                     use crate::text::printable as p;
                     format!(
-                        "{}  {:<24} {:<8} {:<10} {} [{}]",
+                        "{:<18}  {:<24} {:<8} {:<10} {:<20}  {:<24} {}",
                         p(&c.client_id),
                         p(&c.hostname),
                         p(&c.os),
                         state,
+                        crate::cli::api_client::rfc3339(c.last_seen_unix_ms),
                         p(&c.node),
                         p(&c.labels.join(","))
                     )
                 })
                 .collect();
+            if !out.is_empty() {
+                out.insert(
+                    0,
+                    format!(
+                        "{:<18}  {:<24} {:<8} {:<10} {:<20}  {:<24} LABELS",
+                        "CLIENT", "HOSTNAME", "OS", "STATE", "LAST SEEN (UTC)", "NODE"
+                    ),
+                );
+            }
             if r.truncated {
                 out.push("(more matched; narrow the query)".into());
             }
@@ -1045,7 +1080,7 @@ async fn run_async(
                     } else if hs.is_empty() {
                         "no hunts".into()
                     } else {
-                        hs.iter().map(hunt_text).collect::<Vec<_>>().join("\n")
+                        hunts_table(&hs)
                     })
                 }
                 HuntCommand::Show { hunt_id, json } => {
