@@ -20,6 +20,23 @@ pub const SEARCH_PAGE: u32 = 10_000;
 /// Items asked for per call of the other list calls (the server's most).
 pub const LIST_PAGE: u32 = 1000;
 
+/// Every item of a paged list call: `page(offset)` answers one page and how many items there are.
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, String>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, u64), String>>,
+{
+    let mut all = Vec::new();
+    loop {
+        let (items, total) = page(all.len() as u32).await?;
+        let got = items.len();
+        all.extend(items);
+        if got == 0 || all.len() as u64 >= total {
+            return Ok(all);
+        }
+    }
+}
+
 fn status(e: tonic::Status) -> String {
     // A transport failure's reason (a refused certificate, a closed connection) is in its source.
     let why = match std::error::Error::source(&e) {
@@ -209,25 +226,20 @@ impl Api {
 
     /// A client's flows, newest first (every page).
     pub async fn list_flows(&mut self, client: &str) -> Result<Vec<api::FlowSummary>, String> {
-        let mut all = Vec::new();
-        loop {
-            let req = api::ListFlowsRequest {
-                client_id: client.into(),
-                offset: all.len() as u32,
-                limit: LIST_PAGE,
-            };
-            let r = self
-                .inner
-                .list_flows(req)
-                .await
-                .map_err(status)?
-                .into_inner();
-            let (got, total) = (r.flows.len(), r.total);
-            all.extend(r.flows);
-            if got == 0 || all.len() as u64 >= total {
-                return Ok(all);
+        let c = self.inner.clone();
+        all_pages(|offset| {
+            let (mut c, client_id) = (c.clone(), client.to_owned());
+            async move {
+                let req = api::ListFlowsRequest {
+                    client_id,
+                    offset,
+                    limit: LIST_PAGE,
+                };
+                let r = c.list_flows(req).await.map_err(status)?.into_inner();
+                Ok((r.flows, r.total))
             }
-        }
+        })
+        .await
     }
 
     /// Cancels a flow.
@@ -293,24 +305,19 @@ impl Api {
 
     /// The audit log, newest first (every page).
     pub async fn audit(&mut self) -> Result<Vec<api::AuditEntry>, String> {
-        let mut all = Vec::new();
-        loop {
-            let req = api::ListAuditRequest {
-                offset: all.len() as u32,
-                limit: LIST_PAGE,
-            };
-            let r = self
-                .inner
-                .list_audit(req)
-                .await
-                .map_err(status)?
-                .into_inner();
-            let (got, total) = (r.entries.len(), r.total);
-            all.extend(r.entries);
-            if got == 0 || all.len() as u64 >= total {
-                return Ok(all);
+        let c = self.inner.clone();
+        all_pages(|offset| {
+            let mut c = c.clone();
+            async move {
+                let req = api::ListAuditRequest {
+                    offset,
+                    limit: LIST_PAGE,
+                };
+                let r = c.list_audit(req).await.map_err(status)?.into_inner();
+                Ok((r.entries, r.total))
             }
-        }
+        })
+        .await
     }
 
     /// Calls `each` with every result row of a flow as its page arrives (memory: one page, however
@@ -432,24 +439,19 @@ impl Api {
 
     /// Every hunt, newest first.
     pub async fn list_hunts(&mut self) -> Result<Vec<api::HuntSummary>, String> {
-        let mut all = Vec::new();
-        loop {
-            let req = api::ListHuntsRequest {
-                offset: all.len() as u32,
-                limit: LIST_PAGE,
-            };
-            let r = self
-                .inner
-                .list_hunts(req)
-                .await
-                .map_err(status)?
-                .into_inner();
-            let (got, total) = (r.hunts.len(), r.total);
-            all.extend(r.hunts);
-            if got == 0 || all.len() as u64 >= total {
-                return Ok(all);
+        let c = self.inner.clone();
+        all_pages(|offset| {
+            let mut c = c.clone();
+            async move {
+                let req = api::ListHuntsRequest {
+                    offset,
+                    limit: LIST_PAGE,
+                };
+                let r = c.list_hunts(req).await.map_err(status)?.into_inner();
+                Ok((r.hunts, r.total))
             }
-        }
+        })
+        .await
     }
 
     /// One hunt.
