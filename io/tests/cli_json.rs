@@ -186,3 +186,61 @@ fn every_command_that_prints_has_json_output_that_parses() {
         .collect();
     assert_eq!(ran, expected, "every command with --json is run here");
 }
+
+/// `--log-format json`: every line a node and an agent log is one JSON object with a level and
+/// its fields; the agent says which frontend it connected to.
+#[test]
+fn logs_are_json_lines_when_asked() {
+    let d = Deployment::new();
+    let _master = d.start_frontend(
+        "master",
+        &["--local-dir", &d.s("local"), "--log-format", "json"],
+    );
+    d.wait_until("the API answers", || {
+        run(&["--api-config", &d.s("api.yaml"), "clients", "search", "all"])
+            .status
+            .success()
+    });
+    let _client = Proc(
+        talon()
+            .args([
+                "--log-format",
+                "json",
+                "-c",
+                &d.s("client.config.yaml"),
+                "client",
+            ])
+            .args(["--writeback", &d.s("c1.wb.yaml")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(d.path("c1.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    d.wait_until("the agent logs its connection", || {
+        std::fs::read_to_string(d.path("c1.log")).is_ok_and(|l| l.contains("connected"))
+    });
+    for name in ["master.log", "c1.log"] {
+        let log = std::fs::read_to_string(d.path(name)).unwrap();
+        assert!(!log.is_empty(), "{name} is empty");
+        for l in log.lines() {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{name}: a line that is not JSON ({e}): {l}"));
+            assert!(
+                v["level"].is_string() && v["fields"].is_object(),
+                "{name}: {l}"
+            );
+        }
+    }
+    let log = std::fs::read_to_string(d.path("c1.log")).unwrap();
+    let connected = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["fields"]["message"] == "connected")
+        .expect("a connected line");
+    assert!(
+        connected["fields"]["frontend"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("127.0.0.1:")),
+        "{connected}"
+    );
+}

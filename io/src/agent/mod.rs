@@ -779,7 +779,7 @@ impl Agent {
             }) => w,
             other => return Err(format!("expected a Welcome, got {other:?}")),
         };
-        tracing::debug!(client = %self.id, node = %welcome.node, "connected");
+        tracing::info!(client = %self.id, node = %welcome.node, frontend = %format_args!("{host}:{port}"), "connected");
         let _counted = self.outbox.times.as_deref().map(Connected::new);
         self.outbox
             .attach(

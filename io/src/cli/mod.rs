@@ -24,10 +24,26 @@ pub struct Cli {
     /// The API client config file (from `talon config api-client`).
     #[arg(long, alias = "api_config", global = true, value_name = "FILE")]
     pub api_config: Option<PathBuf>,
+    /// How log lines (on stderr) are written: text (coloured only on a terminal) or json (one
+    /// object per line, for log shippers).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The form of log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`).
+    Json,
+}
+
+/// The form chosen on the command line, for [`init_logging`].
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
@@ -612,6 +628,7 @@ pub const EXIT_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(
 
 /// Runs one command; returns what to print.
 pub fn run(cli: Cli) -> Result<String, String> {
+    let _ = LOG_FORMAT.set(cli.log_format);
     match cli.command {
         Command::Artifacts {
             command: ArtifactsCommand::List { json },
@@ -642,11 +659,15 @@ fn init_logging(default: &str) {
     // Colours only on a terminal: a log file or journald gets plain text, so the only escape
     // sequences a reader could meet are ones an agent sent, and those are escaped.
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text) {
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (not when first
