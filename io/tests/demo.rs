@@ -84,6 +84,14 @@ fn demo_hunts_every_client_and_stops_on_ctrl_c() {
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     assert!(guard.0.wait().unwrap().success(), "{rest:?}");
     assert!(rest.iter().any(|l| l == "demo stopped"), "{rest:?}");
+    // Stopping is quiet: minions stop before the master, so no replication link reports the
+    // other side gone.
+    let noisy: Vec<String> = stderr()
+        .lines()
+        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains("replicat"))
+        .map(str::to_owned)
+        .collect();
+    assert!(noisy.is_empty(), "the demo's stop logged: {noisy:#?}");
     assert!(
         !std::path::Path::new(&dir).exists(),
         "the demo removes its directory"

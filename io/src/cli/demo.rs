@@ -90,7 +90,10 @@ async fn run_in(
         .map_err(|e| e.to_string())?;
     say(&format!("talon demo: deployment in {}", dir.display()));
 
+    // Minions stop first, then the master: stopped the other way round, each minion's replication
+    // link would report the master gone while it shuts down.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_minions, _) = tokio::sync::watch::channel(false);
     let (up_tx, up_rx) = tokio::sync::oneshot::channel();
     let master = tokio::spawn(crate::node::server::run_master(
         env.clone(),
@@ -113,7 +116,7 @@ async fn run_in(
     let mut nodes = Vec::new();
     for x in &cfg.extra_frontends {
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
-        let mut stop = stop_tx.subscribe();
+        let mut stop = stop_minions.subscribe();
         let name = x.node_name();
         nodes.push(tokio::spawn(crate::node::server::run_minion(
             env.clone(),
@@ -251,10 +254,11 @@ async fn run_in(
     shutdown.await;
     say("stopping ...");
     pool.abort();
-    let _ = stop_tx.send(true);
+    let _ = stop_minions.send(true);
     for n in nodes {
         n.await.map_err(|e| e.to_string())??;
     }
+    let _ = stop_tx.send(true);
     master.await.map_err(|e| e.to_string())??;
     Ok("demo stopped".into())
 }

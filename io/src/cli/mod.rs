@@ -758,13 +758,14 @@ async fn run_async(
             // One descriptor per client connection, plus files and the volume's.
             let wanted = 2 * cfg.frontend.resources.expected_clients + 4096;
             match crate::env::raise_fd_limit(wanted) {
-                Ok(n) if n < wanted => {
-                    tracing::warn!(
-                        limit = n,
-                        wanted,
-                        "the open-file limit is below what expected_clients needs"
-                    )
-                }
+                Ok(n) if n < wanted => tracing::warn!(
+                    limit = n,
+                    wanted,
+                    "the open-file limit ({n}) is below what Frontend.resources.expected_clients \
+                     needs ({wanted}): clients beyond it are refused. Raise the hard limit to at \
+                     least {wanted} (systemd: LimitNOFILE={wanted}; a shell: ulimit -Hn {wanted}; \
+                     /etc/security/limits.conf: nofile) or lower expected_clients"
+                ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
             }

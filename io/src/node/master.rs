@@ -345,7 +345,7 @@ impl RoleDriver for MasterDriver {
             Msg::MinionDown { node, conn } => {
                 if self.core.handle_minion_down(&node, conn) {
                     self.minions.remove(&node);
-                    tracing::warn!(minion = %node, "minion's replication stream closed");
+                    tracing::info!(minion = %node, "minion's replication stream closed (it resynchronises when it reconnects; `cluster status` shows it down meanwhile)");
                 }
             }
             Msg::MinionEvents { node, conn, batch } => {
