@@ -39,39 +39,31 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     }
 }
 
-/// A string value as one CSV field (RFC 4180 quoting). Unless `raw`: a value a spreadsheet would
-/// run as a formula (starting with `=`, `+`, `-`, `@`, tab or carriage return) is prefixed with `'`
-/// and quoted, and control characters other than tab and line breaks are escaped as in
+/// A string value made safe for a CSV cell (the `csv` crate quotes it). Unless `raw`: a value a
+/// spreadsheet would run as a formula (starting with `=`, `+`, `-`, `@`, tab or carriage return)
+/// is prefixed with `'`, and control characters other than tab and line breaks are escaped as in
 /// [`Printable`]. `raw` keeps the value exact (for programs, not spreadsheets).
-pub fn csv_field(v: &str, raw: bool) -> String {
-    let (v, formula) = if raw {
-        (Cow::Borrowed(v), false)
-    } else {
-        let formula = v.starts_with(['=', '+', '-', '@', '\t', '\r']);
-        let escaped: Cow<str> = if v
-            .chars()
-            .any(|c| needs_escape(c) && !matches!(c, '\t' | '\n' | '\r'))
-        {
-            let mut s = String::with_capacity(v.len());
-            for c in v.chars() {
-                if needs_escape(c) && !matches!(c, '\t' | '\n' | '\r') {
-                    s.push_str(&format!("\\u{{{:x}}}", c as u32));
-                } else {
-                    s.push(c);
-                }
-            }
-            Cow::Owned(s)
-        } else {
-            Cow::Borrowed(v)
-        };
-        (escaped, formula)
-    };
-    let prefix = if formula { "'" } else { "" };
-    if formula || v.contains([',', '"', '\n', '\r']) {
-        format!("\"{prefix}{}\"", v.replace('"', "\"\""))
-    } else {
-        v.into_owned()
+pub fn csv_value(v: &str, raw: bool) -> Cow<'_, str> {
+    if raw {
+        return Cow::Borrowed(v);
     }
+    let formula = v.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let escape = |c: char| needs_escape(c) && !matches!(c, '\t' | '\n' | '\r');
+    if !formula && !v.chars().any(escape) {
+        return Cow::Borrowed(v);
+    }
+    let mut s = String::with_capacity(v.len() + 1);
+    if formula {
+        s.push('\'');
+    }
+    for c in v.chars() {
+        if escape(c) {
+            s.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            s.push(c);
+        }
+    }
+    Cow::Owned(s)
 }
 
 #[cfg(test)]
@@ -96,24 +88,19 @@ mod tests {
     #[test]
     fn csv_neutralises_formulas_unless_raw() {
         for (v, want) in [
-            (
-                "=HYPERLINK(\"http://x\")",
-                "\"'=HYPERLINK(\"\"http://x\"\")\"",
-            ),
-            ("+cmd|' /C calc'!A0", "\"'+cmd|' /C calc'!A0\""),
-            ("@SUM(1+1)", "\"'@SUM(1+1)\""),
-            ("-2+3", "\"'-2+3\""),
-            ("\t=1", "\"'\t=1\""),
+            ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+            ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+            ("@SUM(1+1)", "'@SUM(1+1)"),
+            ("-2+3", "'-2+3"),
+            ("\t=1", "'\t=1"),
             ("a=b", "a=b"),
-            ("x,y", "\"x,y\""),
-            ("say \"hi\"", "\"say \"\"hi\"\"\""),
+            ("x,y", "x,y"),
             ("bell\u{7}", "bell\\u{7}"),
-            ("two\nlines", "\"two\nlines\""),
+            ("two\nlines", "two\nlines"),
         ] {
-            assert_eq!(csv_field(v, false), want, "{v:?}");
+            assert_eq!(csv_value(v, false), want, "{v:?}");
         }
-        assert_eq!(csv_field("=1+1", true), "=1+1");
-        assert_eq!(csv_field("bell\u{7}", true), "bell\u{7}");
-        assert_eq!(csv_field("x,y", true), "\"x,y\"");
+        assert_eq!(csv_value("=1+1", true), "=1+1");
+        assert_eq!(csv_value("bell\u{7}", true), "bell\u{7}");
     }
 }

@@ -2,6 +2,8 @@
 
 use crate::deploy::config::{ApiClientConfig, read_yaml};
 use crate::net::tls;
+use crate::text::csv_value;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -568,9 +570,9 @@ pub fn parse_duration_s(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(bad)
 }
 
-/// Writes rows as CSV: `client_id,flow_id,` then the given columns (a row's other keys are not
-/// shown), strings through [`crate::text::csv_field`] (formulas neutralised unless `raw`),
-/// other values as JSON.
+/// Writes rows as CSV (through the `csv` crate): `client_id,flow_id,` then the given columns (a
+/// row's other keys are not shown), strings through [`crate::text::csv_value`] (formulas
+/// neutralised unless `raw`), other values as JSON.
 pub struct Csv {
     keys: Vec<String>,
     raw: bool,
@@ -585,34 +587,42 @@ impl Csv {
         Csv { keys, raw }
     }
 
+    /// One record as a line (no line break).
+    fn line<'a>(&self, fields: impl IntoIterator<Item = Cow<'a, str>>) -> String {
+        let mut w = csv::WriterBuilder::new()
+            .buffer_capacity(1024)
+            .from_writer(Vec::new());
+        let fields: Vec<Cow<'a, str>> = fields.into_iter().collect();
+        // Into memory: neither can fail.
+        w.write_record(fields.iter().map(|f| f.as_bytes()))
+            .expect("a CSV record is written to memory");
+        let mut bytes = w.into_inner().expect("a CSV record is written to memory");
+        bytes.pop(); // The record's terminator.
+        String::from_utf8(bytes).expect("UTF-8 fields make a UTF-8 line")
+    }
+
     /// The header line (no line break).
     pub fn header(&self) -> String {
-        let mut out = String::from("client_id,flow_id");
-        for k in &self.keys {
-            out.push(',');
-            out.push_str(&crate::text::csv_field(k, self.raw));
-        }
-        out
+        let names = ["client_id", "flow_id"].into_iter().map(Cow::Borrowed);
+        let keys = self.keys.iter().map(|k| csv_value(k, self.raw));
+        self.line(names.chain(keys))
     }
 
     /// One row's line (no line break); false in the second place if the row has keys that are not
     /// columns.
     pub fn row(&self, client: &str, flow: &str, r: &serde_json::Value) -> (String, bool) {
-        let f = |v: &str| crate::text::csv_field(v, self.raw);
-        let mut out = format!("{},{}", f(client), f(flow));
-        for k in &self.keys {
-            out.push(',');
-            match r.get(k) {
-                None | Some(serde_json::Value::Null) => {}
-                Some(serde_json::Value::String(s)) => out.push_str(&f(s)),
-                // Numbers, booleans, arrays and objects cannot start a formula.
-                Some(v) => out.push_str(&crate::text::csv_field(&v.to_string(), true)),
-            }
-        }
+        let ids = [csv_value(client, self.raw), csv_value(flow, self.raw)];
+        let cells = self.keys.iter().map(|k| match r.get(k) {
+            None | Some(serde_json::Value::Null) => Cow::Borrowed(""),
+            Some(serde_json::Value::String(s)) => csv_value(s, self.raw),
+            // Numbers, booleans, arrays and objects cannot start a formula.
+            Some(v) => Cow::Owned(v.to_string()),
+        });
+        let line = self.line(ids.into_iter().chain(cells));
         let covered = r
             .as_object()
             .is_none_or(|o| o.keys().all(|k| self.keys.binary_search(k).is_ok()));
-        (out, covered)
+        (line, covered)
     }
 }
 
