@@ -921,3 +921,29 @@ pub fn spawn_pool(
         while set.join_next().await.is_some() {}
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent remembers the newest `CANCELLED_REMEMBERED_MAX` cancelled flows: one more forgets
+    /// the oldest; a repeated cancel does not take a second place.
+    #[test]
+    fn cancelled_flows_are_remembered_up_to_the_bound() {
+        let o = Outbox::default();
+        for i in 0..CANCELLED_REMEMBERED_MAX {
+            o.cancel(&format!("F.{i}"), "why");
+        }
+        o.cancel("F.0", "again");
+        assert_eq!(o.cancelled("F.0").as_deref(), Some("why"));
+        o.cancel("F.new", "last");
+        assert_eq!(
+            o.cancelled("F.0"),
+            None,
+            "the oldest is forgotten at the bound"
+        );
+        assert_eq!(o.cancelled("F.1").as_deref(), Some("why"));
+        assert_eq!(o.cancelled("F.new").as_deref(), Some("last"));
+        assert_eq!(o.cancelled("F.unknown"), None);
+    }
+}
