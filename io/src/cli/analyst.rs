@@ -90,7 +90,7 @@ pub async fn flow(mut a: Api, command: FlowCommand) -> Result<String, String> {
                     line.show(&flow_json(f), &flow_progress(f))
                 })
                 .await?;
-            line.end()?;
+            line.end();
             Ok(if json {
                 String::new()
             } else {
@@ -106,7 +106,7 @@ pub async fn watch_hunt(mut a: Api, hunt_id: &str, json: bool) -> Result<String,
     let h = a
         .watch_hunt(hunt_id, |h| line.show(&hunt_json(h), &hunt_text(h)))
         .await?;
-    line.end()?;
+    line.end();
     Ok(if json { String::new() } else { hunt_text(&h) })
 }
 
@@ -280,10 +280,9 @@ impl Progress {
         Ok(())
     }
 
-    fn end(&mut self) -> Result<(), String> {
+    fn end(&self) {
         if self.live && self.shown {
             eprintln!();
         }
-        Ok(())
     }
 }

@@ -588,7 +588,7 @@ impl Csv {
     }
 
     /// One record as a line (no line break).
-    fn line<'a>(&self, fields: impl IntoIterator<Item = Cow<'a, str>>) -> String {
+    fn line<'a>(fields: impl IntoIterator<Item = Cow<'a, str>>) -> String {
         let mut w = csv::WriterBuilder::new()
             .buffer_capacity(1024)
             .from_writer(Vec::new());
@@ -605,7 +605,7 @@ impl Csv {
     pub fn header(&self) -> String {
         let names = ["client_id", "flow_id"].into_iter().map(Cow::Borrowed);
         let keys = self.keys.iter().map(|k| csv_value(k, self.raw));
-        self.line(names.chain(keys))
+        Csv::line(names.chain(keys))
     }
 
     /// One row's line (no line break); false in the second place if the row has keys that are not
@@ -618,7 +618,7 @@ impl Csv {
             // Numbers, booleans, arrays and objects cannot start a formula.
             Some(v) => Cow::Owned(v.to_string()),
         });
-        let line = self.line(ids.into_iter().chain(cells));
+        let line = Csv::line(ids.into_iter().chain(cells));
         let covered = r
             .as_object()
             .is_none_or(|o| o.keys().all(|k| self.keys.binary_search(k).is_ok()));

@@ -145,7 +145,7 @@ pub(super) fn download(fs: SharedVolume, u: UploadJson) -> Chunks {
                 }
                 Some(Err(e)) => Err(e),
                 None => {
-                    let sha = hex(&hasher.finalize_reset());
+                    let sha = crate::clock::hex(&hasher.finalize_reset());
                     if sha == u.sha256 {
                         return;
                     }
@@ -162,10 +162,6 @@ pub(super) fn download(fs: SharedVolume, u: UploadJson) -> Chunks {
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The audit log, newest first, and how many entries it has.
@@ -220,10 +216,12 @@ impl Watches {
     }
 }
 
-/// Streams `look()` now and each time it changes, looking every [`WATCH_POLL_MS`], until `done`
-/// says the last one sent was final (or `look` fails, or the watcher goes away).
+/// Streams `first` (what the caller looked at to accept the watch), then `look()` each time it
+/// changes, looking every [`WATCH_POLL_MS`], until `done` says the last one sent was final (or
+/// `look` fails, or the watcher goes away).
 pub(super) fn watch<T, F, Fut>(
     permit: tokio::sync::OwnedSemaphorePermit,
+    first: T,
     mut look: F,
     done: fn(&T) -> bool,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<T, Status>>
@@ -236,8 +234,8 @@ where
     tokio::spawn(async move {
         let _permit = permit;
         let mut last: Option<T> = None;
+        let mut now = Ok(first);
         loop {
-            let now = look().await;
             let end = match &now {
                 Ok(v) => done(v),
                 Err(_) => true,
@@ -255,6 +253,7 @@ where
                 _ = tokio::time::sleep(Duration::from_millis(WATCH_POLL_MS)) => {}
                 _ = tx.closed() => return,
             }
+            now = look().await;
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
@@ -289,10 +288,11 @@ mod tests {
     async fn a_watch_sends_changes_and_ends_at_the_final_value() {
         use tokio_stream::StreamExt;
         let w = Watches::new(1);
-        let seq = Arc::new(std::sync::Mutex::new(vec![1, 1, 2, 2, 2, 3, 9, 9]));
+        let seq = Arc::new(std::sync::Mutex::new(vec![1, 2, 2, 2, 3, 9, 9]));
         let s = seq.clone();
         let stream = watch(
             w.enter().unwrap(),
+            1,
             move || {
                 let s = s.clone();
                 async move { Ok::<u32, Status>(s.lock().unwrap().remove(0)) }

@@ -619,8 +619,9 @@ impl api::api_server::Api for ApiService {
         require_api(&req)?;
         let (client, flow) = flow_ids(req.get_ref())?;
         let ds = self.node.datastore.clone();
-        // Refused now, not as the stream's first message, if there is no such flow.
-        api_reads::flow_record(&ds, &client, &flow).await?;
+        // Refused now, not as the stream's first message, if there is no such flow; else it is
+        // the first message.
+        let first = flow_summary(&api_reads::flow_record(&ds, &client, &flow).await?);
         let permit = self.watches.enter()?;
         let look = move || {
             let (ds, client, flow) = (ds.clone(), client.clone(), flow.clone());
@@ -630,7 +631,7 @@ impl api::api_server::Api for ApiService {
             }
         };
         let done = |f: &api::FlowSummary| f.state != comms::FlowState::Running as i32;
-        Ok(Response::new(api_reads::watch(permit, look, done)))
+        Ok(Response::new(api_reads::watch(permit, first, look, done)))
     }
 
     type WatchHuntStream = tokio_stream::wrappers::ReceiverStream<Result<api::HuntSummary, Status>>;
@@ -641,7 +642,8 @@ impl api::api_server::Api for ApiService {
     ) -> Result<Response<Self::WatchHuntStream>, Status> {
         let user = require_api(&req)?;
         let id = parse_hunt(&req.into_inner().hunt_id)?;
-        self.hunt(&user, CoreRequest::Hunts(Some(id.clone())))
+        let first = self
+            .hunt(&user, CoreRequest::Hunts(Some(id.clone())))
             .await?;
         let permit = self.watches.enter()?;
         let node = self.node.clone();
@@ -655,7 +657,7 @@ impl api::api_server::Api for ApiService {
                 && h.stats
                     .is_none_or(|s| s.completed + s.errors >= s.scheduled)
         };
-        Ok(Response::new(api_reads::watch(permit, look, done)))
+        Ok(Response::new(api_reads::watch(permit, first, look, done)))
     }
 
     async fn list_audit(
