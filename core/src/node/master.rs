@@ -567,6 +567,21 @@ enum Then {
     HuntOutcome(Token, HuntId, ClientId),
 }
 
+impl Then {
+    /// Whether a write of `key` in flight bears on what this answers (see [`Master::finish`]).
+    fn answers_about(&self, key: &Key) -> bool {
+        match (self, key) {
+            (Then::Reply(_, Asked::Connected(id) | Asked::Label(id)), Key::Client(c)) => id == c,
+            (Then::Reply(_, Asked::Hunts | Asked::Hunt(_)), Key::Hunt(_)) => true,
+            (Then::Withdraw(w), Key::Participant(h, c)) => {
+                w.hunt.as_ref() == Some(h) && &w.client == c
+            }
+            (Then::HuntOutcome(_, h, c), Key::Participant(kh, kc)) => h == kh && c == kc,
+            _ => false,
+        }
+    }
+}
+
 /// A cancelled task to withdraw ([`Master::withdraw`]).
 #[derive(Debug)]
 struct Withdrawal {
@@ -1259,30 +1274,16 @@ impl Master {
             self.write(Effect::Audit, vec![Item::Audit(entry)]);
         }
         let mut tokens = self.capture.take().unwrap_or_default();
-        match &then {
-            Then::Reply(_, Asked::Connected(id) | Asked::Label(id)) => {
-                tokens.extend(self.relabelled.get(id).map(|(t, _)| *t));
-            }
-            // The participant's outcome may be in flight for another cancel of the same flow: the
-            // task is withdrawn only once it is durable.
-            Then::Withdraw(w) => {
-                if let Some(h) = &w.hunt {
-                    tokens.extend(self.writes_of(&Key::Participant(h.clone(), w.client.clone())));
-                }
-            }
-            // Likewise a report of an outcome counted already (a cancel's, another node's) is
-            // recorded only once that outcome's write is.
-            Then::HuntOutcome(_, h, c) => {
-                tokens.extend(self.writes_of(&Key::Participant(h.clone(), c.clone())));
-            }
-            Then::Reply(_, Asked::Hunts | Asked::Hunt(_)) => tokens.extend(
-                self.in_flight
-                    .iter()
-                    .filter(|(_, f)| matches!(f.effect, Effect::Hunt))
-                    .map(|(t, _)| *t),
-            ),
-            _ => {}
-        }
+        // Besides its own writes, it waits for the writes in flight (or held) of what it answers
+        // about: a client's record written for an earlier connection or label; a hunt's record;
+        // a participant's outcome counted by another cancel or another node's report (a task is
+        // withdrawn, an outcome reported recorded, only once that is durable).
+        tokens.extend(
+            self.in_flight
+                .iter()
+                .filter(|(_, f)| f.keys.iter().any(|k| then.answers_about(k)))
+                .map(|(t, _)| *t),
+        );
         tokens.sort();
         tokens.dedup();
         #[cfg(test)]
@@ -1459,15 +1460,6 @@ impl Master {
             target,
             detail,
         }));
-    }
-
-    /// The writes of `key` in flight (or held).
-    fn writes_of(&self, key: &Key) -> Vec<Token> {
-        self.in_flight
-            .iter()
-            .filter(|(_, f)| f.keys.contains(key))
-            .map(|(t, _)| *t)
-            .collect()
     }
 
     /// Asks for an atomic write (with the pending audit entry, if a change is being handled).
