@@ -81,10 +81,7 @@ fn every_command_that_prints_has_json_output_that_parses() {
     );
 
     let d = Deployment::new();
-    let _master = d.start_master();
-    let _client = d.start_client(&d.path("client.config.yaml"), "c1");
-    d.wait_until("the client enrols", || d.clients().len() == 1);
-    let id = d.clients()[0]["client_id"].as_str().unwrap().to_owned();
+    let (_master, _client, id) = d.master_and_client();
     let mut ran: BTreeSet<String> = BTreeSet::new();
     let mut api = |cmd: &str, args: &[&str]| -> serde_json::Value {
         let mut a: Vec<&str> = cmd.split(' ').collect();

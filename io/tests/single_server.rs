@@ -364,10 +364,7 @@ fn a_hunt_over_more_clients_than_a_scheduling_batch_reaches_each_once() {
 fn flows_are_listed_uploads_downloaded_watches_end_and_changes_audited() {
     use sha2::{Digest, Sha256};
     let d = Deployment::new();
-    let _master = d.start_master();
-    let _client = d.start_client(&d.path("client.config.yaml"), "c1");
-    d.wait_until("the client enrols", || d.clients().len() == 1);
-    let id = d.clients()[0]["client_id"].as_str().unwrap().to_owned();
+    let (_master, _client, id) = d.master_and_client();
     d.api(&["label", "add", &id, "evidence"]);
 
     let first = json(&d.api(&["collect", &id, "Generic.Client.Info", "--wait", "--json"]));
@@ -505,10 +502,7 @@ fn flows_are_listed_uploads_downloaded_watches_end_and_changes_audited() {
 #[test]
 fn flows_are_cancelled_running_or_before_they_start() {
     let d = Deployment::new();
-    let _master = d.start_master();
-    let client = d.start_client(&d.path("client.config.yaml"), "c1");
-    d.wait_until("the client enrols", || d.clients().len() == 1);
-    let id = d.clients()[0]["client_id"].as_str().unwrap().to_owned();
+    let (_master, client, id) = d.master_and_client();
 
     // ~100 s of paced rows: cancelled once it has sent some.
     let f = json(&d.api(&[

@@ -161,6 +161,16 @@ impl Deployment {
         p
     }
 
+    /// Starts the master and one agent (`c1`, logging to `c1.log`), and waits until it enrolled;
+    /// returns both processes and the agent's client id.
+    pub fn master_and_client(&self) -> (Proc, Proc, String) {
+        let master = self.start_master();
+        let client = self.start_client(&self.path("client.config.yaml"), "c1");
+        self.wait_until("the client enrols", || self.clients().len() == 1);
+        let id = self.clients()[0]["client_id"].as_str().unwrap().to_owned();
+        (master, client, id)
+    }
+
     /// Starts the minion `node` (HOST-PORT) with its own local disk; it logs to `<node>.log`.
     pub fn start_minion(&self, node: &str) -> Proc {
         let local = self.s(&format!("local-{node}"));
