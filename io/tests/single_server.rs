@@ -404,8 +404,44 @@ fn flows_are_listed_uploads_downloaded_watches_end_and_changes_audited() {
     assert_eq!(ids, vec![flow.as_str(), first["flow_id"].as_str().unwrap()]);
     assert_eq!(flows[0]["artifact"], "Generic.Forensic.FileFinder");
     assert_eq!(flows[1]["rows"].as_u64(), Some(1));
+    // Text: a header, then times in RFC 3339, UTC unless --local-time asks for this machine's zone
+    // (here a POSIX TZ string: India, +05:30 all year).
     let text = d.api(&["flow", "list", &id]);
-    assert!(text.starts_with("CREATED (UTC)"), "{text}");
+    assert!(text.starts_with("CREATED "), "{text}");
+    let created_s = flows[0]["created_ms"].as_u64().unwrap() as i64 / 1000;
+    let at = |zone: jiff::tz::TimeZone| {
+        jiff::Timestamp::from_second(created_s)
+            .unwrap()
+            .to_zoned_datetime(zone)
+            .strftime("%Y-%m-%dT%H:%M:%S%:z")
+            .to_string()
+    };
+    let utc = at(jiff::tz::TimeZone::UTC).replace("+00:00", "Z");
+    assert!(
+        text.lines().nth(1).unwrap().starts_with(&utc),
+        "{utc}\n{text}"
+    );
+    let local = talon()
+        .env("TZ", "IST-5:30")
+        .args([
+            "--api-config",
+            &d.s("api.yaml"),
+            "flow",
+            "list",
+            &id,
+            "--local-time",
+        ])
+        .output()
+        .unwrap();
+    let local = String::from_utf8(local.stdout).unwrap();
+    let india = at(jiff::tz::TimeZone::fixed(
+        jiff::tz::Offset::from_seconds(5 * 3600 + 1800).unwrap(),
+    ));
+    assert!(india.ends_with("+05:30"), "{india}");
+    assert!(
+        local.lines().nth(1).unwrap().starts_with(&india),
+        "{india}\n{local}"
+    );
 
     let ups: Vec<serde_json::Value> =
         serde_json::from_str(&d.api(&["flow", "uploads", &id, &flow, "--json"])).unwrap();

@@ -1,22 +1,19 @@
 //! The analyst's commands over a flow (`talon flow ...`), watching a hunt, and the audit log.
 
-use super::{FlowCommand, Out, flow_out, hunt_text};
-use crate::cli::api_client::{
-    Api, audit_json, flow_json, hunt_json, rfc3339, state_name, upload_json,
-};
-use crate::text::printable as p;
-use std::io::{IsTerminal, Write};
+use super::show::{self, Progress, Times};
+use super::{FlowCommand, Out, flow_out};
+use crate::cli::api_client::{Api, audit_json, flow_json, hunt_json, upload_json};
+use std::io::Write;
 use std::path::Path;
-use talon_proto::api;
 
 /// Runs `talon flow ...`.
-pub async fn flow(mut a: Api, command: FlowCommand) -> Result<String, String> {
+pub async fn flow(mut a: Api, command: FlowCommand, t: &Times) -> Result<String, String> {
     match command {
         FlowCommand::Show {
             client_id,
             flow_id,
             json,
-        } => Ok(flow_out(&a.flow(&client_id, &flow_id).await?, json)),
+        } => Ok(flow_out(&a.flow(&client_id, &flow_id).await?, json, t)),
         FlowCommand::Results {
             client_id, flow_id, ..
         } => {
@@ -29,7 +26,12 @@ pub async fn flow(mut a: Api, command: FlowCommand) -> Result<String, String> {
         }
         FlowCommand::List { client_id, json } => {
             let flows = a.list_flows(&client_id).await?;
-            Ok(flows_out(&client_id, &flows, json))
+            Ok(if json {
+                let v: Vec<_> = flows.iter().map(flow_json).collect();
+                serde_json::to_string_pretty(&v).expect("JSON values serialise")
+            } else {
+                show::flows(&client_id, &flows, t)
+            })
         }
         FlowCommand::Uploads {
             client_id,
@@ -37,7 +39,12 @@ pub async fn flow(mut a: Api, command: FlowCommand) -> Result<String, String> {
             json,
         } => {
             let ups = a.list_uploads(&client_id, &flow_id).await?;
-            Ok(uploads_out(&flow_id, &ups, json))
+            Ok(if json {
+                let v: Vec<_> = ups.iter().map(upload_json).collect();
+                serde_json::to_string_pretty(&v).expect("JSON values serialise")
+            } else {
+                show::uploads(&flow_id, &ups)
+            })
         }
         FlowCommand::Download {
             client_id,
@@ -84,113 +91,57 @@ pub async fn flow(mut a: Api, command: FlowCommand) -> Result<String, String> {
             flow_id,
             json,
         } => {
-            let mut line = Progress::new(json);
+            let mut line = Progress::new(json, false);
             let f = a
                 .watch_flow(&client_id, &flow_id, |f| {
-                    line.show(&flow_json(f), &flow_progress(f))
+                    line.show(&flow_json(f), show::flow_line(f), (0, 0))
                 })
                 .await?;
             line.end();
             Ok(if json {
                 String::new()
             } else {
-                flow_out(&f, false)
+                flow_out(&f, false, t)
             })
         }
     }
 }
 
 /// `talon hunt watch`: the hunt's figures as they change, until it is no longer running.
-pub async fn watch_hunt(mut a: Api, hunt_id: &str, json: bool) -> Result<String, String> {
-    let mut line = Progress::new(json);
+pub async fn watch_hunt(
+    mut a: Api,
+    hunt_id: &str,
+    json: bool,
+    t: &Times,
+) -> Result<String, String> {
+    let mut line = Progress::new(json, true);
     let h = a
-        .watch_hunt(hunt_id, |h| line.show(&hunt_json(h), &hunt_text(h)))
+        .watch_hunt(hunt_id, |h| {
+            let s = h.stats.unwrap_or_default();
+            line.show(
+                &hunt_json(h),
+                show::hunt_line(h),
+                (s.completed + s.errors, s.scheduled),
+            )
+        })
         .await?;
     line.end();
-    Ok(if json { String::new() } else { hunt_text(&h) })
+    Ok(if json {
+        String::new()
+    } else {
+        show::hunt(&h, t)
+    })
 }
 
 /// `talon audit list`.
-pub async fn audit(mut a: Api, json: bool) -> Result<String, String> {
+pub async fn audit(mut a: Api, json: bool, t: &Times) -> Result<String, String> {
     let entries = a.audit().await?;
-    if json {
+    Ok(if json {
         let v: Vec<_> = entries.iter().map(audit_json).collect();
-        return Ok(serde_json::to_string_pretty(&v).expect("JSON values serialise"));
-    }
-    if entries.is_empty() {
-        return Ok("the audit log is empty".into());
-    }
-    let mut out = vec![format!(
-        "{:<20}  {:<16} {:<12} {:<18} DETAIL",
-        "TIME (UTC)", "USER", "ACTION", "TARGET"
-    )];
-    out.extend(entries.iter().map(|e| {
-        format!(
-            "{:<20}  {:<16} {:<12} {:<18} {}",
-            rfc3339(e.time_unix_ms),
-            p(&e.user),
-            e.action,
-            e.target,
-            p(&e.detail)
-        )
-    }));
-    Ok(out.join("\n"))
-}
-
-fn flows_out(client: &str, flows: &[api::FlowSummary], json: bool) -> String {
-    if json {
-        let v: Vec<_> = flows.iter().map(flow_json).collect();
-        return serde_json::to_string_pretty(&v).expect("JSON values serialise");
-    }
-    if flows.is_empty() {
-        return format!("client {client} has no flows");
-    }
-    let mut out = vec![format!(
-        "{:<20}  {:<18} {:<32} {:<9} {:>8} {:>12}  HUNT",
-        "CREATED (UTC)", "FLOW", "ARTIFACT", "STATE", "ROWS", "BYTES"
-    )];
-    out.extend(flows.iter().map(|f| {
-        format!(
-            "{:<20}  {:<18} {:<32} {:<9} {:>8} {:>12}  {}",
-            rfc3339(f.created_unix_ms),
-            f.flow_id,
-            f.artifact,
-            state_name(f.state),
-            f.rows,
-            f.uploaded_bytes,
-            f.hunt_id
-        )
-    }));
-    out.join("\n")
-}
-
-fn uploads_out(flow: &str, ups: &[api::UploadInfo], json: bool) -> String {
-    if json {
-        let v: Vec<_> = ups.iter().map(upload_json).collect();
-        return serde_json::to_string_pretty(&v).expect("JSON values serialise");
-    }
-    if ups.is_empty() {
-        return format!("flow {flow} has no uploads (or has not completed yet)");
-    }
-    let mut out = vec![format!(
-        "{:>4} {:>12}  {:<64}  NAME",
-        "ID", "SIZE", "SHA-256"
-    )];
-    out.extend(ups.iter().map(|u| {
-        let sha = if u.error.is_empty() {
-            u.sha256.clone()
-        } else {
-            format!("(failed: {})", p(&u.error))
-        };
-        format!(
-            "{:>4} {:>12}  {:<64}  {}",
-            u.upload_id,
-            u.size,
-            sha,
-            p(&u.name)
-        )
-    }));
-    out.join("\n")
+        serde_json::to_string_pretty(&v).expect("JSON values serialise")
+    } else {
+        show::audit(&entries, t)
+    })
 }
 
 /// Downloads an upload into `out` through a scratch file beside it, renamed into place once every
@@ -232,57 +183,4 @@ async fn download(
     std::fs::rename(&scratch, out)
         .map_err(|e| format!("cannot move {} into place: {e}", scratch.display()))?;
     Ok(n)
-}
-
-fn flow_progress(f: &api::FlowSummary) -> String {
-    format!(
-        "flow {} {}: {} rows={} uploaded_bytes={}",
-        f.flow_id,
-        f.artifact,
-        state_name(f.state),
-        f.rows,
-        f.uploaded_bytes
-    )
-}
-
-/// How a watch shows each change: one JSON object per line (`--json`), a line rewritten in place
-/// on a terminal, or one line per change otherwise.
-struct Progress {
-    json: bool,
-    live: bool,
-    shown: bool,
-}
-
-impl Progress {
-    fn new(json: bool) -> Progress {
-        let live = !json && std::io::stderr().is_terminal();
-        Progress {
-            json,
-            live,
-            shown: false,
-        }
-    }
-
-    fn show(&mut self, v: &serde_json::Value, text: &str) -> Result<(), String> {
-        self.shown = true;
-        if self.json {
-            let mut o = std::io::stdout().lock();
-            return writeln!(o, "{v}")
-                .and_then(|()| o.flush())
-                .map_err(|e| format!("cannot write output: {e}"));
-        }
-        if self.live {
-            // Erase the line and write the new state over it.
-            eprint!("\r\x1b[2K{text}");
-        } else {
-            eprintln!("{text}");
-        }
-        Ok(())
-    }
-
-    fn end(&self) {
-        if self.live && self.shown {
-            eprintln!();
-        }
-    }
 }

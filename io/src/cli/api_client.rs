@@ -417,14 +417,6 @@ pub fn audit_json(e: &api::AuditEntry) -> serde_json::Value {
     })
 }
 
-/// A time (ms since the Unix epoch) as RFC 3339 in UTC, to the second.
-pub fn rfc3339(ms: u64) -> String {
-    let t = time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds((ms / 1000) as i64);
-    let (y, mo, d) = (t.year(), t.month() as u8, t.day());
-    let (h, mi, s) = (t.hour(), t.minute(), t.second());
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
-}
-
 impl Api {
     /// Creates a hunt.
     pub async fn create_hunt(

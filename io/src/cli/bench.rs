@@ -1166,14 +1166,15 @@ async fn hunt(
     }
 }
 
-/// The figures as a two-column table.
+/// The figures as a two-column record (`config` last; per-run details only with --json).
 pub fn table(v: &serde_json::Value) -> String {
-    let mut out = String::new();
-    if let Some(m) = v.as_object() {
-        for (k, x) in m {
-            if x.is_object() {
-                continue; // `config` last; per-run details only with --json.
-            }
+    let Some(m) = v.as_object() else {
+        return String::new();
+    };
+    let mut fields: Vec<(&str, String)> = m
+        .iter()
+        .filter(|(_, x)| !x.is_object())
+        .map(|(k, x)| {
             let shown = match (k.ends_with("_bytes"), x.as_u64()) {
                 (true, Some(b)) if b >= 1 << 20 => {
                     format!("{x} ({:.1} MiB)", b as f64 / (1 << 20) as f64)
@@ -1181,16 +1182,17 @@ pub fn table(v: &serde_json::Value) -> String {
                 (true, Some(b)) if b >= 1 << 10 => format!("{x} ({:.1} KiB)", b as f64 / 1024.0),
                 _ => x.to_string().trim_matches('"').to_owned(),
             };
-            out.push_str(&format!("{k:<32} {shown}\n"));
-        }
-        if let Some(c) = m.get("config") {
-            out.push_str(&format!("{:<32} {c}\n", "config"));
-        }
-        if m.keys().any(|k| k.starts_with("run_")) {
-            out.push_str("(each run's hunt and service-time figures: --json)\n");
-        }
+            (k.as_str(), shown)
+        })
+        .collect();
+    if let Some(c) = m.get("config") {
+        fields.push(("config", c.to_string()));
     }
-    out.trim_end().to_owned()
+    let mut out = crate::cli::show::record(fields);
+    if m.keys().any(|k| k.starts_with("run_")) {
+        out.push_str("\n(each run's hunt and service-time figures: --json)");
+    }
+    out
 }
 
 /// Default key cache: `$XDG_CACHE_HOME/talon/bench-keys` or `~/.cache/talon/bench-keys`.

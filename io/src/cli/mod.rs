@@ -4,6 +4,7 @@ pub mod analyst;
 pub mod api_client;
 pub mod bench;
 pub mod demo;
+pub mod show;
 
 use crate::clock::{OsEntropy, SystemClock};
 use crate::deploy::config::{self, ServerConfig};
@@ -28,6 +29,10 @@ pub struct Cli {
     /// object per line, for log shippers).
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Show times in text output in this machine's time zone (RFC 3339 with its offset) instead
+    /// of UTC. JSON output is unaffected (times there are milliseconds since the Unix epoch).
+    #[arg(long, global = true)]
+    pub local_time: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -347,54 +352,14 @@ pub enum HuntCommand {
     },
 }
 
-/// A hunt as pretty JSON (`--json`) or one line of text.
-fn hunt_out(h: &talon_proto::api::HuntSummary, json: bool) -> String {
+/// A hunt as pretty JSON (`--json`) or a record.
+fn hunt_out(h: &talon_proto::api::HuntSummary, json: bool, t: &show::Times) -> String {
     if json {
         serde_json::to_string_pretty(&crate::cli::api_client::hunt_json(h))
             .expect("JSON values serialise")
     } else {
-        hunt_text(h)
+        show::hunt(h, t)
     }
-}
-
-fn hunt_text(h: &talon_proto::api::HuntSummary) -> String {
-    let s = h.stats.unwrap_or_default();
-    format!(
-        "{} {} {:<8} scheduled={} completed={} errors={} rows={} uploaded_bytes={}",
-        h.hunt_id,
-        h.artifact,
-        crate::cli::api_client::hunt_state_name(h.state),
-        s.scheduled,
-        s.completed,
-        s.errors,
-        s.rows,
-        s.uploaded_bytes
-    )
-}
-
-/// `hunt list` as text: newest first, one row per hunt under a header.
-fn hunts_table(hs: &[talon_proto::api::HuntSummary]) -> String {
-    use crate::cli::api_client::{hunt_state_name, rfc3339};
-    let mut out = vec![format!(
-        "{:<20}  {:<18} {:<32} {:<8} {:>9} {:>9} {:>6} {:>9}  DESCRIPTION",
-        "CREATED (UTC)", "HUNT", "ARTIFACT", "STATE", "SCHEDULED", "COMPLETED", "ERRORS", "ROWS"
-    )];
-    out.extend(hs.iter().map(|h| {
-        let s = h.stats.unwrap_or_default();
-        format!(
-            "{:<20}  {:<18} {:<32} {:<8} {:>9} {:>9} {:>6} {:>9}  {}",
-            rfc3339(h.created_unix_ms),
-            h.hunt_id,
-            h.artifact,
-            hunt_state_name(h.state),
-            s.scheduled,
-            s.completed,
-            s.errors,
-            s.rows,
-            crate::text::printable(&h.description)
-        )
-    }));
-    out.join("\n")
 }
 
 /// `talon flow ...`
@@ -643,7 +608,12 @@ pub fn run(cli: Cli) -> Result<String, String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-            let r = rt.block_on(run_async(cli.config, cli.api_config, command));
+            let r = rt.block_on(run_async(
+                cli.config,
+                cli.api_config,
+                cli.local_time,
+                command,
+            ));
             // Volume calls still running on the blocking pool (a flush the stop's bound cut
             // short) are abandoned as a crash would abandon them: the journal that holds their
             // writes is replayed at the next start (docs/operations.md, "Stopping").
@@ -714,36 +684,22 @@ async fn api(api_config: Option<&Path>) -> Result<crate::cli::api_client::Api, S
 }
 
 /// A flow as pretty JSON (`--json`) or one line of text.
-fn flow_out(f: &talon_proto::api::FlowSummary, json: bool) -> String {
+fn flow_out(f: &talon_proto::api::FlowSummary, json: bool, t: &show::Times) -> String {
     if json {
         serde_json::to_string_pretty(&crate::cli::api_client::flow_json(f))
             .expect("JSON values serialise")
     } else {
-        flow_text(f)
+        show::flow(f, t)
     }
-}
-
-fn flow_text(f: &talon_proto::api::FlowSummary) -> String {
-    let mut s = format!(
-        "flow {} on {}: {} {} rows={} uploaded_bytes={}",
-        f.flow_id,
-        f.client_id,
-        f.artifact,
-        crate::cli::api_client::state_name(f.state),
-        f.rows,
-        f.uploaded_bytes
-    );
-    if !f.error.is_empty() {
-        s.push_str(&format!(" error={:?}", f.error));
-    }
-    s
 }
 
 async fn run_async(
     config: Option<PathBuf>,
     api_config: Option<PathBuf>,
+    local_time: bool,
     command: Command,
 ) -> Result<String, String> {
+    let times = || show::Times::new(local_time);
     use crate::cli::api_client::client_json;
     use std::sync::Arc;
     match command {
@@ -919,41 +875,7 @@ async fn run_async(
                 let v: Vec<_> = r.clients.iter().map(client_json).collect();
                 return Ok(serde_json::to_string_pretty(&v).expect("JSON"));
             }
-            let mut out: Vec<String> = r
-                .clients
-                .iter()
-                .map(|c| {
-                    let state = if c.connected { "connected" } else { "offline" };
-                    // Host facts come from the agent: shown escaped, never as terminal input.
-                    use crate::text::printable as p;
-                    format!(
-                        "{:<18}  {:<24} {:<8} {:<10} {:<20}  {:<24} {}",
-                        p(&c.client_id),
-                        p(&c.hostname),
-                        p(&c.os),
-                        state,
-                        crate::cli::api_client::rfc3339(c.last_seen_unix_ms),
-                        p(&c.node),
-                        p(&c.labels.join(","))
-                    )
-                })
-                .collect();
-            if !out.is_empty() {
-                out.insert(
-                    0,
-                    format!(
-                        "{:<18}  {:<24} {:<8} {:<10} {:<20}  {:<24} LABELS",
-                        "CLIENT", "HOSTNAME", "OS", "STATE", "LAST SEEN (UTC)", "NODE"
-                    ),
-                );
-            }
-            if r.truncated {
-                out.push("(more matched; narrow the query)".into());
-            }
-            if out.is_empty() {
-                out.push(format!("no client matches {query:?}"));
-            }
-            Ok(out.join("\n"))
+            Ok(show::clients(&r, &query, &times()?))
         }
         Command::Label { command } => {
             init_logging("warn");
@@ -1002,17 +924,19 @@ async fn run_async(
                     )
                     .await?;
             }
-            Ok(flow_out(&f, json))
+            Ok(flow_out(&f, json, &times()?))
         }
         Command::Flow { command } => {
             init_logging("warn");
-            crate::cli::analyst::flow(api(api_config.as_deref()).await?, command).await
+            let t = times()?;
+            crate::cli::analyst::flow(api(api_config.as_deref()).await?, command, &t).await
         }
         Command::Audit {
             command: AuditCommand::List { json },
         } => {
             init_logging("warn");
-            crate::cli::analyst::audit(api(api_config.as_deref()).await?, json).await
+            let t = times()?;
+            crate::cli::analyst::audit(api(api_config.as_deref()).await?, json, &t).await
         }
         Command::Cluster {
             command: ClusterCommand::Status { json },
@@ -1032,32 +956,30 @@ async fn run_async(
                         })
                     })
                     .collect();
+                let failures: Vec<_> = c
+                    .volume_failures
+                    .iter()
+                    .map(|f| {
+                        serde_json::json!({
+                            "store": f.store,
+                            "error": f.error,
+                            "since_ms": f.since_unix_ms,
+                        })
+                    })
+                    .collect();
                 let v = serde_json::json!({
                     "master": c.master,
                     "minions": minions,
-                    "volume_errors": c.volume_errors,
+                    "volume_failures": failures,
                 });
                 return Ok(serde_json::to_string_pretty(&v).expect("JSON"));
             }
-            let mut out = vec![format!("master {}", c.master)];
-            for e in &c.volume_errors {
-                out.push(format!("shared volume failing: {e}"));
-            }
-            if c.minions.is_empty() {
-                out.push("no minion has replicated to this master".into());
-            }
-            for m in &c.minions {
-                let state = if m.connected { "connected" } else { "down" };
-                out.push(format!(
-                    "minion {:<28} {:<9} epoch {} applied {}",
-                    m.node, state, m.epoch, m.applied
-                ));
-            }
-            Ok(out.join("\n"))
+            Ok(show::cluster(&c, &times()?))
         }
         Command::Hunt { command } => {
             init_logging("warn");
             use crate::cli::api_client::{Csv, hunt_json, parse_duration_s};
+            let t = times()?;
             match command {
                 HuntCommand::Create {
                     artifact,
@@ -1099,26 +1021,24 @@ async fn run_async(
                     Ok(if json {
                         serde_json::to_string_pretty(&hs.iter().map(hunt_json).collect::<Vec<_>>())
                             .expect("JSON")
-                    } else if hs.is_empty() {
-                        "no hunts".into()
                     } else {
-                        hunts_table(&hs)
+                        show::hunts(&hs, &t)
                     })
                 }
                 HuntCommand::Show { hunt_id, json } => {
                     let h = api(api_config.as_deref()).await?.hunt(&hunt_id).await?;
-                    Ok(hunt_out(&h, json))
+                    Ok(hunt_out(&h, json, &t))
                 }
                 HuntCommand::Watch { hunt_id, json } => {
                     let a = api(api_config.as_deref()).await?;
-                    crate::cli::analyst::watch_hunt(a, &hunt_id, json).await
+                    crate::cli::analyst::watch_hunt(a, &hunt_id, json, &t).await
                 }
                 HuntCommand::Stop { hunt_id, json } => {
                     let h = api(api_config.as_deref())
                         .await?
                         .stop_hunt(&hunt_id)
                         .await?;
-                    Ok(hunt_out(&h, json))
+                    Ok(hunt_out(&h, json, &t))
                 }
                 HuntCommand::Results {
                     hunt_id,

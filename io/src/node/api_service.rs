@@ -465,15 +465,21 @@ impl api::api_server::Api for ApiService {
             Meta::Local(d) => d.volume_error(),
             Meta::Remote(_) => None,
         };
-        let volume_errors = [
+        let volume_failures = [
             ("metadata", meta),
             ("filestore", self.node.filestore.volume_error()),
         ]
         .into_iter()
-        .filter_map(|(what, e)| e.map(|(t, why)| format!("{what}: {why} (since {})", t.as_ms())))
+        .filter_map(|(store, e)| {
+            e.map(|(t, why)| api::VolumeFailure {
+                store: store.into(),
+                error: why.to_string(),
+                since_unix_ms: t.as_ms(),
+            })
+        })
         .collect();
         Ok(Response::new(api::ClusterStatus {
-            volume_errors,
+            volume_failures,
             master: self.node.name.clone(),
             minions: minions
                 .into_iter()
