@@ -9,6 +9,7 @@
 //! - [`net`]: listeners and connections ([`net::tls`]: rustls, endpoint identities);
 //! - [`deploy`]: configs and certificates;
 //! - [`agent`]: the endpoint agent and the artifacts it runs;
+//! - [`query`]: SQL over the endpoint tables (the agent runs queries, the master checks them);
 //! - [`cli`]: the `talon` command line, the analyst's API client, the demo and the benchmarks;
 //! - [`clock`], [`env`](mod@env), [`fsutil`], [`text`]: the injected world and small shared helpers.
 
@@ -21,5 +22,6 @@ pub mod env;
 pub mod fsutil;
 pub mod net;
 pub mod node;
+pub mod query;
 pub mod storage;
 pub mod text;

@@ -373,7 +373,7 @@ fn netstat(emit: &mut Emit<'_>) -> Result<(), Stop> {
 }
 
 /// Matches one path component against a pattern with `*` and `?`.
-fn component_matches(pattern: &str, name: &str) -> bool {
+pub(crate) fn component_matches(pattern: &str, name: &str) -> bool {
     let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
     let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
     while ni < n.len() {

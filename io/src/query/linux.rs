@@ -1,0 +1,952 @@
+//! The Linux endpoint tables, with osquery's names, columns and types (docs/artifacts.md lists
+//! them). Process, socket, module and mount data come from `/proc` through the `procfs` crate;
+//! account data from `/etc/passwd` and `/etc/group` (local accounts, as osquery reads them).
+
+use super::table::{Constraints, Op, Rows, TableDef, TableError, Type, Value, col, pattern_col};
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+const LINUX: &[&str] = &["linux"];
+
+/// Every Linux table.
+pub const TABLES: &[TableDef] = &[
+    TableDef {
+        name: "processes",
+        description: "Running processes.",
+        platforms: LINUX,
+        columns: &[
+            col("pid", Type::Bigint, "Process id."),
+            col("name", Type::Text, "The process's name (comm)."),
+            col("path", Type::Text, "Path to the executable."),
+            col("cmdline", Type::Text, "Complete argument string."),
+            col("state", Type::Text, "Process state (R, S, D, Z, T, ...)."),
+            col("cwd", Type::Text, "Working directory."),
+            col("root", Type::Text, "Root directory."),
+            col("uid", Type::Bigint, "Real user id."),
+            col("gid", Type::Bigint, "Real group id."),
+            col("euid", Type::Bigint, "Effective user id."),
+            col("egid", Type::Bigint, "Effective group id."),
+            col("suid", Type::Bigint, "Saved user id."),
+            col("sgid", Type::Bigint, "Saved group id."),
+            col(
+                "on_disk",
+                Type::Integer,
+                "1 if the executable exists on disk, 0 if not, -1 unknown.",
+            ),
+            col("resident_size", Type::Bigint, "Resident memory, bytes."),
+            col("total_size", Type::Bigint, "Virtual memory size, bytes."),
+            col("user_time", Type::Bigint, "CPU time in user space, ms."),
+            col("system_time", Type::Bigint, "CPU time in the kernel, ms."),
+            col(
+                "start_time",
+                Type::Bigint,
+                "Start time, seconds since the Unix epoch.",
+            ),
+            col("parent", Type::Bigint, "Parent process id."),
+            col("pgroup", Type::Bigint, "Process group id."),
+            col("threads", Type::Integer, "Number of threads."),
+            col("nice", Type::Integer, "Nice value."),
+        ],
+        required: &[],
+        generate: processes,
+    },
+    TableDef {
+        name: "users",
+        description: "Local user accounts (/etc/passwd).",
+        platforms: LINUX,
+        columns: &[
+            col("uid", Type::Bigint, "User id."),
+            col("gid", Type::Bigint, "Primary group id."),
+            col("uid_signed", Type::Bigint, "User id as signed."),
+            col("gid_signed", Type::Bigint, "Group id as signed."),
+            col("username", Type::Text, "User name."),
+            col("description", Type::Text, "GECOS field."),
+            col("directory", Type::Text, "Home directory."),
+            col("shell", Type::Text, "Login shell."),
+            col("uuid", Type::Text, "Empty on Linux."),
+        ],
+        required: &[],
+        generate: users,
+    },
+    TableDef {
+        name: "groups",
+        description: "Local groups (/etc/group).",
+        platforms: LINUX,
+        columns: &[
+            col("gid", Type::Bigint, "Group id."),
+            col("gid_signed", Type::Bigint, "Group id as signed."),
+            col("groupname", Type::Text, "Group name."),
+        ],
+        required: &[],
+        generate: groups,
+    },
+    TableDef {
+        name: "system_info",
+        description: "This system's hardware and names, one row.",
+        platforms: LINUX,
+        columns: &[
+            col("hostname", Type::Text, "Host name (with domain when set)."),
+            col(
+                "uuid",
+                Type::Text,
+                "Hardware UUID (DMI; empty unless readable).",
+            ),
+            col("cpu_type", Type::Text, "CPU architecture."),
+            col("cpu_brand", Type::Text, "CPU model name."),
+            col("cpu_physical_cores", Type::Integer, "Physical cores."),
+            col("cpu_logical_cores", Type::Integer, "Logical cores."),
+            col("physical_memory", Type::Bigint, "Memory, bytes."),
+            col("hardware_vendor", Type::Text, "DMI system vendor."),
+            col("hardware_model", Type::Text, "DMI product name."),
+            col("computer_name", Type::Text, "Host name."),
+            col("local_hostname", Type::Text, "Host name without domain."),
+        ],
+        required: &[],
+        generate: system_info,
+    },
+    TableDef {
+        name: "os_version",
+        description: "The operating system's name and version (/etc/os-release), one row.",
+        platforms: LINUX,
+        columns: &[
+            col("name", Type::Text, "Distribution name (NAME)."),
+            col("version", Type::Text, "Version text (VERSION)."),
+            col("major", Type::Integer, "Major version."),
+            col("minor", Type::Integer, "Minor version."),
+            col("patch", Type::Integer, "Patch version."),
+            col("build", Type::Text, "Build id (BUILD_ID)."),
+            col("platform", Type::Text, "ID."),
+            col("platform_like", Type::Text, "ID_LIKE."),
+            col("codename", Type::Text, "VERSION_CODENAME."),
+            col("arch", Type::Text, "Architecture."),
+        ],
+        required: &[],
+        generate: os_version,
+    },
+    TableDef {
+        name: "uptime",
+        description: "Time since boot, one row.",
+        platforms: LINUX,
+        columns: &[
+            col("days", Type::Integer, "Whole days."),
+            col("hours", Type::Integer, "Hours beyond the days."),
+            col("minutes", Type::Integer, "Minutes beyond the hours."),
+            col("seconds", Type::Integer, "Seconds beyond the minutes."),
+            col("total_seconds", Type::Bigint, "All of it, seconds."),
+        ],
+        required: &[],
+        generate: uptime,
+    },
+    TableDef {
+        name: "etc_hosts",
+        description: "Lines of /etc/hosts.",
+        platforms: LINUX,
+        columns: &[
+            col("address", Type::Text, "IP address."),
+            col("hostnames", Type::Text, "Names, space-separated."),
+        ],
+        required: &[],
+        generate: etc_hosts,
+    },
+    TableDef {
+        name: "file",
+        description: "Files and directories with their metadata, by path or directory.",
+        platforms: LINUX,
+        columns: &[
+            pattern_col(
+                "path",
+                "Absolute path; LIKE: % within one level, %% any depth.",
+            ),
+            pattern_col("directory", "The directory listed (one level)."),
+            col("filename", Type::Text, "Name within its directory."),
+            col("inode", Type::Bigint, "Inode number."),
+            col("uid", Type::Bigint, "Owner."),
+            col("gid", Type::Bigint, "Group."),
+            col("mode", Type::Text, "Permission bits, octal (0644)."),
+            col("device", Type::Bigint, "Device id (for device files)."),
+            col("size", Type::Bigint, "Size, bytes."),
+            col("block_size", Type::Integer, "Preferred block size."),
+            col(
+                "atime",
+                Type::Bigint,
+                "Last access, seconds since the epoch.",
+            ),
+            col(
+                "mtime",
+                Type::Bigint,
+                "Last modification, seconds since the epoch.",
+            ),
+            col(
+                "ctime",
+                Type::Bigint,
+                "Last status change, seconds since the epoch.",
+            ),
+            col(
+                "btime",
+                Type::Bigint,
+                "Creation, seconds since the epoch (0 if unknown).",
+            ),
+            col("hard_links", Type::Integer, "Number of hard links."),
+            col(
+                "symlink",
+                Type::Integer,
+                "1 if the path is a symbolic link.",
+            ),
+            col(
+                "type",
+                Type::Text,
+                "regular, directory, symlink, character, block, fifo, socket.",
+            ),
+        ],
+        required: &["path", "directory"],
+        generate: file,
+    },
+    TableDef {
+        name: "hash",
+        description: "MD5, SHA-1 and SHA-256 of files, by path or directory.",
+        platforms: LINUX,
+        columns: &[
+            pattern_col(
+                "path",
+                "Absolute path; LIKE: % within one level, %% any depth.",
+            ),
+            pattern_col("directory", "Every regular file directly in it."),
+            col("md5", Type::Text, "MD5, hex."),
+            col("sha1", Type::Text, "SHA-1, hex."),
+            col("sha256", Type::Text, "SHA-256, hex."),
+        ],
+        required: &["path", "directory"],
+        generate: hash,
+    },
+    TableDef {
+        name: "listening_ports",
+        description: "TCP sockets listening and UDP sockets bound, with their process.",
+        platforms: LINUX,
+        columns: &[
+            col(
+                "pid",
+                Type::Integer,
+                "Owning process (-1 if not visible to the agent).",
+            ),
+            col("port", Type::Integer, "Local port."),
+            col("protocol", Type::Integer, "6 (TCP) or 17 (UDP)."),
+            col("family", Type::Integer, "2 (IPv4) or 10 (IPv6)."),
+            col("address", Type::Text, "Local address."),
+            col(
+                "fd",
+                Type::Bigint,
+                "File descriptor in the process (-1 if unknown).",
+            ),
+            col("socket", Type::Bigint, "Socket inode."),
+            col("path", Type::Text, "Empty (UNIX sockets are not listed)."),
+        ],
+        required: &[],
+        generate: listening_ports,
+    },
+    TableDef {
+        name: "kernel_modules",
+        description: "Loaded kernel modules (/proc/modules).",
+        platforms: LINUX,
+        columns: &[
+            col("name", Type::Text, "Module name."),
+            col("size", Type::Bigint, "Size, bytes."),
+            col("used_by", Type::Text, "Modules using it, comma-separated."),
+            col("status", Type::Text, "Live, Loading or Unloading."),
+            col(
+                "address",
+                Type::Text,
+                "Load address (0 unless the agent may see it).",
+            ),
+        ],
+        required: &[],
+        generate: kernel_modules,
+    },
+    TableDef {
+        name: "mounts",
+        description: "Mounted filesystems with their capacity.",
+        platforms: LINUX,
+        columns: &[
+            col("device", Type::Text, "Mounted device."),
+            col("device_alias", Type::Text, "The device's canonical path."),
+            col("path", Type::Text, "Mount point."),
+            col("type", Type::Text, "Filesystem type."),
+            col("blocks_size", Type::Bigint, "Block size, bytes."),
+            col("blocks", Type::Bigint, "Blocks in all."),
+            col("blocks_free", Type::Bigint, "Free blocks."),
+            col(
+                "blocks_available",
+                Type::Bigint,
+                "Blocks available to unprivileged users.",
+            ),
+            col("inodes", Type::Bigint, "Inodes in all."),
+            col("inodes_free", Type::Bigint, "Free inodes."),
+            col("flags", Type::Text, "Mount options, comma-separated."),
+        ],
+        required: &[],
+        generate: mounts,
+    },
+    TableDef {
+        name: "deb_packages",
+        description: "Installed Debian packages (/var/lib/dpkg/status).",
+        platforms: LINUX,
+        columns: &[
+            col("name", Type::Text, "Package name."),
+            col("version", Type::Text, "Version."),
+            col("source", Type::Text, "Source package."),
+            col("size", Type::Bigint, "Installed size, KiB."),
+            col("arch", Type::Text, "Architecture."),
+            col(
+                "revision",
+                Type::Text,
+                "Debian revision (after the last '-' of the version).",
+            ),
+            col("status", Type::Text, "dpkg status (install ok installed)."),
+            col("maintainer", Type::Text, "Maintainer."),
+            col("section", Type::Text, "Section."),
+            col("priority", Type::Text, "Priority."),
+        ],
+        required: &[],
+        generate: deb_packages,
+    },
+];
+
+fn column(t: &str, name: &str) -> usize {
+    TABLES
+        .iter()
+        .find(|d| d.name == t)
+        .and_then(|d| d.column(name))
+        .expect("a column of a table defined above")
+}
+
+fn read_trim(path: &str) -> String {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn proc_error(what: &str, e: impl std::fmt::Display) -> TableError {
+    TableError(format!("cannot read {what}: {e}"))
+}
+
+fn processes(c: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let pids = c.ints(column("processes", "pid"));
+    let procs: Vec<procfs::process::Process> = if pids.is_empty() {
+        procfs::process::all_processes()
+            .map_err(|e| proc_error("/proc", e))?
+            .filter_map(Result::ok)
+            .collect()
+    } else {
+        pids.iter()
+            .filter_map(|p| i32::try_from(*p).ok())
+            .filter_map(|p| procfs::process::Process::new(p).ok())
+            .collect()
+    };
+    let tps = procfs::ticks_per_second().max(1);
+    let boot = procfs::boot_time_secs().unwrap_or(0);
+    let page = procfs::page_size();
+    for p in procs {
+        // A process may end between listing and reading: skip it.
+        let Ok(stat) = p.stat() else { continue };
+        let status = p.status().ok();
+        let ids = |f: fn(&procfs::process::Status) -> u32| -> Value {
+            status.as_ref().map_or(Value::Int(-1), |s| f(s).into())
+        };
+        let exe = p.exe().ok();
+        let on_disk = match &exe {
+            Some(e) if e.to_string_lossy().ends_with(" (deleted)") => 0,
+            Some(e) => i64::from(e.exists()),
+            None => -1,
+        };
+        let path_text = |r: procfs::ProcResult<PathBuf>| -> Value {
+            r.map(|p| p.display().to_string())
+                .unwrap_or_default()
+                .into()
+        };
+        out.push(vec![
+            stat.pid.into(),
+            stat.comm.clone().into(),
+            exe.map(|e| e.display().to_string())
+                .unwrap_or_default()
+                .into(),
+            p.cmdline().map(|a| a.join(" ")).unwrap_or_default().into(),
+            stat.state.to_string().into(),
+            path_text(p.cwd()),
+            path_text(p.root()),
+            ids(|s| s.ruid),
+            ids(|s| s.rgid),
+            ids(|s| s.euid),
+            ids(|s| s.egid),
+            ids(|s| s.suid),
+            ids(|s| s.sgid),
+            on_disk.into(),
+            (stat.rss * page).into(),
+            stat.vsize.into(),
+            (stat.utime * 1000 / tps).into(),
+            (stat.stime * 1000 / tps).into(),
+            (boot + stat.starttime / tps).into(),
+            stat.ppid.into(),
+            stat.pgrp.into(),
+            stat.num_threads.into(),
+            stat.nice.into(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// The lines of a colon-separated account file, split.
+fn colon_file(path: &str) -> Result<Vec<Vec<String>>, TableError> {
+    let text = fs::read_to_string(path).map_err(|e| proc_error(path, e))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| l.split(':').map(str::to_owned).collect())
+        .collect())
+}
+
+fn id(s: &str) -> (Value, Value) {
+    match s.parse::<u32>() {
+        Ok(v) => (v.into(), i64::from(v as i32).into()),
+        Err(_) => (Value::Null, Value::Null),
+    }
+}
+
+fn users(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    for f in colon_file("/etc/passwd")? {
+        if f.len() < 7 {
+            continue;
+        }
+        let (uid, uid_signed) = id(&f[2]);
+        let (gid, gid_signed) = id(&f[3]);
+        out.push(vec![
+            uid,
+            gid,
+            uid_signed,
+            gid_signed,
+            f[0].clone().into(),
+            f[4].clone().into(),
+            f[5].clone().into(),
+            f[6].clone().into(),
+            "".into(),
+        ])?;
+    }
+    Ok(())
+}
+
+fn groups(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    for f in colon_file("/etc/group")? {
+        if f.len() < 3 {
+            continue;
+        }
+        let (gid, gid_signed) = id(&f[2]);
+        out.push(vec![gid, gid_signed, f[0].clone().into()])?;
+    }
+    Ok(())
+}
+
+fn system_info(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    use procfs::Current;
+    let host = read_trim("/proc/sys/kernel/hostname");
+    let domain = read_trim("/proc/sys/kernel/domainname");
+    let fqdn = if domain.is_empty() || domain == "(none)" {
+        host.clone()
+    } else {
+        format!("{host}.{domain}")
+    };
+    let cpu = procfs::CpuInfo::current().ok();
+    let logical = cpu.as_ref().map_or(0, |c| c.num_cores());
+    // Physical cores: distinct (physical id, core id) pairs; a virtual machine may report none.
+    let physical = cpu.as_ref().map_or(0, |c| {
+        let pairs: std::collections::BTreeSet<(Option<&str>, Option<&str>)> = (0..c.num_cores())
+            .map(|i| (c.get_field(i, "physical id"), c.get_field(i, "core id")))
+            .collect();
+        if pairs.iter().all(|(p, c)| p.is_none() && c.is_none()) {
+            c.num_cores()
+        } else {
+            pairs.len()
+        }
+    });
+    let brand = cpu
+        .as_ref()
+        .and_then(|c| c.model_name(0).map(str::to_owned))
+        .unwrap_or_default();
+    let memory = procfs::Meminfo::current().map_or(0, |m| m.mem_total);
+    out.push(vec![
+        fqdn.into(),
+        read_trim("/sys/class/dmi/id/product_uuid").into(),
+        std::env::consts::ARCH.into(),
+        brand.into(),
+        (physical as u64).into(),
+        (logical as u64).into(),
+        memory.into(),
+        read_trim("/sys/class/dmi/id/sys_vendor").into(),
+        read_trim("/sys/class/dmi/id/product_name").into(),
+        host.clone().into(),
+        host.into(),
+    ])
+}
+
+/// `KEY=value` lines of an os-release file, values unquoted.
+fn os_release() -> BTreeMap<String, String> {
+    let text = fs::read_to_string("/etc/os-release")
+        .or_else(|_| fs::read_to_string("/usr/lib/os-release"))
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+        .collect()
+}
+
+fn os_version(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let r = os_release();
+    let get = |k: &str| r.get(k).cloned().unwrap_or_default();
+    let version_id = get("VERSION_ID");
+    let mut parts = version_id.split('.').map(|p| p.parse::<i64>().ok());
+    let mut next = || parts.next().flatten().map_or(Value::Null, Value::Int);
+    let (major, minor, patch) = (next(), next(), next());
+    out.push(vec![
+        get("NAME").into(),
+        get("VERSION").into(),
+        major,
+        minor,
+        patch,
+        get("BUILD_ID").into(),
+        get("ID").into(),
+        get("ID_LIKE").into(),
+        get("VERSION_CODENAME").into(),
+        std::env::consts::ARCH.into(),
+    ])
+}
+
+fn uptime(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    use procfs::Current;
+    let up = procfs::Uptime::current().map_err(|e| proc_error("/proc/uptime", e))?;
+    let total = up.uptime as u64;
+    out.push(vec![
+        (total / 86_400).into(),
+        (total % 86_400 / 3600).into(),
+        (total % 3600 / 60).into(),
+        (total % 60).into(),
+        total.into(),
+    ])
+}
+
+fn etc_hosts(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let text = fs::read_to_string("/etc/hosts").map_err(|e| proc_error("/etc/hosts", e))?;
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        let Some(address) = words.next() else {
+            continue;
+        };
+        let names: Vec<&str> = words.collect();
+        out.push(vec![address.into(), names.join(" ").into()])?;
+    }
+    Ok(())
+}
+
+/// An osquery path pattern as a glob: `%` any characters within one level, `_` one character, and
+/// a level holding `%%` any depth (`/etc/%%` everything below /etc, `/src/%%.rs` every .rs file
+/// below /src).
+fn like_to_glob(pattern: &str) -> String {
+    let level = |c: &str| c.replace('%', "*").replace('_', "?");
+    pattern
+        .split('/')
+        .map(|c| match c.split_once("%%") {
+            Some((a, b)) => format!("**/{}", level(&format!("{a}%{b}"))),
+            None => level(c),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The paths a `path`/`directory` pair of constraints selects: `path` values as they are, `path`
+/// patterns expanded, every entry of each `directory` (patterns expanded to directories first).
+fn selected_paths(c: &Constraints, table: &str) -> Vec<PathBuf> {
+    let (path, dir) = (column(table, "path"), column(table, "directory"));
+    let mut out: Vec<PathBuf> = c
+        .text(path, Op::Eq)
+        .into_iter()
+        .map(PathBuf::from)
+        .collect();
+    let room = |out: &Vec<PathBuf>| super::table::SCAN_ROWS_MAX.saturating_sub(out.len()) + 1;
+    for p in c.text(path, Op::Like) {
+        let found = crate::agent::artifacts::glob(&like_to_glob(&p), room(&out));
+        out.extend(found.into_iter().chain(glob_dirs(&like_to_glob(&p))));
+    }
+    let mut dirs: Vec<PathBuf> = c.text(dir, Op::Eq).into_iter().map(PathBuf::from).collect();
+    for d in c.text(dir, Op::Like) {
+        dirs.extend(glob_dirs(&like_to_glob(&d)));
+    }
+    for d in dirs {
+        if let Ok(entries) = fs::read_dir(&d) {
+            let mut names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            names.sort();
+            out.extend(names);
+        }
+        if out.len() > super::table::SCAN_ROWS_MAX {
+            break;
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The directories (not files) a glob matches, up to the scan bound.
+fn glob_dirs(pattern: &str) -> Vec<PathBuf> {
+    let parts: Vec<&str> = pattern
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut out = Vec::new();
+    dir_walk(Path::new("/"), &parts, &mut out);
+    out
+}
+
+fn dir_walk(dir: &Path, parts: &[&str], out: &mut Vec<PathBuf>) {
+    if out.len() > super::table::SCAN_ROWS_MAX {
+        return;
+    }
+    let Some((first, rest)) = parts.split_first() else {
+        if dir.is_dir() && dir != Path::new("/") {
+            out.push(dir.to_owned());
+        }
+        return;
+    };
+    if !first.contains(['*', '?']) {
+        dir_walk(&dir.join(first), rest, out);
+        return;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut names: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    for p in names {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if *first == "**" {
+            dir_walk(&p, parts, out);
+            dir_walk(&p, rest, out);
+        } else if crate::agent::artifacts::component_matches(first, &name) {
+            dir_walk(&p, rest, out);
+        }
+    }
+}
+
+fn file_type(t: fs::FileType) -> &'static str {
+    if t.is_symlink() {
+        "symlink"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_file() {
+        "regular"
+    } else if t.is_char_device() {
+        "character"
+    } else if t.is_block_device() {
+        "block"
+    } else if t.is_fifo() {
+        "fifo"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "unknown"
+    }
+}
+
+fn file(c: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    for p in selected_paths(c, "file") {
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let parent = p
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let btime = m
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        out.push(vec![
+            p.display().to_string().into(),
+            parent.into(),
+            name.into(),
+            m.ino().into(),
+            m.uid().into(),
+            m.gid().into(),
+            format!("{:04o}", m.mode() & 0o7777).into(),
+            m.rdev().into(),
+            m.size().into(),
+            m.blksize().into(),
+            m.atime().into(),
+            m.mtime().into(),
+            m.ctime().into(),
+            btime.into(),
+            m.nlink().into(),
+            m.file_type().is_symlink().into(),
+            file_type(m.file_type()).into(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// Largest file `hash` reads; a bigger one gets a row with empty digests.
+pub const HASH_FILE_BYTES_MAX: u64 = 1 << 30;
+
+fn hash(c: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    use md5::Digest;
+    for p in selected_paths(c, "hash") {
+        let Ok(m) = fs::metadata(&p) else { continue };
+        if !m.is_file() {
+            continue;
+        }
+        let parent = p
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        let digests = (m.len() <= HASH_FILE_BYTES_MAX)
+            .then(|| {
+                let mut f = fs::File::open(&p).ok()?;
+                let (mut h5, mut h1, mut h256) =
+                    (md5::Md5::new(), sha1::Sha1::new(), sha2::Sha256::new());
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    let n = f.read(&mut buf).ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    h5.update(&buf[..n]);
+                    h1.update(&buf[..n]);
+                    h256.update(&buf[..n]);
+                }
+                Some([
+                    crate::clock::hex(&h5.finalize()),
+                    crate::clock::hex(&h1.finalize()),
+                    crate::clock::hex(&h256.finalize()),
+                ])
+            })
+            .flatten()
+            .unwrap_or_default();
+        let [md5, sha1, sha256] = digests;
+        out.push(vec![
+            p.display().to_string().into(),
+            parent.into(),
+            md5.into(),
+            sha1.into(),
+            sha256.into(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// Socket inode → (pid, fd), for the processes the agent may look into.
+fn socket_owners() -> HashMap<u64, (i32, i32)> {
+    let mut owners = HashMap::new();
+    let Ok(all) = procfs::process::all_processes() else {
+        return owners;
+    };
+    for p in all.flatten() {
+        let Ok(fds) = p.fd() else { continue };
+        for fd in fds.flatten() {
+            if let procfs::process::FDTarget::Socket(inode) = fd.target {
+                owners.entry(inode).or_insert((p.pid, fd.fd));
+            }
+        }
+    }
+    owners
+}
+
+fn listening_ports(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    use procfs::net::{TcpState, UdpState};
+    let owners = socket_owners();
+    let mut socks: Vec<(i64, std::net::SocketAddr, u64)> = Vec::new();
+    for (v6, list) in [(false, procfs::net::tcp()), (true, procfs::net::tcp6())] {
+        let list = list.map_err(|e| {
+            proc_error(
+                if v6 {
+                    "/proc/net/tcp6"
+                } else {
+                    "/proc/net/tcp"
+                },
+                e,
+            )
+        });
+        for s in list.unwrap_or_default() {
+            if s.state == TcpState::Listen {
+                socks.push((6, s.local_address, s.inode));
+            }
+        }
+    }
+    for list in [procfs::net::udp(), procfs::net::udp6()] {
+        for s in list.unwrap_or_default() {
+            if s.state == UdpState::Close && s.remote_address.port() == 0 {
+                socks.push((17, s.local_address, s.inode));
+            }
+        }
+    }
+    for (protocol, addr, inode) in socks {
+        let (pid, fd) = owners.get(&inode).copied().unwrap_or((-1, -1));
+        let family = if addr.is_ipv4() { 2 } else { 10 };
+        out.push(vec![
+            pid.into(),
+            u32::from(addr.port()).into(),
+            protocol.into(),
+            family.into(),
+            addr.ip().to_string().into(),
+            fd.into(),
+            inode.into(),
+            "".into(),
+        ])?;
+    }
+    Ok(())
+}
+
+fn kernel_modules(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    // /proc/modules read whole: procfs parses it but drops the address. A kernel without
+    // loadable modules (or a container that hides them) has none.
+    let text = match fs::read_to_string("/proc/modules") {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(proc_error("/proc/modules", e)),
+    };
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 {
+            continue;
+        }
+        let used_by = f[3].trim_end_matches(',').trim_matches('-');
+        out.push(vec![
+            f[0].into(),
+            f[1].parse::<u64>().unwrap_or(0).into(),
+            used_by.into(),
+            f[4].into(),
+            f[5].into(),
+        ])?;
+    }
+    Ok(())
+}
+
+fn mounts(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    use procfs::Current;
+    let list = Vec::<procfs::MountEntry>::current().map_err(|e| proc_error("/proc/mounts", e))?;
+    for m in list {
+        let alias = fs::canonicalize(&m.fs_spec)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| m.fs_spec.clone());
+        let stats = rustix::fs::statvfs(m.fs_file.as_str()).ok();
+        let st = |f: fn(&rustix::fs::StatVfs) -> u64| {
+            stats.as_ref().map_or(Value::Null, |s| f(s).into())
+        };
+        let mut flags: Vec<String> = m
+            .fs_mntops
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => format!("{k}={v}"),
+                None => k.clone(),
+            })
+            .collect();
+        flags.sort();
+        out.push(vec![
+            m.fs_spec.clone().into(),
+            alias.into(),
+            m.fs_file.clone().into(),
+            m.fs_vfstype.clone().into(),
+            st(|s| s.f_bsize),
+            st(|s| s.f_blocks),
+            st(|s| s.f_bfree),
+            st(|s| s.f_bavail),
+            st(|s| s.f_files),
+            st(|s| s.f_ffree),
+            flags.join(",").into(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// The dpkg database.
+pub const DPKG_STATUS: &str = "/var/lib/dpkg/status";
+
+fn deb_packages(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let text = match fs::read_to_string(DPKG_STATUS) {
+        Ok(t) => t,
+        // Not a Debian system: no packages.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(proc_error(DPKG_STATUS, e)),
+    };
+    for stanza in text.split("\n\n") {
+        let mut f: BTreeMap<&str, &str> = BTreeMap::new();
+        for line in stanza.lines() {
+            if line.starts_with([' ', '\t']) {
+                continue; // A continuation line (descriptions, conffiles).
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                f.insert(k, v.trim());
+            }
+        }
+        let Some(name) = f.get("Package") else {
+            continue;
+        };
+        let status = f.get("Status").copied().unwrap_or_default();
+        // osquery lists what is installed (and half-installed), not packages merely known.
+        if !status.ends_with("installed") || status.ends_with("not-installed") {
+            continue;
+        }
+        let version = f.get("Version").copied().unwrap_or_default();
+        let revision = version.rsplit_once('-').map_or("", |(_, r)| r);
+        let source = f
+            .get("Source")
+            .map(|s| s.split_whitespace().next().unwrap_or_default())
+            .unwrap_or_default();
+        let get = |k: &str| Value::from(f.get(k).copied().unwrap_or_default());
+        out.push(vec![
+            (*name).into(),
+            version.into(),
+            source.into(),
+            f.get("Installed-Size")
+                .and_then(|s| s.parse::<u64>().ok())
+                .map_or(Value::Null, Value::from),
+            get("Architecture"),
+            revision.into(),
+            status.into(),
+            get("Maintainer"),
+            get("Section"),
+            get("Priority"),
+        ])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn path_patterns_become_globs() {
+        for (like, glob) in [
+            ("/etc/%", "/etc/*"),
+            ("/etc/%.conf", "/etc/*.conf"),
+            ("/etc/%%", "/etc/**/*"),
+            ("/src/%%.rs", "/src/**/*.rs"),
+            (
+                "/home/%/.ssh/authorized_keys",
+                "/home/*/.ssh/authorized?keys",
+            ),
+            ("/tmp/a_b", "/tmp/a?b"),
+        ] {
+            assert_eq!(super::like_to_glob(like), glob, "{like}");
+        }
+    }
+}

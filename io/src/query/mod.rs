@@ -1,0 +1,413 @@
+//! SQL over endpoint tables: the engine an agent runs a query with, and the master prepares one
+//! with to refuse it before anything is scheduled (docs/artifacts.md).
+//!
+//! SQLite (bundled) with every endpoint table as an eponymous virtual table named as osquery names
+//! it. A query only reads: an authorizer allows reading tables, calling built-in functions and
+//! recursive CTEs, and refuses everything else (writes, ATTACH — also the one VACUUM INTO makes —,
+//! PRAGMA, temp tables, views, triggers, `load_extension`), and a statement that would write is
+//! refused even so. Each run is bounded in time (a progress handler), rows and bytes; SQLite's own
+//! limits bound string length, SQL length and attached databases, and its heap is capped for the
+//! whole process.
+
+pub mod linux;
+pub mod table;
+mod vtab;
+
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::limits::Limit;
+use rusqlite::{Connection, OpenFlags};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+pub use table::TableDef;
+
+/// Longest query text accepted (bytes).
+pub const SQL_BYTES_MAX: usize = 64 << 10;
+/// Longest string or blob a query may make (`zeroblob`, `printf('%.*c', …)`, a `group_concat`).
+pub const VALUE_BYTES_MAX: i32 = 16 << 20;
+/// What SQLite may allocate in this process, all queries together; beyond it a query fails with
+/// "out of memory" (a sort of a runaway CTE, say) and nothing else is affected.
+pub const HEAP_BYTES_MAX: i64 = 256 << 20;
+/// Virtual-machine steps between two looks at the clock.
+const PROGRESS_STEPS: i32 = 10_000;
+
+/// What one run may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Rows at most; the run stops (successfully) at this many.
+    pub rows: u64,
+    /// Bytes of rows (as JSON) at most; beyond, the run fails naming the limit.
+    pub bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            rows: 1_000_000,
+            bytes: 256 << 20,
+        }
+    }
+}
+
+/// Why a query was refused or failed, with the byte offset in its text where SQLite found the
+/// error when it knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryError {
+    /// What was wrong.
+    pub message: String,
+    /// Byte offset into the query text.
+    pub offset: Option<usize>,
+}
+
+impl QueryError {
+    fn new(message: impl Into<String>) -> QueryError {
+        QueryError {
+            message: message.into(),
+            offset: None,
+        }
+    }
+}
+
+impl fmt::Display for QueryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.offset {
+            Some(o) => write!(f, "{} (at byte {o} of the query)", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// The output stopped the run (row limit reached elsewhere, flow cancelled).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stop;
+
+/// Every endpoint table this build knows.
+pub fn tables() -> &'static [TableDef] {
+    linux::TABLES
+}
+
+/// A table by name.
+pub fn table(name: &str) -> Option<&'static TableDef> {
+    tables().iter().find(|t| t.name == name)
+}
+
+/// What the authorizer saw while a statement was prepared.
+#[derive(Default)]
+struct Seen {
+    /// The last action it refused (to say what, not SQLite's "not authorized").
+    denied: Option<String>,
+    /// The tables read.
+    read: BTreeSet<String>,
+}
+
+fn authorize(ctx: AuthContext<'_>, seen: &Mutex<Seen>) -> Authorization {
+    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    let refused = match ctx.action {
+        AuthAction::Read { table_name, .. } => {
+            seen.read.insert(table_name.to_owned());
+            return Authorization::Allow;
+        }
+        AuthAction::Select | AuthAction::Recursive => return Authorization::Allow,
+        AuthAction::Function { function_name } => {
+            if function_name.eq_ignore_ascii_case("load_extension") {
+                "load_extension (loading code)".to_owned()
+            } else {
+                return Authorization::Allow;
+            }
+        }
+        AuthAction::Attach { .. } => "ATTACH (also made by VACUUM INTO)".to_owned(),
+        AuthAction::Detach { .. } => "DETACH".to_owned(),
+        AuthAction::Pragma { pragma_name, .. } => format!("PRAGMA {pragma_name}"),
+        AuthAction::Insert { .. } | AuthAction::Update { .. } | AuthAction::Delete { .. } => {
+            "writing (INSERT, UPDATE, DELETE)".to_owned()
+        }
+        AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => {
+            "transactions and savepoints".to_owned()
+        }
+        AuthAction::CreateTempTable { .. } | AuthAction::CreateTable { .. } => {
+            "creating tables".to_owned()
+        }
+        other => format!("{other:?}"),
+    };
+    seen.denied = Some(refused);
+    Authorization::Deny
+}
+
+/// A connection with every table registered, read-only by authorizer.
+pub struct Engine {
+    conn: Connection,
+    refused: Arc<Mutex<BTreeSet<&'static str>>>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+/// A prepared query's shape, as the master checks it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// The result's column names.
+    pub columns: Vec<String>,
+    /// The named parameters it uses (`:name`, `@name`, `$name`), without their sigil.
+    pub params: Vec<String>,
+    /// The tables it reads.
+    pub tables: Vec<&'static str>,
+}
+
+fn sqlite_error(e: rusqlite::Error) -> QueryError {
+    match e {
+        rusqlite::Error::SqlInputError { msg, offset, .. } => QueryError {
+            message: msg,
+            offset: usize::try_from(offset).ok(),
+        },
+        rusqlite::Error::SqliteFailure(_, Some(msg)) => QueryError::new(msg),
+        rusqlite::Error::MultipleStatement => {
+            QueryError::new("a query is one statement (found more than one)")
+        }
+        other => QueryError::new(other.to_string()),
+    }
+}
+
+impl Engine {
+    /// A new engine (an in-memory database holding nothing but the tables).
+    pub fn new() -> Result<Engine, QueryError> {
+        let fail = |e: rusqlite::Error| QueryError::new(format!("cannot start SQLite: {e}"));
+        let mut conn = Connection::open_with_flags(
+            ":memory:",
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(fail)?;
+        // Process-wide; set before the authorizer refuses every PRAGMA.
+        conn.pragma_update(None, "hard_heap_limit", HEAP_BYTES_MAX)
+            .map_err(fail)?;
+        use rusqlite::config::DbConfig;
+        for (c, on) in [
+            (DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true),
+            (DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, false),
+            (DbConfig::SQLITE_DBCONFIG_ENABLE_VIEW, false),
+            (DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false),
+        ] {
+            conn.set_db_config(c, on).map_err(fail)?;
+        }
+        for (l, v) in [
+            (Limit::SQLITE_LIMIT_LENGTH, VALUE_BYTES_MAX),
+            (Limit::SQLITE_LIMIT_SQL_LENGTH, SQL_BYTES_MAX as i32),
+            (Limit::SQLITE_LIMIT_ATTACHED, 0),
+            (Limit::SQLITE_LIMIT_VARIABLE_NUMBER, 100),
+        ] {
+            conn.set_limit(l, v).map_err(fail)?;
+        }
+        let refused = Arc::new(Mutex::new(BTreeSet::new()));
+        for def in tables() {
+            let aux = vtab::Aux {
+                def,
+                refused: refused.clone(),
+            };
+            conn.create_module(def.name, &vtab::MODULE, Some(aux))
+                .map_err(fail)?;
+        }
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let s = seen.clone();
+        conn.authorizer(Some(move |ctx: AuthContext<'_>| authorize(ctx, &s)))
+            .map_err(fail)?;
+        Ok(Engine {
+            conn,
+            refused,
+            seen,
+        })
+    }
+
+    /// SQLite's error as what a user can act on: what the authorizer refused, which table lacked
+    /// its required constraint, where the tables are listed.
+    fn explain(&self, e: rusqlite::Error) -> QueryError {
+        let mut err = sqlite_error(e);
+        let denied = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .denied
+            .take();
+        if let Some(what) = denied {
+            err.message = format!("not allowed in a query (queries only read): {what}");
+        } else if err.message.contains("no query solution") {
+            let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            let needs: Vec<String> = refused
+                .iter()
+                .filter_map(|t| table(t).map(TableDef::needs))
+                .collect();
+            if !needs.is_empty() {
+                err.message = needs.join("; ");
+            }
+        } else if err.message.ends_with("may not be modified") {
+            err.message = format!(
+                "not allowed in a query (queries only read): {}",
+                err.message
+            );
+        } else if err.message == "interrupted" {
+            err.message = "the query ran out of time (the task's timeout)".into();
+        } else if let Some(name) = err.message.strip_prefix("no such table: ") {
+            err.message = format!(
+                "no such table: {name} (the tables: docs/artifacts.md, or `talon artifacts tables`)"
+            );
+        }
+        err
+    }
+
+    /// Prepares `sql`, mapping SQLite's errors to what a user can act on.
+    fn prepare(&self, sql: &str) -> Result<rusqlite::Statement<'_>, QueryError> {
+        if sql.len() > SQL_BYTES_MAX {
+            return Err(QueryError::new(format!(
+                "the query is {} bytes; at most {SQL_BYTES_MAX}",
+                sql.len()
+            )));
+        }
+        if sql.trim().is_empty() {
+            return Err(QueryError::new("the query is empty"));
+        }
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Seen::default();
+        let stmt = self.conn.prepare(sql).map_err(|e| self.explain(e))?;
+        if !stmt.readonly() {
+            return Err(QueryError::new(
+                "not allowed in a query (queries only read): a statement that writes",
+            ));
+        }
+        Ok(stmt)
+    }
+
+    /// Checks a query without running it: syntax, tables, columns, required constraints,
+    /// allowed actions. Answers its shape.
+    pub fn check(&self, sql: &str) -> Result<Checked, QueryError> {
+        let stmt = self.prepare(sql)?;
+        let columns = stmt.column_names().map(str::to_owned).collect();
+        let params = (1..=stmt.parameter_count())
+            .map(|i| {
+                stmt.parameter_name(i)
+                    .map(|n| n[1..].to_owned())
+                    .ok_or_else(|| {
+                        QueryError::new(format!(
+                            "parameter {i} has no name; write parameters as :name"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let read = &self.seen.lock().unwrap_or_else(|p| p.into_inner()).read;
+        let tables = tables()
+            .iter()
+            .map(|t| t.name)
+            .filter(|n| read.contains(*n))
+            .collect();
+        Ok(Checked {
+            columns,
+            params,
+            tables,
+        })
+    }
+
+    /// Runs `sql` with `params` bound by name (as text; SQLite compares them with columns by the
+    /// columns' affinity), sending each row as a JSON object to `emit` until it stops the run, a
+    /// limit is reached, or `expired()` says the time is up.
+    pub fn run(
+        &mut self,
+        sql: &str,
+        params: &BTreeMap<String, String>,
+        limits: Limits,
+        expired: impl FnMut() -> bool + Send + 'static,
+        emit: &mut dyn FnMut(serde_json::Map<String, serde_json::Value>) -> Result<(), Stop>,
+    ) -> Result<(), QueryError> {
+        self.conn
+            .progress_handler(PROGRESS_STEPS, Some(expired))
+            .map_err(sqlite_error)?;
+        let r = self.run_inner(sql, params, limits, emit);
+        let _ = self.conn.progress_handler(0, None::<fn() -> bool>);
+        r
+    }
+
+    fn run_inner(
+        &self,
+        sql: &str,
+        params: &BTreeMap<String, String>,
+        limits: Limits,
+        emit: &mut dyn FnMut(serde_json::Map<String, serde_json::Value>) -> Result<(), Stop>,
+    ) -> Result<(), QueryError> {
+        let mut stmt = self.prepare(sql)?;
+        for i in 1..=stmt.parameter_count() {
+            let name = stmt.parameter_name(i).unwrap_or_default().to_owned();
+            let value = params
+                .get(name.get(1..).unwrap_or_default())
+                .ok_or_else(|| {
+                    QueryError::new(format!(
+                        "the query uses parameter {name}, which was not given"
+                    ))
+                })?;
+            stmt.raw_bind_parameter(i, value).map_err(sqlite_error)?;
+        }
+        let names = unique_names(&stmt.column_names().collect::<Vec<_>>());
+        let mut rows = stmt.raw_query();
+        let (mut n, mut bytes) = (0u64, 0u64);
+        loop {
+            let row = match rows.next() {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.explain(e)),
+            };
+            if n >= limits.rows {
+                return Ok(());
+            }
+            let mut obj = serde_json::Map::with_capacity(names.len());
+            for (i, name) in names.iter().enumerate() {
+                obj.insert(
+                    name.clone(),
+                    json_value(row.get_ref(i).map_err(sqlite_error)?),
+                );
+            }
+            bytes += serde_json::to_vec(&obj).map_or(0, |v| v.len() as u64);
+            if bytes > limits.bytes {
+                return Err(QueryError::new(format!(
+                    "the query's rows exceed {} bytes (the task's limit)",
+                    limits.bytes
+                )));
+            }
+            n += 1;
+            if emit(obj).is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Column names made unique for JSON objects: a repeated name gets `_2`, `_3`, ….
+fn unique_names(names: &[&str]) -> Vec<String> {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for n in names {
+        let k = seen.entry(n).or_insert(0);
+        *k += 1;
+        let mut name = if *k == 1 {
+            n.to_string()
+        } else {
+            format!("{n}_{k}")
+        };
+        while out.contains(&name) {
+            name.push('_');
+        }
+        out.push(name);
+    }
+    out
+}
+
+fn json_value(v: rusqlite::types::ValueRef<'_>) -> serde_json::Value {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Null => serde_json::Value::Null,
+        ValueRef::Integer(i) => i.into(),
+        ValueRef::Real(r) => {
+            serde_json::Number::from_f64(r).map_or(serde_json::Value::Null, Into::into)
+        }
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+        ValueRef::Blob(b) => crate::clock::hex(b).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

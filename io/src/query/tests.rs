@@ -1,0 +1,519 @@
+//! The engine's guarantees (only reads, bounded, clear errors) and its tables against tools
+//! nobody here wrote (`ps`, `getent`, `sha256sum`, `md5sum`, `stat`, `ss`, `dpkg-query`).
+
+use super::*;
+use serde_json::Value as J;
+use std::collections::BTreeSet;
+use std::process::Command;
+
+fn rows(e: &mut Engine, sql: &str) -> Result<Vec<serde_json::Map<String, J>>, QueryError> {
+    rows_with(e, sql, &BTreeMap::new())
+}
+
+fn rows_with(
+    e: &mut Engine,
+    sql: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<Vec<serde_json::Map<String, J>>, QueryError> {
+    let mut out = Vec::new();
+    e.run(sql, params, Limits::default(), || false, &mut |r| {
+        out.push(r);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn engine() -> Engine {
+    Engine::new().expect("the engine starts")
+}
+
+/// A tool's standard output; panics naming the tool if it cannot run (CI installs them).
+fn tool(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} (installed by .ci/run): {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn text(r: &serde_json::Map<String, J>, k: &str) -> String {
+    match &r[k] {
+        J::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+#[test]
+fn every_table_answers_a_select() {
+    let mut e = engine();
+    for t in tables() {
+        let sql = if t.required.is_empty() {
+            format!("SELECT * FROM {}", t.name)
+        } else {
+            format!("SELECT * FROM {} WHERE path = '/etc/hostname'", t.name)
+        };
+        let got = rows(&mut e, &sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        if let Some(r) = got.first() {
+            let names: Vec<&str> = r.keys().map(String::as_str).collect();
+            let want: Vec<&str> = t.columns.iter().map(|c| c.name).collect();
+            assert_eq!(
+                names.iter().collect::<BTreeSet<_>>(),
+                want.iter().collect::<BTreeSet<_>>(),
+                "{}",
+                t.name
+            );
+        }
+    }
+    // One-row tables have their row.
+    for t in ["system_info", "os_version", "uptime"] {
+        assert_eq!(
+            rows(&mut e, &format!("SELECT * FROM {t}")).unwrap().len(),
+            1,
+            "{t}"
+        );
+    }
+}
+
+#[test]
+fn queries_only_read_and_say_what_they_may_not_do() {
+    let mut e = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("copy.db");
+    for (sql, want) in [
+        ("INSERT INTO users VALUES (1)", "not allowed"),
+        ("DELETE FROM processes", "not allowed"),
+        ("CREATE TABLE t(x)", "not allowed"),
+        ("CREATE TEMP TABLE t(x)", "not allowed"),
+        ("CREATE TEMP VIEW v AS SELECT 1", "not allowed"),
+        (
+            &format!("ATTACH DATABASE '{}' AS x", target.display()),
+            "ATTACH",
+        ),
+        (
+            &format!("VACUUM INTO '{}'", target.display()),
+            "not allowed",
+        ),
+        ("PRAGMA hard_heap_limit = 0", "PRAGMA hard_heap_limit"),
+        ("SELECT * FROM pragma_table_info('users')", "PRAGMA"),
+        ("SELECT load_extension('/tmp/x.so')", "load_extension"),
+        ("BEGIN", "not allowed"),
+        ("SELECT 1; DELETE FROM users", "not allowed"),
+        ("SELECT 1; SELECT 2", "one statement"),
+    ] {
+        let err = rows(&mut e, sql).expect_err(sql);
+        assert!(err.message.contains(want), "{sql}: {err}");
+    }
+    assert!(!target.exists(), "nothing was written");
+    // The engine still serves.
+    assert_eq!(rows(&mut e, "SELECT 1 AS one").unwrap()[0]["one"], 1);
+}
+
+#[test]
+fn a_runaway_query_is_stopped_by_its_clock_and_the_engine_keeps_serving() {
+    let mut e = engine();
+    let sql = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+               SELECT count(*) FROM c";
+    // The clock says "expired" at its fifth look: deterministic, no wall time involved.
+    let mut looks = 0;
+    let err = e
+        .run(
+            sql,
+            &BTreeMap::new(),
+            Limits::default(),
+            move || {
+                looks += 1;
+                looks >= 5
+            },
+            &mut |_| Ok(()),
+        )
+        .unwrap_err();
+    assert!(err.message.contains("ran out of time"), "{err}");
+    assert_eq!(rows(&mut e, "SELECT 2 AS two").unwrap()[0]["two"], 2);
+}
+
+#[test]
+fn rows_and_bytes_are_bounded() {
+    let mut e = engine();
+    let sql = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 1000) \
+               SELECT x FROM c";
+    let mut n = 0;
+    let limits = Limits {
+        rows: 10,
+        ..Limits::default()
+    };
+    e.run(sql, &BTreeMap::new(), limits, || false, &mut |_| {
+        n += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(n, 10);
+    let limits = Limits {
+        rows: 1000,
+        bytes: 100,
+    };
+    let err = e
+        .run(sql, &BTreeMap::new(), limits, || false, &mut |_| Ok(()))
+        .unwrap_err();
+    assert!(err.message.contains("exceed 100 bytes"), "{err}");
+    // A value longer than the string bound fails (memory), not the process.
+    let err = rows(&mut e, "SELECT length(zeroblob(100000000))").unwrap_err();
+    assert!(err.message.contains("too big"), "{err}");
+    // The output may stop the run early.
+    let mut n = 0;
+    e.run(
+        sql,
+        &BTreeMap::new(),
+        Limits::default(),
+        || false,
+        &mut |_| {
+            n += 1;
+            if n == 3 { Err(Stop) } else { Ok(()) }
+        },
+    )
+    .unwrap();
+    assert_eq!(n, 3);
+}
+
+#[test]
+fn errors_name_the_table_the_column_or_the_position() {
+    let e = engine();
+    let err = e.check("SELECT * FROM file").unwrap_err();
+    assert!(
+        err.message.contains("table file needs a constraint") && err.message.contains("path"),
+        "{err}"
+    );
+    let err = e
+        .check("SELECT md5 FROM hash WHERE sha256 = 'x'")
+        .unwrap_err();
+    assert!(err.message.contains("table hash needs"), "{err}");
+    let err = e.check("SELECT * FROM no_such").unwrap_err();
+    assert!(err.message.contains("no such table: no_such"), "{err}");
+    let err = e.check("SELECT nope FROM users").unwrap_err();
+    assert!(err.message.contains("no such column: nope"), "{err}");
+    assert_eq!(err.offset, Some(7), "{err}");
+    let err = e
+        .check("SELECT pid FROM processes WHER pid = 1")
+        .unwrap_err();
+    assert!(err.message.contains("syntax error"), "{err}");
+    assert!(err.offset.is_some(), "{err}");
+    assert!(e.check("").unwrap_err().message.contains("empty"));
+    let long = format!("SELECT '{}'", "x".repeat(SQL_BYTES_MAX));
+    assert!(e.check(&long).unwrap_err().message.contains("at most"));
+    // What a check tells the master.
+    let c = e
+        .check("SELECT p.name, u.username FROM processes p JOIN users u ON p.uid = u.uid WHERE u.username = :who")
+        .unwrap();
+    assert_eq!(c.columns, vec!["name", "username"]);
+    assert_eq!(c.params, vec!["who"]);
+    assert_eq!(c.tables, vec!["processes", "users"]);
+}
+
+#[test]
+fn required_constraints_come_from_where_in_like_or_a_join() {
+    let mut e = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("a.txt"), "alpha").unwrap();
+    std::fs::write(dir.path().join("b.log"), "beta").unwrap();
+    std::fs::write(dir.path().join("sub/c.txt"), "gamma").unwrap();
+    let names = |rs: Vec<serde_json::Map<String, J>>, k: &str| -> Vec<String> {
+        let mut v: Vec<String> = rs.iter().map(|r| text(r, k)).collect();
+        v.sort();
+        v
+    };
+    let got = rows(
+        &mut e,
+        &format!("SELECT filename FROM file WHERE directory = '{d}'"),
+    )
+    .unwrap();
+    assert_eq!(names(got, "filename"), vec!["a.txt", "b.log", "sub"]);
+    // % is one level, %% any depth (osquery's rule); SQLite's LIKE then filters exactly.
+    let got = rows(
+        &mut e,
+        &format!("SELECT filename FROM file WHERE path LIKE '{d}/%.txt'"),
+    )
+    .unwrap();
+    assert_eq!(names(got, "filename"), vec!["a.txt"]);
+    let got = rows(
+        &mut e,
+        &format!("SELECT filename FROM file WHERE path LIKE '{d}/%%.txt'"),
+    )
+    .unwrap();
+    assert_eq!(names(got, "filename"), vec!["a.txt", "c.txt"]);
+    let got = rows(
+        &mut e,
+        &format!("SELECT path FROM file WHERE path IN ('{d}/a.txt', '{d}/b.log', '{d}/none')"),
+    )
+    .unwrap();
+    assert_eq!(got.len(), 2);
+    // A join supplies hash.path from file.
+    let got = rows(
+        &mut e,
+        &format!(
+            "SELECT f.filename, h.sha256 FROM file f JOIN hash h ON h.path = f.path \
+             WHERE f.directory = '{d}' AND f.type = 'regular'"
+        ),
+    )
+    .unwrap();
+    assert_eq!(names(got.clone(), "filename"), vec!["a.txt", "b.log"]);
+    assert!(got.iter().all(|r| text(r, "sha256").len() == 64));
+    // Parameters are bound, never spliced.
+    let params = BTreeMap::from([("p".to_owned(), format!("{d}/a.txt"))]);
+    let got = rows_with(&mut e, "SELECT md5 FROM hash WHERE path = :p", &params).unwrap();
+    assert_eq!(text(&got[0], "md5"), "2c1743a391305fbf367df8e4f069f9f9");
+    let err = rows(&mut e, "SELECT md5 FROM hash WHERE path = :p").unwrap_err();
+    assert!(err.message.contains("parameter :p"), "{err}");
+}
+
+#[test]
+fn processes_match_ps() {
+    let mut e = engine();
+    let ours: BTreeMap<i64, (i64, String)> =
+        rows(&mut e, "SELECT pid, parent, name FROM processes")
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["pid"].as_i64().unwrap(),
+                    (r["parent"].as_i64().unwrap(), text(r, "name")),
+                )
+            })
+            .collect();
+    let ps = tool("ps", &["-e", "-o", "pid=,ppid=,comm="]);
+    let theirs: Vec<(i64, i64, String)> = ps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+                f.collect::<Vec<_>>().join(" "),
+            ))
+        })
+        .collect();
+    // Processes come and go between the two reads: those alive at both agree exactly (a kernel
+    // worker's name is the work it does now, so for kernel threads only the parent is compared).
+    let mut both = 0;
+    for (pid, ppid, comm) in &theirs {
+        if let Some((parent, name)) = ours.get(pid) {
+            assert_eq!(parent, ppid, "pid {pid}");
+            if *pid != 2 && *ppid != 2 {
+                assert_eq!(name, comm, "pid {pid}");
+            }
+            both += 1;
+        }
+    }
+    assert!(
+        both * 10 >= theirs.len() * 9,
+        "{both} of {} seen by both",
+        theirs.len()
+    );
+    // This process is there, with its own pid.
+    let me = std::process::id();
+    let mine = rows(
+        &mut e,
+        &format!("SELECT pid, path FROM processes WHERE pid = {me}"),
+    )
+    .unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(
+        text(&mine[0], "path"),
+        std::env::current_exe().unwrap().display().to_string()
+    );
+}
+
+#[test]
+fn users_and_groups_match_getent() {
+    let mut e = engine();
+    let ours: BTreeSet<String> = rows(
+        &mut e,
+        "SELECT username || ':' || uid || ':' || gid || ':' || directory || ':' || shell AS l FROM users",
+    )
+    .unwrap()
+    .iter()
+    .map(|r| text(r, "l"))
+    .collect();
+    let theirs: BTreeSet<String> = tool("getent", &["passwd"])
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            format!("{}:{}:{}:{}:{}", f[0], f[2], f[3], f[5], f[6])
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+    let ours: BTreeSet<String> = rows(&mut e, "SELECT groupname || ':' || gid AS l FROM groups")
+        .unwrap()
+        .iter()
+        .map(|r| text(r, "l"))
+        .collect();
+    let theirs: BTreeSet<String> = tool("getent", &["group"])
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            format!("{}:{}", f[0], f[2])
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+}
+
+#[test]
+fn hash_and_file_match_sha256sum_md5sum_sha1sum_and_stat() {
+    let mut e = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("data.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&p, &data).unwrap();
+    let ps = p.display().to_string();
+    let r = &rows(&mut e, &format!("SELECT * FROM hash WHERE path = '{ps}'")).unwrap()[0];
+    for (col, cmd) in [
+        ("sha256", "sha256sum"),
+        ("md5", "md5sum"),
+        ("sha1", "sha1sum"),
+    ] {
+        let want = tool(cmd, &[&ps]);
+        assert_eq!(
+            text(r, col),
+            want.split_whitespace().next().unwrap(),
+            "{col}"
+        );
+    }
+    for path in [ps.as_str(), "/etc/passwd", "/etc", "/usr/bin/env"] {
+        let r = &rows(&mut e, &format!("SELECT * FROM file WHERE path = '{path}'")).unwrap()[0];
+        let want = tool("stat", &["-c", "%s %Y %X %Z %i %u %g %a %h", path]);
+        let got = format!(
+            "{} {} {} {} {} {} {} {} {}",
+            text(r, "size"),
+            text(r, "mtime"),
+            text(r, "atime"),
+            text(r, "ctime"),
+            text(r, "inode"),
+            text(r, "uid"),
+            text(r, "gid"),
+            text(r, "mode").trim_start_matches('0'),
+            text(r, "hard_links"),
+        );
+        assert_eq!(got, want.trim(), "{path}");
+    }
+}
+
+#[test]
+fn listening_ports_match_ss() {
+    // One TCP listener and one UDP socket of our own, so there is something to compare.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut e = engine();
+    let ours: BTreeSet<(i64, String, i64)> = rows(
+        &mut e,
+        "SELECT protocol, address, port FROM listening_ports",
+    )
+    .unwrap()
+    .iter()
+    .map(|r| {
+        (
+            r["protocol"].as_i64().unwrap(),
+            text(r, "address"),
+            r["port"].as_i64().unwrap(),
+        )
+    })
+    .collect();
+    let ss = tool("ss", &["-ltnuH"]);
+    let theirs: BTreeSet<(i64, String, i64)> = ss
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let proto = if f.first()? == &"tcp" { 6 } else { 17 };
+            let (addr, port) = f.get(4)?.rsplit_once(':')?;
+            let addr = addr.trim_start_matches('[').trim_end_matches(']');
+            // ss writes an interface scope (`%lo`) and `*` for any address.
+            let addr = addr.split('%').next()?;
+            let addr = match addr {
+                "*" if proto == 6 || proto == 17 => return None,
+                a => a.to_owned(),
+            };
+            Some((proto, addr, port.parse().ok()?))
+        })
+        .collect();
+    for want in [
+        (
+            6,
+            "127.0.0.1".to_owned(),
+            i64::from(tcp.local_addr().unwrap().port()),
+        ),
+        (
+            17,
+            "127.0.0.1".to_owned(),
+            i64::from(udp.local_addr().unwrap().port()),
+        ),
+    ] {
+        assert!(ours.contains(&want), "{want:?} not in {ours:?}");
+        assert!(theirs.contains(&want), "{want:?} not in ss: {ss}");
+    }
+    // Every socket ss lists with an address is ours too (sockets may open between the reads,
+    // not ours to list; those closed between them are the only ones allowed missing).
+    let missing: Vec<_> = theirs.difference(&ours).collect();
+    assert!(missing.len() <= 2, "missing {missing:?}\nss: {ss}");
+    // Our own sockets are attributed to this process.
+    let me = std::process::id();
+    let port = tcp.local_addr().unwrap().port();
+    let r = rows(
+        &mut e,
+        &format!("SELECT pid, fd FROM listening_ports WHERE port = {port} AND protocol = 6"),
+    )
+    .unwrap();
+    assert_eq!(r[0]["pid"].as_i64(), Some(i64::from(me)));
+}
+
+#[test]
+fn deb_packages_match_dpkg_query() {
+    let mut e = engine();
+    let ours: BTreeSet<String> = rows(
+        &mut e,
+        "SELECT name || ' ' || version || ' ' || arch AS l FROM deb_packages",
+    )
+    .unwrap()
+    .iter()
+    .map(|r| text(r, "l"))
+    .collect();
+    let dq = tool(
+        "dpkg-query",
+        &[
+            "-W",
+            "-f",
+            "${db:Status-Status} ${Package} ${Version} ${Architecture}\n",
+        ],
+    );
+    let theirs: BTreeSet<String> = dq
+        .lines()
+        .filter_map(|l| l.strip_prefix("installed "))
+        .map(str::to_owned)
+        .collect();
+    assert!(!theirs.is_empty());
+    let only_dpkg: Vec<_> = theirs.difference(&ours).collect();
+    assert!(only_dpkg.is_empty(), "not listed: {only_dpkg:?}");
+}
+
+#[test]
+fn osquery_pack_queries_run_unchanged() {
+    // Written as osquery's published packs write them (incident-response, ossec-rootkit, ...).
+    let mut e = engine();
+    for sql in [
+        "SELECT * FROM listening_ports;",
+        "SELECT pid, name, path, cmdline FROM processes WHERE on_disk = 0;",
+        "SELECT username, uid, gid, directory, shell FROM users WHERE uid = 0;",
+        "SELECT p.name, p.pid, lp.port, lp.address FROM listening_ports lp JOIN processes p USING (pid) WHERE lp.port != 0;",
+        "SELECT * FROM kernel_modules;",
+        "SELECT name, version FROM deb_packages WHERE name LIKE 'lib%';",
+        "SELECT * FROM mounts WHERE type NOT IN ('proc', 'sysfs', 'cgroup2');",
+        "SELECT path, md5, sha256 FROM hash WHERE path IN (SELECT path FROM file WHERE directory = '/etc' AND type = 'regular') LIMIT 5;",
+        "SELECT * FROM file WHERE path LIKE '/etc/%%' AND filename = 'hostname';",
+        "SELECT days, hours FROM uptime;",
+        "SELECT hostname, cpu_brand, physical_memory FROM system_info;",
+        "SELECT name, version, platform FROM os_version;",
+        "SELECT * FROM etc_hosts WHERE address NOT IN ('127.0.0.1', '::1');",
+        "SELECT g.groupname, count(*) AS members FROM users u JOIN groups g ON u.gid = g.gid GROUP BY g.groupname;",
+    ] {
+        rows(&mut e, sql).unwrap_or_else(|err| panic!("{sql}: {err}"));
+    }
+}
