@@ -22,6 +22,9 @@ pub enum ParamKind {
     Bool,
     /// A file glob: an absolute path that may contain `*`, `?` and `**`.
     Glob,
+    /// One SQL `SELECT` over the endpoint tables. Checked here as a string; the shell prepares it
+    /// against the tables before anything is scheduled (the core has no SQL engine).
+    Sql,
 }
 
 impl ParamKind {
@@ -32,6 +35,7 @@ impl ParamKind {
             ParamKind::Int { .. } => "int",
             ParamKind::Bool => "bool",
             ParamKind::Glob => "glob",
+            ParamKind::Sql => "sql",
         }
     }
 }
@@ -64,6 +68,9 @@ pub struct ArtifactSpec {
 pub const PARAM_VALUE_BYTES_MAX: usize = 4096;
 /// Most parameters one request may carry.
 pub const PARAMS_MAX: usize = 32;
+
+/// The artifact an ad-hoc query is collected as: one `query` parameter of kind [`ParamKind::Sql`].
+pub const QUERY_ARTIFACT: &str = "Generic.Query";
 
 /// Every artifact the client knows.
 pub const CATALOGUE: &[ArtifactSpec] = &[
@@ -147,6 +154,17 @@ pub const CATALOGUE: &[ArtifactSpec] = &[
                               upload's number and offset, so a reader can verify it).",
             },
         ],
+    },
+    ArtifactSpec {
+        name: QUERY_ARTIFACT,
+        description: "An ad-hoc SQL query over the endpoint tables (`talon query`, `hunt create \
+                      --query`); its rows are the query's columns.",
+        params: &[ParamSpec {
+            name: "query",
+            kind: ParamKind::Sql,
+            default: "SELECT * FROM system_info",
+            description: "One SELECT over the endpoint tables (docs/artifacts.md).",
+        }],
     },
     ArtifactSpec {
         name: "Linux.Network.Netstat",
@@ -241,7 +259,7 @@ fn check_value(p: &ParamSpec, value: &str) -> Result<(), ArtifactError> {
         )));
     }
     match p.kind {
-        ParamKind::String => Ok(()),
+        ParamKind::String | ParamKind::Sql => Ok(()),
         ParamKind::Bool => match value {
             "true" | "false" => Ok(()),
             _ => Err(bad("true or false".into())),

@@ -94,6 +94,7 @@ fn every_command_that_prints_has_json_output_that_parses() {
     };
 
     api("artifacts list", &[]);
+    api("artifacts tables", &[]);
     api("clients search", &["all"]);
     api("label add", &[&id, "walked"]);
     api("label remove", &[&id, "walked"]);
@@ -103,6 +104,7 @@ fn every_command_that_prints_has_json_output_that_parses() {
     api("flow results", &[&id, &flow]);
     api("flow list", &[&id]);
     api("flow watch", &[&id, &flow]);
+    api("query", &[&id, "SELECT username FROM users WHERE uid = 0"]);
     std::fs::write(d.path("up.txt"), "walked").unwrap();
     let glob = d.s("up.txt");
     let ff = api(

@@ -275,13 +275,14 @@ pub struct Analyst {
 /// What an audited change did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AuditAction {
-    /// Collected an artifact from a client (`target`: the client; `detail`: flow and artifact).
+    /// Collected an artifact from a client (`target`: the client; `detail`: flow, artifact and
+    /// parameters).
     Collect,
     /// Added a label (`target`: the client; `detail`: the label).
     LabelAdd,
     /// Removed a label.
     LabelRemove,
-    /// Created a hunt (`target`: the hunt; `detail`: the artifact).
+    /// Created a hunt (`target`: the hunt; `detail`: the artifact and parameters).
     HuntCreate,
     /// Stopped a hunt.
     HuntStop,
@@ -872,7 +873,12 @@ impl Master {
         let upload_max = self.limits.upload_bytes_max;
         let task = hunt_tasks::task(&flow.flow, &flow.artifact, &flow.params, None, upload_max);
         self.begin();
-        let detail = format!("{} {}", flow.flow, flow.artifact);
+        let detail = format!(
+            "{} {}{}",
+            flow.flow,
+            flow.artifact,
+            audit_params(&flow.params)
+        );
         self.audit(by, AuditAction::Collect, flow.client.to_string(), detail);
         let created = self.tasks.create(
             flow.client.clone(),
@@ -900,8 +906,8 @@ impl Master {
     fn create_hunt(&mut self, time: Time, request: Token, by: Analyst, id: HuntId, spec: HuntSpec) {
         self.time = time;
         self.begin();
-        let artifact = spec.artifact.clone();
-        self.audit(by, AuditAction::HuntCreate, id.to_string(), artifact);
+        let detail = format!("{}{}", spec.artifact, audit_params(&spec.params));
+        self.audit(by, AuditAction::HuntCreate, id.to_string(), detail);
         if let Err(e) = self.hunts.create(time.now, id.clone(), spec) {
             self.capture = None;
             self.audit = None;
@@ -1985,3 +1991,9 @@ fn search<'a>(
 
 #[cfg(test)]
 mod tests;
+
+/// An artifact's parameters as the audit log shows them: ` name="value"` each (what exactly was
+/// run, an ad-hoc query's text included).
+fn audit_params(params: &BTreeMap<String, String>) -> String {
+    params.iter().map(|(k, v)| format!(" {k}={v:?}")).collect()
+}

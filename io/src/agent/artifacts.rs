@@ -70,13 +70,37 @@ fn int(p: &BTreeMap<String, String>, k: &str) -> u64 {
     param(p, k).parse().unwrap_or(0)
 }
 
+/// What a task allows its artifact beyond its parameters.
+pub struct Budget {
+    /// Rows at most (0: the query engine's own bound).
+    pub max_rows: u64,
+    /// True once the task's time is up (looked at while a query runs).
+    pub expired: Box<dyn FnMut() -> bool + Send>,
+}
+
+impl Budget {
+    /// No limit of the task's own.
+    pub fn unlimited() -> Budget {
+        Budget {
+            max_rows: 0,
+            expired: Box::new(|| false),
+        }
+    }
+}
+
 /// Runs an artifact with validated parameters. `Err` is the flow's error text.
 pub fn run(
     name: &str,
     params: &BTreeMap<String, String>,
+    budget: Budget,
     emit: &mut Emit<'_>,
 ) -> Result<(), String> {
     let r = match name {
+        talon_core::artifacts::QUERY_ARTIFACT => {
+            return crate::query::run_query(param(params, "query"), budget, &mut |r| {
+                emit(Output::Row(r)).map_err(|Stop| crate::query::Stop)
+            });
+        }
         "Generic.Client.Info" => emit(row(client_info())),
         "Generic.Test.Rows" => test_rows(
             int(params, "count"),
@@ -500,7 +524,7 @@ mod tests {
             .collect();
         let (_, full) = talon_core::artifacts::validate(name, &given).unwrap();
         let mut out = Vec::new();
-        run(name, &full, &mut |o| {
+        run(name, &full, Budget::unlimited(), &mut |o| {
             out.push(o);
             Ok(())
         })
@@ -632,7 +656,7 @@ mod tests {
         )
         .unwrap();
         let mut n = 0;
-        run("Generic.Test.Rows", &p, &mut |_| {
+        run("Generic.Test.Rows", &p, Budget::unlimited(), &mut |_| {
             n += 1;
             if n == 3 { Err(Stop) } else { Ok(()) }
         })

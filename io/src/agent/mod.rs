@@ -402,10 +402,20 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
     let started = clock.monotonic();
     let params: BTreeMap<String, String> = task.params.clone().into_iter().collect();
     let artifact = task.artifact.clone();
+    let budget = {
+        let clock = clock.clone();
+        let timeout_ms = task.timeout_s.saturating_mul(1000);
+        artifacts::Budget {
+            max_rows: task.max_rows,
+            expired: Box::new(move || {
+                timeout_ms > 0 && clock.monotonic().0.saturating_sub(started.0) >= timeout_ms
+            }),
+        }
+    };
     let mut rx = if inline {
         // On this task, start to end (the simulator: no thread whose progress real time decides).
         let mut out = Vec::new();
-        let done = artifacts::run(&artifact, &params, &mut |o| {
+        let done = artifacts::run(&artifact, &params, budget, &mut |o| {
             out.push(Produced::Out(o));
             Ok(())
         });
@@ -419,7 +429,7 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
         // Artifacts block (files, /proc): a blocking thread, streaming through a bounded channel.
         let (tx, rx) = mpsc::channel::<Produced>(64);
         tokio::task::spawn_blocking(move || {
-            let done = artifacts::run(&artifact, &params, &mut |o| {
+            let done = artifacts::run(&artifact, &params, budget, &mut |o| {
                 tx.blocking_send(Produced::Out(o))
                     .map_err(|_| artifacts::Stop)
             });

@@ -107,6 +107,83 @@ pub async fn flow(mut a: Api, command: FlowCommand, t: &Times) -> Result<String,
     }
 }
 
+/// `talon query`: the query checked here, collected as `Generic.Query`, and unless `wait` is none
+/// its rows printed once the flow finished: a table in the query's column order, or JSON lines.
+pub async fn query(
+    mut a: Api,
+    client: &str,
+    sql: String,
+    wait: Option<std::time::Duration>,
+    json: bool,
+    t: &Times,
+) -> Result<String, String> {
+    let engine = crate::query::Engine::new().map_err(|e| e.to_string())?;
+    let columns = match engine.check(&sql) {
+        Ok(c) => {
+            crate::query::unique_names(&c.columns.iter().map(String::as_str).collect::<Vec<_>>())
+        }
+        Err(e) => return Err(super::query_error(&sql, &e)),
+    };
+    drop(engine);
+    let (artifact, params) = super::query_artifact(sql)?;
+    let f = a.collect(client, &artifact, params).await?;
+    let Some(timeout) = wait else {
+        return Ok(flow_out(&f, json, t));
+    };
+    let f = a.wait(client, &f.flow_id, timeout).await?;
+    if !f.error.is_empty() {
+        return Err(format!(
+            "flow {} on {client}: {}",
+            f.flow_id,
+            crate::text::printable(&f.error)
+        ));
+    }
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    let mut out = Out::stdout();
+    a.each_flow_row(client, &f.flow_id, |r| {
+        if json {
+            out.line(&r.to_string())
+        } else {
+            rows.push(r);
+            Ok(())
+        }
+    })
+    .await?;
+    out.flush()?;
+    if json {
+        return Ok(String::new());
+    }
+    let cell = |v: Option<&serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => crate::text::printable(s).into_owned(),
+        Some(v) => v.to_string(),
+    };
+    let cols: Vec<(&str, show::Align)> = columns
+        .iter()
+        .map(|c| {
+            let numeric = rows
+                .iter()
+                .all(|r| r.get(c).is_none_or(|v| v.is_number() || v.is_null()));
+            (
+                c.as_str(),
+                if numeric && !rows.is_empty() {
+                    show::Align::Right
+                } else {
+                    show::Align::Left
+                },
+            )
+        })
+        .collect();
+    let n = rows.len();
+    let table = show::table(
+        &cols,
+        rows.iter()
+            .map(|r| columns.iter().map(|c| cell(r.get(c))).collect()),
+    );
+    eprintln!("{n} rows (flow {})", f.flow_id);
+    Ok(table)
+}
+
 /// `talon hunt watch`: the hunt's figures as they change, until it is no longer running.
 pub async fn watch_hunt(
     mut a: Api,

@@ -25,6 +25,9 @@ pub enum Scenario {
     /// A minion's clients connect while the master is down for `--outage-s`; the master restarts
     /// and applies the minion's backlog: replicated events per second and catch-up time.
     Replication,
+    /// SQL over the endpoint tables on this machine, as an agent runs a `Generic.Query` task (a
+    /// fresh engine each run): milliseconds per query, p50 and max of `--clients` runs each.
+    Query,
 }
 
 impl Scenario {
@@ -35,6 +38,7 @@ impl Scenario {
             Scenario::Hunt => "hunt",
             Scenario::StorageLatency => "storage-latency",
             Scenario::Replication => "replication",
+            Scenario::Query => "query",
         }
     }
 
@@ -43,6 +47,7 @@ impl Scenario {
         match self {
             Scenario::Connections | Scenario::Hunt => 10_000,
             Scenario::StorageLatency | Scenario::Replication => 1_000,
+            Scenario::Query => 50,
         }
     }
 }
@@ -222,6 +227,9 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
     if o.minions > 0 && !matches!(o.scenario, Scenario::Connections | Scenario::Hunt) {
         return Err("--minions applies to the connections and hunt scenarios".into());
     }
+    if o.scenario == Scenario::Query {
+        return query_bench(o.clients);
+    }
     // Each frontend holds one descriptor per client on it, and so does its load generator.
     let per_process = o.clients.div_ceil(o.minions + 1);
     let wanted = per_process as u64 + FDS_SPARE;
@@ -242,6 +250,7 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
             Scenario::Connections | Scenario::Hunt => connections_and_hunt(o, &dir, &env).await,
             Scenario::StorageLatency => storage_latency(o, &dir, &env).await,
             Scenario::Replication => replication(o, &dir, &env).await,
+            Scenario::Query => unreachable!("answered before any deployment"),
         },
         Err(e) => Err(e),
     };
@@ -1193,6 +1202,71 @@ pub fn table(v: &serde_json::Value) -> String {
         out.push_str("\n(each run's hunt and service-time figures: --json)");
     }
     out
+}
+
+/// The queries `bench query` times, by name.
+const BENCH_QUERIES: &[(&str, &str)] = &[
+    (
+        "processes",
+        "SELECT pid, name, path, cmdline, uid, resident_size FROM processes",
+    ),
+    (
+        "listening_ports",
+        "SELECT pid, port, protocol, address FROM listening_ports",
+    ),
+    ("users", "SELECT uid, username, directory, shell FROM users"),
+    ("system_info", "SELECT * FROM system_info"),
+    (
+        "hash_etc_passwd",
+        "SELECT sha256 FROM hash WHERE path = '/etc/passwd'",
+    ),
+    (
+        "file_etc",
+        "SELECT path, size, mtime FROM file WHERE directory = '/etc'",
+    ),
+    (
+        "processes_join_users",
+        "SELECT p.pid, p.name, u.username FROM processes p JOIN users u ON p.uid = u.uid",
+    ),
+];
+
+/// `bench query`: each of [`BENCH_QUERIES`] `runs` times through the agent's path.
+fn query_bench(runs: usize) -> Result<serde_json::Value, String> {
+    let clock = crate::clock::SystemClock;
+    let mut out = serde_json::Map::new();
+    out.insert("scenario".into(), "query".into());
+    out.insert("runs".into(), runs.into());
+    for (name, sql) in BENCH_QUERIES {
+        let mut ms: Vec<f64> = Vec::with_capacity(runs);
+        let mut rows = 0u64;
+        for _ in 0..runs {
+            let t0 = clock.micros();
+            rows = 0;
+            crate::query::run_query(
+                sql,
+                crate::agent::artifacts::Budget::unlimited(),
+                &mut |_| {
+                    rows += 1;
+                    Ok(())
+                },
+            )
+            .map_err(|e| format!("{name}: {e}"))?;
+            ms.push((clock.micros() - t0) as f64 / 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        progress(&format!(
+            "{name}: {rows} rows, p50 {:.2} ms",
+            ms[ms.len() / 2]
+        ));
+        out.insert(format!("{name}_rows"), rows.into());
+        out.insert(format!("{name}_p50_ms"), round2(ms[ms.len() / 2]).into());
+        out.insert(format!("{name}_max_ms"), round2(ms[ms.len() - 1]).into());
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 /// Default key cache: `$XDG_CACHE_HOME/talon/bench-keys` or `~/.cache/talon/bench-keys`.

@@ -189,6 +189,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one SQL query over the endpoint tables on a client and print its rows (a flow of
+    /// artifact Generic.Query; the tables: `talon artifacts tables`).
+    Query {
+        /// The client (C.xxxxxxxxxxxxxxxx).
+        client_id: String,
+        /// One SELECT, e.g. "SELECT pid, name FROM processes WHERE name LIKE 'ssh%'".
+        query: String,
+        /// How long to wait for the rows.
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        /// Schedule it and print the flow, without waiting for the rows.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print the rows as JSON lines (one object per row) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Hunts: one artifact on every matching client.
     Hunt {
         /// What to do.
@@ -280,8 +297,12 @@ pub enum ClusterCommand {
 pub enum HuntCommand {
     /// Start a hunt; prints its id (or the hunt as JSON).
     Create {
-        /// The artifact (see `talon artifacts list`).
-        artifact: String,
+        /// The artifact (see `talon artifacts list`); or give --query instead.
+        #[arg(required_unless_present = "query")]
+        artifact: Option<String>,
+        /// Hunt with one SQL query over the endpoint tables (artifact Generic.Query).
+        #[arg(long, conflicts_with_all = ["artifact", "params"])]
+        query: Option<String>,
         /// A parameter, `name=value`; repeat for several.
         #[arg(long = "param", value_name = "K=V")]
         params: Vec<String>,
@@ -531,6 +552,12 @@ pub enum ArtifactsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the endpoint tables a query can read, with their columns.
+    Tables {
+        /// Print one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What a command that streams its output reports when the reader went away (`| head`): not an
@@ -602,6 +629,9 @@ pub fn run(cli: Cli) -> Result<String, String> {
         } else {
             artifacts_table()
         }),
+        Command::Artifacts {
+            command: ArtifactsCommand::Tables { json },
+        } => Ok(show::tables(json)),
         Command::Config { command } => run_config(cli.config.as_deref(), command),
         command => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -663,6 +693,46 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = wait(&mut term) => {}
         }
     }
+}
+
+/// Refuses an artifact request this side can already tell is wrong (unknown artifact or parameter,
+/// a bad value, a query that does not prepare), before talking to the server.
+fn check_locally(
+    artifact: &str,
+    params: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    let (spec, full) = artifacts::validate(artifact, params).map_err(|e| e.to_string())?;
+    crate::query::check_artifact(spec, &full).map_err(|e| {
+        let sql = spec
+            .params
+            .iter()
+            .find(|p| p.kind == ParamKind::Sql)
+            .and_then(|p| full.get(p.name))
+            .cloned()
+            .unwrap_or_default();
+        query_error(&sql, &e)
+    })
+}
+
+/// A refused query as one line, and on a terminal the query's line with a caret at the error.
+pub fn query_error(sql: &str, e: &crate::query::QueryError) -> String {
+    use std::io::IsTerminal;
+    match e.offset {
+        Some(o) if std::io::stderr().is_terminal() => {
+            format!("the query is refused: {e}\n{}", crate::query::caret(sql, o))
+        }
+        _ => format!("the query is refused: {e}"),
+    }
+}
+
+/// The artifact and parameters an ad-hoc query is sent as, checked here first.
+fn query_artifact(
+    query: String,
+) -> Result<(String, std::collections::BTreeMap<String, String>), String> {
+    let artifact = artifacts::QUERY_ARTIFACT.to_owned();
+    let params = std::collections::BTreeMap::from([("query".to_owned(), query)]);
+    check_locally(&artifact, &params)?;
+    Ok((artifact, params))
 }
 
 fn parse_params(params: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
@@ -912,7 +982,7 @@ async fn run_async(
             init_logging("warn");
             let params = parse_params(&params)?;
             // Refuse bad input before talking to the server.
-            artifacts::validate(&artifact, &params).map_err(|e| e.to_string())?;
+            check_locally(&artifact, &params)?;
             let mut a = api(api_config.as_deref()).await?;
             let mut f = a.collect(&client_id, &artifact, params).await?;
             if wait {
@@ -925,6 +995,19 @@ async fn run_async(
                     .await?;
             }
             Ok(flow_out(&f, json, &times()?))
+        }
+        Command::Query {
+            client_id,
+            query,
+            timeout_s,
+            no_wait,
+            json,
+        } => {
+            init_logging("warn");
+            let t = times()?;
+            let a = api(api_config.as_deref()).await?;
+            let wait = (!no_wait).then(|| std::time::Duration::from_secs(timeout_s));
+            crate::cli::analyst::query(a, &client_id, query, wait, json, &t).await
         }
         Command::Flow { command } => {
             init_logging("warn");
@@ -983,6 +1066,7 @@ async fn run_async(
             match command {
                 HuntCommand::Create {
                     artifact,
+                    query,
                     params,
                     labels,
                     exclude_labels,
@@ -992,8 +1076,15 @@ async fn run_async(
                     description,
                     json,
                 } => {
-                    let params = parse_params(&params)?;
-                    artifacts::validate(&artifact, &params).map_err(|e| e.to_string())?;
+                    let (artifact, params) = match query {
+                        Some(q) => query_artifact(q)?,
+                        None => {
+                            let artifact = artifact.unwrap_or_default();
+                            let params = parse_params(&params)?;
+                            check_locally(&artifact, &params)?;
+                            (artifact, params)
+                        }
+                    };
                     let expires_in_s = expires
                         .as_deref()
                         .map(parse_duration_s)

@@ -387,6 +387,68 @@ pub fn cluster(c: &api::ClusterStatus, t: &Times) -> String {
     out
 }
 
+/// `artifacts tables`: every endpoint table with its platforms, the columns a query must constrain,
+/// and its columns.
+pub fn tables(json: bool) -> String {
+    let ts = crate::query::tables();
+    if json {
+        let v: Vec<serde_json::Value> = ts
+            .iter()
+            .map(|t| {
+                let cols: Vec<serde_json::Value> = t
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.name,
+                            "type": c.ty.sql(),
+                            "like": c.pattern,
+                            "description": c.description,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": t.name,
+                    "description": t.description,
+                    "platforms": t.platforms,
+                    "required": t.required,
+                    "columns": cols,
+                })
+            })
+            .collect();
+        return serde_json::to_string_pretty(&v).expect("JSON values serialise");
+    }
+    let mut out = Vec::new();
+    for t in ts {
+        let mut head = format!("{} ({}): {}", t.name, t.platforms.join(", "), t.description);
+        if !t.required.is_empty() {
+            head.push_str(&format!(
+                "\n  a query must constrain {}",
+                t.required.join(" or ")
+            ));
+        }
+        let cols = [
+            ("  COLUMN", Align::Left),
+            ("TYPE", Align::Left),
+            ("DESCRIPTION", Align::Left),
+        ];
+        let rows = t.columns.iter().map(|c| {
+            let like = if c.pattern {
+                " (takes LIKE patterns)"
+            } else {
+                ""
+            };
+            vec![
+                format!("  {}", c.name),
+                c.ty.sql().to_owned(),
+                format!("{}{like}", c.description),
+            ]
+        });
+        out.push(format!("{head}\n{}", table(&cols, rows)));
+    }
+    out.join("\n\n")
+}
+
 /// How a watch shows each change: one JSON object per line on stdout (`--json`); on a terminal a
 /// progress line on stderr redrawn in place (a bar for a hunt: reported of scheduled); otherwise
 /// one line per change on stderr.

@@ -240,9 +240,20 @@ fn unexpected(a: Answer) -> Status {
 }
 
 /// An analyst's hunt request as the hunt manager takes it, validated.
+/// Refuses an artifact whose SQL does not prepare against the endpoint tables, before anything is
+/// scheduled (docs/artifacts.md).
+fn check_queries(
+    spec: &talon_core::artifacts::ArtifactSpec,
+    params: &BTreeMap<String, String>,
+) -> Result<(), Status> {
+    crate::query::check_artifact(spec, params)
+        .map_err(|e| Status::invalid_argument(format!("the query is refused: {e}")))
+}
+
 fn hunt_spec(now: Timestamp, req: api::CreateHuntRequest) -> Result<HuntSpec, Status> {
     let given: BTreeMap<String, String> = req.params.into_iter().collect();
     let (spec, params) = talon_core::artifacts::validate(&req.artifact, &given).map_err(invalid)?;
+    check_queries(spec, &params)?;
     let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
         ls.iter()
             .map(|l| talon_core::registry::normalize_label(l).map_err(invalid))
@@ -327,6 +338,7 @@ impl api::api_server::Api for ApiService {
         let params = r.params.into_iter().collect();
         let (spec, params) =
             talon_core::artifacts::validate(&r.artifact, &params).map_err(invalid)?;
+        check_queries(spec, &params)?;
         let flow = NewFlow {
             client,
             flow: FlowId::from_u64(self.node.random()),

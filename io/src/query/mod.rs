@@ -34,7 +34,7 @@ const PROGRESS_STEPS: i32 = 10_000;
 /// What one run may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Rows at most; the run stops (successfully) at this many.
+    /// Rows at most; a query with more fails after sending this many, saying so.
     pub rows: u64,
     /// Bytes of rows (as JSON) at most; beyond, the run fails naming the limit.
     pub bytes: u64,
@@ -352,7 +352,10 @@ impl Engine {
                 Err(e) => return Err(self.explain(e)),
             };
             if n >= limits.rows {
-                return Ok(());
+                return Err(QueryError::new(format!(
+                    "the query was stopped after {n} rows (its row bound); narrow it or add a \
+                     LIMIT"
+                )));
             }
             let mut obj = serde_json::Map::with_capacity(names.len());
             for (i, name) in names.iter().enumerate() {
@@ -376,8 +379,66 @@ impl Engine {
     }
 }
 
+/// Runs an ad-hoc query as an agent's task (`Generic.Query`): a fresh engine, the task's row
+/// bound and clock. `Err` is the flow's error text.
+pub fn run_query(
+    sql: &str,
+    budget: crate::agent::artifacts::Budget,
+    emit: &mut dyn FnMut(serde_json::Map<String, serde_json::Value>) -> Result<(), Stop>,
+) -> Result<(), String> {
+    let mut limits = Limits::default();
+    if budget.max_rows > 0 {
+        limits.rows = limits.rows.min(budget.max_rows);
+    }
+    let mut engine = Engine::new().map_err(|e| e.to_string())?;
+    engine
+        .run(sql, &BTreeMap::new(), limits, budget.expired, emit)
+        .map_err(|e| format!("query failed: {e}"))
+}
+
+/// Prepares every SQL parameter of an artifact against the tables (the master before it schedules
+/// anything, the CLI before it sends): `Err` names what is wrong and where.
+pub fn check_artifact(
+    spec: &talon_core::artifacts::ArtifactSpec,
+    params: &BTreeMap<String, String>,
+) -> Result<(), QueryError> {
+    use talon_core::artifacts::ParamKind;
+    let mut engine = None;
+    for p in spec.params.iter().filter(|p| p.kind == ParamKind::Sql) {
+        let sql = params.get(p.name).map_or(p.default, String::as_str);
+        let engine = match &mut engine {
+            Some(e) => e,
+            None => engine.insert(Engine::new()?),
+        };
+        let checked = engine.check(sql)?;
+        // A query's own parameters are bound from the artifact's other parameters.
+        for name in checked.params {
+            let known = spec
+                .params
+                .iter()
+                .any(|q| q.name == name && q.kind != ParamKind::Sql);
+            if !known {
+                return Err(QueryError::new(format!(
+                    "the query uses parameter :{name}, which artifact {} does not have",
+                    spec.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The query's line holding `offset` and a caret under it, for a terminal.
+pub fn caret(sql: &str, offset: usize) -> String {
+    let offset = offset.min(sql.len());
+    let start = sql[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = sql[offset..].find('\n').map_or(sql.len(), |i| offset + i);
+    let col = sql[start..offset].chars().count();
+    format!("  {}\n  {}^", &sql[start..end], " ".repeat(col))
+}
+
 /// Column names made unique for JSON objects: a repeated name gets `_2`, `_3`, ….
-fn unique_names(names: &[&str]) -> Vec<String> {
+pub fn unique_names(names: &[&str]) -> Vec<String> {
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     let mut out: Vec<String> = Vec::with_capacity(names.len());
     for n in names {

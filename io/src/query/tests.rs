@@ -142,12 +142,14 @@ fn rows_and_bytes_are_bounded() {
         rows: 10,
         ..Limits::default()
     };
-    e.run(sql, &BTreeMap::new(), limits, || false, &mut |_| {
-        n += 1;
-        Ok(())
-    })
-    .unwrap();
+    let err = e
+        .run(sql, &BTreeMap::new(), limits, || false, &mut |_| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap_err();
     assert_eq!(n, 10);
+    assert!(err.message.contains("stopped after 10 rows"), "{err}");
     let limits = Limits {
         rows: 1000,
         bytes: 100,
@@ -515,5 +517,27 @@ fn osquery_pack_queries_run_unchanged() {
         "SELECT g.groupname, count(*) AS members FROM users u JOIN groups g ON u.gid = g.gid GROUP BY g.groupname;",
     ] {
         rows(&mut e, sql).unwrap_or_else(|err| panic!("{sql}: {err}"));
+    }
+}
+
+#[test]
+fn docs_list_every_table_and_column() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/artifacts.md"))
+        .unwrap();
+    for t in tables() {
+        let head = format!("### `{}`", t.name);
+        let start = doc
+            .find(&head)
+            .unwrap_or_else(|| panic!("docs/artifacts.md lacks {head}"));
+        let section = &doc[start + head.len()..];
+        let section = &section[..section.find("### ").unwrap_or(section.len())];
+        for c in t.columns {
+            let row = format!("| `{}` | {} |", c.name, c.ty.sql());
+            assert!(
+                section.contains(&row),
+                "docs/artifacts.md, {}: lacks {row}",
+                t.name
+            );
+        }
     }
 }
