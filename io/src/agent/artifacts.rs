@@ -136,7 +136,7 @@ pub fn run(
     }
 }
 
-fn read_trim(path: &str) -> String {
+pub(crate) fn read_trim(path: &str) -> String {
     fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
@@ -200,8 +200,8 @@ fn boot_time_unix_s() -> u64 {
         .unwrap_or(0)
 }
 
-/// This host's facts, as one row.
-pub fn client_info() -> Value {
+/// This host's name and its fully qualified name (with the kernel's domain name when set).
+pub(crate) fn host_names() -> (String, String) {
     let hostname = read_trim("/proc/sys/kernel/hostname");
     let domain = read_trim("/proc/sys/kernel/domainname");
     let fqdn = if domain.is_empty() || domain == "(none)" {
@@ -209,6 +209,12 @@ pub fn client_info() -> Value {
     } else {
         format!("{hostname}.{domain}")
     };
+    (hostname, fqdn)
+}
+
+/// This host's facts, as one row.
+pub fn client_info() -> Value {
+    let (hostname, fqdn) = host_names();
     json!({
         "hostname": hostname,
         "fqdn": fqdn,

@@ -321,11 +321,7 @@ fn column(t: &str, name: &str) -> usize {
         .expect("a column of a table defined above")
 }
 
-fn read_trim(path: &str) -> String {
-    fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
+use crate::agent::artifacts::read_trim;
 
 fn proc_error(what: &str, e: impl std::fmt::Display) -> TableError {
     TableError(format!("cannot read {what}: {e}"))
@@ -448,13 +444,7 @@ fn groups(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
 
 fn system_info(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
     use procfs::Current;
-    let host = read_trim("/proc/sys/kernel/hostname");
-    let domain = read_trim("/proc/sys/kernel/domainname");
-    let fqdn = if domain.is_empty() || domain == "(none)" {
-        host.clone()
-    } else {
-        format!("{host}.{domain}")
-    };
+    let (host, fqdn) = crate::agent::artifacts::host_names();
     let cpu = procfs::CpuInfo::current().ok();
     let logical = cpu.as_ref().map_or(0, |c| c.num_cores());
     // Physical cores: distinct (physical id, core id) pairs; a virtual machine may report none.
