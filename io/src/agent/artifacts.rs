@@ -76,6 +76,8 @@ pub struct Budget {
     pub max_rows: u64,
     /// True once the task's time is up (looked at while a query runs).
     pub expired: Box<dyn FnMut() -> bool + Send>,
+    /// Whose machine a query reads.
+    pub host: crate::query::Host,
 }
 
 impl Budget {
@@ -84,6 +86,7 @@ impl Budget {
         Budget {
             max_rows: 0,
             expired: Box::new(|| false),
+            host: crate::query::Host::Real,
         }
     }
 }

@@ -397,7 +397,13 @@ enum Produced {
 
 /// Runs one task (its flow already registered with `Outbox::begin`) to completion, streaming its
 /// output into the outbox.
-async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inline: bool) {
+async fn run_task(
+    task: comms::Task,
+    outbox: Outbox,
+    clock: Arc<dyn Clock>,
+    host: crate::query::Host,
+    inline: bool,
+) {
     let flow = task.flow_id.clone();
     let started = clock.monotonic();
     let params: BTreeMap<String, String> = task.params.clone().into_iter().collect();
@@ -406,6 +412,7 @@ async fn run_task(task: comms::Task, outbox: Outbox, clock: Arc<dyn Clock>, inli
         let clock = clock.clone();
         let timeout_ms = task.timeout_s.saturating_mul(1000);
         artifacts::Budget {
+            host,
             max_rows: task.max_rows,
             expired: Box::new(move || {
                 timeout_ms > 0 && clock.monotonic().0.saturating_sub(started.0) >= timeout_ms
@@ -700,8 +707,9 @@ pub struct Agent {
     pub entropy: Arc<dyn Entropy>,
     /// Unacknowledged messages.
     pub outbox: Outbox,
-    /// Report this hostname instead of the machine's (virtual clients of `pool-client`).
-    pub hostname: Option<String>,
+    /// Whose machine it reports and queries: this one, or for a virtual agent of `pool-client`
+    /// (and the simulator) its own host name over this machine's tables, shared by its pool.
+    pub host: crate::query::Host,
     /// The network.
     pub net: Arc<dyn crate::net::Net>,
     /// Run artifacts on the agent's own task rather than a blocking thread, holding a task's whole
@@ -770,7 +778,7 @@ impl Agent {
             &self.id,
             &self.config.client.nonce,
             &self.outbox,
-            self.hostname.as_deref(),
+            self.host.hostname(),
         ))
         .await
         .map_err(|e| e.to_string())?;
@@ -822,7 +830,7 @@ impl Agent {
                                 continue; // Delivered twice: already running or done.
                             }
                             tracing::info!(flow = %t.flow_id, artifact = %t.artifact, "task started");
-                            tokio::spawn(run_task(t, self.outbox.clone(), self.clock.clone(), self.inline_artifacts));
+                            tokio::spawn(run_task(t, self.outbox.clone(), self.clock.clone(), self.host.clone(), self.inline_artifacts));
                         }
                         server_message::Kind::Ack(a) => self.outbox.ack(&a.flow_id, a.seq, a.settled, self.clock.monotonic()),
                         server_message::Kind::Error(e) => tracing::warn!(flow = %e.flow_id, seq = e.seq, message = %e.message, "server refused a message"),
@@ -888,6 +896,7 @@ pub fn spawn_pool(
         parse_url(u).is_ok_and(|(h, _)| crate::deploy::config::bind_address_for(&h) != "0.0.0.0")
     });
     let mut agents = Vec::with_capacity(keys.len());
+    let tables = crate::query::TableCache::new(clock.clone());
     for i in keys {
         let (identity, id) = load_or_create_identity(&pool_key_path(writeback_dir, i), &*clock)?;
         let net: Arc<dyn crate::net::Net> = if loopback {
@@ -905,7 +914,10 @@ pub fn spawn_pool(
             clock: clock.clone(),
             entropy: entropy.clone(),
             outbox: times.clone().map(Outbox::recording).unwrap_or_default(),
-            hostname: Some(format!("{prefix}-{i}")),
+            host: crate::query::Host::Virtual {
+                hostname: format!("{prefix}-{i}").into(),
+                cache: tables.clone(),
+            },
             inline_artifacts: false,
             net,
         });

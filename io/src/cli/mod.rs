@@ -834,7 +834,7 @@ async fn run_async(
                 clock: Arc::new(SystemClock),
                 entropy: Arc::new(OsEntropy::default()),
                 outbox: crate::agent::Outbox::default(),
-                hostname: None,
+                host: crate::query::Host::Real,
                 inline_artifacts: false,
                 net: crate::net::TokioNet::shared(),
             };

@@ -9,9 +9,12 @@
 //! limits bound string length, SQL length and attached databases, and its heap is capped for the
 //! whole process.
 
+mod cache;
 pub mod linux;
 pub mod table;
 mod vtab;
+
+pub use cache::{Host, TABLE_CACHE_ENTRIES, TABLE_CACHE_MS, TABLE_CACHE_ROWS_MAX, TableCache};
 
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::limits::Limit;
@@ -166,8 +169,13 @@ fn sqlite_error(e: rusqlite::Error) -> QueryError {
 }
 
 impl Engine {
-    /// A new engine (an in-memory database holding nothing but the tables).
+    /// A new engine (an in-memory database holding nothing but the tables) reading this machine.
     pub fn new() -> Result<Engine, QueryError> {
+        Engine::for_host(Host::Real)
+    }
+
+    /// A new engine whose tables are `host`'s.
+    pub fn for_host(host: Host) -> Result<Engine, QueryError> {
         let fail = |e: rusqlite::Error| QueryError::new(format!("cannot start SQLite: {e}"));
         let mut conn = Connection::open_with_flags(
             ":memory:",
@@ -199,6 +207,7 @@ impl Engine {
             let aux = vtab::Aux {
                 def,
                 refused: refused.clone(),
+                host: host.clone(),
             };
             conn.create_module(def.name, &vtab::MODULE, Some(aux))
                 .map_err(fail)?;
@@ -390,7 +399,7 @@ pub fn run_query(
     if budget.max_rows > 0 {
         limits.rows = limits.rows.min(budget.max_rows);
     }
-    let mut engine = Engine::new().map_err(|e| e.to_string())?;
+    let mut engine = Engine::for_host(budget.host).map_err(|e| e.to_string())?;
     engine
         .run(sql, &BTreeMap::new(), limits, budget.expired, emit)
         .map_err(|e| format!("query failed: {e}"))

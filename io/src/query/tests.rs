@@ -541,3 +541,34 @@ fn docs_list_every_table_and_column() {
         }
     }
 }
+
+#[test]
+fn virtual_agents_share_scans_and_show_their_own_host_name() {
+    let cache = TableCache::new(std::sync::Arc::new(crate::clock::SystemClock));
+    let host = |n: &str| Host::Virtual {
+        hostname: n.into(),
+        cache: cache.clone(),
+    };
+    let mut a = Engine::for_host(host("pool-1")).unwrap();
+    let mut b = Engine::for_host(host("pool-2")).unwrap();
+    let sql = "SELECT hostname, computer_name, cpu_logical_cores FROM system_info";
+    let ra = rows(&mut a, sql).unwrap();
+    let rb = rows(&mut b, sql).unwrap();
+    assert_eq!(
+        (text(&ra[0], "hostname"), text(&ra[0], "computer_name")),
+        ("pool-1".into(), "pool-1".into())
+    );
+    assert_eq!(text(&rb[0], "hostname"), "pool-2");
+    assert_eq!(ra[0]["cpu_logical_cores"], rb[0]["cpu_logical_cores"]);
+    assert_eq!(cache.len(), 1, "one scan served both");
+    // Constraints are part of a scan's identity.
+    rows(&mut a, "SELECT pid FROM processes WHERE pid = 1").unwrap();
+    rows(&mut b, "SELECT pid FROM processes WHERE pid = 1").unwrap();
+    assert_eq!(cache.len(), 2);
+    // The real machine's engine shows the real name.
+    let real = rows(&mut engine(), sql).unwrap();
+    assert_eq!(
+        text(&real[0], "hostname"),
+        crate::agent::artifacts::host_names().1
+    );
+}

@@ -8,6 +8,7 @@
 //! (`sqlite3_vtab` / `sqlite3_vtab_cursor`). Nothing else here is unsafe.
 #![allow(unsafe_code)]
 
+use super::cache::{HOSTNAME_COLUMNS, Host, Scan};
 use super::table::{Constraints, Op, Rows, TableDef, Value};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::vtab::{
@@ -27,6 +28,8 @@ pub struct Aux {
     /// Tables that refused a query plan for lack of a required constraint (to name them when no
     /// plan is left).
     pub refused: Arc<Mutex<BTreeSet<&'static str>>>,
+    /// Whose machine it reads.
+    pub host: Host,
 }
 
 /// The module every table is registered with.
@@ -39,6 +42,7 @@ pub struct Tab {
     base: sqlite3_vtab,
     def: &'static TableDef,
     refused: Arc<Mutex<BTreeSet<&'static str>>>,
+    host: Host,
 }
 
 fn module_error(e: impl std::fmt::Display) -> rusqlite::Error {
@@ -68,6 +72,7 @@ unsafe impl<'vtab> VTab<'vtab> for Tab {
                 base: sqlite3_vtab::default(),
                 def: aux.def,
                 refused: aux.refused.clone(),
+                host: aux.host.clone(),
             },
         ))
     }
@@ -125,11 +130,25 @@ unsafe impl<'vtab> VTab<'vtab> for Tab {
     }
 
     fn open(&'vtab mut self) -> rusqlite::Result<Cursor<'vtab>> {
+        let (hostname, host_columns) = match &self.host {
+            Host::Real => (None, Vec::new()),
+            Host::Virtual { hostname, .. } => {
+                let cols = HOSTNAME_COLUMNS
+                    .iter()
+                    .filter(|(t, _)| *t == self.def.name)
+                    .filter_map(|(_, c)| self.def.column(c))
+                    .collect();
+                (Some(hostname.clone()), cols)
+            }
+        };
         Ok(Cursor {
             base: sqlite3_vtab_cursor::default(),
             def: self.def,
-            rows: Vec::new(),
+            host: self.host.clone(),
+            rows: Arc::new(Vec::new()),
             at: 0,
+            hostname,
+            host_columns,
             phantom: PhantomData,
         })
     }
@@ -141,8 +160,12 @@ pub struct Cursor<'vtab> {
     /// SQLite's part: must be first (the trait's safety contract).
     base: sqlite3_vtab_cursor,
     def: &'static TableDef,
-    rows: Vec<Vec<Value>>,
+    host: Host,
+    rows: Scan,
     at: usize,
+    /// A virtual agent's host name, shown in `host_columns`.
+    hostname: Option<Arc<str>>,
+    host_columns: Vec<usize>,
     phantom: PhantomData<&'vtab Tab>,
 }
 
@@ -178,11 +201,27 @@ unsafe impl VTabCursor for Cursor<'_> {
             let col: usize = spec[1..].parse().map_err(module_error)?;
             c.all.push((col, op, value(args.get::<SqlValue>(n)?)));
         }
-        self.rows.clear();
         self.at = 0;
         let def = self.def;
-        let mut rows = Rows::new(def.name, def.columns.len(), &mut self.rows);
-        (def.generate)(&c, &mut rows).map_err(|e| module_error(e.0))
+        let make = || {
+            let mut out = Vec::new();
+            let mut rows = Rows::new(def.name, def.columns.len(), &mut out);
+            (def.generate)(&c, &mut rows).map(|()| out)
+        };
+        self.rows = match &self.host {
+            Host::Real => make().map(Arc::new),
+            Host::Virtual { cache, .. } => {
+                let key = format!(
+                    "{}\u{0}{}\u{0}{:?}",
+                    def.name,
+                    idx_str.unwrap_or_default(),
+                    c.all
+                );
+                cache.scan(key, make)
+            }
+        }
+        .map_err(|e| module_error(e.0))?;
+        Ok(())
     }
 
     fn next(&mut self) -> rusqlite::Result<()> {
@@ -195,10 +234,13 @@ unsafe impl VTabCursor for Cursor<'_> {
     }
 
     fn column(&self, ctx: &mut Context, i: c_int) -> rusqlite::Result<()> {
-        let v = usize::try_from(i)
-            .ok()
-            .and_then(|i| self.rows.get(self.at)?.get(i));
-        match v {
+        let i = usize::try_from(i).map_err(module_error)?;
+        if let Some(h) = &self.hostname
+            && self.host_columns.contains(&i)
+        {
+            return ctx.set_result(&**h);
+        }
+        match self.rows.get(self.at).and_then(|r| r.get(i)) {
             None | Some(Value::Null) => ctx.set_result(rusqlite::types::Null),
             Some(Value::Int(v)) => ctx.set_result(v),
             Some(Value::Real(v)) => ctx.set_result(v),

@@ -331,17 +331,21 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                             .acks
                             .push((me.clone(), flow.to_owned(), seq, settled));
                     });
+                let clock: Arc<dyn talon_io::clock::Clock> = Arc::new(SimClock {
+                    epoch_ms: EPOCH_MS,
+                    behind: behind.clone(),
+                });
                 talon_io::agent::Agent {
                     config: client_cfg.clone(),
                     identity,
                     id,
-                    clock: Arc::new(SimClock {
-                        epoch_ms: EPOCH_MS,
-                        behind: behind.clone(),
-                    }),
+                    clock: clock.clone(),
                     entropy: Arc::new(SimEntropy::new(root.fork(&label))),
                     outbox: talon_io::agent::Outbox::default().observed(observer),
-                    hostname: Some(hostname),
+                    host: talon_io::query::Host::Virtual {
+                        hostname: hostname.into(),
+                        cache: talon_io::query::TableCache::new(clock),
+                    },
                     inline_artifacts: true,
                     net: Arc::new(SimNet),
                 }
