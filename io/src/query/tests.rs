@@ -515,6 +515,13 @@ fn osquery_pack_queries_run_unchanged() {
         "SELECT name, version, platform FROM os_version;",
         "SELECT * FROM etc_hosts WHERE address NOT IN ('127.0.0.1', '::1');",
         "SELECT g.groupname, count(*) AS members FROM users u JOIN groups g ON u.gid = g.gid GROUP BY g.groupname;",
+        "SELECT * FROM crontab;",
+        "SELECT * FROM shell_history;",
+        "SELECT * FROM authorized_keys;",
+        "SELECT DISTINCT pid, family, protocol, local_address, local_port, remote_address, remote_port, path FROM process_open_sockets WHERE path <> '' OR remote_address <> '';",
+        "SELECT * FROM routes WHERE destination = '0.0.0.0';",
+        "SELECT interface, address, mask FROM interface_addresses WHERE address NOT LIKE '127.%';",
+        "SELECT u.username, ak.key_file, ak.algorithm FROM users u JOIN authorized_keys ak USING (uid);",
     ] {
         rows(&mut e, sql).unwrap_or_else(|err| panic!("{sql}: {err}"));
     }
@@ -571,4 +578,84 @@ fn virtual_agents_share_scans_and_show_their_own_host_name() {
         text(&real[0], "hostname"),
         crate::agent::artifacts::host_names().1
     );
+}
+
+#[test]
+fn interface_addresses_and_routes_match_ip() {
+    let mut e = engine();
+    let ours: BTreeSet<(String, String)> =
+        rows(&mut e, "SELECT interface, address FROM interface_addresses")
+            .unwrap()
+            .iter()
+            .map(|r| (text(r, "interface"), text(r, "address")))
+            .collect();
+    let theirs: BTreeSet<(String, String)> = tool("ip", &["-o", "addr", "show"])
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let addr = f.get(3)?.split('/').next()?;
+            // An IPv6 link-local address carries its interface as scope (fe80::1%eth0) in some
+            // tools; ip writes it bare, as getifaddrs does.
+            Some((f.get(1)?.trim_end_matches(':').to_owned(), addr.to_owned()))
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+    let ours: BTreeSet<String> = rows(
+        &mut e,
+        "SELECT destination, netmask, interface, gateway FROM routes",
+    )
+    .unwrap()
+    .iter()
+    .map(|r| {
+        let via = match text(r, "gateway").as_str() {
+            "0.0.0.0" => String::new(),
+            g => format!(" via {g}"),
+        };
+        format!(
+            "{}/{}{via} dev {}",
+            text(r, "destination"),
+            text(r, "netmask"),
+            text(r, "interface")
+        )
+    })
+    .collect();
+    let theirs: BTreeSet<String> = tool("ip", &["-4", "route", "show", "table", "main"])
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let dest = match f.first()? {
+                &"default" => "0.0.0.0/0".to_owned(),
+                d if d.contains('/') => d.to_string(),
+                d => format!("{d}/32"),
+            };
+            let via = f
+                .iter()
+                .position(|w| *w == "via")
+                .map(|i| format!(" via {}", f[i + 1]));
+            let dev = f[f.iter().position(|w| *w == "dev")? + 1];
+            Some(format!("{dest}{} dev {dev}", via.unwrap_or_default()))
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+}
+
+#[test]
+fn process_open_sockets_show_a_connection_of_ours_as_ss_does() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (_server, _) = listener.accept().unwrap();
+    let local = client.local_addr().unwrap().port();
+    let mut e = engine();
+    let sql = format!(
+        "SELECT pid, state, remote_port FROM process_open_sockets WHERE local_port = {local} AND protocol = 6"
+    );
+    let r = rows(&mut e, &sql).unwrap();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["pid"].as_i64(), Some(i64::from(std::process::id())));
+    assert_eq!(text(&r[0], "state"), "ESTABLISHED");
+    assert_eq!(r[0]["remote_port"].as_i64(), Some(i64::from(port)));
+    let ss = tool("ss", &["-tanH", &format!("sport = :{local}")]);
+    assert!(ss.starts_with("ESTAB"), "{ss}");
+    assert!(ss.contains(&format!("127.0.0.1:{port}")), "{ss}");
 }
