@@ -723,6 +723,28 @@ fn ad_hoc_queries_are_checked_collected_hunted_and_audited() {
     let flows = json(&d.api(&["flow", "list", &id, "--json"]));
     assert_eq!(flows[0]["rows"].as_u64(), Some(1_000_000), "{}", flows[0]);
 
+    // OS honesty: a hunt for a platform its artifact cannot run on is refused.
+    for args in [
+        vec![
+            "hunt",
+            "create",
+            "--query",
+            "SELECT * FROM users",
+            "--os",
+            "windows",
+        ],
+        vec!["hunt", "create", "Generic.Client.Info", "--os", "darwin"],
+    ] {
+        let mut a = vec!["--api-config", d.s("api.yaml").leak() as &str];
+        a.extend(args);
+        let out = run(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("runs on linux only"),
+            "{err}"
+        );
+    }
+
     // A hunt of a query, and the audit log names the query's text.
     let hunt = d
         .api(&[

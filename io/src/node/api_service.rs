@@ -261,7 +261,20 @@ fn hunt_spec(now: Timestamp, req: api::CreateHuntRequest) -> Result<HuntSpec, St
     };
     let os = match req.os.to_ascii_lowercase().as_str() {
         "" => None,
-        o @ ("linux" | "windows" | "darwin") => Some(o.to_owned()),
+        o @ ("linux" | "windows" | "darwin") => {
+            // A hunt for a platform its artifact cannot run on would only collect errors.
+            let on = crate::query::platforms(spec, &params)
+                .map_err(|e| Status::invalid_argument(format!("the query is refused: {e}")))?;
+            if !on.contains(o) {
+                return Err(Status::invalid_argument(format!(
+                    "--os {o}: {} runs on {} only (no artifact or endpoint table supports {o} \
+                     yet; see `talon artifacts tables`)",
+                    spec.name,
+                    on.into_iter().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            Some(o.to_owned())
+        }
         o => {
             return Err(Status::invalid_argument(format!(
                 "--os {o:?}: use linux, windows or darwin"

@@ -437,6 +437,26 @@ pub fn check_artifact(
     Ok(())
 }
 
+/// The platforms an artifact can run on: the built-in artifacts are Linux's (they read `/proc` and
+/// `/etc`); a query runs where every table it reads exists.
+pub fn platforms(
+    spec: &talon_core::artifacts::ArtifactSpec,
+    params: &BTreeMap<String, String>,
+) -> Result<BTreeSet<&'static str>, QueryError> {
+    use talon_core::artifacts::ParamKind;
+    let mut all: BTreeSet<&'static str> = BTreeSet::from(["linux"]);
+    for p in spec.params.iter().filter(|p| p.kind == ParamKind::Sql) {
+        let sql = params.get(p.name).map_or(p.default, String::as_str);
+        for t in Engine::new()?.check(sql)?.tables {
+            let on: BTreeSet<&'static str> = table(t)
+                .map(|d| d.platforms.iter().copied().collect())
+                .unwrap_or_default();
+            all = all.intersection(&on).copied().collect();
+        }
+    }
+    Ok(all)
+}
+
 /// The query's line holding `offset` and a caret under it, for a terminal.
 pub fn caret(sql: &str, offset: usize) -> String {
     let offset = offset.min(sql.len());
