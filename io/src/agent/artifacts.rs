@@ -338,7 +338,8 @@ fn users(emit: &mut Emit<'_>) -> Result<(), Stop> {
     Ok(())
 }
 
-const TCP_STATES: [&str; 12] = [
+/// TCP states by the number `/proc/net/tcp` shows (the kernel's `TCP_*` order).
+pub(crate) const TCP_STATES: [&str; 13] = [
     "UNKNOWN",
     "ESTABLISHED",
     "SYN_SENT",
@@ -351,6 +352,7 @@ const TCP_STATES: [&str; 12] = [
     "LAST_ACK",
     "LISTEN",
     "CLOSING",
+    "NEW_SYN_RECV",
 ];
 
 /// Decodes `/proc/net` `ADDR:PORT` hex (address in host byte order per 32-bit word).
@@ -406,7 +408,7 @@ fn netstat(emit: &mut Emit<'_>) -> Result<(), Stop> {
 }
 
 /// Matches one path component against a pattern with `*` and `?`.
-pub(crate) fn component_matches(pattern: &str, name: &str) -> bool {
+fn component_matches(pattern: &str, name: &str) -> bool {
     let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
     let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
     while ni < n.len() {
@@ -428,32 +430,37 @@ pub(crate) fn component_matches(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
-/// Expands an absolute glob (`*`, `?` within a component, `**` for any depth), without following
-/// symlinked directories, up to `max` matches.
+/// Expands an absolute glob (`*`, `?` within a component, `**` for any depth) to the files it
+/// matches, without following symlinked directories, up to `max` matches.
 pub fn glob(pattern: &str, max: usize) -> Vec<PathBuf> {
+    glob_keeping(pattern, max, |p| p.is_file())
+}
+
+/// [`glob`], keeping the matches for which `keep` holds (files, directories, both).
+pub fn glob_keeping(pattern: &str, max: usize, keep: fn(&Path) -> bool) -> Vec<PathBuf> {
     let parts: Vec<&str> = pattern
         .trim_start_matches('/')
         .split('/')
         .filter(|p| !p.is_empty())
         .collect();
     let mut out = Vec::new();
-    walk(Path::new("/"), &parts, max, &mut out);
+    walk(Path::new("/"), &parts, max, keep, &mut out);
     out.sort();
     out
 }
 
-fn walk(dir: &Path, parts: &[&str], max: usize, out: &mut Vec<PathBuf>) {
+fn walk(dir: &Path, parts: &[&str], max: usize, keep: fn(&Path) -> bool, out: &mut Vec<PathBuf>) {
     if out.len() >= max {
         return;
     }
     let Some((first, rest)) = parts.split_first() else {
-        if dir.is_file() {
+        if dir != Path::new("/") && keep(dir) {
             out.push(dir.to_owned());
         }
         return;
     };
     if *first == "**" {
-        walk(dir, rest, max, out); // Zero directories.
+        walk(dir, rest, max, keep, out); // Zero directories.
         let Ok(entries) = fs::read_dir(dir) else {
             return;
         };
@@ -464,12 +471,12 @@ fn walk(dir: &Path, parts: &[&str], max: usize, out: &mut Vec<PathBuf>) {
             .collect();
         subdirs.sort();
         for d in subdirs {
-            walk(&d, parts, max, out);
+            walk(&d, parts, max, keep, out);
         }
         return;
     }
     if !first.contains(['*', '?']) {
-        walk(&dir.join(first), rest, max, out);
+        walk(&dir.join(first), rest, max, keep, out);
         return;
     }
     let Ok(entries) = fs::read_dir(dir) else {
@@ -482,7 +489,7 @@ fn walk(dir: &Path, parts: &[&str], max: usize, out: &mut Vec<PathBuf>) {
     names.sort();
     for n in names {
         if component_matches(first, &n) {
-            walk(&dir.join(n), rest, max, out);
+            walk(&dir.join(n), rest, max, keep, out);
         }
     }
 }

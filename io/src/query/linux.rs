@@ -460,7 +460,7 @@ fn column(t: &str, name: &str) -> usize {
         .expect("a column of a table defined above")
 }
 
-use crate::agent::artifacts::read_trim;
+use crate::agent::artifacts::{TCP_STATES, glob_keeping, read_trim};
 
 fn proc_error(what: &str, e: impl std::fmt::Display) -> TableError {
     TableError(format!("cannot read {what}: {e}"))
@@ -700,14 +700,17 @@ fn selected_paths(c: &Constraints, table: &str) -> Vec<PathBuf> {
         .into_iter()
         .map(PathBuf::from)
         .collect();
-    let room = |out: &Vec<PathBuf>| super::table::SCAN_ROWS_MAX.saturating_sub(out.len()) + 1;
+    // One walk per pattern; one more match than a scan may hold lets the scan's bound say so.
+    let bound = super::table::SCAN_ROWS_MAX + 1;
     for p in c.text(path, Op::Like) {
-        let found = crate::agent::artifacts::glob(&like_to_glob(&p), room(&out));
-        out.extend(found.into_iter().chain(glob_dirs(&like_to_glob(&p))));
+        let room = bound.saturating_sub(out.len());
+        out.extend(glob_keeping(&like_to_glob(&p), room, |p| {
+            p.is_file() || p.is_dir()
+        }));
     }
     let mut dirs: Vec<PathBuf> = c.text(dir, Op::Eq).into_iter().map(PathBuf::from).collect();
     for d in c.text(dir, Op::Like) {
-        dirs.extend(glob_dirs(&like_to_glob(&d)));
+        dirs.extend(glob_keeping(&like_to_glob(&d), bound, Path::is_dir));
     }
     for d in dirs {
         if let Ok(entries) = fs::read_dir(&d) {
@@ -722,55 +725,6 @@ fn selected_paths(c: &Constraints, table: &str) -> Vec<PathBuf> {
     out.sort();
     out.dedup();
     out
-}
-
-/// The directories (not files) a glob matches, up to the scan bound.
-fn glob_dirs(pattern: &str) -> Vec<PathBuf> {
-    let parts: Vec<&str> = pattern
-        .trim_start_matches('/')
-        .split('/')
-        .filter(|p| !p.is_empty())
-        .collect();
-    let mut out = Vec::new();
-    dir_walk(Path::new("/"), &parts, &mut out);
-    out
-}
-
-fn dir_walk(dir: &Path, parts: &[&str], out: &mut Vec<PathBuf>) {
-    if out.len() > super::table::SCAN_ROWS_MAX {
-        return;
-    }
-    let Some((first, rest)) = parts.split_first() else {
-        if dir.is_dir() && dir != Path::new("/") {
-            out.push(dir.to_owned());
-        }
-        return;
-    };
-    if !first.contains(['*', '?']) {
-        dir_walk(&dir.join(first), rest, out);
-        return;
-    }
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    let mut names: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect();
-    names.sort();
-    for p in names {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if *first == "**" {
-            dir_walk(&p, parts, out);
-            dir_walk(&p, rest, out);
-        } else if crate::agent::artifacts::component_matches(first, &name) {
-            dir_walk(&p, rest, out);
-        }
-    }
 }
 
 fn file_type(t: fs::FileType) -> &'static str {
@@ -1060,28 +1014,12 @@ fn deb_packages(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
     Ok(())
 }
 
-const TCP_STATE_NAMES: [&str; 13] = [
-    "UNKNOWN",
-    "ESTABLISHED",
-    "SYN_SENT",
-    "SYN_RECV",
-    "FIN_WAIT1",
-    "FIN_WAIT2",
-    "TIME_WAIT",
-    "CLOSE",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "LISTEN",
-    "CLOSING",
-    "NEW_SYN_RECV",
-];
-
 fn process_open_sockets(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
     let owners = socket_owners();
     let mut socks: Vec<(i64, std::net::SocketAddr, std::net::SocketAddr, u64, &str)> = Vec::new();
     for list in [procfs::net::tcp(), procfs::net::tcp6()] {
         for s in list.unwrap_or_default() {
-            let state = TCP_STATE_NAMES
+            let state = TCP_STATES
                 .get(s.state.to_u8() as usize)
                 .copied()
                 .unwrap_or("UNKNOWN");
