@@ -117,16 +117,12 @@ pub async fn query(
     json: bool,
     t: &Times,
 ) -> Result<String, String> {
-    let engine = crate::query::Engine::new().map_err(|e| e.to_string())?;
-    let columns = match engine.check(&sql) {
-        Ok(c) => {
-            crate::query::unique_names(&c.columns.iter().map(String::as_str).collect::<Vec<_>>())
-        }
-        Err(e) => return Err(super::query_error(&sql, &e)),
-    };
-    drop(engine);
-    let (artifact, params) = super::query_artifact(sql)?;
-    let f = a.collect(client, &artifact, params).await?;
+    let (params, columns) = super::query_artifact(sql)?;
+    let columns =
+        crate::query::unique_names(&columns.iter().map(String::as_str).collect::<Vec<_>>());
+    let f = a
+        .collect(client, talon_core::artifacts::QUERY_ARTIFACT, params)
+        .await?;
     let Some(timeout) = wait else {
         return Ok(flow_out(&f, json, t));
     };

@@ -700,7 +700,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 fn check_locally(
     artifact: &str,
     params: &std::collections::BTreeMap<String, String>,
-) -> Result<(), String> {
+) -> Result<Vec<crate::query::Checked>, String> {
     let (spec, full) = artifacts::validate(artifact, params).map_err(|e| e.to_string())?;
     crate::query::check_artifact(spec, &full).map_err(|e| {
         let sql = spec
@@ -715,7 +715,7 @@ fn check_locally(
 }
 
 /// A refused query as one line, and on a terminal the query's line with a caret at the error.
-pub fn query_error(sql: &str, e: &crate::query::QueryError) -> String {
+fn query_error(sql: &str, e: &crate::query::QueryError) -> String {
     use std::io::IsTerminal;
     match e.offset {
         Some(o) if std::io::stderr().is_terminal() => {
@@ -725,14 +725,18 @@ pub fn query_error(sql: &str, e: &crate::query::QueryError) -> String {
     }
 }
 
-/// The artifact and parameters an ad-hoc query is sent as, checked here first.
-fn query_artifact(
-    query: String,
-) -> Result<(String, std::collections::BTreeMap<String, String>), String> {
-    let artifact = artifacts::QUERY_ARTIFACT.to_owned();
+/// An ad-hoc query, checked here first: the parameters it is sent with (as artifact
+/// [`artifacts::QUERY_ARTIFACT`]) and its result's column names.
+type AdHoc = (std::collections::BTreeMap<String, String>, Vec<String>);
+
+fn query_artifact(query: String) -> Result<AdHoc, String> {
     let params = std::collections::BTreeMap::from([("query".to_owned(), query)]);
-    check_locally(&artifact, &params)?;
-    Ok((artifact, params))
+    let columns = check_locally(artifacts::QUERY_ARTIFACT, &params)?
+        .into_iter()
+        .next()
+        .map(|c| c.columns)
+        .unwrap_or_default();
+    Ok((params, columns))
 }
 
 fn parse_params(params: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
@@ -1077,7 +1081,7 @@ async fn run_async(
                     json,
                 } => {
                     let (artifact, params) = match query {
-                        Some(q) => query_artifact(q)?,
+                        Some(q) => (artifacts::QUERY_ARTIFACT.to_owned(), query_artifact(q)?.0),
                         None => {
                             let artifact = artifact.unwrap_or_default();
                             let params = parse_params(&params)?;

@@ -239,21 +239,21 @@ fn unexpected(a: Answer) -> Status {
     Status::internal(format!("unexpected answer from the node: {a:?}"))
 }
 
-/// An analyst's hunt request as the hunt manager takes it, validated.
 /// Refuses an artifact whose SQL does not prepare against the endpoint tables, before anything is
-/// scheduled (docs/artifacts.md).
+/// scheduled (docs/artifacts.md); answers the queries' shapes.
 fn check_queries(
     spec: &talon_core::artifacts::ArtifactSpec,
     params: &BTreeMap<String, String>,
-) -> Result<(), Status> {
+) -> Result<Vec<crate::query::Checked>, Status> {
     crate::query::check_artifact(spec, params)
         .map_err(|e| Status::invalid_argument(format!("the query is refused: {e}")))
 }
 
+/// An analyst's hunt request as the hunt manager takes it, validated.
 fn hunt_spec(now: Timestamp, req: api::CreateHuntRequest) -> Result<HuntSpec, Status> {
     let given: BTreeMap<String, String> = req.params.into_iter().collect();
     let (spec, params) = talon_core::artifacts::validate(&req.artifact, &given).map_err(invalid)?;
-    check_queries(spec, &params)?;
+    let queries = check_queries(spec, &params)?;
     let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
         ls.iter()
             .map(|l| talon_core::registry::normalize_label(l).map_err(invalid))
@@ -263,8 +263,7 @@ fn hunt_spec(now: Timestamp, req: api::CreateHuntRequest) -> Result<HuntSpec, St
         "" => None,
         o @ ("linux" | "windows" | "darwin") => {
             // A hunt for a platform its artifact cannot run on would only collect errors.
-            let on = crate::query::platforms(spec, &params)
-                .map_err(|e| Status::invalid_argument(format!("the query is refused: {e}")))?;
+            let on = crate::query::platforms(&queries);
             if !on.contains(o) {
                 return Err(Status::invalid_argument(format!(
                     "--os {o}: {} runs on {} only (no artifact or endpoint table supports {o} \

@@ -182,9 +182,15 @@ impl Engine {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(fail)?;
-        // Process-wide; set before the authorizer refuses every PRAGMA.
-        conn.pragma_update(None, "hard_heap_limit", HEAP_BYTES_MAX)
-            .map_err(fail)?;
+        // Process-wide, so set once, by the first engine (before its authorizer refuses PRAGMA).
+        static HEAP_LIMIT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+        HEAP_LIMIT
+            .get_or_init(|| {
+                conn.pragma_update(None, "hard_heap_limit", HEAP_BYTES_MAX)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|e| QueryError::new(format!("cannot start SQLite: {e}")))?;
         use rusqlite::config::DbConfig;
         for (c, on) in [
             (DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true),
@@ -406,13 +412,14 @@ pub fn run_query(
 }
 
 /// Prepares every SQL parameter of an artifact against the tables (the master before it schedules
-/// anything, the CLI before it sends): `Err` names what is wrong and where.
+/// anything, the CLI before it sends): each query's shape, or `Err` naming what is wrong and where.
 pub fn check_artifact(
     spec: &talon_core::artifacts::ArtifactSpec,
     params: &BTreeMap<String, String>,
-) -> Result<(), QueryError> {
+) -> Result<Vec<Checked>, QueryError> {
     use talon_core::artifacts::ParamKind;
     let mut engine = None;
+    let mut all = Vec::new();
     for p in spec.params.iter().filter(|p| p.kind == ParamKind::Sql) {
         let sql = params.get(p.name).map_or(p.default, String::as_str);
         let engine = match &mut engine {
@@ -421,7 +428,7 @@ pub fn check_artifact(
         };
         let checked = engine.check(sql)?;
         // A query's own parameters are bound from the artifact's other parameters.
-        for name in checked.params {
+        for name in &checked.params {
             let known = spec
                 .params
                 .iter()
@@ -433,28 +440,23 @@ pub fn check_artifact(
                 )));
             }
         }
-    }
-    Ok(())
-}
-
-/// The platforms an artifact can run on: the built-in artifacts are Linux's (they read `/proc` and
-/// `/etc`); a query runs where every table it reads exists.
-pub fn platforms(
-    spec: &talon_core::artifacts::ArtifactSpec,
-    params: &BTreeMap<String, String>,
-) -> Result<BTreeSet<&'static str>, QueryError> {
-    use talon_core::artifacts::ParamKind;
-    let mut all: BTreeSet<&'static str> = BTreeSet::from(["linux"]);
-    for p in spec.params.iter().filter(|p| p.kind == ParamKind::Sql) {
-        let sql = params.get(p.name).map_or(p.default, String::as_str);
-        for t in Engine::new()?.check(sql)?.tables {
-            let on: BTreeSet<&'static str> = table(t)
-                .map(|d| d.platforms.iter().copied().collect())
-                .unwrap_or_default();
-            all = all.intersection(&on).copied().collect();
-        }
+        all.push(checked);
     }
     Ok(all)
+}
+
+/// The platforms an artifact can run on, given its checked queries ([`check_artifact`]): the
+/// built-in artifacts are Linux's (they read `/proc` and `/etc`); a query runs where every table
+/// it reads exists.
+pub fn platforms(queries: &[Checked]) -> BTreeSet<&'static str> {
+    let mut all: BTreeSet<&'static str> = BTreeSet::from(["linux"]);
+    for t in queries.iter().flat_map(|q| &q.tables) {
+        let on: BTreeSet<&'static str> = table(t)
+            .map(|d| d.platforms.iter().copied().collect())
+            .unwrap_or_default();
+        all = all.intersection(&on).copied().collect();
+    }
+    all
 }
 
 /// The query's line holding `offset` and a caret under it, for a terminal.
