@@ -47,6 +47,14 @@ pub fn audit_entry(time: crate::Timestamp, id: u64) -> String {
     )
 }
 
+/// The datastore key of a custom artifact's definition (its YAML, as added).
+pub fn artifact_definition(name: &str) -> String {
+    format!("{ARTIFACTS}{name}.yaml")
+}
+
+/// The prefix of every [`artifact_definition`] key.
+pub const ARTIFACTS: &str = "artifacts/";
+
 /// The prefix of every [`audit_entry`] key.
 pub const AUDIT: &str = "audit/";
 

@@ -17,6 +17,7 @@ pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
+pub mod definitions;
 pub mod deploy;
 pub mod env;
 pub mod fsutil;

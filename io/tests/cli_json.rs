@@ -95,6 +95,14 @@ fn every_command_that_prints_has_json_output_that_parses() {
 
     api("artifacts list", &[]);
     api("artifacts tables", &[]);
+    std::fs::write(
+        d.path("walked.yaml"),
+        "name: Custom.Walked\nsources: [{query: SELECT 1 AS one}]\n",
+    )
+    .unwrap();
+    api("artifacts add", &[&d.s("walked.yaml")]);
+    api("artifacts show", &["Custom.Walked"]);
+    api("artifacts remove", &["Custom.Walked"]);
     api("clients search", &["all"]);
     api("label add", &[&id, "walked"]);
     api("label remove", &[&id, "walked"]);

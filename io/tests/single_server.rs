@@ -780,3 +780,222 @@ fn ad_hoc_queries_are_checked_collected_hunted_and_audited() {
         "{details:?}"
     );
 }
+
+/// Issue #18's repository: a custom artifact added from YAML (checked first, refused with the
+/// source and position of an error), known to `list`/`show`, collected and hunted with its
+/// parameters bound, replaced only when asked, removed, and every change audited. Built-ins cannot
+/// be shadowed or removed.
+#[test]
+fn custom_artifacts_are_added_checked_collected_hunted_and_removed() {
+    let d = Deployment::new();
+    let (_master, _client, id) = d.master_and_client();
+    let def = d.path("shells.yaml");
+    std::fs::write(
+        &def,
+        "name: Custom.Linux.Accounts
+description: Accounts with a uid in a range, and this host's name.
+parameters:
+  - name: max_uid
+    type: int
+    max: 4294967295
+    default: 0
+    description: Highest uid listed.
+sources:
+  - name: accounts
+    query: SELECT username, uid FROM users WHERE uid <= :max_uid ORDER BY uid
+  - name: host
+    query: SELECT hostname FROM system_info
+",
+    )
+    .unwrap();
+    let added = d.api(&["artifacts", "add", &d.s("shells.yaml")]);
+    assert!(
+        added.contains("artifact Custom.Linux.Accounts added (linux)"),
+        "{added}"
+    );
+    let list = json(&d.api(&["artifacts", "list", "--json"]));
+    let mine = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "Custom.Linux.Accounts")
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(mine["builtin"], false);
+    assert_eq!(mine["params"][0]["max"], 4294967295u64);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"] == "Linux.Sys.Pslist" && a["builtin"] == true)
+    );
+    let shown = d.api(&["artifacts", "show", "Custom.Linux.Accounts"]);
+    assert!(shown.contains("WHERE uid <= :max_uid"), "{shown}");
+    assert!(
+        d.api(&["artifacts", "show", "Linux.Sys.Users"])
+            .contains("FROM users")
+    );
+
+    // Collected: every source's rows, each naming its source; the parameter bound.
+    let f = json(&d.api(&[
+        "collect",
+        &id,
+        "Custom.Linux.Accounts",
+        "--param",
+        "max_uid=0",
+        "--wait",
+        "--json",
+    ]));
+    assert_eq!(f["state"], "completed", "{f}");
+    let rows: Vec<serde_json::Value> = d
+        .api(&["flow", "results", &id, f["flow_id"].as_str().unwrap()])
+        .lines()
+        .map(json)
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        (&rows[0]["username"], &rows[0]["uid"], &rows[0]["_source"]),
+        (&"root".into(), &0.into(), &"accounts".into())
+    );
+    assert_eq!(rows[1]["_source"], "host");
+    // A bad value is refused before anything is scheduled.
+    let out = run(&[
+        "--api-config",
+        &d.s("api.yaml"),
+        "collect",
+        &id,
+        "Custom.Linux.Accounts",
+        "--param",
+        "max_uid=-1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("parameter max_uid=\"-1\" is invalid"),
+        "{err}"
+    );
+
+    // Hunted.
+    let hunt = d
+        .api(&[
+            "hunt",
+            "create",
+            "Custom.Linux.Accounts",
+            "--param",
+            "max_uid=0",
+        ])
+        .trim()
+        .to_owned();
+    d.wait_until("the hunt completes", || {
+        json(&d.api(&["hunt", "show", &hunt, "--json"]))["stats"]["completed"] == 1
+    });
+    assert_eq!(d.api(&["hunt", "results", &hunt]).lines().count(), 2);
+
+    // Refusals: a query that does not prepare (its source and position named, nothing stored);
+    // the same name again without --replace; a built-in's name; an unknown artifact.
+    let refused = |text: &str, want: &str| {
+        std::fs::write(d.path("bad.yaml"), text).unwrap();
+        let out = run(&[
+            "--api-config",
+            &d.s("api.yaml"),
+            "artifacts",
+            "add",
+            &d.s("bad.yaml"),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{text}: {err}");
+    };
+    refused(
+        "name: Custom.Bad\nsources: [{name: a, query: SELECT 1}, {name: b, query: SELECT nope FROM users}]",
+        "source b: no such column: nope",
+    );
+    refused(
+        "name: Custom.Bad\nsources: [{query: SELECT path FROM file}]",
+        "table file needs a constraint",
+    );
+    refused(
+        &std::fs::read_to_string(&def).unwrap(),
+        "exists; add it with --replace",
+    );
+    refused(
+        "name: Linux.Sys.Users\nsources: [{query: SELECT 1}]",
+        "is a built-in artifact",
+    );
+    let out = run(&[
+        "--api-config",
+        &d.s("api.yaml"),
+        "artifacts",
+        "show",
+        "Custom.Bad",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown artifact \"Custom.Bad\""));
+    // The server refuses what the CLI would have: a client that skips the CLI's check.
+    let api: talon_io::deploy::config::ApiClientConfig =
+        talon_io::deploy::config::read_yaml(&d.path("api.yaml")).unwrap();
+    let server_says = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let net = talon_io::net::TokioNet::shared();
+        let mut a = talon_io::cli::api_client::Api::connect_with(&api, &net)
+            .await
+            .unwrap();
+        a.add_artifact(
+            "name: Custom.Bad\nsources: [{query: SELEC 1}]".into(),
+            false,
+        )
+        .await
+        .unwrap_err()
+    });
+    assert!(
+        server_says.contains("the definition is refused") && server_says.contains("at byte 0"),
+        "{server_says}"
+    );
+
+    // Replaced when asked: the next collection runs the new definition; the earlier flow keeps
+    // the definition it carried.
+    std::fs::write(
+        &def,
+        "name: Custom.Linux.Accounts\nsources: [{query: SELECT 'v2' AS version}]\n",
+    )
+    .unwrap();
+    d.api(&["artifacts", "add", &d.s("shells.yaml"), "--replace"]);
+    let f2 = json(&d.api(&["collect", &id, "Custom.Linux.Accounts", "--wait", "--json"]));
+    let rows = d.api(&["flow", "results", &id, f2["flow_id"].as_str().unwrap()]);
+    assert_eq!(json(rows.trim())["version"], "v2", "{rows}");
+
+    // Removed: gone from the list; collecting it is refused; built-ins cannot be removed.
+    assert!(
+        d.api(&["artifacts", "remove", "Custom.Linux.Accounts"])
+            .contains("removed")
+    );
+    let out = run(&[
+        "--api-config",
+        &d.s("api.yaml"),
+        "collect",
+        &id,
+        "Custom.Linux.Accounts",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown artifact"));
+    let out = run(&[
+        "--api-config",
+        &d.s("api.yaml"),
+        "artifacts",
+        "remove",
+        "Linux.Sys.Users",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("built-ins cannot be removed"));
+
+    let audit = json(&d.api(&["audit", "list", "--json"]));
+    let actions: Vec<(&str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().starts_with("artifact-"))
+        .map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("artifact-remove", "Custom.Linux.Accounts"),
+            ("artifact-add", "Custom.Linux.Accounts"),
+            ("artifact-add", "Custom.Linux.Accounts"),
+        ],
+        "{audit}"
+    );
+}

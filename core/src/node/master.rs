@@ -138,6 +138,13 @@ pub enum Item {
     },
     /// An audit-log entry ([`paths::audit_entry`]).
     Audit(Box<AuditEntry>),
+    /// A custom artifact's definition ([`paths::artifact_definition`]); `None` deletes it.
+    Artifact {
+        /// Its name.
+        name: String,
+        /// Its definition (YAML), as added.
+        definition: Option<String>,
+    },
 }
 
 /// The datastore key an [`Item`] is stored under, as the master orders writes by it: at most one
@@ -158,6 +165,8 @@ pub enum Key {
     Cursor(String),
     /// An audit entry: its time and id.
     Audit(Timestamp, u64),
+    /// A custom artifact's definition.
+    Artifact(String),
 }
 
 impl Item {
@@ -173,6 +182,7 @@ impl Item {
             Item::Flow(f) => Key::Flow(f.client.clone(), f.flow.clone()),
             Item::Cursor { node, .. } => Key::Cursor(node.clone()),
             Item::Audit(e) => Key::Audit(e.time, e.id),
+            Item::Artifact { name, .. } => Key::Artifact(name.clone()),
         }
     }
 }
@@ -288,6 +298,10 @@ pub enum AuditAction {
     HuntStop,
     /// Cancelled a flow (`target`: the client; `detail`: the flow and the reason).
     Cancel,
+    /// Added or replaced a custom artifact (`target`: its name; `detail`: its definition).
+    ArtifactAdd,
+    /// Removed a custom artifact (`target`: its name).
+    ArtifactRemove,
 }
 
 impl AuditAction {
@@ -300,6 +314,8 @@ impl AuditAction {
             AuditAction::HuntCreate => "hunt-create",
             AuditAction::HuntStop => "hunt-stop",
             AuditAction::Cancel => "cancel",
+            AuditAction::ArtifactAdd => "artifact-add",
+            AuditAction::ArtifactRemove => "artifact-remove",
         }
     }
 
@@ -312,6 +328,8 @@ impl AuditAction {
             AuditAction::HuntCreate,
             AuditAction::HuntStop,
             AuditAction::Cancel,
+            AuditAction::ArtifactAdd,
+            AuditAction::ArtifactRemove,
         ]
         .into_iter()
         .find(|a| a.name() == name)
@@ -386,6 +404,15 @@ pub enum Request {
     HuntFlows(HuntId),
     /// The minions known.
     Minions,
+    /// Add (or replace) a custom artifact's definition, or remove it (`definition` none). The shell
+    /// has checked the definition and whether the name is taken; this writes it with its audit
+    /// entry.
+    PutArtifact {
+        /// The artifact's name.
+        name: String,
+        /// Its definition (YAML); `None` removes it.
+        definition: Option<String>,
+    },
 }
 
 /// A request's successful answer.
@@ -412,6 +439,8 @@ pub enum Answer {
     Participants(Vec<(ClientId, FlowId)>),
     /// The minions known.
     Minions(Vec<MinionView>),
+    /// A custom artifact's definition is written (or removed).
+    ArtifactPut,
     /// A flow is cancelled.
     Cancelled {
         /// Its task had not been acknowledged: it is marked failed and will not run.
@@ -543,6 +572,8 @@ enum Effect {
     Audit,
     /// A cancelled flow's record marked failed.
     FailFlow,
+    /// A custom artifact's definition.
+    Artifact,
     /// Written by a plant without a task.
     #[cfg(test)]
     Planted,
@@ -605,6 +636,7 @@ enum Asked {
     Cancel { before_start: bool, told: bool },
     Hunts,
     Hunt(HuntId),
+    Artifact,
 }
 
 #[derive(Debug)]
@@ -808,6 +840,9 @@ impl Master {
                 flow,
                 reason,
             } => self.cancel(time, request, by, client, flow, reason),
+            Request::PutArtifact { name, definition } => {
+                self.put_artifact(time, request, by, name, definition)
+            }
             Request::Hunts(one) => self.get_hunts(time, request, one),
             Request::HuntFlows(id) => {
                 let r = match self.hunts.get(&id) {
@@ -914,6 +949,28 @@ impl Master {
             return self.reply(request, Err(hunt_error(e)));
         }
         self.finish(Then::Reply(request, Asked::CreateHunt(id)));
+        self.drain();
+    }
+
+    /// Writes (or removes) a custom artifact's definition with its audit entry; answered once
+    /// both are durable.
+    fn put_artifact(
+        &mut self,
+        time: Time,
+        request: Token,
+        by: Analyst,
+        name: String,
+        definition: Option<String>,
+    ) {
+        self.time = time;
+        self.begin();
+        let (action, detail) = match &definition {
+            Some(d) => (AuditAction::ArtifactAdd, d.clone()),
+            None => (AuditAction::ArtifactRemove, String::new()),
+        };
+        self.audit(by, action, name.clone(), detail);
+        self.write(Effect::Artifact, vec![Item::Artifact { name, definition }]);
+        self.finish(Then::Reply(request, Asked::Artifact));
         self.drain();
     }
 
@@ -1403,6 +1460,10 @@ impl Master {
                 )),
                 _ => unavailable("the label is not recorded"),
             },
+            Asked::Artifact => match worst {
+                Outcome::Done => Ok(Answer::ArtifactPut),
+                _ => unavailable("the artifact's definition is not recorded"),
+            },
             Asked::Collect(flow) => match worst {
                 Outcome::Done => Ok(Answer::Flow(flow)),
                 _ => unavailable("the collection was not scheduled"),
@@ -1582,7 +1643,7 @@ impl Master {
                 }
             }
             Effect::Cursor(node, cursor) => self.inbox.handle_persisted(&node, cursor, outcome),
-            Effect::Hunt | Effect::Audit | Effect::FailFlow => {}
+            Effect::Hunt | Effect::Audit | Effect::FailFlow | Effect::Artifact => {}
             #[cfg(test)]
             Effect::Planted => {}
         }
@@ -1995,5 +2056,11 @@ mod tests;
 /// An artifact's parameters as the audit log shows them: ` name="value"` each (what exactly was
 /// run, an ad-hoc query's text included).
 fn audit_params(params: &BTreeMap<String, String>) -> String {
-    params.iter().map(|(k, v)| format!(" {k}={v:?}")).collect()
+    // A custom artifact's compiled definition is in the flow's record; its addition is audited
+    // with the whole text.
+    params
+        .iter()
+        .filter(|(k, _)| k.as_str() != crate::artifacts::DEFINITION_PARAM)
+        .map(|(k, v)| format!(" {k}={v:?}"))
+        .collect()
 }

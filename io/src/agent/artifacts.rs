@@ -91,19 +91,31 @@ impl Budget {
     }
 }
 
-/// Runs an artifact with validated parameters. `Err` is the flow's error text.
+/// Runs an artifact with validated parameters: a custom one from the definition its task carries,
+/// a built-in from the definition shipped in this binary (its queries, or this module's code for
+/// the native ones). `Err` is the flow's error text.
 pub fn run(
     name: &str,
     params: &BTreeMap<String, String>,
     budget: Budget,
     emit: &mut Emit<'_>,
 ) -> Result<(), String> {
-    let r = match name {
-        talon_core::artifacts::QUERY_ARTIFACT => {
-            return crate::query::run_query(param(params, "query"), budget, &mut |r| {
-                emit(Output::Row(r)).map_err(|Stop| crate::query::Stop)
-            });
+    let mut rows = |r| emit(Output::Row(r)).map_err(|Stop| crate::query::Stop);
+    if let Some(compiled) = params.get(talon_core::artifacts::DEFINITION_PARAM) {
+        let spec = crate::definitions::from_task(compiled)?;
+        return crate::query::run_artifact(&spec, params, budget, &mut rows);
+    }
+    if name == talon_core::artifacts::QUERY_ARTIFACT {
+        return crate::query::run_query(param(params, "query"), budget, &mut rows);
+    }
+    match crate::definitions::builtin(name) {
+        Some(b) if !b.native => {
+            return crate::query::run_artifact(&b.spec, params, budget, &mut rows);
         }
+        Some(_) => {}
+        None => return Err(format!("this agent does not know artifact {name:?}")),
+    }
+    let r = match name {
         "Generic.Client.Info" => emit(row(client_info())),
         "Generic.Test.Rows" => test_rows(
             int(params, "count"),
@@ -120,8 +132,6 @@ pub fn run(
                 })
             })
         }),
-        "Linux.Sys.Pslist" => pslist(param(params, "name"), emit),
-        "Linux.Sys.Users" => users(emit),
         "Linux.Network.Netstat" => netstat(emit),
         "Generic.Forensic.FileFinder" => {
             let upload = param(params, "upload") == "true";
@@ -132,7 +142,7 @@ pub fn run(
                 emit,
             )
         }
-        other => return Err(format!("this agent does not know artifact {other:?}")),
+        other => return Err(format!("built-in artifact {other:?} has no native code")),
     };
     match r {
         Ok(()) | Err(Stop) => Ok(()),
@@ -242,98 +252,6 @@ fn test_rows(count: u64, size: usize, pause_ms: u64, emit: &mut Emit<'_>) -> Res
         if pause_ms > 0 && (i + 1) % TEST_ROWS_PER_PAUSE == 0 && i + 1 < count {
             std::thread::sleep(std::time::Duration::from_millis(pause_ms));
         }
-    }
-    Ok(())
-}
-
-fn user_names() -> BTreeMap<u32, String> {
-    fs::read_to_string("/etc/passwd")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            Some((f.get(2)?.parse().ok()?, f.first()?.to_string()))
-        })
-        .collect()
-}
-
-fn pslist(name_filter: &str, emit: &mut Emit<'_>) -> Result<(), Stop> {
-    let users = user_names();
-    let ticks_per_s = 100; // USER_HZ on Linux.
-    let btime = boot_time_unix_s();
-    let mut pids: Vec<u32> = fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    pids.sort_unstable();
-    for pid in pids {
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // comm is in parentheses and may contain spaces: split at the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = &stat[open + 1..close];
-        if !name_filter.is_empty() && !name.contains(name_filter) {
-            continue;
-        }
-        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let field = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let uid: u32 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
-        let rss_kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect();
-        let exe = fs::read_link(format!("/proc/{pid}/exe"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        emit(row(json!({
-            "pid": pid,
-            "ppid": field(1),
-            "name": name,
-            "exe": exe,
-            "cmdline": cmdline.join(" "),
-            "user": users.get(&uid).cloned().unwrap_or_else(|| uid.to_string()),
-            "rss": rss_kb * 1024,
-            "start_time": btime + field(19) / ticks_per_s,
-        })))?;
-    }
-    Ok(())
-}
-
-fn users(emit: &mut Emit<'_>) -> Result<(), Stop> {
-    for line in fs::read_to_string("/etc/passwd")
-        .unwrap_or_default()
-        .lines()
-    {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() < 7 {
-            continue;
-        }
-        emit(row(json!({
-            "name": f[0],
-            "uid": f[2].parse::<u64>().unwrap_or(0),
-            "gid": f[3].parse::<u64>().unwrap_or(0),
-            "description": f[4],
-            "home": f[5],
-            "shell": f[6],
-        })))?;
     }
     Ok(())
 }
@@ -538,7 +456,8 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let (_, full) = talon_core::artifacts::validate(name, &given).unwrap();
+        let spec = &crate::definitions::builtin(name).unwrap().spec;
+        let full = talon_core::artifacts::validate(spec, &given).unwrap();
         let mut out = Vec::new();
         run(name, &full, Budget::unlimited(), &mut |o| {
             out.push(o);
@@ -562,8 +481,8 @@ mod tests {
 
     #[test]
     fn every_catalogue_artifact_runs_here() {
-        for a in talon_core::artifacts::CATALOGUE {
-            let _ = collect(a.name, &[]);
+        for b in crate::definitions::builtins() {
+            let _ = collect(&b.spec.name, &[]);
         }
     }
 
@@ -666,8 +585,10 @@ mod tests {
 
     #[test]
     fn a_stop_ends_the_artifact_early() {
-        let (_, p) = talon_core::artifacts::validate(
-            "Generic.Test.Rows",
+        let p = talon_core::artifacts::validate(
+            &crate::definitions::builtin("Generic.Test.Rows")
+                .unwrap()
+                .spec,
             &BTreeMap::from([("count".into(), "1000".into())]),
         )
         .unwrap();

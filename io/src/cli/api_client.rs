@@ -468,6 +468,53 @@ impl Api {
             .into_inner())
     }
 
+    /// Every artifact the master knows: built-in and custom.
+    pub async fn artifacts(&mut self) -> Result<Vec<api::ArtifactInfo>, String> {
+        Ok(self
+            .inner
+            .list_artifacts(api::ListArtifactsRequest {})
+            .await
+            .map_err(status)?
+            .into_inner()
+            .artifacts)
+    }
+
+    /// One artifact, with its definition.
+    pub async fn artifact(&mut self, name: &str) -> Result<api::ArtifactInfo, String> {
+        Ok(self
+            .inner
+            .get_artifact(api::ArtifactRequest { name: name.into() })
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// Adds a custom artifact from its YAML definition.
+    pub async fn add_artifact(
+        &mut self,
+        definition: String,
+        replace: bool,
+    ) -> Result<api::ArtifactInfo, String> {
+        Ok(self
+            .inner
+            .add_artifact(api::AddArtifactRequest {
+                definition,
+                replace,
+            })
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// Removes a custom artifact.
+    pub async fn remove_artifact(&mut self, name: &str) -> Result<(), String> {
+        self.inner
+            .remove_artifact(api::ArtifactRequest { name: name.into() })
+            .await
+            .map_err(status)?;
+        Ok(())
+    }
+
     /// Stops a hunt.
     pub async fn stop_hunt(&mut self, id: &str) -> Result<api::HuntSummary, String> {
         Ok(self

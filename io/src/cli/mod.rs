@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use talon_core::artifacts::{self, ArtifactSpec, ParamKind};
+use talon_core::artifacts::{self, ParamKind};
 
 /// Talon: endpoint visibility across one master and many minion frontends.
 #[derive(Debug, Parser)]
@@ -546,9 +546,40 @@ pub enum ConfigCommand {
 /// `talon artifacts ...`
 #[derive(Debug, Subcommand)]
 pub enum ArtifactsCommand {
-    /// List every artifact with its parameters.
+    /// List every artifact with its parameters: with --api-config the master's repository
+    /// (built-in and custom), without it the built-ins of this binary.
     List {
         /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a custom artifact from a YAML definition (docs/artifacts.md); the master prepares every
+    /// query first and refuses it naming what is wrong and where.
+    Add {
+        /// The definition.
+        #[arg(value_name = "FILE.yaml")]
+        file: PathBuf,
+        /// Replace a custom artifact of the same name.
+        #[arg(long)]
+        replace: bool,
+        /// Print the stored artifact as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one artifact's definition (built-in or custom).
+    Show {
+        /// The artifact.
+        name: String,
+        /// Print its parameters and platforms as JSON, with the definition.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a custom artifact (flows and hunts already scheduled keep the definition they
+    /// carry).
+    Remove {
+        /// The artifact.
+        name: String,
+        /// Print `{"removed": NAME}`.
         #[arg(long)]
         json: bool,
     },
@@ -624,11 +655,18 @@ pub fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::Artifacts {
             command: ArtifactsCommand::List { json },
-        } => Ok(if json {
-            artifacts_json()
-        } else {
-            artifacts_table()
-        }),
+        } if cli.api_config.is_none() => {
+            let list = crate::definitions::builtin_infos();
+            Ok(if json {
+                artifacts_json(&list)
+            } else {
+                format!(
+                    "{}\n\n(the built-ins of this binary; with --api-config the master's \
+                     repository, custom artifacts too)",
+                    artifacts_table(&list)
+                )
+            })
+        }
         Command::Artifacts {
             command: ArtifactsCommand::Tables { json },
         } => Ok(show::tables(json)),
@@ -697,17 +735,22 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 
 /// Refuses an artifact request this side can already tell is wrong (unknown artifact or parameter,
 /// a bad value, a query that does not prepare), before talking to the server.
+/// A custom artifact is checked by the master, which holds it.
 fn check_locally(
     artifact: &str,
     params: &std::collections::BTreeMap<String, String>,
 ) -> Result<Vec<crate::query::Checked>, String> {
-    let (spec, full) = artifacts::validate(artifact, params).map_err(|e| e.to_string())?;
+    let Some(b) = crate::definitions::builtin(artifact) else {
+        return Ok(Vec::new());
+    };
+    let spec = &b.spec;
+    let full = artifacts::validate(spec, params).map_err(|e| e.to_string())?;
     crate::query::check_artifact(spec, &full).map_err(|e| {
         let sql = spec
             .params
             .iter()
             .find(|p| p.kind == ParamKind::Sql)
-            .and_then(|p| full.get(p.name))
+            .and_then(|p| full.get(&p.name))
             .cloned()
             .unwrap_or_default();
         query_error(&sql, &e)
@@ -1018,6 +1061,72 @@ async fn run_async(
             let t = times()?;
             crate::cli::analyst::flow(api(api_config.as_deref()).await?, command, &t).await
         }
+        Command::Artifacts { command } => {
+            init_logging("warn");
+            let mut a = api(api_config.as_deref()).await?;
+            match command {
+                ArtifactsCommand::List { json } => {
+                    let list = a.artifacts().await?;
+                    Ok(if json {
+                        artifacts_json(&list)
+                    } else {
+                        artifacts_table(&list)
+                    })
+                }
+                ArtifactsCommand::Add {
+                    file,
+                    replace,
+                    json,
+                } => {
+                    let text = std::fs::read(&file)
+                        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                    let text = String::from_utf8(text)
+                        .map_err(|_| format!("{} is not UTF-8 text", file.display()))?;
+                    // Refuse what this side can already tell is wrong, with a caret on a terminal.
+                    let spec = crate::definitions::parse(&text).map_err(|e| {
+                        format!("{}: the definition is refused: {e}", file.display())
+                    })?;
+                    if let Err(e) = crate::query::check_artifact(&spec, &Default::default()) {
+                        let sql = spec
+                            .sources
+                            .iter()
+                            .find(|s| e.message.contains(&format!("source {}:", s.name)))
+                            .or(spec.sources.first())
+                            .map(|s| s.query.clone())
+                            .unwrap_or_default();
+                        return Err(format!("{}: {}", file.display(), query_error(&sql, &e)));
+                    }
+                    let info = a.add_artifact(text, replace).await?;
+                    Ok(if json {
+                        json_out(artifact_json(&info))
+                    } else {
+                        format!(
+                            "artifact {} {} ({})",
+                            info.name,
+                            if replace { "stored" } else { "added" },
+                            info.platforms.join(", ")
+                        )
+                    })
+                }
+                ArtifactsCommand::Show { name, json } => {
+                    let info = a.artifact(&name).await?;
+                    Ok(if json {
+                        json_out(artifact_json(&info))
+                    } else {
+                        info.definition.trim_end().to_owned()
+                    })
+                }
+                ArtifactsCommand::Remove { name, json } => {
+                    a.remove_artifact(&name).await?;
+                    Ok(if json {
+                        json_out(serde_json::json!({ "removed": name }))
+                    } else {
+                        format!("artifact {name} removed")
+                    })
+                }
+                ArtifactsCommand::Tables { json } => Ok(show::tables(json)),
+            }
+        }
         Command::Audit {
             command: AuditCommand::List { json },
         } => {
@@ -1186,7 +1295,7 @@ async fn run_async(
                 }
             }
         }
-        Command::Artifacts { .. } | Command::Config { .. } => unreachable!("handled synchronously"),
+        Command::Config { .. } => unreachable!("handled synchronously"),
     }
 }
 
@@ -1359,53 +1468,69 @@ fn json_out(v: serde_json::Value) -> String {
     serde_json::to_string_pretty(&v).expect("JSON values serialise")
 }
 
-fn kind_detail(kind: ParamKind) -> String {
-    match kind {
-        ParamKind::Int { min, max } => format!("int {min}..={max}"),
-        k => k.name().to_owned(),
-    }
-}
-
-/// The catalogue as a JSON array of `{name, description, params: [{name, kind, default, description}]}`.
-pub fn artifacts_json() -> String {
-    let list: Vec<serde_json::Value> = artifacts::CATALOGUE
-        .iter()
-        .map(|a: &ArtifactSpec| {
-            let params: Vec<serde_json::Value> = a
-                .params
-                .iter()
-                .map(|p| {
-                    serde_json::json!({
-                        "name": p.name,
-                        "kind": p.kind.name(),
-                        "default": p.default,
-                        "description": p.description,
-                    })
-                })
-                .collect();
-            serde_json::json!({"name": a.name, "description": a.description, "params": params})
-        })
-        .collect();
+/// Artifacts as a JSON array of `{name, description, builtin, platforms, params: [{name, kind,
+/// default, description}]}`.
+pub fn artifacts_json(list: &[talon_proto::api::ArtifactInfo]) -> String {
+    let list: Vec<serde_json::Value> = list.iter().map(artifact_json).collect();
     serde_json::to_string_pretty(&list).expect("JSON values always serialise")
 }
 
-/// The catalogue as a readable table.
-pub fn artifacts_table() -> String {
+fn artifact_json(a: &talon_proto::api::ArtifactInfo) -> serde_json::Value {
+    let params: Vec<serde_json::Value> = a
+        .params
+        .iter()
+        .map(|p| {
+            let mut v = serde_json::json!({
+                "name": p.name,
+                "kind": p.kind,
+                "default": p.default,
+                "description": p.description,
+            });
+            if p.kind == "int" {
+                v["min"] = p.min.into();
+                v["max"] = p.max.into();
+            }
+            v
+        })
+        .collect();
+    let mut v = serde_json::json!({
+        "name": a.name,
+        "description": a.description,
+        "builtin": a.builtin,
+        "platforms": a.platforms,
+        "params": params,
+    });
+    if !a.definition.is_empty() {
+        v["definition"] = a.definition.clone().into();
+    }
+    v
+}
+
+/// Artifacts as a readable list.
+pub fn artifacts_table(list: &[talon_proto::api::ArtifactInfo]) -> String {
     let mut s = String::new();
-    for a in artifacts::CATALOGUE {
-        s.push_str(&format!("{}\n    {}\n", a.name, a.description));
-        for p in a.params {
+    for a in list {
+        let origin = if a.builtin { "built-in" } else { "custom" };
+        s.push_str(&format!(
+            "{}  ({origin}; {})\n    {}\n",
+            a.name,
+            a.platforms.join(", "),
+            a.description
+        ));
+        for p in &a.params {
             let default = if p.default.is_empty() {
                 "\"\""
             } else {
-                p.default
+                &p.default
+            };
+            let kind = if p.kind == "int" {
+                format!("int {}..={}", p.min, p.max)
+            } else {
+                p.kind.clone()
             };
             s.push_str(&format!(
-                "    --param {}=<{}>  (default {})  {}\n",
-                p.name,
-                kind_detail(p.kind),
-                default,
-                p.description
+                "    --param {}=<{kind}>  (default {default})  {}\n",
+                p.name, p.description
             ));
         }
     }
@@ -1418,7 +1543,8 @@ mod tests {
 
     #[test]
     fn json_lists_every_artifact_with_its_params() {
-        let v: serde_json::Value = serde_json::from_str(&artifacts_json()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&artifacts_json(&crate::definitions::builtin_infos())).unwrap();
         let names: Vec<&str> = v
             .as_array()
             .unwrap()
@@ -1455,7 +1581,7 @@ mod tests {
 
     #[test]
     fn table_shows_params_with_kinds_and_defaults() {
-        let t = artifacts_table();
+        let t = artifacts_table(&crate::definitions::builtin_infos());
         assert!(
             t.contains("--param count=<int 0..=10000000>  (default 10)"),
             "{t}"

@@ -149,7 +149,12 @@ pub fn hunt(h: &api::HuntSummary, t: &Times) -> String {
             p(&v.join(",")).into_owned()
         }
     };
-    let mut params: Vec<_> = h.params.iter().collect();
+    // A custom artifact's compiled definition: `artifacts show` and --json show it.
+    let mut params: Vec<_> = h
+        .params
+        .iter()
+        .filter(|(k, _)| k.as_str() != talon_core::artifacts::DEFINITION_PARAM)
+        .collect();
     params.sort();
     let params: Vec<String> = params
         .into_iter()

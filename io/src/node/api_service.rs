@@ -239,21 +239,14 @@ fn unexpected(a: Answer) -> Status {
     Status::internal(format!("unexpected answer from the node: {a:?}"))
 }
 
-/// Refuses an artifact whose SQL does not prepare against the endpoint tables, before anything is
-/// scheduled (docs/artifacts.md); answers the queries' shapes.
-fn check_queries(
-    spec: &talon_core::artifacts::ArtifactSpec,
-    params: &BTreeMap<String, String>,
-) -> Result<Vec<crate::query::Checked>, Status> {
-    crate::query::check_artifact(spec, params)
-        .map_err(|e| Status::invalid_argument(format!("the query is refused: {e}")))
-}
-
 /// An analyst's hunt request as the hunt manager takes it, validated.
-fn hunt_spec(now: Timestamp, req: api::CreateHuntRequest) -> Result<HuntSpec, Status> {
+async fn hunt_spec(
+    ds: &Meta,
+    now: Timestamp,
+    req: api::CreateHuntRequest,
+) -> Result<HuntSpec, Status> {
     let given: BTreeMap<String, String> = req.params.into_iter().collect();
-    let (spec, params) = talon_core::artifacts::validate(&req.artifact, &given).map_err(invalid)?;
-    let queries = check_queries(spec, &params)?;
+    let (spec, params, queries) = super::repository::prepare(ds, &req.artifact, &given).await?;
     let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
         ls.iter()
             .map(|l| talon_core::registry::normalize_label(l).map_err(invalid))
@@ -286,7 +279,7 @@ fn hunt_spec(now: Timestamp, req: api::CreateHuntRequest) -> Result<HuntSpec, St
         req.expires_in_s
     };
     Ok(HuntSpec {
-        artifact: spec.name.to_owned(),
+        artifact: spec.name,
         params,
         include_labels: labels(req.include_labels)?,
         exclude_labels: labels(req.exclude_labels)?,
@@ -347,14 +340,13 @@ impl api::api_server::Api for ApiService {
         let user = require_api(&req)?;
         let r = req.into_inner();
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
-        let params = r.params.into_iter().collect();
-        let (spec, params) =
-            talon_core::artifacts::validate(&r.artifact, &params).map_err(invalid)?;
-        check_queries(spec, &params)?;
+        let given = r.params.into_iter().collect();
+        let (spec, params, _) =
+            super::repository::prepare(&self.node.datastore, &r.artifact, &given).await?;
         let flow = NewFlow {
             client,
             flow: FlowId::from_u64(self.node.random()),
-            artifact: spec.name.to_owned(),
+            artifact: spec.name,
             params,
             hunt: None,
             created: self.node.clock.now(),
@@ -399,7 +391,12 @@ impl api::api_server::Api for ApiService {
         req: Request<api::CreateHuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
         let user = require_api(&req)?;
-        let spec = hunt_spec(self.node.clock.now(), req.into_inner())?;
+        let spec = hunt_spec(
+            &self.node.datastore,
+            self.node.clock.now(),
+            req.into_inner(),
+        )
+        .await?;
         let id = HuntId::from_u64(self.node.random());
         let h = self
             .hunt(&user, CoreRequest::CreateHunt { id, spec })
@@ -521,25 +518,97 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::ListArtifactsRequest>,
     ) -> Result<Response<api::ListArtifactsResponse>, Status> {
+        use super::repository as repo;
         require_api(&req)?;
-        let artifacts = talon_core::artifacts::CATALOGUE
-            .iter()
-            .map(|a| api::ArtifactInfo {
-                name: a.name.into(),
-                description: a.description.into(),
-                params: a
-                    .params
-                    .iter()
-                    .map(|p| api::ArtifactParam {
-                        name: p.name.into(),
-                        kind: p.kind.name().into(),
-                        default: p.default.into(),
-                        description: p.description.into(),
-                    })
-                    .collect(),
-            })
-            .collect();
+        let ds = &self.node.datastore;
+        let mut artifacts = crate::definitions::builtin_infos();
+        for name in repo::custom_names(ds).await? {
+            // Removed since it was listed: left out.
+            if let Some(r) = repo::custom(ds, &name).await? {
+                let on = crate::query::check_artifact(&r.spec, &BTreeMap::new())
+                    .map(|q| repo::platforms_of(&q))
+                    .unwrap_or_default();
+                artifacts.push(repo::info(&r.spec, false, on, None));
+            }
+        }
         Ok(Response::new(api::ListArtifactsResponse { artifacts }))
+    }
+
+    async fn get_artifact(
+        &self,
+        req: Request<api::ArtifactRequest>,
+    ) -> Result<Response<api::ArtifactInfo>, Status> {
+        use super::repository as repo;
+        require_api(&req)?;
+        let r = repo::resolve(&self.node.datastore, &req.get_ref().name).await?;
+        let on = crate::query::check_artifact(&r.spec, &BTreeMap::new())
+            .map(|q| repo::platforms_of(&q))
+            .unwrap_or_default();
+        Ok(Response::new(repo::info(
+            &r.spec,
+            r.builtin,
+            on,
+            Some(&r.text),
+        )))
+    }
+
+    async fn add_artifact(
+        &self,
+        req: Request<api::AddArtifactRequest>,
+    ) -> Result<Response<api::ArtifactInfo>, Status> {
+        use super::repository as repo;
+        let user = require_api(&req)?;
+        let r = req.into_inner();
+        let (spec, queries) =
+            repo::check_new(&self.node.datastore, &r.definition, r.replace).await?;
+        let put = CoreRequest::PutArtifact {
+            name: spec.name.clone(),
+            definition: Some(r.definition.clone()),
+        };
+        match self.node.request(&user, put).await? {
+            Answer::ArtifactPut => {
+                tracing::info!(artifact = %spec.name, %user, "artifact added");
+                let on = repo::platforms_of(&queries);
+                Ok(Response::new(repo::info(
+                    &spec,
+                    false,
+                    on,
+                    Some(&r.definition),
+                )))
+            }
+            a => Err(unexpected(a)),
+        }
+    }
+
+    async fn remove_artifact(
+        &self,
+        req: Request<api::ArtifactRequest>,
+    ) -> Result<Response<api::RemoveArtifactResponse>, Status> {
+        use super::repository as repo;
+        let user = require_api(&req)?;
+        let name = req.into_inner().name;
+        if crate::definitions::builtin(&name).is_some() {
+            return Err(Status::failed_precondition(format!(
+                "{name} is a built-in artifact; built-ins cannot be removed"
+            )));
+        }
+        if !repo::custom_names(&self.node.datastore)
+            .await?
+            .contains(&name)
+        {
+            return Err(Status::not_found(format!("no custom artifact {name:?}")));
+        }
+        let put = CoreRequest::PutArtifact {
+            name: name.clone(),
+            definition: None,
+        };
+        match self.node.request(&user, put).await? {
+            Answer::ArtifactPut => {
+                tracing::info!(artifact = %name, %user, "artifact removed");
+                Ok(Response::new(api::RemoveArtifactResponse {}))
+            }
+            a => Err(unexpected(a)),
+        }
     }
 
     async fn list_flows(

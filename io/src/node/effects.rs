@@ -140,6 +140,12 @@ pub(super) fn encode(item: &Item) -> (String, Option<Bytes>) {
             paths::audit_entry(e.time, e.id),
             json(&crate::storage::records::AuditJson::from_entry(e)),
         ),
+        Item::Artifact { name, definition } => (
+            paths::artifact_definition(name),
+            definition
+                .as_ref()
+                .map(|d| Bytes::from(d.clone().into_bytes())),
+        ),
     }
 }
 

@@ -63,6 +63,7 @@ mod flows;
 mod load;
 mod master;
 mod minion;
+mod repository;
 mod uploads;
 
 use actor::*;

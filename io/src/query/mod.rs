@@ -24,6 +24,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 pub use table::TableDef;
 
+/// Values bound to a query's parameters, by name (without the `:`).
+pub type Bindings = BTreeMap<String, table::Value>;
+
 /// Longest query text accepted (bytes).
 pub const SQL_BYTES_MAX: usize = 64 << 10;
 /// Longest string or blob a query may make (`zeroblob`, `printf('%.*c', …)`, a `group_concat`).
@@ -319,13 +322,12 @@ impl Engine {
         })
     }
 
-    /// Runs `sql` with `params` bound by name (as text; SQLite compares them with columns by the
-    /// columns' affinity), sending each row as a JSON object to `emit` until it stops the run, a
-    /// limit is reached, or `expired()` says the time is up.
+    /// Runs `sql` with `params` bound by name (`:name`), sending each row as a JSON object to
+    /// `emit` until it stops the run, a limit is reached, or `expired()` says the time is up.
     pub fn run(
         &mut self,
         sql: &str,
-        params: &BTreeMap<String, String>,
+        params: &Bindings,
         limits: Limits,
         expired: impl FnMut() -> bool + Send + 'static,
         emit: &mut dyn FnMut(serde_json::Map<String, serde_json::Value>) -> Result<(), Stop>,
@@ -341,7 +343,7 @@ impl Engine {
     fn run_inner(
         &self,
         sql: &str,
-        params: &BTreeMap<String, String>,
+        params: &Bindings,
         limits: Limits,
         emit: &mut dyn FnMut(serde_json::Map<String, serde_json::Value>) -> Result<(), Stop>,
     ) -> Result<(), QueryError> {
@@ -355,7 +357,13 @@ impl Engine {
                         "the query uses parameter {name}, which was not given"
                     ))
                 })?;
-            stmt.raw_bind_parameter(i, value).map_err(sqlite_error)?;
+            let bound = match value {
+                table::Value::Null => stmt.raw_bind_parameter(i, rusqlite::types::Null),
+                table::Value::Int(v) => stmt.raw_bind_parameter(i, v),
+                table::Value::Real(v) => stmt.raw_bind_parameter(i, v),
+                table::Value::Text(v) => stmt.raw_bind_parameter(i, v.as_str()),
+            };
+            bound.map_err(sqlite_error)?;
         }
         let names = unique_names(&stmt.column_names().collect::<Vec<_>>());
         let mut rows = stmt.raw_query();
@@ -407,37 +415,144 @@ pub fn run_query(
     }
     let mut engine = Engine::for_host(budget.host).map_err(|e| e.to_string())?;
     engine
-        .run(sql, &BTreeMap::new(), limits, budget.expired, emit)
+        .run(sql, &Bindings::new(), limits, budget.expired, emit)
         .map_err(|e| format!("query failed: {e}"))
 }
 
-/// Prepares every SQL parameter of an artifact against the tables (the master before it schedules
-/// anything, the CLI before it sends): each query's shape, or `Err` naming what is wrong and where.
+/// An artifact's parameters as its queries bind them: an int as an integer, a bool as 1 or 0,
+/// anything else as text.
+pub fn bindings(
+    spec: &talon_core::artifacts::ArtifactSpec,
+    params: &BTreeMap<String, String>,
+) -> Bindings {
+    use talon_core::artifacts::ParamKind;
+    spec.params
+        .iter()
+        .map(|p| {
+            let given = params.get(&p.name).unwrap_or(&p.default);
+            let v = match p.kind {
+                ParamKind::Int { .. } => given
+                    .parse::<i64>()
+                    .map_or_else(|_| table::Value::Text(given.clone()), table::Value::Int),
+                ParamKind::Bool => table::Value::Int((given == "true").into()),
+                _ => table::Value::Text(given.clone()),
+            };
+            (p.name.clone(), v)
+        })
+        .collect()
+}
+
+/// Runs a definition's sources in order as an agent's task, its parameters bound
+/// ([`bindings`]): one engine, the task's row bound over all sources together, its clock. With
+/// more than one source each row names its own in [`talon_core::artifacts::SOURCE_COLUMN`]; a
+/// column of `json_columns` holding JSON text is stored as that JSON. `Err` is the flow's error
+/// text, naming the source.
+pub fn run_artifact(
+    spec: &talon_core::artifacts::ArtifactSpec,
+    params: &BTreeMap<String, String>,
+    budget: crate::agent::artifacts::Budget,
+    emit: &mut dyn FnMut(serde_json::Map<String, serde_json::Value>) -> Result<(), Stop>,
+) -> Result<(), String> {
+    let mut left = Limits::default().rows;
+    if budget.max_rows > 0 {
+        left = left.min(budget.max_rows);
+    }
+    let binds = bindings(spec, params);
+    let mut engine = Engine::for_host(budget.host).map_err(|e| e.to_string())?;
+    let expired = Arc::new(Mutex::new(budget.expired));
+    let many = spec.sources.len() > 1;
+    for source in &spec.sources {
+        let limits = Limits {
+            rows: left,
+            ..Limits::default()
+        };
+        let clock = expired.clone();
+        let mut stopped = false;
+        let mut sent = 0u64;
+        let r = engine.run(
+            &source.query,
+            &binds,
+            limits,
+            move || (clock.lock().unwrap_or_else(|p| p.into_inner()))(),
+            &mut |mut row| {
+                for c in &spec.json_columns {
+                    if let Some(serde_json::Value::String(text)) = row.get(c)
+                        && let Ok(v) = serde_json::from_str::<serde_json::Value>(text)
+                        && (v.is_array() || v.is_object())
+                    {
+                        row.insert(c.clone(), v);
+                    }
+                }
+                if many {
+                    row.insert(
+                        talon_core::artifacts::SOURCE_COLUMN.into(),
+                        source.name.clone().into(),
+                    );
+                }
+                sent += 1;
+                emit(row).inspect_err(|_| stopped = true)
+            },
+        );
+        r.map_err(|e| {
+            if many {
+                format!("source {} failed: {e}", source.name)
+            } else {
+                format!("query failed: {e}")
+            }
+        })?;
+        left = left.saturating_sub(sent);
+        if stopped {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Prepares every query of an artifact against the tables (the master before it schedules
+/// anything or stores a definition, the CLI before it sends): its sources, and the value of a
+/// parameter of kind sql (`Generic.Query`). Answers each query's shape, or `Err` naming what is
+/// wrong, where, and in which source.
 pub fn check_artifact(
     spec: &talon_core::artifacts::ArtifactSpec,
     params: &BTreeMap<String, String>,
 ) -> Result<Vec<Checked>, QueryError> {
     use talon_core::artifacts::ParamKind;
-    let mut engine = None;
+    let mut queries: Vec<(Option<&str>, &str)> = spec
+        .params
+        .iter()
+        .filter(|p| p.kind == ParamKind::Sql)
+        .map(|p| (None, params.get(&p.name).unwrap_or(&p.default).as_str()))
+        .collect();
+    let many = spec.sources.len() > 1;
+    queries.extend(
+        spec.sources
+            .iter()
+            .map(|s| (many.then_some(s.name.as_str()), s.query.as_str())),
+    );
+    if queries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let engine = Engine::new()?;
     let mut all = Vec::new();
-    for p in spec.params.iter().filter(|p| p.kind == ParamKind::Sql) {
-        let sql = params.get(p.name).map_or(p.default, String::as_str);
-        let engine = match &mut engine {
-            Some(e) => e,
-            None => engine.insert(Engine::new()?),
+    for (source, sql) in queries {
+        let in_source = |mut e: QueryError| {
+            if let Some(s) = source {
+                e.message = format!("source {s}: {}", e.message);
+            }
+            e
         };
-        let checked = engine.check(sql)?;
+        let checked = engine.check(sql).map_err(in_source)?;
         // A query's own parameters are bound from the artifact's other parameters.
         for name in &checked.params {
             let known = spec
                 .params
                 .iter()
-                .any(|q| q.name == name && q.kind != ParamKind::Sql);
+                .any(|q| q.name == *name && q.kind != ParamKind::Sql);
             if !known {
-                return Err(QueryError::new(format!(
-                    "the query uses parameter :{name}, which artifact {} does not have",
+                return Err(in_source(QueryError::new(format!(
+                    "the query uses parameter :{name}, which artifact {} does not declare",
                     spec.name
-                )));
+                ))));
             }
         }
         all.push(checked);

@@ -16,7 +16,11 @@ fn rows_with(
     params: &BTreeMap<String, String>,
 ) -> Result<Vec<serde_json::Map<String, J>>, QueryError> {
     let mut out = Vec::new();
-    e.run(sql, params, Limits::default(), || false, &mut |r| {
+    let params: Bindings = params
+        .iter()
+        .map(|(k, v)| (k.clone(), table::Value::Text(v.clone())))
+        .collect();
+    e.run(sql, &params, Limits::default(), || false, &mut |r| {
         out.push(r);
         Ok(())
     })?;
@@ -143,7 +147,7 @@ fn rows_and_bytes_are_bounded() {
         ..Limits::default()
     };
     let err = e
-        .run(sql, &BTreeMap::new(), limits, || false, &mut |_| {
+        .run(sql, &Bindings::new(), limits, || false, &mut |_| {
             n += 1;
             Ok(())
         })
@@ -155,7 +159,7 @@ fn rows_and_bytes_are_bounded() {
         bytes: 100,
     };
     let err = e
-        .run(sql, &BTreeMap::new(), limits, || false, &mut |_| Ok(()))
+        .run(sql, &Bindings::new(), limits, || false, &mut |_| Ok(()))
         .unwrap_err();
     assert!(err.message.contains("exceed 100 bytes"), "{err}");
     // A value longer than the string bound fails (memory), not the process.
@@ -658,4 +662,168 @@ fn process_open_sockets_show_a_connection_of_ours_as_ss_does() {
     let ss = tool("ss", &["-tanH", &format!("sport = :{local}")]);
     assert!(ss.starts_with("ESTAB"), "{ss}");
     assert!(ss.contains(&format!("127.0.0.1:{port}")), "{ss}");
+}
+
+fn definition_rows(
+    spec: &talon_core::artifacts::ArtifactSpec,
+    params: &[(&str, &str)],
+    max_rows: u64,
+) -> Result<Vec<serde_json::Map<String, J>>, String> {
+    let params = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let params = talon_core::artifacts::validate(spec, &params).map_err(|e| e.to_string())?;
+    let mut budget = crate::agent::artifacts::Budget::unlimited();
+    budget.max_rows = max_rows;
+    let mut out = Vec::new();
+    run_artifact(spec, &params, budget, &mut |r| {
+        out.push(r);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+const TWO_SOURCES: &str = r#"
+name: Custom.Test.Two
+parameters:
+  - {name: n, type: int, max: 100, default: 3}
+  - {name: on, type: bool, default: true}
+  - {name: word, default: "x"}
+json_columns: [list]
+sources:
+  - name: counted
+    query: |
+      WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < :n)
+      SELECT i, :on AS flag, typeof(:n) AS t FROM c
+  - name: shaped
+    query: SELECT json_array(1, 'a') AS list, :word AS word, json_array(1) AS plain
+"#;
+
+#[test]
+fn a_definition_binds_its_parameters_runs_every_source_and_keeps_json_columns() {
+    let spec = crate::definitions::parse(TWO_SOURCES).unwrap();
+    check_artifact(&spec, &BTreeMap::new()).unwrap();
+    // A value that would change the query if it were spliced into the text stays a value.
+    let hostile = "x' UNION SELECT username FROM users --";
+    let rows = definition_rows(&spec, &[("n", "4"), ("word", hostile)], 0).unwrap();
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    for (i, r) in rows[..4].iter().enumerate() {
+        assert_eq!(r["i"], J::from(i as i64 + 1));
+        assert_eq!(r["flag"], J::from(1), "bool bound as 1");
+        assert_eq!(r["t"], "integer", "int bound as an integer");
+        assert_eq!(r["_source"], "counted");
+    }
+    let last = &rows[4];
+    assert_eq!(last["list"], serde_json::json!([1, "a"]), "a JSON column");
+    assert_eq!(last["plain"], "[1]", "not a JSON column: text");
+    assert_eq!(last["word"], hostile);
+    assert_eq!(last["_source"], "shaped");
+    // The task's row bound covers every source together.
+    assert_eq!(definition_rows(&spec, &[("n", "4")], 5).unwrap().len(), 5);
+    let e = definition_rows(&spec, &[("n", "4")], 4).unwrap_err();
+    assert!(
+        e.contains("source shaped failed") && e.contains("stopped after 0 rows"),
+        "{e}"
+    );
+    let e = definition_rows(&spec, &[("n", "4")], 3).unwrap_err();
+    assert!(e.contains("source counted failed"), "{e}");
+    // One source: its rows as they are, no source column.
+    let one = crate::definitions::parse(
+        "name: Custom.One\nsources: [{query: SELECT username FROM users WHERE uid = 0}]",
+    )
+    .unwrap();
+    let rows = definition_rows(&one, &[], 0).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].keys().collect::<Vec<_>>(), ["username"]);
+}
+
+#[test]
+fn a_definition_is_refused_naming_the_source_and_what() {
+    let refused = |text: &str, says: &str, at: bool| {
+        let spec = crate::definitions::parse(text).unwrap();
+        let e = check_artifact(&spec, &BTreeMap::new()).unwrap_err();
+        assert!(
+            e.to_string().contains(says),
+            "{text}: {e} should say {says}"
+        );
+        assert_eq!(e.offset.is_some(), at, "{text}: {e:?}");
+    };
+    refused(
+        "name: X\nsources: [{name: a, query: SELECT 1}, {name: b, query: SELEC 1}]",
+        "source b: near \"SELEC\"",
+        true,
+    );
+    refused(
+        "name: X\nsources: [{query: 'SELECT uid FROM users WHERE uid = :who'}]",
+        "parameter :who, which artifact X does not declare",
+        false,
+    );
+    refused(
+        "name: X\nsources: [{query: SELECT path FROM file}]",
+        "table file needs a constraint",
+        false,
+    );
+    refused(
+        "name: X\nsources: [{query: SELECT nope FROM users}]",
+        "no such column: nope",
+        true,
+    );
+    refused(
+        "name: X\nsources: [{query: 'SELECT uid FROM users WHERE uid = ?'}]",
+        "has no name",
+        false,
+    );
+}
+
+#[test]
+fn the_builtin_queries_keep_the_row_shapes_of_the_code_they_replace() {
+    let users = &crate::definitions::builtin("Linux.Sys.Users").unwrap().spec;
+    let rows = definition_rows(users, &[], 0).unwrap();
+    let root = rows.iter().find(|r| r["name"] == "root").expect("root");
+    let keys = |r: &serde_json::Map<String, J>| r.keys().cloned().collect::<BTreeSet<String>>();
+    let set = |k: &[&str]| {
+        k.iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<String>>()
+    };
+    assert_eq!(
+        keys(root),
+        set(&["name", "uid", "gid", "description", "home", "shell"])
+    );
+    assert_eq!(
+        (&root["uid"], &root["home"]),
+        (&J::from(0), &J::from("/root"))
+    );
+    let ps = &crate::definitions::builtin("Linux.Sys.Pslist")
+        .unwrap()
+        .spec;
+    let me = std::process::id();
+    let rows = definition_rows(ps, &[], 0).unwrap();
+    let mine = rows.iter().find(|r| r["pid"] == me).expect("this process");
+    assert_eq!(
+        keys(mine),
+        set(&[
+            "pid",
+            "ppid",
+            "name",
+            "exe",
+            "cmdline",
+            "user",
+            "rss",
+            "start_time"
+        ])
+    );
+    assert!(mine["rss"].as_u64().unwrap() > 0 && mine["start_time"].as_u64().unwrap() > 0);
+    assert_eq!(mine["ppid"], J::from(std::os::unix::process::parent_id()));
+    // Pids ascend, and the name filter keeps only names containing it.
+    let pids: Vec<u64> = rows.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+    assert!(pids.windows(2).all(|w| w[0] < w[1]));
+    let name = mine["name"].as_str().unwrap().to_owned();
+    let some = definition_rows(ps, &[("name", &name[..3])], 0).unwrap();
+    assert!(some.iter().any(|r| r["pid"] == me));
+    assert!(
+        some.iter()
+            .all(|r| r["name"].as_str().unwrap().contains(&name[..3]))
+    );
 }

@@ -58,6 +58,8 @@ enum Step {
     Ack(u8),
     /// An analyst cancels client n's newest flow.
     Cancel(u8),
+    /// An administrator adds (true) or removes the custom artifact `Custom.A`.
+    Artifact(bool),
     /// A write in flight ends (the n-th, modulo how many: the store ends them in any order).
     Complete(Ending, usize),
     /// The minion sends its unacknowledged events again (its stream comes up first if down).
@@ -78,6 +80,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0..CLIENTS).prop_map(Step::Roam),
         3 => (0..CLIENTS).prop_map(Step::Ack),
         1 => (0..CLIENTS).prop_map(Step::Cancel),
+        1 => any::<bool>().prop_map(Step::Artifact),
         8 => (ending(6, 2, 1), 0usize..4).prop_map(|(e, n)| Step::Complete(e, n)),
         2 => Just(Step::Resend),
         1 => any::<bool>().prop_map(Step::Busy),
@@ -94,6 +97,7 @@ enum Asked {
     Collect(ClientId, FlowId),
     Hunt(HuntId),
     Cancel(ClientId, FlowId),
+    Artifact(Option<String>),
 }
 
 #[derive(Clone, Debug)]
@@ -126,6 +130,8 @@ struct Store {
     audit: BTreeMap<u64, AuditEntry>,
     /// Flow records marked failed (cancelled before they started).
     failed: BTreeSet<(ClientId, FlowId)>,
+    /// Custom artifact definitions by name.
+    artifacts: BTreeMap<String, String>,
 }
 
 impl Store {
@@ -156,6 +162,18 @@ impl Store {
                         Item::Cursor { cursor, .. } => self.cursor = Some(cursor),
                         Item::Audit(e) => {
                             self.audit.insert(e.id, *e);
+                        }
+                        Item::Artifact {
+                            name,
+                            definition: Some(d),
+                        } => {
+                            self.artifacts.insert(name, d);
+                        }
+                        Item::Artifact {
+                            name,
+                            definition: None,
+                        } => {
+                            self.artifacts.remove(&name);
                         }
                     }
                 }
@@ -390,6 +408,8 @@ impl World {
             Asked::Collect(c, _) => audited(AuditAction::Collect, c.to_string()),
             Asked::Hunt(h) => audited(AuditAction::HuntCreate, h.to_string()),
             Asked::Cancel(c, _) => audited(AuditAction::Cancel, c.to_string()),
+            Asked::Artifact(Some(_)) => audited(AuditAction::ArtifactAdd, "Custom.A".into()),
+            Asked::Artifact(None) => audited(AuditAction::ArtifactRemove, "Custom.A".into()),
         };
         if !entry {
             return Err(format!(
@@ -407,6 +427,8 @@ impl World {
                 s.flows.contains(&key) && (s.tasks.contains_key(&key) || self.acked.contains(&key))
             }
             Asked::Hunt(h) => s.hunts.contains_key(h),
+            // Two changes of one definition land in the order asked: the last answered holds.
+            Asked::Artifact(d) => s.artifacts.get("Custom.A") == d.as_ref(),
             // Withdrawn before it started: failed on storage, its task gone.
             Asked::Cancel(c, f) => match answer {
                 Answer::Cancelled {
@@ -491,6 +513,18 @@ impl World {
                     analyst(request),
                     Request::CreateHunt { id, spec },
                 );
+            }
+            Step::Artifact(add) => {
+                let request = Token(self.id());
+                let definition = add.then(|| format!("name: Custom.A # {}", request.0));
+                self.requests
+                    .insert(request, Asked::Artifact(definition.clone()));
+                let req = Request::PutArtifact {
+                    name: "Custom.A".into(),
+                    definition,
+                };
+                self.master
+                    .handle_request(t, request, analyst(request), req);
             }
             Step::Label(i) => {
                 let request = Token(self.id());
