@@ -2178,3 +2178,55 @@ fn a_client_at_its_task_bound_joins_a_hunt_once_it_has_room() {
     });
     assert_eq!(stats(&d)["scheduled"], 1, "{}", stats(&d));
 }
+
+/// Issue #18 item 5: a collection from a client whose OS the artifact cannot run on (every
+/// artifact and table is Linux's today) is refused before anything is scheduled, naming both.
+#[test]
+fn a_collection_from_a_client_of_another_os_is_refused() {
+    let d = Deployment::new();
+    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let (port, ca, nonce) = (
+        cfg.frontend.bind_port,
+        client.client.ca_certificate,
+        client.client.nonce,
+    );
+    let _master = d.start_master();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (win, win_id) = identity();
+    let _w = rt.block_on(async {
+        let h = enc(Kind::Hello(comms::Hello {
+            client_id: win_id.clone(),
+            deployment_nonce: nonce.clone(),
+            info: Some(comms::ClientInfo {
+                hostname: "desk".into(),
+                os: "windows".into(),
+                ..Default::default()
+            }),
+            running_flows: vec![],
+        }));
+        let mut m = raw(port, &ca, &win, h).await.expect("enrols");
+        m.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
+            .await;
+        m
+    });
+    d.wait_until("it is enrolled", || d.clients().len() == 1);
+    for args in [
+        vec!["collect", &win_id, "Linux.Sys.Users"],
+        vec!["collect", &win_id, "Generic.Client.Info"],
+        vec!["query", &win_id, "SELECT username FROM users"],
+    ] {
+        let mut a = vec!["--api-config", d.s("api.yaml").leak() as &str];
+        a.extend(args.iter().copied());
+        let out = run(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains(&format!("client {win_id} runs windows;"))
+                && err.contains("runs on linux only"),
+            "{args:?}: {err}"
+        );
+    }
+    let flows = d.api(&["flow", "list", &win_id, "--json"]);
+    assert_eq!(json(&flows), serde_json::json!([]), "nothing was scheduled");
+}

@@ -341,8 +341,27 @@ impl api::api_server::Api for ApiService {
         let r = req.into_inner();
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let given = r.params.into_iter().collect();
-        let (spec, params, _) =
+        let (spec, params, queries) =
             super::repository::prepare(&self.node.datastore, &r.artifact, &given).await?;
+        // OS honesty: a client of a platform the artifact cannot run on would only report an error.
+        let on = crate::query::platforms(&queries);
+        let key = paths::client_record(&client);
+        if let Some(c) =
+            load_json::<crate::storage::records::ClientJson>(&self.node.datastore, &key)
+                .await
+                .map_err(|e| e.status())?
+            && !c.os.is_empty()
+            && !on.contains(c.os.as_str())
+        {
+            return Err(Status::failed_precondition(format!(
+                "client {client} runs {}; {} runs on {} only (no artifact or endpoint table \
+                 supports {} yet; see `talon artifacts tables`)",
+                crate::text::printable(&c.os),
+                spec.name,
+                on.into_iter().collect::<Vec<_>>().join(", "),
+                crate::text::printable(&c.os)
+            )));
+        }
         let flow = NewFlow {
             client,
             flow: FlowId::from_u64(self.node.random()),
