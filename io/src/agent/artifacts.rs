@@ -5,10 +5,8 @@
 //! it early (row limit reached, flow cancelled) by returning `Err(Stop)`.
 
 use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The agent's version, reported by `Generic.Client.Info`.
@@ -100,17 +98,16 @@ pub fn run(
     budget: Budget,
     emit: &mut Emit<'_>,
 ) -> Result<(), String> {
-    let mut rows = |r| emit(Output::Row(r)).map_err(|Stop| crate::query::Stop);
     if let Some(compiled) = params.get(talon_core::artifacts::DEFINITION_PARAM) {
         let spec = crate::definitions::from_task(compiled)?;
-        return crate::query::run_artifact(&spec, params, budget, &mut rows);
+        return crate::query::run_artifact(&spec, params, budget, emit);
     }
     if name == talon_core::artifacts::QUERY_ARTIFACT {
-        return crate::query::run_query(param(params, "query"), budget, &mut rows);
+        return crate::query::run_query(param(params, "query"), budget, emit);
     }
     match crate::definitions::builtin(name) {
         Some(b) if !b.native => {
-            return crate::query::run_artifact(&b.spec, params, budget, &mut rows);
+            return crate::query::run_artifact(&b.spec, params, budget, emit);
         }
         Some(_) => {}
         None => return Err(format!("this agent does not know artifact {name:?}")),
@@ -133,15 +130,6 @@ pub fn run(
             })
         }),
         "Linux.Network.Netstat" => netstat(emit),
-        "Generic.Forensic.FileFinder" => {
-            let upload = param(params, "upload") == "true";
-            file_finder(
-                param(params, "glob"),
-                upload,
-                int(params, "max_files"),
-                emit,
-            )
-        }
         other => return Err(format!("built-in artifact {other:?} has no native code")),
     };
     match r {
@@ -410,41 +398,6 @@ fn walk(dir: &Path, parts: &[&str], max: usize, keep: fn(&Path) -> bool, out: &m
             walk(&dir.join(n), rest, max, keep, out);
         }
     }
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(crate::clock::hex(&h.finalize()))
-}
-
-fn file_finder(pattern: &str, upload: bool, max: u64, emit: &mut Emit<'_>) -> Result<(), Stop> {
-    for path in glob(pattern, max as usize) {
-        let Ok(meta) = fs::metadata(&path) else {
-            continue;
-        };
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
-        let sha256 = sha256_file(&path).unwrap_or_default();
-        emit(row(
-            json!({"path": path.display().to_string(), "size": meta.len(), "mtime": mtime, "sha256": sha256}),
-        ))?;
-        if upload {
-            emit(Output::Upload(path))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1262,6 +1262,37 @@ fn query_bench(runs: usize) -> Result<serde_json::Value, String> {
         out.insert(format!("{name}_p50_ms"), round2(ms[ms.len() / 2]).into());
         out.insert(format!("{name}_max_ms"), round2(ms[ms.len() - 1]).into());
     }
+    // The built-in artifacts written as SQL, with their default parameters, as an agent runs them.
+    for b in crate::definitions::builtins().iter().filter(|b| !b.native) {
+        let params = talon_core::artifacts::validate(&b.spec, &Default::default())
+            .map_err(|e| format!("{}: {e}", b.spec.name))?;
+        let mut ms: Vec<f64> = Vec::with_capacity(runs);
+        let mut rows = 0u64;
+        for _ in 0..runs {
+            let t0 = clock.micros();
+            rows = 0;
+            crate::agent::artifacts::run(
+                &b.spec.name,
+                &params,
+                crate::agent::artifacts::Budget::unlimited(),
+                &mut |_| {
+                    rows += 1;
+                    Ok(())
+                },
+            )
+            .map_err(|e| format!("{}: {e}", b.spec.name))?;
+            ms.push((clock.micros() - t0) as f64 / 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        let name = &b.spec.name;
+        progress(&format!(
+            "{name}: {rows} rows, p50 {:.2} ms",
+            ms[ms.len() / 2]
+        ));
+        out.insert(format!("{name}_rows"), rows.into());
+        out.insert(format!("{name}_p50_ms"), round2(ms[ms.len() / 2]).into());
+        out.insert(format!("{name}_max_ms"), round2(ms[ms.len() - 1]).into());
+    }
     Ok(serde_json::Value::Object(out))
 }
 

@@ -450,6 +450,34 @@ pub const TABLES: &[TableDef] = &[
         required: &[],
         generate: interface_addresses,
     },
+    TableDef {
+        name: "talon_glob",
+        description: "Paths matching a glob (Talon's; osquery has none): `*` and `?` within a \
+                      level, `**` any depth; symlinked directories are not followed.",
+        platforms: LINUX,
+        columns: &[
+            col("path", Type::Text, "A matching path."),
+            col(
+                "type",
+                Type::Text,
+                "regular, directory, symlink, ... (as the file table says); `type = 'regular'` \
+                 walks for regular files only.",
+            ),
+            col(
+                "pattern",
+                Type::Text,
+                "The glob: an absolute path without `..`.",
+            ),
+            col(
+                "max_matches",
+                Type::Bigint,
+                "Stop after this many matches (given: no error at the bound; not given: more than \
+                 one scan's rows fail the query).",
+            ),
+        ],
+        required: &["pattern"],
+        generate: talon_glob,
+    },
 ];
 
 fn column(t: &str, name: &str) -> usize {
@@ -725,6 +753,46 @@ fn selected_paths(c: &Constraints, table: &str) -> Vec<PathBuf> {
     out.sort();
     out.dedup();
     out
+}
+
+fn talon_glob(c: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let col = |n| column("talon_glob", n);
+    let regular_only = c.text(col("type"), Op::Eq) == ["regular"];
+    let keep: fn(&Path) -> bool = if regular_only {
+        |p| p.symlink_metadata().is_ok_and(|m| m.is_file())
+    } else {
+        |p| p.symlink_metadata().is_ok()
+    };
+    let max: Option<i64> = c.ints(col("max_matches")).into_iter().min();
+    let bound = match max {
+        Some(m) => usize::try_from(m.max(0))
+            .unwrap_or(0)
+            .min(super::table::SCAN_ROWS_MAX),
+        // One more than a scan may hold lets the scan's bound say so.
+        None => super::table::SCAN_ROWS_MAX + 1,
+    };
+    for pattern in c.text(col("pattern"), Op::Eq) {
+        if !pattern.starts_with('/') || pattern.split('/').any(|p| p == "..") {
+            return Err(TableError(format!(
+                "talon_glob: pattern {pattern:?} must be an absolute path without '..'"
+            )));
+        }
+        for path in glob_keeping(&pattern, bound, keep) {
+            let ty = path
+                .symlink_metadata()
+                .map_or("", |m| file_type(m.file_type()));
+            let mut row = vec![
+                path.display().to_string().into(),
+                ty.into(),
+                pattern.clone().into(),
+            ];
+            if let Some(m) = max {
+                row.push(m.into());
+            }
+            out.push(row)?;
+        }
+    }
+    Ok(())
 }
 
 fn file_type(t: fs::FileType) -> &'static str {

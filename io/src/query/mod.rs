@@ -24,6 +24,55 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 pub use table::TableDef;
 
+/// The SQL function that uploads a file a query selects (docs/artifacts.md, "Uploads").
+pub const UPLOAD_FUNCTION: &str = "talon_upload";
+
+/// Files one run may upload through [`UPLOAD_FUNCTION`]; one more fails the query, saying so.
+pub const UPLOADS_PER_RUN_MAX: usize = 1000;
+
+/// Files [`UPLOAD_FUNCTION`] was called for in the current run: those not yet sent (uploaded after
+/// the row that asked), and how many in all.
+#[derive(Default)]
+struct Uploads {
+    pending: Vec<std::path::PathBuf>,
+    total: usize,
+}
+
+type Pending = Arc<Mutex<Uploads>>;
+
+/// `talon_upload(path)`: queues the file at the absolute `path` for upload after the current row
+/// and answers `path`, so it can stand where the path would (`SELECT talon_upload(path) AS path`).
+/// NULL answers NULL and uploads nothing.
+fn talon_upload(
+    ctx: &rusqlite::functions::Context<'_>,
+    pending: &Pending,
+) -> rusqlite::Result<Option<String>> {
+    let user = |m: String| rusqlite::Error::UserFunctionError(m.into());
+    let path: Option<String> = ctx.get(0).map_err(|_| {
+        user(format!(
+            "{UPLOAD_FUNCTION}: the argument must be a path (text)"
+        ))
+    })?;
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        return Err(user(format!(
+            "{UPLOAD_FUNCTION}({path:?}): an absolute path without '..' is needed"
+        )));
+    }
+    let mut up = pending.lock().unwrap_or_else(|p| p.into_inner());
+    let n = UPLOADS_PER_RUN_MAX;
+    if up.total >= n {
+        return Err(user(format!(
+            "{UPLOAD_FUNCTION}: more than {n} files in one query; narrow it"
+        )));
+    }
+    up.total += 1;
+    up.pending.push(std::path::PathBuf::from(&path));
+    Ok(Some(path))
+}
+
 /// Values bound to a query's parameters, by name (without the `:`).
 pub type Bindings = BTreeMap<String, table::Value>;
 
@@ -144,6 +193,7 @@ pub struct Engine {
     conn: Connection,
     refused: Arc<Mutex<BTreeSet<&'static str>>>,
     seen: Arc<Mutex<Seen>>,
+    uploads: Pending,
 }
 
 /// A prepared query's shape, as the master checks it.
@@ -221,6 +271,16 @@ impl Engine {
             conn.create_module(def.name, &vtab::MODULE, Some(aux))
                 .map_err(fail)?;
         }
+        let uploads: Pending = Arc::default();
+        let pending = uploads.clone();
+        conn.create_scalar_function(
+            UPLOAD_FUNCTION,
+            1,
+            rusqlite::functions::FunctionFlags::SQLITE_UTF8
+                | rusqlite::functions::FunctionFlags::SQLITE_DIRECTONLY,
+            move |ctx| talon_upload(ctx, &pending),
+        )
+        .map_err(fail)?;
         let seen = Arc::new(Mutex::new(Seen::default()));
         let s = seen.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| authorize(ctx, &s)))
@@ -229,6 +289,7 @@ impl Engine {
             conn,
             refused,
             seen,
+            uploads,
         })
     }
 
@@ -332,6 +393,7 @@ impl Engine {
         expired: impl FnMut() -> bool + Send + 'static,
         emit: &mut dyn FnMut(serde_json::Map<String, serde_json::Value>) -> Result<(), Stop>,
     ) -> Result<(), QueryError> {
+        *self.uploads.lock().unwrap_or_else(|p| p.into_inner()) = Uploads::default();
         self.conn
             .progress_handler(PROGRESS_STEPS, Some(expired))
             .map_err(sqlite_error)?;
@@ -402,21 +464,24 @@ impl Engine {
     }
 }
 
-/// Runs an ad-hoc query as an agent's task (`Generic.Query`): a fresh engine, the task's row
-/// bound and clock. `Err` is the flow's error text.
+/// Runs an ad-hoc query as an agent's task (`Generic.Query`): [`run_artifact`] of a definition
+/// whose one source is `sql`. `Err` is the flow's error text.
 pub fn run_query(
     sql: &str,
     budget: crate::agent::artifacts::Budget,
-    emit: &mut dyn FnMut(serde_json::Map<String, serde_json::Value>) -> Result<(), Stop>,
+    emit: &mut crate::agent::artifacts::Emit<'_>,
 ) -> Result<(), String> {
-    let mut limits = Limits::default();
-    if budget.max_rows > 0 {
-        limits.rows = limits.rows.min(budget.max_rows);
-    }
-    let mut engine = Engine::for_host(budget.host).map_err(|e| e.to_string())?;
-    engine
-        .run(sql, &Bindings::new(), limits, budget.expired, emit)
-        .map_err(|e| format!("query failed: {e}"))
+    let spec = talon_core::artifacts::ArtifactSpec {
+        name: talon_core::artifacts::QUERY_ARTIFACT.into(),
+        description: String::new(),
+        params: Vec::new(),
+        sources: vec![talon_core::artifacts::Source {
+            name: "query".into(),
+            query: sql.to_owned(),
+        }],
+        json_columns: Vec::new(),
+    };
+    run_artifact(&spec, &BTreeMap::new(), budget, emit)
 }
 
 /// An artifact's parameters as its queries bind them: an int as an integer, a bool as 1 or 0,
@@ -451,14 +516,21 @@ pub fn run_artifact(
     spec: &talon_core::artifacts::ArtifactSpec,
     params: &BTreeMap<String, String>,
     budget: crate::agent::artifacts::Budget,
-    emit: &mut dyn FnMut(serde_json::Map<String, serde_json::Value>) -> Result<(), Stop>,
+    emit: &mut crate::agent::artifacts::Emit<'_>,
 ) -> Result<(), String> {
+    use crate::agent::artifacts::Output;
     let mut left = Limits::default().rows;
     if budget.max_rows > 0 {
         left = left.min(budget.max_rows);
     }
     let binds = bindings(spec, params);
     let mut engine = Engine::for_host(budget.host).map_err(|e| e.to_string())?;
+    let uploads = engine.uploads.clone();
+    // The files `talon_upload` queued, each after the row that asked for it.
+    let send_uploads = |emit: &mut crate::agent::artifacts::Emit<'_>| {
+        let files = std::mem::take(&mut uploads.lock().unwrap_or_else(|p| p.into_inner()).pending);
+        files.into_iter().try_for_each(|f| emit(Output::Upload(f)))
+    };
     let expired = Arc::new(Mutex::new(budget.expired));
     let many = spec.sources.len() > 1;
     for source in &spec.sources {
@@ -490,9 +562,18 @@ pub fn run_artifact(
                     );
                 }
                 sent += 1;
-                emit(row).inspect_err(|_| stopped = true)
+                emit(Output::Row(row))
+                    .and_then(|()| send_uploads(emit))
+                    .map_err(|_| {
+                        stopped = true;
+                        Stop
+                    })
             },
         );
+        // Asked for by rows not sent as such (`SELECT count(talon_upload(path)) ...`).
+        if !stopped && send_uploads(emit).is_err() {
+            stopped = true;
+        }
         r.map_err(|e| {
             if many {
                 format!("source {} failed: {e}", source.name)

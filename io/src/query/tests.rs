@@ -55,7 +55,10 @@ fn every_table_answers_a_select() {
         let sql = if t.required.is_empty() {
             format!("SELECT * FROM {}", t.name)
         } else {
-            format!("SELECT * FROM {} WHERE path = '/etc/hostname'", t.name)
+            format!(
+                "SELECT * FROM {} WHERE {} = '/etc/hostname'",
+                t.name, t.required[0]
+            )
         };
         let got = rows(&mut e, &sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
         if let Some(r) = got.first() {
@@ -677,8 +680,10 @@ fn definition_rows(
     let mut budget = crate::agent::artifacts::Budget::unlimited();
     budget.max_rows = max_rows;
     let mut out = Vec::new();
-    run_artifact(spec, &params, budget, &mut |r| {
-        out.push(r);
+    run_artifact(spec, &params, budget, &mut |o| {
+        if let crate::agent::artifacts::Output::Row(r) = o {
+            out.push(r);
+        }
         Ok(())
     })?;
     Ok(out)
@@ -826,4 +831,153 @@ fn the_builtin_queries_keep_the_row_shapes_of_the_code_they_replace() {
         some.iter()
             .all(|r| r["name"].as_str().unwrap().contains(&name[..3]))
     );
+}
+
+/// What a run sends, in order: `R` for a row (its `path` or first value), `U` for an upload.
+fn outputs(sql: &str) -> Result<Vec<(char, String)>, String> {
+    let mut out = Vec::new();
+    run_query(
+        sql,
+        crate::agent::artifacts::Budget::unlimited(),
+        &mut |o| {
+            out.push(match o {
+                crate::agent::artifacts::Output::Row(r) => {
+                    ('R', r.values().next().map(text_of).unwrap_or_default())
+                }
+                crate::agent::artifacts::Output::Upload(p) => ('U', p.display().to_string()),
+                other => panic!("{other:?}"),
+            });
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+fn text_of(v: &J) -> String {
+    match v {
+        J::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+#[test]
+fn talon_upload_uploads_each_file_after_the_row_that_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    for n in ["a.log", "b.log", "c.txt"] {
+        std::fs::write(dir.path().join(n), n).unwrap();
+    }
+    let got = outputs(&format!(
+        "SELECT talon_upload(path) AS path FROM file WHERE directory = '{d}' AND filename LIKE \
+         '%.log'"
+    ))
+    .unwrap();
+    let (a, b) = (format!("{d}/a.log"), format!("{d}/b.log"));
+    assert_eq!(
+        got,
+        [
+            ('R', a.clone()),
+            ('U', a.clone()),
+            ('R', b.clone()),
+            ('U', b.clone())
+        ]
+    );
+    // Sorted, every value is made before the first row is sent: the files follow that row.
+    let got = outputs(&format!(
+        "SELECT talon_upload(path) AS path FROM file WHERE directory = '{d}' AND filename LIKE \
+         '%.log' ORDER BY path DESC"
+    ))
+    .unwrap();
+    assert_eq!(
+        got,
+        [
+            ('R', b.clone()),
+            ('U', a.clone()),
+            ('U', b.clone()),
+            ('R', a.clone())
+        ]
+    );
+    // An aggregate sends its row, then the files its rows asked for.
+    let got = outputs(&format!(
+        "SELECT count(talon_upload(path)) AS n FROM file WHERE directory = '{d}'"
+    ))
+    .unwrap();
+    assert_eq!(got[0], ('R', "3".into()));
+    assert_eq!(got.iter().filter(|(k, _)| *k == 'U').count(), 3);
+    // NULL uploads nothing; a relative path or '..' is refused, naming the function.
+    assert_eq!(
+        outputs("SELECT talon_upload(NULL) AS p").unwrap(),
+        [('R', "null".into())]
+    );
+    for bad in ["etc/passwd", "/etc/../root/x"] {
+        let e = outputs(&format!("SELECT talon_upload('{bad}')")).unwrap_err();
+        assert!(
+            e.contains("talon_upload") && e.contains("absolute path"),
+            "{e}"
+        );
+    }
+    // One query uploads at most UPLOADS_PER_RUN_MAX files.
+    let e = outputs(&format!(
+        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i <= {UPLOADS_PER_RUN_MAX}) \
+         SELECT talon_upload('/etc/hostname') FROM c"
+    ))
+    .unwrap_err();
+    assert!(
+        e.contains(&format!("more than {UPLOADS_PER_RUN_MAX} files")),
+        "{e}"
+    );
+}
+
+#[test]
+fn talon_glob_matches_the_agents_glob_and_takes_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("a/b")).unwrap();
+    for f in ["a/x.log", "a/b/y.log", "a/b/z.txt", "top.log"] {
+        std::fs::write(root.join(f), "").unwrap();
+    }
+    std::os::unix::fs::symlink(root.join("top.log"), root.join("a/link.log")).unwrap();
+    let d = root.display();
+    let paths = |sql: String| -> Vec<String> {
+        outputs(&sql)
+            .unwrap()
+            .into_iter()
+            .map(|(_, p)| p.replace(&d.to_string(), ""))
+            .collect()
+    };
+    assert_eq!(
+        paths(format!(
+            "SELECT path FROM talon_glob WHERE pattern = '{d}/**/*.log'"
+        )),
+        ["/a/b/y.log", "/a/link.log", "/a/x.log", "/top.log"]
+    );
+    assert_eq!(
+        paths(format!(
+            "SELECT path FROM talon_glob WHERE pattern = '{d}/**/*.log' AND type = 'regular'"
+        )),
+        ["/a/b/y.log", "/a/x.log", "/top.log"]
+    );
+    assert_eq!(
+        paths(format!(
+            "SELECT path FROM talon_glob WHERE pattern = '{d}/**/*' AND type = 'regular' AND \
+             max_matches = 2"
+        ))
+        .len(),
+        2
+    );
+    assert_eq!(
+        paths(format!(
+            "SELECT type FROM talon_glob WHERE pattern = '{d}/a/*'"
+        )),
+        ["directory", "symlink", "regular"]
+    );
+    let e = outputs("SELECT path FROM talon_glob WHERE pattern = 'etc/*'").unwrap_err();
+    assert!(e.contains("must be an absolute path"), "{e}");
+    // FileFinder (SQL over talon_glob, file and hash) stops at max_files.
+    let ff = &crate::definitions::builtin("Generic.Forensic.FileFinder")
+        .unwrap()
+        .spec;
+    let g = format!("{d}/**/*");
+    let rows = definition_rows(ff, &[("glob", &g), ("max_files", "2")], 0).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
 }
