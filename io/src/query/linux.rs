@@ -451,6 +451,31 @@ pub const TABLES: &[TableDef] = &[
         generate: interface_addresses,
     },
     TableDef {
+        name: "logged_in_users",
+        description: "Login sessions and other entries of utmp (/var/run/utmp), as `who -a` lists \
+                      them.",
+        platforms: LINUX,
+        columns: &[
+            col(
+                "type",
+                Type::Text,
+                "user, login, dead, init, boot_time, runlevel, new_time, old_time, shutdown_time \
+                 (accounting records are left out).",
+            ),
+            col("user", Type::Text, "User name."),
+            col("tty", Type::Text, "Terminal (ut_line)."),
+            col("host", Type::Text, "Remote host, for a remote login."),
+            col(
+                "time",
+                Type::Bigint,
+                "When the entry was made, seconds since the Unix epoch.",
+            ),
+            col("pid", Type::Bigint, "Process id."),
+        ],
+        required: &[],
+        generate: logged_in_users,
+    },
+    TableDef {
         name: "talon_glob",
         description: "Paths matching a glob (Talon's; osquery has none): `*` and `?` within a \
                       level, `**` any depth; symlinked directories are not followed.",
@@ -753,6 +778,125 @@ fn selected_paths(c: &Constraints, table: &str) -> Vec<PathBuf> {
     out.sort();
     out.dedup();
     out
+}
+
+/// Where utmp is on Linux.
+const UTMP: &str = "/var/run/utmp";
+
+fn logged_in_users(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    utmp_rows(Path::new(UTMP), out)
+}
+
+/// The rows of a utmp file: none if it does not exist (a container without logins); an entry
+/// the parser refuses (a name that is not UTF-8) is left out, a truncated file ends the rows.
+pub(crate) fn utmp_rows(path: &Path, out: &mut Rows<'_>) -> Result<(), TableError> {
+    use utmp_rs::UtmpEntry as E;
+    let parser = match utmp_rs::UtmpParser::from_path(path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(proc_error(&path.display().to_string(), e)),
+    };
+    for entry in parser {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(utmp_rs::ParseError::Utmp(_)) => continue,
+            // Truncated, or an error this version of the parser did not have.
+            Err(_) => break,
+        };
+        let secs = |t: &time::OffsetDateTime| Value::from(t.unix_timestamp());
+        let row: Vec<Value> = match &entry {
+            E::Empty => continue,
+            E::UserProcess {
+                pid,
+                line,
+                user,
+                host,
+                time,
+                ..
+            } => vec![
+                "user".into(),
+                user.as_str().into(),
+                line.as_str().into(),
+                host.as_str().into(),
+                secs(time),
+                (*pid).into(),
+            ],
+            E::LoginProcess {
+                pid,
+                line,
+                user,
+                host,
+                time,
+            } => vec![
+                "login".into(),
+                user.as_str().into(),
+                line.as_str().into(),
+                host.as_str().into(),
+                secs(time),
+                (*pid).into(),
+            ],
+            E::DeadProcess { pid, line, time } => vec![
+                "dead".into(),
+                "".into(),
+                line.as_str().into(),
+                "".into(),
+                secs(time),
+                (*pid).into(),
+            ],
+            E::InitProcess { pid, time } => {
+                vec![
+                    "init".into(),
+                    "".into(),
+                    "".into(),
+                    "".into(),
+                    secs(time),
+                    (*pid).into(),
+                ]
+            }
+            E::RunLevel { pid, time, .. } => vec![
+                "runlevel".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                secs(time),
+                (*pid).into(),
+            ],
+            E::BootTime { time, .. } => vec![
+                "boot_time".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                secs(time),
+            ],
+            E::ShutdownTime { time, .. } => {
+                vec![
+                    "shutdown_time".into(),
+                    "".into(),
+                    "".into(),
+                    "".into(),
+                    secs(time),
+                ]
+            }
+            E::NewTime(time) => vec![
+                "new_time".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                secs(time),
+            ],
+            E::OldTime(time) => vec![
+                "old_time".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                secs(time),
+            ],
+            // Accounting records and kinds this version of the parser did not have.
+            _ => continue,
+        };
+        out.push(row)?;
+    }
+    Ok(())
 }
 
 fn talon_glob(c: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {

@@ -529,6 +529,7 @@ fn osquery_pack_queries_run_unchanged() {
         "SELECT * FROM routes WHERE destination = '0.0.0.0';",
         "SELECT interface, address, mask FROM interface_addresses WHERE address NOT LIKE '127.%';",
         "SELECT u.username, ak.key_file, ak.algorithm FROM users u JOIN authorized_keys ak USING (uid);",
+        "SELECT liu.*, p.name, p.cmdline, p.cwd, p.root FROM logged_in_users liu, processes p WHERE liu.pid = p.pid;",
     ] {
         rows(&mut e, sql).unwrap_or_else(|err| panic!("{sql}: {err}"));
     }
@@ -980,4 +981,96 @@ fn talon_glob_matches_the_agents_glob_and_takes_a_bound() {
     let g = format!("{d}/**/*");
     let rows = definition_rows(ff, &[("glob", &g), ("max_files", "2")], 0).unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
+}
+
+/// One glibc x86-64 utmp record (384 bytes): type, pid, line, id, user, host, session, time.
+fn utmp_record(ty: i16, pid: i32, line: &str, user: &str, host: &str, secs: i32) -> Vec<u8> {
+    let mut r = vec![0u8; 384];
+    r[0..2].copy_from_slice(&ty.to_le_bytes());
+    r[4..8].copy_from_slice(&pid.to_le_bytes());
+    r[8..8 + line.len()].copy_from_slice(line.as_bytes());
+    r[40..44].copy_from_slice(b"ts/0");
+    r[44..44 + user.len()].copy_from_slice(user.as_bytes());
+    r[76..76 + host.len()].copy_from_slice(host.as_bytes());
+    r[340..344].copy_from_slice(&secs.to_le_bytes());
+    r
+}
+
+/// `logged_in_users` reads utmp as `who` does: the same sessions from the same file (this machine
+/// has none of its own, so the file is made here in glibc's layout).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn logged_in_users_match_who() {
+    const USER_PROCESS: i16 = 7;
+    const BOOT_TIME: i16 = 2;
+    const DEAD_PROCESS: i16 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("utmp");
+    let mut bytes = utmp_record(BOOT_TIME, 0, "~", "reboot", "6.1.0", 1_700_000_000);
+    bytes.extend(utmp_record(
+        USER_PROCESS,
+        4242,
+        "pts/0",
+        "alice",
+        "10.0.0.7",
+        1_700_000_100,
+    ));
+    bytes.extend(utmp_record(
+        USER_PROCESS,
+        4343,
+        "tty1",
+        "bob",
+        "",
+        1_700_000_200,
+    ));
+    bytes.extend(utmp_record(
+        DEAD_PROCESS,
+        4444,
+        "pts/1",
+        "",
+        "",
+        1_700_000_300,
+    ));
+    std::fs::write(&file, &bytes).unwrap();
+    let mut rows = Vec::new();
+    linux::utmp_rows(
+        &file,
+        &mut table::Rows::new("logged_in_users", 6, &mut rows),
+    )
+    .unwrap();
+    let ours: Vec<(String, String)> = rows
+        .iter()
+        .filter(|r| r[0] == table::Value::from("user"))
+        .map(|r| (r[1].to_string(), r[2].to_string()))
+        .collect();
+    let who = tool("who", &[file.to_str().unwrap()]);
+    let theirs: Vec<(String, String)> = who
+        .lines()
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next().unwrap().to_owned(), w.next().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(ours, theirs, "who says:\n{who}");
+    assert_eq!(
+        ours,
+        [
+            ("alice".into(), "pts/0".into()),
+            ("bob".into(), "tty1".into())
+        ]
+    );
+    let alice = &rows[1];
+    assert_eq!(alice[3], table::Value::from("10.0.0.7"));
+    assert_eq!(alice[4], table::Value::Int(1_700_000_100));
+    assert_eq!(alice[5], table::Value::Int(4242));
+    let types: Vec<String> = rows.iter().map(|r| r[0].to_string()).collect();
+    assert_eq!(types, ["boot_time", "user", "user", "dead"]);
+    // No utmp (a container without logins): no rows, no error.
+    let mut none = Vec::new();
+    linux::utmp_rows(
+        &dir.path().join("absent"),
+        &mut table::Rows::new("logged_in_users", 6, &mut none),
+    )
+    .unwrap();
+    assert!(none.is_empty());
 }
