@@ -113,7 +113,6 @@ pub fn run(
         None => return Err(format!("this agent does not know artifact {name:?}")),
     }
     let r = match name {
-        "Generic.Client.Info" => emit(row(client_info())),
         "Generic.Test.Rows" => test_rows(
             int(params, "count"),
             int(params, "size") as usize,
@@ -193,7 +192,8 @@ fn macs() -> Vec<String> {
     out
 }
 
-fn boot_time_unix_s() -> u64 {
+/// When this host booted (`/proc/stat` btime), seconds since the Unix epoch.
+pub(crate) fn boot_time_unix_s() -> u64 {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     stat.lines()
         .find_map(|l| l.strip_prefix("btime "))
@@ -443,6 +443,28 @@ mod tests {
     fn client_info_and_test_rows_have_their_fields() {
         let info = collect("Generic.Client.Info", &[]);
         let r = rows(&info)[0];
+        // The artifact (SQL over the tables) says what the agent's own code reports on connecting.
+        let hello = client_info();
+        for k in [
+            "hostname",
+            "fqdn",
+            "os",
+            "kernel",
+            "arch",
+            "boot_time",
+            "agent_version",
+        ] {
+            assert_eq!(r[k], hello[k], "{k}");
+        }
+        let set = |v: &Value| -> std::collections::BTreeSet<String> {
+            v.as_array()
+                .unwrap_or_else(|| panic!("{v}"))
+                .iter()
+                .map(|s| s.as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(set(&r["macs"]), set(&hello["macs"]));
+        assert_eq!(set(&r["ips"]), set(&hello["ips"]));
         for k in [
             "hostname",
             "fqdn",

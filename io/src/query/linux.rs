@@ -136,6 +136,11 @@ pub const TABLES: &[TableDef] = &[
             col("minutes", Type::Integer, "Minutes beyond the hours."),
             col("seconds", Type::Integer, "Seconds beyond the minutes."),
             col("total_seconds", Type::Bigint, "All of it, seconds."),
+            col(
+                "boot_time",
+                Type::Bigint,
+                "When the host booted, seconds since the Unix epoch (Talon's; /proc/stat btime).",
+            ),
         ],
         required: &[],
         generate: uptime,
@@ -451,6 +456,69 @@ pub const TABLES: &[TableDef] = &[
         generate: interface_addresses,
     },
     TableDef {
+        name: "kernel_info",
+        description: "The running kernel: version and command line, one row.",
+        platforms: LINUX,
+        columns: &[
+            col("version", Type::Text, "Kernel release (uname -r)."),
+            col(
+                "arguments",
+                Type::Text,
+                "Kernel command line, without BOOT_IMAGE.",
+            ),
+            col(
+                "path",
+                Type::Text,
+                "The kernel image (BOOT_IMAGE), if given.",
+            ),
+            col("device", Type::Text, "The root device (root=), if given."),
+        ],
+        required: &[],
+        generate: kernel_info,
+    },
+    TableDef {
+        name: "interface_details",
+        description: "Network interfaces from /sys/class/net: link address, MTU, flags, counters.",
+        platforms: LINUX,
+        columns: &[
+            col("interface", Type::Text, "Interface name."),
+            col("mac", Type::Text, "Link-layer (MAC) address."),
+            col(
+                "type",
+                Type::Integer,
+                "ARP hardware type (1 Ethernet, 772 loopback).",
+            ),
+            col("mtu", Type::Integer, "MTU."),
+            col("flags", Type::Integer, "Interface flags (IFF_*)."),
+            col(
+                "link_speed",
+                Type::Bigint,
+                "Link speed, Mb/s (0 if unknown).",
+            ),
+            col("ipackets", Type::Bigint, "Packets received."),
+            col("opackets", Type::Bigint, "Packets sent."),
+            col("ibytes", Type::Bigint, "Bytes received."),
+            col("obytes", Type::Bigint, "Bytes sent."),
+            col("ierrors", Type::Bigint, "Receive errors."),
+            col("oerrors", Type::Bigint, "Send errors."),
+            col("idrops", Type::Bigint, "Received packets dropped."),
+            col("odrops", Type::Bigint, "Sent packets dropped."),
+        ],
+        required: &[],
+        generate: interface_details,
+    },
+    TableDef {
+        name: "talon_info",
+        description: "The Talon agent answering (Talon's; osquery's is osquery_info), one row.",
+        platforms: LINUX,
+        columns: &[
+            col("version", Type::Text, "The agent's version."),
+            col("pid", Type::Bigint, "The agent's process id."),
+        ],
+        required: &[],
+        generate: talon_info,
+    },
+    TableDef {
         name: "logged_in_users",
         description: "Login sessions and other entries of utmp (/var/run/utmp), as `who -a` lists \
                       them.",
@@ -712,6 +780,7 @@ fn uptime(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
         (total % 3600 / 60).into(),
         (total % 60).into(),
         total.into(),
+        crate::agent::artifacts::boot_time_unix_s().into(),
     ])
 }
 
@@ -778,6 +847,68 @@ fn selected_paths(c: &Constraints, table: &str) -> Vec<PathBuf> {
     out.sort();
     out.dedup();
     out
+}
+
+fn kernel_info(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let cmdline = read_trim("/proc/cmdline");
+    let mut args = Vec::new();
+    let (mut path, mut device) = (String::new(), String::new());
+    for word in cmdline.split_whitespace() {
+        if let Some(p) = word.strip_prefix("BOOT_IMAGE=") {
+            path = p.to_owned();
+            continue;
+        }
+        if let Some(d) = word.strip_prefix("root=") {
+            device = d.to_owned();
+        }
+        args.push(word);
+    }
+    out.push(vec![
+        read_trim("/proc/sys/kernel/osrelease").into(),
+        args.join(" ").into(),
+        path.into(),
+        device.into(),
+    ])
+}
+
+fn interface_details(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    let dir = fs::read_dir("/sys/class/net").map_err(|e| proc_error("/sys/class/net", e))?;
+    let mut names: Vec<String> = dir
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let at = |f: &str| read_trim(&format!("/sys/class/net/{name}/{f}"));
+        let int = |f: &str| at(f).parse::<i64>().unwrap_or(0);
+        let flags = i64::from_str_radix(at("flags").trim_start_matches("0x"), 16).unwrap_or(0);
+        let stat = |f: &str| int(&format!("statistics/{f}"));
+        out.push(vec![
+            name.as_str().into(),
+            at("address").into(),
+            int("type").into(),
+            int("mtu").into(),
+            flags.into(),
+            // -1 (unknown) for a link without a speed, as the kernel says; shown as 0.
+            int("speed").max(0).into(),
+            stat("rx_packets").into(),
+            stat("tx_packets").into(),
+            stat("rx_bytes").into(),
+            stat("tx_bytes").into(),
+            stat("rx_errors").into(),
+            stat("tx_errors").into(),
+            stat("rx_dropped").into(),
+            stat("tx_dropped").into(),
+        ])?;
+    }
+    Ok(())
+}
+
+fn talon_info(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
+    out.push(vec![
+        crate::agent::artifacts::AGENT_VERSION.into(),
+        std::process::id().into(),
+    ])
 }
 
 /// Where utmp is on Linux.
