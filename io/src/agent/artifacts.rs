@@ -1,5 +1,7 @@
-//! The endpoint artifacts, as the client runs them (the catalogue and parameter validation live in
-//! `talon_core::artifacts`). Linux only: they read `/proc`, `/etc/passwd` and the filesystem.
+//! The endpoint artifacts, as the client runs them: every artifact is a definition
+//! (`crate::definitions`) whose queries the engine runs (`crate::query`), but for
+//! `Generic.Test.Rows`, the load generator, which is this module's code. Also what the agent reports
+//! on connecting ([`client_info`]) and the glob walker the tables use. Linux only.
 //!
 //! Each artifact streams its rows (JSON objects) and uploads to an [`Emit`] callback, which may stop
 //! it early (row limit reached, flow cancelled) by returning `Err(Stop)`.
@@ -128,7 +130,6 @@ pub fn run(
                 })
             })
         }),
-        "Linux.Network.Netstat" => netstat(emit),
         other => return Err(format!("built-in artifact {other:?} has no native code")),
     };
     match r {
@@ -260,58 +261,6 @@ pub(crate) const TCP_STATES: [&str; 13] = [
     "CLOSING",
     "NEW_SYN_RECV",
 ];
-
-/// Decodes `/proc/net` `ADDR:PORT` hex (address in host byte order per 32-bit word).
-fn proc_addr(s: &str) -> Option<(String, u16)> {
-    let (a, p) = s.split_once(':')?;
-    let port = u16::from_str_radix(p, 16).ok()?;
-    let bytes: Vec<u8> = (0..a.len() / 2)
-        .filter_map(|i| u8::from_str_radix(&a[2 * i..2 * i + 2], 16).ok())
-        .collect();
-    let mut fixed = Vec::with_capacity(bytes.len());
-    for w in bytes.chunks(4) {
-        fixed.extend(w.iter().rev());
-    }
-    let ip = match fixed.len() {
-        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(fixed).ok()?),
-        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(fixed).ok()?),
-        _ => return None,
-    };
-    Some((ip.to_string(), port))
-}
-
-fn netstat(emit: &mut Emit<'_>) -> Result<(), Stop> {
-    for proto in ["tcp", "tcp6", "udp", "udp6"] {
-        let text = fs::read_to_string(format!("/proc/net/{proto}")).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(l), Some(r)) = (
-                f.get(1).and_then(|s| proc_addr(s)),
-                f.get(2).and_then(|s| proc_addr(s)),
-            ) else {
-                continue;
-            };
-            let st = f
-                .get(3)
-                .and_then(|s| usize::from_str_radix(s, 16).ok())
-                .unwrap_or(0);
-            let state = if proto.starts_with("udp") {
-                ""
-            } else {
-                TCP_STATES.get(st).copied().unwrap_or("UNKNOWN")
-            };
-            emit(row(json!({
-                "protocol": proto,
-                "local_address": l.0, "local_port": l.1,
-                "remote_address": r.0, "remote_port": r.1,
-                "state": state,
-                "uid": f.get(7).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
-                "inode": f.get(9).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
-            })))?;
-        }
-    }
-    Ok(())
-}
 
 /// Matches one path component against a pattern with `*` and `?`.
 fn component_matches(pattern: &str, name: &str) -> bool {
@@ -513,7 +462,21 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port() as u64;
         let ns = collect("Linux.Network.Netstat", &[]);
+        let keys: Vec<&str> = rows(&ns)[0].keys().map(String::as_str).collect();
+        let mut want = [
+            "protocol",
+            "local_address",
+            "local_port",
+            "remote_address",
+            "remote_port",
+            "state",
+            "uid",
+            "inode",
+        ];
+        want.sort();
+        assert_eq!(keys, want);
         assert!(rows(&ns).iter().any(|r| r["local_port"] == port
+            && r["protocol"] == "tcp"
             && r["state"] == "LISTEN"
             && r["local_address"] == "127.0.0.1"));
     }
@@ -574,14 +537,5 @@ mod tests {
         })
         .unwrap();
         assert_eq!(n, 3);
-    }
-
-    #[test]
-    fn proc_addresses_decode() {
-        assert_eq!(proc_addr("0100007F:1F90"), Some(("127.0.0.1".into(), 8080)));
-        assert_eq!(
-            proc_addr("00000000000000000000000001000000:0016"),
-            Some(("::1".into(), 22))
-        );
     }
 }

@@ -345,6 +345,11 @@ pub const TABLES: &[TableDef] = &[
                 "TCP state (LISTEN, ESTABLISHED, ...); empty for UDP.",
             ),
             col(
+                "uid",
+                Type::Bigint,
+                "The socket's owner (Talon's; from /proc/net, known when the process is not).",
+            ),
+            col(
                 "net_namespace",
                 Type::Text,
                 "Empty (the agent's namespace).",
@@ -1359,22 +1364,30 @@ fn deb_packages(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
 
 fn process_open_sockets(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
     let owners = socket_owners();
-    let mut socks: Vec<(i64, std::net::SocketAddr, std::net::SocketAddr, u64, &str)> = Vec::new();
+    type Socket = (
+        i64,
+        std::net::SocketAddr,
+        std::net::SocketAddr,
+        u64,
+        &'static str,
+        u32,
+    );
+    let mut socks: Vec<Socket> = Vec::new();
     for list in [procfs::net::tcp(), procfs::net::tcp6()] {
         for s in list.unwrap_or_default() {
             let state = TCP_STATES
                 .get(s.state.to_u8() as usize)
                 .copied()
                 .unwrap_or("UNKNOWN");
-            socks.push((6, s.local_address, s.remote_address, s.inode, state));
+            socks.push((6, s.local_address, s.remote_address, s.inode, state, s.uid));
         }
     }
     for list in [procfs::net::udp(), procfs::net::udp6()] {
         for s in list.unwrap_or_default() {
-            socks.push((17, s.local_address, s.remote_address, s.inode, ""));
+            socks.push((17, s.local_address, s.remote_address, s.inode, "", s.uid));
         }
     }
-    for (protocol, local, remote, inode, state) in socks {
+    for (protocol, local, remote, inode, state, uid) in socks {
         let (pid, fd) = owners.get(&inode).copied().unwrap_or((-1, -1));
         out.push(vec![
             pid.into(),
@@ -1388,6 +1401,7 @@ fn process_open_sockets(_: &Constraints, out: &mut Rows<'_>) -> Result<(), Table
             u32::from(remote.port()).into(),
             "".into(),
             state.into(),
+            uid.into(),
             "".into(),
         ])?;
     }
