@@ -148,9 +148,14 @@ impl Raw {
 /// A raw client's stream on `port` once the frontend has welcomed it, trying for up to 60 s while
 /// the frontend starts.
 async fn welcomed(port: u16, ca: &str, key: &pki::Pem, id: &str, nonce: &str) -> Raw {
+    welcomed_as(port, ca, key, hello(id, nonce)).await
+}
+
+/// [`welcomed`], saying `hello`.
+async fn welcomed_as(port: u16, ca: &str, key: &pki::Pem, hello: Vec<u8>) -> Raw {
     let started = Instant::now();
     let mut s = loop {
-        match raw(port, ca, key, hello(id, nonce)).await {
+        match raw(port, ca, key, hello.clone()).await {
             Ok(s) => break s,
             Err(e) if started.elapsed() < Duration::from_secs(60) => {
                 eprintln!("waiting for the frontend on port {port}: {e}");
@@ -166,6 +171,17 @@ async fn welcomed(port: u16, ca: &str, key: &pki::Pem, id: &str, nonce: &str) ->
 
 fn enc(kind: Kind) -> Vec<u8> {
     ClientMessage { kind: Some(kind) }.encode_to_vec()
+}
+
+/// The frontend port, CA certificate and deployment nonce a raw client of `d` needs.
+fn endpoint(d: &Deployment) -> (u16, String, String) {
+    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
+    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
+    (
+        cfg.frontend.bind_port,
+        client.client.ca_certificate,
+        client.client.nonce,
+    )
 }
 
 fn hello(claimed: &str, nonce: &str) -> Vec<u8> {
@@ -1017,13 +1033,7 @@ fn a_flow_that_outgrows_its_record_fails_alone() {
             ("max_upload_name_length", "4000"),
         ],
     );
-    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
-    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
-    let (port, ca, nonce) = (
-        cfg.frontend.bind_port,
-        client.client.ca_certificate,
-        client.client.nonce,
-    );
+    let (port, ca, nonce) = endpoint(&d);
     let master = d.start_master();
     let _agent = d.start_client(&d.path("client.config.yaml"), "agent");
     d.wait_until("the agent enrols", || {
@@ -1327,35 +1337,24 @@ fn run_sampling_memory(args: &[&str]) -> (std::process::Output, u64) {
 #[test]
 fn agent_text_is_shown_escaped_and_exports_stream() {
     let d = Deployment::new();
-    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
-    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
-    let (port, ca, nonce) = (
-        cfg.frontend.bind_port,
-        client.client.ca_certificate,
-        client.client.nonce,
-    );
+    let (port, ca, nonce) = endpoint(&d);
     let _master = d.start_master();
     let _agent = d.start_client(&d.path("client.config.yaml"), "agent");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (mallory, mallory_id) = identity();
     let evil_host = "pc\u{1b}[2J\u{1b}[H\nC.FORGED00000000  forged-host  linux  connected";
-    let mut m = rt.block_on(async {
-        let h = enc(Kind::Hello(comms::Hello {
-            client_id: mallory_id.clone(),
-            deployment_nonce: nonce.clone(),
-            info: Some(comms::ClientInfo {
-                hostname: evil_host.into(),
-                os: "linux".into(),
-                fqdn: "bell\u{7}.example".into(),
-                ..Default::default()
-            }),
-            running_flows: vec![],
-        }));
-        let mut m = raw(port, &ca, &mallory, h).await.expect("enrols");
-        m.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
-            .await;
-        m
-    });
+    let hello = enc(Kind::Hello(comms::Hello {
+        client_id: mallory_id.clone(),
+        deployment_nonce: nonce.clone(),
+        info: Some(comms::ClientInfo {
+            hostname: evil_host.into(),
+            os: "linux".into(),
+            fqdn: "bell\u{7}.example".into(),
+            ..Default::default()
+        }),
+        running_flows: vec![],
+    }));
+    let mut m = rt.block_on(welcomed_as(port, &ca, &mallory, hello));
     d.wait_until("both are enrolled", || d.clients().len() == 2);
     let listing = d.api(&["clients", "search", "all"]);
     eprintln!("{listing}");
@@ -2184,32 +2183,21 @@ fn a_client_at_its_task_bound_joins_a_hunt_once_it_has_room() {
 #[test]
 fn a_collection_from_a_client_of_another_os_is_refused() {
     let d = Deployment::new();
-    let client: ClientConfig = read_yaml(&d.path("client.config.yaml")).unwrap();
-    let cfg = ServerConfig::load(&d.path("server.config.yaml")).unwrap();
-    let (port, ca, nonce) = (
-        cfg.frontend.bind_port,
-        client.client.ca_certificate,
-        client.client.nonce,
-    );
+    let (port, ca, nonce) = endpoint(&d);
     let _master = d.start_master();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (win, win_id) = identity();
-    let _w = rt.block_on(async {
-        let h = enc(Kind::Hello(comms::Hello {
-            client_id: win_id.clone(),
-            deployment_nonce: nonce.clone(),
-            info: Some(comms::ClientInfo {
-                hostname: "desk".into(),
-                os: "windows".into(),
-                ..Default::default()
-            }),
-            running_flows: vec![],
-        }));
-        let mut m = raw(port, &ca, &win, h).await.expect("enrols");
-        m.until(|k| matches!(k, Down::Welcome(_)).then_some(()))
-            .await;
-        m
-    });
+    let hello = enc(Kind::Hello(comms::Hello {
+        client_id: win_id.clone(),
+        deployment_nonce: nonce,
+        info: Some(comms::ClientInfo {
+            hostname: "desk".into(),
+            os: "windows".into(),
+            ..Default::default()
+        }),
+        running_flows: vec![],
+    }));
+    let _w = rt.block_on(welcomed_as(port, &ca, &win, hello));
     d.wait_until("it is enrolled", || d.clients().len() == 1);
     for args in [
         vec!["collect", &win_id, "Linux.Sys.Users"],

@@ -858,20 +858,14 @@ sources:
     );
     assert_eq!(rows[1]["_source"], "host");
     // A bad value is refused before anything is scheduled.
-    let out = run(&[
-        "--api-config",
-        &d.s("api.yaml"),
+    let err = d.api_refused(&[
         "collect",
         &id,
         "Custom.Linux.Accounts",
         "--param",
         "max_uid=-1",
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("parameter max_uid=\"-1\" is invalid"),
-        "{err}"
-    );
+    assert!(err.contains("parameter max_uid=\"-1\" is invalid"), "{err}");
 
     // Hunted.
     let hunt = d
@@ -893,15 +887,8 @@ sources:
     // the same name again without --replace; a built-in's name; an unknown artifact.
     let refused = |text: &str, want: &str| {
         std::fs::write(d.path("bad.yaml"), text).unwrap();
-        let out = run(&[
-            "--api-config",
-            &d.s("api.yaml"),
-            "artifacts",
-            "add",
-            &d.s("bad.yaml"),
-        ]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(want), "{text}: {err}");
+        let err = d.api_refused(&["artifacts", "add", &d.s("bad.yaml")]);
+        assert!(err.contains(want), "{text}: {err}");
     };
     refused(
         "name: Custom.Bad\nsources: [{name: a, query: SELECT 1}, {name: b, query: SELECT nope FROM users}]",
@@ -919,14 +906,8 @@ sources:
         "name: Linux.Sys.Users\nsources: [{query: SELECT 1}]",
         "is a built-in artifact",
     );
-    let out = run(&[
-        "--api-config",
-        &d.s("api.yaml"),
-        "artifacts",
-        "show",
-        "Custom.Bad",
-    ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown artifact \"Custom.Bad\""));
+    let err = d.api_refused(&["artifacts", "show", "Custom.Bad"]);
+    assert!(err.contains("unknown artifact \"Custom.Bad\""), "{err}");
     // The server refuses what the CLI would have: a client that skips the CLI's check.
     let api: talon_io::deploy::config::ApiClientConfig =
         talon_io::deploy::config::read_yaml(&d.path("api.yaml")).unwrap();
@@ -958,28 +939,29 @@ sources:
     let f2 = json(&d.api(&["collect", &id, "Custom.Linux.Accounts", "--wait", "--json"]));
     let rows = d.api(&["flow", "results", &id, f2["flow_id"].as_str().unwrap()]);
     assert_eq!(json(rows.trim())["version"], "v2", "{rows}");
+    let first = json(&d.api(&[
+        "flow",
+        "show",
+        &id,
+        f["flow_id"].as_str().unwrap(),
+        "--json",
+    ]));
+    let carried = first["params"]["_artifact"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{first}"));
+    assert!(carried.contains("WHERE uid <= :max_uid"), "{carried}");
 
     // Removed: gone from the list; collecting it is refused; built-ins cannot be removed.
     assert!(
         d.api(&["artifacts", "remove", "Custom.Linux.Accounts"])
             .contains("removed")
     );
-    let out = run(&[
-        "--api-config",
-        &d.s("api.yaml"),
-        "collect",
-        &id,
-        "Custom.Linux.Accounts",
-    ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown artifact"));
-    let out = run(&[
-        "--api-config",
-        &d.s("api.yaml"),
-        "artifacts",
-        "remove",
-        "Linux.Sys.Users",
-    ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("built-ins cannot be removed"));
+    let list = d.api(&["artifacts", "list", "--json"]);
+    assert!(!list.contains("Custom.Linux.Accounts"), "{list}");
+    let err = d.api_refused(&["collect", &id, "Custom.Linux.Accounts"]);
+    assert!(err.contains("unknown artifact"), "{err}");
+    let err = d.api_refused(&["artifacts", "remove", "Linux.Sys.Users"]);
+    assert!(err.contains("built-ins cannot be removed"), "{err}");
 
     let audit = json(&d.api(&["audit", "list", "--json"]));
     let actions: Vec<(&str, &str)> = audit

@@ -392,6 +392,7 @@ pub fn flow_json(f: &api::FlowSummary) -> serde_json::Value {
         "created_ms": f.created_unix_ms,
         "finished_ms": f.finished_unix_ms,
         "hunt_id": f.hunt_id,
+        "params": f.params.iter().collect::<BTreeMap<_, _>>(),
     })
 }
 

@@ -1232,68 +1232,60 @@ const BENCH_QUERIES: &[(&str, &str)] = &[
 
 /// `bench query`: each of [`BENCH_QUERIES`] `runs` times through the agent's path.
 fn query_bench(runs: usize) -> Result<serde_json::Value, String> {
-    let clock = crate::clock::SystemClock;
     let mut out = serde_json::Map::new();
     out.insert("scenario".into(), "query".into());
     out.insert("runs".into(), runs.into());
     for (name, sql) in BENCH_QUERIES {
-        let mut ms: Vec<f64> = Vec::with_capacity(runs);
-        let mut rows = 0u64;
-        for _ in 0..runs {
-            let t0 = clock.micros();
-            rows = 0;
-            crate::query::run_query(
-                sql,
-                crate::agent::artifacts::Budget::unlimited(),
-                &mut |_| {
-                    rows += 1;
-                    Ok(())
-                },
-            )
-            .map_err(|e| format!("{name}: {e}"))?;
-            ms.push((clock.micros() - t0) as f64 / 1000.0);
-        }
-        ms.sort_by(f64::total_cmp);
-        progress(&format!(
-            "{name}: {rows} rows, p50 {:.2} ms",
-            ms[ms.len() / 2]
-        ));
-        out.insert(format!("{name}_rows"), rows.into());
-        out.insert(format!("{name}_p50_ms"), round2(ms[ms.len() / 2]).into());
-        out.insert(format!("{name}_max_ms"), round2(ms[ms.len() - 1]).into());
+        time_runs(runs, name, &mut out, |emit| {
+            crate::query::run_query(sql, crate::agent::artifacts::Budget::unlimited(), emit)
+        })?;
     }
     // The built-in artifacts written as SQL, with their default parameters, as an agent runs them.
     for b in crate::definitions::builtins().iter().filter(|b| !b.native) {
+        let name = &b.spec.name;
         let params = talon_core::artifacts::validate(&b.spec, &Default::default())
-            .map_err(|e| format!("{}: {e}", b.spec.name))?;
-        let mut ms: Vec<f64> = Vec::with_capacity(runs);
-        let mut rows = 0u64;
-        for _ in 0..runs {
-            let t0 = clock.micros();
-            rows = 0;
+            .map_err(|e| format!("{name}: {e}"))?;
+        time_runs(runs, name, &mut out, |emit| {
             crate::agent::artifacts::run(
-                &b.spec.name,
+                name,
                 &params,
                 crate::agent::artifacts::Budget::unlimited(),
-                &mut |_| {
-                    rows += 1;
-                    Ok(())
-                },
+                emit,
             )
-            .map_err(|e| format!("{}: {e}", b.spec.name))?;
-            ms.push((clock.micros() - t0) as f64 / 1000.0);
-        }
-        ms.sort_by(f64::total_cmp);
-        let name = &b.spec.name;
-        progress(&format!(
-            "{name}: {rows} rows, p50 {:.2} ms",
-            ms[ms.len() / 2]
-        ));
-        out.insert(format!("{name}_rows"), rows.into());
-        out.insert(format!("{name}_p50_ms"), round2(ms[ms.len() / 2]).into());
-        out.insert(format!("{name}_max_ms"), round2(ms[ms.len() - 1]).into());
+        })?;
     }
     Ok(serde_json::Value::Object(out))
+}
+
+/// Runs `run` `runs` times, timing each, and records `name`'s rows, p50 and max in `out`.
+fn time_runs(
+    runs: usize,
+    name: &str,
+    out: &mut serde_json::Map<String, serde_json::Value>,
+    mut run: impl FnMut(&mut crate::agent::artifacts::Emit<'_>) -> Result<(), String>,
+) -> Result<(), String> {
+    let clock = crate::clock::SystemClock;
+    let mut ms: Vec<f64> = Vec::with_capacity(runs);
+    let mut rows = 0u64;
+    for _ in 0..runs {
+        let t0 = clock.micros();
+        rows = 0;
+        run(&mut |_| {
+            rows += 1;
+            Ok(())
+        })
+        .map_err(|e| format!("{name}: {e}"))?;
+        ms.push((clock.micros() - t0) as f64 / 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    progress(&format!(
+        "{name}: {rows} rows, p50 {:.2} ms",
+        ms[ms.len() / 2]
+    ));
+    out.insert(format!("{name}_rows"), rows.into());
+    out.insert(format!("{name}_p50_ms"), round2(ms[ms.len() / 2]).into());
+    out.insert(format!("{name}_max_ms"), round2(ms[ms.len() - 1]).into());
+    Ok(())
 }
 
 fn round2(x: f64) -> f64 {

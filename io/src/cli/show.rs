@@ -112,6 +112,7 @@ pub fn flow(f: &api::FlowSummary, t: &Times) -> String {
         ("flow", f.flow_id.clone()),
         ("client", f.client_id.clone()),
         ("artifact", f.artifact.clone()),
+        ("params", params(&f.params)),
         ("state", state_name(f.state).into()),
         ("created", t.at(f.created_unix_ms)),
         ("finished", t.at(f.finished_unix_ms)),
@@ -125,6 +126,24 @@ pub fn flow(f: &api::FlowSummary, t: &Times) -> String {
         fields.push(("error", p(&f.error).into_owned()));
     }
     record(fields)
+}
+
+/// Parameters as `name=value,...` (`-` for none), escaped; a custom artifact's compiled
+/// definition is left out (`artifacts show` and `--json` show it).
+fn params(all: &std::collections::BTreeMap<String, String>) -> String {
+    let mut kv: Vec<_> = all
+        .iter()
+        .filter(|(k, _)| k.as_str() != talon_core::artifacts::DEFINITION_PARAM)
+        .collect();
+    kv.sort();
+    if kv.is_empty() {
+        return "-".to_owned();
+    }
+    let kv: Vec<String> = kv
+        .into_iter()
+        .map(|(k, v)| format!("{}={}", p(k), p(v)))
+        .collect();
+    kv.join(",")
 }
 
 /// A flow on one line (a watch's progress).
@@ -149,21 +168,10 @@ pub fn hunt(h: &api::HuntSummary, t: &Times) -> String {
             p(&v.join(",")).into_owned()
         }
     };
-    // A custom artifact's compiled definition: `artifacts show` and --json show it.
-    let mut params: Vec<_> = h
-        .params
-        .iter()
-        .filter(|(k, _)| k.as_str() != talon_core::artifacts::DEFINITION_PARAM)
-        .collect();
-    params.sort();
-    let params: Vec<String> = params
-        .into_iter()
-        .map(|(k, v)| format!("{}={}", p(k), p(v)))
-        .collect();
     record([
         ("hunt", h.hunt_id.clone()),
         ("artifact", h.artifact.clone()),
-        ("params", list(&params)),
+        ("params", params(&h.params)),
         ("state", hunt_state_name(h.state).into()),
         ("description", p(&h.description).into_owned()),
         ("created", t.at(h.created_unix_ms)),

@@ -76,6 +76,7 @@ pub fn flow_summary(f: &FlowJson) -> api::FlowSummary {
         created_unix_ms: f.created_ms,
         finished_unix_ms: f.finished_ms,
         hunt_id: f.hunt_id.clone().unwrap_or_default(),
+        params: f.params.clone().into_iter().collect(),
     }
 }
 

@@ -939,9 +939,8 @@ pub(crate) fn utmp_rows(path: &Path, out: &mut Rows<'_>) -> Result<(), TableErro
             // Truncated, or an error this version of the parser did not have.
             Err(_) => break,
         };
-        let secs = |t: &time::OffsetDateTime| Value::from(t.unix_timestamp());
-        let row: Vec<Value> = match &entry {
-            E::Empty => continue,
+        // (type, user, tty, host, time, pid): what each kind of entry has.
+        let (kind, user, tty, host, time, pid) = match &entry {
             E::UserProcess {
                 pid,
                 line,
@@ -949,87 +948,46 @@ pub(crate) fn utmp_rows(path: &Path, out: &mut Rows<'_>) -> Result<(), TableErro
                 host,
                 time,
                 ..
-            } => vec![
-                "user".into(),
-                user.as_str().into(),
-                line.as_str().into(),
-                host.as_str().into(),
-                secs(time),
-                (*pid).into(),
-            ],
+            } => (
+                "user",
+                user.as_str(),
+                line.as_str(),
+                host.as_str(),
+                time,
+                Some(pid),
+            ),
             E::LoginProcess {
                 pid,
                 line,
                 user,
                 host,
                 time,
-            } => vec![
-                "login".into(),
-                user.as_str().into(),
-                line.as_str().into(),
-                host.as_str().into(),
-                secs(time),
-                (*pid).into(),
-            ],
-            E::DeadProcess { pid, line, time } => vec![
-                "dead".into(),
-                "".into(),
-                line.as_str().into(),
-                "".into(),
-                secs(time),
-                (*pid).into(),
-            ],
-            E::InitProcess { pid, time } => {
-                vec![
-                    "init".into(),
-                    "".into(),
-                    "".into(),
-                    "".into(),
-                    secs(time),
-                    (*pid).into(),
-                ]
-            }
-            E::RunLevel { pid, time, .. } => vec![
-                "runlevel".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-                secs(time),
-                (*pid).into(),
-            ],
-            E::BootTime { time, .. } => vec![
-                "boot_time".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-                secs(time),
-            ],
-            E::ShutdownTime { time, .. } => {
-                vec![
-                    "shutdown_time".into(),
-                    "".into(),
-                    "".into(),
-                    "".into(),
-                    secs(time),
-                ]
-            }
-            E::NewTime(time) => vec![
-                "new_time".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-                secs(time),
-            ],
-            E::OldTime(time) => vec![
-                "old_time".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-                secs(time),
-            ],
-            // Accounting records and kinds this version of the parser did not have.
+            } => (
+                "login",
+                user.as_str(),
+                line.as_str(),
+                host.as_str(),
+                time,
+                Some(pid),
+            ),
+            E::DeadProcess { pid, line, time } => ("dead", "", line.as_str(), "", time, Some(pid)),
+            E::InitProcess { pid, time } => ("init", "", "", "", time, Some(pid)),
+            E::RunLevel { pid, time, .. } => ("runlevel", "", "", "", time, Some(pid)),
+            E::BootTime { time, .. } => ("boot_time", "", "", "", time, None),
+            E::ShutdownTime { time, .. } => ("shutdown_time", "", "", "", time, None),
+            E::NewTime(time) => ("new_time", "", "", "", time, None),
+            E::OldTime(time) => ("old_time", "", "", "", time, None),
+            // Empty and accounting records, and kinds this version of the parser did not have.
             _ => continue,
         };
+        let row = vec![
+            kind.into(),
+            user.into(),
+            tty.into(),
+            host.into(),
+            time.unix_timestamp().into(),
+            pid.map_or(Value::Null, |p| (*p).into()),
+        ];
         out.push(row)?;
     }
     Ok(())

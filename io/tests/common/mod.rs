@@ -241,6 +241,18 @@ impl Deployment {
         ok(&a)
     }
 
+    /// An API command that must fail: its standard error.
+    #[allow(dead_code)]
+    pub fn api_refused(&self, args: &[&str]) -> String {
+        let mut a = vec!["--api-config".to_string(), self.s("api.yaml")];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = run(&a);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?} succeeded: {err}");
+        err
+    }
+
     pub fn clients(&self) -> Vec<serde_json::Value> {
         serde_json::from_str::<Vec<serde_json::Value>>(
             &self.api(&["clients", "search", "all", "--json"]),
