@@ -981,3 +981,50 @@ sources:
         "{audit}"
     );
 }
+
+/// The repository's bound: with `CUSTOM_MAX` custom artifacts stored (written to the datastore's
+/// volume before the master starts), all are listed, and one more is refused naming the bound.
+#[test]
+fn the_repository_holds_at_most_its_bound_of_custom_artifacts() {
+    let d = Deployment::new();
+    let dir = d.path("shared/metadata/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let max = 1000;
+    for i in 0..max {
+        std::fs::write(
+            dir.join(format!("Custom.Seeded{i}.yaml")),
+            format!("name: Custom.Seeded{i}\nsources: [{{query: SELECT {i} AS n}}]\n"),
+        )
+        .unwrap();
+    }
+    let _master = d.start_master();
+    let list = json(&d.api(&["artifacts", "list", "--json"]));
+    let custom = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["builtin"] == false)
+        .count();
+    assert_eq!(custom, max);
+    std::fs::write(
+        d.path("one.yaml"),
+        "name: Custom.OneMore\nsources: [{query: SELECT 1}]\n",
+    )
+    .unwrap();
+    let err = d.api_refused(&["artifacts", "add", &d.s("one.yaml")]);
+    assert!(
+        err.contains("holds 1000 custom artifacts, its bound"),
+        "{err}"
+    );
+    // Replacing one still works at the bound.
+    std::fs::write(
+        d.path("again.yaml"),
+        "name: Custom.Seeded7\nsources: [{query: SELECT 'again' AS n}]\n",
+    )
+    .unwrap();
+    d.api(&["artifacts", "add", &d.s("again.yaml"), "--replace"]);
+    assert!(
+        d.api(&["artifacts", "show", "Custom.Seeded7"])
+            .contains("again")
+    );
+}

@@ -542,14 +542,11 @@ impl api::api_server::Api for ApiService {
         require_api(&req)?;
         let ds = &self.node.datastore;
         let mut artifacts = crate::definitions::builtin_infos();
-        for name in repo::custom_names(ds).await? {
-            // Removed since it was listed: left out.
-            if let Some(r) = repo::custom(ds, &name).await? {
-                let on = crate::query::check_artifact(&r.spec, &BTreeMap::new())
-                    .map(|q| repo::platforms_of(&q))
-                    .unwrap_or_default();
-                artifacts.push(repo::info(&r.spec, false, on, None));
-            }
+        for r in repo::customs(ds).await? {
+            let on = crate::query::check_artifact(&r.spec, &BTreeMap::new())
+                .map(|q| repo::platforms_of(&q))
+                .unwrap_or_default();
+            artifacts.push(repo::info(&r.spec, false, on, None));
         }
         Ok(Response::new(api::ListArtifactsResponse { artifacts }))
     }

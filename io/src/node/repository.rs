@@ -75,6 +75,35 @@ pub(super) async fn custom_names(ds: &Meta) -> Result<Vec<String>, Status> {
     Ok(names)
 }
 
+/// Every custom artifact stored, by name, read [`super::api_reads::LOAD_PARALLEL`] at a time (each
+/// read may be a round trip to the shared volume). One whose stored definition this build refuses
+/// (written by another version) is left out and logged; one removed since it was listed, too.
+pub(super) async fn customs(ds: &Meta) -> Result<Vec<Resolved>, Status> {
+    let names = custom_names(ds).await?;
+    let mut out = Vec::with_capacity(names.len());
+    for chunk in names.chunks(super::api_reads::LOAD_PARALLEL) {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, name) in chunk.iter().enumerate() {
+            let (ds, name) = (ds.clone(), name.clone());
+            set.spawn(async move { (i, custom(&ds, &name).await) });
+        }
+        let mut got: Vec<Option<Resolved>> =
+            std::iter::repeat_with(|| None).take(chunk.len()).collect();
+        while let Some(r) = set.join_next().await {
+            let (i, r) = r.map_err(|e| Status::internal(format!("a read task failed: {e}")))?;
+            match r {
+                Ok(found) => got[i] = found,
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                    tracing::warn!(artifact = %chunk[i], error = %e.message(), "stored artifact left out");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        out.extend(got.into_iter().flatten());
+    }
+    Ok(out)
+}
+
 /// A request for `artifact` with `given` parameters, ready to schedule: its definition, the full
 /// parameters (defaults filled in; a custom artifact's compiled definition added) and its queries'
 /// shapes. Refused with `INVALID_ARGUMENT` naming what is wrong.
