@@ -597,6 +597,30 @@ fn flows_are_cancelled_running_or_before_they_start() {
         "{again:?}"
     );
 
+    // A query that makes no rows for a long time (an endless count; its task's timeout is 600 s)
+    // stops as soon as it is cancelled, not at a row it would never send; the agent serves on.
+    let f = json(&d.api(&[
+        "collect",
+        &id,
+        "Generic.Query",
+        "--param",
+        "query=WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+        "--json",
+    ]));
+    let endless = f["flow_id"].as_str().unwrap().to_owned();
+    d.wait_until("the agent has started it", || {
+        std::fs::read_to_string(d.path("c1.log"))
+            .is_ok_and(|l| l.contains("task started") && l.contains(&endless))
+    });
+    d.api(&["flow", "cancel", &id, &endless, "--reason", "too slow"]);
+    let soon = Duration::from_secs(30);
+    d.wait_until_within("the cancelled query has stopped", soon, || {
+        let f = json(&d.api(&["flow", "show", &id, &endless, "--json"]));
+        f["state"] == "error" && f["error"].as_str().unwrap().contains("too slow")
+    });
+    let info = json(&d.api(&["collect", &id, "Generic.Client.Info", "--wait", "--json"]));
+    assert_eq!(info["state"], "completed", "{info}");
+
     // Offline: the task waits on the master; cancelled, it is withdrawn and never runs.
     drop(client);
     d.wait_until("the client is offline", || {
@@ -633,9 +657,11 @@ fn flows_are_cancelled_running_or_before_they_start() {
         .filter(|e| e["action"] == "cancel")
         .map(|e| e["detail"].as_str().unwrap())
         .collect();
-    assert_eq!(cancels.len(), 2, "{audit:?}");
+    assert_eq!(cancels.len(), 3, "{audit:?}");
     assert!(
-        cancels[0].starts_with(&queued) && cancels[1].starts_with(&running),
+        cancels[0].starts_with(&queued)
+            && cancels[1].starts_with(&endless)
+            && cancels[2].starts_with(&running),
         "{cancels:?}"
     );
 }

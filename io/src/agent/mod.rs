@@ -409,13 +409,16 @@ async fn run_task(
     let params: BTreeMap<String, String> = task.params.clone().into_iter().collect();
     let artifact = task.artifact.clone();
     let budget = {
-        let clock = clock.clone();
+        let (clock, outbox, flow) = (clock.clone(), outbox.clone(), flow.clone());
         let timeout_ms = task.timeout_s.saturating_mul(1000);
         artifacts::Budget {
             host,
             max_rows: task.max_rows,
+            // Its time is up, or the analyst cancelled it: a query that makes no rows for a while
+            // (a long scan, a sort) is stopped at once, not at its next row.
             expired: Box::new(move || {
-                timeout_ms > 0 && clock.monotonic().0.saturating_sub(started.0) >= timeout_ms
+                (timeout_ms > 0 && clock.monotonic().0.saturating_sub(started.0) >= timeout_ms)
+                    || outbox.cancelled(&flow).is_some()
             }),
         }
     };
