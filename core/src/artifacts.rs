@@ -22,8 +22,9 @@ pub enum ParamKind {
     Bool,
     /// A file glob: an absolute path that may contain `*`, `?` and `**`.
     Glob,
-    /// One SQL `SELECT` over the endpoint tables. Checked here as a string; the shell prepares it
-    /// against the tables before anything is scheduled (the core has no SQL engine).
+    /// One SQL `SELECT` over the endpoint tables, up to [`QUERY_BYTES_MAX`]. Checked here as a
+    /// string; the shell prepares it against the tables before anything is scheduled (the core
+    /// has no SQL engine).
     Sql,
 }
 
@@ -168,10 +169,14 @@ fn check_value(p: &ParamSpec, value: &str) -> Result<(), ArtifactError> {
         value: value.to_owned(),
         expected,
     };
-    if value.len() > PARAM_VALUE_BYTES_MAX || value.contains('\0') {
-        return Err(bad(format!(
-            "at most {PARAM_VALUE_BYTES_MAX} bytes and no NUL"
-        )));
+    // A query (Generic.Query's text) may be as long as a definition's source.
+    let max = if p.kind == ParamKind::Sql {
+        QUERY_BYTES_MAX
+    } else {
+        PARAM_VALUE_BYTES_MAX
+    };
+    if value.len() > max || value.contains('\0') {
+        return Err(bad(format!("at most {max} bytes and no NUL")));
     }
     match p.kind {
         ParamKind::String | ParamKind::Sql => Ok(()),
@@ -406,6 +411,18 @@ mod tests {
         for glob in ["etc/*", "/etc/../root/*"] {
             assert!(validate(&s, &params(&[("glob", glob)])).is_err());
         }
+        // A string is bounded at PARAM_VALUE_BYTES_MAX, a query at QUERY_BYTES_MAX.
+        let long = "x".repeat(PARAM_VALUE_BYTES_MAX + 1);
+        assert!(validate(&s, &params(&[("name", &long)])).is_err());
+        let mut q = spec();
+        q.params.push(p("query", ParamKind::Sql, "SELECT 1"));
+        let query = format!("SELECT '{}'", "x".repeat(PARAM_VALUE_BYTES_MAX));
+        assert!(validate(&q, &params(&[("query", &query)])).is_ok());
+        let huge = "x".repeat(QUERY_BYTES_MAX + 1);
+        assert!(matches!(
+            validate(&q, &params(&[("query", &huge)])),
+            Err(ArtifactError::BadValue { expected, .. }) if expected.contains("65536 bytes")
+        ));
         assert!(validate(&s, &params(&[("upload", "yes")])).is_err());
         let many: BTreeMap<String, String> = (0..=PARAMS_MAX)
             .map(|i| (format!("p{i}"), String::new()))

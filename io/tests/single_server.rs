@@ -1054,3 +1054,15 @@ fn the_repository_holds_at_most_its_bound_of_custom_artifacts() {
             .contains("again")
     );
 }
+
+/// An ad-hoc query longer than a parameter's 4 KiB (osquery packs have such queries) is collected:
+/// a query parameter is bounded by the query text's own 64 KiB.
+#[test]
+fn an_ad_hoc_query_may_be_longer_than_four_kib() {
+    let d = Deployment::new();
+    let (_master, _client, id) = d.master_and_client();
+    let padding = format!("/* {} */", "x".repeat(5000));
+    let sql = format!("SELECT username {padding} FROM users WHERE uid = 0");
+    let out = d.api(&["query", &id, &sql, "--json"]);
+    assert_eq!(json(out.trim())["username"], "root", "{out}");
+}
