@@ -163,6 +163,12 @@ impl fmt::Display for ArtifactError {
 
 impl std::error::Error for ArtifactError {}
 
+/// True for an absolute path (or glob) with no `..` component: what a glob parameter, a glob walk
+/// and an upload accept, so none of them can name a path outside the one written.
+pub fn absolute_without_dotdot(path: &str) -> bool {
+    path.starts_with('/') && !path.split('/').any(|c| c == "..")
+}
+
 fn check_value(p: &ParamSpec, value: &str) -> Result<(), ArtifactError> {
     let bad = |expected: String| ArtifactError::BadValue {
         param: p.name.clone(),
@@ -189,7 +195,7 @@ fn check_value(p: &ParamSpec, value: &str) -> Result<(), ArtifactError> {
             _ => Err(bad(format!("an integer in {min}..={max}"))),
         },
         ParamKind::Glob => {
-            if value.starts_with('/') && !value.split('/').any(|c| c == "..") {
+            if absolute_without_dotdot(value) {
                 Ok(())
             } else {
                 Err(bad("an absolute path glob without '..'".into()))

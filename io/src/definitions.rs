@@ -323,20 +323,24 @@ pub fn info(
     }
 }
 
-/// The built-in artifacts as the API lists them, with where each runs.
+/// The built-in artifacts as the API lists them, with where each runs: prepared once per process
+/// (each needs its queries prepared), not on every list.
 pub fn builtin_infos() -> Vec<talon_proto::api::ArtifactInfo> {
-    builtins()
-        .iter()
-        .map(|b| {
-            let queries = crate::query::check_artifact(&b.spec, &Default::default())
-                .unwrap_or_else(|e| panic!("built-in {} does not prepare: {e}", b.spec.name));
-            let on = crate::query::platforms(&queries)
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-            info(&b.spec, true, on, None)
-        })
-        .collect()
+    static INFOS: LazyLock<Vec<talon_proto::api::ArtifactInfo>> = LazyLock::new(|| {
+        builtins()
+            .iter()
+            .map(|b| {
+                let queries = crate::query::check_artifact(&b.spec, &Default::default())
+                    .unwrap_or_else(|e| panic!("built-in {} does not prepare: {e}", b.spec.name));
+                let on = crate::query::platforms(&queries)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+                info(&b.spec, true, on, None)
+            })
+            .collect()
+    });
+    INFOS.clone()
 }
 
 /// True if `params` carry a compiled definition (a custom artifact's task).

@@ -1090,7 +1090,7 @@ async fn run_async(
                         let sql = spec
                             .sources
                             .iter()
-                            .find(|s| e.message.contains(&format!("source {}:", s.name)))
+                            .find(|s| e.source.as_deref() == Some(s.name.as_str()))
                             .or(spec.sources.first())
                             .map(|s| s.query.clone())
                             .unwrap_or_default();

@@ -1010,7 +1010,7 @@ fn talon_glob(c: &Constraints, out: &mut Rows<'_>) -> Result<(), TableError> {
         None => super::table::SCAN_ROWS_MAX + 1,
     };
     for pattern in c.text(col("pattern"), Op::Eq) {
-        if !pattern.starts_with('/') || pattern.split('/').any(|p| p == "..") {
+        if !talon_core::artifacts::absolute_without_dotdot(&pattern) {
             return Err(TableError(format!(
                 "talon_glob: pattern {pattern:?} must be an absolute path without '..'"
             )));

@@ -56,7 +56,7 @@ fn talon_upload(
     let Some(path) = path else {
         return Ok(None);
     };
-    if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+    if !talon_core::artifacts::absolute_without_dotdot(&path) {
         return Err(user(format!(
             "{UPLOAD_FUNCTION}({path:?}): an absolute path without '..' is needed"
         )));
@@ -112,6 +112,8 @@ pub struct QueryError {
     pub message: String,
     /// Byte offset into the query text.
     pub offset: Option<usize>,
+    /// The definition's source whose query it is (a definition with more than one).
+    pub source: Option<String>,
 }
 
 impl QueryError {
@@ -119,12 +121,16 @@ impl QueryError {
         QueryError {
             message: message.into(),
             offset: None,
+            source: None,
         }
     }
 }
 
 impl fmt::Display for QueryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = &self.source {
+            write!(f, "source {s}: ")?;
+        }
         match self.offset {
             Some(o) => write!(f, "{} (at byte {o} of the query)", self.message),
             None => f.write_str(&self.message),
@@ -212,6 +218,7 @@ fn sqlite_error(e: rusqlite::Error) -> QueryError {
         rusqlite::Error::SqlInputError { msg, offset, .. } => QueryError {
             message: msg,
             offset: usize::try_from(offset).ok(),
+            source: None,
         },
         rusqlite::Error::SqliteFailure(_, Some(msg)) => QueryError::new(msg),
         rusqlite::Error::MultipleStatement => {
@@ -617,9 +624,7 @@ pub fn check_artifact(
     let mut all = Vec::new();
     for (source, sql) in queries {
         let in_source = |mut e: QueryError| {
-            if let Some(s) = source {
-                e.message = format!("source {s}: {}", e.message);
-            }
+            e.source = source.map(str::to_owned);
             e
         };
         let checked = engine.check(sql).map_err(in_source)?;
