@@ -571,6 +571,8 @@ pub fn explain(e: &(dyn std::error::Error + 'static)) -> String {
         "connection reset",
         "connection closed",
         "unexpected end of file",
+        // hyper's words when the connection closed before the request could be sent on it.
+        "connection was not ready",
     ]
     .iter()
     .any(|t| text.to_lowercase().contains(t))

@@ -253,3 +253,22 @@ fn open_connections_are_bounded_per_address_and_in_total() {
     let _a3 = Admitted::take(&open, a, &h).unwrap();
     assert_eq!(open.lock().unwrap().total, 3);
 }
+
+/// A certificate the server refuses under TLS 1.3 reaches the client as a connection that closed
+/// under its first request; each layer words that differently (hyper: "connection was not
+/// ready"), and each wording is explained as the server's refusal.
+#[test]
+fn a_connection_closed_after_the_handshake_is_explained_as_the_servers_refusal() {
+    for text in [
+        "operation was canceled: connection was not ready",
+        "connection reset by peer",
+        "broken pipe",
+        "unexpected end of file",
+    ] {
+        let e = io::Error::other(text);
+        let why = explain(&e);
+        assert!(why.contains("the server's log says why"), "{text}: {why}");
+    }
+    let e = io::Error::other("dns error: no such host");
+    assert!(!explain(&e).contains("the server's log says why"));
+}
