@@ -185,6 +185,17 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
         Begin::Started
     }
 
+    /// Forgets a flow and every message it keeps, unsent or unsettled (an event stream whose
+    /// artifact the client no longer runs); returns how many messages it kept.
+    pub fn abandon(&mut self, flow: &str) -> usize {
+        self.flows.remove(flow).map_or(0, |f| f.kept())
+    }
+
+    /// Messages `flow` keeps (unacknowledged or unsettled).
+    pub fn kept(&self, flow: &str) -> usize {
+        self.flows.get(flow).map_or(0, FlowOut::kept)
+    }
+
     /// Adds the flow's next message (`is_final`: its final status) and sends it if a stream is up;
     /// returns its number. Refused while the flow keeps `max_in_flight` messages (not the final).
     pub fn push(

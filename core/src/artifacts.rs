@@ -77,6 +77,9 @@ pub struct ArtifactSpec {
     pub sources: Vec<Source>,
     /// Columns whose text is JSON (an array or object) and is stored as such in each row.
     pub json_columns: Vec<String>,
+    /// An event artifact (`type: event`, docs/events.md): its one source runs over each batch of
+    /// an event table, continuously, where the client event table assigns it; never collected.
+    pub event: bool,
 }
 
 impl ArtifactSpec {
@@ -240,7 +243,7 @@ impl fmt::Display for DefinitionError {
 impl std::error::Error for DefinitionError {}
 
 /// True for a dotted name of letters, digits and `_` (`Custom.Linux.SuidFiles`).
-fn artifact_name_ok(name: &str) -> bool {
+pub fn artifact_name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= NAME_BYTES_MAX
         && name.split('.').all(|part| {
@@ -316,6 +319,12 @@ pub fn check_definition(spec: &ArtifactSpec, native: bool) -> Result<(), Definit
     if native {
         return Ok(());
     }
+    if spec.event && spec.sources.len() != 1 {
+        return err(format!(
+            "{} sources; an event artifact has one, a query over an event table",
+            spec.sources.len()
+        ));
+    }
     if spec.sources.is_empty() || spec.sources.len() > SOURCES_MAX {
         return err(format!(
             "{} sources; an artifact has 1 to {SOURCES_MAX}, each with a query",
@@ -382,6 +391,7 @@ mod tests {
                 query: "SELECT :count AS n".into(),
             }],
             json_columns: vec![],
+            event: false,
         }
     }
 

@@ -218,6 +218,28 @@ pub enum ClientInput {
         /// The client's clock.
         time_unix_ms: u64,
     },
+    /// A batch of an event artifact's rows (docs/events.md).
+    Events(EventBatchIn),
+}
+
+/// A validated `EventBatch`: its artifact name is well formed, its day a real date, its rows JSON
+/// objects within the bounds of a flow's rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventBatchIn {
+    /// The event artifact.
+    pub artifact: String,
+    /// The agent's run of it.
+    pub stream: u64,
+    /// Its number in the stream.
+    pub seq: u64,
+    /// The UTC day it was made.
+    pub day: String,
+    /// When it was made (the agent's clock).
+    pub time_unix_ms: u64,
+    /// Its rows.
+    pub rows: Vec<Bytes>,
+    /// Events of the stream the agent dropped so far.
+    pub dropped: u64,
 }
 
 /// Why a client message was refused. Nothing of a refused message is stored.
@@ -380,7 +402,39 @@ pub fn validate(
         Kind::Ping(p) => Ok(ClientInput::Ping {
             time_unix_ms: p.time_unix_ms,
         }),
+        Kind::Events(e) => validate_events(e, limits).map(ClientInput::Events),
     }
+}
+
+fn validate_events(e: comms::EventBatch, l: &CodecLimits) -> Result<EventBatchIn, DecodeError> {
+    if !crate::artifacts::artifact_name_ok(&e.artifact) {
+        return Err(DecodeError::BadValue {
+            field: "EventBatch.artifact",
+            reason: "not an artifact name".into(),
+        });
+    }
+    if !crate::events::valid_day(&e.day) {
+        return Err(DecodeError::BadValue {
+            field: "EventBatch.day",
+            reason: format!(
+                "{:?} is not a date written YYYY-MM-DD",
+                e.day.chars().take(32).collect::<String>()
+            ),
+        });
+    }
+    count("EventBatch.rows", &e.rows, l.rows_per_batch_max)?;
+    for (index, row) in e.rows.iter().enumerate() {
+        check_row(index, row, l.row_bytes_max)?;
+    }
+    Ok(EventBatchIn {
+        artifact: e.artifact,
+        stream: e.stream,
+        seq: e.seq,
+        day: e.day,
+        time_unix_ms: e.time_unix_ms,
+        rows: e.rows,
+        dropped: e.dropped,
+    })
 }
 
 fn validate_hello(h: comms::Hello, l: &CodecLimits) -> Result<Hello, DecodeError> {

@@ -24,6 +24,7 @@ pub mod artifacts;
 pub mod cluster_codec;
 pub mod codec;
 pub mod datastore;
+pub mod events;
 pub mod flows;
 pub mod h2scan;
 pub mod histogram;

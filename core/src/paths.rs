@@ -52,6 +52,42 @@ pub fn artifact_definition(name: &str) -> String {
     format!("{ARTIFACTS}{name}.yaml")
 }
 
+/// The datastore key of one entry of the client event table (docs/events.md): the label's
+/// directory (`%all` for every client, [`crate::events::ALL_CLIENTS`]), then the artifact.
+pub fn client_event(label: &str, artifact: &str) -> String {
+    let dir = if label == crate::events::ALL_CLIENTS {
+        "%all".to_owned()
+    } else {
+        safe_component(label)
+    };
+    format!("{CLIENT_EVENTS}{dir}/{artifact}.json")
+}
+
+/// The prefix of every [`client_event`] key.
+pub const CLIENT_EVENTS: &str = "client-events/";
+
+/// The filestore directory of a client's event artifact's batches made on one UTC day.
+pub fn events_day(client: &ClientId, artifact: &str, day: &str) -> String {
+    format!("{}/{day}", events_dir(client, artifact))
+}
+
+/// The filestore directory of a client's event artifact (one directory per day below it).
+pub fn events_dir(client: &ClientId, artifact: &str) -> String {
+    format!("clients/{client}/events/{artifact}")
+}
+
+/// The filestore object of one event batch: named by its stream and number, zero-padded so a
+/// listing sorts by stream, then number. The same batch always has the same name (docs/events.md,
+/// "Exactly once").
+pub fn event_batch(key: &crate::events::EventKey) -> String {
+    format!(
+        "{}/{:020}-{:020}",
+        events_day(&key.client, &key.artifact, &key.day),
+        key.stream,
+        key.seq
+    )
+}
+
 /// The prefix of every [`artifact_definition`] key.
 pub const ARTIFACTS: &str = "artifacts/";
 

@@ -17,9 +17,11 @@ pub const DEFINITION_BYTES_MAX: usize = 64 << 10;
 /// The built-in definitions, as shipped (`io/artifacts/*.yaml`).
 const BUILTIN_TEXTS: &[&str] = &[
     include_str!("../artifacts/Generic.Client.Info.yaml"),
+    include_str!("../artifacts/Generic.Events.Test.yaml"),
     include_str!("../artifacts/Generic.Forensic.FileFinder.yaml"),
     include_str!("../artifacts/Generic.Query.yaml"),
     include_str!("../artifacts/Generic.Test.Rows.yaml"),
+    include_str!("../artifacts/Linux.Events.ProcessStarts.yaml"),
     include_str!("../artifacts/Linux.Network.Netstat.yaml"),
     include_str!("../artifacts/Linux.Sys.Pslist.yaml"),
     include_str!("../artifacts/Linux.Sys.Users.yaml"),
@@ -120,14 +122,16 @@ fn parse_any(text: &str, builtin: bool) -> Result<(ArtifactSpec, bool), String> 
                 .into(),
         );
     }
-    match y.kind.as_deref() {
-        None | Some("client") => {}
+    let event = match y.kind.as_deref() {
+        None | Some("client") => false,
+        Some("event") => true,
         Some(other) => {
             return Err(format!(
-                "type {other:?} is not supported: use client (one collection per task)"
+                "type {other:?} is not supported: use client (one collection per task) or event \
+                 (runs continuously over an event table)"
             ));
         }
-    }
+    };
     let mut params = Vec::with_capacity(y.parameters.len());
     for p in y.parameters {
         let kind = match (p.kind.as_deref().unwrap_or("string"), p.min, p.max) {
@@ -197,6 +201,7 @@ fn parse_any(text: &str, builtin: bool) -> Result<(ArtifactSpec, bool), String> 
         params,
         sources,
         json_columns: y.json_columns,
+        event,
     };
     check_definition(&spec, y.native).map_err(|e| e.to_string())?;
     Ok((spec, y.native))
@@ -220,6 +225,7 @@ pub fn compile(spec: &ArtifactSpec) -> String {
         "params": params,
         "sources": sources,
         "json_columns": spec.json_columns,
+        "event": spec.event,
     })
     .to_string()
 }
@@ -231,6 +237,8 @@ struct Compiled {
     sources: Vec<CompiledSource>,
     #[serde(default)]
     json_columns: Vec<String>,
+    #[serde(default)]
+    event: bool,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +290,7 @@ pub fn from_task(compiled: &str) -> Result<ArtifactSpec, String> {
             })
             .collect(),
         json_columns: c.json_columns,
+        event: c.event,
     };
     if spec.sources.is_empty() {
         return Err("the task's artifact definition has no sources".into());
@@ -359,13 +368,24 @@ mod tests {
             names,
             [
                 "Generic.Client.Info",
+                "Generic.Events.Test",
                 "Generic.Forensic.FileFinder",
                 "Generic.Query",
                 "Generic.Test.Rows",
+                "Linux.Events.ProcessStarts",
                 "Linux.Network.Netstat",
                 "Linux.Sys.Pslist",
                 "Linux.Sys.Users"
             ]
+        );
+        let events: Vec<&str> = builtins()
+            .iter()
+            .filter(|b| b.spec.event)
+            .map(|b| b.spec.name.as_str())
+            .collect();
+        assert_eq!(
+            events,
+            ["Generic.Events.Test", "Linux.Events.ProcessStarts"]
         );
         let rows = &builtin("Generic.Test.Rows").unwrap().spec;
         let p: Vec<(&str, ParamKind, &str)> = rows
@@ -429,8 +449,12 @@ sources:
             ),
             ("name: X\nsourcs: []", "unknown field `sourcs`"),
             (
-                "name: X\ntype: event\nsources: [{query: SELECT 1}]",
-                "type \"event\"",
+                "name: X\ntype: events\nsources: [{query: SELECT 1}]",
+                "type \"events\"",
+            ),
+            (
+                "name: X\ntype: event\nsources: [{query: SELECT 1}, {query: SELECT 2}]",
+                "an event artifact has one",
             ),
             ("name: X\nsources: []", "0 sources"),
             (

@@ -27,11 +27,12 @@ use super::Token;
 use super::completions::{
     CompletionAction, CompletionLimits, Completions, FlowRecord, RecordStep, Recorded,
 };
+use crate::events::EventKey;
 use crate::flows::{
     FlowAction, FlowError, FlowKey, FlowLimits, FlowOutcome, FlowTracker, Payload, StoredMessage,
 };
 use crate::time::{Monotonic, Timestamp};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Acknowledgements waiting to be sent again as settled, per node. Beyond it one is dropped: the
 /// client resends the message after 2 s and its re-acknowledgement is queued again (so a hung volume
@@ -54,6 +55,33 @@ pub struct IntakeLimits {
     pub settle_batch_max: usize,
     /// The master's completions machine's.
     pub completions: CompletionLimits,
+    /// Event batches being stored at once; beyond it one is refused as busy (the agent resends it
+    /// after 2 s), so a flood of events waits on the agents, not in the node's memory.
+    pub event_stores_max: usize,
+}
+
+/// An event batch was not taken: `max` batches are being stored (the agent resends it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventsBusy {
+    /// The bound (`IntakeLimits::event_stores_max`).
+    pub max: usize,
+}
+
+impl std::fmt::Display for EventsBusy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} event batches are being stored; send it again later",
+            self.max
+        )
+    }
+}
+
+/// An acknowledgement waiting to be sent again as settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ToSettle {
+    Flow(FlowKey, u64),
+    Event(EventKey),
 }
 
 /// Where a completion reported to the master came from.
@@ -84,6 +112,19 @@ pub enum IntakeAction<Run, O> {
         seq: u64,
         /// Why.
         reason: String,
+    },
+    /// Store an event batch (the bytes the shell holds for it) under its name
+    /// (`paths::event_batch`), then call `handle_event_stored`.
+    StoreEvent {
+        /// The batch.
+        key: EventKey,
+    },
+    /// Send the client an acknowledgement of an event batch (if it is connected here).
+    EventAck {
+        /// The batch.
+        key: EventKey,
+        /// On the shared volume (not only in the node's buffer).
+        settled: bool,
     },
     /// Send the client an acknowledgement of `seq` (if it is connected here).
     Ack {
@@ -162,8 +203,10 @@ pub struct Intake<R: FlowRecord, O> {
     limits: IntakeLimits,
     tracker: FlowTracker,
     role: Role<R, O>,
-    to_settle: VecDeque<(FlowKey, u64)>,
-    settling: Option<(Token, Vec<(FlowKey, u64)>)>,
+    to_settle: VecDeque<ToSettle>,
+    settling: Option<(Token, Vec<ToSettle>)>,
+    /// Event batches being stored.
+    events_storing: BTreeSet<EventKey>,
     /// Acks dropped at the settle queue's bound (the client resends).
     settle_dropped: u64,
     /// Completions waiting for their messages to be located, or (minion) to be applied.
@@ -191,6 +234,7 @@ impl<R: FlowRecord, O> Intake<R, O> {
             role,
             to_settle: VecDeque::new(),
             settling: None,
+            events_storing: BTreeSet::new(),
             settle_dropped: 0,
             completing: BTreeMap::new(),
             next_token: 1,
@@ -226,6 +270,51 @@ impl<R: FlowRecord, O> Intake<R, O> {
         r
     }
 
+    /// A client sent an event batch (the shell holds its bytes until `StoreEvent` takes them).
+    /// Stored again if it was stored before (a resend): it has the same name, so storage holds it
+    /// once (docs/events.md, "Exactly once"). A resend of a batch being stored is dropped: its
+    /// store's acknowledgement answers both.
+    pub fn handle_event(&mut self, key: EventKey) -> Result<(), EventsBusy> {
+        if self.events_storing.contains(&key) {
+            return Ok(());
+        }
+        if self.events_storing.len() >= self.limits.event_stores_max {
+            return Err(EventsBusy {
+                max: self.limits.event_stores_max,
+            });
+        }
+        self.events_storing.insert(key.clone());
+        self.actions.push_back(IntakeAction::StoreEvent { key });
+        Ok(())
+    }
+
+    /// A `StoreEvent` ended (`ok`: durable in the node's buffer). Not stored: not acknowledged,
+    /// and the agent resends it.
+    pub fn handle_event_stored(&mut self, key: &EventKey, ok: bool) {
+        if !self.events_storing.remove(key) || !ok {
+            return;
+        }
+        self.queue_settle(ToSettle::Event(key.clone()));
+        self.actions.push_back(IntakeAction::EventAck {
+            key: key.clone(),
+            settled: false,
+        });
+        self.pump();
+    }
+
+    /// Event batches being stored now.
+    pub fn events_storing(&self) -> usize {
+        self.events_storing.len()
+    }
+
+    fn queue_settle(&mut self, s: ToSettle) {
+        if self.to_settle.len() < self.limits.settle_queue_max {
+            self.to_settle.push_back(s);
+        } else {
+            self.settle_dropped += 1;
+        }
+    }
+
     /// A `Store` or `StoreRefusal` ended.
     pub fn handle_stored(&mut self, now: Monotonic, key: &FlowKey, seq: u64, ok: bool) {
         self.tracker.handle_stored(now, key, seq, ok);
@@ -249,11 +338,14 @@ impl<R: FlowRecord, O> Intake<R, O> {
         if let Some((_, batch)) = self.settling.take_if(|(t, _)| *t == token)
             && ok
         {
-            for (key, seq) in batch {
-                self.actions.push_back(IntakeAction::Ack {
-                    key,
-                    seq,
-                    settled: true,
+            for s in batch {
+                self.actions.push_back(match s {
+                    ToSettle::Flow(key, seq) => IntakeAction::Ack {
+                        key,
+                        seq,
+                        settled: true,
+                    },
+                    ToSettle::Event(key) => IntakeAction::EventAck { key, settled: true },
                 });
             }
         }
@@ -385,11 +477,7 @@ impl<R: FlowRecord, O> Intake<R, O> {
                 .push_back(IntakeAction::StoreRefusal { key, seq, reason }),
             FlowAction::Audit { key } => self.actions.push_back(IntakeAction::Audit { key }),
             FlowAction::Ack { key, seq } => {
-                if self.to_settle.len() < self.limits.settle_queue_max {
-                    self.to_settle.push_back((key.clone(), seq));
-                } else {
-                    self.settle_dropped += 1;
-                }
+                self.queue_settle(ToSettle::Flow(key.clone(), seq));
                 self.actions.push_back(IntakeAction::Ack {
                     key,
                     seq,

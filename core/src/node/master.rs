@@ -145,6 +145,15 @@ pub enum Item {
         /// Its definition (YAML), as added.
         definition: Option<String>,
     },
+    /// An entry of the client event table ([`paths::client_event`]); `None` deletes it.
+    ClientEvent {
+        /// Whose clients (a label, or `events::ALL_CLIENTS`).
+        label: String,
+        /// The event artifact.
+        artifact: String,
+        /// The entry (JSON, as the shell wrote it).
+        entry: Option<String>,
+    },
 }
 
 /// The datastore key an [`Item`] is stored under, as the master orders writes by it: at most one
@@ -167,6 +176,8 @@ pub enum Key {
     Audit(Timestamp, u64),
     /// A custom artifact's definition.
     Artifact(String),
+    /// An entry of the client event table: its label and artifact.
+    ClientEvent(String, String),
 }
 
 impl Item {
@@ -183,6 +194,9 @@ impl Item {
             Item::Cursor { node, .. } => Key::Cursor(node.clone()),
             Item::Audit(e) => Key::Audit(e.time, e.id),
             Item::Artifact { name, .. } => Key::Artifact(name.clone()),
+            Item::ClientEvent {
+                label, artifact, ..
+            } => Key::ClientEvent(label.clone(), artifact.clone()),
         }
     }
 }
@@ -302,6 +316,11 @@ pub enum AuditAction {
     ArtifactAdd,
     /// Removed a custom artifact (`target`: its name).
     ArtifactRemove,
+    /// Set an entry of the client event table (`target`: the artifact and label; `detail`: the
+    /// entry's parameters).
+    EventsSet,
+    /// Removed an entry of the client event table.
+    EventsUnset,
 }
 
 impl AuditAction {
@@ -316,6 +335,8 @@ impl AuditAction {
             AuditAction::Cancel => "cancel",
             AuditAction::ArtifactAdd => "artifact-add",
             AuditAction::ArtifactRemove => "artifact-remove",
+            AuditAction::EventsSet => "events-set",
+            AuditAction::EventsUnset => "events-unset",
         }
     }
 
@@ -330,6 +351,8 @@ impl AuditAction {
             AuditAction::Cancel,
             AuditAction::ArtifactAdd,
             AuditAction::ArtifactRemove,
+            AuditAction::EventsSet,
+            AuditAction::EventsUnset,
         ]
         .into_iter()
         .find(|a| a.name() == name)
@@ -413,6 +436,19 @@ pub enum Request {
         /// Its definition (YAML); `None` removes it.
         definition: Option<String>,
     },
+    /// Set (or replace) an entry of the client event table, or remove it (`entry` none). The shell
+    /// has checked the artifact and its parameters and made the entry; this writes it with its
+    /// audit entry (`detail`: what the audit log shows of it).
+    SetClientEvent {
+        /// Whose clients (a label, or `events::ALL_CLIENTS`).
+        label: String,
+        /// The event artifact.
+        artifact: String,
+        /// The entry (JSON); `None` removes it.
+        entry: Option<String>,
+        /// Its parameters as the audit log shows them.
+        detail: String,
+    },
 }
 
 /// A request's successful answer.
@@ -441,6 +477,8 @@ pub enum Answer {
     Minions(Vec<MinionView>),
     /// A custom artifact's definition is written (or removed).
     ArtifactPut,
+    /// An entry of the client event table is written (or removed).
+    ClientEventSet,
     /// A flow is cancelled.
     Cancelled {
         /// Its task had not been acknowledged: it is marked failed and will not run.
@@ -637,6 +675,7 @@ enum Asked {
     Hunts,
     Hunt(HuntId),
     Artifact,
+    ClientEvent,
 }
 
 #[derive(Debug)]
@@ -842,6 +881,34 @@ impl Master {
             } => self.cancel(time, request, by, client, flow, reason),
             Request::PutArtifact { name, definition } => {
                 self.put_artifact(time, request, by, name, definition)
+            }
+            Request::SetClientEvent {
+                label,
+                artifact,
+                entry,
+                detail,
+            } => {
+                self.time = time;
+                self.begin();
+                let action = if entry.is_some() {
+                    AuditAction::EventsSet
+                } else {
+                    AuditAction::EventsUnset
+                };
+                let target = if label == crate::events::ALL_CLIENTS {
+                    format!("{artifact} (all clients)")
+                } else {
+                    format!("{artifact} (label {label})")
+                };
+                self.audit(by, action, target, detail);
+                let item = Item::ClientEvent {
+                    label,
+                    artifact,
+                    entry,
+                };
+                self.write(Effect::Artifact, vec![item]);
+                self.finish(Then::Reply(request, Asked::ClientEvent));
+                self.drain();
             }
             Request::Hunts(one) => self.get_hunts(time, request, one),
             Request::HuntFlows(id) => {
@@ -1463,6 +1530,10 @@ impl Master {
             Asked::Artifact => match worst {
                 Outcome::Done => Ok(Answer::ArtifactPut),
                 _ => unavailable("the artifact's definition is not recorded"),
+            },
+            Asked::ClientEvent => match worst {
+                Outcome::Done => Ok(Answer::ClientEventSet),
+                _ => unavailable("the client event table's entry is not recorded"),
             },
             Asked::Collect(flow) => match worst {
                 Outcome::Done => Ok(Answer::Flow(flow)),

@@ -14,6 +14,7 @@
 //!   server's Welcome says how many); the artifact waits beyond that (back-pressure).
 
 pub mod artifacts;
+pub mod events;
 
 use crate::clock::{Clock, Entropy};
 use crate::deploy::config::ClientConfig;
@@ -190,6 +191,8 @@ pub type AckObserver = Arc<dyn Fn(&str, u64, bool) + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Outbox {
     state: Arc<Mutex<OutboxState>>,
+    /// The event artifacts running and their batches not yet settled (docs/events.md).
+    pub events: events::Events,
     acked: Arc<Notify>,
     times: Option<Arc<ServiceTimes>>,
     observer: Option<AckObserver>,
@@ -302,12 +305,16 @@ impl Outbox {
                 return;
             }
         }
+        self.events.attach(tx, max_in_flight, now).await;
     }
 
     fn detach(&self) {
-        let mut s = self.lock();
-        s.session = None;
-        s.flows.handle_disconnected();
+        {
+            let mut s = self.lock();
+            s.session = None;
+            s.flows.handle_disconnected();
+        }
+        self.events.detach();
     }
 
     /// Registers a task's flow (`Begin::Started`), unless it is already running or recently done
@@ -841,6 +848,11 @@ impl Agent {
                             tracing::info!(flow = %c.flow_id, reason = %c.reason, "flow cancelled");
                             self.outbox.cancel(&c.flow_id, &c.reason);
                         }
+                        server_message::Kind::EventAck(a) => self.outbox.events.ack(&a, self.clock.monotonic()).await,
+                        server_message::Kind::EventTable(t) => {
+                            tracing::info!(artifacts = t.artifacts.len(), "client event table received");
+                            self.outbox.events.set_table(t, self.clock.clone(), self.host.clone()).await;
+                        }
                         server_message::Kind::Welcome(_) | server_message::Kind::Pong(_) => {}
                     },
                     Ok(Some(_)) => {}
@@ -853,6 +865,7 @@ impl Agent {
                             break;
                         }
                     }
+                    self.outbox.events.resend_stale(self.clock.monotonic()).await;
                 }
                 _ = ping.tick() => {
                     let p = comms::Ping { time_unix_ms: self.clock.now().as_ms() };

@@ -516,6 +516,52 @@ impl Api {
         Ok(())
     }
 
+    /// Sets (or with `remove`, removes) an entry of the client event table.
+    pub async fn set_client_event(
+        &mut self,
+        req: api::SetClientEventRequest,
+    ) -> Result<api::ClientEventEntry, String> {
+        Ok(self
+            .inner
+            .set_client_event(req)
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    /// The client event table.
+    pub async fn client_events(&mut self) -> Result<Vec<api::ClientEventEntry>, String> {
+        Ok(self
+            .inner
+            .list_client_events(api::ListClientEventsRequest {})
+            .await
+            .map_err(status)?
+            .into_inner()
+            .entries)
+    }
+
+    /// Calls `each` with every stored batch of a client's event artifact as it arrives (memory:
+    /// one batch); returns how many batches. With `follow` it ends only when `each` fails or the
+    /// stream breaks.
+    pub async fn each_event_page(
+        &mut self,
+        req: api::GetEventsRequest,
+        mut each: impl FnMut(api::EventPage) -> Result<(), String>,
+    ) -> Result<u64, String> {
+        let mut s = self
+            .inner
+            .get_events(req)
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut n = 0;
+        while let Some(page) = s.message().await.map_err(status)? {
+            each(page)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Stops a hunt.
     pub async fn stop_hunt(&mut self, id: &str) -> Result<api::HuntSummary, String> {
         Ok(self

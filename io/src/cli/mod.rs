@@ -4,6 +4,7 @@ pub mod analyst;
 pub mod api_client;
 pub mod bench;
 pub mod demo;
+pub mod events;
 pub mod show;
 
 use crate::clock::{OsEntropy, SystemClock};
@@ -58,6 +59,13 @@ pub enum Command {
         /// What to do with them.
         #[command(subcommand)]
         command: ArtifactsCommand,
+    },
+    /// Client event monitoring: which event artifacts run where, and the events clients sent
+    /// (docs/events.md). Needs --api-config.
+    Events {
+        /// What to do.
+        #[command(subcommand)]
+        command: events::EventsCommand,
     },
     /// Create and derive configuration files.
     Config {
@@ -1126,6 +1134,12 @@ async fn run_async(
                 }
                 ArtifactsCommand::Tables { json } => Ok(show::tables(json)),
             }
+        }
+        Command::Events { command } => {
+            init_logging("warn");
+            let t = times()?;
+            let now = crate::clock::Clock::now(&crate::clock::SystemClock).as_ms();
+            events::run(api(api_config.as_deref()).await?, command, &t, now).await
         }
         Command::Audit {
             command: AuditCommand::List { json },

@@ -18,6 +18,11 @@ pub(super) struct Frontend {
     pub(super) notify: Paced<(ClientId, String), comms::Task>,
     /// The bytes of the flow message being handled, until a Store action takes them (at most one).
     pub(super) raw: BTreeMap<(FlowKey, u64), Bytes>,
+    /// The bytes of the event batch being handled, until a StoreEvent action takes them (at most
+    /// one).
+    pub(super) raw_events: BTreeMap<talon_core::events::EventKey, Bytes>,
+    /// The client event table (docs/events.md), as last read.
+    pub(super) event_table: Vec<talon_core::events::Assignment>,
     /// Where effects performed in the background report their results: the actor takes these
     /// before any new input (an effect's result never waits behind a queue of client messages).
     pub(super) done_tx: mpsc::Sender<Msg>,
@@ -78,6 +83,8 @@ impl Frontend {
             conns: BTreeMap::new(),
             notify,
             raw: BTreeMap::new(),
+            raw_events: BTreeMap::new(),
+            event_table: Vec::new(),
             done_tx,
         }
     }
@@ -150,12 +157,18 @@ impl<R: RoleDriver> Actor<R> {
             | Msg::Audited { .. }
             | Msg::Settled { .. }
             | Msg::Located { .. } => self.fe.handle_flow(msg),
+            Msg::Event { .. }
+            | Msg::EventStored { .. }
+            | Msg::EventTable { .. }
+            | Msg::LabelsChanged { .. }
+            | Msg::EventTableFor { .. } => self.fe.handle_events(msg),
             other => self.role.handle(&mut self.fe, other).await,
         }
         self.drain().await;
         // A Store action took the message's bytes; a resend that was only re-acknowledged left
         // them: at most one entry lives between messages.
         self.fe.raw.clear();
+        self.fe.raw_events.clear();
     }
 
     /// Performs the intake's and the role's actions until neither asks for anything: a
@@ -238,6 +251,7 @@ impl Frontend {
             max_in_flight: self.opts.flows.stores_in_flight_max as u32,
         };
         self.push(id, server_message::Kind::Welcome(welcome));
+        self.send_event_table(id);
     }
 
     /// A client's stream `conn` ended; true if it was the one connected here.

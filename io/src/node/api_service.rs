@@ -247,7 +247,8 @@ async fn hunt_spec(
     req: api::CreateHuntRequest,
 ) -> Result<HuntSpec, Status> {
     let given: BTreeMap<String, String> = req.params.into_iter().collect();
-    let (spec, params, queries) = super::repository::prepare(ds, &req.artifact, &given).await?;
+    let (spec, params, queries) =
+        super::repository::prepare(ds, &req.artifact, &given, false).await?;
     let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
         ls.iter()
             .map(|l| talon_core::registry::normalize_label(l).map_err(invalid))
@@ -329,7 +330,10 @@ impl api::api_server::Api for ApiService {
             remove,
         };
         match self.node.request(&user, req).await? {
-            Answer::Client(c) => Ok(Response::new(summary(&c))),
+            Answer::Client(c) => {
+                self.node.labels_changed(c.id.clone()).await;
+                Ok(Response::new(summary(&c)))
+            }
             a => Err(unexpected(a)),
         }
     }
@@ -343,7 +347,7 @@ impl api::api_server::Api for ApiService {
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let given = r.params.into_iter().collect();
         let (spec, params, queries) =
-            super::repository::prepare(&self.node.datastore, &r.artifact, &given).await?;
+            super::repository::prepare(&self.node.datastore, &r.artifact, &given, false).await?;
         // OS honesty: a client of a platform the artifact cannot run on would only report an error.
         let on = crate::query::platforms(&queries);
         let key = paths::client_record(&client);
@@ -595,6 +599,39 @@ impl api::api_server::Api for ApiService {
             }
             a => Err(unexpected(a)),
         }
+    }
+
+    async fn set_client_event(
+        &self,
+        req: Request<api::SetClientEventRequest>,
+    ) -> Result<Response<api::ClientEventEntry>, Status> {
+        let user = require_api(&req)?;
+        super::events::set_entry(&self.node, &user, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_client_events(
+        &self,
+        req: Request<api::ListClientEventsRequest>,
+    ) -> Result<Response<api::ListClientEventsResponse>, Status> {
+        require_api(&req)?;
+        let entries = super::events::load_table(&self.node.datastore)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(api::ListClientEventsResponse {
+            entries: entries.into_iter().map(super::events::entry_view).collect(),
+        }))
+    }
+
+    type GetEventsStream = super::events::EventPages;
+
+    async fn get_events(
+        &self,
+        req: Request<api::GetEventsRequest>,
+    ) -> Result<Response<Self::GetEventsStream>, Status> {
+        require_api(&req)?;
+        super::events::get_events(&self.node, req.into_inner()).map(Response::new)
     }
 
     async fn remove_artifact(

@@ -208,11 +208,23 @@ async fn client_message(
             Bytes::from(f.encode_to_vec()),
             Some((f.flow_id.chars().take(64).collect::<String>(), f.seq)),
         ),
+        Some(client_message::Kind::Events(e)) => (Bytes::from(e.encode_to_vec()), None),
         _ => (Bytes::new(), None),
     };
     match codec::validate(msg, &node.limits) {
         Ok(ClientInput::Flow { flow, seq, data }) => {
             flow_message(node, client, tx, known, (flow, seq, data), raw).await
+        }
+        Ok(ClientInput::Events(e)) => {
+            let key = talon_core::events::EventKey {
+                client: client.clone(),
+                artifact: e.artifact,
+                day: e.day,
+                stream: e.stream,
+                seq: e.seq,
+            };
+            let client = client.clone();
+            node.tx.send(Msg::Event { client, key, raw }).await.is_ok()
         }
         Ok(ClientInput::TaskAck { flow }) => {
             let client = client.clone();

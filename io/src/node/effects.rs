@@ -146,6 +146,14 @@ pub(super) fn encode(item: &Item) -> (String, Option<Bytes>) {
                 .as_ref()
                 .map(|d| Bytes::from(d.clone().into_bytes())),
         ),
+        Item::ClientEvent {
+            label,
+            artifact,
+            entry,
+        } => (
+            paths::client_event(label, artifact),
+            entry.as_ref().map(|e| Bytes::from(e.clone().into_bytes())),
+        ),
     }
 }
 

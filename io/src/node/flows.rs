@@ -120,6 +120,8 @@ impl Frontend {
                 let refusal = refusal_record(&key.flow, seq, self.now(), &reason);
                 self.store_flow_message(key, seq, refusal);
             }
+            IntakeAction::StoreEvent { key } => self.store_event(key),
+            IntakeAction::EventAck { key, settled } => self.ack_event(key, settled),
             IntakeAction::Ack { key, seq, settled } => {
                 let ack = comms::FlowAck {
                     flow_id: key.flow.to_string(),

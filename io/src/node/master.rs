@@ -355,6 +355,9 @@ impl RoleDriver for MasterDriver {
             Msg::RecordRead { token, record } => fe.intake.handle_read(t.now, token, record),
             Msg::RecordWritten { token, outcome } => fe.intake.handle_written(token, outcome),
             Msg::DatastoreChanged { key, version } => {
+                if key.starts_with(paths::CLIENT_EVENTS) {
+                    fe.reload_event_table();
+                }
                 let kind = broadcast::Kind::DatastoreChanged(pc::DatastoreChanged { key, version });
                 self.core.broadcast(kind);
             }
@@ -369,7 +372,12 @@ impl RoleDriver for MasterDriver {
             | Msg::Stored { .. }
             | Msg::Audited { .. }
             | Msg::Settled { .. }
-            | Msg::Located { .. } => {}
+            | Msg::Located { .. }
+            | Msg::Event { .. }
+            | Msg::EventStored { .. }
+            | Msg::EventTable { .. }
+            | Msg::LabelsChanged { .. }
+            | Msg::EventTableFor { .. } => {}
         }
     }
 

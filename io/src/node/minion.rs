@@ -93,6 +93,7 @@ impl MinionDriver {
                 if let Meta::Remote(r) = &fe.datastore {
                     r.clear(); // Broadcasts may have been missed while the stream was down.
                 }
+                fe.reload_event_table(); // Its changes among them.
                 // The master may have restarted and lost who is connected here: tell it again.
                 let seen: Vec<pc::ClientSeen> =
                     fe.conns.values().filter_map(|c| c.seen.clone()).collect();
@@ -127,6 +128,9 @@ impl MinionDriver {
                     if let Meta::Remote(r) = &fe.datastore {
                         r.invalidate(&d.key);
                     }
+                    if d.key.starts_with(paths::CLIENT_EVENTS) {
+                        fe.reload_event_table();
+                    }
                 }
                 Some(broadcast::Kind::HuntStarted(h)) => {
                     tracing::info!(hunt = %h.hunt_id, "hunt started on the master");
@@ -134,7 +138,12 @@ impl MinionDriver {
                 Some(broadcast::Kind::HuntStopped(h)) => {
                     tracing::info!(hunt = %h.hunt_id, "hunt stopped on the master");
                 }
-                Some(broadcast::Kind::LabelsChanged(_)) | None => {}
+                Some(broadcast::Kind::LabelsChanged(l)) => {
+                    if let Ok(client) = ClientId::parse(&l.client_id) {
+                        fe.send_event_table_with(&client, l.labels.into_iter().collect());
+                    }
+                }
+                None => {}
             },
         }
     }
@@ -189,7 +198,12 @@ impl RoleDriver for MinionDriver {
             | Msg::Stored { .. }
             | Msg::Audited { .. }
             | Msg::Settled { .. }
-            | Msg::Located { .. } => {}
+            | Msg::Located { .. }
+            | Msg::Event { .. }
+            | Msg::EventStored { .. }
+            | Msg::EventTable { .. }
+            | Msg::LabelsChanged { .. }
+            | Msg::EventTableFor { .. } => {}
         }
     }
 

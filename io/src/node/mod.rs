@@ -59,6 +59,7 @@ mod api_reads;
 mod api_service;
 mod comms_service;
 mod effects;
+mod events;
 mod flows;
 mod load;
 mod master;
@@ -77,6 +78,10 @@ use uploads::*;
 
 /// Per-client queue of messages to push down its stream; a slow client drops acks (it resends).
 pub const CLIENT_QUEUE_MAX: usize = 256;
+
+/// Event batches a node stores at once; one more is refused as busy and the agent resends it
+/// (docs/events.md, "Limits").
+pub const EVENT_STORES_MAX: usize = 4096;
 
 /// Messages waiting for the node actor; handlers wait beyond it (back-pressure).
 pub const NODE_INBOX_MAX: usize = 8192;
@@ -206,6 +211,29 @@ enum Msg {
         req: CoreRequest,
         reply: Reply<Answer>,
     },
+    /// A client's event batch (its bytes: the encoded `EventBatch`).
+    Event {
+        client: ClientId,
+        key: talon_core::events::EventKey,
+        raw: Bytes,
+    },
+    /// A `StoreEvent` ended.
+    EventStored {
+        key: talon_core::events::EventKey,
+        ok: bool,
+    },
+    /// The client event table, read.
+    EventTable {
+        table: Result<Vec<events::EntryJson>, String>,
+    },
+    /// (Master) a client's labels changed: tell it again what it runs, if it is connected here.
+    LabelsChanged {
+        client: ClientId,
+    },
+    /// What a client connected here runs, ready to tell it (none: its labels could not be read).
+    EventTableFor {
+        told: Option<(ClientId, comms::EventTable)>,
+    },
 }
 
 /// A handle to the node actor.
@@ -272,6 +300,7 @@ fn intake_limits(opts: &NodeOptions) -> IntakeLimits {
             value_bytes_max: opts.value_bytes_max,
             in_flight_max: talon_core::node::intake::COMPLETIONS_IN_FLIGHT_MAX,
         },
+        event_stores_max: EVENT_STORES_MAX,
     }
 }
 
@@ -313,6 +342,7 @@ impl Node {
                     fe: fe(Intake::master(limits)),
                     role,
                 };
+                actor.fe.reload_event_table();
                 tokio::spawn(tracing::Instrument::instrument(
                     actor.run(rx, done_rx),
                     span,
@@ -324,6 +354,7 @@ impl Node {
                     fe: fe(Intake::minion(limits)),
                     role: MinionDriver::new(link, opts.expected_clients),
                 };
+                actor.fe.reload_event_table();
                 tokio::spawn(tracing::Instrument::instrument(
                     actor.run(rx, done_rx),
                     span,
@@ -381,6 +412,11 @@ impl Node {
     /// A minion wrote a key through the remote datastore: other minions drop it from their caches.
     pub(crate) async fn datastore_changed(&self, key: String, version: u64) {
         let _ = self.tx.send(Msg::DatastoreChanged { key, version }).await;
+    }
+
+    /// (Master) client `client`'s labels changed: it is told again which event artifacts it runs.
+    pub(crate) async fn labels_changed(&self, client: ClientId) {
+        let _ = self.tx.send(Msg::LabelsChanged { client }).await;
     }
 
     /// API user `user`'s request, answered by the master's core (a minion refuses it).

@@ -106,11 +106,13 @@ pub(super) async fn customs(ds: &Meta) -> Result<Vec<Resolved>, Status> {
 
 /// A request for `artifact` with `given` parameters, ready to schedule: its definition, the full
 /// parameters (defaults filled in; a custom artifact's compiled definition added) and its queries'
-/// shapes. Refused with `INVALID_ARGUMENT` naming what is wrong.
+/// shapes. Refused with `INVALID_ARGUMENT` naming what is wrong — also an event artifact asked
+/// for a collection or a hunt, or the reverse (`event`: for the client event table).
 pub(super) async fn prepare(
     ds: &Meta,
     artifact: &str,
     given: &BTreeMap<String, String>,
+    event: bool,
 ) -> Result<
     (
         ArtifactSpec,
@@ -120,6 +122,20 @@ pub(super) async fn prepare(
     Status,
 > {
     let r = resolve(ds, artifact).await?;
+    match (r.spec.event, event) {
+        (true, false) => {
+            return Err(Status::invalid_argument(format!(
+                "{artifact} is an event artifact: it runs continuously where the client event \
+                 table sets it (`talon events set {artifact}`), it is not collected"
+            )));
+        }
+        (false, true) => {
+            return Err(Status::invalid_argument(format!(
+                "{artifact} is not an event artifact (type: event); collect it or hunt it instead"
+            )));
+        }
+        _ => {}
+    }
     let mut params = talon_core::artifacts::validate(&r.spec, given)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let queries = crate::query::check_artifact(&r.spec, &params)

@@ -1602,6 +1602,46 @@ fn interface_addresses(_: &Constraints, out: &mut Rows<'_>) -> Result<(), TableE
     Ok(())
 }
 
+/// The pids of every process now (one read of `/proc`'s directory): what `process_events`' scan
+/// compares with its last.
+pub fn pids() -> Result<std::collections::BTreeSet<i32>, TableError> {
+    Ok(procfs::process::all_processes()
+        .map_err(|e| proc_error("/proc", e))?
+        .filter_map(|p| p.ok().map(|p| p.pid))
+        .collect())
+}
+
+/// `process_events` rows for processes `pids` (those still running), in that table's column
+/// order: read as the `processes` table reads them.
+pub fn process_event_rows(pids: &[i32]) -> Result<Vec<Vec<Value>>, TableError> {
+    let pid_col = column("processes", "pid");
+    let c = Constraints {
+        all: pids
+            .iter()
+            .map(|p| (pid_col, Op::Eq, Value::Int(i64::from(*p))))
+            .collect(),
+    };
+    let def = TABLES
+        .iter()
+        .find(|d| d.name == "processes")
+        .expect("the processes table");
+    let mut out = Vec::new();
+    processes(&c, &mut Rows::new("processes", def.columns.len(), &mut out))?;
+    let events = &super::events::PROCESS_EVENTS;
+    let from: Vec<usize> = events
+        .columns
+        .iter()
+        .map(|c| match c.name {
+            "time" => column("processes", "start_time"),
+            name => column("processes", name),
+        })
+        .collect();
+    Ok(out
+        .into_iter()
+        .map(|row| from.iter().map(|&i| row[i].clone()).collect())
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -10,11 +10,13 @@
 //! whole process.
 
 mod cache;
+pub mod events;
 pub mod linux;
 pub mod table;
 mod vtab;
 
 pub use cache::{Host, TABLE_CACHE_ENTRIES, TABLE_CACHE_MS, TABLE_CACHE_ROWS_MAX, TableCache};
+pub use events::is_event_table;
 
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::limits::Limit;
@@ -142,10 +144,22 @@ impl fmt::Display for QueryError {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Stop;
 
-/// Every endpoint table this build knows.
+/// Every endpoint table this build knows: the tables of the machine's state, then the event
+/// tables.
 pub fn tables() -> &'static [TableDef] {
-    linux::TABLES
+    static ALL: std::sync::LazyLock<Vec<TableDef>> = std::sync::LazyLock::new(|| {
+        linux::TABLES
+            .iter()
+            .chain(events::TABLES)
+            .copied()
+            .collect()
+    });
+    &ALL
 }
+
+/// The batch an event table holds while an event artifact's query runs: the table's name and its
+/// rows (docs/events.md).
+pub type Batch = Arc<Mutex<Option<(&'static str, cache::Scan)>>>;
 
 /// A table by name.
 pub fn table(name: &str) -> Option<&'static TableDef> {
@@ -197,6 +211,7 @@ fn authorize(ctx: AuthContext<'_>, seen: &Mutex<Seen>) -> Authorization {
 /// A connection with every table registered, read-only by authorizer.
 pub struct Engine {
     conn: Connection,
+    batch: Batch,
     refused: Arc<Mutex<BTreeSet<&'static str>>>,
     seen: Arc<Mutex<Seen>>,
     uploads: Pending,
@@ -269,11 +284,13 @@ impl Engine {
             conn.set_limit(l, v).map_err(fail)?;
         }
         let refused = Arc::new(Mutex::new(BTreeSet::new()));
+        let batch: Batch = Arc::default();
         for def in tables() {
             let aux = vtab::Aux {
                 def,
                 refused: refused.clone(),
                 host: host.clone(),
+                batch: events::is_event_table(def.name).then(|| batch.clone()),
             };
             conn.create_module(def.name, &vtab::MODULE, Some(aux))
                 .map_err(fail)?;
@@ -294,10 +311,17 @@ impl Engine {
             .map_err(fail)?;
         Ok(Engine {
             conn,
+            batch,
             refused,
             seen,
             uploads,
         })
+    }
+
+    /// Sets the rows event table `table` holds (every other event table holds none) for the
+    /// queries run next.
+    pub fn set_batch(&self, table: &'static str, rows: Vec<Vec<table::Value>>) {
+        *self.batch.lock().unwrap_or_else(|p| p.into_inner()) = Some((table, Arc::new(rows)));
     }
 
     /// SQLite's error as what a user can act on: what the authorizer refused, which table lacked
@@ -487,6 +511,7 @@ pub fn run_query(
             query: sql.to_owned(),
         }],
         json_columns: Vec::new(),
+        event: false,
     };
     run_artifact(&spec, &BTreeMap::new(), budget, emit)
 }
@@ -596,6 +621,87 @@ pub fn run_artifact(
     Ok(())
 }
 
+/// An event artifact as the agent runs it (docs/events.md): one engine, its parameters bound, its
+/// one query run over each batch of its event table.
+pub struct EventQuery {
+    engine: Engine,
+    table: &'static str,
+    sql: String,
+    binds: Bindings,
+    json_columns: Vec<String>,
+}
+
+impl EventQuery {
+    /// Prepares an event artifact's query; `Err` says why it cannot run.
+    pub fn new(
+        spec: &talon_core::artifacts::ArtifactSpec,
+        params: &BTreeMap<String, String>,
+        host: Host,
+    ) -> Result<EventQuery, String> {
+        let [source] = spec.sources.as_slice() else {
+            return Err(format!(
+                "{} is not an event artifact (one source)",
+                spec.name
+            ));
+        };
+        let engine = Engine::for_host(host).map_err(|e| e.to_string())?;
+        let checked = engine
+            .check(&source.query)
+            .map_err(|e| format!("query failed: {e}"))?;
+        let table = checked
+            .tables
+            .iter()
+            .copied()
+            .find(|t| is_event_table(t))
+            .ok_or_else(|| format!("{}'s query reads no event table", spec.name))?;
+        Ok(EventQuery {
+            engine,
+            table,
+            sql: source.query.clone(),
+            binds: bindings(spec, params),
+            json_columns: spec.json_columns.clone(),
+        })
+    }
+
+    /// The event table it reads.
+    pub fn table(&self) -> &'static str {
+        self.table
+    }
+
+    /// Runs the query over one batch of the event table's rows (in the table's column order);
+    /// answers the artifact's rows. Stopped with an error once `expired()` says so.
+    pub fn run(
+        &mut self,
+        batch: Vec<Vec<table::Value>>,
+        expired: impl FnMut() -> bool + Send + 'static,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, String> {
+        self.engine.set_batch(self.table, batch);
+        let mut out = Vec::new();
+        let json_columns = &self.json_columns;
+        let r = self.engine.run(
+            &self.sql,
+            &self.binds,
+            Limits::default(),
+            expired,
+            &mut |mut row| {
+                for c in json_columns {
+                    if let Some(serde_json::Value::String(text)) = row.get(c)
+                        && let Ok(v) = serde_json::from_str::<serde_json::Value>(text)
+                        && (v.is_array() || v.is_object())
+                    {
+                        row.insert(c.clone(), v);
+                    }
+                }
+                out.push(row);
+                Ok(())
+            },
+        );
+        self.engine.set_batch(self.table, Vec::new());
+        r.map_err(|e| format!("query failed: {e}"))?;
+        Ok(out)
+    }
+}
+
 /// Prepares every query of an artifact against the tables (the master before it schedules
 /// anything or stores a definition, the CLI before it sends): its sources, and the value of a
 /// parameter of kind sql (`Generic.Query`). Answers each query's shape, or `Err` naming what is
@@ -638,6 +744,39 @@ pub fn check_artifact(
                 return Err(in_source(QueryError::new(format!(
                     "the query uses parameter :{name}, which artifact {} does not declare",
                     spec.name
+                ))));
+            }
+        }
+        let read_events: Vec<&str> = checked
+            .tables
+            .iter()
+            .copied()
+            .filter(|t| is_event_table(t))
+            .collect();
+        match (spec.event, read_events.as_slice()) {
+            (true, [_]) | (false, []) => {}
+            (true, []) => {
+                return Err(in_source(QueryError::new(format!(
+                    "an event artifact's query reads one event table (it runs over each batch \
+                     of it); this one reads none. The event tables: {}",
+                    events::TABLES
+                        .iter()
+                        .map(|t| t.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))));
+            }
+            (true, many) => {
+                return Err(in_source(QueryError::new(format!(
+                    "an event artifact's query reads one event table; this one reads {}",
+                    many.join(" and ")
+                ))));
+            }
+            (false, read) => {
+                return Err(in_source(QueryError::new(format!(
+                    "{} is an event table: only an event artifact (type: event) reads it, as \
+                     events happen",
+                    read.join(" and ")
                 ))));
             }
         }

@@ -537,13 +537,21 @@ fn osquery_pack_queries_run_unchanged() {
 
 #[test]
 fn docs_list_every_table_and_column() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/artifacts.md"))
-        .unwrap();
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("{}/../docs/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let (tables_doc, events_doc) = (read("artifacts.md"), read("events.md"));
     for t in tables() {
+        // Event tables are described with the rest of event monitoring.
+        let doc = if is_event_table(t.name) {
+            &events_doc
+        } else {
+            &tables_doc
+        };
         let head = format!("### `{}`", t.name);
         let start = doc
             .find(&head)
-            .unwrap_or_else(|| panic!("docs/artifacts.md lacks {head}"));
+            .unwrap_or_else(|| panic!("docs (artifacts.md or events.md) lack {head}"));
         let section = &doc[start + head.len()..];
         let section = &section[..section.find("### ").unwrap_or(section.len())];
         for c in t.columns {
@@ -1073,4 +1081,99 @@ fn logged_in_users_match_who() {
     )
     .unwrap();
     assert!(none.is_empty());
+}
+
+fn event_spec(query: &str) -> talon_core::artifacts::ArtifactSpec {
+    crate::definitions::parse(&format!(
+        "name: Custom.Events\ntype: event\nparameters:\n  - name: min\n    type: int\n    default: 0\nsources:\n  - query: \"{query}\"\n"
+    ))
+    .unwrap()
+}
+
+/// An event artifact's query runs over one batch of its event table at a time, its parameters
+/// bound; joins with the machine's tables work; the batch is gone after the run.
+#[test]
+fn an_event_query_runs_over_each_batch() {
+    let spec = event_spec(
+        "SELECT e.n, e.payload, u.username FROM talon_test_events e LEFT JOIN users u ON u.uid = 0 WHERE e.n >= :min",
+    );
+    let params = BTreeMap::from([("min".to_owned(), "2".to_owned())]);
+    let mut q = EventQuery::new(&spec, &params, Host::Real).unwrap();
+    assert_eq!(q.table(), "talon_test_events");
+    let batch = |ns: std::ops::Range<i64>| -> Vec<Vec<table::Value>> {
+        ns.map(|n| {
+            vec![
+                table::Value::Int(1),
+                table::Value::Int(1000),
+                table::Value::Int(n),
+                table::Value::Text(format!("p{n}")),
+            ]
+        })
+        .collect()
+    };
+    let out = q.run(batch(0..5), || false).unwrap();
+    let ns: Vec<i64> = out.iter().map(|r| r["n"].as_i64().unwrap()).collect();
+    assert_eq!(ns, [2, 3, 4]);
+    assert_eq!(out[0]["username"], "root");
+    assert_eq!(out[0]["payload"], "p2");
+    // The next batch replaces it.
+    let out = q.run(batch(10..12), || false).unwrap();
+    assert_eq!(out.len(), 2);
+    assert!(q.run(Vec::new(), || false).unwrap().is_empty());
+}
+
+/// Event tables are read only by event artifacts, and an event artifact reads exactly one.
+#[test]
+fn event_tables_are_only_for_event_artifacts() {
+    let collect = crate::definitions::parse(
+        "name: Custom.X\nsources:\n  - query: SELECT * FROM process_events\n",
+    )
+    .unwrap();
+    let e = check_artifact(&collect, &BTreeMap::new()).unwrap_err();
+    assert!(
+        e.message.contains("process_events is an event table"),
+        "{e}"
+    );
+    let e = check_artifact(&event_spec("SELECT * FROM processes"), &BTreeMap::new()).unwrap_err();
+    assert!(e.message.contains("reads none"), "{e}");
+    let e = check_artifact(
+        &event_spec("SELECT * FROM process_events, talon_test_events"),
+        &BTreeMap::new(),
+    )
+    .unwrap_err();
+    assert!(
+        e.message
+            .contains("reads process_events and talon_test_events"),
+        "{e}"
+    );
+    check_artifact(
+        &event_spec("SELECT pid FROM process_events"),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    // Outside an event artifact's run, an event table holds nothing.
+    assert!(
+        rows(&mut engine(), "SELECT * FROM talon_test_events")
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// `process_events`' rows come from the processes a scan finds, in its own column order.
+#[test]
+fn process_event_rows_describe_the_process() {
+    let me = std::process::id() as i32;
+    assert!(linux::pids().unwrap().contains(&me));
+    let rows = linux::process_event_rows(&[me]).unwrap();
+    assert_eq!(rows.len(), 1);
+    let col = |name: &str| events::PROCESS_EVENTS.column(name).unwrap();
+    assert_eq!(rows[0][col("pid")], table::Value::Int(i64::from(me)));
+    let table::Value::Text(path) = &rows[0][col("path")] else {
+        panic!("{:?}", rows[0]);
+    };
+    assert_eq!(
+        path,
+        &std::env::current_exe().unwrap().display().to_string()
+    );
+    assert!(matches!(rows[0][col("time")], table::Value::Int(t) if t > 1_600_000_000));
 }

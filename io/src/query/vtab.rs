@@ -30,6 +30,8 @@ pub struct Aux {
     pub refused: Arc<Mutex<BTreeSet<&'static str>>>,
     /// Whose machine it reads.
     pub host: Host,
+    /// For an event table: the batch it holds (docs/events.md).
+    pub batch: Option<super::Batch>,
 }
 
 /// The module every table is registered with.
@@ -43,6 +45,7 @@ pub struct Tab {
     def: &'static TableDef,
     refused: Arc<Mutex<BTreeSet<&'static str>>>,
     host: Host,
+    batch: Option<super::Batch>,
 }
 
 fn module_error(e: impl std::fmt::Display) -> rusqlite::Error {
@@ -73,6 +76,7 @@ unsafe impl<'vtab> VTab<'vtab> for Tab {
                 def: aux.def,
                 refused: aux.refused.clone(),
                 host: aux.host.clone(),
+                batch: aux.batch.clone(),
             },
         ))
     }
@@ -145,6 +149,7 @@ unsafe impl<'vtab> VTab<'vtab> for Tab {
             base: sqlite3_vtab_cursor::default(),
             def: self.def,
             host: self.host.clone(),
+            batch: self.batch.clone(),
             rows: Arc::new(Vec::new()),
             at: 0,
             hostname,
@@ -161,6 +166,7 @@ pub struct Cursor<'vtab> {
     base: sqlite3_vtab_cursor,
     def: &'static TableDef,
     host: Host,
+    batch: Option<super::Batch>,
     rows: Scan,
     at: usize,
     /// A virtual agent's host name, shown in `host_columns`.
@@ -203,6 +209,16 @@ unsafe impl VTabCursor for Cursor<'_> {
         }
         self.at = 0;
         let def = self.def;
+        if let Some(batch) = &self.batch {
+            // An event table: the batch it holds, if it is this table's (SQLite checks the
+            // constraints on its rows).
+            let held = batch.lock().unwrap_or_else(|p| p.into_inner());
+            self.rows = match &*held {
+                Some((table, rows)) if *table == def.name => rows.clone(),
+                _ => Arc::new(Vec::new()),
+            };
+            return Ok(());
+        }
         let make = || {
             let mut out = Vec::new();
             let mut rows = Rows::new(def.name, def.columns.len(), &mut out);

@@ -3,6 +3,7 @@
 //! own disks and runs this same code.
 
 pub mod datastore;
+pub mod events;
 pub mod filestore;
 pub mod records;
 pub mod uploads;

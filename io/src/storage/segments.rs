@@ -607,6 +607,40 @@ pub async fn read_run<V: Volume>(volume: &V, dir: &str, run: &RunRef) -> io::Res
         .collect())
 }
 
+/// The runs every writer's index files name for `dir`, unread (their first and last names are
+/// unknown until read: [`read_run`]). Costs a read of every index file.
+pub async fn index_runs<V: Volume>(volume: &V, dir: &str) -> io::Result<Vec<RunRef>> {
+    let indexes: Vec<String> = volume
+        .list(&format!("{SEGMENTS_DIR}/"))
+        .await?
+        .into_iter()
+        .filter(|k| k.ends_with(".index"))
+        .collect();
+    let mut runs = Vec::new();
+    for chunk in indexes.chunks(super::volume::VOLUME_CONCURRENCY) {
+        let read = bounded(chunk.len(), chunk.iter().map(|k| volume.read(k)).collect()).await;
+        for (k, r) in chunk.iter().zip(read) {
+            let (Some(bytes), Some(data)) = (r?, data_file_of(k)) else {
+                continue;
+            };
+            runs.extend(
+                parse_index(&bytes)
+                    .into_iter()
+                    .filter(|e| e.dir == dir)
+                    .map(|e| RunRef {
+                        file: data.clone(),
+                        offset: e.offset,
+                        len: e.len,
+                        first: String::new(),
+                        last: String::new(),
+                        whole: false,
+                    }),
+            );
+        }
+    }
+    Ok(runs)
+}
+
 /// Finds every stored message of `dir` on the volume (an audit): the message files of the old
 /// layout, and the runs every writer's index files name, read and checked (a run that does not
 /// parse, left by a failed flush, is skipped). Returns the runs with the names each holds, and the

@@ -40,6 +40,7 @@ fn limits() -> IntakeLimits {
             value_bytes_max: 4096,
             in_flight_max: 2,
         },
+        event_stores_max: 2,
     }
 }
 
@@ -402,6 +403,9 @@ impl World {
         match a {
             IntakeAction::Store { key, seq } => effects.push(Effect::Store(key, seq)),
             IntakeAction::StoreRefusal { .. } => return Err("no budget is reached here".into()),
+            IntakeAction::StoreEvent { .. } | IntakeAction::EventAck { .. } => {
+                return Err("this harness sends no events".into());
+            }
             IntakeAction::Audit { key } => effects.push(Effect::Audit(key)),
             IntakeAction::Settle { token } => {
                 if self.plant == Plant::SettleWithoutFlush {
@@ -823,4 +827,62 @@ fn the_settle_queue_is_bounded_and_settles_what_it_kept() {
     }
     assert_eq!(settled, (0..kept as u64).collect::<Vec<_>>());
     assert_eq!(intake.settle_backlog(), 0);
+}
+
+fn event(seq: u64) -> crate::events::EventKey {
+    crate::events::EventKey {
+        client: client(0),
+        artifact: "Linux.Events.ProcessStarts".into(),
+        day: "2026-12-06".into(),
+        stream: 7,
+        seq,
+    }
+}
+
+/// An event batch is stored, acknowledged unsettled, and acknowledged settled only after the
+/// buffer's wait; at most `event_stores_max` are stored at once (one more is refused as busy, and
+/// taken once a store ends); a resend of a batch being stored is not stored twice; a failed store
+/// is not acknowledged.
+#[test]
+fn event_batches_are_stored_bounded_and_acknowledged_twice() {
+    let mut i: Intake<Rec, u64> = Intake::minion(limits());
+    let actions =
+        |i: &mut Intake<Rec, u64>| std::iter::from_fn(|| i.poll_action()).collect::<Vec<_>>();
+    i.handle_event(event(0)).unwrap();
+    i.handle_event(event(0)).unwrap(); // A resend while it is stored: nothing more.
+    i.handle_event(event(1)).unwrap();
+    assert_eq!(
+        actions(&mut i),
+        vec![
+            IntakeAction::StoreEvent { key: event(0) },
+            IntakeAction::StoreEvent { key: event(1) }
+        ]
+    );
+    assert_eq!(i.handle_event(event(2)), Err(EventsBusy { max: 2 }));
+    i.handle_event_stored(&event(1), false); // Not stored: not acknowledged.
+    assert_eq!(actions(&mut i), vec![]);
+    i.handle_event(event(2)).unwrap();
+    i.handle_event_stored(&event(0), true);
+    let a = actions(&mut i);
+    assert_eq!(a[0], IntakeAction::StoreEvent { key: event(2) });
+    assert_eq!(
+        a[1],
+        IntakeAction::EventAck {
+            key: event(0),
+            settled: false
+        }
+    );
+    let IntakeAction::Settle { token } = a[2] else {
+        panic!("{a:?}");
+    };
+    assert_eq!(a.len(), 3);
+    i.handle_settled(token, true);
+    assert_eq!(
+        actions(&mut i),
+        vec![IntakeAction::EventAck {
+            key: event(0),
+            settled: true
+        }]
+    );
+    assert_eq!(i.events_storing(), 1);
 }

@@ -60,6 +60,8 @@ enum Step {
     Cancel(u8),
     /// An administrator adds (true) or removes the custom artifact `Custom.A`.
     Artifact(bool),
+    /// An administrator sets (true) or unsets event artifact `E.A` for label `x`.
+    Events(bool),
     /// A write in flight ends (the n-th, modulo how many: the store ends them in any order).
     Complete(Ending, usize),
     /// The minion sends its unacknowledged events again (its stream comes up first if down).
@@ -81,6 +83,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (0..CLIENTS).prop_map(Step::Ack),
         1 => (0..CLIENTS).prop_map(Step::Cancel),
         1 => any::<bool>().prop_map(Step::Artifact),
+        1 => any::<bool>().prop_map(Step::Events),
         8 => (ending(6, 2, 1), 0usize..4).prop_map(|(e, n)| Step::Complete(e, n)),
         2 => Just(Step::Resend),
         1 => any::<bool>().prop_map(Step::Busy),
@@ -98,6 +101,7 @@ enum Asked {
     Hunt(HuntId),
     Cancel(ClientId, FlowId),
     Artifact(Option<String>),
+    Events(Option<String>),
 }
 
 #[derive(Clone, Debug)]
@@ -132,6 +136,8 @@ struct Store {
     failed: BTreeSet<(ClientId, FlowId)>,
     /// Custom artifact definitions by name.
     artifacts: BTreeMap<String, String>,
+    /// The client event table's entries by (label, artifact).
+    events: BTreeMap<(String, String), String>,
 }
 
 impl Store {
@@ -174,6 +180,20 @@ impl Store {
                             definition: None,
                         } => {
                             self.artifacts.remove(&name);
+                        }
+                        Item::ClientEvent {
+                            label,
+                            artifact,
+                            entry: Some(e),
+                        } => {
+                            self.events.insert((label, artifact), e);
+                        }
+                        Item::ClientEvent {
+                            label,
+                            artifact,
+                            entry: None,
+                        } => {
+                            self.events.remove(&(label, artifact));
                         }
                     }
                 }
@@ -410,6 +430,8 @@ impl World {
             Asked::Cancel(c, _) => audited(AuditAction::Cancel, c.to_string()),
             Asked::Artifact(Some(_)) => audited(AuditAction::ArtifactAdd, "Custom.A".into()),
             Asked::Artifact(None) => audited(AuditAction::ArtifactRemove, "Custom.A".into()),
+            Asked::Events(Some(_)) => audited(AuditAction::EventsSet, "E.A (label x)".into()),
+            Asked::Events(None) => audited(AuditAction::EventsUnset, "E.A (label x)".into()),
         };
         if !entry {
             return Err(format!(
@@ -429,6 +451,7 @@ impl World {
             Asked::Hunt(h) => s.hunts.contains_key(h),
             // Two changes of one definition land in the order asked: the last answered holds.
             Asked::Artifact(d) => s.artifacts.get("Custom.A") == d.as_ref(),
+            Asked::Events(e) => s.events.get(&("x".into(), "E.A".into())) == e.as_ref(),
             // Withdrawn before it started: failed on storage, its task gone.
             Asked::Cancel(c, f) => match answer {
                 Answer::Cancelled {
@@ -522,6 +545,19 @@ impl World {
                 let req = Request::PutArtifact {
                     name: "Custom.A".into(),
                     definition,
+                };
+                self.master
+                    .handle_request(t, request, analyst(request), req);
+            }
+            Step::Events(set) => {
+                let request = Token(self.id());
+                let entry = set.then(|| format!("{{\"n\":{}}}", request.0));
+                self.requests.insert(request, Asked::Events(entry.clone()));
+                let req = Request::SetClientEvent {
+                    label: "x".into(),
+                    artifact: "E.A".into(),
+                    entry,
+                    detail: String::new(),
                 };
                 self.master
                     .handle_request(t, request, analyst(request), req);

@@ -1,0 +1,521 @@
+//! Client event monitoring on the agent (docs/events.md): the event artifacts the client event
+//! table assigns run here continuously, each as a *runner* — its event source collects what
+//! happened, its query runs over each batch, and its rows go out as `EventBatch`es on the stream.
+//!
+//! Each runner is one *stream*: named by the agent's start and a counter, its batches numbered
+//! 0, 1, 2, ... by core `agent::FlowOutbox` (the flow protocol's numbering, keeping until settled,
+//! resending after a reconnect). At most the frontend's `max_in_flight` batches of a stream are in
+//! the outbox; the rest wait in this agent's buffer, at most [`BUFFER_BYTES_MAX`] for all streams
+//! together. Beyond it a new batch is dropped, and counted: the stream's later batches carry the
+//! count (`EventBatch.dropped`), so storage records what was lost, and the agent logs it.
+
+use crate::clock::Clock;
+use crate::query::{EventQuery, Host, table::Value};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use talon_core::agent::{FlowOutbox, OutboxAction, OutboxLimits, PushError};
+use talon_core::artifacts::DEFINITION_PARAM;
+use talon_proto::comms::{self, client_message};
+use tokio::sync::{mpsc, watch};
+
+/// Event batches (bytes of rows) waiting for room in the outbox, for all streams together; beyond
+/// it a new batch is dropped and counted.
+pub const BUFFER_BYTES_MAX: usize = 8 << 20;
+/// Rows per batch at most (also bounded by the frontend's `max_rows_per_batch`).
+pub const BATCH_ROWS_MAX: usize = 1000;
+/// Bytes of rows per batch at most.
+pub const BATCH_BYTES_MAX: usize = 1 << 20;
+/// How often a source is polled: what it found since is one batch.
+pub const POLL_MS: u64 = 1000;
+/// How long one batch's query may run.
+pub const QUERY_TIMEOUT_MS: u64 = 10_000;
+
+/// One event artifact running: how to stop it and what it dropped.
+struct Runner {
+    flow: String,
+    params: BTreeMap<String, String>,
+    stop: watch::Sender<bool>,
+}
+
+struct State {
+    outbox: FlowOutbox<comms::EventBatch, ()>,
+    /// Batches waiting for room in the outbox, per stream (its outbox flow).
+    pending: BTreeMap<String, VecDeque<comms::EventBatch>>,
+    pending_bytes: usize,
+    session: Option<mpsc::Sender<comms::ClientMessage>>,
+    runners: BTreeMap<String, Runner>,
+    next_stream: u64,
+}
+
+/// The agent's event streams, shared by every session.
+#[derive(Clone)]
+pub struct Events {
+    state: Arc<Mutex<State>>,
+    /// What this agent's streams dropped, in total (for tests and the log).
+    dropped: Arc<AtomicU64>,
+}
+
+impl Default for Events {
+    fn default() -> Events {
+        Events {
+            state: Arc::new(Mutex::new(State {
+                outbox: FlowOutbox::new(OutboxLimits {
+                    resend_after_ms: super::RESEND_AFTER_MS,
+                    done_max: 0,
+                    flows_max: talon_core::events::PER_CLIENT_MAX,
+                }),
+                pending: BTreeMap::new(),
+                pending_bytes: 0,
+                session: None,
+                runners: BTreeMap::new(),
+                next_stream: 0,
+            })),
+            dropped: Arc::default(),
+        }
+    }
+}
+
+fn batch_bytes(b: &comms::EventBatch) -> usize {
+    b.rows.iter().map(|r| r.len()).sum::<usize>() + 64
+}
+
+fn events_msg(b: comms::EventBatch) -> comms::ClientMessage {
+    comms::ClientMessage {
+        kind: Some(client_message::Kind::Events(b)),
+    }
+}
+
+/// The outbox flow of `artifact`'s stream `stream`.
+fn flow_of(artifact: &str, stream: u64) -> String {
+    format!("{artifact}/{stream}")
+}
+
+impl Events {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Events dropped at the buffer's bound since the agent started.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Batches not yet settled or still waiting in the buffer.
+    pub fn unsettled(&self) -> usize {
+        let s = self.lock();
+        s.outbox.unsettled() + s.pending.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// The event artifacts running.
+    pub fn running(&self) -> Vec<String> {
+        self.lock().runners.keys().cloned().collect()
+    }
+
+    /// Moves waiting batches into the outbox while it has room; answers what to send.
+    fn pump(s: &mut State, now: talon_core::Monotonic) -> Vec<comms::EventBatch> {
+        let State {
+            outbox,
+            pending,
+            pending_bytes,
+            ..
+        } = s;
+        for (flow, queue) in pending.iter_mut() {
+            while let Some(b) = queue.front() {
+                match outbox.push(now, flow, b.clone(), false, ()) {
+                    Ok(_) => {
+                        let b = queue.pop_front().expect("a front");
+                        *pending_bytes -= batch_bytes(&b);
+                    }
+                    Err(PushError::Full { .. }) => break,
+                    Err(PushError::NotRunning) => {
+                        // The stream was abandoned: its waiting batches go with it.
+                        for b in queue.drain(..) {
+                            *pending_bytes -= batch_bytes(&b);
+                        }
+                    }
+                }
+            }
+        }
+        pending.retain(|_, q| !q.is_empty());
+        let mut out = Vec::new();
+        while let Some(a) = s.outbox.poll_action() {
+            if let OutboxAction::Send {
+                seq, mut payload, ..
+            } = a
+            {
+                payload.seq = seq;
+                out.push(payload);
+            }
+        }
+        out
+    }
+
+    /// Sends `batches` on the stream, if one is up (else they are kept and resent on attach).
+    async fn send(
+        session: Option<mpsc::Sender<comms::ClientMessage>>,
+        batches: Vec<comms::EventBatch>,
+    ) {
+        if let Some(tx) = session {
+            for b in batches {
+                if tx.send(events_msg(b)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A new stream is up: every batch not settled goes again.
+    pub(super) async fn attach(
+        &self,
+        tx: mpsc::Sender<comms::ClientMessage>,
+        max_in_flight: usize,
+        now: talon_core::Monotonic,
+    ) {
+        let out = {
+            let mut s = self.lock();
+            s.session = Some(tx.clone());
+            s.outbox.handle_connected(now, max_in_flight);
+            Self::pump(&mut s, now)
+        };
+        Self::send(Some(tx), out).await;
+    }
+
+    /// The stream is gone.
+    pub(super) fn detach(&self) {
+        let mut s = self.lock();
+        s.session = None;
+        s.outbox.handle_disconnected();
+    }
+
+    /// The frontend acknowledged a batch.
+    pub(super) async fn ack(&self, a: &comms::EventAck, now: talon_core::Monotonic) {
+        let (out, session) = {
+            let mut s = self.lock();
+            s.outbox
+                .handle_ack(now, &flow_of(&a.artifact, a.stream), a.seq, a.settled);
+            (Self::pump(&mut s, now), s.session.clone())
+        };
+        Self::send(session, out).await;
+    }
+
+    /// Batches unacknowledged for too long, to send again.
+    pub(super) async fn resend_stale(&self, now: talon_core::Monotonic) {
+        let (out, session) = {
+            let mut s = self.lock();
+            s.outbox.handle_timeout(now);
+            (Self::pump(&mut s, now), s.session.clone())
+        };
+        Self::send(session, out).await;
+    }
+
+    /// A runner made a batch: into the outbox if it has room, else into the buffer, else dropped
+    /// (counted in `dropped`).
+    async fn offer(
+        &self,
+        flow: &str,
+        batch: comms::EventBatch,
+        dropped: &AtomicU64,
+        now: talon_core::Monotonic,
+    ) {
+        let (out, session) = {
+            let mut s = self.lock();
+            let size = batch_bytes(&batch);
+            if s.pending_bytes + size > BUFFER_BYTES_MAX {
+                let n = batch.rows.len() as u64;
+                let before = dropped.fetch_add(n, Ordering::Relaxed);
+                self.dropped.fetch_add(n, Ordering::Relaxed);
+                if before == 0 || (before + n) / 10_000 > before / 10_000 {
+                    tracing::warn!(stream = %flow, dropped = before + n, max_bytes = BUFFER_BYTES_MAX, "the event buffer is full; events are dropped (counted in the stream's batches)");
+                }
+                return;
+            }
+            s.pending_bytes += size;
+            s.pending
+                .entry(flow.to_owned())
+                .or_default()
+                .push_back(batch);
+            (Self::pump(&mut s, now), s.session.clone())
+        };
+        Self::send(session, out).await;
+    }
+
+    /// The client event table arrived: starts the artifacts it names that are not running (or
+    /// run with other parameters), stops those it does not name.
+    pub(super) async fn set_table(
+        &self,
+        table: comms::EventTable,
+        clock: Arc<dyn Clock>,
+        host: Host,
+    ) {
+        let wanted: BTreeMap<String, BTreeMap<String, String>> = table
+            .artifacts
+            .into_iter()
+            .take(talon_core::events::PER_CLIENT_MAX)
+            .map(|a| (a.artifact, a.params.into_iter().collect()))
+            .collect();
+        let mut s = self.lock();
+        let stale: Vec<String> = s
+            .runners
+            .iter()
+            .filter(|(name, r)| wanted.get(*name) != Some(&r.params))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(r) = s.runners.remove(&name) {
+                let _ = r.stop.send(true);
+                let kept = s.outbox.abandon(&r.flow);
+                let waiting = s.pending.remove(&r.flow).unwrap_or_default();
+                for b in &waiting {
+                    s.pending_bytes -= batch_bytes(b);
+                }
+                tracing::info!(artifact = %name, unsent = kept + waiting.len(), "event artifact stopped");
+            }
+        }
+        let start_ms = clock.now().as_ms();
+        for (name, params) in wanted {
+            if s.runners.contains_key(&name) {
+                continue;
+            }
+            let spec = match resolve(&name, &params) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    tracing::warn!(artifact = %name, error = %e, "cannot run an event artifact");
+                    continue;
+                }
+            };
+            let query = match EventQuery::new(&spec, &params, host.clone()) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::warn!(artifact = %name, error = %e, "cannot run an event artifact");
+                    continue;
+                }
+            };
+            // Unique per agent run and runner: the agent's start (ms) and a counter.
+            s.next_stream += 1;
+            let stream = (start_ms << 16) | (s.next_stream & 0xffff);
+            let flow = flow_of(&name, stream);
+            s.outbox.begin(&flow);
+            let (stop, stopped) = watch::channel(false);
+            s.runners.insert(
+                name.clone(),
+                Runner {
+                    flow: flow.clone(),
+                    params: params.clone(),
+                    stop,
+                },
+            );
+            tracing::info!(artifact = %name, table = query.table(), "event artifact started");
+            let run = Run {
+                out: Outlet {
+                    events: self.clone(),
+                    artifact: name,
+                    stream,
+                    flow,
+                    clock: clock.clone(),
+                },
+                params,
+                query,
+                host: host.clone(),
+            };
+            tokio::spawn(run.run(stopped));
+        }
+    }
+}
+
+/// The definition of an assigned event artifact: a built-in by name, or the compiled one its
+/// entry carries.
+fn resolve(
+    name: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<talon_core::artifacts::ArtifactSpec, String> {
+    let spec = match params.get(DEFINITION_PARAM) {
+        Some(compiled) => crate::definitions::from_task(compiled)?,
+        None => crate::definitions::builtin(name)
+            .ok_or_else(|| format!("unknown event artifact {name}"))?
+            .spec
+            .clone(),
+    };
+    if !spec.event {
+        return Err(format!("{name} is not an event artifact"));
+    }
+    Ok(spec)
+}
+
+/// What collects an event table's rows.
+enum Source {
+    /// `talon_test_events`: `rate` per second.
+    Test {
+        rate: u64,
+        payload: String,
+        started: talon_core::Monotonic,
+        made: u64,
+    },
+    /// `process_events`: pids seen at the last scan (none before the first).
+    Processes { seen: Option<BTreeSet<i32>> },
+}
+
+impl Source {
+    fn new(table: &str, params: &BTreeMap<String, String>, now: talon_core::Monotonic) -> Source {
+        let int = |k: &str, d: u64| params.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+        match table {
+            "talon_test_events" => Source::Test {
+                rate: int("rate", 10),
+                payload: "x".repeat(int("payload_bytes", 0).min(64 << 10) as usize),
+                started: now,
+                made: 0,
+            },
+            _ => Source::Processes { seen: None },
+        }
+    }
+
+    /// What happened since the last poll, as rows of the event table.
+    fn poll(
+        &mut self,
+        now: talon_core::Monotonic,
+        wall: talon_core::Timestamp,
+        host: &Host,
+    ) -> Result<Vec<Vec<Value>>, String> {
+        match self {
+            Source::Test {
+                rate,
+                payload,
+                started,
+                made,
+            } => {
+                let due = now.since_ms(*started).saturating_mul(*rate) / 1000;
+                // At most ten seconds' worth at once (a stalled runner does not flood).
+                let n = due
+                    .saturating_sub(*made)
+                    .min(rate.saturating_mul(10).max(1));
+                let rows = (0..n)
+                    .map(|i| {
+                        vec![
+                            Value::from(wall.as_ms() / 1000),
+                            Value::from(wall.as_ms()),
+                            Value::from(*made + i),
+                            Value::from(payload.as_str()),
+                        ]
+                    })
+                    .collect();
+                *made += n;
+                Ok(rows)
+            }
+            Source::Processes { seen } => {
+                if matches!(host, Host::Virtual { .. }) {
+                    // A virtual agent has no processes of its own.
+                    return Ok(Vec::new());
+                }
+                let now_pids = crate::query::linux::pids().map_err(|e| e.0)?;
+                let new: Vec<i32> = match seen {
+                    Some(before) => now_pids.difference(before).copied().collect(),
+                    None => Vec::new(),
+                };
+                *seen = Some(now_pids);
+                if new.is_empty() {
+                    return Ok(Vec::new());
+                }
+                crate::query::linux::process_event_rows(&new).map_err(|e| e.0)
+            }
+        }
+    }
+}
+
+/// One runner's task.
+struct Run {
+    out: Outlet,
+    params: BTreeMap<String, String>,
+    query: EventQuery,
+    host: Host,
+}
+
+/// Where a runner's batches go.
+struct Outlet {
+    events: Events,
+    artifact: String,
+    stream: u64,
+    flow: String,
+    clock: Arc<dyn Clock>,
+}
+
+impl Run {
+    async fn run(mut self, mut stopped: watch::Receiver<bool>) {
+        let dropped = AtomicU64::new(0);
+        let out = &self.out;
+        let mut source = Source::new(self.query.table(), &self.params, out.clock.monotonic());
+        let poll = Duration::from_millis(match source {
+            Source::Test { .. } => POLL_MS / 5,
+            Source::Processes { .. } => POLL_MS,
+        });
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => return,
+                _ = tokio::time::sleep(poll) => {}
+            }
+            let (now, wall) = (out.clock.monotonic(), out.clock.now());
+            let rows = match source.poll(now, wall, &self.host) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(artifact = %out.artifact, error = %e, "an event source failed; trying again");
+                    continue;
+                }
+            };
+            if rows.is_empty() {
+                continue;
+            }
+            let clock = out.clock.clone();
+            let deadline = now.plus_ms(QUERY_TIMEOUT_MS);
+            let made = match self.query.run(rows, move || clock.monotonic() >= deadline) {
+                Ok(made) => made,
+                Err(e) => {
+                    tracing::warn!(artifact = %out.artifact, error = %e, "an event artifact's query failed on a batch");
+                    continue;
+                }
+            };
+            let day = wall.utc_day();
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            let rows = made
+                .into_iter()
+                .map(|r| serde_json::to_vec(&r).unwrap_or_default());
+            for row in rows {
+                if !batch.is_empty()
+                    && (batch.len() >= BATCH_ROWS_MAX || bytes + row.len() > BATCH_BYTES_MAX)
+                {
+                    out.offer(std::mem::take(&mut batch), &day, wall, &dropped)
+                        .await;
+                    bytes = 0;
+                }
+                bytes += row.len();
+                batch.push(bytes::Bytes::from(row));
+            }
+            if !batch.is_empty() {
+                out.offer(batch, &day, wall, &dropped).await;
+            }
+        }
+    }
+}
+
+impl Outlet {
+    async fn offer(
+        &self,
+        rows: Vec<bytes::Bytes>,
+        day: &str,
+        wall: talon_core::Timestamp,
+        dropped: &AtomicU64,
+    ) {
+        let batch = comms::EventBatch {
+            artifact: self.artifact.clone(),
+            stream: self.stream,
+            seq: 0, // Numbered by the outbox when it takes it.
+            day: day.to_owned(),
+            time_unix_ms: wall.as_ms(),
+            rows,
+            dropped: dropped.load(Ordering::Relaxed),
+        };
+        self.events
+            .offer(&self.flow, batch, dropped, self.clock.monotonic())
+            .await;
+    }
+}

@@ -1,0 +1,459 @@
+//! Client event monitoring on every node (docs/events.md): the client event table each node
+//! keeps and tells its clients, and the event batches they send — stored through the node's
+//! write-behind buffer under a name derived from the batch (so a resend is stored once) and
+//! acknowledged twice, as flow messages are (core `node::intake`).
+
+use super::*;
+use serde::{Deserialize, Serialize};
+use talon_core::events::{Assignment, EventKey};
+
+/// One entry of the client event table as stored (`paths::client_event`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct EntryJson {
+    /// Whose clients: a label, or empty for all.
+    pub label: String,
+    /// The event artifact.
+    pub artifact: String,
+    /// Its parameters, validated and with defaults (a custom artifact's definition in
+    /// `_artifact`).
+    pub params: BTreeMap<String, String>,
+    /// Who set it, and when (ms since the epoch): for `events list`.
+    #[serde(default)]
+    pub set_by: String,
+    #[serde(default)]
+    pub set_ms: u64,
+}
+
+impl EntryJson {
+    pub(crate) fn assignment(&self) -> Assignment {
+        Assignment {
+            label: self.label.clone(),
+            artifact: self.artifact.clone(),
+            params: self.params.clone(),
+        }
+    }
+}
+
+/// The client event table as stored: every entry, in key order. At most
+/// `events::TABLE_ENTRIES_MAX` are read (the master refuses more).
+pub(crate) async fn load_table(ds: &Meta) -> Result<Vec<EntryJson>, ReadError> {
+    let (keys, _) = ds.list(paths::CLIENT_EVENTS).await?;
+    let mut out = Vec::new();
+    for key in keys
+        .iter()
+        .filter(|k| k.ends_with(".json"))
+        .take(talon_core::events::TABLE_ENTRIES_MAX)
+    {
+        match load_json::<EntryJson>(ds, key).await {
+            Ok(Some(e)) => out.push(e),
+            Ok(None) => {} // Removed since the listing.
+            Err(e) if e.kind == ReadFailure::Malformed => {
+                tracing::warn!(%key, error = %e, "a client event table entry is malformed; left out")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// What a client is told of the table: the entries it runs.
+fn table_for(table: &[Assignment], labels: &BTreeSet<String>) -> comms::EventTable {
+    let (chosen, left) = talon_core::events::for_client(table, labels);
+    if left > 0 {
+        tracing::warn!(
+            left,
+            max = talon_core::events::PER_CLIENT_MAX,
+            "a client is assigned more event artifacts than it runs; the rest are left out"
+        );
+    }
+    comms::EventTable {
+        artifacts: chosen
+            .into_iter()
+            .map(|a| comms::EventAssignment {
+                artifact: a.artifact.clone(),
+                params: a.params.clone().into_iter().collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A client's labels, from its record (none if it has none yet).
+async fn labels_of(ds: &Meta, client: &ClientId) -> Result<BTreeSet<String>, ReadError> {
+    let key = paths::client_record(client);
+    Ok(load_json::<ClientJson>(ds, &key)
+        .await?
+        .map(|r| r.labels)
+        .unwrap_or_default())
+}
+
+impl Frontend {
+    /// Reads the client event table again (at start, and when it changed), then tells every
+    /// client connected here what it runs.
+    pub(super) fn reload_event_table(&self) {
+        let ds = self.datastore.clone();
+        self.spawn_then(
+            async move { load_table(&ds).await.map_err(|e| e.to_string()) },
+            |table| Msg::EventTable { table },
+        );
+    }
+
+    /// Tells `client` (connected here) the event artifacts it runs, once its labels are read (not
+    /// read when no entry names a label).
+    pub(super) fn send_event_table(&self, client: &ClientId) {
+        let table = self.event_table.clone();
+        let labelled = table
+            .iter()
+            .any(|a| a.label != talon_core::events::ALL_CLIENTS);
+        let (ds, client) = (self.datastore.clone(), client.clone());
+        let work = async move {
+            let labels = if labelled {
+                if let Meta::Remote(r) = &ds {
+                    // Labels change on the master: read them afresh.
+                    r.invalidate(&paths::client_record(&client));
+                }
+                labels_of(&ds, &client).await.map_err(|e| e.to_string())?
+            } else {
+                BTreeSet::new()
+            };
+            Ok::<_, String>((client, table_for(&table, &labels)))
+        };
+        let work = async move {
+            work.await
+                .inspect_err(|why| tracing::warn!(error = %why, "cannot read a client's labels; its event table is sent when it reconnects"))
+                .ok()
+        };
+        self.spawn_then(work, |told| Msg::EventTableFor { told });
+    }
+
+    /// Tells `client`, if connected here, the event artifacts a client with `labels` runs.
+    pub(super) fn send_event_table_with(&self, client: &ClientId, labels: BTreeSet<String>) {
+        if self.conns.contains_key(client) {
+            let table = table_for(&self.event_table, &labels);
+            self.push(client, server_message::Kind::EventTable(table));
+        }
+    }
+
+    /// An input about client events.
+    pub(super) fn handle_events(&mut self, msg: Msg) {
+        match msg {
+            Msg::Event { client, key, raw } => self.event_batch(client, key, raw),
+            Msg::EventStored { key, ok } => self.intake.handle_event_stored(&key, ok),
+            Msg::EventTable { table: Ok(entries) } => {
+                self.event_table = entries.iter().map(EntryJson::assignment).collect();
+                tracing::info!(
+                    entries = self.event_table.len(),
+                    "client event table loaded"
+                );
+                let clients: Vec<ClientId> = self.conns.keys().cloned().collect();
+                for c in clients {
+                    self.send_event_table(&c);
+                }
+            }
+            Msg::EventTable { table: Err(why) } => {
+                tracing::warn!(error = %why, "cannot read the client event table; trying again in 5 s");
+                let ds = self.datastore.clone();
+                self.spawn_then(
+                    async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                        load_table(&ds).await.map_err(|e| e.to_string())
+                    },
+                    |table| Msg::EventTable { table },
+                );
+            }
+            Msg::LabelsChanged { client } if self.conns.contains_key(&client) => {
+                self.send_event_table(&client);
+            }
+            Msg::EventTableFor {
+                told: Some((client, table)),
+            } => {
+                self.push(&client, server_message::Kind::EventTable(table));
+            }
+            _ => {}
+        }
+    }
+
+    /// A client's event batch: stored if its artifact is in the client event table and the node
+    /// is not storing too many; else refused (the agent resends a busy one).
+    fn event_batch(&mut self, client: ClientId, key: EventKey, raw: Bytes) {
+        let refuse = |fe: &Self, code: comms::ErrorCode, message: String| {
+            let m = comms::ServerError {
+                code: code as i32,
+                message,
+                flow_id: String::new(),
+                seq: key.seq,
+            };
+            fe.push(&client, server_message::Kind::Error(m));
+        };
+        if !self.event_table.iter().any(|a| a.artifact == key.artifact) {
+            let why = format!(
+                "event artifact {} is not in the client event table; its batch is not stored",
+                key.artifact
+            );
+            return refuse(self, comms::ErrorCode::InvalidMessage, why);
+        }
+        match self.intake.handle_event(key.clone()) {
+            Ok(()) => {
+                self.raw_events.insert(key, raw);
+            }
+            Err(busy) => refuse(self, comms::ErrorCode::Busy, busy.to_string()),
+        }
+    }
+
+    /// Stores an event batch in the write-behind buffer in the background, then reports
+    /// `EventStored`.
+    pub(super) fn store_event(&mut self, key: EventKey) {
+        let Some(raw) = self.raw_events.remove(&key) else {
+            // A resend while it was stored: the store in flight answers both.
+            self.intake.handle_event_stored(&key, false);
+            return;
+        };
+        let fs = self.filestore.clone();
+        self.spawn_then(
+            async move {
+                let ok = match fs.store(&paths::event_batch(&key), raw).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(client = %key.client, artifact = %key.artifact, error = %e, "cannot store an event batch; the client resends it");
+                        false
+                    }
+                };
+                (key, ok)
+            },
+            |(key, ok)| Msg::EventStored { key, ok },
+        );
+    }
+
+    /// Tells a client one of its event batches is stored (`settled`: on the shared volume).
+    pub(super) fn ack_event(&self, key: EventKey, settled: bool) {
+        let ack = comms::EventAck {
+            artifact: key.artifact,
+            stream: key.stream,
+            seq: key.seq,
+            settled,
+        };
+        self.push(&key.client, server_message::Kind::EventAck(ack));
+    }
+}
+
+/// What `events list` shows of an entry: without a custom artifact's compiled definition.
+pub(super) fn entry_view(e: EntryJson) -> api::ClientEventEntry {
+    api::ClientEventEntry {
+        artifact: e.artifact,
+        label: e.label,
+        params: e
+            .params
+            .into_iter()
+            .filter(|(k, _)| k != talon_core::artifacts::DEFINITION_PARAM)
+            .collect(),
+        set_by: e.set_by,
+        set_ms: e.set_ms,
+    }
+}
+
+/// Sets (or removes) an entry of the client event table through the master's core, then tells
+/// every node (its own clients, and the minions' by broadcast) to read the table again.
+pub(super) async fn set_entry(
+    node: &Node,
+    user: &str,
+    r: api::SetClientEventRequest,
+) -> Result<api::ClientEventEntry, Status> {
+    let label = if r.label.trim().is_empty() {
+        talon_core::events::ALL_CLIENTS.to_owned()
+    } else {
+        talon_core::registry::normalize_label(&r.label)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+    };
+    if !talon_core::artifacts::artifact_name_ok(&r.artifact) {
+        return Err(Status::invalid_argument(format!(
+            "{:?} is not an artifact name",
+            r.artifact.chars().take(64).collect::<String>()
+        )));
+    }
+    let key = paths::client_event(&label, &r.artifact);
+    let existing = node.datastore.get(&key).await.map_err(|e| e.status())?;
+    let whose = if label.is_empty() {
+        "every client".to_owned()
+    } else {
+        format!("label {label}")
+    };
+    let (entry, view) = if r.remove {
+        if existing.is_none() {
+            return Err(Status::not_found(format!(
+                "{} is not set for {whose} (see `talon events list`)",
+                r.artifact
+            )));
+        }
+        (
+            None,
+            EntryJson {
+                label: label.clone(),
+                artifact: r.artifact.clone(),
+                params: BTreeMap::new(),
+                set_by: user.to_owned(),
+                set_ms: node.clock.now().as_ms(),
+            },
+        )
+    } else {
+        let given = r.params.into_iter().collect();
+        let (_, params, _) =
+            super::repository::prepare(&node.datastore, &r.artifact, &given, true).await?;
+        if existing.is_none() {
+            let (keys, _) = node
+                .datastore
+                .list(paths::CLIENT_EVENTS)
+                .await
+                .map_err(|e| e.status())?;
+            if keys.len() >= talon_core::events::TABLE_ENTRIES_MAX {
+                return Err(Status::resource_exhausted(format!(
+                    "the client event table holds {} entries, its bound; unset one first",
+                    talon_core::events::TABLE_ENTRIES_MAX
+                )));
+            }
+        }
+        let e = EntryJson {
+            label: label.clone(),
+            artifact: r.artifact.clone(),
+            params,
+            set_by: user.to_owned(),
+            set_ms: node.clock.now().as_ms(),
+        };
+        let json = serde_json::to_string(&e).map_err(|e| Status::internal(e.to_string()))?;
+        (Some(json), e)
+    };
+    let detail = entry_view(view.clone())
+        .params
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let req = CoreRequest::SetClientEvent {
+        label,
+        artifact: r.artifact.clone(),
+        entry,
+        detail,
+    };
+    match node.request(user, req).await? {
+        Answer::ClientEventSet => {
+            tracing::info!(artifact = %r.artifact, whose = %whose, remove = r.remove, %user, "client event table changed");
+            node.datastore_changed(key, 0).await;
+            Ok(entry_view(view))
+        }
+        a => Err(Status::internal(format!("unexpected answer {a:?}"))),
+    }
+}
+
+/// A stream of stored event batches.
+pub(super) type EventPages = tokio_stream::wrappers::ReceiverStream<Result<api::EventPage, Status>>;
+
+/// Days one `GetEvents` may span.
+pub const EVENT_DAYS_MAX: u64 = 366;
+/// How often a followed day is read again for new batches.
+pub const FOLLOW_POLL_MS: u64 = 1000;
+
+/// The UTC days from `since` to `until` (inclusive), oldest first.
+fn days(since: Timestamp, until: Timestamp) -> Vec<String> {
+    const DAY_MS: u64 = 86_400_000;
+    let (first, last) = (since.as_ms() / DAY_MS, until.as_ms() / DAY_MS);
+    (first..=last)
+        .map(|d| Timestamp(d * DAY_MS).utc_day())
+        .collect()
+}
+
+/// A client's stored batches of an event artifact between two times, streamed (`GetEvents`).
+pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventPages, Status> {
+    let client =
+        ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if !talon_core::artifacts::artifact_name_ok(&r.artifact) {
+        return Err(Status::invalid_argument(format!(
+            "{:?} is not an artifact name",
+            r.artifact.chars().take(64).collect::<String>()
+        )));
+    }
+    let now = node.clock.now();
+    let until = if r.until_ms == 0 {
+        now
+    } else {
+        Timestamp(r.until_ms)
+    };
+    let since = if r.since_ms == 0 {
+        Timestamp(now.as_ms() - now.as_ms() % 86_400_000)
+    } else {
+        Timestamp(r.since_ms)
+    };
+    if since > until {
+        return Err(Status::invalid_argument("--since is after --until"));
+    }
+    let all = days(since, until);
+    if all.len() as u64 > EVENT_DAYS_MAX {
+        return Err(Status::invalid_argument(format!(
+            "{} days asked for; at most {EVENT_DAYS_MAX} at once",
+            all.len()
+        )));
+    }
+    let (tx, rx) = mpsc::channel(16);
+    let (volume, clock) = (node.filestore.volume().clone(), node.clock.clone());
+    let follow = r.follow && r.until_ms == 0;
+    tokio::spawn(async move {
+        let (artifact, client_id) = (r.artifact, client.to_string());
+        let page = |value: Bytes| -> Option<api::EventPage> {
+            let b = comms::EventBatch::decode(value).ok()?;
+            let t = Timestamp(b.time_unix_ms);
+            (follow || (t >= since && t <= until)).then(|| api::EventPage {
+                client_id: client_id.clone(),
+                artifact: artifact.clone(),
+                stream: b.stream,
+                seq: b.seq,
+                time_ms: b.time_unix_ms,
+                rows: b.rows,
+                dropped: b.dropped,
+            })
+        };
+        let mut readers: Vec<(String, crate::storage::events::DayReader)> = all
+            .iter()
+            .map(|d| {
+                let dir = paths::events_day(&client, &artifact, d);
+                (d.clone(), crate::storage::events::DayReader::new(&dir))
+            })
+            .collect();
+        loop {
+            for (_, reader) in &mut readers {
+                let mut pages = Vec::new();
+                let r = reader
+                    .read_new(&volume, &mut |(_, v)| {
+                        if let Some(p) = page(v) {
+                            pages.push(p);
+                        }
+                        true
+                    })
+                    .await;
+                for p in pages {
+                    if tx.send(Ok(p)).await.is_err() {
+                        return;
+                    }
+                }
+                if let Err(e) = r {
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "cannot read the stored events: {e}"
+                        ))))
+                        .await;
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(FOLLOW_POLL_MS)) => {}
+            }
+            // Following: today's day, once it begins, is read too; days before it are done.
+            let today = clock.now().utc_day();
+            if readers.last().is_some_and(|(d, _)| *d != today) {
+                let dir = paths::events_day(&client, &artifact, &today);
+                readers = vec![(today, crate::storage::events::DayReader::new(&dir))];
+            }
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
