@@ -93,6 +93,16 @@ pub enum OutboxAction<P, S> {
         /// What `push` was given with it.
         stamp: S,
     },
+    /// Message `seq` is settled (on the shared volume) and forgotten: `stamp` is what `push` was
+    /// given with it.
+    Settled {
+        /// The flow.
+        flow: String,
+        /// Its number.
+        seq: u64,
+        /// What `push` was given with it.
+        stamp: S,
+    },
     /// The flow's final status was acknowledged: the flow is over.
     Ended {
         /// The flow.
@@ -278,12 +288,22 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
                     stamp: k.stamp,
                 });
             }
-            if !settled {
+            if settled {
+                self.actions.push_back(OutboxAction::Settled {
+                    flow: flow.to_owned(),
+                    seq,
+                    stamp: k.stamp,
+                });
+            } else {
                 k.sent = now;
                 f.unsettled.insert(seq, k);
             }
-        } else if settled {
-            f.unsettled.remove(&seq);
+        } else if settled && let Some(k) = f.unsettled.remove(&seq) {
+            self.actions.push_back(OutboxAction::Settled {
+                flow: flow.to_owned(),
+                seq,
+                stamp: k.stamp,
+            });
         }
         if f.final_seq == Some(seq) {
             // Acknowledged only once the whole flow is stored and its completion recorded.

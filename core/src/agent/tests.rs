@@ -106,12 +106,17 @@ fn the_final_status_is_never_refused_and_its_ack_ends_the_flow() {
     o.handle_ack(t, "F.1", 0, true);
     o.handle_ack(t, "F.1", 1, true);
     assert_eq!(
-        drain(&mut o)[1..],
+        drain(&mut o)[2..],
         [
             OutboxAction::FirstAck {
                 flow: "F.1".into(),
                 seq: 1,
                 is_final: true,
+                stamp: 1
+            },
+            OutboxAction::Settled {
+                flow: "F.1".into(),
+                seq: 1,
                 stamp: 1
             },
             OutboxAction::Ended { flow: "F.1".into() }
@@ -149,4 +154,32 @@ fn running_flows_are_bounded_and_a_refused_task_is_taken_once_one_ends() {
     drain(&mut o);
     assert_eq!(o.running_flows().count(), 2);
     assert_eq!(o.begin("F.4"), Begin::Started);
+}
+
+/// A message is reported settled once, with its stamp: when a settled acknowledgement follows an
+/// unsettled one, or comes first; a repeated settled acknowledgement reports nothing.
+#[test]
+fn settling_is_reported_once_with_the_stamp() {
+    let t = Monotonic(0);
+    let mut o: Ob = FlowOutbox::new(lim());
+    o.begin("F.1");
+    o.handle_connected(t, 4);
+    o.push(t, "F.1", "a", false, 10).unwrap();
+    o.push(t, "F.1", "b", false, 11).unwrap();
+    drain(&mut o);
+    o.handle_ack(t, "F.1", 0, false);
+    o.handle_ack(t, "F.1", 1, true);
+    o.handle_ack(t, "F.1", 0, true);
+    o.handle_ack(t, "F.1", 0, true);
+    let settled: Vec<(u64, u32)> = drain(&mut o)
+        .into_iter()
+        .filter_map(|a| match a {
+            OutboxAction::Settled { seq, stamp, .. } => Some((seq, stamp)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(settled, [(1, 11), (0, 10)]);
+    assert_eq!(o.kept("F.1"), 0);
+    assert_eq!(o.abandon("F.1"), 0);
+    assert_eq!(o.running_flows().count(), 0);
 }

@@ -498,7 +498,7 @@ impl World {
         while let Some(a) = self.agent.poll_action() {
             match a {
                 OutboxAction::Send { seq, payload, .. } => self.wire.push((seq, payload)),
-                OutboxAction::FirstAck { .. } => {}
+                OutboxAction::FirstAck { .. } | OutboxAction::Settled { .. } => {}
                 OutboxAction::Ended { .. } => self.ended = true,
             }
         }

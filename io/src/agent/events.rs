@@ -39,10 +39,14 @@ struct Runner {
     stop: watch::Sender<bool>,
 }
 
+/// What a batch's entry in the outbox carries: when its oldest event was made (ms since the
+/// epoch) and how many events it holds.
+type Stamp = (u64, u32);
+
 struct State {
-    outbox: FlowOutbox<comms::EventBatch, ()>,
+    outbox: FlowOutbox<comms::EventBatch, Stamp>,
     /// Batches waiting for room in the outbox, per stream (its outbox flow).
-    pending: BTreeMap<String, VecDeque<comms::EventBatch>>,
+    pending: BTreeMap<String, VecDeque<(comms::EventBatch, Stamp)>>,
     pending_bytes: usize,
     session: Option<mpsc::Sender<comms::ClientMessage>>,
     runners: BTreeMap<String, Runner>,
@@ -55,6 +59,9 @@ pub struct Events {
     state: Arc<Mutex<State>>,
     /// What this agent's streams dropped, in total (for tests and the log).
     dropped: Arc<AtomicU64>,
+    /// Where the load generator's figures go.
+    times: Option<Arc<super::ServiceTimes>>,
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl Default for Events {
@@ -73,6 +80,8 @@ impl Default for Events {
                 next_stream: 0,
             })),
             dropped: Arc::default(),
+            times: None,
+            clock: None,
         }
     }
 }
@@ -93,6 +102,16 @@ fn flow_of(artifact: &str, stream: u64) -> String {
 }
 
 impl Events {
+    /// Events recording their latency (oldest event made → batch settled) and the events
+    /// waiting into `times` (the load generator's figures).
+    pub fn recording(times: Arc<super::ServiceTimes>) -> Events {
+        Events {
+            times: Some(times),
+            clock: Some(Arc::new(crate::clock::SystemClock)),
+            ..Events::default()
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -114,25 +133,27 @@ impl Events {
     }
 
     /// Moves waiting batches into the outbox while it has room; answers what to send.
-    fn pump(s: &mut State, now: talon_core::Monotonic) -> Vec<comms::EventBatch> {
+    fn pump(&self, s: &mut State, now: talon_core::Monotonic) -> Vec<comms::EventBatch> {
         let State {
             outbox,
             pending,
             pending_bytes,
             ..
         } = s;
+        let mut gone = 0i64;
         for (flow, queue) in pending.iter_mut() {
-            while let Some(b) = queue.front() {
-                match outbox.push(now, flow, b.clone(), false, ()) {
+            while let Some((b, stamp)) = queue.front() {
+                match outbox.push(now, flow, b.clone(), false, *stamp) {
                     Ok(_) => {
-                        let b = queue.pop_front().expect("a front");
+                        let (b, _) = queue.pop_front().expect("a front");
                         *pending_bytes -= batch_bytes(&b);
                     }
                     Err(PushError::Full { .. }) => break,
                     Err(PushError::NotRunning) => {
                         // The stream was abandoned: its waiting batches go with it.
-                        for b in queue.drain(..) {
+                        for (b, stamp) in queue.drain(..) {
                             *pending_bytes -= batch_bytes(&b);
+                            gone += i64::from(stamp.1);
                         }
                     }
                 }
@@ -141,13 +162,28 @@ impl Events {
         pending.retain(|_, q| !q.is_empty());
         let mut out = Vec::new();
         while let Some(a) = s.outbox.poll_action() {
-            if let OutboxAction::Send {
-                seq, mut payload, ..
-            } = a
-            {
-                payload.seq = seq;
-                out.push(payload);
+            match a {
+                OutboxAction::Send {
+                    seq, mut payload, ..
+                } => {
+                    payload.seq = seq;
+                    out.push(payload);
+                }
+                OutboxAction::Settled {
+                    stamp: (made_ms, rows),
+                    ..
+                } => {
+                    gone += i64::from(rows);
+                    if let (Some(t), Some(c)) = (&self.times, &self.clock) {
+                        let ms = c.now().as_ms().saturating_sub(made_ms);
+                        t.record_events(u64::from(rows), ms.saturating_mul(1000));
+                    }
+                }
+                OutboxAction::FirstAck { .. } | OutboxAction::Ended { .. } => {}
             }
+        }
+        if let Some(t) = &self.times {
+            t.events_waiting(-gone);
         }
         out
     }
@@ -177,7 +213,7 @@ impl Events {
             let mut s = self.lock();
             s.session = Some(tx.clone());
             s.outbox.handle_connected(now, max_in_flight);
-            Self::pump(&mut s, now)
+            self.pump(&mut s, now)
         };
         Self::send(Some(tx), out).await;
     }
@@ -195,7 +231,7 @@ impl Events {
             let mut s = self.lock();
             s.outbox
                 .handle_ack(now, &flow_of(&a.artifact, a.stream), a.seq, a.settled);
-            (Self::pump(&mut s, now), s.session.clone())
+            (self.pump(&mut s, now), s.session.clone())
         };
         Self::send(session, out).await;
     }
@@ -205,7 +241,7 @@ impl Events {
         let (out, session) = {
             let mut s = self.lock();
             s.outbox.handle_timeout(now);
-            (Self::pump(&mut s, now), s.session.clone())
+            (self.pump(&mut s, now), s.session.clone())
         };
         Self::send(session, out).await;
     }
@@ -216,27 +252,35 @@ impl Events {
         &self,
         flow: &str,
         batch: comms::EventBatch,
+        made_ms: u64,
         dropped: &AtomicU64,
         now: talon_core::Monotonic,
     ) {
         let (out, session) = {
             let mut s = self.lock();
             let size = batch_bytes(&batch);
+            let n = batch.rows.len() as u64;
             if s.pending_bytes + size > BUFFER_BYTES_MAX {
-                let n = batch.rows.len() as u64;
                 let before = dropped.fetch_add(n, Ordering::Relaxed);
                 self.dropped.fetch_add(n, Ordering::Relaxed);
+                if let Some(t) = &self.times {
+                    t.events_dropped(n);
+                }
                 if before == 0 || (before + n) / 10_000 > before / 10_000 {
                     tracing::warn!(stream = %flow, dropped = before + n, max_bytes = BUFFER_BYTES_MAX, "the event buffer is full; events are dropped (counted in the stream's batches)");
                 }
                 return;
             }
             s.pending_bytes += size;
+            if let Some(t) = &self.times {
+                t.events_waiting(n as i64);
+            }
+            let stamp = (made_ms, u32::try_from(n).unwrap_or(u32::MAX));
             s.pending
                 .entry(flow.to_owned())
                 .or_default()
-                .push_back(batch);
-            (Self::pump(&mut s, now), s.session.clone())
+                .push_back((batch, stamp));
+            (self.pump(&mut s, now), s.session.clone())
         };
         Self::send(session, out).await;
     }
@@ -267,7 +311,7 @@ impl Events {
                 let _ = r.stop.send(true);
                 let kept = s.outbox.abandon(&r.flow);
                 let waiting = s.pending.remove(&r.flow).unwrap_or_default();
-                for b in &waiting {
+                for (b, _) in &waiting {
                     s.pending_bytes -= batch_bytes(b);
                 }
                 tracing::info!(artifact = %name, unsent = kept + waiting.len(), "event artifact stopped");
@@ -350,6 +394,8 @@ enum Source {
         rate: u64,
         payload: String,
         started: talon_core::Monotonic,
+        /// `started` on the wall clock: event `n` is due `n / rate` seconds after it.
+        started_wall: talon_core::Timestamp,
         made: u64,
     },
     /// `process_events`: pids seen at the last scan (none before the first).
@@ -357,31 +403,39 @@ enum Source {
 }
 
 impl Source {
-    fn new(table: &str, params: &BTreeMap<String, String>, now: talon_core::Monotonic) -> Source {
+    fn new(
+        table: &str,
+        params: &BTreeMap<String, String>,
+        now: talon_core::Monotonic,
+        wall: talon_core::Timestamp,
+    ) -> Source {
         let int = |k: &str, d: u64| params.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
         match table {
             "talon_test_events" => Source::Test {
                 rate: int("rate", 10),
                 payload: "x".repeat(int("payload_bytes", 0).min(64 << 10) as usize),
                 started: now,
+                started_wall: wall,
                 made: 0,
             },
             _ => Source::Processes { seen: None },
         }
     }
 
-    /// What happened since the last poll, as rows of the event table.
+    /// What happened since the last poll, as rows of the event table, and when the oldest of
+    /// them happened (ms since the epoch).
     fn poll(
         &mut self,
         now: talon_core::Monotonic,
         wall: talon_core::Timestamp,
         host: &Host,
-    ) -> Result<Vec<Vec<Value>>, String> {
+    ) -> Result<(Vec<Vec<Value>>, u64), String> {
         match self {
             Source::Test {
                 rate,
                 payload,
                 started,
+                started_wall,
                 made,
             } => {
                 let due = now.since_ms(*started).saturating_mul(*rate) / 1000;
@@ -389,23 +443,28 @@ impl Source {
                 let n = due
                     .saturating_sub(*made)
                     .min(rate.saturating_mul(10).max(1));
+                // Each event is stamped with when it was due, not when the poll found it.
+                let due_ms =
+                    |k: u64| started_wall.as_ms() + k.saturating_mul(1000) / (*rate).max(1);
                 let rows = (0..n)
                     .map(|i| {
+                        let t = due_ms(*made + i);
                         vec![
-                            Value::from(wall.as_ms() / 1000),
-                            Value::from(wall.as_ms()),
+                            Value::from(t / 1000),
+                            Value::from(t),
                             Value::from(*made + i),
                             Value::from(payload.as_str()),
                         ]
                     })
                     .collect();
+                let oldest = due_ms(*made);
                 *made += n;
-                Ok(rows)
+                Ok((rows, oldest))
             }
             Source::Processes { seen } => {
                 if matches!(host, Host::Virtual { .. }) {
                     // A virtual agent has no processes of its own.
-                    return Ok(Vec::new());
+                    return Ok((Vec::new(), wall.as_ms()));
                 }
                 let now_pids = crate::query::linux::pids().map_err(|e| e.0)?;
                 let new: Vec<i32> = match seen {
@@ -414,9 +473,11 @@ impl Source {
                 };
                 *seen = Some(now_pids);
                 if new.is_empty() {
-                    return Ok(Vec::new());
+                    return Ok((Vec::new(), wall.as_ms()));
                 }
-                crate::query::linux::process_event_rows(&new).map_err(|e| e.0)
+                // Found now; started within the last poll.
+                let rows = crate::query::linux::process_event_rows(&new).map_err(|e| e.0)?;
+                Ok((rows, wall.as_ms()))
             }
         }
     }
@@ -443,18 +504,20 @@ impl Run {
     async fn run(mut self, mut stopped: watch::Receiver<bool>) {
         let dropped = AtomicU64::new(0);
         let out = &self.out;
-        let mut source = Source::new(self.query.table(), &self.params, out.clock.monotonic());
-        let poll = Duration::from_millis(match source {
-            Source::Test { .. } => POLL_MS / 5,
-            Source::Processes { .. } => POLL_MS,
-        });
+        let mut source = Source::new(
+            self.query.table(),
+            &self.params,
+            out.clock.monotonic(),
+            out.clock.now(),
+        );
+        let poll = Duration::from_millis(POLL_MS);
         loop {
             tokio::select! {
                 _ = stopped.changed() => return,
                 _ = tokio::time::sleep(poll) => {}
             }
             let (now, wall) = (out.clock.monotonic(), out.clock.now());
-            let rows = match source.poll(now, wall, &self.host) {
+            let (rows, made_ms) = match source.poll(now, wall, &self.host) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(artifact = %out.artifact, error = %e, "an event source failed; trying again");
@@ -483,7 +546,7 @@ impl Run {
                 if !batch.is_empty()
                     && (batch.len() >= BATCH_ROWS_MAX || bytes + row.len() > BATCH_BYTES_MAX)
                 {
-                    out.offer(std::mem::take(&mut batch), &day, wall, &dropped)
+                    out.offer(std::mem::take(&mut batch), &day, wall, made_ms, &dropped)
                         .await;
                     bytes = 0;
                 }
@@ -491,7 +554,7 @@ impl Run {
                 batch.push(bytes::Bytes::from(row));
             }
             if !batch.is_empty() {
-                out.offer(batch, &day, wall, &dropped).await;
+                out.offer(batch, &day, wall, made_ms, &dropped).await;
             }
         }
     }
@@ -503,6 +566,7 @@ impl Outlet {
         rows: Vec<bytes::Bytes>,
         day: &str,
         wall: talon_core::Timestamp,
+        made_ms: u64,
         dropped: &AtomicU64,
     ) {
         let batch = comms::EventBatch {
@@ -515,7 +579,7 @@ impl Outlet {
             dropped: dropped.load(Ordering::Relaxed),
         };
         self.events
-            .offer(&self.flow, batch, dropped, self.clock.monotonic())
+            .offer(&self.flow, batch, made_ms, dropped, self.clock.monotonic())
             .await;
     }
 }

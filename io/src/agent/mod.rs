@@ -118,12 +118,19 @@ impl Default for OutboxState {
 pub struct ServiceTimes {
     inner: Mutex<ServiceTimesInner>,
     connected: std::sync::atomic::AtomicUsize,
+    /// Events made and not yet settled (in the agents' buffers and outboxes).
+    events_waiting: std::sync::atomic::AtomicI64,
+    /// Events dropped at the agents' buffer bound.
+    events_dropped: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct ServiceTimesInner {
     data: talon_core::histogram::Histogram,
     finals: talon_core::histogram::Histogram,
+    /// Events: from the oldest event of a batch being made to the batch settled (µs).
+    events: talon_core::histogram::Histogram,
+    events_settled: u64,
 }
 
 /// Counts one connected agent while alive.
@@ -155,6 +162,25 @@ impl ServiceTimes {
         }
     }
 
+    /// An event batch of `rows` events settled, `micros` after its oldest event was made.
+    pub(crate) fn record_events(&self, rows: u64, micros: u64) {
+        let mut s = self.inner.lock().expect("service times lock poisoned");
+        s.events.record(micros);
+        s.events_settled += rows;
+    }
+
+    /// Events made (positive) or settled or dropped (negative) since the last call.
+    pub(crate) fn events_waiting(&self, delta: i64) {
+        self.events_waiting
+            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Events dropped at an agent's buffer bound.
+    pub(crate) fn events_dropped(&self, n: u64) {
+        self.events_dropped
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Data messages (rows, chunks, logs), and final statuses (acknowledged only once the flow is
     /// complete, so theirs is the completion latency).
     pub fn snapshot(
@@ -180,7 +206,27 @@ impl ServiceTimes {
         };
         let (data, finals) = self.snapshot();
         let connected = self.connected.load(std::sync::atomic::Ordering::Relaxed);
-        serde_json::json!({ "connected": connected, "data": one(&data), "finals": one(&finals) })
+        let (events, settled) = {
+            let s = self.inner.lock().expect("service times lock poisoned");
+            (s.events.clone(), s.events_settled)
+        };
+        let mut ev = one(&events);
+        ev["batches"] = ev["count"].take();
+        ev["settled"] = settled.into();
+        ev["waiting"] = self
+            .events_waiting
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .into();
+        ev["dropped"] = self
+            .events_dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .into();
+        serde_json::json!({
+            "connected": connected,
+            "data": one(&data),
+            "finals": one(&finals),
+            "events": ev,
+        })
     }
 }
 
@@ -230,6 +276,7 @@ impl Outbox {
     /// An outbox that records service times into `times` (the load generator's measurements).
     pub fn recording(times: Arc<ServiceTimes>) -> Outbox {
         Outbox {
+            events: events::Events::recording(times.clone()),
             times: Some(times),
             ..Outbox::default()
         }
@@ -268,6 +315,7 @@ impl Outbox {
                     }
                 }
                 OutboxAction::Ended { flow } => tracing::debug!(%flow, "flow acknowledged whole"),
+                OutboxAction::Settled { .. } => {}
             }
         }
         out

@@ -28,6 +28,11 @@ pub enum Scenario {
     /// SQL over the endpoint tables on this machine, as an agent runs a `Generic.Query` task (a
     /// fresh engine each run): milliseconds per query, p50 and max of `--clients` runs each.
     Query,
+    /// Client events: N clients each running `Generic.Events.Test rate=--rate` into one frontend
+    /// for `--seconds`, with the shared volume at 0 ms and at `--latency-ms` per operation: events
+    /// per second stored, latency from an event made to its batch settled on the volume, memory
+    /// and backlog over time.
+    Events,
 }
 
 impl Scenario {
@@ -39,13 +44,14 @@ impl Scenario {
             Scenario::StorageLatency => "storage-latency",
             Scenario::Replication => "replication",
             Scenario::Query => "query",
+            Scenario::Events => "events",
         }
     }
 
     /// Clients when `--clients` is not given.
     pub fn default_clients(self) -> usize {
         match self {
-            Scenario::Connections | Scenario::Hunt => 10_000,
+            Scenario::Connections | Scenario::Hunt | Scenario::Events => 10_000,
             Scenario::StorageLatency | Scenario::Replication => 1_000,
             Scenario::Query => 50,
         }
@@ -78,6 +84,11 @@ pub struct BenchOptions {
     /// `connections`, `hunt`: minions beside the master, each frontend holding an equal share of
     /// the clients (each share in its own load-generator process).
     pub minions: usize,
+    /// `events`: events each client makes per second.
+    pub rate: u64,
+    /// `events`: how long each run is measured (seconds, after the clients connected and a
+    /// warm-up).
+    pub seconds: u64,
 }
 
 /// A child process killed when dropped.
@@ -250,6 +261,7 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
             Scenario::Connections | Scenario::Hunt => connections_and_hunt(o, &dir, &env).await,
             Scenario::StorageLatency => storage_latency(o, &dir, &env).await,
             Scenario::Replication => replication(o, &dir, &env).await,
+            Scenario::Events => events_bench(o, &dir, &env).await,
             Scenario::Query => unreachable!("answered before any deployment"),
         },
         Err(e) => Err(e),
@@ -805,6 +817,149 @@ async fn storage_run(
         "results_s": round3(results_s),
         "stop_s": round3(stop_s),
         "restart_api_s": round3(restart_api_s),
+    }))
+}
+
+/// The `events` scenario: a run with the shared volume at 0 ms, then one at `--latency-ms`.
+async fn events_bench(
+    o: &BenchOptions,
+    dir: &Path,
+    env: &Env,
+) -> Result<serde_json::Value, String> {
+    if o.rate == 0 || o.seconds == 0 {
+        return Err("--rate and --seconds must be at least 1".into());
+    }
+    let mut out = serde_json::json!({
+        "scenario": o.scenario.name(),
+        "clients": o.clients,
+        "rate_per_client": o.rate,
+        "offered_events_per_s": o.clients as u64 * o.rate,
+        "seconds": o.seconds,
+        "latency_ms": o.latency_ms,
+    });
+    let mut base = 0.0;
+    for latency in [0, o.latency_ms] {
+        let sfx = format!("{latency}ms");
+        let v = events_run(o, &dir.join(&sfx), latency, env).await?;
+        let thr = v["events_per_s"].as_f64().unwrap_or(0.0);
+        if latency == 0 {
+            base = thr;
+        } else {
+            out["throughput_ratio"] = if base > 0.0 { round3(thr / base) } else { 0.0 }.into();
+        }
+        for k in ["events_per_s", "p50_ms", "p99_ms", "dropped"] {
+            out[format!("{k}_{sfx}")] = v[k].clone();
+        }
+        out[format!("frontend_rss_mib_max_{sfx}")] = v["frontend_rss_mib_max"].clone();
+        out[format!("run_{sfx}")] = v;
+        if o.latency_ms == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// One deployment of [`events_bench`]: the master, the event table set, `--clients` virtual
+/// clients; sampled every 5 s for `--seconds` after a 10 s warm-up.
+async fn events_run(
+    o: &BenchOptions,
+    sub: &Path,
+    latency: u64,
+    env: &Env,
+) -> Result<serde_json::Value, String> {
+    let n = o.clients;
+    let setup = Setup::new(sub, n, env, |c| {
+        c.datastore.volume_latency_ms = latency;
+        c.validate()
+    })?;
+    let what = format!("volume at {latency} ms");
+    let mut master = setup.start_master()?;
+    let mut api = wait_for_api(&setup.api_cfg, &mut master, 60.0, env).await?;
+    let rss0 = master.rss_bytes()?;
+    progress(&format!("{what}: master up; starting {n} clients"));
+    let stats = sub.join("service-times.json");
+    let mut pool = setup.start_pool(o, n, Some(&stats))?;
+    wait_connected(
+        &mut api,
+        n,
+        &mut [&mut master, &mut pool],
+        &Watch::start(env),
+    )
+    .await?;
+    // Set once every client is connected: the connected clients are told at once (what is
+    // measured is the steady stream, not connections competing with it for the cores).
+    api.set_client_event(talon_proto::api::SetClientEventRequest {
+        artifact: "Generic.Events.Test".into(),
+        label: String::new(),
+        params: [("rate".to_owned(), o.rate.to_string())]
+            .into_iter()
+            .collect(),
+        remove: false,
+    })
+    .await?;
+    progress(&format!(
+        "{what}: Generic.Events.Test rate={} set for every client",
+        o.rate
+    ));
+    let read = |pool: &mut Child| -> Result<serde_json::Value, String> {
+        pool.check_alive()?;
+        let b = std::fs::read(&stats).map_err(|e| format!("{}: {e}", stats.display()))?;
+        serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", stats.display()))
+    };
+    progress(&format!("{what}: warming up for 10 s"));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let watch = Watch::start(env);
+    let first = read(&mut pool)?;
+    let settled0 = first["events"]["settled"].as_u64().unwrap_or(0);
+    let (cpu_master0, cpu_pool0) = (master.cpu_seconds()?, pool.cpu_seconds()?);
+    let mut samples = Vec::new();
+    let mut last = first;
+    let mib = |b: u64| round3(b as f64 / (1 << 20) as f64);
+    while watch.secs() < o.seconds as f64 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        master.check_alive()?;
+        last = read(&mut pool)?;
+        let t = watch.secs();
+        let settled = last["events"]["settled"].as_u64().unwrap_or(0) - settled0;
+        let sample = serde_json::json!({
+            "t_s": round3(t),
+            "events_per_s": round3(settled as f64 / t),
+            "waiting": last["events"]["waiting"],
+            "dropped": last["events"]["dropped"],
+            "frontend_rss_mib": mib(master.rss_bytes()?),
+            "pool_rss_mib": mib(pool.rss_bytes()?),
+            "frontend_cpu": round3((master.cpu_seconds()? - cpu_master0) / t),
+            "pool_cpu": round3((pool.cpu_seconds()? - cpu_pool0) / t),
+        });
+        progress(&format!(
+            "{what}: {t:.0} s: {} events/s, {} waiting on the agents, frontend {} MiB, CPU \
+             frontend {} pool {} (cores)",
+            sample["events_per_s"],
+            sample["waiting"],
+            sample["frontend_rss_mib"],
+            sample["frontend_cpu"],
+            sample["pool_cpu"]
+        ));
+        samples.push(sample);
+    }
+    let t = watch.secs();
+    let settled = last["events"]["settled"].as_u64().unwrap_or(0) - settled0;
+    let rss_max = samples
+        .iter()
+        .filter_map(|s| s["frontend_rss_mib"].as_f64())
+        .fold(0.0, f64::max);
+    drop(pool);
+    master.terminate(Duration::from_secs(600), env).await?;
+    Ok(serde_json::json!({
+        "events_per_s": round3(settled as f64 / t),
+        "events_settled": settled,
+        "p50_ms": last["events"]["p50_ms"],
+        "p99_ms": last["events"]["p99_ms"],
+        "max_ms": last["events"]["max_ms"],
+        "dropped": last["events"]["dropped"],
+        "frontend_rss_mib_before_clients": mib(rss0),
+        "frontend_rss_mib_max": rss_max,
+        "samples": samples,
     }))
 }
 

@@ -150,6 +150,12 @@ pub enum Command {
         /// Clients started per second (0: all at once).
         #[arg(long, default_value_t = 2000.0)]
         start_rate: f64,
+        /// events: events each client makes per second.
+        #[arg(long, default_value_t = 10)]
+        rate: u64,
+        /// events: seconds each run is measured (after a 10 s warm-up).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
         /// Where the clients' keys are cached between runs (default: ~/.cache/talon/bench-keys).
         #[arg(long, value_name = "DIR")]
         keys: Option<PathBuf>,
@@ -964,6 +970,8 @@ async fn run_async(
             volume,
             minions,
             start_rate,
+            rate,
+            seconds,
             keys,
             json,
         } => {
@@ -979,6 +987,8 @@ async fn run_async(
                 outage_s,
                 volume,
                 minions,
+                rate,
+                seconds,
             };
             let v = crate::cli::bench::run(&o).await?;
             Ok(if json {

@@ -621,10 +621,28 @@ pub fn run_artifact(
     Ok(())
 }
 
-/// An event artifact as the agent runs it (docs/events.md): one engine, its parameters bound, its
-/// one query run over each batch of its event table.
+/// Idle engines kept per host for event queries ([`EventQuery`]); one more returned is dropped.
+pub const EVENT_ENGINES_IDLE_MAX: usize = 8;
+
+/// Engines event queries borrow for one batch, by the host they read (`None` key: this machine;
+/// else a virtual agents' pool, by its shared cache). One engine per running event artifact would
+/// be one SQLite connection each — a pool of 10,000 virtual agents would hold 10,000, beyond
+/// SQLite's heap bound ([`HEAP_BYTES_MAX`]) — while only as many run at once as there are threads.
+type EnginePool = Mutex<BTreeMap<Option<usize>, Vec<Engine>>>;
+
+fn event_engines() -> &'static EnginePool {
+    static POOL: std::sync::OnceLock<EnginePool> = std::sync::OnceLock::new();
+    POOL.get_or_init(Mutex::default)
+}
+
+/// An event artifact as the agent runs it (docs/events.md): its one query, its parameters bound,
+/// run over each batch of its event table with an engine borrowed for that batch (one of its own
+/// when the query shows the host's name, which differs between virtual agents).
 pub struct EventQuery {
-    engine: Engine,
+    host: Host,
+    /// Where its engines come from: `Some(key)` the shared pool, `None` its own.
+    pooled: Option<Option<usize>>,
+    own: Option<Engine>,
     table: &'static str,
     sql: String,
     binds: Bindings,
@@ -644,23 +662,66 @@ impl EventQuery {
                 spec.name
             ));
         };
-        let engine = Engine::for_host(host).map_err(|e| e.to_string())?;
-        let checked = engine
-            .check(&source.query)
-            .map_err(|e| format!("query failed: {e}"))?;
-        let table = checked
+        let key = match &host {
+            Host::Real => None,
+            Host::Virtual { cache, .. } => Some(Arc::as_ptr(cache) as usize),
+        };
+        let mut q = EventQuery {
+            host,
+            pooled: Some(key),
+            own: None,
+            table: "",
+            sql: source.query.clone(),
+            binds: bindings(spec, params),
+            json_columns: spec.json_columns.clone(),
+        };
+        let engine = q.engine()?;
+        let checked = engine.check(&source.query);
+        let shows_host = checked.as_ref().is_ok_and(|c| {
+            c.tables
+                .iter()
+                .any(|t| cache::HOSTNAME_COLUMNS.iter().any(|(h, _)| h == t))
+        });
+        if shows_host && key.is_some() {
+            q.pooled = None;
+            q.own = Some(engine);
+        } else {
+            q.give_back(engine);
+        }
+        let checked = checked.map_err(|e| format!("query failed: {e}"))?;
+        q.table = checked
             .tables
             .iter()
             .copied()
             .find(|t| is_event_table(t))
             .ok_or_else(|| format!("{}'s query reads no event table", spec.name))?;
-        Ok(EventQuery {
-            engine,
-            table,
-            sql: source.query.clone(),
-            binds: bindings(spec, params),
-            json_columns: spec.json_columns.clone(),
-        })
+        Ok(q)
+    }
+
+    fn engine(&mut self) -> Result<Engine, String> {
+        if let Some(e) = self.own.take() {
+            return Ok(e);
+        }
+        let idle = self.pooled.and_then(|key| {
+            let mut pool = event_engines().lock().unwrap_or_else(|p| p.into_inner());
+            pool.get_mut(&key).and_then(Vec::pop)
+        });
+        match idle {
+            Some(e) => Ok(e),
+            None => Engine::for_host(self.host.clone()).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn give_back(&mut self, engine: Engine) {
+        let Some(key) = self.pooled else {
+            self.own = Some(engine);
+            return;
+        };
+        let mut pool = event_engines().lock().unwrap_or_else(|p| p.into_inner());
+        let idle = pool.entry(key).or_default();
+        if idle.len() < EVENT_ENGINES_IDLE_MAX {
+            idle.push(engine);
+        }
     }
 
     /// The event table it reads.
@@ -675,10 +736,11 @@ impl EventQuery {
         batch: Vec<Vec<table::Value>>,
         expired: impl FnMut() -> bool + Send + 'static,
     ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, String> {
-        self.engine.set_batch(self.table, batch);
+        let mut engine = self.engine()?;
+        engine.set_batch(self.table, batch);
         let mut out = Vec::new();
         let json_columns = &self.json_columns;
-        let r = self.engine.run(
+        let r = engine.run(
             &self.sql,
             &self.binds,
             Limits::default(),
@@ -696,7 +758,8 @@ impl EventQuery {
                 Ok(())
             },
         );
-        self.engine.set_batch(self.table, Vec::new());
+        engine.set_batch(self.table, Vec::new());
+        self.give_back(engine);
         r.map_err(|e| format!("query failed: {e}"))?;
         Ok(out)
     }

@@ -1177,3 +1177,51 @@ fn process_event_rows_describe_the_process() {
     );
     assert!(matches!(rows[0][col("time")], table::Value::Int(t) if t > 1_600_000_000));
 }
+
+/// Event queries borrow engines from a pool per host, keeping at most `EVENT_ENGINES_IDLE_MAX`
+/// idle; a query that shows the host's name keeps an engine of its own (virtual agents differ).
+#[test]
+fn event_queries_share_a_bounded_pool_of_engines() {
+    let host = Host::Virtual {
+        hostname: "v-1".into(),
+        cache: TableCache::new(Arc::new(crate::clock::SystemClock)),
+    };
+    let key = match &host {
+        Host::Virtual { cache, .. } => Some(Arc::as_ptr(cache) as usize),
+        Host::Real => None,
+    };
+    let idle = || {
+        event_engines()
+            .lock()
+            .unwrap()
+            .get(&key)
+            .map_or(0, Vec::len)
+    };
+    let spec = event_spec("SELECT n FROM talon_test_events");
+    let mut q = EventQuery::new(&spec, &BTreeMap::new(), host.clone()).unwrap();
+    assert_eq!(idle(), 1, "the engine that prepared it is idle again");
+    let held: Vec<Engine> = (0..EVENT_ENGINES_IDLE_MAX + 4)
+        .map(|_| q.engine().unwrap())
+        .collect();
+    assert_eq!(idle(), 0);
+    for e in held {
+        q.give_back(e);
+    }
+    assert_eq!(idle(), EVENT_ENGINES_IDLE_MAX);
+    let row = vec![
+        table::Value::Int(1),
+        table::Value::Int(1000),
+        table::Value::Int(7),
+        table::Value::Text(String::new()),
+    ];
+    assert_eq!(q.run(vec![row.clone()], || false).unwrap()[0]["n"], 7);
+    assert_eq!(idle(), EVENT_ENGINES_IDLE_MAX);
+    // Shows the host's name: its own engine, the virtual agent's name in it.
+    let spec = event_spec("SELECT e.n, s.hostname FROM talon_test_events e, system_info s");
+    let mut own = EventQuery::new(&spec, &BTreeMap::new(), host).unwrap();
+    assert!(own.pooled.is_none());
+    let out = own.run(vec![row], || false).unwrap();
+    assert_eq!(out[0]["hostname"], "v-1");
+    // It took an idle engine for its own, and keeps it.
+    assert_eq!(idle(), EVENT_ENGINES_IDLE_MAX - 1);
+}

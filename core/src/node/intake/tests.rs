@@ -653,7 +653,7 @@ impl World {
             while let Some(o) = a.outbox.poll_action() {
                 match o {
                     OutboxAction::Send { seq, payload, .. } => a.wire.push((seq, payload)),
-                    OutboxAction::FirstAck { .. } => {}
+                    OutboxAction::FirstAck { .. } | OutboxAction::Settled { .. } => {}
                     OutboxAction::Ended { .. } => a.ended = true,
                 }
             }
