@@ -76,6 +76,12 @@ pub fn events_dir(client: &ClientId, artifact: &str) -> String {
     format!("clients/{client}/events/{artifact}")
 }
 
+/// True if `dir` is a day directory of event batches ([`events_day`]).
+pub fn is_events_dir(dir: &str) -> bool {
+    let parts: Vec<&str> = dir.split('/').collect();
+    parts.len() == 5 && parts[0] == "clients" && parts[2] == "events"
+}
+
 /// The filestore object of one event batch: named by its stream and number, zero-padded so a
 /// listing sorts by stream, then number. The same batch always has the same name (docs/events.md,
 /// "Exactly once").
@@ -190,6 +196,28 @@ pub fn validate_key(key: &str) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_batches_live_in_day_directories() {
+        let key = crate::events::EventKey {
+            client: ClientId::from_public_key(&[1; 32]),
+            artifact: "Linux.Events.ProcessStarts".into(),
+            day: "2026-12-06".into(),
+            stream: 7,
+            seq: 42,
+        };
+        let name = event_batch(&key);
+        validate_key(&name).unwrap();
+        let (dir, file) = name.rsplit_once('/').unwrap();
+        assert_eq!(dir, events_day(&key.client, &key.artifact, &key.day));
+        assert_eq!(file, "00000000000000000007-00000000000000000042");
+        assert!(is_events_dir(dir));
+        assert!(!is_events_dir(&flow_messages_dir(
+            &key.client,
+            &FlowId::for_hunt(&HuntId::from_u64(1), &key.client)
+        )));
+        assert!(!is_events_dir(&events_dir(&key.client, &key.artifact)));
+    }
 
     #[test]
     fn hostile_names_stay_one_component() {

@@ -102,3 +102,35 @@ fn bench_replication_counts_the_backlog_it_applies() {
     );
     assert!(r["events_per_s"].as_f64().is_some(), "{r}");
 }
+
+#[test]
+fn bench_events_prints_both_runs() {
+    let e = bench(&[
+        "events",
+        "--clients",
+        "20",
+        "--rate",
+        "20",
+        "--seconds",
+        "10",
+        "--latency-ms",
+        "50",
+    ]);
+    assert_eq!(e["scenario"], "events");
+    assert_eq!(e["offered_events_per_s"], 400);
+    for run in ["run_0ms", "run_50ms"] {
+        let r = &e[run];
+        // Every client's events arrive: some settled, none dropped, a latency for them.
+        assert!(r["events_settled"].as_u64().is_some_and(|n| n > 0), "{r}");
+        assert_eq!(r["dropped"], 0, "{r}");
+        assert!(r["p99_ms"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        assert_eq!(r["samples"].as_array().map(Vec::len), Some(2), "{r}");
+    }
+    assert!(
+        e["throughput_ratio"].as_f64().is_some_and(|v| v > 0.0),
+        "{e}"
+    );
+    let bad = run(&["bench", "events", "--clients", "1", "--rate", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--rate and --seconds"));
+}

@@ -113,6 +113,15 @@ fn every_command_that_prints_has_json_output_that_parses() {
     api("flow list", &[&id]);
     api("flow watch", &[&id, &flow]);
     api("query", &[&id, "SELECT username FROM users WHERE uid = 0"]);
+    api("events set", &["Generic.Events.Test", "--param", "rate=50"]);
+    api("events list", &[]);
+    d.wait_until("test events are stored", || {
+        !d.api(&["events", "show", &id, "Generic.Events.Test", "--json"])
+            .trim()
+            .is_empty()
+    });
+    api("events show", &[&id, "Generic.Events.Test"]);
+    api("events unset", &["Generic.Events.Test"]);
     std::fs::write(d.path("up.txt"), "walked").unwrap();
     let glob = d.s("up.txt");
     let ff = api(

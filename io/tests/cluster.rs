@@ -195,3 +195,80 @@ fn a_minion_refuses_a_node_name_not_in_the_config() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not in ExtraFrontends"), "{err}");
 }
+
+/// Every stored test event of a client as `(stream, n)`, asserting none appears twice and no
+/// stream has a gap.
+fn test_events_exactly_once(d: &Deployment, id: &str) -> BTreeSet<(u64, u64)> {
+    let out = d.api(&["events", "show", id, "Generic.Events.Test", "--json"]);
+    let all: Vec<(u64, u64)> = out
+        .lines()
+        .map(|l| {
+            let v = json(l);
+            (v["_stream"].as_u64().unwrap(), v["n"].as_u64().unwrap())
+        })
+        .collect();
+    let set: BTreeSet<(u64, u64)> = all.iter().copied().collect();
+    assert_eq!(set.len(), all.len(), "{id}: an event is stored twice");
+    let mut by_stream: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (s, n) in &set {
+        by_stream.entry(*s).or_default().push(*n);
+    }
+    for (s, ns) in &by_stream {
+        let want: Vec<u64> = (0..ns.len() as u64).collect();
+        assert_eq!(ns, &want, "{id}: stream {s} has a gap");
+    }
+    set
+}
+
+/// Client events through a minion's SIGKILL (docs/events.md, "Forwarding: exactly once"): the
+/// minion's clients fail over to the master and resend what the minion had not settled; every
+/// event is stored once, none is lost — also after the killed minion restarts and copies its
+/// buffer to the volume.
+#[test]
+fn events_are_stored_exactly_once_through_a_minion_sigkill() {
+    let d = Deployment::new();
+    let (m1, _) = d.add_minion();
+    let _master = d.start_master();
+    let minion = d.start_minion(&m1);
+    let _pool = d.start_pool(8, "pool");
+    d.wait_until("the pool connects, some of it to the minion", || {
+        let by = connected_by_node(&d);
+        by.values().sum::<usize>() == 8 && by.get(&m1).is_some_and(|n| *n > 0)
+    });
+    let on_minion: Vec<String> = d
+        .clients()
+        .into_iter()
+        .filter(|c| c["node"] == m1.as_str() && c["connected"] == true)
+        .map(|c| c["client_id"].as_str().unwrap().to_owned())
+        .collect();
+    d.api(&["events", "set", "Generic.Events.Test", "--param", "rate=50"]);
+    d.wait_until("the minion's clients' events are stored", || {
+        on_minion
+            .iter()
+            .all(|id| test_events_exactly_once(&d, id).len() >= 100)
+    });
+    let before: BTreeMap<&String, BTreeSet<(u64, u64)>> = on_minion
+        .iter()
+        .map(|id| (id, test_events_exactly_once(&d, id)))
+        .collect();
+    drop(minion); // SIGKILL
+    d.wait_until("the minion's clients fail over and go on", || {
+        on_minion
+            .iter()
+            .all(|id| test_events_exactly_once(&d, id).len() >= before[id].len() + 200)
+    });
+    for id in &on_minion {
+        assert!(test_events_exactly_once(&d, id).is_superset(&before[id]));
+    }
+    // The killed minion restarts: its journal's batches reach the volume too, stored once.
+    let _minion = d.start_minion(&m1);
+    d.wait_until("the restarted minion is connected to the master", || {
+        json(&d.api(&["cluster", "status", "--json"]))["minions"]
+            .as_array()
+            .is_some_and(|ms| ms.iter().any(|m| m["connected"] == true))
+    });
+    std::thread::sleep(Duration::from_secs(2)); // Its replayed buffer is flushed by now.
+    for id in &on_minion {
+        test_events_exactly_once(&d, id);
+    }
+}

@@ -847,7 +847,13 @@ async fn events_bench(
         } else {
             out["throughput_ratio"] = if base > 0.0 { round3(thr / base) } else { 0.0 }.into();
         }
-        for k in ["events_per_s", "p50_ms", "p99_ms", "dropped"] {
+        for k in [
+            "events_per_s",
+            "events_per_s_second_half",
+            "p50_ms",
+            "p99_ms",
+            "dropped",
+        ] {
             out[format!("{k}_{sfx}")] = v[k].clone();
         }
         out[format!("frontend_rss_mib_max_{sfx}")] = v["frontend_rss_mib_max"].clone();
@@ -944,6 +950,21 @@ async fn events_run(
     }
     let t = watch.secs();
     let settled = last["events"]["settled"].as_u64().unwrap_or(0) - settled0;
+    // The second half of the window: the steady state, past any start-up transient.
+    let half = samples.len() / 2;
+    let steady = match (samples.get(half.saturating_sub(1)), samples.last()) {
+        (Some(a), Some(b)) if half > 0 => {
+            let at = |s: &serde_json::Value| {
+                (
+                    s["t_s"].as_f64().unwrap_or(0.0),
+                    s["events_per_s"].as_f64().unwrap_or(0.0),
+                )
+            };
+            let ((t0, r0), (t1, r1)) = (at(a), at(b));
+            round3((r1 * t1 - r0 * t0) / (t1 - t0).max(0.001))
+        }
+        _ => round3(settled as f64 / t),
+    };
     let rss_max = samples
         .iter()
         .filter_map(|s| s["frontend_rss_mib"].as_f64())
@@ -952,6 +973,7 @@ async fn events_run(
     master.terminate(Duration::from_secs(600), env).await?;
     Ok(serde_json::json!({
         "events_per_s": round3(settled as f64 / t),
+        "events_per_s_second_half": steady,
         "events_settled": settled,
         "p50_ms": last["events"]["p50_ms"],
         "p99_ms": last["events"]["p99_ms"],

@@ -31,7 +31,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use talon_core::paths::validate_key;
+use talon_core::paths::{self, validate_key};
 
 /// The directory of every node's segment files, under the filestore's root.
 pub const SEGMENTS_DIR: &str = "segments";
@@ -522,6 +522,10 @@ impl SegmentLog {
         tracing::debug!(file = %d, bytes = len, "segment append done");
         let mut known = self.index();
         for (dir, off, rl, names) in runs {
+            if paths::is_events_dir(&dir) {
+                // Never completed, so never located: remembering its runs would only grow.
+                continue;
+            }
             let run = RunRef {
                 file: d.clone(),
                 offset: base + off,
