@@ -196,30 +196,6 @@ fn a_minion_refuses_a_node_name_not_in_the_config() {
     assert!(err.contains("not in ExtraFrontends"), "{err}");
 }
 
-/// Every stored test event of a client as `(stream, n)`, asserting none appears twice and no
-/// stream has a gap.
-fn test_events_exactly_once(d: &Deployment, id: &str) -> BTreeSet<(u64, u64)> {
-    let out = d.api(&["events", "show", id, "Generic.Events.Test", "--json"]);
-    let all: Vec<(u64, u64)> = out
-        .lines()
-        .map(|l| {
-            let v = json(l);
-            (v["_stream"].as_u64().unwrap(), v["n"].as_u64().unwrap())
-        })
-        .collect();
-    let set: BTreeSet<(u64, u64)> = all.iter().copied().collect();
-    assert_eq!(set.len(), all.len(), "{id}: an event is stored twice");
-    let mut by_stream: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for (s, n) in &set {
-        by_stream.entry(*s).or_default().push(*n);
-    }
-    for (s, ns) in &by_stream {
-        let want: Vec<u64> = (0..ns.len() as u64).collect();
-        assert_eq!(ns, &want, "{id}: stream {s} has a gap");
-    }
-    set
-}
-
 /// Client events through a minion's SIGKILL (docs/events.md, "Forwarding: exactly once"): the
 /// minion's clients fail over to the master and resend what the minion had not settled; every
 /// event is stored once, none is lost — also after the killed minion restarts and copies its

@@ -612,7 +612,8 @@ pub async fn read_run<V: Volume>(volume: &V, dir: &str, run: &RunRef) -> io::Res
 }
 
 /// The runs every writer's index files name for `dir`, unread (their first and last names are
-/// unknown until read: [`read_run`]). Costs a read of every index file.
+/// unknown until read: [`read_run`]). Costs a read of every index file, at most
+/// `VOLUME_CONCURRENCY` of them in memory at once (only `dir`'s entries stay).
 pub async fn index_runs<V: Volume>(volume: &V, dir: &str) -> io::Result<Vec<RunRef>> {
     let indexes: Vec<String> = volume
         .list(&format!("{SEGMENTS_DIR}/"))
@@ -674,54 +675,25 @@ pub async fn locate<V: Volume>(
         runs.push((run, vec![name]));
         found.insert(key, b);
     }
-    let indexes: Vec<String> = volume
-        .list(&format!("{SEGMENTS_DIR}/"))
-        .await?
-        .into_iter()
-        .filter(|k| k.ends_with(".index"))
-        .collect();
-    // At most VOLUME_CONCURRENCY index files in memory at once: only this flow's entries stay.
-    let mut wanted = Vec::new();
-    for chunk in indexes.chunks(super::volume::VOLUME_CONCURRENCY) {
-        let read = bounded(chunk.len(), chunk.iter().map(|k| volume.read(k)).collect()).await;
-        for (k, r) in chunk.iter().zip(read) {
-            let Some(bytes) = r? else { continue };
-            let Some(data) = data_file_of(k) else {
-                continue;
-            };
-            for e in parse_index(&bytes) {
-                if e.dir == dir {
-                    wanted.push((data.clone(), e));
-                }
-            }
-        }
-    }
+    let wanted = index_runs(volume, dir).await?;
     let reads = bounded(
         super::volume::VOLUME_CONCURRENCY,
         wanted
             .iter()
-            .map(|(file, e)| volume.read_range(file, e.offset, e.len))
+            .map(|r| volume.read_range(&r.file, r.offset, r.len))
             .collect(),
     )
     .await;
-    for ((file, e), r) in wanted.into_iter().zip(reads) {
+    for (mut run, r) in wanted.into_iter().zip(reads) {
         let bytes = r?.unwrap_or_default();
         let (records, used) = parse_records(&bytes);
-        if used as u64 != e.len || records.iter().any(|(k, _)| split(k).0 != dir) {
+        if used as u64 != run.len || records.iter().any(|(k, _)| split(k).0 != dir) {
             continue; // A failed flush's run: its messages were written again elsewhere.
         }
         let names: Vec<String> = records.iter().map(|(k, _)| split(k).1.to_owned()).collect();
-        runs.push((
-            RunRef {
-                file,
-                offset: e.offset,
-                len: e.len,
-                first: names.first().cloned().unwrap_or_default(),
-                last: names.last().cloned().unwrap_or_default(),
-                whole: false,
-            },
-            names,
-        ));
+        run.first = names.first().cloned().unwrap_or_default();
+        run.last = names.last().cloned().unwrap_or_default();
+        runs.push((run, names));
         for (k, v) in records {
             found.entry(k).or_insert(v);
         }

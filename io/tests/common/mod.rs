@@ -2,6 +2,7 @@
 // Waiting for real processes needs the wall clock (timeouts only; nothing asserts on timing).
 #![allow(clippy::disallowed_methods, dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -291,4 +292,29 @@ impl Deployment {
 
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+/// Every stored test event of a client as `(stream, n)`, asserting none appears twice and no
+/// stream has a gap.
+#[allow(dead_code)]
+pub fn test_events_exactly_once(d: &Deployment, id: &str) -> BTreeSet<(u64, u64)> {
+    let out = d.api(&["events", "show", id, "Generic.Events.Test", "--json"]);
+    let all: Vec<(u64, u64)> = out
+        .lines()
+        .map(|l| {
+            let v = json(l);
+            (v["_stream"].as_u64().unwrap(), v["n"].as_u64().unwrap())
+        })
+        .collect();
+    let set: BTreeSet<(u64, u64)> = all.iter().copied().collect();
+    assert_eq!(set.len(), all.len(), "{id}: an event is stored twice");
+    let mut by_stream: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (s, n) in &set {
+        by_stream.entry(*s).or_default().push(*n);
+    }
+    for (s, ns) in &by_stream {
+        let want: Vec<u64> = (0..ns.len() as u64).collect();
+        assert_eq!(ns, &want, "{id}: stream {s} has a gap");
+    }
+    set
 }
