@@ -92,20 +92,19 @@ pub fn for_client<'a>(
     table: &'a [Assignment],
     labels: &BTreeSet<String>,
 ) -> (Vec<&'a Assignment>, usize) {
+    // A label's entry beats the one for all; of two labels', the first label in order: the
+    // entry of the smallest rank wins.
+    fn rank(a: &Assignment) -> (bool, &str) {
+        (a.label == ALL_CLIENTS, &a.label)
+    }
     let mut chosen: BTreeMap<&str, &Assignment> = BTreeMap::new();
     for a in table {
-        let matches = a.label == ALL_CLIENTS || labels.contains(&a.label);
-        if !matches {
+        if a.label != ALL_CLIENTS && !labels.contains(&a.label) {
             continue;
         }
-        match chosen.get(a.artifact.as_str()) {
-            // A label's entry beats the one for all; of two labels', the first label in order.
-            Some(have)
-                if have.label != ALL_CLIENTS
-                    && (a.label == ALL_CLIENTS || have.label <= a.label) => {}
-            _ => {
-                chosen.insert(&a.artifact, a);
-            }
+        let have = chosen.entry(&a.artifact).or_insert(a);
+        if rank(a) < rank(have) {
+            *have = a;
         }
     }
     let total = chosen.len();

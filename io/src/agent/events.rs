@@ -57,8 +57,6 @@ struct State {
 #[derive(Clone)]
 pub struct Events {
     state: Arc<Mutex<State>>,
-    /// What this agent's streams dropped, in total (for tests and the log).
-    dropped: Arc<AtomicU64>,
     /// Where the load generator's figures go.
     times: Option<Arc<super::ServiceTimes>>,
     clock: Option<Arc<dyn Clock>>,
@@ -79,7 +77,6 @@ impl Default for Events {
                 runners: BTreeMap::new(),
                 next_stream: 0,
             })),
-            dropped: Arc::default(),
             times: None,
             clock: None,
         }
@@ -114,22 +111,6 @@ impl Events {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Events dropped at the buffer's bound since the agent started.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Batches not yet settled or still waiting in the buffer.
-    pub fn unsettled(&self) -> usize {
-        let s = self.lock();
-        s.outbox.unsettled() + s.pending.values().map(VecDeque::len).sum::<usize>()
-    }
-
-    /// The event artifacts running.
-    pub fn running(&self) -> Vec<String> {
-        self.lock().runners.keys().cloned().collect()
     }
 
     /// Moves waiting batches into the outbox while it has room; answers what to send.
@@ -262,7 +243,6 @@ impl Events {
             let n = batch.rows.len() as u64;
             if s.pending_bytes + size > BUFFER_BYTES_MAX {
                 let before = dropped.fetch_add(n, Ordering::Relaxed);
-                self.dropped.fetch_add(n, Ordering::Relaxed);
                 if let Some(t) = &self.times {
                     t.events_dropped(n);
                 }

@@ -21,8 +21,9 @@ pub(super) struct Frontend {
     /// The bytes of the event batch being handled, until a StoreEvent action takes them (at most
     /// one).
     pub(super) raw_events: BTreeMap<talon_core::events::EventKey, Bytes>,
-    /// The client event table (docs/events.md), as last read.
-    pub(super) event_table: Vec<talon_core::events::Assignment>,
+    /// The client event table (docs/events.md), as last read (shared with the tasks that read a
+    /// connecting client's labels, not copied for each).
+    pub(super) event_table: Arc<Vec<talon_core::events::Assignment>>,
     /// Where effects performed in the background report their results: the actor takes these
     /// before any new input (an effect's result never waits behind a queue of client messages).
     pub(super) done_tx: mpsc::Sender<Msg>,
@@ -84,7 +85,7 @@ impl Frontend {
             notify,
             raw: BTreeMap::new(),
             raw_events: BTreeMap::new(),
-            event_table: Vec::new(),
+            event_table: Arc::default(),
             done_tx,
         }
     }

@@ -34,23 +34,25 @@ impl EntryJson {
     }
 }
 
-/// The client event table as stored: every entry, in key order. At most
+/// The client event table as stored: every entry, in key order, read concurrently
+/// ([`super::load::get_many`]: each read may be a volume round trip). At most
 /// `events::TABLE_ENTRIES_MAX` are read (the master refuses more).
 pub(crate) async fn load_table(ds: &Meta) -> Result<Vec<EntryJson>, ReadError> {
     let (keys, _) = ds.list(paths::CLIENT_EVENTS).await?;
-    let mut out = Vec::new();
-    for key in keys
-        .iter()
+    let keys: Vec<String> = keys
+        .into_iter()
         .filter(|k| k.ends_with(".json"))
         .take(talon_core::events::TABLE_ENTRIES_MAX)
-    {
-        match load_json::<EntryJson>(ds, key).await {
-            Ok(Some(e)) => out.push(e),
-            Ok(None) => {} // Removed since the listing.
-            Err(e) if e.kind == ReadFailure::Malformed => {
+        .collect();
+    let mut out = Vec::with_capacity(keys.len());
+    // A key without a value was removed since the listing.
+    for (key, value) in super::load::get_many(ds, keys).await? {
+        let Some(value) = value else { continue };
+        match super::load::parse_value::<EntryJson>(&key, &value) {
+            Ok(e) => out.push(e),
+            Err(e) => {
                 tracing::warn!(%key, error = %e, "a client event table entry is malformed; left out")
             }
-            Err(e) => return Err(e),
         }
     }
     Ok(out)
@@ -90,37 +92,48 @@ impl Frontend {
     /// Reads the client event table again (at start, and when it changed), then tells every
     /// client connected here what it runs.
     pub(super) fn reload_event_table(&self) {
+        self.reload_event_table_after(std::time::Duration::ZERO);
+    }
+
+    /// [`Frontend::reload_event_table`] after `delay` (a failed read is tried again).
+    fn reload_event_table_after(&self, delay: std::time::Duration) {
         let ds = self.datastore.clone();
         self.spawn_then(
-            async move { load_table(&ds).await.map_err(|e| e.to_string()) },
+            async move {
+                tokio::time::sleep(delay).await;
+                load_table(&ds).await.map_err(|e| e.to_string())
+            },
             |table| Msg::EventTable { table },
         );
     }
 
-    /// Tells `client` (connected here) the event artifacts it runs, once its labels are read (not
-    /// read when no entry names a label).
+    /// Tells `client` (connected here) the event artifacts it runs: at once when no entry names
+    /// a label, else once its labels are read.
     pub(super) fn send_event_table(&self, client: &ClientId) {
-        let table = self.event_table.clone();
-        let labelled = table
+        let labelled = self
+            .event_table
             .iter()
             .any(|a| a.label != talon_core::events::ALL_CLIENTS);
-        let (ds, client) = (self.datastore.clone(), client.clone());
+        if !labelled {
+            return self.send_event_table_with(client, BTreeSet::new());
+        }
+        let (ds, client, table) = (
+            self.datastore.clone(),
+            client.clone(),
+            self.event_table.clone(),
+        );
         let work = async move {
-            let labels = if labelled {
-                if let Meta::Remote(r) = &ds {
-                    // Labels change on the master: read them afresh.
-                    r.invalidate(&paths::client_record(&client));
+            if let Meta::Remote(r) = &ds {
+                // Labels change on the master: read them afresh.
+                r.invalidate(&paths::client_record(&client));
+            }
+            match labels_of(&ds, &client).await {
+                Ok(labels) => Some((client, table_for(&table, &labels))),
+                Err(why) => {
+                    tracing::warn!(error = %why, "cannot read a client's labels; its event table is sent when it reconnects");
+                    None
                 }
-                labels_of(&ds, &client).await.map_err(|e| e.to_string())?
-            } else {
-                BTreeSet::new()
-            };
-            Ok::<_, String>((client, table_for(&table, &labels)))
-        };
-        let work = async move {
-            work.await
-                .inspect_err(|why| tracing::warn!(error = %why, "cannot read a client's labels; its event table is sent when it reconnects"))
-                .ok()
+            }
         };
         self.spawn_then(work, |told| Msg::EventTableFor { told });
     }
@@ -139,7 +152,7 @@ impl Frontend {
             Msg::Event { client, key, raw } => self.event_batch(client, key, raw),
             Msg::EventStored { key, ok } => self.intake.handle_event_stored(&key, ok),
             Msg::EventTable { table: Ok(entries) } => {
-                self.event_table = entries.iter().map(EntryJson::assignment).collect();
+                self.event_table = Arc::new(entries.iter().map(EntryJson::assignment).collect());
                 tracing::info!(
                     entries = self.event_table.len(),
                     "client event table loaded"
@@ -151,14 +164,7 @@ impl Frontend {
             }
             Msg::EventTable { table: Err(why) } => {
                 tracing::warn!(error = %why, "cannot read the client event table; trying again in 5 s");
-                let ds = self.datastore.clone();
-                self.spawn_then(
-                    async move {
-                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-                        load_table(&ds).await.map_err(|e| e.to_string())
-                    },
-                    |table| Msg::EventTable { table },
-                );
+                self.reload_event_table_after(std::time::Duration::from_secs(5));
             }
             Msg::LabelsChanged { client } if self.conns.contains_key(&client) => {
                 self.send_event_table(&client);
@@ -203,7 +209,7 @@ impl Frontend {
     /// `EventStored`.
     pub(super) fn store_event(&mut self, key: EventKey) {
         let Some(raw) = self.raw_events.remove(&key) else {
-            // A resend while it was stored: the store in flight answers both.
+            // The bytes are gone (cannot happen: kept right after handle_event).
             self.intake.handle_event_stored(&key, false);
             return;
         };
@@ -350,9 +356,11 @@ pub const EVENT_DAYS_MAX: u64 = 366;
 /// How often a followed day is read again for new batches.
 pub const FOLLOW_POLL_MS: u64 = 1000;
 
+/// A day (ms).
+const DAY_MS: u64 = 86_400_000;
+
 /// The UTC days from `since` to `until` (inclusive), oldest first.
 fn days(since: Timestamp, until: Timestamp) -> Vec<String> {
-    const DAY_MS: u64 = 86_400_000;
     let (first, last) = (since.as_ms() / DAY_MS, until.as_ms() / DAY_MS);
     (first..=last)
         .map(|d| Timestamp(d * DAY_MS).utc_day())
@@ -376,7 +384,7 @@ pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventP
         Timestamp(r.until_ms)
     };
     let since = if r.since_ms == 0 {
-        Timestamp(now.as_ms() - now.as_ms() % 86_400_000)
+        Timestamp(now.as_ms() - now.as_ms() % DAY_MS)
     } else {
         Timestamp(r.since_ms)
     };

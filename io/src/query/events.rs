@@ -10,8 +10,7 @@ use super::table::{Constraints, Rows, TableDef, TableError, Type, col};
 const LINUX: &[&str] = &["linux"];
 const ALL: &[&str] = &["linux", "windows", "darwin"];
 
-fn not_here(c: &Constraints, _: &mut Rows<'_>) -> Result<(), TableError> {
-    let _ = c;
+fn not_here(_: &Constraints, _: &mut Rows<'_>) -> Result<(), TableError> {
     Err(TableError(
         "an event table is read only by an event artifact's query (type: event), one batch of \
          events at a time"
