@@ -367,6 +367,12 @@ fn days(since: Timestamp, until: Timestamp) -> Vec<String> {
         .collect()
 }
 
+/// Whether a batch made at `t` is shown: from `since`, until `until` — or, when following, with
+/// no end.
+fn in_window(t: Timestamp, since: Timestamp, until: Timestamp, follow: bool) -> bool {
+    t >= since && (follow || t <= until)
+}
+
 /// A client's stored batches of an event artifact between two times, streamed (`GetEvents`).
 pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventPages, Status> {
     let client =
@@ -406,7 +412,7 @@ pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventP
         let page = |value: Bytes| -> Option<api::EventPage> {
             let b = comms::EventBatch::decode(value).ok()?;
             let t = Timestamp(b.time_unix_ms);
-            (follow || (t >= since && t <= until)).then(|| api::EventPage {
+            in_window(t, since, until, follow).then(|| api::EventPage {
                 client_id: client_id.clone(),
                 artifact: artifact.clone(),
                 stream: b.stream,
@@ -464,4 +470,24 @@ pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventP
         }
     });
     Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--since` holds when following too (a followed day's earlier batches are not shown);
+    /// `--until` ends the window unless following.
+    #[test]
+    fn the_window_starts_at_since_also_when_following() {
+        let (since, until) = (Timestamp(1_000), Timestamp(2_000));
+        for follow in [false, true] {
+            assert!(!in_window(Timestamp(999), since, until, follow));
+            assert!(in_window(Timestamp(1_000), since, until, follow));
+            assert!(in_window(Timestamp(2_000), since, until, follow));
+        }
+        assert!(!in_window(Timestamp(2_001), since, until, false));
+        assert!(in_window(Timestamp(2_001), since, until, true));
+        assert_eq!(days(since, until), ["1970-01-01"]);
+    }
 }
