@@ -175,6 +175,13 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
     /// Starts a task's flow, unless it is running or recently done (a task delivered twice) or
     /// `flows_max` flows are running.
     pub fn begin(&mut self, flow: &str) -> Begin {
+        self.begin_at(flow, 0)
+    }
+
+    /// Starts a flow whose messages are numbered from `first_seq` (an event stream taken up again
+    /// from the agent's disk after a restart: its earlier messages were settled). As
+    /// [`FlowOutbox::begin`] otherwise.
+    pub fn begin_at(&mut self, flow: &str, first_seq: u64) -> Begin {
         if self.flows.contains_key(flow) || self.done.iter().any(|d| d == flow) {
             return Begin::Again;
         }
@@ -186,7 +193,7 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
         self.flows.insert(
             flow.to_owned(),
             FlowOut {
-                next_seq: 0,
+                next_seq: first_seq,
                 unacked: BTreeMap::new(),
                 unsettled: BTreeMap::new(),
                 final_seq: None,

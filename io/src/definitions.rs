@@ -21,7 +21,9 @@ const BUILTIN_TEXTS: &[&str] = &[
     include_str!("../artifacts/Generic.Forensic.FileFinder.yaml"),
     include_str!("../artifacts/Generic.Query.yaml"),
     include_str!("../artifacts/Generic.Test.Rows.yaml"),
+    include_str!("../artifacts/Linux.Events.FileChanges.yaml"),
     include_str!("../artifacts/Linux.Events.ProcessStarts.yaml"),
+    include_str!("../artifacts/Linux.Events.Sockets.yaml"),
     include_str!("../artifacts/Linux.Network.Netstat.yaml"),
     include_str!("../artifacts/Linux.Sys.Pslist.yaml"),
     include_str!("../artifacts/Linux.Sys.Users.yaml"),
@@ -372,7 +374,9 @@ mod tests {
                 "Generic.Forensic.FileFinder",
                 "Generic.Query",
                 "Generic.Test.Rows",
+                "Linux.Events.FileChanges",
                 "Linux.Events.ProcessStarts",
+                "Linux.Events.Sockets",
                 "Linux.Network.Netstat",
                 "Linux.Sys.Pslist",
                 "Linux.Sys.Users"
@@ -385,7 +389,12 @@ mod tests {
             .collect();
         assert_eq!(
             events,
-            ["Generic.Events.Test", "Linux.Events.ProcessStarts"]
+            [
+                "Generic.Events.Test",
+                "Linux.Events.FileChanges",
+                "Linux.Events.ProcessStarts",
+                "Linux.Events.Sockets"
+            ]
         );
         let rows = &builtin("Generic.Test.Rows").unwrap().spec;
         let p: Vec<(&str, ParamKind, &str)> = rows

@@ -183,3 +183,17 @@ fn settling_is_reported_once_with_the_stamp() {
     assert_eq!(o.abandon("F.1"), 0);
     assert_eq!(o.running_flows().count(), 0);
 }
+
+/// A stream taken up again from disk is numbered on from where it was; it is still a flow (a
+/// second begin is a repeat).
+#[test]
+fn a_flow_begun_at_a_number_goes_on_from_it() {
+    let t = Monotonic(0);
+    let mut o: Ob = FlowOutbox::new(lim());
+    assert_eq!(o.begin_at("E.1", 57), Begin::Started);
+    assert_eq!(o.begin_at("E.1", 0), Begin::Again);
+    o.handle_connected(t, 4);
+    assert_eq!(o.push(t, "E.1", "a", false, 0), Ok(57));
+    assert_eq!(o.push(t, "E.1", "b", false, 0), Ok(58));
+    assert_eq!(sends(&mut o), [("E.1".into(), 57), ("E.1".into(), 58)]);
+}

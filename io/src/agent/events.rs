@@ -3,14 +3,19 @@
 //! happened, its query runs over each batch, and its rows go out as `EventBatch`es on the stream.
 //!
 //! Each runner is one *stream*: named by the agent's start and a counter, its batches numbered
-//! 0, 1, 2, ... by core `agent::FlowOutbox` (the flow protocol's numbering, keeping until settled,
-//! resending after a reconnect). At most the frontend's `max_in_flight` batches of a stream are in
-//! the outbox; the rest wait in this agent's buffer, at most [`BUFFER_BYTES_MAX`] for all streams
-//! together. Beyond it a new batch is dropped, and counted: the stream's later batches carry the
-//! count (`EventBatch.dropped`), so storage records what was lost, and the agent logs it.
+//! 0, 1, 2, ... when made, and kept by core `agent::FlowOutbox` (the flow protocol's numbering,
+//! keeping until settled, resending after a reconnect). At most the frontend's `max_in_flight`
+//! batches of a stream are in the outbox; the rest wait in this agent's buffer. A real agent's
+//! buffer is on its local disk ([`super::spool`]): every batch is written there when made, and
+//! after a restart what was not settled goes again under its stream and number; at most
+//! [`BUFFER_MEMORY_MAX`] of the waiting batches are also held in memory. A virtual agent (the
+//! load generator) buffers in memory only, up to [`BUFFER_MEMORY_MAX`]. Beyond the buffer's bound
+//! a new batch is dropped, and counted: the stream's later batches carry the count
+//! (`EventBatch.dropped`), so storage records what was lost, and the agent logs it.
 
+use super::spool::{Loc, Spool, SpoolError};
 use crate::clock::Clock;
-use crate::query::{EventQuery, Host, table::Value};
+use crate::query::{EventQuery, Host};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,9 +25,10 @@ use talon_core::artifacts::DEFINITION_PARAM;
 use talon_proto::comms::{self, client_message};
 use tokio::sync::{mpsc, watch};
 
-/// Event batches (bytes of rows) waiting for room in the outbox, for all streams together; beyond
-/// it a new batch is dropped and counted.
-pub const BUFFER_BYTES_MAX: usize = 8 << 20;
+/// Event batches (bytes of rows) waiting in memory for room in the outbox, for all streams
+/// together; beyond it a new batch waits only on disk, or without a disk buffer is dropped and
+/// counted.
+pub const BUFFER_MEMORY_MAX: usize = 8 << 20;
 /// Rows per batch at most (also bounded by the frontend's `max_rows_per_batch`).
 pub const BATCH_ROWS_MAX: usize = 1000;
 /// Bytes of rows per batch at most.
@@ -43,11 +49,31 @@ struct Runner {
 /// epoch) and how many events it holds.
 type Stamp = (u64, u32);
 
+/// A batch waiting for room in the outbox.
+struct Waiting {
+    seq: u64,
+    /// Its stamp, if known without reading it (a batch found on disk after a restart: not).
+    stamp: Option<Stamp>,
+    body: Body,
+}
+
+enum Body {
+    Memory(comms::EventBatch),
+    Disk(Loc),
+}
+
 struct State {
     outbox: FlowOutbox<comms::EventBatch, Stamp>,
     /// Batches waiting for room in the outbox, per stream (its outbox flow).
-    pending: BTreeMap<String, VecDeque<(comms::EventBatch, Stamp)>>,
+    pending: BTreeMap<String, VecDeque<Waiting>>,
+    /// Bytes of the batches waiting in memory.
     pending_bytes: usize,
+    /// The next number of each running stream.
+    next_seq: BTreeMap<String, u64>,
+    /// The buffer on disk (a real agent).
+    spool: Option<Spool>,
+    /// Streams found on disk at start: sent until settled, then forgotten.
+    recovered: BTreeSet<String>,
     session: Option<mpsc::Sender<comms::ClientMessage>>,
     runners: BTreeMap<String, Runner>,
     next_stream: u64,
@@ -62,6 +88,24 @@ pub struct Events {
     clock: Option<Arc<dyn Clock>>,
 }
 
+impl State {
+    /// Forgets stream `flow`: its batches kept, waiting and on disk; answers how many there were.
+    fn forget(&mut self, flow: &str) -> usize {
+        let kept = self.outbox.abandon(flow);
+        let waiting = self.pending.remove(flow).unwrap_or_default();
+        for w in &waiting {
+            if let Body::Memory(b) = &w.body {
+                self.pending_bytes -= batch_bytes(b);
+            }
+        }
+        self.next_seq.remove(flow);
+        if let (Some(sp), Some(stream)) = (self.spool.as_mut(), stream_of(flow)) {
+            sp.forget(stream);
+        }
+        kept + waiting.len()
+    }
+}
+
 impl Default for Events {
     fn default() -> Events {
         Events {
@@ -73,6 +117,9 @@ impl Default for Events {
                 }),
                 pending: BTreeMap::new(),
                 pending_bytes: 0,
+                next_seq: BTreeMap::new(),
+                spool: None,
+                recovered: BTreeSet::new(),
                 session: None,
                 runners: BTreeMap::new(),
                 next_stream: 0,
@@ -98,6 +145,11 @@ fn flow_of(artifact: &str, stream: u64) -> String {
     format!("{artifact}/{stream}")
 }
 
+/// The stream of an outbox flow.
+fn stream_of(flow: &str) -> Option<u64> {
+    flow.rsplit_once('/').and_then(|(_, s)| s.parse().ok())
+}
+
 impl Events {
     /// Events recording their latency (oldest event made → batch settled) and the events
     /// waiting into `times` (the load generator's figures).
@@ -107,6 +159,36 @@ impl Events {
             clock: Some(Arc::new(crate::clock::SystemClock)),
             ..Events::default()
         }
+    }
+
+    /// Events whose buffer is on disk in `dir`, bounded to `max_bytes` (a real agent): streams
+    /// found there — batches made before a restart and not settled — are sent again first, under
+    /// their stream and numbers.
+    pub fn on_disk(dir: &std::path::Path, max_bytes: u64) -> Result<Events, String> {
+        let (spool, found) = Spool::open(dir, max_bytes)?;
+        let events = Events::default();
+        {
+            let mut s = events.lock();
+            for r in found {
+                let flow = flow_of(&r.artifact, r.stream);
+                let first = r.batches.first().map_or(0, |b| b.0);
+                tracing::info!(artifact = %r.artifact, stream = r.stream, batches = r.batches.len(), "event batches buffered before the restart are sent again");
+                s.outbox.begin_at(&flow, first);
+                let queue = r
+                    .batches
+                    .into_iter()
+                    .map(|(seq, loc)| Waiting {
+                        seq,
+                        stamp: None,
+                        body: Body::Disk(loc),
+                    })
+                    .collect();
+                s.pending.insert(flow.clone(), queue);
+                s.recovered.insert(flow);
+            }
+            s.spool = Some(spool);
+        }
+        Ok(events)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -119,22 +201,44 @@ impl Events {
             outbox,
             pending,
             pending_bytes,
+            spool,
             ..
         } = s;
         let mut gone = 0i64;
         for (flow, queue) in pending.iter_mut() {
-            while let Some((b, stamp)) = queue.front() {
-                match outbox.push(now, flow, b.clone(), false, *stamp) {
-                    Ok(_) => {
-                        let (b, _) = queue.pop_front().expect("a front");
-                        *pending_bytes -= batch_bytes(&b);
+            while let Some(w) = queue.front() {
+                let (batch, stamp) = match &w.body {
+                    Body::Memory(b) => (b.clone(), w.stamp),
+                    Body::Disk(loc) => match spool.as_ref().map(|sp| sp.read(*loc)) {
+                        Some(Ok(b)) => (b, w.stamp),
+                        Some(Err(e)) => {
+                            // Tried again at the next pump (an acknowledgement or a second).
+                            tracing::warn!(stream = %flow, error = %e, "cannot read an event batch back from the buffer");
+                            break;
+                        }
+                        None => unreachable!("a batch on disk without a disk buffer"),
+                    },
+                };
+                let stamp = stamp.unwrap_or((
+                    batch.time_unix_ms,
+                    u32::try_from(batch.rows.len()).unwrap_or(u32::MAX),
+                ));
+                match outbox.push(now, flow, batch, false, stamp) {
+                    Ok(seq) => {
+                        debug_assert_eq!(seq, w.seq, "a stream's batches are pushed in order");
+                        let w = queue.pop_front().expect("a front");
+                        if let Body::Memory(b) = &w.body {
+                            *pending_bytes -= batch_bytes(b);
+                        }
                     }
                     Err(PushError::Full { .. }) => break,
                     Err(PushError::NotRunning) => {
                         // The stream was abandoned: its waiting batches go with it.
-                        for (b, stamp) in queue.drain(..) {
-                            *pending_bytes -= batch_bytes(&b);
-                            gone += i64::from(stamp.1);
+                        for w in queue.drain(..) {
+                            if let Body::Memory(b) = &w.body {
+                                *pending_bytes -= batch_bytes(b);
+                            }
+                            gone += i64::from(w.stamp.map_or(0, |s| s.1));
                         }
                     }
                 }
@@ -151,9 +255,13 @@ impl Events {
                     out.push(payload);
                 }
                 OutboxAction::Settled {
+                    flow,
+                    seq,
                     stamp: (made_ms, rows),
-                    ..
                 } => {
+                    if let (Some(sp), Some(stream)) = (s.spool.as_mut(), stream_of(&flow)) {
+                        sp.settled(stream, seq);
+                    }
                     gone += i64::from(rows);
                     if let (Some(t), Some(c)) = (&self.times, &self.clock) {
                         let ms = c.now().as_ms().saturating_sub(made_ms);
@@ -165,6 +273,18 @@ impl Events {
         }
         if let Some(t) = &self.times {
             t.events_waiting(-gone);
+        }
+        // A stream from before the restart with nothing left is over.
+        let over: Vec<String> = s
+            .recovered
+            .iter()
+            .filter(|f| !s.pending.contains_key(*f) && s.outbox.kept(f) == 0)
+            .cloned()
+            .collect();
+        for flow in over {
+            s.recovered.remove(&flow);
+            s.forget(&flow);
+            tracing::info!(stream = %flow, "event batches buffered before the restart are stored");
         }
         out
     }
@@ -227,39 +347,83 @@ impl Events {
         Self::send(session, out).await;
     }
 
-    /// A runner made a batch: into the outbox if it has room, else into the buffer, else dropped
-    /// (counted in `dropped`).
+    /// A runner made a batch: numbered, written to the disk buffer (if any), then into the outbox
+    /// if it has room, else waiting; dropped (counted in `dropped`) beyond the buffer's bound.
     async fn offer(
         &self,
         flow: &str,
-        batch: comms::EventBatch,
+        mut batch: comms::EventBatch,
         made_ms: u64,
         dropped: &AtomicU64,
         now: talon_core::Monotonic,
     ) {
         let (out, session) = {
             let mut s = self.lock();
+            let State {
+                pending,
+                pending_bytes,
+                next_seq,
+                spool,
+                ..
+            } = &mut *s;
+            let Some(seq) = next_seq.get_mut(flow) else {
+                return; // The runner was stopped meanwhile.
+            };
+            batch.seq = *seq;
             let size = batch_bytes(&batch);
             let n = batch.rows.len() as u64;
-            if s.pending_bytes + size > BUFFER_BYTES_MAX {
-                let before = dropped.fetch_add(n, Ordering::Relaxed);
-                if let Some(t) = &self.times {
-                    t.events_dropped(n);
+            let in_memory = *pending_bytes + size <= BUFFER_MEMORY_MAX;
+            let placed = match spool {
+                Some(sp) => match sp.append(&batch) {
+                    Ok(loc) => Ok(Some(loc)),
+                    Err(SpoolError::Full { max }) => Err(max),
+                    Err(SpoolError::Io(e)) => {
+                        // The disk refused: held in memory only, while there is room.
+                        tracing::warn!(stream = %flow, error = %e, "cannot write an event batch to the disk buffer");
+                        if in_memory {
+                            Ok(None)
+                        } else {
+                            Err(BUFFER_MEMORY_MAX as u64)
+                        }
+                    }
+                },
+                None if in_memory => Ok(None),
+                None => Err(BUFFER_MEMORY_MAX as u64),
+            };
+            let loc = match placed {
+                Ok(loc) => loc,
+                Err(max_bytes) => {
+                    let before = dropped.fetch_add(n, Ordering::Relaxed);
+                    if let Some(t) = &self.times {
+                        t.events_dropped(n);
+                    }
+                    if before == 0 || (before + n) / 10_000 > before / 10_000 {
+                        tracing::warn!(stream = %flow, dropped = before + n, max_bytes, "the event buffer is full; events are dropped (counted in the stream's batches)");
+                    }
+                    return;
                 }
-                if before == 0 || (before + n) / 10_000 > before / 10_000 {
-                    tracing::warn!(stream = %flow, dropped = before + n, max_bytes = BUFFER_BYTES_MAX, "the event buffer is full; events are dropped (counted in the stream's batches)");
-                }
-                return;
-            }
-            s.pending_bytes += size;
+            };
+            let number = *seq;
+            *seq += 1;
             if let Some(t) = &self.times {
                 t.events_waiting(n as i64);
             }
-            let stamp = (made_ms, u32::try_from(n).unwrap_or(u32::MAX));
-            s.pending
+            let stamp = Some((made_ms, u32::try_from(n).unwrap_or(u32::MAX)));
+            let body = match loc {
+                Some(loc) if !in_memory => Body::Disk(loc),
+                _ => {
+                    *pending_bytes += size;
+                    Body::Memory(batch)
+                }
+            };
+            pending
                 .entry(flow.to_owned())
                 .or_default()
-                .push_back((batch, stamp));
+                .push_back(Waiting {
+                    seq: number,
+                    stamp,
+                    body,
+                });
             (self.pump(&mut s, now), s.session.clone())
         };
         Self::send(session, out).await;
@@ -289,13 +453,21 @@ impl Events {
         for name in stale {
             if let Some(r) = s.runners.remove(&name) {
                 let _ = r.stop.send(true);
-                let kept = s.outbox.abandon(&r.flow);
-                let waiting = s.pending.remove(&r.flow).unwrap_or_default();
-                for (b, _) in &waiting {
-                    s.pending_bytes -= batch_bytes(b);
-                }
-                tracing::info!(artifact = %name, unsent = kept + waiting.len(), "event artifact stopped");
+                let unsent = s.forget(&r.flow);
+                tracing::info!(artifact = %name, unsent, "event artifact stopped");
             }
+        }
+        // A stream from before a restart whose artifact no longer runs here is not wanted.
+        let unwanted: Vec<String> = s
+            .recovered
+            .iter()
+            .filter(|f| !wanted.contains_key(f.rsplit_once('/').map_or(f.as_str(), |x| x.0)))
+            .cloned()
+            .collect();
+        for flow in unwanted {
+            s.recovered.remove(&flow);
+            let unsent = s.forget(&flow);
+            tracing::warn!(stream = %flow, unsent, "event batches buffered before the restart are discarded: their artifact no longer runs on this client");
         }
         let start_ms = clock.now().as_ms();
         for (name, params) in wanted {
@@ -321,6 +493,7 @@ impl Events {
             let stream = (start_ms << 16) | (s.next_stream & 0xffff);
             let flow = flow_of(&name, stream);
             s.outbox.begin(&flow);
+            s.next_seq.insert(flow.clone(), 0);
             let (stop, stopped) = watch::channel(false);
             s.runners.insert(
                 name.clone(),
@@ -348,6 +521,28 @@ impl Events {
     }
 }
 
+/// Where an agent whose writeback file is `writeback` keeps its event buffer: beside it, named
+/// after it (`talon.writeback.yaml` → `talon.writeback.events/`).
+pub fn buffer_dir(writeback: &std::path::Path) -> std::path::PathBuf {
+    let stem = writeback
+        .file_stem()
+        .map_or_else(|| "talon".into(), |s| s.to_string_lossy().into_owned());
+    writeback.with_file_name(format!("{stem}.events"))
+}
+
+/// The disk buffer's bound from the client config, checked: it must hold a few whole batches.
+pub fn buffer_bytes(c: &crate::deploy::config::ClientSection) -> Result<u64, String> {
+    let min = 4 * BATCH_BYTES_MAX as u64;
+    if c.events_buffer_bytes < min {
+        return Err(format!(
+            "Client.events_buffer_bytes: {} is too small; it must hold a few whole event batches \
+             (at least {min})",
+            c.events_buffer_bytes
+        ));
+    }
+    Ok(c.events_buffer_bytes)
+}
+
 /// The definition of an assigned event artifact: a built-in by name, or the compiled one its
 /// entry carries.
 fn resolve(
@@ -365,102 +560,6 @@ fn resolve(
         return Err(format!("{name} is not an event artifact"));
     }
     Ok(spec)
-}
-
-/// What collects an event table's rows.
-enum Source {
-    /// `talon_test_events`: `rate` per second.
-    Test {
-        rate: u64,
-        payload: String,
-        started: talon_core::Monotonic,
-        /// `started` on the wall clock: event `n` is due `n / rate` seconds after it.
-        started_wall: talon_core::Timestamp,
-        made: u64,
-    },
-    /// `process_events`: pids seen at the last scan (none before the first).
-    Processes { seen: Option<BTreeSet<i32>> },
-}
-
-impl Source {
-    fn new(
-        table: &str,
-        params: &BTreeMap<String, String>,
-        now: talon_core::Monotonic,
-        wall: talon_core::Timestamp,
-    ) -> Source {
-        let int = |k: &str, d: u64| params.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
-        match table {
-            "talon_test_events" => Source::Test {
-                rate: int("rate", 10),
-                payload: "x".repeat(int("payload_bytes", 0).min(64 << 10) as usize),
-                started: now,
-                started_wall: wall,
-                made: 0,
-            },
-            _ => Source::Processes { seen: None },
-        }
-    }
-
-    /// What happened since the last poll, as rows of the event table, and when the oldest of
-    /// them happened (ms since the epoch).
-    fn poll(
-        &mut self,
-        now: talon_core::Monotonic,
-        wall: talon_core::Timestamp,
-        host: &Host,
-    ) -> Result<(Vec<Vec<Value>>, u64), String> {
-        match self {
-            Source::Test {
-                rate,
-                payload,
-                started,
-                started_wall,
-                made,
-            } => {
-                let due = now.since_ms(*started).saturating_mul(*rate) / 1000;
-                // At most ten seconds' worth at once (a stalled runner does not flood).
-                let n = due
-                    .saturating_sub(*made)
-                    .min(rate.saturating_mul(10).max(1));
-                // Each event is stamped with when it was due, not when the poll found it.
-                let due_ms =
-                    |k: u64| started_wall.as_ms() + k.saturating_mul(1000) / (*rate).max(1);
-                let rows = (0..n)
-                    .map(|i| {
-                        let t = due_ms(*made + i);
-                        vec![
-                            Value::from(t / 1000),
-                            Value::from(t),
-                            Value::from(*made + i),
-                            Value::from(payload.as_str()),
-                        ]
-                    })
-                    .collect();
-                let oldest = due_ms(*made);
-                *made += n;
-                Ok((rows, oldest))
-            }
-            Source::Processes { seen } => {
-                if matches!(host, Host::Virtual { .. }) {
-                    // A virtual agent has no processes of its own.
-                    return Ok((Vec::new(), wall.as_ms()));
-                }
-                let now_pids = crate::query::linux::pids().map_err(|e| e.0)?;
-                let new: Vec<i32> = match seen {
-                    Some(before) => now_pids.difference(before).copied().collect(),
-                    None => Vec::new(),
-                };
-                *seen = Some(now_pids);
-                if new.is_empty() {
-                    return Ok((Vec::new(), wall.as_ms()));
-                }
-                // Found now; started within the last poll.
-                let rows = crate::query::linux::process_event_rows(&new).map_err(|e| e.0)?;
-                Ok((rows, wall.as_ms()))
-            }
-        }
-    }
 }
 
 /// One runner's task.
@@ -484,12 +583,20 @@ impl Run {
     async fn run(mut self, mut stopped: watch::Receiver<bool>) {
         let dropped = AtomicU64::new(0);
         let out = &self.out;
-        let mut source = Source::new(
+        let source = super::sources::Source::new(
             self.query.table(),
             &self.params,
             out.clock.monotonic(),
             out.clock.now(),
+            &self.host,
         );
+        let mut source = match source {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(artifact = %out.artifact, error = %e, "cannot run an event artifact");
+                return;
+            }
+        };
         let poll = Duration::from_millis(POLL_MS);
         loop {
             tokio::select! {
@@ -497,7 +604,7 @@ impl Run {
                 _ = tokio::time::sleep(poll) => {}
             }
             let (now, wall) = (out.clock.monotonic(), out.clock.now());
-            let (rows, made_ms) = match source.poll(now, wall, &self.host) {
+            let (rows, made_ms) = match source.poll(now, wall) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(artifact = %out.artifact, error = %e, "an event source failed; trying again");

@@ -15,6 +15,8 @@
 
 pub mod artifacts;
 pub mod events;
+mod sources;
+pub mod spool;
 
 use crate::clock::{Clock, Entropy};
 use crate::deploy::config::ClientConfig;

@@ -217,6 +217,7 @@ pub async fn run(
                                 o.insert("_time_ms".into(), page.time_ms.into());
                                 o.insert("_stream".into(), page.stream.into());
                                 o.insert("_seq".into(), page.seq.into());
+                                o.insert("_dropped".into(), page.dropped.into());
                             }
                             out.line(&v.to_string())?;
                         } else {

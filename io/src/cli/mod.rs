@@ -888,13 +888,18 @@ async fn run_async(
                 writeback.unwrap_or_else(|| path.with_file_name("talon.writeback.yaml"));
             let (identity, id) = crate::agent::load_or_create_identity(&writeback, &SystemClock)?;
             tracing::info!(client = %id, writeback = %writeback.display(), servers = ?cfg.client.server_urls, "talon client starting");
+            let mut outbox = crate::agent::Outbox::default();
+            outbox.events = crate::agent::events::Events::on_disk(
+                &crate::agent::events::buffer_dir(&writeback),
+                crate::agent::events::buffer_bytes(&cfg.client)?,
+            )?;
             let agent = crate::agent::Agent {
                 config: cfg,
                 identity,
                 id,
                 clock: Arc::new(SystemClock),
                 entropy: Arc::new(OsEntropy::default()),
-                outbox: crate::agent::Outbox::default(),
+                outbox,
                 host: crate::query::Host::Real,
                 inline_artifacts: false,
                 net: crate::net::TokioNet::shared(),

@@ -61,6 +61,14 @@ pub struct ClientSection {
     pub ca_certificate: String,
     /// A deployment secret clients present in their hello; refuses agents of another deployment.
     pub nonce: String,
+    /// Bytes of event batches an agent keeps on its local disk until the frontends have stored
+    /// them (docs/events.md, "The agent's buffer"); beyond it new batches are dropped and counted.
+    #[serde(default = "events_buffer_bytes")]
+    pub events_buffer_bytes: u64,
+}
+
+fn events_buffer_bytes() -> u64 {
+    crate::agent::spool::DEFAULT_MAX_BYTES
 }
 
 /// `API`: the master's gRPC API.
@@ -756,6 +764,7 @@ pub fn generate(
             server_urls: vec![],
             ca_certificate: ca.certificate.clone(),
             nonce: hex(&nonce),
+            events_buffer_bytes: events_buffer_bytes(),
         },
         api: ApiSection {
             hostname: opts.hostname.clone(),

@@ -24,6 +24,10 @@ pub(super) struct Frontend {
     /// The client event table (docs/events.md), as last read (shared with the tasks that read a
     /// connecting client's labels, not copied for each).
     pub(super) event_table: Arc<Vec<talon_core::events::Assignment>>,
+    /// The event table was read since the node started: until then a connecting client is told
+    /// nothing (an empty table would stop its artifacts and discard what they had not sent) and
+    /// its batches are refused as busy (it sends them again).
+    pub(super) event_table_loaded: bool,
     /// Where effects performed in the background report their results: the actor takes these
     /// before any new input (an effect's result never waits behind a queue of client messages).
     pub(super) done_tx: mpsc::Sender<Msg>,
@@ -86,6 +90,7 @@ impl Frontend {
             raw: BTreeMap::new(),
             raw_events: BTreeMap::new(),
             event_table: Arc::default(),
+            event_table_loaded: false,
             done_tx,
         }
     }

@@ -110,6 +110,9 @@ impl Frontend {
     /// Tells `client` (connected here) the event artifacts it runs: at once when no entry names
     /// a label, else once its labels are read.
     pub(super) fn send_event_table(&self, client: &ClientId) {
+        if !self.event_table_loaded {
+            return; // Told when it is read.
+        }
         let labelled = self
             .event_table
             .iter()
@@ -140,7 +143,7 @@ impl Frontend {
 
     /// Tells `client`, if connected here, the event artifacts a client with `labels` runs.
     pub(super) fn send_event_table_with(&self, client: &ClientId, labels: BTreeSet<String>) {
-        if self.conns.contains_key(client) {
+        if self.event_table_loaded && self.conns.contains_key(client) {
             let table = table_for(&self.event_table, &labels);
             self.push(client, server_message::Kind::EventTable(table));
         }
@@ -153,6 +156,7 @@ impl Frontend {
             Msg::EventStored { key, ok } => self.intake.handle_event_stored(&key, ok),
             Msg::EventTable { table: Ok(entries) } => {
                 self.event_table = Arc::new(entries.iter().map(EntryJson::assignment).collect());
+                self.event_table_loaded = true;
                 tracing::info!(
                     entries = self.event_table.len(),
                     "client event table loaded"
@@ -190,6 +194,10 @@ impl Frontend {
             };
             fe.push(&client, server_message::Kind::Error(m));
         };
+        if !self.event_table_loaded {
+            let why = "the client event table is not read yet; send the batch again".to_owned();
+            return refuse(self, comms::ErrorCode::Busy, why);
+        }
         if !self.event_table.iter().any(|a| a.artifact == key.artifact) {
             let why = format!(
                 "event artifact {} is not in the client event table; its batch is not stored",

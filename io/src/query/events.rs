@@ -77,8 +77,89 @@ pub const TEST_EVENTS: TableDef = TableDef {
     generate: not_here,
 };
 
+/// `file_events`: changes to files under the paths an artifact names (inotify).
+pub const FILE_EVENTS: TableDef = TableDef {
+    name: "file_events",
+    description: "Files created, modified, deleted and moved under the paths the artifact's \
+                  parameter `paths` names (comma-separated absolute paths; a directory's entries \
+                  are watched, and with `recursive` true its subdirectories') (event table: \
+                  inotify).",
+    platforms: LINUX,
+    columns: &[
+        col("target_path", Type::Text, "The file changed."),
+        col(
+            "action",
+            Type::Text,
+            "CREATED, UPDATED (written and closed, or modified), DELETED, MOVED_FROM, MOVED_TO, \
+             ATTRIBUTES_MODIFIED, or OVERFLOW (the kernel's queue overflowed: changes were lost, \
+             target_path empty).",
+        ),
+        col("is_dir", Type::Integer, "1 if it is a directory."),
+        col(
+            "transaction_id",
+            Type::Bigint,
+            "Pairs a MOVED_FROM with its MOVED_TO (0 otherwise).",
+        ),
+        col(
+            "size",
+            Type::Bigint,
+            "Its size when the change was read (-1 if gone).",
+        ),
+        col(
+            "time",
+            Type::Bigint,
+            "When the change was read, seconds since the Unix epoch.",
+        ),
+    ],
+    required: &[],
+    generate: not_here,
+};
+
+/// `socket_events`: sockets that appeared.
+pub const SOCKET_EVENTS: TableDef = TableDef {
+    name: "socket_events",
+    description: "TCP sockets that started listening or were connected, and UDP sockets bound \
+                  (event table: found by comparing /proc/net each second, so a connection that \
+                  lives less than a second may be missed).",
+    platforms: LINUX,
+    columns: &[
+        col(
+            "action",
+            Type::Text,
+            "listen, accept (established on a listening port), connect (established otherwise) \
+             or bind (UDP).",
+        ),
+        col(
+            "pid",
+            Type::Integer,
+            "Owning process (-1 if not visible to the agent).",
+        ),
+        col("path", Type::Text, "The owning process's executable."),
+        col(
+            "fd",
+            Type::Bigint,
+            "File descriptor in the process (-1 if unknown).",
+        ),
+        col("family", Type::Integer, "2 (IPv4) or 10 (IPv6)."),
+        col("protocol", Type::Integer, "6 (TCP) or 17 (UDP)."),
+        col("local_address", Type::Text, "Local address."),
+        col("remote_address", Type::Text, "Remote address."),
+        col("local_port", Type::Integer, "Local port."),
+        col("remote_port", Type::Integer, "Remote port."),
+        col("socket", Type::Bigint, "Socket inode."),
+        col("uid", Type::Bigint, "The socket's owner."),
+        col(
+            "time",
+            Type::Bigint,
+            "When it was found, seconds since the Unix epoch.",
+        ),
+    ],
+    required: &[],
+    generate: not_here,
+};
+
 /// Every event table.
-pub const TABLES: &[TableDef] = &[PROCESS_EVENTS, TEST_EVENTS];
+pub const TABLES: &[TableDef] = &[FILE_EVENTS, PROCESS_EVENTS, SOCKET_EVENTS, TEST_EVENTS];
 
 /// True if `name` is an event table.
 pub fn is_event_table(name: &str) -> bool {

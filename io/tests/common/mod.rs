@@ -242,6 +242,18 @@ impl Deployment {
         ok(&a)
     }
 
+    /// An API command that must succeed: its standard output and standard error.
+    #[allow(dead_code)]
+    pub fn api_with_stderr(&self, args: &[&str]) -> (String, String) {
+        let mut a = vec!["--api-config".to_string(), self.s("api.yaml")];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = run(&a);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "talon {a:?}: {err}");
+        (String::from_utf8(out.stdout).unwrap(), err)
+    }
+
     /// An API command that must fail: its standard error.
     #[allow(dead_code)]
     pub fn api_refused(&self, args: &[&str]) -> String {
