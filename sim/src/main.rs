@@ -117,6 +117,12 @@ fn main() -> ExitCode {
                 r.volume_ops.0,
                 r.volume_ops.1
             );
+            if r.workload.event_rate > 0 {
+                println!(
+                    "event streams: {} batches acknowledged settled; the volume holds {} batches, {} events",
+                    r.event_batches_settled, r.events_stored.0, r.events_stored.1
+                );
+            }
             let outcome = if r.converged_ms > 0 {
                 format!(
                     "converged at {:.1} virtual s",

@@ -46,6 +46,12 @@ fn sim_with(
     // The workload ran: at least one hunt acknowledged, and every hunt finished on every
     // participant (the checkers hold the figures to storage).
     assert!(!r.hunts.is_empty(), "seed {seed}: no hunt was acknowledged");
+    if r.workload.event_rate > 0 {
+        assert!(
+            r.event_batches_settled > 0 && r.events_stored.1 > 0,
+            "seed {seed}: event streams drawn, none stored: {r:?}"
+        );
+    }
     r
 }
 
@@ -69,6 +75,7 @@ fn features(r: &Report) -> Vec<&'static str> {
         ("expiring hunts", w.expire_p > 0.0),
         ("label removals", w.remove_label_p > 0.0),
         ("collections", w.collect_every_ms.is_some()),
+        ("event streams", w.event_rate > 0),
     ]
     .into_iter()
     .filter(|f| f.1)
@@ -99,6 +106,7 @@ fn master_and_minions_under_every_fault_kind_and_workload() {
         "expiring hunts",
         "label removals",
         "collections",
+        "event streams",
     ];
     for kind in KINDS.iter().chain(&extra) {
         assert!(covered.contains(kind), "no seed in the list covers {kind}");

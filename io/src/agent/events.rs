@@ -86,6 +86,8 @@ pub struct Events {
     /// Where the load generator's figures go.
     times: Option<Arc<super::ServiceTimes>>,
     clock: Option<Arc<dyn Clock>>,
+    /// Told of every acknowledgement of a batch: (`<artifact>/<stream>`, seq, settled).
+    observer: Option<super::AckObserver>,
 }
 
 impl State {
@@ -126,6 +128,7 @@ impl Default for Events {
             })),
             times: None,
             clock: None,
+            observer: None,
         }
     }
 }
@@ -326,8 +329,20 @@ impl Events {
         s.outbox.handle_disconnected();
     }
 
+    /// These events, telling `observer` of every acknowledgement of a batch (the simulator
+    /// checks what an agent was told against what storage holds).
+    pub fn observed(self, observer: super::AckObserver) -> Events {
+        Events {
+            observer: Some(observer),
+            ..self
+        }
+    }
+
     /// The frontend acknowledged a batch.
     pub(super) async fn ack(&self, a: &comms::EventAck, now: talon_core::Monotonic) {
+        if let Some(o) = &self.observer {
+            o(&flow_of(&a.artifact, a.stream), a.seq, a.settled);
+        }
         let (out, session) = {
             let mut s = self.lock();
             s.outbox

@@ -293,6 +293,15 @@ impl Outbox {
         }
     }
 
+    /// This outbox, telling `observer` of every acknowledgement of an event batch, as
+    /// `(<artifact>/<stream>, seq, settled)`.
+    pub fn observed_events(self, observer: AckObserver) -> Outbox {
+        Outbox {
+            events: self.events.clone().observed(observer),
+            ..self
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
         self.state.lock().expect("outbox lock poisoned")
     }

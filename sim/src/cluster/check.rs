@@ -901,17 +901,138 @@ fn synthetic_sha256(index: u64, size: u64) -> String {
     hex(&h.finalize())
 }
 
+/// An event batch as the volume holds it: its name's parts and what it carries.
+struct StoredBatch {
+    day: String,
+    /// The test events' numbers (`n`).
+    ns: Vec<u64>,
+    /// Events its stream had dropped before it.
+    dropped: u64,
+}
+
+/// Client event streams (docs/events.md, "Forwarding: exactly once"), read from `msgs` (what
+/// [`messages`] finds: every record of every segment run) and held to what the agents were
+/// told (`settled`: client and `<artifact>/<stream>` → the batches acknowledged settled):
+/// - every batch acknowledged settled is on the volume;
+/// - a batch is stored under its own name (its stream and number are the name's);
+/// - exactly once: no test event (its `n`) is in two batches of its stream;
+/// - nothing lost silently: over the batches `0..=k` of a stream all acknowledged settled, the
+///   numbers missing are exactly those the agent counted as dropped before batch `k`.
+///
+/// Answers the batches and events the volume holds.
+pub fn check_events(
+    msgs: &Files,
+    settled: &BTreeMap<(String, String), BTreeSet<u64>>,
+    out: &mut Vec<String>,
+) -> (u64, u64) {
+    // (client, `<artifact>/<stream>`) → seq → the batch.
+    let mut streams: BTreeMap<(String, String), BTreeMap<u64, StoredBatch>> = BTreeMap::new();
+    for (k, v) in msgs {
+        let parts: Vec<&str> = k.split('/').collect();
+        if parts.len() != 6 || parts[0] != "clients" || parts[2] != "events" {
+            continue;
+        }
+        let (client, artifact, day) = (parts[1], parts[3], parts[4]);
+        let Some((Ok(stream), Ok(seq))) = parts[5]
+            .split_once('-')
+            .map(|(a, b)| (a.parse::<u64>(), b.parse::<u64>()))
+        else {
+            out.push(format!("events: {k} is not named <stream>-<seq>"));
+            continue;
+        };
+        let b = match comms::EventBatch::decode(v.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                out.push(format!("events: {k} does not decode: {e}"));
+                continue;
+            }
+        };
+        if (b.artifact.as_str(), b.stream, b.seq, b.day.as_str()) != (artifact, stream, seq, day) {
+            out.push(format!(
+                "events: {k} holds batch {} of stream {} of {} (day {}): stored under another name",
+                b.seq, b.stream, b.artifact, b.day
+            ));
+        }
+        let ns = b
+            .rows
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(r).ok()?["n"].as_u64())
+            .collect();
+        let batch = StoredBatch {
+            day: day.to_owned(),
+            ns,
+            dropped: b.dropped,
+        };
+        let stream_key = (client.to_owned(), format!("{artifact}/{stream}"));
+        if let Some(other) = streams.entry(stream_key).or_default().insert(seq, batch) {
+            out.push(format!(
+                "events: batch {seq} of stream {artifact}/{stream} of {client} is stored in day {} and day {}",
+                other.day, day
+            ));
+        }
+    }
+    for ((client, stream), seqs) in settled {
+        let stored = streams.get(&(client.clone(), stream.clone()));
+        for seq in seqs {
+            if !stored.is_some_and(|s| s.contains_key(seq)) {
+                out.push(format!(
+                    "events: batch {seq} of stream {stream} of {client} was acknowledged settled; the volume does not hold it"
+                ));
+            }
+        }
+    }
+    for ((client, stream), batches) in &streams {
+        let mut first: BTreeMap<u64, u64> = BTreeMap::new();
+        for (seq, b) in batches {
+            for n in &b.ns {
+                if let Some(before) = first.insert(*n, *seq) {
+                    out.push(format!(
+                        "events: event {n} of stream {stream} of {client} is stored twice, in batches {before} and {seq}"
+                    ));
+                }
+            }
+        }
+        // The run of batches from 0 all acknowledged settled.
+        let acked = settled.get(&(client.clone(), stream.clone()));
+        let upto = (0u64..)
+            .take_while(|s| acked.is_some_and(|a| a.contains(s)))
+            .last();
+        let Some(k) = upto else { continue };
+        let (mut count, mut newest) = (0u64, None::<u64>);
+        for (_, b) in batches.range(..=k) {
+            count += b.ns.len() as u64;
+            newest = newest.max(b.ns.iter().copied().max());
+        }
+        let dropped = batches.get(&k).map_or(0, |b| b.dropped);
+        let missing = newest.map_or(0, |n| n + 1).saturating_sub(count);
+        if missing != dropped {
+            out.push(format!(
+                "events: stream {stream} of {client}: {missing} events are missing from batches 0..={k} (all acknowledged settled), {dropped} counted as dropped"
+            ));
+        }
+    }
+    let batches = streams.values().map(|b| b.len() as u64).sum();
+    let events = streams
+        .values()
+        .flat_map(|b| b.values())
+        .map(|b| b.ns.len() as u64)
+        .sum();
+    (batches, events)
+}
+
 /// The end state, from storage (invariants 1, 2, 3, 6), compared with what the API reported after
-/// convergence (`told.stats`, `told.flows`).
+/// convergence (`told.stats`, `told.flows`), and the client event streams
+/// ([`check_events`]).
 pub fn final_state(
     files: &Files,
     view: &MetaView,
     d: &Deployment,
     told: &Told,
     out: &mut Vec<String>,
-) {
+) -> (u64, u64) {
     let meta = view.on(files);
     let msgs = messages(files);
+    let events = check_events(&msgs, &told.events_settled, out);
     let staying = |c: &str| !d.departed.iter().any(|x| x.as_str() == c);
     let mut flow_dirs = BTreeSet::new();
     let mut hunt_flows: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
@@ -1073,6 +1194,7 @@ pub fn final_state(
     for (c, h) in enrolled {
         out.push(format!("invariant 6: an unknown client {c} ({h}) enrolled"));
     }
+    events
 }
 
 /// A completed flow's uploads: each reassembled whole, verified, and readable on the volume with

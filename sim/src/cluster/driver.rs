@@ -4,8 +4,9 @@
 //! Each seed draws its mix ([`Workload`]): hunts of `Generic.Test.Rows` whose flows are one row, a
 //! few, or several agent batches, with synthetic uploads (one chunk or several) or none; hunts
 //! filtered by labels the driver added; hunts stopped or expiring while they run; labels added and
-//! removed during hunts; single-client collections; and, every virtual second, the hunts' stats as
-//! the API reports them while they move.
+//! removed during hunts; single-client collections; every client streaming `Generic.Events.Test`
+//! events through the client event table; and, every virtual second, the hunts' stats as the API
+//! reports them while they move.
 
 use crate::rng::SimRng;
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +28,8 @@ pub const HUNTS_MAX: usize = 12;
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the driver reads every hunt's stats through the API.
 const STATS_EVERY_MS: u64 = 1_000;
+/// The event artifact every client streams when the workload has event streams.
+pub const EVENT_ARTIFACT: &str = "Generic.Events.Test";
 /// Rows past one agent batch (`talon_io::agent::BATCH_ROWS_MAX`): a multi-message flow.
 const BATCH_ROWS: u64 = talon_io::agent::BATCH_ROWS_MAX as u64;
 
@@ -57,6 +60,9 @@ pub struct Workload {
     /// Uploads may span several chunks (off in runs with many clients: the simulated volume holds
     /// everything in memory).
     pub large_uploads: bool,
+    /// Every client streams `Generic.Events.Test` at this many events per second, set in the
+    /// client event table at the start (0: no event streams).
+    pub event_rate: u64,
 }
 
 /// Above this many clients, flows stay within one batch and uploads within one small chunk: a
@@ -86,6 +92,8 @@ impl Workload {
             remove_label_p: p(rng, 0.5, 10, 40),
             collect_every_ms: rng.chance(0.5).then(|| rng.range(2_000, 20_000)),
             large_uploads: heavy,
+            // Drawn last: the draws before it are what they were before event streams existed.
+            event_rate: if rng.chance(0.6) { rng.range(1, 20) } else { 0 },
         }
     }
 
@@ -147,6 +155,11 @@ pub struct Told {
     pub seen_done: Vec<(String, String, u64, u64)>,
     /// Acknowledgements the agents received: (client, flow, seq, settled).
     pub acks: Vec<(String, String, u64, bool)>,
+    /// Event batches the agents were told are settled: (client, `<artifact>/<stream>`) → seqs.
+    /// Kept whole for the final check.
+    pub events_settled: BTreeMap<(String, String), BTreeSet<u64>>,
+    /// The master acknowledged setting the event stream in the client event table.
+    pub events_set: bool,
     /// After convergence: every acknowledged hunt's final stats as the master reports them.
     pub stats: BTreeMap<String, api::HuntStats>,
     /// After convergence: every acknowledged collection as the master reports it.
@@ -247,6 +260,9 @@ impl Driver {
             lock(&self.told).quiet = true;
             return if ok { Ok(()) } else { Err(()) };
         }
+        if self.workload.event_rate > 0 && !lock(&self.told).events_set {
+            ok &= self.set_events(a).await;
+        }
         if now >= plan.next_hunt && lock(&self.told).hunts.len() < HUNTS_MAX {
             plan.next_hunt = now + self.workload.hunt_every_ms;
             ok &= self.create_hunt(a, now, plan).await;
@@ -272,6 +288,23 @@ impl Driver {
             ok &= self.collect(a).await;
         }
         if ok { Ok(()) } else { Err(()) }
+    }
+
+    /// Every client streams test events (set once; tried again until the master says so).
+    async fn set_events(&mut self, a: &mut Api) -> bool {
+        let req = api::SetClientEventRequest {
+            artifact: EVENT_ARTIFACT.into(),
+            label: String::new(),
+            params: [("rate".to_owned(), self.workload.event_rate.to_string())].into(),
+            remove: false,
+        };
+        match tokio::time::timeout(API_TIMEOUT, a.set_client_event(req)).await {
+            Ok(Ok(_)) => {
+                lock(&self.told).events_set = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     async fn read_stats(&mut self, a: &mut Api, now: u64) -> bool {

@@ -87,6 +87,10 @@ pub struct Report {
     pub labels: usize,
     /// Collections the master acknowledged.
     pub collections: usize,
+    /// Event batches the agents were told are settled.
+    pub event_batches_settled: u64,
+    /// Event batches and events the volume holds at the end.
+    pub events_stored: (u64, u64),
     /// Operations the shared volume served, and how many failed by injection.
     pub volume_ops: (u64, u64),
     /// Frontend processes that exited on an error and were restarted: (virtual ms, host, error).
@@ -324,12 +328,23 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
             );
             let agent = move |identity, id: ClientId, hostname: String, label: String| {
                 // Every acknowledgement the agent receives is what the checkers hold storage to.
-                let (me, told) = (id.to_string(), told.clone());
+                let (me, flow_told) = (id.to_string(), told.clone());
                 let observer: talon_io::agent::AckObserver =
                     Arc::new(move |flow: &str, seq: u64, settled: bool| {
-                        lock(&told)
+                        lock(&flow_told)
                             .acks
                             .push((me.clone(), flow.to_owned(), seq, settled));
+                    });
+                let (me, event_told) = (id.to_string(), told.clone());
+                let event_observer: talon_io::agent::AckObserver =
+                    Arc::new(move |stream: &str, seq: u64, settled: bool| {
+                        if settled {
+                            lock(&event_told)
+                                .events_settled
+                                .entry((me.clone(), stream.to_owned()))
+                                .or_default()
+                                .insert(seq);
+                        }
                     });
                 let clock: Arc<dyn talon_io::clock::Clock> = Arc::new(SimClock {
                     epoch_ms: EPOCH_MS,
@@ -341,7 +356,9 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
                     id,
                     clock: clock.clone(),
                     entropy: Arc::new(SimEntropy::new(root.fork(&label))),
-                    outbox: talon_io::agent::Outbox::default().observed(observer),
+                    outbox: talon_io::agent::Outbox::default()
+                        .observed(observer)
+                        .observed_events(event_observer),
                     host: talon_io::query::Host::Virtual {
                         hostname: hostname.into(),
                         cache: talon_io::query::TableCache::new(clock),
@@ -575,15 +592,18 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
     let ended_ms = sim.elapsed().as_millis() as u64;
     let told = std::mem::take(&mut *lock(&told));
     let files = volume.snapshot();
+    let mut events = (0, 0);
     if converged_ms > 0 {
         match disks.get("master").map(MetaView::read).transpose() {
-            Ok(view) => check::final_state(
-                &files,
-                &view.unwrap_or_default(),
-                &deployment,
-                &told,
-                &mut violations,
-            ),
+            Ok(view) => {
+                events = check::final_state(
+                    &files,
+                    &view.unwrap_or_default(),
+                    &deployment,
+                    &told,
+                    &mut violations,
+                );
+            }
             Err(e) => violations.push(e),
         }
     }
@@ -637,6 +657,8 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         hunts: told.stats,
         labels: told.labels.len(),
         collections: told.collections.len(),
+        event_batches_settled: told.events_settled.values().map(|s| s.len() as u64).sum(),
+        events_stored: events,
         volume_ops: (volume.ops(), volume.errors()),
         exits,
         violations,

@@ -773,3 +773,93 @@ fn samples_follow_segment_indexes_and_catch_a_message_changed_or_an_index_shrunk
         "{out:?}"
     );
 }
+
+/// One stored test-event batch of stream 7 of client 1: events `ns`, `dropped` counted before it.
+fn event_batch(seq: u64, ns: std::ops::Range<u64>, dropped: u64) -> (String, Bytes) {
+    let c = client(1);
+    let key = talon_core::events::EventKey {
+        client: c,
+        artifact: "Generic.Events.Test".into(),
+        day: "2026-09-21".into(),
+        stream: 7,
+        seq,
+    };
+    let rows = ns
+        .map(|n| Bytes::from(serde_json::to_vec(&serde_json::json!({ "n": n })).unwrap()))
+        .collect();
+    let b = comms::EventBatch {
+        artifact: key.artifact.clone(),
+        stream: 7,
+        seq,
+        day: key.day.clone(),
+        time_unix_ms: 1,
+        rows,
+        dropped,
+    };
+    (paths::event_batch(&key), Bytes::from(b.encode_to_vec()))
+}
+
+fn settled(seqs: &[u64]) -> BTreeMap<(String, String), BTreeSet<u64>> {
+    BTreeMap::from([(
+        (client(1).to_string(), "Generic.Events.Test/7".to_owned()),
+        seqs.iter().copied().collect(),
+    )])
+}
+
+fn check_events_on(batches: &[(String, Bytes)], acked: &[u64]) -> Vec<String> {
+    // Stored as the write-behind buffer stores them: records of a segment run.
+    let (data, index) = segments::encode_files(&[batches.to_vec()]);
+    let files = Files::from([
+        ("segments/w-000001.data".to_owned(), data),
+        ("segments/w-000001.index".to_owned(), index),
+    ]);
+    let mut out = Vec::new();
+    check_events(&messages(&files), &settled(acked), &mut out);
+    out
+}
+
+/// The event checker passes a stream stored once, in segment runs, with what was dropped counted,
+/// and names each planted violation: a settled batch missing, an event in two batches (a stream
+/// renumbered after a restart would do it), a batch under another batch's name, and events lost
+/// without a count.
+#[test]
+fn the_event_checker_catches_lost_twice_stored_misnamed_and_silently_dropped_events() {
+    let good = [
+        event_batch(0, 0..5, 0),
+        event_batch(1, 5..9, 0),
+        // Events 9..12 dropped at the agent's bound: the next batch counts them.
+        event_batch(2, 12..14, 3),
+    ];
+    assert_eq!(check_events_on(&good, &[0, 1, 2]), Vec::<String>::new());
+    // A batch acknowledged unsettled and not stored yet (the last) is not a violation.
+    assert_eq!(check_events_on(&good[..2], &[0, 1]), Vec::<String>::new());
+
+    // Acknowledged settled, not on the volume.
+    let out = check_events_on(&good[..2], &[0, 1, 2]);
+    assert!(has(&out, "events: batch 2 of stream"), "{out:?}");
+    assert!(out[0].contains("acknowledged settled"), "{out:?}");
+
+    // The same events under two numbers.
+    let twice = [good[0].clone(), good[1].clone(), event_batch(2, 5..9, 0)];
+    let out = check_events_on(&twice, &[0, 1, 2]);
+    assert!(out.iter().any(|v| v.contains("stored twice")), "{out:?}");
+
+    // A batch stored under another's name.
+    let (k, _) = event_batch(1, 0..0, 0);
+    let (_, v) = event_batch(0, 5..9, 0);
+    let out = check_events_on(&[good[0].clone(), (k, v), good[2].clone()], &[0, 1, 2]);
+    assert!(out.iter().any(|v| v.contains("another name")), "{out:?}");
+
+    // Events missing and not counted.
+    let lost = [
+        event_batch(0, 0..5, 0),
+        event_batch(1, 6..9, 0),
+        event_batch(2, 12..14, 3),
+    ];
+    let out = check_events_on(&lost, &[0, 1, 2]);
+    assert!(
+        out.iter()
+            .any(|v| v.contains("4 events are missing") && v.contains("3 counted")),
+        "{out:?}"
+    );
+}
