@@ -121,6 +121,10 @@ fn every_command_that_prints_has_json_output_that_parses() {
             .is_empty()
     });
     api("events show", &[&id, "Generic.Events.Test"]);
+    api(
+        "events search",
+        &["Generic.Events.Test", "--since", "1h", "--limit", "3"],
+    );
     api("events unset", &["Generic.Events.Test"]);
     std::fs::write(d.path("up.txt"), "walked").unwrap();
     let glob = d.s("up.txt");

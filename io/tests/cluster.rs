@@ -247,4 +247,70 @@ fn events_are_stored_exactly_once_through_a_minion_sigkill() {
     for id in &on_minion {
         test_events_exactly_once(&d, id);
     }
+
+    // A search across clients finds every client's events, each once; a condition picks rows.
+    let all: Vec<String> = d
+        .clients()
+        .iter()
+        .map(|c| c["client_id"].as_str().unwrap().to_owned())
+        .collect();
+    let found = d.api(&[
+        "events",
+        "search",
+        "Generic.Events.Test",
+        "--since",
+        "1h",
+        "--where",
+        "n=7",
+        "--json",
+    ]);
+    let mut rows: Vec<(String, u64)> = found
+        .lines()
+        .map(json)
+        .map(|v| {
+            assert_eq!(v["n"], 7, "{v}");
+            (
+                v["_client"].as_str().unwrap().to_owned(),
+                v["_stream"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    let before = rows.len();
+    rows.dedup();
+    assert_eq!(rows.len(), before, "an event found twice: {found}");
+    let clients: BTreeSet<&String> = rows.iter().map(|(c, _)| c).collect();
+    assert_eq!(clients, all.iter().collect(), "{found}");
+    // The limit stops the stream, and says so.
+    let (out, err) = d.api_with_stderr(&[
+        "events",
+        "search",
+        "Generic.Events.Test",
+        "--since",
+        "1h",
+        "--limit",
+        "5",
+    ]);
+    assert_eq!(out.lines().count(), 5, "{out}");
+    assert!(err.contains("--limit 5"), "{err}");
+    let err = d.api_refused(&[
+        "events",
+        "search",
+        "Generic.Events.Test",
+        "--since",
+        "1h",
+        "--where",
+        "n 7=1",
+    ]);
+    assert!(err.contains("COLUMN=VALUE"), "{err}");
+    let none = d.api(&[
+        "events",
+        "search",
+        "Generic.Events.Test",
+        "--since",
+        "1h",
+        "--label",
+        "nobody",
+    ]);
+    assert!(none.contains("no events match"), "{none}");
 }

@@ -562,6 +562,27 @@ impl Api {
         Ok(n)
     }
 
+    /// Calls `each` with every page of a search across clients as it arrives; returns how
+    /// many pages there were.
+    pub async fn each_search_page(
+        &mut self,
+        req: api::SearchEventsRequest,
+        mut each: impl FnMut(api::EventPage) -> Result<(), String>,
+    ) -> Result<u64, String> {
+        let mut s = self
+            .inner
+            .search_events(req)
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut n = 0;
+        while let Some(page) = s.message().await.map_err(status)? {
+            each(page)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Stops a hunt.
     pub async fn stop_hunt(&mut self, id: &str) -> Result<api::HuntSummary, String> {
         Ok(self

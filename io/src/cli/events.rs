@@ -58,7 +58,32 @@ pub enum EventsCommand {
         /// Keep going: print events as they are stored, until interrupted.
         #[arg(long)]
         follow: bool,
-        /// One JSON object per line: the row with `_time_ms`, `_stream` and `_seq`.
+        /// One JSON object per line: the row with `_time_ms`, `_stream`, `_seq` and `_dropped`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Events of one event artifact across clients, by day, then client: one line per event,
+    /// its time, its client and its row.
+    Search {
+        /// The event artifact.
+        artifact: String,
+        /// From (required): RFC 3339, a UTC day, or a time ago (`30s`, `10m`, `2h`, `1d`).
+        #[arg(long)]
+        since: String,
+        /// Until (as --since). Default: now.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only clients with this label.
+        #[arg(long)]
+        label: Option<String>,
+        /// Only rows whose column, as text, equals the value: `COLUMN=VALUE`; repeat for
+        /// several (all must hold).
+        #[arg(long = "where", value_name = "COLUMN=VALUE")]
+        wheres: Vec<String>,
+        /// Rows at most (default 10,000; at most 1,000,000).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// One JSON object per line: the row with `_client`, `_time_ms`, `_stream` and `_seq`.
         #[arg(long)]
         json: bool,
     },
@@ -236,6 +261,71 @@ pub async fn run(
                 String::new()
             } else {
                 "no events stored in that time".into()
+            })
+        }
+        EventsCommand::Search {
+            artifact,
+            since,
+            until,
+            label,
+            wheres,
+            limit,
+            json,
+        } => {
+            let since_ms = parse_time(&since, now_ms)?;
+            let until_ms = until.map(|s| parse_time(&s, now_ms)).transpose()?;
+            for w in &wheres {
+                if !w.contains('=') {
+                    return Err(format!("--where {w:?}: expected COLUMN=VALUE"));
+                }
+            }
+            let limit = limit.unwrap_or(crate::node::events::SEARCH_ROWS_DEFAULT);
+            let req = api::SearchEventsRequest {
+                artifact,
+                since_ms,
+                until_ms: until_ms.unwrap_or(0),
+                label: label.unwrap_or_default(),
+                r#where: wheres,
+                limit,
+            };
+            let mut out = super::Out::stdout();
+            let mut events = 0u64;
+            let r = a
+                .each_search_page(req, |page| {
+                    for row in &page.rows {
+                        let mut v: serde_json::Value = serde_json::from_slice(row)
+                            .map_err(|e| format!("a stored event is not JSON: {e}"))?;
+                        events += 1;
+                        if json {
+                            if let Some(o) = v.as_object_mut() {
+                                o.insert("_client".into(), page.client_id.clone().into());
+                                o.insert("_time_ms".into(), page.time_ms.into());
+                                o.insert("_stream".into(), page.stream.into());
+                                o.insert("_seq".into(), page.seq.into());
+                            }
+                            out.line(&v.to_string())?;
+                        } else {
+                            out.line(&format!(
+                                "{}  {}  {v}",
+                                times.at(page.time_ms),
+                                page.client_id
+                            ))?;
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+            out.flush()?;
+            r?;
+            if events >= limit {
+                eprintln!(
+                    "talon: stopped at --limit {limit} events (give a larger --limit for more)"
+                );
+            }
+            Ok(if json || events > 0 {
+                String::new()
+            } else {
+                "no events match".into()
             })
         }
     }

@@ -634,6 +634,16 @@ impl api::api_server::Api for ApiService {
         super::events::get_events(&self.node, req.into_inner()).map(Response::new)
     }
 
+    type SearchEventsStream = super::events::EventPages;
+
+    async fn search_events(
+        &self,
+        req: Request<api::SearchEventsRequest>,
+    ) -> Result<Response<Self::SearchEventsStream>, Status> {
+        require_api(&req)?;
+        super::events::search_events(&self.node, req.into_inner()).map(Response::new)
+    }
+
     async fn remove_artifact(
         &self,
         req: Request<api::ArtifactRequest>,

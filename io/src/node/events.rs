@@ -480,9 +480,221 @@ pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventP
     Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// Rows one `SearchEvents` returns when it names no limit.
+pub const SEARCH_ROWS_DEFAULT: u64 = 10_000;
+/// Rows one `SearchEvents` returns at most.
+pub const SEARCH_ROWS_MAX: u64 = 1_000_000;
+/// `where` conditions one search takes at most.
+pub const SEARCH_WHERE_MAX: usize = 16;
+
+/// `COLUMN=VALUE` → (column, value); the column a name of letters, digits and `_`.
+fn parse_where(w: &str) -> Result<(String, String), Status> {
+    let refuse = || {
+        Status::invalid_argument(format!(
+            "--where {:?}: expected COLUMN=VALUE (a column of the artifact's rows)",
+            w.chars().take(128).collect::<String>()
+        ))
+    };
+    let (c, v) = w.split_once('=').ok_or_else(refuse)?;
+    let c = c.trim();
+    if c.is_empty() || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
+        return Err(refuse());
+    }
+    Ok((c.to_owned(), v.to_owned()))
+}
+
+/// Whether a stored row (a JSON object) matches every condition: a string column equals the
+/// value as it is; any other column equals the value read as JSON (`42`, `true`).
+fn row_matches(row: &[u8], conds: &[(String, String)]) -> bool {
+    if conds.is_empty() {
+        return true;
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(row) else {
+        return false;
+    };
+    conds.iter().all(|(c, want)| match v.get(c) {
+        Some(serde_json::Value::String(s)) => s == want,
+        Some(other) => serde_json::from_str::<serde_json::Value>(want).is_ok_and(|w| w == *other),
+        None => false,
+    })
+}
+
+/// An event artifact's stored batches across clients (those with `label`, if named) between two
+/// times, only the rows matching every `where`, at most `limit` rows, streamed (`SearchEvents`):
+/// by day, then client, then stream and number. One pass over the segment index files per day
+/// finds every client's runs; a client's label is read only for clients with batches that day.
+pub(super) fn search_events(
+    node: &Node,
+    r: api::SearchEventsRequest,
+) -> Result<EventPages, Status> {
+    if !talon_core::artifacts::artifact_name_ok(&r.artifact) {
+        return Err(Status::invalid_argument(format!(
+            "{:?} is not an artifact name",
+            r.artifact.chars().take(64).collect::<String>()
+        )));
+    }
+    if r.since_ms == 0 {
+        return Err(Status::invalid_argument(
+            "a search needs --since (a time, a UTC day, or a time ago such as 2h)",
+        ));
+    }
+    let now = node.clock.now();
+    let (since, until) = (
+        Timestamp(r.since_ms),
+        if r.until_ms == 0 {
+            now
+        } else {
+            Timestamp(r.until_ms)
+        },
+    );
+    if since > until {
+        return Err(Status::invalid_argument("--since is after --until"));
+    }
+    let all = days(since, until);
+    if all.len() as u64 > EVENT_DAYS_MAX {
+        return Err(Status::invalid_argument(format!(
+            "{} days asked for; at most {EVENT_DAYS_MAX} at once",
+            all.len()
+        )));
+    }
+    if r.r#where.len() > SEARCH_WHERE_MAX {
+        return Err(Status::invalid_argument(format!(
+            "{} --where conditions; at most {SEARCH_WHERE_MAX}",
+            r.r#where.len()
+        )));
+    }
+    let conds = r
+        .r#where
+        .iter()
+        .map(|w| parse_where(w))
+        .collect::<Result<Vec<_>, _>>()?;
+    let limit = match r.limit {
+        0 => SEARCH_ROWS_DEFAULT,
+        n if n > SEARCH_ROWS_MAX => {
+            return Err(Status::invalid_argument(format!(
+                "--limit {n}: at most {SEARCH_ROWS_MAX}"
+            )));
+        }
+        n => n,
+    };
+    let (tx, rx) = mpsc::channel(16);
+    let (volume, ds) = (node.filestore.volume().clone(), node.datastore.clone());
+    tokio::spawn(async move {
+        let fail = |e: String| {
+            Err(Status::unavailable(format!(
+                "cannot read the stored events: {e}"
+            )))
+        };
+        let mut left = limit;
+        for day in all {
+            let suffix = format!("/events/{}/{day}", r.artifact);
+            let wanted = |d: &str| {
+                d.starts_with("clients/") && d.ends_with(&suffix) && paths::is_events_dir(d)
+            };
+            let found = match crate::storage::segments::index_runs_where(&volume, &wanted).await {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(fail(e.to_string())).await;
+                    return;
+                }
+            };
+            let mut by_dir: BTreeMap<String, Vec<crate::storage::segments::RunRef>> =
+                BTreeMap::new();
+            for (dir, run) in found {
+                by_dir.entry(dir).or_default().push(run);
+            }
+            for (dir, runs) in by_dir {
+                let Some(client) = dir.split('/').nth(1).and_then(|c| ClientId::parse(c).ok())
+                else {
+                    continue;
+                };
+                if !r.label.is_empty() {
+                    match labels_of(&ds, &client).await {
+                        Ok(labels) if labels.contains(&r.label) => {}
+                        Ok(_) => continue,
+                        Err(e) => {
+                            let _ = tx.send(fail(e.to_string())).await;
+                            return;
+                        }
+                    }
+                }
+                let mut pages = Vec::new();
+                let mut reader = crate::storage::events::DayReader::new(&dir);
+                let read = reader
+                    .read_runs(&volume, runs, &mut |(_, v)| {
+                        let Ok(b) = comms::EventBatch::decode(v) else {
+                            return true;
+                        };
+                        if !in_window(Timestamp(b.time_unix_ms), since, until, false) {
+                            return true;
+                        }
+                        let rows: Vec<Bytes> = b
+                            .rows
+                            .into_iter()
+                            .filter(|row| row_matches(row, &conds))
+                            .take(usize::try_from(left).unwrap_or(usize::MAX))
+                            .collect();
+                        if rows.is_empty() {
+                            return true;
+                        }
+                        left -= rows.len() as u64;
+                        pages.push(api::EventPage {
+                            client_id: client.to_string(),
+                            artifact: b.artifact,
+                            stream: b.stream,
+                            seq: b.seq,
+                            time_ms: b.time_unix_ms,
+                            rows,
+                            dropped: b.dropped,
+                        });
+                        left > 0
+                    })
+                    .await;
+                for p in pages {
+                    if tx.send(Ok(p)).await.is_err() {
+                        return;
+                    }
+                }
+                if let Err(e) = read {
+                    let _ = tx.send(fail(e.to_string())).await;
+                    return;
+                }
+                if left == 0 {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A condition is COLUMN=VALUE, refused otherwise naming it; a row matches when every
+    /// condition's column, as text, equals the value.
+    #[test]
+    fn search_conditions_parse_and_match() {
+        assert_eq!(
+            parse_where("name=sshd").unwrap(),
+            ("name".to_owned(), "sshd".to_owned())
+        );
+        assert_eq!(parse_where("path=/a=b").unwrap().1, "/a=b");
+        for bad in ["name", "=x", "na me=x", "a;b=1"] {
+            let e = parse_where(bad).unwrap_err();
+            assert!(e.message().contains("COLUMN=VALUE"), "{bad}: {e}");
+        }
+        let row = br#"{"name":"sshd","pid":42,"root":true}"#;
+        let c = |w: &[&str]| -> Vec<(String, String)> {
+            w.iter().map(|w| parse_where(w).unwrap()).collect()
+        };
+        assert!(row_matches(row, &c(&[])));
+        assert!(row_matches(row, &c(&["name=sshd", "pid=42", "root=true"])));
+        assert!(!row_matches(row, &c(&["name=ssh"])));
+        assert!(!row_matches(row, &c(&["pid=42", "user=root"])));
+        assert!(!row_matches(b"not json", &c(&["name=sshd"])));
+    }
 
     /// `--since` holds when following too (a followed day's earlier batches are not shown);
     /// `--until` ends the window unless following.

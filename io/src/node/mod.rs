@@ -59,7 +59,7 @@ mod api_reads;
 mod api_service;
 mod comms_service;
 mod effects;
-mod events;
+pub mod events;
 mod flows;
 mod load;
 mod master;

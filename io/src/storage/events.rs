@@ -52,8 +52,19 @@ impl DayReader {
         volume: &V,
         emit: &mut (dyn FnMut(Record) -> bool + Send),
     ) -> io::Result<u64> {
-        let runs: Vec<RunRef> = index_runs(volume, &self.dir)
-            .await?
+        let runs = index_runs(volume, &self.dir).await?;
+        self.read_runs(volume, runs, emit).await
+    }
+
+    /// [`DayReader::read_new`] over `runs`, the day's runs found by the caller (one pass over the
+    /// index files for many days: `segments::index_runs_where`).
+    pub async fn read_runs<V: Volume>(
+        &mut self,
+        volume: &V,
+        runs: Vec<RunRef>,
+        emit: &mut (dyn FnMut(Record) -> bool + Send),
+    ) -> io::Result<u64> {
+        let runs: Vec<RunRef> = runs
             .into_iter()
             .filter(|r| !self.read.contains(&(r.file.clone(), r.offset)))
             .collect();

@@ -615,6 +615,20 @@ pub async fn read_run<V: Volume>(volume: &V, dir: &str, run: &RunRef) -> io::Res
 /// unknown until read: [`read_run`]). Costs a read of every index file, at most
 /// `VOLUME_CONCURRENCY` of them in memory at once (only `dir`'s entries stay).
 pub async fn index_runs<V: Volume>(volume: &V, dir: &str) -> io::Result<Vec<RunRef>> {
+    Ok(index_runs_where(volume, &|d| d == dir)
+        .await?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// The runs every writer's index files name for the directories `wanted` accepts, with their
+/// directory, unread: one pass over the index files for any number of directories (a search of
+/// every client's day). As [`index_runs`] otherwise.
+pub async fn index_runs_where<V: Volume>(
+    volume: &V,
+    wanted: &(dyn Fn(&str) -> bool + Sync),
+) -> io::Result<Vec<(String, RunRef)>> {
     let indexes: Vec<String> = volume
         .list(&format!("{SEGMENTS_DIR}/"))
         .await?
@@ -631,14 +645,17 @@ pub async fn index_runs<V: Volume>(volume: &V, dir: &str) -> io::Result<Vec<RunR
             runs.extend(
                 parse_index(&bytes)
                     .into_iter()
-                    .filter(|e| e.dir == dir)
-                    .map(|e| RunRef {
-                        file: data.clone(),
-                        offset: e.offset,
-                        len: e.len,
-                        first: String::new(),
-                        last: String::new(),
-                        whole: false,
+                    .filter(|e| wanted(&e.dir))
+                    .map(|e| {
+                        let run = RunRef {
+                            file: data.clone(),
+                            offset: e.offset,
+                            len: e.len,
+                            first: String::new(),
+                            last: String::new(),
+                            whole: false,
+                        };
+                        (e.dir, run)
                     }),
             );
         }
