@@ -297,7 +297,30 @@ fn the_agent_buffers_on_disk_through_a_restart_and_counts_what_it_drops() {
             .count()
     };
     assert!(old_files() > 0, "the old stream's batches are on disk");
+    // The master restarts keeping one day of events: a day long past (planted) is deleted, today
+    // stays.
+    let cfg = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
+    assert!(cfg.contains("\nDatastore:\n"), "{cfg}");
+    let cfg = cfg.replacen(
+        "\nDatastore:\n",
+        "\nDatastore:\n  events_retention_days: 1\n",
+        1,
+    );
+    std::fs::write(d.path("server.config.yaml"), cfg).unwrap();
+    let past = d.path("shared/filestore/segments/events/2000-01-01");
+    std::fs::create_dir_all(&past).unwrap();
+    for f in ["w-000001.data", "w-000001.index"] {
+        std::fs::write(past.join(f), "old").unwrap();
+    }
     let _master = d.start_master();
+    d.wait_until("the day past retention is deleted", || {
+        std::fs::read_dir(&past).map_or(true, |mut e| e.next().is_none())
+    });
+    assert!(
+        std::fs::read_to_string(d.path("master.log"))
+            .unwrap()
+            .contains("client event days past retention deleted")
+    );
     let _client = d.start_client(&d.path("small.config.yaml"), "c1");
     d.wait_until("what the old stream buffered is stored", || {
         let all = stored_test_events(&d, &id);

@@ -360,6 +360,10 @@ pub struct DatastoreSection {
     /// to reproduce NFS/EFS latency on a local disk (`talon bench storage-latency`). 0 in production.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub volume_latency_ms: u64,
+    /// Client events older than this many UTC days are deleted from the filestore by the master,
+    /// hourly (docs/events.md, "Retention"); 0 keeps them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub events_retention_days: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -401,6 +405,12 @@ impl DatastoreSection {
                 1 << 40,
             ),
             ("volume_latency_ms", self.volume_latency_ms, 0, 10_000),
+            (
+                "events_retention_days",
+                self.events_retention_days,
+                0,
+                100_000,
+            ),
         ] {
             if v < lo || v > hi {
                 return Err(format!(
@@ -797,6 +807,7 @@ pub fn generate(
             max_value_size: max_value_size(),
             filestore_buffer_bytes: filestore_buffer_bytes(),
             volume_latency_ms: 0,
+            events_retention_days: 0,
         },
         ca: CaSection {
             certificate: ca.certificate,

@@ -480,6 +480,34 @@ pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventP
     Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// How often the master deletes event days past retention.
+pub const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The master's retention of client events (`Datastore.events_retention_days` = `days`): at start
+/// and then hourly, deletes every event day before the `days` most recent UTC days (today counts)
+/// from the filestore. A day's batches still in a frontend's write-behind buffer (an agent that
+/// sent old batches late) make that day's files again; the next pass deletes them.
+pub(super) async fn retention(
+    volume: crate::storage::volume::SharedVolume,
+    clock: Arc<dyn Clock>,
+    days: u64,
+) {
+    loop {
+        let today = clock.now().as_ms() / DAY_MS;
+        let first_kept = Timestamp(today.saturating_sub(days - 1) * DAY_MS).utc_day();
+        match crate::storage::segments::delete_event_days_before(&volume, &first_kept).await {
+            Ok(gone) if gone.is_empty() => {}
+            Ok(gone) => {
+                tracing::info!(days = ?gone, kept_from = %first_kept, "client event days past retention deleted")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete client event days past retention; trying again in an hour")
+            }
+        }
+        tokio::time::sleep(RETENTION_EVERY).await;
+    }
+}
+
 /// Rows one `SearchEvents` returns when it names no limit.
 pub const SEARCH_ROWS_DEFAULT: u64 = 10_000;
 /// Rows one `SearchEvents` returns at most.
@@ -591,7 +619,10 @@ pub(super) fn search_events(
             let wanted = |d: &str| {
                 d.starts_with("clients/") && d.ends_with(&suffix) && paths::is_events_dir(d)
             };
-            let found = match crate::storage::segments::index_runs_where(&volume, &wanted).await {
+            let seg_dir = format!("{}/{day}", crate::storage::segments::EVENT_SEGMENTS_DIR);
+            let found = match crate::storage::segments::index_runs_where(&volume, &seg_dir, &wanted)
+                .await
+            {
                 Ok(f) => f,
                 Err(e) => {
                     let _ = tx.send(fail(e.to_string())).await;

@@ -120,6 +120,9 @@ pub struct NodeOptions {
     pub hello_timeout: std::time::Duration,
     /// Largest metadata value (`Datastore.max_value_size`): a flow record is kept within it.
     pub value_bytes_max: u64,
+    /// Client event days kept (`Datastore.events_retention_days`; 0: all): the master deletes
+    /// older ones hourly.
+    pub events_retention_days: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
@@ -343,6 +346,16 @@ impl Node {
                     role,
                 };
                 actor.fe.reload_event_table();
+                if opts.events_retention_days > 0 {
+                    tokio::spawn(tracing::Instrument::instrument(
+                        events::retention(
+                            filestore.volume().clone(),
+                            clock.clone(),
+                            opts.events_retention_days,
+                        ),
+                        span.clone(),
+                    ));
+                }
                 tokio::spawn(tracing::Instrument::instrument(
                     actor.run(rx, done_rx),
                     span,

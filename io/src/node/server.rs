@@ -228,6 +228,7 @@ fn node_options(cfg: &ServerConfig, node_name: String) -> NodeOptions {
         notifications_per_second: r.notifications_per_second.max(1),
         hello_timeout: std::time::Duration::from_secs(r.hello_timeout_s),
         value_bytes_max: cfg.datastore.max_value_size,
+        events_retention_days: cfg.datastore.events_retention_days,
     }
 }
 

@@ -20,6 +20,12 @@
 //! rotates both files, so a torn write can only be a file's tail, which parsing stops at. Writers
 //! never share a file: `<writer>` is unique per process start.
 //!
+//! Client event batches (directories `clients/<id>/events/<artifact>/<day>`) go to files of their
+//! own per UTC day, `segments/events/<day>/<writer>-<n>.data` and `.index` (same formats): a
+//! day's reader scans only that day's index files, and retention deletes a day as whole files
+//! ([`delete_event_days_before`]). A flush holding flow messages and one day's events is two
+//! appends to each pair of files, all four at once.
+//!
 //! Where a flow's messages are is recorded with its completion ([`RunRef`]s in the flow record),
 //! so readers read a few ranges; the node that completes a flow knows the runs it wrote
 //! ([`RunIndex`]) and learns the others' by an audit ([`locate`]). Messages written by older
@@ -35,6 +41,22 @@ use talon_core::paths::{self, validate_key};
 
 /// The directory of every node's segment files, under the filestore's root.
 pub const SEGMENTS_DIR: &str = "segments";
+/// The directory of the event days' segment files, one directory per UTC day below it.
+pub const EVENT_SEGMENTS_DIR: &str = "segments/events";
+/// Event days whose files one writer keeps open at once (a flush rarely spans more than two:
+/// around midnight, or batches an agent buffered for days); beyond it the oldest is closed.
+const EVENT_DAYS_OPEN_MAX: usize = 4;
+
+/// The segment directory holding the runs of `dir`: its day's for an event directory, else the
+/// flows' (`segments`).
+pub fn segments_dir_of(dir: &str) -> String {
+    if paths::is_events_dir(dir)
+        && let Some((_, day)) = dir.rsplit_once('/')
+    {
+        return format!("{EVENT_SEGMENTS_DIR}/{day}");
+    }
+    SEGMENTS_DIR.to_owned()
+}
 /// A run's largest size (bytes), unless one message is larger: what a reader holds of a run.
 pub const RUN_BYTES_MAX: u64 = 4 << 20;
 /// A data file is rotated once it holds this many bytes.
@@ -362,8 +384,16 @@ pub struct SegmentLog {
     volume: SharedVolume,
     writer: String,
     file_bytes_max: u64,
-    state: tokio::sync::Mutex<LogState>,
+    state: tokio::sync::Mutex<LogFiles>,
     runs: std::sync::Mutex<RunIndex>,
+}
+
+/// The open files of each segment directory written to (`segments`, and event days).
+#[derive(Debug, Default)]
+struct LogFiles {
+    by_dir: BTreeMap<String, LogState>,
+    /// Event days in the order they were last written (oldest first).
+    days: VecDeque<String>,
 }
 
 #[derive(Debug, Default)]
@@ -393,7 +423,7 @@ impl SegmentLog {
             volume,
             writer: writer.to_owned(),
             file_bytes_max: DATA_FILE_BYTES_MAX,
-            state: tokio::sync::Mutex::new(LogState::default()),
+            state: tokio::sync::Mutex::new(LogFiles::default()),
             runs: std::sync::Mutex::new(RunIndex::new(dirs_max)),
         })
     }
@@ -404,8 +434,8 @@ impl SegmentLog {
         self
     }
 
-    fn files(&self, n: u64) -> (String, String) {
-        let base = format!("{SEGMENTS_DIR}/{}-{n:06}", self.writer);
+    fn files(&self, seg_dir: &str, n: u64) -> (String, String) {
+        let base = format!("{seg_dir}/{}-{n:06}", self.writer);
         (format!("{base}.data"), format!("{base}.index"))
     }
 
@@ -436,14 +466,14 @@ impl SegmentLog {
     /// it as it starts ([`SegmentLog::prepare`]): on a network filesystem creating the two files
     /// costs several round trips in one directory (about 1.5 s on slowfs, measured), which the
     /// first flush of a hunt's results would otherwise wait for.
-    async fn ensure_open(&self, st: &mut LogState) -> io::Result<()> {
+    async fn ensure_open(&self, seg_dir: &str, st: &mut LogState) -> io::Result<()> {
         if st.open
             && !(st.data_len > DATA_HEADER.len() as u64 && st.data_len >= self.file_bytes_max)
         {
             return Ok(());
         }
         let next = st.file + 1;
-        let (d, i) = self.files(next);
+        let (d, i) = self.files(seg_dir, next);
         let made = bounded(
             2,
             vec![
@@ -464,18 +494,21 @@ impl SegmentLog {
     /// Creates the files the first flush appends to now rather than then (see `ensure_open`); a
     /// failure is left for that flush to meet and retry.
     pub async fn prepare(&self) -> io::Result<()> {
-        let mut st = self.state.lock().await;
-        self.ensure_open(&mut st).await
+        let mut files = self.state.lock().await;
+        let st = files.by_dir.entry(SEGMENTS_DIR.to_owned()).or_default();
+        self.ensure_open(SEGMENTS_DIR, st).await
     }
 
     async fn append(&self, writes: BTreeMap<String, Bytes>) -> io::Result<()> {
-        // The runs: consecutive records of one directory, each at most RUN_BYTES_MAX.
-        let mut data = BytesMut::new();
-        let mut runs: Vec<(String, u64, u64, Vec<String>)> = Vec::new();
+        // Per segment directory, the runs: consecutive records of one directory, each at most
+        // RUN_BYTES_MAX.
+        type Runs = Vec<(String, u64, u64, Vec<String>)>;
+        let mut groups: BTreeMap<String, (BytesMut, Runs)> = BTreeMap::new();
         for (key, value) in &writes {
             let (dir, name) = split(key);
+            let (data, runs) = groups.entry(segments_dir_of(dir)).or_default();
             let start = data.len() as u64;
-            put_record(&mut data, key, value);
+            put_record(data, key, value);
             let len = data.len() as u64 - start;
             match runs.last_mut() {
                 Some((d, _, l, names)) if d == dir && *l + len <= RUN_BYTES_MAX => {
@@ -485,56 +518,83 @@ impl SegmentLog {
                 _ => runs.push((dir.to_owned(), start, len, vec![name.to_owned()])),
             }
         }
-        let data = data.freeze();
-        let mut st = self.state.lock().await;
-        self.ensure_open(&mut st).await?;
-        let base = st.data_len;
-        let mut index = BytesMut::new();
-        for (dir, off, len, _) in &runs {
-            put_entry(
-                &mut index,
-                &IndexEntry {
-                    dir: dir.clone(),
-                    offset: base + off,
-                    len: *len,
-                },
-            );
+        let mut files = self.state.lock().await;
+        // Open (or rotate) each group's files, then append to all of them at once.
+        let mut jobs: Vec<(String, Bytes)> = Vec::new();
+        let mut placed: Vec<(String, String, u64, Runs)> = Vec::new();
+        for (seg_dir, (data, runs)) in groups {
+            if seg_dir != SEGMENTS_DIR {
+                files.days.retain(|d| *d != seg_dir);
+                files.days.push_back(seg_dir.clone());
+                while files.days.len() > EVENT_DAYS_OPEN_MAX {
+                    if let Some(old) = files.days.pop_front() {
+                        files.by_dir.remove(&old);
+                    }
+                }
+            }
+            let st = files.by_dir.entry(seg_dir.clone()).or_default();
+            if let Err(e) = self.ensure_open(&seg_dir, st).await {
+                // The groups placed before this one counted bytes not written: new files.
+                for (placed_dir, ..) in &placed {
+                    if let Some(st) = files.by_dir.get_mut(placed_dir) {
+                        st.open = false;
+                    }
+                }
+                return Err(e);
+            }
+            let base = st.data_len;
+            let mut index = BytesMut::new();
+            for (dir, off, len, _) in &runs {
+                put_entry(
+                    &mut index,
+                    &IndexEntry {
+                        dir: dir.clone(),
+                        offset: base + off,
+                        len: *len,
+                    },
+                );
+            }
+            let (d, i) = self.files(&seg_dir, st.file);
+            // Both ends logged: the lines' times give a flush's duration (profiling on a mount).
+            tracing::debug!(file = %d, runs = runs.len(), bytes = data.len(), "segment append starts");
+            st.data_len += data.len() as u64;
+            jobs.push((d.clone(), data.freeze()));
+            jobs.push((i, index.freeze()));
+            placed.push((seg_dir, d, base, runs));
         }
-        let (d, i) = self.files(st.file);
-        let len = data.len() as u64;
-        // Both ends logged: the lines' times give a flush's duration (profiling on a mount).
-        tracing::debug!(file = %d, messages = writes.len(), bytes = len, "segment append starts");
-        let done = bounded(
-            2,
-            vec![
-                self.volume.append_synced(&d, data),
-                self.volume.append_synced(&i, index.freeze()),
-            ],
-        )
-        .await;
+        let appends = jobs
+            .iter()
+            .map(|(k, b)| self.volume.append_synced(k, b.clone()))
+            .collect();
+        let done = bounded(jobs.len(), appends).await;
         if let Err(e) = done.into_iter().collect::<io::Result<()>>() {
-            // Either file may now end in a torn write: continue in new ones.
-            st.open = false;
+            // Any file may now end in a torn write: every group continues in new ones.
+            for (seg_dir, ..) in &placed {
+                if let Some(st) = files.by_dir.get_mut(seg_dir) {
+                    st.open = false;
+                }
+            }
             return Err(e);
         }
-        st.data_len += len;
-        drop(st);
-        tracing::debug!(file = %d, bytes = len, "segment append done");
+        drop(files);
         let mut known = self.index();
-        for (dir, off, rl, names) in runs {
-            if paths::is_events_dir(&dir) {
-                // Never completed, so never located: remembering its runs would only grow.
-                continue;
+        for (_, d, base, runs) in placed {
+            tracing::debug!(file = %d, "segment append done");
+            for (dir, off, rl, names) in runs {
+                if paths::is_events_dir(&dir) {
+                    // Never completed, so never located: remembering its runs would only grow.
+                    continue;
+                }
+                let run = RunRef {
+                    file: d.clone(),
+                    offset: base + off,
+                    len: rl,
+                    first: names.first().cloned().unwrap_or_default(),
+                    last: names.last().cloned().unwrap_or_default(),
+                    whole: false,
+                };
+                known.record(&dir, run, names.iter().map(String::as_str));
             }
-            let run = RunRef {
-                file: d.clone(),
-                offset: base + off,
-                len: rl,
-                first: names.first().cloned().unwrap_or_default(),
-                last: names.last().cloned().unwrap_or_default(),
-                whole: false,
-            };
-            known.record(&dir, run, names.iter().map(String::as_str));
         }
         Ok(())
     }
@@ -611,26 +671,61 @@ pub async fn read_run<V: Volume>(volume: &V, dir: &str, run: &RunRef) -> io::Res
         .collect())
 }
 
-/// The runs every writer's index files name for `dir`, unread (their first and last names are
-/// unknown until read: [`read_run`]). Costs a read of every index file, at most
-/// `VOLUME_CONCURRENCY` of them in memory at once (only `dir`'s entries stay).
-pub async fn index_runs<V: Volume>(volume: &V, dir: &str) -> io::Result<Vec<RunRef>> {
-    Ok(index_runs_where(volume, &|d| d == dir)
-        .await?
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect())
+/// Deletes the event segment files of every UTC day before `day` (`YYYY-MM-DD`): each day's
+/// directory is whole files of that day's batches only, so a day goes as a listing and a delete
+/// per file, whatever else the volume holds. Answers the days deleted (a day whose files could not
+/// all be deleted is an error, and is tried again by the next call).
+pub async fn delete_event_days_before<V: Volume>(volume: &V, day: &str) -> io::Result<Vec<String>> {
+    let prefix = format!("{EVENT_SEGMENTS_DIR}/");
+    let keys = volume.list_within(&prefix, Some(2)).await?;
+    let mut by_day: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for k in keys {
+        if let Some((d, _)) = k.strip_prefix(&prefix).and_then(|r| r.split_once('/'))
+            && talon_core::events::valid_day(d)
+            && d < day
+        {
+            by_day.entry(d.to_owned()).or_default().push(k);
+        }
+    }
+    let mut gone = Vec::new();
+    for (d, files) in by_day {
+        for chunk in files.chunks(super::volume::VOLUME_CONCURRENCY) {
+            let done = bounded(
+                chunk.len(),
+                chunk.iter().map(|k| volume.delete(k)).collect(),
+            )
+            .await;
+            done.into_iter().collect::<io::Result<()>>()?;
+        }
+        gone.push(d);
+    }
+    Ok(gone)
 }
 
-/// The runs every writer's index files name for the directories `wanted` accepts, with their
-/// directory, unread: one pass over the index files for any number of directories (a search of
-/// every client's day). As [`index_runs`] otherwise.
+/// The runs every writer's index files name for `dir`, unread (their first and last names are
+/// unknown until read: [`read_run`]). Costs a read of every index file of `dir`'s segment
+/// directory ([`segments_dir_of`]: the flows', or the event day's), at most `VOLUME_CONCURRENCY`
+/// of them in memory at once (only `dir`'s entries stay).
+pub async fn index_runs<V: Volume>(volume: &V, dir: &str) -> io::Result<Vec<RunRef>> {
+    Ok(
+        index_runs_where(volume, &segments_dir_of(dir), &|d| d == dir)
+            .await?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect(),
+    )
+}
+
+/// The runs the index files of segment directory `seg_dir` (not below it) name for the
+/// directories `wanted` accepts, with their directory, unread: one pass over the index files for
+/// any number of directories (a search of every client's day). As [`index_runs`] otherwise.
 pub async fn index_runs_where<V: Volume>(
     volume: &V,
+    seg_dir: &str,
     wanted: &(dyn Fn(&str) -> bool + Sync),
 ) -> io::Result<Vec<(String, RunRef)>> {
     let indexes: Vec<String> = volume
-        .list(&format!("{SEGMENTS_DIR}/"))
+        .list_within(&format!("{seg_dir}/"), Some(1))
         .await?
         .into_iter()
         .filter(|k| k.ends_with(".index"))

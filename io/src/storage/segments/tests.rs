@@ -325,7 +325,7 @@ async fn the_block_cache_reads_each_block_once_within_its_bound_and_rereads_a_sh
     let n = reads.load(Ordering::SeqCst);
     assert!((6..=8).contains(&n), "{n} block reads");
     // The file grows after a short last block was cached: a run past it reads the block again.
-    let last = log.files(1).0;
+    let last = log.files(SEGMENTS_DIR, 1).0;
     let end = v.read(&last).await.unwrap().unwrap().len() as u64;
     let short = cache
         .read_range(&last, end - 10, 10)
@@ -339,4 +339,74 @@ async fn the_block_cache_reads_each_block_once_within_its_bound_and_rereads_a_sh
         read_all(&cache, &dir(11), &runs).await,
         vec![(msg(11, 0), value(11, 0))]
     );
+}
+
+fn event(client: &str, day: &str, seq: u64) -> String {
+    format!(
+        "clients/{client}/events/Generic.Events.Test/{day}/{:020}-{seq:020}",
+        7
+    )
+}
+
+/// Event batches go to files of their own per UTC day (one flush with flows and two days is three
+/// pairs of files); a day's reader scans only that day's index files; retention deletes the days
+/// before a cutoff as whole files, leaving the later day and every flow message readable.
+#[tokio::test]
+async fn event_days_have_files_of_their_own_and_retention_deletes_them_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = vol(tmp.path());
+    let log = SegmentLog::new(v.clone(), "w1", 16).unwrap();
+    let (old, new) = ("2026-12-01", "2026-12-06");
+    let mut writes: Vec<(String, Option<Bytes>)> = vec![
+        (msg(1, 0), Some(value(1, 0))),
+        (event("C.1", old, 0), Some(Bytes::from("old 0"))),
+        (event("C.2", old, 0), Some(Bytes::from("old c2"))),
+        (event("C.1", new, 0), Some(Bytes::from("new 0"))),
+    ];
+    log.write_many(writes.clone()).await.unwrap();
+    let mut keys = v.list("segments/").await.unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "segments/events/2026-12-01/w1-000001.data",
+            "segments/events/2026-12-01/w1-000001.index",
+            "segments/events/2026-12-06/w1-000001.data",
+            "segments/events/2026-12-06/w1-000001.index",
+            "segments/w1-000001.data",
+            "segments/w1-000001.index",
+        ]
+    );
+    // A second flush appends to the same files.
+    writes = vec![(event("C.1", old, 1), Some(Bytes::from("old 1")))];
+    log.write_many(writes).await.unwrap();
+    let old_dir = format!("clients/C.1/events/Generic.Events.Test/{old}");
+    let runs = index_runs(&v, &old_dir).await.unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(
+        runs.iter()
+            .all(|r| r.file.starts_with("segments/events/2026-12-01/"))
+    );
+    let mut got = Vec::new();
+    let mut reader = crate::storage::events::DayReader::new(&old_dir);
+    reader
+        .read_new(&v, &mut |(_, b)| {
+            got.push(b);
+            true
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, [Bytes::from("old 0"), Bytes::from("old 1")]);
+
+    // Retention from the new day: the old day goes, whole; flows and the new day stay.
+    assert_eq!(delete_event_days_before(&v, new).await.unwrap(), [old]);
+    assert!(index_runs(&v, &old_dir).await.unwrap().is_empty());
+    let new_dir = format!("clients/C.1/events/Generic.Events.Test/{new}");
+    assert_eq!(index_runs(&v, &new_dir).await.unwrap().len(), 1);
+    let (_, found) = locate(&v, &dir(1)).await.unwrap();
+    assert_eq!(found, [(msg(1, 0), value(1, 0))]);
+    assert!(delete_event_days_before(&v, new).await.unwrap().is_empty());
+    // A day never written has no runs (not an error).
+    let never = "clients/C.1/events/Generic.Events.Test/2026-01-01";
+    assert!(index_runs(&v, never).await.unwrap().is_empty());
 }
