@@ -208,6 +208,14 @@ impl<P: Clone, S: Copy> FlowOutbox<P, S> {
         self.flows.remove(flow).map_or(0, |f| f.kept())
     }
 
+    /// Whether `push` would take a message of `flow` now (it runs and keeps fewer than
+    /// `max_in_flight`): lets a caller skip preparing a message that would be refused.
+    pub fn has_room(&self, flow: &str) -> bool {
+        self.flows
+            .get(flow)
+            .is_some_and(|f| f.final_seq.is_none() && f.kept() < self.max_in_flight)
+    }
+
     /// Messages `flow` keeps (unacknowledged or unsettled).
     pub fn kept(&self, flow: &str) -> usize {
         self.flows.get(flow).map_or(0, FlowOut::kept)

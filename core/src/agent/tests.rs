@@ -194,6 +194,17 @@ fn a_flow_begun_at_a_number_goes_on_from_it() {
     assert_eq!(o.begin_at("E.1", 0), Begin::Again);
     o.handle_connected(t, 4);
     assert_eq!(o.push(t, "E.1", "a", false, 0), Ok(57));
+    assert!(o.has_room("E.1"));
     assert_eq!(o.push(t, "E.1", "b", false, 0), Ok(58));
-    assert_eq!(sends(&mut o), [("E.1".into(), 57), ("E.1".into(), 58)]);
+    assert!(o.has_room("E.1"));
+    o.push(t, "E.1", "c", false, 0).unwrap();
+    o.push(t, "E.1", "d", false, 0).unwrap();
+    assert!(!o.has_room("E.1"), "4 kept: max_in_flight");
+    assert_eq!(
+        o.push(t, "E.1", "e", false, 0),
+        Err(PushError::Full { max: 4 })
+    );
+    assert!(!o.has_room("E.2"), "not running");
+    let sent: Vec<u64> = sends(&mut o).into_iter().map(|(_, seq)| seq).collect();
+    assert_eq!(sent, [57, 58, 59, 60]);
 }

@@ -172,6 +172,12 @@ impl Events {
         let events = Events::default();
         {
             let mut s = events.lock();
+            // Room for the streams found beside those the client event table starts.
+            s.outbox = FlowOutbox::new(OutboxLimits {
+                resend_after_ms: super::RESEND_AFTER_MS,
+                done_max: 0,
+                flows_max: talon_core::events::PER_CLIENT_MAX + found.len(),
+            });
             for r in found {
                 let flow = flow_of(&r.artifact, r.stream);
                 let first = r.batches.first().map_or(0, |b| b.0);
@@ -210,6 +216,9 @@ impl Events {
         let mut gone = 0i64;
         for (flow, queue) in pending.iter_mut() {
             while let Some(w) = queue.front() {
+                if !outbox.has_room(flow) && outbox.kept(flow) > 0 {
+                    break; // Not read from disk only to be refused.
+                }
                 let (batch, stamp) = match &w.body {
                     Body::Memory(b) => (b.clone(), w.stamp),
                     Body::Disk(loc) => match spool.as_ref().map(|sp| sp.read(*loc)) {
