@@ -100,6 +100,7 @@ impl Filestore {
             &o.writer,
             o.flows_remembered,
         )?);
+        let today = clock.now().utc_day();
         let (buffer, task, report) =
             Datastore::open(disk, SharedVolume::new(log.clone()), clock, opts)?;
         // The first flush then appends at once (on slowfs a hunt's first results waited ~1.5 s for
@@ -107,7 +108,7 @@ impl Filestore {
         let first = log.clone();
         let (done, prepared) = tokio::sync::watch::channel(None);
         tokio::spawn(async move {
-            let made = first.prepare().await;
+            let made = first.prepare(Some(&today)).await;
             if let Err(e) = &made {
                 tracing::warn!(error = %e, "cannot create this node's segment files yet; the first flush retries");
             }

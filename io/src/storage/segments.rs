@@ -493,10 +493,19 @@ impl SegmentLog {
 
     /// Creates the files the first flush appends to now rather than then (see `ensure_open`); a
     /// failure is left for that flush to meet and retry.
-    pub async fn prepare(&self) -> io::Result<()> {
+    /// With `event_day`, that UTC day's event files too (a node starting: today's), so the first
+    /// flush of events does not wait for them either.
+    pub async fn prepare(&self, event_day: Option<&str>) -> io::Result<()> {
         let mut files = self.state.lock().await;
         let st = files.by_dir.entry(SEGMENTS_DIR.to_owned()).or_default();
-        self.ensure_open(SEGMENTS_DIR, st).await
+        self.ensure_open(SEGMENTS_DIR, st).await?;
+        if let Some(day) = event_day {
+            let dir = format!("{EVENT_SEGMENTS_DIR}/{day}");
+            files.days.push_back(dir.clone());
+            let st = files.by_dir.entry(dir.clone()).or_default();
+            self.ensure_open(&dir, st).await?;
+        }
+        Ok(())
     }
 
     async fn append(&self, writes: BTreeMap<String, Bytes>) -> io::Result<()> {
