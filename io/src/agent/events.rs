@@ -586,6 +586,22 @@ fn resolve(
     Ok(spec)
 }
 
+/// Where in the poll period a runner of `artifact` on `host` polls: spread evenly over hosts and
+/// artifacts by a hash of both (a real agent's host is this machine).
+fn poll_phase_ms(host: &Host, artifact: &str) -> u64 {
+    use sha2::Digest;
+    let name = match host {
+        Host::Virtual { hostname, .. } => hostname.as_ref(),
+        Host::Real => "",
+    };
+    let h = sha2::Sha256::new()
+        .chain_update(name.as_bytes())
+        .chain_update([0])
+        .chain_update(artifact.as_bytes())
+        .finalize();
+    u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % POLL_MS
+}
+
 /// One runner's task.
 struct Run {
     out: Outlet,
@@ -622,6 +638,15 @@ impl Run {
             }
         };
         let poll = Duration::from_millis(POLL_MS);
+        // Runners started by one table change (every client at once) would poll in lockstep: a
+        // burst of batches each second. Each starts at its own phase within the poll period,
+        // fixed by its host and artifact (deterministic, so the simulator stays a function of
+        // its seed).
+        let phase = Duration::from_millis(poll_phase_ms(&self.host, &out.artifact));
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = tokio::time::sleep(phase) => {}
+        }
         loop {
             tokio::select! {
                 _ = stopped.changed() => return,
@@ -692,5 +717,32 @@ impl Outlet {
         self.events
             .offer(&self.flow, batch, made_ms, dropped, self.clock.monotonic())
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runners of many virtual agents poll at phases spread over the period, not together; the
+    /// same host and artifact always get the same phase.
+    #[test]
+    fn poll_phases_spread_over_the_period() {
+        let cache = crate::query::TableCache::new(Arc::new(crate::clock::SystemClock));
+        let host = |i: usize| Host::Virtual {
+            hostname: format!("pool-{i}").into(),
+            cache: cache.clone(),
+        };
+        let mut per_tenth = [0usize; 10];
+        for i in 0..1000 {
+            let p = poll_phase_ms(&host(i), "Generic.Events.Test");
+            assert!(p < POLL_MS);
+            per_tenth[(p * 10 / POLL_MS) as usize] += 1;
+        }
+        assert!(
+            per_tenth.iter().all(|&n| (50..150).contains(&n)),
+            "{per_tenth:?}"
+        );
+        assert_eq!(poll_phase_ms(&host(1), "A"), poll_phase_ms(&host(1), "A"));
     }
 }

@@ -83,10 +83,47 @@ pub enum EventsCommand {
         /// Rows at most (default 10,000; at most 1,000,000).
         #[arg(long)]
         limit: Option<u64>,
-        /// One JSON object per line: the row with `_client`, `_time_ms`, `_stream` and `_seq`.
+        /// One JSON object per line: the row with `_client`, `_time_ms`, `_stream`, `_seq` and
+        /// `_dropped`.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The lines of a page of stored events: per row, its batch's time (and with `client`, the
+/// client) and the row; with `json`, the row with `_time_ms`, `_stream`, `_seq` and `_dropped`
+/// (and `_client`).
+fn event_lines(
+    page: &api::EventPage,
+    json: bool,
+    client: bool,
+    times: &Times,
+) -> Result<Vec<String>, String> {
+    page.rows
+        .iter()
+        .map(|row| {
+            let mut v: serde_json::Value = serde_json::from_slice(row)
+                .map_err(|e| format!("a stored event is not JSON: {e}"))?;
+            if !json {
+                let at = times.at(page.time_ms);
+                return Ok(if client {
+                    format!("{at}  {}  {v}", page.client_id)
+                } else {
+                    format!("{at}  {v}")
+                });
+            }
+            if let Some(o) = v.as_object_mut() {
+                if client {
+                    o.insert("_client".into(), page.client_id.clone().into());
+                }
+                o.insert("_time_ms".into(), page.time_ms.into());
+                o.insert("_stream".into(), page.stream.into());
+                o.insert("_seq".into(), page.seq.into());
+                o.insert("_dropped".into(), page.dropped.into());
+            }
+            Ok(v.to_string())
+        })
+        .collect()
 }
 
 /// A time given on the command line, in ms since the Unix epoch.
@@ -233,21 +270,9 @@ pub async fn run(
                         );
                         *before = page.dropped;
                     }
-                    for row in &page.rows {
-                        let mut v: serde_json::Value = serde_json::from_slice(row)
-                            .map_err(|e| format!("a stored event is not JSON: {e}"))?;
+                    for line in event_lines(&page, json, false, times)? {
                         events += 1;
-                        if json {
-                            if let Some(o) = v.as_object_mut() {
-                                o.insert("_time_ms".into(), page.time_ms.into());
-                                o.insert("_stream".into(), page.stream.into());
-                                o.insert("_seq".into(), page.seq.into());
-                                o.insert("_dropped".into(), page.dropped.into());
-                            }
-                            out.line(&v.to_string())?;
-                        } else {
-                            out.line(&format!("{}  {v}", times.at(page.time_ms)))?;
-                        }
+                        out.line(&line)?;
                     }
                     if follow {
                         out.flush()?;
@@ -292,25 +317,9 @@ pub async fn run(
             let mut events = 0u64;
             let r = a
                 .each_search_page(req, |page| {
-                    for row in &page.rows {
-                        let mut v: serde_json::Value = serde_json::from_slice(row)
-                            .map_err(|e| format!("a stored event is not JSON: {e}"))?;
+                    for line in event_lines(&page, json, true, times)? {
                         events += 1;
-                        if json {
-                            if let Some(o) = v.as_object_mut() {
-                                o.insert("_client".into(), page.client_id.clone().into());
-                                o.insert("_time_ms".into(), page.time_ms.into());
-                                o.insert("_stream".into(), page.stream.into());
-                                o.insert("_seq".into(), page.seq.into());
-                            }
-                            out.line(&v.to_string())?;
-                        } else {
-                            out.line(&format!(
-                                "{}  {}  {v}",
-                                times.at(page.time_ms),
-                                page.client_id
-                            ))?;
-                        }
+                        out.line(&line)?;
                     }
                     Ok(())
                 })

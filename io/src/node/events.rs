@@ -381,26 +381,28 @@ fn in_window(t: Timestamp, since: Timestamp, until: Timestamp, follow: bool) -> 
     t >= since && (follow || t <= until)
 }
 
-/// A client's stored batches of an event artifact between two times, streamed (`GetEvents`).
-pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventPages, Status> {
-    let client =
-        ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    if !talon_core::artifacts::artifact_name_ok(&r.artifact) {
-        return Err(Status::invalid_argument(format!(
-            "{:?} is not an artifact name",
-            r.artifact.chars().take(64).collect::<String>()
-        )));
+fn check_artifact_name(name: &str) -> Result<(), Status> {
+    if talon_core::artifacts::artifact_name_ok(name) {
+        return Ok(());
     }
-    let now = node.clock.now();
-    let until = if r.until_ms == 0 {
+    Err(Status::invalid_argument(format!(
+        "{:?} is not an artifact name",
+        name.chars().take(64).collect::<String>()
+    )))
+}
+
+/// A read's window: from `since_ms` until `until_ms` (0: `now`), and its UTC days; refused if it
+/// ends before it starts or spans more than [`EVENT_DAYS_MAX`] days.
+fn window(
+    now: Timestamp,
+    since_ms: u64,
+    until_ms: u64,
+) -> Result<(Timestamp, Timestamp, Vec<String>), Status> {
+    let since = Timestamp(since_ms);
+    let until = if until_ms == 0 {
         now
     } else {
-        Timestamp(r.until_ms)
-    };
-    let since = if r.since_ms == 0 {
-        Timestamp(now.as_ms() - now.as_ms() % DAY_MS)
-    } else {
-        Timestamp(r.since_ms)
+        Timestamp(until_ms)
     };
     if since > until {
         return Err(Status::invalid_argument("--since is after --until"));
@@ -412,6 +414,20 @@ pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventP
             all.len()
         )));
     }
+    Ok((since, until, all))
+}
+
+/// A client's stored batches of an event artifact between two times, streamed (`GetEvents`).
+pub(super) fn get_events(node: &Node, r: api::GetEventsRequest) -> Result<EventPages, Status> {
+    let client =
+        ClientId::parse(&r.client_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    check_artifact_name(&r.artifact)?;
+    let now = node.clock.now();
+    let since_ms = match r.since_ms {
+        0 => now.as_ms() - now.as_ms() % DAY_MS,
+        t => t,
+    };
+    let (since, until, all) = window(now, since_ms, r.until_ms)?;
     let (tx, rx) = mpsc::channel(16);
     let (volume, clock) = (node.filestore.volume().clone(), node.clock.clone());
     let follow = r.follow && r.until_ms == 0;
@@ -555,36 +571,13 @@ pub(super) fn search_events(
     node: &Node,
     r: api::SearchEventsRequest,
 ) -> Result<EventPages, Status> {
-    if !talon_core::artifacts::artifact_name_ok(&r.artifact) {
-        return Err(Status::invalid_argument(format!(
-            "{:?} is not an artifact name",
-            r.artifact.chars().take(64).collect::<String>()
-        )));
-    }
+    check_artifact_name(&r.artifact)?;
     if r.since_ms == 0 {
         return Err(Status::invalid_argument(
             "a search needs --since (a time, a UTC day, or a time ago such as 2h)",
         ));
     }
-    let now = node.clock.now();
-    let (since, until) = (
-        Timestamp(r.since_ms),
-        if r.until_ms == 0 {
-            now
-        } else {
-            Timestamp(r.until_ms)
-        },
-    );
-    if since > until {
-        return Err(Status::invalid_argument("--since is after --until"));
-    }
-    let all = days(since, until);
-    if all.len() as u64 > EVENT_DAYS_MAX {
-        return Err(Status::invalid_argument(format!(
-            "{} days asked for; at most {EVENT_DAYS_MAX} at once",
-            all.len()
-        )));
-    }
+    let (since, until, all) = window(node.clock.now(), r.since_ms, r.until_ms)?;
     if r.r#where.len() > SEARCH_WHERE_MAX {
         return Err(Status::invalid_argument(format!(
             "{} --where conditions; at most {SEARCH_WHERE_MAX}",
@@ -740,5 +733,13 @@ mod tests {
         assert!(!in_window(Timestamp(2_001), since, until, false));
         assert!(in_window(Timestamp(2_001), since, until, true));
         assert_eq!(days(since, until), ["1970-01-01"]);
+        // A window is refused if it ends before it starts or spans too many days.
+        let now = Timestamp(400 * DAY_MS);
+        assert_eq!(window(now, 100 * DAY_MS, 0).unwrap().1, now);
+        let e = window(now, 2_000, 1_000).unwrap_err();
+        assert!(e.message().contains("after --until"), "{e}");
+        let e = window(now, 1_000, 0).map(|w| w.2.len());
+        assert!(e.unwrap_err().message().contains("at most 366"));
+        assert_eq!(window(now, 35 * DAY_MS, 0).unwrap().2.len(), 366);
     }
 }
