@@ -108,15 +108,21 @@ impl State {
     }
 }
 
+/// The streams' outbox: room for the 32 artifacts the table can start and `recovered` streams
+/// found on disk.
+fn event_outbox(recovered: usize) -> FlowOutbox<comms::EventBatch, Stamp> {
+    FlowOutbox::new(OutboxLimits {
+        resend_after_ms: super::RESEND_AFTER_MS,
+        done_max: 0,
+        flows_max: talon_core::events::PER_CLIENT_MAX + recovered,
+    })
+}
+
 impl Default for Events {
     fn default() -> Events {
         Events {
             state: Arc::new(Mutex::new(State {
-                outbox: FlowOutbox::new(OutboxLimits {
-                    resend_after_ms: super::RESEND_AFTER_MS,
-                    done_max: 0,
-                    flows_max: talon_core::events::PER_CLIENT_MAX,
-                }),
+                outbox: event_outbox(0),
                 pending: BTreeMap::new(),
                 pending_bytes: 0,
                 next_seq: BTreeMap::new(),
@@ -173,11 +179,7 @@ impl Events {
         {
             let mut s = events.lock();
             // Room for the streams found beside those the client event table starts.
-            s.outbox = FlowOutbox::new(OutboxLimits {
-                resend_after_ms: super::RESEND_AFTER_MS,
-                done_max: 0,
-                flows_max: talon_core::events::PER_CLIENT_MAX + found.len(),
-            });
+            s.outbox = event_outbox(found.len());
             for r in found {
                 let flow = flow_of(&r.artifact, r.stream);
                 let first = r.batches.first().map_or(0, |b| b.0);

@@ -566,7 +566,8 @@ fn row_matches(row: &[u8], conds: &[(String, String)]) -> bool {
 /// An event artifact's stored batches across clients (those with `label`, if named) between two
 /// times, only the rows matching every `where`, at most `limit` rows, streamed (`SearchEvents`):
 /// by day, then client, then stream and number. One pass over the segment index files per day
-/// finds every client's runs; a client's label is read only for clients with batches that day.
+/// finds every client's runs; a client's labels are read once per search, only for clients with
+/// batches in the window.
 pub(super) fn search_events(
     node: &Node,
     r: api::SearchEventsRequest,
@@ -607,6 +608,9 @@ pub(super) fn search_events(
             )))
         };
         let mut left = limit;
+        // Whether each client read so far has the label: read once per search, not per day (at
+        // most one entry per client with events in the window).
+        let mut labelled: BTreeMap<ClientId, bool> = BTreeMap::new();
         for day in all {
             let suffix = format!("/events/{}/{day}", r.artifact);
             let wanted = |d: &str| {
@@ -633,13 +637,20 @@ pub(super) fn search_events(
                     continue;
                 };
                 if !r.label.is_empty() {
-                    match labels_of(&ds, &client).await {
-                        Ok(labels) if labels.contains(&r.label) => {}
-                        Ok(_) => continue,
-                        Err(e) => {
-                            let _ = tx.send(fail(e.to_string())).await;
-                            return;
-                        }
+                    let has = match labelled.get(&client) {
+                        Some(has) => *has,
+                        None => match labels_of(&ds, &client).await {
+                            Ok(labels) => *labelled
+                                .entry(client.clone())
+                                .or_insert(labels.contains(&r.label)),
+                            Err(e) => {
+                                let _ = tx.send(fail(e.to_string())).await;
+                                return;
+                            }
+                        },
+                    };
+                    if !has {
+                        continue;
                     }
                 }
                 let mut pages = Vec::new();
