@@ -61,6 +61,8 @@ pub struct HuntSpec {
     pub client_limit: Option<u64>,
     /// Free text.
     pub description: String,
+    /// Who created it (the API or GUI user).
+    pub creator: String,
 }
 
 /// Where a hunt stands.

@@ -21,6 +21,7 @@ pub mod definitions;
 pub mod deploy;
 pub mod env;
 pub mod fsutil;
+pub mod gui;
 pub mod net;
 pub mod node;
 pub mod query;

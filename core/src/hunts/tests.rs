@@ -17,6 +17,7 @@ fn spec(expires: u64) -> HuntSpec {
         expires: Timestamp(expires),
         client_limit: None,
         description: String::new(),
+        creator: String::new(),
     }
 }
 

@@ -646,6 +646,7 @@ pub fn hunt_json(h: &api::HuntSummary) -> serde_json::Value {
         "os": h.os,
         "client_limit": h.client_limit,
         "description": h.description,
+        "creator": h.creator,
         "stats": {
             "scheduled": s.scheduled,
             "completed": s.completed,

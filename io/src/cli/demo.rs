@@ -89,6 +89,23 @@ async fn run_in(
     config::write_yaml(&api_cfg, &config::api_client(&cfg, "demo", &*clock)?)
         .map_err(|e| e.to_string())?;
     say(&format!("talon demo: deployment in {}", dir.display()));
+    // A GUI user with a fresh password, and the CA a browser can be told to trust.
+    let mut secret = [0u8; 12];
+    entropy.fill(&mut secret);
+    let password = crate::clock::hex(&secret);
+    let mut salt = [0u8; 16];
+    entropy.fill(&mut salt);
+    let now = clock.now().as_ms();
+    crate::gui::users::Users::at(&cfg.datastore.location).put(&crate::gui::users::User {
+        name: "admin".into(),
+        role: crate::deploy::pki::Access::Administrator,
+        hash: crate::gui::users::hash_password(&password, salt)?,
+        created_ms: now,
+        changed_ms: now,
+    })?;
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, &cfg.ca.certificate)
+        .map_err(|e| format!("{}: {e}", ca_pem.display()))?;
 
     // Minions stop first, then the master: stopped the other way round, each minion's replication
     // link would report the master gone while it shuts down.
@@ -113,6 +130,10 @@ async fn run_in(
         "master up: clients connect to {}, API on {} (loopback only)",
         listening.frontend, listening.api
     ));
+    let gui_url = listening
+        .gui
+        .map(|a| format!("https://{a}/"))
+        .unwrap_or_default();
     let mut nodes = Vec::new();
     for x in &cfg.extra_frontends {
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
@@ -245,6 +266,11 @@ async fn run_in(
     say(&format!(
         "  {t} --config {} client --writeback /tmp/my.writeback.yaml   # one more, real agent",
         client_cfg.display()
+    ));
+    say(&format!(
+        "\nthe GUI: {gui_url}  user admin, password {password}\n  (its certificate is signed by \
+         the deployment's own CA, {}: import it into the browser, or accept the warning)",
+        ca_pem.display()
     ));
     say(&format!(
         "config files: {}\npress Ctrl-C to stop (the directory is removed)",

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod demo;
 pub mod events;
 pub mod show;
+pub mod user;
 
 use crate::clock::{OsEntropy, SystemClock};
 use crate::deploy::config::{self, ServerConfig};
@@ -67,6 +68,12 @@ pub enum Command {
         #[command(subcommand)]
         command: events::EventsCommand,
     },
+    /// The GUI's users (with --config server.config.yaml): add, list, remove, passwd.
+    User {
+        /// What to do.
+        #[command(subcommand)]
+        command: user::UserCommand,
+    },
     /// Create and derive configuration files.
     Config {
         /// What to do with them.
@@ -112,6 +119,9 @@ pub enum Command {
         /// messages and final statuses) to this JSON file, replaced every second.
         #[arg(long, value_name = "FILE")]
         stats: Option<PathBuf>,
+        /// The clients' host names are PREFIX-<key number>.
+        #[arg(long, default_value = "pool", value_name = "PREFIX")]
+        hostname_prefix: String,
     },
     /// Measure: start a deployment on loopback in a temporary directory and print its figures.
     Bench {
@@ -545,6 +555,10 @@ pub enum ConfigCommand {
         /// The user's name.
         #[arg(long)]
         name: String,
+        /// What the certificate may do: reader (views), investigator (also collects, hunts,
+        /// cancels, labels) or administrator (also artifacts, client events, audit log).
+        #[arg(long, value_enum, default_value_t = pki::Access::Administrator)]
+        role: pki::Access,
         /// Where to write the API config.
         #[arg(long)]
         out: PathBuf,
@@ -685,6 +699,7 @@ pub fn run(cli: Cli) -> Result<String, String> {
             command: ArtifactsCommand::Tables { json },
         } => Ok(show::tables(json)),
         Command::Config { command } => run_config(cli.config.as_deref(), command),
+        Command::User { command } => user::run(need_config(cli.config.as_deref())?, command),
         command => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -915,6 +930,7 @@ async fn run_async(
             writeback_dir,
             start_rate,
             stats,
+            hostname_prefix,
         } => {
             init_logging("warn");
             let path = need_config(config.as_deref())?;
@@ -939,7 +955,7 @@ async fn run_async(
                 &writeback_dir,
                 first..first + number,
                 start_rate,
-                "pool",
+                &hostname_prefix,
                 crate::env::Env::real(),
                 times.clone(),
             )?;
@@ -1324,7 +1340,7 @@ async fn run_async(
                 }
             }
         }
-        Command::Config { .. } => unreachable!("handled synchronously"),
+        Command::Config { .. } | Command::User { .. } => unreachable!("handled synchronously"),
     }
 }
 
@@ -1467,6 +1483,7 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
         }
         ConfigCommand::ApiClient {
             name,
+            role,
             out,
             force,
             json,
@@ -1474,17 +1491,18 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
             let path = need_config(config_path)?;
             refuse_overwrite(&out, force)?;
             let c = ServerConfig::load(path).map_err(|e| e.to_string())?;
-            let api = config::api_client(&c, &name, &SystemClock)?;
+            let api = config::api_user(&c, &name, role, &SystemClock)?;
             config::write_yaml(&out, &api).map_err(|e| e.to_string())?;
             if json {
                 return Ok(json_out(serde_json::json!({
                     "api_config": out,
                     "user": name,
+                    "role": role,
                     "api_connection_string": api.api_connection_string,
                 })));
             }
             Ok(format!(
-                "wrote {} for API user {name:?} (connects to {})",
+                "wrote {} for API user {name:?}, role {role} (connects to {})",
                 out.display(),
                 api.api_connection_string
             ))
@@ -1504,7 +1522,8 @@ pub fn artifacts_json(list: &[talon_proto::api::ArtifactInfo]) -> String {
     serde_json::to_string_pretty(&list).expect("JSON values always serialise")
 }
 
-fn artifact_json(a: &talon_proto::api::ArtifactInfo) -> serde_json::Value {
+/// One artifact as JSON (see [`artifacts_json`]).
+pub fn artifact_json(a: &talon_proto::api::ArtifactInfo) -> serde_json::Value {
     let params: Vec<serde_json::Value> = a
         .params
         .iter()

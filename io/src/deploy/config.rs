@@ -91,6 +91,13 @@ pub struct GuiSection {
     pub bind_address: String,
     /// Listen port.
     pub bind_port: u16,
+    /// The certificate the GUI presents (PEM), e.g. one a public CA issued for the name analysts
+    /// type; empty: the frontend certificate (signed by the deployment CA).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub certificate: String,
+    /// Its private key (PEM); set with `certificate`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub private_key: String,
 }
 
 /// `Frontend`: the master's client-facing service and the certificate all frontends share.
@@ -563,6 +570,12 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), String> {
         check_port("API.bind_port", self.api.bind_port)?;
         check_port("GUI.bind_port", self.gui.bind_port)?;
+        if self.gui.certificate.is_empty() != self.gui.private_key.is_empty() {
+            return Err(
+                "GUI.certificate and GUI.private_key: set both (or neither, for the frontend certificate)"
+                    .into(),
+            );
+        }
         check_port("Frontend.bind_port", self.frontend.bind_port)?;
         check_nonempty("API.hostname", &self.api.hostname)?;
         check_nonempty("Frontend.hostname", &self.frontend.hostname)?;
@@ -784,6 +797,8 @@ pub fn generate(
         gui: GuiSection {
             bind_address: "127.0.0.1".into(),
             bind_port: opts.gui_port,
+            certificate: String::new(),
+            private_key: String::new(),
         },
         frontend: FrontendSection {
             hostname: opts.hostname.clone(),
@@ -954,14 +969,25 @@ pub fn check_api_user(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Issues an API user's certificate and config.
+/// Issues an API user's certificate (with the administrator role) and config.
 pub fn api_client(
     c: &ServerConfig,
     name: &str,
     clock: &dyn Clock,
 ) -> Result<ApiClientConfig, String> {
+    api_user(c, name, pki::Access::Administrator, clock)
+}
+
+/// Issues an API user's certificate carrying `access`, and its config.
+pub fn api_user(
+    c: &ServerConfig,
+    name: &str,
+    access: pki::Access,
+    clock: &dyn Clock,
+) -> Result<ApiClientConfig, String> {
     check_api_user(name)?;
-    let pem = pki::issue_api_client(&c.ca_pem(), name, clock.now()).map_err(|e| e.to_string())?;
+    let pem =
+        pki::issue_api_user(&c.ca_pem(), name, access, clock.now()).map_err(|e| e.to_string())?;
     Ok(ApiClientConfig {
         name: name.to_owned(),
         ca_certificate: c.ca.certificate.clone(),

@@ -39,6 +39,51 @@ impl Role {
     }
 }
 
+/// What a user may do, in the GUI and through the API alike (docs/gui.md, "Users and roles"). Each
+/// level may do everything the one before it may.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum)]
+pub enum Access {
+    /// Views clients, flows, hunts, results, events and the cluster.
+    Reader,
+    /// Also collects, hunts, cancels flows and labels clients one at a time.
+    Investigator,
+    /// Also manages artifacts, the client event table, labels in bulk and reads the audit log.
+    Administrator,
+}
+
+impl Access {
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Reader => "reader",
+            Access::Investigator => "investigator",
+            Access::Administrator => "administrator",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Result<Access, String> {
+        match s {
+            "reader" => Ok(Access::Reader),
+            "investigator" => Ok(Access::Investigator),
+            "administrator" => Ok(Access::Administrator),
+            _ => Err(format!(
+                "unknown role {s:?}: use reader, investigator or administrator"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The key type of a deployment's CA, frontend and API certificates (each leaf takes its CA's).
 /// Endpoint agents keep Ed25519 whatever it is: a client's id is derived from its key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -160,8 +205,7 @@ pub fn new_ca(now: Timestamp, key_type: KeyType) -> Result<Pem, PkiError> {
 
 fn issue(
     ca: &Pem,
-    cn: &str,
-    role: Role,
+    (cn, role, access): (&str, Role, Option<Access>),
     sans: &[String],
     eku: Vec<ExtendedKeyUsagePurpose>,
     now: Timestamp,
@@ -174,6 +218,11 @@ fn issue(
         Issuer::from_ca_cert_pem(&ca.certificate, ca_key).map_err(err("reading CA.certificate"))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(cn, role);
+    if let Some(a) = access {
+        params
+            .distinguished_name
+            .push(DnType::CustomDnType(ROLE_OID.to_vec()), a.as_str());
+    }
     params.subject_alt_names = sans
         .iter()
         .map(|h| match h.parse::<IpAddr>() {
@@ -204,19 +253,52 @@ pub fn issue_frontend(ca: &Pem, hostnames: &[String], now: Timestamp) -> Result<
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    issue(ca, "Talon frontend", Role::Frontend, hostnames, eku, now)
-}
-
-/// Issues an API user's client certificate.
-pub fn issue_api_client(ca: &Pem, user: &str, now: Timestamp) -> Result<Pem, PkiError> {
     issue(
         ca,
-        user,
-        Role::Api,
+        ("Talon frontend", Role::Frontend, None),
+        hostnames,
+        eku,
+        now,
+    )
+}
+
+/// Issues an API user's client certificate with the administrator role.
+pub fn issue_api_client(ca: &Pem, user: &str, now: Timestamp) -> Result<Pem, PkiError> {
+    issue_api_user(ca, user, Access::Administrator, now)
+}
+
+/// The X.520 `role` attribute (id-at-role, 2.5.4.72): an API certificate's [`Access`], in its
+/// subject. A certificate without one (made before roles existed) is an administrator's.
+pub const ROLE_OID: [u64; 4] = [2, 5, 4, 72];
+
+/// Issues an API user's client certificate carrying `access`.
+pub fn issue_api_user(
+    ca: &Pem,
+    user: &str,
+    access: Access,
+    now: Timestamp,
+) -> Result<Pem, PkiError> {
+    issue(
+        ca,
+        (user, Role::Api, Some(access)),
         &[],
         vec![ExtendedKeyUsagePurpose::ClientAuth],
         now,
     )
+}
+
+/// The [`Access`] an API certificate's subject carries: its `role` attribute, administrator when it
+/// has none, reader when it names no role Talon knows (least privilege).
+pub fn access_of(name: &x509_parser::x509::X509Name<'_>) -> Access {
+    let oid = x509_parser::der_parser::oid::Oid::from(&ROLE_OID).expect("a valid OID");
+    match name.iter_by_oid(&oid).next() {
+        None => Access::Administrator,
+        Some(a) => a
+            .as_str()
+            .ok()
+            .and_then(|s| Access::parse(s).ok())
+            .unwrap_or(Access::Reader),
+    }
 }
 
 /// An endpoint's identity: a fresh key, and a self-signed certificate over it that the client presents

@@ -228,6 +228,23 @@ fn server_config(
     Ok(Arc::new(c))
 }
 
+/// The GUI port: the server's certificate only (browsers present none; users log in), HTTP/1.1.
+/// `what` names the config keys the certificate came from, for errors.
+pub fn gui_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    what: (&str, &str),
+) -> io::Result<Arc<rustls::ServerConfig>> {
+    let mut c = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(bad("TLS versions"))?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert_pem, what.0)?, key(key_pem, what.1)?)
+        .map_err(bad(what.0))?;
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
 /// The client-facing port: frontend certificate; clients authenticate with their own key.
 pub fn endpoint_server_config(
     cert_pem: &str,
@@ -288,6 +305,8 @@ pub struct Peer {
     pub role: Option<Role>,
     /// The certificate's CN.
     pub common_name: String,
+    /// An API certificate's role (`crate::deploy::pki::access_of`).
+    pub access: crate::deploy::pki::Access,
 }
 
 /// Reads who the peer of a finished handshake is.
@@ -311,6 +330,7 @@ pub fn peer_of(addr: SocketAddr, cert: &CertificateDer<'_>) -> io::Result<Peer> 
         public_key,
         role,
         common_name,
+        access: crate::deploy::pki::access_of(x.subject()),
     })
 }
 

@@ -42,6 +42,7 @@ pub fn hunt_summary(h: &HuntView) -> api::HuntSummary {
         os: r.spec.os.clone().unwrap_or_default(),
         client_limit: r.spec.client_limit.unwrap_or(0),
         description: r.spec.description.clone(),
+        creator: r.spec.creator.clone(),
     }
 }
 
@@ -198,9 +199,33 @@ impl ApiService {
     }
 }
 
-/// Checks that a call came over an API certificate; returns the API user's name (its CN).
-pub(super) fn require_api<T>(req: &Request<T>) -> Result<String, Status> {
-    crate::net::tls::require_role(req, Role::Api, "an API certificate")
+/// A GUI user on whose behalf the GUI calls the API in-process (a request extension: only code in
+/// this process can set it, never a peer).
+#[derive(Clone, Debug)]
+pub struct GuiUser {
+    /// The user's name (as it appears in the audit log).
+    pub name: String,
+    /// The user's role.
+    pub access: Access,
+}
+
+/// Checks that a call came from a GUI session or over an API certificate, and that its user's role
+/// allows `need`; returns the user's name (the certificate's CN, or the GUI user's name).
+pub(super) fn require<T>(req: &Request<T>, need: Access) -> Result<String, Status> {
+    let (user, has) = match req.extensions().get::<GuiUser>() {
+        Some(u) => (u.name.clone(), u.access),
+        None => {
+            let user = crate::net::tls::require_role(req, Role::Api, "an API certificate")?;
+            let peer = req.extensions().get::<crate::net::tls::Peer>();
+            (user, peer.map_or(Access::Reader, |p| p.access))
+        }
+    };
+    if has < need {
+        return Err(Status::permission_denied(format!(
+            "{user:?} has the {has} role; this needs {need}"
+        )));
+    }
+    Ok(user)
 }
 
 pub(super) type Pages = tokio_stream::wrappers::ReceiverStream<Result<api::ResultPage, Status>>;
@@ -243,7 +268,7 @@ fn unexpected(a: Answer) -> Status {
 /// An analyst's hunt request as the hunt manager takes it, validated.
 async fn hunt_spec(
     ds: &Meta,
-    now: Timestamp,
+    (now, user): (Timestamp, &str),
     req: api::CreateHuntRequest,
 ) -> Result<HuntSpec, Status> {
     let given: BTreeMap<String, String> = req.params.into_iter().collect();
@@ -289,6 +314,7 @@ async fn hunt_spec(
         expires: now.plus_ms(ttl_s.saturating_mul(1000)),
         client_limit: (req.client_limit > 0).then_some(req.client_limit),
         description: req.description,
+        creator: user.to_owned(),
     })
 }
 
@@ -298,7 +324,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::SearchRequest>,
     ) -> Result<Response<api::SearchResponse>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Reader)?;
         let r = req.into_inner();
         let (offset, limit) = page(r.offset, r.limit, SEARCH_DEFAULT, SEARCH_MAX)?;
         let query = r.query;
@@ -320,7 +346,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::LabelRequest>,
     ) -> Result<Response<api::ClientSummary>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Investigator)?;
         let r = req.into_inner();
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let (label, remove) = (r.label, r.remove);
@@ -342,7 +368,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::CollectRequest>,
     ) -> Result<Response<api::FlowSummary>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Investigator)?;
         let r = req.into_inner();
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let given = r.params.into_iter().collect();
@@ -389,7 +415,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::FlowRequest>,
     ) -> Result<Response<api::FlowSummary>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         let (client, flow) = flow_ids(req.get_ref())?;
         let rec = api_reads::flow_record(&self.node.datastore, &client, &flow).await?;
         Ok(Response::new(flow_summary(&rec)))
@@ -401,7 +427,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::FlowRequest>,
     ) -> Result<Response<Pages>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         let (client, flow) = flow_ids(req.get_ref())?;
         Ok(Response::new(stream_flows(
             self.node.filestore.volume().clone(),
@@ -414,10 +440,10 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::CreateHuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Investigator)?;
         let spec = hunt_spec(
             &self.node.datastore,
-            self.node.clock.now(),
+            (self.node.clock.now(), &user),
             req.into_inner(),
         )
         .await?;
@@ -433,7 +459,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::ListHuntsRequest>,
     ) -> Result<Response<api::ListHuntsResponse>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Reader)?;
         let r = req.into_inner();
         let (offset, limit) = page(r.offset, r.limit, PAGE_DEFAULT, PAGE_MAX)?;
         match self.node.request(&user, CoreRequest::Hunts(None)).await? {
@@ -460,7 +486,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::HuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Reader)?;
         let id = parse_hunt(&req.into_inner().hunt_id)?;
         self.hunt(&user, CoreRequest::Hunts(Some(id)))
             .await
@@ -471,7 +497,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::HuntRequest>,
     ) -> Result<Response<api::HuntSummary>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Investigator)?;
         let id = parse_hunt(&req.into_inner().hunt_id)?;
         let h = self.hunt(&user, CoreRequest::StopHunt(id)).await?;
         tracing::info!(hunt = %h.hunt_id, %user, "hunt stopped");
@@ -484,7 +510,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::HuntRequest>,
     ) -> Result<Response<Pages>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Reader)?;
         let id = parse_hunt(&req.into_inner().hunt_id)?;
         let flows = match self.node.request(&user, CoreRequest::HuntFlows(id)).await? {
             Answer::Participants(flows) => flows,
@@ -501,7 +527,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::ClusterRequest>,
     ) -> Result<Response<api::ClusterStatus>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Reader)?;
         let minions = match self.node.request(&user, CoreRequest::Minions).await? {
             Answer::Minions(m) => m,
             a => return Err(unexpected(a)),
@@ -543,7 +569,7 @@ impl api::api_server::Api for ApiService {
         req: Request<api::ListArtifactsRequest>,
     ) -> Result<Response<api::ListArtifactsResponse>, Status> {
         use super::repository as repo;
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         let ds = &self.node.datastore;
         let mut artifacts = crate::definitions::builtin_infos();
         for r in repo::customs(ds).await? {
@@ -560,7 +586,7 @@ impl api::api_server::Api for ApiService {
         req: Request<api::ArtifactRequest>,
     ) -> Result<Response<api::ArtifactInfo>, Status> {
         use super::repository as repo;
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         let r = repo::resolve(&self.node.datastore, &req.get_ref().name).await?;
         let on = crate::query::check_artifact(&r.spec, &BTreeMap::new())
             .map(|q| repo::platforms_of(&q))
@@ -578,7 +604,7 @@ impl api::api_server::Api for ApiService {
         req: Request<api::AddArtifactRequest>,
     ) -> Result<Response<api::ArtifactInfo>, Status> {
         use super::repository as repo;
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Administrator)?;
         let r = req.into_inner();
         let (spec, queries) =
             repo::check_new(&self.node.datastore, &r.definition, r.replace).await?;
@@ -605,7 +631,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::SetClientEventRequest>,
     ) -> Result<Response<api::ClientEventEntry>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Administrator)?;
         super::events::set_entry(&self.node, &user, req.into_inner())
             .await
             .map(Response::new)
@@ -615,7 +641,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::ListClientEventsRequest>,
     ) -> Result<Response<api::ListClientEventsResponse>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         let entries = super::events::load_table(&self.node.datastore)
             .await
             .map_err(|e| e.status())?;
@@ -630,7 +656,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::GetEventsRequest>,
     ) -> Result<Response<Self::GetEventsStream>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         super::events::get_events(&self.node, req.into_inner()).map(Response::new)
     }
 
@@ -640,7 +666,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::SearchEventsRequest>,
     ) -> Result<Response<Self::SearchEventsStream>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         super::events::search_events(&self.node, req.into_inner()).map(Response::new)
     }
 
@@ -649,7 +675,7 @@ impl api::api_server::Api for ApiService {
         req: Request<api::ArtifactRequest>,
     ) -> Result<Response<api::RemoveArtifactResponse>, Status> {
         use super::repository as repo;
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Administrator)?;
         let name = req.into_inner().name;
         if crate::definitions::builtin(&name).is_some() {
             return Err(Status::failed_precondition(format!(
@@ -679,7 +705,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::ListFlowsRequest>,
     ) -> Result<Response<api::ListFlowsResponse>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         let r = req.into_inner();
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let (offset, limit) = page(r.offset, r.limit, PAGE_DEFAULT, PAGE_MAX)?;
@@ -695,7 +721,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::FlowRequest>,
     ) -> Result<Response<api::ListUploadsResponse>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         let (client, flow) = flow_ids(req.get_ref())?;
         let rec = api_reads::flow_record(&self.node.datastore, &client, &flow).await?;
         Ok(Response::new(api::ListUploadsResponse {
@@ -709,7 +735,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::DownloadRequest>,
     ) -> Result<Response<api_reads::Chunks>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         let r = req.into_inner();
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let flow = FlowId::parse(&r.flow_id).map_err(invalid)?;
@@ -734,7 +760,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::CancelFlowRequest>,
     ) -> Result<Response<api::CancelFlowResponse>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Investigator)?;
         let r = req.into_inner();
         let client = ClientId::parse(&r.client_id).map_err(invalid)?;
         let flow = FlowId::parse(&r.flow_id).map_err(invalid)?;
@@ -779,7 +805,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::FlowRequest>,
     ) -> Result<Response<Self::WatchFlowStream>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Reader)?;
         let (client, flow) = flow_ids(req.get_ref())?;
         let ds = self.node.datastore.clone();
         // Refused now, not as the stream's first message, if there is no such flow; else it is
@@ -803,7 +829,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::HuntRequest>,
     ) -> Result<Response<Self::WatchHuntStream>, Status> {
-        let user = require_api(&req)?;
+        let user = require(&req, Access::Reader)?;
         let id = parse_hunt(&req.into_inner().hunt_id)?;
         let first = self
             .hunt(&user, CoreRequest::Hunts(Some(id.clone())))
@@ -827,7 +853,7 @@ impl api::api_server::Api for ApiService {
         &self,
         req: Request<api::ListAuditRequest>,
     ) -> Result<Response<api::ListAuditResponse>, Status> {
-        require_api(&req)?;
+        require(&req, Access::Administrator)?;
         let r = req.into_inner();
         let (offset, limit) = page(r.offset, r.limit, PAGE_DEFAULT, PAGE_MAX)?;
         let (entries, total) = api_reads::audit(&self.node.datastore, offset, limit).await?;

@@ -460,6 +460,7 @@ mod start_image_tests {
             description: String::new(),
             created_ms: 5,
             state: "running".into(),
+            creator: "alice".into(),
         };
         let json = |v: &dyn erased::Json| Bytes::from(v.to_json());
         let task = comms::Task {

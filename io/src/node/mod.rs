@@ -21,7 +21,7 @@ pub mod server;
 
 use crate::clock::{Clock, Entropy};
 use crate::cluster::{Link, LinkEvent, Meta, ReadError, ReadFailure, WriteError};
-use crate::deploy::pki::Role;
+use crate::deploy::pki::{Access, Role};
 use crate::net::tls::Peer;
 use crate::storage::filestore::Filestore;
 use crate::storage::records::{ClientJson, FlowJson, FlowRecordState, HuntJson, ParticipantJson};

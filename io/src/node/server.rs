@@ -49,6 +49,8 @@ pub struct Listening {
     pub frontend: SocketAddr,
     /// The API address.
     pub api: SocketAddr,
+    /// The GUI address (the master only).
+    pub gui: Option<SocketAddr>,
 }
 
 /// The services of the master's API port, dispatched on the gRPC path (tonic's router would pull in
@@ -367,6 +369,7 @@ pub async fn run_master(
     // Loading may take long on a slow volume: a stop request ends it (it only reads; the journals
     // keep everything for the next start).
     let meta = Meta::Local(datastore.clone());
+    let gui_entropy = entropy.clone();
     let node = tokio::select! {
         n = Node::start(opts, meta, filestore.clone(), clock.clone(), entropy, Cluster::Master) => {
             n.map_err(|e| format!("loading the master's state: {e}"))?
@@ -379,7 +382,14 @@ pub async fn run_master(
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let servers = serve_master(
-        &cfg, &clock, node, &datastore, &filestore, listeners, stop_rx, started,
+        &cfg,
+        (&clock, gui_entropy),
+        node,
+        &datastore,
+        &filestore,
+        listeners,
+        stop_rx,
+        started,
     )?;
     let servers = tracing::Instrument::instrument(
         servers,
@@ -432,22 +442,58 @@ fn open_datastore(
     Ok((datastore, task))
 }
 
-/// Binds the master's client port and API port.
+/// The master's listeners: clients, API (and minions), GUI.
+struct MasterListeners {
+    frontend: Box<dyn crate::net::Listener>,
+    api: Box<dyn crate::net::Listener>,
+    gui: Box<dyn crate::net::Listener>,
+}
+
+/// Binds the master's client port, API port and GUI port.
 async fn bind_master(
     cfg: &ServerConfig,
     net: &Arc<dyn crate::net::Net>,
-) -> Result<(Box<dyn crate::net::Listener>, Box<dyn crate::net::Listener>), String> {
-    let fe_addr = format!("{}:{}", cfg.frontend.bind_address, cfg.frontend.bind_port);
-    let api_addr = format!("{}:{}", cfg.api.bind_address, cfg.api.bind_port);
-    let fe = net
-        .bind(&fe_addr)
-        .await
-        .map_err(|e| format!("Frontend {fe_addr}: {e}"))?;
-    let api = net
-        .bind(&api_addr)
-        .await
-        .map_err(|e| format!("API {api_addr}: {e}"))?;
-    Ok((fe, api))
+) -> Result<MasterListeners, String> {
+    let bind = |what: &'static str, addr: String| async move {
+        net.bind(&addr)
+            .await
+            .map_err(|e| format!("{what} {addr}: {e}"))
+    };
+    Ok(MasterListeners {
+        frontend: bind(
+            "Frontend",
+            format!("{}:{}", cfg.frontend.bind_address, cfg.frontend.bind_port),
+        )
+        .await?,
+        api: bind(
+            "API",
+            format!("{}:{}", cfg.api.bind_address, cfg.api.bind_port),
+        )
+        .await?,
+        gui: bind(
+            "GUI",
+            format!("{}:{}", cfg.gui.bind_address, cfg.gui.bind_port),
+        )
+        .await?,
+    })
+}
+
+/// The GUI's TLS: `GUI.certificate` if set, else the frontend certificate.
+fn gui_tls(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, String> {
+    let r = if cfg.gui.certificate.is_empty() {
+        tls::gui_server_config(
+            &cfg.frontend.certificate,
+            &cfg.frontend.private_key,
+            ("Frontend.certificate", "Frontend.private_key"),
+        )
+    } else {
+        tls::gui_server_config(
+            &cfg.gui.certificate,
+            &cfg.gui.private_key,
+            ("GUI.certificate", "GUI.private_key"),
+        )
+    };
+    r.map_err(|e| e.to_string())
 }
 
 /// The master's servers on its two ports, once it has loaded: clients on one; analysts (API
@@ -456,18 +502,26 @@ async fn bind_master(
 #[allow(clippy::too_many_arguments)]
 fn serve_master(
     cfg: &ServerConfig,
-    clock: &Arc<dyn Clock>,
+    (clock, entropy): (&Arc<dyn Clock>, Arc<dyn crate::clock::Entropy>),
     node: Node,
     datastore: &Datastore,
     filestore: &Filestore,
-    (fe_listener, api_listener): (Box<dyn crate::net::Listener>, Box<dyn crate::net::Listener>),
+    listeners: MasterListeners,
     stop_rx: tokio::sync::watch::Receiver<bool>,
     started: impl FnOnce(Listening),
 ) -> Result<impl Future<Output = Result<(), String>>, String> {
+    let MasterListeners {
+        frontend: fe_listener,
+        api: api_listener,
+        gui: gui_listener,
+    } = listeners;
     let listening = Listening {
         frontend: fe_listener.local_addr().map_err(|e| e.to_string())?,
         api: api_listener.local_addr().map_err(|e| e.to_string())?,
+        gui: Some(gui_listener.local_addr().map_err(|e| e.to_string())?),
     };
+    let gui_tls = gui_tls(cfg)?;
+    let stop_gui = stop_rx.clone();
     let fe_tls = tls::endpoint_server_config(&cfg.frontend.certificate, &cfg.frontend.private_key)
         .map_err(|e| e.to_string())?;
     let api_tls = tls::ca_server_config(
@@ -499,8 +553,16 @@ fn serve_master(
         (fe_listener, fe_tls, admission),
         stop_rx,
     );
+    let api_service = ApiService::new(node);
+    let gui = Arc::new(crate::gui::Gui::new(
+        api_service.clone(),
+        &cfg.datastore.location,
+        clock.clone(),
+        entropy,
+    ));
+    tokio::spawn(crate::gui::serve(gui, gui_listener, gui_tls, stop_gui));
     let api_port = ApiPort {
-        api: ApiServer::new(ApiService::new(node)),
+        api: ApiServer::new(api_service),
         replication: ReplicationServer::new(cluster.clone()).max_decoding_message_size(64 << 20),
         datastore: RemoteDatastoreServer::new(cluster)
             .max_decoding_message_size(2 * crate::cluster::VALUE_CHUNK_BYTES),
@@ -527,6 +589,7 @@ fn announce_master(cfg: &ServerConfig, listening: &Listening, minions: &BTreeSet
         node = %cfg.master_node_name(),
         frontend = %listening.frontend,
         api = %listening.api,
+        gui = ?listening.gui,
         minions = ?minions,
         datastore = %cfg.datastore.location.display(),
         filestore = %cfg.datastore.filestore_directory.display(),
@@ -740,6 +803,7 @@ async fn listen_minion(
     started(Listening {
         frontend,
         api: frontend,
+        gui: None,
     });
     Ok((fe_listener, fe_tls))
 }

@@ -171,6 +171,9 @@ pub struct HuntJson {
     pub created_ms: u64,
     /// `running`, `stopped`, `expired` or `complete`.
     pub state: String,
+    /// Who created it (empty for hunts stored before creators were recorded).
+    #[serde(default)]
+    pub creator: String,
 }
 
 impl HuntJson {
@@ -188,6 +191,7 @@ impl HuntJson {
             description: r.spec.description.clone(),
             created_ms: r.created.as_ms(),
             state: r.state.as_str().to_owned(),
+            creator: r.spec.creator.clone(),
         }
     }
 
@@ -212,6 +216,7 @@ impl HuntJson {
                 expires: Timestamp(self.expires_ms),
                 client_limit: self.client_limit,
                 description: self.description.clone(),
+                creator: self.creator.clone(),
             },
             created: Timestamp(self.created_ms),
             state,

@@ -214,6 +214,11 @@ impl Deployment {
 
     /// Starts `pool-client` with `n` virtual clients keyed in `dir`; it logs to `<dir>.log`.
     pub fn start_pool(&self, n: usize, dir: &str) -> Proc {
+        self.start_pool_with(n, dir, &[])
+    }
+
+    /// [`Deployment::start_pool`] with more `pool-client` arguments.
+    pub fn start_pool_with(&self, n: usize, dir: &str, more: &[&str]) -> Proc {
         let log = std::fs::File::create(self.path(&format!("{dir}.log"))).unwrap();
         Proc(
             talon()
@@ -228,6 +233,7 @@ impl Deployment {
                     "--start-rate",
                     "0",
                 ])
+                .args(more)
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()

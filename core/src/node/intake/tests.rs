@@ -196,6 +196,7 @@ impl World {
             expires: now.plus_ms(3_600_000),
             client_limit: None,
             description: "harness".into(),
+            creator: String::new(),
         };
         hunts.create(now, hunt.clone(), spec).unwrap();
         let labels = BTreeSet::new();

@@ -529,6 +529,7 @@ impl World {
                     expires: t.now.plus_ms(1 << 40),
                     client_limit: None,
                     description: String::new(),
+                    creator: String::new(),
                 };
                 self.master.handle_request(
                     t,
