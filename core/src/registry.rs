@@ -277,10 +277,66 @@ fn clip(s: &str, max: usize) -> String {
 /// Search results.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SearchResult<'a> {
-    /// Matching clients in client id order.
+    /// Matching clients of the page, in the order asked for.
     pub clients: Vec<&'a ClientRecord>,
-    /// True if more matched than the limit allowed.
+    /// True if more matched after this page.
     pub truncated: bool,
+    /// How many matched in all.
+    pub total: usize,
+}
+
+/// The order of search results: by one field, ties (and [`SortKey::Id`]) in client id order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SortKey {
+    /// Client id.
+    #[default]
+    Id,
+    /// Host name.
+    Host,
+    /// When it was last seen.
+    LastSeen,
+    /// OS.
+    Os,
+    /// The node holding (or that last held) its connection.
+    Node,
+    /// The address it last connected from.
+    LastIp,
+    /// Connected first (ascending: offline first).
+    Connected,
+}
+
+impl SortKey {
+    /// Parses the API's name: `id`, `hostname`, `last_seen`, `os`, `node`, `last_ip`, `connected`
+    /// (empty: `id`).
+    pub fn parse(s: &str) -> Result<SortKey, String> {
+        Ok(match s {
+            "" | "id" | "client_id" => SortKey::Id,
+            "hostname" => SortKey::Host,
+            "last_seen" => SortKey::LastSeen,
+            "os" => SortKey::Os,
+            "node" => SortKey::Node,
+            "last_ip" => SortKey::LastIp,
+            "connected" => SortKey::Connected,
+            other => {
+                return Err(format!(
+                    "cannot sort clients by {other:?}: use id, hostname, last_seen, os, node, last_ip or connected"
+                ));
+            }
+        })
+    }
+
+    fn cmp(self, a: &ClientRecord, b: &ClientRecord) -> std::cmp::Ordering {
+        let by = match self {
+            SortKey::Id => std::cmp::Ordering::Equal,
+            SortKey::Host => a.hostname.cmp(&b.hostname),
+            SortKey::LastSeen => a.last_seen.cmp(&b.last_seen),
+            SortKey::Os => a.os.cmp(&b.os),
+            SortKey::Node => a.node.cmp(&b.node),
+            SortKey::LastIp => a.last_ip.cmp(&b.last_ip),
+            SortKey::Connected => a.connected.cmp(&b.connected),
+        };
+        by.then_with(|| a.id.cmp(&b.id))
+    }
 }
 
 /// All enrolled clients and their index.
@@ -592,6 +648,21 @@ impl Registry {
     /// Runs a query, skipping the first `offset` matches (in client id order); at most `limit`
     /// (and `search_results_max`) results.
     pub fn search_page(&self, q: &Query, offset: usize, limit: usize) -> SearchResult<'_> {
+        self.search_sorted(q, SortKey::Id, false, offset, limit)
+    }
+
+    /// Runs a query, matches ordered by `sort` (`descending`: reversed), skipping the first `offset`;
+    /// at most `limit` (and `search_results_max`) results, and how many matched in all. In client
+    /// id order the page costs its offset and length (and, but for `all`, the matches' count); in
+    /// another, the matches are sorted (O(m log m) for m matches).
+    pub fn search_sorted(
+        &self,
+        q: &Query,
+        sort: SortKey,
+        descending: bool,
+        offset: usize,
+        limit: usize,
+    ) -> SearchResult<'_> {
         let limit = limit.min(self.limits.search_results_max);
         let prefix_scan = |set: &BTreeSet<(String, ClientId)>, p: &str| -> BTreeSet<ClientId> {
             set.range(
@@ -619,18 +690,80 @@ impl Registry {
                     .map(|(id, _)| id.clone()),
             ),
         };
-        let mut clients = Vec::new();
-        let mut truncated = false;
-        for id in ids.skip(offset) {
-            if clients.len() == limit {
-                truncated = true;
-                break;
-            }
-            if let Some(r) = self.records.get(&id) {
-                clients.push(r);
-            }
+        if sort == SortKey::Id && !descending && matches!(q, Query::All) {
+            // Every record, in id order: no need to gather them.
+            let total = self.records.len();
+            let clients: Vec<&ClientRecord> =
+                self.records.values().skip(offset).take(limit).collect();
+            let truncated = offset.saturating_add(clients.len()) < total;
+            return SearchResult {
+                clients,
+                truncated,
+                total,
+            };
         }
-        SearchResult { clients, truncated }
+        let mut all: Vec<&ClientRecord> = ids.filter_map(|id| self.records.get(&id)).collect();
+        if sort != SortKey::Id {
+            all.sort_by(|a, b| sort.cmp(a, b));
+        }
+        if descending {
+            all.reverse();
+        }
+        let total = all.len();
+        let clients: Vec<&ClientRecord> = all.into_iter().skip(offset).take(limit).collect();
+        let truncated = offset.saturating_add(clients.len()) < total;
+        SearchResult {
+            clients,
+            truncated,
+            total,
+        }
+    }
+
+    /// Per node (by name): clients whose connection it holds or last held, and of them connected.
+    /// One pass over the records.
+    pub fn counts_by_node(&self) -> Vec<(String, u64, u64)> {
+        let mut by: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for r in self.records.values() {
+            let e = by.entry(r.node.as_str()).or_default();
+            e.0 += 1;
+            e.1 += u64::from(r.connected);
+        }
+        by.into_iter()
+            .map(|(n, (all, on))| (n.to_owned(), all, on))
+            .collect()
+    }
+
+    /// Clients carrying every label of `include` and none of `exclude`, of OS `os` (any case) if
+    /// given, as a hunt would take them: (matching, of them connected). Narrowed by the first
+    /// included label's index when there is one, else one pass over the records.
+    pub fn count_matching(
+        &self,
+        include: &BTreeSet<String>,
+        exclude: &BTreeSet<String>,
+        os: Option<&str>,
+    ) -> (u64, u64) {
+        let fits = |r: &ClientRecord| {
+            include.iter().all(|l| r.labels.contains(l))
+                && !exclude.iter().any(|l| r.labels.contains(l))
+                && os.is_none_or(|o| o.eq_ignore_ascii_case(&r.os))
+        };
+        let candidates: Box<dyn Iterator<Item = &ClientRecord>> = match include.first() {
+            Some(l) => Box::new(
+                self.by_label
+                    .range(
+                        (
+                            l.clone(),
+                            ClientId::parse("C.0000000000000000").expect("valid"),
+                        )..,
+                    )
+                    .take_while(move |(t, _)| t == l)
+                    .filter_map(|(_, id)| self.records.get(id)),
+            ),
+            None => Box::new(self.records.values()),
+        };
+        candidates
+            .filter(|r| fits(r))
+            .fold((0, 0), |(n, on), r| (n + 1, on + u64::from(r.connected)))
     }
 
     /// The next action for the shell.

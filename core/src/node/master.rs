@@ -386,10 +386,26 @@ pub enum Request {
     Search {
         /// The query.
         query: String,
-        /// Skip this many matches (in client id order).
+        /// The order of the matches.
+        sort: crate::registry::SortKey,
+        /// Reversed.
+        descending: bool,
+        /// Skip this many matches.
         offset: usize,
         /// At most this many.
         limit: usize,
+    },
+    /// Clients enrolled and connected, per node (the node holding each client's connection, or
+    /// that last held it).
+    ClientCounts,
+    /// How many enrolled clients a hunt of these labels and OS would take now.
+    Estimate {
+        /// A client must carry every one.
+        include_labels: BTreeSet<String>,
+        /// A client carrying any is left out.
+        exclude_labels: BTreeSet<String>,
+        /// Only this OS (any case).
+        os: Option<String>,
     },
     /// Add or remove a client's label.
     Label {
@@ -458,10 +474,22 @@ pub enum Answer {
     Connected,
     /// Search results.
     Clients {
-        /// The records, in id order.
+        /// The records of the page, in the order asked for.
         clients: Vec<ClientRecord>,
-        /// More matched.
+        /// More matched after them.
         truncated: bool,
+        /// How many matched in all.
+        total: usize,
+    },
+    /// Per node: (node, clients enrolled whose connection it holds or last held, of them connected
+    /// now), by node name.
+    ClientCounts(Vec<(String, u64, u64)>),
+    /// A hunt estimate: enrolled clients that match, and of them connected now.
+    Estimate {
+        /// Matching clients.
+        clients: u64,
+        /// Of them connected.
+        connected: u64,
     },
     /// A client's record.
     Client(Box<ClientRecord>),
@@ -857,14 +885,34 @@ impl Master {
         match req {
             Request::Search {
                 query,
+                sort,
+                descending,
                 offset,
                 limit,
             } => {
-                let r = search(&self.registry, &query, offset, limit).map(|res| Answer::Clients {
-                    clients: res.clients.into_iter().cloned().collect(),
-                    truncated: res.truncated,
-                });
+                let r =
+                    search(&self.registry, &query, (sort, descending), offset, limit).map(|res| {
+                        Answer::Clients {
+                            clients: res.clients.into_iter().cloned().collect(),
+                            truncated: res.truncated,
+                            total: res.total,
+                        }
+                    });
                 self.reply(request, r);
+            }
+            Request::ClientCounts => {
+                let r = Ok(Answer::ClientCounts(self.registry.counts_by_node()));
+                self.reply(request, r);
+            }
+            Request::Estimate {
+                include_labels,
+                exclude_labels,
+                os,
+            } => {
+                let (clients, connected) =
+                    self.registry
+                        .count_matching(&include_labels, &exclude_labels, os.as_deref());
+                self.reply(request, Ok(Answer::Estimate { clients, connected }));
             }
             Request::Label {
                 client,
@@ -2114,11 +2162,12 @@ fn sighting(node: &str, cs: pc::ClientSeen, id: ClientId, behind_ms: i128, t: Ti
 fn search<'a>(
     registry: &'a Registry,
     query: &str,
+    (sort, descending): (crate::registry::SortKey, bool),
     offset: usize,
     limit: usize,
 ) -> Result<crate::registry::SearchResult<'a>, RequestError> {
     let q = Query::parse(query).map_err(|e| RequestError::new(ErrorKind::Invalid, e))?;
-    Ok(registry.search_page(&q, offset, limit))
+    Ok(registry.search_sorted(&q, sort, descending, offset, limit))
 }
 
 #[cfg(test)]

@@ -303,6 +303,71 @@ proptest! {
         prop_assert_eq!(got, naive_ip);
     }
 
+    /// A sorted, paged search is the naive filter sorted by the key (ties by id), cut into pages;
+    /// its total is the number of matches; estimates and per-node counts agree with naive counts.
+    #[test]
+    fn sorted_pages_counts_and_estimates_match_a_naive_model(
+        sightings in prop::collection::vec((0u32..25, "[a-c]{1,2}", 0u8..3, any::<bool>(), 0u64..5), 1..50),
+        labels in prop::collection::vec((0u32..25, "[a-c]", any::<bool>()), 0..30),
+        sort in prop::sample::select(vec!["id", "hostname", "last_seen", "os", "node", "last_ip", "connected"]),
+        descending in any::<bool>(),
+        query in prop::sample::select(vec!["all", "host:a", "label:b", "ip:10.0.0.1"]),
+        page in 1usize..7,
+        include in prop::collection::btree_set("[a-c]", 0..2),
+        exclude in prop::collection::btree_set("[a-c]", 0..2),
+    ) {
+        let mut r = Registry::restore(RegistryLimits::default(), []);
+        for (n, host, node, connected, seen) in &sightings {
+            let mut s = sighting(*n, host);
+            s.node = format!("node-{node}");
+            r.handle_seen(Timestamp(*seen), Monotonic(1), s).unwrap();
+            if !connected {
+                r.set_disconnected(Timestamp(*seen), &ClientId::from_public_key(&key(*n)), &format!("node-{node}"));
+            }
+        }
+        for (n, l, remove) in &labels {
+            let _ = r.set_label(&ClientId::from_public_key(&key(*n)), l, *remove);
+        }
+        let q = Query::parse(query).unwrap();
+        let key_of = SortKey::parse(sort).unwrap();
+        let mut naive: Vec<&ClientRecord> = r.search(&q, usize::MAX).clients;
+        naive.sort_by(|a, b| key_of.cmp(a, b));
+        if descending {
+            naive.reverse();
+        }
+        let mut paged = Vec::new();
+        let mut offset = 0;
+        loop {
+            let got = r.search_sorted(&q, key_of, descending, offset, page);
+            prop_assert_eq!(got.total, naive.len());
+            prop_assert!(got.clients.len() <= page);
+            offset += got.clients.len();
+            paged.extend(got.clients.iter().map(|c| c.id.clone()));
+            prop_assert_eq!(got.truncated, offset < naive.len());
+            if !got.truncated {
+                break;
+            }
+        }
+        prop_assert_eq!(paged, naive.iter().map(|c| c.id.clone()).collect::<Vec<_>>());
+
+        let all = r.search(&Query::All, usize::MAX).clients;
+        let fits: Vec<&&ClientRecord> = all.iter()
+            .filter(|c| include.iter().all(|l| c.labels.contains(l)) && !exclude.iter().any(|l| c.labels.contains(l)))
+            .collect();
+        let want = (fits.len() as u64, fits.iter().filter(|c| c.connected).count() as u64);
+        prop_assert_eq!(r.count_matching(&include, &exclude, None), want);
+        prop_assert_eq!(r.count_matching(&include, &exclude, Some("LINUX")), want);
+        prop_assert_eq!(r.count_matching(&include, &exclude, Some("windows")), (0, 0));
+        let mut by_node: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for c in &all {
+            let e = by_node.entry(c.node.clone()).or_default();
+            e.0 += 1;
+            e.1 += u64::from(c.connected);
+        }
+        let want: Vec<(String, u64, u64)> = by_node.into_iter().map(|(n, (a, b))| (n, a, b)).collect();
+        prop_assert_eq!(r.counts_by_node(), want);
+    }
+
     /// Invariant 7 for the key cache: never above capacity; the most recent insert is always held.
     #[test]
     fn key_cache_is_bounded(cap in 1usize..8, ops in prop::collection::vec((0u32..30, any::<bool>()), 0..200)) {

@@ -98,6 +98,7 @@ impl Api {
                 query: query.into(),
                 limit: SEARCH_PAGE,
                 offset: all.clients.len() as u32,
+                ..Default::default()
             };
             let r = self
                 .inner
@@ -365,6 +366,9 @@ pub fn client_json(c: &api::ClientSummary) -> serde_json::Value {
         "last_ip": c.last_ip,
         "node": c.node,
         "connected": c.connected,
+        "fqdn": c.fqdn,
+        "ips": c.ips,
+        "first_seen_ms": c.first_seen_unix_ms,
     })
 }
 

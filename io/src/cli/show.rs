@@ -592,6 +592,7 @@ mod tests {
                 ..Default::default()
             }],
             truncated: false,
+            total: 1,
         };
         let shown = clients(&r, "all", &Times::utc());
         assert_eq!(shown.lines().count(), 2, "{shown}");

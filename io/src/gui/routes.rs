@@ -23,8 +23,6 @@ pub const SORT_ROWS_MAX: usize = 100_000;
 pub const COLUMNS_MAX: usize = 256;
 /// Clients labelled by one bulk request at most.
 pub const BULK_MAX: usize = 1000;
-/// Clients a hunt estimate looks through at most.
-pub const ESTIMATE_CLIENTS_MAX: usize = 1_000_000;
 
 /// `{user, role, csrf}`: who is logged in, and the token the page sends with changes.
 pub fn whoami(c: &Caller) -> serde_json::Value {
@@ -218,6 +216,7 @@ pub async fn route(
         (Method::GET, ["hunts", id]) => hunt(api, caller, id).await,
         (Method::POST, ["hunts", id, "stop"]) => stop_hunt(api, caller, id).await,
         (Method::GET, ["hunts", id, "watch"]) => watch_hunt(api, caller, id).await,
+        (Method::GET, ["hunts", id, "flows"]) => hunt_flows(api, caller, id, &query(&req)).await,
         (Method::GET, ["hunts", id, "results"]) => {
             let q = query(&req);
             let rows = hunt_rows(api, caller, id).await;
@@ -263,6 +262,8 @@ async fn clients(
                 query: query.to_owned(),
                 limit: u32_of(limit),
                 offset: u32_of(offset),
+                sort: q.get("sort").cloned().unwrap_or_default(),
+                descending: q.get("desc").is_some_and(|d| d == "1" || d == "true"),
             },
         ))
         .await
@@ -271,6 +272,7 @@ async fn clients(
     let clients: Vec<_> = r.clients.iter().map(client_json).collect();
     ok(serde_json::json!({
         "query": query, "offset": offset, "clients": clients, "truncated": r.truncated,
+        "total": r.total,
     }))
 }
 
@@ -287,7 +289,7 @@ async fn client(api: &crate::node::ApiService, caller: &Caller, id: &str) -> Ans
             api::SearchRequest {
                 query: id.to_owned(),
                 limit: 2,
-                offset: 0,
+                ..Default::default()
             },
         ))
         .await
@@ -820,49 +822,49 @@ async fn create_hunt(
     ok(hunt_json(r.get_ref()))
 }
 
-/// How many clients a hunt with these labels and OS would be scheduled on now (enrolled clients,
-/// connected or not), looked up through the search index.
+/// How many enrolled clients a hunt with these labels and OS would take now.
 async fn estimate(
     api: &crate::node::ApiService,
     caller: &Caller,
     req: http::Request<Incoming>,
 ) -> Answer {
     let body = body_json(req).await?;
-    let include = strings(&body, "include_labels")?;
-    let exclude = strings(&body, "exclude_labels")?;
-    let os = field(&body, "os").to_owned();
-    // The search index narrows by the first label; the rest is checked here.
-    let query = include
-        .first()
-        .map_or_else(|| "all".to_owned(), |l| format!("label:{l}"));
-    let (mut matched, mut connected, mut offset) = (0u64, 0u64, 0u32);
-    loop {
-        let r = api
-            .search_clients(call(
-                caller,
-                api::SearchRequest {
-                    query: query.clone(),
-                    limit: crate::node::SEARCH_MAX,
-                    offset,
-                },
-            ))
-            .await
-            .map_err(|s| status(&s))?
-            .into_inner();
-        for c in &r.clients {
-            let labelled = include.iter().all(|l| c.labels.contains(l))
-                && !exclude.iter().any(|l| c.labels.contains(l));
-            if labelled && (os.is_empty() || c.os == os) {
-                matched += 1;
-                connected += u64::from(c.connected);
-            }
-        }
-        offset = offset.saturating_add(u32_of(r.clients.len() as u64));
-        if !r.truncated || r.clients.is_empty() || offset as usize >= ESTIMATE_CLIENTS_MAX {
-            break;
-        }
-    }
-    ok(serde_json::json!({ "clients": matched, "connected": connected }))
+    let r = api
+        .estimate_hunt(call(
+            caller,
+            api::CreateHuntRequest {
+                include_labels: strings(&body, "include_labels")?,
+                exclude_labels: strings(&body, "exclude_labels")?,
+                os: field(&body, "os").to_owned(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map_err(|s| status(&s))?
+        .into_inner();
+    ok(serde_json::json!({ "clients": r.clients, "connected": r.connected }))
+}
+
+async fn hunt_flows(
+    api: &crate::node::ApiService,
+    caller: &Caller,
+    id: &str,
+    q: &HashMap<String, String>,
+) -> Answer {
+    let r = api
+        .list_hunt_flows(call(
+            caller,
+            api::ListHuntFlowsRequest {
+                hunt_id: id.to_owned(),
+                offset: u32_of(number(q, "offset", 0)?),
+                limit: u32_of(number(q, "limit", 20)?),
+            },
+        ))
+        .await
+        .map_err(|s| status(&s))?
+        .into_inner();
+    let flows: Vec<_> = r.flows.iter().map(flow_json).collect();
+    ok(serde_json::json!({ "flows": flows, "total": r.total }))
 }
 
 fn hunt_request(id: &str) -> api::HuntRequest {
@@ -902,32 +904,6 @@ async fn cluster(api: &crate::node::ApiService, caller: &Caller) -> Answer {
         .await
         .map_err(|s| status(&s))?
         .into_inner();
-    // Connected clients per node, from the search index.
-    let mut per_node: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    let mut offset = 0u32;
-    loop {
-        let r = api
-            .search_clients(call(
-                caller,
-                api::SearchRequest {
-                    query: "all".into(),
-                    limit: crate::node::SEARCH_MAX,
-                    offset,
-                },
-            ))
-            .await
-            .map_err(|s| status(&s))?
-            .into_inner();
-        for cl in &r.clients {
-            let e = per_node.entry(cl.node.clone()).or_default();
-            e.0 += 1;
-            e.1 += u64::from(cl.connected);
-        }
-        offset = offset.saturating_add(u32_of(r.clients.len() as u64));
-        if !r.truncated || r.clients.is_empty() || offset as usize >= ESTIMATE_CLIENTS_MAX {
-            break;
-        }
-    }
     let minions: Vec<_> = c
         .minions
         .iter()
@@ -942,11 +918,10 @@ async fn cluster(api: &crate::node::ApiService, caller: &Caller) -> Answer {
         .iter()
         .map(|f| serde_json::json!({ "store": f.store, "error": f.error, "since_ms": f.since_unix_ms }))
         .collect();
-    let nodes: Vec<_> = per_node
+    let nodes: Vec<_> = c
+        .nodes
         .iter()
-        .map(|(n, (enrolled, connected))| {
-            serde_json::json!({ "node": n, "clients": enrolled, "connected": connected })
-        })
+        .map(|n| serde_json::json!({ "node": n.node, "clients": n.enrolled, "connected": n.connected }))
         .collect();
     ok(serde_json::json!({
         "master": c.master, "minions": minions, "volume_failures": failures, "nodes": nodes,

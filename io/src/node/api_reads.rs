@@ -45,6 +45,14 @@ async fn load_many<T>(ds: &Meta, keys: Vec<String>) -> Result<Vec<T>, Status>
 where
     T: serde::de::DeserializeOwned + Send + 'static,
 {
+    Ok(load_each(ds, keys).await?.into_iter().flatten().collect())
+}
+
+/// Each key's value (`None` where there is none), in the keys' order, read as [`load_many`] reads.
+pub(super) async fn load_each<T>(ds: &Meta, keys: Vec<String>) -> Result<Vec<Option<T>>, Status>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
     let mut out: Vec<Option<T>> = Vec::with_capacity(keys.len());
     for chunk in keys.chunks(LOAD_PARALLEL) {
         let mut set = tokio::task::JoinSet::new();
@@ -59,7 +67,7 @@ where
         }
         out.extend(got);
     }
-    Ok(out.into_iter().flatten().collect())
+    Ok(out)
 }
 
 /// A client's flow records, newest first (ties by flow id), and how many it has.

@@ -56,6 +56,9 @@ pub(super) fn summary(r: &talon_core::registry::ClientRecord) -> api::ClientSumm
         last_ip: r.last_ip.clone(),
         node: r.node.clone(),
         connected: r.connected,
+        fqdn: r.fqdn.clone(),
+        ips: r.ips.clone(),
+        first_seen_unix_ms: r.first_seen.as_ms(),
     }
 }
 
@@ -327,16 +330,23 @@ impl api::api_server::Api for ApiService {
         let user = require(&req, Access::Reader)?;
         let r = req.into_inner();
         let (offset, limit) = page(r.offset, r.limit, SEARCH_DEFAULT, SEARCH_MAX)?;
-        let query = r.query;
+        let sort = talon_core::registry::SortKey::parse(&r.sort).map_err(invalid)?;
         let req = CoreRequest::Search {
-            query,
+            query: r.query,
+            sort,
+            descending: r.descending,
             offset,
             limit,
         };
         match self.node.request(&user, req).await? {
-            Answer::Clients { clients, truncated } => Ok(Response::new(api::SearchResponse {
+            Answer::Clients {
+                clients,
+                truncated,
+                total,
+            } => Ok(Response::new(api::SearchResponse {
                 clients: clients.iter().map(summary).collect(),
                 truncated,
+                total: total as u64,
             })),
             a => Err(unexpected(a)),
         }
@@ -532,6 +542,10 @@ impl api::api_server::Api for ApiService {
             Answer::Minions(m) => m,
             a => return Err(unexpected(a)),
         };
+        let nodes = match self.node.request(&user, CoreRequest::ClientCounts).await? {
+            Answer::ClientCounts(c) => c,
+            a => return Err(unexpected(a)),
+        };
         let meta = match &self.node.datastore {
             Meta::Local(d) => d.volume_error(),
             Meta::Remote(_) => None,
@@ -550,6 +564,14 @@ impl api::api_server::Api for ApiService {
         })
         .collect();
         Ok(Response::new(api::ClusterStatus {
+            nodes: nodes
+                .into_iter()
+                .map(|(node, enrolled, connected)| api::NodeClients {
+                    node,
+                    enrolled,
+                    connected,
+                })
+                .collect(),
             volume_failures,
             master: self.node.name.clone(),
             minions: minions
@@ -847,6 +869,69 @@ impl api::api_server::Api for ApiService {
                     .is_none_or(|s| s.completed + s.errors >= s.scheduled)
         };
         Ok(Response::new(api_reads::watch(permit, first, look, done)))
+    }
+
+    async fn estimate_hunt(
+        &self,
+        req: Request<api::CreateHuntRequest>,
+    ) -> Result<Response<api::HuntEstimate>, Status> {
+        let user = require(&req, Access::Reader)?;
+        let r = req.into_inner();
+        let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
+            ls.iter()
+                .map(|l| talon_core::registry::normalize_label(l).map_err(invalid))
+                .collect()
+        };
+        let req = CoreRequest::Estimate {
+            include_labels: labels(r.include_labels)?,
+            exclude_labels: labels(r.exclude_labels)?,
+            os: Some(r.os).filter(|o| !o.is_empty()),
+        };
+        match self.node.request(&user, req).await? {
+            Answer::Estimate { clients, connected } => {
+                Ok(Response::new(api::HuntEstimate { clients, connected }))
+            }
+            a => Err(unexpected(a)),
+        }
+    }
+
+    async fn list_hunt_flows(
+        &self,
+        req: Request<api::ListHuntFlowsRequest>,
+    ) -> Result<Response<api::ListFlowsResponse>, Status> {
+        let user = require(&req, Access::Reader)?;
+        let r = req.into_inner();
+        let id = parse_hunt(&r.hunt_id)?;
+        let (offset, limit) = page(r.offset, r.limit, PAGE_DEFAULT, PAGE_MAX)?;
+        let flows = match self
+            .node
+            .request(&user, CoreRequest::HuntFlows(id.clone()))
+            .await?
+        {
+            Answer::Participants(flows) => flows,
+            a => return Err(unexpected(a)),
+        };
+        let total = flows.len() as u64;
+        let page: Vec<(ClientId, FlowId)> = flows.into_iter().skip(offset).take(limit).collect();
+        let keys = page.iter().map(|(c, f)| paths::flow_record(c, f)).collect();
+        let records: Vec<Option<FlowJson>> =
+            api_reads::load_each(&self.node.datastore, keys).await?;
+        let flows = page
+            .iter()
+            .zip(records)
+            .map(|((c, f), rec)| match rec {
+                Some(rec) => flow_summary(&rec),
+                // Scheduled; its record is not written yet.
+                None => api::FlowSummary {
+                    client_id: c.to_string(),
+                    flow_id: f.to_string(),
+                    state: comms::FlowState::Running as i32,
+                    hunt_id: id.to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(api::ListFlowsResponse { flows, total }))
     }
 
     async fn list_audit(

@@ -125,6 +125,20 @@ assert.ok(hosts.every((h) => h.startsWith(HOSTILE)), "host names shown as text, 
 assert.equal(await page.evaluate(() => window.pwned), undefined, "agent-supplied markup ran");
 assert.equal(await page.$$eval("#clients script, #clients img", (x) => x.length), 0, "agent-supplied markup became elements");
 
+step("ada sorts the clients by host name on the server, both ways");
+const hostsNow = () => page.$$eval("#clients td.hostname", (tds) => tds.map((t) => t.textContent));
+const byHost = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
+await page.click("#clients th >> text=Host");
+await page.waitForFunction(() => location.hash.includes("sort=hostname&desc=0"));
+await page.waitForSelector("#clients th >> text=Host ▲");
+let order = await hostsNow();
+assert.deepEqual(order, [...order].sort(byHost), "ascending");
+await page.click("#clients th >> text=Host ▲");
+await page.waitForSelector("#clients th >> text=Host ▼");
+order = await hostsNow();
+assert.deepEqual(order, [...order].sort(byHost).reverse(), "descending");
+assert.ok((await page.textContent(".pager")).includes(`of ${order.length}`), "the pager shows the total");
+
 step("ada labels three clients at once");
 const boxes = await page.$$("#clients .pick");
 const picked = [];
@@ -138,6 +152,7 @@ assert.deepEqual(r.body.clients.map((c) => c.client_id).sort(), picked.sort());
 step("ada collects a file from the real agent and reads the results");
 await page.goto(`${URL}/#/client/${REAL}`);
 await page.waitForSelector("#client-facts");
+assert.ok((await page.textContent("#client-facts")).includes("FQDN"), "host facts");
 await page.selectOption("#artifact", "Generic.Forensic.FileFinder");
 await page.fill("#param-glob", EVIDENCE);
 await page.check("#param-upload");
@@ -183,6 +198,7 @@ await page.evaluate(() => { window.notReloaded = true; });
 await page.waitForFunction(() => document.querySelector("#hunt-completed")?.textContent === "3", null, { timeout: 60_000 });
 assert.equal(await page.evaluate(() => window.notReloaded), true, "the page was reloaded");
 await page.waitForFunction(() => document.querySelectorAll("#results-table tbody tr").length === 3);
+await page.waitForFunction(() => document.querySelectorAll("#hunt-clients tbody .state-completed").length === 3);
 await page.screenshot({ path: `${SHOTS}/hunt.png`, fullPage: true });
 const hcsv = await download(page, () => page.click("#results .download-csv"));
 assert.equal(hcsv.data.toString().trim().split("\n").length, 4, "three rows and the header");

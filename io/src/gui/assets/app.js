@@ -56,6 +56,15 @@ function bytes(n) {
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
   return (i ? n.toFixed(1) : n) + " " + u[i];
 }
+// Calls fn at most once per `ms`, the last call always made (after the pause).
+function throttle(fn, ms) {
+  let last = 0, timer = null;
+  return () => {
+    const wait = last + ms - Date.now();
+    if (wait <= 0) { last = Date.now(); fn(); return; }
+    if (!timer) timer = setTimeout(() => { timer = null; last = Date.now(); fn(); }, wait);
+  };
+}
 const stateCell = (s) => el("span", { class: "state-" + s }, s);
 const link = (href, text) => el("a", { href }, text);
 const enc = encodeURIComponent;
@@ -187,14 +196,23 @@ function pager(offset, count, limit, more, go, total) {
 async function renderClients(q) {
   const query = q.get("q") || "all";
   const offset = Number(q.get("offset") || 0);
+  const sort = q.get("sort") || "";
+  const desc = q.get("desc") === "1";
   const limit = 50;
-  const go = (o, qq) => { location.hash = `#/clients?q=${enc(qq === undefined ? query : qq)}&offset=${o}`; };
+  const go = (o, qq, s, d) => {
+    location.hash = `#/clients?q=${enc(qq === undefined ? query : qq)}&offset=${o}&sort=${enc(s === undefined ? sort : s)}&desc=${(d === undefined ? desc : d) ? 1 : 0}`;
+  };
+  // A column header sorts on the server (click again: reversed).
+  const col = (label, key) => ({
+    label: label + (sort === key ? (desc ? " ▼" : " ▲") : ""),
+    sort: () => go(0, undefined, key, sort === key ? !desc : false),
+  });
   const search = el("input", { type: "search", id: "client-search", value: query, placeholder: "all | host:web | label:prod | ip:10.1. | C.1a2b | name" });
   const form = el("form", { class: "toolbar" }, search, el("button", { type: "submit", class: "primary" }, "Search"),
     el("span", { class: "muted" }, "all, host:NAME, label:LABEL, ip:PREFIX, a client id, or a host-name prefix"));
   form.addEventListener("submit", (ev) => { ev.preventDefault(); go(0, search.value.trim() || "all"); });
   show(el("h1", {}, "Clients"), form, el("p", { class: "muted" }, "Searching…"));
-  const r = await attempt(() => api("GET", `clients?q=${enc(query)}&offset=${offset}&limit=${limit}`));
+  const r = await attempt(() => api("GET", `clients?q=${enc(query)}&offset=${offset}&limit=${limit}&sort=${enc(sort)}&desc=${desc ? 1 : 0}`));
   if (!r) return;
   const picked = new Set();
   const boxes = [];
@@ -223,9 +241,10 @@ async function renderClients(q) {
       can("administrator") ? null : el("span", { class: "muted" }, "(more than one client at once: administrators)"))
     : null;
   show(el("h1", {}, "Clients"), form, tools,
-    table([{ label: all }, "Client", "Host", "OS", "Labels", "State", "Last seen", "Last IP", "Frontend"].map((h) => (h.label instanceof Node ? { label: h.label } : h)),
-      rows, { id: "clients", empty: "No client matches." }),
-    pager(offset, r.clients.length, limit, r.truncated, (o) => go(o)));
+    table([{ label: all }, col("Client", "id"), col("Host", "hostname"), col("OS", "os"), "Labels", col("State", "connected"),
+      col("Last seen", "last_seen"), col("Last IP", "last_ip"), col("Frontend", "node")],
+    rows, { id: "clients", empty: "No client matches." }),
+    pager(offset, r.clients.length, limit, r.truncated, (o) => go(o), r.total));
 }
 
 // ---- one client --------------------------------------------------------------------------------
@@ -236,7 +255,10 @@ async function renderClient(id) {
   if (!c) return;
   const facts = el("dl", { class: "facts card", id: "client-facts" },
     el("dt", {}, "Host"), el("dd", { class: "hostname" }, c.hostname),
+    el("dt", {}, "FQDN"), el("dd", {}, c.fqdn || "—"),
     el("dt", {}, "OS"), el("dd", {}, c.os),
+    el("dt", {}, "Addresses"), el("dd", { class: "mono" }, (c.ips || []).join("  ") || "—"),
+    el("dt", {}, "Enrolled"), el("dd", {}, fmtTime(c.first_seen_ms)),
     el("dt", {}, "State"), el("dd", {}, el("span", { class: "dot" + (c.connected ? " on" : "") }), c.connected ? "online" : "offline"),
     el("dt", {}, "Last seen"), el("dd", {}, fmtTime(c.last_seen_ms), " (", ago(c.last_seen_ms), ")"),
     el("dt", {}, "Last IP"), el("dd", { class: "mono" }, c.last_ip),
@@ -526,21 +548,37 @@ async function renderHunt(id) {
         el("dt", {}, "Uploaded"), el("dd", {}, bytes(s.uploaded_bytes))));
     stop.hidden = h.state !== "running" || !can("investigator");
   };
+  // Its clients and their flows, in the order they were scheduled.
+  const clientsBox = el("div", {});
+  let clientsOffset = 0;
+  const loadClients = async () => {
+    const r = await attempt(() => api("GET", `${base}/flows?offset=${clientsOffset}&limit=20`));
+    if (!r) return;
+    clientsBox.replaceChildren(
+      table(["Client", "Flow", "State", { label: "Rows", num: 1 }, { label: "Uploaded", num: 1 }, "Finished", "Error"],
+        r.flows.map((f) => [el("td", { class: "mono" }, link(`#/client/${enc(f.client_id)}`, f.client_id)),
+          el("td", { class: "mono" }, link(`#/flow/${enc(f.client_id)}/${enc(f.flow_id)}`, f.flow_id)), stateCell(f.state),
+          num(f.rows), num(bytes(f.uploaded_bytes)), fmtTime(f.finished_ms), el("td", { class: "error" }, f.error)]),
+        { id: "hunt-clients", empty: "No client scheduled yet." }),
+      pager(clientsOffset, r.flows.length, 20, clientsOffset + r.flows.length < r.total, (o) => { clientsOffset = o; loadClients(); }, r.total));
+  };
   paint(h);
   show(el("h1", {}, "Hunt ", el("span", { class: "mono" }, id)), el("div", { class: "toolbar" }, stop), summary,
-    el("h2", {}, "Results"), results.node);
+    el("h2", {}, "Clients"), clientsBox, el("h2", {}, "Results"), results.node);
   results.load();
+  loadClients();
   if (h.state === "running") {
     const es = new EventSource(`/api/${base}/watch`);
     state.live = es;
-    let last = 0;
+    const refresh = throttle(() => { results.load(); loadClients(); }, 2000);
     es.onmessage = (m) => {
       const g = JSON.parse(m.data);
       paint(g);
       // New rows: refresh the first page of results at most every 2 s.
-      if (g.stats.rows !== h.stats.rows && Date.now() - last > 2000) { last = Date.now(); h.stats.rows = g.stats.rows; results.load(); }
+      const moved = g.stats.rows !== h.stats.rows || g.stats.completed !== h.stats.completed || g.stats.scheduled !== h.stats.scheduled;
+      if (moved) { h.stats = g.stats; refresh(); }
     };
-    es.addEventListener("end", () => { stopLive(); results.load(); });
+    es.addEventListener("end", () => { stopLive(); results.load(); loadClients(); });
     es.addEventListener("error", () => stopLive());
   }
 }
