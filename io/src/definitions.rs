@@ -331,6 +331,7 @@ pub fn info(
         builtin,
         definition: definition.unwrap_or_default().to_owned(),
         platforms,
+        event: spec.event,
     }
 }
 

@@ -113,6 +113,19 @@ impl Api {
         }
     }
 
+    /// One page of a search, as asked.
+    pub async fn search_page(
+        &mut self,
+        req: api::SearchRequest,
+    ) -> Result<api::SearchResponse, String> {
+        Ok(self
+            .inner
+            .search_clients(req)
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
     /// Adds or removes a label.
     pub async fn label(
         &mut self,

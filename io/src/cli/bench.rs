@@ -4,6 +4,7 @@
 //! figures (`--json`) or a table. Both processes share this machine's cores with the bench itself:
 //! every figure includes that contention (docs/performance.md).
 
+mod gui;
 use crate::cli::api_client::Api;
 use crate::deploy::config::{self, GenerateOptions};
 use crate::env::Env;
@@ -28,6 +29,9 @@ pub enum Scenario {
     /// SQL over the endpoint tables on this machine, as an agent runs a `Generic.Query` task (a
     /// fresh engine each run): milliseconds per query, p50 and max of `--clients` runs each.
     Query,
+    /// The GUI's calls with N clients enrolled (default 100,000, through the real path in batches
+    /// of 10,000 connected at once): p50/p99/max per call a page makes, over one HTTPS session.
+    Gui,
     /// Client events: N clients each running `Generic.Events.Test rate=--rate` into one frontend
     /// for `--seconds`, with the shared volume at 0 ms and at `--latency-ms` per operation: events
     /// per second stored, latency from an event made to its batch settled on the volume, memory
@@ -45,6 +49,7 @@ impl Scenario {
             Scenario::Replication => "replication",
             Scenario::Query => "query",
             Scenario::Events => "events",
+            Scenario::Gui => "gui",
         }
     }
 
@@ -54,6 +59,7 @@ impl Scenario {
             Scenario::Connections | Scenario::Hunt | Scenario::Events => 10_000,
             Scenario::StorageLatency | Scenario::Replication => 1_000,
             Scenario::Query => 50,
+            Scenario::Gui => 100_000,
         }
     }
 }
@@ -242,7 +248,11 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
         return query_bench(o.clients);
     }
     // Each frontend holds one descriptor per client on it, and so does its load generator.
-    let per_process = o.clients.div_ceil(o.minions + 1);
+    let per_process = if o.scenario == Scenario::Gui {
+        o.clients.min(gui::BATCH) // Connected a batch at a time.
+    } else {
+        o.clients.div_ceil(o.minions + 1)
+    };
     let wanted = per_process as u64 + FDS_SPARE;
     let limit = crate::env::raise_fd_limit(wanted)?;
     if limit < wanted {
@@ -262,6 +272,7 @@ pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
             Scenario::StorageLatency => storage_latency(o, &dir, &env).await,
             Scenario::Replication => replication(o, &dir, &env).await,
             Scenario::Events => events_bench(o, &dir, &env).await,
+            Scenario::Gui => gui::gui_bench(o, &dir, &env).await,
             Scenario::Query => unreachable!("answered before any deployment"),
         },
         Err(e) => Err(e),

@@ -132,7 +132,8 @@ pub enum Command {
         /// applied after it, catch-up time).
         #[arg(value_enum)]
         scenario: crate::cli::bench::Scenario,
-        /// Virtual clients (default: 10,000 for connections and hunt, 1,000 otherwise).
+        /// Virtual clients (default: 10,000 for connections, hunt and events; 100,000 enrolled for
+        /// gui; 50 runs for query; 1,000 otherwise).
         #[arg(long)]
         clients: Option<usize>,
         /// storage-latency: rows each client returns.
@@ -1545,6 +1546,7 @@ pub fn artifact_json(a: &talon_proto::api::ArtifactInfo) -> serde_json::Value {
         "name": a.name,
         "description": a.description,
         "builtin": a.builtin,
+        "event": a.event,
         "platforms": a.platforms,
         "params": params,
     });
@@ -1558,7 +1560,12 @@ pub fn artifact_json(a: &talon_proto::api::ArtifactInfo) -> serde_json::Value {
 pub fn artifacts_table(list: &[talon_proto::api::ArtifactInfo]) -> String {
     let mut s = String::new();
     for a in list {
-        let origin = if a.builtin { "built-in" } else { "custom" };
+        let origin = match (a.builtin, a.event) {
+            (true, false) => "built-in",
+            (false, false) => "custom",
+            (true, true) => "built-in event artifact",
+            (false, true) => "custom event artifact",
+        };
         s.push_str(&format!(
             "{}  ({origin}; {})\n    {}\n",
             a.name,

@@ -273,6 +273,18 @@ pub fn ca_server_config(
     server_config(p, verifier, cert_pem, key_pem)
 }
 
+/// A browser's view of the GUI port, for tests and benchmarks: trusts `ca_pem`, presents no
+/// certificate, HTTP/1.1.
+pub fn gui_client_config(ca_pem: &str) -> io::Result<Arc<rustls::ClientConfig>> {
+    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(bad("TLS versions"))?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
 /// A client of a Talon server: pins the deployment CA, presents `cert_pem`/`key_pem`.
 pub fn client_config(
     ca_pem: &str,
