@@ -134,3 +134,25 @@ fn bench_events_prints_both_runs() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--rate and --seconds"));
 }
+
+#[test]
+fn bench_gui_times_every_call_a_page_makes() {
+    let g = bench(&["gui", "--clients", "30"]);
+    assert_eq!(g["scenario"], "gui");
+    assert_eq!(g["clients_enrolled"], 30);
+    assert_eq!(g["clients_connected"], 30);
+    let calls = g["calls"].as_object().unwrap();
+    for name in [
+        "clients, first page",
+        "clients by host name",
+        "search label:bench",
+        "hunt estimate, label bench",
+        "cluster",
+        "audit log",
+    ] {
+        let c = &calls[name];
+        assert!(c["p50_ms"].as_f64().is_some(), "{name}: {c}");
+        assert!(c["p99_ms"].as_f64() >= c["p50_ms"].as_f64(), "{name}: {c}");
+        assert!(c["bytes"].as_u64().is_some_and(|b| b > 0), "{name}: {c}");
+    }
+}

@@ -199,6 +199,36 @@ fn every_command_that_prints_has_json_output_that_parses() {
         ],
     );
 
+    // The GUI's users (the password on stdin).
+    for (cmd, args) in [
+        ("user add", vec!["carol", "--role", "reader"]),
+        ("user passwd", vec!["carol", "--role", "investigator"]),
+        ("user list", vec![]),
+        ("user remove", vec!["carol"]),
+    ] {
+        let mut a = vec!["-c", &server];
+        a.extend(cmd.split(' '));
+        a.extend(args);
+        a.push("--json");
+        let mut child = talon()
+            .args(&a)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        writeln!(child.stdin.take().unwrap(), "carol-password").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parses(cmd, &String::from_utf8_lossy(&out.stdout));
+        ran.insert(cmd.to_owned());
+    }
+
     let expected: BTreeSet<String> = all
         .into_iter()
         .filter(|(c, json)| *json && !NOT_RUN.contains(&c.as_str()))

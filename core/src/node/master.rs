@@ -321,6 +321,12 @@ pub enum AuditAction {
     EventsSet,
     /// Removed an entry of the client event table.
     EventsUnset,
+    /// Added a GUI user (`target`: the user; `detail`: the role).
+    UserAdd,
+    /// Changed a GUI user's password or role (`detail`: what changed).
+    UserChange,
+    /// Removed a GUI user.
+    UserRemove,
 }
 
 impl AuditAction {
@@ -337,6 +343,9 @@ impl AuditAction {
             AuditAction::ArtifactRemove => "artifact-remove",
             AuditAction::EventsSet => "events-set",
             AuditAction::EventsUnset => "events-unset",
+            AuditAction::UserAdd => "user-add",
+            AuditAction::UserChange => "user-change",
+            AuditAction::UserRemove => "user-remove",
         }
     }
 
@@ -353,6 +362,9 @@ impl AuditAction {
             AuditAction::ArtifactRemove,
             AuditAction::EventsSet,
             AuditAction::EventsUnset,
+            AuditAction::UserAdd,
+            AuditAction::UserChange,
+            AuditAction::UserRemove,
         ]
         .into_iter()
         .find(|a| a.name() == name)
@@ -452,6 +464,17 @@ pub enum Request {
         /// Its definition (YAML); `None` removes it.
         definition: Option<String>,
     },
+    /// Records a change of a GUI user in the audit log (the users' files are the shell's, outside
+    /// the datastore): answered once the entry is durable, before the shell changes the file.
+    RecordUser {
+        /// What was done: [`AuditAction::UserAdd`], [`AuditAction::UserChange`] or
+        /// [`AuditAction::UserRemove`] (anything else is refused).
+        action: AuditAction,
+        /// The user.
+        name: String,
+        /// What the audit log shows of it (the role; never a password).
+        detail: String,
+    },
     /// Set (or replace) an entry of the client event table, or remove it (`entry` none). The shell
     /// has checked the artifact and its parameters and made the entry; this writes it with its
     /// audit entry (`detail`: what the audit log shows of it).
@@ -507,6 +530,8 @@ pub enum Answer {
     ArtifactPut,
     /// An entry of the client event table is written (or removed).
     ClientEventSet,
+    /// A user change's audit entry is durable.
+    Recorded,
     /// A flow is cancelled.
     Cancelled {
         /// Its task had not been acknowledged: it is marked failed and will not run.
@@ -704,6 +729,7 @@ enum Asked {
     Hunt(HuntId),
     Artifact,
     ClientEvent,
+    Recorded,
 }
 
 #[derive(Debug)]
@@ -899,6 +925,27 @@ impl Master {
                         }
                     });
                 self.reply(request, r);
+            }
+            Request::RecordUser {
+                action,
+                name,
+                detail,
+            } => {
+                if !matches!(
+                    action,
+                    AuditAction::UserAdd | AuditAction::UserChange | AuditAction::UserRemove
+                ) {
+                    let e = RequestError::new(
+                        ErrorKind::Invalid,
+                        format!("{} is not a user change", action.name()),
+                    );
+                    return self.reply(request, Err(e));
+                }
+                self.time = time;
+                self.begin();
+                self.audit(by, action, name, detail);
+                self.finish(Then::Reply(request, Asked::Recorded));
+                self.drain();
             }
             Request::ClientCounts => {
                 let r = Ok(Answer::ClientCounts(self.registry.counts_by_node()));
@@ -1578,6 +1625,10 @@ impl Master {
             Asked::Artifact => match worst {
                 Outcome::Done => Ok(Answer::ArtifactPut),
                 _ => unavailable("the artifact's definition is not recorded"),
+            },
+            Asked::Recorded => match worst {
+                Outcome::Done => Ok(Answer::Recorded),
+                _ => unavailable("the change's audit entry is not recorded"),
             },
             Asked::ClientEvent => match worst {
                 Outcome::Done => Ok(Answer::ClientEventSet),

@@ -26,6 +26,9 @@ pub enum UserCommand {
         /// Replace the user if it exists.
         #[arg(long)]
         force: bool,
+        /// Print the user as JSON ({name, role, created_ms, changed_ms}).
+        #[arg(long)]
+        json: bool,
     },
     /// List the users and their roles.
     List {
@@ -37,6 +40,9 @@ pub enum UserCommand {
     Remove {
         /// The login name.
         name: String,
+        /// Print {removed: NAME} as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Set a user's password (and with --role its role); its sessions end within seconds.
     Passwd {
@@ -45,6 +51,9 @@ pub enum UserCommand {
         /// A new role as well.
         #[arg(long, value_enum)]
         role: Option<Access>,
+        /// Print the user as JSON ({name, role, created_ms, changed_ms}).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -54,7 +63,12 @@ pub fn run(config: &Path, command: UserCommand) -> Result<String, String> {
     let store = Users::at(&cfg.datastore.location);
     let now = SystemClock.now().as_ms();
     match command {
-        UserCommand::Add { name, role, force } => {
+        UserCommand::Add {
+            name,
+            role,
+            force,
+            json,
+        } => {
             users::check_name(&name)?;
             if !force && store.get(&name)?.is_some() {
                 return Err(format!(
@@ -62,13 +76,17 @@ pub fn run(config: &Path, command: UserCommand) -> Result<String, String> {
                 ));
             }
             let hash = new_hash(&read_password(&name)?)?;
-            store.put(&User {
+            let user = User {
                 name: name.clone(),
                 role,
                 hash,
                 created_ms: now,
                 changed_ms: now,
-            })?;
+            };
+            store.put(&user)?;
+            if json {
+                return Ok(user_json(&user).to_string());
+            }
             Ok(format!(
                 "added user {name:?} with role {role} ({})",
                 store.dir().display()
@@ -77,15 +95,7 @@ pub fn run(config: &Path, command: UserCommand) -> Result<String, String> {
         UserCommand::List { json } => {
             let list = store.list()?;
             if json {
-                let v: Vec<_> = list
-                    .iter()
-                    .map(|u| {
-                        serde_json::json!({
-                            "name": u.name, "role": u.role,
-                            "created_ms": u.created_ms, "changed_ms": u.changed_ms,
-                        })
-                    })
-                    .collect();
+                let v: Vec<_> = list.iter().map(user_json).collect();
                 return Ok(serde_json::to_string_pretty(&v).expect("JSON values serialise"));
             }
             if list.is_empty() {
@@ -102,14 +112,17 @@ pub fn run(config: &Path, command: UserCommand) -> Result<String, String> {
             }
             Ok(out.trim_end().to_owned())
         }
-        UserCommand::Remove { name } => {
+        UserCommand::Remove { name, json } => {
             if store.remove(&name)? {
+                if json {
+                    return Ok(serde_json::json!({ "removed": name }).to_string());
+                }
                 Ok(format!("removed user {name:?}"))
             } else {
                 Err(format!("no user {name:?} (see `user list`)"))
             }
         }
-        UserCommand::Passwd { name, role } => {
+        UserCommand::Passwd { name, role, json } => {
             let Some(mut user) = store.get(&name)? else {
                 return Err(format!("no user {name:?} (add it with `user add`)"));
             };
@@ -120,12 +133,22 @@ pub fn run(config: &Path, command: UserCommand) -> Result<String, String> {
             // Strictly later, so that the master sees a change even within one millisecond.
             user.changed_ms = now.max(user.changed_ms + 1);
             store.put(&user)?;
+            if json {
+                return Ok(user_json(&user).to_string());
+            }
             Ok(format!(
                 "set the password of {name:?} (role {}); its sessions end",
                 user.role
             ))
         }
     }
+}
+
+/// `{name, role, created_ms, changed_ms}` (never the hash).
+fn user_json(u: &User) -> serde_json::Value {
+    serde_json::json!({
+        "name": u.name, "role": u.role, "created_ms": u.created_ms, "changed_ms": u.changed_ms,
+    })
 }
 
 fn new_hash(password: &str) -> Result<String, String> {

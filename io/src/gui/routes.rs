@@ -194,11 +194,10 @@ pub async fn route(
         (Method::GET, ["artifacts"]) => artifacts(api, caller).await,
         (Method::POST, ["collect"]) => collect(api, caller, req).await,
         (Method::GET, ["flows", c, f]) => flow(api, caller, c, f).await,
-        (Method::GET, ["flows", c, f, "results"]) => {
-            let q = query(&req);
-            let rows = flow_rows(api, caller, c, f).await;
-            rows_page(rows, &q).await
-        }
+        (Method::GET, ["flows", c, f, "results"]) => match RowsQuery::parse(&query(&req)) {
+            Ok(q) => rows_page(flow_rows(api, caller, c, f).await, q).await,
+            Err(e) => Err(e),
+        },
         (Method::GET, ["flows", c, f, "results.csv"]) => {
             let name = format!("{c}-{f}.csv");
             download_csv(api, caller, Rows::Flow(c, f), name).await
@@ -217,11 +216,10 @@ pub async fn route(
         (Method::POST, ["hunts", id, "stop"]) => stop_hunt(api, caller, id).await,
         (Method::GET, ["hunts", id, "watch"]) => watch_hunt(api, caller, id).await,
         (Method::GET, ["hunts", id, "flows"]) => hunt_flows(api, caller, id, &query(&req)).await,
-        (Method::GET, ["hunts", id, "results"]) => {
-            let q = query(&req);
-            let rows = hunt_rows(api, caller, id).await;
-            rows_page(rows, &q).await
-        }
+        (Method::GET, ["hunts", id, "results"]) => match RowsQuery::parse(&query(&req)) {
+            Ok(q) => rows_page(hunt_rows(api, caller, id).await, q).await,
+            Err(e) => Err(e),
+        },
         (Method::GET, ["hunts", id, "results.csv"]) => {
             download_csv(api, caller, Rows::Hunt(id), format!("{id}.csv")).await
         }
@@ -230,6 +228,8 @@ pub async fn route(
             download_jsonl(rows, format!("{id}.jsonl"))
         }
         (Method::GET, ["cluster"]) => cluster(api, caller).await,
+        (Method::GET, ["users"]) => users(api, caller).await,
+        (Method::POST, ["users"]) => set_user(api, caller, req).await,
         (Method::GET, ["audit"]) => audit(api, caller, &query(&req)).await,
         (m, _) => Err(error(StatusCode::NOT_FOUND, format!("no call {m} {path}"))),
     };
@@ -482,27 +482,54 @@ fn cell_text(row: &serde_json::Value, col: &str) -> String {
     }
 }
 
+/// What a results page asks for, checked before any row is read.
+struct RowsQuery {
+    offset: usize,
+    limit: usize,
+    filter: String,
+    column: String,
+    sort: Option<String>,
+    desc: bool,
+}
+
+impl RowsQuery {
+    fn parse(q: &HashMap<String, String>) -> Result<RowsQuery, Refusal> {
+        let offset = usize::try_from(number(q, "offset", 0)?).unwrap_or(usize::MAX);
+        let limit = usize::try_from(number(q, "limit", 100)?).unwrap_or(usize::MAX);
+        if limit == 0 || limit > ROWS_PAGE_MAX {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("limit={limit}: give 1 to {ROWS_PAGE_MAX}"),
+            ));
+        }
+        Ok(RowsQuery {
+            offset,
+            limit,
+            filter: q
+                .get("filter")
+                .map(|f| f.to_lowercase())
+                .unwrap_or_default(),
+            column: q.get("column").cloned().unwrap_or_default(),
+            sort: q.get("sort").cloned().filter(|s| !s.is_empty()),
+            desc: q.get("desc").is_some_and(|d| d == "1" || d == "true"),
+        })
+    }
+}
+
 /// One page of rows: `offset`, `limit` (≤ [`ROWS_PAGE_MAX`]), optionally only rows whose `column`
 /// (or any column) contains `filter` (case-insensitive), optionally sorted by `sort` (`desc=1`
 /// for descending; at most [`SORT_ROWS_MAX`] matching rows). Answers `{columns, rows: [{client_id,
 /// flow_id, row}], total, offset}`, `total` the matching rows.
-async fn rows_page(rows: RowStream, q: &HashMap<String, String>) -> Answer {
+async fn rows_page(rows: RowStream, q: RowsQuery) -> Answer {
     let mut rows = rows?;
-    let offset = usize::try_from(number(q, "offset", 0)?).unwrap_or(usize::MAX);
-    let limit = usize::try_from(number(q, "limit", 100)?).unwrap_or(usize::MAX);
-    if limit == 0 || limit > ROWS_PAGE_MAX {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("limit={limit}: give 1 to {ROWS_PAGE_MAX}"),
-        ));
-    }
-    let filter = q
-        .get("filter")
-        .map(|f| f.to_lowercase())
-        .unwrap_or_default();
-    let column = q.get("column").cloned().unwrap_or_default();
-    let sort = q.get("sort").cloned().filter(|s| !s.is_empty());
-    let desc = q.get("desc").is_some_and(|d| d == "1" || d == "true");
+    let RowsQuery {
+        offset,
+        limit,
+        filter,
+        column,
+        sort,
+        desc,
+    } = q;
     let mut columns: Vec<String> = Vec::new();
     let mut kept: Vec<serde_json::Value> = Vec::new();
     let mut total = 0usize;
@@ -926,6 +953,44 @@ async fn cluster(api: &crate::node::ApiService, caller: &Caller) -> Answer {
     ok(serde_json::json!({
         "master": c.master, "minions": minions, "volume_failures": failures, "nodes": nodes,
     }))
+}
+
+fn user_json(u: &api::UserInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": u.name, "role": u.role,
+        "created_ms": u.created_unix_ms, "changed_ms": u.changed_unix_ms,
+    })
+}
+
+async fn users(api: &crate::node::ApiService, caller: &Caller) -> Answer {
+    let r = api
+        .list_users(call(caller, api::ListUsersRequest {}))
+        .await
+        .map_err(|s| status(&s))?
+        .into_inner();
+    let users: Vec<_> = r.users.iter().map(user_json).collect();
+    ok(serde_json::json!({ "users": users }))
+}
+
+async fn set_user(
+    api: &crate::node::ApiService,
+    caller: &Caller,
+    req: http::Request<Incoming>,
+) -> Answer {
+    let body = body_json(req).await?;
+    let r = api
+        .set_user(call(
+            caller,
+            api::SetUserRequest {
+                name: field(&body, "name").to_owned(),
+                role: field(&body, "role").to_owned(),
+                password: field(&body, "password").to_owned(),
+                remove: body["remove"].as_bool().unwrap_or(false),
+            },
+        ))
+        .await
+        .map_err(|s| status(&s))?;
+    ok(user_json(r.get_ref()))
 }
 
 async fn audit(

@@ -187,18 +187,45 @@ pub(super) async fn read_flow_pages(
     }
 }
 
+fn user_info(u: &crate::gui::users::User) -> api::UserInfo {
+    api::UserInfo {
+        name: u.name.clone(),
+        role: u.role.to_string(),
+        created_unix_ms: u.created_ms,
+        changed_unix_ms: u.changed_ms,
+    }
+}
+
 /// The analyst's gRPC API (master only); every call needs an API certificate.
 #[derive(Clone)]
 pub struct ApiService {
     node: Node,
     watches: Watches,
+    /// The GUI's users (the master's; `None`: `ListUsers`/`SetUser` are refused).
+    users: Option<crate::gui::users::Users>,
 }
 
 impl ApiService {
     /// Serves the API through `node`.
     pub fn new(node: Node) -> ApiService {
         let watches = Watches::new(api_reads::WATCHES_MAX);
-        ApiService { node, watches }
+        ApiService {
+            node,
+            watches,
+            users: None,
+        }
+    }
+
+    /// Serves the GUI's users in `users` too.
+    pub fn with_users(mut self, users: crate::gui::users::Users) -> ApiService {
+        self.users = Some(users);
+        self
+    }
+
+    fn users(&self) -> Result<crate::gui::users::Users, Status> {
+        self.users
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this node keeps no GUI users"))
     }
 }
 
@@ -932,6 +959,109 @@ impl api::api_server::Api for ApiService {
             })
             .collect();
         Ok(Response::new(api::ListFlowsResponse { flows, total }))
+    }
+
+    async fn list_users(
+        &self,
+        req: Request<api::ListUsersRequest>,
+    ) -> Result<Response<api::ListUsersResponse>, Status> {
+        require(&req, Access::Administrator)?;
+        let users = self.users()?;
+        let list = tokio::task::spawn_blocking(move || users.list())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(api::ListUsersResponse {
+            users: list.iter().map(user_info).collect(),
+        }))
+    }
+
+    async fn set_user(
+        &self,
+        req: Request<api::SetUserRequest>,
+    ) -> Result<Response<api::UserInfo>, Status> {
+        use crate::gui::users;
+        use talon_core::node::master::AuditAction;
+        let by = require(&req, Access::Administrator)?;
+        let store = self.users()?;
+        let r = req.into_inner();
+        users::check_name(&r.name).map_err(invalid)?;
+        let role = match r.role.as_str() {
+            "" => None,
+            s => Some(Access::parse(s).map_err(invalid)?),
+        };
+        if !r.password.is_empty() {
+            users::check_password(&r.password).map_err(invalid)?;
+        }
+        let (s, name) = (store.clone(), r.name.clone());
+        let old = tokio::task::spawn_blocking(move || s.get(&name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::unavailable)?;
+        let now = self.node.clock.now().as_ms();
+        let (action, detail, next) = match (old, r.remove) {
+            (None, true) => return Err(Status::not_found(format!("no user {:?}", r.name))),
+            (Some(u), true) => (AuditAction::UserRemove, String::new(), u),
+            (None, false) => {
+                let role = role.ok_or_else(|| invalid("a new user needs a role"))?;
+                if r.password.is_empty() {
+                    return Err(invalid("a new user needs a password"));
+                }
+                let user = users::User {
+                    name: r.name.clone(),
+                    role,
+                    hash: String::new(),
+                    created_ms: now,
+                    changed_ms: now,
+                };
+                (AuditAction::UserAdd, format!("role {role}"), user)
+            }
+            (Some(mut u), false) => {
+                if role.is_none() && r.password.is_empty() {
+                    return Err(invalid("give a new role, a new password, or both"));
+                }
+                let mut what = Vec::new();
+                if let Some(role) = role {
+                    what.push(format!("role {} -> {role}", u.role));
+                    u.role = role;
+                }
+                if !r.password.is_empty() {
+                    what.push("password".to_owned());
+                }
+                u.changed_ms = now.max(u.changed_ms + 1);
+                (AuditAction::UserChange, what.join(", "), u)
+            }
+        };
+        // Audited first: a change that is made is always in the log.
+        let rec = CoreRequest::RecordUser {
+            action,
+            name: r.name.clone(),
+            detail,
+        };
+        match self.node.request(&by, rec).await? {
+            Answer::Recorded => {}
+            a => return Err(unexpected(a)),
+        }
+        let mut salt = [0u8; 16];
+        self.node.entropy.fill(&mut salt);
+        let (password, remove) = (r.password, r.remove);
+        let done = tokio::task::spawn_blocking(move || -> Result<users::User, String> {
+            let mut user = next;
+            if remove {
+                store.remove(&user.name)?;
+                return Ok(user);
+            }
+            if !password.is_empty() {
+                user.hash = users::hash_password(&password, salt)?;
+            }
+            store.put(&user)?;
+            Ok(user)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::unavailable)?;
+        tracing::info!(user = %done.name, action = action.name(), by = %by, "GUI user changed");
+        Ok(Response::new(user_info(&done)))
     }
 
     async fn list_audit(

@@ -553,7 +553,8 @@ fn serve_master(
         (fe_listener, fe_tls, admission),
         stop_rx,
     );
-    let api_service = ApiService::new(node);
+    let api_service =
+        ApiService::new(node).with_users(crate::gui::users::Users::at(&cfg.datastore.location));
     let gui = Arc::new(crate::gui::Gui::new(
         api_service.clone(),
         &cfg.datastore.location,

@@ -102,6 +102,26 @@ step("no page data and no change without a session");
   c = await r.post(`${URL}/api/collect`, { data: collect, headers: { "X-CSRF-Token": csrf } });
   assert.equal(c.status(), 200, "with the token: " + (await c.text()));
 
+  step("the bounds answer with a clear refusal");
+  const h = { "X-CSRF-Token": csrf };
+  let b = await r.post(`${URL}/api/collect`, { headers: h, data: { client_id: REAL, artifact: "Generic.Client.Info", params: { pad: "x".repeat(70_000) } } });
+  assert.equal(b.status(), 413, "a body over 64 KiB");
+  b = await r.fetch(`${URL}/api/collect`, { method: "POST", headers: { ...h, "Content-Type": "text/plain" }, data: "{}" });
+  assert.equal(b.status(), 415, "not JSON");
+  b = await r.post(`${URL}/api/labels`, { headers: h, data: { clients: Array.from({ length: 1001 }, (_, i) => `C.${i}`), label: "x" } });
+  assert.equal(b.status(), 400, "more than 1,000 clients at once");
+  assert.match((await b.json()).error, /at most 1000/);
+  b = await r.get(`${URL}/api/hunts/H.1/results?limit=1001`);
+  assert.equal(b.status(), 400, "a page over 1,000 rows");
+  assert.match((await b.json()).error, /limit=1001/);
+  b = await r.get(`${URL}/api/clients?limit=20000`);
+  assert.equal(b.status(), 400, "a search page over 10,000");
+  b = await r.get(`${URL}/api/clients?sort=shoe_size`);
+  assert.equal(b.status(), 400);
+  assert.match((await b.json()).error, /shoe_size/);
+  b = await r.get(`${URL}/api/no/such/call`);
+  assert.equal(b.status(), 404);
+
   step("repeated wrong passwords lock the name out");
   let last = 0;
   for (let i = 0; i < 6; i++) last = (await r.post(`${URL}/api/login`, { data: { user: "mallory", password: "wrong-password" } })).status();
@@ -215,6 +235,26 @@ const listed = await page.textContent("#hunts");
 assert.ok(listed.includes(huntId) && listed.includes("from the browser test") && listed.includes("ada"), "the hunt list");
 await page.screenshot({ path: `${SHOTS}/hunts.png` });
 
+step("ada adds a user in the GUI, changes its role and removes it");
+await page.goto(`${URL}/#/users`);
+await page.waitForSelector("#users tbody tr");
+await page.fill("#new-user-name", "tom");
+await page.selectOption("#new-user-role", "reader");
+await page.fill("#new-user-password", "short");
+await page.click("#add-user");
+await page.waitForFunction(() => document.querySelector("#user-error").textContent.includes("at least 8"));
+await page.fill("#new-user-password", "tom-password-1");
+await page.click("#add-user");
+await page.waitForFunction(() => [...document.querySelectorAll("#users .user-name")].some((t) => t.textContent === "tom"));
+await page.screenshot({ path: `${SHOTS}/users.png` });
+await page.selectOption("#role-tom", "investigator");
+await page.click("#users tr:has(td.user-name:text-is('tom')) button:text-is('Save')");
+await page.waitForSelector("#flash.info");
+r = await inPage(page, "GET", "users");
+assert.equal(r.body.users.find((u) => u.name === "tom").role, "investigator");
+await page.click("#users tr:has(td.user-name:text-is('tom')) .remove-user");
+await page.waitForFunction(() => ![...document.querySelectorAll("#users .user-name")].some((t) => t.textContent === "tom"));
+
 step("ada reads the cluster and the audit log");
 await page.goto(`${URL}/#/cluster`);
 await page.waitForSelector("#nodes tbody tr");
@@ -223,7 +263,7 @@ await page.screenshot({ path: `${SHOTS}/cluster.png` });
 await page.goto(`${URL}/#/audit`);
 await page.waitForSelector("#audit tbody tr");
 const audit = await page.textContent("#audit");
-for (const seen of ["hunt-create", "label-add", "collect", "ada", "ivan"]) assert.ok(audit.includes(seen), `the audit log shows ${seen}`);
+for (const seen of ["hunt-create", "label-add", "collect", "user-add", "user-change", "user-remove", "ada", "ivan"]) assert.ok(audit.includes(seen), `the audit log shows ${seen}`);
 await page.screenshot({ path: `${SHOTS}/audit.png` });
 assert.deepEqual(ada.problems, []);
 
@@ -255,7 +295,8 @@ assert.equal(await page.$("#new-hunt"), null, "a reader sees no New hunt");
 assert.equal(await page.isHidden("#nav-audit"), true);
 for (const [m, p, b] of [["POST", "collect", { client_id: REAL, artifact: "Generic.Client.Info" }],
   ["POST", "hunts", { artifact: "Generic.Client.Info" }], ["POST", `hunts/${huntId}/stop`, {}],
-  ["POST", "labels", { clients: [REAL], label: "r" }], ["GET", "audit", null]]) {
+  ["POST", "labels", { clients: [REAL], label: "r" }], ["GET", "audit", null], ["GET", "users", null],
+  ["POST", "users", { name: "rita", role: "administrator" }]]) {
   r = await inPage(page, m, p, b);
   assert.equal(r.status, 403, `${m} ${p} as a reader: ${JSON.stringify(r.body)}`);
 }

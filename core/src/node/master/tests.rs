@@ -62,6 +62,8 @@ enum Step {
     Artifact(bool),
     /// An administrator sets (true) or unsets event artifact `E.A` for label `x`.
     Events(bool),
+    /// An administrator adds (true) or removes GUI user `u`: only an audit entry.
+    User(bool),
     /// A write in flight ends (the n-th, modulo how many: the store ends them in any order).
     Complete(Ending, usize),
     /// The minion sends its unacknowledged events again (its stream comes up first if down).
@@ -84,6 +86,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..CLIENTS).prop_map(Step::Cancel),
         1 => any::<bool>().prop_map(Step::Artifact),
         1 => any::<bool>().prop_map(Step::Events),
+        1 => any::<bool>().prop_map(Step::User),
         8 => (ending(6, 2, 1), 0usize..4).prop_map(|(e, n)| Step::Complete(e, n)),
         2 => Just(Step::Resend),
         1 => any::<bool>().prop_map(Step::Busy),
@@ -102,6 +105,7 @@ enum Asked {
     Cancel(ClientId, FlowId),
     Artifact(Option<String>),
     Events(Option<String>),
+    User(bool),
 }
 
 #[derive(Clone, Debug)]
@@ -432,6 +436,8 @@ impl World {
             Asked::Artifact(None) => audited(AuditAction::ArtifactRemove, "Custom.A".into()),
             Asked::Events(Some(_)) => audited(AuditAction::EventsSet, "E.A (label x)".into()),
             Asked::Events(None) => audited(AuditAction::EventsUnset, "E.A (label x)".into()),
+            Asked::User(true) => audited(AuditAction::UserAdd, "u".into()),
+            Asked::User(false) => audited(AuditAction::UserRemove, "u".into()),
         };
         if !entry {
             return Err(format!(
@@ -452,6 +458,7 @@ impl World {
             // Two changes of one definition land in the order asked: the last answered holds.
             Asked::Artifact(d) => s.artifacts.get("Custom.A") == d.as_ref(),
             Asked::Events(e) => s.events.get(&("x".into(), "E.A".into())) == e.as_ref(),
+            Asked::User(_) => true,
             // Withdrawn before it started: failed on storage, its task gone.
             Asked::Cancel(c, f) => match answer {
                 Answer::Cancelled {
@@ -546,6 +553,22 @@ impl World {
                 let req = Request::PutArtifact {
                     name: "Custom.A".into(),
                     definition,
+                };
+                self.master
+                    .handle_request(t, request, analyst(request), req);
+            }
+            Step::User(add) => {
+                let request = Token(self.id());
+                self.requests.insert(request, Asked::User(add));
+                let action = if add {
+                    AuditAction::UserAdd
+                } else {
+                    AuditAction::UserRemove
+                };
+                let req = Request::RecordUser {
+                    action,
+                    name: "u".into(),
+                    detail: "reader".into(),
                 };
                 self.master
                     .handle_request(t, request, analyst(request), req);

@@ -120,6 +120,7 @@ function route() {
     case "hunt": return renderHunt(p[1]);
     case "cluster": return renderCluster();
     case "audit": return renderAudit(q);
+    case "users": return renderUsers();
     default: return show(el("p", {}, "No page here. ", link("#/clients", "Clients")));
   }
 }
@@ -128,6 +129,7 @@ function setUser(who) {
   state.user = who.user; state.role = who.role; state.csrf = who.csrf;
   document.getElementById("nav").hidden = false;
   document.getElementById("nav-audit").hidden = !can("administrator");
+  document.getElementById("nav-users").hidden = !can("administrator");
   document.getElementById("who").replaceChildren(
     el("span", { id: "who-name" }, who.user), " (", who.role, ")",
     el("button", { id: "logout", onclick: logout }, "Log out"));
@@ -615,6 +617,39 @@ async function renderAudit(q) {
   show(el("h1", {}, "Audit log"),
     table(["Time", "User", "Action", "Target", "Detail"], r.entries.map((e) => [fmtTime(e.time_ms), e.user, e.action, mono(e.target), e.detail]), { id: "audit" }),
     pager(offset, r.entries.length, 50, offset + r.entries.length < r.total, (o) => { location.hash = `#/audit?offset=${o}`; }, r.total));
+}
+
+async function renderUsers() {
+  if (!can("administrator")) return show(el("h1", {}, "Users"), el("p", { class: "error" }, "Only administrators manage users."));
+  const r = await attempt(() => api("GET", "users"));
+  if (!r) return;
+  const err = el("p", { class: "error", id: "user-error" });
+  const roleSelect = (id, value) => {
+    const s = el("select", { id }, ROLES.map((x) => el("option", { value: x }, x)));
+    s.value = value;
+    return s;
+  };
+  const change = async (body, done) => {
+    err.textContent = "";
+    try { await api("POST", "users", body); flash(done, true); renderUsers(); } catch (e) { err.textContent = e.message; }
+  };
+  const rows = r.users.map((u) => {
+    const role = roleSelect("role-" + u.name, u.role);
+    const pass = el("input", { type: "password", placeholder: "new password", autocomplete: "new-password", class: "new-password" });
+    return [el("td", { class: "user-name" }, u.name), el("td", {}, role), fmtTime(u.created_ms), fmtTime(u.changed_ms),
+      el("td", {}, pass,
+        el("button", { onclick: () => change({ name: u.name, role: role.value, password: pass.value }, `Changed ${u.name}; their sessions end.`) }, "Save"),
+        " ",
+        el("button", { class: "danger remove-user", onclick: () => change({ name: u.name, remove: true }, `Removed ${u.name}.`) }, "Remove"))];
+  });
+  const name = el("input", { type: "text", id: "new-user-name", placeholder: "name" });
+  const role = roleSelect("new-user-role", "reader");
+  const pass = el("input", { type: "password", id: "new-user-password", placeholder: "password (8 or more)", autocomplete: "new-password" });
+  const add = el("form", { class: "toolbar card" }, "Add a user:", name, role, pass, el("button", { class: "primary", type: "submit", id: "add-user" }, "Add"));
+  add.addEventListener("submit", (ev) => { ev.preventDefault(); change({ name: name.value, role: role.value, password: pass.value }, `Added ${name.value}.`); });
+  show(el("h1", {}, "Users"), add, err,
+    table(["Name", "Role", "Added", "Changed", ""], rows, { id: "users", empty: "No users." }),
+    el("p", { class: "muted" }, "Changes are audited; a changed or removed user's sessions end within seconds. The command line does the same: talon --config server.config.yaml user add|list|passwd|remove."));
 }
 
 // ---- start -------------------------------------------------------------------------------------
