@@ -702,15 +702,27 @@ impl Registry {
                 total,
             };
         }
-        let mut all: Vec<&ClientRecord> = ids.filter_map(|id| self.records.get(&id)).collect();
-        if sort != SortKey::Id {
-            all.sort_by(|a, b| sort.cmp(a, b));
-        }
-        if descending {
-            all.reverse();
-        }
+        let mut all: Vec<&ClientRecord> = match q {
+            // Every record: no id to clone and look up.
+            Query::All => self.records.values().collect(),
+            _ => ids.filter_map(|id| self.records.get(&id)).collect(),
+        };
         let total = all.len();
-        let clients: Vec<&ClientRecord> = all.into_iter().skip(offset).take(limit).collect();
+        // Only the matches up to the end of the page are put in order: the first `end` in
+        // O(m) (a selection), then those sorted; the rest stay unordered.
+        let end = offset.saturating_add(limit).min(total);
+        let order = |a: &&ClientRecord, b: &&ClientRecord| {
+            let o = sort.cmp(a, b);
+            if descending { o.reverse() } else { o }
+        };
+        if end > 0 && (sort != SortKey::Id || descending) {
+            if end < total {
+                all.select_nth_unstable_by(end - 1, order);
+            }
+            all[..end].sort_unstable_by(order);
+        }
+        all.truncate(end);
+        let clients: Vec<&ClientRecord> = all.into_iter().skip(offset).collect();
         let truncated = offset.saturating_add(clients.len()) < total;
         SearchResult {
             clients,
