@@ -16,4 +16,6 @@ fi
 command -v node >/dev/null || { echo "browser-test: node (20 or newer) not found" >&2; exit 1; }
 node --version
 (cd io/tests/browser && npm ci --no-audit --no-fund --loglevel=error)
-TALON_CHROMIUM=$chromium cargo test -p talon-io --test gui_browser -- --ignored --test-threads 1
+# --workspace, as the test step builds: one package alone unifies features differently and
+# rebuilds everything.
+TALON_CHROMIUM=$chromium cargo test --workspace --test gui_browser -- --ignored --test-threads 1

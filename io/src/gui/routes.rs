@@ -66,6 +66,15 @@ fn status(s: &Status) -> Refusal {
     error(code, s.message())
 }
 
+/// The answer of an API call, or its refusal as an HTTP one.
+async fn reply<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Refusal> {
+    call.await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| status(&s))
+}
+
 /// The query string's parameters (percent-decoded; later repeats win).
 fn query(req: &http::Request<Incoming>) -> HashMap<String, String> {
     let mut q = HashMap::new();
@@ -255,20 +264,17 @@ async fn clients(
     } else {
         query.trim()
     };
-    let r = api
-        .search_clients(call(
-            caller,
-            api::SearchRequest {
-                query: query.to_owned(),
-                limit: u32_of(limit),
-                offset: u32_of(offset),
-                sort: q.get("sort").cloned().unwrap_or_default(),
-                descending: q.get("desc").is_some_and(|d| d == "1" || d == "true"),
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.search_clients(call(
+        caller,
+        api::SearchRequest {
+            query: query.to_owned(),
+            limit: u32_of(limit),
+            offset: u32_of(offset),
+            sort: q.get("sort").cloned().unwrap_or_default(),
+            descending: q.get("desc").is_some_and(|d| d == "1" || d == "true"),
+        },
+    )))
+    .await?;
     let clients: Vec<_> = r.clients.iter().map(client_json).collect();
     ok(serde_json::json!({
         "query": query, "offset": offset, "clients": clients, "truncated": r.truncated,
@@ -283,18 +289,15 @@ async fn client(api: &crate::node::ApiService, caller: &Caller, id: &str) -> Ans
             format!("{id:?} is not a client id (C.…)"),
         ));
     }
-    let r = api
-        .search_clients(call(
-            caller,
-            api::SearchRequest {
-                query: id.to_owned(),
-                limit: 2,
-                ..Default::default()
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.search_clients(call(
+        caller,
+        api::SearchRequest {
+            query: id.to_owned(),
+            limit: 2,
+            ..Default::default()
+        },
+    )))
+    .await?;
     match r.clients.iter().find(|c| c.client_id == id) {
         Some(c) => ok(client_json(c)),
         None => Err(error(StatusCode::NOT_FOUND, format!("no client {id}"))),
@@ -307,18 +310,15 @@ async fn flows(
     id: &str,
     q: &HashMap<String, String>,
 ) -> Answer {
-    let r = api
-        .list_flows(call(
-            caller,
-            api::ListFlowsRequest {
-                client_id: id.to_owned(),
-                offset: u32_of(number(q, "offset", 0)?),
-                limit: u32_of(number(q, "limit", 20)?),
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.list_flows(call(
+        caller,
+        api::ListFlowsRequest {
+            client_id: id.to_owned(),
+            offset: u32_of(number(q, "offset", 0)?),
+            limit: u32_of(number(q, "limit", 20)?),
+        },
+    )))
+    .await?;
     let flows: Vec<_> = r.flows.iter().map(flow_json).collect();
     ok(serde_json::json!({ "flows": flows, "total": r.total }))
 }
@@ -354,28 +354,22 @@ async fn labels(
     )?;
     let mut changed = Vec::new();
     for c in clients {
-        let r = api
-            .modify_label(call(
-                caller,
-                api::LabelRequest {
-                    client_id: c.clone(),
-                    label: label.clone(),
-                    remove,
-                },
-            ))
-            .await
-            .map_err(|s| status(&s))?;
-        changed.push(client_json(r.get_ref()));
+        let r = reply(api.modify_label(call(
+            caller,
+            api::LabelRequest {
+                client_id: c.clone(),
+                label: label.clone(),
+                remove,
+            },
+        )))
+        .await?;
+        changed.push(client_json(&r));
     }
     ok(serde_json::json!({ "clients": changed }))
 }
 
 async fn artifacts(api: &crate::node::ApiService, caller: &Caller) -> Answer {
-    let r = api
-        .list_artifacts(call(caller, api::ListArtifactsRequest {}))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.list_artifacts(call(caller, api::ListArtifactsRequest {}))).await?;
     let list: Vec<_> = r.artifacts.iter().map(crate::cli::artifact_json).collect();
     ok(serde_json::json!({ "artifacts": list }))
 }
@@ -386,18 +380,16 @@ async fn collect(
     req: http::Request<Incoming>,
 ) -> Answer {
     let body = body_json(req).await?;
-    let r = api
-        .collect(call(
-            caller,
-            api::CollectRequest {
-                client_id: field(&body, "client_id").to_owned(),
-                artifact: field(&body, "artifact").to_owned(),
-                params: params(&body)?,
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?;
-    ok(flow_json(r.get_ref()))
+    let r = reply(api.collect(call(
+        caller,
+        api::CollectRequest {
+            client_id: field(&body, "client_id").to_owned(),
+            artifact: field(&body, "artifact").to_owned(),
+            params: params(&body)?,
+        },
+    )))
+    .await?;
+    ok(flow_json(&r))
 }
 
 fn flow_request(c: &str, f: &str) -> api::FlowRequest {
@@ -408,16 +400,8 @@ fn flow_request(c: &str, f: &str) -> api::FlowRequest {
 }
 
 async fn flow(api: &crate::node::ApiService, caller: &Caller, c: &str, f: &str) -> Answer {
-    let flow = api
-        .get_flow(call(caller, flow_request(c, f)))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
-    let uploads = api
-        .list_uploads(call(caller, flow_request(c, f)))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let flow = reply(api.get_flow(call(caller, flow_request(c, f)))).await?;
+    let uploads = reply(api.list_uploads(call(caller, flow_request(c, f)))).await?;
     let mut v = flow_json(&flow);
     v["uploads"] = uploads.uploads.iter().map(upload_json).collect();
     ok(v)
@@ -431,18 +415,15 @@ async fn cancel(
     req: http::Request<Incoming>,
 ) -> Answer {
     let body = body_json(req).await?;
-    let r = api
-        .cancel_flow(call(
-            caller,
-            api::CancelFlowRequest {
-                client_id: c.to_owned(),
-                flow_id: f.to_owned(),
-                reason: field(&body, "reason").to_owned(),
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.cancel_flow(call(
+        caller,
+        api::CancelFlowRequest {
+            client_id: c.to_owned(),
+            flow_id: f.to_owned(),
+            reason: field(&body, "reason").to_owned(),
+        },
+    )))
+    .await?;
     ok(serde_json::json!({ "before_start": r.before_start, "told": r.told }))
 }
 
@@ -451,25 +432,18 @@ type RowStream =
     Result<std::pin::Pin<Box<dyn Stream<Item = Result<api::ResultPage, Status>> + Send>>, Refusal>;
 
 async fn flow_rows(api: &crate::node::ApiService, caller: &Caller, c: &str, f: &str) -> RowStream {
-    let s = api
-        .get_flow_results(call(caller, flow_request(c, f)))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let s = reply(api.get_flow_results(call(caller, flow_request(c, f)))).await?;
     Ok(Box::pin(s))
 }
 
 async fn hunt_rows(api: &crate::node::ApiService, caller: &Caller, id: &str) -> RowStream {
-    let s = api
-        .get_hunt_results(call(
-            caller,
-            api::HuntRequest {
-                hunt_id: id.to_owned(),
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let s = reply(api.get_hunt_results(call(
+        caller,
+        api::HuntRequest {
+            hunt_id: id.to_owned(),
+        },
+    )))
+    .await?;
     Ok(Box::pin(s))
 }
 
@@ -718,29 +692,22 @@ async fn upload(
             format!("{n:?} is not an upload number"),
         )
     })?;
-    let list = api
-        .list_uploads(call(caller, flow_request(c, f)))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let list = reply(api.list_uploads(call(caller, flow_request(c, f)))).await?;
     let Some(info) = list.uploads.iter().find(|u| u.upload_id == id) else {
         return Err(error(
             StatusCode::NOT_FOUND,
             format!("flow {f} has no upload {id}"),
         ));
     };
-    let chunks = api
-        .download_upload(call(
-            caller,
-            api::DownloadRequest {
-                client_id: c.to_owned(),
-                flow_id: f.to_owned(),
-                upload_id: id,
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let chunks = reply(api.download_upload(call(
+        caller,
+        api::DownloadRequest {
+            client_id: c.to_owned(),
+            flow_id: f.to_owned(),
+            upload_id: id,
+        },
+    )))
+    .await?;
     let body = chunks.map(|c| c.map(|c| c.data).map_err(io_error));
     let mut r = streamed("application/octet-stream", SyncStream::new(body));
     if let Ok(v) = HeaderValue::from_str(&info.size.to_string()) {
@@ -774,11 +741,7 @@ fn sse<T: Send + 'static>(
 }
 
 async fn watch_flow(api: &crate::node::ApiService, caller: &Caller, c: &str, f: &str) -> Answer {
-    let s = api
-        .watch_flow(call(caller, flow_request(c, f)))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let s = reply(api.watch_flow(call(caller, flow_request(c, f)))).await?;
     Ok(sse(s, flow_json))
 }
 
@@ -787,17 +750,14 @@ async fn hunts(
     caller: &Caller,
     q: &HashMap<String, String>,
 ) -> Answer {
-    let r = api
-        .list_hunts(call(
-            caller,
-            api::ListHuntsRequest {
-                offset: u32_of(number(q, "offset", 0)?),
-                limit: u32_of(number(q, "limit", 20)?),
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.list_hunts(call(
+        caller,
+        api::ListHuntsRequest {
+            offset: u32_of(number(q, "offset", 0)?),
+            limit: u32_of(number(q, "limit", 20)?),
+        },
+    )))
+    .await?;
     let hunts: Vec<_> = r.hunts.iter().map(hunt_json).collect();
     ok(serde_json::json!({ "hunts": hunts, "total": r.total }))
 }
@@ -830,23 +790,21 @@ async fn create_hunt(
             })
             .ok_or_else(|| error(StatusCode::BAD_REQUEST, "client_limit: give a whole number"))?,
     };
-    let r = api
-        .create_hunt(call(
-            caller,
-            api::CreateHuntRequest {
-                artifact: field(&body, "artifact").to_owned(),
-                params: params(&body)?,
-                include_labels: strings(&body, "include_labels")?,
-                exclude_labels: strings(&body, "exclude_labels")?,
-                os: field(&body, "os").to_owned(),
-                expires_in_s,
-                client_limit,
-                description: field(&body, "description").to_owned(),
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?;
-    ok(hunt_json(r.get_ref()))
+    let r = reply(api.create_hunt(call(
+        caller,
+        api::CreateHuntRequest {
+            artifact: field(&body, "artifact").to_owned(),
+            params: params(&body)?,
+            include_labels: strings(&body, "include_labels")?,
+            exclude_labels: strings(&body, "exclude_labels")?,
+            os: field(&body, "os").to_owned(),
+            expires_in_s,
+            client_limit,
+            description: field(&body, "description").to_owned(),
+        },
+    )))
+    .await?;
+    ok(hunt_json(&r))
 }
 
 /// How many enrolled clients a hunt with these labels and OS would take now.
@@ -856,19 +814,16 @@ async fn estimate(
     req: http::Request<Incoming>,
 ) -> Answer {
     let body = body_json(req).await?;
-    let r = api
-        .estimate_hunt(call(
-            caller,
-            api::CreateHuntRequest {
-                include_labels: strings(&body, "include_labels")?,
-                exclude_labels: strings(&body, "exclude_labels")?,
-                os: field(&body, "os").to_owned(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.estimate_hunt(call(
+        caller,
+        api::CreateHuntRequest {
+            include_labels: strings(&body, "include_labels")?,
+            exclude_labels: strings(&body, "exclude_labels")?,
+            os: field(&body, "os").to_owned(),
+            ..Default::default()
+        },
+    )))
+    .await?;
     ok(serde_json::json!({ "clients": r.clients, "connected": r.connected }))
 }
 
@@ -878,18 +833,15 @@ async fn hunt_flows(
     id: &str,
     q: &HashMap<String, String>,
 ) -> Answer {
-    let r = api
-        .list_hunt_flows(call(
-            caller,
-            api::ListHuntFlowsRequest {
-                hunt_id: id.to_owned(),
-                offset: u32_of(number(q, "offset", 0)?),
-                limit: u32_of(number(q, "limit", 20)?),
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.list_hunt_flows(call(
+        caller,
+        api::ListHuntFlowsRequest {
+            hunt_id: id.to_owned(),
+            offset: u32_of(number(q, "offset", 0)?),
+            limit: u32_of(number(q, "limit", 20)?),
+        },
+    )))
+    .await?;
     let flows: Vec<_> = r.flows.iter().map(flow_json).collect();
     ok(serde_json::json!({ "flows": flows, "total": r.total }))
 }
@@ -901,36 +853,22 @@ fn hunt_request(id: &str) -> api::HuntRequest {
 }
 
 async fn hunt(api: &crate::node::ApiService, caller: &Caller, id: &str) -> Answer {
-    let h = api
-        .get_hunt(call(caller, hunt_request(id)))
-        .await
-        .map_err(|s| status(&s))?;
-    ok(hunt_json(h.get_ref()))
+    let h = reply(api.get_hunt(call(caller, hunt_request(id)))).await?;
+    ok(hunt_json(&h))
 }
 
 async fn stop_hunt(api: &crate::node::ApiService, caller: &Caller, id: &str) -> Answer {
-    let h = api
-        .stop_hunt(call(caller, hunt_request(id)))
-        .await
-        .map_err(|s| status(&s))?;
-    ok(hunt_json(h.get_ref()))
+    let h = reply(api.stop_hunt(call(caller, hunt_request(id)))).await?;
+    ok(hunt_json(&h))
 }
 
 async fn watch_hunt(api: &crate::node::ApiService, caller: &Caller, id: &str) -> Answer {
-    let s = api
-        .watch_hunt(call(caller, hunt_request(id)))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let s = reply(api.watch_hunt(call(caller, hunt_request(id)))).await?;
     Ok(sse(s, hunt_json))
 }
 
 async fn cluster(api: &crate::node::ApiService, caller: &Caller) -> Answer {
-    let c = api
-        .get_cluster(call(caller, api::ClusterRequest {}))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let c = reply(api.get_cluster(call(caller, api::ClusterRequest {}))).await?;
     let minions: Vec<_> = c
         .minions
         .iter()
@@ -963,11 +901,7 @@ fn user_json(u: &api::UserInfo) -> serde_json::Value {
 }
 
 async fn users(api: &crate::node::ApiService, caller: &Caller) -> Answer {
-    let r = api
-        .list_users(call(caller, api::ListUsersRequest {}))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.list_users(call(caller, api::ListUsersRequest {}))).await?;
     let users: Vec<_> = r.users.iter().map(user_json).collect();
     ok(serde_json::json!({ "users": users }))
 }
@@ -978,19 +912,17 @@ async fn set_user(
     req: http::Request<Incoming>,
 ) -> Answer {
     let body = body_json(req).await?;
-    let r = api
-        .set_user(call(
-            caller,
-            api::SetUserRequest {
-                name: field(&body, "name").to_owned(),
-                role: field(&body, "role").to_owned(),
-                password: field(&body, "password").to_owned(),
-                remove: body["remove"].as_bool().unwrap_or(false),
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?;
-    ok(user_json(r.get_ref()))
+    let r = reply(api.set_user(call(
+        caller,
+        api::SetUserRequest {
+            name: field(&body, "name").to_owned(),
+            role: field(&body, "role").to_owned(),
+            password: field(&body, "password").to_owned(),
+            remove: body["remove"].as_bool().unwrap_or(false),
+        },
+    )))
+    .await?;
+    ok(user_json(&r))
 }
 
 async fn audit(
@@ -998,17 +930,14 @@ async fn audit(
     caller: &Caller,
     q: &HashMap<String, String>,
 ) -> Answer {
-    let r = api
-        .list_audit(call(
-            caller,
-            api::ListAuditRequest {
-                offset: u32_of(number(q, "offset", 0)?),
-                limit: u32_of(number(q, "limit", 50)?),
-            },
-        ))
-        .await
-        .map_err(|s| status(&s))?
-        .into_inner();
+    let r = reply(api.list_audit(call(
+        caller,
+        api::ListAuditRequest {
+            offset: u32_of(number(q, "offset", 0)?),
+            limit: u32_of(number(q, "limit", 50)?),
+        },
+    )))
+    .await?;
     let entries: Vec<_> = r.entries.iter().map(audit_json).collect();
     ok(serde_json::json!({ "entries": entries, "total": r.total }))
 }
