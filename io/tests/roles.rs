@@ -128,10 +128,33 @@ fn an_api_certificate_s_role_limits_what_it_may_do() {
         a.extend(args.iter().map(|s| s.to_string()));
         run(&a.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    // A reader reads.
+    // A reader reads (sorted too; an unknown order is refused naming it).
     let o = as_("reader", &["clients", "search", "all", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains(&id));
+    let o = as_(
+        "reader",
+        &[
+            "clients",
+            "search",
+            "all",
+            "--sort",
+            "last_seen",
+            "--descending",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&id));
+    let o = as_(
+        "reader",
+        &["clients", "search", "all", "--sort", "shoe_size"],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("shoe_size"),
+        "{}",
+        stderr(&o)
+    );
     // ... and is refused every change, with the role it lacks named.
     for args in [
         vec!["collect", id.as_str(), "Generic.Client.Info"],

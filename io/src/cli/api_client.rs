@@ -92,13 +92,25 @@ impl Api {
 
     /// Every client matching `query`, a page of [`SEARCH_PAGE`] at a time.
     pub async fn search(&mut self, query: &str) -> Result<api::SearchResponse, String> {
+        self.search_sorted(query, "", false).await
+    }
+
+    /// Every client matching `query` in the order of `sort` (`SearchClients`' names; empty: id),
+    /// a page of [`SEARCH_PAGE`] at a time.
+    pub async fn search_sorted(
+        &mut self,
+        query: &str,
+        sort: &str,
+        descending: bool,
+    ) -> Result<api::SearchResponse, String> {
         let mut all = api::SearchResponse::default();
         loop {
             let req = api::SearchRequest {
                 query: query.into(),
                 limit: SEARCH_PAGE,
                 offset: all.clients.len() as u32,
-                ..Default::default()
+                sort: sort.into(),
+                descending,
             };
             let r = self
                 .inner
@@ -107,6 +119,7 @@ impl Api {
                 .map_err(status)?
                 .into_inner();
             all.clients.extend(r.clients);
+            all.total = r.total;
             if !r.truncated {
                 return Ok(all);
             }

@@ -275,6 +275,12 @@ pub enum ClientsCommand {
     Search {
         /// The query.
         query: String,
+        /// Order: id (default), hostname, last_seen, os, node, last_ip or connected (ties by id).
+        #[arg(long, default_value = "id")]
+        sort: String,
+        /// Reverse the order.
+        #[arg(long)]
+        descending: bool,
         /// Print a JSON array.
         #[arg(long)]
         json: bool,
@@ -1024,10 +1030,19 @@ async fn run_async(
             crate::cli::demo::run(minions, clients, shutdown_signal()).await
         }
         Command::Clients {
-            command: ClientsCommand::Search { query, json },
+            command:
+                ClientsCommand::Search {
+                    query,
+                    sort,
+                    descending,
+                    json,
+                },
         } => {
             init_logging("warn");
-            let r = api(api_config.as_deref()).await?.search(&query).await?;
+            let r = api(api_config.as_deref())
+                .await?
+                .search_sorted(&query, &sort, descending)
+                .await?;
             if json {
                 let v: Vec<_> = r.clients.iter().map(client_json).collect();
                 return Ok(serde_json::to_string_pretty(&v).expect("JSON"));
