@@ -210,16 +210,7 @@ fn every_command_that_prints_has_json_output_that_parses() {
         a.extend(cmd.split(' '));
         a.extend(args);
         a.push("--json");
-        let mut child = talon()
-            .args(&a)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        writeln!(child.stdin.take().unwrap(), "carol-password").unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = run_with_stdin(&a, "carol-password\n");
         assert!(
             out.status.success(),
             "{cmd}: {}",

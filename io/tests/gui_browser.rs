@@ -9,8 +9,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use sha2::{Digest, Sha256};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 mod common;
 use common::*;
@@ -19,23 +18,9 @@ use common::*;
 const HOSTILE: &str = "<script>window.pwned=1</script><img src=x onerror=window.pwned=2>";
 
 fn add_user(d: &Deployment, name: &str, role: &str, password: &str) {
-    let mut child = talon()
-        .args([
-            "-c",
-            &d.s("server.config.yaml"),
-            "user",
-            "add",
-            name,
-            "--role",
-            role,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let config = d.s("server.config.yaml");
+    let args = ["-c", &config, "user", "add", name, "--role", role];
+    let out = run_with_stdin(&args, &format!("{password}\n"));
     assert!(
         out.status.success(),
         "user add {name}: {}",
@@ -81,9 +66,10 @@ fn the_gui_works_in_chromium_for_each_role_and_keeps_agent_text_inert() {
     // Several hundred KiB, not a multiple of the upload's chunk size.
     let evidence: Vec<u8> = (0..300_001u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(d.path("evidence.bin"), &evidence).unwrap();
-    let cfg = std::fs::read_to_string(d.path("server.config.yaml")).unwrap();
-    let cfg = gui_port_of(&cfg);
-    let port = cfg["GUI"]["bind_port"].as_u64().unwrap();
+    let port = talon_io::deploy::config::ServerConfig::load(&d.path("server.config.yaml"))
+        .unwrap()
+        .gui
+        .bind_port;
     let shots = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/gui-screenshots");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/gui.test.mjs");
     let out = Command::new(&node)
@@ -117,21 +103,4 @@ fn the_gui_works_in_chromium_for_each_role_and_keeps_agent_text_inert() {
     for who in ["\"ada\"", "\"ivan\""] {
         assert!(audit.contains(who), "audit lacks {who}: {audit}");
     }
-}
-
-/// The config's GUI port, as `{"GUI": {"bind_port": N}}`.
-fn gui_port_of(text: &str) -> serde_json::Value {
-    // The config's GUI section is `GUI:\n  bind_address: ...\n  bind_port: N`: read the port line
-    // without a YAML parser in the test's dependencies.
-    let mut in_gui = false;
-    for line in text.lines() {
-        if line.starts_with("GUI:") {
-            in_gui = true;
-        } else if in_gui && let Some(p) = line.trim().strip_prefix("bind_port:") {
-            return serde_json::json!({ "GUI": { "bind_port": p.trim().parse::<u64>().unwrap() } });
-        } else if !line.starts_with(' ') {
-            in_gui = false;
-        }
-    }
-    panic!("no GUI.bind_port in the config:\n{text}")
 }

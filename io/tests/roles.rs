@@ -3,29 +3,17 @@
 // Waiting for real processes needs the wall clock (timeouts only; nothing asserts on timing).
 #![allow(clippy::disallowed_methods)]
 
-use std::io::Write;
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 mod common;
 use common::*;
 
 /// Runs `talon -c server.config.yaml user ARGS` with `stdin` as its input.
 fn user(d: &Deployment, args: &[&str], stdin: &str) -> Output {
-    let mut child = talon()
-        .args(["-c", &d.s("server.config.yaml"), "user"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    let config = d.s("server.config.yaml");
+    let mut a = vec!["-c", &config, "user"];
+    a.extend(args);
+    run_with_stdin(&a, stdin)
 }
 
 fn stderr(o: &Output) -> String {

@@ -95,14 +95,14 @@ async fn run_in(
     let password = crate::clock::hex(&secret);
     let mut salt = [0u8; 16];
     entropy.fill(&mut salt);
-    let now = clock.now().as_ms();
-    crate::gui::users::Users::at(&cfg.datastore.location).put(&crate::gui::users::User {
-        name: "admin".into(),
-        role: crate::deploy::pki::Access::Administrator,
-        hash: crate::gui::users::hash_password(&password, salt)?,
-        created_ms: now,
-        changed_ms: now,
-    })?;
+    let admin = crate::gui::users::User::new(
+        "admin",
+        crate::deploy::pki::Access::Administrator,
+        &password,
+        salt,
+        clock.now().as_ms(),
+    )?;
+    crate::gui::users::Users::at(&cfg.datastore.location).put(&admin)?;
     let ca_pem = dir.join("ca.pem");
     std::fs::write(&ca_pem, &cfg.ca.certificate)
         .map_err(|e| format!("{}: {e}", ca_pem.display()))?;

@@ -75,14 +75,7 @@ pub fn run(config: &Path, command: UserCommand) -> Result<String, String> {
                     "user {name:?} exists; use `user passwd {name}` or `user add --force`"
                 ));
             }
-            let hash = new_hash(&read_password(&name)?)?;
-            let user = User {
-                name: name.clone(),
-                role,
-                hash,
-                created_ms: now,
-                changed_ms: now,
-            };
+            let user = User::new(&name, role, &read_password(&name)?, salt(), now)?;
             store.put(&user)?;
             if json {
                 return Ok(user_json(&user).to_string());
@@ -126,7 +119,7 @@ pub fn run(config: &Path, command: UserCommand) -> Result<String, String> {
             let Some(mut user) = store.get(&name)? else {
                 return Err(format!("no user {name:?} (add it with `user add`)"));
             };
-            user.hash = new_hash(&read_password(&name)?)?;
+            user.set_password(&read_password(&name)?, salt())?;
             if let Some(r) = role {
                 user.role = r;
             }
@@ -151,11 +144,11 @@ fn user_json(u: &User) -> serde_json::Value {
     })
 }
 
-fn new_hash(password: &str) -> Result<String, String> {
-    users::check_password(password)?;
+/// A fresh salt for a password hash.
+fn salt() -> [u8; 16] {
     let mut salt = [0u8; 16];
     OsEntropy::default().fill(&mut salt);
-    users::hash_password(password, salt)
+    salt
 }
 
 /// The new password: typed twice at the terminal (echo off), or the first line of stdin.

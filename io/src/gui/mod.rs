@@ -22,7 +22,7 @@ use crate::net::{BoxIo, Listener};
 use crate::node::{ApiService, GuiUser};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use session::Sessions;
@@ -41,8 +41,9 @@ pub const HASHES_MAX: usize = 2;
 /// The session cookie's name.
 pub const COOKIE: &str = "talon_session";
 
-/// A response body: whole, or streamed (downloads, live progress).
-pub type Body = BoxBody<Bytes, std::io::Error>;
+/// A response body: whole, or streamed (downloads, live progress); polled only by its connection's
+/// task, so it need not be `Sync`.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// The embedded page and its assets.
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -153,63 +154,52 @@ impl Gui {
         s.succeeded(name);
         let token = s.create(name, user.role, user.changed_ms, now, (t, c));
         tracing::info!(user = %name, role = %user.role, "GUI login");
-        Ok(Caller {
-            csrf: session::hex(&c),
-            token,
-            user: GuiUser {
-                name: user.name,
-                access: user.role,
-            },
-        })
+        s.get(&token, now)
+            .map(|session| caller_of(&token, session))
+            .ok_or_else(|| {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the session ended at once".into(),
+                )
+            })
     }
 
     /// The caller of a request with session cookie `token`, if its session is live (its user file
     /// read again if the last read is older than [`session::RECHECK_MS`]).
     pub async fn caller(&self, token: &str) -> Option<Caller> {
         let now = self.now_ms();
-        let (name, recheck) = {
+        let (caller, changed_ms) = {
             let mut s = self.sessions();
             let session = s.get(token, now)?;
-            let recheck = now.saturating_sub(session.checked_ms) >= session::RECHECK_MS;
-            (session.user.clone(), recheck)
-        };
-        if recheck {
-            let users = self.users.clone();
-            let n = name.clone();
-            let user = tokio::task::spawn_blocking(move || users.get(&n))
-                .await
-                .ok()?;
-            let mut s = self.sessions();
-            match user {
-                Ok(Some(u)) => {
-                    let session = s.get(token, now)?;
-                    if u.changed_ms != session.user_changed_ms {
-                        // A new password or role: log in again.
-                        s.end_user(&name);
-                        tracing::info!(user = %name, "GUI sessions ended: the user changed");
-                        return None;
-                    }
-                    session.checked_ms = now;
-                }
-                Ok(None) => {
-                    s.end_user(&name);
-                    tracing::info!(user = %name, "GUI sessions ended: the user was removed");
-                    return None;
-                }
-                // The volume cannot be read now: keep the session, try again next time.
-                Err(e) => tracing::warn!(error = %e, "re-reading a GUI user"),
+            if now.saturating_sub(session.checked_ms) < session::RECHECK_MS {
+                return Some(caller_of(token, session));
             }
-        }
+            (caller_of(token, session), session.user_changed_ms)
+        };
+        let (users, name) = (self.users.clone(), caller.user.name.clone());
+        let user = tokio::task::spawn_blocking(move || users.get(&name))
+            .await
+            .ok()?;
+        let name = &caller.user.name;
         let mut s = self.sessions();
-        let session = s.get(token, now)?;
-        Some(Caller {
-            token: token.to_owned(),
-            user: GuiUser {
-                name: session.user.clone(),
-                access: session.access,
-            },
-            csrf: session.csrf.clone(),
-        })
+        match user {
+            Ok(Some(u)) if u.changed_ms != changed_ms => {
+                // A new password or role: log in again.
+                s.end_user(name);
+                tracing::info!(user = %name, "GUI sessions ended: the user changed");
+                return None;
+            }
+            Ok(None) => {
+                s.end_user(name);
+                tracing::info!(user = %name, "GUI sessions ended: the user was removed");
+                return None;
+            }
+            Ok(Some(_)) => {}
+            // The volume cannot be read now: keep the session, read again after the interval.
+            Err(e) => tracing::warn!(error = %e, "re-reading a GUI user"),
+        }
+        s.get(token, now)?.checked_ms = now;
+        Some(caller)
     }
 
     /// Ends a session.
@@ -223,6 +213,18 @@ impl Gui {
     }
 }
 
+/// The caller of a live session.
+fn caller_of(token: &str, s: &session::Session) -> Caller {
+    Caller {
+        token: token.to_owned(),
+        user: GuiUser {
+            name: s.user.clone(),
+            access: s.access,
+        },
+        csrf: s.csrf.clone(),
+    }
+}
+
 /// An Argon2id hash of a password nobody knows, made once: checked for names with no user, so that
 /// a login of an unknown name costs what a wrong password costs.
 fn dummy_hash() -> &'static str {
@@ -230,7 +232,7 @@ fn dummy_hash() -> &'static str {
     HASH.get_or_init(|| {
         let mut secret = [0u8; 32];
         crate::clock::OsEntropy::default().fill(&mut secret);
-        users::hash_password(&session::hex(&secret), [0; 16]).unwrap_or_default()
+        users::hash_password(&crate::clock::hex(&secret), [0; 16]).unwrap_or_default()
     })
 }
 
@@ -304,7 +306,7 @@ pub fn full(
     let mut r = Response::new(
         Full::new(body.into())
             .map_err(|never| match never {})
-            .boxed(),
+            .boxed_unsync(),
     );
     *r.status_mut() = status;
     r.headers_mut()

@@ -589,10 +589,10 @@ fn attachment(mut r: Response<Body>, name: &str) -> Response<Body> {
 /// cut short rather than silently complete).
 fn streamed(
     content_type: &'static str,
-    s: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    s: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
 ) -> Response<Body> {
     let body = StreamBody::new(s.map(|c| c.map(Frame::data)));
-    let mut r = Response::new(BodyExt::boxed(body));
+    let mut r = Response::new(BodyExt::boxed_unsync(body));
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
@@ -620,10 +620,7 @@ fn download_jsonl(rows: RowStream, name: String) -> Answer {
         }
         Ok(Bytes::from(out))
     });
-    Ok(attachment(
-        streamed("application/x-ndjson", SyncStream::new(lines)),
-        &name,
-    ))
+    Ok(attachment(streamed("application/x-ndjson", lines), &name))
 }
 
 /// Which results a CSV download reads.
@@ -673,10 +670,7 @@ async fn download_csv(
         }
         Ok(Bytes::from(out))
     }));
-    Ok(attachment(
-        streamed("text/csv; charset=utf-8", SyncStream::new(body)),
-        &name,
-    ))
+    Ok(attachment(streamed("text/csv; charset=utf-8", body), &name))
 }
 
 async fn upload(
@@ -709,7 +703,7 @@ async fn upload(
     )))
     .await?;
     let body = chunks.map(|c| c.map(|c| c.data).map_err(io_error));
-    let mut r = streamed("application/octet-stream", SyncStream::new(body));
+    let mut r = streamed("application/octet-stream", body);
     if let Ok(v) = HeaderValue::from_str(&info.size.to_string()) {
         r.headers_mut().insert(header::CONTENT_LENGTH, v);
     }
@@ -734,7 +728,7 @@ fn sse<T: Send + 'static>(
         .chain(tokio_stream::once(Ok(Bytes::from_static(
             b"event: end\ndata: {}\n\n",
         ))));
-    let mut r = streamed("text/event-stream", SyncStream::new(events));
+    let mut r = streamed("text/event-stream", events);
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
@@ -940,28 +934,6 @@ async fn audit(
     .await?;
     let entries: Vec<_> = r.entries.iter().map(audit_json).collect();
     ok(serde_json::json!({ "entries": entries, "total": r.total }))
-}
-
-/// A `Send` stream made `Sync` (hyper's boxed bodies need both; the stream is only ever polled by
-/// the one connection task that owns it).
-struct SyncStream<S>(std::sync::Mutex<std::pin::Pin<Box<S>>>);
-
-impl<S> SyncStream<S> {
-    fn new(s: S) -> SyncStream<S> {
-        SyncStream(std::sync::Mutex::new(Box::pin(s)))
-    }
-}
-
-impl<S: Stream> Stream for SyncStream<S> {
-    type Item = S::Item;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<S::Item>> {
-        let this = self.get_mut();
-        let inner = this.0.get_mut().unwrap_or_else(|p| p.into_inner());
-        inner.as_mut().poll_next(cx)
-    }
 }
 
 #[cfg(test)]

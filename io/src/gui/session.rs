@@ -11,6 +11,7 @@
 //!   [`FAILURE_MEMORY_MS`] is forgotten. At most [`FAILURES_MAX`] names are remembered (the oldest
 //!   is forgotten first).
 
+use crate::clock::hex;
 use crate::deploy::pki::Access;
 use std::collections::HashMap;
 
@@ -72,9 +73,11 @@ impl Default for Sessions {
     }
 }
 
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The key of `map`'s entry with the smallest `age` (what a bound evicts first).
+fn oldest<V>(map: &HashMap<String, V>, age: impl Fn(&V) -> u64) -> Option<String> {
+    map.iter()
+        .min_by_key(|(_, v)| age(v))
+        .map(|(k, _)| k.clone())
 }
 
 /// Whether two strings are equal, in time that depends only on their lengths.
@@ -118,13 +121,9 @@ impl Sessions {
     ) -> String {
         self.expire(now_ms);
         if self.by_token.len() >= self.sessions_max
-            && let Some(oldest) = self
-                .by_token
-                .iter()
-                .min_by_key(|(_, s)| s.used_ms)
-                .map(|(t, _)| t.clone())
+            && let Some(t) = oldest(&self.by_token, |s| s.used_ms)
         {
-            self.by_token.remove(&oldest);
+            self.by_token.remove(&t);
         }
         let token = hex(&token);
         self.by_token.insert(
@@ -189,13 +188,9 @@ impl Sessions {
             self.failures
                 .retain(|_, f| now_ms.saturating_sub(f.last_ms) < FAILURE_MEMORY_MS);
             if self.failures.len() >= self.failures_max
-                && let Some(oldest) = self
-                    .failures
-                    .iter()
-                    .min_by_key(|(_, f)| f.last_ms)
-                    .map(|(u, _)| u.clone())
+                && let Some(u) = oldest(&self.failures, |f| f.last_ms)
             {
-                self.failures.remove(&oldest);
+                self.failures.remove(&u);
             }
         }
         let f = self.failures.entry(user.to_owned()).or_insert(Failures {

@@ -34,6 +34,35 @@ pub struct User {
     pub changed_ms: u64,
 }
 
+impl User {
+    /// A new user of `role` whose password is `password` (checked, then hashed with `salt`).
+    pub fn new(
+        name: &str,
+        role: Access,
+        password: &str,
+        salt: [u8; 16],
+        now_ms: u64,
+    ) -> Result<User, String> {
+        check_name(name)?;
+        let mut u = User {
+            name: name.to_owned(),
+            role,
+            hash: String::new(),
+            created_ms: now_ms,
+            changed_ms: now_ms,
+        };
+        u.set_password(password, salt)?;
+        Ok(u)
+    }
+
+    /// Sets a new password (checked, then hashed with `salt`).
+    pub fn set_password(&mut self, password: &str, salt: [u8; 16]) -> Result<(), String> {
+        check_password(password)?;
+        self.hash = hash_password(password, salt)?;
+        Ok(())
+    }
+}
+
 /// Checks a user name: 1–64 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()

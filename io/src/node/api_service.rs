@@ -295,6 +295,13 @@ fn unexpected(a: Answer) -> Status {
     Status::internal(format!("unexpected answer from the node: {a:?}"))
 }
 
+/// A hunt request's labels, normalised (a bad one is `INVALID_ARGUMENT` naming it).
+fn labels(ls: Vec<String>) -> Result<BTreeSet<String>, Status> {
+    ls.iter()
+        .map(|l| talon_core::registry::normalize_label(l).map_err(invalid))
+        .collect()
+}
+
 /// An analyst's hunt request as the hunt manager takes it, validated.
 async fn hunt_spec(
     ds: &Meta,
@@ -304,11 +311,6 @@ async fn hunt_spec(
     let given: BTreeMap<String, String> = req.params.into_iter().collect();
     let (spec, params, queries) =
         super::repository::prepare(ds, &req.artifact, &given, false).await?;
-    let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
-        ls.iter()
-            .map(|l| talon_core::registry::normalize_label(l).map_err(invalid))
-            .collect()
-    };
     let os = match req.os.to_ascii_lowercase().as_str() {
         "" => None,
         o @ ("linux" | "windows" | "darwin") => {
@@ -904,11 +906,6 @@ impl api::api_server::Api for ApiService {
     ) -> Result<Response<api::HuntEstimate>, Status> {
         let user = require(&req, Access::Reader)?;
         let r = req.into_inner();
-        let labels = |ls: Vec<String>| -> Result<BTreeSet<String>, Status> {
-            ls.iter()
-                .map(|l| talon_core::registry::normalize_label(l).map_err(invalid))
-                .collect()
-        };
         let req = CoreRequest::Estimate {
             include_labels: labels(r.include_labels)?,
             exclude_labels: labels(r.exclude_labels)?,
@@ -1052,7 +1049,7 @@ impl api::api_server::Api for ApiService {
                 return Ok(user);
             }
             if !password.is_empty() {
-                user.hash = users::hash_password(&password, salt)?;
+                user.set_password(&password, salt)?;
             }
             store.put(&user)?;
             Ok(user)

@@ -15,6 +15,21 @@ pub fn run(args: &[&str]) -> Output {
     talon().args(args).output().expect("run talon")
 }
 
+/// Runs `talon ARGS` with `stdin` as its input (a password, say).
+pub fn run_with_stdin(args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = talon()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run talon");
+    // A command that exits before reading its input closes the pipe: not the test's failure.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    child.wait_with_output().expect("run talon")
+}
+
 pub fn ok(args: &[&str]) -> String {
     let out = run(args);
     assert!(

@@ -185,14 +185,14 @@ pub(super) async fn gui_bench(
     let mut secret = [0u8; 16];
     env.entropy.fill(&mut secret);
     let password = crate::clock::hex(&secret);
-    let now = env.clock.now().as_ms();
-    crate::gui::users::Users::at(&s.cfg.datastore.location).put(&crate::gui::users::User {
-        name: "bench".into(),
-        role: crate::deploy::pki::Access::Administrator,
-        hash: crate::gui::users::hash_password(&password, [7; 16])?,
-        created_ms: now,
-        changed_ms: now,
-    })?;
+    let bench = crate::gui::users::User::new(
+        "bench",
+        crate::deploy::pki::Access::Administrator,
+        &password,
+        [7; 16],
+        env.clock.now().as_ms(),
+    )?;
+    crate::gui::users::Users::at(&s.cfg.datastore.location).put(&bench)?;
     let addr = format!("127.0.0.1:{}", s.cfg.gui.bind_port);
     let login_watch = crate::clock::SystemClock.micros();
     let mut gui = Session::open(&addr, &s.cfg.ca.certificate, "bench", &password).await?;
