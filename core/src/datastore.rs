@@ -452,6 +452,14 @@ impl Cache {
         self.dirty_bytes
     }
 
+    /// When the oldest write not yet on the shared volume was made (`None`: every write is).
+    pub fn oldest_dirty_since(&self) -> Option<Monotonic> {
+        self.unflushed
+            .first()
+            .and_then(|(_, k)| self.entries.get(k))
+            .map(|e| e.dirty_since)
+    }
+
     /// Bytes of clean entries.
     pub fn clean_bytes(&self) -> u64 {
         self.clean_bytes

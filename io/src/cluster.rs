@@ -714,9 +714,13 @@ impl Link {
         let (journal, rec) =
             Journal::open(disk, JOURNAL_DIR, OUTBOX_SEGMENT_BYTES).map_err(here)?;
         let mut events = Vec::with_capacity(rec.records.len());
+        let mut pushed_at = std::collections::VecDeque::new();
         for (seq, bytes) in rec.records {
             let e = pc::ReplicatedEvent::decode(bytes.as_slice())
                 .map_err(|e| format!("outbox record {seq}: {e}"))?;
+            if seq > rec.truncated_upto {
+                pushed_at.push_back((seq, e.time_unix_ms));
+            }
             let ev = e
                 .event
                 .ok_or_else(|| format!("outbox record {seq}: no event"))?;
@@ -745,6 +749,7 @@ impl Link {
             report: None,
             broadcasts_lost: false,
             epoch_to_persist: None,
+            pushed_at,
         };
         let span = tracing::info_span!("link", node = %task.opts.node);
         let handle = tokio::spawn(tracing::Instrument::instrument(task.run(rx, irx), span));
@@ -799,6 +804,9 @@ struct LinkTask {
     broadcasts_lost: bool,
     /// A new epoch to write to the epoch file before anything more is sent.
     epoch_to_persist: Option<u64>,
+    /// When each event not yet acknowledged was accepted (wall clock, ms), oldest first: the
+    /// replication lag in the node's metrics. As many as the outbox holds.
+    pushed_at: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl LinkTask {
@@ -814,6 +822,7 @@ impl LinkTask {
                 tracing::error!(node = %self.opts.node, "{msg}");
                 return msg;
             }
+            self.publish();
             let room = self.outbox.len() < self.opts.limits.events_max;
             let now = self.clock.monotonic();
             let wait = self
@@ -881,10 +890,24 @@ impl LinkTask {
         }
     }
 
+    /// The backlog, the lag and the stream's state for the node's metrics.
+    fn publish(&mut self) {
+        let acked = self.outbox.acked();
+        while self.pushed_at.front().is_some_and(|(seq, _)| *seq <= acked) {
+            self.pushed_at.pop_front();
+        }
+        let m = crate::metrics::metrics();
+        m.set_replication(self.outbox.len(), self.pushed_at.front().map(|(_, at)| *at));
+        m.replication_connected
+            .with_label_values(&[&self.opts.node])
+            .set(i64::from(self.conn.is_some()));
+    }
+
     fn push(&mut self, p: Push) {
         let now = self.clock.monotonic();
         match self.outbox.push(now, p.event) {
             Ok(seq) => {
+                self.pushed_at.push_back((seq, self.clock.now().as_ms()));
                 if let Some(a) = p.applied {
                     self.waiters.insert(seq, a);
                 }

@@ -22,6 +22,7 @@ pub mod deploy;
 pub mod env;
 pub mod fsutil;
 pub mod gui;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod query;

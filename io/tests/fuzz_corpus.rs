@@ -18,6 +18,7 @@ fn generated() -> String {
         frontend_port: 8000,
         api_port: 8001,
         gui_port: 8889,
+        monitoring_port: 8003,
         datastore: "/opt/talon".into(),
         key_type: talon_io::deploy::pki::KeyType::default(),
     };

@@ -755,3 +755,32 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_oldest_unflushed_write_is_known_until_it_reaches_the_volume() {
+    let mut c = Cache::new(small(), 0);
+    assert_eq!(c.oldest_dirty_since(), None);
+    c.handle_set(Monotonic(10), RequestId(1), "a", b("1"));
+    c.handle_journal_synced(Monotonic(10), 1);
+    c.handle_set(Monotonic(20), RequestId(2), "b", b("1"));
+    c.handle_journal_synced(Monotonic(20), 2);
+    // A rewrite of the oldest key keeps its age: its first write still waits.
+    c.handle_set(Monotonic(30), RequestId(3), "a", b("2"));
+    c.handle_journal_synced(Monotonic(30), 3);
+    drain(&mut c);
+    assert_eq!(c.oldest_dirty_since(), Some(Monotonic(10)));
+    c.handle_timeout(Monotonic(200));
+    let batch = drain(&mut c)
+        .iter()
+        .find_map(|a| match a {
+            CacheAction::Flush { batch, .. } => Some(*batch),
+            _ => None,
+        })
+        .unwrap();
+    // In flight is not on the volume yet.
+    assert_eq!(c.oldest_dirty_since(), Some(Monotonic(10)));
+    c.handle_flush_done(Monotonic(250), batch, Ok(()));
+    drain(&mut c);
+    assert_eq!(c.oldest_dirty_since(), None);
+    assert!(c.is_flushed());
+}

@@ -326,6 +326,7 @@ impl Setup {
             frontend_port: crate::cli::demo::free_port()?,
             api_port: crate::cli::demo::free_port()?,
             gui_port: crate::cli::demo::free_port()?,
+            monitoring_port: 0,
             datastore: datastore.to_owned(),
             key_type: crate::deploy::pki::KeyType::default(),
         };

@@ -70,6 +70,7 @@ async fn run_in(
         frontend_port: free_port()?,
         api_port: free_port()?,
         gui_port: free_port()?,
+        monitoring_port: free_port()?,
         datastore: dir.join("shared"),
         key_type: crate::deploy::pki::KeyType::default(),
     };
@@ -134,6 +135,13 @@ async fn run_in(
         .gui
         .map(|a| format!("https://{a}/"))
         .unwrap_or_default();
+    let metrics_url = listening
+        .monitoring
+        .map(|a| format!("http://{a}/metrics"))
+        .unwrap_or_default();
+    // The demo's nodes are one process: its metrics are served once, on the master's port.
+    let mut minion_cfg = cfg.clone();
+    minion_cfg.monitoring.bind_port = 0;
     let mut nodes = Vec::new();
     for x in &cfg.extra_frontends {
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
@@ -141,7 +149,7 @@ async fn run_in(
         let name = x.node_name();
         nodes.push(tokio::spawn(crate::node::server::run_minion(
             env.clone(),
-            cfg.clone(),
+            minion_cfg.clone(),
             name.clone(),
             crate::storage::NodeStorage::real(&cfg, &dir.join(format!("local-{name}")), &name)?,
             move |l| {
@@ -271,6 +279,10 @@ async fn run_in(
         "\nthe GUI: {gui_url}  user admin, password {password}\n  (its certificate is signed by \
          the deployment's own CA, {}: import it into the browser, or accept the warning)",
         ca_pem.display()
+    ));
+    say(&format!(
+        "Prometheus metrics: {metrics_url}\n  (the demo's nodes share one process: counters add up all of them, a gauge such as \
+         talon_clients_connected shows the node that set it last; a deployment runs a node per process)"
     ));
     say(&format!(
         "config files: {}\npress Ctrl-C to stop (the directory is removed)",

@@ -92,6 +92,10 @@ pub enum Command {
         /// The minion's node name, HOST-PORT as listed by `config frontend --add`.
         #[arg(long, value_name = "HOST-PORT", requires = "minion")]
         node: Option<String>,
+        /// Serve this node's metrics on this port instead of `Monitoring.bind_port` (several nodes
+        /// on one machine); 0: none.
+        #[arg(long, value_name = "PORT")]
+        monitoring_port: Option<u16>,
     },
     /// Run an endpoint agent (with --config client.config.yaml).
     Client {
@@ -515,6 +519,9 @@ pub enum ConfigCommand {
         /// Port of the GUI.
         #[arg(long, alias = "gui_port", default_value_t = 8889)]
         gui_port: u16,
+        /// Port of every node's Prometheus metrics (Monitoring.bind_port, on loopback); 0: none.
+        #[arg(long, default_value_t = crate::metrics::DEFAULT_PORT)]
+        monitoring_port: u16,
         /// The shared volume's mount point, the same path on every node.
         #[arg(long, default_value = config::DEFAULT_DATASTORE)]
         datastore: PathBuf,
@@ -860,10 +867,14 @@ async fn run_async(
             local_dir,
             minion: _,
             node,
+            monitoring_port,
         } => {
             init_logging("info");
             let path = need_config(config.as_deref())?;
-            let cfg = ServerConfig::load(path).map_err(|e| e.to_string())?;
+            let mut cfg = ServerConfig::load(path).map_err(|e| e.to_string())?;
+            if let Some(port) = monitoring_port {
+                cfg.monitoring.bind_port = port;
+            }
             // One descriptor per client connection, plus files and the volume's.
             let wanted = 2 * cfg.frontend.resources.expected_clients + 4096;
             match crate::env::raise_fd_limit(wanted) {
@@ -1381,6 +1392,7 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
             frontend_port,
             api_port,
             gui_port,
+            monitoring_port,
             datastore,
             out_dir,
             force,
@@ -1398,6 +1410,7 @@ fn run_config(config_path: Option<&Path>, command: ConfigCommand) -> Result<Stri
                 frontend_port,
                 api_port,
                 gui_port,
+                monitoring_port,
                 datastore,
                 key_type,
             };

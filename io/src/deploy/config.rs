@@ -33,6 +33,9 @@ pub struct ServerConfig {
     /// The master's GUI.
     #[serde(rename = "GUI")]
     pub gui: GuiSection,
+    /// Every node's Prometheus metrics listener; absent: loopback, port 8003.
+    #[serde(rename = "Monitoring", default)]
+    pub monitoring: MonitoringSection,
     /// The master's client-facing frontend.
     #[serde(rename = "Frontend")]
     pub frontend: FrontendSection,
@@ -98,6 +101,37 @@ pub struct GuiSection {
     /// Its private key (PEM); set with `certificate`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub private_key: String,
+}
+
+/// `Monitoring`: where every node serves its Prometheus metrics (docs/operations.md, "Metrics"):
+/// plain HTTP, `GET /metrics`. Loopback by default: expose it on another interface only to a
+/// network the operators' Prometheus is on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringSection {
+    /// Listen address.
+    #[serde(default = "loopback")]
+    pub bind_address: String,
+    /// Listen port (each node on its own machine uses the same one); 0: no metrics listener.
+    #[serde(default = "monitoring_port")]
+    pub bind_port: u16,
+}
+
+impl Default for MonitoringSection {
+    fn default() -> Self {
+        MonitoringSection {
+            bind_address: loopback(),
+            bind_port: monitoring_port(),
+        }
+    }
+}
+
+fn loopback() -> String {
+    "127.0.0.1".into()
+}
+
+fn monitoring_port() -> u16 {
+    crate::metrics::DEFAULT_PORT
 }
 
 /// `Frontend`: the master's client-facing service and the certificate all frontends share.
@@ -646,11 +680,15 @@ impl ServerConfig {
                 ));
             }
         }
-        let master_ports = [
+        check_nonempty("Monitoring.bind_address", &self.monitoring.bind_address)?;
+        let mut master_ports = vec![
             ("Frontend.bind_port", self.frontend.bind_port),
             ("API.bind_port", self.api.bind_port),
             ("GUI.bind_port", self.gui.bind_port),
         ];
+        if self.monitoring.bind_port != 0 {
+            master_ports.push(("Monitoring.bind_port", self.monitoring.bind_port));
+        }
         for (i, (k1, p1)) in master_ports.iter().enumerate() {
             if let Some((k2, _)) = master_ports[i + 1..].iter().find(|(_, p2)| p2 == p1) {
                 return Err(format!(
@@ -759,6 +797,8 @@ pub struct GenerateOptions {
     pub api_port: u16,
     /// GUI port.
     pub gui_port: u16,
+    /// Every node's metrics port (0: none).
+    pub monitoring_port: u16,
     /// The shared volume's mount point.
     pub datastore: PathBuf,
     /// The CA's key type (the frontend and API certificates take it).
@@ -799,6 +839,10 @@ pub fn generate(
             bind_port: opts.gui_port,
             certificate: String::new(),
             private_key: String::new(),
+        },
+        monitoring: MonitoringSection {
+            bind_address: loopback(),
+            bind_port: opts.monitoring_port,
         },
         frontend: FrontendSection {
             hostname: opts.hostname.clone(),

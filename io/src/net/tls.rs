@@ -14,6 +14,7 @@
 //! Accepted connections carry a [`Peer`] into every gRPC request's extensions.
 
 use crate::deploy::pki::Role;
+use crate::metrics::Refusal;
 use crate::net::{BoxIo, Listener, Net};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -54,11 +55,14 @@ pub struct Handshakes {
     /// work (the frontend's is set below the process's file limit, keeping headroom for the API
     /// port and the cluster link).
     pub open_max: usize,
+    /// The listener's name in metrics (`frontend`, `api`).
+    pub listener: &'static str,
 }
 
 impl Default for Handshakes {
     fn default() -> Self {
         Handshakes {
+            listener: "frontend",
             max: 1024,
             timeout: HANDSHAKE_TIMEOUT,
             stream_timeout: HANDSHAKE_TIMEOUT,
@@ -88,18 +92,24 @@ impl Admitted {
         open: &Arc<std::sync::Mutex<Open>>,
         ip: std::net::IpAddr,
         h: &Handshakes,
-    ) -> Result<Admitted, String> {
-        let mut o = open.lock().map_err(|_| "poisoned".to_owned())?;
+    ) -> Result<Admitted, (Refusal, String)> {
+        let mut o = open
+            .lock()
+            .map_err(|_| (Refusal::ListenerFull, "poisoned".to_owned()))?;
         if o.total >= h.open_max {
-            return Err(format!(
-                "{} connections open on this listener, its bound (kept below the file limit)",
-                o.total
+            return Err((
+                Refusal::ListenerFull,
+                format!(
+                    "{} connections open on this listener, its bound (kept below the file limit)",
+                    o.total
+                ),
             ));
         }
         let n = o.by_address.entry(ip).or_insert(0);
         if *n >= h.per_address_max {
-            return Err(format!(
-                "{n} connections open from this address (max_connections_per_address)"
+            return Err((
+                Refusal::PerAddress,
+                format!("{n} connections open from this address (max_connections_per_address)"),
             ));
         }
         *n += 1;
@@ -370,6 +380,8 @@ pub struct Conn {
     /// Until the client opens a stream: what it sent so far, and when it must have.
     idle: Option<(talon_core::h2scan::StreamScan, Pin<Box<tokio::time::Sleep>>)>,
     log: Arc<std::sync::Mutex<RefusalLog>>,
+    /// The listener's name in metrics.
+    listener: &'static str,
     _admitted: Admitted,
 }
 
@@ -393,6 +405,7 @@ impl AsyncRead for Conn {
             // No stream opened in time: end of input closes the connection.
             let why = "no stream opened within the hello timeout after the handshake";
             RefusalLog::refused(&this.log, this.peer.addr, why);
+            crate::metrics::refused(this.listener, Refusal::NoStream.label());
             this.idle = None;
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
         }
@@ -461,6 +474,7 @@ pub fn incoming(
                 && !a.bucket.try_take(a.clock.monotonic())
             {
                 refused += 1;
+                crate::metrics::refused(handshakes.listener, Refusal::RateLimit.label());
                 if refused == 1 || refused.is_multiple_of(1000) {
                     tracing::warn!(%addr, refused, "connection rate limit reached; closing new connections");
                 }
@@ -469,9 +483,11 @@ pub fn incoming(
             }
             // Before any TLS work, and before waiting for a handshake slot: one source cannot
             // hold them all.
+            let listener = handshakes.listener;
             let admitted = match Admitted::take(&open, addr.ip(), &handshakes) {
                 Ok(a) => a,
-                Err(why) => {
+                Err((reason, why)) => {
+                    crate::metrics::refused(listener, reason.label());
                     RefusalLog::refused(&refusals, addr, &why);
                     drop(tcp);
                     continue;
@@ -493,10 +509,12 @@ pub fn incoming(
                 let tls = match tokio::time::timeout(handshakes.timeout, handshake).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
+                        crate::metrics::refused(listener, Refusal::Handshake.label());
                         let why = format!("handshake failed: {}", explain_server(&e));
                         return RefusalLog::refused(&log, addr, &why);
                     }
                     Err(_) => {
+                        crate::metrics::refused(listener, Refusal::HandshakeTimeout.label());
                         let why = format!("handshake not finished in {:?}", handshakes.timeout);
                         return RefusalLog::refused(&log, addr, &why);
                     }
@@ -508,21 +526,28 @@ pub fn incoming(
                     .and_then(|c| c.first())
                     .cloned();
                 let Some(cert) = cert else {
+                    crate::metrics::refused(listener, Refusal::NoCertificate.label());
                     return RefusalLog::refused(&log, addr, "no client certificate");
                 };
                 match peer_of(addr, &cert) {
                     Ok(peer) => {
+                        crate::metrics::metrics()
+                            .connections_accepted
+                            .with_label_values(&[listener])
+                            .inc();
                         let deadline = Box::pin(tokio::time::sleep(handshakes.stream_timeout));
                         let conn = Conn {
                             inner: tls,
                             peer,
                             idle: Some((talon_core::h2scan::StreamScan::new(), deadline)),
                             log,
+                            listener,
                             _admitted: admitted,
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Err(e) => {
+                        crate::metrics::refused(listener, Refusal::BadCertificate.label());
                         RefusalLog::refused(&log, addr, &format!("bad peer certificate: {e}"))
                     }
                 }

@@ -56,6 +56,9 @@ pub(super) trait RoleDriver: Send + 'static {
 
     /// A deadline passed.
     fn handle_timeout(&mut self, fe: &mut Frontend);
+
+    /// Sets the role's gauges in the node's metrics (after it handled a message or a deadline).
+    fn publish(&self) {}
 }
 
 pub(super) struct Actor<R> {
@@ -96,6 +99,17 @@ impl Frontend {
     }
 }
 
+impl Frontend {
+    /// Sets the node's client and flow gauges (two atomic stores: cheap after every message).
+    pub(super) fn publish(&self) {
+        let m = crate::metrics::metrics();
+        m.clients_connected
+            .set(i64::try_from(self.conns.len()).unwrap_or(i64::MAX));
+        m.flows_in_flight
+            .set(i64::try_from(self.intake.tracker().len()).unwrap_or(i64::MAX));
+    }
+}
+
 impl<R: RoleDriver> Actor<R> {
     /// Takes inputs from `rx` (connections, client messages, requests) and results of the
     /// effects it started from `done` (first), until every sender of `rx` is gone or the node has
@@ -128,6 +142,8 @@ impl<R: RoleDriver> Actor<R> {
                     self.fe.intake.handle_timeout(self.fe.clock.monotonic());
                     self.role.handle_timeout(&mut self.fe);
                     self.drain().await;
+                    self.role.publish();
+                    self.fe.publish();
                 }
             }
             // Also under a steady stream of messages, which keeps the timer from firing.
@@ -168,9 +184,13 @@ impl<R: RoleDriver> Actor<R> {
             | Msg::EventTable { .. }
             | Msg::LabelsChanged { .. }
             | Msg::EventTableFor { .. } => self.fe.handle_events(msg),
-            other => self.role.handle(&mut self.fe, other).await,
+            other => {
+                self.role.handle(&mut self.fe, other).await;
+                self.role.publish();
+            }
         }
         self.drain().await;
+        self.fe.publish();
         // A Store action took the message's bytes; a resend that was only re-acknowledged left
         // them: at most one entry lives between messages.
         self.fe.raw.clear();

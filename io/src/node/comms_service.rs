@@ -76,7 +76,7 @@ impl comms::comms_server::Comms for CommsService {
         &self,
         request: Request<tonic::Streaming<comms::ClientMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let (peer, hello, incoming) = self.admit(request).await?;
+        let (peer, hello, incoming) = self.admit(request).await.inspect_err(count_refused)?;
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE_MAX);
         let conn = self
             .node
@@ -91,7 +91,9 @@ impl comms::comms_server::Comms for CommsService {
                 conn,
                 reply,
             })
-            .await?;
+            .await
+            .inspect_err(count_refused)?;
+        crate::metrics::metrics().client_streams_accepted.inc();
         let span = tracing::info_span!("client", client = %client);
         let reader = read_client(self.node.clone(), client, conn, incoming, tx);
         tokio::spawn(tracing::Instrument::instrument(reader, span));
@@ -159,6 +161,19 @@ impl CommsService {
     }
 }
 
+/// Counts a client stream refused before or at its Hello, by what the refusal's code says.
+fn count_refused(status: &Status) {
+    let reason = match status.code() {
+        tonic::Code::DeadlineExceeded => "hello_timeout",
+        tonic::Code::InvalidArgument => "bad_hello",
+        tonic::Code::PermissionDenied => "not_permitted",
+        tonic::Code::Unauthenticated => "no_certificate",
+        tonic::Code::Unavailable | tonic::Code::ResourceExhausted => "busy",
+        _ => "other",
+    };
+    crate::metrics::refused("frontend", reason);
+}
+
 /// Reads a client's stream until it ends, handing each message to the node, then tells the node
 /// the connection is gone.
 async fn read_client(
@@ -203,6 +218,7 @@ async fn client_message(
     known: &mut BTreeSet<FlowId>,
     msg: comms::ClientMessage,
 ) -> bool {
+    let m = crate::metrics::metrics();
     let (raw, which) = match &msg.kind {
         Some(client_message::Kind::Flow(f)) => (
             Bytes::from(f.encode_to_vec()),
@@ -211,7 +227,29 @@ async fn client_message(
         Some(client_message::Kind::Events(e)) => (Bytes::from(e.encode_to_vec()), None),
         _ => (Bytes::new(), None),
     };
-    match codec::validate(msg, &node.limits) {
+    m.client_message_bytes.inc_by(raw.len() as u64);
+    let input = codec::validate(msg, &node.limits);
+    let kind = match &input {
+        Ok(ClientInput::Flow { data, .. }) => match data {
+            FlowData::Rows { rows, .. } => {
+                m.rows_received.inc_by(rows.len() as u64);
+                "rows"
+            }
+            FlowData::FileChunk { data, .. } => {
+                m.upload_bytes_received.inc_by(data.len() as u64);
+                "file_chunk"
+            }
+            FlowData::Logs(_) => "logs",
+            FlowData::Final { .. } => "final",
+        },
+        Ok(ClientInput::Events(_)) => "events",
+        Ok(ClientInput::TaskAck { .. }) => "task_ack",
+        Ok(ClientInput::Ping { .. }) => "ping",
+        Ok(ClientInput::Hello(_)) => "hello",
+        Err(_) => "invalid",
+    };
+    m.client_messages.with_label_values(&[kind]).inc();
+    match input {
         Ok(ClientInput::Flow { flow, seq, data }) => {
             flow_message(node, client, tx, known, (flow, seq, data), raw).await
         }

@@ -339,16 +339,24 @@ impl RoleDriver for MasterDriver {
             Msg::MinionUp { node, tx, reply } => {
                 let conn = self.core.handle_minion_up(t, &node);
                 tracing::info!(minion = %node, "minion's replication stream is up");
+                let m = crate::metrics::metrics();
+                m.replication_connected.with_label_values(&[&node]).set(1);
                 self.minions.insert(node, (conn, tx));
                 let _ = reply.send(Ok(conn));
             }
             Msg::MinionDown { node, conn } => {
                 if self.core.handle_minion_down(&node, conn) {
+                    let m = crate::metrics::metrics();
+                    m.replication_connected.with_label_values(&[&node]).set(0);
                     self.minions.remove(&node);
                     tracing::info!(minion = %node, "minion's replication stream closed (it resynchronises when it reconnects; `cluster status` shows it down meanwhile)");
                 }
             }
             Msg::MinionEvents { node, conn, batch } => {
+                crate::metrics::metrics()
+                    .replication_received
+                    .with_label_values(&[&node])
+                    .inc_by(batch.events.len() as u64);
                 self.core.handle_batch(t, &node, conn, batch)
             }
             Msg::Written { results } => self.written(fe, results),
@@ -379,6 +387,18 @@ impl RoleDriver for MasterDriver {
             | Msg::LabelsChanged { .. }
             | Msg::EventTableFor { .. } => {}
         }
+    }
+
+    fn publish(&self) {
+        let running = self
+            .core
+            .hunts()
+            .list()
+            .filter(|h| h.record().state == HuntState::Running)
+            .count();
+        crate::metrics::metrics()
+            .hunts_running
+            .set(i64::try_from(running).unwrap_or(i64::MAX));
     }
 
     async fn intake_action(&mut self, fe: &mut Frontend, a: IntakeAction<RunRef, ApplyOrigin>) {

@@ -51,6 +51,39 @@ pub struct Listening {
     pub api: SocketAddr,
     /// The GUI address (the master only).
     pub gui: Option<SocketAddr>,
+    /// The metrics address (none with `Monitoring.bind_port` 0).
+    pub monitoring: Option<SocketAddr>,
+}
+
+/// Binds `Monitoring.bind_address:bind_port` (none if the port is 0): a port in use fails the
+/// node's start, naming `Monitoring`.
+async fn bind_monitoring(
+    cfg: &ServerConfig,
+    net: &Arc<dyn crate::net::Net>,
+) -> Result<Option<Box<dyn crate::net::Listener>>, String> {
+    let m = &cfg.monitoring;
+    if m.bind_port == 0 {
+        return Ok(None);
+    }
+    let addr = crate::deploy::config::host_port(&m.bind_address, m.bind_port);
+    net.bind(&addr)
+        .await
+        .map(Some)
+        .map_err(|e| format!("Monitoring {addr}: {e}"))
+}
+
+/// Serves the metrics on `listener` (if any) until `stop` changes or its sender is dropped;
+/// returns where.
+fn serve_monitoring(
+    listener: Option<Box<dyn crate::net::Listener>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<SocketAddr>, String> {
+    let Some(listener) = listener else {
+        return Ok(None);
+    };
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(crate::metrics::serve(listener, stop));
+    Ok(Some(addr))
 }
 
 /// The services of the master's API port, dispatched on the gRPC path (tonic's router would pull in
@@ -80,7 +113,8 @@ impl tower::Service<HttpRequest> for ApiPort {
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
         let path = req.uri().path();
-        if path.starts_with("/talon.api.Api/") {
+        let method = path.rsplit('/').next().unwrap_or_default().to_owned();
+        let call = if path.starts_with("/talon.api.Api/") {
             self.api.call(req)
         } else if path.starts_with("/talon.cluster.Replication/") {
             self.replication.call(req)
@@ -89,8 +123,40 @@ impl tower::Service<HttpRequest> for ApiPort {
         } else {
             let status = tonic::Status::unimplemented(format!("no service at {path}"));
             Box::pin(async move { Ok(status.into_http()) })
-        }
+        };
+        let start = crate::metrics::started();
+        Box::pin(async move {
+            let r = call.await;
+            if let Ok(resp) = &r {
+                count_api_call(&method, resp, crate::metrics::seconds_since(start));
+            }
+            r
+        })
     }
+}
+
+/// Counts an API-port call in the metrics: its method and the status at its response's headers
+/// (what a call refused or failed at once carries; a success's status comes later, in trailers).
+/// An unknown method is `unknown` (12, UNIMPLEMENTED), so callers cannot add series.
+fn count_api_call(method: &str, resp: &HttpResponse, seconds: f64) {
+    let code = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .unwrap_or(0);
+    let method = if code == tonic::Code::Unimplemented as i32 {
+        "unknown"
+    } else {
+        method
+    };
+    let m = crate::metrics::metrics();
+    m.api_requests
+        .with_label_values(&[method, &format!("{:?}", tonic::Code::from_i32(code))])
+        .inc();
+    m.api_request_seconds
+        .with_label_values(&[method])
+        .observe(seconds);
 }
 
 type StorageTask = tokio::task::JoinHandle<std::io::Result<()>>;
@@ -264,6 +330,10 @@ fn handshakes(cfg: &ServerConfig, port: Port) -> tls::Handshakes {
         Port::Api => (n(r.max_api_connections_per_address), API_OPEN_MAX),
     };
     tls::Handshakes {
+        listener: match port {
+            Port::Clients => "frontend",
+            Port::Api => "api",
+        },
         max: n(r.max_pending_handshakes),
         timeout: std::time::Duration::from_secs(r.handshake_timeout_s),
         stream_timeout: std::time::Duration::from_secs(r.hello_timeout_s),
@@ -345,6 +415,7 @@ pub async fn run_master(
         lock: _lock,
     } = storage;
     let node_name = cfg.master_node_name();
+    crate::metrics::metrics().set_node(&node_name, "master");
     tokio::pin!(shutdown);
     let me = LeaseJson::new(node_name.clone(), host, local_name.clone(), pid);
     // Before anything is written to the datastore: one master per datastore.
@@ -447,6 +518,7 @@ struct MasterListeners {
     frontend: Box<dyn crate::net::Listener>,
     api: Box<dyn crate::net::Listener>,
     gui: Box<dyn crate::net::Listener>,
+    monitoring: Option<Box<dyn crate::net::Listener>>,
 }
 
 /// Binds the master's client port, API port and GUI port.
@@ -475,6 +547,7 @@ async fn bind_master(
             format!("{}:{}", cfg.gui.bind_address, cfg.gui.bind_port),
         )
         .await?,
+        monitoring: bind_monitoring(cfg, net).await?,
     })
 }
 
@@ -514,11 +587,13 @@ fn serve_master(
         frontend: fe_listener,
         api: api_listener,
         gui: gui_listener,
+        monitoring,
     } = listeners;
     let listening = Listening {
         frontend: fe_listener.local_addr().map_err(|e| e.to_string())?,
         api: api_listener.local_addr().map_err(|e| e.to_string())?,
         gui: Some(gui_listener.local_addr().map_err(|e| e.to_string())?),
+        monitoring: serve_monitoring(monitoring, stop_rx.clone())?,
     };
     let gui_tls = gui_tls(cfg)?;
     let stop_gui = stop_rx.clone();
@@ -591,6 +666,7 @@ fn announce_master(cfg: &ServerConfig, listening: &Listening, minions: &BTreeSet
         frontend = %listening.frontend,
         api = %listening.api,
         gui = ?listening.gui,
+        monitoring = ?listening.monitoring,
         minions = ?minions,
         datastore = %cfg.datastore.location.display(),
         filestore = %cfg.datastore.filestore_directory.display(),
@@ -662,6 +738,10 @@ pub async fn run_minion(
 ) -> Result<(), String> {
     let (clock, entropy, net) = (env.clock, env.entropy, env.net);
     let fe_addr = minion_address(&cfg, &node)?;
+    crate::metrics::metrics().set_node(&node, "minion");
+    // Served until this returns (the sender's drop ends it).
+    let (_monitoring_stop, monitoring_stop) = tokio::sync::watch::channel(false);
+    let monitoring = serve_monitoring(bind_monitoring(&cfg, &net).await?, monitoring_stop)?;
     // The lock on the local directory is held until this returns.
     let NodeStorage {
         local,
@@ -705,8 +785,14 @@ pub async fn run_minion(
     )
     .await
     .map_err(|e| e.to_string())?;
-    let (fe_listener, fe_tls) =
-        listen_minion(&cfg, &net, &node, &fe_addr, &local_name, started).await?;
+    let (fe_listener, fe_tls) = listen_minion(
+        &cfg,
+        &net,
+        (&node, &fe_addr, monitoring),
+        &local_name,
+        started,
+    )
+    .await?;
     let comms = CommsServer::new(CommsService::new(handle)).max_decoding_message_size(max_message);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let listener = (fe_listener, fe_tls, admission(&cfg, &clock));
@@ -788,8 +874,7 @@ fn remote_meta(cfg: &ServerConfig, master: MasterAddr) -> Meta {
 async fn listen_minion(
     cfg: &ServerConfig,
     net: &Arc<dyn crate::net::Net>,
-    node: &str,
-    fe_addr: &str,
+    (node, fe_addr, monitoring): (&str, &str, Option<SocketAddr>),
     local_name: &str,
     started: impl FnOnce(Listening),
 ) -> Result<(Box<dyn crate::net::Listener>, Arc<rustls::ServerConfig>), String> {
@@ -800,20 +885,28 @@ async fn listen_minion(
     let frontend = fe_listener.local_addr().map_err(|e| e.to_string())?;
     let fe_tls = tls::endpoint_server_config(&cfg.frontend.certificate, &cfg.frontend.private_key)
         .map_err(|e| e.to_string())?;
-    announce_minion(cfg, node, frontend, local_name);
+    announce_minion(cfg, node, frontend, local_name, monitoring);
     started(Listening {
         frontend,
         api: frontend,
         gui: None,
+        monitoring,
     });
     Ok((fe_listener, fe_tls))
 }
 
-fn announce_minion(cfg: &ServerConfig, node: &str, frontend: SocketAddr, local_name: &str) {
+fn announce_minion(
+    cfg: &ServerConfig,
+    node: &str,
+    frontend: SocketAddr,
+    local_name: &str,
+    monitoring: Option<SocketAddr>,
+) {
     tracing::info!(
         role = "minion",
         node = %node,
         frontend = %frontend,
+        monitoring = ?monitoring,
         master = %crate::deploy::config::host_port(&cfg.api.hostname, cfg.api.bind_port),
         filestore = %cfg.datastore.filestore_directory.display(),
         local = %local_name,
@@ -919,6 +1012,7 @@ mod tests {
             frontend_port: crate::cli::demo::free_port().unwrap(),
             api_port: crate::cli::demo::free_port().unwrap(),
             gui_port: crate::cli::demo::free_port().unwrap(),
+            monitoring_port: 0,
             datastore: dir.path().join("shared"),
             key_type: crate::deploy::pki::KeyType::default(),
         };

@@ -47,6 +47,8 @@ pub struct DatastoreOptions {
     pub requests_max: usize,
     /// Keep a start image of these keys beside the journal (the master's datastore).
     pub image: Option<ImageOptions>,
+    /// The buffer's name in metrics (`talon_writebehind_backlog_bytes{buffer}`).
+    pub metrics_name: &'static str,
 }
 
 impl Default for DatastoreOptions {
@@ -57,6 +59,7 @@ impl Default for DatastoreOptions {
             limits: CacheLimits::default(),
             requests_max: 4096,
             image: None,
+            metrics_name: "datastore",
         }
     }
 }
@@ -294,6 +297,7 @@ impl Datastore {
             replies: BTreeMap::new(),
             flush_waiters: std::collections::VecDeque::new(),
             next_req: 0,
+            metrics_name: opts.metrics_name,
             image,
         };
         let task = tokio::spawn(driver.run());
@@ -472,6 +476,8 @@ struct Driver<D: LocalDisk, V: Volume> {
     next_req: u64,
     /// The start image, if this datastore keeps one.
     image: Option<Keeper>,
+    /// Its name in metrics.
+    metrics_name: &'static str,
 }
 
 /// Requests taken from the queue at once before the journal is synced.
@@ -534,8 +540,19 @@ impl<D: LocalDisk, V: Volume> Driver<D, V> {
                 }
             }
             self.drain()?;
+            self.publish();
         }
         Ok(())
+    }
+
+    /// The backlog for the node's metrics: bytes not yet on the shared volume, and how long the
+    /// oldest has waited.
+    fn publish(&self) {
+        crate::metrics::metrics().set_writebehind(
+            self.metrics_name,
+            self.cache.dirty_bytes(),
+            self.cache.oldest_dirty_since(),
+        );
     }
 
     fn request(&mut self, req: Request) {

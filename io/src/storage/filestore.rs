@@ -93,6 +93,7 @@ impl Filestore {
                 flushes_in_flight_max: 1,
                 ..defaults.limits
             },
+            metrics_name: "filestore",
             ..defaults
         };
         let log = Arc::new(SegmentLog::new(

@@ -67,6 +67,9 @@ impl NodeStorage {
             shared(ds).map_err(|e| format!("Datastore.location {}: {e}", ds.display()))?;
         let filestore = shared(fs)
             .map_err(|e| format!("Datastore.filestore_directory {}: {e}", fs.display()))?;
+        // Every call timed and counted for the node's metrics (docs/operations.md, "Metrics").
+        let metadata = SharedVolume::new(volume::Metered::new(metadata, "datastore"));
+        let filestore = SharedVolume::new(volume::Metered::new(filestore, "filestore"));
         Ok(NodeStorage {
             local: Box::new(disk()?),
             buffer: Box::new(disk()?),

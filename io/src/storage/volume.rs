@@ -211,6 +211,94 @@ impl Volume for SharedVolume {
     }
 }
 
+/// A volume whose every call is timed and counted in the node's metrics
+/// (`talon_volume_operation_duration_seconds{store,op}`, `..._errors_total`,
+/// `talon_volume_written_bytes_total`): what an operator watches to see the network filesystem's
+/// latency and failures. `store` is `datastore` or `filestore`.
+pub struct Metered {
+    inner: SharedVolume,
+    store: &'static str,
+}
+
+impl Metered {
+    /// Meters `inner` as `store`.
+    pub fn new(inner: SharedVolume, store: &'static str) -> Metered {
+        Metered { inner, store }
+    }
+
+    async fn time<T>(&self, op: &str, f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+        let m = crate::metrics::metrics();
+        let start = crate::metrics::started();
+        let r = f.await;
+        m.volume_seconds
+            .with_label_values(&[self.store, op])
+            .observe(crate::metrics::seconds_since(start));
+        if r.is_err() {
+            m.volume_errors.with_label_values(&[self.store, op]).inc();
+        }
+        r
+    }
+
+    fn written(&self, n: usize) {
+        crate::metrics::metrics()
+            .volume_written_bytes
+            .with_label_values(&[self.store])
+            .inc_by(n as u64);
+    }
+}
+
+impl Volume for Metered {
+    async fn read(&self, key: &str) -> io::Result<Option<Bytes>> {
+        self.time("read", self.inner.read(key)).await
+    }
+    async fn write(&self, key: &str, value: Bytes) -> io::Result<()> {
+        let n = value.len();
+        self.time("write", self.inner.write(key, value)).await?;
+        self.written(n);
+        Ok(())
+    }
+    async fn delete(&self, key: &str) -> io::Result<()> {
+        self.time("delete", self.inner.delete(key)).await
+    }
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.time("list", self.inner.list(prefix)).await
+    }
+    async fn list_within(&self, prefix: &str, depth: Option<usize>) -> io::Result<Vec<String>> {
+        self.time("list", self.inner.list_within(prefix, depth))
+            .await
+    }
+    async fn append(&self, key: &str, data: Bytes) -> io::Result<()> {
+        let n = data.len();
+        self.time("append", self.inner.append(key, data)).await?;
+        self.written(n);
+        Ok(())
+    }
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        self.time("commit", self.inner.commit(from, to)).await
+    }
+    async fn write_many(&self, writes: Vec<(String, Option<Bytes>)>) -> io::Result<()> {
+        let n = writes
+            .iter()
+            .map(|(_, v)| v.as_ref().map_or(0, Bytes::len))
+            .sum();
+        self.time("write_many", self.inner.write_many(writes))
+            .await?;
+        self.written(n);
+        Ok(())
+    }
+    async fn read_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<Bytes>> {
+        self.time("read", self.inner.read_range(key, offset, len))
+            .await
+    }
+    async fn append_synced(&self, key: &str, data: Bytes) -> io::Result<()> {
+        let n = data.len();
+        self.time("append", self.inner.append_synced(key, data))
+            .await?;
+        self.written(n);
+        Ok(())
+    }
+}
+
 /// A shared volume is a volume (the filestore keeps its segment log both as its buffer's volume
 /// and for the runs it remembers).
 impl<V: Volume> Volume for Arc<V> {

@@ -93,6 +93,10 @@ impl Deployment {
             &p(api),
             "--gui-port",
             &p(gui),
+            // No metrics listener unless a test asks for one (`--monitoring-port` on a node):
+            // tests run in parallel and would all take the default port.
+            "--monitoring-port",
+            "0",
             "--datastore",
             shared.to_str().unwrap(),
             "--out-dir",
@@ -162,7 +166,15 @@ impl Deployment {
     }
 
     pub fn start_master(&self) -> Proc {
-        let p = self.start_frontend("master", &["--local-dir", &self.s("local")]);
+        self.start_master_with(&[])
+    }
+
+    /// [`Deployment::start_master`] with more `frontend` arguments.
+    pub fn start_master_with(&self, more: &[&str]) -> Proc {
+        let local = self.s("local");
+        let mut args = vec!["--local-dir", local.as_str()];
+        args.extend_from_slice(more);
+        let p = self.start_frontend("master", &args);
         self.wait_until("the API answers", || {
             run(&[
                 "--api-config",
@@ -321,6 +333,61 @@ impl Deployment {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// `GET path` from a plain-HTTP server on loopback `port`: the status and the body (one request,
+/// `Connection: close`; enough for the metrics endpoint and Prometheus's API).
+#[allow(dead_code)]
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
+}
+
+/// A chunked HTTP/1.1 body, joined.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A sample's value in Prometheus text: the line starting `series ` (name and labels as printed).
+#[allow(dead_code)]
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 pub fn json(s: &str) -> serde_json::Value {

@@ -156,6 +156,7 @@ pub fn run(o: &SimOptions, progress: &mut dyn FnMut(String)) -> Result<Report, S
         frontend_port: CLIENT_PORT,
         api_port: API_PORT,
         gui_port: 8889,
+        monitoring_port: 0,
         datastore: PathBuf::from("/sim/shared"),
         key_type: talon_io::deploy::pki::KeyType::Ed25519,
     };

@@ -28,6 +28,7 @@ fn opts(host: &str) -> GenerateOptions {
         frontend_port: 8000,
         api_port: 8001,
         gui_port: 8889,
+        monitoring_port: 8003,
         datastore: PathBuf::from("/srv/talon"),
         key_type: crate::deploy::pki::KeyType::default(),
     }

@@ -243,11 +243,13 @@ fn open_connections_are_bounded_per_address_and_in_total() {
     let b: std::net::IpAddr = [10, 0, 0, 2].into();
     let a1 = Admitted::take(&open, a, &h).unwrap();
     let _a2 = Admitted::take(&open, a, &h).unwrap();
-    let e = Admitted::take(&open, a, &h).err().unwrap();
+    let (why, e) = Admitted::take(&open, a, &h).err().unwrap();
     assert!(e.contains("max_connections_per_address"), "{e}");
+    assert_eq!(why, Refusal::PerAddress);
     let _b1 = Admitted::take(&open, b, &h).unwrap();
-    let e = Admitted::take(&open, b, &h).err().unwrap();
+    let (why, e) = Admitted::take(&open, b, &h).err().unwrap();
     assert!(e.contains("on this listener"), "{e}");
+    assert_eq!(why, Refusal::ListenerFull);
     // A closed connection gives its place back.
     drop(a1);
     let _a3 = Admitted::take(&open, a, &h).unwrap();
