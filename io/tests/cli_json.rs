@@ -198,6 +198,11 @@ fn every_command_that_prints_has_json_output_that_parses() {
             &format!("{other}/bob.yaml"),
         ],
     );
+    // The agent's package (the server nodes' are built and checked in tests/package.rs).
+    config(
+        "package deb",
+        &["-c", &server, "--client", "--out", &format!("{other}/debs")],
+    );
 
     // The GUI's users (the password on stdin).
     for (cmd, args) in [

@@ -74,6 +74,12 @@ pub enum Command {
         #[command(subcommand)]
         command: user::UserCommand,
     },
+    /// Build installable packages of this deployment (with --config server.config.yaml).
+    Package {
+        /// What to build.
+        #[command(subcommand)]
+        command: PackageCommand,
+    },
     /// Create and derive configuration files.
     Config {
         /// What to do with them.
@@ -502,6 +508,25 @@ pub enum FlowCommand {
     },
 }
 
+/// `talon package ...`
+#[derive(Debug, Subcommand)]
+pub enum PackageCommand {
+    /// Debian packages: one per server node (the master and each minion, named after the node),
+    /// each with the talon binary, the server config and a systemd unit for that node; with
+    /// --client, the agent's package instead.
+    Deb {
+        /// The directory to write the packages into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Write the agent's package (its unit runs `talon client` as root).
+        #[arg(long)]
+        client: bool,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// `talon config ...`
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
@@ -713,6 +738,7 @@ pub fn run(cli: Cli) -> Result<String, String> {
             command: ArtifactsCommand::Tables { json },
         } => Ok(show::tables(json)),
         Command::Config { command } => run_config(cli.config.as_deref(), command),
+        Command::Package { command } => run_package(need_config(cli.config.as_deref())?, command),
         Command::User { command } => user::run(need_config(cli.config.as_deref())?, command),
         command => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1367,7 +1393,9 @@ async fn run_async(
                 }
             }
         }
-        Command::Config { .. } | Command::User { .. } => unreachable!("handled synchronously"),
+        Command::Config { .. } | Command::User { .. } | Command::Package { .. } => {
+            unreachable!("handled synchronously")
+        }
     }
 }
 
@@ -1379,6 +1407,64 @@ fn refuse_overwrite(path: &Path, force: bool) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `talon package deb`: the packages of the deployment `config_path` describes.
+fn run_package(config_path: &Path, command: PackageCommand) -> Result<String, String> {
+    use crate::deploy::package;
+    let PackageCommand::Deb { out, client, json } = command;
+    let text = std::fs::read(config_path)
+        .map_err(|e| format!("{}: cannot read: {e}", config_path.display()))?;
+    let cfg = ServerConfig::load(config_path).map_err(|e| e.to_string())?;
+    let binary = std::env::current_exe()
+        .map_err(|e| format!("cannot find the running talon binary to package: {e}"))?;
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
+    let inputs = package::Inputs {
+        binary: &binary,
+        version: env!("CARGO_PKG_VERSION"),
+        arch: package::debian_arch()?,
+        mtime: crate::clock::Clock::now(&SystemClock).as_ms() / 1000,
+    };
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: this talon is a debug build: its packages are large and unstripped (Debian's \
+             lintian refuses them); package from `cargo build --release`"
+        );
+    }
+    eprintln!(
+        "packaging {} ({} MB) into {}",
+        binary.display(),
+        std::fs::metadata(&binary).map_or(0, |m| m.len() >> 20),
+        out.display()
+    );
+    let built = if client {
+        vec![package::client_package(
+            &cfg.client_config(),
+            &inputs,
+            &out,
+        )?]
+    } else {
+        package::server_packages(&cfg, &text, &inputs, &out)?
+    };
+    if json {
+        return Ok(json_out(serde_json::json!(built)));
+    }
+    let mut s = String::new();
+    for b in &built {
+        s.push_str(&format!(
+            "{}  {} {} ({} KiB)\n",
+            b.path.display(),
+            b.role,
+            b.node,
+            b.bytes >> 10
+        ));
+    }
+    s.push_str(if client {
+        "install on each endpoint: dpkg -i <file> (the agent starts and enrols)\n"
+    } else {
+        "install each on its node's machine, with the shared volume mounted: dpkg -i <file>\n"
+    });
+    Ok(s)
 }
 
 fn need_config(config: Option<&Path>) -> Result<&Path, String> {
