@@ -314,13 +314,23 @@ pub fn client_unit() -> String {
 /// (empty on a real install).
 const SCRIPT_HEAD: &str = "#!/bin/sh\nset -e\nroot=\"${DPKG_ROOT:-}\"\n";
 
-/// Enables and (re)starts `unit` where systemd runs (not in a scratch root).
+/// Enables `unit` (unless the administrator disabled it) and (re)starts it where systemd runs,
+/// with Debian's helpers (init-system-helpers), as debhelper's generated scripts do; nothing in a
+/// scratch root.
 fn systemd_start(unit: &str) -> String {
     format!(
-        "if [ -z \"$root\" ] && [ -d /run/systemd/system ]; then\n\
-         \tsystemctl daemon-reload\n\
-         \tsystemctl enable {unit} >/dev/null\n\
-         \tif [ -n \"$2\" ]; then systemctl restart {unit}; else systemctl start {unit}; fi\n\
+        "if [ -z \"$root\" ] && [ \"$1\" = configure ] && command -v deb-systemd-helper >/dev/null; then\n\
+         \tdeb-systemd-helper unmask {unit} >/dev/null || true\n\
+         \tif deb-systemd-helper --quiet was-enabled {unit}; then\n\
+         \t\tdeb-systemd-helper enable {unit} >/dev/null || true\n\
+         \telse\n\
+         \t\tdeb-systemd-helper update-state {unit} >/dev/null || true\n\
+         \tfi\n\
+         \tif [ -d /run/systemd/system ]; then\n\
+         \t\tsystemctl --system daemon-reload >/dev/null || true\n\
+         \t\tif [ -n \"$2\" ]; then action=restart; else action=start; fi\n\
+         \t\tdeb-systemd-invoke \"$action\" {unit} >/dev/null || true\n\
+         \tfi\n\
          fi\n"
     )
 }
@@ -329,8 +339,23 @@ fn stop_script(unit: &str) -> String {
     format!(
         "{SCRIPT_HEAD}\
          # Removal stops the service; an upgrade leaves it to the new postinst's restart.\n\
-         if [ \"$1\" = remove ] && [ -z \"$root\" ] && [ -d /run/systemd/system ]; then\n\
-         \tsystemctl stop {unit} || true\n\
+         if [ \"$1\" = remove ] && [ -z \"$root\" ] && [ -d /run/systemd/system ] && command -v deb-systemd-invoke >/dev/null; then\n\
+         \tdeb-systemd-invoke stop {unit} >/dev/null || true\n\
+         fi\n"
+    )
+}
+
+/// After removal: the unit is masked while its file is gone (as debhelper does), and forgotten
+/// on purge.
+fn systemd_forget(unit: &str) -> String {
+    format!(
+        "if [ -z \"$root\" ] && command -v deb-systemd-helper >/dev/null; then\n\
+         \tif [ -d /run/systemd/system ]; then systemctl --system daemon-reload >/dev/null || true; fi\n\
+         \tif [ \"$1\" = remove ]; then deb-systemd-helper mask {unit} >/dev/null || true; fi\n\
+         \tif [ \"$1\" = purge ]; then\n\
+         \t\tdeb-systemd-helper purge {unit} >/dev/null || true\n\
+         \t\tdeb-systemd-helper unmask {unit} >/dev/null || true\n\
+         \tfi\n\
          fi\n"
     )
 }
@@ -365,10 +390,8 @@ fn server_scripts(node: &str) -> Vec<(&'static str, String)> {
          \trm -rf \"$root{STATE_DIR}\"\n\
          \trmdir \"$root/etc/talon\" 2>/dev/null || true\n\
          fi\n\
-         if [ -z \"$root\" ] && [ -d /run/systemd/system ]; then\n\
-         \tsystemctl daemon-reload || true\n\
-         \t[ \"$1\" != purge ] || systemctl disable {SERVER_UNIT} >/dev/null 2>&1 || true\n\
-         fi\n"
+         {}",
+        systemd_forget(SERVER_UNIT)
     );
     vec![
         ("postinst", postinst),
@@ -395,10 +418,8 @@ fn client_scripts() -> Vec<(&'static str, String)> {
          \trm -rf \"$root{CLIENT_STATE_DIR}\"\n\
          \trmdir \"$root/etc/talon\" 2>/dev/null || true\n\
          fi\n\
-         if [ -z \"$root\" ] && [ -d /run/systemd/system ]; then\n\
-         \tsystemctl daemon-reload || true\n\
-         \t[ \"$1\" != purge ] || systemctl disable {CLIENT_UNIT} >/dev/null 2>&1 || true\n\
-         fi\n"
+         {}",
+        systemd_forget(CLIENT_UNIT)
     );
     vec![
         ("postinst", postinst),
