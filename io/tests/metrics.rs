@@ -19,8 +19,34 @@ struct Cluster {
     hunt: String,
 }
 
+/// A client config whose only frontend is `url`.
+fn client_config_for(d: &Deployment, url: &str, name: &str) -> String {
+    let mut c: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(d.path("client.config.yaml")).unwrap())
+            .unwrap();
+    c["Client"]["server_urls"] = serde_yaml_ng::Value::Sequence(vec![url.into()]);
+    let path = d.s(name);
+    std::fs::write(&path, serde_yaml_ng::to_string(&c).unwrap()).unwrap();
+    path
+}
+
+/// `n` pool clients of `config`, keyed in `dir`.
+fn pool(d: &Deployment, config: &str, n: usize, dir: &str) -> Proc {
+    let log = std::fs::File::create(d.path(&format!("{dir}.log"))).unwrap();
+    Proc(
+        talon()
+            .args(["-c", config, "pool-client", "--number", &n.to_string()])
+            .args(["--writeback-dir", &d.s(dir), "--start-rate", "0"])
+            .args(["--hostname-prefix", dir])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
 fn cluster(d: &Deployment) -> Cluster {
-    let (minion, _) = d.add_minion();
+    let (minion, minion_port) = d.add_minion();
     let ports = free_ports::<2>();
     let [pm, pn] = ports.map(|p| p.to_string());
     let master = d.start_master_with(&["--monitoring-port", &pm]);
@@ -37,14 +63,27 @@ fn cluster(d: &Deployment) -> Cluster {
             &pn,
         ],
     );
-    let pool = d.start_pool(CLIENTS, "pool");
-    d.wait_until("the pool connects, some of it to the minion", || {
+    d.wait_until("the minion listens", || {
+        std::net::TcpStream::connect(("127.0.0.1", minion_port)).is_ok()
+    });
+    // Half the clients on each node, by giving each half one frontend only.
+    let server: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(d.path("server.config.yaml")).unwrap())
+            .unwrap();
+    let master_port = server["Frontend"]["bind_port"].as_u64().unwrap();
+    let on_master = client_config_for(d, &format!("https://127.0.0.1:{master_port}/"), "m.yaml");
+    let on_minion = client_config_for(d, &format!("https://127.0.0.1:{minion_port}/"), "n.yaml");
+    let pools = [
+        pool(d, &on_master, CLIENTS / 2, "pm"),
+        pool(d, &on_minion, CLIENTS - CLIENTS / 2, "pn"),
+    ];
+    d.wait_until("the pools connect, half to each node", || {
         let mut by: BTreeMap<String, usize> = BTreeMap::new();
         for c in d.clients().iter().filter(|c| c["connected"] == true) {
             *by.entry(c["node"].as_str().unwrap().to_owned())
                 .or_default() += 1;
         }
-        by.values().sum::<usize>() == CLIENTS && by.get(&minion).is_some_and(|n| *n > 0)
+        by.values().sum::<usize>() == CLIENTS && by.get(&minion) == Some(&(CLIENTS - CLIENTS / 2))
     });
     let hunt = d
         .api(&["hunt", "create", "Generic.Client.Info"])
@@ -54,8 +93,9 @@ fn cluster(d: &Deployment) -> Cluster {
         let s = json(&d.api(&["hunt", "show", &hunt, "--json"]));
         s["stats"]["completed"].as_u64() == Some(CLIENTS as u64)
     });
+    let [pm, pn] = pools;
     Cluster {
-        _procs: vec![master, minion_proc, pool],
+        _procs: vec![master, minion_proc, pm, pn],
         minion,
         ports,
         hunt,
