@@ -13,13 +13,13 @@ use crate::net::{BoxIo, Listener};
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use prometheus::{
     Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 use talon_core::Monotonic;
 
@@ -494,44 +494,20 @@ fn handle(req: &http::Request<hyper::body::Incoming>) -> Response<Body> {
 
 /// Serves `GET /metrics` over plain HTTP/1.1 on `listener` until `stop` changes. At most
 /// [`CONNECTIONS_MAX`] connections at once; headers within [`HEADER_TIMEOUT`].
-pub async fn serve(mut listener: Box<dyn Listener>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
-        };
-        let (tcp, addr) = tokio::select! {
-            c = listener.accept() => match c {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let io: TokioIo<BoxIo> = TokioIo::new(tcp);
-            let service = hyper::service::service_fn(|req| async move {
-                Ok::<_, std::convert::Infallible>(handle(&req))
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(%addr, error = %e, "metrics connection ended");
-                },
-                _ = stop.changed() => conn.as_mut().graceful_shutdown(),
-            }
+pub async fn serve(listener: Box<dyn Listener>, stop: tokio::sync::watch::Receiver<bool>) {
+    let accept = |tcp: BoxIo, addr, stop| {
+        let service = hyper::service::service_fn(|req| async move {
+            Ok::<_, std::convert::Infallible>(handle(&req))
         });
-    }
+        crate::net::http::serve_connection(
+            TokioIo::new(tcp),
+            service,
+            HEADER_TIMEOUT,
+            stop,
+            ("metrics", addr),
+        )
+    };
+    crate::net::http::accept_bounded(listener, CONNECTIONS_MAX, stop, "metrics", accept).await;
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use session::Sessions;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -239,31 +239,14 @@ fn dummy_hash() -> &'static str {
 /// Serves the GUI on `listener` with TLS `tls` until `stop` changes.
 pub async fn serve(
     gui: Arc<Gui>,
-    mut listener: Box<dyn Listener>,
+    listener: Box<dyn Listener>,
     tls: Arc<rustls::ServerConfig>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
-        };
-        let (tcp, addr) = tokio::select! {
-            c = listener.accept() => match c {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "GUI accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let (gui, acceptor, mut stop) = (gui.clone(), acceptor.clone(), stop.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+    let accept = move |tcp: BoxIo, addr, stop| {
+        let (gui, acceptor) = (gui.clone(), acceptor.clone());
+        async move {
             let tls = match tokio::time::timeout(
                 crate::net::tls::HANDSHAKE_TIMEOUT,
                 acceptor.accept(tcp),
@@ -282,19 +265,11 @@ pub async fn serve(
                 let gui = gui.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&gui, req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(%addr, error = %e, "GUI connection ended");
-                },
-                _ = stop.changed() => conn.as_mut().graceful_shutdown(),
-            }
-        });
-    }
+            crate::net::http::serve_connection(io, service, HEADER_TIMEOUT, stop, ("GUI", addr))
+                .await;
+        }
+    };
+    crate::net::http::accept_bounded(listener, CONNECTIONS_MAX, stop, "GUI", accept).await;
 }
 
 /// A whole response.

@@ -2,6 +2,7 @@
 //! production uses [`TokioNet`] (tokio TCP); the simulator supplies one over turmoil's simulated
 //! sockets, so the same server, minion and agent code runs on simulated hosts.
 
+pub mod http;
 pub mod tls;
 
 use std::future::Future;
