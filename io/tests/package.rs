@@ -183,6 +183,7 @@ fn debian_packages_pass_lintian_install_into_scratch_roots_and_their_units_verif
         assert!(line("./usr/bin/talon").starts_with("-rwxr-xr-x root/root"));
         assert!(line(&format!("./etc/talon/{config}")).starts_with("-rw------- root/root"));
         line("/copyright");
+        assert!(line("./usr/share/man/man1/talon.1.gz").starts_with("-rw-r--r-- root/root"));
     }
 
     // Lintian: no errors (warnings are reported, not failed on) — but one: the test packages the

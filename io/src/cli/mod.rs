@@ -19,7 +19,13 @@ use talon_core::artifacts::{self, ParamKind};
 
 /// Talon: endpoint visibility across one master and many minion frontends.
 #[derive(Debug, Parser)]
-#[command(name = "talon", version, about, long_about = None)]
+#[command(
+    name = "talon",
+    version,
+    about = "Talon: endpoint visibility and incident response — the frontend server, the endpoint \
+             agent and the analyst's command line",
+    long_about = None
+)]
 pub struct Cli {
     /// The server or client config file.
     #[arg(long, short = 'c', global = true, value_name = "FILE")]
@@ -1419,7 +1425,12 @@ fn run_package(config_path: &Path, command: PackageCommand) -> Result<String, St
     let binary = std::env::current_exe()
         .map_err(|e| format!("cannot find the running talon binary to package: {e}"))?;
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
+    let mut man_page = Vec::new();
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+        .render(&mut man_page)
+        .map_err(|e| format!("the manual page: {e}"))?;
     let inputs = package::Inputs {
+        man_page: &man_page,
         binary: &binary,
         version: env!("CARGO_PKG_VERSION"),
         arch: package::debian_arch()?,

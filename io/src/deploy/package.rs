@@ -73,6 +73,8 @@ pub struct Inputs<'a> {
     pub arch: &'a str,
     /// The files' modification time (seconds since the epoch).
     pub mtime: u64,
+    /// `talon(1)`, in roff (installed gzipped as `/usr/share/man/man1/talon.1.gz`).
+    pub man_page: &'a [u8],
 }
 
 /// Debian's architecture name for the one this binary was built for.
@@ -360,12 +362,38 @@ fn systemd_forget(unit: &str) -> String {
     )
 }
 
-fn server_scripts(node: &str) -> Vec<(&'static str, String)> {
-    let local = format!("{STATE_DIR}/{}", node);
+/// A package's maintainer scripts: `configure` (shell run on install and upgrade, before the unit
+/// starts), the unit's start, stop and forgetting, and purge deleting `state_dir` (and `/etc/talon`
+/// if nothing else is left in it).
+fn scripts(unit: &str, configure: &str, state_dir: &str) -> Vec<(&'static str, String)> {
     let postinst = format!(
         "{SCRIPT_HEAD}\
          if [ \"$1\" = configure ]; then\n\
-         \t# The user the node runs as. An existing one is kept: every node must give it the\n\
+         {configure}\
+         fi\n\
+         {}",
+        systemd_start(unit)
+    );
+    let postrm = format!(
+        "{SCRIPT_HEAD}\
+         if [ \"$1\" = purge ]; then\n\
+         \trm -rf \"$root{state_dir}\"\n\
+         \trmdir \"$root/etc/talon\" 2>/dev/null || true\n\
+         fi\n\
+         {}",
+        systemd_forget(unit)
+    );
+    vec![
+        ("postinst", postinst),
+        ("prerm", stop_script(unit)),
+        ("postrm", postrm),
+    ]
+}
+
+fn server_scripts(node: &str) -> Vec<(&'static str, String)> {
+    let local = format!("{STATE_DIR}/{node}");
+    let configure = format!(
+        "\t# The user the node runs as. An existing one is kept: every node must give it the\n\
          \t# same uid, since they share the volume.\n\
          \tif [ -n \"$root\" ]; then\n\
          \t\tgrep -q '^talon:' \"$root/etc/passwd\" || useradd --root \"$root\" --system --user-group --home-dir {STATE_DIR} --no-create-home --shell /usr/sbin/nologin talon\n\
@@ -379,53 +407,19 @@ fn server_scripts(node: &str) -> Vec<(&'static str, String)> {
          \tmkdir -p \"$root{STATE_DIR}\" \"$root{local}\"\n\
          \tchown \"$uid:$gid\" \"$root{STATE_DIR}\" \"$root{local}\" \"$root{SERVER_CONFIG}\"\n\
          \tchmod 0750 \"$root{STATE_DIR}\" \"$root{local}\"\n\
-         \tchmod 0600 \"$root{SERVER_CONFIG}\"\n\
-         fi\n\
-         {}",
-        systemd_start(SERVER_UNIT)
+         \tchmod 0600 \"$root{SERVER_CONFIG}\"\n"
     );
-    let postrm = format!(
-        "{SCRIPT_HEAD}\
-         if [ \"$1\" = purge ]; then\n\
-         \trm -rf \"$root{STATE_DIR}\"\n\
-         \trmdir \"$root/etc/talon\" 2>/dev/null || true\n\
-         fi\n\
-         {}",
-        systemd_forget(SERVER_UNIT)
-    );
-    vec![
-        ("postinst", postinst),
-        ("prerm", stop_script(SERVER_UNIT)),
-        ("postrm", postrm),
-    ]
+    scripts(SERVER_UNIT, &configure, STATE_DIR)
 }
 
+/// The agent's: purge deletes its key, so a reinstalled machine enrols as a new client.
 fn client_scripts() -> Vec<(&'static str, String)> {
-    let postinst = format!(
-        "{SCRIPT_HEAD}\
-         if [ \"$1\" = configure ]; then\n\
-         \tmkdir -p \"$root{CLIENT_STATE_DIR}\"\n\
+    let configure = format!(
+        "\tmkdir -p \"$root{CLIENT_STATE_DIR}\"\n\
          \tchmod 0700 \"$root{CLIENT_STATE_DIR}\"\n\
-         \tchmod 0600 \"$root{CLIENT_CONFIG}\"\n\
-         fi\n\
-         {}",
-        systemd_start(CLIENT_UNIT)
+         \tchmod 0600 \"$root{CLIENT_CONFIG}\"\n"
     );
-    let postrm = format!(
-        "{SCRIPT_HEAD}\
-         if [ \"$1\" = purge ]; then\n\
-         \t# The agent's key goes: a reinstall enrols as a new client.\n\
-         \trm -rf \"$root{CLIENT_STATE_DIR}\"\n\
-         \trmdir \"$root/etc/talon\" 2>/dev/null || true\n\
-         fi\n\
-         {}",
-        systemd_forget(CLIENT_UNIT)
-    );
-    vec![
-        ("postinst", postinst),
-        ("prerm", stop_script(CLIENT_UNIT)),
-        ("postrm", postrm),
-    ]
+    scripts(CLIENT_UNIT, &configure, CLIENT_STATE_DIR)
 }
 
 /// A file of the package: its absolute installed path, mode and bytes.
@@ -495,6 +489,11 @@ fn write_deb(
         &format!("{doc}/copyright"),
         0o644,
         copyright().into_bytes(),
+    ));
+    files.push(File::new(
+        "/usr/share/man/man1/talon.1.gz",
+        0o644,
+        gzip_best(inputs.man_page)?,
     ));
     files.push(File::new(
         &format!("/usr/share/lintian/overrides/{}", control.package),
