@@ -734,6 +734,7 @@ impl Link {
         let outbox = Outbox::recover(opts.limits.clone(), epoch, rec.truncated_upto, events);
         let (tx, rx) = mpsc::channel(LINK_QUEUE_MAX);
         let (itx, irx) = mpsc::channel(1024);
+        let opts_node = opts.node.clone();
         let task = LinkTask {
             outbox,
             journal,
@@ -750,6 +751,9 @@ impl Link {
             broadcasts_lost: false,
             epoch_to_persist: None,
             pushed_at,
+            connected_gauge: crate::metrics::metrics()
+                .replication_connected
+                .with_label_values(&[&opts_node]),
         };
         let span = tracing::info_span!("link", node = %task.opts.node);
         let handle = tokio::spawn(tracing::Instrument::instrument(task.run(rx, irx), span));
@@ -807,6 +811,8 @@ struct LinkTask {
     /// When each event not yet acknowledged was accepted (wall clock, ms), oldest first: the
     /// replication lag in the node's metrics. As many as the outbox holds.
     pushed_at: std::collections::VecDeque<(u64, u64)>,
+    /// This link's `talon_replication_connected` series (looked up once, set every turn).
+    connected_gauge: prometheus::IntGauge,
 }
 
 impl LinkTask {
@@ -898,9 +904,7 @@ impl LinkTask {
         }
         let m = crate::metrics::metrics();
         m.set_replication(self.outbox.len(), self.pushed_at.front().map(|(_, at)| *at));
-        m.replication_connected
-            .with_label_values(&[&self.opts.node])
-            .set(i64::from(self.conn.is_some()));
+        self.connected_gauge.set(i64::from(self.conn.is_some()));
     }
 
     fn push(&mut self, p: Push) {

@@ -57,8 +57,9 @@ pub(super) trait RoleDriver: Send + 'static {
     /// A deadline passed.
     fn handle_timeout(&mut self, fe: &mut Frontend);
 
-    /// Sets the role's gauges in the node's metrics (after it handled a message or a deadline).
-    fn publish(&self) {}
+    /// Sets the role's gauges in the node's metrics (after each message or deadline, once its
+    /// actions are performed): cheap, or only when something changed.
+    fn publish(&mut self) {}
 }
 
 pub(super) struct Actor<R> {
@@ -142,8 +143,7 @@ impl<R: RoleDriver> Actor<R> {
                     self.fe.intake.handle_timeout(self.fe.clock.monotonic());
                     self.role.handle_timeout(&mut self.fe);
                     self.drain().await;
-                    self.role.publish();
-                    self.fe.publish();
+                    self.publish();
                 }
             }
             // Also under a steady stream of messages, which keeps the timer from firing.
@@ -154,6 +154,12 @@ impl<R: RoleDriver> Actor<R> {
             }
             self.fe.release_notifications(at);
         }
+    }
+
+    /// Sets the node's gauges: the frontend's and the role's.
+    fn publish(&mut self) {
+        self.fe.publish();
+        self.role.publish();
     }
 
     /// How long until the next deadline (at most 30 s).
@@ -184,13 +190,10 @@ impl<R: RoleDriver> Actor<R> {
             | Msg::EventTable { .. }
             | Msg::LabelsChanged { .. }
             | Msg::EventTableFor { .. } => self.fe.handle_events(msg),
-            other => {
-                self.role.handle(&mut self.fe, other).await;
-                self.role.publish();
-            }
+            other => self.role.handle(&mut self.fe, other).await,
         }
         self.drain().await;
-        self.fe.publish();
+        self.publish();
         // A Store action took the message's bytes; a resend that was only re-acknowledged left
         // them: at most one entry lives between messages.
         self.fe.raw.clear();

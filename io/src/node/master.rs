@@ -26,6 +26,9 @@ pub(super) struct MasterDriver {
     next_request: u64,
     /// Completed flows' uploads being reassembled.
     uploads: Reassembly,
+    /// A hunt's record was written (a hunt started, stopped, expired or completed) since the
+    /// hunts-running gauge was last counted: counting walks every hunt, so only then.
+    hunts_changed: bool,
 }
 
 impl MasterDriver {
@@ -69,6 +72,7 @@ impl MasterDriver {
             waiting: BTreeMap::new(),
             next_request: 1,
             uploads,
+            hunts_changed: true,
         })
     }
 
@@ -145,6 +149,7 @@ impl MasterDriver {
     fn act(&mut self, fe: &mut Frontend, a: MasterAction, batch: &mut Batch) {
         match a {
             MasterAction::Write { token, items } => {
+                self.hunts_changed |= items.iter().any(|i| matches!(i, Item::Hunt(_)));
                 batch.tokens.push(token);
                 batch.groups.push(items.iter().map(encode).collect());
             }
@@ -389,7 +394,10 @@ impl RoleDriver for MasterDriver {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        if !std::mem::take(&mut self.hunts_changed) {
+            return;
+        }
         let running = self
             .core
             .hunts()
