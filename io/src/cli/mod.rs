@@ -1419,9 +1419,16 @@ fn refuse_overwrite(path: &Path, force: bool) -> Result<(), String> {
 fn run_package(config_path: &Path, command: PackageCommand) -> Result<String, String> {
     use crate::deploy::package;
     let PackageCommand::Deb { out, client, json } = command;
-    let text = std::fs::read(config_path)
+    // Read once: the packages carry this text as it is (comments and all).
+    let text = std::fs::read_to_string(config_path)
         .map_err(|e| format!("{}: cannot read: {e}", config_path.display()))?;
-    let cfg = ServerConfig::load(config_path).map_err(|e| e.to_string())?;
+    let cfg = ServerConfig::parse(&text).map_err(|message| {
+        config::ConfigError {
+            path: Some(config_path.to_owned()),
+            message,
+        }
+        .to_string()
+    })?;
     let binary = std::env::current_exe()
         .map_err(|e| format!("cannot find the running talon binary to package: {e}"))?;
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
@@ -1455,7 +1462,7 @@ fn run_package(config_path: &Path, command: PackageCommand) -> Result<String, St
             &out,
         )?]
     } else {
-        package::server_packages(&cfg, &text, &inputs, &out)?
+        package::server_packages(&cfg, text.as_bytes(), &inputs, &out)?
     };
     if json {
         return Ok(json_out(serde_json::json!(built)));

@@ -21,6 +21,7 @@
 //! into a scratch root works without a container, which the tests use.
 
 use crate::deploy::config::{ClientConfig, ServerConfig};
+use bytes::Bytes;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use md5::{Digest, Md5};
@@ -105,13 +106,14 @@ pub fn server_packages(
             .iter()
             .map(|x| (x.node_name(), "minion")),
     );
-    let binary = std::fs::read(inputs.binary)
-        .map_err(|e| format!("{}: cannot read the binary: {e}", inputs.binary.display()))?;
+    // Read and scanned once; every package shares the bytes.
+    let binary = Binary::read(inputs.binary)?;
+    let depends = format!("{}, passwd", binary.depends);
     let mut built = Vec::new();
     for (node, role) in nodes {
         let unit = server_unit(cfg, &node, role == "minion");
         let files = vec![
-            File::new(BINARY, 0o755, binary.clone()),
+            File::new(BINARY, 0o755, binary.bytes.clone()),
             File::new(SERVER_CONFIG, 0o600, config_text.to_vec()),
             File::new(
                 &format!("/lib/systemd/system/{SERVER_UNIT}"),
@@ -128,7 +130,7 @@ pub fn server_packages(
                  mounts the same shared volume at {}.",
                 cfg.datastore.location.display()
             ),
-            depends: "passwd",
+            depends: depends.clone(),
         };
         let scripts = server_scripts(&node);
         let path = out.join(format!(
@@ -154,11 +156,10 @@ pub fn client_package(
     inputs: &Inputs<'_>,
     out: &Path,
 ) -> Result<Built, String> {
-    let binary = std::fs::read(inputs.binary)
-        .map_err(|e| format!("{}: cannot read the binary: {e}", inputs.binary.display()))?;
+    let binary = Binary::read(inputs.binary)?;
     let config = serde_yaml_ng::to_string(client).map_err(|e| e.to_string())?;
     let files = vec![
-        File::new(BINARY, 0o755, binary),
+        File::new(BINARY, 0o755, binary.bytes),
         File::new(CLIENT_CONFIG, 0o600, config.into_bytes()),
         File::new(
             &format!("/lib/systemd/system/{CLIENT_UNIT}"),
@@ -173,7 +174,7 @@ pub fn client_package(
              collections and hunts analysts task it with (systemd unit\n \
              talon-client.service, as root: it reads the host)."
             .into(),
-        depends: "",
+        depends: binary.depends,
     };
     let path = out.join(format!(
         "{CLIENT_PACKAGE}_{}_{}.deb",
@@ -426,16 +427,38 @@ fn client_scripts() -> Vec<(&'static str, String)> {
 struct File {
     path: String,
     mode: u32,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 impl File {
-    fn new(path: &str, mode: u32, data: Vec<u8>) -> File {
+    fn new(path: &str, mode: u32, data: impl Into<Bytes>) -> File {
         File {
             path: path.to_owned(),
             mode,
-            data,
+            data: data.into(),
         }
+    }
+}
+
+/// The binary to ship, and the libraries it links as a Depends value.
+struct Binary {
+    bytes: Bytes,
+    /// `libc6 (>= <newest GLIBC_ version it references>), libgcc-s1`.
+    depends: String,
+}
+
+impl Binary {
+    fn read(path: &Path) -> Result<Binary, String> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("{}: cannot read the binary: {e}", path.display()))?;
+        let libc = match glibc_needed(&bytes) {
+            Some(v) => format!("libc6 (>= {v})"),
+            None => "libc6".to_owned(),
+        };
+        Ok(Binary {
+            bytes: Bytes::from(bytes),
+            depends: format!("{libc}, libgcc-s1"),
+        })
     }
 }
 
@@ -443,8 +466,8 @@ struct Control {
     package: &'static str,
     /// The synopsis, then the long description's lines (each starting with a space).
     description: String,
-    /// Packages it needs besides the C library and libgcc (which the binary links).
-    depends: &'static str,
+    /// The Depends field.
+    depends: String,
 }
 
 /// The newest glibc symbol version `binary` needs (`2.34` from `GLIBC_2.34`), from the version
@@ -524,19 +547,7 @@ fn write_deb(
          Installed-Size: {installed_kib}\nSection: admin\nPriority: optional\n",
         control.package, inputs.version, inputs.arch
     );
-    let binary = files
-        .iter()
-        .find(|f| f.path == BINARY)
-        .map(|f| f.data.as_slice());
-    let libc = match binary.and_then(glibc_needed) {
-        Some(v) => format!("libc6 (>= {v})"),
-        None => "libc6".to_owned(),
-    };
-    let mut depends = vec![libc, "libgcc-s1".to_owned()];
-    if !control.depends.is_empty() {
-        depends.push(control.depends.to_owned());
-    }
-    let _ = writeln!(text, "Depends: {}", depends.join(", "));
+    let _ = writeln!(text, "Depends: {}", control.depends);
     let _ = writeln!(text, "Homepage: https://example.invalid/talon");
     let _ = writeln!(text, "Description: {}", control.description);
     let mut members: Vec<(&str, u32, Vec<u8>)> = vec![
@@ -637,7 +648,7 @@ fn data_tar(files: &[File], mtime: u64) -> Result<Vec<u8>, String> {
     for f in files {
         let name = format!(".{}", f.path);
         let h = tar_header(&name, f.mode, f.data.len() as u64, mtime, false)?;
-        tar.append(&h, f.data.as_slice()).map_err(err)?;
+        tar.append(&h, &f.data[..]).map_err(err)?;
     }
     tar.into_inner().and_then(GzEncoder::finish).map_err(err)
 }
