@@ -127,36 +127,118 @@ impl tower::Service<HttpRequest> for ApiPort {
         let start = crate::metrics::started();
         Box::pin(async move {
             let r = call.await;
-            if let Ok(resp) = &r {
-                count_api_call(&method, resp, crate::metrics::seconds_since(start));
-            }
-            r
+            Ok(match r {
+                Ok(resp) => count_api_call(method, resp, crate::metrics::seconds_since(start)),
+                Err(never) => match never {},
+            })
         })
     }
 }
 
-/// Counts an API-port call in the metrics: its method and the status at its response's headers
-/// (what a call refused or failed at once carries; a success's status comes later, in trailers).
-/// An unknown method is `unknown` (12, UNIMPLEMENTED), so callers cannot add series.
-fn count_api_call(method: &str, resp: &HttpResponse, seconds: f64) {
-    let code = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .unwrap_or(0);
-    let method = if code == tonic::Code::Unimplemented as i32 {
-        "unknown"
+/// Counts an API-port call in the metrics (docs/operations.md, "Metrics"): its time to the
+/// response's headers, and its method and final status. A call refused or failed at once carries
+/// its status in the headers; any other call's status comes in the trailers after its body (a
+/// stream that fails midway, too), so the body is wrapped to read them. A body dropped before its
+/// end (the caller went away) counts as `Cancelled`. An unknown method is `unknown` (12,
+/// UNIMPLEMENTED), so callers cannot add series.
+fn count_api_call(method: String, resp: HttpResponse, seconds: f64) -> HttpResponse {
+    let code = grpc_status(resp.headers());
+    let method = if code == Some(tonic::Code::Unimplemented) {
+        "unknown".to_owned()
     } else {
         method
     };
-    let m = crate::metrics::metrics();
-    m.api_requests
-        .with_label_values(&[method, &format!("{:?}", tonic::Code::from_i32(code))])
-        .inc();
-    m.api_request_seconds
-        .with_label_values(&[method])
+    crate::metrics::metrics()
+        .api_request_seconds
+        .with_label_values(&[method.as_str()])
         .observe(seconds);
+    match code {
+        Some(code) => {
+            count_api_status(&method, code);
+            resp
+        }
+        None => resp.map(|body| {
+            tonic::body::Body::new(StatusAtEnd {
+                body,
+                method: Some(method),
+            })
+        }),
+    }
+}
+
+/// The `grpc-status` among `headers` (or trailers), if any.
+fn grpc_status(headers: &tonic::codegen::http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+}
+
+fn count_api_status(method: &str, code: tonic::Code) {
+    crate::metrics::metrics()
+        .api_requests
+        .with_label_values(&[method, &format!("{code:?}")])
+        .inc();
+}
+
+/// A response body that counts its call once: with the status its trailers carry, `Unknown` if it
+/// ends without one or fails, `Cancelled` if dropped before its end.
+struct StatusAtEnd {
+    body: tonic::body::Body,
+    /// The method, until the call is counted.
+    method: Option<String>,
+}
+
+impl StatusAtEnd {
+    fn count(&mut self, code: tonic::Code) {
+        if let Some(method) = self.method.take() {
+            count_api_status(&method, code);
+        }
+    }
+}
+
+impl hyper::body::Body for StatusAtEnd {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    self.count(grpc_status(trailers).unwrap_or(tonic::Code::Unknown));
+                }
+            }
+            std::task::Poll::Ready(Some(Err(_))) | std::task::Poll::Ready(None) => {
+                self.count(tonic::Code::Unknown)
+            }
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for StatusAtEnd {
+    fn drop(&mut self) {
+        let code = if hyper::body::Body::is_end_stream(&self.body) {
+            tonic::Code::Unknown // Ended without trailers: not gRPC's way.
+        } else {
+            tonic::Code::Cancelled
+        };
+        self.count(code);
+    }
 }
 
 type StorageTask = tokio::task::JoinHandle<std::io::Result<()>>;
@@ -1038,5 +1120,84 @@ mod tests {
             .expect("the master stopped")
             .unwrap();
         assert_eq!(r, Ok(()));
+    }
+
+    /// A response whose body yields `frames` and then ends.
+    fn response(frames: Vec<hyper::body::Frame<Bytes>>) -> HttpResponse {
+        let frames = tokio_stream::iter(frames.into_iter().map(Ok::<_, tonic::Status>));
+        HttpResponse::new(tonic::body::Body::new(http_body_util::StreamBody::new(
+            frames,
+        )))
+    }
+
+    fn trailers(code: tonic::Code) -> hyper::body::Frame<Bytes> {
+        let mut t = tonic::codegen::http::HeaderMap::new();
+        t.insert("grpc-status", (code as i32).to_string().parse().unwrap());
+        hyper::body::Frame::trailers(t)
+    }
+
+    fn counted(method: &str, code: &str) -> u64 {
+        crate::metrics::metrics()
+            .api_requests
+            .with_label_values(&[method, code])
+            .get()
+    }
+
+    /// A call whose status comes in its trailers (a stream failing after it began) is counted with
+    /// that status once its body ends, not as the `Ok` its headers imply; a status in the headers
+    /// is counted at once. (Each case has its own method label: the registry is the process's.)
+    #[tokio::test]
+    async fn api_calls_are_counted_with_their_final_status() {
+        use http_body_util::BodyExt;
+        let failed = count_api_call(
+            "TestTrailersFailed".into(),
+            response(vec![
+                hyper::body::Frame::data(Bytes::from_static(b"page")),
+                trailers(tonic::Code::NotFound),
+            ]),
+            0.0,
+        );
+        assert_eq!(
+            counted("TestTrailersFailed", "NotFound"),
+            0,
+            "not before its end"
+        );
+        failed.into_body().collect().await.unwrap();
+        assert_eq!(counted("TestTrailersFailed", "NotFound"), 1);
+        assert_eq!(counted("TestTrailersFailed", "Ok"), 0);
+
+        let fine = count_api_call(
+            "TestTrailersOk".into(),
+            response(vec![trailers(tonic::Code::Ok)]),
+            0.0,
+        );
+        fine.into_body().collect().await.unwrap();
+        assert_eq!(counted("TestTrailersOk", "Ok"), 1);
+
+        let at_once = tonic::Status::permission_denied("no").into_http::<tonic::body::Body>();
+        let at_once = count_api_call("TestHeaders".into(), at_once, 0.0);
+        assert_eq!(counted("TestHeaders", "PermissionDenied"), 1);
+        drop(at_once);
+        assert_eq!(counted("TestHeaders", "Cancelled"), 0, "counted once");
+    }
+
+    /// A response dropped before its body ended (the caller went away) counts as `Cancelled`; an
+    /// unknown method's calls share one series.
+    #[tokio::test]
+    async fn abandoned_calls_and_unknown_methods() {
+        let abandoned = count_api_call(
+            "TestAbandoned".into(),
+            response(vec![hyper::body::Frame::data(Bytes::from_static(b"page"))]),
+            0.0,
+        );
+        drop(abandoned);
+        assert_eq!(counted("TestAbandoned", "Cancelled"), 1);
+
+        let before = counted("unknown", "Unimplemented");
+        let status =
+            tonic::Status::unimplemented("no such method").into_http::<tonic::body::Body>();
+        drop(count_api_call("NoSuchMethod".into(), status, 0.0));
+        assert!(counted("unknown", "Unimplemented") > before);
+        assert_eq!(counted("NoSuchMethod", "Unimplemented"), 0);
     }
 }
