@@ -120,14 +120,20 @@ fn each_node_counts_its_clients_rows_volume_and_replication() {
     // Gauges move with the actor's next message and the link's next turn: wait for what the hunt
     // and the connections must have left.
     d.wait_until(
-        "both nodes report their clients and the hunt's rows",
+        "both nodes report their clients and the hunt's rows, the master's metadata flushed",
         || {
             let (m, n) = (scrape(pm), scrape(pn));
             let clients =
                 value(&m, "talon_clients_connected") + value(&n, "talon_clients_connected");
             let rows =
                 value(&m, "talon_rows_received_total") + value(&n, "talon_rows_received_total");
-            clients == CLIENTS as f64 && rows >= CLIENTS as f64
+            // The master's metadata reaches the volume behind its journal, a moment later.
+            let flushed = sample(
+                &m,
+                "talon_volume_operation_duration_seconds_count{op=\"write_many\",store=\"datastore\"}",
+            )
+            .is_some_and(|n| n > 0.0);
+            clients == CLIENTS as f64 && rows >= CLIENTS as f64 && flushed
         },
     );
     let (m, n) = (scrape(pm), scrape(pn));
