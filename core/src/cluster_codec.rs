@@ -49,6 +49,8 @@ pub enum MinionInput {
         node: String,
         /// The minion's outbox epoch.
         epoch: u64,
+        /// Its outbox when it said hello (absent from older minions).
+        outbox: Option<OutboxReport>,
     },
     /// Events to feed the inbox, in ascending `seq` order. An event whose content is malformed is
     /// `Err(reason)`: the master skips it (logged) so that replication is not stuck behind it.
@@ -70,6 +72,33 @@ pub struct MinionBatch {
     /// When the minion sent the batch, on its own clock (the latest event time; 0 if none): the
     /// master measures the minion's clock against its own with it.
     pub sent_unix_ms: u64,
+    /// Its outbox when it sent the batch (absent from older minions).
+    pub outbox: Option<OutboxReport>,
+}
+
+/// A minion's outbox as it reported it with a message (cluster.proto `OutboxState`): the master
+/// shows the minion's backlog from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutboxReport {
+    /// The outbox's epoch.
+    pub epoch: u64,
+    /// Its newest event of the epoch (0: none yet); in a batch, never below the batch's last.
+    pub head: u64,
+    /// When its oldest event not yet acknowledged was made, on the minion's clock (0: none).
+    pub oldest_unix_ms: u64,
+    /// When the message was sent, on the minion's clock (0: not said).
+    pub sent_unix_ms: u64,
+}
+
+impl OutboxReport {
+    fn of(epoch: u64, s: Option<pc::OutboxState>, last: u64) -> Option<OutboxReport> {
+        s.map(|s| OutboxReport {
+            epoch,
+            head: s.head_seq.max(last),
+            oldest_unix_ms: s.oldest_unix_ms,
+            sent_unix_ms: s.sent_unix_ms,
+        })
+    }
 }
 
 /// Why a minion's message was refused as a whole (the master closes the stream), or a chunked
@@ -112,6 +141,7 @@ pub fn validate_minion_message(
             Ok(MinionInput::Hello {
                 node: h.node,
                 epoch: h.epoch,
+                outbox: OutboxReport::of(h.epoch, h.outbox, 0),
             })
         }
         Some(minion_message::Kind::BroadcastAck(a)) => {
@@ -143,10 +173,12 @@ pub fn validate_minion_message(
                 let checked = check_event(&body, l).map(|()| body);
                 events.push((e.seq, checked));
             }
+            let outbox = OutboxReport::of(b.epoch, b.outbox, last);
             Ok(MinionInput::Events(MinionBatch {
                 epoch: b.epoch,
                 events,
-                sent_unix_ms,
+                sent_unix_ms: sent_unix_ms.max(outbox.map_or(0, |o| o.sent_unix_ms)),
+                outbox,
             }))
         }
     }
@@ -288,6 +320,7 @@ mod tests {
             kind: Some(minion_message::Kind::Events(EventBatch {
                 epoch: 7,
                 events,
+                outbox: None,
             })),
         }
     }
@@ -323,6 +356,45 @@ mod tests {
             let e = validate_minion_message(m, &l).unwrap_err();
             assert!(e.0.contains(want), "{e} lacks {want:?}");
         }
+    }
+
+    /// The outbox a minion reports with a batch: its head is never below the batch's last event
+    /// (a minion claiming less is taken at the batch's word); a minion that reports none has none.
+    #[test]
+    fn a_batch_carries_the_minions_outbox() {
+        let l = ClusterLimits::default();
+        let with = |head_seq| {
+            let mut m = batch(vec![
+                ev(4, gone("C.0123456789abcdef")),
+                ev(5, gone("C.0123456789abcdef")),
+            ]);
+            if let Some(minion_message::Kind::Events(b)) = &mut m.kind {
+                b.outbox = Some(pc::OutboxState {
+                    head_seq,
+                    oldest_unix_ms: 1_000,
+                    sent_unix_ms: 2_000,
+                });
+            }
+            match validate_minion_message(m, &l).unwrap() {
+                MinionInput::Events(b) => b,
+                _ => panic!("events expected"),
+            }
+        };
+        let b = with(9);
+        let report = OutboxReport {
+            epoch: 7,
+            head: 9,
+            oldest_unix_ms: 1_000,
+            sent_unix_ms: 2_000,
+        };
+        assert_eq!(b.outbox, Some(report));
+        assert_eq!(b.sent_unix_ms, 2_000);
+        assert_eq!(with(3).outbox.map(|o| o.head), Some(5));
+        let plain = batch(vec![ev(1, gone("C.0123456789abcdef"))]);
+        let MinionInput::Events(b) = validate_minion_message(plain, &l).unwrap() else {
+            panic!("events expected");
+        };
+        assert_eq!(b.outbox, None);
     }
 
     #[test]

@@ -167,6 +167,11 @@ impl<E: Clone> Outbox<E> {
         self.acked
     }
 
+    /// The newest event's number (0: none yet in this epoch).
+    pub fn head(&self) -> u64 {
+        self.next_seq - 1
+    }
+
     /// Accepts an event; it counts as accepted once `handle_persisted` covers its number.
     pub fn push(&mut self, now: Monotonic, event: E) -> Result<u64, OutboxError> {
         if self.events.len() >= self.limits.events_max {

@@ -188,6 +188,7 @@ fn events(epoch: u64, seqs: std::ops::RangeInclusive<u64>) -> pc::MinionMessage 
                     event: Some(body(seq)),
                 })
                 .collect(),
+            outbox: None,
         })),
     }
 }
@@ -199,7 +200,26 @@ fn replication_corpus() {
             node: "minion-8100".into(),
             epoch: 5,
             acked_broadcast_seq: 0,
+            outbox: None,
         })),
+    };
+    // As minions send them since they report their outbox.
+    let reporting = |m: pc::MinionMessage| {
+        let state = Some(pc::OutboxState {
+            head_seq: 12,
+            oldest_unix_ms: 1_790_000_000_000,
+            sent_unix_ms: 1_790_000_000_500,
+        });
+        let kind = match m.kind {
+            Some(pc::minion_message::Kind::Hello(h)) => {
+                pc::minion_message::Kind::Hello(pc::MinionHello { outbox: state, ..h })
+            }
+            Some(pc::minion_message::Kind::Events(b)) => {
+                pc::minion_message::Kind::Events(pc::EventBatch { outbox: state, ..b })
+            }
+            other => return pc::MinionMessage { kind: other },
+        };
+        pc::MinionMessage { kind: Some(kind) }
     };
     let seeds: Vec<Vec<u8>> = vec![
         // In order; a resend overlapping what was applied; a gap; a new epoch; a stale epoch.
@@ -215,6 +235,11 @@ fn replication_corpus() {
         // Four minions interleaved (the inbox holds three).
         (0..4u8).flat_map(|m| frame(m, &events(1, 1..=3))).collect(),
         frame(1, &events(2, 1..=300)),
+        [
+            frame(0, &reporting(hello.clone())),
+            frame(0, &reporting(events(5, 1..=4))),
+        ]
+        .concat(),
     ];
     let n = run("replication", &seeds, replication::check);
     assert!(n >= seeds.len());

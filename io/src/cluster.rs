@@ -907,6 +907,20 @@ impl LinkTask {
         self.connected_gauge.set(i64::from(self.conn.is_some()));
     }
 
+    /// The outbox as the master is told it (the minion's backlog in `cluster status`).
+    fn outbox_state(&self) -> pc::OutboxState {
+        let acked = self.outbox.acked();
+        pc::OutboxState {
+            head_seq: self.outbox.head(),
+            oldest_unix_ms: self
+                .pushed_at
+                .iter()
+                .find(|(seq, _)| *seq > acked)
+                .map_or(0, |(_, at)| *at),
+            sent_unix_ms: self.clock.now().as_ms(),
+        }
+    }
+
     fn push(&mut self, p: Push) {
         let now = self.clock.monotonic();
         match self.outbox.push(now, p.event) {
@@ -947,6 +961,7 @@ impl LinkTask {
                         let now = self.clock.now().as_ms();
                         let batch = pc::EventBatch {
                             epoch,
+                            outbox: Some(self.outbox_state()),
                             events: events
                                 .into_iter()
                                 .map(|(seq, event)| pc::ReplicatedEvent {
@@ -983,6 +998,7 @@ impl LinkTask {
             node: self.opts.node.clone(),
             epoch: self.outbox.epoch(),
             acked_broadcast_seq: 0,
+            outbox: Some(self.outbox_state()),
         };
         tokio::spawn(async move {
             let (tx, rx) = mpsc::channel(256);
@@ -1154,8 +1170,8 @@ impl pc::replication_server::Replication for ClusterService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("the stream closed before a MinionHello"))?;
-        let node_name = match validate_minion_message(first, &limits) {
-            Ok(MinionInput::Hello { node, .. }) => node,
+        let (node_name, outbox) = match validate_minion_message(first, &limits) {
+            Ok(MinionInput::Hello { node, outbox, .. }) => (node, outbox),
             Ok(_) => {
                 return Err(Status::invalid_argument(
                     "the first message must be a MinionHello",
@@ -1170,7 +1186,7 @@ impl pc::replication_server::Replication for ClusterService {
             )));
         }
         let (tx, rx) = mpsc::channel(MINION_QUEUE_MAX);
-        let conn = self.node.minion_up(node_name.clone(), tx).await?;
+        let conn = self.node.minion_up(node_name.clone(), outbox, tx).await?;
         let node = self.node.clone();
         let reader = async move {
             loop {

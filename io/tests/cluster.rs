@@ -228,6 +228,20 @@ fn events_are_stored_exactly_once_through_a_minion_sigkill() {
         .map(|id| (id, test_events_exactly_once(&d, id)))
         .collect();
     drop(minion); // SIGKILL
+    d.wait_until(
+        "the master sees the minion down, its backlog unknown",
+        || {
+            json(&d.api(&["cluster", "status", "--json"]))["minions"]
+                .as_array()
+                .is_some_and(|ms| {
+                    ms.iter().any(|m| {
+                        m["node"] == m1.as_str()
+                            && m["connected"] == false
+                            && m["backlog_events"].is_null()
+                    })
+                })
+        },
+    );
     d.wait_until("the minion's clients fail over and go on", || {
         on_minion
             .iter()

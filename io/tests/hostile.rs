@@ -835,6 +835,7 @@ fn certificates_that_are_not_what_they_should_be_are_refused() {
                 node: s.minion.clone(),
                 epoch: 1,
                 acked_broadcast_seq: 0,
+                outbox: None,
             })),
         };
         let repl = ReplicationClient::new(ch.clone())

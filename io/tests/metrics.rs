@@ -225,6 +225,24 @@ fn each_node_counts_its_clients_rows_volume_and_replication() {
             && value(&n, "talon_replication_lag_seconds") == 0.0
     });
     assert!(value(&n, "talon_writebehind_backlog_bytes{buffer=\"filestore\"}") >= 0.0);
+    // The master's view of the same backlog (`cluster status`): the minion reported its outbox
+    // with its last batch, and all of it is durable on the master now.
+    d.wait_until("the master shows the minion's backlog drained", || {
+        let s = json(&d.api(&["cluster", "status", "--json"]));
+        let m = s["minions"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["node"] == minion.as_str()).cloned())
+            .unwrap_or_default();
+        m["connected"] == true && m["backlog_events"] == 0 && m["lag_ms"] == 0
+    });
+    let text = d.api(&["cluster", "status"]);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(minion.as_str()))
+        .unwrap_or_else(|| panic!("no row for {minion}:\n{text}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1], "connected", "{text}");
+    assert_eq!(&cells[4..], ["0", "0s"], "backlog and lag: {text}");
 }
 
 #[test]

@@ -30,7 +30,7 @@ use super::completions::HuntOutcome;
 use super::hunt_tasks::{self, TaskOrigin};
 use super::tasks::{TaskAction, TaskBook, TaskLimits};
 use super::{Outcome, Token};
-use crate::cluster_codec::MinionBatch;
+use crate::cluster_codec::{MinionBatch, OutboxReport};
 use crate::flows::FinalState;
 use crate::hunts::{
     ClientFacts, Hunt, HuntAction, HuntError, HuntLimits, HuntManager, HuntRecord, HuntSpec,
@@ -559,6 +559,18 @@ pub struct MinionView {
     pub connected: bool,
     /// Its cursor as last made durable.
     pub durable: Option<Cursor>,
+    /// What it holds that this master has not made durable, as of its last message on the stream
+    /// up now (None: not connected, or it did not say).
+    pub backlog: Option<Backlog>,
+}
+
+/// A minion's replication backlog (docs/operations.md, "Cluster status").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backlog {
+    /// Events it holds that are not durable here.
+    pub events: u64,
+    /// When the oldest of them was made, on this master's clock (None when there are none).
+    pub oldest_ms: Option<u64>,
 }
 
 /// Why a request failed.
@@ -745,6 +757,23 @@ struct Link {
     conn: u64,
     /// How far the minion's clock is behind ours (ms; negative: ahead), measured on its last batch.
     behind_ms: i128,
+    /// Its outbox as of its last message: epoch, newest event, and when the oldest event it held
+    /// unacknowledged was made (on our clock).
+    outbox: Option<(u64, u64, Option<u64>)>,
+}
+
+impl Link {
+    /// Takes a minion's report of its outbox (with its clock offset measured on the same message).
+    fn reported(&mut self, now_ms: u64, report: OutboxReport) {
+        if report.sent_unix_ms != 0 {
+            self.behind_ms = i128::from(now_ms) - i128::from(report.sent_unix_ms);
+        }
+        let oldest = (report.oldest_unix_ms != 0).then(|| {
+            let ours = i128::from(report.oldest_unix_ms) + self.behind_ms;
+            u64::try_from(ours.clamp(0, i128::from(now_ms))).unwrap_or(0)
+        });
+        self.outbox = Some((report.epoch, report.head, oldest));
+    }
 }
 
 /// The master's policy (module docs).
@@ -833,10 +862,26 @@ impl Master {
             .collect();
         names
             .into_iter()
-            .map(|n| MinionView {
-                node: n.to_owned(),
-                connected: self.links.contains_key(n),
-                durable: self.inbox.durable(n),
+            .map(|n| {
+                let durable = self.inbox.durable(n);
+                let backlog =
+                    self.links
+                        .get(n)
+                        .and_then(|l| l.outbox)
+                        .map(|(epoch, head, oldest)| {
+                            let done = durable.filter(|c| c.epoch == epoch).map_or(0, |c| c.hwm);
+                            let events = head.saturating_sub(done);
+                            Backlog {
+                                events,
+                                oldest_ms: oldest.filter(|_| events > 0),
+                            }
+                        });
+                MinionView {
+                    node: n.to_owned(),
+                    connected: self.links.contains_key(n),
+                    durable,
+                    backlog,
+                }
             })
             .collect()
     }
@@ -1310,12 +1355,25 @@ impl Master {
 
     /// A minion's replication stream is up; returns its connection number. Tasks that may have
     /// been lost with its previous stream go again to its clients.
-    pub fn handle_minion_up(&mut self, time: Time, node: &str) -> u64 {
+    /// `outbox` is the minion's, as its hello reported it.
+    pub fn handle_minion_up(
+        &mut self,
+        time: Time,
+        node: &str,
+        outbox: Option<OutboxReport>,
+    ) -> u64 {
         self.time = time;
         let conn = self.next_conn;
         self.next_conn += 1;
-        self.links
-            .insert(node.to_owned(), Link { conn, behind_ms: 0 });
+        let mut link = Link {
+            conn,
+            behind_ms: 0,
+            outbox: None,
+        };
+        if let Some(report) = outbox {
+            link.reported(time.now.as_ms(), report);
+        }
+        self.links.insert(node.to_owned(), link);
         let clients: Vec<ClientId> = self
             .tasks
             .clients()
@@ -1349,6 +1407,7 @@ impl Master {
             epoch,
             events,
             sent_unix_ms,
+            outbox,
         } = batch;
         // How far the minion's clock is behind ours, measured on this batch (with its transit:
         // milliseconds, against clocks that may differ by hours). Times it reports are moved onto
@@ -1359,7 +1418,12 @@ impl Master {
             i128::from(time.now.as_ms()) - i128::from(sent_unix_ms)
         };
         match self.links.get_mut(node) {
-            Some(l) if l.conn == conn => l.behind_ms = behind_ms,
+            Some(l) if l.conn == conn => {
+                l.behind_ms = behind_ms;
+                if let Some(report) = outbox {
+                    l.reported(time.now.as_ms(), report);
+                }
+            }
             _ => return, // A stream that was replaced; the minion resends on the new one.
         }
         let flows: Vec<(ClientId, FlowId)> = events

@@ -1253,6 +1253,8 @@ async fn run_async(
                             "connected": m.connected,
                             "epoch": m.epoch,
                             "applied": m.applied,
+                            "backlog_events": m.backlog_events,
+                            "lag_ms": m.lag_ms,
                         })
                     })
                     .collect();

@@ -366,6 +366,16 @@ pub fn clients(r: &api::SearchResponse, query: &str, t: &Times) -> String {
     out
 }
 
+/// A duration in milliseconds as whole seconds (`12s`), or minutes and seconds past a minute.
+fn seconds(ms: u64) -> String {
+    let s = ms / 1000;
+    if s < 60 {
+        format!("{s}s")
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
 /// `cluster status`.
 pub fn cluster(c: &api::ClusterStatus, t: &Times) -> String {
     let mut out = format!("master {}", c.master);
@@ -386,13 +396,22 @@ pub fn cluster(c: &api::ClusterStatus, t: &Times) -> String {
         ("REPLICATION", Align::Left),
         ("EPOCH", Align::Right),
         ("APPLIED", Align::Right),
+        ("BACKLOG", Align::Right),
+        ("LAG", Align::Right),
     ];
     let rows = c.minions.iter().map(|m| {
+        let (backlog, lag) = match m.backlog_events {
+            None => ("-".into(), "-".into()),
+            Some(0) => ("0".into(), "0s".into()),
+            Some(n) => (n.to_string(), seconds(m.lag_ms)),
+        };
         vec![
             m.node.clone(),
             if m.connected { "connected" } else { "down" }.into(),
             m.epoch.to_string(),
             m.applied.to_string(),
+            backlog,
+            lag,
         ]
     });
     out.push('\n');

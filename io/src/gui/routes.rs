@@ -869,6 +869,7 @@ async fn cluster(api: &crate::node::ApiService, caller: &Caller) -> Answer {
         .map(|m| {
             serde_json::json!({
                 "node": m.node, "connected": m.connected, "epoch": m.epoch, "applied": m.applied,
+                "backlog_events": m.backlog_events, "lag_ms": m.lag_ms,
             })
         })
         .collect();

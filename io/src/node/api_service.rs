@@ -571,6 +571,7 @@ impl api::api_server::Api for ApiService {
             Answer::Minions(m) => m,
             a => return Err(unexpected(a)),
         };
+        let now = self.node.clock.now().as_ms();
         let nodes = match self.node.request(&user, CoreRequest::ClientCounts).await? {
             Answer::ClientCounts(c) => c,
             a => return Err(unexpected(a)),
@@ -610,6 +611,11 @@ impl api::api_server::Api for ApiService {
                     connected: m.connected,
                     epoch: m.durable.map_or(0, |c| c.epoch),
                     applied: m.durable.map_or(0, |c| c.hwm),
+                    backlog_events: m.backlog.map(|b| b.events),
+                    lag_ms: m
+                        .backlog
+                        .and_then(|b| b.oldest_ms)
+                        .map_or(0, |t| now.saturating_sub(t)),
                 })
                 .collect(),
         }))

@@ -341,8 +341,13 @@ impl RoleDriver for MasterDriver {
                 }
             }
             Msg::TaskAck { client, flow } => self.core.handle_task_acked(t, &client, &flow),
-            Msg::MinionUp { node, tx, reply } => {
-                let conn = self.core.handle_minion_up(t, &node);
+            Msg::MinionUp {
+                node,
+                outbox,
+                tx,
+                reply,
+            } => {
+                let conn = self.core.handle_minion_up(t, &node, outbox);
                 tracing::info!(minion = %node, "minion's replication stream is up");
                 let m = crate::metrics::metrics();
                 m.replication_connected.with_label_values(&[&node]).set(1);

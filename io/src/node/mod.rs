@@ -32,7 +32,7 @@ use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
-use talon_core::cluster_codec::MinionBatch;
+use talon_core::cluster_codec::{MinionBatch, OutboxReport};
 use talon_core::codec::{self, ClientInput, CodecLimits, FlowData};
 use talon_core::flows::{FinalState, FlowKey, FlowLimits, StoredMessage};
 use talon_core::hunts::{HuntLimits, HuntManager, HuntSpec, HuntState};
@@ -141,6 +141,8 @@ enum Msg {
     },
     MinionUp {
         node: String,
+        /// Its outbox as its hello reported it.
+        outbox: Option<OutboxReport>,
         tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
         reply: Reply<u64>,
     },
@@ -399,9 +401,16 @@ impl Node {
     pub(crate) async fn minion_up(
         &self,
         node: String,
+        outbox: Option<OutboxReport>,
         tx: mpsc::Sender<Result<pc::MasterMessage, Status>>,
     ) -> Result<u64, Status> {
-        self.ask(|reply| Msg::MinionUp { node, tx, reply }).await
+        self.ask(|reply| Msg::MinionUp {
+            node,
+            outbox,
+            tx,
+            reply,
+        })
+        .await
     }
 
     /// A minion's replication stream ended.

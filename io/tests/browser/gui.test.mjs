@@ -259,6 +259,11 @@ step("ada reads the cluster and the audit log");
 await page.goto(`${URL}/#/cluster`);
 await page.waitForSelector("#nodes tbody tr");
 assert.equal(await page.$$eval("#nodes tbody tr", (t) => t.length), 2, "the master and the minion");
+// The minion's row: connected, and its backlog as of its last message (events not yet durable on
+// the master, or none).
+const minionRow = await page.$$eval("#nodes tbody tr", (rows) => rows.map((r) => [...r.cells].map((c) => c.textContent)).find((c) => c[1] === "minion"));
+assert.equal(minionRow[2], "connected", `minion row ${minionRow}`);
+assert.match(minionRow[6], /^(none|\d+ events, oldest \d+ s)$/, `minion row ${minionRow}`);
 await page.screenshot({ path: `${SHOTS}/cluster.png` });
 await page.goto(`${URL}/#/audit`);
 await page.waitForSelector("#audit tbody tr");

@@ -218,7 +218,25 @@ struct Minion {
     conn: Option<u64>,
     /// Events numbered from 1; those up to `acked` are acknowledged.
     events: Vec<Event>,
+    /// When each event was made (ms).
+    made_ms: Vec<u64>,
     acked: u64,
+}
+
+impl Minion {
+    /// Its outbox as it reports it with a message sent at `now_ms`.
+    fn report(&self, now_ms: u64) -> OutboxReport {
+        OutboxReport {
+            epoch: 1,
+            head: self.events.len() as u64,
+            oldest_unix_ms: self
+                .made_ms
+                .get(usize::try_from(self.acked).unwrap())
+                .copied()
+                .unwrap_or(0),
+            sent_unix_ms: now_ms,
+        }
+    }
 }
 
 struct World {
@@ -493,6 +511,7 @@ impl World {
 
     fn replicate(&mut self, e: Event) {
         self.minion.events.push(e);
+        self.minion.made_ms.push(self.time.now.as_ms());
     }
 
     fn step(&mut self, s: Step) -> Result<(), String> {
@@ -711,7 +730,8 @@ impl World {
                 let conn = match self.minion.conn {
                     Some(c) => c,
                     None => {
-                        let c = self.master.handle_minion_up(t, MINION);
+                        let report = self.minion.report(t.now.as_ms());
+                        let c = self.master.handle_minion_up(t, MINION, Some(report));
                         self.minion.conn = Some(c);
                         c
                     }
@@ -730,6 +750,7 @@ impl World {
                         epoch: 1,
                         events,
                         sent_unix_ms: t.now.as_ms(),
+                        outbox: Some(self.minion.report(t.now.as_ms())),
                     };
                     self.master.handle_batch(t, MINION, conn, batch);
                 }
@@ -872,6 +893,21 @@ impl World {
                 "task {f} for {c} is still on storage after healing"
             ));
         }
+        // Everything is durable and the minion said so last: it shows no backlog.
+        if self.minion.conn.is_some() {
+            let view = self.master.minions();
+            let backlog = view
+                .iter()
+                .find(|m| m.node == MINION)
+                .and_then(|m| m.backlog);
+            let none = Backlog {
+                events: 0,
+                oldest_ms: None,
+            };
+            if backlog != Some(none) {
+                return Err(format!("a healed minion shows a backlog of {backlog:?}"));
+            }
+        }
         Ok(())
     }
 }
@@ -973,6 +1009,58 @@ fn writes_of_one_key_are_in_flight_one_at_a_time() {
             .is_err_and(|e| e.contains("in flight at once")),
         "{unordered:?}"
     );
+}
+
+/// A minion's backlog is what it reported holding beyond the master's durable cursor, with the
+/// time its oldest such event was made; none once its events are durable. Unknown while its stream
+/// is down.
+#[test]
+fn a_minion_s_backlog_is_what_it_holds_beyond_the_durable_cursor() {
+    use Step::*;
+    let mut w = World::new(Plant::None);
+    let backlog = |w: &World| {
+        w.master
+            .minions()
+            .into_iter()
+            .find(|m| m.node == MINION)
+            .and_then(|m| m.backlog)
+    };
+    for s in [Roam(0), Roam(1)] {
+        w.step(s).unwrap();
+    }
+    assert_eq!(backlog(&w), None, "not connected yet");
+    let first_made = w.minion.made_ms[0];
+    w.step(Resend).unwrap();
+    assert_eq!(
+        backlog(&w),
+        Some(Backlog {
+            events: 2,
+            oldest_ms: Some(first_made)
+        })
+    );
+    w.complete_all().unwrap();
+    w.step(Resend).unwrap();
+    assert_eq!(w.minion.acked, 2);
+    assert_eq!(
+        backlog(&w),
+        Some(Backlog {
+            events: 0,
+            oldest_ms: None
+        })
+    );
+    // A new event, sent in a batch on the same stream: the backlog follows the batch's report.
+    w.step(Roam(2)).unwrap();
+    let third_made = w.minion.made_ms[2];
+    w.step(Resend).unwrap();
+    assert_eq!(
+        backlog(&w),
+        Some(Backlog {
+            events: 1,
+            oldest_ms: Some(third_made)
+        })
+    );
+    w.step(Crash(true)).unwrap();
+    assert_eq!(backlog(&w), None, "its stream went with the crash");
 }
 
 #[test]

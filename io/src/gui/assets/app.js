@@ -587,6 +587,14 @@ async function renderHunt(id) {
 
 // ---- cluster and audit -------------------------------------------------------------------------
 
+// A minion's events the master has not made durable, and the age of the oldest ("—" when unknown:
+// not connected, or a minion too old to say).
+function backlog(m) {
+  if (!m || m.backlog_events === null || m.backlog_events === undefined) return "—";
+  if (!m.backlog_events) return "none";
+  return `${m.backlog_events} events, oldest ${Math.round(Number(m.lag_ms) / 1000)} s`;
+}
+
 async function renderCluster() {
   show(el("h1", {}, "Cluster"), el("p", { class: "muted" }, "Loading…"));
   const c = await attempt(() => api("GET", "cluster"));
@@ -599,13 +607,14 @@ async function renderCluster() {
     const counts = byNode[n] || { clients: 0, connected: 0 };
     return [n, n === c.master ? "master" : "minion",
       n === c.master ? "—" : m ? (m.connected ? "connected" : "disconnected") : "never heard from",
-      num(counts.connected), num(counts.clients), m ? num(`epoch ${m.epoch}, ${m.applied} applied`) : num("—")];
+      num(counts.connected), num(counts.clients), m ? num(`epoch ${m.epoch}, ${m.applied} applied`) : num("—"),
+      num(backlog(m))];
   });
   const volume = c.volume_failures.length
     ? table(["Store", "Error", "Since"], c.volume_failures.map((f) => [f.store, el("td", { class: "error" }, f.error), fmtTime(f.since_ms)]), { id: "volume" })
     : el("p", { id: "volume", class: "state-completed" }, "Healthy: the master's writes to the shared volume succeed.");
   show(el("h1", {}, "Cluster"),
-    table(["Node", "Role", "Replication", { label: "Clients online", num: 1 }, { label: "Clients enrolled", num: 1 }, { label: "Replication applied", num: 1 }], rows, { id: "nodes" }),
+    table(["Node", "Role", "Replication", { label: "Clients online", num: 1 }, { label: "Clients enrolled", num: 1 }, { label: "Replication applied", num: 1 }, { label: "Backlog", num: 1 }], rows, { id: "nodes" }),
     el("h2", {}, "Shared volume"), volume);
 }
 
