@@ -522,8 +522,9 @@ pub enum Answer {
     Hunt(Box<HuntView>),
     /// Hunts.
     Hunts(Vec<HuntView>),
-    /// A hunt's participants and their flows.
-    Participants(Vec<(ClientId, FlowId)>),
+    /// A hunt's participants (by client id) and their flows, with the rows each stored once it
+    /// ended (None while it runs): the counts the hunt's stats add up.
+    Participants(Vec<(ClientId, FlowId, Option<u64>)>),
     /// The minions known.
     Minions(Vec<MinionView>),
     /// A custom artifact's definition is written (or removed).
@@ -1055,7 +1056,14 @@ impl Master {
                 let r = match self.hunts.get(&id) {
                     Some(h) => Ok(Answer::Participants(
                         h.participants()
-                            .map(|(c, _)| (c.clone(), FlowId::for_hunt(&id, c)))
+                            .map(|(c, p)| {
+                                let rows = match p {
+                                    Participation::Scheduled => None,
+                                    Participation::Completed { rows, .. }
+                                    | Participation::Error { rows, .. } => Some(*rows),
+                                };
+                                (c.clone(), FlowId::for_hunt(&id, c), rows)
+                            })
                             .collect(),
                     )),
                     None => Err(no_hunt(&id)),

@@ -226,6 +226,9 @@ pub async fn route(
         (Method::GET, ["hunts", id, "watch"]) => watch_hunt(api, caller, id).await,
         (Method::GET, ["hunts", id, "flows"]) => hunt_flows(api, caller, id, &query(&req)).await,
         (Method::GET, ["hunts", id, "results"]) => match RowsQuery::parse(&query(&req)) {
+            Ok(q) if q.filter.is_empty() && q.sort.is_none() => {
+                hunt_window(api, caller, id, q).await
+            }
             Ok(q) => rows_page(hunt_rows(api, caller, id).await, q).await,
             Err(e) => Err(e),
         },
@@ -510,8 +513,7 @@ async fn rows_page(rows: RowStream, q: RowsQuery) -> Answer {
     while let Some(page) = rows.next().await {
         let page = page.map_err(|s| status(&s))?;
         for raw in &page.rows {
-            let row: serde_json::Value = serde_json::from_slice(raw)
-                .unwrap_or_else(|_| serde_json::json!({ "_raw": String::from_utf8_lossy(raw) }));
+            let row = parse_row(raw);
             if !filter.is_empty() {
                 let hit = match row.as_object() {
                     Some(o) if column.is_empty() => o
@@ -524,13 +526,7 @@ async fn rows_page(rows: RowStream, q: RowsQuery) -> Answer {
                     continue;
                 }
             }
-            if let Some(o) = row.as_object() {
-                for k in o.keys() {
-                    if columns.len() < COLUMNS_MAX && !columns.contains(k) {
-                        columns.push(k.clone());
-                    }
-                }
-            }
+            add_columns(&mut columns, &row);
             let item = serde_json::json!({
                 "client_id": page.client_id, "flow_id": page.flow_id, "row": row,
             });
@@ -565,6 +561,59 @@ async fn rows_page(rows: RowStream, q: RowsQuery) -> Answer {
     }
     ok(serde_json::json!({
         "columns": columns, "rows": kept, "total": total, "offset": offset,
+    }))
+}
+
+/// A stored row as JSON (one that is not JSON is shown as text under `_raw`).
+fn parse_row(raw: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(raw)
+        .unwrap_or_else(|_| serde_json::json!({ "_raw": String::from_utf8_lossy(raw) }))
+}
+
+/// Adds `row`'s columns not yet in `columns` (at most [`COLUMNS_MAX`]).
+fn add_columns(columns: &mut Vec<String>, row: &serde_json::Value) {
+    if let Some(o) = row.as_object() {
+        for k in o.keys() {
+            if columns.len() < COLUMNS_MAX && !columns.contains(k) {
+                columns.push(k.clone());
+            }
+        }
+    }
+}
+
+/// A page of a hunt's rows without a filter or a sort, as [`rows_page`] answers it: only the flows
+/// the page overlaps are read (the master knows each participant's rows), so a page costs the same
+/// however far into a large hunt it is. `columns` are those of the rows shown.
+async fn hunt_window(
+    api: &crate::node::ApiService,
+    caller: &Caller,
+    id: &str,
+    q: RowsQuery,
+) -> Answer {
+    let req = call(
+        caller,
+        api::HuntRequest {
+            hunt_id: id.to_owned(),
+        },
+    );
+    let offset = u64::try_from(q.offset).unwrap_or(u64::MAX);
+    let (total, pages) = api
+        .hunt_rows_window(req, offset, q.limit)
+        .await
+        .map_err(|s| status(&s))?;
+    let mut columns: Vec<String> = Vec::new();
+    let mut rows = Vec::new();
+    for page in &pages {
+        for raw in &page.rows {
+            let row = parse_row(raw);
+            add_columns(&mut columns, &row);
+            rows.push(serde_json::json!({
+                "client_id": page.client_id, "flow_id": page.flow_id, "row": row,
+            }));
+        }
+    }
+    ok(serde_json::json!({
+        "columns": columns, "rows": rows, "total": total, "offset": q.offset,
     }))
 }
 
@@ -609,8 +658,7 @@ fn download_jsonl(rows: RowStream, name: String) -> Answer {
         let page = page.map_err(io_error)?;
         let mut out = String::new();
         for raw in &page.rows {
-            let mut v: serde_json::Value = serde_json::from_slice(raw)
-                .unwrap_or_else(|_| serde_json::json!({ "_raw": String::from_utf8_lossy(raw) }));
+            let mut v = parse_row(raw);
             if let Some(o) = v.as_object_mut() {
                 o.insert("client_id".into(), page.client_id.clone().into());
                 o.insert("flow_id".into(), page.flow_id.clone().into());

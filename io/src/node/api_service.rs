@@ -227,6 +227,86 @@ impl ApiService {
             .clone()
             .ok_or_else(|| Status::unimplemented("this node keeps no GUI users"))
     }
+
+    /// Rows `offset..offset + limit` of a hunt's results, in `GetHuntResults`' order, and the
+    /// hunt's total rows (the GUI's results pages without a filter or a sort). The master knows
+    /// the rows each participant stored, so only the flows the window overlaps are read: reading
+    /// every flow before it cost each page the whole hunt's results (docs/gui.md, "Results").
+    pub(crate) async fn hunt_rows_window(
+        &self,
+        req: Request<api::HuntRequest>,
+        offset: u64,
+        limit: usize,
+    ) -> Result<(u64, Vec<api::ResultPage>), Status> {
+        use tokio_stream::StreamExt;
+        let user = require(&req, Access::Reader)?;
+        let id = parse_hunt(&req.into_inner().hunt_id)?;
+        let flows = match self.node.request(&user, CoreRequest::HuntFlows(id)).await? {
+            Answer::Participants(flows) => flows,
+            a => return Err(unexpected(a)),
+        };
+        let w = rows_window(flows, offset, limit);
+        let mut pages = stream_flows(
+            self.node.filestore.volume().clone(),
+            self.node.datastore.clone(),
+            w.flows,
+        );
+        let (mut skip, mut left, mut out) = (w.skip, limit, Vec::new());
+        while left > 0 {
+            let Some(page) = pages.next().await else {
+                break;
+            };
+            let mut page = page?;
+            let skipped = usize::try_from(skip)
+                .unwrap_or(usize::MAX)
+                .min(page.rows.len());
+            page.rows.drain(..skipped);
+            skip -= skipped as u64;
+            page.rows.truncate(left);
+            left -= page.rows.len();
+            if !page.rows.is_empty() {
+                out.push(page);
+            }
+        }
+        Ok((w.total, out))
+    }
+}
+
+/// Which flows a window of a hunt's rows reads.
+#[derive(Debug, PartialEq, Eq)]
+struct RowsWindow<C, F> {
+    /// Rows of every ended flow.
+    total: u64,
+    /// The ended flows with rows that overlap the window, in order.
+    flows: Vec<(C, F)>,
+    /// Rows of the first of them that come before the window.
+    skip: u64,
+}
+
+/// The flows (in order, each with the rows it stored once it ended; None while it runs) that
+/// rows `offset..offset + limit` of their concatenation lie in.
+fn rows_window<C, F>(
+    flows: impl IntoIterator<Item = (C, F, Option<u64>)>,
+    offset: u64,
+    limit: usize,
+) -> RowsWindow<C, F> {
+    let end = offset.saturating_add(limit as u64);
+    let (mut total, mut window, mut skip) = (0u64, Vec::new(), 0u64);
+    for (c, f, rows) in flows {
+        let n = rows.unwrap_or(0);
+        if n > 0 && total < end && total.saturating_add(n) > offset {
+            if window.is_empty() {
+                skip = offset.saturating_sub(total);
+            }
+            window.push((c, f));
+        }
+        total = total.saturating_add(n);
+    }
+    RowsWindow {
+        total,
+        flows: window,
+        skip,
+    }
 }
 
 /// A GUI user on whose behalf the GUI calls the API in-process (a request extension: only code in
@@ -558,7 +638,7 @@ impl api::api_server::Api for ApiService {
         Ok(Response::new(stream_flows(
             self.node.filestore.volume().clone(),
             self.node.datastore.clone(),
-            flows,
+            flows.into_iter().map(|(c, f, _)| (c, f)).collect(),
         )))
     }
 
@@ -942,7 +1022,12 @@ impl api::api_server::Api for ApiService {
             a => return Err(unexpected(a)),
         };
         let total = flows.len() as u64;
-        let page: Vec<(ClientId, FlowId)> = flows.into_iter().skip(offset).take(limit).collect();
+        let page: Vec<(ClientId, FlowId)> = flows
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .map(|(c, f, _)| (c, f))
+            .collect();
         let keys = page.iter().map(|(c, f)| paths::flow_record(c, f)).collect();
         let records: Vec<Option<FlowJson>> =
             api_reads::load_each(&self.node.datastore, keys).await?;
@@ -1086,6 +1171,45 @@ mod results_tests {
     use crate::storage::volume::Volume;
     use crate::storage::volume::{FsVolume, SyncMode};
     use tokio_stream::StreamExt;
+
+    /// A window of a hunt's rows names exactly the flows whose rows a naive expansion puts in it,
+    /// and where in the first one it starts: every offset and limit over flows with no rows,
+    /// running flows (no count yet) and flows of one and several rows.
+    #[test]
+    fn a_rows_window_reads_only_the_flows_it_overlaps() {
+        let flows: Vec<(usize, (), Option<u64>)> =
+            [Some(3), None, Some(0), Some(1), Some(4), None, Some(2)]
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (i, (), n))
+                .collect();
+        // Each row as (flow, its index in the flow).
+        let rows: Vec<(usize, u64)> = flows
+            .iter()
+            .flat_map(|(i, _, n)| (0..n.unwrap_or(0)).map(move |r| (*i, r)))
+            .collect();
+        for offset in 0..=rows.len() as u64 + 2 {
+            for limit in 1..=rows.len() + 2 {
+                let w = rows_window(flows.clone(), offset, limit);
+                assert_eq!(w.total, rows.len() as u64);
+                let want: Vec<(usize, u64)> = rows
+                    .iter()
+                    .skip(offset as usize)
+                    .take(limit)
+                    .copied()
+                    .collect();
+                let mut want_flows: Vec<usize> = want.iter().map(|(f, _)| *f).collect();
+                want_flows.dedup();
+                let got: Vec<usize> = w.flows.iter().map(|(f, _)| *f).collect();
+                assert_eq!(got, want_flows, "offset {offset} limit {limit}");
+                assert_eq!(
+                    w.skip,
+                    want.first().map_or(0, |(_, r)| *r),
+                    "offset {offset} limit {limit}"
+                );
+            }
+        }
+    }
 
     /// Hunt results come in the order of the flows, each flow's pages in sequence order, with
     /// non-row messages skipped, however many flows are read ahead and whichever finish first;
