@@ -141,6 +141,7 @@ fn bench_gui_times_every_call_a_page_makes() {
     assert_eq!(g["scenario"], "gui");
     assert_eq!(g["clients_enrolled"], 30);
     assert_eq!(g["clients_connected"], 30);
+    assert_eq!(g["hunt_rows"], 300, "30 clients x 10 rows");
     let calls = g["calls"].as_object().unwrap();
     for name in [
         "clients, first page",
@@ -149,6 +150,9 @@ fn bench_gui_times_every_call_a_page_makes() {
         "hunt estimate, label bench",
         "cluster",
         "audit log",
+        "hunt results, first page",
+        "hunt results, last page",
+        "hunt results, filtered",
     ] {
         let c = &calls[name];
         assert!(c["p50_ms"].as_f64().is_some(), "{name}: {c}");

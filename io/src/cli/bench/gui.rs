@@ -16,6 +16,8 @@ pub const BATCH: usize = 10_000;
 pub const RUNS: usize = 30;
 /// Clients labelled `bench`.
 const LABELLED: usize = 1_000;
+/// Rows each connected client returns to the bench's hunt, whose results pages are timed.
+const HUNT_ROWS: usize = 10;
 
 /// A logged-in GUI session over one HTTP/1.1 connection.
 struct Session {
@@ -181,6 +183,42 @@ pub(super) async fn gui_bench(
         .map(|c| c.client_id.clone())
         .ok_or("no client enrolled")?;
 
+    // A hunt the connected clients (the last batch) answer with HUNT_ROWS rows each, for the
+    // results pages.
+    let hunt = api
+        .create_hunt(talon_proto::api::CreateHuntRequest {
+            artifact: "Generic.Test.Rows".into(),
+            params: [("count".to_owned(), HUNT_ROWS.to_string())]
+                .into_iter()
+                .collect(),
+            description: "talon bench gui".into(),
+            ..Default::default()
+        })
+        .await?;
+    let hunt_watch = Watch::start(env);
+    let hunt_rows = loop {
+        master.check_alive()?;
+        let st = api.hunt(&hunt.hunt_id).await?.stats.unwrap_or_default();
+        if st.completed as usize >= last_batch {
+            progress(&format!(
+                "hunt complete on {} clients, {} rows ({:.0} s)",
+                st.completed,
+                st.rows,
+                hunt_watch.secs()
+            ));
+            break st.rows;
+        }
+        if hunt_watch.secs() > 300.0 {
+            return Err(format!(
+                "the hunt completed on {} of {last_batch} clients in 300 s",
+                st.completed
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let hunt_id = hunt.hunt_id;
+    let deep_row = hunt_rows.saturating_sub(50);
+
     // A GUI user, written as `talon user add` writes it.
     let mut secret = [0u8; 16];
     env.entropy.fill(&mut secret);
@@ -267,6 +305,25 @@ pub(super) async fn gui_bench(
         ),
         ("cluster", "GET", "/api/cluster".into(), None),
         ("audit log", "GET", "/api/audit?limit=50".into(), None),
+        (
+            "hunt results, first page",
+            "GET",
+            format!("/api/hunts/{hunt_id}/results?limit=50"),
+            None,
+        ),
+        (
+            "hunt results, last page",
+            "GET",
+            format!("/api/hunts/{hunt_id}/results?offset={deep_row}&limit=50"),
+            None,
+        ),
+        (
+            // A filter reads every row (as a sort does).
+            "hunt results, filtered",
+            "GET",
+            format!("/api/hunts/{hunt_id}/results?limit=50&column=row&filter=7"),
+            None,
+        ),
     ];
     let mut figures = serde_json::Map::new();
     let mut worst: f64 = 0.0;
@@ -300,6 +357,7 @@ pub(super) async fn gui_bench(
         "clients_connected": last_batch,
         "enrol_s": round2(enrol_s),
         "login_ms": login_ms,
+        "hunt_rows": hunt_rows,
         "runs_per_call": RUNS,
         "calls": figures,
         "worst_p99_ms": round2(worst),
