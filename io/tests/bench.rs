@@ -137,8 +137,21 @@ fn bench_events_prints_both_runs() {
 
 #[test]
 fn bench_gui_times_every_call_a_page_makes() {
-    let g = bench(&["gui", "--clients", "30"]);
+    // With the shared volume elsewhere (`--volume`, a network mount in real use): a scratch
+    // directory there holds it, removed after.
+    let volume = tempfile::tempdir().unwrap();
+    let v = volume.path().to_str().unwrap();
+    let g = bench(&["gui", "--clients", "30", "--volume", v]);
     assert_eq!(g["scenario"], "gui");
+    assert!(
+        g["volume"].as_str().is_some_and(|p| p.starts_with(v)),
+        "{g}"
+    );
+    assert_eq!(
+        std::fs::read_dir(volume.path()).unwrap().count(),
+        0,
+        "the scratch is removed"
+    );
     assert_eq!(g["clients_enrolled"], 30);
     assert_eq!(g["clients_connected"], 30);
     assert_eq!(g["hunt_rows"], 300, "30 clients x 10 rows");

@@ -85,7 +85,8 @@ pub struct BenchOptions {
     /// `replication`: how long the master is down.
     pub outage_s: u64,
     /// `storage-latency`: a directory on the filesystem to measure (a network mount), compared in
-    /// the same run with the local scratch directory and the latency model.
+    /// the same run with the local scratch directory and the latency model; `gui`: where the shared
+    /// volume is.
     pub volume: Option<PathBuf>,
     /// `connections`, `hunt`: minions beside the master, each frontend holding an equal share of
     /// the clients (each share in its own load-generator process).
@@ -230,13 +231,35 @@ impl Watch {
 /// Descriptors a process needs beside its client connections (files, listeners, the volume).
 const FDS_SPARE: u64 = 1024;
 
+/// A scratch directory in `volume` (`--volume`), named after the bench's directory `dir`.
+fn scratch_on_volume(volume: &Path, dir: &Path) -> Result<PathBuf, String> {
+    if !volume.is_dir() {
+        return Err(format!("--volume {}: not a directory", volume.display()));
+    }
+    let d = volume.join(
+        dir.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "talon-bench".into()),
+    );
+    std::fs::create_dir(&d).map_err(|e| format!("--volume {}: {e}", d.display()))?;
+    Ok(d)
+}
+
+/// Removes a scratch directory made by [`scratch_on_volume`] (a failure is reported, not fatal).
+fn remove_scratch(d: &Path) {
+    progress(&format!("removing {}", d.display()));
+    if let Err(e) = crate::fsutil::remove_tree_concurrently(d, 32) {
+        progress(&format!("could not remove {}: {e}", d.display()));
+    }
+}
+
 /// Runs the scenario; returns the figures as one JSON object.
 pub async fn run(o: &BenchOptions) -> Result<serde_json::Value, String> {
     if o.clients == 0 {
         return Err("--clients must be at least 1".into());
     }
-    if o.volume.is_some() && o.scenario != Scenario::StorageLatency {
-        return Err("--volume applies to the storage-latency scenario only".into());
+    if o.volume.is_some() && !matches!(o.scenario, Scenario::StorageLatency | Scenario::Gui) {
+        return Err("--volume applies to the storage-latency and gui scenarios only".into());
     }
     if o.scenario == Scenario::StorageLatency && o.rows == 0 {
         return Err("--rows must be at least 1".into());
@@ -661,15 +684,7 @@ async fn storage_latency(
     }
     let mut on_volume = None;
     if let Some(v) = &o.volume {
-        if !v.is_dir() {
-            return Err(format!("--volume {}: not a directory", v.display()));
-        }
-        let d = v.join(
-            dir.file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "talon-bench".into()),
-        );
-        std::fs::create_dir(&d).map_err(|e| format!("--volume {}: {e}", d.display()))?;
+        let d = scratch_on_volume(v, dir)?;
         on_volume = Some(d.clone());
         plan.push(VolumeRun {
             name: "volume",
@@ -689,10 +704,7 @@ async fn storage_latency(
         }
     }
     if let Some(d) = on_volume {
-        progress(&format!("removing {}", d.display()));
-        if let Err(e) = crate::fsutil::remove_tree_concurrently(&d, 32) {
-            progress(&format!("could not remove {}: {e}", d.display()));
-        }
+        remove_scratch(&d);
     }
     if let Some(e) = failed {
         return Err(e);

@@ -167,7 +167,8 @@ pub enum Command {
         outage_s: u64,
         /// storage-latency: also run the workload with the shared volume in DIR (a network
         /// filesystem's mount point, e.g. NFS, EFS or sshfs), compared in the same run with the
-        /// local disk and the latency model. A scratch directory is made in DIR and removed after.
+        /// local disk and the latency model. gui: the shared volume is in DIR. A scratch directory
+        /// is made in DIR and removed after.
         #[arg(long, value_name = "DIR")]
         volume: Option<PathBuf>,
         /// connections, hunt: run K minions beside the master and split the clients evenly over

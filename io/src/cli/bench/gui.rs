@@ -121,8 +121,27 @@ pub(super) async fn gui_bench(
     dir: &Path,
     env: &Env,
 ) -> Result<serde_json::Value, String> {
+    let on_volume = match &o.volume {
+        Some(v) => Some(scratch_on_volume(v, dir)?),
+        None => None,
+    };
+    let r = gui_calls(o, dir, on_volume.as_deref(), env).await;
+    if let Some(d) = &on_volume {
+        remove_scratch(d);
+    }
+    r
+}
+
+/// [`gui_bench`] with the shared volume in `volume` (else inside `dir`).
+async fn gui_calls(
+    o: &BenchOptions,
+    dir: &Path,
+    volume: Option<&Path>,
+    env: &Env,
+) -> Result<serde_json::Value, String> {
     let n = o.clients;
-    let s = Setup::new(dir, n, env, |_| Ok(()))?;
+    let shared = volume.map_or_else(|| dir.join("shared"), Path::to_path_buf);
+    let s = Setup::on(dir, &shared, n, env, |_| Ok(()))?;
     let mut master = s.start_master()?;
     let mut api = wait_for_api(&s.api_cfg, &mut master, 120.0, env).await?;
     let rss_before = master.rss_bytes()?;
@@ -353,6 +372,7 @@ pub(super) async fn gui_bench(
     drop(pool);
     Ok(serde_json::json!({
         "scenario": "gui",
+        "volume": volume.map(|v| v.display().to_string()),
         "clients_enrolled": n,
         "clients_connected": last_batch,
         "enrol_s": round2(enrol_s),
